@@ -1,0 +1,469 @@
+//! The broker: one shared Redis pub/sub connection for the whole process.
+//!
+//! Every WebSocket that wants the messages of a channel registers a
+//! [`Subscriber`] (its bounded outbound queue) with [`Broker::subscribe`] and
+//! gets back a [`Subscription`] guard. The broker keeps, per channel, the list
+//! of local subscribers; Redis is told `SUBSCRIBE` when a channel gains its
+//! first local subscriber and `UNSUBSCRIBE` when it loses its last one, so a
+//! thousand connections on one session cost one Redis subscription.
+//!
+//! Two tasks share the connection while it is up:
+//! - the **reader** takes each message off the connection and hands it to the
+//!   queues of the channel's subscribers with `try_send`. It never waits for a
+//!   client: a full queue marks that subscriber slow (its connection closes
+//!   with 1008) and the message goes on to everyone else;
+//! - the **control loop** makes Redis' subscriptions match the wanted set. Any
+//!   number of changes that arrive while it is busy are folded into one
+//!   `SUBSCRIBE a b c` / `UNSUBSCRIBE x y` round trip.
+//!
+//! A subscriber waits (bounded) until the control loop has confirmed its
+//! channel, so once `subscribe` returns, nothing published afterwards is
+//! missed. If the connection drops, the broker reconnects with exponential
+//! backoff and resubscribes every channel that still has subscribers; open
+//! WebSockets are untouched meanwhile.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// How long one connection attempt to Redis may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// First and largest pause between reconnection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The control loop pings Redis this often while idle, so a connection that
+/// died silently (no FIN/RST) is noticed.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// Errors a subscriber can see.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Redis did not confirm the subscription in time (it is down or slow).
+    #[error("Redis did not confirm the subscription within {0:?}")]
+    Timeout(Duration),
+    /// The broker has shut down.
+    #[error("the broker is shut down")]
+    Closed,
+}
+
+/// One local receiver of a channel: a bounded queue plus the token the
+/// broker cancels when that queue overflows.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    /// The connection's outbound queue.
+    pub queue: mpsc::Sender<Message>,
+    /// Cancelled by the broker when the queue is full: the client is too slow.
+    pub slow: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Channel name -> its local subscribers, keyed by subscription id.
+    channels: HashMap<String, Vec<(u64, Subscriber)>>,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Bumped after every change to `state.channels`; the control loop
+    /// publishes on `synced` the newest value it has applied to Redis.
+    wanted: AtomicU64,
+    synced: watch::Sender<u64>,
+    wake: Notify,
+    connected: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the map consistent (every
+        // mutation is a single insert/remove), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `state` changed and wakes the control loop; returns the
+    /// generation to wait for.
+    fn changed(&self) -> u64 {
+        let generation = self.wanted.fetch_add(1, Ordering::SeqCst) + 1;
+        self.wake.notify_one();
+        generation
+    }
+}
+
+/// Handle to the broker; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+/// Keeps a subscriber registered; dropping it unsubscribes (and tells Redis
+/// if it was the channel's last local subscriber).
+#[derive(Debug)]
+pub struct Subscription {
+    shared: Arc<Shared>,
+    channel: String,
+    id: u64,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        let now_empty = match state.channels.get_mut(&self.channel) {
+            Some(subs) => {
+                subs.retain(|(id, _)| *id != self.id);
+                subs.is_empty()
+            }
+            None => false,
+        };
+        if now_empty {
+            state.channels.remove(&self.channel);
+            drop(state);
+            self.shared.changed();
+        }
+    }
+}
+
+impl Broker {
+    /// Starts the broker's background task on the current runtime. It runs
+    /// until `shutdown` is cancelled; the returned handle ends with it.
+    pub fn start(
+        client: redis::Client,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wanted: AtomicU64::new(0),
+            synced: watch::channel(0).0,
+            wake: Notify::new(),
+            connected: AtomicBool::new(false),
+            metrics,
+        });
+        let task = tokio::spawn(run(client, shared.clone(), shutdown));
+        (Self { shared }, task)
+    }
+
+    /// True while the shared pub/sub connection is established.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Number of channels with at least one local subscriber.
+    pub fn channel_count(&self) -> usize {
+        self.shared.lock().channels.len()
+    }
+
+    /// Registers `subscriber` for `channel` and waits, at most `wait`, until
+    /// Redis has confirmed the subscription. On error nothing stays registered.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+        subscriber: Subscriber,
+        wait: Duration,
+    ) -> Result<Subscription, BrokerError> {
+        let (subscription, generation) = {
+            let mut state = self.shared.lock();
+            state.next_id += 1;
+            let id = state.next_id;
+            let subs = state.channels.entry(channel.to_owned()).or_default();
+            let first = subs.is_empty();
+            subs.push((id, subscriber));
+            drop(state);
+            let subscription = Subscription {
+                shared: self.shared.clone(),
+                channel: channel.to_owned(),
+                id,
+            };
+            // Joining a channel Redis already delivers needs no round trip,
+            // but it must still wait if the first subscriber's SUBSCRIBE is
+            // in flight; waiting for the current generation covers both.
+            let generation = if first {
+                self.shared.changed()
+            } else {
+                self.shared.wanted.load(Ordering::SeqCst)
+            };
+            (subscription, generation)
+        };
+        let mut synced = self.shared.synced.subscribe();
+        match tokio::time::timeout(wait, synced.wait_for(|g| *g >= generation)).await {
+            Ok(Ok(_)) => Ok(subscription),
+            Ok(Err(_)) => Err(BrokerError::Closed),
+            Err(_) => Err(BrokerError::Timeout(wait)),
+        }
+    }
+}
+
+/// Turns a Redis payload into the frame clients get: text when it is UTF-8
+/// (the normal case), binary otherwise so no byte is lost.
+fn frame_for(payload: &[u8]) -> Message {
+    let bytes = Bytes::copy_from_slice(payload);
+    match Utf8Bytes::try_from(bytes.clone()) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::Binary(bytes),
+    }
+}
+
+/// Hands one message to every local subscriber of `channel`.
+fn dispatch(shared: &Shared, channel: &str, payload: &[u8]) {
+    let state = shared.lock();
+    let Some(subs) = state.channels.get(channel) else {
+        // Unsubscribed a moment ago; Redis' UNSUBSCRIBE is on its way.
+        return;
+    };
+    let frame = frame_for(payload);
+    for (_, sub) in subs {
+        match sub.queue.try_send(frame.clone()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => sub.slow.cancel(),
+            // The connection is closing; its Subscription guard will remove it.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// The broker task: connect, serve until the connection breaks, reconnect.
+async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut backoff = BACKOFF_MIN;
+    let mut ever_connected = false;
+    loop {
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub());
+        let pubsub = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = connect => r,
+        };
+        let pubsub = match pubsub {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "redis pub/sub connect failed");
+                if sleep_or_shutdown(backoff, &shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(retry_in = ?backoff, "redis pub/sub connect timed out");
+                if sleep_or_shutdown(backoff, &shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        if ever_connected {
+            shared.metrics.redis_reconnects.inc();
+        }
+        ever_connected = true;
+        backoff = BACKOFF_MIN;
+        let stopped = serve(pubsub, &shared, &shutdown).await;
+        shared.connected.store(false, Ordering::SeqCst);
+        shared.metrics.redis_connected.set(0);
+        shared.metrics.broker_channels.set(0);
+        if stopped {
+            return;
+        }
+        tracing::warn!("redis pub/sub connection lost; reconnecting");
+    }
+}
+
+/// Sleeps for `pause`; returns true if shutdown came first.
+async fn sleep_or_shutdown(pause: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(pause) => false,
+    }
+}
+
+/// Serves one established connection. Returns true on shutdown, false when
+/// the connection broke.
+async fn serve(
+    pubsub: redis::aio::PubSub,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let (mut sink, mut stream) = pubsub.split();
+    let reader_shared = shared.clone();
+    let mut reader = tokio::spawn(async move {
+        while let Some(msg) = stream.next().await {
+            dispatch(
+                &reader_shared,
+                msg.get_channel_name(),
+                msg.get_payload_bytes(),
+            );
+        }
+    });
+
+    // What Redis currently has for this connection: nothing, it is new.
+    let mut active: HashSet<String> = HashSet::new();
+    let mut first_sync = true;
+    let result = loop {
+        // Apply everything wanted so far in one round trip each way.
+        let generation = shared.wanted.load(Ordering::SeqCst);
+        let (add, remove) = {
+            let state = shared.lock();
+            let add: Vec<String> = state
+                .channels
+                .keys()
+                .filter(|c| !active.contains(*c))
+                .cloned()
+                .collect();
+            let remove: Vec<String> = active
+                .iter()
+                .filter(|c| !state.channels.contains_key(*c))
+                .cloned()
+                .collect();
+            (add, remove)
+        };
+        let applied = async {
+            if !add.is_empty() {
+                sink.subscribe(&add).await?;
+            }
+            if !remove.is_empty() {
+                sink.unsubscribe(&remove).await?;
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, applied).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "redis subscribe/unsubscribe failed");
+                break false;
+            }
+            Err(_) => {
+                tracing::warn!("redis subscribe/unsubscribe timed out");
+                break false;
+            }
+        }
+        active.extend(add);
+        for channel in &remove {
+            active.remove(channel);
+        }
+        shared.metrics.broker_channels.set(active.len() as i64);
+        if first_sync {
+            // Only now are all live channels back: report ready.
+            first_sync = false;
+            shared.connected.store(true, Ordering::SeqCst);
+            shared.metrics.redis_connected.set(1);
+            tracing::info!(channels = active.len(), "redis pub/sub connected");
+        }
+        shared.synced.send_replace(generation);
+        if shared.wanted.load(Ordering::SeqCst) != generation {
+            continue; // More changes arrived meanwhile.
+        }
+
+        tokio::select! {
+            _ = shutdown.cancelled() => break true,
+            _ = &mut reader => break false,
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                let ping = tokio::time::timeout(CONNECT_TIMEOUT, sink.ping::<String>()).await;
+                if !matches!(ping, Ok(Ok(_))) {
+                    tracing::warn!("redis pub/sub keepalive ping failed");
+                    break false;
+                }
+            }
+        }
+    };
+    reader.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_payloads_become_text_and_others_binary() {
+        assert!(matches!(frame_for(b"{\"a\":1}"), Message::Text(t) if t.as_str() == "{\"a\":1}"));
+        assert!(
+            matches!(frame_for(&[0xff, 0x00]), Message::Binary(b) if b.as_ref() == [0xff, 0x00])
+        );
+    }
+
+    fn subscriber(capacity: usize) -> (Subscriber, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Subscriber {
+                queue: tx,
+                slow: CancellationToken::new(),
+            },
+            rx,
+        )
+    }
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wanted: AtomicU64::new(0),
+            synced: watch::channel(0).0,
+            wake: Notify::new(),
+            connected: AtomicBool::new(false),
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+
+    #[tokio::test]
+    async fn full_queue_marks_only_that_subscriber_slow() {
+        let shared = shared();
+        let (fast, mut fast_rx) = subscriber(8);
+        let (slow, _slow_rx) = subscriber(1);
+        let slow_token = slow.slow.clone();
+        shared
+            .lock()
+            .channels
+            .insert("c".into(), vec![(1, fast), (2, slow)]);
+        for i in 0..3 {
+            dispatch(&shared, "c", format!("{i}").as_bytes());
+        }
+        assert!(slow_token.is_cancelled());
+        for i in 0..3 {
+            match fast_rx.recv().await {
+                Some(Message::Text(t)) => assert_eq!(t.as_str(), i.to_string()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_last_subscription_removes_the_channel() {
+        let shared = shared();
+        let broker = Broker {
+            shared: shared.clone(),
+        };
+        let (a, _ra) = subscriber(1);
+        let (b, _rb) = subscriber(1);
+        // Nothing confirms in this test (no control loop): the wait times
+        // out, and the failed subscription must not stay registered.
+        let err = broker
+            .subscribe("c", a.clone(), Duration::from_millis(10))
+            .await
+            .expect_err("no control loop to confirm");
+        assert!(matches!(err, BrokerError::Timeout(_)));
+        assert_eq!(broker.channel_count(), 0);
+        // Confirm by hand: two subscriptions on one channel, one entry.
+        shared.synced.send_replace(u64::MAX);
+        let s1 = broker
+            .subscribe("c", a, Duration::from_millis(10))
+            .await
+            .expect("confirmed");
+        let s2 = broker
+            .subscribe("c", b, Duration::from_millis(10))
+            .await
+            .expect("confirmed");
+        assert_eq!(broker.channel_count(), 1);
+        drop(s1);
+        assert_eq!(broker.channel_count(), 1);
+        drop(s2);
+        assert_eq!(broker.channel_count(), 0);
+    }
+}

@@ -1,0 +1,323 @@
+//! Configuration: one typed tree, read from the environment (and a `.env`
+//! file), overridable by command-line flags, validated before anything starts.
+//!
+//! Parsing is two steps on purpose. [`Cli`] is what clap reads: every value is
+//! kept as the raw string the user wrote, so that `--help` shows each
+//! variable with its default and a bad value never produces clap's multi-line
+//! usage dump. [`Cli::into_config`] then turns the strings into a [`Config`],
+//! and every failure names the variable and the value in one line, e.g.
+//! `PORT: "abc" is not a valid port (expected 1-65535)`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::Parser;
+
+/// A setting that could not be accepted. The message names the environment
+/// variable and the offending value, and is meant to be printed as is.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    /// The environment variable (and flag) the value came from.
+    pub var: &'static str,
+    /// What is wrong with it, quoting the value.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            var,
+            message: message.into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable single lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The validated configuration every module reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address the listener binds (HOST and PORT).
+    pub listen: SocketAddr,
+    /// Redis server URL, already parsed.
+    pub redis_url: String,
+    /// Bound on the whole upgrade-and-authenticate step of one connection
+    /// (reading the request, checking the token in Redis, subscribing).
+    /// Also the default TTL the `auth_token_setter` example gives new tokens.
+    pub auth_timeout: Duration,
+    /// TTL given to `session:{id}:auth` after a successful connect, so the
+    /// same token can reconnect within this period.
+    pub auth_grace_period: Duration,
+    /// How often the server pings each client.
+    pub ping_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub ping_timeout: Duration,
+    /// How long shutdown waits for connections to drain.
+    pub shutdown_grace_period: Duration,
+    /// Largest message (and frame) accepted from a client, in bytes.
+    pub max_message_bytes: usize,
+    /// Messages that may wait for one slow client before it is disconnected.
+    pub outbound_queue: usize,
+    /// Upper bound on simultaneously open client connections (HTTP and WS).
+    pub max_connections: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Defaults for tests and embedding: everything as documented, listening
+    /// on 127.0.0.1:0, talking to the given Redis.
+    pub fn for_redis(redis_url: impl Into<String>) -> Self {
+        // Built literally rather than through clap so that environment
+        // variables of the machine running the tests cannot leak in.
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            redis_url: redis_url.into(),
+            auth_timeout: Duration::from_secs(5),
+            auth_grace_period: Duration::from_secs(10_800),
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(10),
+            shutdown_grace_period: Duration::from_secs(30),
+            max_message_bytes: 1 << 20,
+            outbound_queue: 256,
+            max_connections: 50_000,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Command line and environment, as clap sees them. Every field can be given
+/// as a flag or through the environment variable of the same name.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wsproxy",
+    version,
+    about = "WebSocket gateway: bridges client WebSockets to Redis Pub/Sub channels",
+    long_about = "WebSocket gateway: bridges client WebSockets to Redis Pub/Sub channels.\n\n\
+        Every option can also be set through the environment variable shown beside it, \
+        or in a .env file in the working directory (real environment variables win)."
+)]
+pub struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value = "8080")]
+    pub port: String,
+    /// Redis URL (redis://[user:password@]host:port[/db]).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Seconds allowed for a connection's upgrade and authentication; also the
+    /// initial token TTL the auth_token_setter example uses.
+    #[arg(long, env = "AUTH_TIMEOUT_SECS", default_value = "5")]
+    pub auth_timeout_secs: String,
+    /// TTL (seconds) given to a session's auth key after a successful connect,
+    /// so the same token can reconnect within it.
+    #[arg(long, env = "AUTH_GRACE_PERIOD_SECS", default_value = "10800")]
+    pub auth_grace_period_secs: String,
+    /// Seconds between server pings to each client.
+    #[arg(long, env = "WS_PING_INTERVAL_SECS", default_value = "30")]
+    pub ws_ping_interval_secs: String,
+    /// Seconds a ping may go unanswered before the connection is closed (1011).
+    #[arg(long, env = "WS_PING_TIMEOUT_SECS", default_value = "10")]
+    pub ws_ping_timeout_secs: String,
+    /// Seconds shutdown waits for connections to close before exiting.
+    #[arg(long, env = "SHUTDOWN_GRACE_PERIOD_SECS", default_value = "30")]
+    pub shutdown_grace_period_secs: String,
+    /// Largest client message in bytes; bigger ones close the connection (1009).
+    #[arg(long, env = "WS_MAX_MESSAGE_BYTES", default_value = "1048576")]
+    pub ws_max_message_bytes: String,
+    /// Messages queued for one client before it counts as slow and is
+    /// disconnected (1008).
+    #[arg(long, env = "WS_OUTBOUND_QUEUE", default_value = "256")]
+    pub ws_outbound_queue: String,
+    /// Most client connections open at once; further ones wait to be accepted.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value = "50000")]
+    pub max_connections: String,
+    /// Log format: text or json. Levels come from RUST_LOG
+    /// (default "info,wsproxy=debug").
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// Parses a whole number within `range`, naming `var` on failure.
+fn number<T>(
+    var: &'static str,
+    raw: &str,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let value: T = raw.trim().parse().map_err(|_| {
+        ConfigError::new(
+            var,
+            format!(
+                "{raw:?} is not a whole number (expected {}-{})",
+                range.start(),
+                range.end()
+            ),
+        )
+    })?;
+    if !range.contains(&value) {
+        return Err(ConfigError::new(
+            var,
+            format!("{value} is outside {}-{}", range.start(), range.end()),
+        ));
+    }
+    Ok(value)
+}
+
+fn seconds(
+    var: &'static str,
+    raw: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Duration, ConfigError> {
+    number(var, raw, range).map(Duration::from_secs)
+}
+
+impl Cli {
+    /// Validates every value and builds the [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let host: IpAddr = self.host.trim().parse().map_err(|_| {
+            ConfigError::new(
+                "HOST",
+                format!(
+                    "{:?} is not an IP address (e.g. 0.0.0.0 or 127.0.0.1)",
+                    self.host
+                ),
+            )
+        })?;
+        let port: u16 = self.port.trim().parse().map_err(|_| {
+            ConfigError::new(
+                "PORT",
+                format!("{:?} is not a valid port (expected 0-65535)", self.port),
+            )
+        })?;
+        // Parse the URL now so a typo stops start-up instead of surfacing as
+        // endless reconnect attempts.
+        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
+            ConfigError::new(
+                "REDIS_URL",
+                format!("{:?} is not a valid Redis URL: {e}", self.redis_url),
+            )
+        })?;
+        let log_format = match self.log_format.trim().to_ascii_lowercase().as_str() {
+            "text" | "pretty" | "" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!(
+                        "{:?} is not a log format (expected text or json)",
+                        self.log_format
+                    ),
+                ));
+            }
+        };
+        let config = Config {
+            listen: SocketAddr::new(host, port),
+            redis_url: self.redis_url.trim().to_owned(),
+            auth_timeout: seconds("AUTH_TIMEOUT_SECS", &self.auth_timeout_secs, 1..=3600)?,
+            auth_grace_period: seconds(
+                "AUTH_GRACE_PERIOD_SECS",
+                &self.auth_grace_period_secs,
+                1..=31_536_000,
+            )?,
+            ping_interval: seconds(
+                "WS_PING_INTERVAL_SECS",
+                &self.ws_ping_interval_secs,
+                1..=86_400,
+            )?,
+            ping_timeout: seconds(
+                "WS_PING_TIMEOUT_SECS",
+                &self.ws_ping_timeout_secs,
+                1..=86_400,
+            )?,
+            shutdown_grace_period: seconds(
+                "SHUTDOWN_GRACE_PERIOD_SECS",
+                &self.shutdown_grace_period_secs,
+                0..=3600,
+            )?,
+            max_message_bytes: number(
+                "WS_MAX_MESSAGE_BYTES",
+                &self.ws_max_message_bytes,
+                64..=(64 << 20),
+            )?,
+            outbound_queue: number("WS_OUTBOUND_QUEUE", &self.ws_outbound_queue, 1..=65_536)?,
+            max_connections: number("MAX_CONNECTIONS", &self.max_connections, 1..=10_000_000)?,
+            log_format,
+        };
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["wsproxy"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all)
+            .map_err(|e| ConfigError::new("CLI", e.to_string()))?
+            .into_config()
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = parse(&[]).expect("defaults are valid");
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.auth_timeout, Duration::from_secs(5));
+        assert_eq!(c.auth_grace_period, Duration::from_secs(10_800));
+        assert_eq!(c.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.ping_timeout, Duration::from_secs(10));
+        assert_eq!(c.shutdown_grace_period, Duration::from_secs(30));
+        assert_eq!(c.max_message_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn bad_port_names_the_variable_and_value() {
+        let e = parse(&["--port", "abc"]).expect_err("abc is not a port");
+        assert_eq!(e.var, "PORT");
+        assert!(e.to_string().starts_with("PORT: \"abc\""), "{e}");
+        let e = parse(&["--port", "70000"]).expect_err("out of range");
+        assert_eq!(e.var, "PORT");
+    }
+
+    #[test]
+    fn bad_redis_url_is_refused() {
+        let e = parse(&["--redis-url", "http://nope"]).expect_err("not redis");
+        assert_eq!(e.var, "REDIS_URL");
+        assert!(e.to_string().contains("http://nope"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_seconds_are_refused() {
+        let e = parse(&["--ws-ping-interval-secs", "0"]).expect_err("zero interval");
+        assert_eq!(e.var, "WS_PING_INTERVAL_SECS");
+        assert_eq!(e.to_string(), "WS_PING_INTERVAL_SECS: 0 is outside 1-86400");
+        let e = parse(&["--auth-grace-period-secs", "-5"]).expect_err("negative");
+        assert_eq!(e.var, "AUTH_GRACE_PERIOD_SECS");
+    }
+
+    #[test]
+    fn log_format_accepts_json() {
+        assert_eq!(
+            parse(&["--log-format", "JSON"]).map(|c| c.log_format).ok(),
+            Some(LogFormat::Json)
+        );
+        assert_eq!(
+            parse(&["--log-format", "xml"]).map_err(|e| e.var).err(),
+            Some("LOG_FORMAT")
+        );
+    }
+}

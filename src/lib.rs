@@ -1,0 +1,47 @@
+//! wsproxy: a WebSocket gateway.
+//!
+//! Clients hold WebSockets to wsproxy; backends talk only to Redis. A
+//! client connected to `/{agent_id}/ws/{session_id}` receives every message
+//! published on `session:{session_id}:down`, and each JSON message it sends is
+//! published on `session:{session_id}:up`.
+//!
+//! # Layout
+//!
+//! Data flows one way: accept -> authenticate -> attach -> pump -> close.
+//!
+//! - [`config`]: the typed configuration, from environment, `.env` and flags,
+//!   validated with errors that name the variable.
+//! - [`server`]: [`run`] (the whole server on a given listener), the accept
+//!   loop, routes (`/health`, `/ready`, `/metrics`) and graceful shutdown.
+//! - [`auth`]: bearer-token extraction and the one-round-trip Redis check.
+//! - [`broker`]: the process's single Redis pub/sub connection, with
+//!   reference-counted subscriptions, reconnection and resubscription.
+//! - [`bridge`]: the session endpoint and the per-connection frame pump.
+//! - [`metrics`]: Prometheus counters, per server instance.
+//! - [`error`]: how refusals become JSON responses and socket messages.
+//!
+//! # Running it in-process
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = wsproxy::config::Config::for_redis("redis://127.0.0.1:6379");
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! println!("listening on {}", listener.local_addr()?);
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let server = tokio::spawn(wsproxy::run(config, listener, shutdown.clone()));
+//! // ... connect clients ...
+//! shutdown.cancel(); // clients get close code 1001
+//! server.await??;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod auth;
+pub mod bridge;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod server;
+
+pub use server::run;

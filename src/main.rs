@@ -1,0 +1,107 @@
+//! The `wsproxy` binary: reads configuration, sets up logging and signals,
+//! and runs the library's server until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use wsproxy::config::{Cli, Config, LogFormat};
+
+/// Default log filter when RUST_LOG is unset.
+const DEFAULT_LOG: &str = "info,wsproxy=debug";
+
+fn main() -> ExitCode {
+    // A .env file is optional; variables already set in the environment win.
+    let dotenv = dotenvy::dotenv();
+    let config = match Cli::parse().into_config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("wsproxy: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = init_logging(&config) {
+        eprintln!("wsproxy: invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = &dotenv
+        && !e.not_found()
+    {
+        tracing::warn!(error = %e, ".env file could not be read");
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsproxy: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("wsproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) => EnvFilter::try_new(&spec)
+            .map_err(|e| anyhow::anyhow!("RUST_LOG: {spec:?} is not a valid filter: {e}"))?,
+        Err(_) => EnvFilter::new(DEFAULT_LOG),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("HOST/PORT: cannot listen on {}: {e}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    wsproxy::run(config, listener, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT. A second signal exits
+/// at once, for the operator who does not want to wait for the drain.
+async fn on_signal(shutdown: CancellationToken) {
+    wait_for_signal().await;
+    tracing::info!("signal received; draining (send again to exit now)");
+    shutdown.cancel();
+    wait_for_signal().await;
+    tracing::warn!("second signal; exiting without waiting");
+    std::process::exit(130);
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,244 @@
+//! Prometheus metrics, served on `GET /metrics`.
+//!
+//! Each server instance owns its own [`Metrics`] (and registry) instead of a
+//! process-global recorder, so two wsproxy instances in one test process keep
+//! separate counts. Hot-path counters are plain atomics held directly; the
+//! labelled families are only touched on rare events (a failed auth, a
+//! disconnect).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Declares a label enum whose Prometheus value is a fixed snake_case string.
+macro_rules! reason_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// The label value, as it appears on `/metrics` and in logs.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+    };
+}
+
+reason_enum! {
+    /// Why a connection attempt was refused before the upgrade.
+    AuthFailure {
+        /// No usable bearer token in the request.
+        MissingToken => "missing_token",
+        /// The token did not match, or the session has no (live) token.
+        InvalidToken => "invalid_token",
+        /// Redis could not be asked in time.
+        RedisUnavailable => "redis_unavailable",
+    }
+}
+
+reason_enum! {
+    /// Why an established WebSocket ended.
+    CloseReason {
+        /// The client closed the connection (or the socket was closed under us).
+        Client => "client",
+        /// The client stopped reading and its outbound queue filled up.
+        SlowConsumer => "slow_consumer",
+        /// A ping went unanswered for `WS_PING_TIMEOUT_SECS`.
+        HeartbeatTimeout => "heartbeat_timeout",
+        /// The client sent a message larger than `WS_MAX_MESSAGE_BYTES`.
+        MessageTooBig => "message_too_big",
+        /// The server is shutting down.
+        Shutdown => "shutdown",
+        /// A protocol or socket error.
+        Error => "error",
+    }
+}
+
+reason_enum! {
+    /// Why a client message was not published.
+    InvalidMessage {
+        /// A text frame that is not JSON.
+        InvalidJson => "invalid_json",
+        /// A binary frame (the bridge carries JSON text only).
+        Binary => "binary",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// All metrics of one server instance.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Session-bridge WebSockets currently open.
+    pub connections_active: Gauge,
+    /// Session-bridge WebSockets accepted since start.
+    pub connections_opened: Counter,
+    /// Messages written to clients (Redis -> client).
+    pub messages_down: Counter,
+    /// Client messages published to Redis (client -> Redis).
+    pub messages_up: Counter,
+    /// Client messages that could not be published because Redis failed.
+    pub publish_failures: Counter,
+    /// Times the shared pub/sub connection was re-established.
+    pub redis_reconnects: Counter,
+    /// 1 while the shared pub/sub connection is up.
+    pub redis_connected: Gauge,
+    /// Redis channels the process is subscribed to.
+    pub broker_channels: Gauge,
+    invalid_messages: Family<ReasonLabel, Counter>,
+    auth_failures: Family<ReasonLabel, Counter>,
+    disconnects: Family<ReasonLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under the `wsproxy_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wsproxy");
+        let m = Metrics {
+            connections_active: Gauge::default(),
+            connections_opened: Counter::default(),
+            messages_down: Counter::default(),
+            messages_up: Counter::default(),
+            publish_failures: Counter::default(),
+            redis_reconnects: Counter::default(),
+            redis_connected: Gauge::default(),
+            broker_channels: Gauge::default(),
+            invalid_messages: Family::default(),
+            auth_failures: Family::default(),
+            disconnects: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_active",
+            "Session WebSocket connections currently open",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "connections",
+            "Session WebSocket connections accepted",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "messages_down",
+            "Messages delivered from Redis to clients",
+            m.messages_down.clone(),
+        );
+        registry.register(
+            "messages_up",
+            "Client messages published to Redis",
+            m.messages_up.clone(),
+        );
+        registry.register(
+            "publish_failures",
+            "Client messages not published because Redis failed",
+            m.publish_failures.clone(),
+        );
+        registry.register(
+            "invalid_messages",
+            "Client messages refused, by reason",
+            m.invalid_messages.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Connection attempts refused, by reason",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "disconnects",
+            "WebSocket connections closed, by reason (slow_consumer = slow clients cut off)",
+            m.disconnects.clone(),
+        );
+        registry.register(
+            "redis_reconnects",
+            "Times the shared Redis pub/sub connection was re-established",
+            m.redis_reconnects.clone(),
+        );
+        registry.register(
+            "redis_connected",
+            "1 while the shared Redis pub/sub connection is up",
+            m.redis_connected.clone(),
+        );
+        registry.register(
+            "broker_channels",
+            "Redis channels this process is subscribed to",
+            m.broker_channels.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts a refused connection attempt.
+    pub fn auth_failure(&self, reason: AuthFailure) {
+        self.auth_failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts a closed WebSocket.
+    pub fn disconnect(&self, reason: CloseReason) {
+        self.disconnects
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts a refused client message.
+    pub fn invalid_message(&self, reason: InvalidMessage) {
+        self.invalid_messages
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Renders every metric in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let m = Metrics::new();
+        m.messages_down.inc_by(3);
+        m.auth_failure(AuthFailure::InvalidToken);
+        m.disconnect(CloseReason::SlowConsumer);
+        let text = m.render();
+        assert!(text.contains("wsproxy_messages_down_total 3"), "{text}");
+        assert!(
+            text.contains("wsproxy_auth_failures_total{reason=\"invalid_token\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wsproxy_disconnects_total{reason=\"slow_consumer\"} 1"),
+            "{text}"
+        );
+    }
+}

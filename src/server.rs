@@ -1,0 +1,278 @@
+//! The server: listener, routes, and shutdown.
+//!
+//! [`run`] is the whole of wsproxy as a library call: it takes an already
+//! bound listener and a shutdown token, so tests bind `127.0.0.1:0` and run
+//! any number of instances in one process.
+//!
+//! Lifecycle, in the order things happen:
+//! - [`Listener`] accepts TCP connections, at most `MAX_CONNECTIONS` at once
+//!   (a semaphore permit per connection, held by upgraded WebSockets too),
+//!   and serves each with hyper's HTTP/1 server. A request header that takes
+//!   longer than `AUTH_TIMEOUT_SECS` to arrive is dropped (slowloris).
+//! - On shutdown the listener stops accepting, `/ready` answers 503, idle
+//!   HTTP connections are closed, and every WebSocket task sees the token,
+//!   flushes its queue and closes with 1001.
+//! - [`run`] waits for all of them (a [`TaskTracker`]: axum's own graceful
+//!   shutdown does not wait for upgraded WebSockets) at most
+//!   `SHUTDOWN_GRACE_PERIOD_SECS`, then stops the broker and returns.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The Redis URL was refused by the client library.
+    #[error("REDIS_URL: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// State shared by every handler and connection task.
+#[derive(Debug)]
+pub struct App {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// The one multiplexed Redis connection for commands (auth, PUBLISH);
+    /// it reconnects by itself.
+    pub redis: ConnectionManager,
+    /// The one shared pub/sub connection.
+    pub broker: Broker,
+    /// This instance's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every connection task; shutdown waits for it to empty.
+    pub tracker: TaskTracker,
+}
+
+/// Held for as long as a client connection (HTTP or upgraded WebSocket)
+/// lives; it carries the connection's `MAX_CONNECTIONS` permit.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlot {
+    /// The client's address.
+    pub peer: SocketAddr,
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// Runs wsproxy on `listener` until `shutdown` is cancelled, then drains
+/// connections (at most the configured grace period) and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let redis = ConnectionManager::new_lazy_with_config(
+        client.clone(),
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2)),
+    )?;
+    let metrics = Arc::new(Metrics::new());
+    // The broker outlives the connections: draining sessions still flush
+    // what it delivered, so it has its own token, cancelled last.
+    let broker_stop = CancellationToken::new();
+    let (broker, broker_task) = Broker::start(client, metrics.clone(), broker_stop.clone());
+    let app = Arc::new(App {
+        config: config.clone(),
+        redis,
+        broker,
+        metrics,
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+    });
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "wsproxy listening");
+
+    let accept = Listener {
+        listener,
+        router: router(app.clone()),
+        limit: Arc::new(Semaphore::new(config.max_connections)),
+        app: app.clone(),
+    };
+    accept.run().await;
+
+    // Shutdown: no new connections; wait for the open ones to finish.
+    app.tracker.close();
+    let open = app.metrics.connections_active.get();
+    tracing::info!(open_websockets = open, grace = ?config.shutdown_grace_period, "shutting down");
+    if tokio::time::timeout(config.shutdown_grace_period, app.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = app.tracker.len(),
+            "grace period over; dropping the connections still open"
+        );
+    }
+    broker_stop.cancel();
+    let _ = broker_task.await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// All HTTP routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/{agent_id}/ws/{session_id}", get(crate::bridge::handler))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+async fn health() -> Response {
+    axum::Json(json!({ "status": "healthy" })).into_response()
+}
+
+/// Ready means: not shutting down, the shared pub/sub connection is up (and
+/// has resubscribed), and Redis answers a PING on the command connection.
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let not_ready = |reason: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "status": "not_ready", "reason": reason })),
+        )
+            .into_response()
+    };
+    if app.shutdown.is_cancelled() {
+        return not_ready("shutting down");
+    }
+    if !app.broker.is_connected() {
+        return not_ready("redis pub/sub connection is down");
+    }
+    let mut redis = app.redis.clone();
+    let cmd = redis::cmd("PING");
+    let ping = cmd.query_async::<String>(&mut redis);
+    match tokio::time::timeout(Duration::from_secs(1), ping).await {
+        Ok(Ok(_)) => axum::Json(json!({ "status": "ready" })).into_response(),
+        _ => not_ready("redis does not answer"),
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; sessions connect to /{agent_id}/ws/{session_id}",
+    )
+}
+
+/// The accept loop.
+struct Listener {
+    listener: TcpListener,
+    router: Router,
+    limit: Arc<Semaphore>,
+    app: Arc<App>,
+}
+
+impl Listener {
+    /// Accepts until shutdown. Accept errors (e.g. out of file descriptors)
+    /// are logged and retried after a pause instead of ending the server.
+    async fn run(self) {
+        let shutdown = self.app.shutdown.clone();
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = self.limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return, // the semaphore is never closed
+                },
+            };
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = self.listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let slot = ConnectionSlot {
+                        peer,
+                        _permit: Arc::new(permit),
+                    };
+                    let router = self.router.clone();
+                    let app = self.app.clone();
+                    self.app
+                        .tracker
+                        .spawn(serve_connection(stream, slot, router, app));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; pausing");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1 on one TCP connection until it closes, upgrades, or the
+/// server shuts down (then in-flight requests finish first).
+async fn serve_connection(stream: TcpStream, slot: ConnectionSlot, router: Router, app: Arc<App>) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(slot.clone());
+        let router = router.clone();
+        async move {
+            Ok::<_, Infallible>(
+                router
+                    .oneshot(req.map(axum::body::Body::new))
+                    .await
+                    .into_response(),
+            )
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.auth_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        }
+        _ = app.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
