@@ -285,6 +285,22 @@ mod tests {
     }
 
     #[test]
+    fn embedding_defaults_equal_the_command_line_defaults() {
+        let cli = parse(&[]).expect("defaults are valid");
+        let lib = Config::for_redis(cli.redis_url.clone());
+        assert_eq!(
+            format!(
+                "{:?}",
+                Config {
+                    listen: lib.listen,
+                    ..cli
+                }
+            ),
+            format!("{lib:?}")
+        );
+    }
+
+    #[test]
     fn bad_port_names_the_variable_and_value() {
         let e = parse(&["--port", "abc"]).expect_err("abc is not a port");
         assert_eq!(e.var, "PORT");
@@ -305,7 +321,7 @@ mod tests {
         let e = parse(&["--ws-ping-interval-secs", "0"]).expect_err("zero interval");
         assert_eq!(e.var, "WS_PING_INTERVAL_SECS");
         assert_eq!(e.to_string(), "WS_PING_INTERVAL_SECS: 0 is outside 1-86400");
-        let e = parse(&["--auth-grace-period-secs", "-5"]).expect_err("negative");
+        let e = parse(&["--auth-grace-period-secs=-5"]).expect_err("negative");
         assert_eq!(e.var, "AUTH_GRACE_PERIOD_SECS");
     }
 
