@@ -113,7 +113,12 @@ pub struct Cli {
     #[arg(long, env = "PORT", default_value = "8080")]
     pub port: String,
     /// Redis URL (redis://[user:password@]host:port[/db]).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis_url: String,
     /// Seconds allowed for a connection's upgrade and authentication; also the
     /// initial token TTL the auth_token_setter example uses.
@@ -184,6 +189,21 @@ fn seconds(
     number(var, raw, range).map(Duration::from_secs)
 }
 
+/// Hides the password of a URL (`redis://user:secret@host` becomes
+/// `redis://user:***@host`) so error messages can be logged safely.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 impl Cli {
     /// Validates every value and builds the [`Config`].
     pub fn into_config(self) -> Result<Config, ConfigError> {
@@ -207,7 +227,10 @@ impl Cli {
         redis::Client::open(self.redis_url.as_str()).map_err(|e| {
             ConfigError::new(
                 "REDIS_URL",
-                format!("{:?} is not a valid Redis URL: {e}", self.redis_url),
+                format!(
+                    "{:?} is not a valid Redis URL: {e}",
+                    redact_url(&self.redis_url)
+                ),
             )
         })?;
         let log_format = match self.log_format.trim().to_ascii_lowercase().as_str() {
@@ -314,6 +337,15 @@ mod tests {
         let e = parse(&["--redis-url", "http://nope"]).expect_err("not redis");
         assert_eq!(e.var, "REDIS_URL");
         assert!(e.to_string().contains("http://nope"), "{e}");
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("redis://:secret@h"), "redis://:***@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        let e = parse(&["--redis-url", "redis://:pw@h:notaport"]).expect_err("bad port");
+        assert!(!e.to_string().contains("pw"), "{e}");
     }
 
     #[test]
