@@ -1,0 +1,286 @@
+//! wsproxy-bench: load generator for wsproxy and the systems users would
+//! pick instead (nchan, nginx, HAProxy), measured side by side.
+//!
+//! Run with e.g.
+//! `cargo run --release -p wsproxy-bench -- down --n 1000 --m 100000`
+//! or `... -- compare down --peer nchan --n 1000 --m 100000 --rate 20000`.
+//! `bench/run.sh` starts everything and regenerates BENCHMARKS.md.
+
+mod net;
+mod scenarios;
+mod stats;
+
+use std::io::Write as _;
+use std::sync::Arc;
+
+use anyhow::bail;
+use clap::{Args, Parser, Subcommand};
+use scenarios::Target;
+use stats::Report;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wsproxy-bench",
+    about = "Benchmark wsproxy beside nchan, nginx and HAProxy"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+struct Common {
+    /// wsproxy's WebSocket base URL.
+    #[arg(long, global = true, default_value = "ws://127.0.0.1:8080")]
+    wsproxy: String,
+    /// The Redis wsproxy uses (tokens are stored and messages published there).
+    #[arg(long, global = true, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// nchan's HTTP base URL (publish: POST /pub/{id}; subscribe: WS /sub/{id}).
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8091")]
+    nchan: String,
+    /// Client connections are spread over 127.0.0.1..127.0.0.K as source
+    /// addresses, so more than ~28k connections to one port are possible.
+    #[arg(long, global = true, default_value_t = 4)]
+    sources: usize,
+    /// Handshakes in flight at once.
+    #[arg(long, global = true, default_value_t = 200)]
+    concurrency: usize,
+    /// Append each report as a JSON line to this file.
+    #[arg(long, global = true)]
+    json: Option<std::path::PathBuf>,
+    /// Exit non-zero if any message was lost or any connect failed.
+    #[arg(long, global = true)]
+    strict: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+struct Load {
+    /// Connections (sessions / subscribers / clients).
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
+    /// Messages in total (down, fanout) or per client (up, echo).
+    #[arg(long, default_value_t = 100_000)]
+    m: u64,
+    /// Offered rate in messages per second; 0 sends flat out.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Which {
+    Wsproxy,
+    Nchan,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// N clients connect (wsproxy: authenticated); connects per second.
+    Connect {
+        #[arg(long, value_enum, default_value = "wsproxy")]
+        target: Which,
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+    },
+    /// Hold N connections; RSS growth per connection of --pids.
+    Idle {
+        #[arg(long, value_enum, default_value = "wsproxy")]
+        target: Which,
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        /// Process ids whose RSS is summed (all worker processes).
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<u32>,
+    },
+    /// N sessions, M messages published round robin through the target.
+    Down {
+        #[arg(long, value_enum, default_value = "wsproxy")]
+        target: Which,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// N clients each send M messages; a Redis subscriber counts them.
+    Up {
+        #[command(flatten)]
+        load: Load,
+    },
+    /// One channel, N subscribers, M messages.
+    Fanout {
+        #[arg(long, value_enum, default_value = "wsproxy")]
+        target: Which,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// N clients each make M request/response round trips through --url.
+    Echo {
+        /// WebSocket URL to echo through (a proxy route or the backend itself).
+        #[arg(long)]
+        url: String,
+        /// Name to report the target under.
+        #[arg(long, default_value = "echo")]
+        name: String,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// Run an echo backend (for the echo scenario and the proxy peers).
+    EchoServer {
+        #[arg(long, default_value_t = 9001)]
+        port: u16,
+    },
+    /// Run a scenario against wsproxy and a peer, alternately, and print
+    /// both with their ratio.
+    Compare {
+        /// connect, idle, down or fanout.
+        scenario: String,
+        #[command(flatten)]
+        load: Load,
+        /// Rounds (wsproxy, peer, wsproxy, peer, ...).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// wsproxy's process id (idle).
+        #[arg(long, value_delimiter = ',')]
+        wsproxy_pids: Vec<u32>,
+        /// The peer's process ids (idle): nginx master and workers.
+        #[arg(long, value_delimiter = ',')]
+        peer_pids: Vec<u32>,
+    },
+}
+
+fn target(which: Which, c: &Common) -> Target {
+    match which {
+        Which::Wsproxy => Target::Wsproxy {
+            ws: c.wsproxy.clone(),
+            redis: c.redis.clone(),
+        },
+        Which::Nchan => Target::Nchan {
+            http: c.nchan.clone(),
+        },
+    }
+}
+
+async fn run_one(
+    scenario: &str,
+    t: &Target,
+    c: &Common,
+    sources: &Arc<net::Sources>,
+    load: &Load,
+    pids: &[u32],
+) -> anyhow::Result<Report> {
+    match scenario {
+        "connect" => scenarios::connect(t, sources, load.n, c.concurrency).await,
+        "idle" => scenarios::idle(t, sources, load.n, pids, c.concurrency).await,
+        "down" => scenarios::down(t, sources, load.n, load.m, load.rate, c.concurrency).await,
+        "fanout" => scenarios::fanout(t, sources, load.n, load.m, load.rate, c.concurrency).await,
+        other => bail!("compare supports connect, idle, down and fanout, not {other:?}"),
+    }
+}
+
+fn emit(report: &Report, c: &Common) -> anyhow::Result<()> {
+    println!("{}", report.line());
+    if let Some(path) = &c.json {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        writeln!(f, "{}", serde_json::to_string(report)?)?;
+    }
+    Ok(())
+}
+
+/// wsproxy's figure divided by the peer's, oriented so > 1 means wsproxy
+/// is better.
+fn ratios(w: &Report, p: &Report) -> String {
+    let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let mut parts = vec![format!("throughput x{:.2}", div(w.rate, p.rate))];
+    if w.p99_us > 0 && p.p99_us > 0 {
+        parts.push(format!(
+            "p99 latency {:.2} of the peer's",
+            div(w.p99_us as f64, p.p99_us as f64)
+        ));
+    }
+    if let (Some(a), Some(b)) = (w.rss_per_conn, p.rss_per_conn) {
+        parts.push(format!("memory/conn {:.2} of the peer's", div(a, b)));
+    }
+    parts.join(", ")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let c = cli.common.clone();
+    let sources = Arc::new(net::Sources::new(c.sources));
+    net::raise_fd_limit();
+    let mut failed = false;
+    let mut check = |r: &Report| {
+        if r.loss() > 0 || r.errors > 0 {
+            failed = true;
+        }
+    };
+    match cli.command {
+        Command::Connect { target: w, n } => {
+            let load = Load { n, m: 0, rate: 0.0 };
+            let r = run_one("connect", &target(w, &c), &c, &sources, &load, &[]).await?;
+            check(&r);
+            emit(&r, &c)?;
+        }
+        Command::Idle { target: w, n, pids } => {
+            let load = Load { n, m: 0, rate: 0.0 };
+            let r = run_one("idle", &target(w, &c), &c, &sources, &load, &pids).await?;
+            check(&r);
+            emit(&r, &c)?;
+        }
+        Command::Down { target: w, load } => {
+            let r = run_one("down", &target(w, &c), &c, &sources, &load, &[]).await?;
+            check(&r);
+            emit(&r, &c)?;
+        }
+        Command::Fanout { target: w, load } => {
+            let r = run_one("fanout", &target(w, &c), &c, &sources, &load, &[]).await?;
+            check(&r);
+            emit(&r, &c)?;
+        }
+        Command::Up { load } => {
+            let r = scenarios::up(
+                &c.wsproxy,
+                &c.redis,
+                &sources,
+                load.n,
+                load.m,
+                c.concurrency,
+            )
+            .await?;
+            check(&r);
+            emit(&r, &c)?;
+        }
+        Command::Echo { url, name, load } => {
+            let r = scenarios::echo(&name, &url, &sources, load.n, load.m, c.concurrency).await?;
+            check(&r);
+            emit(&r, &c)?;
+        }
+        Command::EchoServer { port } => scenarios::echo_server(port).await?,
+        Command::Compare {
+            scenario,
+            load,
+            rounds,
+            wsproxy_pids,
+            peer_pids,
+        } => {
+            let w = target(Which::Wsproxy, &c);
+            let p = target(Which::Nchan, &c);
+            for round in 1..=rounds.max(1) {
+                let a = run_one(&scenario, &w, &c, &sources, &load, &wsproxy_pids).await?;
+                emit(&a, &c)?;
+                let b = run_one(&scenario, &p, &c, &sources, &load, &peer_pids).await?;
+                emit(&b, &c)?;
+                check(&a);
+                println!("round {round}: wsproxy vs {}: {}", b.target, ratios(&a, &b));
+            }
+        }
+    }
+    if c.strict && failed {
+        bail!("loss or errors (--strict)");
+    }
+    Ok(())
+}

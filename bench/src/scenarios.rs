@@ -1,0 +1,732 @@
+//! The benchmark scenarios. Each runs against one [`Target`] and returns a
+//! [`Report`]; `compare` in main.rs runs the same scenario against wsproxy
+//! and a peer in one invocation.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::net::{self, HttpConn, Sources, Ws};
+use crate::stats::{self, Report, histogram, message, now_us};
+
+/// A system under test that bridges "channels" to WebSocket subscribers.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// wsproxy's session bridge: tokens and publishing through Redis.
+    Wsproxy {
+        /// e.g. ws://127.0.0.1:8080
+        ws: String,
+        /// The Redis wsproxy uses.
+        redis: String,
+    },
+    /// nchan (nginx) with its Redis backend: publish by HTTP POST.
+    Nchan {
+        /// e.g. http://127.0.0.1:8091
+        http: String,
+    },
+}
+
+impl Target {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Target::Wsproxy { .. } => "wsproxy",
+            Target::Nchan { .. } => "nchan",
+        }
+    }
+
+    fn sub_url(&self, channel: &str) -> String {
+        match self {
+            Target::Wsproxy { ws, .. } => format!("{ws}/bench/ws/{channel}"),
+            Target::Nchan { http } => {
+                format!("{}/sub/{channel}", http.replacen("http://", "ws://", 1))
+            }
+        }
+    }
+
+    /// Makes the channels usable: tokens in Redis for wsproxy, nothing
+    /// for nchan (its subscribers need no credentials).
+    async fn prepare(&self, channels: &[String]) -> anyhow::Result<()> {
+        if let Target::Wsproxy { redis, .. } = self {
+            let mut c = redis_conn(redis).await?;
+            for chunk in channels.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for ch in chunk {
+                    pipe.cmd("SETEX")
+                        .arg(format!("session:{ch}:auth"))
+                        .arg(600)
+                        .arg(token_for(ch))
+                        .ignore();
+                }
+                let _: () = pipe.query_async(&mut c).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn token(&self, channel: &str) -> Option<String> {
+        matches!(self, Target::Wsproxy { .. }).then(|| token_for(channel))
+    }
+
+    /// Waits until the target delivers to `expected[i]` subscribers on
+    /// `channels[i]`. wsproxy confirms its subscription before the 101, so
+    /// there is nothing to wait for; nchan's Redis-backed subscriptions
+    /// become active a moment after the handshake, and publishing earlier
+    /// loses messages, so we poll its channel info.
+    async fn wait_active(&self, channels: &[String], expected: usize) -> anyhow::Result<()> {
+        let Target::Nchan { http } = self else {
+            return Ok(());
+        };
+        let mut conn = HttpConn::open(http).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for ch in channels {
+            loop {
+                let (status, body) = conn
+                    .request("GET", &format!("/pub/{ch}"), "text/json", Bytes::new())
+                    .await?;
+                let subscribers = if status == 200 {
+                    serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["subscribers"].as_u64())
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
+                if subscribers as usize >= expected {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "nchan channel {ch} has {subscribers} of {expected} subscribers after 60 s"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn token_for(channel: &str) -> String {
+    format!("bench-token-{channel}")
+}
+
+async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("connecting to Redis at {url}"))
+}
+
+/// Channel names unique to this run.
+pub fn channels(prefix: &str, n: usize) -> Vec<String> {
+    let run = std::process::id() as u64 * 1_000_000 + (now_us() % 1_000_000);
+    (0..n).map(|i| format!("{prefix}{run}-{i}")).collect()
+}
+
+/// Opens one client per entry of `channels` (several may repeat), at most
+/// `concurrency` handshakes in flight. Returns the sockets in order, the
+/// number of failures, handshake latencies and the elapsed time.
+pub async fn open_clients(
+    target: &Target,
+    sources: &Arc<Sources>,
+    channels: &[String],
+    concurrency: usize,
+) -> (Vec<Ws>, u64, Histogram<u64>, Duration, Option<String>) {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(channels.len());
+    for ch in channels {
+        let url = target.sub_url(ch);
+        let token = target.token(ch);
+        let sources = sources.clone();
+        let permits = permits.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let t0 = now_us();
+            let r = net::connect(&sources, &url, token.as_deref()).await;
+            (r, now_us() - t0)
+        }));
+    }
+    let mut sockets = Vec::with_capacity(channels.len());
+    let mut errors = 0;
+    let mut first_error = None;
+    let mut h = histogram();
+    for t in tasks {
+        match t.await {
+            Ok((Ok(ws), took)) => {
+                let _ = h.record(took.max(1));
+                sockets.push(ws);
+            }
+            Ok((Err(e), _)) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    (sockets, errors, h, started.elapsed(), first_error)
+}
+
+/// `connect`: N clients connect (and authenticate, for wsproxy).
+pub async fn connect(
+    target: &Target,
+    sources: &Arc<Sources>,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Report> {
+    net::check_fd_budget(n)?;
+    let chans = channels("c", n);
+    target.prepare(&chans).await?;
+    let (sockets, errors, h, took, first_error) =
+        open_clients(target, sources, &chans, concurrency).await;
+    let delivered = sockets.len() as u64;
+    close_all(sockets).await;
+    Ok(Report {
+        scenario: "connect".into(),
+        target: target.name().into(),
+        connections: n,
+        sent: n as u64,
+        delivered,
+        errors,
+        seconds: took.as_secs_f64(),
+        rate: delivered as f64 / took.as_secs_f64(),
+        note: first_error.unwrap_or_default(),
+        ..Report::default()
+    }
+    .with_latency(&h))
+}
+
+/// `idle`: hold N connections and report the target's RSS growth per
+/// connection, read from /proc/PID/status before and after.
+pub async fn idle(
+    target: &Target,
+    sources: &Arc<Sources>,
+    n: usize,
+    pids: &[u32],
+    concurrency: usize,
+) -> anyhow::Result<Report> {
+    if pids.is_empty() {
+        bail!("idle needs the target's process ids (--pids)");
+    }
+    net::check_fd_budget(n)?;
+    let chans = channels("i", n);
+    target.prepare(&chans).await?;
+    // Warm up: the first connections pay for one-off allocations (buffers,
+    // thread-local caches) that are not a per-connection cost.
+    let warm = channels("w", 50.min(n));
+    target.prepare(&warm).await?;
+    let (warm_sockets, _, _, _, _) = open_clients(target, sources, &warm, concurrency).await;
+    target.wait_active(&warm, 1).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = net::rss_kib(pids)?;
+    let (sockets, errors, _, took, first_error) =
+        open_clients(target, sources, &chans, concurrency).await;
+    target.wait_active(&chans, 1).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = net::rss_kib(pids)?;
+    let held = sockets.len();
+    let per_conn = (after.saturating_sub(before) * 1024) as f64 / held.max(1) as f64;
+    close_all(sockets).await;
+    close_all(warm_sockets).await;
+    Ok(Report {
+        scenario: "idle".into(),
+        target: target.name().into(),
+        connections: n,
+        sent: n as u64,
+        delivered: held as u64,
+        errors,
+        seconds: took.as_secs_f64(),
+        rate: held as f64 / took.as_secs_f64(),
+        rss_per_conn: Some(per_conn),
+        note: match first_error {
+            Some(e) => e,
+            None => format!("rss {before} KiB -> {after} KiB"),
+        },
+        ..Report::default()
+    })
+}
+
+/// What one receiving client saw.
+struct Received {
+    count: u64,
+    hist: Histogram<u64>,
+    last_us: u64,
+}
+
+/// Reads from `ws` until `expected` messages arrived or `stop` fires.
+/// When `per_seq` is given, also keeps the largest latency per sequence
+/// number (the "last subscriber" latency for fan-out).
+fn receive(
+    mut ws: Ws,
+    expected: u64,
+    stop: Arc<tokio::sync::Notify>,
+    per_seq: Option<Arc<Vec<AtomicU64>>>,
+) -> tokio::task::JoinHandle<Received> {
+    tokio::spawn(async move {
+        let mut got = Received {
+            count: 0,
+            hist: histogram(),
+            last_us: 0,
+        };
+        let stopped = stop.notified();
+        tokio::pin!(stopped);
+        while got.count < expected {
+            let msg = tokio::select! {
+                m = ws.next() => m,
+                _ = &mut stopped => break,
+            };
+            let data = match msg {
+                Some(Ok(Message::Text(t))) => Bytes::from(t),
+                Some(Ok(Message::Binary(b))) => b,
+                Some(Ok(_)) => continue,
+                _ => break,
+            };
+            let now = now_us();
+            got.count += 1;
+            got.last_us = now;
+            if let Some(sent) = stats::sent_at(&data) {
+                let lat = now.saturating_sub(sent).max(1);
+                let _ = got.hist.record(lat);
+                if let (Some(per_seq), Some(seq)) = (&per_seq, seq_of(&data))
+                    && let Some(slot) = per_seq.get(seq as usize)
+                {
+                    slot.fetch_max(lat, Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = ws.close(None).await;
+        got
+    })
+}
+
+fn seq_of(msg: &[u8]) -> Option<u64> {
+    let start = msg.windows(4).position(|w| w == b"\"s\":")? + 4;
+    let mut v: u64 = 0;
+    let mut any = false;
+    for d in msg[start..].iter().take_while(|b| b.is_ascii_digit()) {
+        v = v * 10 + u64::from(d - b'0');
+        any = true;
+    }
+    any.then_some(v)
+}
+
+/// Publishes `m` messages, message `i` on `channels[i % len]`, at `rate`
+/// messages/s (0 = flat out). Each message carries its intended send time,
+/// so a publisher that falls behind shows up as latency (no coordinated
+/// omission). Returns (first send time, messages published, errors).
+async fn publish(
+    target: &Target,
+    channels: &[String],
+    m: u64,
+    rate: f64,
+) -> anyhow::Result<(u64, u64, u64)> {
+    let t0 = now_us();
+    let due = move |i: u64| -> u64 {
+        if rate > 0.0 {
+            t0 + (i as f64 * 1e6 / rate) as u64
+        } else {
+            0
+        }
+    };
+    match target {
+        Target::Wsproxy { redis, .. } => {
+            let mut c = redis_conn(redis).await?;
+            let names: Vec<String> = channels
+                .iter()
+                .map(|ch| format!("session:{ch}:down"))
+                .collect();
+            let mut i = 0u64;
+            let mut errors = 0;
+            while i < m {
+                let now = now_us();
+                let mut pipe = redis::pipe();
+                let mut batch = 0;
+                while i < m && batch < 512 && due(i) <= now {
+                    let t = if rate > 0.0 { due(i) } else { now };
+                    pipe.cmd("PUBLISH")
+                        .arg(&names[(i as usize) % names.len()])
+                        .arg(message(t, i))
+                        .ignore();
+                    i += 1;
+                    batch += 1;
+                }
+                if batch == 0 {
+                    let wait = due(i).saturating_sub(now_us());
+                    tokio::time::sleep(Duration::from_micros(wait)).await;
+                    continue;
+                }
+                if pipe.query_async::<()>(&mut c).await.is_err() {
+                    errors += batch;
+                }
+            }
+            Ok((t0, m - errors, errors))
+        }
+        Target::Nchan { http } => {
+            let next = Arc::new(AtomicU64::new(0));
+            let errors = Arc::new(AtomicU64::new(0));
+            let channels: Arc<Vec<String>> = Arc::new(channels.to_vec());
+            let mut workers = Vec::new();
+            // Keep-alive connections, as a real publisher would use.
+            for _ in 0..16 {
+                let mut conn = HttpConn::open(http).await?;
+                let (next, errors, channels) = (next.clone(), errors.clone(), channels.clone());
+                workers.push(tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= m {
+                            break;
+                        }
+                        let at = due(i);
+                        let now = now_us();
+                        if at > now {
+                            tokio::time::sleep(Duration::from_micros(at - now)).await;
+                        }
+                        let t = if rate > 0.0 { at } else { now_us() };
+                        let path = format!("/pub/{}", channels[(i as usize) % channels.len()]);
+                        match conn
+                            .request("POST", &path, "text/json", Bytes::from(message(t, i)))
+                            .await
+                        {
+                            Ok((status, _)) if status < 300 => {}
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }));
+            }
+            for w in workers {
+                let _ = w.await;
+            }
+            let errors = errors.load(Ordering::Relaxed);
+            Ok((t0, m - errors, errors))
+        }
+    }
+}
+
+/// Waits for the receivers; gives up on stragglers once nothing has
+/// arrived for a while.
+async fn collect(
+    receivers: Vec<tokio::task::JoinHandle<Received>>,
+    stop: Arc<tokio::sync::Notify>,
+    grace: Duration,
+) -> (u64, Histogram<u64>, u64) {
+    let all = futures_util::future::join_all(receivers);
+    tokio::pin!(all);
+    let results = match tokio::time::timeout(grace, &mut all).await {
+        Ok(r) => r,
+        Err(_) => {
+            stop.notify_waiters();
+            all.await
+        }
+    };
+    let mut count = 0;
+    let mut hist = histogram();
+    let mut last = 0;
+    for r in results.into_iter().flatten() {
+        count += r.count;
+        let _ = hist.add(&r.hist);
+        last = last.max(r.last_us);
+    }
+    (count, hist, last)
+}
+
+/// `down`: N sessions, one client each; M messages round robin.
+pub async fn down(
+    target: &Target,
+    sources: &Arc<Sources>,
+    n: usize,
+    m: u64,
+    rate: f64,
+    concurrency: usize,
+) -> anyhow::Result<Report> {
+    net::check_fd_budget(n)?;
+    let chans = channels("d", n);
+    target.prepare(&chans).await?;
+    let (sockets, errors, _, _, first_error) =
+        open_clients(target, sources, &chans, concurrency).await;
+    if let Some(e) = first_error {
+        bail!("{errors} of {n} clients failed to connect: {e}");
+    }
+    target.wait_active(&chans, 1).await?;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let receivers: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, ws)| {
+            let expected = m / n as u64 + u64::from((i as u64) < m % n as u64);
+            receive(ws, expected, stop.clone(), None)
+        })
+        .collect();
+    let (t0, published, pub_errors) = publish(target, &chans, m, rate).await?;
+    let expected_end = Duration::from_secs_f64(if rate > 0.0 { m as f64 / rate } else { 0.0 });
+    let (count, hist, last) =
+        collect(receivers, stop, expected_end + Duration::from_secs(10)).await;
+    let seconds = (last.saturating_sub(t0)) as f64 / 1e6;
+    Ok(Report {
+        scenario: "down".into(),
+        target: target.name().into(),
+        connections: n,
+        sent: published,
+        delivered: count,
+        errors: pub_errors,
+        seconds,
+        rate: count as f64 / seconds.max(1e-9),
+        offered: rate,
+        ..Report::default()
+    }
+    .with_latency(&hist))
+}
+
+/// `fanout`: one channel, N subscribers, M messages; deliveries/s and the
+/// latency of the last subscriber to get each message.
+pub async fn fanout(
+    target: &Target,
+    sources: &Arc<Sources>,
+    n: usize,
+    m: u64,
+    rate: f64,
+    concurrency: usize,
+) -> anyhow::Result<Report> {
+    net::check_fd_budget(n)?;
+    let chan = channels("f", 1);
+    target.prepare(&chan).await?;
+    let subs: Vec<String> = std::iter::repeat_n(chan[0].clone(), n).collect();
+    let (sockets, errors, _, _, first_error) =
+        open_clients(target, sources, &subs, concurrency).await;
+    if let Some(e) = first_error {
+        bail!("{errors} of {n} clients failed to connect: {e}");
+    }
+    target.wait_active(&chan, n).await?;
+    let per_seq: Arc<Vec<AtomicU64>> = Arc::new((0..m).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let receivers: Vec<_> = sockets
+        .into_iter()
+        .map(|ws| receive(ws, m, stop.clone(), Some(per_seq.clone())))
+        .collect();
+    let (t0, published, pub_errors) = publish(target, &chan, m, rate).await?;
+    let expected_end = Duration::from_secs_f64(if rate > 0.0 { m as f64 / rate } else { 0.0 });
+    let (count, _all, last) =
+        collect(receivers, stop, expected_end + Duration::from_secs(10)).await;
+    let mut last_sub = histogram();
+    for slot in per_seq.iter() {
+        let v = slot.load(Ordering::Relaxed);
+        if v > 0 {
+            let _ = last_sub.record(v);
+        }
+    }
+    let seconds = (last.saturating_sub(t0)) as f64 / 1e6;
+    Ok(Report {
+        scenario: "fanout".into(),
+        target: target.name().into(),
+        connections: n,
+        sent: published * n as u64,
+        delivered: count,
+        errors: pub_errors,
+        seconds,
+        rate: count as f64 / seconds.max(1e-9),
+        offered: rate,
+        note: "latency = last subscriber per message".into(),
+        ..Report::default()
+    }
+    .with_latency(&last_sub))
+}
+
+/// `up`: N wsproxy clients each send M messages; a Redis subscriber counts
+/// what arrives on the up channels.
+pub async fn up(
+    ws_base: &str,
+    redis_url: &str,
+    sources: &Arc<Sources>,
+    n: usize,
+    m: u64,
+    concurrency: usize,
+) -> anyhow::Result<Report> {
+    net::check_fd_budget(n)?;
+    let target = Target::Wsproxy {
+        ws: ws_base.to_owned(),
+        redis: redis_url.to_owned(),
+    };
+    let chans = channels("u", n);
+    target.prepare(&chans).await?;
+    let total = n as u64 * m;
+    // One pattern subscription sees every client's messages.
+    let prefix = chans[0].rsplit_once('-').map_or("u", |(p, _)| p).to_owned();
+    let mut pubsub = redis::Client::open(redis_url)?.get_async_pubsub().await?;
+    pubsub.psubscribe(format!("session:{prefix}-*:up")).await?;
+    let counter = tokio::spawn(async move {
+        let mut stream = pubsub.on_message();
+        let mut got = 0u64;
+        let mut h = histogram();
+        let mut last = 0;
+        while got < total {
+            match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+                Ok(Some(msg)) => {
+                    got += 1;
+                    last = now_us();
+                    stats::record(&mut h, msg.get_payload_bytes());
+                }
+                _ => break,
+            }
+        }
+        (got, h, last)
+    });
+    let (sockets, errors, _, _, first_error) =
+        open_clients(&target, sources, &chans, concurrency).await;
+    if let Some(e) = first_error {
+        bail!("{errors} of {n} clients failed to connect: {e}");
+    }
+    let t0 = now_us();
+    let seq = Arc::new(AtomicU64::new(0));
+    let senders: Vec<_> = sockets
+        .into_iter()
+        .map(|mut ws| {
+            let seq = seq.clone();
+            tokio::spawn(async move {
+                let mut failed = 0u64;
+                for _ in 0..m {
+                    let s = seq.fetch_add(1, Ordering::Relaxed);
+                    if ws.feed(Message::text(message(now_us(), s))).await.is_err() {
+                        failed += 1;
+                    }
+                    if s.is_multiple_of(16) {
+                        let _ = ws.flush().await;
+                    }
+                }
+                let _ = ws.flush().await;
+                // Keep the socket open until the counter is done.
+                (ws, failed)
+            })
+        })
+        .collect();
+    let mut send_errors = 0;
+    let mut keep = Vec::new();
+    for s in senders {
+        if let Ok((ws, failed)) = s.await {
+            send_errors += failed;
+            keep.push(ws);
+        }
+    }
+    let (got, h, last) = counter.await?;
+    close_all(keep).await;
+    let seconds = last.saturating_sub(t0) as f64 / 1e6;
+    Ok(Report {
+        scenario: "up".into(),
+        target: "wsproxy".into(),
+        connections: n,
+        sent: total,
+        delivered: got,
+        errors: send_errors,
+        seconds,
+        rate: got as f64 / seconds.max(1e-9),
+        ..Report::default()
+    }
+    .with_latency(&h))
+}
+
+/// `echo`: N clients each make M request/response round trips through `url`.
+pub async fn echo(
+    name: &str,
+    url: &str,
+    sources: &Arc<Sources>,
+    n: usize,
+    m: u64,
+    concurrency: usize,
+) -> anyhow::Result<Report> {
+    net::check_fd_budget(n)?;
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let (url, sources, permits) = (url.to_owned(), sources.clone(), permits.clone());
+        clients.push(tokio::spawn(async move {
+            let _p = permits.acquire_owned().await;
+            net::connect(&sources, &url, None).await
+        }));
+    }
+    let mut sockets = Vec::new();
+    for c in clients {
+        sockets.push(c.await??);
+    }
+    let t0 = Instant::now();
+    let tasks: Vec<_> = sockets
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut h = histogram();
+                let mut done = 0u64;
+                for i in 0..m {
+                    let t = now_us();
+                    if ws.send(Message::text(message(t, i))).await.is_err() {
+                        break;
+                    }
+                    match ws.next().await {
+                        Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                            let _ = h.record((now_us() - t).max(1));
+                            done += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                let _ = ws.close(None).await;
+                (done, h)
+            })
+        })
+        .collect();
+    let mut done = 0;
+    let mut hist = histogram();
+    for t in tasks {
+        let (d, h) = t.await?;
+        done += d;
+        let _ = hist.add(&h);
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(Report {
+        scenario: "echo".into(),
+        target: name.into(),
+        connections: n,
+        sent: n as u64 * m,
+        delivered: done,
+        seconds,
+        rate: done as f64 / seconds,
+        note: "latency = round trip".into(),
+        ..Report::default()
+    }
+    .with_latency(&hist))
+}
+
+async fn close_all(sockets: Vec<Ws>) {
+    let closes = sockets.into_iter().map(|mut ws| async move {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+    });
+    futures_util::future::join_all(closes).await;
+}
+
+/// A WebSocket echo server for the `echo` scenario's backend.
+pub async fn echo_server(port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    eprintln!("echo server on ws://127.0.0.1:{port}");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            while let Some(Ok(msg)) = ws.next().await {
+                if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
