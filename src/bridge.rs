@@ -5,7 +5,7 @@
 //! 2. **authenticate** the bearer token against `session:{id}:auth` (401/403);
 //! 3. **attach** to the broker: subscribe `session:{id}:down` and wait for
 //!    Redis to confirm, so the client misses nothing published after its 101;
-//! 4. **pump** frames in one task per connection: broker queue -> client,
+//! 4. **pump** frames in one task per connection: broker outbox -> client,
 //!    client JSON -> `PUBLISH session:{id}:up`, heartbeat pings;
 //! 5. **close** with a code that says why (1001 shutdown, 1008 slow consumer,
 //!    1009 too big, 1011 heartbeat timeout), log and count it.
@@ -15,6 +15,8 @@
 //! in the order they arrive, one after the other.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,14 +29,13 @@ use futures_util::SinkExt;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, AuthError};
-use crate::broker::{Subscriber, Subscription};
+use crate::broker::{Outbox, Outgoing, Subscription};
 use crate::error::{ApiError, socket_error};
 use crate::metrics::{AuthFailure, CloseReason, InvalidMessage};
 use crate::server::{App, ConnectionSlot};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// Longest agent or session id accepted.
 pub const MAX_ID_LEN: usize = 128;
@@ -44,6 +45,9 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_INTERNAL: u16 = 1011;
+
+/// Per-connection read buffer (see `accept`).
+const READ_BUFFER_BYTES: usize = 512;
 
 /// How long we wait for the client's reply to our close frame.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
@@ -134,18 +138,13 @@ async fn accept(
 
     // 2 and 3, bounded together by AUTH_TIMEOUT_SECS.
     let config = &app.config;
-    let (queue_tx, queue_rx) = mpsc::channel(config.outbound_queue);
-    let slow = CancellationToken::new();
-    let subscriber = Subscriber {
-        queue: queue_tx,
-        slow: slow.clone(),
-    };
+    let outbox = Outbox::new(config.outbound_queue);
     let down = format!("session:{session_id}:down");
     let mut redis = app.redis.clone();
     let attach = async {
         auth::check_session_token(&mut redis, &session_id, token, config.auth_grace_period).await?;
         app.broker
-            .subscribe(&down, subscriber, config.auth_timeout)
+            .subscribe(&down, outbox.clone(), config.auth_timeout)
             .await
             .map_err(|e| {
                 AuthError::Redis(redis::RedisError::from((
@@ -188,24 +187,29 @@ async fn accept(
         up: format!("session:{session_id}:up"),
         session_id,
         agent_id,
-        queue: queue_rx,
-        slow,
+        outbox,
         _subscription: subscription,
+        _task: app.tracker.token(),
+        _slot: slot,
         app: app.clone(),
     };
-    let task = app.tracker.token();
     let limit = config.max_message_bytes;
+    // The read buffer is the largest per-connection allocation that stays
+    // for the connection's life (tungstenite zero-fills it), and most
+    // messages are small, so it is 512 bytes instead of tungstenite's
+    // 128 KiB; frames larger than that still arrive whole, in more reads.
     Ok(upgrade
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_write_buffer_size(limit + 64 * 1024)
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| async move {
-            connection.run(socket).await;
-            // Released only now: the WebSocket counted against
-            // MAX_CONNECTIONS and kept shutdown waiting until here.
-            drop((task, slot));
+        // axum runs the upgrade in a task of its own; the connection gets a
+        // fresh task whose future is exactly `run`'s, so the long-lived
+        // state holds no copy of axum's upgrade machinery.
+        .on_upgrade(move |socket| {
+            tokio::spawn(connection.run(socket));
+            std::future::ready(())
         }))
 }
 
@@ -226,69 +230,104 @@ struct Connection {
     /// Channel client messages are published on.
     up: String,
     /// Messages from the broker, bounded by `WS_OUTBOUND_QUEUE`.
-    queue: mpsc::Receiver<Message>,
-    /// Cancelled by the broker when `queue` overflows.
-    slow: CancellationToken,
+    outbox: Arc<Outbox>,
     /// Keeps `session:{id}:down` subscribed while the connection lives.
     _subscription: Subscription,
+    /// Keeps shutdown waiting for this connection.
+    _task: TaskTrackerToken,
+    /// Counts the connection against `MAX_CONNECTIONS` until it closes.
+    _slot: Option<ConnectionSlot>,
 }
 
 /// Why the pump stopped, and so how to close.
 type Stop = CloseReason;
 
+/// What woke the pump.
+enum Event {
+    Heartbeat,
+    Frame(Option<Result<Message, axum::Error>>),
+    Outgoing(Outgoing),
+}
+
 impl Connection {
-    async fn run(mut self, mut socket: WebSocket) {
-        let started = Instant::now();
-        let metrics = self.app.metrics.clone();
-        metrics.connections_active.inc();
-        metrics.connections_opened.inc();
-        tracing::info!(session_id = %self.session_id, agent_id = %self.agent_id, "connection opened");
+    /// The connection's whole life: count, pump, close, count, log.
+    ///
+    /// A plain fn returning an `async move` block rather than an `async fn`
+    /// with `mut` parameters: the latter stores each argument twice in the
+    /// future (once as the argument, once as the `mut` binding), and this
+    /// future is what every open connection keeps in memory.
+    #[allow(clippy::manual_async_fn)] // deliberate, see above
+    fn run(mut self, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
+        async move {
+            let started = Instant::now();
+            let metrics = self.app.metrics.clone();
+            metrics.connections_active.inc();
+            metrics.connections_opened.inc();
+            tracing::info!(session_id = %self.session_id, agent_id = %self.agent_id, "connection opened");
 
-        let reason = match self.pump(&mut socket).await {
-            Err(reason) => reason,
-            Ok(never) => match never {},
-        };
-        self.close(&mut socket, reason).await;
+            let reason = match self.pump(&mut socket).await {
+                Err(reason) => reason,
+                Ok(never) => match never {},
+            };
+            self.close(&mut socket, reason).await;
 
-        metrics.connections_active.dec();
-        metrics.disconnect(reason);
-        tracing::info!(
-            session_id = %self.session_id,
-            agent_id = %self.agent_id,
-            reason = reason.as_str(),
-            duration_ms = started.elapsed().as_millis() as u64,
-            "connection closed"
-        );
+            metrics.connections_active.dec();
+            metrics.disconnect(reason);
+            tracing::info!(
+                session_id = %self.session_id,
+                agent_id = %self.agent_id,
+                reason = reason.as_str(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                "connection closed"
+            );
+        }
     }
 
     /// Moves frames until something ends the connection.
     async fn pump(&mut self, socket: &mut WebSocket) -> Result<Infallible, Stop> {
         let config = self.app.config.clone();
         let shutdown = self.app.shutdown.clone();
-        let mut ping_timer = tokio::time::interval_at(
-            tokio::time::Instant::now() + config.ping_interval,
-            config.ping_interval,
-        );
-        ping_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Deadline for the pong of the ping in flight, if any.
-        let mut pong_due: Option<tokio::time::Instant> = None;
+        // One timer serves the heartbeat: it fires for the next ping, or,
+        // while a ping is unanswered, at the pong deadline.
+        let mut heartbeat = Box::pin(tokio::time::sleep(config.ping_interval));
+        let mut last_ping = tokio::time::Instant::now();
+        let mut awaiting_pong = false;
 
         loop {
-            let pong_timeout = async {
-                match pong_due {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
+            // Wait for the next event; the select's futures are gone before
+            // it is handled, so a write's state never sits beside them.
+            let event = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Err(Stop::Shutdown),
-                _ = self.slow.cancelled() => return Err(Stop::SlowConsumer),
-                _ = pong_timeout => return Err(Stop::HeartbeatTimeout),
-                frame = socket.recv() => match frame {
+                _ = heartbeat.as_mut() => Event::Heartbeat,
+                frame = socket.recv() => Event::Frame(frame),
+                out = self.outbox.pop() => Event::Outgoing(out),
+            };
+            match event {
+                Event::Heartbeat => {
+                    if awaiting_pong {
+                        return Err(Stop::HeartbeatTimeout);
+                    }
+                    self.write(socket, Message::Ping(bytes::Bytes::new()))
+                        .await?;
+                    last_ping = tokio::time::Instant::now();
+                    awaiting_pong = true;
+                    heartbeat.as_mut().reset(last_ping + config.ping_timeout);
+                }
+                Event::Outgoing(Outgoing::Message(msg)) => {
+                    self.write(socket, msg).await?;
+                    self.app.metrics.messages_down.inc();
+                }
+                Event::Outgoing(Outgoing::Slow) => return Err(Stop::SlowConsumer),
+                Event::Frame(frame) => match frame {
                     None | Some(Ok(Message::Close(_))) => return Err(Stop::Client),
                     Some(Err(e)) => return Err(classify(e)),
-                    Some(Ok(Message::Text(text))) => self.forward_up(socket, text).await?,
+                    // Boxed: publishing is the largest await point, and
+                    // keeping it out of line keeps every idle
+                    // connection's task small.
+                    Some(Ok(Message::Text(text))) => {
+                        Box::pin(self.forward_up(socket, text)).await?
+                    }
                     Some(Ok(Message::Binary(_))) => {
                         self.app.metrics.invalid_message(InvalidMessage::Binary);
                         let error = socket_error(
@@ -299,23 +338,13 @@ impl Connection {
                     }
                     // tungstenite queues the pong itself; the next read sends it.
                     Some(Ok(Message::Ping(_))) => {}
-                    Some(Ok(Message::Pong(_))) => pong_due = None,
-                },
-                msg = self.queue.recv() => match msg {
-                    Some(msg) => {
-                        self.write(socket, msg).await?;
-                        self.app.metrics.messages_down.inc();
+                    Some(Ok(Message::Pong(_))) => {
+                        if awaiting_pong {
+                            awaiting_pong = false;
+                            heartbeat.as_mut().reset(last_ping + config.ping_interval);
+                        }
                     }
-                    // The broker never drops a live subscriber's sender; if
-                    // it did, the connection could no longer work.
-                    None => return Err(Stop::Error),
                 },
-                _ = ping_timer.tick() => {
-                    if pong_due.is_none() {
-                        self.write(socket, Message::Ping(bytes::Bytes::new())).await?;
-                        pong_due = Some(tokio::time::Instant::now() + config.ping_timeout);
-                    }
-                }
             }
         }
     }
@@ -359,51 +388,61 @@ impl Connection {
     async fn write(&self, socket: &mut WebSocket, msg: Message) -> Result<(), Stop> {
         tokio::select! {
             r = socket.send(msg) => r.map_err(|_| Stop::Client),
-            _ = self.slow.cancelled() => Err(Stop::SlowConsumer),
+            _ = self.outbox.overflowed() => Err(Stop::SlowConsumer),
             _ = tokio::time::sleep(self.app.config.ping_timeout) => Err(Stop::SlowConsumer),
         }
     }
 
     /// Ends the connection the way `reason` calls for.
-    async fn close(&mut self, socket: &mut WebSocket, reason: Stop) {
-        let (code, text) = match reason {
-            // The client started the close; tungstenite has queued the
-            // reply, flushing sends it.
-            Stop::Client | Stop::Error => {
-                let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, socket.flush()).await;
-                return;
-            }
-            Stop::Shutdown => {
-                // Deliver what was already queued before saying goodbye.
-                while let Ok(msg) = self.queue.try_recv() {
-                    if self.write(socket, msg).await.is_err() {
-                        return;
-                    }
-                    self.app.metrics.messages_down.inc();
+    ///
+    /// Returns a boxed future on purpose: an `async fn` awaited inline
+    /// would reserve its (large, used once) state in every connection's
+    /// task for the whole life of the connection.
+    fn close<'a>(
+        &'a mut self,
+        socket: &'a mut WebSocket,
+        reason: Stop,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let (code, text) = match reason {
+                // The client started the close; tungstenite has queued the
+                // reply, flushing sends it.
+                Stop::Client | Stop::Error => {
+                    let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, socket.flush()).await;
+                    return;
                 }
-                (CLOSE_GOING_AWAY, "server shutting down")
-            }
-            Stop::SlowConsumer => (CLOSE_POLICY, "slow consumer: outbound queue full"),
-            Stop::MessageTooBig => (CLOSE_TOO_BIG, "message too big"),
-            Stop::HeartbeatTimeout => (CLOSE_INTERNAL, "heartbeat timeout: no pong"),
-        };
-        let frame = Message::Close(Some(CloseFrame {
-            code,
-            reason: text.into(),
-        }));
-        // Best effort: a slow or dead peer must not hold us up.
-        let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
-            if socket.send(frame).await.is_ok() {
-                // Wait for the peer's close reply so the close handshake
-                // completes and the peer sees our code.
-                while let Some(Ok(msg)) = socket.recv().await {
-                    if matches!(msg, Message::Close(_)) {
-                        break;
+                Stop::Shutdown => {
+                    // Deliver what was already queued before saying goodbye.
+                    while let Some(msg) = self.outbox.try_pop() {
+                        if self.write(socket, msg).await.is_err() {
+                            return;
+                        }
+                        self.app.metrics.messages_down.inc();
+                    }
+                    (CLOSE_GOING_AWAY, "server shutting down")
+                }
+                Stop::SlowConsumer => (CLOSE_POLICY, "slow consumer: outbound queue full"),
+                Stop::MessageTooBig => (CLOSE_TOO_BIG, "message too big"),
+                Stop::HeartbeatTimeout => (CLOSE_INTERNAL, "heartbeat timeout: no pong"),
+            };
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: text.into(),
+            }));
+            // Best effort: a slow or dead peer must not hold us up.
+            let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+                if socket.send(frame).await.is_ok() {
+                    // Wait for the peer's close reply so the close handshake
+                    // completes and the peer sees our code.
+                    while let Some(Ok(msg)) = socket.recv().await {
+                        if matches!(msg, Message::Close(_)) {
+                            break;
+                        }
                     }
                 }
-            }
+            })
+            .await;
         })
-        .await;
     }
 }
 

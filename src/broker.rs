@@ -1,7 +1,7 @@
 //! The broker: one shared Redis pub/sub connection for the whole process.
 //!
 //! Every WebSocket that wants the messages of a channel registers a
-//! [`Subscriber`] (its bounded outbound queue) with [`Broker::subscribe`] and
+//! [`Outbox`] (its bounded outbound queue) with [`Broker::subscribe`] and
 //! gets back a [`Subscription`] guard. The broker keeps, per channel, the list
 //! of local subscribers; Redis is told `SUBSCRIBE` when a channel gains its
 //! first local subscriber and `UNSUBSCRIBE` when it loses its last one, so a
@@ -22,7 +22,7 @@
 //! backoff and resubscribes every channel that still has subscribers; open
 //! WebSockets are untouched meanwhile.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -30,7 +30,7 @@ use std::time::Duration;
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -55,20 +55,112 @@ pub enum BrokerError {
     Closed,
 }
 
-/// One local receiver of a channel: a bounded queue plus the token the
-/// broker cancels when that queue overflows.
-#[derive(Debug, Clone)]
-pub struct Subscriber {
-    /// The connection's outbound queue.
-    pub queue: mpsc::Sender<Message>,
-    /// Cancelled by the broker when the queue is full: the client is too slow.
-    pub slow: CancellationToken,
+/// A connection's bounded outbound queue, filled by the broker's reader and
+/// drained by the connection's task.
+///
+/// It is a `VecDeque` behind a short std mutex plus a [`Notify`], rather
+/// than a tokio mpsc channel, because it must be small while idle: an
+/// empty `VecDeque` allocates nothing, where a bounded mpsc channel
+/// allocates a block of 32 slots (about 1.5 KiB) up front. The reader never
+/// waits on it: a push into a full queue marks the connection slow instead.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    notify: Notify,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    queue: VecDeque<Message>,
+    /// Set when a push found the queue full: the client is not keeping up.
+    slow: bool,
+}
+
+/// What a connection gets from its outbox.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// The next message, in publish order.
+    Message(Message),
+    /// The queue overflowed; the connection must be closed (1008).
+    Slow,
+}
+
+impl Outbox {
+    /// An empty outbox holding at most `capacity` messages.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(OutboxState::default()),
+            notify: Notify::new(),
+            capacity: capacity.max(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `msg`; a full queue marks the outbox slow and drops `msg`.
+    /// Returns false if the message was not queued.
+    pub fn push(&self, msg: Message) -> bool {
+        let mut state = self.lock();
+        if state.slow {
+            return false;
+        }
+        let queued = if state.queue.len() >= self.capacity {
+            state.slow = true;
+            false
+        } else {
+            state.queue.push_back(msg);
+            true
+        };
+        drop(state);
+        // One consumer: a stored permit covers a push that happens while
+        // the consumer is between checking and waiting.
+        self.notify.notify_one();
+        queued
+    }
+
+    /// Takes a queued message without waiting (used to flush on shutdown).
+    pub fn try_pop(&self) -> Option<Message> {
+        self.lock().queue.pop_front()
+    }
+
+    /// Waits for the next message, or for the outbox to turn slow.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a message is only removed in the poll that returns it.
+    pub async fn pop(&self) -> Outgoing {
+        loop {
+            {
+                let mut state = self.lock();
+                if state.slow {
+                    return Outgoing::Slow;
+                }
+                if let Some(msg) = state.queue.pop_front() {
+                    return Outgoing::Message(msg);
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// Resolves once the outbox has overflowed. Used to abandon a write to
+    /// a client that has stopped reading. Cancel safe.
+    pub async fn overflowed(&self) {
+        loop {
+            if self.lock().slow {
+                return;
+            }
+            self.notify.notified().await;
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
     /// Channel name -> its local subscribers, keyed by subscription id.
-    channels: HashMap<String, Vec<(u64, Subscriber)>>,
+    channels: HashMap<String, Vec<(u64, Arc<Outbox>)>>,
     next_id: u64,
 }
 
@@ -163,12 +255,12 @@ impl Broker {
         self.shared.lock().channels.len()
     }
 
-    /// Registers `subscriber` for `channel` and waits, at most `wait`, until
+    /// Registers `outbox` for `channel` and waits, at most `wait`, until
     /// Redis has confirmed the subscription. On error nothing stays registered.
     pub async fn subscribe(
         &self,
         channel: &str,
-        subscriber: Subscriber,
+        outbox: Arc<Outbox>,
         wait: Duration,
     ) -> Result<Subscription, BrokerError> {
         let (subscription, generation) = {
@@ -177,7 +269,7 @@ impl Broker {
             let id = state.next_id;
             let subs = state.channels.entry(channel.to_owned()).or_default();
             let first = subs.is_empty();
-            subs.push((id, subscriber));
+            subs.push((id, outbox));
             drop(state);
             let subscription = Subscription {
                 shared: self.shared.clone(),
@@ -221,13 +313,9 @@ fn dispatch(shared: &Shared, channel: &str, payload: &[u8]) {
         return;
     };
     let frame = frame_for(payload);
-    for (_, sub) in subs {
-        match sub.queue.try_send(frame.clone()) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => sub.slow.cancel(),
-            // The connection is closing; its Subscription guard will remove it.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
+    for (_, outbox) in subs {
+        // A full outbox marks its connection slow; the others go on.
+        outbox.push(frame.clone());
     }
 }
 
@@ -390,17 +478,6 @@ mod tests {
         );
     }
 
-    fn subscriber(capacity: usize) -> (Subscriber, mpsc::Receiver<Message>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (
-            Subscriber {
-                queue: tx,
-                slow: CancellationToken::new(),
-            },
-            rx,
-        )
-    }
-
     fn shared() -> Arc<Shared> {
         Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -415,23 +492,23 @@ mod tests {
     #[tokio::test]
     async fn full_queue_marks_only_that_subscriber_slow() {
         let shared = shared();
-        let (fast, mut fast_rx) = subscriber(8);
-        let (slow, _slow_rx) = subscriber(1);
-        let slow_token = slow.slow.clone();
+        let fast = Outbox::new(8);
+        let slow = Outbox::new(1);
         shared
             .lock()
             .channels
-            .insert("c".into(), vec![(1, fast), (2, slow)]);
+            .insert("c".into(), vec![(1, fast.clone()), (2, slow.clone())]);
         for i in 0..3 {
             dispatch(&shared, "c", format!("{i}").as_bytes());
         }
-        assert!(slow_token.is_cancelled());
+        assert!(matches!(slow.pop().await, Outgoing::Slow));
         for i in 0..3 {
-            match fast_rx.recv().await {
-                Some(Message::Text(t)) => assert_eq!(t.as_str(), i.to_string()),
+            match fast.pop().await {
+                Outgoing::Message(Message::Text(t)) => assert_eq!(t.as_str(), i.to_string()),
                 other => panic!("unexpected {other:?}"),
             }
         }
+        assert!(fast.try_pop().is_none());
     }
 
     #[tokio::test]
@@ -440,8 +517,7 @@ mod tests {
         let broker = Broker {
             shared: shared.clone(),
         };
-        let (a, _ra) = subscriber(1);
-        let (b, _rb) = subscriber(1);
+        let (a, b) = (Outbox::new(1), Outbox::new(1));
         // Nothing confirms in this test (no control loop): the wait times
         // out, and the failed subscription must not stay registered.
         let err = broker
