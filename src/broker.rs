@@ -454,7 +454,9 @@ async fn serve(
             _ = &mut reader => break false,
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(KEEPALIVE) => {
-                let ping = tokio::time::timeout(CONNECT_TIMEOUT, sink.ping::<String>()).await;
+                // In subscribed mode Redis answers PING with ["pong", ""],
+                // not +PONG: accept any reply, only silence is a failure.
+                let ping = tokio::time::timeout(CONNECT_TIMEOUT, sink.ping::<redis::Value>()).await;
                 if !matches!(ping, Ok(Ok(_))) {
                     tracing::warn!("redis pub/sub keepalive ping failed");
                     break false;

@@ -463,6 +463,27 @@ async fn redis_restart_keeps_clients_connected_and_recovers() {
 }
 
 #[tokio::test]
+async fn idle_pubsub_connection_survives_its_keepalive() {
+    // The broker pings Redis after 5 s without subscription changes; the
+    // reply in subscribed mode is not a plain PONG and must not be taken
+    // for a dead connection (a reconnect would lose messages).
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 60).await;
+    let mut ws = server.connect(&session, "tok").await;
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    assert_eq!(
+        redis
+            .publish(&format!("session:{session}:down"), "still")
+            .await,
+        1
+    );
+    assert_eq!(next_text(&mut ws).await, "still");
+    assert_eq!(server.metric("wsproxy_redis_reconnects_total").await, 0.0);
+}
+
+#[tokio::test]
 async fn two_instances_on_one_redis_both_deliver_a_session() {
     let redis = Redis::start().await;
     let one = Server::start(&redis.url()).await;

@@ -128,10 +128,25 @@ pub fn check_fd_budget(connections: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sum of VmRSS (KiB) over `pids`, from /proc/PID/status.
+/// Memory of `pids` in KiB: the sum of their proportional set size (Pss,
+/// from /proc/PID/smaps_rollup), so pages shared between nginx workers
+/// are counted once; VmRSS from /proc/PID/status where Pss is unavailable.
+/// For a single process like wsproxy the two grow alike.
 pub fn rss_kib(pids: &[u32]) -> anyhow::Result<u64> {
     let mut total = 0;
     for pid in pids {
+        if let Some(pss) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Pss:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        {
+            total += pss;
+            continue;
+        }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .with_context(|| format!("reading /proc/{pid}/status"))?;
         let kib = status

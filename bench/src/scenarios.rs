@@ -109,6 +109,9 @@ impl Target {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        // The count can run slightly ahead of the Redis subscription being
+        // live (peers/README.md); a short pause removes the last losses.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         Ok(())
     }
 }
