@@ -62,8 +62,7 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = wsproxy::server::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("HOST/PORT: cannot listen on {}: {e}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));

@@ -76,6 +76,25 @@ pub struct ConnectionSlot {
     _permit: Arc<OwnedSemaphorePermit>,
 }
 
+/// Pending connections the kernel may queue before wsproxy accepts them.
+/// `TcpListener::bind` uses 128, which overflows under a burst of
+/// connects (each dropped SYN costs the client a one-second retransmit);
+/// the kernel caps this at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`
+/// (so a restart does not wait for old connections in TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Runs wsproxy on `listener` until `shutdown` is cancelled, then drains
 /// connections (at most the configured grace period) and returns.
 pub async fn run(

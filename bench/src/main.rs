@@ -124,6 +124,11 @@ enum Command {
         #[command(flatten)]
         load: Load,
     },
+    /// Render JSON-lines results (from --json) as a Markdown table.
+    Report {
+        /// The JSON-lines file written by earlier runs.
+        input: std::path::PathBuf,
+    },
     /// Run an echo backend (for the echo scenario and the proxy peers).
     EchoServer {
         #[arg(long, default_value_t = 9001)]
@@ -206,6 +211,46 @@ fn ratios(w: &Report, p: &Report) -> String {
     parts.join(", ")
 }
 
+/// A Markdown table of every report in a JSON-lines file, in run order.
+fn markdown(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    let mut out = String::from(
+        "| scenario | target | N | sent | delivered | loss | rate/s | offered/s | p50 | p99 | p99.9 | max | memory/conn |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let r: serde_json::Value = serde_json::from_str(line)?;
+        let num = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let lat = |k: &str| {
+            let v = r[k].as_u64().unwrap_or(0);
+            if v == 0 { "-".to_owned() } else { stats::us(v) }
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |\n",
+            r["scenario"].as_str().unwrap_or("?"),
+            r["target"].as_str().unwrap_or("?"),
+            num("connections"),
+            num("sent"),
+            num("delivered"),
+            num("sent") - num("delivered"),
+            num("rate"),
+            if num("offered") > 0.0 {
+                format!("{:.0}", num("offered"))
+            } else {
+                "max".into()
+            },
+            lat("p50_us"),
+            lat("p99_us"),
+            lat("p999_us"),
+            lat("max_us"),
+            r["rss_per_conn"]
+                .as_f64()
+                .map_or("-".into(), |b| format!("{b:.0} B")),
+        ));
+    }
+    Ok(out)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -260,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
             emit(&r, &c)?;
         }
         Command::EchoServer { port } => scenarios::echo_server(port).await?,
+        Command::Report { input } => print!("{}", markdown(&input)?),
         Command::Compare {
             scenario,
             load,

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Regenerates the benchmark table in BENCHMARKS.md in one command:
+#   bash bench/run.sh            # full run (a few minutes)
+#   QUICK=1 bash bench/run.sh    # small N, for trying the script out
+#
+# Starts, all on 127.0.0.1: a private Redis for wsproxy, wsproxy (release
+# build), the peers (nchan with its own Redis, nginx and HAProxy proxies, via
+# bench/peers/peers.sh) and an echo backend; runs every scenario against
+# wsproxy and the peer in the same run; writes bench/results/latest.jsonl
+# and replaces the table between the markers in BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=bench/results
+mkdir -p "$OUT"
+JSON=$OUT/latest.jsonl
+: >"$JSON"
+LOG=$OUT/run.log
+: >"$LOG"
+
+q() { if [[ -n "${QUICK:-}" ]]; then echo "$1"; else echo "$2"; fi; }
+N_IDLE=$(q 500 10000)
+N_CONNECT=$(q 500 5000)
+N_DOWN=$(q 100 1000)
+M_DOWN=$(q 5000 100000)
+N_UP=$(q 100 1000)
+M_UP=$(q 20 100)
+N_FAN=$(q 100 1000)
+M_FAN=$(q 50 200)
+N_ECHO=$(q 20 100)
+M_ECHO=$(q 200 1000)
+# An offered rate nchan (Redis-backed) sustains on this machine, so latency
+# is compared at the same load rather than at each system's saturation.
+RATE=$(q 1000 2000)
+
+WS_REDIS_PORT=6395
+WS_PORT=8090
+ECHO_PORT=9001
+
+echo "== building (release)"
+cargo build --release -q -p wsproxy -p wsproxy-bench
+BENCH="$ROOT/target/release/wsproxy-bench --redis redis://127.0.0.1:$WS_REDIS_PORT --wsproxy ws://127.0.0.1:$WS_PORT --json $JSON"
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  bash bench/peers/peers.sh stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+echo "== starting redis for wsproxy on $WS_REDIS_PORT"
+redis-server --port $WS_REDIS_PORT --bind 127.0.0.1 --save "" --appendonly no --logfile "$ROOT/$OUT/redis.log" &
+PIDS+=($!)
+echo "== starting wsproxy on $WS_PORT"
+HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn \
+  "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
+WSP=$!
+PIDS+=($WSP)
+echo "== starting echo backend on $ECHO_PORT"
+"$ROOT/target/release/wsproxy-bench" echo-server --port $ECHO_PORT >>"$LOG" 2>&1 &
+PIDS+=($!)
+echo "== installing and starting peers"
+bash bench/peers/peers.sh install
+bash bench/peers/peers.sh start >/dev/null
+NCHAN_PIDS=$(bash bench/peers/peers.sh status | awk '/^nchan /{sub("pids=","",$2); print $2}')
+for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$WS_PORT/ready" >/dev/null && break; sleep 0.1; done
+
+run() { echo "-- $*"; $BENCH "$@" | tee -a "$LOG"; }
+
+echo "== idle (fresh processes, so this runs first)"
+run idle --target wsproxy --n "$N_IDLE" --pids "$WSP"
+run idle --target nchan --n "$N_IDLE" --pids "$NCHAN_PIDS"
+echo "== connect"
+run compare connect --n "$N_CONNECT"
+echo "== down at a fixed offered rate, then flat out"
+run compare down --n "$N_DOWN" --m "$((RATE * 10))" --rate "$RATE"
+run compare down --n "$N_DOWN" --m "$M_DOWN"
+echo "== up"
+run up --n "$N_UP" --m "$M_UP"
+echo "== fanout (one channel)"
+run compare fanout --n "$N_FAN" --m "$M_FAN"
+echo "== echo: backend directly, through nginx, through HAProxy"
+run echo --name direct --url "ws://127.0.0.1:$ECHO_PORT/" --n "$N_ECHO" --m "$M_ECHO"
+run echo --name nginx --url "ws://127.0.0.1:8092/" --n "$N_ECHO" --m "$M_ECHO"
+run echo --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_ECHO" --m "$M_ECHO"
+
+echo "== writing BENCHMARKS.md"
+TABLE=$("$ROOT/target/release/wsproxy-bench" report "$JSON")
+MACHINE="$(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr), $(date -u +%Y-%m-%d)"
+python3 - "$TABLE" "$MACHINE" <<'PY'
+import re, sys
+table, machine = sys.argv[1], sys.argv[2]
+path = "BENCHMARKS.md"
+text = open(path).read()
+block = f"<!-- results:start -->\nMachine: {machine}\n\n{table}<!-- results:end -->"
+text = re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda _: block, text, flags=re.S)
+open(path, "w").write(text)
+PY
+echo "done: $JSON, BENCHMARKS.md"
