@@ -12,6 +12,7 @@
 //! lets a client in is then taken here with a constant-time comparison of the
 //! tokens themselves. Tokens are never logged.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, header};
@@ -98,7 +99,9 @@ pub async fn check_session_token(
     grace: Duration,
 ) -> Result<(), AuthError> {
     let digest = hex::encode(Sha1::digest(token.as_bytes()));
-    let stored: Option<Vec<u8>> = redis::Script::new(CHECK_AND_TOUCH)
+    // Script::new hashes the source; do it once per process, not per connect.
+    static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CHECK_AND_TOUCH));
+    let stored: Option<Vec<u8>> = SCRIPT
         .key(auth_key(session_id))
         .arg(digest)
         .arg(grace.as_secs().max(1))

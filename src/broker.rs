@@ -161,6 +161,10 @@ impl Outbox {
 struct State {
     /// Channel name -> its local subscribers, keyed by subscription id.
     channels: HashMap<String, Vec<(u64, Arc<Outbox>)>>,
+    /// Channels that gained their first or lost their last subscriber since
+    /// the control loop last looked, so a sync costs O(changes), not
+    /// O(channels).
+    dirty: HashSet<String>,
     next_id: u64,
 }
 
@@ -219,6 +223,7 @@ impl Drop for Subscription {
         };
         if now_empty {
             state.channels.remove(&self.channel);
+            state.dirty.insert(self.channel.clone());
             drop(state);
             self.shared.changed();
         }
@@ -270,6 +275,9 @@ impl Broker {
             let subs = state.channels.entry(channel.to_owned()).or_default();
             let first = subs.is_empty();
             subs.push((id, outbox));
+            if first {
+                state.dirty.insert(channel.to_owned());
+            }
             drop(state);
             let subscription = Subscription {
                 shared: self.shared.clone(),
@@ -398,18 +406,26 @@ async fn serve(
         // Apply everything wanted so far in one round trip each way.
         let generation = shared.wanted.load(Ordering::SeqCst);
         let (add, remove) = {
-            let state = shared.lock();
-            let add: Vec<String> = state
-                .channels
-                .keys()
-                .filter(|c| !active.contains(*c))
-                .cloned()
-                .collect();
-            let remove: Vec<String> = active
-                .iter()
-                .filter(|c| !state.channels.contains_key(*c))
-                .cloned()
-                .collect();
+            let mut state = shared.lock();
+            let mut add = Vec::new();
+            let mut remove = Vec::new();
+            if first_sync {
+                // A fresh connection has nothing: subscribe every live channel.
+                state.dirty.clear();
+                add.extend(state.channels.keys().cloned());
+            } else {
+                let dirty = std::mem::take(&mut state.dirty);
+                for channel in dirty {
+                    match (
+                        state.channels.contains_key(&channel),
+                        active.contains(&channel),
+                    ) {
+                        (true, false) => add.push(channel),
+                        (false, true) => remove.push(channel),
+                        _ => {} // changed and changed back: nothing to tell Redis
+                    }
+                }
+            }
             (add, remove)
         };
         let applied = async {
