@@ -1,4 +1,7 @@
-//! Authentication of session-bridge connections.
+//! Authentication: session-bridge tokens (this file), JSON Web Tokens for
+//! topic pub/sub ([`jwt`]) and the users file behind them ([`users`]).
+//!
+//! # Session-bridge tokens
 //!
 //! The backend stores a token for a session with
 //! `SETEX session:{session_id}:auth <ttl> <token>`. A client proves it holds
@@ -11,6 +14,9 @@
 //! digests (so its timing says nothing about the token); the decision that
 //! lets a client in is then taken here with a constant-time comparison of the
 //! tokens themselves. Tokens are never logged.
+
+pub mod jwt;
+pub mod users;
 
 use std::sync::LazyLock;
 use std::time::Duration;

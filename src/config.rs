@@ -42,6 +42,42 @@ pub enum LogFormat {
     Json,
 }
 
+/// Topic pub/sub settings (`GET /ws`).
+#[derive(Debug, Clone)]
+pub struct PubSubConfig {
+    /// Accept `/ws` connections without a token.
+    pub allow_anonymous: bool,
+    /// Most topics one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// Largest `payload` of a published message, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+/// JSON Web Token settings; present when `JWT_SECRET` is set.
+#[derive(Clone)]
+pub struct JwtConfig {
+    /// HS256 signing secret (at least 32 bytes).
+    pub secret: Vec<u8>,
+    /// `iss` claim issued and required.
+    pub issuer: String,
+    /// `aud` claim issued and required.
+    pub audience: String,
+    /// Lifetime of issued tokens.
+    pub ttl: Duration,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    // Never print the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("secret", &"<redacted>")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
 /// The validated configuration every module reads.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -70,6 +106,14 @@ pub struct Config {
     pub max_connections: usize,
     /// Log format.
     pub log_format: LogFormat,
+    /// Topic pub/sub.
+    pub pubsub: PubSubConfig,
+    /// Token issuing and checking for `/ws`; `None` without `JWT_SECRET`.
+    pub jwt: Option<JwtConfig>,
+    /// File of `username:argon2-hash` lines for `POST /auth/token`.
+    pub users_file: Option<std::path::PathBuf>,
+    /// Origins allowed to call `POST /auth/token` from a browser; `*` = any.
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -90,6 +134,14 @@ impl Config {
             outbound_queue: 256,
             max_connections: 50_000,
             log_format: LogFormat::Text,
+            pubsub: PubSubConfig {
+                allow_anonymous: false,
+                max_subscriptions: 100,
+                max_payload_bytes: 65_536,
+            },
+            jwt: None,
+            users_file: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -151,6 +203,60 @@ pub struct Cli {
     /// (default "info,wsproxy=debug").
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Accept topic pub/sub connections (/ws) without a token: true or false.
+    #[arg(long, env = "PUBSUB_ALLOW_ANONYMOUS", default_value = "false")]
+    pub pubsub_allow_anonymous: String,
+    /// Most topics one /ws connection may subscribe to.
+    #[arg(long, env = "PUBSUB_MAX_SUBSCRIPTIONS", default_value = "100")]
+    pub pubsub_max_subscriptions: String,
+    /// Largest payload of a published topic message, in bytes.
+    #[arg(long, env = "PUBSUB_MAX_PAYLOAD_BYTES", default_value = "65536")]
+    pub pubsub_max_payload_bytes: String,
+    /// HS256 secret (at least 32 bytes) for the tokens of POST /auth/token and /ws.
+    /// Without it, /ws accepts only anonymous clients (if allowed).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Issuer (iss) of issued tokens, required on presented ones.
+    #[arg(long, env = "JWT_ISSUER", default_value = "wsproxy")]
+    pub jwt_issuer: String,
+    /// Audience (aud) of issued tokens, required on presented ones.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "wsproxy")]
+    pub jwt_audience: String,
+    /// Lifetime of issued tokens, in seconds.
+    #[arg(long, env = "JWT_TTL_SECS", default_value = "3600")]
+    pub jwt_ttl_secs: String,
+    /// File of "username:<argon2 hash>" lines for POST /auth/token
+    /// (make hashes with `wsproxy hash-password`).
+    #[arg(long, env = "USERS_FILE")]
+    pub users_file: Option<String>,
+    /// Comma-separated origins allowed to call POST /auth/token from a
+    /// browser (CORS); "*" allows any. Empty: no CORS headers.
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "")]
+    pub cors_allowed_origins: String,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands besides running the server.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print the argon2 hash of a password, for a USERS_FILE line
+    /// ("username:<hash>"). Reads the password from stdin when not given.
+    HashPassword {
+        /// The password (prefer stdin: arguments end up in shell history).
+        password: Option<String>,
+    },
+}
+
+fn boolean(var: &'static str, raw: &str) -> Result<bool, ConfigError> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(ConfigError::new(
+            var,
+            format!("{raw:?} is not a boolean (expected true or false)"),
+        )),
+    }
 }
 
 /// Parses a whole number within `range`, naming `var` on failure.
@@ -181,6 +287,14 @@ where
     Ok(value)
 }
 
+fn nonempty(var: &'static str, raw: &str) -> Result<String, ConfigError> {
+    let v = raw.trim();
+    if v.is_empty() {
+        return Err(ConfigError::new(var, "must not be empty"));
+    }
+    Ok(v.to_owned())
+}
+
 fn seconds(
     var: &'static str,
     raw: &str,
@@ -206,7 +320,7 @@ pub fn redact_url(url: &str) -> String {
 
 impl Cli {
     /// Validates every value and builds the [`Config`].
-    pub fn into_config(self) -> Result<Config, ConfigError> {
+    pub fn into_config(&self) -> Result<Config, ConfigError> {
         let host: IpAddr = self.host.trim().parse().map_err(|_| {
             ConfigError::new(
                 "HOST",
@@ -278,7 +392,59 @@ impl Cli {
             outbound_queue: number("WS_OUTBOUND_QUEUE", &self.ws_outbound_queue, 1..=65_536)?,
             max_connections: number("MAX_CONNECTIONS", &self.max_connections, 1..=10_000_000)?,
             log_format,
+            pubsub: PubSubConfig {
+                allow_anonymous: boolean("PUBSUB_ALLOW_ANONYMOUS", &self.pubsub_allow_anonymous)?,
+                max_subscriptions: number(
+                    "PUBSUB_MAX_SUBSCRIPTIONS",
+                    &self.pubsub_max_subscriptions,
+                    1..=100_000,
+                )?,
+                max_payload_bytes: number(
+                    "PUBSUB_MAX_PAYLOAD_BYTES",
+                    &self.pubsub_max_payload_bytes,
+                    1..=(16 << 20),
+                )?,
+            },
+            jwt: match &self.jwt_secret {
+                None => None,
+                Some(secret) if secret.len() < 32 => {
+                    return Err(ConfigError::new(
+                        "JWT_SECRET",
+                        format!(
+                            "is {} bytes long; use at least 32 random bytes",
+                            secret.len()
+                        ),
+                    ));
+                }
+                Some(secret) => Some(JwtConfig {
+                    secret: secret.as_bytes().to_vec(),
+                    issuer: nonempty("JWT_ISSUER", &self.jwt_issuer)?,
+                    audience: nonempty("JWT_AUDIENCE", &self.jwt_audience)?,
+                    ttl: seconds("JWT_TTL_SECS", &self.jwt_ttl_secs, 60..=31_536_000)?,
+                }),
+            },
+            users_file: self
+                .users_file
+                .as_deref()
+                .filter(|p| !p.trim().is_empty())
+                .map(std::path::PathBuf::from),
+            cors_origins: self
+                .cors_allowed_origins
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
         };
+        for origin in &config.cors_origins {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "CORS_ALLOWED_ORIGINS",
+                    format!(
+                        "{origin:?} is not an origin (expected e.g. https://app.example.com or *)"
+                    ),
+                ));
+            }
+        }
         Ok(config)
     }
 }
@@ -355,6 +521,22 @@ mod tests {
         assert_eq!(e.to_string(), "WS_PING_INTERVAL_SECS: 0 is outside 1-86400");
         let e = parse(&["--auth-grace-period-secs=-5"]).expect_err("negative");
         assert_eq!(e.var, "AUTH_GRACE_PERIOD_SECS");
+    }
+
+    #[test]
+    fn short_jwt_secret_and_bad_origins_are_refused() {
+        let e = parse(&["--jwt-secret", "short"]).expect_err("too short");
+        assert_eq!(e.var, "JWT_SECRET");
+        assert!(
+            !e.to_string().contains("short"),
+            "the secret must not be echoed: {e}"
+        );
+        let ok = parse(&["--jwt-secret", &"k".repeat(32)]).expect("32 bytes is enough");
+        assert_eq!(ok.jwt.map(|j| j.issuer), Some("wsproxy".to_owned()));
+        let e = parse(&["--cors-allowed-origins", "example.com"]).expect_err("no scheme");
+        assert_eq!(e.var, "CORS_ALLOWED_ORIGINS");
+        let e = parse(&["--pubsub-allow-anonymous", "maybe"]).expect_err("not a bool");
+        assert_eq!(e.var, "PUBSUB_ALLOW_ANONYMOUS");
     }
 
     #[test]

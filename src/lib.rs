@@ -16,7 +16,9 @@
 //! - [`auth`]: bearer-token extraction and the one-round-trip Redis check.
 //! - [`broker`]: the process's single Redis pub/sub connection, with
 //!   reference-counted subscriptions, reconnection and resubscription.
-//! - [`bridge`]: the session endpoint and the per-connection frame pump.
+//! - [`bridge`]: the session endpoint (`/{agent_id}/ws/{session_id}`).
+//! - [`pubsub`]: topic pub/sub between clients (`/ws`, `POST /auth/token`).
+//! - [`ws`]: the per-connection frame pump both endpoints share.
 //! - [`metrics`]: Prometheus counters, per server instance.
 //! - [`error`]: how refusals become JSON responses and socket messages.
 //!
@@ -42,6 +44,8 @@ pub mod broker;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod pubsub;
 pub mod server;
+pub mod ws;
 
 pub use server::run;

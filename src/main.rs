@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
-use wsproxy::config::{Cli, Config, LogFormat};
+use wsproxy::config::{Cli, Command, Config, LogFormat};
 
 /// Default log filter when RUST_LOG is unset.
 const DEFAULT_LOG: &str = "info,wsproxy=debug";
@@ -14,7 +14,11 @@ const DEFAULT_LOG: &str = "info,wsproxy=debug";
 fn main() -> ExitCode {
     // A .env file is optional; variables already set in the environment win.
     let dotenv = dotenvy::dotenv();
-    let config = match Cli::parse().into_config() {
+    let cli = Cli::parse();
+    if let Some(Command::HashPassword { password }) = &cli.command {
+        return hash_password(password.clone());
+    }
+    let config = match cli.into_config() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("wsproxy: invalid configuration: {e}");
@@ -42,6 +46,35 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("wsproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `wsproxy hash-password`: prints an argon2 hash for a USERS_FILE line.
+fn hash_password(password: Option<String>) -> ExitCode {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("wsproxy: cannot read the password from stdin: {e}");
+                return ExitCode::from(2);
+            }
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if password.is_empty() {
+        eprintln!("wsproxy: the password is empty");
+        return ExitCode::from(2);
+    }
+    match wsproxy::auth::users::hash_password(&password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsproxy: cannot hash the password: {e}");
             ExitCode::FAILURE
         }
     }

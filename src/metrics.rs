@@ -57,6 +57,8 @@ reason_enum! {
         MessageTooBig => "message_too_big",
         /// The server is shutting down.
         Shutdown => "shutdown",
+        /// The connection's token expired while it was open.
+        TokenExpired => "token_expired",
         /// A protocol or socket error.
         Error => "error",
     }
@@ -97,6 +99,17 @@ pub struct Metrics {
     pub redis_connected: Gauge,
     /// Redis channels the process is subscribed to.
     pub broker_channels: Gauge,
+    /// Topic pub/sub WebSockets currently open.
+    pub pubsub_connections_active: Gauge,
+    /// Topic pub/sub WebSockets accepted.
+    pub pubsub_connections: Counter,
+    /// Topic subscriptions currently held by clients.
+    pub pubsub_subscriptions: Gauge,
+    /// Topic messages published.
+    pub pubsub_published: Counter,
+    /// Topic messages written to subscribers.
+    pub pubsub_delivered: Counter,
+    pubsub_refused: Family<ReasonLabel, Counter>,
     invalid_messages: Family<ReasonLabel, Counter>,
     auth_failures: Family<ReasonLabel, Counter>,
     disconnects: Family<ReasonLabel, Counter>,
@@ -121,6 +134,12 @@ impl Metrics {
             redis_reconnects: Counter::default(),
             redis_connected: Gauge::default(),
             broker_channels: Gauge::default(),
+            pubsub_connections_active: Gauge::default(),
+            pubsub_connections: Counter::default(),
+            pubsub_subscriptions: Gauge::default(),
+            pubsub_published: Counter::default(),
+            pubsub_delivered: Counter::default(),
+            pubsub_refused: Family::default(),
             invalid_messages: Family::default(),
             auth_failures: Family::default(),
             disconnects: Family::default(),
@@ -181,6 +200,36 @@ impl Metrics {
             "Redis channels this process is subscribed to",
             m.broker_channels.clone(),
         );
+        registry.register(
+            "pubsub_connections_active",
+            "Topic pub/sub WebSocket connections currently open",
+            m.pubsub_connections_active.clone(),
+        );
+        registry.register(
+            "pubsub_connections",
+            "Topic pub/sub WebSocket connections accepted",
+            m.pubsub_connections.clone(),
+        );
+        registry.register(
+            "pubsub_subscriptions",
+            "Topic subscriptions currently held by clients",
+            m.pubsub_subscriptions.clone(),
+        );
+        registry.register(
+            "pubsub_published",
+            "Topic messages published",
+            m.pubsub_published.clone(),
+        );
+        registry.register(
+            "pubsub_delivered",
+            "Topic messages delivered to subscribers",
+            m.pubsub_delivered.clone(),
+        );
+        registry.register(
+            "pubsub_refused",
+            "Topic pub/sub commands refused, by error code",
+            m.pubsub_refused.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -199,6 +248,13 @@ impl Metrics {
             .get_or_create(&ReasonLabel {
                 reason: reason.as_str(),
             })
+            .inc();
+    }
+
+    /// Counts a refused pub/sub command by its error code.
+    pub fn pubsub_refused(&self, code: &'static str) {
+        self.pubsub_refused
+            .get_or_create(&ReasonLabel { reason: code })
             .inc();
     }
 

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::auth::users::Users;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::error::ApiError;
@@ -47,6 +48,9 @@ pub enum ServerError {
     /// The Redis URL was refused by the client library.
     #[error("REDIS_URL: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The users file could not be loaded.
+    #[error(transparent)]
+    Users(#[from] crate::auth::users::UsersError),
 }
 
 /// State shared by every handler and connection task.
@@ -65,6 +69,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Every connection task; shutdown waits for it to empty.
     pub tracker: TaskTracker,
+    /// Users allowed to get tokens from `POST /auth/token`.
+    pub users: Option<Users>,
 }
 
 /// Held for as long as a client connection (HTTP or upgraded WebSocket)
@@ -103,6 +109,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let config = Arc::new(config);
+    let users = match &config.users_file {
+        Some(path) => Some(Users::load(path)?),
+        None => None,
+    };
     let client = redis::Client::open(config.redis_url.as_str())?;
     let redis = ConnectionManager::new_lazy_with_config(
         client.clone(),
@@ -124,6 +134,7 @@ pub async fn run(
         metrics,
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
+        users,
     });
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "wsproxy listening");
@@ -162,8 +173,37 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/{agent_id}/ws/{session_id}", get(crate::bridge::handler))
+        .route("/ws", get(crate::pubsub::handler))
+        .route("/auth/token", token_route(&app.config))
         .fallback(not_found)
         .with_state(app)
+}
+
+/// `POST /auth/token`, with a small body limit and CORS for the configured
+/// browser origins.
+fn token_route(config: &Config) -> axum::routing::MethodRouter<Arc<App>> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let route = axum::routing::post(crate::pubsub::issue_token)
+        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024));
+    if config.cors_origins.is_empty() {
+        return route;
+    }
+    let origins = if config.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            config
+                .cors_origins
+                .iter()
+                .filter_map(|o| axum::http::HeaderValue::from_str(o).ok()),
+        )
+    };
+    route.layer(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([axum::http::Method::POST])
+            .allow_headers([header::CONTENT_TYPE]),
+    )
 }
 
 async fn health() -> Response {
@@ -210,7 +250,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such endpoint; sessions connect to /{agent_id}/ws/{session_id}",
+        "no such endpoint; sessions connect to /{agent_id}/ws/{session_id}, topic clients to /ws",
     )
 }
 

@@ -1,0 +1,614 @@
+//! Topic pub/sub between clients: `GET /ws` and `POST /auth/token`.
+//!
+//! Clients speak a line protocol of text commands (`register-name:`,
+//! `register-session:`, `subscribe:{topic}|{session}`,
+//! `unsubscribe:{topic}|{session}`, `publish-json:{json}`, `ping`).
+//! Messages travel through the same [`Broker`](crate::broker::Broker) as the
+//! session bridge, on Redis channels `pubsub:{session}:{topic}`: one Redis
+//! subscription per topic per process, so clients on different wsproxy
+//! processes sharing a Redis see each other's messages.
+//!
+//! Isolation: every connection is bound to exactly one session, the one in
+//! its token, or for anonymous clients (when allowed) the first one it
+//! names. Commands for any other session are refused; a message only ever
+//! reaches subscribers of its topic in its session.
+//!
+//! Every refusal is a JSON error message on the socket
+//! (`{"type":"error","error":"<code>","message":...,"command":...}`); the
+//! connection stays open and nothing is published.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
+use axum::extract::{Extension, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::auth::{self, jwt};
+use crate::broker::{Outbox, Subscription};
+use crate::error::ApiError;
+use crate::metrics::AuthFailure;
+use crate::server::{App, ConnectionSlot};
+use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
+
+/// Longest topic, session or client name.
+const MAX_NAME_LEN: usize = 128;
+
+/// The Redis channel of a topic in a session.
+pub fn channel(session: &str, topic: &str) -> String {
+    format!("pubsub:{session}:{topic}")
+}
+
+/// Topics and sessions: 1-128 of `A-Z a-z 0-9 - _ .`, so they can never
+/// change the Redis channel they name.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A refused command, as sent to the client.
+#[derive(Debug, Serialize)]
+struct Refusal<'a> {
+    r#type: &'static str,
+    error: &'static str,
+    message: &'a str,
+    command: &'a str,
+}
+
+fn refuse(app: &App, command: &str, error: &'static str, message: &str) -> Reply {
+    app.metrics.pubsub_refused(error);
+    let body = Refusal {
+        r#type: "error",
+        error,
+        message,
+        command,
+    };
+    Reply::text(serde_json::to_string(&body).unwrap_or_default())
+}
+
+/// A message as clients publish it: every field but `topic` and `payload`
+/// may be left out and is filled in by the server.
+#[derive(Debug, Deserialize)]
+struct Publish<'a> {
+    #[serde(borrow)]
+    publisher_name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    topic: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    #[serde(borrow)]
+    timestamp: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    session_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A message as subscribers receive it (the payload passes through as the
+/// publisher wrote it).
+#[derive(Debug, Serialize)]
+struct Delivered<'a> {
+    publisher_name: &'a str,
+    topic: &'a str,
+    payload: &'a RawValue,
+    timestamp: &'a str,
+    session_id: &'a str,
+}
+
+/// State of one `/ws` connection.
+struct Hub {
+    app: Arc<App>,
+    redis: ConnectionManager,
+    outbox: Arc<Outbox>,
+    /// Set by the token, or by the first session an anonymous client uses.
+    session: Option<String>,
+    /// True when the session came from a verified token.
+    session_from_token: bool,
+    /// `register-name`, or the token's subject.
+    name: Option<String>,
+    /// Topic -> its live broker subscription.
+    topics: HashMap<String, Subscription>,
+}
+
+impl Handler for Hub {
+    fn on_text(&mut self, text: Utf8Bytes) -> HandlerFuture<'_> {
+        Box::pin(async move { self.command(text.as_str()).await })
+    }
+
+    fn on_binary(&mut self) -> Reply {
+        refuse(
+            &self.app,
+            "binary",
+            "invalid_command",
+            "binary frames are not commands; send text",
+        )
+    }
+}
+
+impl Hub {
+    async fn command(&mut self, line: &str) -> Reply {
+        if line == "ping" {
+            return Reply::text("pong");
+        }
+        let Some((verb, arg)) = line.split_once(':') else {
+            return refuse(
+                &self.app,
+                line.get(..32).unwrap_or(line),
+                "unknown_command",
+                "expected register-name:, register-session:, subscribe:, unsubscribe:, publish-json: or ping",
+            );
+        };
+        match verb {
+            "register-name" => self.register_name(arg),
+            "register-session" => self.register_session(arg),
+            "subscribe" => self.subscribe(arg).await,
+            "unsubscribe" => self.unsubscribe(arg),
+            "publish-json" => self.publish(arg).await,
+            _ => refuse(
+                &self.app,
+                verb.get(..32).unwrap_or(verb),
+                "unknown_command",
+                "expected register-name:, register-session:, subscribe:, unsubscribe:, publish-json: or ping",
+            ),
+        }
+    }
+
+    fn register_name(&mut self, name: &str) -> Reply {
+        let name = name.trim();
+        if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+            return refuse(
+                &self.app,
+                "register-name",
+                "invalid_command",
+                "the name must be 1-128 printable characters",
+            );
+        }
+        self.name = Some(name.to_owned());
+        Reply::text(serde_json::json!({ "type": "registered", "name": name }).to_string())
+    }
+
+    /// Binds the connection to `session`, or checks it is the bound one.
+    fn bind_session(&mut self, command: &str, session: &str) -> Result<(), Reply> {
+        if !valid_name(session) {
+            return Err(refuse(
+                &self.app,
+                command,
+                "invalid_session",
+                "a session id is 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
+            ));
+        }
+        match &self.session {
+            Some(bound) if bound == session => Ok(()),
+            Some(bound) => {
+                let why = if self.session_from_token {
+                    format!("this connection's token is for session {bound:?}")
+                } else {
+                    format!("this connection is bound to session {bound:?}")
+                };
+                Err(refuse(&self.app, command, "session_mismatch", &why))
+            }
+            None => {
+                self.session = Some(session.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    fn register_session(&mut self, session: &str) -> Reply {
+        let session = session.trim();
+        if let Err(refusal) = self.bind_session("register-session", session) {
+            return refusal;
+        }
+        Reply::text(serde_json::json!({ "type": "registered", "session_id": session }).to_string())
+    }
+
+    /// Splits `topic|session` and checks both against the connection.
+    fn topic_and_session<'a>(&mut self, command: &str, arg: &'a str) -> Result<&'a str, Reply> {
+        let Some((topic, session)) = arg.split_once('|') else {
+            return Err(refuse(
+                &self.app,
+                command,
+                "invalid_command",
+                &format!("expected {command}:{{topic}}|{{session}}"),
+            ));
+        };
+        let topic = topic.trim();
+        if !valid_name(topic) {
+            return Err(refuse(
+                &self.app,
+                command,
+                "invalid_topic",
+                "a topic is 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
+            ));
+        }
+        self.bind_session(command, session.trim())?;
+        Ok(topic)
+    }
+
+    async fn subscribe(&mut self, arg: &str) -> Reply {
+        let topic = match self.topic_and_session("subscribe", arg) {
+            Ok(t) => t,
+            Err(refusal) => return refusal,
+        };
+        let session = self.session.clone().unwrap_or_default();
+        let confirmed =
+            serde_json::json!({ "type": "subscribed", "topic": topic, "session_id": session })
+                .to_string();
+        if self.topics.contains_key(topic) {
+            return Reply::text(confirmed);
+        }
+        let limit = self.app.config.pubsub.max_subscriptions;
+        if self.topics.len() >= limit {
+            return refuse(
+                &self.app,
+                "subscribe",
+                "too_many_subscriptions",
+                &format!("a connection may subscribe to at most {limit} topics"),
+            );
+        }
+        let wait = self.app.config.auth_timeout;
+        match self
+            .app
+            .broker
+            .subscribe(&channel(&session, topic), self.outbox.clone(), wait)
+            .await
+        {
+            Ok(subscription) => {
+                self.topics.insert(topic.to_owned(), subscription);
+                self.app.metrics.pubsub_subscriptions.inc();
+                Reply::text(confirmed)
+            }
+            Err(e) => refuse(
+                &self.app,
+                "subscribe",
+                "subscribe_failed",
+                &format!("Redis is unavailable: {e}"),
+            ),
+        }
+    }
+
+    fn unsubscribe(&mut self, arg: &str) -> Reply {
+        let topic = match self.topic_and_session("unsubscribe", arg) {
+            Ok(t) => t,
+            Err(refusal) => return refusal,
+        };
+        if self.topics.remove(topic).is_some() {
+            self.app.metrics.pubsub_subscriptions.dec();
+        }
+        let session = self.session.as_deref().unwrap_or_default();
+        Reply::text(
+            serde_json::json!({ "type": "unsubscribed", "topic": topic, "session_id": session })
+                .to_string(),
+        )
+    }
+
+    async fn publish(&mut self, json: &str) -> Reply {
+        let msg: Publish<'_> = match serde_json::from_str(json) {
+            Ok(m) => m,
+            Err(e) => {
+                return refuse(
+                    &self.app,
+                    "publish-json",
+                    "invalid_json",
+                    &format!(
+                        "expected a JSON object with topic and payload (publisher_name, timestamp, session_id optional): {e}"
+                    ),
+                );
+            }
+        };
+        let limit = self.app.config.pubsub.max_payload_bytes;
+        if msg.payload.get().len() > limit {
+            return refuse(
+                &self.app,
+                "publish-json",
+                "payload_too_large",
+                &format!("the payload is larger than {limit} bytes"),
+            );
+        }
+        if !valid_name(&msg.topic) {
+            return refuse(
+                &self.app,
+                "publish-json",
+                "invalid_topic",
+                "a topic is 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
+            );
+        }
+        let session = match (&msg.session_id, &self.session) {
+            (Some(s), _) => {
+                if let Err(refusal) = self.bind_session("publish-json", s) {
+                    return refusal;
+                }
+                s.to_string()
+            }
+            (None, Some(bound)) => bound.clone(),
+            (None, None) => {
+                return refuse(
+                    &self.app,
+                    "publish-json",
+                    "not_registered",
+                    "no session: send register-session first or include session_id",
+                );
+            }
+        };
+        let publisher = msg
+            .publisher_name
+            .as_deref()
+            .or(self.name.as_deref())
+            .unwrap_or("anonymous");
+        if publisher.len() > MAX_NAME_LEN || publisher.chars().any(char::is_control) {
+            return refuse(
+                &self.app,
+                "publish-json",
+                "invalid_command",
+                "publisher_name must be 1-128 printable characters",
+            );
+        }
+        let now;
+        let timestamp = match &msg.timestamp {
+            Some(t) => t.as_ref(),
+            None => {
+                now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+                &now
+            }
+        };
+        let delivered = Delivered {
+            publisher_name: publisher,
+            topic: &msg.topic,
+            payload: msg.payload,
+            timestamp,
+            session_id: &session,
+        };
+        let Ok(body) = serde_json::to_string(&delivered) else {
+            return refuse(
+                &self.app,
+                "publish-json",
+                "invalid_json",
+                "could not encode the message",
+            );
+        };
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel(&session, &msg.topic)).arg(body);
+        let publish = cmd.query_async::<i64>(&mut self.redis);
+        match tokio::time::timeout(self.app.config.auth_timeout, publish).await {
+            Ok(Ok(_)) => {
+                self.app.metrics.pubsub_published.inc();
+                Reply::None
+            }
+            _ => refuse(
+                &self.app,
+                "publish-json",
+                "publish_failed",
+                "the message was not delivered: Redis is unavailable",
+            ),
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let n = self.topics.len() as i64;
+        self.app.metrics.pubsub_subscriptions.dec_by(n);
+    }
+}
+
+/// Query parameters of `/ws`.
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    /// The JWT, for browsers (which cannot set headers on a WebSocket).
+    access_token: Option<String>,
+}
+
+/// `GET /ws`.
+pub async fn handler(
+    State(app): State<Arc<App>>,
+    query: Result<Query<WsQuery>, QueryRejection>,
+    slot: Option<Extension<ConnectionSlot>>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    match accept(app, query, slot.map(|s| s.0), headers, upgrade) {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn accept(
+    app: Arc<App>,
+    query: Result<Query<WsQuery>, QueryRejection>,
+    slot: Option<ConnectionSlot>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            "not_a_websocket",
+            format!("/ws only accepts WebSocket upgrades: {}", e.body_text()),
+        )
+    })?;
+    let Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    if app.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    }
+    let present =
+        headers.contains_key(axum::http::header::AUTHORIZATION) || query.access_token.is_some();
+    let claims = if present {
+        let token = auth::bearer_token(&headers, query.access_token.as_deref()).map_err(|e| {
+            app.metrics.auth_failure(AuthFailure::MissingToken);
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", e.to_string())
+        })?;
+        let Some(jwt_config) = &app.config.jwt else {
+            app.metrics.auth_failure(AuthFailure::InvalidToken);
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid_token",
+                "this server issues no tokens (JWT_SECRET is not set)",
+            ));
+        };
+        let claims = jwt::verify(jwt_config, token).map_err(|e| {
+            app.metrics.auth_failure(AuthFailure::InvalidToken);
+            tracing::info!(error = %e, "refused /ws: invalid token");
+            ApiError::new(StatusCode::FORBIDDEN, "invalid_token", e.to_string())
+        })?;
+        if !valid_name(&claims.sid) {
+            app.metrics.auth_failure(AuthFailure::InvalidToken);
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid_token",
+                "the token's session id is not valid",
+            ));
+        }
+        Some(claims)
+    } else if app.config.pubsub.allow_anonymous {
+        None
+    } else {
+        app.metrics.auth_failure(AuthFailure::MissingToken);
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send \"Authorization: Bearer <token>\" or ?access_token=<token> (get one from POST /auth/token)",
+        ));
+    };
+
+    let outbox = Outbox::new(app.config.outbound_queue);
+    let expires = claims
+        .as_ref()
+        .map(|c| tokio::time::Instant::now() + jwt::remaining(c));
+    let (session, name) = match &claims {
+        Some(c) => (Some(c.sid.clone()), Some(c.sub.clone())),
+        None => (None, None),
+    };
+    let label = Label {
+        endpoint: "pubsub",
+        session_id: session.clone().unwrap_or_else(|| "-".to_owned()),
+        peer: name.clone().unwrap_or_else(|| "anonymous".to_owned()),
+    };
+    let hub = Hub {
+        app: app.clone(),
+        redis: app.redis.clone(),
+        outbox: outbox.clone(),
+        session_from_token: session.is_some(),
+        session,
+        name,
+        topics: HashMap::new(),
+    };
+    let driver = Driver {
+        app: app.clone(),
+        outbox,
+        handler: hub,
+        expires,
+        counters: Counters {
+            active: app.metrics.pubsub_connections_active.clone(),
+            opened: app.metrics.pubsub_connections.clone(),
+            delivered: app.metrics.pubsub_delivered.clone(),
+        },
+        label,
+        task: app.tracker.token(),
+        slot,
+    };
+    Ok(ws::upgrade(upgrade, driver))
+}
+
+/// Body of `POST /auth/token`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    username: String,
+    password: String,
+    session_id: Option<String>,
+}
+
+/// `POST /auth/token`: checks the user's password and issues a JWT bound to
+/// the requested session (default `session-{username}`).
+pub async fn issue_token(
+    State(app): State<Arc<App>>,
+    body: Result<Json<TokenRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (Some(jwt_config), Some(users)) = (&app.config.jwt, &app.users) else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "auth_not_configured",
+            "token issuing needs JWT_SECRET and USERS_FILE",
+        ));
+    };
+    let Json(req) = body.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "expected JSON {{\"username\", \"password\", \"session_id\"?}}: {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let session = match req.session_id {
+        Some(s) => s,
+        None => format!("session-{}", req.username),
+    };
+    if !valid_name(&session) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "session_id must be 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
+        ));
+    }
+    if !users.verify(&req.username, &req.password).await {
+        app.metrics.auth_failure(AuthFailure::InvalidToken);
+        tracing::info!(user = %req.username, "refused /auth/token: wrong credentials");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "unknown user or wrong password",
+        ));
+    }
+    let (token, claims) = jwt::issue(jwt_config, &req.username, &session)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(Json(serde_json::json!({
+        "token": token,
+        "expires_in": claims.exp - claims.iat,
+        "session_id": session,
+    }))
+    .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_change_a_channel_are_refused() {
+        for bad in ["", "a:b", "a*", "a b", "a|b", "é", &"x".repeat(129)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        assert!(valid_name("NetworkConnectedEvent"));
+        assert!(valid_name("session-user.123_x"));
+    }
+
+    #[test]
+    fn delivered_messages_keep_the_payload_verbatim() {
+        let raw = r#"{"topic":"t","payload":{"b":1, "a":[1,2]}}"#;
+        let p: Publish<'_> = serde_json::from_str(raw).expect("parse");
+        let d = Delivered {
+            publisher_name: "c",
+            topic: &p.topic,
+            payload: p.payload,
+            timestamp: "2024-01-24T10:25:37Z",
+            session_id: "s",
+        };
+        assert_eq!(
+            serde_json::to_string(&d).expect("encode"),
+            r#"{"publisher_name":"c","topic":"t","payload":{"b":1, "a":[1,2]},"timestamp":"2024-01-24T10:25:37Z","session_id":"s"}"#
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! The WebSocket connection driver shared by the session bridge and topic
+//! pub/sub: one task per connection that moves frames until something ends
+//! it, then closes with a code that says why.
+//!
+//! What differs between endpoints is only what a client's text frame
+//! means; that is the [`Handler`]. Everything else is here: delivering the
+//! broker's [`Outbox`] in order, heartbeat pings, slow-consumer and
+//! oversized-frame detection, token expiry, shutdown flush with 1001,
+//! metrics and the open/close log lines.
+//!
+//! Every connection keeps this task's future in memory for its whole life,
+//! so its size is watched: large, rarely used steps (a publish, the close
+//! handshake) are boxed out of line, and see [`Driver::run`] for why it is
+//! not an `async fn`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use futures_util::SinkExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use crate::broker::{Outbox, Outgoing};
+use crate::metrics::CloseReason;
+use crate::server::{App, ConnectionSlot};
+
+/// Close codes (RFC 6455 section 7.4.1).
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Policy violation: slow consumer, expired token.
+pub const CLOSE_POLICY: u16 = 1008;
+/// Message too big.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Unexpected condition: used for a missed heartbeat.
+pub const CLOSE_INTERNAL: u16 = 1011;
+
+/// How long we wait for the client's reply to our close frame.
+const CLOSE_REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Per-connection read buffer. It is the largest allocation that stays for
+/// a connection's life (tungstenite zero-fills it), and most messages are
+/// small, so it is 512 bytes instead of tungstenite's 128 KiB; larger
+/// frames still arrive whole, in more reads.
+const READ_BUFFER_BYTES: usize = 512;
+
+/// A boxed future borrowing the handler: keeps rarely used, large steps
+/// out of every idle connection's task.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Reply> + Send + 'a>>;
+
+/// What a handler wants sent back for a client frame.
+#[derive(Debug)]
+pub enum Reply {
+    /// Nothing.
+    None,
+    /// This frame.
+    Send(Message),
+}
+
+impl Reply {
+    /// A text reply.
+    pub fn text(text: impl Into<Utf8Bytes>) -> Self {
+        Reply::Send(Message::Text(text.into()))
+    }
+}
+
+/// The endpoint-specific meaning of client frames.
+pub trait Handler: Send + Sync + 'static {
+    /// A text frame arrived. The returned future is boxed by design.
+    fn on_text(&mut self, text: Utf8Bytes) -> HandlerFuture<'_>;
+    /// A binary frame arrived.
+    fn on_binary(&mut self) -> Reply;
+}
+
+/// The counters a driver keeps for its endpoint.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    /// Open connections.
+    pub active: Gauge,
+    /// Connections accepted.
+    pub opened: Counter,
+    /// Messages written to clients from the outbox.
+    pub delivered: Counter,
+}
+
+/// Who a connection is, for its log lines.
+#[derive(Debug)]
+pub struct Label {
+    /// `session` or `pubsub`.
+    pub endpoint: &'static str,
+    /// The session the connection belongs to (may be set later for
+    /// anonymous pub/sub clients, hence not used for routing).
+    pub session_id: String,
+    /// The agent id or the user, whichever the endpoint has.
+    pub peer: String,
+}
+
+/// Everything one connection owns.
+pub struct Driver<H: Handler> {
+    /// Shared server state.
+    pub app: Arc<App>,
+    /// Messages from the broker.
+    pub outbox: Arc<Outbox>,
+    /// The endpoint's frame handler.
+    pub handler: H,
+    /// When the connection's credentials expire (closes with 1008).
+    pub expires: Option<tokio::time::Instant>,
+    /// Metrics for this endpoint.
+    pub counters: Counters,
+    /// For the log lines.
+    pub label: Label,
+    /// Keeps shutdown waiting for this connection.
+    pub task: TaskTrackerToken,
+    /// Counts the connection against `MAX_CONNECTIONS` until it closes.
+    pub slot: Option<ConnectionSlot>,
+}
+
+/// Why the pump stopped, and so how to close.
+type Stop = CloseReason;
+
+/// What woke the pump.
+enum Event {
+    Heartbeat,
+    Expired,
+    Frame(Option<Result<Message, axum::Error>>),
+    Outgoing(Outgoing),
+}
+
+/// Applies the buffer and size limits and spawns the driver on upgrade.
+pub fn upgrade<H: Handler>(
+    upgrade: WebSocketUpgrade,
+    driver: Driver<H>,
+) -> axum::response::Response {
+    let limit = driver.app.config.max_message_bytes;
+    upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limit + 64 * 1024)
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        // axum runs the upgrade in a task of its own; the connection gets a
+        // fresh task whose future is exactly `run`'s, so the long-lived
+        // state holds no copy of axum's upgrade machinery.
+        .on_upgrade(move |socket| {
+            tokio::spawn(driver.run(socket));
+            std::future::ready(())
+        })
+}
+
+impl<H: Handler> Driver<H> {
+    /// The connection's whole life: count, pump, close, count, log.
+    ///
+    /// A plain fn returning an `async move` block rather than an `async fn`
+    /// with `mut` parameters: the latter stores each argument twice in the
+    /// future (once as the argument, once as the `mut` binding), and this
+    /// future is what every open connection keeps in memory.
+    #[allow(clippy::manual_async_fn)] // deliberate, see above
+    pub fn run(mut self, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
+        async move {
+            let started = Instant::now();
+            self.counters.active.inc();
+            self.counters.opened.inc();
+            tracing::info!(
+                endpoint = self.label.endpoint,
+                session_id = %self.label.session_id,
+                peer = %self.label.peer,
+                "connection opened"
+            );
+
+            let reason = match self.pump(&mut socket).await {
+                Err(reason) => reason,
+                Ok(never) => match never {},
+            };
+            self.close(&mut socket, reason).await;
+
+            self.counters.active.dec();
+            self.app.metrics.disconnect(reason);
+            tracing::info!(
+                endpoint = self.label.endpoint,
+                session_id = %self.label.session_id,
+                peer = %self.label.peer,
+                reason = reason.as_str(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                "connection closed"
+            );
+        }
+    }
+
+    /// Moves frames until something ends the connection.
+    async fn pump(&mut self, socket: &mut WebSocket) -> Result<Infallible, Stop> {
+        let config = self.app.config.clone();
+        let shutdown = self.app.shutdown.clone();
+        // One timer serves the heartbeat: it fires for the next ping, or,
+        // while a ping is unanswered, at the pong deadline.
+        let mut heartbeat = Box::pin(tokio::time::sleep(config.ping_interval));
+        let mut last_ping = tokio::time::Instant::now();
+        let mut awaiting_pong = false;
+        let expires = self.expires;
+
+        loop {
+            // Wait for the next event; the select's futures are gone before
+            // it is handled, so a write's state never sits beside them.
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Err(Stop::Shutdown),
+                _ = heartbeat.as_mut() => Event::Heartbeat,
+                _ = async {
+                    match expires {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => Event::Expired,
+                frame = socket.recv() => Event::Frame(frame),
+                out = self.outbox.pop() => Event::Outgoing(out),
+            };
+            match event {
+                Event::Heartbeat => {
+                    if awaiting_pong {
+                        return Err(Stop::HeartbeatTimeout);
+                    }
+                    self.write(socket, Message::Ping(bytes::Bytes::new()))
+                        .await?;
+                    last_ping = tokio::time::Instant::now();
+                    awaiting_pong = true;
+                    heartbeat.as_mut().reset(last_ping + config.ping_timeout);
+                }
+                Event::Expired => return Err(Stop::TokenExpired),
+                Event::Outgoing(Outgoing::Message(msg)) => {
+                    self.write(socket, msg).await?;
+                    self.counters.delivered.inc();
+                }
+                Event::Outgoing(Outgoing::Slow) => return Err(Stop::SlowConsumer),
+                Event::Frame(frame) => {
+                    let reply = match frame {
+                        None | Some(Ok(Message::Close(_))) => return Err(Stop::Client),
+                        Some(Err(e)) => return Err(classify(e)),
+                        Some(Ok(Message::Text(text))) => self.handler.on_text(text).await,
+                        Some(Ok(Message::Binary(_))) => self.handler.on_binary(),
+                        // tungstenite queues the pong itself; the next read sends it.
+                        Some(Ok(Message::Ping(_))) => Reply::None,
+                        Some(Ok(Message::Pong(_))) => {
+                            if awaiting_pong {
+                                awaiting_pong = false;
+                                heartbeat.as_mut().reset(last_ping + config.ping_interval);
+                            }
+                            Reply::None
+                        }
+                    };
+                    if let Reply::Send(msg) = reply {
+                        self.write(socket, msg).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes one frame. A client that takes longer than the ping timeout to
+    /// accept it, or whose outbox overflows meanwhile, is a slow consumer.
+    async fn write(&self, socket: &mut WebSocket, msg: Message) -> Result<(), Stop> {
+        tokio::select! {
+            r = socket.send(msg) => r.map_err(|_| Stop::Client),
+            _ = self.outbox.overflowed() => Err(Stop::SlowConsumer),
+            _ = tokio::time::sleep(self.app.config.ping_timeout) => Err(Stop::SlowConsumer),
+        }
+    }
+
+    /// Ends the connection the way `reason` calls for. Boxed: an inline
+    /// `async fn` would reserve its (large, used once) state in every
+    /// connection's task for the connection's whole life.
+    fn close<'a>(
+        &'a mut self,
+        socket: &'a mut WebSocket,
+        reason: Stop,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let (code, text) = match reason {
+                // The client started the close; tungstenite has queued the
+                // reply, flushing sends it.
+                Stop::Client | Stop::Error => {
+                    let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, socket.flush()).await;
+                    return;
+                }
+                Stop::Shutdown => {
+                    // Deliver what was already queued before saying goodbye.
+                    while let Some(msg) = self.outbox.try_pop() {
+                        if self.write(socket, msg).await.is_err() {
+                            return;
+                        }
+                        self.counters.delivered.inc();
+                    }
+                    (CLOSE_GOING_AWAY, "server shutting down")
+                }
+                Stop::SlowConsumer => (CLOSE_POLICY, "slow consumer: outbound queue full"),
+                Stop::TokenExpired => (CLOSE_POLICY, "token expired"),
+                Stop::MessageTooBig => (CLOSE_TOO_BIG, "message too big"),
+                Stop::HeartbeatTimeout => (CLOSE_INTERNAL, "heartbeat timeout: no pong"),
+            };
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: text.into(),
+            }));
+            // Best effort: a slow or dead peer must not hold us up.
+            let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+                if socket.send(frame).await.is_ok() {
+                    // Wait for the peer's close reply so the close handshake
+                    // completes and the peer sees our code.
+                    while let Some(Ok(msg)) = socket.recv().await {
+                        if matches!(msg, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                }
+            })
+            .await;
+        })
+    }
+}
+
+/// Maps a receive error to a close reason.
+fn classify(error: axum::Error) -> Stop {
+    match error.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) => match *e {
+            tungstenite::Error::Capacity(_) => Stop::MessageTooBig,
+            tungstenite::Error::ConnectionClosed
+            | tungstenite::Error::AlreadyClosed
+            | tungstenite::Error::Io(_) => Stop::Client,
+            _ => Stop::Error,
+        },
+        Err(_) => Stop::Error,
+    }
+}
