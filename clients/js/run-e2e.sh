@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Real-browser end-to-end test of clients/js/jwt_utils.js against a wsproxy
+# that is ALREADY RUNNING (this script does not start wsproxy or Redis).
+#
+#   WSPROXY_HTTP=http://127.0.0.1:8080 E2E_USER=alice E2E_PASSWORD=secret \
+#     bash clients/js/run-e2e.sh
+#
+# The server needs JWT_SECRET, a USERS_FILE containing E2E_USER, and
+# CORS_ALLOWED_ORIGINS allowing http://127.0.0.1:<any port> (e.g. '*').
+#
+# On a fresh Debian machine it installs what is missing: Debian's chromium
+# (apt-get) and the npm dev dependencies (npm ci, from package-lock.json).
+# Playwright's own browser downloads are never used. Needs Node.js >= 20.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+fail() { printf 'run-e2e: %s\n' "$*" >&2; exit 1; }
+
+: "${WSPROXY_HTTP:?set WSPROXY_HTTP, e.g. http://127.0.0.1:8080}"
+: "${E2E_USER:?set E2E_USER (a user listed in USERS_FILE of the server)}"
+: "${E2E_PASSWORD:?set E2E_PASSWORD}"
+
+CHROMIUM_PATH=${CHROMIUM_PATH:-/usr/bin/chromium}
+if [[ ! -x "$CHROMIUM_PATH" ]]; then
+  [[ "$CHROMIUM_PATH" == /usr/bin/chromium ]] || fail "CHROMIUM_PATH=$CHROMIUM_PATH is not executable"
+  echo "run-e2e: installing Debian's chromium"
+  SUDO=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || fail "chromium is missing and this is not root (no sudo either)"
+    SUDO=(sudo)
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get update -qq
+  "${SUDO[@]}" apt-get install -y -qq chromium >/dev/null
+  [[ -x /usr/bin/chromium ]] || fail "apt-get install chromium did not provide /usr/bin/chromium"
+fi
+
+command -v node >/dev/null || fail "node is not installed (Node.js >= 20 required; Debian 12's nodejs is 18, too old)"
+command -v npm >/dev/null || fail "npm is not installed"
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+(( node_major >= 20 )) || fail "Node.js $(node --version) is too old; >= 20 required"
+
+if [[ ! -f node_modules/playwright-core/package.json || ! -f node_modules/ws/package.json ]]; then
+  echo "run-e2e: npm ci"
+  # playwright-core has no install script and downloads no browser.
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+export CHROMIUM_PATH
+exec node test/browser-e2e.mjs

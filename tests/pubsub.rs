@@ -1,0 +1,519 @@
+//! Topic pub/sub (`/ws`, `POST /auth/token`) end to end: real Redis, real
+//! sockets, wsproxy in-process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use wsproxy::config::{Config, JwtConfig};
+
+const SECRET: &str = "an-integration-test-secret-of-32+bytes";
+
+fn jwt() -> JwtConfig {
+    JwtConfig {
+        secret: SECRET.as_bytes().to_vec(),
+        issuer: "wsproxy".into(),
+        audience: "wsproxy".into(),
+        ttl: Duration::from_secs(600),
+    }
+}
+
+/// A users file with alice/wonderland and bob/builder.
+fn users_file() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.users", unique("wsproxy-test")));
+    let mut text = String::from("# test users\n");
+    for (u, p) in [("alice", "wonderland"), ("bob", "builder")] {
+        let hash = wsproxy::auth::users::hash_password(p).expect("hash");
+        text.push_str(&format!("{u}:{hash}\n"));
+    }
+    std::fs::write(&path, text).expect("write users file");
+    path
+}
+
+fn with_auth(c: &mut Config) {
+    c.jwt = Some(jwt());
+    c.users_file = Some(users_file());
+}
+
+fn anonymous(c: &mut Config) {
+    c.pubsub.allow_anonymous = true;
+}
+
+async fn ws(server: &Server, token: Option<&str>) -> Result<Ws, (u16, serde_json::Value)> {
+    let mut req = format!("ws://{}/ws", server.addr)
+        .into_client_request()
+        .expect("request");
+    if let Some(t) = token {
+        req.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
+        );
+    }
+    connect_request(req).await
+}
+
+async fn command(ws: &mut Ws, line: &str) -> serde_json::Value {
+    send_text(ws, line).await;
+    serde_json::from_str(&next_text(ws).await).expect("JSON reply")
+}
+
+async fn token(
+    server: &Server,
+    user: &str,
+    password: &str,
+    session: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let body = match session {
+        Some(s) => serde_json::json!({ "username": user, "password": password, "session_id": s }),
+        None => serde_json::json!({ "username": user, "password": password }),
+    };
+    let (status, text) = http_post_json(server.addr, "/auth/token", &body.to_string())
+        .await
+        .expect("POST /auth/token");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn commands_are_confirmed_and_messages_have_the_seed_format() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), anonymous).await;
+    let session = unique("sess");
+    let mut a = ws(&server, None).await.expect("anonymous allowed");
+    let mut b = ws(&server, None).await.expect("anonymous allowed");
+
+    let r = command(&mut a, "register-name:Client1").await;
+    assert_eq!(
+        (r["type"].as_str(), r["name"].as_str()),
+        (Some("registered"), Some("Client1"))
+    );
+    let r = command(&mut a, &format!("register-session:{session}")).await;
+    assert_eq!(r["session_id"], session.as_str());
+    let r = command(
+        &mut a,
+        &format!("subscribe:NetworkConnectedEvent|{session}"),
+    )
+    .await;
+    assert_eq!(r["type"], "subscribed");
+    assert_eq!(r["topic"], "NetworkConnectedEvent");
+    send_text(&mut b, "ping").await;
+    assert_eq!(next_text(&mut b).await, "pong");
+
+    // Published right after the confirmation: no sleep needed.
+    let msg = serde_json::json!({
+        "publisher_name": "Client2",
+        "topic": "NetworkConnectedEvent",
+        "payload": "Network connected",
+        "timestamp": "2024-01-24T10:25:37Z",
+        "session_id": session,
+    });
+    send_text(&mut b, &format!("publish-json:{msg}")).await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut a).await).expect("json");
+    assert_eq!(got, msg);
+    let keys: Vec<&String> = got.as_object().expect("object").keys().collect();
+    assert_eq!(keys.len(), 5, "exactly the seed's fields: {got}");
+
+    // Fields left out are filled in: name, timestamp, session.
+    send_text(
+        &mut a,
+        r#"publish-json:{"topic":"NetworkConnectedEvent","payload":{"up":true}}"#,
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut a).await).expect("json");
+    assert_eq!(got["publisher_name"], "Client1");
+    assert_eq!(got["session_id"], session.as_str());
+    assert_eq!(got["payload"], serde_json::json!({"up": true}));
+    assert!(
+        got["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{got}"
+    );
+
+    // Unsubscribed: nothing more arrives.
+    let r = command(
+        &mut a,
+        &format!("unsubscribe:NetworkConnectedEvent|{session}"),
+    )
+    .await;
+    assert_eq!(r["type"], "unsubscribed");
+    send_text(&mut b, &format!("publish-json:{msg}")).await;
+    assert_silent(&mut a, Duration::from_millis(300)).await;
+    assert!(server.metric("wsproxy_pubsub_published_total").await >= 3.0);
+    assert!(server.metric("wsproxy_pubsub_delivered_total").await >= 2.0);
+}
+
+#[tokio::test]
+async fn sessions_are_isolated_and_bound() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        with_auth(c);
+        anonymous(c);
+    })
+    .await;
+    let (s1, s2) = (unique("s"), unique("s"));
+    let (_, t1) = token(&server, "alice", "wonderland", Some(&s1)).await;
+    let t1 = t1["token"].as_str().expect("token").to_owned();
+    let mut alice = ws(&server, Some(&t1)).await.expect("valid token");
+    let mut other = ws(&server, None).await.expect("anonymous");
+    assert_eq!(
+        command(&mut alice, &format!("subscribe:T|{s1}")).await["type"],
+        "subscribed"
+    );
+    assert_eq!(
+        command(&mut other, &format!("subscribe:T|{s2}")).await["type"],
+        "subscribed"
+    );
+
+    // The token's session is the only one alice may use.
+    let r = command(&mut alice, &format!("subscribe:T|{s2}")).await;
+    assert_eq!(
+        (r["type"].as_str(), r["error"].as_str()),
+        (Some("error"), Some("session_mismatch"))
+    );
+    let r = command(&mut alice, &format!("register-session:{s2}")).await;
+    assert_eq!(r["error"], "session_mismatch");
+    let r = command(
+        &mut alice,
+        &format!(r#"publish-json:{{"topic":"T","payload":"x","session_id":"{s2}"}}"#),
+    )
+    .await;
+    assert_eq!(r["error"], "session_mismatch");
+    // An anonymous client is bound by its first session.
+    let r = command(&mut other, &format!("subscribe:U|{s1}")).await;
+    assert_eq!(r["error"], "session_mismatch");
+
+    // Same topic, other session: nothing crosses.
+    send_text(
+        &mut other,
+        r#"publish-json:{"topic":"T","payload":"for s2"}"#,
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&next_text(&mut other).await).expect("json")["payload"],
+        "for s2"
+    );
+    assert_silent(&mut alice, Duration::from_millis(300)).await;
+    // Alice's connection still works after every refusal.
+    send_text(
+        &mut alice,
+        r#"publish-json:{"topic":"T","payload":"for s1"}"#,
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut alice).await).expect("json");
+    assert_eq!(
+        (got["payload"].as_str(), got["publisher_name"].as_str()),
+        (Some("for s1"), Some("alice"))
+    );
+    assert_silent(&mut other, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn malformed_commands_get_errors_and_the_connection_stays_open() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        anonymous(c);
+        c.pubsub.max_subscriptions = 2;
+        c.pubsub.max_payload_bytes = 100;
+    })
+    .await;
+    let session = unique("s");
+    let mut sub = redis.subscribe(&format!("pubsub:{session}:T")).await;
+    let mut c = ws(&server, None).await.expect("anonymous");
+    for (line, code) in [
+        ("hello", "unknown_command"),
+        ("frobnicate:x", "unknown_command"),
+        ("subscribe:T", "invalid_command"),
+        (&format!("subscribe:|{session}") as &str, "invalid_topic"),
+        (&format!("subscribe:a*b|{session}"), "invalid_topic"),
+        ("subscribe:T|bad:session", "invalid_session"),
+        ("publish-json:{not json", "invalid_json"),
+        (r#"publish-json:{"payload":"no topic"}"#, "invalid_json"),
+        (
+            r#"publish-json:{"topic":"T","payload":"no session yet"}"#,
+            "not_registered",
+        ),
+        ("register-name:", "invalid_command"),
+    ] {
+        let r = command(&mut c, line).await;
+        assert_eq!(
+            (r["type"].as_str(), r["error"].as_str()),
+            (Some("error"), Some(code)),
+            "{line}: {r}"
+        );
+        assert!(r["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let big = "x".repeat(200);
+    let r = command(
+        &mut c,
+        &format!(r#"publish-json:{{"topic":"T","payload":"{big}","session_id":"{session}"}}"#),
+    )
+    .await;
+    assert_eq!(r["error"], "payload_too_large");
+    assert_eq!(
+        command(&mut c, &format!("subscribe:A|{session}")).await["type"],
+        "subscribed"
+    );
+    assert_eq!(
+        command(&mut c, &format!("subscribe:B|{session}")).await["type"],
+        "subscribed"
+    );
+    assert_eq!(
+        command(&mut c, &format!("subscribe:C|{session}")).await["error"],
+        "too_many_subscriptions"
+    );
+    c.send(Message::binary(vec![1u8])).await.expect("binary");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&next_text(&mut c).await).expect("json")["error"],
+        "invalid_command"
+    );
+    // Nothing above reached Redis; a valid publish does, and the socket still works.
+    send_text(&mut c, r#"publish-json:{"topic":"T","payload":"ok"}"#).await;
+    let mut stream = sub.on_message();
+    let first: serde_json::Value =
+        serde_json::from_str(&next_published(&mut stream).await).expect("json");
+    assert_eq!(first["payload"], "ok");
+    assert!(
+        server
+            .metric("wsproxy_pubsub_refused_total{reason=\"unknown_command\"}")
+            .await
+            >= 2.0
+    );
+}
+
+#[tokio::test]
+async fn token_endpoint_issues_and_refuses() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), with_auth).await;
+    let (status, body) = token(&server, "alice", "wonderland", Some("session-x")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["expires_in"], 600);
+    assert_eq!(body["session_id"], "session-x");
+    let claims =
+        wsproxy::auth::jwt::verify(&jwt(), body["token"].as_str().expect("token")).expect("valid");
+    assert_eq!(
+        (claims.sub.as_str(), claims.sid.as_str()),
+        ("alice", "session-x")
+    );
+    assert_eq!(
+        (claims.iss.as_str(), claims.aud.as_str()),
+        ("wsproxy", "wsproxy")
+    );
+    // Default session follows the seed's convention.
+    let (_, body) = token(&server, "bob", "builder", None).await;
+    assert_eq!(body["session_id"], "session-bob");
+
+    let (status, body) = token(&server, "alice", "nope", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
+    let (status, body) = token(&server, "nobody", "nope", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
+    for bad in [
+        "",
+        "{",
+        r#"{"username":"alice"}"#,
+        r#"{"username":1,"password":"x"}"#,
+    ] {
+        let (status, body) = http_post_json(server.addr, "/auth/token", bad)
+            .await
+            .expect("POST");
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("invalid_request"), "{body}");
+    }
+    let (status, body) = token(&server, "alice", "wonderland", Some("bad:session")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    // Without JWT_SECRET/USERS_FILE the endpoint says so.
+    let bare = Server::start(&redis.url()).await;
+    let (status, body) = token(&bare, "alice", "wonderland", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("auth_not_configured"))
+    );
+}
+
+fn forged(claims: serde_json::Value, alg: jsonwebtoken::Algorithm, secret: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .expect("encode")
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_before_the_upgrade() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), with_auth).await;
+    let err = ws(&server, None)
+        .await
+        .expect_err("anonymous is off by default");
+    assert_eq!(
+        (err.0, err.1["error"].as_str()),
+        (401, Some("missing_token"))
+    );
+
+    let claims = |exp: u64, iss: &str, aud: &str| serde_json::json!({"sub": "mallory", "sid": "s", "exp": exp, "iat": now(), "iss": iss, "aud": aud});
+    let hs = jsonwebtoken::Algorithm::HS256;
+    let good = forged(
+        claims(now() + 600, "wsproxy", "wsproxy"),
+        hs,
+        SECRET.as_bytes(),
+    );
+    assert!(
+        ws(&server, Some(&good)).await.is_ok(),
+        "a correct token is accepted"
+    );
+    let header = |alg: &str| {
+        use std::fmt::Write as _;
+        let raw = format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#);
+        // base64url without padding
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in raw.as_bytes().chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                let _ = out.write_char(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    };
+    let body = good.split('.').nth(1).expect("payload part").to_owned();
+    let alg_none = format!("{}.{}.", header("none"), body);
+    let cases = [
+        (
+            "expired",
+            forged(
+                claims(now() - 120, "wsproxy", "wsproxy"),
+                hs,
+                SECRET.as_bytes(),
+            ),
+        ),
+        (
+            "wrong secret",
+            forged(
+                claims(now() + 600, "wsproxy", "wsproxy"),
+                hs,
+                b"another-secret-another-secret-xxxx",
+            ),
+        ),
+        (
+            "wrong issuer",
+            forged(
+                claims(now() + 600, "evil", "wsproxy"),
+                hs,
+                SECRET.as_bytes(),
+            ),
+        ),
+        (
+            "wrong audience",
+            forged(
+                claims(now() + 600, "wsproxy", "other"),
+                hs,
+                SECRET.as_bytes(),
+            ),
+        ),
+        (
+            "HS512",
+            forged(
+                claims(now() + 600, "wsproxy", "wsproxy"),
+                jsonwebtoken::Algorithm::HS512,
+                SECRET.as_bytes(),
+            ),
+        ),
+        ("alg none", alg_none),
+        ("garbage", "not.a.jwt".to_owned()),
+    ];
+    for (what, t) in cases {
+        let err = ws(&server, Some(&t)).await.expect_err(what);
+        assert_eq!(
+            (err.0, err.1["error"].as_str()),
+            (403, Some("invalid_token")),
+            "{what}"
+        );
+    }
+    // Browsers: the token as a query parameter.
+    let url = format!("ws://{}/ws?access_token={good}", server.addr);
+    assert!(
+        connect_request(url.into_client_request().expect("req"))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_its_token_expires() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        with_auth(c);
+        if let Some(j) = c.jwt.as_mut() {
+            j.ttl = Duration::from_secs(2);
+        }
+    })
+    .await;
+    let (_, body) = token(&server, "alice", "wonderland", None).await;
+    let mut c = ws(&server, body["token"].as_str())
+        .await
+        .expect("fresh token");
+    assert_eq!(close_code(&mut c).await, 1008);
+    // Counted once the close handshake is over.
+    server
+        .wait_metric("wsproxy_disconnects_total{reason=\"token_expired\"}", 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn clients_on_two_instances_see_each_other() {
+    let redis = Redis::start().await;
+    let one = Server::start_with(&redis.url(), anonymous).await;
+    let two = Server::start_with(&redis.url(), anonymous).await;
+    let session = unique("s");
+    let mut a = ws(&one, None).await.expect("a");
+    let mut b = ws(&two, None).await.expect("b");
+    assert_eq!(
+        command(&mut a, &format!("subscribe:News|{session}")).await["type"],
+        "subscribed"
+    );
+    assert_eq!(
+        command(&mut b, &format!("subscribe:News|{session}")).await["type"],
+        "subscribed"
+    );
+    for i in 0..20 {
+        send_text(
+            &mut a,
+            &format!(r#"publish-json:{{"topic":"News","payload":{i}}}"#),
+        )
+        .await;
+    }
+    for i in 0..20 {
+        for c in [&mut a, &mut b] {
+            let got: serde_json::Value = serde_json::from_str(&next_text(c).await).expect("json");
+            assert_eq!(got["payload"], i);
+        }
+    }
+}
