@@ -114,6 +114,12 @@ pub struct Config {
     pub users_file: Option<std::path::PathBuf>,
     /// Origins allowed to call `POST /auth/token` from a browser; `*` = any.
     pub cors_origins: Vec<String>,
+    /// The reverse proxy's routes file, if any.
+    pub routes_file: Option<std::path::PathBuf>,
+    /// Extra trusted CA certificates (PEM) for `wss://` backends.
+    pub upstream_ca_file: Option<std::path::PathBuf>,
+    /// Certificate chain and private key (PEM) to serve wss:// / https.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Config {
@@ -142,6 +148,9 @@ impl Config {
             jwt: None,
             users_file: None,
             cors_origins: Vec::new(),
+            routes_file: None,
+            upstream_ca_file: None,
+            tls: None,
         }
     }
 }
@@ -233,8 +242,28 @@ pub struct Cli {
     /// browser (CORS); "*" allows any. Empty: no CORS headers.
     #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "")]
     pub cors_allowed_origins: String,
+    /// Reverse proxy routes (JSON, the format in the README); reloaded on SIGHUP.
+    #[arg(long, env = "ROUTES_FILE")]
+    pub routes_file: Option<String>,
+    /// PEM file of extra CA certificates trusted for wss:// backends
+    /// (besides the system's roots).
+    #[arg(long, env = "UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<String>,
+    /// PEM certificate chain to listen with TLS (wss://); needs TLS_KEY_FILE.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<String>,
+    /// PEM private key for TLS_CERT_FILE.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+fn path(raw: &Option<String>) -> Option<std::path::PathBuf> {
+    raw.as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
 }
 
 /// Subcommands besides running the server.
@@ -434,6 +463,30 @@ impl Cli {
                 .map(|o| o.trim().trim_end_matches('/').to_owned())
                 .filter(|o| !o.is_empty())
                 .collect(),
+            routes_file: None,
+            upstream_ca_file: None,
+            tls: None,
+        };
+        let config = Config {
+            routes_file: path(&self.routes_file),
+            upstream_ca_file: path(&self.upstream_ca_file),
+            tls: match (path(&self.tls_cert_file), path(&self.tls_key_file)) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(ConfigError::new(
+                        "TLS_KEY_FILE",
+                        "is required when TLS_CERT_FILE is set",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::new(
+                        "TLS_CERT_FILE",
+                        "is required when TLS_KEY_FILE is set",
+                    ));
+                }
+            },
+            ..config
         };
         for origin in &config.cors_origins {
             if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {

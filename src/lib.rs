@@ -19,6 +19,8 @@
 //! - [`bridge`]: the session endpoint (`/{agent_id}/ws/{session_id}`).
 //! - [`pubsub`]: topic pub/sub between clients (`/ws`, `POST /auth/token`).
 //! - [`ws`]: the per-connection frame pump both endpoints share.
+//! - [`upstream`]: the reverse proxy to backend WebSocket servers (routes
+//!   file, balancing, health checks, circuit breaker, tunnel).
 //! - [`metrics`]: Prometheus counters, per server instance.
 //! - [`error`]: how refusals become JSON responses and socket messages.
 //!
@@ -46,6 +48,7 @@ pub mod error;
 pub mod metrics;
 pub mod pubsub;
 pub mod server;
+pub mod upstream;
 pub mod ws;
 
 pub use server::run;

@@ -79,6 +79,30 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    route: String,
+    backend: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabel {
+    route: String,
+    backend: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    route: String,
+    direction: &'static str,
+}
+
 /// All metrics of one server instance.
 #[derive(Debug)]
 pub struct Metrics {
@@ -110,6 +134,12 @@ pub struct Metrics {
     /// Topic messages written to subscribers.
     pub pubsub_delivered: Counter,
     pubsub_refused: Family<ReasonLabel, Counter>,
+    upstream_active: Family<RouteLabel, Gauge>,
+    upstream_connects: Family<BackendLabel, Counter>,
+    upstream_failures: Family<FailureLabel, Counter>,
+    upstream_bytes: Family<DirectionLabel, Counter>,
+    upstream_frames: Family<DirectionLabel, Counter>,
+    upstream_circuit_open: Family<BackendLabel, Gauge>,
     invalid_messages: Family<ReasonLabel, Counter>,
     auth_failures: Family<ReasonLabel, Counter>,
     disconnects: Family<ReasonLabel, Counter>,
@@ -140,6 +170,12 @@ impl Metrics {
             pubsub_published: Counter::default(),
             pubsub_delivered: Counter::default(),
             pubsub_refused: Family::default(),
+            upstream_active: Family::default(),
+            upstream_connects: Family::default(),
+            upstream_failures: Family::default(),
+            upstream_bytes: Family::default(),
+            upstream_frames: Family::default(),
+            upstream_circuit_open: Family::default(),
             invalid_messages: Family::default(),
             auth_failures: Family::default(),
             disconnects: Family::default(),
@@ -230,6 +266,36 @@ impl Metrics {
             "Topic pub/sub commands refused, by error code",
             m.pubsub_refused.clone(),
         );
+        registry.register(
+            "upstream_connections_active",
+            "Proxied connections open, by route",
+            m.upstream_active.clone(),
+        );
+        registry.register(
+            "upstream_connects",
+            "Proxied connections established, by route and backend",
+            m.upstream_connects.clone(),
+        );
+        registry.register(
+            "upstream_failures",
+            "Proxy failures by route, backend and reason (refused, timeout, no_backend, route_full, unauthorized)",
+            m.upstream_failures.clone(),
+        );
+        registry.register(
+            "upstream_bytes",
+            "Bytes proxied, by route and direction",
+            m.upstream_bytes.clone(),
+        );
+        registry.register(
+            "upstream_frames",
+            "Frames proxied (routes with message limits), by route and direction",
+            m.upstream_frames.clone(),
+        );
+        registry.register(
+            "upstream_circuit_open",
+            "1 while a backend's circuit breaker is open",
+            m.upstream_circuit_open.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -256,6 +322,67 @@ impl Metrics {
         self.pubsub_refused
             .get_or_create(&ReasonLabel { reason: code })
             .inc();
+    }
+
+    /// Open proxied connections of a route.
+    pub fn upstream_active(&self, route: &str) -> Gauge {
+        self.upstream_active
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Counts an established proxied connection.
+    pub fn upstream_connect(&self, route: &str, backend: &str) {
+        self.upstream_connects
+            .get_or_create(&BackendLabel {
+                route: route.to_owned(),
+                backend: backend.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a proxy failure.
+    pub fn upstream_failure(&self, route: &str, backend: &str, reason: &'static str) {
+        self.upstream_failures
+            .get_or_create(&FailureLabel {
+                route: route.to_owned(),
+                backend: backend.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counters of bytes for a route in a direction
+    /// (`client_to_backend`, `backend_to_client`).
+    pub fn upstream_bytes(&self, route: &str, direction: &'static str) -> Counter {
+        self.upstream_bytes
+            .get_or_create(&DirectionLabel {
+                route: route.to_owned(),
+                direction,
+            })
+            .clone()
+    }
+
+    /// Counters of frames for a route in a direction.
+    pub fn upstream_frames(&self, route: &str, direction: &'static str) -> Counter {
+        self.upstream_frames
+            .get_or_create(&DirectionLabel {
+                route: route.to_owned(),
+                direction,
+            })
+            .clone()
+    }
+
+    /// Records a backend's breaker state.
+    pub fn upstream_circuit(&self, route: &str, backend: &str, open: bool) {
+        self.upstream_circuit_open
+            .get_or_create(&BackendLabel {
+                route: route.to_owned(),
+                backend: backend.to_owned(),
+            })
+            .set(i64::from(open));
     }
 
     /// Counts a refused client message.

@@ -341,7 +341,10 @@ impl Hub {
             .as_deref()
             .or(self.name.as_deref())
             .unwrap_or("anonymous");
-        if publisher.len() > MAX_NAME_LEN || publisher.chars().any(char::is_control) {
+        if publisher.is_empty()
+            || publisher.len() > MAX_NAME_LEN
+            || publisher.chars().any(char::is_control)
+        {
             return refuse(
                 &self.app,
                 "publish-json",
@@ -461,6 +464,16 @@ fn accept(
             tracing::info!(error = %e, "refused /ws: invalid token");
             ApiError::new(StatusCode::FORBIDDEN, "invalid_token", e.to_string())
         })?;
+        // The verifier tolerates a few seconds of clock skew; a token that
+        // is past its exp would only be closed at once, so refuse it here.
+        if jwt::remaining(&claims).is_zero() {
+            app.metrics.auth_failure(AuthFailure::InvalidToken);
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid_token",
+                "the token has expired",
+            ));
+        }
         if !valid_name(&claims.sid) {
             app.metrics.auth_failure(AuthFailure::InvalidToken);
             return Err(ApiError::new(

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,7 +39,6 @@ use tower::ServiceExt;
 use crate::auth::users::Users;
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::metrics::Metrics;
 
 /// Errors that stop the server from starting.
@@ -51,6 +50,12 @@ pub enum ServerError {
     /// The users file could not be loaded.
     #[error(transparent)]
     Users(#[from] crate::auth::users::UsersError),
+    /// The routes or CA file could not be loaded.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS_CERT_FILE/TLS_KEY_FILE: {0}")]
+    Tls(String),
 }
 
 /// State shared by every handler and connection task.
@@ -71,6 +76,8 @@ pub struct App {
     pub tracker: TaskTracker,
     /// Users allowed to get tokens from `POST /auth/token`.
     pub users: Option<Users>,
+    /// The reverse proxy, when `ROUTES_FILE` is set.
+    pub upstream: Option<crate::upstream::Upstream>,
 }
 
 /// Held for as long as a client connection (HTTP or upgraded WebSocket)
@@ -113,6 +120,17 @@ pub async fn run(
         Some(path) => Some(Users::load(path)?),
         None => None,
     };
+    let upstream = match &config.routes_file {
+        Some(path) => Some(crate::upstream::Upstream::load(
+            path,
+            config.upstream_ca_file.as_deref(),
+        )?),
+        None => None,
+    };
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
     let client = redis::Client::open(config.redis_url.as_str())?;
     let redis = ConnectionManager::new_lazy_with_config(
         client.clone(),
@@ -135,7 +153,16 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
         users,
+        upstream,
     });
+    if let Some(upstream) = &app.upstream {
+        upstream.start(&app);
+        tracing::info!(
+            routes = upstream.route_count(),
+            "reverse proxy routes loaded"
+        );
+        tokio::spawn(reload_on_sighup(app.clone()));
+    }
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "wsproxy listening");
 
@@ -144,6 +171,7 @@ pub async fn run(
         router: router(app.clone()),
         limit: Arc::new(Semaphore::new(config.max_connections)),
         app: app.clone(),
+        tls,
     };
     accept.run().await;
 
@@ -160,6 +188,9 @@ pub async fn run(
             "grace period over; dropping the connections still open"
         );
     }
+    if let Some(upstream) = &app.upstream {
+        upstream.stop();
+    }
     broker_stop.cancel();
     let _ = broker_task.await;
     tracing::info!("shutdown complete");
@@ -175,7 +206,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/{agent_id}/ws/{session_id}", get(crate::bridge::handler))
         .route("/ws", get(crate::pubsub::handler))
         .route("/auth/token", token_route(&app.config))
-        .fallback(not_found)
+        .fallback(fallback)
         .with_state(app)
 }
 
@@ -246,12 +277,66 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such endpoint; sessions connect to /{agent_id}/ws/{session_id}, topic clients to /ws",
-    )
+/// Everything else: a reverse-proxy route, or 404.
+async fn fallback(State(app): State<Arc<App>>, req: Request) -> Response {
+    crate::upstream::handle(app, req).await
+}
+
+/// Reloads the routes file on every SIGHUP; a bad file is refused and
+/// the routes in use stay.
+async fn reload_on_sighup(app: Arc<App>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; routes will not be reloaded");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = app.shutdown.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            if let Some(upstream) = &app.upstream {
+                match upstream.reload(&app) {
+                    Ok(n) => tracing::info!(routes = n, "routes reloaded"),
+                    Err(e) => tracing::error!("routes not reloaded, keeping the old ones: {e}"),
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = app;
+}
+
+/// Builds the TLS acceptor from PEM files.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls(format!(
+            "{} holds no certificate",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", key.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ServerError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The accept loop.
@@ -260,6 +345,8 @@ struct Listener {
     router: Router,
     limit: Arc<Semaphore>,
     app: Arc<App>,
+    /// Present when listening with TLS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Listener {
@@ -287,9 +374,28 @@ impl Listener {
                     };
                     let router = self.router.clone();
                     let app = self.app.clone();
-                    self.app
-                        .tracker
-                        .spawn(serve_connection(stream, slot, router, app));
+                    match &self.tls {
+                        None => {
+                            let _ = stream.set_nodelay(true);
+                            self.app
+                                .tracker
+                                .spawn(serve_connection(stream, slot, router, app));
+                        }
+                        Some(acceptor) => {
+                            let acceptor = acceptor.clone();
+                            self.app.tracker.spawn(async move {
+                                let _ = stream.set_nodelay(true);
+                                let limit = app.config.auth_timeout;
+                                match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                    Ok(Ok(tls)) => serve_connection(tls, slot, router, app).await,
+                                    Ok(Err(e)) => {
+                                        tracing::debug!(error = %e, "TLS handshake failed")
+                                    }
+                                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed; pausing");
@@ -302,8 +408,10 @@ impl Listener {
 
 /// Serves HTTP/1 on one TCP connection until it closes, upgrades, or the
 /// server shuts down (then in-flight requests finish first).
-async fn serve_connection(stream: TcpStream, slot: ConnectionSlot, router: Router, app: Arc<App>) {
-    let _ = stream.set_nodelay(true);
+async fn serve_connection<S>(stream: S, slot: ConnectionSlot, router: Router, app: Arc<App>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(slot.clone());
         let router = router.clone();

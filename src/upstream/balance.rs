@@ -1,0 +1,268 @@
+//! Choosing a backend: smooth weighted round robin, consistent hashing for
+//! sticky routes, a circuit breaker fed by connect failures, and the
+//! results of active health checks.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::routes::{Backend, Route};
+
+/// Live state of one backend of one route.
+#[derive(Debug)]
+pub struct BackendState {
+    /// The configured backend.
+    pub backend: Backend,
+    /// `host:port`, precomputed for labels.
+    pub label: String,
+    /// Consecutive connect failures.
+    failures: AtomicU32,
+    /// While set (milliseconds since `epoch`), the breaker is open.
+    open_until_ms: AtomicU64,
+    /// Last active health check result (true until a check fails).
+    pub healthy: AtomicBool,
+    /// Connections currently proxied to it.
+    pub open: AtomicUsize,
+    epoch: Instant,
+}
+
+impl BackendState {
+    fn new(backend: Backend, epoch: Instant) -> Self {
+        Self {
+            label: backend.authority(),
+            backend,
+            failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            open: AtomicUsize::new(0),
+            epoch,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// True while the breaker keeps new connections away.
+    pub fn circuit_open(&self) -> bool {
+        self.open_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// Usable for a new connection: healthy and breaker closed (or its
+    /// cool-down over, which lets one trial through).
+    pub fn available(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && !self.circuit_open()
+    }
+
+    /// A connect succeeded: close the breaker.
+    pub fn success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.open_until_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// A connect failed: open the breaker after `threshold` in a row. A
+    /// failed trial after the cool-down opens it again at once.
+    pub fn failure(&self, threshold: u32, cooldown: Duration) -> bool {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= threshold {
+            self.open_until_ms.store(
+                self.now_ms() + cooldown.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Live state of one route: its backends and balancer.
+#[derive(Debug)]
+pub struct RouteState {
+    /// The validated route.
+    pub route: Route,
+    /// One entry per configured backend, in file order.
+    pub backends: Vec<Arc<BackendState>>,
+    /// Smooth weighted round robin: current weight per backend.
+    current: Mutex<Vec<i64>>,
+    /// Connections open through this route.
+    pub open: AtomicUsize,
+}
+
+impl RouteState {
+    /// Fresh state for `route`.
+    pub fn new(route: Route) -> Self {
+        let epoch = Instant::now();
+        let backends: Vec<_> = route
+            .backends
+            .iter()
+            .cloned()
+            .map(|b| Arc::new(BackendState::new(b, epoch)))
+            .collect();
+        Self {
+            current: Mutex::new(vec![0; backends.len()]),
+            backends,
+            route,
+            open: AtomicUsize::new(0),
+        }
+    }
+
+    /// Backends to try for a new connection, best first (the rest are the
+    /// retry order). Empty when none is available.
+    pub fn candidates(&self, sticky_key: Option<&str>) -> Vec<Arc<BackendState>> {
+        let available: Vec<usize> = (0..self.backends.len())
+            .filter(|&i| self.backends[i].available())
+            .collect();
+        if available.is_empty() {
+            return Vec::new();
+        }
+        let order: Vec<usize> = match sticky_key {
+            Some(key) => self.rendezvous(key, &available),
+            None => self.round_robin(&available),
+        };
+        order
+            .into_iter()
+            .map(|i| self.backends[i].clone())
+            .collect()
+    }
+
+    /// Smooth weighted round robin (as nginx does it): every pick adds each
+    /// weight to its counter, takes the largest and subtracts the total.
+    /// Spreads picks evenly, e.g. weights 5,1,1 give a,a,b,a,c,a,a.
+    fn round_robin(&self, available: &[usize]) -> Vec<usize> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let total: i64 = available
+            .iter()
+            .map(|&i| i64::from(self.backends[i].backend.weight))
+            .sum();
+        let mut best = available[0];
+        for &i in available {
+            current[i] += i64::from(self.backends[i].backend.weight);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        drop(current);
+        let mut order = vec![best];
+        let mut rest: Vec<usize> = available.iter().copied().filter(|&i| i != best).collect();
+        rest.sort_by_key(|&i| std::cmp::Reverse(self.backends[i].backend.weight));
+        order.extend(rest);
+        order
+    }
+
+    /// Weighted rendezvous hashing: each backend scores the key, highest
+    /// wins. A backend leaving moves only its own keys; the order doubles as
+    /// the failover order.
+    fn rendezvous(&self, key: &str, available: &[usize]) -> Vec<usize> {
+        let mut scored: Vec<(f64, usize)> = available
+            .iter()
+            .map(|&i| {
+                let b = &self.backends[i];
+                let h = fnv1a(key.as_bytes(), b.label.as_bytes());
+                // Map the hash to (0,1) and weight it: -w / ln(u).
+                let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                (-(f64::from(b.backend.weight)) / u.ln(), i)
+            })
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        scored.into_iter().map(|(_, i)| i).collect()
+    }
+}
+
+/// 64-bit FNV-1a over key and backend, finished with a mixer so similar
+/// inputs spread well.
+fn fnv1a(a: &[u8], b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in a.iter().chain([0u8].iter()).chain(b.iter()) {
+        h ^= u64::from(*byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // splitmix64 finaliser
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::routes::Routes;
+
+    fn route(weights: &[u32]) -> RouteState {
+        let backends: Vec<String> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| format!(r#"{{"host":"ws://b{i}","port":80,"weight":{w}}}"#))
+            .collect();
+        let text = format!(
+            r#"{{"version":1,"routers":[{{"protocol":"websocket","backends":[{}],"external_path":"/x","internal_path":"/","methods":["GET"]}}]}}"#,
+            backends.join(",")
+        );
+        let routes = Routes::parse(&text, "t").expect("valid");
+        RouteState::new(routes.routes[0].clone())
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_the_weights_smoothly() {
+        let r = route(&[5, 1, 1]);
+        let picks: Vec<String> = (0..7)
+            .map(|_| r.candidates(None)[0].backend.host.clone())
+            .collect();
+        assert_eq!(picks, ["b0", "b0", "b1", "b0", "b2", "b0", "b0"]);
+        let r = route(&[3, 2, 1]);
+        let mut counts = [0; 3];
+        for _ in 0..600 {
+            let h = r.candidates(None)[0].backend.host.clone();
+            counts[h[1..].parse::<usize>().expect("index")] += 1;
+        }
+        assert_eq!(counts, [300, 200, 100]);
+    }
+
+    #[test]
+    fn sticky_keys_stay_put_and_move_only_when_their_backend_goes() {
+        let r = route(&[1, 1, 1]);
+        let first = |key: &str| r.candidates(Some(key))[0].backend.host.clone();
+        let before: Vec<String> = (0..300).map(|k| first(&format!("user-{k}"))).collect();
+        assert_eq!(
+            before,
+            (0..300)
+                .map(|k| first(&format!("user-{k}")))
+                .collect::<Vec<_>>()
+        );
+        // Roughly even spread.
+        for b in ["b0", "b1", "b2"] {
+            let n = before.iter().filter(|h| *h == b).count();
+            assert!((60..=140).contains(&n), "{b}: {n}");
+        }
+        // Take b1 out: only its keys move.
+        r.backends[1].healthy.store(false, Ordering::Relaxed);
+        for (k, old) in before.iter().enumerate() {
+            let now = first(&format!("user-{k}"));
+            if old != "b1" {
+                assert_eq!(&now, old);
+            } else {
+                assert_ne!(now, "b1");
+            }
+        }
+    }
+
+    #[test]
+    fn breaker_opens_after_the_threshold_and_skips_the_backend() {
+        let r = route(&[1, 1]);
+        let b0 = r.backends[0].clone();
+        assert!(!b0.failure(2, Duration::from_secs(60)));
+        assert!(b0.failure(2, Duration::from_secs(60)));
+        assert!(b0.circuit_open());
+        for _ in 0..5 {
+            let c = r.candidates(None);
+            assert_eq!(c.len(), 1);
+            assert_eq!(c[0].backend.host, "b1");
+        }
+        b0.success();
+        assert!(!b0.circuit_open());
+        assert_eq!(r.candidates(None).len(), 2);
+    }
+}

@@ -1,0 +1,429 @@
+//! Dialing a backend: TCP, TLS for `wss://` (rustls, the system's roots
+//! plus an optional CA file), and the WebSocket handshake written by hand so
+//! that every header is ours to choose: the client's subprotocols,
+//! extensions and origin go through, hop-by-hop headers do not, and
+//! `X-Forwarded-*` and the token subject are added.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::routes::Backend;
+
+/// Largest backend handshake response accepted.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// Why a backend could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// TCP connect or TLS failed, or the backend refused the upgrade: 502.
+    #[error("{0}")]
+    Refused(String),
+    /// The backend did not finish in time: 504.
+    #[error("backend did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A CA file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("UPSTREAM_CA_FILE: {0}")]
+pub struct CaError(String);
+
+/// Builds the TLS client configuration for `wss://` backends: the
+/// system's trusted roots, plus the certificates of `ca_file` for private
+/// backends.
+pub fn tls_connector(ca_file: Option<&Path>) -> Result<TlsConnector, CaError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| CaError(format!("cannot read {}: {e}", path.display())))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| CaError(format!("{}: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| CaError(format!("{}: {e}", path.display())))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(CaError(format!(
+                "{} holds no PEM certificate",
+                path.display()
+            )));
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| CaError(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// A connection to a backend, plain or TLS.
+pub enum BackendStream {
+    /// `ws://`
+    Plain(TcpStream),
+    /// `wss://`
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What the backend agreed to.
+pub struct Handshake {
+    /// The connection, positioned after the backend's response head.
+    pub stream: BackendStream,
+    /// Bytes the backend sent after its 101 (frames), to forward first.
+    pub leftover: Vec<u8>,
+    /// The backend's `Sec-WebSocket-Protocol`, if any.
+    pub protocol: Option<HeaderValue>,
+    /// The backend's `Sec-WebSocket-Extensions`, if any.
+    pub extensions: Option<HeaderValue>,
+}
+
+/// The request line and headers sent to the backend.
+pub struct Upgrade<'a> {
+    /// Path and query on the backend.
+    pub path_and_query: &'a str,
+    /// The client's request headers.
+    pub client_headers: &'a HeaderMap,
+    /// The client's address (for X-Forwarded-For).
+    pub peer: Option<SocketAddr>,
+    /// The client connected over TLS.
+    pub client_tls: bool,
+    /// Pass `Sec-WebSocket-Extensions` (only when bytes are tunnelled).
+    pub pass_extensions: bool,
+    /// The verified token subject, sent as `X-Auth-Subject`.
+    pub subject: Option<&'a str>,
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) and the handshake headers
+/// the proxy generates itself for the backend.
+fn not_forwarded(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "sec-websocket-key"
+            | "sec-websocket-version"
+            | "sec-websocket-accept"
+            | "sec-websocket-extensions"
+            | "x-auth-subject"
+            | "content-length"
+    )
+}
+
+/// Builds the backend request head.
+fn request_head(backend: &Backend, up: &Upgrade<'_>, key: &str) -> String {
+    let mut head = String::with_capacity(512);
+    let host = if backend.host.contains(':') {
+        format!("[{}]", backend.host)
+    } else {
+        backend.host.clone()
+    };
+    let default_port = if backend.tls { 443 } else { 80 };
+    head.push_str(&format!("GET {} HTTP/1.1\r\n", up.path_and_query));
+    if backend.port == default_port {
+        head.push_str(&format!("Host: {host}\r\n"));
+    } else {
+        head.push_str(&format!("Host: {host}:{}\r\n", backend.port));
+    }
+    head.push_str("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n");
+    head.push_str(&format!("Sec-WebSocket-Key: {key}\r\n"));
+    // Headers the client listed in Connection are hop-by-hop too.
+    let listed: Vec<String> = up
+        .client_headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let mut forwarded_for = None;
+    for (name, value) in up.client_headers {
+        let n = name.as_str();
+        if not_forwarded(n) || listed.iter().any(|l| l == n) {
+            continue;
+        }
+        let Ok(v) = value.to_str() else { continue };
+        if n == "x-forwarded-for" {
+            forwarded_for = Some(v.to_owned());
+            continue;
+        }
+        if n == "x-forwarded-proto" || n == "x-forwarded-host" {
+            continue; // replaced below
+        }
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if up.pass_extensions {
+        for v in up.client_headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS) {
+            if let Ok(v) = v.to_str() {
+                head.push_str(&format!("Sec-WebSocket-Extensions: {v}\r\n"));
+            }
+        }
+    }
+    if let Some(peer) = up.peer {
+        let xff = match forwarded_for {
+            Some(prev) => format!("{prev}, {}", peer.ip()),
+            None => peer.ip().to_string(),
+        };
+        head.push_str(&format!("X-Forwarded-For: {xff}\r\n"));
+    }
+    head.push_str(&format!(
+        "X-Forwarded-Proto: {}\r\n",
+        if up.client_tls { "https" } else { "http" }
+    ));
+    if let Some(h) = up
+        .client_headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
+        head.push_str(&format!("X-Forwarded-Host: {h}\r\n"));
+    }
+    if let Some(sub) = up.subject {
+        head.push_str(&format!("X-Auth-Subject: {sub}\r\n"));
+    }
+    head.push_str("\r\n");
+    head
+}
+
+/// Connects to `backend` and performs the WebSocket handshake, all within
+/// `limit`.
+pub async fn dial(
+    backend: &Backend,
+    tls: &TlsConnector,
+    up: &Upgrade<'_>,
+    limit: Duration,
+) -> Result<Handshake, DialError> {
+    match tokio::time::timeout(limit, dial_inner(backend, tls, up)).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Timeout(limit)),
+    }
+}
+
+async fn dial_inner(
+    backend: &Backend,
+    tls: &TlsConnector,
+    up: &Upgrade<'_>,
+) -> Result<Handshake, DialError> {
+    let refused = |what: &str, e: &dyn std::fmt::Display| {
+        DialError::Refused(format!("{what} {}: {e}", backend.authority()))
+    };
+    let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
+        .await
+        .map_err(|e| refused("cannot connect to", &e))?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream = if backend.tls {
+        let name = ServerName::try_from(backend.host.clone())
+            .map_err(|e| refused("bad TLS name for", &e))?;
+        let tls = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| refused("TLS handshake failed with", &e))?;
+        BackendStream::Tls(Box::new(tls))
+    } else {
+        BackendStream::Plain(tcp)
+    };
+    let key = tungstenite::handshake::client::generate_key();
+    let head = request_head(backend, up, &key);
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| refused("cannot write to", &e))?;
+
+    // Read the response head (and whatever follows it in the same reads).
+    let mut buf = Vec::with_capacity(1024);
+    let end = loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| refused("cannot read from", &e))?;
+        if n == 0 {
+            return Err(DialError::Refused(format!(
+                "{} closed the connection during the handshake",
+                backend.authority()
+            )));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        if buf.len() > MAX_RESPONSE_HEAD {
+            return Err(DialError::Refused(format!(
+                "{} sent an oversized handshake response",
+                backend.authority()
+            )));
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    response
+        .parse(&buf[..end])
+        .map_err(|e| refused("bad handshake response from", &e))?;
+    let code = response.code.unwrap_or(0);
+    if code != 101 {
+        return Err(DialError::Refused(format!(
+            "{} answered the upgrade with HTTP {code}",
+            backend.authority()
+        )));
+    }
+    let find = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if find("sec-websocket-accept") != Some(expected.as_bytes()) {
+        return Err(DialError::Refused(format!(
+            "{} sent a wrong Sec-WebSocket-Accept",
+            backend.authority()
+        )));
+    }
+    let value = |name: &str| find(name).and_then(|v| HeaderValue::from_bytes(v).ok());
+    Ok(Handshake {
+        protocol: value("sec-websocket-protocol"),
+        extensions: if up.pass_extensions {
+            value("sec-websocket-extensions")
+        } else {
+            None
+        },
+        leftover: buf[end..].to_vec(),
+        stream,
+    })
+}
+
+/// A health probe: can a TCP connection be opened within `limit`?
+pub async fn probe(backend: &Backend, limit: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(
+            limit,
+            TcpStream::connect((backend.host.as_str(), backend.port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_and_forwarding_headers_added() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("gw.example"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Upgrade, X-Secret-Hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("origin", HeaderValue::from_static("https://app.example"));
+        h.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("chat, superchat"),
+        );
+        h.insert(
+            "sec-websocket-extensions",
+            HeaderValue::from_static("permessage-deflate"),
+        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let backend = Backend {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: 3000,
+            weight: 1,
+        };
+        let up = Upgrade {
+            path_and_query: "/ws?room=1",
+            client_headers: &h,
+            peer: Some("192.0.2.7:5555".parse().expect("addr")),
+            client_tls: false,
+            pass_extensions: true,
+            subject: Some("alice"),
+        };
+        let head = request_head(&backend, &up, "dGhlIHNhbXBsZSBub25jZQ==");
+        assert!(
+            head.starts_with("GET /ws?room=1 HTTP/1.1\r\nHost: 127.0.0.1:3000\r\n"),
+            "{head}"
+        );
+        for present in [
+            "origin: https://app.example",
+            "sec-websocket-protocol: chat, superchat",
+            "Sec-WebSocket-Extensions: permessage-deflate",
+            "X-Forwarded-For: 10.0.0.1, 192.0.2.7",
+            "X-Forwarded-Proto: http",
+            "X-Forwarded-Host: gw.example",
+            "X-Auth-Subject: alice",
+        ] {
+            assert!(head.contains(present), "{present} missing:\n{head}");
+        }
+        for absent in ["x-secret-hop", "keep-alive", "gw.example\r\nHost"] {
+            assert!(!head.contains(absent), "{absent} leaked:\n{head}");
+        }
+    }
+}

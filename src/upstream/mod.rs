@@ -1,0 +1,705 @@
+//! Reverse proxy from client WebSockets to backend WebSocket servers.
+//!
+//! A request whose path matches a route of `ROUTES_FILE` goes through these
+//! phases, in order:
+//! 1. **match** the route (longest `external_path` first) and map the path
+//!    to `internal_path`, keeping the query string;
+//! 2. **check** it is a WebSocket upgrade (400) and the route has room
+//!    (`max_connections`, 503);
+//! 3. **authenticate** when `auth_required`: a JWT from the header or
+//!    `access_token` (401 missing, 403 invalid);
+//! 4. **pick** a backend: sticky routes hash their key onto the backends,
+//!    others use smooth weighted round robin; backends whose health check
+//!    failed or whose circuit breaker is open are skipped;
+//! 5. **dial** it and do the backend handshake *before* answering the client,
+//!    retrying the next candidate if a connect fails: all failed 502, timed
+//!    out 504;
+//! 6. **answer** 101 with what the backend negotiated (subprotocol,
+//!    extensions);
+//! 7. **pump**: a plain byte tunnel when the route has no per-message limit
+//!    (nothing is parsed, so every frame type, close code and compression
+//!    passes untouched), or frame by frame when it enforces a message rate
+//!    or size (close 1008 / 1009).
+//!
+//! The routes are reloaded on SIGHUP ([`Upstream::reload`]); open
+//! connections keep the route state they started with.
+
+pub mod balance;
+pub mod connect;
+pub mod routes;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::server::{App, ConnectionSlot};
+use balance::{BackendState, RouteState};
+use connect::{BackendStream, DialError, Handshake, Upgrade};
+use routes::{Routes, RoutesError, StickyKey};
+
+/// The loaded routes and their live state.
+struct Table {
+    routes: Routes,
+    states: Vec<Arc<RouteState>>,
+    /// Stops this table's health checks when it is replaced.
+    checks: CancellationToken,
+}
+
+/// The reverse proxy: current routes, TLS client config, health checks.
+pub struct Upstream {
+    path: PathBuf,
+    table: RwLock<Arc<Table>>,
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors loading the proxy at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The routes file is unusable.
+    #[error(transparent)]
+    Routes(#[from] RoutesError),
+    /// The CA file is unusable.
+    #[error(transparent)]
+    Ca(#[from] connect::CaError),
+}
+
+fn build_table(routes: Routes) -> Arc<Table> {
+    let states = routes
+        .routes
+        .iter()
+        .cloned()
+        .map(|r| Arc::new(RouteState::new(r)))
+        .collect();
+    Arc::new(Table {
+        routes,
+        states,
+        checks: CancellationToken::new(),
+    })
+}
+
+impl Upstream {
+    /// Loads and validates the routes file; `ca_file` adds trusted roots for
+    /// `wss://` backends.
+    pub fn load(path: &Path, ca_file: Option<&Path>) -> Result<Self, UpstreamError> {
+        let routes = Routes::load(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            table: RwLock::new(build_table(routes)),
+            tls: connect::tls_connector(ca_file)?,
+        })
+    }
+
+    fn current(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Number of routes loaded.
+    pub fn route_count(&self) -> usize {
+        self.current().routes.routes.len()
+    }
+
+    /// Re-reads the routes file. A bad file is refused (and logged by the
+    /// caller); the routes in use stay. Open connections are not touched.
+    pub fn reload(&self, app: &Arc<App>) -> Result<usize, RoutesError> {
+        let routes = Routes::load(&self.path)?;
+        let n = routes.routes.len();
+        let table = build_table(routes);
+        let old = {
+            let mut slot = self.table.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *slot, table.clone())
+        };
+        old.checks.cancel();
+        start_health_checks(app, &table);
+        Ok(n)
+    }
+
+    /// Starts the health checks of the current routes.
+    pub fn start(&self, app: &Arc<App>) {
+        start_health_checks(app, &self.current());
+    }
+
+    /// Stops the health checks.
+    pub fn stop(&self) {
+        self.current().checks.cancel();
+    }
+}
+
+/// One task per backend of every route with a `health_check`: a TCP
+/// connect every interval; a failure takes the backend out until a check
+/// succeeds.
+fn start_health_checks(app: &Arc<App>, table: &Arc<Table>) {
+    for state in &table.states {
+        let Some((interval, timeout)) = state.route.health_check else {
+            continue;
+        };
+        for backend in &state.backends {
+            let (backend, stop, app, route) = (
+                backend.clone(),
+                table.checks.clone(),
+                app.clone(),
+                state.route.external_path.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let ok = connect::probe(&backend.backend, timeout).await;
+                    let was = backend
+                        .healthy
+                        .swap(ok, std::sync::atomic::Ordering::Relaxed);
+                    if was != ok {
+                        tracing::warn!(%route, backend = %backend.label, healthy = ok, "health check changed");
+                        if !ok {
+                            app.metrics
+                                .upstream_failure(&route, &backend.label, "health_check");
+                        }
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(interval) => {}
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Looks up the route for `path` (the router's fallback calls this).
+pub async fn handle(app: Arc<App>, req: Request) -> Response {
+    let Some(upstream) = app.upstream.as_ref() else {
+        return not_found();
+    };
+    let table = upstream.current();
+    let path = req.uri().path().to_owned();
+    let Some((index, mapped)) = table
+        .routes
+        .routes
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| r.map_path(&path).map(|m| (i, m)))
+    else {
+        return not_found();
+    };
+    let state = table.states[index].clone();
+    match proxy(&app, upstream, &table, state, mapped, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn not_found() -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; sessions connect to /{agent_id}/ws/{session_id}, topic clients to /ws",
+    )
+    .into_response()
+}
+
+/// Counts an open proxied connection against its route until dropped.
+struct RouteSlot {
+    state: Arc<RouteState>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for RouteSlot {
+    fn drop(&mut self) {
+        self.state
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// Counts an open connection to a backend until dropped.
+struct BackendSlot(Arc<BackendState>);
+
+impl Drop for BackendSlot {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The query parameter `name`, percent-decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 3;
+                }
+                Err(_) => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == name).then(|| v.to_owned())
+        })
+}
+
+async fn proxy(
+    app: &Arc<App>,
+    upstream: &Upstream,
+    table: &Table,
+    state: Arc<RouteState>,
+    mapped_path: String,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    let route = &state.route;
+    let name = route.external_path.clone();
+    let headers = req.headers().clone();
+
+    // 2. A WebSocket upgrade?
+    let is_upgrade = req.method() == Method::GET
+        && header_str(&headers, header::UPGRADE)
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+        && header_str(&headers, header::CONNECTION).is_some_and(|c| {
+            c.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+        && header_str(&headers, header::SEC_WEBSOCKET_VERSION) == Some("13");
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let (true, Some(key)) = (is_upgrade, key) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "not_a_websocket",
+            "this route only accepts WebSocket upgrades (GET with Upgrade: websocket, Sec-WebSocket-Version: 13)",
+        ));
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "not_a_websocket",
+            "the connection cannot be upgraded",
+        ));
+    };
+    if app.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    }
+    let open = state
+        .open
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
+    let gauge = app.metrics.upstream_active(&name);
+    gauge.inc();
+    let route_slot = RouteSlot {
+        state: state.clone(),
+        gauge,
+    };
+    if let Some(max) = route.max_connections
+        && open > max
+    {
+        app.metrics.upstream_failure(&name, "-", "route_full");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "route_full",
+            format!("this route is at its limit of {max} connections; retry later"),
+        ));
+    }
+
+    // 3. Authenticate.
+    let query = req.uri().query().map(str::to_owned);
+    let subject = if route.auth_required {
+        let token = crate::auth::bearer_token(
+            &headers,
+            query_param(query.as_deref(), "access_token").as_deref(),
+        )
+        .map(str::to_owned)
+        .map_err(|e| {
+            app.metrics.upstream_failure(&name, "-", "unauthorized");
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", e.to_string())
+        })?;
+        let jwt = table.routes.jwt.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "route needs a jwt section",
+            )
+        })?;
+        let claims = verify_route_token(jwt, &token).map_err(|e| {
+            app.metrics.upstream_failure(&name, "-", "unauthorized");
+            ApiError::new(StatusCode::FORBIDDEN, "invalid_token", e)
+        })?;
+        Some(claims)
+    } else {
+        None
+    };
+
+    // 4. Pick.
+    let sticky = match &route.sticky {
+        None => None,
+        Some(StickyKey::Subject) => subject.clone(),
+        Some(StickyKey::Header(h)) => headers
+            .get(h.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        Some(StickyKey::Cookie(c)) => cookie(&headers, c),
+        Some(StickyKey::Query(q)) => query_param(query.as_deref(), q),
+    };
+    let candidates = state.candidates(sticky.as_deref());
+    if candidates.is_empty() {
+        app.metrics.upstream_failure(&name, "-", "no_backend");
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "no_backend",
+            "no backend of this route is available (health checks failing or circuits open)",
+        ));
+    }
+
+    // 5. Dial, retrying the next candidate on a failed connect.
+    let path_and_query = match &query {
+        Some(q) => format!("{mapped_path}?{q}"),
+        None => mapped_path,
+    };
+    let peer = req.extensions().get::<ConnectionSlot>().map(|s| s.peer);
+    let up = Upgrade {
+        path_and_query: &path_and_query,
+        client_headers: &headers,
+        peer,
+        client_tls: app.config.tls.is_some(),
+        pass_extensions: !route.needs_frames(),
+        subject: subject.as_deref(),
+    };
+    let mut last: Option<DialError> = None;
+    let mut chosen = None;
+    for backend in candidates {
+        match connect::dial(&backend.backend, &upstream.tls, &up, route.connect_timeout).await {
+            Ok(h) => {
+                backend.success();
+                app.metrics.upstream_circuit(&name, &backend.label, false);
+                chosen = Some((backend, h));
+                break;
+            }
+            Err(e) => {
+                let reason = match e {
+                    DialError::Timeout(_) => "timeout",
+                    DialError::Refused(_) => "refused",
+                };
+                app.metrics.upstream_failure(&name, &backend.label, reason);
+                let (threshold, cooldown) = route.breaker;
+                if backend.failure(threshold, cooldown) {
+                    app.metrics.upstream_circuit(&name, &backend.label, true);
+                    tracing::warn!(route = %name, backend = %backend.label, ?cooldown, "circuit opened");
+                }
+                tracing::warn!(route = %name, backend = %backend.label, error = %e, "backend connect failed");
+                last = Some(e);
+            }
+        }
+    }
+    let Some((backend, handshake)) = chosen else {
+        return Err(match last {
+            Some(DialError::Timeout(t)) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "backend_timeout",
+                format!("the backend did not complete the WebSocket handshake within {t:?}"),
+            ),
+            Some(DialError::Refused(m)) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "backend_unavailable", m)
+            }
+            None => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "backend_unavailable",
+                "no backend could be reached",
+            ),
+        });
+    };
+    backend
+        .open
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let backend_slot = BackendSlot(backend.clone());
+    app.metrics.upstream_connect(&name, &backend.label);
+
+    // 6. Answer 101 with what the backend agreed to.
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(p) = &handshake.protocol {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
+    }
+    if let Some(x) = &handshake.extensions {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, x.clone());
+    }
+    let response = response
+        .body(Body::empty())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+
+    // 7. Pump, in a tracked task.
+    let task = app.tracker.token();
+    let app2 = app.clone();
+    let slot = req.extensions().get::<ConnectionSlot>().cloned();
+    let frames = route
+        .needs_frames()
+        .then_some((route.max_message_bytes, route.rate_limit));
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::debug!(error = %e, "client upgrade failed");
+                return;
+            }
+        };
+        let started = std::time::Instant::now();
+        let (up_bytes, down_bytes) = match frames {
+            None => tunnel(upgraded, handshake).await,
+            Some((max, rate)) => relay_frames(&app2, &name, upgraded, handshake, max, rate).await,
+        };
+        app2.metrics
+            .upstream_bytes(&name, "client_to_backend")
+            .inc_by(up_bytes);
+        app2.metrics
+            .upstream_bytes(&name, "backend_to_client")
+            .inc_by(down_bytes);
+        tracing::info!(
+            route = %name,
+            backend = %backend.label,
+            up_bytes,
+            down_bytes,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "proxied connection closed"
+        );
+        drop((route_slot, backend_slot, task, slot));
+    });
+    Ok(response)
+}
+
+fn verify_route_token(jwt: &routes::JwtSection, token: &str) -> Result<String, String> {
+    let config = crate::config::JwtConfig {
+        secret: jwt.secret.as_bytes().to_vec(),
+        issuer: jwt.issuer.clone(),
+        audience: jwt.audience.clone(),
+        ttl: Duration::from_secs(0),
+    };
+    #[derive(serde::Deserialize)]
+    struct Subject {
+        sub: String,
+    }
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.leeway = 5;
+    validation.set_issuer(&[&config.issuer]);
+    validation.set_audience(&[&config.audience]);
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    jsonwebtoken::decode::<Subject>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(&config.secret),
+        &validation,
+    )
+    .map(|d| d.claims.sub)
+    .map_err(|e| format!("invalid token: {e}"))
+}
+
+/// Copies bytes both ways until either side closes; frames, close codes
+/// and compressed data pass untouched. Returns (client->backend,
+/// backend->client) byte counts.
+async fn tunnel(mut client: TokioIo<hyper::upgrade::Upgraded>, handshake: Handshake) -> (u64, u64) {
+    let Handshake {
+        mut stream,
+        leftover,
+        ..
+    } = handshake;
+    if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
+        return (0, 0);
+    }
+    match tokio::io::copy_bidirectional(&mut client, &mut stream).await {
+        Ok((up, down)) => (up, down + leftover.len() as u64),
+        Err(_) => (0, leftover.len() as u64),
+    }
+}
+
+/// Token bucket for a connection's message rate.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Relays frame by frame, enforcing the route's message size and rate on
+/// the client's messages.
+async fn relay_frames(
+    app: &Arc<App>,
+    route: &str,
+    client: TokioIo<hyper::upgrade::Upgraded>,
+    handshake: Handshake,
+    max: Option<usize>,
+    rate: Option<(f64, f64)>,
+) -> (u64, u64) {
+    let limit = max.unwrap_or(app.config.max_message_bytes);
+    let client_config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit));
+    let mut client =
+        WebSocketStream::from_raw_socket(client, Role::Server, Some(client_config)).await;
+    let backend_config = WebSocketConfig::default().read_buffer_size(4096);
+    let Handshake {
+        stream, leftover, ..
+    } = handshake;
+    let mut backend: WebSocketStream<BackendStream> =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Client, Some(backend_config))
+            .await;
+    let mut bucket = rate.map(|(rate, burst)| Bucket {
+        rate,
+        burst,
+        tokens: burst,
+        last: std::time::Instant::now(),
+    });
+    let frames_up = app.metrics.upstream_frames(route, "client_to_backend");
+    let frames_down = app.metrics.upstream_frames(route, "backend_to_client");
+    let (mut up, mut down) = (0u64, 0u64);
+    let close = |code: u16, reason: &str| {
+        Message::Close(Some(CloseFrame {
+            code: code.into(),
+            reason: reason.to_owned().into(),
+        }))
+    };
+    loop {
+        tokio::select! {
+            msg = client.next() => match msg {
+                Some(Ok(msg)) => {
+                    let data_frame = msg.is_text() || msg.is_binary();
+                    if data_frame && let Some(b) = bucket.as_mut() && !b.take() {
+                        let _ = client.send(close(1008, "message rate limit exceeded")).await;
+                        let _ = backend.send(close(1001, "client disconnected by the proxy")).await;
+                        break;
+                    }
+                    let is_close = msg.is_close();
+                    up += msg.len() as u64;
+                    frames_up.inc();
+                    if backend.send(msg).await.is_err() || is_close {
+                        break;
+                    }
+                }
+                Some(Err(tungstenite::Error::Capacity(_))) => {
+                    let _ = client.send(close(1009, "message too big")).await;
+                    let _ = backend.send(close(1001, "client disconnected by the proxy")).await;
+                    break;
+                }
+                _ => {
+                    let _ = backend.close(None).await;
+                    break;
+                }
+            },
+            msg = backend.next() => match msg {
+                Some(Ok(msg)) => {
+                    let is_close = msg.is_close();
+                    down += msg.len() as u64;
+                    frames_down.inc();
+                    if client.send(msg).await.is_err() || is_close {
+                        break;
+                    }
+                }
+                _ => {
+                    let _ = client.close(None).await;
+                    break;
+                }
+            },
+        }
+    }
+    // Let each side finish its close handshake briefly.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = client.next().await {}
+    })
+    .await;
+    (up, down)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn query_parameters_and_cookies_are_read() {
+        assert_eq!(
+            query_param(Some("a=1&access_token=x%2By&b"), "access_token"),
+            Some("x+y".into())
+        );
+        assert_eq!(query_param(Some("a=1"), "b"), None);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("x=1; sid=abc; y=2"),
+        );
+        assert_eq!(cookie(&h, "sid"), Some("abc".into()));
+        assert_eq!(cookie(&h, "nope"), None);
+    }
+}

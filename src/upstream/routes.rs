@@ -1,0 +1,631 @@
+//! The routes file (`ROUTES_FILE`): which client paths are proxied to
+//! which backend WebSocket servers, in the JSON format of the seed
+//! (`version`, `jwt`, `routers[]`), plus wsproxy's additions for balancing,
+//! stickiness, health checks and limits.
+//!
+//! Every rule is checked when the file is loaded (at start-up and on
+//! SIGHUP), and each error names its place, e.g.
+//! `routers[2].backends[0].port: 70000 is outside 1-65535`.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Paths wsproxy serves itself; a route may not take them over.
+const RESERVED: &[&str] = &["/health", "/ready", "/metrics", "/ws", "/auth/token"];
+
+/// A routes file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    /// The file could not be read.
+    #[error("ROUTES_FILE: cannot read {path}: {source}")]
+    Read {
+        /// The configured path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not JSON of the expected shape.
+    #[error("ROUTES_FILE: {path}: {message}")]
+    Parse {
+        /// The configured path.
+        path: String,
+        /// serde's message, with line and column.
+        message: String,
+    },
+    /// A value breaks a rule; `field` says where.
+    #[error("ROUTES_FILE: {field}: {message}")]
+    Invalid {
+        /// e.g. `routers[2].backends[0].port`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> RoutesError {
+    RoutesError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileV1 {
+    version: u32,
+    #[serde(default)]
+    jwt: Option<JwtSection>,
+    routers: Vec<RouterEntry>,
+}
+
+/// The routes file's own JWT settings (for `auth_required` routes).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    /// HS256 secret.
+    pub secret: String,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud`.
+    pub audience: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouterEntry {
+    protocol: String,
+    backends: Vec<BackendEntry>,
+    external_path: String,
+    internal_path: String,
+    methods: Vec<String>,
+    #[serde(default)]
+    auth_required: bool,
+    #[serde(default)]
+    sticky: Option<StickyEntry>,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    max_message_bytes: Option<usize>,
+    #[serde(default)]
+    rate_limit: Option<RateEntry>,
+    #[serde(default)]
+    health_check: Option<HealthEntry>,
+    #[serde(default)]
+    circuit_breaker: Option<BreakerEntry>,
+    #[serde(default)]
+    connect_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendEntry {
+    host: String,
+    port: i64,
+    #[serde(default = "one")]
+    weight: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StickyEntry {
+    by: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateEntry {
+    messages_per_sec: f64,
+    #[serde(default)]
+    burst: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthEntry {
+    #[serde(default = "default_interval")]
+    interval_ms: u64,
+    #[serde(default = "default_health_timeout")]
+    timeout_ms: u64,
+}
+
+fn default_interval() -> u64 {
+    5000
+}
+fn default_health_timeout() -> u64 {
+    1000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakerEntry {
+    #[serde(default = "default_failures")]
+    failures: u32,
+    #[serde(default = "default_cooldown")]
+    cooldown_ms: u64,
+}
+
+fn default_failures() -> u32 {
+    3
+}
+fn default_cooldown() -> u64 {
+    10_000
+}
+
+/// Where a sticky route takes its key from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickyKey {
+    /// The JWT subject (needs `auth_required`).
+    Subject,
+    /// A request header.
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// A query parameter.
+    Query(String),
+}
+
+/// One backend server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// `wss://` (TLS) or `ws://`.
+    pub tls: bool,
+    /// Host name or address (no scheme).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Relative share of new connections.
+    pub weight: u32,
+}
+
+impl Backend {
+    /// `host:port`, for logs and metric labels.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Position in the file, for messages.
+    pub index: usize,
+    /// Client-facing path (exact, or a prefix followed by `/`).
+    pub external_path: String,
+    /// Backend path replacing `external_path`.
+    pub internal_path: String,
+    /// Backends, in file order.
+    pub backends: Vec<Backend>,
+    /// Require a JWT (checked with the file's `jwt` section).
+    pub auth_required: bool,
+    /// Consistent-hashing key, if the route is sticky.
+    pub sticky: Option<StickyKey>,
+    /// Most open connections through this route (503 past it).
+    pub max_connections: Option<usize>,
+    /// Largest client message (close 1009 past it); frame mode.
+    pub max_message_bytes: Option<usize>,
+    /// Client messages per second and burst (close 1008 past it); frame mode.
+    pub rate_limit: Option<(f64, f64)>,
+    /// Active health check period and timeout.
+    pub health_check: Option<(Duration, Duration)>,
+    /// Consecutive failures that open the breaker, and its cool-down.
+    pub breaker: (u32, Duration),
+    /// Bound on connecting plus the backend's handshake (504 past it).
+    pub connect_timeout: Duration,
+}
+
+impl Route {
+    /// True when frames must be inspected (limits), so the proxy cannot
+    /// simply tunnel bytes.
+    pub fn needs_frames(&self) -> bool {
+        self.max_message_bytes.is_some() || self.rate_limit.is_some()
+    }
+
+    /// The backend path and query for a client path, if this route takes it.
+    pub fn map_path(&self, path: &str) -> Option<String> {
+        let rest = path.strip_prefix(self.external_path.as_str())?;
+        if !(rest.is_empty() || rest.starts_with('/') || self.external_path.ends_with('/')) {
+            return None;
+        }
+        let base = self.internal_path.trim_end_matches('/');
+        let mapped = match (base.is_empty(), rest.is_empty()) {
+            (_, true) => self.internal_path.clone(),
+            (true, false) => rest.to_owned(),
+            (false, false) => format!("{base}/{}", rest.trim_start_matches('/')),
+        };
+        Some(mapped)
+    }
+}
+
+/// The whole validated file.
+#[derive(Debug, Clone)]
+pub struct Routes {
+    /// JWT settings for `auth_required` routes.
+    pub jwt: Option<JwtSection>,
+    /// Routes, longest `external_path` first so the most specific wins.
+    pub routes: Vec<Route>,
+}
+
+impl Routes {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, RoutesError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| RoutesError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// Parses and validates the file's text.
+    pub fn parse(text: &str, shown: &str) -> Result<Self, RoutesError> {
+        let file: FileV1 = serde_json::from_str(text).map_err(|e| RoutesError::Parse {
+            path: shown.to_owned(),
+            message: e.to_string(),
+        })?;
+        if file.version != 1 {
+            return Err(invalid(
+                "version",
+                format!("{} is not supported (expected 1)", file.version),
+            ));
+        }
+        if let Some(jwt) = &file.jwt {
+            if jwt.secret.len() < 32 {
+                return Err(invalid("jwt.secret", "use at least 32 bytes"));
+            }
+            if jwt.issuer.trim().is_empty() {
+                return Err(invalid("jwt.issuer", "must not be empty"));
+            }
+            if jwt.audience.trim().is_empty() {
+                return Err(invalid("jwt.audience", "must not be empty"));
+            }
+        }
+        if file.routers.is_empty() {
+            return Err(invalid("routers", "lists no routes"));
+        }
+        let mut seen = HashSet::new();
+        let mut routes = Vec::with_capacity(file.routers.len());
+        for (i, r) in file.routers.into_iter().enumerate() {
+            let at = |f: &str| format!("routers[{i}].{f}");
+            if r.protocol != "websocket" {
+                return Err(invalid(
+                    at("protocol"),
+                    format!("{:?} is not supported (expected \"websocket\")", r.protocol),
+                ));
+            }
+            if !r.methods.iter().any(|m| m.eq_ignore_ascii_case("GET")) {
+                return Err(invalid(
+                    at("methods"),
+                    "must include \"GET\" (the WebSocket upgrade is a GET)",
+                ));
+            }
+            if let Some(m) = r.methods.iter().find(|m| !m.eq_ignore_ascii_case("GET")) {
+                return Err(invalid(
+                    at("methods"),
+                    format!("{m:?} cannot upgrade to a WebSocket; only \"GET\" is allowed"),
+                ));
+            }
+            for (name, p) in [
+                ("external_path", &r.external_path),
+                ("internal_path", &r.internal_path),
+            ] {
+                if !p.starts_with('/') || p.contains(['?', '#', ' ']) || p.contains("//") {
+                    return Err(invalid(
+                        at(name),
+                        format!(
+                            "{p:?} must be a path starting with '/' (no query, spaces or '//')"
+                        ),
+                    ));
+                }
+            }
+            if RESERVED.contains(&r.external_path.as_str()) {
+                return Err(invalid(
+                    at("external_path"),
+                    format!("{:?} is one of wsproxy's own endpoints", r.external_path),
+                ));
+            }
+            if !seen.insert(r.external_path.clone()) {
+                return Err(invalid(
+                    at("external_path"),
+                    format!("{:?} is used by an earlier route", r.external_path),
+                ));
+            }
+            if r.backends.is_empty() {
+                return Err(invalid(at("backends"), "lists no backends"));
+            }
+            let mut backends = Vec::with_capacity(r.backends.len());
+            for (j, b) in r.backends.iter().enumerate() {
+                let bat = |f: &str| format!("routers[{i}].backends[{j}].{f}");
+                let (tls, rest) = if let Some(h) = b.host.strip_prefix("wss://") {
+                    (true, h)
+                } else if let Some(h) = b.host.strip_prefix("ws://") {
+                    (false, h)
+                } else {
+                    return Err(invalid(
+                        bat("host"),
+                        format!("{:?} must start with ws:// or wss://", b.host),
+                    ));
+                };
+                let host = rest.trim_end_matches('/');
+                if host.is_empty()
+                    || host.contains(['/', ':', '?', '#', '@', ' ']) && !host.starts_with('[')
+                {
+                    return Err(invalid(
+                        bat("host"),
+                        format!(
+                            "{:?} must be a scheme and a host name only (the port goes in \"port\", the path in internal_path)",
+                            b.host
+                        ),
+                    ));
+                }
+                if !(1..=65535).contains(&b.port) {
+                    return Err(invalid(
+                        bat("port"),
+                        format!("{} is outside 1-65535", b.port),
+                    ));
+                }
+                if !(1..=1000).contains(&b.weight) {
+                    return Err(invalid(
+                        bat("weight"),
+                        format!("{} is outside 1-1000", b.weight),
+                    ));
+                }
+                backends.push(Backend {
+                    tls,
+                    host: host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
+                    port: b.port as u16,
+                    weight: b.weight as u32,
+                });
+            }
+            if r.auth_required && file.jwt.is_none() {
+                return Err(invalid(
+                    at("auth_required"),
+                    "is true but the file has no \"jwt\" section",
+                ));
+            }
+            let sticky = match &r.sticky {
+                None => None,
+                Some(s) => {
+                    let name = || {
+                        s.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
+                            invalid(
+                                at("sticky.name"),
+                                format!("is required when sticky.by is {:?}", s.by),
+                            )
+                        })
+                    };
+                    Some(match s.by.as_str() {
+                        "subject" if r.auth_required => StickyKey::Subject,
+                        "subject" => {
+                            return Err(invalid(
+                                at("sticky.by"),
+                                "\"subject\" needs auth_required: true",
+                            ));
+                        }
+                        "header" => StickyKey::Header(name()?.to_ascii_lowercase()),
+                        "cookie" => StickyKey::Cookie(name()?),
+                        "query" => StickyKey::Query(name()?),
+                        other => {
+                            return Err(invalid(
+                                at("sticky.by"),
+                                format!("{other:?} is not one of subject, header, cookie, query"),
+                            ));
+                        }
+                    })
+                }
+            };
+            if r.max_connections == Some(0) {
+                return Err(invalid(at("max_connections"), "must be at least 1"));
+            }
+            if matches!(r.max_message_bytes, Some(n) if n < 16) {
+                return Err(invalid(at("max_message_bytes"), "must be at least 16"));
+            }
+            let rate_limit = match &r.rate_limit {
+                None => None,
+                Some(rl) => {
+                    if !(rl.messages_per_sec.is_finite() && rl.messages_per_sec > 0.0) {
+                        return Err(invalid(
+                            at("rate_limit.messages_per_sec"),
+                            "must be a positive number",
+                        ));
+                    }
+                    let burst = rl.burst.unwrap_or(rl.messages_per_sec.max(1.0));
+                    if !(burst.is_finite() && burst >= 1.0) {
+                        return Err(invalid(at("rate_limit.burst"), "must be at least 1"));
+                    }
+                    Some((rl.messages_per_sec, burst))
+                }
+            };
+            let health_check = match &r.health_check {
+                None => None,
+                Some(h) => {
+                    if !(100..=3_600_000).contains(&h.interval_ms) {
+                        return Err(invalid(
+                            at("health_check.interval_ms"),
+                            format!("{} is outside 100-3600000", h.interval_ms),
+                        ));
+                    }
+                    if !(10..=60_000).contains(&h.timeout_ms) {
+                        return Err(invalid(
+                            at("health_check.timeout_ms"),
+                            format!("{} is outside 10-60000", h.timeout_ms),
+                        ));
+                    }
+                    Some((
+                        Duration::from_millis(h.interval_ms),
+                        Duration::from_millis(h.timeout_ms),
+                    ))
+                }
+            };
+            let breaker = match &r.circuit_breaker {
+                None => (
+                    default_failures(),
+                    Duration::from_millis(default_cooldown()),
+                ),
+                Some(b) => {
+                    if !(1..=1000).contains(&b.failures) {
+                        return Err(invalid(
+                            at("circuit_breaker.failures"),
+                            format!("{} is outside 1-1000", b.failures),
+                        ));
+                    }
+                    if !(100..=3_600_000).contains(&b.cooldown_ms) {
+                        return Err(invalid(
+                            at("circuit_breaker.cooldown_ms"),
+                            format!("{} is outside 100-3600000", b.cooldown_ms),
+                        ));
+                    }
+                    (b.failures, Duration::from_millis(b.cooldown_ms))
+                }
+            };
+            let connect_timeout = match r.connect_timeout_ms {
+                None => Duration::from_secs(5),
+                Some(ms) if (10..=120_000).contains(&ms) => Duration::from_millis(ms),
+                Some(ms) => {
+                    return Err(invalid(
+                        at("connect_timeout_ms"),
+                        format!("{ms} is outside 10-120000"),
+                    ));
+                }
+            };
+            routes.push(Route {
+                index: i,
+                external_path: r.external_path,
+                internal_path: r.internal_path,
+                backends,
+                auth_required: r.auth_required,
+                sticky,
+                max_connections: r.max_connections,
+                max_message_bytes: r.max_message_bytes,
+                rate_limit,
+                health_check,
+                breaker,
+                connect_timeout,
+            });
+        }
+        routes.sort_by(|a, b| b.external_path.len().cmp(&a.external_path.len()));
+        Ok(Routes {
+            jwt: file.jwt,
+            routes,
+        })
+    }
+
+    /// The route for a request path, most specific first.
+    pub fn find(&self, path: &str) -> Option<(&Route, String)> {
+        self.routes
+            .iter()
+            .find_map(|r| r.map_path(path).map(|mapped| (r, mapped)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(routers: &str) -> String {
+        format!(r#"{{"version":1,"routers":[{routers}]}}"#)
+    }
+
+    const OK: &str = r#"{"protocol":"websocket","backends":[{"host":"ws://localhost","port":3000}],
+        "external_path":"/ws/chat","internal_path":"/ws","methods":["GET"]}"#;
+
+    #[test]
+    fn the_seed_example_loads_with_defaults() {
+        let r = Routes::parse(&file(OK), "t").expect("valid");
+        let route = &r.routes[0];
+        assert_eq!(route.backends[0].weight, 1);
+        assert!(!route.backends[0].tls);
+        assert!(!route.auth_required);
+        assert_eq!(route.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_router() {
+        let bad_port = OK.replace("3000", "70000");
+        let two = file(&format!("{OK},{}", bad_port.replace("/ws/chat", "/other")));
+        let e = Routes::parse(&two, "t").expect_err("port");
+        assert_eq!(
+            e.to_string(),
+            "ROUTES_FILE: routers[1].backends[0].port: 70000 is outside 1-65535"
+        );
+        for (change, field) in [
+            (
+                OK.replace("ws://localhost", "http://localhost"),
+                "routers[0].backends[0].host",
+            ),
+            (
+                OK.replace("ws://localhost", "ws://localhost:99"),
+                "routers[0].backends[0].host",
+            ),
+            (
+                OK.replace("\"websocket\"", "\"http\""),
+                "routers[0].protocol",
+            ),
+            (OK.replace("[\"GET\"]", "[\"POST\"]"), "routers[0].methods"),
+            (
+                OK.replace("\"/ws/chat\"", "\"ws/chat\""),
+                "routers[0].external_path",
+            ),
+            (
+                OK.replace("\"/ws/chat\"", "\"/health\""),
+                "routers[0].external_path",
+            ),
+            (
+                OK.replace("\"port\":3000", "\"port\":3000,\"weight\":0"),
+                "routers[0].backends[0].weight",
+            ),
+            (
+                OK.replace("\"methods\"", "\"auth_required\":true,\"methods\""),
+                "routers[0].auth_required",
+            ),
+            (
+                OK.replace("\"methods\"", "\"sticky\":{\"by\":\"header\"},\"methods\""),
+                "routers[0].sticky.name",
+            ),
+        ] {
+            let e = Routes::parse(&file(&change), "t").expect_err(field);
+            assert!(
+                e.to_string().starts_with(&format!("ROUTES_FILE: {field}:")),
+                "{field}: {e}"
+            );
+        }
+        let dup = file(&format!("{OK},{OK}"));
+        assert!(
+            Routes::parse(&dup, "t")
+                .expect_err("dup")
+                .to_string()
+                .contains("routers[1].external_path")
+        );
+        assert!(Routes::parse(r#"{"version":2,"routers":[]}"#, "t").is_err());
+        assert!(
+            Routes::parse("{", "t")
+                .expect_err("json")
+                .to_string()
+                .contains("line 1")
+        );
+    }
+
+    #[test]
+    fn paths_map_exactly_or_by_prefix() {
+        let r = Routes::parse(&file(OK), "t").expect("valid");
+        assert_eq!(r.find("/ws/chat").map(|(_, p)| p), Some("/ws".to_owned()));
+        assert_eq!(
+            r.find("/ws/chat/room1").map(|(_, p)| p),
+            Some("/ws/room1".to_owned())
+        );
+        assert!(r.find("/ws/chatter").is_none());
+        assert!(r.find("/other").is_none());
+    }
+}
