@@ -515,7 +515,7 @@ impl Routes {
                 connect_timeout,
             });
         }
-        routes.sort_by(|a, b| b.external_path.len().cmp(&a.external_path.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.external_path.len()));
         Ok(Routes {
             jwt: file.jwt,
             routes,
