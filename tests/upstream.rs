@@ -1,0 +1,695 @@
+//! Reverse proxy end to end: in-process echo backends on 127.0.0.1:0
+//! (plain and TLS), wsproxy in-process with a routes file.
+#![allow(clippy::result_large_err)] // the tungstenite handshake callback signature
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// What a test backend saw.
+#[derive(Default, Debug)]
+struct Seen {
+    /// Path and query of each handshake.
+    paths: Vec<String>,
+    /// Request headers of each handshake (lower-case names).
+    headers: Vec<Vec<(String, String)>>,
+    /// Close codes received from clients.
+    closes: Vec<u16>,
+}
+
+/// An echo backend: greets with `hello from {id}`, echoes text and binary,
+/// closes with code N on the text `close:N`, picks the subprotocol
+/// `superchat` when offered.
+struct EchoBackend {
+    port: u16,
+    seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn echo_backend(id: &str) -> EchoBackend {
+    echo_backend_tls(id, None).await
+}
+
+async fn echo_backend_tls(id: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> EchoBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (id, seen2) = (id.to_owned(), seen.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (id, seen) = (id.clone(), seen2.clone());
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    None => serve_echo(stream, id, seen).await,
+                    Some(acceptor) => {
+                        if let Ok(s) = acceptor.accept(stream).await {
+                            serve_echo(s, id, seen).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    EchoBackend { port, seen, task }
+}
+
+async fn serve_echo<S>(stream: S, id: String, seen: Arc<Mutex<Seen>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let seen_hs = seen.clone();
+    let callback = move |req: &Request, mut resp: Response| {
+        let mut s = seen_hs.lock().expect("lock");
+        s.paths.push(req.uri().to_string());
+        s.headers.push(
+            req.headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                .collect(),
+        );
+        let offered = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if offered.split(',').any(|p| p.trim() == "superchat") {
+            resp.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static("superchat"),
+            );
+        }
+        Ok(resp)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        return;
+    };
+    if ws
+        .send(Message::text(format!("hello from {id}")))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    while let Some(Ok(msg)) = ws.next().await {
+        match msg {
+            Message::Text(t) if t.starts_with("close:") => {
+                let code: u16 = t[6..].parse().unwrap_or(1000);
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: "backend says bye".into(),
+                    }))
+                    .await;
+            }
+            Message::Text(_) | Message::Binary(_) if ws.send(msg).await.is_err() => return,
+            Message::Close(Some(f)) => seen.lock().expect("lock").closes.push(f.code.into()),
+            _ => {}
+        }
+    }
+}
+
+/// Writes a routes file and returns its path.
+fn routes_file(json: serde_json::Value) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.routes.json", unique("wsproxy-test")));
+    std::fs::write(&path, json.to_string()).expect("write routes");
+    path
+}
+
+fn route(external: &str, internal: &str, ports: &[(u16, u32)]) -> serde_json::Value {
+    serde_json::json!({
+        "protocol": "websocket",
+        "backends": ports.iter().map(|(p, w)| serde_json::json!({"host": "ws://127.0.0.1", "port": p, "weight": w})).collect::<Vec<_>>(),
+        "external_path": external,
+        "internal_path": internal,
+        "methods": ["GET"],
+        "auth_required": false,
+    })
+}
+
+fn file(routes: Vec<serde_json::Value>) -> serde_json::Value {
+    serde_json::json!({ "version": 1, "routers": routes })
+}
+
+async fn proxy(redis: &Redis, routes: serde_json::Value) -> Server {
+    let path = routes_file(routes);
+    Server::start_with(&redis.url(), move |c| c.routes_file = Some(path)).await
+}
+
+async fn open(server: &Server, path: &str) -> Result<Ws, (u16, serde_json::Value)> {
+    let req = format!("ws://{}{path}", server.addr)
+        .into_client_request()
+        .expect("req");
+    connect_request(req).await
+}
+
+#[tokio::test]
+async fn paths_map_with_query_and_headers_are_forwarded_properly() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let server = proxy(&redis, file(vec![route("/chat", "/ws", &[(b.port, 1)])])).await;
+    let mut req = format!("ws://{}/chat/room1?x=1&y=two", server.addr)
+        .into_client_request()
+        .expect("req");
+    let h = req.headers_mut();
+    h.insert("origin", HeaderValue::from_static("https://app.example"));
+    h.insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("chat, superchat"),
+    );
+    h.insert("x-custom", HeaderValue::from_static("kept"));
+    h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("proxied handshake");
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.as_bytes()),
+        Some(&b"superchat"[..])
+    );
+    assert_eq!(next_text(&mut ws).await, "hello from b0");
+    let seen = b.seen.lock().expect("lock");
+    assert_eq!(seen.paths, ["/ws/room1?x=1&y=two"]);
+    let headers = &seen.headers[0];
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("origin"), Some("https://app.example"));
+    assert_eq!(get("x-custom"), Some("kept"));
+    assert_eq!(get("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(get("x-forwarded-proto"), Some("http"));
+    assert_eq!(get("sec-websocket-protocol"), Some("chat, superchat"));
+    assert!(get("keep-alive").is_none());
+}
+
+#[tokio::test]
+async fn every_frame_type_and_close_codes_pass_both_ways() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let server = proxy(&redis, file(vec![route("/echo", "/", &[(b.port, 1)])])).await;
+    let mut ws = open(&server, "/echo").await.expect("proxied");
+    assert_eq!(next_text(&mut ws).await, "hello from b0");
+    send_text(&mut ws, "héllo").await;
+    assert_eq!(next_text(&mut ws).await, "héllo");
+    ws.send(Message::binary(vec![0u8, 159, 255]))
+        .await
+        .expect("binary");
+    match tokio::time::timeout(WAIT, ws.next()).await {
+        Ok(Some(Ok(Message::Binary(b)))) => assert_eq!(b.as_ref(), [0u8, 159, 255]),
+        other => panic!("{other:?}"),
+    }
+    ws.send(Message::Ping("p1".into())).await.expect("ping");
+    match tokio::time::timeout(WAIT, ws.next()).await {
+        Ok(Some(Ok(Message::Pong(p)))) => assert_eq!(p.as_ref(), b"p1"),
+        other => panic!("expected the backend's pong: {other:?}"),
+    }
+    // Client closes with its own code: the backend sees it.
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4000),
+        reason: "client bye".into(),
+    }))
+    .await
+    .expect("close");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while b.seen.lock().expect("lock").closes.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backend never saw the close"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.seen.lock().expect("lock").closes, [4000]);
+    // Backend closes with its code: the client sees it, with the reason.
+    let mut ws = open(&server, "/echo").await.expect("proxied");
+    next_text(&mut ws).await;
+    send_text(&mut ws, "close:4321").await;
+    match tokio::time::timeout(WAIT, ws.next()).await {
+        Ok(Some(Ok(Message::Close(Some(f))))) => {
+            assert_eq!(u16::from(f.code), 4321);
+            assert_eq!(f.reason.as_str(), "backend says bye");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn compression_negotiation_reaches_the_backend_and_back() {
+    // A hand-written backend that accepts permessage-deflate.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let offered = Arc::new(Mutex::new(String::new()));
+    let offered2 = offered.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = vec![0u8; 4096];
+        let mut n = 0;
+        while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(m) => n += m,
+            }
+        }
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        *offered2.lock().expect("lock") = head;
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n"
+        );
+        let _ = s.write_all(resp.as_bytes()).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+    let redis = Redis::start().await;
+    let server = proxy(&redis, file(vec![route("/z", "/", &[(port, 1)])])).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    c.write_all(
+        b"GET /z HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    let resp = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(resp.starts_with("http/1.1 101"), "{resp}");
+    assert!(
+        resp.contains("sec-websocket-extensions: permessage-deflate; server_no_context_takeover"),
+        "{resp}"
+    );
+    assert!(
+        resp.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{resp}"
+    );
+    assert!(
+        offered
+            .lock()
+            .expect("lock")
+            .contains("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits")
+    );
+}
+
+#[tokio::test]
+async fn dead_backend_is_502_and_silent_backend_is_504() {
+    let redis = Redis::start().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }; // closed again: nothing listens
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s); // accept, never answer
+        }
+    });
+    let mut slow = route("/slow", "/", &[(silent_port, 1)]);
+    slow["connect_timeout_ms"] = 300.into();
+    let server = proxy(&redis, file(vec![route("/dead", "/", &[(dead, 1)]), slow])).await;
+    let err = open(&server, "/dead").await.expect_err("no backend");
+    assert_eq!(
+        (err.0, err.1["error"].as_str()),
+        (502, Some("backend_unavailable")),
+        "{:?}",
+        err.1
+    );
+    let err = open(&server, "/slow").await.expect_err("too slow");
+    assert_eq!(
+        (err.0, err.1["error"].as_str()),
+        (504, Some("backend_timeout")),
+        "{:?}",
+        err.1
+    );
+    let (status, body) = http_get(server.addr, "/dead").await.expect("plain GET");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not_a_websocket"));
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("route=\"/dead\",backend=\"127.0.0.1:")
+            && metrics.contains("reason=\"refused\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reason=\"timeout\""), "{metrics}");
+}
+
+const JWT_SECRET: &str = "route-file-secret-route-file-secret!";
+
+fn route_token(sub: &str, iss: &str, secret: &str, exp_offset: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": sub, "exp": now + exp_offset, "iat": now, "iss": iss, "aud": "websocket-clients"}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode")
+}
+
+#[tokio::test]
+async fn auth_required_routes_check_the_jwt_and_pass_the_subject() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let mut r = route("/secure", "/ws", &[(b.port, 1)]);
+    r["auth_required"] = true.into();
+    let mut f = file(vec![r]);
+    f["jwt"] = serde_json::json!({"secret": JWT_SECRET, "issuer": "kairos-gateway", "audience": "websocket-clients"});
+    let server = proxy(&redis, f).await;
+    let err = open(&server, "/secure").await.expect_err("no token");
+    assert_eq!(err.0, 401);
+    for bad in [
+        route_token(
+            "mallory",
+            "kairos-gateway",
+            "wrong-secret-wrong-secret-wrong-secret",
+            600,
+        ),
+        route_token("mallory", "someone-else", JWT_SECRET, 600),
+        route_token("mallory", "kairos-gateway", JWT_SECRET, -120),
+    ] {
+        let url = format!("/secure?access_token={bad}");
+        assert_eq!(open(&server, &url).await.expect_err("bad token").0, 403);
+    }
+    let good = route_token("alice", "kairos-gateway", JWT_SECRET, 600);
+    let mut req = format!("ws://{}/secure", server.addr)
+        .into_client_request()
+        .expect("req");
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {good}")).expect("hdr"),
+    );
+    let mut ws = connect_request(req).await.expect("valid token");
+    assert_eq!(next_text(&mut ws).await, "hello from b0");
+    let seen = b.seen.lock().expect("lock");
+    assert!(
+        seen.headers[0]
+            .iter()
+            .any(|(k, v)| k == "x-auth-subject" && v == "alice")
+    );
+}
+
+async fn greeting_backend(server: &Server, path: &str) -> String {
+    let mut ws = open(server, path).await.expect("proxied");
+    let hello = next_text(&mut ws).await;
+    let _ = ws.close(None).await;
+    hello.trim_start_matches("hello from ").to_owned()
+}
+
+#[tokio::test]
+async fn weights_spread_connections_and_sticky_keys_stay() {
+    let redis = Redis::start().await;
+    let (b0, b1, b2) = (
+        echo_backend("b0").await,
+        echo_backend("b1").await,
+        echo_backend("b2").await,
+    );
+    let mut sticky = route("/sticky", "/", &[(b0.port, 1), (b1.port, 1), (b2.port, 1)]);
+    sticky["sticky"] = serde_json::json!({"by": "query", "name": "user"});
+    let server = proxy(
+        &redis,
+        file(vec![
+            route("/lb", "/", &[(b0.port, 3), (b1.port, 2), (b2.port, 1)]),
+            sticky,
+        ]),
+    )
+    .await;
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..60 {
+        *counts
+            .entry(greeting_backend(&server, "/lb").await)
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        (counts["b0"], counts["b1"], counts["b2"]),
+        (30, 20, 10),
+        "{counts:?}"
+    );
+    let mut spread = std::collections::HashSet::new();
+    for user in 0..12 {
+        let path = format!("/sticky?user=u{user}");
+        let first = greeting_backend(&server, &path).await;
+        for _ in 0..3 {
+            assert_eq!(
+                greeting_backend(&server, &path).await,
+                first,
+                "user u{user} moved"
+            );
+        }
+        spread.insert(first);
+    }
+    assert!(spread.len() >= 2, "12 users all on one backend: {spread:?}");
+}
+
+#[tokio::test]
+async fn a_killed_backend_is_taken_out_and_connections_go_to_the_others() {
+    let redis = Redis::start().await;
+    let (b0, b1) = (echo_backend("b0").await, echo_backend("b1").await);
+    let mut r = route("/ha", "/", &[(b0.port, 1), (b1.port, 1)]);
+    r["health_check"] = serde_json::json!({"interval_ms": 100, "timeout_ms": 100});
+    r["circuit_breaker"] = serde_json::json!({"failures": 1, "cooldown_ms": 60000});
+    let server = proxy(&redis, file(vec![r])).await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(greeting_backend(&server, "/ha").await);
+    }
+    assert_eq!(seen.len(), 2);
+    drop(b0); // kill: its listener goes away
+    // Every connection succeeds: the first may hit b0, fail, and be retried
+    // on b1; after that the breaker and the health check keep b0 out.
+    for _ in 0..10 {
+        assert_eq!(greeting_backend(&server, "/ha").await, "b1");
+    }
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("wsproxy_upstream_circuit_open")
+            || metrics.contains("reason=\"health_check\""),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_size_limit_and_connection_limit() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let mut limited = route("/limited", "/", &[(b.port, 1)]);
+    limited["rate_limit"] = serde_json::json!({"messages_per_sec": 5, "burst": 5});
+    limited["max_message_bytes"] = 100.into();
+    let mut small = route("/small", "/", &[(b.port, 1)]);
+    small["max_connections"] = 2.into();
+    let server = proxy(&redis, file(vec![limited, small])).await;
+
+    let mut ws = open(&server, "/limited").await.expect("proxied");
+    next_text(&mut ws).await;
+    send_text(&mut ws, &"x".repeat(150)).await;
+    assert_eq!(close_code(&mut ws).await, 1009);
+
+    let mut ws = open(&server, "/limited").await.expect("proxied");
+    next_text(&mut ws).await;
+    for i in 0..20 {
+        if ws.send(Message::text(format!("m{i}"))).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws).await, 1008);
+
+    let _a = open(&server, "/small").await.expect("1st");
+    let _b = open(&server, "/small").await.expect("2nd");
+    let err = open(&server, "/small")
+        .await
+        .expect_err("3rd is over the limit");
+    assert_eq!((err.0, err.1["error"].as_str()), (503, Some("route_full")));
+    drop((_a, _b));
+}
+
+#[tokio::test]
+async fn sighup_reloads_routes_without_dropping_connections() {
+    let redis = Redis::start().await;
+    let (b0, b1) = (echo_backend("b0").await, echo_backend("b1").await);
+    let path = routes_file(file(vec![route("/one", "/", &[(b0.port, 1)])]));
+    let p2 = path.clone();
+    let server = Server::start_with(&redis.url(), move |c| c.routes_file = Some(p2)).await;
+    let mut kept = open(&server, "/one").await.expect("proxied");
+    assert_eq!(next_text(&mut kept).await, "hello from b0");
+
+    let sighup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &std::process::id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    std::fs::write(
+        &path,
+        file(vec![route("/two", "/", &[(b1.port, 1)])]).to_string(),
+    )
+    .expect("write");
+    sighup();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while open(&server, "/two").await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new route never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        open(&server, "/one").await.expect_err("old route gone").0,
+        404
+    );
+    // The connection opened before the reload still works.
+    send_text(&mut kept, "still here").await;
+    assert_eq!(next_text(&mut kept).await, "still here");
+
+    // A bad file is refused; the routes in use stay.
+    std::fs::write(&path, r#"{"version":1,"routers":[{"protocol":"http"}]}"#).expect("write");
+    sighup();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(greeting_backend(&server, "/two").await, "b1");
+}
+
+fn self_signed() -> (String, String, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let dir = std::env::temp_dir();
+    let (c, k) = (
+        dir.join(format!("{}.crt", unique("tls"))),
+        dir.join(format!("{}.key", unique("tls"))),
+    );
+    std::fs::write(&c, cert.cert.pem()).expect("write cert");
+    std::fs::write(&k, cert.signing_key.serialize_pem()).expect("write key");
+    (
+        c.display().to_string(),
+        k.display().to_string(),
+        cert.cert.pem(),
+    )
+}
+
+fn acceptor(cert: &str, key: &str) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .expect("cert")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certs");
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("config");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn wss_backend_with_private_ca_and_tls_listener() {
+    let redis = Redis::start().await;
+    let (cert, key, _) = self_signed();
+    let b = echo_backend_tls("secure", Some(acceptor(&cert, &key))).await;
+    let mut f = file(vec![]);
+    f["routers"] = serde_json::json!([{
+        "protocol": "websocket",
+        "backends": [{"host": "wss://localhost", "port": b.port}],
+        "external_path": "/tls", "internal_path": "/", "methods": ["GET"]
+    }]);
+    let routes = routes_file(f);
+    // wsproxy itself listens with TLS too, with its own certificate.
+    let (gw_cert, gw_key, gw_pem) = self_signed();
+    let ca = cert.clone();
+    let server = {
+        let mut config = wsproxy::config::Config::for_redis(redis.url());
+        config.routes_file = Some(routes);
+        config.upstream_ca_file = Some(ca.into());
+        config.tls = Some((gw_cert.into(), gw_key.into()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(wsproxy::run(config, listener, shutdown.clone()));
+        (addr, shutdown, task)
+    };
+    // A wss:// client that trusts wsproxy's certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(gw_pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("add");
+    }
+    let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let tls = loop {
+        if let Ok(tcp) = tokio::net::TcpStream::connect(server.0).await
+            && let Ok(tls) = connector
+                .connect(
+                    rustls_pki_types::ServerName::try_from("localhost").expect("name"),
+                    tcp,
+                )
+                .await
+        {
+            break tls;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "TLS listener never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let req = "wss://localhost/tls".into_client_request().expect("req");
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("wss through wss");
+    match tokio::time::timeout(WAIT, ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "hello from secure"),
+        other => panic!("{other:?}"),
+    }
+    let seen = b.seen.lock().expect("lock");
+    assert!(
+        seen.headers[0]
+            .iter()
+            .any(|(k, v)| k == "x-forwarded-proto" && v == "https")
+    );
+    server.1.cancel();
+}
