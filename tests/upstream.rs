@@ -112,19 +112,23 @@ where
         return;
     }
     while let Some(Ok(msg)) = ws.next().await {
-        match msg {
-            Message::Text(t) if t.starts_with("close:") => {
-                let code: u16 = t[6..].parse().unwrap_or(1000);
-                let _ = ws
-                    .close(Some(CloseFrame {
-                        code: CloseCode::from(code),
-                        reason: "backend says bye".into(),
-                    }))
-                    .await;
-            }
-            Message::Text(_) | Message::Binary(_) if ws.send(msg).await.is_err() => return,
-            Message::Close(Some(f)) => seen.lock().expect("lock").closes.push(f.code.into()),
-            _ => {}
+        if let Message::Text(t) = &msg
+            && let Some(code) = t.strip_prefix("close:")
+        {
+            let code: u16 = code.parse().unwrap_or(1000);
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: "backend says bye".into(),
+            };
+            let _ = ws.close(Some(frame)).await;
+            continue;
+        }
+        if let Message::Close(Some(f)) = &msg {
+            seen.lock().expect("lock").closes.push(f.code.into());
+            continue;
+        }
+        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+            return;
         }
     }
 }
