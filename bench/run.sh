@@ -28,6 +28,7 @@ M_UP=$(q 20 100)
 N_FAN=$(q 100 1000)
 M_FAN=$(q 50 200)
 N_ECHO=$(q 20 100)
+N_IDLE_PROXY=$(q 300 5000)
 M_ECHO=$(q 200 1000)
 # An offered rate nchan (Redis-backed) sustains on this machine, so latency
 # is compared at the same load rather than at each system's saturation.
@@ -51,8 +52,14 @@ trap cleanup EXIT
 echo "== starting redis for wsproxy on $WS_REDIS_PORT"
 redis-server --port $WS_REDIS_PORT --bind 127.0.0.1 --save "" --appendonly no --logfile "$ROOT/$OUT/redis.log" &
 PIDS+=($!)
-echo "== starting wsproxy on $WS_PORT"
-HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn \
+echo "== starting wsproxy on $WS_PORT (with a proxy route /echo -> 127.0.0.1:$ECHO_PORT)"
+ROUTES=$ROOT/$OUT/routes.json
+cat >"$ROUTES" <<JSON
+{"version": 1, "routers": [{"protocol": "websocket",
+  "backends": [{"host": "ws://127.0.0.1", "port": $ECHO_PORT, "weight": 1}],
+  "external_path": "/echo", "internal_path": "/", "methods": ["GET"], "auth_required": false}]}
+JSON
+HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES \
   "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
 WSP=$!
 PIDS+=($WSP)
@@ -62,7 +69,11 @@ PIDS+=($!)
 echo "== installing and starting peers"
 bash bench/peers/peers.sh install
 bash bench/peers/peers.sh start >/dev/null
-NCHAN_PIDS=$(bash bench/peers/peers.sh status | awk '/^nchan /{sub("pids=","",$2); print $2}')
+STATUS=$(bash bench/peers/peers.sh status)
+pids_of() { echo "$STATUS" | awk -v p="$1" '$1==p {sub("pids=","",$2); print $2}'; }
+NCHAN_PIDS=$(pids_of nchan)
+NGINX_PIDS=$(pids_of nginx)
+HAPROXY_PIDS=$(pids_of haproxy)
 for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$WS_PORT/ready" >/dev/null && break; sleep 0.1; done
 
 run() { echo "-- $*"; $BENCH "$@" | tee -a "$LOG"; }
@@ -78,9 +89,14 @@ run compare down --n "$N_DOWN" --m "$M_DOWN"
 echo "== up"
 run up --n "$N_UP" --m "$M_UP"
 echo "== fanout (one channel)"
-run compare fanout --n "$N_FAN" --m "$M_FAN"
-echo "== echo: backend directly, through nginx, through HAProxy"
+run compare fanout --n "$N_FAN" --m "$M_FAN" --rate "$(q 100 200)"
+echo "== idle proxied connections (client and backend sockets together)"
+run idle --name wsproxy-proxy --url "ws://127.0.0.1:$WS_PORT/echo" --n "$N_IDLE_PROXY" --pids "$WSP"
+run idle --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_IDLE_PROXY" --pids "$HAPROXY_PIDS"
+run idle --name nginx --url "ws://127.0.0.1:8092/" --n "$N_IDLE_PROXY" --pids "$NGINX_PIDS"
+echo "== echo: backend directly, through wsproxy, nginx and HAProxy"
 run echo --name direct --url "ws://127.0.0.1:$ECHO_PORT/" --n "$N_ECHO" --m "$M_ECHO"
+run echo --name wsproxy-proxy --url "ws://127.0.0.1:$WS_PORT/echo" --n "$N_ECHO" --m "$M_ECHO"
 run echo --name nginx --url "ws://127.0.0.1:8092/" --n "$N_ECHO" --m "$M_ECHO"
 run echo --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_ECHO" --m "$M_ECHO"
 

@@ -83,6 +83,12 @@ enum Command {
         target: Which,
         #[arg(long, default_value_t = 1000)]
         n: usize,
+        /// Connect to this WebSocket URL instead (e.g. a proxy route).
+        #[arg(long)]
+        url: Option<String>,
+        /// Name to report a --url target under.
+        #[arg(long, default_value = "url")]
+        name: String,
     },
     /// Hold N connections; RSS growth per connection of --pids.
     Idle {
@@ -90,6 +96,12 @@ enum Command {
         target: Which,
         #[arg(long, default_value_t = 1000)]
         n: usize,
+        /// Hold connections to this WebSocket URL instead (e.g. a proxy route).
+        #[arg(long)]
+        url: Option<String>,
+        /// Name to report a --url target under.
+        #[arg(long, default_value = "url")]
+        name: String,
         /// Process ids whose RSS is summed (all worker processes).
         #[arg(long, value_delimiter = ',')]
         pids: Vec<u32>,
@@ -264,15 +276,34 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     match cli.command {
-        Command::Connect { target: w, n } => {
+        Command::Connect {
+            target: w,
+            n,
+            url,
+            name,
+        } => {
             let load = Load { n, m: 0, rate: 0.0 };
-            let r = run_one("connect", &target(w, &c), &c, &sources, &load, &[]).await?;
+            let t = match url {
+                Some(url) => Target::Url { name, url },
+                None => target(w, &c),
+            };
+            let r = run_one("connect", &t, &c, &sources, &load, &[]).await?;
             check(&r);
             emit(&r, &c)?;
         }
-        Command::Idle { target: w, n, pids } => {
+        Command::Idle {
+            target: w,
+            n,
+            pids,
+            url,
+            name,
+        } => {
             let load = Load { n, m: 0, rate: 0.0 };
-            let r = run_one("idle", &target(w, &c), &c, &sources, &load, &pids).await?;
+            let t = match url {
+                Some(url) => Target::Url { name, url },
+                None => target(w, &c),
+            };
+            let r = run_one("idle", &t, &c, &sources, &load, &pids).await?;
             check(&r);
             emit(&r, &c)?;
         }

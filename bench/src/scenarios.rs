@@ -31,13 +31,21 @@ pub enum Target {
         /// e.g. http://127.0.0.1:8091
         http: String,
     },
+    /// Any WebSocket URL (a proxy route, an echo server): connect and idle only.
+    Url {
+        /// Reported name.
+        name: String,
+        /// e.g. ws://127.0.0.1:8090/echo
+        url: String,
+    },
 }
 
 impl Target {
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> String {
         match self {
-            Target::Wsproxy { .. } => "wsproxy",
-            Target::Nchan { .. } => "nchan",
+            Target::Wsproxy { .. } => "wsproxy".into(),
+            Target::Nchan { .. } => "nchan".into(),
+            Target::Url { name, .. } => name.clone(),
         }
     }
 
@@ -47,6 +55,7 @@ impl Target {
             Target::Nchan { http } => {
                 format!("{}/sub/{channel}", http.replacen("http://", "ws://", 1))
             }
+            Target::Url { url, .. } => url.clone(),
         }
     }
 
@@ -196,7 +205,7 @@ pub async fn connect(
     close_all(sockets).await;
     Ok(Report {
         scenario: "connect".into(),
-        target: target.name().into(),
+        target: target.name(),
         connections: n,
         sent: n as u64,
         delivered,
@@ -243,7 +252,7 @@ pub async fn idle(
     close_all(warm_sockets).await;
     Ok(Report {
         scenario: "idle".into(),
-        target: target.name().into(),
+        target: target.name(),
         connections: n,
         sent: n as u64,
         delivered: held as u64,
@@ -374,6 +383,7 @@ async fn publish(
             }
             Ok((t0, m - errors, errors))
         }
+        Target::Url { .. } => bail!("a plain URL target has no way to publish"),
         Target::Nchan { http } => {
             let next = Arc::new(AtomicU64::new(0));
             let errors = Arc::new(AtomicU64::new(0));
@@ -478,7 +488,7 @@ pub async fn down(
     let seconds = (last.saturating_sub(t0)) as f64 / 1e6;
     Ok(Report {
         scenario: "down".into(),
-        target: target.name().into(),
+        target: target.name(),
         connections: n,
         sent: published,
         delivered: count,
@@ -531,7 +541,7 @@ pub async fn fanout(
     let seconds = (last.saturating_sub(t0)) as f64 / 1e6;
     Ok(Report {
         scenario: "fanout".into(),
-        target: target.name().into(),
+        target: target.name(),
         connections: n,
         sent: published * n as u64,
         delivered: count,
