@@ -23,14 +23,14 @@
 //! WebSockets are untouched meanwhile.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -157,10 +157,21 @@ impl Outbox {
     }
 }
 
+/// One channel with local subscribers.
+#[derive(Debug, Default)]
+struct Channel {
+    /// Local subscribers, keyed by subscription id.
+    subs: Vec<(u64, Arc<Outbox>)>,
+    /// Redis has confirmed the subscription on the current connection.
+    confirmed: bool,
+    /// Subscribers waiting for that confirmation.
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// Channel name -> its local subscribers, keyed by subscription id.
-    channels: HashMap<String, Vec<(u64, Arc<Outbox>)>>,
+    /// Channel name -> its local subscribers.
+    channels: HashMap<String, Channel>,
     /// Channels that gained their first or lost their last subscriber since
     /// the control loop last looked, so a sync costs O(changes), not
     /// O(channels).
@@ -171,10 +182,7 @@ struct State {
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
-    /// Bumped after every change to `state.channels`; the control loop
-    /// publishes on `synced` the newest value it has applied to Redis.
-    wanted: AtomicU64,
-    synced: watch::Sender<u64>,
+    /// Wakes the control loop when `state.dirty` gained something.
     wake: Notify,
     connected: AtomicBool,
     metrics: Arc<Metrics>,
@@ -187,12 +195,9 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records that `state` changed and wakes the control loop; returns the
-    /// generation to wait for.
-    fn changed(&self) -> u64 {
-        let generation = self.wanted.fetch_add(1, Ordering::SeqCst) + 1;
+    /// Wakes the control loop: `state.dirty` has something to apply.
+    fn changed(&self) {
         self.wake.notify_one();
-        generation
     }
 }
 
@@ -215,9 +220,9 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         let now_empty = match state.channels.get_mut(&self.channel) {
-            Some(subs) => {
-                subs.retain(|(id, _)| *id != self.id);
-                subs.is_empty()
+            Some(ch) => {
+                ch.subs.retain(|(id, _)| *id != self.id);
+                ch.subs.is_empty()
             }
             None => false,
         };
@@ -240,8 +245,6 @@ impl Broker {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
-            wanted: AtomicU64::new(0),
-            synced: watch::channel(0).0,
             wake: Notify::new(),
             connected: AtomicBool::new(false),
             metrics,
@@ -268,35 +271,42 @@ impl Broker {
         outbox: Arc<Outbox>,
         wait: Duration,
     ) -> Result<Subscription, BrokerError> {
-        let (subscription, generation) = {
+        let (subscription, confirmed) = {
             let mut state = self.shared.lock();
             state.next_id += 1;
             let id = state.next_id;
-            let subs = state.channels.entry(channel.to_owned()).or_default();
-            let first = subs.is_empty();
-            subs.push((id, outbox));
+            let ch = state.channels.entry(channel.to_owned()).or_default();
+            let first = ch.subs.is_empty();
+            ch.subs.push((id, outbox));
+            // Joining a channel Redis already delivers needs no round trip;
+            // otherwise wait for the control loop's confirmation, which
+            // wakes exactly the waiters of this channel.
+            let confirmed = if ch.confirmed {
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                ch.waiters.push(tx);
+                Some(rx)
+            };
             if first {
                 state.dirty.insert(channel.to_owned());
             }
             drop(state);
+            if first {
+                self.shared.changed();
+            }
             let subscription = Subscription {
                 shared: self.shared.clone(),
                 channel: channel.to_owned(),
                 id,
             };
-            // Joining a channel Redis already delivers needs no round trip,
-            // but it must still wait if the first subscriber's SUBSCRIBE is
-            // in flight; waiting for the current generation covers both.
-            let generation = if first {
-                self.shared.changed()
-            } else {
-                self.shared.wanted.load(Ordering::SeqCst)
-            };
-            (subscription, generation)
+            (subscription, confirmed)
         };
-        let mut synced = self.shared.synced.subscribe();
-        match tokio::time::timeout(wait, synced.wait_for(|g| *g >= generation)).await {
-            Ok(Ok(_)) => Ok(subscription),
+        let Some(confirmed) = confirmed else {
+            return Ok(subscription);
+        };
+        match tokio::time::timeout(wait, confirmed).await {
+            Ok(Ok(())) => Ok(subscription),
             Ok(Err(_)) => Err(BrokerError::Closed),
             Err(_) => Err(BrokerError::Timeout(wait)),
         }
@@ -316,12 +326,12 @@ fn frame_for(payload: &[u8]) -> Message {
 /// Hands one message to every local subscriber of `channel`.
 fn dispatch(shared: &Shared, channel: &str, payload: &[u8]) {
     let state = shared.lock();
-    let Some(subs) = state.channels.get(channel) else {
+    let Some(ch) = state.channels.get(channel) else {
         // Unsubscribed a moment ago; Redis' UNSUBSCRIBE is on its way.
         return;
     };
     let frame = frame_for(payload);
-    for (_, outbox) in subs {
+    for (_, outbox) in &ch.subs {
         // A full outbox marks its connection slow; the others go on.
         outbox.push(frame.clone());
     }
@@ -404,11 +414,12 @@ async fn serve(
     let mut first_sync = true;
     let result = loop {
         // Apply everything wanted so far in one round trip each way.
-        let generation = shared.wanted.load(Ordering::SeqCst);
-        let (add, remove) = {
+        let (add, remove, already) = {
             let mut state = shared.lock();
             let mut add = Vec::new();
             let mut remove = Vec::new();
+            // Channels re-wanted while Redis still had them: confirm at once.
+            let mut already = Vec::new();
             if first_sync {
                 // A fresh connection has nothing: subscribe every live channel.
                 state.dirty.clear();
@@ -422,12 +433,16 @@ async fn serve(
                     ) {
                         (true, false) => add.push(channel),
                         (false, true) => remove.push(channel),
-                        _ => {} // changed and changed back: nothing to tell Redis
+                        (true, true) => already.push(channel),
+                        (false, false) => {} // came and went: nothing to tell Redis
                     }
                 }
             }
-            (add, remove)
+            (add, remove, already)
         };
+        if add.is_empty() && remove.is_empty() && !already.is_empty() {
+            confirm(shared, &already);
+        }
         let applied = async {
             if !add.is_empty() {
                 sink.subscribe(&add).await?;
@@ -448,6 +463,8 @@ async fn serve(
                 break false;
             }
         }
+        confirm(shared, &add);
+        confirm(shared, &already);
         active.extend(add);
         for channel in &remove {
             active.remove(channel);
@@ -460,8 +477,7 @@ async fn serve(
             shared.metrics.redis_connected.set(1);
             tracing::info!(channels = active.len(), "redis pub/sub connected");
         }
-        shared.synced.send_replace(generation);
-        if shared.wanted.load(Ordering::SeqCst) != generation {
+        if !shared.lock().dirty.is_empty() {
             continue; // More changes arrived meanwhile.
         }
 
@@ -481,7 +497,27 @@ async fn serve(
         }
     };
     reader.abort();
+    // Nothing is subscribed on the next connection until it says so.
+    for ch in shared.lock().channels.values_mut() {
+        ch.confirmed = false;
+    }
     result
+}
+
+/// Marks `channels` as live in Redis and wakes their waiting subscribers.
+fn confirm(shared: &Shared, channels: &[String]) {
+    if channels.is_empty() {
+        return;
+    }
+    let mut state = shared.lock();
+    for name in channels {
+        if let Some(ch) = state.channels.get_mut(name) {
+            ch.confirmed = true;
+            for waiter in ch.waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -499,8 +535,6 @@ mod tests {
     fn shared() -> Arc<Shared> {
         Arc::new(Shared {
             state: Mutex::new(State::default()),
-            wanted: AtomicU64::new(0),
-            synced: watch::channel(0).0,
             wake: Notify::new(),
             connected: AtomicBool::new(false),
             metrics: Arc::new(Metrics::new()),
@@ -515,7 +549,14 @@ mod tests {
         shared
             .lock()
             .channels
-            .insert("c".into(), vec![(1, fast.clone()), (2, slow.clone())]);
+            .insert(
+                "c".into(),
+                Channel {
+                    subs: vec![(1, fast.clone()), (2, slow.clone())],
+                    confirmed: true,
+                    waiters: Vec::new(),
+                },
+            );
         for i in 0..3 {
             dispatch(&shared, "c", format!("{i}").as_bytes());
         }
@@ -544,16 +585,19 @@ mod tests {
             .expect_err("no control loop to confirm");
         assert!(matches!(err, BrokerError::Timeout(_)));
         assert_eq!(broker.channel_count(), 0);
-        // Confirm by hand: two subscriptions on one channel, one entry.
-        shared.synced.send_replace(u64::MAX);
-        let s1 = broker
-            .subscribe("c", a, Duration::from_millis(10))
-            .await
-            .expect("confirmed");
+        // Confirm by hand while the first waits; later subscribers of the
+        // confirmed channel need no round trip; one entry for all.
+        let pending = broker.subscribe("c", a.clone(), Duration::from_secs(5));
+        let confirmer = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            confirm(&shared, &["c".to_owned()]);
+        };
+        let (s1, ()) = tokio::join!(pending, confirmer);
+        let s1 = s1.expect("confirmed by hand");
         let s2 = broker
             .subscribe("c", b, Duration::from_millis(10))
             .await
-            .expect("confirmed");
+            .expect("already confirmed");
         assert_eq!(broker.channel_count(), 1);
         drop(s1);
         assert_eq!(broker.channel_count(), 1);
