@@ -546,17 +546,14 @@ mod tests {
         let shared = shared();
         let fast = Outbox::new(8);
         let slow = Outbox::new(1);
-        shared
-            .lock()
-            .channels
-            .insert(
-                "c".into(),
-                Channel {
-                    subs: vec![(1, fast.clone()), (2, slow.clone())],
-                    confirmed: true,
-                    waiters: Vec::new(),
-                },
-            );
+        shared.lock().channels.insert(
+            "c".into(),
+            Channel {
+                subs: vec![(1, fast.clone()), (2, slow.clone())],
+                confirmed: true,
+                waiters: Vec::new(),
+            },
+        );
         for i in 0..3 {
             dispatch(&shared, "c", format!("{i}").as_bytes());
         }

@@ -131,7 +131,7 @@ pub async fn run(
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
-    let client = redis::Client::open(config.redis_url.as_str())?;
+    let client = redis_client(&config.redis_url)?;
     let redis = ConnectionManager::new_lazy_with_config(
         client.clone(),
         ConnectionManagerConfig::new()
@@ -195,6 +195,17 @@ pub async fn run(
     let _ = broker_task.await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// A Redis client whose TCP connections have Nagle's algorithm off. The
+/// redis crate leaves it on by default, and with it every small command
+/// (a PUBLISH, a SUBSCRIBE) that follows one still unacknowledged can wait
+/// for the peer's delayed ACK: 40 ms stalls under load.
+pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info()?;
+    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    redis::Client::open(info.set_tcp_settings(tcp))
 }
 
 /// All HTTP routes.

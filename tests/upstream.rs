@@ -697,3 +697,29 @@ async fn wss_backend_with_private_ca_and_tls_listener() {
     );
     server.1.cancel();
 }
+
+#[tokio::test]
+async fn frame_relay_answers_each_ping_once() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let mut relayed = route("/relayed", "/", &[(b.port, 1)]);
+    relayed["max_message_bytes"] = 4096.into();
+    let server = proxy(&redis, file(vec![relayed])).await;
+    let mut ws = open(&server, "/relayed").await.expect("proxied");
+    assert_eq!(next_text(&mut ws).await, "hello from b0");
+    ws.send(Message::Ping("once".into())).await.expect("ping");
+    send_text(&mut ws, "after the ping").await;
+    let mut pongs = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+            Ok(Some(Ok(Message::Pong(p)))) => {
+                assert_eq!(p.as_ref(), b"once");
+                pongs += 1;
+            }
+            Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "after the ping"),
+            Err(_) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(pongs, 1, "each ping gets exactly one pong");
+}

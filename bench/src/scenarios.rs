@@ -129,8 +129,17 @@ fn token_for(channel: &str) -> String {
     format!("bench-token-{channel}")
 }
 
+/// A Redis client with Nagle's algorithm off (the redis crate leaves it
+/// on, which adds delayed-ACK stalls to pipelined publishing).
+fn redis_client(url: &str) -> anyhow::Result<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info()?;
+    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    Ok(redis::Client::open(info.set_tcp_settings(tcp))?)
+}
+
 async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    redis::Client::open(url)?
+    redis_client(url)?
         .get_multiplexed_async_connection()
         .await
         .with_context(|| format!("connecting to Redis at {url}"))
@@ -284,12 +293,15 @@ fn receive(
     stop: Arc<tokio::sync::Notify>,
     per_seq: Option<Arc<Vec<AtomicU64>>>,
 ) -> tokio::task::JoinHandle<Received> {
+    // Allocated here, before publishing starts: a histogram is tens of KiB
+    // to zero, and a thousand of them allocated lazily would stall the
+    // first milliseconds of the measurement.
+    let mut got = Received {
+        count: 0,
+        hist: histogram(),
+        last_us: 0,
+    };
     tokio::spawn(async move {
-        let mut got = Received {
-            count: 0,
-            hist: histogram(),
-            last_us: 0,
-        };
         let stopped = stop.notified();
         tokio::pin!(stopped);
         while got.count < expected {
@@ -333,15 +345,28 @@ fn seq_of(msg: &[u8]) -> Option<u64> {
 }
 
 /// Publishes `m` messages, message `i` on `channels[i % len]`, at `rate`
-/// messages/s (0 = flat out). Each message carries its intended send time,
-/// so a publisher that falls behind shows up as latency (no coordinated
-/// omission). Returns (first send time, messages published, errors).
+/// messages/s (0 = flat out). Each message carries the time it was handed
+/// to the target; how far the publisher fell behind its schedule is
+/// returned too (the last field, microseconds), so a target that slows the
+/// publisher cannot hide it: it shows up as publisher lag and as a lower
+/// delivered rate. Returns (first send time, published, errors, max lag).
 async fn publish(
     target: &Target,
     channels: &[String],
     m: u64,
     rate: f64,
-) -> anyhow::Result<(u64, u64, u64)> {
+) -> anyhow::Result<(u64, u64, u64, u64)> {
+    // Connect before the clock starts: connecting is not publishing.
+    let mut redis_connection = match target {
+        Target::Wsproxy { redis, .. } => Some(redis_conn(redis).await?),
+        _ => None,
+    };
+    let mut nchan_connections = Vec::new();
+    if let Target::Nchan { http } = target {
+        for _ in 0..16 {
+            nchan_connections.push(HttpConn::open(http).await?);
+        }
+    }
     let t0 = now_us();
     let due = move |i: u64| -> u64 {
         if rate > 0.0 {
@@ -351,20 +376,26 @@ async fn publish(
         }
     };
     match target {
-        Target::Wsproxy { redis, .. } => {
-            let mut c = redis_conn(redis).await?;
+        Target::Wsproxy { .. } => {
+            let Some(mut c) = redis_connection.take() else {
+                bail!("no Redis connection");
+            };
             let names: Vec<String> = channels
                 .iter()
                 .map(|ch| format!("session:{ch}:down"))
                 .collect();
             let mut i = 0u64;
             let mut errors = 0;
+            let mut lag = 0;
             while i < m {
                 let now = now_us();
                 let mut pipe = redis::pipe();
                 let mut batch = 0;
                 while i < m && batch < 512 && due(i) <= now {
-                    let t = if rate > 0.0 { due(i) } else { now };
+                    let t = now;
+                    if rate > 0.0 {
+                        lag = u64::max(lag, now - due(i));
+                    }
                     pipe.cmd("PUBLISH")
                         .arg(&names[(i as usize) % names.len()])
                         .arg(message(t, i))
@@ -381,18 +412,19 @@ async fn publish(
                     errors += batch;
                 }
             }
-            Ok((t0, m - errors, errors))
+            Ok((t0, m - errors, errors, lag))
         }
         Target::Url { .. } => bail!("a plain URL target has no way to publish"),
-        Target::Nchan { http } => {
+        Target::Nchan { .. } => {
             let next = Arc::new(AtomicU64::new(0));
             let errors = Arc::new(AtomicU64::new(0));
+            let lag = Arc::new(AtomicU64::new(0));
             let channels: Arc<Vec<String>> = Arc::new(channels.to_vec());
             let mut workers = Vec::new();
             // Keep-alive connections, as a real publisher would use.
-            for _ in 0..16 {
-                let mut conn = HttpConn::open(http).await?;
-                let (next, errors, channels) = (next.clone(), errors.clone(), channels.clone());
+            for mut conn in nchan_connections {
+                let (next, errors, channels, lag) =
+                    (next.clone(), errors.clone(), channels.clone(), lag.clone());
                 workers.push(tokio::spawn(async move {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -404,7 +436,10 @@ async fn publish(
                         if at > now {
                             tokio::time::sleep(Duration::from_micros(at - now)).await;
                         }
-                        let t = if rate > 0.0 { at } else { now_us() };
+                        let t = now_us();
+                        if rate > 0.0 {
+                            lag.fetch_max(t.saturating_sub(at), Ordering::Relaxed);
+                        }
                         let path = format!("/pub/{}", channels[(i as usize) % channels.len()]);
                         match conn
                             .request("POST", &path, "text/json", Bytes::from(message(t, i)))
@@ -422,8 +457,17 @@ async fn publish(
                 let _ = w.await;
             }
             let errors = errors.load(Ordering::Relaxed);
-            Ok((t0, m - errors, errors))
+            Ok((t0, m - errors, errors, lag.load(Ordering::Relaxed)))
         }
+    }
+}
+
+/// The publisher's worst lateness against its schedule, for fixed rates.
+fn lag_note(rate: f64, lag_us: u64) -> String {
+    if rate > 0.0 {
+        format!("publisher lag max {}", stats::us(lag_us))
+    } else {
+        String::new()
     }
 }
 
@@ -481,7 +525,7 @@ pub async fn down(
             receive(ws, expected, stop.clone(), None)
         })
         .collect();
-    let (t0, published, pub_errors) = publish(target, &chans, m, rate).await?;
+    let (t0, published, pub_errors, lag) = publish(target, &chans, m, rate).await?;
     let expected_end = Duration::from_secs_f64(if rate > 0.0 { m as f64 / rate } else { 0.0 });
     let (count, hist, last) =
         collect(receivers, stop, expected_end + Duration::from_secs(10)).await;
@@ -496,6 +540,7 @@ pub async fn down(
         seconds,
         rate: count as f64 / seconds.max(1e-9),
         offered: rate,
+        note: lag_note(rate, lag),
         ..Report::default()
     }
     .with_latency(&hist))
@@ -527,7 +572,7 @@ pub async fn fanout(
         .into_iter()
         .map(|ws| receive(ws, m, stop.clone(), Some(per_seq.clone())))
         .collect();
-    let (t0, published, pub_errors) = publish(target, &chan, m, rate).await?;
+    let (t0, published, pub_errors, lag) = publish(target, &chan, m, rate).await?;
     let expected_end = Duration::from_secs_f64(if rate > 0.0 { m as f64 / rate } else { 0.0 });
     let (count, _all, last) =
         collect(receivers, stop, expected_end + Duration::from_secs(10)).await;
@@ -549,7 +594,13 @@ pub async fn fanout(
         seconds,
         rate: count as f64 / seconds.max(1e-9),
         offered: rate,
-        note: "latency = last subscriber per message".into(),
+        note: format!(
+            "latency = last subscriber per message{}",
+            match lag_note(rate, lag) {
+                n if n.is_empty() => String::new(),
+                n => format!("; {n}"),
+            }
+        ),
         ..Report::default()
     }
     .with_latency(&last_sub))
@@ -575,7 +626,7 @@ pub async fn up(
     let total = n as u64 * m;
     // One pattern subscription sees every client's messages.
     let prefix = chans[0].rsplit_once('-').map_or("u", |(p, _)| p).to_owned();
-    let mut pubsub = redis::Client::open(redis_url)?.get_async_pubsub().await?;
+    let mut pubsub = redis_client(redis_url)?.get_async_pubsub().await?;
     pubsub.psubscribe(format!("session:{prefix}-*:up")).await?;
     let counter = tokio::spawn(async move {
         let mut stream = pubsub.on_message();

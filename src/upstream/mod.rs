@@ -634,6 +634,10 @@ async fn relay_frames(
     loop {
         tokio::select! {
             msg = client.next() => match msg {
+                // Each hop answers its own pings (tungstenite does it and
+                // cannot be told not to); forwarding them as well would
+                // answer every ping twice.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(msg)) => {
                     let data_frame = msg.is_text() || msg.is_binary();
                     if data_frame && let Some(b) = bucket.as_mut() && !b.take() {
@@ -659,6 +663,7 @@ async fn relay_frames(
                 }
             },
             msg = backend.next() => match msg {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(msg)) => {
                     let is_close = msg.is_close();
                     down += msg.len() as u64;
