@@ -59,7 +59,7 @@ cat >"$ROUTES" <<JSON
   "backends": [{"host": "ws://127.0.0.1", "port": $ECHO_PORT, "weight": 1}],
   "external_path": "/echo", "internal_path": "/", "methods": ["GET"], "auth_required": false}]}
 JSON
-HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES \
+HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true \
   "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
 WSP=$!
 PIDS+=($WSP)
@@ -89,7 +89,9 @@ run compare down --n "$N_DOWN" --m "$M_DOWN"
 echo "== up"
 run up --n "$N_UP" --m "$M_UP"
 echo "== fanout (one channel)"
-run compare fanout --n "$N_FAN" --m "$M_FAN" --rate "$(q 100 200)"
+run compare fanout --n "$N_FAN" --m "$M_FAN" --rate "$(q 100 50)"
+run compare fanout --ours hub --n "$N_FAN" --m "$M_FAN" --rate "$(q 100 50)"
+run fanout --target hub --n "$N_FAN" --m "$M_FAN"
 echo "== idle proxied connections (client and backend sockets together)"
 run idle --name wsproxy-proxy --url "ws://127.0.0.1:$WS_PORT/echo" --n "$N_IDLE_PROXY" --pids "$WSP"
 run idle --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_IDLE_PROXY" --pids "$HAPROXY_PIDS"

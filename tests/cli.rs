@@ -17,6 +17,12 @@ fn wsproxy() -> Command {
         "WS_PING_TIMEOUT_SECS",
         "SHUTDOWN_GRACE_PERIOD_SECS",
         "LOG_FORMAT",
+        "JWT_SECRET",
+        "USERS_FILE",
+        "ROUTES_FILE",
+        "TLS_CERT_FILE",
+        "TLS_KEY_FILE",
+        "PUBSUB_ALLOW_ANONYMOUS",
     ] {
         cmd.env_remove(var);
     }

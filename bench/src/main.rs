@@ -71,8 +71,12 @@ struct Load {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Which {
+    /// The session bridge.
     Wsproxy,
+    /// nchan.
     Nchan,
+    /// wsproxy's topic pub/sub hub (/ws; needs PUBSUB_ALLOW_ANONYMOUS=true).
+    Hub,
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +166,9 @@ enum Command {
         /// The peer's process ids (idle): nginx master and workers.
         #[arg(long, value_delimiter = ',')]
         peer_pids: Vec<u32>,
+        /// Which side of wsproxy to compare: the session bridge or the hub.
+        #[arg(long, value_enum, default_value = "wsproxy")]
+        ours: Which,
     },
 }
 
@@ -173,6 +180,10 @@ fn target(which: Which, c: &Common) -> Target {
         },
         Which::Nchan => Target::Nchan {
             http: c.nchan.clone(),
+        },
+        Which::Hub => Target::Hub {
+            ws: c.wsproxy.clone(),
+            redis: c.redis.clone(),
         },
     }
 }
@@ -343,8 +354,9 @@ async fn main() -> anyhow::Result<()> {
             rounds,
             wsproxy_pids,
             peer_pids,
+            ours,
         } => {
-            let w = target(Which::Wsproxy, &c);
+            let w = target(ours, &c);
             let p = target(Which::Nchan, &c);
             for round in 1..=rounds.max(1) {
                 let a = run_one(&scenario, &w, &c, &sources, &load, &wsproxy_pids).await?;

@@ -31,6 +31,15 @@ pub enum Target {
         /// e.g. http://127.0.0.1:8091
         http: String,
     },
+    /// wsproxy's topic pub/sub hub (`/ws`, anonymous clients allowed): each
+    /// "channel" is a topic of session `bench`; messages are published on
+    /// its Redis channel `pubsub:bench:{topic}`.
+    Hub {
+        /// e.g. ws://127.0.0.1:8080
+        ws: String,
+        /// The Redis wsproxy uses.
+        redis: String,
+    },
     /// Any WebSocket URL (a proxy route, an echo server): connect and idle only.
     Url {
         /// Reported name.
@@ -45,6 +54,7 @@ impl Target {
         match self {
             Target::Wsproxy { .. } => "wsproxy".into(),
             Target::Nchan { .. } => "nchan".into(),
+            Target::Hub { .. } => "wsproxy-hub".into(),
             Target::Url { name, .. } => name.clone(),
         }
     }
@@ -55,7 +65,16 @@ impl Target {
             Target::Nchan { http } => {
                 format!("{}/sub/{channel}", http.replacen("http://", "ws://", 1))
             }
+            Target::Hub { ws, .. } => format!("{ws}/ws"),
             Target::Url { url, .. } => url.clone(),
+        }
+    }
+
+    /// The Redis channel a publisher uses for `channel` (Redis-backed targets).
+    fn redis_channel(&self, channel: &str) -> String {
+        match self {
+            Target::Hub { .. } => format!("pubsub:bench:{channel}"),
+            _ => format!("session:{channel}:down"),
         }
     }
 
@@ -168,10 +187,18 @@ pub async fn open_clients(
         let token = target.token(ch);
         let sources = sources.clone();
         let permits = permits.clone();
+        let subscribe =
+            matches!(target, Target::Hub { .. }).then(|| format!("subscribe:{ch}|bench"));
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await;
             let t0 = now_us();
-            let r = net::connect(&sources, &url, token.as_deref()).await;
+            let mut r = net::connect(&sources, &url, token.as_deref()).await;
+            if let (Ok(ws), Some(cmd)) = (r.as_mut(), subscribe) {
+                // A hub client is ready once its subscription is confirmed.
+                if let Err(e) = hub_subscribe(ws, cmd).await {
+                    r = Err(e);
+                }
+            }
             (r, now_us() - t0)
         }));
     }
@@ -196,6 +223,18 @@ pub async fn open_clients(
         }
     }
     (sockets, errors, h, started.elapsed(), first_error)
+}
+
+/// Sends a hub `subscribe:` command and waits for its confirmation.
+async fn hub_subscribe(ws: &mut Ws, command: String) -> anyhow::Result<()> {
+    ws.send(Message::text(command)).await?;
+    let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .context("no reply to subscribe")?;
+    match reply {
+        Some(Ok(Message::Text(t))) if t.contains("\"subscribed\"") => Ok(()),
+        other => bail!("subscribe refused: {other:?}"),
+    }
 }
 
 /// `connect`: N clients connect (and authenticate, for wsproxy).
@@ -358,7 +397,7 @@ async fn publish(
 ) -> anyhow::Result<(u64, u64, u64, u64)> {
     // Connect before the clock starts: connecting is not publishing.
     let mut redis_connection = match target {
-        Target::Wsproxy { redis, .. } => Some(redis_conn(redis).await?),
+        Target::Wsproxy { redis, .. } | Target::Hub { redis, .. } => Some(redis_conn(redis).await?),
         _ => None,
     };
     let mut nchan_connections = Vec::new();
@@ -376,14 +415,11 @@ async fn publish(
         }
     };
     match target {
-        Target::Wsproxy { .. } => {
+        Target::Wsproxy { .. } | Target::Hub { .. } => {
             let Some(mut c) = redis_connection.take() else {
                 bail!("no Redis connection");
             };
-            let names: Vec<String> = channels
-                .iter()
-                .map(|ch| format!("session:{ch}:down"))
-                .collect();
+            let names: Vec<String> = channels.iter().map(|ch| target.redis_channel(ch)).collect();
             let mut i = 0u64;
             let mut errors = 0;
             let mut lag = 0;
