@@ -551,22 +551,123 @@ fn verify_route_token(jwt: &routes::JwtSection, token: &str) -> Result<String, S
     .map_err(|e| format!("invalid token: {e}"))
 }
 
-/// Copies bytes both ways until either side closes; frames, close codes
-/// and compressed data pass untouched. Returns (client->backend,
+/// Copies bytes both ways until both sides have closed; frames, close
+/// codes and compressed data pass untouched. Returns (client->backend,
 /// backend->client) byte counts.
-async fn tunnel(mut client: TokioIo<hyper::upgrade::Upgraded>, handshake: Handshake) -> (u64, u64) {
+///
+/// Plain TCP on both sides (the common case) goes through [`pump`], which
+/// keeps no buffer while a connection is idle; anything with TLS uses
+/// tokio's copy with small buffers.
+async fn tunnel(client: TokioIo<hyper::upgrade::Upgraded>, handshake: Handshake) -> (u64, u64) {
     let Handshake {
-        mut stream,
-        leftover,
-        ..
+        stream, leftover, ..
     } = handshake;
-    if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
+    let upgraded = client.into_inner();
+    match (
+        upgraded.downcast::<TokioIo<tokio::net::TcpStream>>(),
+        stream,
+    ) {
+        (Ok(parts), BackendStream::Plain(backend)) => {
+            let client = parts.io.into_inner();
+            // Bytes the client sent right behind its request, already read
+            // by the HTTP parser, go to the backend first.
+            let early = parts.read_buf;
+            let (cr, mut cw) = client.into_split();
+            let (br, mut bw) = backend.into_split();
+            if !early.is_empty() && bw.write_all(&early).await.is_err() {
+                return (0, 0);
+            }
+            if !leftover.is_empty() && cw.write_all(&leftover).await.is_err() {
+                return (early.len() as u64, 0);
+            }
+            let (up, down) = tokio::join!(pump(&cr, &mut bw), pump(&br, &mut cw));
+            (up + early.len() as u64, down + leftover.len() as u64)
+        }
+        (Ok(parts), mut backend) => {
+            // TLS towards the backend: tokio's copy, small buffers.
+            let mut client = parts.io.into_inner();
+            let early = parts.read_buf;
+            if !early.is_empty() && backend.write_all(&early).await.is_err() {
+                return (0, 0);
+            }
+            copy_both(&mut client, &mut backend, &leftover).await
+        }
+        (Err(upgraded), mut backend) => {
+            // TLS towards the client.
+            let mut client = TokioIo::new(upgraded);
+            copy_both(&mut client, &mut backend, &leftover).await
+        }
+    }
+}
+
+/// The general tunnel: tokio's bidirectional copy with 4 KiB buffers.
+async fn copy_both<C, B>(client: &mut C, backend: &mut B, leftover: &[u8]) -> (u64, u64)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if !leftover.is_empty() && client.write_all(leftover).await.is_err() {
         return (0, 0);
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut stream).await {
+    match tokio::io::copy_bidirectional_with_sizes(client, backend, 4096, 4096).await {
         Ok((up, down)) => (up, down + leftover.len() as u64),
         Err(_) => (0, leftover.len() as u64),
     }
+}
+
+/// Moves bytes from `from` to `to` until `from` ends, then ends `to`.
+///
+/// It waits for readability before it touches a buffer, and the buffer
+/// lives on the stack only between awaits, so an idle connection costs no
+/// buffer memory at all (tokio's copy keeps 8 KiB per direction). Only
+/// when `to` cannot take everything at once is the rest copied to the heap
+/// to await its writing.
+async fn pump(
+    from: &tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> u64 {
+    let mut total = 0u64;
+    loop {
+        if from.readable().await.is_err() {
+            break;
+        }
+        let mut rest: Option<Vec<u8>> = None;
+        let outcome = {
+            let mut buf = [0u8; 16 * 1024];
+            match from.try_read(&mut buf) {
+                Ok(0) => Err(()),
+                Ok(n) => {
+                    let mut off = 0;
+                    let mut failed = false;
+                    while off < n {
+                        match to.try_write(&buf[off..n]) {
+                            Ok(w) => off += w,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                rest = Some(buf[off..n].to_vec());
+                                break;
+                            }
+                            Err(_) => {
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    if failed { Err(()) } else { Ok(n) }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+                Err(_) => Err(()),
+            }
+        };
+        let Ok(n) = outcome else { break };
+        if let Some(rest) = rest
+            && to.write_all(&rest).await.is_err()
+        {
+            break;
+        }
+        total += n as u64;
+    }
+    let _ = to.shutdown().await;
+    total
 }
 
 /// Token bucket for a connection's message rate.
