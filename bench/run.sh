@@ -110,7 +110,7 @@ import re, sys
 table, machine = sys.argv[1], sys.argv[2]
 path = "BENCHMARKS.md"
 text = open(path).read()
-block = f"<!-- results:start -->\nMachine: {machine}\n\n{table}<!-- results:end -->"
+block = f"<!-- results:start -->\nMachine: {machine}\n\n{table.rstrip()}\n<!-- results:end -->"
 text = re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda _: block, text, flags=re.S)
 open(path, "w").write(text)
 PY
