@@ -96,24 +96,10 @@ async fn accept(
         path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.body_text()))?;
     validate_id("agent_id", &agent_id)?;
     validate_id("session_id", &session_id)?;
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            "not_a_websocket",
-            format!(
-                "this endpoint only accepts WebSocket upgrades: {}",
-                e.body_text()
-            ),
-        )
-    })?;
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let upgrade = upgrade.map_err(ApiError::not_a_websocket)?;
+    let Query(query) = query.map_err(ApiError::invalid_query)?;
     if app.shutdown.is_cancelled() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        ));
+        return Err(ApiError::shutting_down());
     }
     let token = auth::bearer_token(&headers, query.access_token.as_deref()).map_err(|e| {
         app.metrics.auth_failure(AuthFailure::MissingToken);

@@ -38,6 +38,40 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// 503 while the server drains.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        )
+    }
+
+    /// A request on a WebSocket endpoint that is not a valid upgrade.
+    pub fn not_a_websocket(
+        rejection: axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    ) -> Self {
+        Self::new(
+            rejection.status(),
+            "not_a_websocket",
+            format!(
+                "this endpoint only accepts WebSocket upgrades: {}",
+                rejection.body_text()
+            ),
+        )
+    }
+
+    /// A query string that does not parse.
+    pub fn invalid_query(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            rejection.body_text(),
+        )
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Body {

@@ -428,21 +428,10 @@ fn accept(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            "not_a_websocket",
-            format!("/ws only accepts WebSocket upgrades: {}", e.body_text()),
-        )
-    })?;
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let upgrade = upgrade.map_err(ApiError::not_a_websocket)?;
+    let Query(query) = query.map_err(ApiError::invalid_query)?;
     if app.shutdown.is_cancelled() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        ));
+        return Err(ApiError::shutting_down());
     }
     let present =
         headers.contains_key(axum::http::header::AUTHORIZATION) || query.access_token.is_some();

@@ -331,11 +331,7 @@ async fn proxy(
         ));
     };
     if app.shutdown.is_cancelled() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        ));
+        return Err(ApiError::shutting_down());
     }
     let open = state
         .open
@@ -527,28 +523,13 @@ async fn proxy(
 }
 
 fn verify_route_token(jwt: &routes::JwtSection, token: &str) -> Result<String, String> {
-    let config = crate::config::JwtConfig {
-        secret: jwt.secret.as_bytes().to_vec(),
-        issuer: jwt.issuer.clone(),
-        audience: jwt.audience.clone(),
-        ttl: Duration::from_secs(0),
-    };
     #[derive(serde::Deserialize)]
     struct Subject {
         sub: String,
     }
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-    validation.leeway = 5;
-    validation.set_issuer(&[&config.issuer]);
-    validation.set_audience(&[&config.audience]);
-    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-    jsonwebtoken::decode::<Subject>(
-        token,
-        &jsonwebtoken::DecodingKey::from_secret(&config.secret),
-        &validation,
-    )
-    .map(|d| d.claims.sub)
-    .map_err(|e| format!("invalid token: {e}"))
+    crate::auth::jwt::verify_as::<Subject>(jwt.secret.as_bytes(), &jwt.issuer, &jwt.audience, token)
+        .map(|s| s.sub)
+        .map_err(|e| e.to_string())
 }
 
 /// Copies bytes both ways until both sides have closed; frames, close

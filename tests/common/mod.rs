@@ -288,13 +288,19 @@ pub async fn connect_request(
 
 /// A minimal HTTP/1.1 GET (no client dependency needed): status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
     )
-    .await?;
+    .await
+}
+
+/// Sends one raw request (with `Connection: close`); returns status and body.
+async fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
+    s.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut raw)).await??;
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await??;
     let text = String::from_utf8_lossy(&raw);
     let status = text
         .split(' ')
@@ -370,23 +376,12 @@ pub async fn http_post_json(
     path: &str,
     body: &str,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await??;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad response: {text}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    http_request(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await
 }
