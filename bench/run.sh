@@ -93,6 +93,15 @@ run compare fanout --n "$N_FAN" --m "$M_FAN" --rate "$(q 100 50)"
 run compare fanout --ours hub --n "$N_FAN" --m "$M_FAN" --rate "$(q 100 50)"
 run fanout --target hub --n "$N_FAN" --m "$M_FAN"
 echo "== idle proxied connections (client and backend sockets together)"
+# A fresh wsproxy, like the fresh HAProxy and nginx: a process that already
+# served the scenarios above would reuse memory it freed and look smaller.
+kill "$WSP" 2>/dev/null || true
+wait "$WSP" 2>/dev/null || true
+HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true \
+  "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
+WSP=$!
+PIDS+=($WSP)
+for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$WS_PORT/ready" >/dev/null && break; sleep 0.1; done
 run idle --name wsproxy-proxy --url "ws://127.0.0.1:$WS_PORT/echo" --n "$N_IDLE_PROXY" --pids "$WSP"
 run idle --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_IDLE_PROXY" --pids "$HAPROXY_PIDS"
 run idle --name nginx --url "ws://127.0.0.1:8092/" --n "$N_IDLE_PROXY" --pids "$NGINX_PIDS"

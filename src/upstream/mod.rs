@@ -473,11 +473,14 @@ async fn proxy(
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, accept);
-    if let Some(p) = &handshake.protocol {
-        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
+    // Taken out, not cloned: the handshake moves into the connection's
+    // long-lived task, which should carry only what it needs.
+    let mut handshake = handshake;
+    if let Some(p) = handshake.protocol.take() {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
-    if let Some(x) = &handshake.extensions {
-        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, x.clone());
+    if let Some(x) = handshake.extensions.take() {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, x);
     }
     let response = response
         .body(Body::empty())
@@ -501,7 +504,7 @@ async fn proxy(
         let started = std::time::Instant::now();
         let (up_bytes, down_bytes) = match frames {
             None => tunnel(upgraded, handshake).await,
-            Some((max, rate)) => relay_frames(&app2, &name, upgraded, handshake, max, rate).await,
+            Some((max, rate)) => relay_boxed(&app2, &name, upgraded, handshake, max, rate).await,
         };
         app2.metrics
             .upstream_bytes(&name, "client_to_backend")
@@ -552,25 +555,31 @@ async fn tunnel(client: TokioIo<hyper::upgrade::Upgraded>, handshake: Handshake)
             let client = parts.io.into_inner();
             // Bytes the client sent right behind its request, already read
             // by the HTTP parser, go to the backend first.
-            let early = parts.read_buf;
             let (cr, mut cw) = client.into_split();
             let (br, mut bw) = backend.into_split();
-            if !early.is_empty() && bw.write_all(&early).await.is_err() {
+            // `read_buf` is a view into hyper's whole request buffer (8 KiB
+            // or more): keeping it, even empty, would keep that buffer for
+            // the connection's life. Forward it and let it go.
+            let early = parts.read_buf.len() as u64;
+            if early > 0 && bw.write_all(&parts.read_buf).await.is_err() {
                 return (0, 0);
             }
-            if !leftover.is_empty() && cw.write_all(&leftover).await.is_err() {
-                return (early.len() as u64, 0);
+            drop(parts.read_buf);
+            let late = leftover.len() as u64;
+            if late > 0 && cw.write_all(&leftover).await.is_err() {
+                return (early, 0);
             }
+            drop(leftover);
             let (up, down) = tokio::join!(pump(&cr, &mut bw), pump(&br, &mut cw));
-            (up + early.len() as u64, down + leftover.len() as u64)
+            (up + early, down + late)
         }
         (Ok(parts), mut backend) => {
             // TLS towards the backend: tokio's copy, small buffers.
             let mut client = parts.io.into_inner();
-            let early = parts.read_buf;
-            if !early.is_empty() && backend.write_all(&early).await.is_err() {
+            if !parts.read_buf.is_empty() && backend.write_all(&parts.read_buf).await.is_err() {
                 return (0, 0);
             }
+            drop(parts.read_buf); // see above: it pins hyper's request buffer
             copy_both(&mut client, &mut backend, &leftover).await
         }
         (Err(upgraded), mut backend) => {
@@ -649,6 +658,20 @@ async fn pump(
     }
     let _ = to.shutdown().await;
     total
+}
+
+/// [`relay_frames`], boxed: built here rather than inside the caller's
+/// future, so its state (two WebSocket streams) is not reserved in every
+/// tunnelled connection's task, where it would sit unused.
+fn relay_boxed<'a>(
+    app: &'a Arc<App>,
+    route: &'a str,
+    client: TokioIo<hyper::upgrade::Upgraded>,
+    handshake: Handshake,
+    max: Option<usize>,
+    rate: Option<(f64, f64)>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = (u64, u64)> + Send + 'a>> {
+    Box::pin(relay_frames(app, route, client, handshake, max, rate))
 }
 
 /// Token bucket for a connection's message rate.
