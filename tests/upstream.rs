@@ -260,6 +260,39 @@ async fn every_frame_type_and_close_codes_pass_both_ways() {
     }
 }
 
+/// Megabytes each way while the client is slow to read: the tunnel must
+/// hold what the client cannot take yet and lose or reorder nothing.
+#[tokio::test]
+async fn large_messages_survive_a_slow_reader() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let server = proxy(&redis, file(vec![route("/echo", "/", &[(b.port, 1)])])).await;
+    let ws = open(&server, "/echo").await.expect("proxied");
+    let (mut tx, mut rx) = ws.split();
+    assert!(matches!(rx.next().await, Some(Ok(Message::Text(_)))));
+    const N: usize = 8;
+    const SIZE: usize = 1 << 20;
+    let body = |i: usize| -> Vec<u8> { (0..SIZE).map(|j| (i * 31 + j % 251) as u8).collect() };
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            tx.send(Message::binary(body(i))).await.expect("send");
+        }
+        tx
+    });
+    // Let the socket buffers fill before reading anything.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..N {
+        match tokio::time::timeout(WAIT, rx.next()).await {
+            Ok(Some(Ok(Message::Binary(got)))) => {
+                assert_eq!(got.len(), SIZE, "message {i} length");
+                assert!(got.as_ref() == body(i).as_slice(), "message {i} differs");
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    sender.await.expect("sender");
+}
+
 #[tokio::test]
 async fn compression_negotiation_reaches_the_backend_and_back() {
     // A hand-written backend that accepts permessage-deflate.

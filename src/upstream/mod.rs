@@ -555,8 +555,8 @@ async fn tunnel(client: TokioIo<hyper::upgrade::Upgraded>, handshake: Handshake)
             let client = parts.io.into_inner();
             // Bytes the client sent right behind its request, already read
             // by the HTTP parser, go to the backend first.
-            let (cr, mut cw) = client.into_split();
-            let (br, mut bw) = backend.into_split();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut br, mut bw) = backend.into_split();
             // `read_buf` is a view into hyper's whole request buffer (8 KiB
             // or more): keeping it, even empty, would keep that buffer for
             // the connection's life. Forward it and let it go.
@@ -570,7 +570,7 @@ async fn tunnel(client: TokioIo<hyper::upgrade::Upgraded>, handshake: Handshake)
                 return (early, 0);
             }
             drop(leftover);
-            let (up, down) = tokio::join!(pump(&cr, &mut bw), pump(&br, &mut cw));
+            let (up, down) = tokio::join!(pump(&mut cr, &mut bw), pump(&mut br, &mut cw));
             (up + early, down + late)
         }
         (Ok(parts), mut backend) => {
@@ -607,55 +607,66 @@ where
 
 /// Moves bytes from `from` to `to` until `from` ends, then ends `to`.
 ///
-/// It waits for readability before it touches a buffer, and the buffer
-/// lives on the stack only between awaits, so an idle connection costs no
-/// buffer memory at all (tokio's copy keeps 8 KiB per direction). Only
-/// when `to` cannot take everything at once is the rest copied to the heap
-/// to await its writing.
+/// The read buffer lives on the stack of one `poll` call only, so an idle
+/// connection costs no buffer memory at all (tokio's copy keeps 8 KiB per
+/// direction), and it is never zeroed. Only when `to` cannot take
+/// everything at once is the rest copied to the heap until it is written.
+///
+/// Reading through `poll_read` rather than `readable()` + `try_read` lets
+/// tokio treat a short read as "drained" (edge-triggered epoll), which saves
+/// one `recv` returning EAGAIN per message.
 async fn pump(
-    from: &tokio::net::tcp::OwnedReadHalf,
+    from: &mut tokio::net::tcp::OwnedReadHalf,
     to: &mut tokio::net::tcp::OwnedWriteHalf,
 ) -> u64 {
+    use std::mem::MaybeUninit;
+    use std::pin::Pin;
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
     let mut total = 0u64;
-    loop {
-        if from.readable().await.is_err() {
-            break;
-        }
-        let mut rest: Option<Vec<u8>> = None;
-        let outcome = {
-            let mut buf = [0u8; 16 * 1024];
-            match from.try_read(&mut buf) {
-                Ok(0) => Err(()),
-                Ok(n) => {
-                    let mut off = 0;
-                    let mut failed = false;
-                    while off < n {
-                        match to.try_write(&buf[off..n]) {
-                            Ok(w) => off += w,
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                rest = Some(buf[off..n].to_vec());
-                                break;
-                            }
-                            Err(_) => {
-                                failed = true;
-                                break;
-                            }
-                        }
-                    }
-                    if failed { Err(()) } else { Ok(n) }
+    // Bytes read but not yet written, and how many of them were written.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut sent = 0usize;
+    std::future::poll_fn(|cx| {
+        loop {
+            while sent < pending.len() {
+                match Pin::new(&mut *to).poll_write(cx, &pending[sent..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => sent += n,
+                    Poll::Ready(_) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
-                Err(_) => Err(()),
             }
-        };
-        let Ok(n) = outcome else { break };
-        if let Some(rest) = rest
-            && to.write_all(&rest).await.is_err()
-        {
-            break;
+            if !pending.is_empty() {
+                pending = Vec::new();
+                sent = 0;
+            }
+            let mut buf = [const { MaybeUninit::<u8>::uninit() }; 16 * 1024];
+            let mut rb = ReadBuf::uninit(&mut buf);
+            match Pin::new(&mut *from).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {}
+            }
+            let data = rb.filled();
+            if data.is_empty() {
+                return Poll::Ready(()); // end of stream
+            }
+            total += data.len() as u64;
+            let mut off = 0;
+            while off < data.len() {
+                match to.try_write(&data[off..]) {
+                    Ok(n) => off += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        pending.extend_from_slice(&data[off..]);
+                        break;
+                    }
+                    Err(_) => return Poll::Ready(()),
+                }
+            }
         }
-        total += n as u64;
-    }
+    })
+    .await;
     let _ = to.shutdown().await;
     total
 }
