@@ -290,7 +290,7 @@ async fn large_messages_survive_a_slow_reader() {
             other => panic!("message {i}: {other:?}"),
         }
     }
-    sender.await.expect("sender");
+    drop(sender.await.expect("sender"));
 }
 
 #[tokio::test]
@@ -755,4 +755,84 @@ async fn frame_relay_answers_each_ping_once() {
         }
     }
     assert_eq!(pongs, 1, "each ping gets exactly one pong");
+}
+
+/// Bytes and frames are counted while a connection is open, not only when
+/// it closes; both the tunnel and the frame relay do it.
+#[tokio::test]
+async fn bytes_and_frames_are_counted_live() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let mut limited = route("/limited", "/", &[(b.port, 1)]);
+    limited["max_message_bytes"] = 1000.into();
+    let server = proxy(
+        &redis,
+        file(vec![route("/echo", "/", &[(b.port, 1)]), limited]),
+    )
+    .await;
+    for path in ["/echo", "/limited"] {
+        let mut ws = open(&server, path).await.expect("proxied");
+        next_text(&mut ws).await;
+        for i in 0..3 {
+            send_text(&mut ws, &format!("message {i}")).await;
+            next_text(&mut ws).await;
+        }
+        let up = format!(
+            "wsproxy_upstream_frames_total{{route=\"{path}\",direction=\"client_to_backend\"}}"
+        );
+        let down = format!(
+            "wsproxy_upstream_frames_total{{route=\"{path}\",direction=\"backend_to_client\"}}"
+        );
+        let bytes = format!(
+            "wsproxy_upstream_bytes_total{{route=\"{path}\",direction=\"client_to_backend\"}}"
+        );
+        // The greeting and three echoes down, three messages up.
+        assert_eq!(server.metric(&up).await, 3.0, "{path}");
+        assert_eq!(server.metric(&down).await, 4.0, "{path}");
+        // Each "message i" is 9 bytes of payload, plus headers in the tunnel.
+        assert!(server.metric(&bytes).await >= 27.0, "{path}");
+        ws.close(None).await.expect("close");
+    }
+}
+
+/// On shutdown, tunnelled and relayed connections alike get 1001 and the
+/// backend sees an orderly close, long before the grace period ends.
+#[tokio::test]
+async fn shutdown_closes_proxied_connections_with_1001() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let mut limited = route("/limited", "/", &[(b.port, 1)]);
+    limited["max_message_bytes"] = 1000.into();
+    let server = proxy(
+        &redis,
+        file(vec![route("/echo", "/", &[(b.port, 1)]), limited]),
+    )
+    .await;
+    let mut tunnelled = open(&server, "/echo").await.expect("proxied");
+    let mut relayed = open(&server, "/limited").await.expect("proxied");
+    for ws in [&mut tunnelled, &mut relayed] {
+        next_text(ws).await;
+        send_text(ws, "still here").await;
+        assert_eq!(next_text(ws).await, "still here");
+    }
+    let stopping = tokio::spawn(server.stop());
+    for ws in [&mut tunnelled, &mut relayed] {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                assert_eq!(u16::from(f.code), 1001);
+                assert_eq!(f.reason.as_str(), "server shutting down");
+            }
+            other => panic!("expected a 1001 close: {other:?}"),
+        }
+        // Drive the reply out and wait for the end of the stream.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    }
+    drop((tunnelled, relayed));
+    // `stop` waits for every proxied connection; the grace period is 30 s.
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("connections drained before the grace period")
+        .expect("stopped");
+    let closes = b.seen.lock().expect("lock").closes.clone();
+    assert_eq!(closes, [1001, 1001], "the backend saw each close once");
 }

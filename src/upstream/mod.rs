@@ -27,6 +27,7 @@
 pub mod balance;
 pub mod connect;
 pub mod routes;
+pub mod tunnel;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -38,7 +39,6 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -49,6 +49,7 @@ use crate::server::{App, ConnectionSlot};
 use balance::{BackendState, RouteState};
 use connect::{BackendStream, DialError, Handshake, Upgrade};
 use routes::{Routes, RoutesError, StickyKey};
+use tunnel::Meter;
 
 /// The loaded routes and their live state.
 struct Table {
@@ -502,16 +503,18 @@ async fn proxy(
             }
         };
         let started = std::time::Instant::now();
-        let (up_bytes, down_bytes) = match frames {
-            None => tunnel(upgraded, handshake).await,
-            Some((max, rate)) => relay_boxed(&app2, &name, upgraded, handshake, max, rate).await,
+        let meter = |direction| Meter {
+            bytes: app2.metrics.upstream_bytes(&name, direction),
+            frames: app2.metrics.upstream_frames(&name, direction),
         };
-        app2.metrics
-            .upstream_bytes(&name, "client_to_backend")
-            .inc_by(up_bytes);
-        app2.metrics
-            .upstream_bytes(&name, "backend_to_client")
-            .inc_by(down_bytes);
+        let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
+        let stop = &app2.shutdown;
+        let (up_bytes, down_bytes) = match frames {
+            None => tunnel::tunnel(upgraded, handshake, &up, &down, stop).await,
+            Some((max, rate)) => {
+                relay_boxed(&app2, upgraded, handshake, (&up, &down), max, rate).await
+            }
+        };
         tracing::info!(
             route = %name,
             backend = %backend.label,
@@ -535,154 +538,18 @@ fn verify_route_token(jwt: &routes::JwtSection, token: &str) -> Result<String, S
         .map_err(|e| e.to_string())
 }
 
-/// Copies bytes both ways until both sides have closed; frames, close
-/// codes and compressed data pass untouched. Returns (client->backend,
-/// backend->client) byte counts.
-///
-/// Plain TCP on both sides (the common case) goes through [`pump`], which
-/// keeps no buffer while a connection is idle; anything with TLS uses
-/// tokio's copy with small buffers.
-async fn tunnel(client: TokioIo<hyper::upgrade::Upgraded>, handshake: Handshake) -> (u64, u64) {
-    let Handshake {
-        stream, leftover, ..
-    } = handshake;
-    let upgraded = client.into_inner();
-    match (
-        upgraded.downcast::<TokioIo<tokio::net::TcpStream>>(),
-        stream,
-    ) {
-        (Ok(parts), BackendStream::Plain(backend)) => {
-            let client = parts.io.into_inner();
-            // Bytes the client sent right behind its request, already read
-            // by the HTTP parser, go to the backend first.
-            let (mut cr, mut cw) = client.into_split();
-            let (mut br, mut bw) = backend.into_split();
-            // `read_buf` is a view into hyper's whole request buffer (8 KiB
-            // or more): keeping it, even empty, would keep that buffer for
-            // the connection's life. Forward it and let it go.
-            let early = parts.read_buf.len() as u64;
-            if early > 0 && bw.write_all(&parts.read_buf).await.is_err() {
-                return (0, 0);
-            }
-            drop(parts.read_buf);
-            let late = leftover.len() as u64;
-            if late > 0 && cw.write_all(&leftover).await.is_err() {
-                return (early, 0);
-            }
-            drop(leftover);
-            let (up, down) = tokio::join!(pump(&mut cr, &mut bw), pump(&mut br, &mut cw));
-            (up + early, down + late)
-        }
-        (Ok(parts), mut backend) => {
-            // TLS towards the backend: tokio's copy, small buffers.
-            let mut client = parts.io.into_inner();
-            if !parts.read_buf.is_empty() && backend.write_all(&parts.read_buf).await.is_err() {
-                return (0, 0);
-            }
-            drop(parts.read_buf); // see above: it pins hyper's request buffer
-            copy_both(&mut client, &mut backend, &leftover).await
-        }
-        (Err(upgraded), mut backend) => {
-            // TLS towards the client.
-            let mut client = TokioIo::new(upgraded);
-            copy_both(&mut client, &mut backend, &leftover).await
-        }
-    }
-}
-
-/// The general tunnel: tokio's bidirectional copy with 4 KiB buffers.
-async fn copy_both<C, B>(client: &mut C, backend: &mut B, leftover: &[u8]) -> (u64, u64)
-where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    if !leftover.is_empty() && client.write_all(leftover).await.is_err() {
-        return (0, 0);
-    }
-    match tokio::io::copy_bidirectional_with_sizes(client, backend, 4096, 4096).await {
-        Ok((up, down)) => (up, down + leftover.len() as u64),
-        Err(_) => (0, leftover.len() as u64),
-    }
-}
-
-/// Moves bytes from `from` to `to` until `from` ends, then ends `to`.
-///
-/// The read buffer lives on the stack of one `poll` call only, so an idle
-/// connection costs no buffer memory at all (tokio's copy keeps 8 KiB per
-/// direction), and it is never zeroed. Only when `to` cannot take
-/// everything at once is the rest copied to the heap until it is written.
-///
-/// Reading through `poll_read` rather than `readable()` + `try_read` lets
-/// tokio treat a short read as "drained" (edge-triggered epoll), which saves
-/// one `recv` returning EAGAIN per message.
-async fn pump(
-    from: &mut tokio::net::tcp::OwnedReadHalf,
-    to: &mut tokio::net::tcp::OwnedWriteHalf,
-) -> u64 {
-    use std::mem::MaybeUninit;
-    use std::pin::Pin;
-    use std::task::Poll;
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-    let mut total = 0u64;
-    // Bytes read but not yet written, and how many of them were written.
-    let mut pending: Vec<u8> = Vec::new();
-    let mut sent = 0usize;
-    std::future::poll_fn(|cx| {
-        loop {
-            while sent < pending.len() {
-                match Pin::new(&mut *to).poll_write(cx, &pending[sent..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => sent += n,
-                    Poll::Ready(_) => return Poll::Ready(()),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            if !pending.is_empty() {
-                pending = Vec::new();
-                sent = 0;
-            }
-            let mut buf = [const { MaybeUninit::<u8>::uninit() }; 16 * 1024];
-            let mut rb = ReadBuf::uninit(&mut buf);
-            match Pin::new(&mut *from).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(())) => {}
-            }
-            let data = rb.filled();
-            if data.is_empty() {
-                return Poll::Ready(()); // end of stream
-            }
-            total += data.len() as u64;
-            let mut off = 0;
-            while off < data.len() {
-                match to.try_write(&data[off..]) {
-                    Ok(n) => off += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        pending.extend_from_slice(&data[off..]);
-                        break;
-                    }
-                    Err(_) => return Poll::Ready(()),
-                }
-            }
-        }
-    })
-    .await;
-    let _ = to.shutdown().await;
-    total
-}
-
 /// [`relay_frames`], boxed: built here rather than inside the caller's
 /// future, so its state (two WebSocket streams) is not reserved in every
 /// tunnelled connection's task, where it would sit unused.
 fn relay_boxed<'a>(
     app: &'a Arc<App>,
-    route: &'a str,
     client: TokioIo<hyper::upgrade::Upgraded>,
     handshake: Handshake,
+    meters: (&'a Meter, &'a Meter),
     max: Option<usize>,
     rate: Option<(f64, f64)>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = (u64, u64)> + Send + 'a>> {
-    Box::pin(relay_frames(app, route, client, handshake, max, rate))
+    Box::pin(relay_frames(app, client, handshake, meters, max, rate))
 }
 
 /// Token bucket for a connection's message rate.
@@ -709,12 +576,12 @@ impl Bucket {
 }
 
 /// Relays frame by frame, enforcing the route's message size and rate on
-/// the client's messages.
+/// the client's messages. On shutdown both sides get a close (1001).
 async fn relay_frames(
     app: &Arc<App>,
-    route: &str,
     client: TokioIo<hyper::upgrade::Upgraded>,
     handshake: Handshake,
+    (meter_up, meter_down): (&Meter, &Meter),
     max: Option<usize>,
     rate: Option<(f64, f64)>,
 ) -> (u64, u64) {
@@ -738,8 +605,6 @@ async fn relay_frames(
         tokens: burst,
         last: std::time::Instant::now(),
     });
-    let frames_up = app.metrics.upstream_frames(route, "client_to_backend");
-    let frames_down = app.metrics.upstream_frames(route, "backend_to_client");
     let (mut up, mut down) = (0u64, 0u64);
     let close = |code: u16, reason: &str| {
         Message::Close(Some(CloseFrame {
@@ -763,7 +628,8 @@ async fn relay_frames(
                     }
                     let is_close = msg.is_close();
                     up += msg.len() as u64;
-                    frames_up.inc();
+                    meter_up.bytes.inc_by(msg.len() as u64);
+                    meter_up.frames.inc();
                     if backend.send(msg).await.is_err() || is_close {
                         break;
                     }
@@ -783,7 +649,8 @@ async fn relay_frames(
                 Some(Ok(msg)) => {
                     let is_close = msg.is_close();
                     down += msg.len() as u64;
-                    frames_down.inc();
+                    meter_down.bytes.inc_by(msg.len() as u64);
+                    meter_down.frames.inc();
                     if client.send(msg).await.is_err() || is_close {
                         break;
                     }
@@ -793,6 +660,12 @@ async fn relay_frames(
                     break;
                 }
             },
+            _ = app.shutdown.cancelled() => {
+                let reason = "server shutting down";
+                let _ = client.send(close(crate::ws::CLOSE_GOING_AWAY, reason)).await;
+                let _ = backend.send(close(crate::ws::CLOSE_GOING_AWAY, reason)).await;
+                break;
+            }
         }
     }
     // Let each side finish its close handshake briefly.

@@ -1,0 +1,435 @@
+//! The byte tunnel: what a proxied connection becomes after the handshake
+//! when its route has no per-message limit.
+//!
+//! Bytes are copied both ways as they come; nothing is decoded, so every
+//! frame type, close code and compressed message passes untouched. The
+//! tunnel still follows the frame *headers* (a few bytes per frame, see
+//! [`FrameScan`]) so that it can
+//! - count frames and bytes each way, live, in the route's metrics, and
+//! - on shutdown, put a close frame (1001) into the backend-to-client stream
+//!   at a frame boundary, which a blind copy could not do without
+//!   corrupting a frame. Everything the backend sends after it is dropped,
+//!   as the protocol requires after a close; the client's answering close
+//!   goes on to the backend, so each side sees one orderly close.
+
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use super::connect::{BackendStream, Handshake};
+use crate::ws::CLOSE_GOING_AWAY;
+
+/// Live counters for one direction of a route.
+#[derive(Debug, Clone, Default)]
+pub struct Meter {
+    /// Bytes forwarded.
+    pub bytes: Counter,
+    /// Frames whose header was forwarded.
+    pub frames: Counter,
+}
+
+/// The read buffer of one `poll`: on the stack, never zeroed.
+const CHUNK: usize = 16 * 1024;
+
+/// How long the second direction may stay open once the first has ended.
+const FIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reason sent with the shutdown close frame.
+const SHUTDOWN_REASON: &[u8] = b"server shutting down";
+
+/// Follows WebSocket frame boundaries in a byte stream without keeping the
+/// stream: it only remembers the header being read (at most 14 bytes) and
+/// how much payload is left of the current frame.
+#[derive(Debug, Default)]
+pub struct FrameScan {
+    header: [u8; 14],
+    have: u8,
+    remaining: u64,
+    /// A close frame has gone by.
+    saw_close: bool,
+}
+
+/// Length of a frame header, from its second byte.
+fn header_len(b1: u8) -> usize {
+    let base = match b1 & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    if b1 & 0x80 != 0 { base + 4 } else { base }
+}
+
+impl FrameScan {
+    /// Feeds the next bytes of the stream; returns how many frame headers
+    /// they completed.
+    pub fn feed(&mut self, mut data: &[u8]) -> u64 {
+        let mut frames = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let skip = self.remaining.min(data.len() as u64);
+                self.remaining -= skip;
+                data = &data[skip as usize..];
+                continue;
+            }
+            let have = usize::from(self.have);
+            let need = if have < 2 {
+                2
+            } else {
+                header_len(self.header[1])
+            };
+            let take = (need - have).min(data.len());
+            self.header[have..have + take].copy_from_slice(&data[..take]);
+            data = &data[take..];
+            let have = have + take;
+            self.have = have as u8;
+            if have >= 2 && have == header_len(self.header[1]) {
+                let h = &self.header;
+                self.remaining = match h[1] & 0x7f {
+                    126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+                    127 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+                    n => u64::from(n),
+                };
+                if h[0] & 0x0f == 0x8 {
+                    self.saw_close = true;
+                }
+                self.have = 0;
+                frames += 1;
+            }
+        }
+        frames
+    }
+
+    /// Between two frames.
+    pub fn at_boundary(&self) -> bool {
+        self.have == 0 && self.remaining == 0
+    }
+}
+
+/// One direction of the tunnel.
+struct Pump<'a, R, W> {
+    from: &'a mut R,
+    to: &'a mut W,
+    meter: &'a Meter,
+    scan: FrameScan,
+    /// Bytes read but not yet written, and how many of them were written.
+    pending: Vec<u8>,
+    sent: usize,
+    total: u64,
+    /// Backend-to-client only: when it fires, close the client with 1001.
+    stop: Option<&'a CancellationToken>,
+    /// The close frame went out: what comes after is read and dropped.
+    closed: bool,
+}
+
+impl<R, W> Pump<'_, R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    /// Takes bytes read from `from`: counts them, follows their frames and
+    /// writes what `to` takes at once, keeping the rest.
+    fn forward(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Result<(), ()> {
+        self.total += data.len() as u64;
+        self.meter.bytes.inc_by(data.len() as u64);
+        self.meter.frames.inc_by(self.scan.feed(data));
+        let mut off = 0;
+        if self.pending.is_empty() {
+            while off < data.len() {
+                match Pin::new(&mut *self.to).poll_write(cx, &data[off..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => off += n,
+                    Poll::Ready(_) => return Err(()),
+                    Poll::Pending => break,
+                }
+            }
+        }
+        self.pending.extend_from_slice(&data[off..]);
+        Ok(())
+    }
+
+    /// Runs until `from` ends or either side fails.
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            while self.sent < self.pending.len() {
+                match Pin::new(&mut *self.to).poll_write(cx, &self.pending[self.sent..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => self.sent += n,
+                    Poll::Ready(_) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !self.pending.is_empty() {
+                // Give the memory back: an idle connection keeps none.
+                self.pending = Vec::new();
+                self.sent = 0;
+            }
+            if !self.closed
+                && self.scan.at_boundary()
+                && self.stop.is_some_and(|s| s.is_cancelled())
+            {
+                self.closed = true;
+                if !self.scan.saw_close {
+                    // The backend has not closed: say goodbye in its place.
+                    let mut frame = Vec::with_capacity(4 + SHUTDOWN_REASON.len());
+                    frame.extend_from_slice(&[0x88, 2 + SHUTDOWN_REASON.len() as u8]);
+                    frame.extend_from_slice(&CLOSE_GOING_AWAY.to_be_bytes());
+                    frame.extend_from_slice(SHUTDOWN_REASON);
+                    self.pending = frame;
+                    continue;
+                }
+            }
+            let mut buf = [const { MaybeUninit::<u8>::uninit() }; CHUNK];
+            let mut rb = ReadBuf::uninit(&mut buf);
+            match Pin::new(&mut *self.from).poll_read(cx, &mut rb) {
+                // The shutdown wakes this task through the stop token's
+                // waiter (see `run`), so pending here is enough.
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {}
+            }
+            let data = rb.filled();
+            if data.is_empty() {
+                return Poll::Ready(()); // end of stream
+            }
+            if self.closed {
+                continue; // after the close frame nothing more may go out
+            }
+            if self.forward(cx, data).is_err() {
+                return Poll::Ready(());
+            }
+        }
+    }
+
+    /// Pumps, then ends the other side's writing; returns the bytes moved.
+    async fn run(&mut self) -> u64 {
+        match self.stop {
+            Some(stop) => {
+                let mut cancelled = std::pin::pin!(stop.cancelled());
+                let mut woken = false;
+                std::future::poll_fn(|cx| {
+                    // Registers the waker with the stop token once, so a
+                    // shutdown wakes an idle tunnel; its pump then closes.
+                    if !woken && cancelled.as_mut().poll(cx).is_ready() {
+                        woken = true;
+                    }
+                    self.poll_pump(cx)
+                })
+                .await
+            }
+            None => std::future::poll_fn(|cx| self.poll_pump(cx)).await,
+        }
+        let _ = self.to.shutdown().await;
+        self.total
+    }
+}
+
+/// Runs the tunnel both ways until both have ended. `early` is what the
+/// client sent behind its request (already read by the HTTP parser),
+/// `leftover` what the backend sent behind its 101. Returns (client to
+/// backend, backend to client) bytes.
+#[allow(clippy::too_many_arguments)]
+async fn both_ways<CR, CW, BR, BW>(
+    (mut cr, mut cw): (CR, CW),
+    (mut br, mut bw): (BR, BW),
+    early: Vec<u8>,
+    leftover: Vec<u8>,
+    up: &Meter,
+    down: &Meter,
+    stop: &CancellationToken,
+) -> (u64, u64)
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
+    let mut to_backend = Pump {
+        from: &mut cr,
+        to: &mut bw,
+        meter: up,
+        scan: FrameScan::default(),
+        pending: Vec::new(),
+        sent: 0,
+        total: 0,
+        stop: None,
+        closed: false,
+    };
+    let mut to_client = Pump {
+        from: &mut br,
+        to: &mut cw,
+        meter: down,
+        scan: FrameScan::default(),
+        pending: Vec::new(),
+        sent: 0,
+        total: 0,
+        stop: Some(stop),
+        closed: false,
+    };
+    // The early bytes go first, through the same accounting.
+    let started = std::future::poll_fn(|cx| {
+        let a = if early.is_empty() {
+            Ok(())
+        } else {
+            to_backend.forward(cx, &early)
+        };
+        let b = if leftover.is_empty() {
+            Ok(())
+        } else {
+            to_client.forward(cx, &leftover)
+        };
+        Poll::Ready(a.and(b))
+    })
+    .await;
+    drop((early, leftover));
+    if started.is_err() {
+        return (0, 0);
+    }
+    // Once one direction has ended, the other has `FIN_TIMEOUT` to follow
+    // (a client that never closes its end must not hold the tunnel open).
+    let (up, down) = {
+        let mut a = std::pin::pin!(to_backend.run());
+        let mut b = std::pin::pin!(to_client.run());
+        tokio::select! {
+            up = &mut a => (Some(up), tokio::time::timeout(FIN_TIMEOUT, b).await.ok()),
+            down = &mut b => (tokio::time::timeout(FIN_TIMEOUT, a).await.ok(), Some(down)),
+        }
+    };
+    (
+        up.unwrap_or(to_backend.total),
+        down.unwrap_or(to_client.total),
+    )
+}
+
+/// Tunnels a proxied connection; see the module documentation.
+pub async fn tunnel(
+    client: TokioIo<hyper::upgrade::Upgraded>,
+    handshake: Handshake,
+    up: &Meter,
+    down: &Meter,
+    stop: &CancellationToken,
+) -> (u64, u64) {
+    let Handshake {
+        stream, leftover, ..
+    } = handshake;
+    let upgraded = client.into_inner();
+    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+        Ok(parts) => {
+            // `read_buf` is a view into hyper's whole request buffer (8 KiB
+            // or more): keeping it, even empty, would keep that buffer for
+            // the connection's life. Copy out what it holds (almost always
+            // nothing) and let it go.
+            let early = parts.read_buf.to_vec();
+            drop(parts.read_buf);
+            let client = parts.io.into_inner().into_split();
+            match stream {
+                BackendStream::Plain(backend) => {
+                    both_ways(
+                        client,
+                        backend.into_split(),
+                        early,
+                        leftover,
+                        up,
+                        down,
+                        stop,
+                    )
+                    .await
+                }
+                tls => {
+                    both_ways(
+                        client,
+                        tokio::io::split(tls),
+                        early,
+                        leftover,
+                        up,
+                        down,
+                        stop,
+                    )
+                    .await
+                }
+            }
+        }
+        // TLS towards the client.
+        Err(upgraded) => {
+            both_ways(
+                tokio::io::split(TokioIo::new(upgraded)),
+                tokio::io::split(stream),
+                Vec::new(),
+                leftover,
+                up,
+                down,
+                stop,
+            )
+            .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame as a client (masked) or server would send it.
+    fn frame(opcode: u8, payload_len: usize, masked: bool) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload_len {
+            n if n < 126 => f.push(mask_bit | n as u8),
+            n if n <= 0xffff => {
+                f.push(mask_bit | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(mask_bit | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            f.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        f.extend((0..payload_len).map(|i| i as u8));
+        f
+    }
+
+    #[test]
+    fn frame_boundaries_are_found_however_the_stream_is_cut() {
+        let mut stream = Vec::new();
+        for (op, len, masked) in [
+            (0x1, 0, false),
+            (0x2, 5, true),
+            (0x1, 125, false),
+            (0x2, 126, true),
+            (0x9, 3, false),
+            (0x2, 70_000, false),
+            (0x8, 2, true),
+        ] {
+            stream.extend(frame(op, len, masked));
+        }
+        for chunk in [1, 2, 3, 7, 13, 100, 4096, stream.len()] {
+            let mut scan = FrameScan::default();
+            let mut frames = 0;
+            for piece in stream.chunks(chunk) {
+                frames += scan.feed(piece);
+            }
+            assert_eq!(frames, 7, "chunk {chunk}");
+            assert!(scan.at_boundary(), "chunk {chunk}");
+            assert!(scan.saw_close, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_partial_frame_is_not_a_boundary() {
+        let f = frame(0x2, 300, false);
+        let mut scan = FrameScan::default();
+        assert!(scan.at_boundary());
+        scan.feed(&f[..1]);
+        assert!(!scan.at_boundary(), "inside the header");
+        scan.feed(&f[1..10]);
+        assert!(!scan.at_boundary(), "inside the payload");
+        scan.feed(&f[10..]);
+        assert!(scan.at_boundary());
+        assert!(!scan.saw_close);
+    }
+}
