@@ -474,13 +474,19 @@ async fn proxy(
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, accept);
-    // Taken out, not cloned: the handshake moves into the connection's
-    // long-lived task, which should carry only what it needs.
-    let mut handshake = handshake;
-    if let Some(p) = handshake.protocol.take() {
+    // Taken apart: only the stream and what came behind the 101 move into
+    // the connection's long-lived task.
+    let Handshake {
+        stream,
+        leftover,
+        protocol,
+        extensions,
+    } = handshake;
+    let backend_io = (stream, leftover);
+    if let Some(p) = protocol {
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
-    if let Some(x) = handshake.extensions.take() {
+    if let Some(x) = extensions {
         response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, x);
     }
     let response = response
@@ -510,9 +516,9 @@ async fn proxy(
         let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
         let stop = &app2.shutdown;
         let (up_bytes, down_bytes) = match frames {
-            None => tunnel::tunnel(upgraded, handshake, &up, &down, stop).await,
+            None => tunnel::tunnel(upgraded, backend_io, (&up, &down), stop).await,
             Some((max, rate)) => {
-                relay_boxed(&app2, upgraded, handshake, (&up, &down), max, rate).await
+                relay_boxed(&app2, upgraded, backend_io, (&up, &down), max, rate).await
             }
         };
         tracing::info!(
@@ -544,12 +550,12 @@ fn verify_route_token(jwt: &routes::JwtSection, token: &str) -> Result<String, S
 fn relay_boxed<'a>(
     app: &'a Arc<App>,
     client: TokioIo<hyper::upgrade::Upgraded>,
-    handshake: Handshake,
+    backend: (BackendStream, Vec<u8>),
     meters: (&'a Meter, &'a Meter),
     max: Option<usize>,
     rate: Option<(f64, f64)>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = (u64, u64)> + Send + 'a>> {
-    Box::pin(relay_frames(app, client, handshake, meters, max, rate))
+    Box::pin(relay_frames(app, client, backend, meters, max, rate))
 }
 
 /// Token bucket for a connection's message rate.
@@ -580,7 +586,7 @@ impl Bucket {
 async fn relay_frames(
     app: &Arc<App>,
     client: TokioIo<hyper::upgrade::Upgraded>,
-    handshake: Handshake,
+    (stream, leftover): (BackendStream, Vec<u8>),
     (meter_up, meter_down): (&Meter, &Meter),
     max: Option<usize>,
     rate: Option<(f64, f64)>,
@@ -593,9 +599,6 @@ async fn relay_frames(
     let mut client =
         WebSocketStream::from_raw_socket(client, Role::Server, Some(client_config)).await;
     let backend_config = WebSocketConfig::default().read_buffer_size(4096);
-    let Handshake {
-        stream, leftover, ..
-    } = handshake;
     let mut backend: WebSocketStream<BackendStream> =
         WebSocketStream::from_partially_read(stream, leftover, Role::Client, Some(backend_config))
             .await;

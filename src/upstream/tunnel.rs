@@ -16,12 +16,13 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{BackendStream, Handshake};
+use super::connect::BackendStream;
 use crate::ws::CLOSE_GOING_AWAY;
 
 /// Live counters for one direction of a route.
@@ -110,10 +111,11 @@ impl FrameScan {
     }
 }
 
-/// One direction of the tunnel.
+/// One direction of the tunnel. It owns its two halves, so that the task's
+/// state holds each of them once.
 struct Pump<'a, R, W> {
-    from: &'a mut R,
-    to: &'a mut W,
+    from: R,
+    to: W,
     meter: &'a Meter,
     scan: FrameScan,
     /// Bytes read but not yet written, and how many of them were written.
@@ -126,11 +128,36 @@ struct Pump<'a, R, W> {
     closed: bool,
 }
 
-impl<R, W> Pump<'_, R, W>
+impl<'a, R, W> Pump<'a, R, W>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    /// A pump whose first bytes to write are `first` (already read by
+    /// someone else), counted and followed like the rest.
+    fn new(
+        from: R,
+        to: W,
+        meter: &'a Meter,
+        stop: Option<&'a CancellationToken>,
+        first: Vec<u8>,
+    ) -> Self {
+        let mut scan = FrameScan::default();
+        meter.bytes.inc_by(first.len() as u64);
+        meter.frames.inc_by(scan.feed(&first));
+        Self {
+            from,
+            to,
+            meter,
+            scan,
+            total: first.len() as u64,
+            pending: first,
+            sent: 0,
+            stop,
+            closed: false,
+        }
+    }
+
     /// Takes bytes read from `from`: counts them, follows their frames and
     /// writes what `to` takes at once, keeping the rest.
     fn forward(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Result<(), ()> {
@@ -138,13 +165,11 @@ where
         self.meter.bytes.inc_by(data.len() as u64);
         self.meter.frames.inc_by(self.scan.feed(data));
         let mut off = 0;
-        if self.pending.is_empty() {
-            while off < data.len() {
-                match Pin::new(&mut *self.to).poll_write(cx, &data[off..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => off += n,
-                    Poll::Ready(_) => return Err(()),
-                    Poll::Pending => break,
-                }
+        while off < data.len() {
+            match Pin::new(&mut self.to).poll_write(cx, &data[off..]) {
+                Poll::Ready(Ok(n)) if n > 0 => off += n,
+                Poll::Ready(_) => return Err(()),
+                Poll::Pending => break,
             }
         }
         self.pending.extend_from_slice(&data[off..]);
@@ -155,13 +180,13 @@ where
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             while self.sent < self.pending.len() {
-                match Pin::new(&mut *self.to).poll_write(cx, &self.pending[self.sent..]) {
+                match Pin::new(&mut self.to).poll_write(cx, &self.pending[self.sent..]) {
                     Poll::Ready(Ok(n)) if n > 0 => self.sent += n,
                     Poll::Ready(_) => return Poll::Ready(()),
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            if !self.pending.is_empty() {
+            if self.pending.capacity() > 0 {
                 // Give the memory back: an idle connection keeps none.
                 self.pending = Vec::new();
                 self.sent = 0;
@@ -183,7 +208,7 @@ where
             }
             let mut buf = [const { MaybeUninit::<u8>::uninit() }; CHUNK];
             let mut rb = ReadBuf::uninit(&mut buf);
-            match Pin::new(&mut *self.from).poll_read(cx, &mut rb) {
+            match Pin::new(&mut self.from).poll_read(cx, &mut rb) {
                 // The shutdown wakes this task through the stop token's
                 // waiter (see `run`), so pending here is enough.
                 Poll::Pending => return Poll::Pending,
@@ -226,143 +251,101 @@ where
     }
 }
 
-/// Runs the tunnel both ways until both have ended. `early` is what the
-/// client sent behind its request (already read by the HTTP parser),
-/// `leftover` what the backend sent behind its 101. Returns (client to
+/// The tunnel both ways, until both have ended. `early` is what the client
+/// sent behind its request (already read by the HTTP parser), `leftover`
+/// what the backend sent behind its 101. The future returns (client to
 /// backend, backend to client) bytes.
-#[allow(clippy::too_many_arguments)]
-async fn both_ways<CR, CW, BR, BW>(
-    (mut cr, mut cw): (CR, CW),
-    (mut br, mut bw): (BR, BW),
-    early: Vec<u8>,
-    leftover: Vec<u8>,
-    up: &Meter,
-    down: &Meter,
-    stop: &CancellationToken,
-) -> (u64, u64)
+///
+/// Not an `async fn`: its arguments would stay in the future beside the
+/// pumps they are moved into.
+fn both_ways<'a, CR, CW, BR, BW>(
+    (cr, cw): (CR, CW),
+    (br, bw): (BR, BW),
+    (early, leftover): (Vec<u8>, Vec<u8>),
+    (up, down): (&'a Meter, &'a Meter),
+    stop: &'a CancellationToken,
+) -> impl Future<Output = (u64, u64)> + Send + 'a
 where
-    CR: AsyncRead + Unpin,
-    CW: AsyncWrite + Unpin,
-    BR: AsyncRead + Unpin,
-    BW: AsyncWrite + Unpin,
+    CR: AsyncRead + Unpin + Send + 'a,
+    CW: AsyncWrite + Unpin + Send + 'a,
+    BR: AsyncRead + Unpin + Send + 'a,
+    BW: AsyncWrite + Unpin + Send + 'a,
 {
-    let mut to_backend = Pump {
-        from: &mut cr,
-        to: &mut bw,
-        meter: up,
-        scan: FrameScan::default(),
-        pending: Vec::new(),
-        sent: 0,
-        total: 0,
-        stop: None,
-        closed: false,
-    };
-    let mut to_client = Pump {
-        from: &mut br,
-        to: &mut cw,
-        meter: down,
-        scan: FrameScan::default(),
-        pending: Vec::new(),
-        sent: 0,
-        total: 0,
-        stop: Some(stop),
-        closed: false,
-    };
-    // The early bytes go first, through the same accounting.
-    let started = std::future::poll_fn(|cx| {
-        let a = if early.is_empty() {
-            Ok(())
-        } else {
-            to_backend.forward(cx, &early)
+    let mut to_backend = Pump::new(cr, bw, up, None, early);
+    let mut to_client = Pump::new(br, cw, down, Some(stop), leftover);
+    async move {
+        // Once one direction has ended, the other has `FIN_TIMEOUT` to
+        // follow (a client that never closes its end must not hold the
+        // tunnel open).
+        let (up, down) = {
+            let mut a = std::pin::pin!(to_backend.run());
+            let mut b = std::pin::pin!(to_client.run());
+            tokio::select! {
+                up = &mut a => (Some(up), tokio::time::timeout(FIN_TIMEOUT, b).await.ok()),
+                down = &mut b => (tokio::time::timeout(FIN_TIMEOUT, a).await.ok(), Some(down)),
+            }
         };
-        let b = if leftover.is_empty() {
-            Ok(())
-        } else {
-            to_client.forward(cx, &leftover)
-        };
-        Poll::Ready(a.and(b))
-    })
-    .await;
-    drop((early, leftover));
-    if started.is_err() {
-        return (0, 0);
+        (
+            up.unwrap_or(to_backend.total),
+            down.unwrap_or(to_client.total),
+        )
     }
-    // Once one direction has ended, the other has `FIN_TIMEOUT` to follow
-    // (a client that never closes its end must not hold the tunnel open).
-    let (up, down) = {
-        let mut a = std::pin::pin!(to_backend.run());
-        let mut b = std::pin::pin!(to_client.run());
-        tokio::select! {
-            up = &mut a => (Some(up), tokio::time::timeout(FIN_TIMEOUT, b).await.ok()),
-            down = &mut b => (tokio::time::timeout(FIN_TIMEOUT, a).await.ok(), Some(down)),
-        }
-    };
-    (
-        up.unwrap_or(to_backend.total),
-        down.unwrap_or(to_client.total),
-    )
 }
 
-/// Tunnels a proxied connection; see the module documentation.
-pub async fn tunnel(
+/// Tunnels a proxied connection (see the module documentation): the
+/// returned future runs until both directions have ended and returns
+/// (client to backend, backend to client) bytes.
+pub fn tunnel<'a>(
     client: TokioIo<hyper::upgrade::Upgraded>,
-    handshake: Handshake,
-    up: &Meter,
-    down: &Meter,
-    stop: &CancellationToken,
-) -> (u64, u64) {
-    let Handshake {
-        stream, leftover, ..
-    } = handshake;
-    let upgraded = client.into_inner();
-    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
-        Ok(parts) => {
+    (backend, leftover): (BackendStream, Vec<u8>),
+    meters: (&'a Meter, &'a Meter),
+    stop: &'a CancellationToken,
+) -> impl Future<Output = (u64, u64)> + Send + 'a {
+    type Boxed<'a> = Pin<Box<dyn Future<Output = (u64, u64)> + Send + 'a>>;
+    match (
+        client
+            .into_inner()
+            .downcast::<TokioIo<tokio::net::TcpStream>>(),
+        backend,
+    ) {
+        (Ok(parts), BackendStream::Plain(backend)) => {
             // `read_buf` is a view into hyper's whole request buffer (8 KiB
             // or more): keeping it, even empty, would keep that buffer for
             // the connection's life. Copy out what it holds (almost always
             // nothing) and let it go.
             let early = parts.read_buf.to_vec();
-            drop(parts.read_buf);
             let client = parts.io.into_inner().into_split();
-            match stream {
-                BackendStream::Plain(backend) => {
-                    both_ways(
-                        client,
-                        backend.into_split(),
-                        early,
-                        leftover,
-                        up,
-                        down,
-                        stop,
-                    )
-                    .await
-                }
-                tls => {
-                    both_ways(
-                        client,
-                        tokio::io::split(tls),
-                        early,
-                        leftover,
-                        up,
-                        down,
-                        stop,
-                    )
-                    .await
-                }
-            }
-        }
-        // TLS towards the client.
-        Err(upgraded) => {
-            both_ways(
-                tokio::io::split(TokioIo::new(upgraded)),
-                tokio::io::split(stream),
-                Vec::new(),
-                leftover,
-                up,
-                down,
+            Either::Left(both_ways(
+                client,
+                backend.into_split(),
+                (early, leftover),
+                meters,
                 stop,
-            )
-            .await
+            ))
+        }
+        // TLS on either side: boxed, so that its state is not reserved in
+        // every plain connection's task.
+        (Ok(parts), tls) => {
+            let early = parts.read_buf.to_vec();
+            let client = parts.io.into_inner().into_split();
+            let boxed: Boxed<'a> = Box::pin(both_ways(
+                client,
+                tokio::io::split(tls),
+                (early, leftover),
+                meters,
+                stop,
+            ));
+            Either::Right(boxed)
+        }
+        (Err(upgraded), backend) => {
+            let boxed: Boxed<'a> = Box::pin(both_ways(
+                tokio::io::split(TokioIo::new(upgraded)),
+                tokio::io::split(backend),
+                (Vec::new(), leftover),
+                meters,
+                stop,
+            ));
+            Either::Right(boxed)
         }
     }
 }
