@@ -836,3 +836,108 @@ async fn shutdown_closes_proxied_connections_with_1001() {
     let closes = b.seen.lock().expect("lock").closes.clone();
     assert_eq!(closes, [1001, 1001], "the backend saw each close once");
 }
+
+/// A backend that accepts TCP connections but refuses every upgrade.
+async fn refusing_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+/// Health checks do a WebSocket handshake (on the configured path), so a
+/// backend that accepts TCP but refuses upgrades is taken out before any
+/// client is sent to it.
+#[tokio::test]
+async fn health_checks_complete_a_websocket_handshake() {
+    let redis = Redis::start().await;
+    let good = echo_backend("good").await;
+    let (bad, _bad_task) = refusing_backend().await;
+    let mut r = route("/hc", "/app", &[(good.port, 1), (bad, 1)]);
+    r["health_check"] =
+        serde_json::json!({"interval_ms": 100, "timeout_ms": 500, "path": "/probe"});
+    let server = proxy(&redis, file(vec![r])).await;
+    let failed = |port: u16, reason: &str| {
+        format!(
+            "wsproxy_upstream_failures_total{{route=\"/hc\",backend=\"127.0.0.1:{port}\",reason=\"{reason}\"}}"
+        )
+    };
+    server.wait_metric(&failed(bad, "health_check"), 1.0).await;
+    for _ in 0..6 {
+        assert_eq!(greeting_backend(&server, "/hc").await, "good");
+    }
+    assert_eq!(server.metric(&failed(bad, "refused")).await, 0.0);
+    assert_eq!(server.metric(&failed(good.port, "health_check")).await, 0.0);
+    let paths = good.seen.lock().expect("lock").paths.clone();
+    assert!(paths.iter().any(|p| p == "/probe"), "{paths:?}");
+    assert_eq!(
+        paths.iter().filter(|p| *p == "/app").count(),
+        6,
+        "{paths:?}"
+    );
+}
+
+/// A reload keeps what it can: a route's open-connection count (so
+/// `max_connections` holds across it) and the state of backends configured
+/// as before (an open breaker stays open).
+#[tokio::test]
+async fn reload_keeps_connection_counts_and_backend_state() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    let mut small = route("/small", "/", &[(b.port, 1)]);
+    small["max_connections"] = 2.into();
+    let mut ha = route("/ha", "/", &[(b.port, 1), (dead_port, 1)]);
+    ha["circuit_breaker"] = serde_json::json!({"failures": 1, "cooldown_ms": 60000});
+    let path = routes_file(file(vec![small.clone(), ha.clone()]));
+    let p2 = path.clone();
+    let server = Server::start_with(&redis.url(), move |c| c.routes_file = Some(p2)).await;
+    let refused = format!(
+        "wsproxy_upstream_failures_total{{route=\"/ha\",backend=\"127.0.0.1:{dead_port}\",reason=\"refused\"}}"
+    );
+    // Until the dead backend has been tried once, and its breaker opened.
+    while server.metric(&refused).await < 1.0 {
+        assert_eq!(greeting_backend(&server, "/ha").await, "b0");
+    }
+    let _a = open(&server, "/small").await.expect("1st");
+    let _b = open(&server, "/small").await.expect("2nd");
+
+    std::fs::write(
+        &path,
+        file(vec![small, ha, route("/new", "/", &[(b.port, 1)])]).to_string(),
+    )
+    .expect("write");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while open(&server, "/new").await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "reload not seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = open(&server, "/small").await.expect_err("still two open");
+    assert_eq!((err.0, err.1["error"].as_str()), (503, Some("route_full")));
+    for _ in 0..4 {
+        assert_eq!(greeting_backend(&server, "/ha").await, "b0");
+    }
+    assert_eq!(
+        server.metric(&refused).await,
+        1.0,
+        "the open breaker was forgotten"
+    );
+}

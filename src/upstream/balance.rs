@@ -85,25 +85,33 @@ pub struct RouteState {
     pub backends: Vec<Arc<BackendState>>,
     /// Smooth weighted round robin: current weight per backend.
     current: Mutex<Vec<i64>>,
-    /// Connections open through this route.
-    pub open: AtomicUsize,
+    /// Connections open through this route (shared with the state this one
+    /// replaced on reload, so `max_connections` counts them all).
+    pub open: Arc<AtomicUsize>,
 }
 
 impl RouteState {
-    /// Fresh state for `route`.
-    pub fn new(route: Route) -> Self {
+    /// State for `route`. On reload, `previous` is the state of the route
+    /// with the same `external_path` before: a backend configured exactly as
+    /// before keeps its state (health, breaker, open connections), and the
+    /// route keeps its connection count.
+    pub fn new(route: Route, previous: Option<&RouteState>) -> Self {
         let epoch = Instant::now();
         let backends: Vec<_> = route
             .backends
             .iter()
-            .cloned()
-            .map(|b| Arc::new(BackendState::new(b, epoch)))
+            .map(|b| {
+                previous
+                    .and_then(|p| p.backends.iter().find(|old| old.backend == *b))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(BackendState::new(b.clone(), epoch)))
+            })
             .collect();
         Self {
             current: Mutex::new(vec![0; backends.len()]),
             backends,
             route,
-            open: AtomicUsize::new(0),
+            open: previous.map(|p| p.open.clone()).unwrap_or_default(),
         }
     }
 
@@ -202,7 +210,7 @@ mod tests {
             backends.join(",")
         );
         let routes = Routes::parse(&text, "t").expect("valid");
-        RouteState::new(routes.routes[0].clone())
+        RouteState::new(routes.routes[0].clone(), None)
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::routes::Backend;
+use super::routes::{Backend, Probe};
 
 /// Largest backend handshake response accepted.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
@@ -356,16 +356,62 @@ async fn dial_inner(
     })
 }
 
-/// A health probe: can a TCP connection be opened within `limit`?
-pub async fn probe(backend: &Backend, limit: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(
-            limit,
-            TcpStream::connect((backend.host.as_str(), backend.port))
-        )
-        .await,
-        Ok(Ok(_))
-    )
+/// One health check of `backend` within `limit`: `Err` says what failed.
+///
+/// A WebSocket check sends the handshake a client would (no client
+/// headers; `User-Agent: wsproxy-health-check`), wants 101, then closes
+/// with 1000 so the backend sees an orderly visit.
+pub async fn probe(
+    backend: &Backend,
+    tls: &TlsConnector,
+    probe: &Probe,
+    limit: Duration,
+) -> Result<(), String> {
+    match probe {
+        Probe::Tcp => {
+            let check = async {
+                let tcp = TcpStream::connect((backend.host.as_str(), backend.port)).await?;
+                if backend.tls {
+                    let name = ServerName::try_from(backend.host.clone())
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    tls.connect(name, tcp).await?;
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            match tokio::time::timeout(limit, check).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("cannot connect: {e}")),
+                Err(_) => Err(format!("no connection within {limit:?}")),
+            }
+        }
+        Probe::WebSocket(path) => {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::USER_AGENT,
+                HeaderValue::from_static("wsproxy-health-check"),
+            );
+            let up = Upgrade {
+                path_and_query: path,
+                client_headers: &headers,
+                peer: None,
+                client_tls: false,
+                pass_extensions: false,
+                subject: None,
+            };
+            let mut shake = dial(backend, tls, &up, limit)
+                .await
+                .map_err(|e| e.to_string())?;
+            // Close 1000, masked (a client's frames always are; the key
+            // may be any value).
+            let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
+            let _ = tokio::time::timeout(limit, async {
+                shake.stream.write_all(&close).await?;
+                shake.stream.shutdown().await
+            })
+            .await;
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -85,12 +85,21 @@ pub enum UpstreamError {
     Ca(#[from] connect::CaError),
 }
 
-fn build_table(routes: Routes) -> Arc<Table> {
+/// Builds the live state for `routes`, carrying over from `previous` (on
+/// reload) whatever still applies; see [`RouteState::new`].
+fn build_table(routes: Routes, previous: Option<&Table>) -> Arc<Table> {
     let states = routes
         .routes
         .iter()
         .cloned()
-        .map(|r| Arc::new(RouteState::new(r)))
+        .map(|r| {
+            let before = previous.and_then(|t| {
+                t.states
+                    .iter()
+                    .find(|s| s.route.external_path == r.external_path)
+            });
+            Arc::new(RouteState::new(r, before.map(|s| &**s)))
+        })
         .collect();
     Arc::new(Table {
         routes,
@@ -106,7 +115,7 @@ impl Upstream {
         let routes = Routes::load(path)?;
         Ok(Self {
             path: path.to_owned(),
-            table: RwLock::new(build_table(routes)),
+            table: RwLock::new(build_table(routes, None)),
             tls: connect::tls_connector(ca_file)?,
         })
     }
@@ -125,19 +134,19 @@ impl Upstream {
     pub fn reload(&self, app: &Arc<App>) -> Result<usize, RoutesError> {
         let routes = Routes::load(&self.path)?;
         let n = routes.routes.len();
-        let table = build_table(routes);
+        let table = build_table(routes, Some(&self.current()));
         let old = {
             let mut slot = self.table.write().unwrap_or_else(|p| p.into_inner());
             std::mem::replace(&mut *slot, table.clone())
         };
         old.checks.cancel();
-        start_health_checks(app, &table);
+        start_health_checks(app, &self.tls, &table);
         Ok(n)
     }
 
     /// Starts the health checks of the current routes.
     pub fn start(&self, app: &Arc<App>) {
-        start_health_checks(app, &self.current());
+        start_health_checks(app, &self.tls, &self.current());
     }
 
     /// Stops the health checks.
@@ -146,37 +155,49 @@ impl Upstream {
     }
 }
 
-/// One task per backend of every route with a `health_check`: a TCP
-/// connect every interval; a failure takes the backend out until a check
-/// succeeds.
-fn start_health_checks(app: &Arc<App>, table: &Arc<Table>) {
+/// One task per backend of every route with a `health_check`: a probe
+/// every interval (a WebSocket handshake, or a TCP connect); a failure
+/// takes the backend out until a check succeeds.
+fn start_health_checks(app: &Arc<App>, tls: &tokio_rustls::TlsConnector, table: &Arc<Table>) {
     for state in &table.states {
-        let Some((interval, timeout)) = state.route.health_check else {
+        let Some(check) = state.route.health_check.clone() else {
             continue;
         };
         for backend in &state.backends {
-            let (backend, stop, app, route) = (
+            let (backend, stop, app, route, check, tls) = (
                 backend.clone(),
                 table.checks.clone(),
                 app.clone(),
                 state.route.external_path.clone(),
+                check.clone(),
+                tls.clone(),
             );
             tokio::spawn(async move {
                 loop {
-                    let ok = connect::probe(&backend.backend, timeout).await;
+                    let result =
+                        connect::probe(&backend.backend, &tls, &check.probe, check.timeout).await;
+                    let ok = result.is_ok();
                     let was = backend
                         .healthy
                         .swap(ok, std::sync::atomic::Ordering::Relaxed);
                     if was != ok {
-                        tracing::warn!(%route, backend = %backend.label, healthy = ok, "health check changed");
-                        if !ok {
-                            app.metrics
-                                .upstream_failure(&route, &backend.label, "health_check");
+                        match result {
+                            Ok(()) => {
+                                tracing::warn!(%route, backend = %backend.label, "health check passes again")
+                            }
+                            Err(e) => {
+                                tracing::warn!(%route, backend = %backend.label, error = %e, "health check failed; backend taken out");
+                                app.metrics.upstream_failure(
+                                    &route,
+                                    &backend.label,
+                                    "health_check",
+                                );
+                            }
                         }
                     }
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(interval) => {}
+                        _ = tokio::time::sleep(check.interval) => {}
                     }
                 }
             });

@@ -45,6 +45,11 @@ pub enum RoutesError {
     },
 }
 
+/// Printable ASCII only: what may go into a request line as it is.
+fn visible_ascii(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_graphic())
+}
+
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> RoutesError {
     RoutesError::Invalid {
         field: field.into(),
@@ -136,6 +141,12 @@ struct HealthEntry {
     interval_ms: u64,
     #[serde(default = "default_health_timeout")]
     timeout_ms: u64,
+    /// "websocket" (default) or "tcp".
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    /// Backend path for WebSocket checks (default: the route's internal_path).
+    #[serde(default)]
+    path: Option<String>,
 }
 
 fn default_interval() -> u64 {
@@ -215,12 +226,33 @@ pub struct Route {
     pub max_message_bytes: Option<usize>,
     /// Client messages per second and burst (close 1008 past it); frame mode.
     pub rate_limit: Option<(f64, f64)>,
-    /// Active health check period and timeout.
-    pub health_check: Option<(Duration, Duration)>,
+    /// Active health check, if configured.
+    pub health_check: Option<HealthCheck>,
     /// Consecutive failures that open the breaker, and its cool-down.
     pub breaker: (u32, Duration),
     /// Bound on connecting plus the backend's handshake (504 past it).
     pub connect_timeout: Duration,
+}
+
+/// An active health check of every backend of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Time between two checks of a backend.
+    pub interval: Duration,
+    /// Bound on one check.
+    pub timeout: Duration,
+    /// What a check does.
+    pub probe: Probe,
+}
+
+/// What a health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Open a TCP connection (and TLS for `wss://`) and close it.
+    Tcp,
+    /// Complete a WebSocket handshake on this backend path (101 expected),
+    /// then close with 1000.
+    WebSocket(String),
 }
 
 impl Route {
@@ -318,11 +350,15 @@ impl Routes {
                 ("external_path", &r.external_path),
                 ("internal_path", &r.internal_path),
             ] {
-                if !p.starts_with('/') || p.contains(['?', '#', ' ']) || p.contains("//") {
+                if !p.starts_with('/')
+                    || p.contains(['?', '#'])
+                    || p.contains("//")
+                    || !visible_ascii(p)
+                {
                     return Err(invalid(
                         at(name),
                         format!(
-                            "{p:?} must be a path starting with '/' (no query, spaces or '//')"
+                            "{p:?} must be a path starting with '/' (no query, '//', spaces or control characters)"
                         ),
                     ));
                 }
@@ -463,10 +499,40 @@ impl Routes {
                             format!("{} is outside 10-60000", h.timeout_ms),
                         ));
                     }
-                    Some((
-                        Duration::from_millis(h.interval_ms),
-                        Duration::from_millis(h.timeout_ms),
-                    ))
+                    let probe = match h.kind.as_deref() {
+                        None | Some("websocket") => {
+                            let path = h.path.clone().unwrap_or_else(|| r.internal_path.clone());
+                            if !path.starts_with('/') || !visible_ascii(&path) {
+                                return Err(invalid(
+                                    at("health_check.path"),
+                                    format!(
+                                        "{path:?} must be a path starting with '/' (printable ASCII, no spaces)"
+                                    ),
+                                ));
+                            }
+                            Probe::WebSocket(path)
+                        }
+                        Some("tcp") => {
+                            if h.path.is_some() {
+                                return Err(invalid(
+                                    at("health_check.path"),
+                                    "only applies to \"websocket\" checks",
+                                ));
+                            }
+                            Probe::Tcp
+                        }
+                        Some(other) => {
+                            return Err(invalid(
+                                at("health_check.type"),
+                                format!("{other:?} is not \"websocket\" or \"tcp\""),
+                            ));
+                        }
+                    };
+                    Some(HealthCheck {
+                        interval: Duration::from_millis(h.interval_ms),
+                        timeout: Duration::from_millis(h.timeout_ms),
+                        probe,
+                    })
                 }
             };
             let breaker = match &r.circuit_breaker {
@@ -552,6 +618,29 @@ mod tests {
     }
 
     #[test]
+    fn health_checks_default_to_a_websocket_handshake_on_the_internal_path() {
+        let with = |hc: &str| {
+            let f = file(&OK.replace("\"methods\"", &format!("\"health_check\":{hc},\"methods\"")));
+            Routes::parse(&f, "t").expect("valid").routes[0]
+                .health_check
+                .clone()
+        };
+        let hc = with("{}").expect("configured");
+        assert_eq!(hc.probe, Probe::WebSocket("/ws".into()));
+        assert_eq!(hc.interval, Duration::from_secs(5));
+        assert_eq!(
+            with(r#"{"path":"/healthz?deep=1"}"#)
+                .expect("configured")
+                .probe,
+            Probe::WebSocket("/healthz?deep=1".into())
+        );
+        assert_eq!(
+            with(r#"{"type":"tcp"}"#).expect("configured").probe,
+            Probe::Tcp
+        );
+    }
+
+    #[test]
     fn errors_name_the_field_and_router() {
         let bad_port = OK.replace("3000", "70000");
         let two = file(&format!("{OK},{}", bad_port.replace("/ws/chat", "/other")));
@@ -593,6 +682,32 @@ mod tests {
             (
                 OK.replace("\"methods\"", "\"sticky\":{\"by\":\"header\"},\"methods\""),
                 "routers[0].sticky.name",
+            ),
+            (
+                // A CR LF would smuggle headers into the backend request.
+                OK.replace("\"/ws\"", "\"/ws\\r\\nX-Evil: 1\""),
+                "routers[0].internal_path",
+            ),
+            (
+                OK.replace(
+                    "\"methods\"",
+                    "\"health_check\":{\"type\":\"icmp\"},\"methods\"",
+                ),
+                "routers[0].health_check.type",
+            ),
+            (
+                OK.replace(
+                    "\"methods\"",
+                    "\"health_check\":{\"path\":\"/a b\"},\"methods\"",
+                ),
+                "routers[0].health_check.path",
+            ),
+            (
+                OK.replace(
+                    "\"methods\"",
+                    "\"health_check\":{\"type\":\"tcp\",\"path\":\"/x\"},\"methods\"",
+                ),
+                "routers[0].health_check.path",
             ),
         ] {
             let e = Routes::parse(&file(&change), "t").expect_err(field);
