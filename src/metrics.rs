@@ -136,6 +136,7 @@ pub struct Metrics {
     pubsub_refused: Family<ReasonLabel, Counter>,
     upstream_active: Family<RouteLabel, Gauge>,
     upstream_connects: Family<BackendLabel, Counter>,
+    upstream_backend_active: Family<BackendLabel, Gauge>,
     upstream_failures: Family<FailureLabel, Counter>,
     upstream_bytes: Family<DirectionLabel, Counter>,
     upstream_frames: Family<DirectionLabel, Counter>,
@@ -172,6 +173,7 @@ impl Metrics {
             pubsub_refused: Family::default(),
             upstream_active: Family::default(),
             upstream_connects: Family::default(),
+            upstream_backend_active: Family::default(),
             upstream_failures: Family::default(),
             upstream_bytes: Family::default(),
             upstream_frames: Family::default(),
@@ -277,8 +279,13 @@ impl Metrics {
             m.upstream_connects.clone(),
         );
         registry.register(
+            "upstream_backend_connections_active",
+            "Proxied connections open, by route and backend",
+            m.upstream_backend_active.clone(),
+        );
+        registry.register(
             "upstream_failures",
-            "Proxy failures by route, backend and reason (refused, timeout, no_backend, route_full, unauthorized)",
+            "Proxy failures by route, backend and reason (refused, timeout, no_backend, route_full, unauthorized, health_check)",
             m.upstream_failures.clone(),
         );
         registry.register(
@@ -288,7 +295,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_frames",
-            "Frames proxied (routes with message limits), by route and direction",
+            "Frames proxied, by route and direction",
             m.upstream_frames.clone(),
         );
         registry.register(
@@ -333,14 +340,18 @@ impl Metrics {
             .clone()
     }
 
-    /// Counts an established proxied connection.
-    pub fn upstream_connect(&self, route: &str, backend: &str) {
-        self.upstream_connects
-            .get_or_create(&BackendLabel {
-                route: route.to_owned(),
-                backend: backend.to_owned(),
-            })
-            .inc();
+    /// Counts an established proxied connection; returns the backend's
+    /// open-connections gauge, already raised, for the caller to lower when
+    /// the connection ends.
+    pub fn upstream_connect(&self, route: &str, backend: &str) -> Gauge {
+        let label = BackendLabel {
+            route: route.to_owned(),
+            backend: backend.to_owned(),
+        };
+        self.upstream_connects.get_or_create(&label).inc();
+        let open = self.upstream_backend_active.get_or_create(&label).clone();
+        open.inc();
+        open
     }
 
     /// Counts a proxy failure.

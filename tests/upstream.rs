@@ -786,12 +786,24 @@ async fn bytes_and_frames_are_counted_live() {
         let bytes = format!(
             "wsproxy_upstream_bytes_total{{route=\"{path}\",direction=\"client_to_backend\"}}"
         );
+        let open = format!(
+            "wsproxy_upstream_backend_connections_active{{route=\"{path}\",backend=\"127.0.0.1:{}\"}}",
+            b.port
+        );
+        assert_eq!(server.metric(&open).await, 1.0, "{path}");
         // The greeting and three echoes down, three messages up.
         assert_eq!(server.metric(&up).await, 3.0, "{path}");
         assert_eq!(server.metric(&down).await, 4.0, "{path}");
         // Each "message i" is 9 bytes of payload, plus headers in the tunnel.
         assert!(server.metric(&bytes).await >= 27.0, "{path}");
         ws.close(None).await.expect("close");
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+        drop(ws);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while server.metric(&open).await != 0.0 {
+            assert!(tokio::time::Instant::now() < deadline, "{open} stayed up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -253,13 +253,14 @@ impl Drop for RouteSlot {
 }
 
 /// Counts an open connection to a backend until dropped.
-struct BackendSlot(Arc<BackendState>);
+struct BackendSlot(Arc<BackendState>, prometheus_client::metrics::gauge::Gauge);
 
 impl Drop for BackendSlot {
     fn drop(&mut self) {
         self.0
             .open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.1.dec();
     }
 }
 
@@ -485,8 +486,8 @@ async fn proxy(
     backend
         .open
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let backend_slot = BackendSlot(backend.clone());
-    app.metrics.upstream_connect(&name, &backend.label);
+    let gauge = app.metrics.upstream_connect(&name, &backend.label);
+    let backend_slot = BackendSlot(backend.clone(), gauge);
 
     // 6. Answer 101 with what the backend agreed to.
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
