@@ -141,6 +141,7 @@ pub struct Metrics {
     upstream_bytes: Family<DirectionLabel, Counter>,
     upstream_frames: Family<DirectionLabel, Counter>,
     upstream_circuit_open: Family<BackendLabel, Gauge>,
+    upstream_healthy: Family<BackendLabel, Gauge>,
     invalid_messages: Family<ReasonLabel, Counter>,
     auth_failures: Family<ReasonLabel, Counter>,
     disconnects: Family<ReasonLabel, Counter>,
@@ -178,6 +179,7 @@ impl Metrics {
             upstream_bytes: Family::default(),
             upstream_frames: Family::default(),
             upstream_circuit_open: Family::default(),
+            upstream_healthy: Family::default(),
             invalid_messages: Family::default(),
             auth_failures: Family::default(),
             disconnects: Family::default(),
@@ -303,6 +305,11 @@ impl Metrics {
             "1 while a backend's circuit breaker is open",
             m.upstream_circuit_open.clone(),
         );
+        registry.register(
+            "upstream_backend_healthy",
+            "Last active health check of a backend: 1 passed, 0 failed (routes with health_check)",
+            m.upstream_healthy.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -394,6 +401,16 @@ impl Metrics {
                 backend: backend.to_owned(),
             })
             .set(i64::from(open));
+    }
+
+    /// Records a backend's last health check.
+    pub fn upstream_healthy(&self, route: &str, backend: &str, healthy: bool) {
+        self.upstream_healthy
+            .get_or_create(&BackendLabel {
+                route: route.to_owned(),
+                backend: backend.to_owned(),
+            })
+            .set(i64::from(healthy));
     }
 
     /// Counts a refused client message.

@@ -891,6 +891,12 @@ async fn health_checks_complete_a_websocket_handshake() {
     }
     assert_eq!(server.metric(&failed(bad, "refused")).await, 0.0);
     assert_eq!(server.metric(&failed(good.port, "health_check")).await, 0.0);
+    let healthy = |port: u16| {
+        format!("wsproxy_upstream_backend_healthy{{route=\"/hc\",backend=\"127.0.0.1:{port}\"}}")
+    };
+    assert_eq!(server.metric(&healthy(good.port)).await, 1.0);
+    let text = server.metrics().await;
+    assert!(text.contains(&format!("{} 0", healthy(bad))), "{text}");
     let paths = good.seen.lock().expect("lock").paths.clone();
     assert!(paths.iter().any(|p| p == "/probe"), "{paths:?}");
     assert_eq!(

@@ -177,6 +177,7 @@ fn start_health_checks(app: &Arc<App>, tls: &tokio_rustls::TlsConnector, table: 
                     let result =
                         connect::probe(&backend.backend, &tls, &check.probe, check.timeout).await;
                     let ok = result.is_ok();
+                    app.metrics.upstream_healthy(&route, &backend.label, ok);
                     let was = backend
                         .healthy
                         .swap(ok, std::sync::atomic::Ordering::Relaxed);
