@@ -25,7 +25,8 @@ fn jwt() -> JwtConfig {
 
 /// A users file with alice/wonderland and bob/builder.
 fn users_file() -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("{}.users", unique("wsproxy-test")));
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}.users", unique("wsproxy-test")));
     let mut text = String::from("# test users\n");
     for (u, p) in [("alice", "wonderland"), ("bob", "builder")] {
         let hash = wsproxy::auth::users::hash_password(p).expect("hash");

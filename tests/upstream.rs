@@ -135,7 +135,8 @@ where
 
 /// Writes a routes file and returns its path.
 fn routes_file(json: serde_json::Value) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("{}.routes.json", unique("wsproxy-test")));
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}.routes.json", unique("wsproxy-test")));
     std::fs::write(&path, json.to_string()).expect("write routes");
     path
 }
@@ -624,7 +625,7 @@ async fn sighup_reloads_routes_without_dropping_connections() {
 
 fn self_signed() -> (String, String, String) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
-    let dir = std::env::temp_dir();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let (c, k) = (
         dir.join(format!("{}.crt", unique("tls"))),
         dir.join(format!("{}.key", unique("tls"))),
