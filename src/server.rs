@@ -72,12 +72,86 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server starts shutting down.
     pub shutdown: CancellationToken,
+    /// The same moment, for hot paths: see [`Draining`].
+    pub draining: Draining,
     /// Every connection task; shutdown waits for it to empty.
     pub tracker: TaskTracker,
     /// Users allowed to get tokens from `POST /auth/token`.
     pub users: Option<Users>,
     /// The reverse proxy, when `ROUTES_FILE` is set.
     pub upstream: Option<crate::upstream::Upstream>,
+}
+
+/// Tells long-lived connection tasks that shutdown has begun, cheaply
+/// enough to be asked on every poll of a hot path.
+///
+/// `CancellationToken::is_cancelled` takes the token's lock, and a fresh
+/// `cancelled()` future locks twice more (to register and to unregister):
+/// three trips through one process-wide lock per message, which showed in
+/// the proxy's profile. Here a task registers its waker once and from then
+/// on reads an atomic flag; the flag is set before the waiters are woken.
+#[derive(Debug, Default)]
+pub struct Draining {
+    flag: std::sync::atomic::AtomicBool,
+    wake: CancellationToken,
+}
+
+impl Draining {
+    /// Begins the drain: sets the flag, then wakes every registered task.
+    pub fn begin(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::Release);
+        self.wake.cancel();
+    }
+
+    /// True once the drain has begun.
+    pub fn has_begun(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// What a task keeps to be woken: pin it once, then pass it to
+    /// [`Draining::poll`] on every poll.
+    pub fn waiter(&self) -> DrainWaiter<'_> {
+        DrainWaiter {
+            wait: self.wake.cancelled(),
+            waker: None,
+        }
+    }
+
+    /// Ready once the drain has begun. Registers `cx`'s waker with the
+    /// token only when it differs from the one registered before (a tokio
+    /// task's waker never changes, so that is once per task).
+    pub fn poll(
+        &self,
+        waiter: std::pin::Pin<&mut DrainWaiter<'_>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::future::Future;
+        if self.has_begun() {
+            return std::task::Poll::Ready(());
+        }
+        let waiter = waiter.project();
+        if waiter
+            .waker
+            .as_ref()
+            .is_none_or(|w| !w.will_wake(cx.waker()))
+        {
+            *waiter.waker = Some(cx.waker().clone());
+            if waiter.wait.poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A task's registration with [`Draining`].
+    #[derive(Debug)]
+    pub struct DrainWaiter<'a> {
+        #[pin]
+        wait: tokio_util::sync::WaitForCancellationFuture<'a>,
+        waker: Option<std::task::Waker>,
+    }
 }
 
 /// Held for as long as a client connection (HTTP or upgraded WebSocket)
@@ -173,6 +247,7 @@ pub async fn run(
         broker,
         metrics,
         shutdown: shutdown.clone(),
+        draining: Draining::default(),
         tracker: TaskTracker::new(),
         users,
         upstream,
@@ -197,7 +272,9 @@ pub async fn run(
     };
     accept.run().await;
 
-    // Shutdown: no new connections; wait for the open ones to finish.
+    // Shutdown: no new connections; tell the open ones, and wait for them
+    // to finish.
+    app.draining.begin();
     app.tracker.close();
     let open = app.metrics.connections_active.get();
     tracing::info!(open_websockets = open, grace = ?config.shutdown_grace_period, "shutting down");
@@ -482,6 +559,38 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn draining_wakes_a_registered_task_once_begun() {
+        let draining = Arc::new(Draining::default());
+        let d = draining.clone();
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let p = polls.clone();
+        let task = tokio::spawn(async move {
+            let mut waiter = std::pin::pin!(d.waiter());
+            std::future::poll_fn(|cx| {
+                p.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                d.poll(waiter.as_mut(), cx)
+            })
+            .await;
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!task.is_finished());
+        assert!(!draining.has_begun());
+        assert_eq!(polls.load(std::sync::atomic::Ordering::Relaxed), 1);
+        draining.begin();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("woken")
+            .expect("no panic");
+        assert!(draining.has_begun());
+        // A waiter made after the drain began is ready at once.
+        let mut late = std::pin::pin!(draining.waiter());
+        let ready =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(draining.poll(late.as_mut(), cx)))
+                .await;
+        assert!(ready.is_ready());
+    }
 
     fn assert_tuned(stream: &tokio::net::TcpStream) {
         let sock = socket2::SockRef::from(stream);

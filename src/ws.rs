@@ -192,24 +192,34 @@ impl<H: Handler> Driver<H> {
     /// Moves frames until something ends the connection.
     async fn pump(&mut self, socket: &mut WebSocket) -> Result<Infallible, Stop> {
         let config = self.app.config.clone();
-        let shutdown = self.app.shutdown.clone();
+        let app = self.app.clone();
+        // Registered once with the drain; afterwards asking costs an atomic
+        // load (a fresh `shutdown.cancelled()` per event took a process-wide
+        // lock three times).
+        let mut drain = std::pin::pin!(app.draining.waiter());
         // One timer serves the heartbeat: it fires for the next ping, or,
         // while a ping is unanswered, at the pong deadline.
         let mut heartbeat = Box::pin(tokio::time::sleep(config.ping_interval));
         let mut last_ping = tokio::time::Instant::now();
         let mut awaiting_pong = false;
-        let expires = self.expires;
+        // The token's expiry, registered with the timer once rather than
+        // per event.
+        let mut expiry = self
+            .expires
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
 
         loop {
             // Wait for the next event; the select's futures are gone before
             // it is handled, so a write's state never sits beside them.
             let event = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Err(Stop::Shutdown),
+                _ = std::future::poll_fn(|cx| app.draining.poll(drain.as_mut(), cx)) => {
+                    return Err(Stop::Shutdown)
+                }
                 _ = heartbeat.as_mut() => Event::Heartbeat,
                 _ = async {
-                    match expires {
-                        Some(at) => tokio::time::sleep_until(at).await,
+                    match expiry.as_mut() {
+                        Some(at) => at.as_mut().await,
                         None => std::future::pending().await,
                     }
                 } => Event::Expired,
@@ -261,6 +271,9 @@ impl<H: Handler> Driver<H> {
     /// accept it, or whose outbox overflows meanwhile, is a slow consumer.
     async fn write(&self, socket: &mut WebSocket, msg: Message) -> Result<(), Stop> {
         tokio::select! {
+            // The send first: it usually completes at once, and then the
+            // timer below is never registered.
+            biased;
             r = socket.send(msg) => r.map_err(|_| Stop::Client),
             _ = self.outbox.overflowed() => Err(Stop::SlowConsumer),
             _ = tokio::time::sleep(self.app.config.ping_timeout) => Err(Stop::SlowConsumer),

@@ -537,7 +537,7 @@ async fn proxy(
             frames: app2.metrics.upstream_frames(&name, direction),
         };
         let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
-        let stop = &app2.shutdown;
+        let stop = &app2.draining;
         let (up_bytes, down_bytes) = match frames {
             None => tunnel::tunnel(upgraded, backend_io, (&up, &down), stop).await,
             Some((max, rate)) => {

@@ -20,9 +20,9 @@ use futures_util::future::Either;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio_util::sync::CancellationToken;
 
 use super::connect::BackendStream;
+use crate::server::Draining;
 use crate::ws::CLOSE_GOING_AWAY;
 
 /// Live counters for one direction of a route.
@@ -123,7 +123,7 @@ struct Pump<'a, R, W> {
     sent: usize,
     total: u64,
     /// Backend-to-client only: when it fires, close the client with 1001.
-    stop: Option<&'a CancellationToken>,
+    stop: Option<&'a Draining>,
     /// The close frame went out: what comes after is read and dropped.
     closed: bool,
 }
@@ -135,13 +135,7 @@ where
 {
     /// A pump whose first bytes to write are `first` (already read by
     /// someone else), counted and followed like the rest.
-    fn new(
-        from: R,
-        to: W,
-        meter: &'a Meter,
-        stop: Option<&'a CancellationToken>,
-        first: Vec<u8>,
-    ) -> Self {
+    fn new(from: R, to: W, meter: &'a Meter, stop: Option<&'a Draining>, first: Vec<u8>) -> Self {
         let mut scan = FrameScan::default();
         meter.bytes.inc_by(first.len() as u64);
         meter.frames.inc_by(scan.feed(&first));
@@ -191,9 +185,7 @@ where
                 self.pending = Vec::new();
                 self.sent = 0;
             }
-            if !self.closed
-                && self.scan.at_boundary()
-                && self.stop.is_some_and(|s| s.is_cancelled())
+            if !self.closed && self.scan.at_boundary() && self.stop.is_some_and(Draining::has_begun)
             {
                 self.closed = true;
                 if !self.scan.saw_close {
@@ -209,8 +201,8 @@ where
             let mut buf = [const { MaybeUninit::<u8>::uninit() }; CHUNK];
             let mut rb = ReadBuf::uninit(&mut buf);
             match Pin::new(&mut self.from).poll_read(cx, &mut rb) {
-                // The shutdown wakes this task through the stop token's
-                // waiter (see `run`), so pending here is enough.
+                // The drain wakes this task through its waiter (see
+                // `run`), so pending here is enough.
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(())) => {}
@@ -232,14 +224,11 @@ where
     async fn run(&mut self) -> u64 {
         match self.stop {
             Some(stop) => {
-                let mut cancelled = std::pin::pin!(stop.cancelled());
-                let mut woken = false;
+                let mut waiter = std::pin::pin!(stop.waiter());
                 std::future::poll_fn(|cx| {
-                    // Registers the waker with the stop token once, so a
-                    // shutdown wakes an idle tunnel; its pump then closes.
-                    if !woken && cancelled.as_mut().poll(cx).is_ready() {
-                        woken = true;
-                    }
+                    // Registers this task once, so that the drain wakes an
+                    // idle tunnel; `poll_pump` then sees it and closes.
+                    let _ = stop.poll(waiter.as_mut(), cx);
                     self.poll_pump(cx)
                 })
                 .await
@@ -263,7 +252,7 @@ fn both_ways<'a, CR, CW, BR, BW>(
     (br, bw): (BR, BW),
     (early, leftover): (Vec<u8>, Vec<u8>),
     (up, down): (&'a Meter, &'a Meter),
-    stop: &'a CancellationToken,
+    stop: &'a Draining,
 ) -> impl Future<Output = (u64, u64)> + Send + 'a
 where
     CR: AsyncRead + Unpin + Send + 'a,
@@ -299,7 +288,7 @@ pub fn tunnel<'a>(
     client: TokioIo<hyper::upgrade::Upgraded>,
     (backend, leftover): (BackendStream, Vec<u8>),
     meters: (&'a Meter, &'a Meter),
-    stop: &'a CancellationToken,
+    stop: &'a Draining,
 ) -> impl Future<Output = (u64, u64)> + Send + 'a {
     type Boxed<'a> = Pin<Box<dyn Future<Output = (u64, u64)> + Send + 'a>>;
     match (
