@@ -46,7 +46,7 @@ const SHUTDOWN_REASON: &[u8] = b"server shutting down";
 /// Follows WebSocket frame boundaries in a byte stream without keeping the
 /// stream: it only remembers the header being read (at most 14 bytes) and
 /// how much payload is left of the current frame.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct FrameScan {
     header: [u8; 14],
     have: u8,
@@ -105,6 +105,24 @@ impl FrameScan {
         frames
     }
 
+    /// How many bytes of `data` reach the end of the current frame (0 when
+    /// already between frames; all of it when the frame goes on past it).
+    pub fn to_boundary(&self, data: &[u8]) -> usize {
+        let mut probe = self.clone();
+        let mut off = 0;
+        while off < data.len() && !probe.at_boundary() {
+            // Whole payload runs at once, header bytes one by one.
+            let step = if probe.remaining > 0 {
+                probe.remaining.min((data.len() - off) as u64) as usize
+            } else {
+                1
+            };
+            probe.feed(&data[off..off + step]);
+            off += step;
+        }
+        off
+    }
+
     /// Between two frames.
     pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.remaining == 0
@@ -124,8 +142,12 @@ struct Pump<'a, R, W> {
     total: u64,
     /// Backend-to-client only: when it fires, close the client with 1001.
     stop: Option<&'a Draining>,
-    /// The close frame went out: what comes after is read and dropped.
+    /// The close frame went out: what comes after is read and dropped,
+    /// for at most `FIN_TIMEOUT` (`linger`, allocated only then).
     closed: bool,
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Written since the last flush: a TLS writer may still hold it.
+    unflushed: bool,
 }
 
 impl<'a, R, W> Pump<'a, R, W>
@@ -149,6 +171,8 @@ where
             sent: 0,
             stop,
             closed: false,
+            linger: None,
+            unflushed: false,
         }
     }
 
@@ -161,7 +185,10 @@ where
         let mut off = 0;
         while off < data.len() {
             match Pin::new(&mut self.to).poll_write(cx, &data[off..]) {
-                Poll::Ready(Ok(n)) if n > 0 => off += n,
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    off += n;
+                    self.unflushed = true;
+                }
                 Poll::Ready(_) => return Err(()),
                 Poll::Pending => break,
             }
@@ -173,9 +200,17 @@ where
     /// Runs until `from` ends or either side fails.
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
+            if let Some(linger) = self.linger.as_mut()
+                && linger.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(()); // the peer never finished closing
+            }
             while self.sent < self.pending.len() {
                 match Pin::new(&mut self.to).poll_write(cx, &self.pending[self.sent..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => self.sent += n,
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.sent += n;
+                        self.unflushed = true;
+                    }
                     Poll::Ready(_) => return Poll::Ready(()),
                     Poll::Pending => return Poll::Pending,
                 }
@@ -188,6 +223,7 @@ where
             if !self.closed && self.scan.at_boundary() && self.stop.is_some_and(Draining::has_begun)
             {
                 self.closed = true;
+                self.linger = Some(Box::pin(tokio::time::sleep(FIN_TIMEOUT)));
                 if !self.scan.saw_close {
                     // The backend has not closed: say goodbye in its place.
                     let mut frame = Vec::with_capacity(4 + SHUTDOWN_REASON.len());
@@ -203,16 +239,33 @@ where
             match Pin::new(&mut self.from).poll_read(cx, &mut rb) {
                 // The drain wakes this task through its waiter (see
                 // `run`), so pending here is enough.
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Nothing more to read for now: push out what a TLS
+                    // writer may still hold (nothing to do on plain TCP).
+                    if self.unflushed {
+                        match Pin::new(&mut self.to).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.unflushed = false,
+                            Poll::Ready(Err(_)) => return Poll::Ready(()),
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(())) => {}
             }
-            let data = rb.filled();
+            let mut data = rb.filled();
             if data.is_empty() {
                 return Poll::Ready(()); // end of stream
             }
             if self.closed {
                 continue; // after the close frame nothing more may go out
+            }
+            if self.stop.is_some_and(Draining::has_begun) {
+                // Draining: only up to the end of the current frame, where
+                // the close goes in; the rest could not follow it anyway.
+                // (Under steady traffic reads rarely end on a boundary.)
+                data = &data[..self.scan.to_boundary(data)];
             }
             if self.forward(cx, data).is_err() {
                 return Poll::Ready(());
@@ -389,6 +442,158 @@ mod tests {
             assert!(scan.at_boundary(), "chunk {chunk}");
             assert!(scan.saw_close, "chunk {chunk}");
         }
+    }
+
+    #[test]
+    fn the_distance_to_the_next_boundary_is_found() {
+        let big = frame(0x2, 300, false); // 4-byte header + 300
+        let mut scan = FrameScan::default();
+        assert_eq!(scan.to_boundary(&big), 0, "between frames already");
+        scan.feed(&big[..1]);
+        assert_eq!(
+            scan.to_boundary(&big[1..]),
+            big.len() - 1,
+            "inside the header"
+        );
+        scan.feed(&big[1..10]);
+        let mut rest = big[10..].to_vec();
+        rest.extend(frame(0x1, 5, false));
+        assert_eq!(
+            scan.to_boundary(&rest),
+            big.len() - 10,
+            "inside the payload"
+        );
+        assert_eq!(scan.to_boundary(&rest[..20]), 20, "the frame goes on");
+        scan.feed(&big[10..]);
+        assert_eq!(
+            scan.to_boundary(&rest[big.len() - 10..]),
+            0,
+            "between frames"
+        );
+    }
+
+    /// While draining, a backend that never pauses still gets its client a
+    /// close frame right after the frame in flight, though its reads almost
+    /// never end on a frame boundary.
+    #[tokio::test]
+    async fn draining_closes_a_busy_stream_at_the_next_frame_boundary() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut backend_app, backend_proxy) = tokio::io::duplex(64 * 1024);
+        let (client_proxy, mut client_app) = tokio::io::duplex(64 * 1024);
+        let big = frame(0x2, 65_536, false);
+        let size = big.len();
+        let writer =
+            tokio::spawn(async move { while backend_app.write_all(&big).await.is_ok() {} });
+        let draining = Draining::default();
+        let meter = Meter::default();
+        let mut pump = Pump::new(
+            backend_proxy,
+            client_proxy,
+            &meter,
+            Some(&draining),
+            Vec::new(),
+        );
+        let collect = async {
+            let mut out = Vec::new();
+            let mut scan = FrameScan::default();
+            let mut begun_at = None;
+            let mut buf = vec![0u8; 8192];
+            loop {
+                let n = client_app.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    return (out, begun_at);
+                }
+                out.extend_from_slice(&buf[..n]);
+                scan.feed(&buf[..n]);
+                if begun_at.is_none() && out.len() > 100_000 {
+                    begun_at = Some(out.len());
+                    draining.begin();
+                }
+                if scan.saw_close {
+                    writer.abort(); // the backend goes away: the pump ends
+                }
+            }
+        };
+        let ((out, begun_at), _) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                tokio::join!(collect, pump.run())
+            })
+            .await
+            .expect("the close frame never came");
+        let begun_at = begun_at.expect("began");
+        let close_at = out.len() - 24;
+        assert_eq!(close_at % size, 0, "the close is at a frame boundary");
+        // What the collector had not read yet when draining began: the
+        // pipe's 64 KiB and one 16 KiB read, then the rest of that frame.
+        assert!(
+            close_at - begun_at < size + 80 * 1024,
+            "{} bytes went out after draining began",
+            close_at - begun_at
+        );
+        assert_eq!(&out[close_at..close_at + 4], &[0x88, 22, 0x03, 0xe9]);
+        assert_eq!(&out[close_at + 4..], SHUTDOWN_REASON);
+    }
+
+    /// Over TLS a write can stop in rustls's buffer; the tunnel must flush it
+    /// when it has nothing more to read, not wait for more traffic.
+    #[tokio::test]
+    async fn a_tls_destination_gets_every_byte_while_the_client_stays() {
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_rustls::rustls;
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        let der = cert.cert.der().clone();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(
+            rustls_pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()),
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // A backend link that takes 1 KiB at a time, so writes fill it.
+        let (backend_wire, proxy_wire) = tokio::io::duplex(1024);
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let (backend, to_backend) = tokio::join!(
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(backend_wire),
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, proxy_wire),
+        );
+        let (mut backend, to_backend) = (backend.expect("accept"), to_backend.expect("connect"));
+        let (mut client_app, client_proxy) = tokio::io::duplex(256 * 1024);
+        let (up, down, draining) = (Meter::default(), Meter::default(), Draining::default());
+        let tunnel = both_ways(
+            tokio::io::split(client_proxy),
+            tokio::io::split(to_backend),
+            (Vec::new(), Vec::new()),
+            (&up, &down),
+            &draining,
+        );
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let exchange = async move {
+            client_app.write_all(&data).await.expect("client write");
+            let mut got = vec![0u8; data.len()];
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                backend.read_exact(&mut got),
+            )
+            .await;
+            assert!(
+                matches!(read, Ok(Ok(_))),
+                "the backend did not get all 64 KiB"
+            );
+            assert!(got == data);
+            drop((client_app, backend)); // now both leave
+        };
+        let _ = tokio::join!(exchange, tunnel);
     }
 
     #[test]
