@@ -633,12 +633,15 @@ async fn relay_frames(
     });
     let (mut up, mut down) = (0u64, 0u64);
     let close = |code: u16, reason: &str| {
-        Message::Close(Some(CloseFrame {
+        Some(Message::Close(Some(CloseFrame {
             code: code.into(),
             reason: reason.to_owned().into(),
-        }))
+        })))
     };
-    loop {
+    let gone = "client disconnected by the proxy";
+    let mut drain = std::pin::pin!(app.draining.waiter());
+    // Frames until one side ends; then what each side is still owed.
+    let (to_client, to_backend): (Option<Message>, Option<Message>) = loop {
         tokio::select! {
             msg = client.next() => match msg {
                 // Each hop answers its own pings (tungstenite does it and
@@ -648,27 +651,20 @@ async fn relay_frames(
                 Some(Ok(msg)) => {
                     let data_frame = msg.is_text() || msg.is_binary();
                     if data_frame && let Some(b) = bucket.as_mut() && !b.take() {
-                        let _ = client.send(close(1008, "message rate limit exceeded")).await;
-                        let _ = backend.send(close(1001, "client disconnected by the proxy")).await;
-                        break;
+                        break (close(1008, "message rate limit exceeded"), close(1001, gone));
                     }
                     let is_close = msg.is_close();
                     up += msg.len() as u64;
                     meter_up.bytes.inc_by(msg.len() as u64);
                     meter_up.frames.inc();
                     if backend.send(msg).await.is_err() || is_close {
-                        break;
+                        break (None, None);
                     }
                 }
                 Some(Err(tungstenite::Error::Capacity(_))) => {
-                    let _ = client.send(close(1009, "message too big")).await;
-                    let _ = backend.send(close(1001, "client disconnected by the proxy")).await;
-                    break;
+                    break (close(1009, "message too big"), close(1001, gone));
                 }
-                _ => {
-                    let _ = backend.close(None).await;
-                    break;
-                }
+                _ => break (None, Some(Message::Close(None))),
             },
             msg = backend.next() => match msg {
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
@@ -678,29 +674,52 @@ async fn relay_frames(
                     meter_down.bytes.inc_by(msg.len() as u64);
                     meter_down.frames.inc();
                     if client.send(msg).await.is_err() || is_close {
-                        break;
+                        break (None, None);
                     }
                 }
-                _ => {
-                    let _ = client.close(None).await;
-                    break;
-                }
+                _ => break (Some(Message::Close(None)), None),
             },
-            _ = app.shutdown.cancelled() => {
+            _ = std::future::poll_fn(|cx| app.draining.poll(drain.as_mut(), cx)) => {
                 let reason = "server shutting down";
-                let _ = client.send(close(crate::ws::CLOSE_GOING_AWAY, reason)).await;
-                let _ = backend.send(close(crate::ws::CLOSE_GOING_AWAY, reason)).await;
-                break;
+                break (
+                    close(crate::ws::CLOSE_GOING_AWAY, reason),
+                    close(crate::ws::CLOSE_GOING_AWAY, reason),
+                );
             }
         }
-    }
-    // Let each side finish its close handshake briefly.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Some(Ok(_)) = client.next().await {}
+    };
+    // Both goodbyes at once, bounded: a peer that does not read must not
+    // hold up the other.
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        tokio::join!(
+            async {
+                if let Some(m) = to_client {
+                    let _ = client.send(m).await;
+                }
+            },
+            async {
+                if let Some(m) = to_backend {
+                    let _ = backend.send(m).await;
+                }
+            },
+        )
+    })
+    .await;
+    // Then let both finish their close handshakes (reading is what makes
+    // tungstenite answer a close), so neither socket is dropped with unread
+    // data, which would reset it.
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        tokio::join!(
+            async { while let Some(Ok(_)) = client.next().await {} },
+            async { while let Some(Ok(_)) = backend.next().await {} },
+        )
     })
     .await;
     (up, down)
 }
+
+/// How long a relayed connection's closing steps may take, each.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
