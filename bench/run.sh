@@ -29,7 +29,7 @@ N_FAN=$(q 100 1000)
 M_FAN=$(q 50 200)
 N_ECHO=$(q 20 100)
 N_IDLE_PROXY=$(q 300 5000)
-M_ECHO=$(q 200 1000)
+M_ECHO=$(q 200 2000)
 # An offered rate nchan (Redis-backed) sustains on this machine, so latency
 # is compared at the same load rather than at each system's saturation.
 RATE=$(q 1000 2000)
@@ -107,9 +107,9 @@ run idle --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_IDLE_PROXY" --pids 
 run idle --name nginx --url "ws://127.0.0.1:8092/" --n "$N_IDLE_PROXY" --pids "$NGINX_PIDS"
 echo "== echo: backend directly, through wsproxy, nginx and HAProxy"
 run echo --name direct --url "ws://127.0.0.1:$ECHO_PORT/" --n "$N_ECHO" --m "$M_ECHO"
-run echo --name wsproxy-proxy --url "ws://127.0.0.1:$WS_PORT/echo" --n "$N_ECHO" --m "$M_ECHO"
-run echo --name nginx --url "ws://127.0.0.1:8092/" --n "$N_ECHO" --m "$M_ECHO"
-run echo --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_ECHO" --m "$M_ECHO"
+run echo --name wsproxy-proxy --url "ws://127.0.0.1:$WS_PORT/echo" --n "$N_ECHO" --m "$M_ECHO" --pids "$WSP"
+run echo --name nginx --url "ws://127.0.0.1:8092/" --n "$N_ECHO" --m "$M_ECHO" --pids "$NGINX_PIDS"
+run echo --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_ECHO" --m "$M_ECHO" --pids "$HAPROXY_PIDS"
 
 echo "== writing BENCHMARKS.md"
 TABLE=$("$ROOT/target/release/wsproxy-bench" report "$JSON")

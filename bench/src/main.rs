@@ -137,6 +137,10 @@ enum Command {
         /// Name to report the target under.
         #[arg(long, default_value = "echo")]
         name: String,
+        /// Process ids (the proxy's, all workers) whose CPU time per round
+        /// trip is reported.
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<u32>,
         #[command(flatten)]
         load: Load,
     },
@@ -238,8 +242,8 @@ fn ratios(w: &Report, p: &Report) -> String {
 fn markdown(path: &std::path::Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)?;
     let mut out = String::from(
-        "| scenario | target | N | sent | delivered | loss | rate/s | offered/s | p50 | p99 | p99.9 | max | memory/conn |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| scenario | target | N | sent | delivered | loss | rate/s | offered/s | p50 | p99 | p99.9 | max | memory/conn | CPU/op |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let r: serde_json::Value = serde_json::from_str(line)?;
@@ -249,7 +253,7 @@ fn markdown(path: &std::path::Path) -> anyhow::Result<String> {
             if v == 0 { "-".to_owned() } else { stats::us(v) }
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["scenario"].as_str().unwrap_or("?"),
             r["target"].as_str().unwrap_or("?"),
             num("connections"),
@@ -269,6 +273,9 @@ fn markdown(path: &std::path::Path) -> anyhow::Result<String> {
             r["rss_per_conn"]
                 .as_f64()
                 .map_or("-".into(), |b| format!("{b:.0} B")),
+            r["cpu_us_per_op"]
+                .as_f64()
+                .map_or("-".into(), |u| format!("{u:.1} µs")),
         ));
     }
     Ok(out)
@@ -341,8 +348,14 @@ async fn main() -> anyhow::Result<()> {
             check(&r);
             emit(&r, &c)?;
         }
-        Command::Echo { url, name, load } => {
-            let r = scenarios::echo(&name, &url, &sources, load.n, load.m, c.concurrency).await?;
+        Command::Echo {
+            url,
+            name,
+            pids,
+            load,
+        } => {
+            let r = scenarios::echo(&name, &url, &sources, load.n, load.m, c.concurrency, &pids)
+                .await?;
             check(&r);
             emit(&r, &c)?;
         }

@@ -128,6 +128,31 @@ pub fn check_fd_budget(connections: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU time (user + system, every thread) used so far by `pids`, in
+/// microseconds, from /proc/PID/stat (clock ticks of 1/100 s).
+pub fn cpu_us(pids: &[u32]) -> anyhow::Result<u64> {
+    let mut ticks = 0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        // Fields after the command name, which may hold spaces: state is
+        // the 3rd field of the line, utime the 14th and stime the 15th.
+        let rest = stat
+            .rsplit_once(") ")
+            .map(|(_, r)| r)
+            .with_context(|| format!("unexpected /proc/{pid}/stat"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| -> anyhow::Result<u64> {
+            fields
+                .get(i)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no field {} in /proc/{pid}/stat", i + 3))
+        };
+        ticks += field(11)? + field(12)?;
+    }
+    Ok(ticks * 10_000)
+}
+
 /// Memory of `pids` in KiB: the sum of their proportional set size (Pss,
 /// from /proc/PID/smaps_rollup), so pages shared between nginx workers
 /// are counted once; VmRSS from /proc/PID/status where Pss is unavailable.

@@ -742,6 +742,7 @@ pub async fn echo(
     n: usize,
     m: u64,
     concurrency: usize,
+    pids: &[u32],
 ) -> anyhow::Result<Report> {
     net::check_fd_budget(n)?;
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
@@ -757,6 +758,7 @@ pub async fn echo(
     for c in clients {
         sockets.push(c.await??);
     }
+    let cpu_before = net::cpu_us(pids)?;
     let t0 = Instant::now();
     let tasks: Vec<_> = sockets
         .into_iter()
@@ -790,7 +792,9 @@ pub async fn echo(
         let _ = hist.add(&h);
     }
     let seconds = t0.elapsed().as_secs_f64();
+    let cpu = net::cpu_us(pids)?.saturating_sub(cpu_before);
     Ok(Report {
+        cpu_us_per_op: (!pids.is_empty() && done > 0).then(|| cpu as f64 / done as f64),
         scenario: "echo".into(),
         target: name.into(),
         connections: n,

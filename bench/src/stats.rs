@@ -79,6 +79,9 @@ pub struct Report {
     pub max_us: u64,
     /// RSS growth per connection (bytes), for `idle`.
     pub rss_per_conn: Option<f64>,
+    /// CPU time of the measured processes per operation (µs), for `echo`
+    /// with `--pids`.
+    pub cpu_us_per_op: Option<f64>,
     pub note: String,
 }
 
@@ -124,6 +127,9 @@ impl Report {
         }
         if let Some(b) = self.rss_per_conn {
             s.push_str(&format!("  rss/conn={:.0} B", b));
+        }
+        if let Some(u) = self.cpu_us_per_op {
+            s.push_str(&format!("  cpu/op={u:.2}us"));
         }
         if !self.note.is_empty() {
             s.push_str(&format!("  [{}]", self.note));
