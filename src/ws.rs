@@ -192,11 +192,11 @@ impl<H: Handler> Driver<H> {
     /// Moves frames until something ends the connection.
     async fn pump(&mut self, socket: &mut WebSocket) -> Result<Infallible, Stop> {
         let config = self.app.config.clone();
-        let app = self.app.clone();
-        // Registered once with the drain; afterwards asking costs an atomic
-        // load (a fresh `shutdown.cancelled()` per event took a process-wide
-        // lock three times).
-        let mut drain = std::pin::pin!(app.draining.waiter());
+        // A fresh `cancelled()` per event costs a few uncontended lock
+        // operations but no memory while waiting, which matters more here:
+        // a persistent waiter (like the tunnel's) added 88 bytes to every
+        // idle connection.
+        let shutdown = self.app.shutdown.clone();
         // One timer serves the heartbeat: it fires for the next ping, or,
         // while a ping is unanswered, at the pong deadline.
         let mut heartbeat = Box::pin(tokio::time::sleep(config.ping_interval));
@@ -213,9 +213,7 @@ impl<H: Handler> Driver<H> {
             // it is handled, so a write's state never sits beside them.
             let event = tokio::select! {
                 biased;
-                _ = std::future::poll_fn(|cx| app.draining.poll(drain.as_mut(), cx)) => {
-                    return Err(Stop::Shutdown)
-                }
+                _ = shutdown.cancelled() => return Err(Stop::Shutdown),
                 _ = heartbeat.as_mut() => Event::Heartbeat,
                 _ = async {
                     match expiry.as_mut() {

@@ -242,8 +242,8 @@ fn ratios(w: &Report, p: &Report) -> String {
 fn markdown(path: &std::path::Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)?;
     let mut out = String::from(
-        "| scenario | target | N | sent | delivered | loss | rate/s | offered/s | p50 | p99 | p99.9 | max | memory/conn | CPU/op |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| scenario | target | N | sent | delivered | loss | rate/s | offered/s | p50 | p99 | p99.9 | max | memory/conn | CPU/op | note |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let r: serde_json::Value = serde_json::from_str(line)?;
@@ -253,7 +253,7 @@ fn markdown(path: &std::path::Path) -> anyhow::Result<String> {
             if v == 0 { "-".to_owned() } else { stats::us(v) }
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["scenario"].as_str().unwrap_or("?"),
             r["target"].as_str().unwrap_or("?"),
             num("connections"),
@@ -276,6 +276,7 @@ fn markdown(path: &std::path::Path) -> anyhow::Result<String> {
             r["cpu_us_per_op"]
                 .as_f64()
                 .map_or("-".into(), |u| format!("{u:.1} µs")),
+            r["note"].as_str().unwrap_or("").replace('|', "/"),
         ));
     }
     Ok(out)
