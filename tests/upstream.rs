@@ -960,3 +960,57 @@ async fn reload_keeps_connection_counts_and_backend_state() {
         "the open breaker was forgotten"
     );
 }
+
+/// `balance: least_connections` sends new connections to the backend with
+/// the fewest open ones, where round robin would keep alternating.
+#[tokio::test]
+async fn least_connections_fills_the_emptier_backend() {
+    let redis = Redis::start().await;
+    let (b0, b1) = (echo_backend("b0").await, echo_backend("b1").await);
+    let mut r = route("/lc", "/", &[(b0.port, 1), (b1.port, 1)]);
+    r["balance"] = "least_connections".into();
+    let server = proxy(&redis, file(vec![r])).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut ws = open_ws(&server, "/lc").await;
+        let who = next_text(&mut ws).await;
+        open.push((who, ws));
+    }
+    let on = |open: &[(String, Ws)], b: &str| {
+        open.iter()
+            .filter(|(w, _)| w == &format!("hello from {b}"))
+            .count()
+    };
+    assert_eq!((on(&open, "b0"), on(&open, "b1")), (2, 2));
+    // Both of b1's connections go; the next two belong on b1.
+    let (mut gone, kept): (Vec<_>, Vec<_>) =
+        open.into_iter().partition(|(w, _)| w == "hello from b1");
+    for (_, ws) in gone.iter_mut() {
+        ws.close(None).await.expect("close");
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    }
+    drop(gone);
+    let metric = format!(
+        "wsproxy_upstream_backend_connections_active{{route=\"/lc\",backend=\"127.0.0.1:{}\"}}",
+        b1.port
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metric(&metric).await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b1 kept its connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut fresh = Vec::new();
+    for _ in 0..2 {
+        let mut ws = open_ws(&server, "/lc").await;
+        assert_eq!(next_text(&mut ws).await, "hello from b1");
+        fresh.push(ws); // kept open, so the second sees it
+    }
+    drop((kept, fresh));
+}
+
+async fn open_ws(server: &Server, path: &str) -> Ws {
+    open(server, path).await.expect("proxied")
+}

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::routes::{Backend, Route};
+use super::routes::{Backend, Balance, Route};
 
 /// Live state of one backend of one route.
 #[derive(Debug)]
@@ -124,9 +124,10 @@ impl RouteState {
         if available.is_empty() {
             return Vec::new();
         }
-        let order: Vec<usize> = match sticky_key {
-            Some(key) => self.rendezvous(key, &available),
-            None => self.round_robin(&available),
+        let order: Vec<usize> = match (sticky_key, self.route.balance) {
+            (Some(key), _) => self.rendezvous(key, &available),
+            (None, Balance::RoundRobin) => self.round_robin(&available),
+            (None, Balance::LeastConnections) => self.least_connections(&available),
         };
         order
             .into_iter()
@@ -156,6 +157,25 @@ impl RouteState {
         let mut rest: Vec<usize> = available.iter().copied().filter(|&i| i != best).collect();
         rest.sort_by_key(|&i| std::cmp::Reverse(self.backends[i].backend.weight));
         order.extend(rest);
+        order
+    }
+
+    /// Fewest open connections per unit of weight first; among equals,
+    /// the round robin's order, so a burst of connects still spreads.
+    fn least_connections(&self, available: &[usize]) -> Vec<usize> {
+        let mut order = self.round_robin(available);
+        // Compare open_a / weight_a with open_b / weight_b without floats.
+        let load = |i: usize| {
+            let b = &self.backends[i];
+            (
+                b.open.load(Ordering::Relaxed) as u128,
+                u128::from(b.backend.weight),
+            )
+        };
+        order.sort_by(|&a, &b| {
+            let ((oa, wa), (ob, wb)) = (load(a), load(b));
+            (oa * wb).cmp(&(ob * wa))
+        });
         order
     }
 
@@ -211,6 +231,29 @@ mod tests {
         );
         let routes = Routes::parse(&text, "t").expect("valid");
         RouteState::new(routes.routes[0].clone(), None)
+    }
+
+    fn labels(order: &[Arc<BackendState>]) -> Vec<&str> {
+        order.iter().map(|b| b.backend.host.as_str()).collect()
+    }
+
+    #[test]
+    fn least_connections_weighs_open_connections_and_breaks_ties_in_turn() {
+        let mut state = route(&[1, 1, 2]);
+        state.route.balance = Balance::LeastConnections;
+        for (b, open) in state.backends.iter().zip([3, 0, 4]) {
+            b.open.store(open, Ordering::Relaxed);
+        }
+        // Loads 3/1, 0/1, 4/2: b1 first, then b2 (2 per weight), then b0.
+        assert_eq!(labels(&state.candidates(None)), ["b1", "b2", "b0"]);
+        // All equal: the round robin decides, so picks still rotate.
+        for (b, open) in state.backends.iter().zip([1, 1, 2]) {
+            b.open.store(open, Ordering::Relaxed);
+        }
+        let firsts: std::collections::HashSet<String> = (0..4)
+            .map(|_| labels(&state.candidates(None))[0].to_owned())
+            .collect();
+        assert_eq!(firsts.len(), 3, "{firsts:?}");
     }
 
     #[test]

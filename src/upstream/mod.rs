@@ -253,15 +253,31 @@ impl Drop for RouteSlot {
     }
 }
 
-/// Counts an open connection to a backend until dropped.
-struct BackendSlot(Arc<BackendState>, prometheus_client::metrics::gauge::Gauge);
+/// Counts a connection against a backend until dropped: from the moment
+/// the backend is tried (so that least-connections sees a burst of
+/// connects in flight), and in the metrics once it is established.
+struct BackendSlot(
+    Arc<BackendState>,
+    Option<prometheus_client::metrics::gauge::Gauge>,
+);
+
+impl BackendSlot {
+    fn new(backend: Arc<BackendState>) -> Self {
+        backend
+            .open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(backend, None)
+    }
+}
 
 impl Drop for BackendSlot {
     fn drop(&mut self) {
         self.0
             .open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        self.1.dec();
+        if let Some(gauge) = &self.1 {
+            gauge.dec();
+        }
     }
 }
 
@@ -444,11 +460,12 @@ async fn proxy(
     let mut last: Option<DialError> = None;
     let mut chosen = None;
     for backend in candidates {
+        let trying = BackendSlot::new(backend.clone());
         match connect::dial(&backend.backend, &upstream.tls, &up, route.connect_timeout).await {
             Ok(h) => {
                 backend.success();
                 app.metrics.upstream_circuit(&name, &backend.label, false);
-                chosen = Some((backend, h));
+                chosen = Some((backend, h, trying));
                 break;
             }
             Err(e) => {
@@ -467,7 +484,7 @@ async fn proxy(
             }
         }
     }
-    let Some((backend, handshake)) = chosen else {
+    let Some((backend, handshake, mut backend_slot)) = chosen else {
         return Err(match last {
             Some(DialError::Timeout(t)) => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -484,11 +501,7 @@ async fn proxy(
             ),
         });
     };
-    backend
-        .open
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let gauge = app.metrics.upstream_connect(&name, &backend.label);
-    let backend_slot = BackendSlot(backend.clone(), gauge);
+    backend_slot.1 = Some(app.metrics.upstream_connect(&name, &backend.label));
 
     // 6. Answer 101 with what the backend agreed to.
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());

@@ -91,6 +91,9 @@ struct RouterEntry {
     auth_required: bool,
     #[serde(default)]
     sticky: Option<StickyEntry>,
+    /// "round_robin" (default) or "least_connections".
+    #[serde(default)]
+    balance: Option<String>,
     #[serde(default)]
     max_connections: Option<usize>,
     #[serde(default)]
@@ -172,6 +175,17 @@ fn default_cooldown() -> u64 {
     10_000
 }
 
+/// How a route without `sticky` spreads new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// The backend with the fewest open connections for its weight (ties
+    /// by round robin): evens out long-lived connections, e.g. after a
+    /// backend restarts.
+    LeastConnections,
+}
+
 /// Where a sticky route takes its key from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StickyKey {
@@ -220,6 +234,8 @@ pub struct Route {
     pub auth_required: bool,
     /// Consistent-hashing key, if the route is sticky.
     pub sticky: Option<StickyKey>,
+    /// How connections are spread when the route is not sticky.
+    pub balance: Balance,
     /// Most open connections through this route (503 past it).
     pub max_connections: Option<usize>,
     /// Largest client message (close 1009 past it); frame mode.
@@ -462,6 +478,22 @@ impl Routes {
                     })
                 }
             };
+            let balance = match (r.balance.as_deref(), &sticky) {
+                (None | Some("round_robin"), _) => Balance::RoundRobin,
+                (Some("least_connections"), None) => Balance::LeastConnections,
+                (Some("least_connections"), Some(_)) => {
+                    return Err(invalid(
+                        at("balance"),
+                        "cannot be combined with sticky (a sticky route picks by its key)",
+                    ));
+                }
+                (Some(other), _) => {
+                    return Err(invalid(
+                        at("balance"),
+                        format!("{other:?} is not \"round_robin\" or \"least_connections\""),
+                    ));
+                }
+            };
             if r.max_connections == Some(0) {
                 return Err(invalid(at("max_connections"), "must be at least 1"));
             }
@@ -573,6 +605,7 @@ impl Routes {
                 backends,
                 auth_required: r.auth_required,
                 sticky,
+                balance,
                 max_connections: r.max_connections,
                 max_message_bytes: r.max_message_bytes,
                 rate_limit,
@@ -615,6 +648,32 @@ mod tests {
         assert!(!route.backends[0].tls);
         assert!(!route.auth_required);
         assert_eq!(route.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("## Reverse proxy").expect("section")..];
+        let start = section.find("```json\n").expect("example") + "```json\n".len();
+        let example = &section[start..start + section[start..].find("```").expect("end")];
+        let routes = Routes::parse(example, "README.md").expect("the README's example parses");
+        assert_eq!(routes.routes.len(), 2);
+        let chat = routes
+            .routes
+            .iter()
+            .find(|r| r.external_path == "/chat")
+            .expect("/chat");
+        assert_eq!(chat.sticky, Some(StickyKey::Subject));
+        let feed = routes
+            .routes
+            .iter()
+            .find(|r| r.external_path == "/feed")
+            .expect("/feed");
+        assert_eq!(feed.balance, Balance::LeastConnections);
+        assert_eq!(
+            feed.health_check.as_ref().map(|h| &h.probe),
+            Some(&Probe::Tcp)
+        );
     }
 
     #[test]
@@ -682,6 +741,17 @@ mod tests {
             (
                 OK.replace("\"methods\"", "\"sticky\":{\"by\":\"header\"},\"methods\""),
                 "routers[0].sticky.name",
+            ),
+            (
+                OK.replace("\"methods\"", "\"balance\":\"random\",\"methods\""),
+                "routers[0].balance",
+            ),
+            (
+                OK.replace(
+                    "\"methods\"",
+                    "\"balance\":\"least_connections\",\"sticky\":{\"by\":\"query\",\"name\":\"u\"},\"methods\"",
+                ),
+                "routers[0].balance",
             ),
             (
                 // A CR LF would smuggle headers into the backend request.
