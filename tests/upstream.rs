@@ -1014,3 +1014,77 @@ async fn least_connections_fills_the_emptier_backend() {
 async fn open_ws(server: &Server, path: &str) -> Ws {
     open(server, path).await.expect("proxied")
 }
+
+/// A backend that completes the handshake and then never reads.
+async fn backend_that_never_reads() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let Some(key) = head.lines().find_map(|l| {
+                    l.split_once(':')
+                        .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key"))
+                        .map(|(_, v)| v.trim().to_owned())
+                }) else {
+                    return;
+                };
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let reply = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                );
+                if s.write_all(reply.as_bytes()).await.is_ok() {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A relayed connection whose backend stopped reading (so the relay waits
+/// in a send) still gets its 1001 promptly on shutdown, not at the end of
+/// the grace period.
+#[tokio::test]
+async fn shutdown_reaches_a_relay_stuck_sending_to_a_backend() {
+    let redis = Redis::start().await;
+    let port = backend_that_never_reads().await;
+    let mut limited = route("/limited", "/", &[(port, 1)]);
+    limited["max_message_bytes"] = 2_000_000.into();
+    let server = proxy(&redis, file(vec![limited])).await;
+    let ws = open(&server, "/limited").await.expect("proxied");
+    let (mut tx, mut rx) = ws.split();
+    let writer = tokio::spawn(async move {
+        let big = vec![0u8; 1_000_000];
+        for _ in 0..200 {
+            if tx.send(Message::binary(big.clone())).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Until the socket buffers on the way to the backend are full.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!writer.is_finished(), "the sends should be stuck by now");
+    let stopping = tokio::spawn(server.stop());
+    match tokio::time::timeout(WAIT, rx.next()).await {
+        Ok(Some(Ok(Message::Close(Some(f))))) => assert_eq!(u16::from(f.code), 1001),
+        other => panic!("expected a 1001 close within {WAIT:?}: {other:?}"),
+    }
+    writer.abort();
+    drop(rx);
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("drained before the 30 s grace period")
+        .expect("stopped");
+}

@@ -101,10 +101,16 @@ impl RouteState {
             .backends
             .iter()
             .map(|b| {
-                previous
+                let kept = previous
                     .and_then(|p| p.backends.iter().find(|old| old.backend == *b))
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(BackendState::new(b.clone(), epoch)))
+                    .cloned();
+                if let Some(state) = &kept
+                    && route.health_check.is_none()
+                {
+                    // Nothing would ever check it again.
+                    state.healthy.store(true, Ordering::Relaxed);
+                }
+                kept.unwrap_or_else(|| Arc::new(BackendState::new(b.clone(), epoch)))
             })
             .collect();
         Self {
@@ -160,22 +166,38 @@ impl RouteState {
         order
     }
 
-    /// Fewest open connections per unit of weight first; among equals,
-    /// the round robin's order, so a burst of connects still spreads.
+    /// Fewest open connections per unit of weight first: round robin
+    /// among the least loaded (so a burst of connects still spreads), then
+    /// the others from least to most loaded as the retry order.
     fn least_connections(&self, available: &[usize]) -> Vec<usize> {
-        let mut order = self.round_robin(available);
-        // Compare open_a / weight_a with open_b / weight_b without floats.
-        let load = |i: usize| {
-            let b = &self.backends[i];
-            (
-                b.open.load(Ordering::Relaxed) as u128,
-                u128::from(b.backend.weight),
-            )
+        // One reading of the counters: they move under our feet, and a sort
+        // must compare fixed values.
+        let loads: Vec<(usize, u128, u128)> = available
+            .iter()
+            .map(|&i| {
+                let b = &self.backends[i];
+                (
+                    i,
+                    b.open.load(Ordering::Relaxed) as u128,
+                    u128::from(b.backend.weight),
+                )
+            })
+            .collect();
+        // open_a / weight_a < open_b / weight_b, without floats.
+        let lighter =
+            |a: &(usize, u128, u128), b: &(usize, u128, u128)| (a.1 * b.2).cmp(&(b.1 * a.2));
+        let Some(least) = loads.iter().min_by(|a, b| lighter(a, b)).copied() else {
+            return Vec::new();
         };
-        order.sort_by(|&a, &b| {
-            let ((oa, wa), (ob, wb)) = (load(a), load(b));
-            (oa * wb).cmp(&(ob * wa))
-        });
+        let tied: Vec<usize> = loads
+            .iter()
+            .filter(|l| lighter(l, &least).is_eq())
+            .map(|l| l.0)
+            .collect();
+        let mut order = self.round_robin(&tied);
+        let mut rest: Vec<_> = loads.into_iter().filter(|l| !tied.contains(&l.0)).collect();
+        rest.sort_by(lighter);
+        order.extend(rest.into_iter().map(|l| l.0));
         order
     }
 
@@ -235,6 +257,47 @@ mod tests {
 
     fn labels(order: &[Arc<BackendState>]) -> Vec<&str> {
         order.iter().map(|b| b.backend.host.as_str()).collect()
+    }
+
+    #[test]
+    fn least_connections_survives_counters_moving_during_the_pick() {
+        let weights = vec![1; 64];
+        let mut state = route(&weights);
+        state.route.balance = Balance::LeastConnections;
+        let state = Arc::new(state);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mover = {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    n = n.wrapping_mul(31).wrapping_add(7);
+                    state.backends[n % 64].open.store(n % 13, Ordering::Relaxed);
+                }
+            })
+        };
+        for _ in 0..2_000 {
+            assert_eq!(state.candidates(None).len(), 64);
+        }
+        stop.store(true, Ordering::Relaxed);
+        mover.join().expect("mover");
+    }
+
+    #[test]
+    fn a_backend_whose_route_loses_its_health_check_on_reload_comes_back() {
+        let old = route(&[1, 1]);
+        old.backends[0].healthy.store(false, Ordering::Relaxed);
+        assert_eq!(old.candidates(None).len(), 1);
+        let new = RouteState::new(old.route.clone(), Some(&old));
+        assert!(
+            Arc::ptr_eq(&new.backends[0], &old.backends[0]),
+            "state kept"
+        );
+        assert_eq!(
+            new.candidates(None).len(),
+            2,
+            "no check would ever restore it"
+        );
     }
 
     #[test]

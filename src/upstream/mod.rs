@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::server::{App, ConnectionSlot};
+use crate::ws::CLOSE_GOING_AWAY;
 use balance::{BackendState, RouteState};
 use connect::{BackendStream, DialError, Handshake, Upgrade};
 use routes::{Routes, RoutesError, StickyKey};
@@ -174,8 +175,16 @@ fn start_health_checks(app: &Arc<App>, tls: &tokio_rustls::TlsConnector, table: 
             );
             tokio::spawn(async move {
                 loop {
-                    let result =
-                        connect::probe(&backend.backend, &tls, &check.probe, check.timeout).await;
+                    // A reload cancels this task, possibly mid-probe; its
+                    // result must not land on a state the new table owns.
+                    let probe = connect::probe(&backend.backend, &tls, &check.probe, check.timeout);
+                    let result = tokio::select! {
+                        r = probe => r,
+                        _ = stop.cancelled() => return,
+                    };
+                    if stop.is_cancelled() {
+                        return;
+                    }
                     let ok = result.is_ok();
                     app.metrics.upstream_healthy(&route, &backend.label, ok);
                     let was = backend
@@ -652,9 +661,12 @@ async fn relay_frames(
         })))
     };
     let gone = "client disconnected by the proxy";
+    let shutting_down = "server shutting down";
     let mut drain = std::pin::pin!(app.draining.waiter());
-    // Frames until one side ends; then what each side is still owed.
-    let (to_client, to_backend): (Option<Message>, Option<Message>) = loop {
+    // Frames until one side ends; then what each side is still owed. A send
+    // that waits on a side that does not read still gives way to the drain
+    // (tungstenite keeps the whole frame queued, so nothing is cut).
+    let (to_client, to_backend): (Option<Message>, Option<Message>) = 'relay: loop {
         tokio::select! {
             msg = client.next() => match msg {
                 // Each hop answers its own pings (tungstenite does it and
@@ -670,8 +682,15 @@ async fn relay_frames(
                     up += msg.len() as u64;
                     meter_up.bytes.inc_by(msg.len() as u64);
                     meter_up.frames.inc();
-                    if backend.send(msg).await.is_err() || is_close {
-                        break (None, None);
+                    tokio::select! {
+                        sent = backend.send(msg) => match (sent, is_close) {
+                            (Err(_), _) => break 'relay (close(1011, "backend connection lost"), None),
+                            (Ok(()), true) => break 'relay (None, None),
+                            (Ok(()), false) => {}
+                        },
+                        _ = std::future::poll_fn(|cx| app.draining.poll(drain.as_mut(), cx)) => {
+                            break 'relay (close(CLOSE_GOING_AWAY, shutting_down), close(CLOSE_GOING_AWAY, shutting_down));
+                        }
                     }
                 }
                 Some(Err(tungstenite::Error::Capacity(_))) => {
@@ -686,18 +705,21 @@ async fn relay_frames(
                     down += msg.len() as u64;
                     meter_down.bytes.inc_by(msg.len() as u64);
                     meter_down.frames.inc();
-                    if client.send(msg).await.is_err() || is_close {
-                        break (None, None);
+                    tokio::select! {
+                        sent = client.send(msg) => match (sent, is_close) {
+                            (Err(_), _) => break 'relay (None, close(1001, gone)),
+                            (Ok(()), true) => break 'relay (None, None),
+                            (Ok(()), false) => {}
+                        },
+                        _ = std::future::poll_fn(|cx| app.draining.poll(drain.as_mut(), cx)) => {
+                            break 'relay (close(CLOSE_GOING_AWAY, shutting_down), close(CLOSE_GOING_AWAY, shutting_down));
+                        }
                     }
                 }
                 _ => break (Some(Message::Close(None)), None),
             },
             _ = std::future::poll_fn(|cx| app.draining.poll(drain.as_mut(), cx)) => {
-                let reason = "server shutting down";
-                break (
-                    close(crate::ws::CLOSE_GOING_AWAY, reason),
-                    close(crate::ws::CLOSE_GOING_AWAY, reason),
-                );
+                break (close(CLOSE_GOING_AWAY, shutting_down), close(CLOSE_GOING_AWAY, shutting_down));
             }
         }
     };

@@ -394,7 +394,7 @@ impl Routes {
             if r.backends.is_empty() {
                 return Err(invalid(at("backends"), "lists no backends"));
             }
-            let mut backends = Vec::with_capacity(r.backends.len());
+            let mut backends: Vec<Backend> = Vec::with_capacity(r.backends.len());
             for (j, b) in r.backends.iter().enumerate() {
                 let bat = |f: &str| format!("routers[{i}].backends[{j}].{f}");
                 let (tls, rest) = if let Some(h) = b.host.strip_prefix("wss://") {
@@ -408,8 +408,16 @@ impl Routes {
                     ));
                 };
                 let host = rest.trim_end_matches('/');
+                // A name, an IPv4 address, or an IPv6 address in brackets;
+                // printable ASCII only, as it goes into the Host header.
+                let ipv6 = host
+                    .strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .map(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
                 if host.is_empty()
-                    || host.contains(['/', ':', '?', '#', '@', ' ']) && !host.starts_with('[')
+                    || !visible_ascii(host)
+                    || ipv6 == Some(false)
+                    || ipv6.is_none() && host.contains(['/', ':', '?', '#', '@', '[', ']'])
                 {
                     return Err(invalid(
                         bat("host"),
@@ -431,7 +439,7 @@ impl Routes {
                         format!("{} is outside 1-1000", b.weight),
                     ));
                 }
-                backends.push(Backend {
+                let backend = Backend {
                     tls,
                     host: host
                         .trim_start_matches('[')
@@ -439,7 +447,19 @@ impl Routes {
                         .to_owned(),
                     port: b.port as u16,
                     weight: b.weight as u32,
-                });
+                };
+                if let Some(k) = backends.iter().position(|o| {
+                    (o.tls, &o.host, o.port) == (backend.tls, &backend.host, backend.port)
+                }) {
+                    return Err(invalid(
+                        bat("host"),
+                        format!(
+                            "{}:{} is already backends[{k}]; give it more weight instead",
+                            b.host, b.port
+                        ),
+                    ));
+                }
+                backends.push(backend);
             }
             if r.auth_required && file.jwt.is_none() {
                 return Err(invalid(
@@ -534,7 +554,8 @@ impl Routes {
                     let probe = match h.kind.as_deref() {
                         None | Some("websocket") => {
                             let path = h.path.clone().unwrap_or_else(|| r.internal_path.clone());
-                            if !path.starts_with('/') || !visible_ascii(&path) {
+                            if !path.starts_with('/') || !visible_ascii(&path) || path.contains('#')
+                            {
                                 return Err(invalid(
                                     at("health_check.path"),
                                     format!(
@@ -651,6 +672,20 @@ mod tests {
     }
 
     #[test]
+    fn hosts_may_be_names_ipv4_or_bracketed_ipv6() {
+        for (host, expect) in [
+            ("ws://backend.internal", "backend.internal"),
+            ("ws://10.0.0.7", "10.0.0.7"),
+            ("wss://[::1]", "::1"),
+            ("ws://[fe80::1]/", "fe80::1"),
+        ] {
+            let f = file(&OK.replace("ws://localhost", host));
+            let r = Routes::parse(&f, "t").unwrap_or_else(|e| panic!("{host}: {e}"));
+            assert_eq!(r.routes[0].backends[0].host, expect);
+        }
+    }
+
+    #[test]
     fn the_readme_example_is_valid() {
         let readme = include_str!("../../README.md");
         let section = &readme[readme.find("## Reverse proxy").expect("section")..];
@@ -752,6 +787,21 @@ mod tests {
                     "\"balance\":\"least_connections\",\"sticky\":{\"by\":\"query\",\"name\":\"u\"},\"methods\"",
                 ),
                 "routers[0].balance",
+            ),
+            (
+                OK.replace("ws://localhost", "ws://[b0]\\r\\nX-Evil: 1\\r\\nX"),
+                "routers[0].backends[0].host",
+            ),
+            (
+                OK.replace("ws://localhost", "ws://[not-an-address]"),
+                "routers[0].backends[0].host",
+            ),
+            (
+                OK.replace(
+                    r#"{"host":"ws://localhost","port":3000}"#,
+                    r#"{"host":"ws://localhost","port":3000},{"host":"ws://localhost","port":3000,"weight":2}"#,
+                ),
+                "routers[0].backends[1].host",
             ),
             (
                 // A CR LF would smuggle headers into the backend request.
