@@ -584,9 +584,19 @@ fn verify_route_token(jwt: &routes::JwtSection, token: &str) -> Result<String, S
     struct Subject {
         sub: String,
     }
-    crate::auth::jwt::verify_as::<Subject>(jwt.secret.as_bytes(), &jwt.issuer, &jwt.audience, token)
-        .map(|s| s.sub)
-        .map_err(|e| e.to_string())
+    let sub = crate::auth::jwt::verify_as::<Subject>(
+        jwt.secret.as_bytes(),
+        &jwt.issuer,
+        &jwt.audience,
+        token,
+    )
+    .map(|s| s.sub)
+    .map_err(|e| e.to_string())?;
+    // It goes to the backend as a header: no line breaks or other controls.
+    if sub.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err("the token's subject contains control characters".into());
+    }
+    Ok(sub)
 }
 
 /// [`relay_frames`], boxed: built here rather than inside the caller's
@@ -760,6 +770,30 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn a_subject_with_control_characters_is_refused() {
+        let jwt = routes::JwtSection {
+            secret: "0123456789abcdef0123456789abcdef!!".into(),
+            issuer: "iss".into(),
+            audience: "aud".into(),
+        };
+        let token = |sub: &str| {
+            let exp = jsonwebtoken::get_current_timestamp() + 60;
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &serde_json::json!({"sub": sub, "exp": exp, "iss": "iss", "aud": "aud"}),
+                &jsonwebtoken::EncodingKey::from_secret(jwt.secret.as_bytes()),
+            )
+            .expect("token")
+        };
+        assert_eq!(
+            verify_route_token(&jwt, &token("alice")),
+            Ok("alice".into())
+        );
+        assert_eq!(verify_route_token(&jwt, &token("Zoë")), Ok("Zoë".into()));
+        assert!(verify_route_token(&jwt, &token("alice\r\nX-Admin: 1")).is_err());
+    }
 
     #[test]
     fn query_parameters_and_cookies_are_read() {
