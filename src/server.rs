@@ -87,9 +87,11 @@ pub struct App {
 ///
 /// `CancellationToken::is_cancelled` takes the token's lock, and a fresh
 /// `cancelled()` future locks twice more (to register and to unregister):
-/// three trips through one process-wide lock per message, which showed in
-/// the proxy's profile. Here a task registers its waker once and from then
-/// on reads an atomic flag; the flag is set before the waiters are woken.
+/// three trips through one process-wide lock per message (1-2% of the
+/// proxy's profile; on 2 cores no throughput difference was measurable,
+/// but the lock is shared by every connection on every core). Here a task
+/// registers its waker once and from then on reads an atomic flag; the
+/// flag is set before the waiters are woken.
 #[derive(Debug, Default)]
 pub struct Draining {
     flag: std::sync::atomic::AtomicBool,

@@ -758,19 +758,25 @@ async fn frame_relay_answers_each_ping_once() {
     assert_eq!(pongs, 1, "each ping gets exactly one pong");
 }
 
+/// A proxy with the same backend behind a tunnelled route (`/echo`) and a
+/// relayed one (`/limited`, which has a message size limit).
+async fn tunnelled_and_relayed(redis: &Redis, port: u16) -> Server {
+    let mut limited = route("/limited", "/", &[(port, 1)]);
+    limited["max_message_bytes"] = 1000.into();
+    proxy(
+        redis,
+        file(vec![route("/echo", "/", &[(port, 1)]), limited]),
+    )
+    .await
+}
+
 /// Bytes and frames are counted while a connection is open, not only when
 /// it closes; both the tunnel and the frame relay do it.
 #[tokio::test]
 async fn bytes_and_frames_are_counted_live() {
     let redis = Redis::start().await;
     let b = echo_backend("b0").await;
-    let mut limited = route("/limited", "/", &[(b.port, 1)]);
-    limited["max_message_bytes"] = 1000.into();
-    let server = proxy(
-        &redis,
-        file(vec![route("/echo", "/", &[(b.port, 1)]), limited]),
-    )
-    .await;
+    let server = tunnelled_and_relayed(&redis, b.port).await;
     for path in ["/echo", "/limited"] {
         let mut ws = open(&server, path).await.expect("proxied");
         next_text(&mut ws).await;
@@ -814,13 +820,7 @@ async fn bytes_and_frames_are_counted_live() {
 async fn shutdown_closes_proxied_connections_with_1001() {
     let redis = Redis::start().await;
     let b = echo_backend("b0").await;
-    let mut limited = route("/limited", "/", &[(b.port, 1)]);
-    limited["max_message_bytes"] = 1000.into();
-    let server = proxy(
-        &redis,
-        file(vec![route("/echo", "/", &[(b.port, 1)]), limited]),
-    )
-    .await;
+    let server = tunnelled_and_relayed(&redis, b.port).await;
     let mut tunnelled = open(&server, "/echo").await.expect("proxied");
     let mut relayed = open(&server, "/limited").await.expect("proxied");
     for ws in [&mut tunnelled, &mut relayed] {
