@@ -23,8 +23,12 @@
 # (seconds per kosoku run, default 100), AUTOBAHN_PARALLELISM (default 1),
 # AUTOBAHN_ROUTES (another routes template: every backend port is set to the
 # echo server's, and the suite goes through the first route's external_path;
-# e.g. .ci/autobahn/relay-routes.json, the same route with max_message_bytes,
-# which wsproxy relays frame by frame instead of tunnelling).
+# e.g. .ci/autobahn/limited-routes.json, the same route with max_message_bytes
+# and rate_limit, whose frames wsproxy checks as they pass), AUTOBAHN_BACKEND
+# (bench: wsproxy-bench's echo server, the default; deflate: a Python echo
+# server that negotiates permessage-deflate, .ci/autobahn/deflate_echo.py, so
+# that the 12.x/13.x cases send compressed messages, e.g. through the limited
+# route, where wsproxy measures them by inflating them).
 # Exit status: 0 when every case matches; non-zero on any difference, if kosoku
 # cannot be installed or run, or if a server fails or dies.
 set -euo pipefail
@@ -34,6 +38,8 @@ fail() { printf '\nAUTOBAHN FAILED: %s\n' "$*" >&2; exit 1; }
 
 KOSOKU_VERSION=0.1.0
 KOSOKU_CASES=517 # the whole suite of kosoku 0.1.0
+WEBSOCKETS_VERSION=16.1.1 # for the deflate backend
+BACKEND=${AUTOBAHN_BACKEND:-bench}
 OUT=${AUTOBAHN_OUT:-target/autobahn}
 TIMEOUT=${AUTOBAHN_TIMEOUT:-100}
 PARALLELISM=${AUTOBAHN_PARALLELISM:-1}
@@ -48,23 +54,24 @@ command -v redis-server >/dev/null || fail "redis-server is not installed"
 command -v curl >/dev/null || fail "curl is not installed"
 
 # --- kosoku, pinned, in its own venv (nothing global is touched) -------------
+PACKAGES=("kosoku==$KOSOKU_VERSION" "websockets==$WEBSOCKETS_VERSION")
 have_kosoku() {
-  "$VENV/bin/python" - "$KOSOKU_VERSION" 2>/dev/null <<'EOF'
+  "$VENV/bin/python" - "$KOSOKU_VERSION" "$WEBSOCKETS_VERSION" 2>/dev/null <<'EOF'
 import importlib.metadata as m, sys
-sys.exit(m.version("kosoku") != sys.argv[1])
+sys.exit(m.version("kosoku") != sys.argv[1] or m.version("websockets") != sys.argv[2])
 EOF
 }
 if ! have_kosoku; then
-  step "installing kosoku==$KOSOKU_VERSION into $VENV"
+  step "installing ${PACKAGES[*]} into $VENV"
   rm -rf "$VENV"
   if command -v uv >/dev/null; then
     uv venv --quiet --python python3 "$VENV" >/dev/null &&
-      uv pip install --quiet --python "$VENV/bin/python" "kosoku==$KOSOKU_VERSION"
+      uv pip install --quiet --python "$VENV/bin/python" "${PACKAGES[@]}"
   else
     python3 -m venv "$VENV" &&
-      "$VENV/bin/pip" install --quiet --disable-pip-version-check "kosoku==$KOSOKU_VERSION"
-  fi || fail "could not install kosoku==$KOSOKU_VERSION"
-  have_kosoku || fail "kosoku==$KOSOKU_VERSION is not importable from $VENV"
+      "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PACKAGES[@]}"
+  fi || fail "could not install ${PACKAGES[*]}"
+  have_kosoku || fail "${PACKAGES[*]} are not importable from $VENV"
 fi
 "$VENV/bin/kosoku" -h >/dev/null || fail "kosoku does not start"
 PY=$VENV/bin/python
@@ -89,8 +96,17 @@ mkdir -p "$OUT/logs"
 alive() { kill -0 "$1" 2>/dev/null; }
 
 ECHO_PORT=$(free_port)
-step "echo backend: wsproxy-bench echo-server on 127.0.0.1:$ECHO_PORT"
-./target/debug/wsproxy-bench echo-server --port "$ECHO_PORT" >"$OUT/logs/echo.log" 2>&1 &
+case $BACKEND in
+  bench)
+    step "echo backend: wsproxy-bench echo-server on 127.0.0.1:$ECHO_PORT"
+    ./target/debug/wsproxy-bench echo-server --port "$ECHO_PORT" >"$OUT/logs/echo.log" 2>&1 &
+    ;;
+  deflate)
+    step "echo backend: deflate_echo.py (permessage-deflate) on 127.0.0.1:$ECHO_PORT"
+    "$PY" .ci/autobahn/deflate_echo.py "$ECHO_PORT" >"$OUT/logs/echo.log" 2>&1 &
+    ;;
+  *) fail "AUTOBAHN_BACKEND: $BACKEND is neither bench nor deflate" ;;
+esac
 ECHO_PID=$!
 PIDS+=("$ECHO_PID")
 for _ in $(seq 1 100); do

@@ -363,6 +363,140 @@ async fn compression_negotiation_reaches_the_backend_and_back() {
     );
 }
 
+/// A backend that accepts permessage-deflate and keeps every byte it gets
+/// after its 101, until the proxy closes the connection.
+async fn recording_deflate_backend() -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; 4096];
+        let mut n = 0;
+        while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            n += s.read(&mut buf[n..]).await.expect("request");
+        }
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        let end = head.find("\r\n\r\n").expect("end") + 4;
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("key")
+            .trim()
+            .to_owned();
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+        );
+        s.write_all(resp.as_bytes()).await.expect("101");
+        let mut got = buf[end..n].to_vec();
+        let _ = s.read_to_end(&mut got).await;
+        got
+    });
+    (port, task)
+}
+
+/// A client frame: masked with a fixed key.
+fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [7u8, 1, 200, 33];
+    let mut f = vec![first];
+    match payload.len() {
+        n @ 0..=125 => f.push(0x80 | n as u8),
+        n @ 126..=65535 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+/// One message as permessage-deflate sends it (sync flush, tail removed).
+fn deflated(c: &mut flate2::Compress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 1024);
+    c.compress_vec(data, &mut out, flate2::FlushCompress::Sync)
+        .expect("deflate");
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// A route with a message size limit still lets client and backend agree
+/// on compression; compressed messages pass untouched, and are measured
+/// by what they inflate to: one that inflates past the limit never reaches
+/// the backend, which gets a close in its place, and the client gets 1009.
+#[tokio::test]
+async fn limited_routes_keep_compression_and_measure_inflated_messages() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (port, recorded) = recording_deflate_backend().await;
+    let redis = Redis::start().await;
+    let mut limited = route("/z", "/", &[(port, 1)]);
+    limited["max_message_bytes"] = 1000.into();
+    let server = proxy(&redis, file(vec![limited])).await;
+    let mut c = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    c.write_all(
+        b"GET /z HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    let resp = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(resp.starts_with("http/1.1 101"), "{resp}");
+    assert!(
+        resp.contains("sec-websocket-extensions: permessage-deflate\r\n"),
+        "{resp}"
+    );
+    let mut z = flate2::Compress::new(flate2::Compression::default(), false);
+    // 900 bytes inflated: allowed.
+    let small = masked_frame(0xc1, &deflated(&mut z, &[b'a'; 900]));
+    // 5,000 bytes inflated, in under 50 on the wire: refused.
+    let bomb = masked_frame(0xc1, &deflated(&mut z, &[b'b'; 5000]));
+    assert!(bomb.len() < 50, "{}", bomb.len());
+    c.write_all(&small).await.expect("small");
+    c.write_all(&bomb).await.expect("bomb");
+    // The client's close: 1009, unmasked, from the proxy.
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let n = tokio::time::timeout(WAIT, c.read(&mut buf))
+            .await
+            .expect("close in time")
+            .expect("read");
+        assert!(n > 0, "closed without a close frame");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got[0], 0x88, "{got:?}");
+    assert_eq!(u16::from_be_bytes([got[2], got[3]]), 1009, "{got:?}");
+    drop(c);
+    // The backend got the small message byte for byte, then a close
+    // (1001) instead of the bomb.
+    let backend = tokio::time::timeout(WAIT, recorded)
+        .await
+        .expect("backend done")
+        .expect("backend");
+    assert!(backend.starts_with(&small), "{backend:?}");
+    let close = &backend[small.len()..];
+    assert_eq!(close[0], 0x88, "{close:?}");
+    let key = &close[2..6];
+    let payload: Vec<u8> = close[6..]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ key[i % 4])
+        .collect();
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001);
+    assert_eq!(usize::from(close[1] & 0x7f), payload.len());
+}
+
 #[tokio::test]
 async fn dead_backend_is_502_and_silent_backend_is_504() {
     let redis = Redis::start().await;
@@ -732,14 +866,16 @@ async fn wss_backend_with_private_ca_and_tls_listener() {
     server.1.cancel();
 }
 
+/// On a limited route too, a ping goes through to the backend, whose pong
+/// comes back: one pong per ping.
 #[tokio::test]
-async fn frame_relay_answers_each_ping_once() {
+async fn limited_routes_answer_each_ping_once() {
     let redis = Redis::start().await;
     let b = echo_backend("b0").await;
-    let mut relayed = route("/relayed", "/", &[(b.port, 1)]);
-    relayed["max_message_bytes"] = 4096.into();
-    let server = proxy(&redis, file(vec![relayed])).await;
-    let mut ws = open(&server, "/relayed").await.expect("proxied");
+    let mut limited = route("/limited", "/", &[(b.port, 1)]);
+    limited["max_message_bytes"] = 4096.into();
+    let server = proxy(&redis, file(vec![limited])).await;
+    let mut ws = open(&server, "/limited").await.expect("proxied");
     assert_eq!(next_text(&mut ws).await, "hello from b0");
     ws.send(Message::Ping("once".into())).await.expect("ping");
     send_text(&mut ws, "after the ping").await;
@@ -758,9 +894,9 @@ async fn frame_relay_answers_each_ping_once() {
     assert_eq!(pongs, 1, "each ping gets exactly one pong");
 }
 
-/// A proxy with the same backend behind a tunnelled route (`/echo`) and a
-/// relayed one (`/limited`, which has a message size limit).
-async fn tunnelled_and_relayed(redis: &Redis, port: u16) -> Server {
+/// A proxy with the same backend behind a route without limits (`/echo`)
+/// and one with a message size limit (`/limited`).
+async fn plain_and_limited(redis: &Redis, port: u16) -> Server {
     let mut limited = route("/limited", "/", &[(port, 1)]);
     limited["max_message_bytes"] = 1000.into();
     proxy(
@@ -771,12 +907,12 @@ async fn tunnelled_and_relayed(redis: &Redis, port: u16) -> Server {
 }
 
 /// Bytes and frames are counted while a connection is open, not only when
-/// it closes; both the tunnel and the frame relay do it.
+/// it closes, on routes with and without limits.
 #[tokio::test]
 async fn bytes_and_frames_are_counted_live() {
     let redis = Redis::start().await;
     let b = echo_backend("b0").await;
-    let server = tunnelled_and_relayed(&redis, b.port).await;
+    let server = plain_and_limited(&redis, b.port).await;
     for path in ["/echo", "/limited"] {
         let mut ws = open(&server, path).await.expect("proxied");
         next_text(&mut ws).await;
@@ -814,22 +950,22 @@ async fn bytes_and_frames_are_counted_live() {
     }
 }
 
-/// On shutdown, tunnelled and relayed connections alike get 1001 and the
+/// On shutdown, connections with and without limits alike get 1001 and the
 /// backend sees an orderly close, long before the grace period ends.
 #[tokio::test]
 async fn shutdown_closes_proxied_connections_with_1001() {
     let redis = Redis::start().await;
     let b = echo_backend("b0").await;
-    let server = tunnelled_and_relayed(&redis, b.port).await;
+    let server = plain_and_limited(&redis, b.port).await;
     let mut tunnelled = open(&server, "/echo").await.expect("proxied");
-    let mut relayed = open(&server, "/limited").await.expect("proxied");
-    for ws in [&mut tunnelled, &mut relayed] {
+    let mut limited = open(&server, "/limited").await.expect("proxied");
+    for ws in [&mut tunnelled, &mut limited] {
         next_text(ws).await;
         send_text(ws, "still here").await;
         assert_eq!(next_text(ws).await, "still here");
     }
     let stopping = tokio::spawn(server.stop());
-    for ws in [&mut tunnelled, &mut relayed] {
+    for ws in [&mut tunnelled, &mut limited] {
         match tokio::time::timeout(WAIT, ws.next()).await {
             Ok(Some(Ok(Message::Close(Some(f))))) => {
                 assert_eq!(u16::from(f.code), 1001);
@@ -840,7 +976,7 @@ async fn shutdown_closes_proxied_connections_with_1001() {
         // Drive the reply out and wait for the end of the stream.
         while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
     }
-    drop((tunnelled, relayed));
+    drop((tunnelled, limited));
     // `stop` waits for every proxied connection; the grace period is 30 s.
     tokio::time::timeout(WAIT, stopping)
         .await
@@ -1053,11 +1189,11 @@ async fn backend_that_never_reads() -> u16 {
     port
 }
 
-/// A relayed connection whose backend stopped reading (so the relay waits
-/// in a send) still gets its 1001 promptly on shutdown, not at the end of
-/// the grace period.
+/// A connection on a limited route whose backend stopped reading (so the
+/// tunnel waits to write) still gets its 1001 promptly on shutdown, and
+/// the server stops well before the end of the grace period.
 #[tokio::test]
-async fn shutdown_reaches_a_relay_stuck_sending_to_a_backend() {
+async fn shutdown_reaches_a_tunnel_stuck_sending_to_a_backend() {
     let redis = Redis::start().await;
     let port = backend_that_never_reads().await;
     let mut limited = route("/limited", "/", &[(port, 1)]);

@@ -16,39 +16,35 @@
 //!    out 504;
 //! 6. **answer** 101 with what the backend negotiated (subprotocol,
 //!    extensions);
-//! 7. **pump**: a plain byte tunnel when the route has no per-message limit
-//!    (nothing is parsed, so every frame type, close code and compression
-//!    passes untouched), or frame by frame when it enforces a message rate
-//!    or size (close 1008 / 1009).
+//! 7. **pump**: a byte tunnel (nothing is decoded or re-framed, so every
+//!    frame type, close code and compressed message passes untouched) that
+//!    follows frame headers, to count frames, close on shutdown at a frame
+//!    boundary, and check a route's message rate and size (close 1008 /
+//!    1009) before a frame goes on.
 //!
 //! The routes are reloaded on SIGHUP ([`Upstream::reload`]); open
 //! connections keep the route state they started with.
 
 pub mod balance;
 pub mod connect;
+pub mod limits;
 pub mod routes;
 pub mod tunnel;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::server::{App, ConnectionSlot};
-use crate::ws::CLOSE_GOING_AWAY;
 use balance::{BackendState, RouteState};
-use connect::{BackendStream, DialError, Handshake, Upgrade};
+use connect::{DialError, Handshake, Upgrade};
 use routes::{Routes, RoutesError, StickyKey};
 use tunnel::Meter;
 
@@ -463,7 +459,7 @@ async fn proxy(
         client_headers: &headers,
         peer,
         client_tls: app.config.tls.is_some(),
-        pass_extensions: !route.needs_frames(),
+        pass_extensions: true,
         subject: subject.as_deref(),
     };
     let mut last: Option<DialError> = None;
@@ -528,6 +524,18 @@ async fn proxy(
         extensions,
     } = handshake;
     let backend_io = (stream, leftover);
+    // Checks on the client's messages; a compressed message is measured
+    // inflated, so the checks must know whether compression is on.
+    let limits = route.has_limits().then(|| {
+        let max = route
+            .max_message_bytes
+            .unwrap_or(app.config.max_message_bytes);
+        let deflate = extensions
+            .as_ref()
+            .and_then(|x| x.to_str().ok())
+            .is_some_and(|x| x.contains("permessage-deflate"));
+        limits::Limits::new(max as u64, route.rate_limit, deflate)
+    });
     if let Some(p) = protocol {
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
@@ -542,9 +550,6 @@ async fn proxy(
     let task = app.tracker.token();
     let app2 = app.clone();
     let slot = req.extensions().get::<ConnectionSlot>().cloned();
-    let frames = route
-        .needs_frames()
-        .then_some((route.max_message_bytes, route.rate_limit));
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => TokioIo::new(u),
@@ -559,13 +564,10 @@ async fn proxy(
             frames: app2.metrics.upstream_frames(&name, direction),
         };
         let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
-        let stop = &app2.draining;
-        let (up_bytes, down_bytes) = match frames {
-            None => tunnel::tunnel(upgraded, backend_io, (&up, &down), stop).await,
-            Some((max, rate)) => {
-                relay_boxed(&app2, upgraded, backend_io, (&up, &down), max, rate).await
-            }
-        };
+        let verdict = tunnel::Verdict::default();
+        let checks = (&app2.draining, limits, &verdict);
+        let (up_bytes, down_bytes) =
+            tunnel::tunnel(upgraded, backend_io, (&up, &down), checks).await;
         tracing::info!(
             route = %name,
             backend = %backend.label,
@@ -598,173 +600,6 @@ fn verify_route_token(jwt: &routes::JwtSection, token: &str) -> Result<String, S
     }
     Ok(sub)
 }
-
-/// [`relay_frames`], boxed: built here rather than inside the caller's
-/// future, so its state (two WebSocket streams) is not reserved in every
-/// tunnelled connection's task, where it would sit unused.
-fn relay_boxed<'a>(
-    app: &'a Arc<App>,
-    client: TokioIo<hyper::upgrade::Upgraded>,
-    backend: (BackendStream, Vec<u8>),
-    meters: (&'a Meter, &'a Meter),
-    max: Option<usize>,
-    rate: Option<(f64, f64)>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = (u64, u64)> + Send + 'a>> {
-    Box::pin(relay_frames(app, client, backend, meters, max, rate))
-}
-
-/// Token bucket for a connection's message rate.
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl Bucket {
-    fn take(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Relays frame by frame, enforcing the route's message size and rate on
-/// the client's messages. On shutdown both sides get a close (1001).
-async fn relay_frames(
-    app: &Arc<App>,
-    client: TokioIo<hyper::upgrade::Upgraded>,
-    (stream, leftover): (BackendStream, Vec<u8>),
-    (meter_up, meter_down): (&Meter, &Meter),
-    max: Option<usize>,
-    rate: Option<(f64, f64)>,
-) -> (u64, u64) {
-    let limit = max.unwrap_or(app.config.max_message_bytes);
-    let client_config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .max_message_size(Some(limit))
-        .max_frame_size(Some(limit));
-    let mut client =
-        WebSocketStream::from_raw_socket(client, Role::Server, Some(client_config)).await;
-    let backend_config = WebSocketConfig::default().read_buffer_size(4096);
-    let mut backend: WebSocketStream<BackendStream> =
-        WebSocketStream::from_partially_read(stream, leftover, Role::Client, Some(backend_config))
-            .await;
-    let mut bucket = rate.map(|(rate, burst)| Bucket {
-        rate,
-        burst,
-        tokens: burst,
-        last: std::time::Instant::now(),
-    });
-    let (mut up, mut down) = (0u64, 0u64);
-    let close = |code: u16, reason: &str| {
-        Some(Message::Close(Some(CloseFrame {
-            code: code.into(),
-            reason: reason.to_owned().into(),
-        })))
-    };
-    let gone = "client disconnected by the proxy";
-    let shutting_down = "server shutting down";
-    let mut drain = std::pin::pin!(app.draining.waiter());
-    // Frames until one side ends; then what each side is still owed. A send
-    // that waits on a side that does not read still gives way to the drain
-    // (tungstenite keeps the whole frame queued, so nothing is cut).
-    let (to_client, to_backend): (Option<Message>, Option<Message>) = 'relay: loop {
-        tokio::select! {
-            msg = client.next() => match msg {
-                // Each hop answers its own pings (tungstenite does it and
-                // cannot be told not to); forwarding them as well would
-                // answer every ping twice.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(msg)) => {
-                    let data_frame = msg.is_text() || msg.is_binary();
-                    if data_frame && let Some(b) = bucket.as_mut() && !b.take() {
-                        break (close(1008, "message rate limit exceeded"), close(1001, gone));
-                    }
-                    let is_close = msg.is_close();
-                    up += msg.len() as u64;
-                    meter_up.bytes.inc_by(msg.len() as u64);
-                    meter_up.frames.inc();
-                    tokio::select! {
-                        sent = backend.send(msg) => match (sent, is_close) {
-                            (Err(_), _) => break 'relay (close(1011, "backend connection lost"), None),
-                            (Ok(()), true) => break 'relay (None, None),
-                            (Ok(()), false) => {}
-                        },
-                        _ = std::future::poll_fn(|cx| app.draining.poll(drain.as_mut(), cx)) => {
-                            break 'relay (close(CLOSE_GOING_AWAY, shutting_down), close(CLOSE_GOING_AWAY, shutting_down));
-                        }
-                    }
-                }
-                Some(Err(tungstenite::Error::Capacity(_))) => {
-                    break (close(1009, "message too big"), close(1001, gone));
-                }
-                _ => break (None, Some(Message::Close(None))),
-            },
-            msg = backend.next() => match msg {
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(msg)) => {
-                    let is_close = msg.is_close();
-                    down += msg.len() as u64;
-                    meter_down.bytes.inc_by(msg.len() as u64);
-                    meter_down.frames.inc();
-                    tokio::select! {
-                        sent = client.send(msg) => match (sent, is_close) {
-                            (Err(_), _) => break 'relay (None, close(1001, gone)),
-                            (Ok(()), true) => break 'relay (None, None),
-                            (Ok(()), false) => {}
-                        },
-                        _ = std::future::poll_fn(|cx| app.draining.poll(drain.as_mut(), cx)) => {
-                            break 'relay (close(CLOSE_GOING_AWAY, shutting_down), close(CLOSE_GOING_AWAY, shutting_down));
-                        }
-                    }
-                }
-                _ => break (Some(Message::Close(None)), None),
-            },
-            _ = std::future::poll_fn(|cx| app.draining.poll(drain.as_mut(), cx)) => {
-                break (close(CLOSE_GOING_AWAY, shutting_down), close(CLOSE_GOING_AWAY, shutting_down));
-            }
-        }
-    };
-    // Both goodbyes at once, bounded: a peer that does not read must not
-    // hold up the other.
-    let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        tokio::join!(
-            async {
-                if let Some(m) = to_client {
-                    let _ = client.send(m).await;
-                }
-            },
-            async {
-                if let Some(m) = to_backend {
-                    let _ = backend.send(m).await;
-                }
-            },
-        )
-    })
-    .await;
-    // Then let both finish their close handshakes (reading is what makes
-    // tungstenite answer a close), so neither socket is dropped with unread
-    // data, which would reset it.
-    let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        tokio::join!(
-            async { while let Some(Ok(_)) = client.next().await {} },
-            async { while let Some(Ok(_)) = backend.next().await {} },
-        )
-    })
-    .await;
-    (up, down)
-}
-
-/// How long a relayed connection's closing steps may take, each.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

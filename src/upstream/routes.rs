@@ -272,9 +272,8 @@ pub enum Probe {
 }
 
 impl Route {
-    /// True when frames must be inspected (limits), so the proxy cannot
-    /// simply tunnel bytes.
-    pub fn needs_frames(&self) -> bool {
+    /// True when the client's frames must be checked against limits.
+    pub fn has_limits(&self) -> bool {
         self.max_message_bytes.is_some() || self.rate_limit.is_some()
     }
 

@@ -1,20 +1,28 @@
-//! The byte tunnel: what a proxied connection becomes after the handshake
-//! when its route has no per-message limit.
+//! The byte tunnel: what a proxied connection becomes after the handshake.
 //!
-//! Bytes are copied both ways as they come; nothing is decoded, so every
-//! frame type, close code and compressed message passes untouched. The
-//! tunnel still follows the frame *headers* (a few bytes per frame, see
-//! [`FrameScan`]) so that it can
-//! - count frames and bytes each way, live, in the route's metrics, and
+//! Bytes are copied both ways as they come; nothing is decoded or
+//! re-framed, so every frame type, close code, subprotocol and compressed
+//! message passes untouched. The tunnel still follows the frame *headers*
+//! (a few bytes per frame, see [`FrameScan`]) so that it can
+//! - count frames and bytes each way, live, in the route's metrics;
 //! - on shutdown, put a close frame (1001) into the backend-to-client stream
 //!   at a frame boundary, which a blind copy could not do without
 //!   corrupting a frame. Everything the backend sends after it is dropped,
 //!   as the protocol requires after a close; the client's answering close
-//!   goes on to the backend, so each side sees one orderly close.
+//!   goes on to the backend, so each side sees one orderly close;
+//! - on a route with limits, check the client's messages (see
+//!   [`super::limits`]). A violation is found on a frame header, before the
+//!   frame is forwarded: the backend gets a close (1001) in the frame's
+//!   place, the client a close (1008 / 1009) at the next boundary of its
+//!   stream, and what either sends after that is dropped. (Only a compressed
+//!   message, measured as it inflates, can turn out too big in the middle
+//!   of a frame; its backend then sees the stream end there instead.)
 
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::future::Either;
 use hyper_util::rt::TokioIo;
@@ -22,6 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::connect::BackendStream;
+use super::limits::{Limits, Violation};
 use crate::server::Draining;
 use crate::ws::CLOSE_GOING_AWAY;
 
@@ -38,10 +47,67 @@ pub struct Meter {
 const CHUNK: usize = 16 * 1024;
 
 /// How long the second direction may stay open once the first has ended.
-const FIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const FIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reason sent with the shutdown close frame.
 const SHUTDOWN_REASON: &[u8] = b"server shutting down";
+
+/// Reason sent to the backend in place of a client's frame that broke a
+/// limit.
+const CUT_OFF_REASON: &[u8] = b"client disconnected by the proxy";
+
+/// A limit the client broke, found by the client-to-backend pump and
+/// turned into the client's close frame by the other one.
+#[derive(Debug, Default)]
+pub struct Verdict(AtomicU8);
+
+impl Verdict {
+    const ALL: [Violation; 3] = [
+        Violation::TooBig,
+        Violation::TooFast,
+        Violation::BadCompression,
+    ];
+
+    fn set(&self, v: Violation) {
+        let i = Self::ALL.iter().position(|x| *x == v).unwrap_or(0);
+        self.0.store(i as u8 + 1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Violation> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            i => Self::ALL.get(usize::from(i) - 1).copied(),
+        }
+    }
+}
+
+/// A close frame with `code` and `reason` (at most 123 bytes), masked with
+/// a random key when it goes to a backend (a client's frames always are).
+fn close_frame(code: u16, reason: &[u8], masked: bool) -> Vec<u8> {
+    let len = 2 + reason.len();
+    let mut f = Vec::with_capacity(6 + len);
+    f.push(0x88);
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason);
+    if masked {
+        let key: [u8; 4] = rand::random();
+        f.push(0x80 | len as u8);
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        f.push(len as u8);
+        f.extend_from_slice(&payload);
+    }
+    f
+}
+
+/// The client-to-backend pump's checks on a limited route, and the bytes
+/// the client sent behind its request, which they must see first.
+#[derive(Debug)]
+struct Guard {
+    limits: Limits,
+    early: Vec<u8>,
+}
 
 /// Follows WebSocket frame boundaries in a byte stream without keeping the
 /// stream: it only remembers the header being read (at most 14 bytes) and
@@ -146,8 +212,14 @@ struct Pump<'a, R, W> {
     /// for at most `FIN_TIMEOUT` (`linger`, allocated only then).
     closed: bool,
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The linger ran out: the peer never finished closing.
+    gave_up: bool,
     /// Written since the last flush: a TLS writer may still hold it.
     unflushed: bool,
+    /// Client-to-backend only, on a route with limits.
+    guard: Option<Box<Guard>>,
+    /// Shared by both pumps (see [`Verdict`]).
+    verdict: &'a Verdict,
 }
 
 impl<'a, R, W> Pump<'a, R, W>
@@ -156,34 +228,53 @@ where
     W: AsyncWrite + Unpin,
 {
     /// A pump whose first bytes to write are `first` (already read by
-    /// someone else), counted and followed like the rest.
-    fn new(from: R, to: W, meter: &'a Meter, stop: Option<&'a Draining>, first: Vec<u8>) -> Self {
-        let mut scan = FrameScan::default();
-        meter.bytes.inc_by(first.len() as u64);
-        meter.frames.inc_by(scan.feed(&first));
-        Self {
+    /// someone else), counted, followed and checked like the rest.
+    fn new(
+        (from, to): (R, W),
+        meter: &'a Meter,
+        stop: Option<&'a Draining>,
+        first: Vec<u8>,
+        (limits, verdict): (Option<Limits>, &'a Verdict),
+    ) -> Self {
+        let mut pump = Self {
             from,
             to,
             meter,
-            scan,
-            total: first.len() as u64,
-            pending: first,
+            scan: FrameScan::default(),
+            total: 0,
+            pending: Vec::new(),
             sent: 0,
             stop,
             closed: false,
             linger: None,
+            gave_up: false,
             unflushed: false,
+            guard: None,
+            verdict,
+        };
+        match limits {
+            // Checked on the first poll, where it can be written.
+            Some(limits) => {
+                pump.guard = Some(Box::new(Guard {
+                    limits,
+                    early: first,
+                }))
+            }
+            None => {
+                pump.total = first.len() as u64;
+                meter.bytes.inc_by(first.len() as u64);
+                meter.frames.inc_by(pump.scan.feed(&first));
+                pump.pending = first;
+            }
         }
+        pump
     }
 
-    /// Takes bytes read from `from`: counts them, follows their frames and
-    /// writes what `to` takes at once, keeping the rest.
-    fn forward(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Result<(), ()> {
-        self.total += data.len() as u64;
-        self.meter.bytes.inc_by(data.len() as u64);
-        self.meter.frames.inc_by(self.scan.feed(data));
+    /// Writes `data` after whatever is still pending: at once as far as
+    /// `to` takes it, the rest kept.
+    fn emit(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Result<(), ()> {
         let mut off = 0;
-        while off < data.len() {
+        while off < data.len() && self.sent == self.pending.len() {
             match Pin::new(&mut self.to).poll_write(cx, &data[off..]) {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     off += n;
@@ -197,13 +288,130 @@ where
         Ok(())
     }
 
+    /// Takes bytes read from `from`: counts them, follows their frames and
+    /// writes what `to` takes at once, keeping the rest.
+    fn forward(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Result<(), ()> {
+        self.total += data.len() as u64;
+        self.meter.bytes.inc_by(data.len() as u64);
+        if self.guard.is_some() {
+            return self.forward_checked(cx, data);
+        }
+        self.meter.frames.inc_by(self.scan.feed(data));
+        self.emit(cx, data)
+    }
+
+    /// [`Self::forward`] on a route with limits: frame by frame, each
+    /// header checked before any of its frame goes out. A header cut by the
+    /// end of a read is held back (it is in `scan`) until it is whole.
+    fn forward_checked(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Result<(), ()> {
+        let Some(mut guard) = self.guard.take() else {
+            return Ok(());
+        };
+        let result = self.check_and_emit(cx, data, &mut guard.limits);
+        self.guard = Some(guard);
+        result
+    }
+
+    fn check_and_emit(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        limits: &mut Limits,
+    ) -> Result<(), ()> {
+        // Header bytes from an earlier read, held back.
+        let held = usize::from(self.scan.have);
+        // Where in `data` the current frame began, when it began here.
+        let mut frame_at = None;
+        let mut off = 0;
+        let mut broken = None;
+        while off < data.len() {
+            if self.scan.remaining > 0 {
+                let n = self.scan.remaining.min((data.len() - off) as u64) as usize;
+                let piece = &data[off..off + n];
+                self.scan.feed(piece);
+                let mut check = limits.payload(piece);
+                if check.is_ok() && self.scan.remaining == 0 {
+                    check = limits.frame_end();
+                }
+                if let Err(v) = check {
+                    // Clean only if none of the frame has gone out yet.
+                    broken = Some((v, frame_at));
+                    break;
+                }
+                off += n;
+                continue;
+            }
+            if self.scan.have == 0 {
+                frame_at = Some(off);
+            }
+            off += 1;
+            if self.scan.feed(&data[off - 1..off]) == 0 {
+                continue; // more header to come
+            }
+            self.meter.frames.inc();
+            let header = &self.scan.header[..header_len(self.scan.header[1])];
+            let mut check = limits.header(header, self.scan.remaining);
+            if check.is_ok() && self.scan.remaining == 0 {
+                check = limits.frame_end();
+            }
+            if let Err(v) = check {
+                // None of this frame has gone out (a header from an
+                // earlier read was held back).
+                broken = Some((v, Some(frame_at.unwrap_or(0))));
+                break;
+            }
+            if frame_at.is_none() && held > 0 {
+                // The header began in an earlier read: its first bytes go
+                // out now, ahead of the rest of this one.
+                let first = self.scan.header;
+                self.emit(cx, &first[..held])?;
+            }
+        }
+        let Some((v, cut)) = broken else {
+            // All good, but for a header still cut off at the end.
+            let end = if self.scan.have > 0 {
+                frame_at.unwrap_or(0)
+            } else {
+                data.len()
+            };
+            return self.emit(cx, &data[..end]);
+        };
+        // Everything before the offending frame goes out; the frame does
+        // not, when none of it has gone yet (then the backend gets a close
+        // in its place); else its stream just stops.
+        self.verdict.set(v);
+        self.closed = true;
+        self.linger = Some(Box::pin(tokio::time::sleep(FIN_TIMEOUT)));
+        cx.waker().wake_by_ref(); // the other pump closes the client
+        if let Some(at) = cut {
+            self.emit(cx, &data[..at])?;
+            if !self.scan.saw_close {
+                self.emit(cx, &close_frame(CLOSE_GOING_AWAY, CUT_OFF_REASON, true))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the backend-to-client pump must close the client for, if
+    /// anything: a limit the client broke, or shutdown.
+    fn closing(&self) -> Option<(u16, &'static [u8])> {
+        let stop = self.stop?;
+        if let Some(v) = self.verdict.get() {
+            let (code, reason) = v.close();
+            return Some((code, reason.as_bytes()));
+        }
+        stop.has_begun()
+            .then_some((CLOSE_GOING_AWAY, SHUTDOWN_REASON))
+    }
+
     /// Runs until `from` ends or either side fails.
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             if let Some(linger) = self.linger.as_mut()
                 && linger.as_mut().poll(cx).is_ready()
             {
-                return Poll::Ready(()); // the peer never finished closing
+                self.gave_up = true; // the peer never finished closing
+                return Poll::Ready(());
             }
             while self.sent < self.pending.len() {
                 match Pin::new(&mut self.to).poll_write(cx, &self.pending[self.sent..]) {
@@ -220,17 +428,24 @@ where
                 self.pending = Vec::new();
                 self.sent = 0;
             }
-            if !self.closed && self.scan.at_boundary() && self.stop.is_some_and(Draining::has_begun)
+            if let Some(guard) = self.guard.as_mut()
+                && !guard.early.is_empty()
+            {
+                let early = std::mem::take(&mut guard.early);
+                if self.forward(cx, &early).is_err() {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            if !self.closed
+                && self.scan.at_boundary()
+                && let Some((code, reason)) = self.closing()
             {
                 self.closed = true;
                 self.linger = Some(Box::pin(tokio::time::sleep(FIN_TIMEOUT)));
                 if !self.scan.saw_close {
                     // The backend has not closed: say goodbye in its place.
-                    let mut frame = Vec::with_capacity(4 + SHUTDOWN_REASON.len());
-                    frame.extend_from_slice(&[0x88, 2 + SHUTDOWN_REASON.len() as u8]);
-                    frame.extend_from_slice(&CLOSE_GOING_AWAY.to_be_bytes());
-                    frame.extend_from_slice(SHUTDOWN_REASON);
-                    self.pending = frame;
+                    self.pending = close_frame(code, reason, false);
                     continue;
                 }
             }
@@ -261,8 +476,8 @@ where
             if self.closed {
                 continue; // after the close frame nothing more may go out
             }
-            if self.stop.is_some_and(Draining::has_begun) {
-                // Draining: only up to the end of the current frame, where
+            if self.closing().is_some() {
+                // Closing: only up to the end of the current frame, where
                 // the close goes in; the rest could not follow it anyway.
                 // (Under steady traffic reads rarely end on a boundary.)
                 data = &data[..self.scan.to_boundary(data)];
@@ -273,8 +488,9 @@ where
         }
     }
 
-    /// Pumps, then ends the other side's writing; returns the bytes moved.
-    async fn run(&mut self) -> u64 {
+    /// Pumps, then ends the other side's writing; returns the bytes moved,
+    /// and whether the pump gave up waiting for a close to be finished.
+    async fn run(&mut self) -> (u64, bool) {
         match self.stop {
             Some(stop) => {
                 let mut waiter = std::pin::pin!(stop.waiter());
@@ -289,7 +505,7 @@ where
             None => std::future::poll_fn(|cx| self.poll_pump(cx)).await,
         }
         let _ = self.to.shutdown().await;
-        self.total
+        (self.total, self.gave_up)
     }
 }
 
@@ -305,7 +521,7 @@ fn both_ways<'a, CR, CW, BR, BW>(
     (br, bw): (BR, BW),
     (early, leftover): (Vec<u8>, Vec<u8>),
     (up, down): (&'a Meter, &'a Meter),
-    stop: &'a Draining,
+    (stop, limits, verdict): (&'a Draining, Option<Limits>, &'a Verdict),
 ) -> impl Future<Output = (u64, u64)> + Send + 'a
 where
     CR: AsyncRead + Unpin + Send + 'a,
@@ -313,18 +529,25 @@ where
     BR: AsyncRead + Unpin + Send + 'a,
     BW: AsyncWrite + Unpin + Send + 'a,
 {
-    let mut to_backend = Pump::new(cr, bw, up, None, early);
-    let mut to_client = Pump::new(br, cw, down, Some(stop), leftover);
+    let mut to_backend = Pump::new((cr, bw), up, None, early, (limits, verdict));
+    let mut to_client = Pump::new((br, cw), down, Some(stop), leftover, (None, verdict));
     async move {
         // Once one direction has ended, the other has `FIN_TIMEOUT` to
         // follow (a client that never closes its end must not hold the
-        // tunnel open).
+        // tunnel open), or none if the first already waited that long for
+        // a close to be finished (say a backend that stopped reading, on
+        // shutdown).
+        let then = |gave_up: bool| if gave_up { Duration::ZERO } else { FIN_TIMEOUT };
         let (up, down) = {
             let mut a = std::pin::pin!(to_backend.run());
             let mut b = std::pin::pin!(to_client.run());
             tokio::select! {
-                up = &mut a => (Some(up), tokio::time::timeout(FIN_TIMEOUT, b).await.ok()),
-                down = &mut b => (tokio::time::timeout(FIN_TIMEOUT, a).await.ok(), Some(down)),
+                (up, gave_up) = &mut a => {
+                    (Some(up), tokio::time::timeout(then(gave_up), b).await.ok().map(|d| d.0))
+                }
+                (down, gave_up) = &mut b => {
+                    (tokio::time::timeout(then(gave_up), a).await.ok().map(|u| u.0), Some(down))
+                }
             }
         };
         (
@@ -334,14 +557,15 @@ where
     }
 }
 
-/// Tunnels a proxied connection (see the module documentation): the
+/// Tunnels a proxied connection (see the module documentation), checking
+/// the client's messages against `limits` if the route has any: the
 /// returned future runs until both directions have ended and returns
 /// (client to backend, backend to client) bytes.
 pub fn tunnel<'a>(
     client: TokioIo<hyper::upgrade::Upgraded>,
     (backend, leftover): (BackendStream, Vec<u8>),
     meters: (&'a Meter, &'a Meter),
-    stop: &'a Draining,
+    (stop, limits, verdict): (&'a Draining, Option<Limits>, &'a Verdict),
 ) -> impl Future<Output = (u64, u64)> + Send + 'a {
     type Boxed<'a> = Pin<Box<dyn Future<Output = (u64, u64)> + Send + 'a>>;
     match (
@@ -362,7 +586,7 @@ pub fn tunnel<'a>(
                 backend.into_split(),
                 (early, leftover),
                 meters,
-                stop,
+                (stop, limits, verdict),
             ))
         }
         // TLS on either side: boxed, so that its state is not reserved in
@@ -375,7 +599,7 @@ pub fn tunnel<'a>(
                 tokio::io::split(tls),
                 (early, leftover),
                 meters,
-                stop,
+                (stop, limits, verdict),
             ));
             Either::Right(boxed)
         }
@@ -385,7 +609,7 @@ pub fn tunnel<'a>(
                 tokio::io::split(backend),
                 (Vec::new(), leftover),
                 meters,
-                stop,
+                (stop, limits, verdict),
             ));
             Either::Right(boxed)
         }
@@ -486,12 +710,13 @@ mod tests {
             tokio::spawn(async move { while backend_app.write_all(&big).await.is_ok() {} });
         let draining = Draining::default();
         let meter = Meter::default();
+        let verdict = Verdict::default();
         let mut pump = Pump::new(
-            backend_proxy,
-            client_proxy,
+            (backend_proxy, client_proxy),
             &meter,
             Some(&draining),
             Vec::new(),
+            (None, &verdict),
         );
         let collect = async {
             let mut out = Vec::new();
@@ -570,12 +795,13 @@ mod tests {
         let (mut backend, to_backend) = (backend.expect("accept"), to_backend.expect("connect"));
         let (mut client_app, client_proxy) = tokio::io::duplex(256 * 1024);
         let (up, down, draining) = (Meter::default(), Meter::default(), Draining::default());
+        let verdict = Verdict::default();
         let tunnel = both_ways(
             tokio::io::split(client_proxy),
             tokio::io::split(to_backend),
             (Vec::new(), Vec::new()),
             (&up, &down),
-            &draining,
+            (&draining, None, &verdict),
         );
         let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
         let exchange = async move {
@@ -594,6 +820,74 @@ mod tests {
             drop((client_app, backend)); // now both leave
         };
         let _ = tokio::join!(exchange, tunnel);
+    }
+
+    /// On a limited route the frame that breaks a limit never reaches the
+    /// backend, whose stream gets a close in its place, whether the bytes
+    /// come one at a time (headers cut by reads), in bigger pieces, or all
+    /// behind the client's request.
+    #[tokio::test]
+    async fn a_limited_pump_cuts_before_the_offending_frame_however_it_arrives() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let allowed: Vec<u8> = [frame(0x1, 10, true), frame(0x2, 1000, true)].concat();
+        let refused = frame(0x2, 1001, true);
+        let stream = [allowed.clone(), refused, frame(0x1, 5, true)].concat();
+        for chunk in [0, 1, 3, 7, 1000, stream.len()] {
+            let (mut client_app, client_proxy) = tokio::io::duplex(64 * 1024);
+            let (backend_proxy, mut backend_app) = tokio::io::duplex(64 * 1024);
+            let (meter, verdict) = (Meter::default(), Verdict::default());
+            let early = if chunk == 0 {
+                stream.clone()
+            } else {
+                Vec::new()
+            };
+            let mut pump = Pump::new(
+                (client_proxy, backend_proxy),
+                &meter,
+                None,
+                early,
+                (Some(Limits::new(1000, None, false)), &verdict),
+            );
+            let stream = stream.clone();
+            let client = async move {
+                for piece in
+                    stream
+                        .chunks(chunk.max(1))
+                        .take(if chunk == 0 { 0 } else { usize::MAX })
+                {
+                    client_app.write_all(piece).await.expect("write");
+                    tokio::task::yield_now().await;
+                }
+                drop(client_app); // the client leaves: the pump ends
+            };
+            let backend = async {
+                let mut got = Vec::new();
+                backend_app.read_to_end(&mut got).await.expect("read");
+                got
+            };
+            let (_, _, got) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                tokio::join!(client, pump.run(), backend)
+            })
+            .await
+            .expect("the pump ended");
+            assert_eq!(verdict.get(), Some(Violation::TooBig), "chunk {chunk}");
+            assert!(got.starts_with(&allowed), "chunk {chunk}");
+            let close = &got[allowed.len()..];
+            assert_eq!(close.len(), 6 + 2 + CUT_OFF_REASON.len(), "chunk {chunk}");
+            assert_eq!(close[..2], [0x88, 0x80 | (2 + CUT_OFF_REASON.len() as u8)]);
+            let key = &close[2..6];
+            let payload: Vec<u8> = close[6..]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ key[i % 4])
+                .collect();
+            assert_eq!(
+                payload[..2],
+                CLOSE_GOING_AWAY.to_be_bytes(),
+                "chunk {chunk}"
+            );
+            assert_eq!(&payload[2..], CUT_OFF_REASON, "chunk {chunk}");
+        }
     }
 
     #[test]
