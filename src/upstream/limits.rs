@@ -10,8 +10,14 @@
 //!   the frame's payload is forwarded. A message compressed with
 //!   permessage-deflate is inflated as it passes, only to be measured (the
 //!   compressed bytes go on untouched), so the limit bounds what the backend
-//!   will inflate, not the wire size; inflating stops at the limit, so a
-//!   small compressed "bomb" costs no more than a message of the limit.
+//!   will inflate; inflating stops at the limit, so a small compressed
+//!   "bomb" costs no more than a message of the limit. What follows a final
+//!   deflate block is measured as a new stream, and the compressed bytes
+//!   themselves may not pass the limit by more than deflate's overhead.
+//! - Other frames (control frames, and reserved opcodes, which the backend
+//!   must refuse) are not messages, but may not pass the size limit either.
+//!   Whether they are valid is left to the backend, so that the proxy
+//!   changes nothing about how a connection goes.
 
 use flate2::{Decompress, FlushDecompress, Status};
 
@@ -65,23 +71,96 @@ impl Bucket {
 /// (RFC 7692, 7.2.2); the receiver appends it before inflating the end.
 const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// Inflated output goes through this much stack at a time, and is dropped.
+/// Inflated output goes through this much scratch space at a time, and is
+/// dropped.
 const SCRATCH: usize = 4096;
+
+/// Measures compressed messages by inflating them. Allocated at a
+/// connection's first compressed message (about 50 KiB with the window).
+struct Inflater {
+    stream: Stream,
+    /// Unmasked input.
+    plain: [u8; 1024],
+}
+
+/// The inflating stream and where its output goes.
+struct Stream {
+    /// Its window carries over between messages, as the sender's does
+    /// unless it resets it.
+    d: Decompress,
+    /// A final block ended the stream and nothing has been fed since.
+    fresh: bool,
+    /// A final block went by in the current message: the sender starts its
+    /// next message as a new stream.
+    restart: bool,
+    out: [u8; SCRATCH],
+}
+
+impl Stream {
+    /// Inflates `input`, adding what comes out to `message`, up to `max`.
+    /// What follows a final block is measured as a new stream: a backend
+    /// that inflates it would deliver it too.
+    fn inflate(
+        &mut self,
+        mut input: &[u8],
+        flush: FlushDecompress,
+        message: &mut u64,
+        max: u64,
+    ) -> Result<(), Violation> {
+        loop {
+            let (in0, out0) = (self.d.total_in(), self.d.total_out());
+            let status = self
+                .d
+                .decompress(input, &mut self.out, flush)
+                .map_err(|_| Violation::BadCompression)?;
+            let used = (self.d.total_in() - in0) as usize;
+            let made = self.d.total_out() - out0;
+            input = &input[used..];
+            *message = message.saturating_add(made);
+            if *message > max {
+                return Err(Violation::TooBig);
+            }
+            if status == Status::StreamEnd {
+                self.d.reset(false);
+                (self.fresh, self.restart) = (true, true);
+                if input.is_empty() {
+                    return Ok(());
+                }
+                continue;
+            }
+            if used > 0 {
+                self.fresh = false;
+            }
+            // Done when the input is used up and the output had room to
+            // spare (nothing more is waiting inside), or when nothing moves.
+            if (input.is_empty() && made < SCRATCH as u64) || (used == 0 && made == 0) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater")
+            .field("total_in", &self.stream.d.total_in())
+            .field("total_out", &self.stream.d.total_out())
+            .finish_non_exhaustive()
+    }
+}
 
 /// Limits on one connection's client-to-backend messages.
 #[derive(Debug)]
 pub struct Limits {
     max: u64,
     bucket: Option<Bucket>,
-    /// Present when permessage-deflate was negotiated: inflates compressed
-    /// messages to measure them (its window carries over between messages,
-    /// as the sender's does unless it resets it).
-    inflater: Option<Box<Decompress>>,
-    /// The inflater's stream ended (a final block): start afresh.
-    inflater_ended: bool,
-    /// Payload bytes of the current message so far (inflated, if it is
-    /// compressed).
+    /// permessage-deflate was negotiated.
+    deflate: bool,
+    inflater: Option<Box<Inflater>>,
+    /// Payload bytes of the current message so far: inflated, if it is
+    /// compressed (`wire` then counts what it takes on the wire).
     message: u64,
+    wire: u64,
     /// The current message is compressed.
     compressed: bool,
     /// The frame being read: a data frame (else control), its FIN bit, its
@@ -104,15 +183,23 @@ impl Limits {
                 tokens: burst,
                 last: std::time::Instant::now(),
             }),
-            inflater: deflate.then(|| Box::new(Decompress::new(false))),
-            inflater_ended: false,
+            deflate,
+            inflater: None,
             message: 0,
+            wire: 0,
             compressed: false,
             data_frame: false,
             fin: false,
             mask: None,
             frame_off: 0,
         }
+    }
+
+    /// The most a compressed message of at most `max` inflated bytes can
+    /// take on the wire: deflate's stored blocks add 5 bytes per 64 KiB of
+    /// data that does not compress; this allows a little more.
+    fn max_wire(&self) -> u64 {
+        self.max.saturating_add(self.max / 4096 + 64)
     }
 
     /// A frame header (complete) whose payload is `len` bytes.
@@ -131,26 +218,49 @@ impl Limits {
                     return Err(Violation::TooFast);
                 }
                 self.message = 0;
-                self.compressed = rsv1 && self.inflater.is_some();
-                if self.compressed
-                    && std::mem::take(&mut self.inflater_ended)
-                    && let Some(d) = self.inflater.as_mut()
-                {
-                    d.reset(false);
+                self.wire = 0;
+                self.compressed = rsv1 && self.deflate;
+                if self.compressed {
+                    let inflater = self.inflater.get_or_insert_with(|| {
+                        Box::new(Inflater {
+                            stream: Stream {
+                                d: Decompress::new(false),
+                                fresh: true,
+                                restart: false,
+                                out: [0; SCRATCH],
+                            },
+                            plain: [0; 1024],
+                        })
+                    });
+                    let stream = &mut inflater.stream;
+                    if std::mem::take(&mut stream.restart) {
+                        stream.d.reset(false);
+                        stream.fresh = true;
+                    }
                 }
             }
             0 => {}
             _ => {
-                // Control frames are small (125 bytes at most, which the
-                // backend checks) and not part of a message.
+                // Not part of a message (control frames should be 125 bytes
+                // at most, and reserved opcodes not be there at all: the
+                // backend's to judge), but no bigger than one either.
                 self.data_frame = false;
-                return Ok(());
+                return if len > self.max {
+                    Err(Violation::TooBig)
+                } else {
+                    Ok(())
+                };
             }
         }
         self.data_frame = true;
         self.fin = fin;
-        if !self.compressed {
-            self.message += len;
+        if self.compressed {
+            self.wire = self.wire.saturating_add(len);
+            if self.wire > self.max_wire() {
+                return Err(Violation::TooBig);
+            }
+        } else {
+            self.message = self.message.saturating_add(len);
             if self.message > self.max {
                 return Err(Violation::TooBig);
             }
@@ -163,61 +273,40 @@ impl Limits {
         if !(self.data_frame && self.compressed) {
             return Ok(());
         }
-        let mut plain = [0u8; 1024];
+        let Some(inf) = self.inflater.as_deref_mut() else {
+            return Ok(());
+        };
+        let Inflater { stream, plain } = inf;
         for chunk in piece.chunks(plain.len()) {
-            let out = &mut plain[..chunk.len()];
-            out.copy_from_slice(chunk);
+            let plain = &mut plain[..chunk.len()];
+            plain.copy_from_slice(chunk);
             if let Some(key) = self.mask {
                 // The key runs from the frame's first payload byte.
                 let start = (self.frame_off % 4) as usize;
-                for (i, b) in out.iter_mut().enumerate() {
+                for (i, b) in plain.iter_mut().enumerate() {
                     *b ^= key[(start + i) % 4];
                 }
             }
             self.frame_off += chunk.len() as u64;
-            self.inflate(&plain[..chunk.len()], FlushDecompress::None)?;
+            stream.inflate(plain, FlushDecompress::None, &mut self.message, self.max)?;
         }
         Ok(())
     }
 
     /// The current frame's payload is complete.
     pub fn frame_end(&mut self) -> Result<(), Violation> {
-        if self.data_frame && self.fin && self.compressed {
-            self.inflate(&DEFLATE_TAIL, FlushDecompress::Sync)?;
-        }
-        Ok(())
-    }
-
-    /// Inflates `input` into scratch space, counting what comes out.
-    fn inflate(&mut self, mut input: &[u8], flush: FlushDecompress) -> Result<(), Violation> {
-        let Some(d) = self.inflater.as_mut() else {
+        if !(self.data_frame && self.fin && self.compressed) {
             return Ok(());
-        };
-        if self.inflater_ended {
-            return Ok(()); // bytes after a final block: the backend's to judge
         }
-        let mut out = [0u8; SCRATCH];
-        loop {
-            let (in0, out0) = (d.total_in(), d.total_out());
-            let status = d
-                .decompress(input, &mut out, flush)
-                .map_err(|_| Violation::BadCompression)?;
-            let used = (d.total_in() - in0) as usize;
-            let made = d.total_out() - out0;
-            input = &input[used..];
-            self.message += made;
-            if self.message > self.max {
-                return Err(Violation::TooBig);
-            }
-            if status == Status::StreamEnd {
-                self.inflater_ended = true;
-                return Ok(());
-            }
-            // Done when the input is used up and the output had room to
-            // spare (nothing more is waiting inside), or when nothing moves.
-            if (input.is_empty() && made < SCRATCH as u64) || (used == 0 && made == 0) {
-                return Ok(());
-            }
+        match self.inflater.as_deref_mut() {
+            // A message that ended with a final block has no tail.
+            Some(Inflater { stream, .. }) if !stream.fresh => stream.inflate(
+                &DEFLATE_TAIL,
+                FlushDecompress::Sync,
+                &mut self.message,
+                self.max,
+            ),
+            _ => Ok(()),
         }
     }
 }
@@ -341,6 +430,85 @@ mod tests {
             frame(&mut l, 0xc1, &[0xff, 0xff, 0xff, 0xff], 4),
             Err(Violation::BadCompression)
         );
+    }
+
+    #[test]
+    fn a_compressed_message_is_bounded_on_the_wire_too() {
+        // Empty stored blocks inflate to nothing, at 5 bytes each.
+        let mut l = Limits::new(10_000, None, true);
+        let padding = [0u8, 0, 0, 0xff, 0xff].repeat(4000);
+        assert_eq!(frame(&mut l, 0xc2, &padding, 4096), Err(Violation::TooBig));
+        assert_eq!(l.message, 0, "refused on the header, before inflating");
+    }
+
+    #[test]
+    fn what_follows_a_final_block_is_measured_as_a_new_stream() {
+        let mut l = Limits::new(10_000, None, true);
+        let mut c = Compress::new(Compression::default(), false);
+        let mut bomb = Vec::with_capacity(4096);
+        c.compress_vec(&[b'c'; 100_000], &mut bomb, FlushCompress::Finish)
+            .expect("compress");
+        // An empty final block, then a second stream.
+        let payload = [vec![0x03, 0x00], bomb].concat();
+        assert_eq!(frame(&mut l, 0xc2, &payload, 4096), Err(Violation::TooBig));
+    }
+
+    #[test]
+    fn a_final_block_with_a_trailing_empty_block_is_fine() {
+        // RFC 7692, 7.2.3.3: "Hello" in a final block, then 0x00.
+        let hello = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
+        let mut l = Limits::new(100, None, true);
+        for _ in 0..3 {
+            assert_eq!(frame(&mut l, 0xc1, &hello, 3), Ok(()));
+            assert_eq!(l.message, 5);
+        }
+    }
+
+    #[test]
+    fn huge_lengths_do_not_wrap_around() {
+        let key = [1, 2, 3, 4];
+        let mut l = Limits::new(10, None, false);
+        assert_eq!(l.header(&header(0x01, 10, key), 10), Ok(()));
+        let len = u64::MAX - 5;
+        assert_eq!(
+            l.header(
+                &header(0x80, 200_000, key)[..2]
+                    .iter()
+                    .copied()
+                    .chain([0u8; 8])
+                    .chain(key)
+                    .collect::<Vec<_>>(),
+                len
+            ),
+            Err(Violation::TooBig)
+        );
+    }
+
+    #[test]
+    fn other_frames_are_held_to_the_size_limit_too() {
+        let mut l = Limits::new(1000, None, false);
+        // Invalid, but the backend's to refuse.
+        assert_eq!(frame(&mut l, 0x89, &[0; 126], 126), Ok(()));
+        assert_eq!(frame(&mut l, 0x83, b"x", 1), Ok(()));
+        assert_eq!(
+            frame(&mut l, 0x89, &[0; 1001], 1001),
+            Err(Violation::TooBig)
+        );
+        let mut l = Limits::new(1000, None, false);
+        assert_eq!(
+            frame(&mut l, 0x8b, &[0; 1001], 1001),
+            Err(Violation::TooBig)
+        );
+    }
+
+    #[test]
+    fn the_inflater_is_only_made_for_a_compressed_message() {
+        let mut l = Limits::new(10_000, None, true);
+        assert_eq!(frame(&mut l, 0x81, b"plain", 5), Ok(()));
+        assert!(l.inflater.is_none());
+        let mut c = Compress::new(Compression::default(), false);
+        assert_eq!(frame(&mut l, 0xc1, &deflate(&mut c, b"packed"), 5), Ok(()));
+        assert!(l.inflater.is_some());
     }
 
     #[test]

@@ -214,6 +214,9 @@ struct Pump<'a, R, W> {
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The linger ran out: the peer never finished closing.
     gave_up: bool,
+    /// A limit was broken in the middle of a frame: shut the destination's
+    /// writing down (pending bytes first).
+    cut_off: bool,
     /// Written since the last flush: a TLS writer may still hold it.
     unflushed: bool,
     /// Client-to-backend only, on a route with limits.
@@ -248,6 +251,7 @@ where
             closed: false,
             linger: None,
             gave_up: false,
+            cut_off: false,
             unflushed: false,
             guard: None,
             verdict,
@@ -318,8 +322,10 @@ where
         data: &[u8],
         limits: &mut Limits,
     ) -> Result<(), ()> {
-        // Header bytes from an earlier read, held back.
+        // Header bytes from an earlier read, held back: they go out ahead
+        // of this read's first bytes, once their frame has passed.
         let held = usize::from(self.scan.have);
+        let prefix = self.scan.header;
         // Where in `data` the current frame began, when it began here.
         let mut frame_at = None;
         let mut off = 0;
@@ -334,8 +340,9 @@ where
                     check = limits.frame_end();
                 }
                 if let Err(v) = check {
-                    // Clean only if none of the frame has gone out yet.
-                    broken = Some((v, frame_at));
+                    // Clean if none of the frame has gone out yet: it began
+                    // in this read, or its header was held back until now.
+                    broken = Some((v, frame_at.or((held > 0).then_some(0))));
                     break;
                 }
                 off += n;
@@ -360,13 +367,16 @@ where
                 broken = Some((v, Some(frame_at.unwrap_or(0))));
                 break;
             }
-            if frame_at.is_none() && held > 0 {
-                // The header began in an earlier read: its first bytes go
-                // out now, ahead of the rest of this one.
-                let first = self.scan.header;
-                self.emit(cx, &first[..held])?;
-            }
         }
+        // What passed goes out: the held header bytes (if their frame
+        // passed, which it did if anything of this read goes), then this
+        // read up to `end`.
+        let pass = |pump: &mut Self, cx: &mut Context<'_>, end: usize| {
+            if end > 0 && held > 0 {
+                pump.emit(cx, &prefix[..held])?;
+            }
+            pump.emit(cx, &data[..end])
+        };
         let Some((v, cut)) = broken else {
             // All good, but for a header still cut off at the end.
             let end = if self.scan.have > 0 {
@@ -374,7 +384,7 @@ where
             } else {
                 data.len()
             };
-            return self.emit(cx, &data[..end]);
+            return pass(self, cx, end);
         };
         // Everything before the offending frame goes out; the frame does
         // not, when none of it has gone yet (then the backend gets a close
@@ -383,11 +393,16 @@ where
         self.closed = true;
         self.linger = Some(Box::pin(tokio::time::sleep(FIN_TIMEOUT)));
         cx.waker().wake_by_ref(); // the other pump closes the client
-        if let Some(at) = cut {
-            self.emit(cx, &data[..at])?;
-            if !self.scan.saw_close {
-                self.emit(cx, &close_frame(CLOSE_GOING_AWAY, CUT_OFF_REASON, true))?;
+        match cut {
+            Some(at) => {
+                pass(self, cx, at)?;
+                if !self.scan.saw_close {
+                    self.emit(cx, &close_frame(CLOSE_GOING_AWAY, CUT_OFF_REASON, true))?;
+                }
             }
+            // Mid-frame: no close can follow, so the backend's stream ends
+            // here, as soon as what is pending is written.
+            None => self.cut_off = true,
         }
         Ok(())
     }
@@ -427,6 +442,9 @@ where
                 // Give the memory back: an idle connection keeps none.
                 self.pending = Vec::new();
                 self.sent = 0;
+            }
+            if self.cut_off && Pin::new(&mut self.to).poll_shutdown(cx).is_ready() {
+                self.cut_off = false;
             }
             if let Some(guard) = self.guard.as_mut()
                 && !guard.early.is_empty()
@@ -888,6 +906,85 @@ mod tests {
             );
             assert_eq!(&payload[2..], CUT_OFF_REASON, "chunk {chunk}");
         }
+    }
+
+    /// A compressed frame (under 126 bytes) of `inflated` bytes of 'a'.
+    fn compressed_bomb(inflated: usize) -> Vec<u8> {
+        use flate2::{Compress, Compression, FlushCompress};
+        let mut c = Compress::new(Compression::default(), false);
+        let mut deflated = Vec::with_capacity(inflated / 100 + 64);
+        c.compress_vec(&vec![b'a'; inflated], &mut deflated, FlushCompress::Sync)
+            .expect("compress");
+        deflated.truncate(deflated.len() - 4);
+        assert!(deflated.len() < 126, "{} bytes", deflated.len());
+        let key = [1u8, 2, 3, 4];
+        let mut f = vec![0xc2, 0x80 | deflated.len() as u8];
+        f.extend_from_slice(&key);
+        f.extend(deflated.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        f
+    }
+
+    /// Runs a limited pump (deflate on, 1,000 bytes a message) over what
+    /// the client writes, in the pieces given; returns what the backend got
+    /// and when its stream ended (paused time: 0 unless a linger ran out).
+    async fn through_a_limited_pump(pieces: Vec<Vec<u8>>) -> (Vec<u8>, std::time::Duration) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_app, client_proxy) = tokio::io::duplex(64 * 1024);
+        let (backend_proxy, mut backend_app) = tokio::io::duplex(64 * 1024);
+        let (meter, verdict) = (Meter::default(), Verdict::default());
+        let mut pump = Pump::new(
+            (client_proxy, backend_proxy),
+            &meter,
+            None,
+            Vec::new(),
+            (Some(Limits::new(1000, None, true)), &verdict),
+        );
+        let start = tokio::time::Instant::now();
+        let client = async move {
+            for piece in pieces {
+                client_app.write_all(&piece).await.expect("write");
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            // The client stays (as one waiting for its close would).
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        };
+        let backend = async {
+            let mut got = Vec::new();
+            backend_app.read_to_end(&mut got).await.expect("read");
+            (got, start.elapsed())
+        };
+        tokio::select! {
+            _ = client => unreachable!("the client sleeps longer than the pump lingers"),
+            (_, got) = async { tokio::join!(pump.run(), backend) } => {
+                assert_eq!(verdict.get(), Some(Violation::TooBig));
+                got
+            }
+        }
+    }
+
+    /// A compressed frame found too big while inflating, whose header came
+    /// in an earlier read, still never reaches the backend: its held header
+    /// bytes are not sent ahead of the check.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_header_waits_for_its_frame_to_pass() {
+        let bomb = compressed_bomb(100_000);
+        let got = through_a_limited_pump(vec![bomb[..1].to_vec(), bomb[1..].to_vec()]).await;
+        assert_eq!(got.0[0], 0x88, "the backend got {:02x?}", &got.0[..8]);
+    }
+
+    /// Too big in the middle of a frame whose start went out: the backend's
+    /// stream ends there at once, not when the pump stops waiting for the
+    /// client.
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_in_the_middle_of_a_frame_ends_the_backend_stream_at_once() {
+        let bomb = compressed_bomb(100_000);
+        // The header and two bytes of payload, which inflate to little.
+        let (got, ended) =
+            through_a_limited_pump(vec![bomb[..8].to_vec(), bomb[8..].to_vec()]).await;
+        assert_eq!(got, bomb[..8], "the frame's start, then nothing");
+        assert!(ended < FIN_TIMEOUT, "ended after {ended:?}");
     }
 
     #[test]
