@@ -53,12 +53,16 @@ trap cleanup EXIT
 echo "== starting redis for wsproxy on $WS_REDIS_PORT"
 redis-server --port $WS_REDIS_PORT --bind 127.0.0.1 --save "" --appendonly no --logfile "$ROOT/$OUT/redis.log" &
 PIDS+=($!)
-echo "== starting wsproxy on $WS_PORT (with a proxy route /echo -> 127.0.0.1:$ECHO_PORT)"
+echo "== starting wsproxy on $WS_PORT (with proxy routes /echo and /echo-limited -> 127.0.0.1:$ECHO_PORT)"
 ROUTES=$ROOT/$OUT/routes.json
 cat >"$ROUTES" <<JSON
 {"version": 1, "routers": [{"protocol": "websocket",
   "backends": [{"host": "ws://127.0.0.1", "port": $ECHO_PORT, "weight": 1}],
-  "external_path": "/echo", "internal_path": "/", "methods": ["GET"], "auth_required": false}]}
+  "external_path": "/echo", "internal_path": "/", "methods": ["GET"], "auth_required": false},
+  {"protocol": "websocket",
+  "backends": [{"host": "ws://127.0.0.1", "port": $ECHO_PORT, "weight": 1}],
+  "external_path": "/echo-limited", "internal_path": "/", "methods": ["GET"], "auth_required": false,
+  "max_message_bytes": 65536, "rate_limit": {"messages_per_sec": 1000000, "burst": 1000000}}]}
 JSON
 HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true \
   "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
@@ -114,6 +118,7 @@ for round in $(seq 1 "$ECHO_ROUNDS"); do
   echo "-- echo round $round"
   $EB echo --name direct --url "ws://127.0.0.1:$ECHO_PORT/" --n "$N_ECHO" --m "$M_ECHO" | tee -a "$LOG"
   $EB echo --name wsproxy-proxy --url "ws://127.0.0.1:$WS_PORT/echo" --n "$N_ECHO" --m "$M_ECHO" --pids "$WSP" | tee -a "$LOG"
+  $EB echo --name wsproxy-limited --url "ws://127.0.0.1:$WS_PORT/echo-limited" --n "$N_ECHO" --m "$M_ECHO" --pids "$WSP" | tee -a "$LOG"
   $EB echo --name nginx --url "ws://127.0.0.1:8092/" --n "$N_ECHO" --m "$M_ECHO" --pids "$NGINX_PIDS" | tee -a "$LOG"
   $EB echo --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_ECHO" --m "$M_ECHO" --pids "$HAPROXY_PIDS" | tee -a "$LOG"
 done
