@@ -294,6 +294,36 @@ async fn large_messages_survive_a_slow_reader() {
     drop(sender.await.expect("sender"));
 }
 
+/// Upgrades on a plain TCP connection, offering `extensions`; returns the
+/// connection and the 101 response (lower case), which must be all that
+/// has arrived yet.
+async fn raw_upgrade(
+    server: &Server,
+    path: &str,
+    extensions: &str,
+) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: {extensions}\r\n\r\n"
+    );
+    c.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    let resp = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(resp.starts_with("http/1.1 101"), "{resp}");
+    assert!(
+        resp.ends_with("\r\n\r\n"),
+        "frames came with the 101: {resp}"
+    );
+    (c, resp)
+}
+
 #[tokio::test]
 async fn compression_negotiation_reaches_the_backend_and_back() {
     // A hand-written backend that accepts permessage-deflate.
@@ -331,22 +361,7 @@ async fn compression_negotiation_reaches_the_backend_and_back() {
     });
     let redis = Redis::start().await;
     let server = proxy(&redis, file(vec![route("/z", "/", &[(port, 1)])])).await;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = tokio::net::TcpStream::connect(server.addr)
-        .await
-        .expect("connect");
-    c.write_all(
-        b"GET /z HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
-    )
-    .await
-    .expect("write");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
-        .await
-        .expect("in time")
-        .expect("read");
-    let resp = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
-    assert!(resp.starts_with("http/1.1 101"), "{resp}");
+    let (_c, resp) = raw_upgrade(&server, "/z", "permessage-deflate; client_max_window_bits").await;
     assert!(
         resp.contains("sec-websocket-extensions: permessage-deflate; server_no_context_takeover"),
         "{resp}"
@@ -438,21 +453,8 @@ async fn limited_routes_keep_compression_and_measure_inflated_messages() {
     let mut limited = route("/z", "/", &[(port, 1)]);
     limited["max_message_bytes"] = 1000.into();
     let server = proxy(&redis, file(vec![limited])).await;
-    let mut c = tokio::net::TcpStream::connect(server.addr)
-        .await
-        .expect("connect");
-    c.write_all(
-        b"GET /z HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
-    )
-    .await
-    .expect("write");
+    let (mut c, resp) = raw_upgrade(&server, "/z", "permessage-deflate").await;
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
-        .await
-        .expect("in time")
-        .expect("read");
-    let resp = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
-    assert!(resp.starts_with("http/1.1 101"), "{resp}");
     assert!(
         resp.contains("sec-websocket-extensions: permessage-deflate\r\n"),
         "{resp}"
