@@ -11,9 +11,12 @@
 //!   permessage-deflate is inflated as it passes, only to be measured (the
 //!   compressed bytes go on untouched), so the limit bounds what the backend
 //!   will inflate; inflating stops at the limit, so a small compressed
-//!   "bomb" costs no more than a message of the limit. What follows a final
-//!   deflate block is measured as a new stream, and the compressed bytes
-//!   themselves may not pass the limit by more than deflate's overhead.
+//!   "bomb" costs no more than a message of the limit. The proxy reads the
+//!   bytes as a receiver does (RFC 7692, 7.2.2: the tail appended to every
+//!   message) so that the two cannot be made to disagree; what follows a
+//!   final deflate block is measured as a new stream (a second final block
+//!   in one message is refused: each resets the inflater); and on the wire
+//!   a compressed message may take at most twice the limit plus 1 KiB.
 //! - Other frames (control frames, and reserved opcodes, which the backend
 //!   must refuse) are not messages, but may not pass the size limit either.
 //!   Whether they are valid is left to the backend, so that the proxy
@@ -88,15 +91,23 @@ struct Stream {
     /// Its window carries over between messages, as the sender's does
     /// unless it resets it.
     d: Decompress,
-    /// A final block ended the stream and nothing has been fed since.
-    fresh: bool,
-    /// A final block went by in the current message: the sender starts its
-    /// next message as a new stream.
-    restart: bool,
+    /// A final block ended the stream in the current message (one may,
+    /// for a sender that finishes its stream per message; a second is
+    /// refused, so that resetting, which clears the window, is bounded).
+    ended: bool,
+    /// Input was fed after that final block.
+    after: bool,
     out: [u8; SCRATCH],
 }
 
 impl Stream {
+    /// A new message starts: a sender that ended its stream starts anew.
+    fn begin_message(&mut self) {
+        if std::mem::take(&mut self.ended) && std::mem::take(&mut self.after) {
+            self.d.reset(false); // fed after the final block: start clean
+        }
+    }
+
     /// Inflates `input`, adding what comes out to `message`, up to `max`.
     /// What follows a final block is measured as a new stream: a backend
     /// that inflates it would deliver it too.
@@ -120,16 +131,19 @@ impl Stream {
             if *message > max {
                 return Err(Violation::TooBig);
             }
+            if self.ended && used > 0 {
+                self.after = true;
+            }
             if status == Status::StreamEnd {
+                if self.ended {
+                    return Err(Violation::BadCompression);
+                }
                 self.d.reset(false);
-                (self.fresh, self.restart) = (true, true);
+                (self.ended, self.after) = (true, false);
                 if input.is_empty() {
                     return Ok(());
                 }
                 continue;
-            }
-            if used > 0 {
-                self.fresh = false;
             }
             // Done when the input is used up and the output had room to
             // spare (nothing more is waiting inside), or when nothing moves.
@@ -195,11 +209,13 @@ impl Limits {
         }
     }
 
-    /// The most a compressed message of at most `max` inflated bytes can
-    /// take on the wire: deflate's stored blocks add 5 bytes per 64 KiB of
-    /// data that does not compress; this allows a little more.
+    /// The most a compressed message of at most `max` inflated bytes may
+    /// take on the wire. Deflate's stored blocks add 5 bytes per 64 KiB of
+    /// data that does not compress, but a sender that flushes each of many
+    /// small fragments adds about 6 bytes to each: twice the limit allows
+    /// for both, and still bounds what inflates to nothing.
     fn max_wire(&self) -> u64 {
-        self.max.saturating_add(self.max / 4096 + 64)
+        self.max.saturating_mul(2).saturating_add(1024)
     }
 
     /// A frame header (complete) whose payload is `len` bytes.
@@ -225,18 +241,14 @@ impl Limits {
                         Box::new(Inflater {
                             stream: Stream {
                                 d: Decompress::new(false),
-                                fresh: true,
-                                restart: false,
+                                ended: false,
+                                after: false,
                                 out: [0; SCRATCH],
                             },
                             plain: [0; 1024],
                         })
                     });
-                    let stream = &mut inflater.stream;
-                    if std::mem::take(&mut stream.restart) {
-                        stream.d.reset(false);
-                        stream.fresh = true;
-                    }
+                    inflater.stream.begin_message();
                 }
             }
             0 => {}
@@ -299,8 +311,9 @@ impl Limits {
             return Ok(());
         }
         match self.inflater.as_deref_mut() {
-            // A message that ended with a final block has no tail.
-            Some(Inflater { stream, .. }) if !stream.fresh => stream.inflate(
+            // Receivers append the tail to every message (RFC 7692, 7.2.2),
+            // but one whose stream ended there ignores it.
+            Some(Inflater { stream, .. }) if !stream.ended || stream.after => stream.inflate(
                 &DEFLATE_TAIL,
                 FlushDecompress::Sync,
                 &mut self.message,
@@ -436,7 +449,7 @@ mod tests {
     fn a_compressed_message_is_bounded_on_the_wire_too() {
         // Empty stored blocks inflate to nothing, at 5 bytes each.
         let mut l = Limits::new(10_000, None, true);
-        let padding = [0u8, 0, 0, 0xff, 0xff].repeat(4000);
+        let padding = [0u8, 0, 0, 0xff, 0xff].repeat(5000);
         assert_eq!(frame(&mut l, 0xc2, &padding, 4096), Err(Violation::TooBig));
         assert_eq!(l.message, 0, "refused on the header, before inflating");
     }
@@ -509,6 +522,122 @@ mod tests {
         let mut c = Compress::new(Compression::default(), false);
         assert_eq!(frame(&mut l, 0xc1, &deflate(&mut c, b"packed"), 5), Ok(()));
         assert!(l.inflater.is_some());
+    }
+
+    /// A receiver as RFC 7692 describes it: one inflater for the
+    /// connection, the tail appended to every message; returns what the
+    /// message inflated to (nothing after a final block).
+    fn receiver(d: &mut flate2::Decompress, payload: &[u8]) -> u64 {
+        let input = [payload, &DEFLATE_TAIL[..]].concat();
+        let (mut rest, mut made, mut out) = (&input[..], 0, vec![0u8; 1 << 16]);
+        loop {
+            let (i0, o0) = (d.total_in(), d.total_out());
+            let status = d
+                .decompress(rest, &mut out, FlushDecompress::Sync)
+                .expect("the receiver inflates");
+            rest = &rest[(d.total_in() - i0) as usize..];
+            let m = d.total_out() - o0;
+            made += m;
+            let stalled = d.total_in() == i0 && m == 0;
+            if status == Status::StreamEnd || stalled || rest.is_empty() && m < out.len() as u64 {
+                return made;
+            }
+        }
+    }
+
+    /// A stored block of `raw` (not final), then the first byte of the next.
+    fn stored(raw: &[u8]) -> Vec<u8> {
+        let n = raw.len() as u16;
+        [
+            &[0x00][..],
+            &n.to_le_bytes(),
+            &(!n).to_le_bytes(),
+            raw,
+            &[0x00],
+        ]
+        .concat()
+    }
+
+    /// An empty compressed message leaves a receiver inside a stored block
+    /// (the tail it appends starts one); the proxy must read the bytes that
+    /// follow as the receiver does, or a client can hide a bomb in what the
+    /// proxy takes for stored bytes.
+    #[test]
+    fn an_empty_compressed_message_is_read_as_the_backend_reads_it() {
+        let max = 10_000;
+        let mut l = Limits::new(max, None, true);
+        let mut backend = flate2::Decompress::new(false);
+        assert_eq!(frame(&mut l, 0xc1, &[], 1), Ok(()));
+        assert_eq!(receiver(&mut backend, &[]), 0);
+        // Fill the receiver's 0xff00-byte stored block with what the proxy
+        // would take for whole stored blocks, then a bomb that the proxy
+        // would see stored and the receiver inflate.
+        let mut left: i64 = 0xff00;
+        let mut first = true;
+        while left != 5 {
+            let overhead = if first { 9 } else { 10 };
+            let len = (left - 5 - overhead).min(9000) as usize;
+            let p = stored(&vec![b'x'; len]);
+            if frame(&mut l, 0xc2, &p, 1000).is_err() {
+                return; // the proxy saw through it
+            }
+            receiver(&mut backend, &p);
+            left -= len as i64 + overhead;
+            first = false;
+        }
+        let mut c = Compress::new(Compression::best(), false);
+        let mut bomb = Vec::with_capacity(64 * 1024);
+        c.compress_vec(&vec![0u8; 8 << 20], &mut bomb, FlushCompress::Sync)
+            .expect("compress");
+        let p = stored(&bomb);
+        let proxy = frame(&mut l, 0xc2, &p, 1000);
+        let inflated = receiver(&mut backend, &p);
+        assert!(
+            proxy.is_err() || inflated <= max,
+            "the proxy let through what the backend inflates to {inflated} bytes"
+        );
+    }
+
+    #[test]
+    fn one_final_block_a_message_is_enough() {
+        let mut l = Limits::new(10_000, None, true);
+        for _ in 0..3 {
+            assert_eq!(frame(&mut l, 0xc1, &[0x03, 0x00], 2), Ok(()));
+        }
+        // Each final block resets the inflater, which clears its window.
+        assert_eq!(
+            frame(&mut l, 0xc1, &[0x03, 0x00].repeat(1000), 100),
+            Err(Violation::BadCompression)
+        );
+    }
+
+    #[test]
+    fn a_message_flushed_fragment_by_fragment_fits() {
+        // Some senders sync-flush each fragment (about 6 bytes each on the
+        // wire) and strip the tail from the last one only.
+        let mut l = Limits::new(2000, None, true);
+        let mut c = Compress::new(Compression::default(), false);
+        let flushed = |c: &mut Compress, data: &[u8]| {
+            let mut out = Vec::with_capacity(data.len() + 64);
+            c.compress_vec(data, &mut out, FlushCompress::Sync)
+                .expect("compress");
+            out
+        };
+        let first = flushed(&mut c, &[b'a'; 1024]);
+        assert_eq!(frame(&mut l, 0x41, &first, 64), Ok(()));
+        for i in 0..400u16 {
+            let mut f = flushed(&mut c, &[b'0' + (i % 10) as u8]);
+            let last = i == 399;
+            if last {
+                f.truncate(f.len() - 4);
+            }
+            assert_eq!(
+                frame(&mut l, if last { 0x80 } else { 0x00 }, &f, 64),
+                Ok(()),
+                "{i}"
+            );
+        }
+        assert_eq!(l.message, 1424);
     }
 
     #[test]

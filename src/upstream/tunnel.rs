@@ -214,8 +214,8 @@ struct Pump<'a, R, W> {
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The linger ran out: the peer never finished closing.
     gave_up: bool,
-    /// A limit was broken in the middle of a frame: shut the destination's
-    /// writing down (pending bytes first).
+    /// A limit was broken: shut the destination's writing down (pending
+    /// bytes first).
     cut_off: bool,
     /// Written since the last flush: a TLS writer may still hold it.
     unflushed: bool,
@@ -326,8 +326,10 @@ where
         // of this read's first bytes, once their frame has passed.
         let held = usize::from(self.scan.have);
         let prefix = self.scan.header;
-        // Where in `data` the current frame began, when it began here.
+        // Where in `data` the current frame began, when it began here, and
+        // whether a close frame had gone by before it.
         let mut frame_at = None;
+        let mut close_before = self.scan.saw_close;
         let mut off = 0;
         let mut broken = None;
         while off < data.len() {
@@ -350,6 +352,7 @@ where
             }
             if self.scan.have == 0 {
                 frame_at = Some(off);
+                close_before = self.scan.saw_close;
             }
             off += 1;
             if self.scan.feed(&data[off - 1..off]) == 0 {
@@ -393,17 +396,16 @@ where
         self.closed = true;
         self.linger = Some(Box::pin(tokio::time::sleep(FIN_TIMEOUT)));
         cx.waker().wake_by_ref(); // the other pump closes the client
-        match cut {
-            Some(at) => {
-                pass(self, cx, at)?;
-                if !self.scan.saw_close {
-                    self.emit(cx, &close_frame(CLOSE_GOING_AWAY, CUT_OFF_REASON, true))?;
-                }
+        if let Some(at) = cut {
+            pass(self, cx, at)?;
+            if !close_before {
+                self.emit(cx, &close_frame(CLOSE_GOING_AWAY, CUT_OFF_REASON, true))?;
             }
-            // Mid-frame: no close can follow, so the backend's stream ends
-            // here, as soon as what is pending is written.
-            None => self.cut_off = true,
         }
+        // Nothing more goes to the backend: its stream ends as soon as what
+        // is pending is written (mid-frame, where no close could follow, or
+        // right after the close).
+        self.cut_off = true;
         Ok(())
     }
 
@@ -984,6 +986,20 @@ mod tests {
         let (got, ended) =
             through_a_limited_pump(vec![bomb[..8].to_vec(), bomb[8..].to_vec()]).await;
         assert_eq!(got, bomb[..8], "the frame's start, then nothing");
+        assert!(ended < FIN_TIMEOUT, "ended after {ended:?}");
+    }
+
+    /// A close frame over the size limit is cut like any frame: the backend
+    /// gets the proxy's close in its place, at once.
+    #[tokio::test(start_paused = true)]
+    async fn an_oversized_close_frame_is_replaced_by_the_proxys_close() {
+        let mut f = vec![0x88, 0x80 | 126];
+        f.extend_from_slice(&1001u16.to_be_bytes());
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        f.extend(std::iter::repeat_n(0u8, 1001));
+        let (got, ended) = through_a_limited_pump(vec![f]).await;
+        assert_eq!(got.len(), 6 + 2 + CUT_OFF_REASON.len(), "{got:02x?}");
+        assert_eq!(got[0], 0x88);
         assert!(ended < FIN_TIMEOUT, "ended after {ended:?}");
     }
 
