@@ -13,7 +13,11 @@
 //!   will inflate; inflating stops at the limit, so a small compressed
 //!   "bomb" costs no more than a message of the limit. The proxy reads the
 //!   bytes as a receiver does (RFC 7692, 7.2.2: the tail appended to every
-//!   message) so that the two cannot be made to disagree; what follows a
+//!   message; a fresh inflater per message under
+//!   `client_no_context_takeover`) so that the two cannot be made to
+//!   disagree. (The inflater is zlib-rs: miniz_oxide rebuilt its tables for
+//!   every block, so a message of empty 10-bit blocks cost it 1.8 s of CPU
+//!   per MiB of wire, against 52 ms for zlib-rs, in a release build.) what follows a
 //!   final deflate block is measured as a new stream (a second final block
 //!   in one message is refused: each resets the inflater); and on the wire
 //!   a compressed message may take at most twice the limit plus 1 KiB.
@@ -70,6 +74,49 @@ impl Bucket {
     }
 }
 
+/// What the connection agreed on for the client's compressed messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deflate {
+    /// No extension: frames with reserved bits are the backend's to refuse.
+    Off,
+    /// permessage-deflate; `reset` when the client resets its compressor
+    /// for each message (`client_no_context_takeover`), as the backend then
+    /// resets its inflater: the proxy must do the same to read the bytes as
+    /// the backend does.
+    On { reset: bool },
+    /// Some other extension, whose use of the reserved bits the proxy
+    /// cannot measure: a data frame with any of them set is refused.
+    Other,
+}
+
+impl Deflate {
+    /// From the backend's `Sec-WebSocket-Extensions` in its 101.
+    pub fn negotiated(extensions: Option<&str>) -> Self {
+        let Some(x) = extensions.filter(|x| !x.trim().is_empty()) else {
+            return Deflate::Off;
+        };
+        let mut found = None;
+        for ext in x.split(',') {
+            let mut params = ext.split(';').map(str::trim);
+            if params
+                .next()
+                .is_some_and(|name| name.eq_ignore_ascii_case("permessage-deflate"))
+                && found.is_none()
+            {
+                let reset = params.any(|p| {
+                    p.split('=').next().is_some_and(|k| {
+                        k.trim().eq_ignore_ascii_case("client_no_context_takeover")
+                    })
+                });
+                found = Some(Deflate::On { reset });
+            } else {
+                return Deflate::Other;
+            }
+        }
+        found.unwrap_or(Deflate::Other)
+    }
+}
+
 /// The permessage-deflate tail a sender strips from each message
 /// (RFC 7692, 7.2.2); the receiver appends it before inflating the end.
 const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
@@ -101,10 +148,15 @@ struct Stream {
 }
 
 impl Stream {
-    /// A new message starts: a sender that ended its stream starts anew.
-    fn begin_message(&mut self) {
-        if std::mem::take(&mut self.ended) && std::mem::take(&mut self.after) {
-            self.d.reset(false); // fed after the final block: start clean
+    /// A new message starts: a sender that resets per message, or that
+    /// ended its stream and then fed more, starts anew.
+    fn begin_message(&mut self, reset: bool) {
+        let ended = std::mem::take(&mut self.ended);
+        let after = std::mem::take(&mut self.after);
+        // A stream that ended with nothing after is fresh already.
+        let restart = if ended { after } else { reset };
+        if restart {
+            self.d.reset(false);
         }
     }
 
@@ -168,8 +220,7 @@ impl std::fmt::Debug for Inflater {
 pub struct Limits {
     max: u64,
     bucket: Option<Bucket>,
-    /// permessage-deflate was negotiated.
-    deflate: bool,
+    deflate: Deflate,
     inflater: Option<Box<Inflater>>,
     /// Payload bytes of the current message so far: inflated, if it is
     /// compressed (`wire` then counts what it takes on the wire).
@@ -187,8 +238,8 @@ pub struct Limits {
 
 impl Limits {
     /// `max` bytes per message; `rate` (messages per second, burst);
-    /// `deflate` when the connection negotiated permessage-deflate.
-    pub fn new(max: u64, rate: Option<(f64, f64)>, deflate: bool) -> Self {
+    /// `deflate` as the connection negotiated it.
+    pub fn new(max: u64, rate: Option<(f64, f64)>, deflate: Deflate) -> Self {
         Self {
             max,
             bucket: rate.map(|(rate, burst)| Bucket {
@@ -235,7 +286,10 @@ impl Limits {
                 }
                 self.message = 0;
                 self.wire = 0;
-                self.compressed = rsv1 && self.deflate;
+                if h[0] & 0x70 != 0 && self.deflate == Deflate::Other {
+                    return Err(Violation::BadCompression);
+                }
+                self.compressed = rsv1 && matches!(self.deflate, Deflate::On { .. });
                 if self.compressed {
                     let inflater = self.inflater.get_or_insert_with(|| {
                         Box::new(Inflater {
@@ -248,7 +302,9 @@ impl Limits {
                             plain: [0; 1024],
                         })
                     });
-                    inflater.stream.begin_message();
+                    inflater
+                        .stream
+                        .begin_message(self.deflate == Deflate::On { reset: true });
                 }
             }
             0 => {}
@@ -329,6 +385,8 @@ mod tests {
     use super::*;
     use flate2::{Compress, Compression, FlushCompress};
 
+    const ON: Deflate = Deflate::On { reset: false };
+
     /// A client frame header (masked with `key`).
     fn header(first: u8, len: usize, key: [u8; 4]) -> Vec<u8> {
         let mut h = vec![first];
@@ -383,7 +441,7 @@ mod tests {
 
     #[test]
     fn sizes_add_up_over_fragments_and_reset_per_message() {
-        let mut l = Limits::new(10, None, false);
+        let mut l = Limits::new(10, None, Deflate::Off);
         assert_eq!(frame(&mut l, 0x01, b"12345", 5), Ok(())); // text, not final
         assert_eq!(frame(&mut l, 0x89, b"ping", 4), Ok(())); // control between
         assert_eq!(frame(&mut l, 0x80, b"67890", 5), Ok(())); // last: 10 bytes
@@ -394,7 +452,7 @@ mod tests {
 
     #[test]
     fn the_rate_counts_messages_not_fragments_or_control_frames() {
-        let mut l = Limits::new(1000, Some((0.001, 2.0)), false);
+        let mut l = Limits::new(1000, Some((0.001, 2.0)), Deflate::Off);
         assert_eq!(frame(&mut l, 0x01, b"a", 1), Ok(()));
         assert_eq!(frame(&mut l, 0x00, b"b", 1), Ok(()));
         assert_eq!(frame(&mut l, 0x80, b"c", 1), Ok(()));
@@ -406,7 +464,7 @@ mod tests {
     #[test]
     fn compressed_messages_are_measured_inflated() {
         let mut c = Compress::new(Compression::default(), false);
-        let mut l = Limits::new(10_000, None, true);
+        let mut l = Limits::new(10_000, None, ON);
         // 9,000 bytes that compress to a few dozen: allowed, several times
         // (the window carries over from message to message).
         let ok = deflate(&mut c, &[b'a'; 9000]);
@@ -427,7 +485,7 @@ mod tests {
 
     #[test]
     fn uncompressed_messages_on_a_deflate_connection_count_as_sent() {
-        let mut l = Limits::new(10, None, true);
+        let mut l = Limits::new(10, None, ON);
         assert_eq!(frame(&mut l, 0x81, b"0123456789", 2), Ok(()));
         assert_eq!(
             frame(&mut l, 0x81, b"0123456789x", 2),
@@ -437,7 +495,7 @@ mod tests {
 
     #[test]
     fn garbage_that_does_not_inflate_is_refused() {
-        let mut l = Limits::new(10_000, None, true);
+        let mut l = Limits::new(10_000, None, ON);
         // A block type of 3 is reserved: invalid deflate data.
         assert_eq!(
             frame(&mut l, 0xc1, &[0xff, 0xff, 0xff, 0xff], 4),
@@ -448,7 +506,7 @@ mod tests {
     #[test]
     fn a_compressed_message_is_bounded_on_the_wire_too() {
         // Empty stored blocks inflate to nothing, at 5 bytes each.
-        let mut l = Limits::new(10_000, None, true);
+        let mut l = Limits::new(10_000, None, ON);
         let padding = [0u8, 0, 0, 0xff, 0xff].repeat(5000);
         assert_eq!(frame(&mut l, 0xc2, &padding, 4096), Err(Violation::TooBig));
         assert_eq!(l.message, 0, "refused on the header, before inflating");
@@ -456,7 +514,7 @@ mod tests {
 
     #[test]
     fn what_follows_a_final_block_is_measured_as_a_new_stream() {
-        let mut l = Limits::new(10_000, None, true);
+        let mut l = Limits::new(10_000, None, ON);
         let mut c = Compress::new(Compression::default(), false);
         let mut bomb = Vec::with_capacity(4096);
         c.compress_vec(&[b'c'; 100_000], &mut bomb, FlushCompress::Finish)
@@ -470,7 +528,7 @@ mod tests {
     fn a_final_block_with_a_trailing_empty_block_is_fine() {
         // RFC 7692, 7.2.3.3: "Hello" in a final block, then 0x00.
         let hello = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
-        let mut l = Limits::new(100, None, true);
+        let mut l = Limits::new(100, None, ON);
         for _ in 0..3 {
             assert_eq!(frame(&mut l, 0xc1, &hello, 3), Ok(()));
             assert_eq!(l.message, 5);
@@ -480,7 +538,7 @@ mod tests {
     #[test]
     fn huge_lengths_do_not_wrap_around() {
         let key = [1, 2, 3, 4];
-        let mut l = Limits::new(10, None, false);
+        let mut l = Limits::new(10, None, Deflate::Off);
         assert_eq!(l.header(&header(0x01, 10, key), 10), Ok(()));
         let len = u64::MAX - 5;
         assert_eq!(
@@ -499,7 +557,7 @@ mod tests {
 
     #[test]
     fn other_frames_are_held_to_the_size_limit_too() {
-        let mut l = Limits::new(1000, None, false);
+        let mut l = Limits::new(1000, None, Deflate::Off);
         // Invalid, but the backend's to refuse.
         assert_eq!(frame(&mut l, 0x89, &[0; 126], 126), Ok(()));
         assert_eq!(frame(&mut l, 0x83, b"x", 1), Ok(()));
@@ -507,7 +565,7 @@ mod tests {
             frame(&mut l, 0x89, &[0; 1001], 1001),
             Err(Violation::TooBig)
         );
-        let mut l = Limits::new(1000, None, false);
+        let mut l = Limits::new(1000, None, Deflate::Off);
         assert_eq!(
             frame(&mut l, 0x8b, &[0; 1001], 1001),
             Err(Violation::TooBig)
@@ -516,7 +574,7 @@ mod tests {
 
     #[test]
     fn the_inflater_is_only_made_for_a_compressed_message() {
-        let mut l = Limits::new(10_000, None, true);
+        let mut l = Limits::new(10_000, None, ON);
         assert_eq!(frame(&mut l, 0x81, b"plain", 5), Ok(()));
         assert!(l.inflater.is_none());
         let mut c = Compress::new(Compression::default(), false);
@@ -565,7 +623,7 @@ mod tests {
     #[test]
     fn an_empty_compressed_message_is_read_as_the_backend_reads_it() {
         let max = 10_000;
-        let mut l = Limits::new(max, None, true);
+        let mut l = Limits::new(max, None, ON);
         let mut backend = flate2::Decompress::new(false);
         assert_eq!(frame(&mut l, 0xc1, &[], 1), Ok(()));
         assert_eq!(receiver(&mut backend, &[]), 0);
@@ -598,9 +656,68 @@ mod tests {
         );
     }
 
+    /// With client_no_context_takeover the backend inflates each message
+    /// afresh, and so must the proxy: else an empty message leaves it
+    /// inside a stored block that the backend has forgotten, and a bomb
+    /// behind it looks stored to the proxy alone.
+    #[test]
+    fn without_context_takeover_each_message_is_read_afresh() {
+        let max = 10_000;
+        let mut l = Limits::new(max, None, Deflate::On { reset: true });
+        let fresh_receiver =
+            |payload: &[u8]| receiver(&mut flate2::Decompress::new(false), payload);
+        assert_eq!(frame(&mut l, 0xc1, &[], 1), Ok(()));
+        let mut c = Compress::new(Compression::best(), false);
+        let bomb = deflate(&mut c, &vec![0u8; 8 << 20]);
+        let p = [&[0x00, 0x00, 0x00, 0xff, 0xff][..], &bomb].concat();
+        let proxy = frame(&mut l, 0xc2, &p, 1000);
+        let inflated = fresh_receiver(&p);
+        assert!(inflated > max);
+        assert_eq!(proxy, Err(Violation::TooBig));
+    }
+
+    #[test]
+    fn the_agreed_extension_is_read_from_the_backends_answer() {
+        use Deflate::*;
+        assert_eq!(Deflate::negotiated(None), Off);
+        assert_eq!(Deflate::negotiated(Some(" ")), Off);
+        assert_eq!(
+            Deflate::negotiated(Some("permessage-deflate")),
+            On { reset: false }
+        );
+        assert_eq!(
+            Deflate::negotiated(Some("Permessage-Deflate; server_no_context_takeover")),
+            On { reset: false }
+        );
+        assert_eq!(
+            Deflate::negotiated(Some(
+                "permessage-deflate; client_max_window_bits=10; client_no_context_takeover"
+            )),
+            On { reset: true }
+        );
+        assert_eq!(Deflate::negotiated(Some("x-webkit-deflate-frame")), Other);
+        assert_eq!(
+            Deflate::negotiated(Some("permessage-deflate, x-custom")),
+            Other
+        );
+    }
+
+    #[test]
+    fn reserved_bits_under_an_unknown_extension_are_refused() {
+        let mut l = Limits::new(10_000, None, Deflate::Other);
+        assert_eq!(frame(&mut l, 0x81, b"plain", 5), Ok(()));
+        assert_eq!(
+            frame(&mut l, 0xc1, b"packed?", 5),
+            Err(Violation::BadCompression)
+        );
+        // Without any extension they are the backend's to refuse.
+        let mut l = Limits::new(10_000, None, Deflate::Off);
+        assert_eq!(frame(&mut l, 0xc1, b"packed?", 5), Ok(()));
+    }
+
     #[test]
     fn one_final_block_a_message_is_enough() {
-        let mut l = Limits::new(10_000, None, true);
+        let mut l = Limits::new(10_000, None, ON);
         for _ in 0..3 {
             assert_eq!(frame(&mut l, 0xc1, &[0x03, 0x00], 2), Ok(()));
         }
@@ -615,7 +732,7 @@ mod tests {
     fn a_message_flushed_fragment_by_fragment_fits() {
         // Some senders sync-flush each fragment (about 6 bytes each on the
         // wire) and strip the tail from the last one only.
-        let mut l = Limits::new(2000, None, true);
+        let mut l = Limits::new(2000, None, ON);
         let mut c = Compress::new(Compression::default(), false);
         let flushed = |c: &mut Compress, data: &[u8]| {
             let mut out = Vec::with_capacity(data.len() + 64);
@@ -642,7 +759,7 @@ mod tests {
 
     #[test]
     fn a_final_block_starts_the_next_message_afresh() {
-        let mut l = Limits::new(10_000, None, true);
+        let mut l = Limits::new(10_000, None, ON);
         for _ in 0..3 {
             // A whole zlib-less stream per message (no context takeover,
             // ended with a final block), as some senders do.

@@ -530,10 +530,8 @@ async fn proxy(
         let max = route
             .max_message_bytes
             .unwrap_or(app.config.max_message_bytes);
-        let deflate = extensions
-            .as_ref()
-            .and_then(|x| x.to_str().ok())
-            .is_some_and(|x| x.contains("permessage-deflate"));
+        let deflate =
+            limits::Deflate::negotiated(extensions.as_ref().and_then(|x| x.to_str().ok()));
         limits::Limits::new(max as u64, route.rate_limit, deflate)
     });
     if let Some(p) = protocol {

@@ -639,6 +639,7 @@ pub fn tunnel<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::limits::Deflate;
 
     /// A frame as a client (masked) or server would send it.
     fn frame(opcode: u8, payload_len: usize, masked: bool) -> Vec<u8> {
@@ -866,7 +867,7 @@ mod tests {
                 &meter,
                 None,
                 early,
-                (Some(Limits::new(1000, None, false)), &verdict),
+                (Some(Limits::new(1000, None, Deflate::Off)), &verdict),
             );
             let stream = stream.clone();
             let client = async move {
@@ -939,7 +940,10 @@ mod tests {
             &meter,
             None,
             Vec::new(),
-            (Some(Limits::new(1000, None, true)), &verdict),
+            (
+                Some(Limits::new(1000, None, Deflate::On { reset: false })),
+                &verdict,
+            ),
         );
         let start = tokio::time::Instant::now();
         let client = async move {
