@@ -126,7 +126,7 @@ const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 const SCRATCH: usize = 4096;
 
 /// Measures compressed messages by inflating them. Allocated at a
-/// connection's first compressed message (about 50 KiB with the window).
+/// connection's first compressed message (tens of KiB, with the window).
 struct Inflater {
     stream: Stream,
     /// Unmasked input.
@@ -140,7 +140,7 @@ struct Stream {
     d: Decompress,
     /// A final block ended the stream in the current message (one may,
     /// for a sender that finishes its stream per message; a second is
-    /// refused, so that resetting, which clears the window, is bounded).
+    /// refused, so that resets stay bounded at two a message).
     ended: bool,
     /// Input was fed after that final block.
     after: bool,
