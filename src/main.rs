@@ -43,6 +43,12 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
+        // A file named by the configuration (routes, users, TLS) or the
+        // Redis URL is unusable: like any other bad setting, one line and 2.
+        Err(e) if e.downcast_ref::<wsproxy::server::ServerError>().is_some() => {
+            eprintln!("wsproxy: invalid configuration: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("wsproxy: {e:#}");

@@ -25,7 +25,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -315,7 +315,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/{agent_id}/ws/{session_id}", get(crate::bridge::handler))
+        .route("/{agent_id}/ws/{session_id}", any(session_or_route))
         .route("/ws", get(crate::pubsub::handler))
         .route("/auth/token", token_route(&app.config))
         .fallback(fallback)
@@ -390,6 +390,19 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 /// Everything else: a reverse-proxy route, or 404.
+/// A session path, unless a proxy route claims it (see
+/// [`crate::upstream::Upstream::claims`]).
+async fn session_or_route(State(app): State<Arc<App>>, req: Request) -> Response {
+    if app
+        .upstream
+        .as_ref()
+        .is_some_and(|u| u.claims(req.uri().path()))
+    {
+        return crate::upstream::handle(app, req).await;
+    }
+    axum::handler::Handler::call(crate::bridge::handler, req, app).await
+}
+
 async fn fallback(State(app): State<Arc<App>>, req: Request) -> Response {
     crate::upstream::handle(app, req).await
 }

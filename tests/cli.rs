@@ -96,3 +96,53 @@ fn bad_number_and_bad_log_filter_are_refused() {
     let err = refused("RUST_LOG", "wsproxy=loud");
     assert!(err.contains("RUST_LOG"), "{err}");
 }
+
+#[test]
+fn a_bad_routes_file_stops_startup_naming_the_router_and_field() {
+    let path = std::env::temp_dir().join(format!("wsproxy-cli-{}.routes.json", std::process::id()));
+    // `port` is JSON as it is: a number, or a string where a number belongs.
+    let route = |name: &str, port: &str| {
+        format!(
+            r#"{{"protocol":"websocket","backends":[{{"host":"ws://127.0.0.1","port":{port}}}],
+            "external_path":"/{name}","internal_path":"/","methods":["GET"]}}"#
+        )
+    };
+    for (port, expected) in [
+        (
+            "70000",
+            "routers[1].backends[0].port: 70000 is outside 1-65535",
+        ),
+        (
+            "\"3000\"",
+            "routers[1].backends[0].port: invalid type: string \"3000\"",
+        ),
+    ] {
+        let text = format!(
+            r#"{{"version":1,"routers":[{},{}]}}"#,
+            route("a", "3000"),
+            route("b", port)
+        );
+        std::fs::write(&path, text).expect("write routes");
+        let out = wsproxy()
+            .env("ROUTES_FILE", &path)
+            .output()
+            .expect("run wsproxy");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "one line expected: {err}"
+        );
+        assert!(
+            err.contains("ROUTES_FILE") && err.contains(expected),
+            "{err}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "said again on stdout: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}

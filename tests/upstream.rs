@@ -1226,3 +1226,249 @@ async fn shutdown_reaches_a_tunnel_stuck_sending_to_a_backend() {
         .expect("drained before the 30 s grace period")
         .expect("stopped");
 }
+
+/// A backend that answers each upgrade with `answer(request line, headers)`:
+/// a status and extra response headers. A 101 gets a correct accept key and
+/// the connection is then held until the proxy closes it; any other status
+/// is sent with an empty body. Returns the port and the request lines seen.
+async fn scripted_backend(
+    answer: impl Fn(&str, &str) -> (u16, String) + Send + Sync + 'static,
+) -> (u16, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (answer, seen2) = (Arc::new(answer), seen.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (answer, seen) = (answer.clone(), seen2.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let (line, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
+                seen.lock().expect("lock").push(line.to_owned());
+                let (status, extra) = answer(line, &headers.to_ascii_lowercase());
+                if status != 101 {
+                    let _ = s
+                        .write_all(format!("HTTP/1.1 {status} No\r\nContent-Length: 0\r\nConnection: close\r\n{extra}\r\n").as_bytes())
+                        .await;
+                    return;
+                }
+                let key = headers
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_owned())
+                    })
+                    .unwrap_or_default();
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let _ = s
+                    .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extra}\r\n").as_bytes())
+                    .await;
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A WebSocket upgrade written by hand (the path goes out exactly as
+/// given), expected to be refused: its status and JSON body.
+async fn refused_upgrade(server: &Server, path: &str, extra: &str) -> (u16, serde_json::Value) {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    );
+    let (status, body) = http_request(server.addr, &request)
+        .await
+        .expect("an answer");
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// `..` and `.` segments, plain or encoded, would let a backend that
+/// resolves them serve another route's path, past its `auth_required`.
+#[tokio::test]
+async fn paths_that_could_leave_their_route_are_refused() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let mut secure = route("/secure", "/admin", &[(b.port, 1)]);
+    secure["auth_required"] = true.into();
+    let mut f = file(vec![route("/public", "/pub", &[(b.port, 1)]), secure]);
+    f["jwt"] = serde_json::json!({"secret": JWT_SECRET, "issuer": "kairos-gateway", "audience": "websocket-clients"});
+    let server = proxy(&redis, f).await;
+    for path in [
+        "/public/../admin",
+        "/public/%2e%2E/admin",
+        "/public/..%2fadmin",
+        "/public/./x",
+    ] {
+        let (status, body) = refused_upgrade(&server, path, "").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_path")),
+            "{path}: {body}"
+        );
+    }
+    assert!(open(&server, "/public/a..b").await.is_ok());
+    let paths = b.seen.lock().expect("lock").paths.clone();
+    assert_eq!(paths, ["/pub/a..b"]);
+}
+
+/// A backend's 4xx answer to the upgrade reaches the client as it is and
+/// says nothing against the backend: a client cannot open the breakers of
+/// a route by asking for paths its backends do not serve. A 5xx counts.
+/// Neither answer tells the client where the backend is.
+#[tokio::test]
+async fn a_backends_4xx_is_passed_on_and_does_not_open_its_breaker() {
+    let redis = Redis::start().await;
+    let answer = |line: &str, _: &str| {
+        if line.contains("/bad") {
+            (404, String::new())
+        } else if line.contains("/broken") {
+            (500, String::new())
+        } else {
+            (101, String::new())
+        }
+    };
+    let (p0, seen0) = scripted_backend(answer).await;
+    let (p1, seen1) = scripted_backend(answer).await;
+    let mut r = route("/multi", "/m", &[(p0, 1), (p1, 1)]);
+    r["circuit_breaker"] = serde_json::json!({"failures": 1, "cooldown_ms": 60000});
+    let server = proxy(&redis, file(vec![r])).await;
+    for _ in 0..3 {
+        let (status, body) = refused_upgrade(&server, "/multi/bad", "").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (404, Some("backend_rejected")),
+            "{body}"
+        );
+        assert!(!body.to_string().contains("127.0.0.1"), "{body}");
+    }
+    let tried = |s: &Arc<Mutex<Vec<String>>>| s.lock().expect("lock").len();
+    assert_eq!(
+        tried(&seen0) + tried(&seen1),
+        3,
+        "a 4xx is not retried on the other backend"
+    );
+    for _ in 0..4 {
+        assert!(
+            open(&server, "/multi").await.is_ok(),
+            "breakers stayed closed"
+        );
+    }
+    let breaker = |port: u16| {
+        format!("wsproxy_upstream_circuit_open{{route=\"/multi\",backend=\"127.0.0.1:{port}\"}}")
+    };
+    assert_eq!(
+        server.metric(&breaker(p0)).await + server.metric(&breaker(p1)).await,
+        0.0
+    );
+    // A 5xx is the backend failing: both are tried, both breakers open.
+    let (status, body) = refused_upgrade(&server, "/multi/broken", "").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("backend_unavailable")),
+        "{body}"
+    );
+    assert!(!body.to_string().contains("127.0.0.1"), "{body}");
+    assert_eq!(
+        server.metric(&breaker(p0)).await + server.metric(&breaker(p1)).await,
+        2.0
+    );
+}
+
+/// A backend that picks a subprotocol or an extension the client never
+/// offered would make the client fail its handshake after our 101: it is
+/// refused before, with a 502.
+#[tokio::test]
+async fn a_backend_answer_the_client_did_not_offer_is_refused() {
+    let redis = Redis::start().await;
+    let (proto, _) =
+        scripted_backend(|_, _| (101, "Sec-WebSocket-Protocol: admin\r\n".into())).await;
+    let (ext, _) = scripted_backend(|_, _| {
+        (
+            101,
+            "Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n".into(),
+        )
+    })
+    .await;
+    let server = proxy(
+        &redis,
+        file(vec![
+            route("/proto", "/", &[(proto, 1)]),
+            route("/ext", "/", &[(ext, 1)]),
+        ]),
+    )
+    .await;
+    let (status, body) = refused_upgrade(
+        &server,
+        "/proto",
+        "Sec-WebSocket-Protocol: chat, superchat\r\n",
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("backend_unavailable")),
+        "{body}"
+    );
+    let (status, body) = refused_upgrade(
+        &server,
+        "/ext",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("backend_unavailable")),
+        "{body}"
+    );
+    // What was offered may be agreed to.
+    let mut req = format!("ws://{}/proto", server.addr)
+        .into_client_request()
+        .expect("req");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("user, admin"),
+    );
+    let ws = connect_request(req).await.expect("admin was offered");
+    drop(ws);
+}
+
+/// A route wins over the session bridge for the paths it names, even when
+/// they have the shape of a session path (`/{agent}/ws/{session}`), as the
+/// seed's `/secure/ws` route has below it; other session paths stay the
+/// bridge's.
+#[tokio::test]
+async fn a_route_takes_its_paths_that_look_like_session_paths() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let server = proxy(
+        &redis,
+        file(vec![route("/secure/ws", "/ws", &[(b.port, 1)])]),
+    )
+    .await;
+    let mut ws = open(&server, "/secure/ws/room1?x=1")
+        .await
+        .expect("proxied");
+    assert_eq!(next_text(&mut ws).await, "hello from b");
+    assert_eq!(b.seen.lock().expect("lock").paths, ["/ws/room1?x=1"]);
+    // Not the route's: the bridge answers (no token).
+    let err = open(&server, "/agent/ws/room1").await.expect_err("bridge");
+    assert_eq!(
+        (err.0, err.1["error"].as_str()),
+        (401, Some("missing_token")),
+        "{:?}",
+        err.1
+    );
+}

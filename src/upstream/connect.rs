@@ -26,9 +26,16 @@ const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 /// Why a backend could not be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    /// TCP connect or TLS failed, or the backend refused the upgrade: 502.
+    /// TCP connect or TLS failed, or the backend answered the upgrade
+    /// wrongly (a 5xx or other status, a bad handshake): counted against
+    /// the backend, the next one is tried, 502 in the end.
     #[error("{0}")]
     Refused(String),
+    /// The backend answered the upgrade with a 4xx status: it is up and has
+    /// decided about this request, so the client gets that status and no
+    /// other backend is tried.
+    #[error("{1}")]
+    Rejected(u16, String),
     /// The backend did not finish in time: 504.
     #[error("backend did not answer within {0:?}")]
     Timeout(Duration),
@@ -324,10 +331,15 @@ async fn dial_inner(
         .map_err(|e| refused("bad handshake response from", &e))?;
     let code = response.code.unwrap_or(0);
     if code != 101 {
-        return Err(DialError::Refused(format!(
+        let message = format!(
             "{} answered the upgrade with HTTP {code}",
             backend.authority()
-        )));
+        );
+        return Err(if (400..500).contains(&code) {
+            DialError::Rejected(code, message)
+        } else {
+            DialError::Refused(message)
+        });
     }
     let find = |name: &str| {
         response
@@ -342,6 +354,41 @@ async fn dial_inner(
             "{} sent a wrong Sec-WebSocket-Accept",
             backend.authority()
         )));
+    }
+    // What the backend agreed to must be among what the client offered, or
+    // the client would fail its own handshake check after our 101.
+    // (Subprotocol names compare exactly, extension names without case.)
+    let offered = |name: header::HeaderName| {
+        up.client_headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.split(';').next().unwrap_or("").trim().to_owned())
+            .collect::<Vec<_>>()
+    };
+    if let Some(chosen) = find("sec-websocket-protocol") {
+        let chosen = String::from_utf8_lossy(chosen).trim().to_owned();
+        if !offered(header::SEC_WEBSOCKET_PROTOCOL).contains(&chosen) {
+            return Err(DialError::Refused(format!(
+                "{} chose the subprotocol {chosen:?}, which the client did not offer",
+                backend.authority()
+            )));
+        }
+    }
+    if up.pass_extensions
+        && let Some(agreed) = find("sec-websocket-extensions")
+    {
+        let client = offered(header::SEC_WEBSOCKET_EXTENSIONS);
+        for ext in String::from_utf8_lossy(agreed).split(',') {
+            let name = ext.split(';').next().unwrap_or("").trim();
+            if !name.is_empty() && !client.iter().any(|c| c.eq_ignore_ascii_case(name)) {
+                return Err(DialError::Refused(format!(
+                    "{} agreed to the extension {name:?}, which the client did not offer",
+                    backend.authority()
+                )));
+            }
+        }
     }
     let value = |name: &str| find(name).and_then(|v| HeaderValue::from_bytes(v).ok());
     Ok(Handshake {

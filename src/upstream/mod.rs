@@ -12,8 +12,9 @@
 //!    others use smooth weighted round robin; backends whose health check
 //!    failed or whose circuit breaker is open are skipped;
 //! 5. **dial** it and do the backend handshake *before* answering the client,
-//!    retrying the next candidate if a connect fails: all failed 502, timed
-//!    out 504;
+//!    retrying the next candidate if a connect fails or the backend answers
+//!    wrongly: all failed 502, timed out 504; a backend's 4xx is passed on
+//!    (it is up and has judged this request);
 //! 6. **answer** 101 with what the backend negotiated (subprotocol,
 //!    extensions);
 //! 7. **pump**: a byte tunnel (nothing is decoded or re-framed, so every
@@ -119,6 +120,18 @@ impl Upstream {
 
     fn current(&self) -> Arc<Table> {
         self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// True when a route takes `path` although it has the shape of a
+    /// session path (`/{agent_id}/ws/{session_id}`): a route names its
+    /// paths, so it wins over the bridge, unless it is the catch-all `/`,
+    /// which only gets what no endpoint of wsproxy's own takes.
+    pub fn claims(&self, path: &str) -> bool {
+        self.current()
+            .routes
+            .routes
+            .iter()
+            .any(|r| r.external_path != "/" && r.map_path(path).is_some())
     }
 
     /// Number of routes loaded.
@@ -227,11 +240,32 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
     else {
         return not_found();
     };
+    if let Err(why) = check_path(&path) {
+        return ApiError::new(StatusCode::BAD_REQUEST, "bad_path", why).into_response();
+    }
     let state = table.states[index].clone();
     match proxy(&app, upstream, &table, state, mapped, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
+}
+
+/// Refuses a path that a backend could read as another path than the one
+/// the route matched: a `.` or `..` segment, plain or percent-encoded
+/// (`/public/%2e%2e/admin` would reach `/admin` past the route's
+/// `auth_required`), an encoded slash or backslash, or a backslash.
+fn check_path(path: &str) -> Result<(), &'static str> {
+    for segment in path.split('/') {
+        let lower = segment.to_ascii_lowercase();
+        if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+            return Err("the path may not contain an encoded slash or a backslash");
+        }
+        let dots = lower.replace("%2e", ".");
+        if dots == "." || dots == ".." {
+            return Err("the path may not contain . or .. segments");
+        }
+    }
+    Ok(())
 }
 
 fn not_found() -> Response {
@@ -290,41 +324,12 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The query parameter `name`, percent-decoded.
+/// The query parameter `name`, decoded as a form would be (`+` is a space,
+/// `%XX` a byte; bytes that are not UTF-8 become U+FFFD, never a panic).
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                Ok(b) => {
-                    out.push(b);
-                    i += 3;
-                }
-                Err(_) => {
-                    out.push(b'%');
-                    i += 1;
-                }
-            },
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -473,10 +478,30 @@ async fn proxy(
                 chosen = Some((backend, h, trying));
                 break;
             }
+            Err(DialError::Rejected(status, detail)) => {
+                // The backend is up and said no to this request: another
+                // backend would say the same, and the breaker must not
+                // count it as a failure (any client could open it with a
+                // bad path); it has shown it is up.
+                backend.success();
+                app.metrics.upstream_circuit(&name, &backend.label, false);
+                app.metrics
+                    .upstream_failure(&name, &backend.label, "rejected");
+                tracing::info!(route = %name, backend = %backend.label, %detail, "backend rejected the upgrade");
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+                return Err(ApiError::new(
+                    status,
+                    "backend_rejected",
+                    format!(
+                        "the backend refused the upgrade with HTTP {}",
+                        status.as_u16()
+                    ),
+                ));
+            }
             Err(e) => {
                 let reason = match e {
                     DialError::Timeout(_) => "timeout",
-                    DialError::Refused(_) => "refused",
+                    DialError::Refused(_) | DialError::Rejected(..) => "refused",
                 };
                 app.metrics.upstream_failure(&name, &backend.label, reason);
                 let (threshold, cooldown) = route.breaker;
@@ -496,13 +521,12 @@ async fn proxy(
                 "backend_timeout",
                 format!("the backend did not complete the WebSocket handshake within {t:?}"),
             ),
-            Some(DialError::Refused(m)) => {
-                ApiError::new(StatusCode::BAD_GATEWAY, "backend_unavailable", m)
-            }
-            None => ApiError::new(
+            // What went wrong, and where, is in the log: the client is not
+            // told the backends' addresses.
+            Some(DialError::Refused(_) | DialError::Rejected(..)) | None => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "backend_unavailable",
-                "no backend could be reached",
+                "no backend of this route could be reached or completed the WebSocket handshake",
             ),
         });
     };
@@ -629,12 +653,51 @@ mod tests {
     }
 
     #[test]
+    fn paths_that_could_leave_the_route_are_refused() {
+        for bad in [
+            "/public/../admin",
+            "/public/%2e%2e/admin",
+            "/public/.%2E/admin",
+            "/public/%2E.",
+            "/public/./x",
+            "/public/..%2fadmin",
+            "/public/..%5Cadmin",
+            "/public/..\\admin",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "/public",
+            "/public/a.b/..c/...",
+            "/public/%2e%2e%2e",
+            "/",
+            "/x/",
+        ] {
+            assert_eq!(check_path(good), Ok(()), "{good}");
+        }
+    }
+
+    #[test]
     fn query_parameters_and_cookies_are_read() {
         assert_eq!(
             query_param(Some("a=1&access_token=x%2By&b"), "access_token"),
             Some("x+y".into())
         );
         assert_eq!(query_param(Some("a=1"), "b"), None);
+        // A `%` before a character of several bytes, or bytes that are not
+        // UTF-8: read without panicking.
+        assert_eq!(
+            query_param(Some("access_token=%a\u{e9}"), "access_token"),
+            Some("%a\u{e9}".into())
+        );
+        assert_eq!(
+            query_param(Some("k=%ff%e9x&access_token=a%20b+c"), "k"),
+            Some("\u{fffd}\u{fffd}x".into())
+        );
+        assert_eq!(
+            query_param(Some("k=1&access_token=a%20b+c"), "access_token"),
+            Some("a b c".into())
+        );
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,

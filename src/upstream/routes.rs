@@ -16,6 +16,11 @@ use serde::Deserialize;
 /// Paths wsproxy serves itself; a route may not take them over.
 const RESERVED: &[&str] = &["/health", "/ready", "/metrics", "/ws", "/auth/token"];
 
+/// What `methods` may list.
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+];
+
 /// A routes file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum RoutesError {
@@ -315,10 +320,25 @@ impl Routes {
 
     /// Parses and validates the file's text.
     pub fn parse(text: &str, shown: &str) -> Result<Self, RoutesError> {
-        let file: FileV1 = serde_json::from_str(text).map_err(|e| RoutesError::Parse {
-            path: shown.to_owned(),
-            message: e.to_string(),
-        })?;
+        // Through serde_path_to_error, so that a wrong type or a missing
+        // field is named like the rules below name theirs
+        // (`routers[2].backends[0].port: invalid type ...`).
+        let file: FileV1 =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(|e| {
+                    let at = e.path().to_string();
+                    let inner = e.into_inner();
+                    // Not JSON: the line and column say where.
+                    let message = if inner.is_syntax() || inner.is_eof() || at == "." {
+                        inner.to_string()
+                    } else {
+                        format!("{at}: {inner}")
+                    };
+                    RoutesError::Parse {
+                        path: shown.to_owned(),
+                        message,
+                    }
+                })?;
         if file.version != 1 {
             return Err(invalid(
                 "version",
@@ -355,10 +375,19 @@ impl Routes {
                     "must include \"GET\" (the WebSocket upgrade is a GET)",
                 ));
             }
-            if let Some(m) = r.methods.iter().find(|m| !m.eq_ignore_ascii_case("GET")) {
+            // Others may be listed, as the seed allows, but only a GET can
+            // upgrade: any other request is answered 400.
+            if let Some(m) = r
+                .methods
+                .iter()
+                .find(|m| !METHODS.iter().any(|k| k.eq_ignore_ascii_case(m)))
+            {
                 return Err(invalid(
                     at("methods"),
-                    format!("{m:?} cannot upgrade to a WebSocket; only \"GET\" is allowed"),
+                    format!(
+                        "{m:?} is not an HTTP method (one of {})",
+                        METHODS.join(", ")
+                    ),
                 ));
             }
             for (name, p) in [
@@ -734,6 +763,41 @@ mod tests {
     }
 
     #[test]
+    fn wrong_types_and_missing_fields_name_the_router_too() {
+        let second = |r: &str| file(&format!("{OK},{}", r.replace("/ws/chat", "/other")));
+        for (change, start) in [
+            (
+                OK.replace("3000", "\"3000\""),
+                "ROUTES_FILE: t: routers[1].backends[0].port: invalid type: string \"3000\"",
+            ),
+            (
+                OK.replace("\"port\":3000", "\"port\":3000,\"weight\":1.5"),
+                "ROUTES_FILE: t: routers[1].backends[0].weight: invalid type: floating point",
+            ),
+            (
+                OK.replace(",\"methods\":[\"GET\"]", ""),
+                "ROUTES_FILE: t: routers[1]: missing field `methods`",
+            ),
+            (
+                OK.replace("\"methods\"", "\"method\":1,\"methods\""),
+                "ROUTES_FILE: t: routers[1].method: unknown field `method`",
+            ),
+        ] {
+            let e = Routes::parse(&second(&change), "t").expect_err(start);
+            assert!(e.to_string().starts_with(start), "{start}\n{e}");
+        }
+        // Not JSON at all: no field to name, the line and column say where.
+        let e = Routes::parse("{\"version\": 1,", "t").expect_err("not JSON");
+        assert!(e.to_string().starts_with("ROUTES_FILE: t: EOF"), "{e}");
+    }
+
+    #[test]
+    fn other_methods_may_be_listed_beside_get() {
+        let r = Routes::parse(&file(&OK.replace("[\"GET\"]", "[\"GET\",\"post\"]")), "t");
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[test]
     fn errors_name_the_field_and_router() {
         let bad_port = OK.replace("3000", "70000");
         let two = file(&format!("{OK},{}", bad_port.replace("/ws/chat", "/other")));
@@ -756,6 +820,10 @@ mod tests {
                 "routers[0].protocol",
             ),
             (OK.replace("[\"GET\"]", "[\"POST\"]"), "routers[0].methods"),
+            (
+                OK.replace("[\"GET\"]", "[\"GET\",\"FETCH\"]"),
+                "routers[0].methods",
+            ),
             (
                 OK.replace("\"/ws/chat\"", "\"ws/chat\""),
                 "routers[0].external_path",

@@ -296,7 +296,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
 }
 
 /// Sends one raw request (with `Connection: close`); returns status and body.
-async fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
+pub async fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
     s.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
