@@ -287,7 +287,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_failures",
-            "Proxy failures by route, backend and reason (refused, rejected, timeout, no_backend, route_full, unauthorized, health_check)",
+            "Proxy failures by route, backend and reason (refused, rejected, timeout, no_backend, route_full, unauthorized, health_check, too_big, too_fast, bad_compression)",
             m.upstream_failures.clone(),
         );
         registry.register(

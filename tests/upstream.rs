@@ -665,17 +665,30 @@ async fn a_killed_backend_is_taken_out_and_connections_go_to_the_others() {
         seen.insert(greeting_backend(&server, "/ha").await);
     }
     assert_eq!(seen.len(), 2);
+    let b0_port = b0.port;
     drop(b0); // kill: its listener goes away
     // Every connection succeeds: the first may hit b0, fail, and be retried
     // on b1; after that the breaker and the health check keep b0 out.
     for _ in 0..10 {
         assert_eq!(greeting_backend(&server, "/ha").await, "b1");
     }
-    let metrics = server.metrics().await;
+    // b0 was tried at most once (the breaker opens at the first failure,
+    // and the health check takes it out too): a retry alone would have
+    // sent every other connection to it first.
+    let of_b0 = |metric: &str, extra: &str| {
+        format!("wsproxy_upstream_{metric}{{route=\"/ha\",backend=\"127.0.0.1:{b0_port}\"{extra}}}")
+    };
+    let refused = server
+        .metric(&of_b0("failures_total", ",reason=\"refused\""))
+        .await;
+    assert!(refused <= 1.0, "b0 tried {refused} times after it died");
+    server
+        .wait_metric(&of_b0("failures_total", ",reason=\"health_check\""), 1.0)
+        .await;
+    let text = server.metrics().await;
     assert!(
-        metrics.contains("wsproxy_upstream_circuit_open")
-            || metrics.contains("reason=\"health_check\""),
-        "{metrics}"
+        text.contains(&format!("{} 0\n", of_b0("backend_healthy", ""))),
+        "{text}"
     );
 }
 
@@ -694,6 +707,7 @@ async fn rate_limit_size_limit_and_connection_limit() {
     next_text(&mut ws).await;
     send_text(&mut ws, &"x".repeat(150)).await;
     assert_eq!(close_code(&mut ws).await, 1009);
+    drop(ws); // ends the tunnel (else it waits up to 5 s for the client)
 
     let mut ws = open(&server, "/limited").await.expect("proxied");
     next_text(&mut ws).await;
@@ -703,6 +717,17 @@ async fn rate_limit_size_limit_and_connection_limit() {
         }
     }
     assert_eq!(close_code(&mut ws).await, 1008);
+    drop(ws);
+    // Counted by reason once each tunnel has ended.
+    let broke = |reason: &str| {
+        format!(
+            "wsproxy_upstream_failures_total{{route=\"/limited\",backend=\"127.0.0.1:{}\",reason=\"{reason}\"}}",
+            b.port
+        )
+    };
+    server.wait_metric(&broke("too_big"), 1.0).await;
+    server.wait_metric(&broke("too_fast"), 1.0).await;
+    assert_eq!(server.metric(&broke("bad_compression")).await, 0.0);
 
     let _a = open(&server, "/small").await.expect("1st");
     let _b = open(&server, "/small").await.expect("2nd");

@@ -48,6 +48,15 @@ impl Violation {
             Violation::BadCompression => (1007, "invalid compressed data"),
         }
     }
+
+    /// The `reason` label of `wsproxy_upstream_failures_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Violation::TooBig => "too_big",
+            Violation::TooFast => "too_fast",
+            Violation::BadCompression => "bad_compression",
+        }
+    }
 }
 
 /// Token bucket for a connection's message rate.

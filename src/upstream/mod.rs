@@ -590,9 +590,14 @@ async fn proxy(
         let checks = (&app2.draining, limits, &verdict);
         let (up_bytes, down_bytes) =
             tunnel::tunnel(upgraded, backend_io, (&up, &down), checks).await;
+        let broke = verdict.get().map(|v| v.label());
+        if let Some(reason) = broke {
+            app2.metrics.upstream_failure(&name, &backend.label, reason);
+        }
         tracing::info!(
             route = %name,
             backend = %backend.label,
+            broke_limit = broke.unwrap_or("none"),
             up_bytes,
             down_bytes,
             duration_ms = started.elapsed().as_millis() as u64,

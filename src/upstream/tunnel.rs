@@ -73,7 +73,8 @@ impl Verdict {
         self.0.store(i as u8 + 1, Ordering::Relaxed);
     }
 
-    fn get(&self) -> Option<Violation> {
+    /// The limit broken, if any.
+    pub fn get(&self) -> Option<Violation> {
         match self.0.load(Ordering::Relaxed) {
             0 => None,
             i => Self::ALL.get(usize::from(i) - 1).copied(),
@@ -295,13 +296,18 @@ where
     /// Takes bytes read from `from`: counts them, follows their frames and
     /// writes what `to` takes at once, keeping the rest.
     fn forward(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Result<(), ()> {
-        self.total += data.len() as u64;
-        self.meter.bytes.inc_by(data.len() as u64);
         if self.guard.is_some() {
             return self.forward_checked(cx, data);
         }
+        self.total += data.len() as u64;
+        self.meter.bytes.inc_by(data.len() as u64);
         self.meter.frames.inc_by(self.scan.feed(data));
         self.emit(cx, data)
+    }
+
+    fn count(&mut self, n: usize) {
+        self.total += n as u64;
+        self.meter.bytes.inc_by(n as u64);
     }
 
     /// [`Self::forward`] on a route with limits: frame by frame, each
@@ -358,7 +364,6 @@ where
             if self.scan.feed(&data[off - 1..off]) == 0 {
                 continue; // more header to come
             }
-            self.meter.frames.inc();
             let header = &self.scan.header[..header_len(self.scan.header[1])];
             let mut check = limits.header(header, self.scan.remaining);
             if check.is_ok() && self.scan.remaining == 0 {
@@ -370,14 +375,18 @@ where
                 broken = Some((v, Some(frame_at.unwrap_or(0))));
                 break;
             }
+            self.meter.frames.inc();
         }
         // What passed goes out: the held header bytes (if their frame
         // passed, which it did if anything of this read goes), then this
         // read up to `end`.
+        // Only what goes out is counted in bytes.
         let pass = |pump: &mut Self, cx: &mut Context<'_>, end: usize| {
             if end > 0 && held > 0 {
+                pump.count(held);
                 pump.emit(cx, &prefix[..held])?;
             }
+            pump.count(end);
             pump.emit(cx, &data[..end])
         };
         let Some((v, cut)) = broken else {
@@ -908,6 +917,9 @@ mod tests {
                 "chunk {chunk}"
             );
             assert_eq!(&payload[2..], CUT_OFF_REASON, "chunk {chunk}");
+            // Counted: what went out of the client's, nothing of the rest.
+            assert_eq!(meter.bytes.get(), allowed.len() as u64, "chunk {chunk}");
+            assert_eq!(meter.frames.get(), 2, "chunk {chunk}");
         }
     }
 
