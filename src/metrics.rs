@@ -100,6 +100,7 @@ struct FailureLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
     route: String,
+    backend: String,
     direction: &'static str,
 }
 
@@ -302,7 +303,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_circuit_open",
-            "1 while a backend's circuit breaker is open",
+            "1 while a backend's circuit breaker is open (read when scraped, so it falls back to 0 when the cool-down ends)",
             m.upstream_circuit_open.clone(),
         );
         registry.register(
@@ -372,25 +373,24 @@ impl Metrics {
             .inc();
     }
 
-    /// Counters of bytes for a route in a direction
-    /// (`client_to_backend`, `backend_to_client`).
-    pub fn upstream_bytes(&self, route: &str, direction: &'static str) -> Counter {
-        self.upstream_bytes
-            .get_or_create(&DirectionLabel {
-                route: route.to_owned(),
-                direction,
-            })
-            .clone()
-    }
-
-    /// Counters of frames for a route in a direction.
-    pub fn upstream_frames(&self, route: &str, direction: &'static str) -> Counter {
-        self.upstream_frames
-            .get_or_create(&DirectionLabel {
-                route: route.to_owned(),
-                direction,
-            })
-            .clone()
+    /// Counters of bytes and frames for a route's backend in a direction
+    /// (`client_to_backend`, `backend_to_client`): looked up once per
+    /// connection, then added to as the bytes pass.
+    pub fn upstream_traffic(
+        &self,
+        route: &str,
+        backend: &str,
+        direction: &'static str,
+    ) -> (Counter, Counter) {
+        let label = DirectionLabel {
+            route: route.to_owned(),
+            backend: backend.to_owned(),
+            direction,
+        };
+        (
+            self.upstream_bytes.get_or_create(&label).clone(),
+            self.upstream_frames.get_or_create(&label).clone(),
+        )
     }
 
     /// Records a backend's breaker state.
@@ -411,6 +411,19 @@ impl Metrics {
                 backend: backend.to_owned(),
             })
             .set(i64::from(healthy));
+    }
+
+    /// Drops a backend's gauges (circuit, health) when a reload removed it
+    /// (or, with `health_only`, only its route's health check).
+    pub fn forget_backend(&self, route: &str, backend: &str, health_only: bool) {
+        let label = BackendLabel {
+            route: route.to_owned(),
+            backend: backend.to_owned(),
+        };
+        self.upstream_healthy.remove(&label);
+        if !health_only {
+            self.upstream_circuit_open.remove(&label);
+        }
     }
 
     /// Counts a refused client message.

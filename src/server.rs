@@ -379,6 +379,9 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    if let Some(upstream) = &app.upstream {
+        upstream.refresh_metrics(&app.metrics);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -389,7 +392,6 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-/// Everything else: a reverse-proxy route, or 404.
 /// A session path, unless a proxy route claims it (see
 /// [`crate::upstream::Upstream::claims`]).
 async fn session_or_route(State(app): State<Arc<App>>, req: Request) -> Response {
@@ -403,6 +405,7 @@ async fn session_or_route(State(app): State<Arc<App>>, req: Request) -> Response
     axum::handler::Handler::call(crate::bridge::handler, req, app).await
 }
 
+/// Everything else: a reverse-proxy route, or 404.
 async fn fallback(State(app): State<Arc<App>>, req: Request) -> Response {
     crate::upstream::handle(app, req).await
 }

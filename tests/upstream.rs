@@ -578,9 +578,31 @@ async fn auth_required_routes_check_the_jwt_and_pass_the_subject() {
         ),
         route_token("mallory", "someone-else", JWT_SECRET, 600),
         route_token("mallory", "kairos-gateway", JWT_SECRET, -120),
+        signed_token(
+            jsonwebtoken::Algorithm::HS256,
+            serde_json::json!({"sub": "mallory", "exp": now() + 600, "iss": "kairos-gateway", "aud": "other-clients"}),
+        ),
+        // The right secret, another algorithm.
+        signed_token(
+            jsonwebtoken::Algorithm::HS512,
+            serde_json::json!({"sub": "mallory", "exp": now() + 600, "iss": "kairos-gateway", "aud": "websocket-clients"}),
+        ),
+        // No subject to pass on.
+        signed_token(
+            jsonwebtoken::Algorithm::HS256,
+            serde_json::json!({"exp": now() + 600, "iss": "kairos-gateway", "aud": "websocket-clients"}),
+        ),
+        unsigned_token(
+            serde_json::json!({"sub": "mallory", "exp": now() + 600, "iss": "kairos-gateway", "aud": "websocket-clients"}),
+        ),
     ] {
         let url = format!("/secure?access_token={bad}");
-        assert_eq!(open(&server, &url).await.expect_err("bad token").0, 403);
+        let err = open(&server, &url).await.expect_err("bad token");
+        assert_eq!(
+            (err.0, err.1["error"].as_str()),
+            (403, Some("invalid_token")),
+            "{bad}"
+        );
     }
     let good = route_token("alice", "kairos-gateway", JWT_SECRET, 600);
     let mut req = format!("ws://{}/secure", server.addr)
@@ -598,6 +620,35 @@ async fn auth_required_routes_check_the_jwt_and_pass_the_subject() {
             .iter()
             .any(|(k, v)| k == "x-auth-subject" && v == "alice")
     );
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+fn signed_token(alg: jsonwebtoken::Algorithm, claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("encode")
+}
+
+/// `alg: none`, no signature.
+fn unsigned_token(claims: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    format!(
+        "{}.{}.",
+        b64(serde_json::json!({"alg": "none", "typ": "JWT"})),
+        b64(claims)
+    )
 }
 
 async fn greeting_backend(server: &Server, path: &str) -> String {
@@ -948,13 +999,16 @@ async fn bytes_and_frames_are_counted_live() {
             next_text(&mut ws).await;
         }
         let up = format!(
-            "wsproxy_upstream_frames_total{{route=\"{path}\",direction=\"client_to_backend\"}}"
+            "wsproxy_upstream_frames_total{{route=\"{path}\",backend=\"127.0.0.1:{}\",direction=\"client_to_backend\"}}",
+            b.port
         );
         let down = format!(
-            "wsproxy_upstream_frames_total{{route=\"{path}\",direction=\"backend_to_client\"}}"
+            "wsproxy_upstream_frames_total{{route=\"{path}\",backend=\"127.0.0.1:{}\",direction=\"backend_to_client\"}}",
+            b.port
         );
         let bytes = format!(
-            "wsproxy_upstream_bytes_total{{route=\"{path}\",direction=\"client_to_backend\"}}"
+            "wsproxy_upstream_bytes_total{{route=\"{path}\",backend=\"127.0.0.1:{}\",direction=\"client_to_backend\"}}",
+            b.port
         );
         let open = format!(
             "wsproxy_upstream_backend_connections_active{{route=\"{path}\",backend=\"127.0.0.1:{}\"}}",
@@ -1496,4 +1550,133 @@ async fn a_route_takes_its_paths_that_look_like_session_paths() {
         "{:?}",
         err.1
     );
+}
+
+/// Stickiness by header, cookie and token subject, end to end (by query
+/// parameter is in `weights_spread_connections_and_sticky_keys_stay`).
+#[tokio::test]
+async fn sticky_keys_from_header_cookie_and_subject() {
+    let redis = Redis::start().await;
+    let (b0, b1, b2) = (
+        echo_backend("b0").await,
+        echo_backend("b1").await,
+        echo_backend("b2").await,
+    );
+    let ports = [(b0.port, 1), (b1.port, 1), (b2.port, 1)];
+    let keyed = |path: &str, sticky: serde_json::Value| {
+        let mut r = route(path, "/", &ports);
+        r["sticky"] = sticky;
+        r
+    };
+    let mut by_subject = keyed("/by-subject", serde_json::json!({"by": "subject"}));
+    by_subject["auth_required"] = true.into();
+    let mut f = file(vec![
+        keyed(
+            "/by-header",
+            serde_json::json!({"by": "header", "name": "x-user"}),
+        ),
+        keyed(
+            "/by-cookie",
+            serde_json::json!({"by": "cookie", "name": "sid"}),
+        ),
+        by_subject,
+    ]);
+    f["jwt"] = serde_json::json!({"secret": JWT_SECRET, "issuer": "kairos-gateway", "audience": "websocket-clients"});
+    let server = proxy(&redis, f).await;
+    let greeting = |path: &'static str, header: &'static str, value: String| {
+        let addr = server.addr;
+        async move {
+            let mut req = format!("ws://{addr}{path}")
+                .into_client_request()
+                .expect("req");
+            req.headers_mut()
+                .insert(header, HeaderValue::from_str(&value).expect("hdr"));
+            let mut ws = connect_request(req).await.expect("proxied");
+            next_text(&mut ws).await
+        }
+    };
+    for (path, header, value) in [
+        (
+            "/by-header",
+            "x-user",
+            (|u: usize| format!("user-{u}")) as fn(usize) -> String,
+        ),
+        ("/by-cookie", "cookie", |u| format!("theme=dark; sid=s{u}")),
+        ("/by-subject", "authorization", |u| {
+            format!(
+                "Bearer {}",
+                route_token(&format!("u{u}"), "kairos-gateway", JWT_SECRET, 600)
+            )
+        }),
+    ] {
+        let mut spread = std::collections::HashSet::new();
+        for u in 0..10 {
+            let first = greeting(path, header, value(u)).await;
+            for _ in 0..2 {
+                assert_eq!(
+                    greeting(path, header, value(u)).await,
+                    first,
+                    "{path}: key {u} moved"
+                );
+            }
+            spread.insert(first);
+        }
+        assert!(
+            spread.len() >= 2,
+            "{path}: 10 keys all on one backend: {spread:?}"
+        );
+    }
+}
+
+/// The circuit gauge shows the breaker as it is when scraped: back to 0
+/// once the cool-down is over, with no traffic to say so. A backend a
+/// reload removed leaves no gauge behind.
+#[tokio::test]
+async fn circuit_gauges_follow_the_cool_down_and_the_reload() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    let mut ha = route("/cb", "/", &[(b.port, 1), (dead_port, 1)]);
+    ha["circuit_breaker"] = serde_json::json!({"failures": 1, "cooldown_ms": 400});
+    let path = routes_file(file(vec![ha]));
+    let p2 = path.clone();
+    let server = Server::start_with(&redis.url(), move |c| c.routes_file = Some(p2)).await;
+    let gauge =
+        format!("wsproxy_upstream_circuit_open{{route=\"/cb\",backend=\"127.0.0.1:{dead_port}\"}}");
+    let refused = format!(
+        "wsproxy_upstream_failures_total{{route=\"/cb\",backend=\"127.0.0.1:{dead_port}\",reason=\"refused\"}}"
+    );
+    while server.metric(&refused).await < 1.0 {
+        assert_eq!(greeting_backend(&server, "/cb").await, "b0");
+    }
+    assert_eq!(server.metric(&gauge).await, 1.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = server.metrics().await;
+    assert!(text.contains(&format!("{gauge} 0\n")), "{text}");
+
+    std::fs::write(
+        &path,
+        file(vec![route("/cb", "/", &[(b.port, 1)])]).to_string(),
+    )
+    .expect("write");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metrics().await.contains(&gauge) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the removed backend's gauge stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = format!(
+        "wsproxy_upstream_circuit_open{{route=\"/cb\",backend=\"127.0.0.1:{}\"}} 0\n",
+        b.port
+    );
+    assert!(server.metrics().await.contains(&kept));
 }

@@ -150,8 +150,37 @@ impl Upstream {
             std::mem::replace(&mut *slot, table.clone())
         };
         old.checks.cancel();
+        // Gauges of backends the new file no longer has (or no longer
+        // checks) would otherwise stay at their last value for good.
+        for state in &old.states {
+            let route = &state.route.external_path;
+            let now = table
+                .states
+                .iter()
+                .find(|s| &s.route.external_path == route);
+            for b in &state.backends {
+                let kept = now.and_then(|s| s.backends.iter().find(|n| n.label == b.label));
+                match kept {
+                    None => app.metrics.forget_backend(route, &b.label, false),
+                    Some(_) if now.is_some_and(|s| s.route.health_check.is_none()) => {
+                        app.metrics.forget_backend(route, &b.label, true)
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
         start_health_checks(app, &self.tls, &table);
         Ok(n)
+    }
+
+    /// Sets the circuit gauges from the breakers as they are now: a
+    /// cool-down ends without an event, so `/metrics` calls this first.
+    pub fn refresh_metrics(&self, metrics: &crate::metrics::Metrics) {
+        for state in &self.current().states {
+            for b in &state.backends {
+                metrics.upstream_circuit(&state.route.external_path, &b.label, b.circuit_open());
+            }
+        }
     }
 
     /// Starts the health checks of the current routes.
@@ -581,9 +610,11 @@ async fn proxy(
             }
         };
         let started = std::time::Instant::now();
-        let meter = |direction| Meter {
-            bytes: app2.metrics.upstream_bytes(&name, direction),
-            frames: app2.metrics.upstream_frames(&name, direction),
+        let meter = |direction| {
+            let (bytes, frames) = app2
+                .metrics
+                .upstream_traffic(&name, &backend.label, direction);
+            Meter { bytes, frames }
         };
         let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
         let verdict = tunnel::Verdict::default();
