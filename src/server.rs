@@ -402,7 +402,24 @@ async fn session_or_route(State(app): State<Arc<App>>, req: Request) -> Response
     {
         return crate::upstream::handle(app, req).await;
     }
+    if req.method() != axum::http::Method::GET {
+        return method_not_allowed();
+    }
     axum::handler::Handler::call(crate::bridge::handler, req, app).await
+}
+
+/// 405 with `Allow: GET` and a JSON body: WebSocket endpoints upgrade a GET.
+pub fn method_not_allowed() -> Response {
+    let mut response = crate::error::ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "a WebSocket upgrade is a GET request",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, axum::http::HeaderValue::from_static("GET"));
+    response
 }
 
 /// Everything else: a reverse-proxy route, or 404.

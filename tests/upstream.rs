@@ -1680,3 +1680,46 @@ async fn circuit_gauges_follow_the_cool_down_and_the_reload() {
     );
     assert!(server.metrics().await.contains(&kept));
 }
+
+/// A WebSocket endpoint answers another method than GET with 405, `Allow:
+/// GET` and a JSON body, whether a route or the session bridge has the path.
+#[tokio::test]
+async fn other_methods_get_405_with_allow() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let server = proxy(
+        &redis,
+        file(vec![route("/secure/ws", "/ws", &[(b.port, 1)])]),
+    )
+    .await;
+    for path in ["/secure/ws/s1", "/agent/ws/s1"] {
+        for method in ["POST", "DELETE", "HEAD"] {
+            let mut s = tokio::net::TcpStream::connect(server.addr)
+                .await
+                .expect("connect");
+            let request = format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(request.as_bytes()).await.expect("write");
+            let mut raw = Vec::new();
+            tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+                .await
+                .expect("in time")
+                .expect("read");
+            let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+            assert!(text.starts_with("http/1.1 405"), "{method} {path}: {text}");
+            assert!(
+                text.contains("\r\nallow: get\r\n"),
+                "{method} {path}: {text}"
+            );
+            if method != "HEAD" {
+                assert!(
+                    text.contains("method_not_allowed"),
+                    "{method} {path}: {text}"
+                );
+            }
+        }
+    }
+    assert!(b.seen.lock().expect("lock").paths.is_empty());
+}

@@ -151,7 +151,9 @@ pub struct Upgrade<'a> {
     pub peer: Option<SocketAddr>,
     /// The client connected over TLS.
     pub client_tls: bool,
-    /// Pass `Sec-WebSocket-Extensions` (only when bytes are tunnelled).
+    /// A client's upgrade (a health check's is not): pass
+    /// `Sec-WebSocket-Extensions`, and hold the backend's answer to what the
+    /// client offered.
     pub pass_extensions: bool,
     /// The verified token subject, sent as `X-Auth-Subject`.
     pub subject: Option<&'a str>,
@@ -356,7 +358,9 @@ async fn dial_inner(
         )));
     }
     // What the backend agreed to must be among what the client offered, or
-    // the client would fail its own handshake check after our 101.
+    // the client would fail its own handshake check after our 101. (Not for
+    // a health check, which offers nothing: a backend that always names its
+    // subprotocol is still up.)
     // (Subprotocol names compare exactly, extension names without case.)
     let offered = |name: header::HeaderName| {
         up.client_headers
@@ -367,7 +371,7 @@ async fn dial_inner(
             .map(|t| t.split(';').next().unwrap_or("").trim().to_owned())
             .collect::<Vec<_>>()
     };
-    if let Some(chosen) = find("sec-websocket-protocol") {
+    if let Some(chosen) = find("sec-websocket-protocol").filter(|_| up.pass_extensions) {
         let chosen = String::from_utf8_lossy(chosen).trim().to_owned();
         if !offered(header::SEC_WEBSOCKET_PROTOCOL).contains(&chosen) {
             return Err(DialError::Refused(format!(

@@ -173,12 +173,20 @@ impl Upstream {
         Ok(n)
     }
 
-    /// Sets the circuit gauges from the breakers as they are now: a
-    /// cool-down ends without an event, so `/metrics` calls this first.
+    /// Sets the circuit and health gauges from the current table's
+    /// backends as they are now; `/metrics` calls this first. (Written at
+    /// scrape time only: a cool-down ends without an event, and a dial or a
+    /// check still running on a table a reload replaced would otherwise
+    /// bring back the gauges of a backend it removed.)
     pub fn refresh_metrics(&self, metrics: &crate::metrics::Metrics) {
         for state in &self.current().states {
+            let route = &state.route.external_path;
             for b in &state.backends {
-                metrics.upstream_circuit(&state.route.external_path, &b.label, b.circuit_open());
+                metrics.upstream_circuit(route, &b.label, b.circuit_open());
+                if state.route.health_check.is_some() {
+                    let healthy = b.healthy.load(std::sync::atomic::Ordering::Relaxed);
+                    metrics.upstream_healthy(route, &b.label, healthy);
+                }
             }
         }
     }
@@ -224,7 +232,6 @@ fn start_health_checks(app: &Arc<App>, tls: &tokio_rustls::TlsConnector, table: 
                         return;
                     }
                     let ok = result.is_ok();
-                    app.metrics.upstream_healthy(&route, &backend.label, ok);
                     let was = backend
                         .healthy
                         .swap(ok, std::sync::atomic::Ordering::Relaxed);
@@ -283,13 +290,24 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
 /// the route matched: a `.` or `..` segment, plain or percent-encoded
 /// (`/public/%2e%2e/admin` would reach `/admin` past the route's
 /// `auth_required`), an encoded slash or backslash, or a backslash.
+///
+/// Backends differ in what else they strip before resolving a segment, so
+/// the check reads a segment as the most lenient of them would: a path
+/// parameter cut off (`..;x` is `..` to a servlet container), trailing
+/// spaces trimmed (`..%20`), and a percent-encoded `%` (`%252e`, decoded
+/// twice by some) or NUL refused outright.
 fn check_path(path: &str) -> Result<(), &'static str> {
     for segment in path.split('/') {
         let lower = segment.to_ascii_lowercase();
         if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
             return Err("the path may not contain an encoded slash or a backslash");
         }
-        let dots = lower.replace("%2e", ".");
+        if lower.contains("%25") || lower.contains("%00") {
+            return Err("the path may not contain an encoded % or NUL");
+        }
+        let name = lower.split(';').next().unwrap_or("");
+        let dots = name.replace("%2e", ".").replace("%20", " ");
+        let dots = dots.trim_end();
         if dots == "." || dots == ".." {
             return Err("the path may not contain . or .. segments");
         }
@@ -386,9 +404,11 @@ async fn proxy(
     let headers = req.headers().clone();
 
     // 2. A WebSocket upgrade?
-    let is_upgrade = req.method() == Method::GET
-        && header_str(&headers, header::UPGRADE)
-            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+    if req.method() != Method::GET {
+        return Ok(crate::server::method_not_allowed());
+    }
+    let is_upgrade = header_str(&headers, header::UPGRADE)
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
         && header_str(&headers, header::CONNECTION).is_some_and(|c| {
             c.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
@@ -503,17 +523,15 @@ async fn proxy(
         match connect::dial(&backend.backend, &upstream.tls, &up, route.connect_timeout).await {
             Ok(h) => {
                 backend.success();
-                app.metrics.upstream_circuit(&name, &backend.label, false);
                 chosen = Some((backend, h, trying));
                 break;
             }
             Err(DialError::Rejected(status, detail)) => {
                 // The backend is up and said no to this request: another
                 // backend would say the same, and the breaker must not
-                // count it as a failure (any client could open it with a
-                // bad path); it has shown it is up.
-                backend.success();
-                app.metrics.upstream_circuit(&name, &backend.label, false);
+                // count it, either way (any client could open it with a bad
+                // path, or keep a failing backend's breaker shut by mixing
+                // such requests in).
                 app.metrics
                     .upstream_failure(&name, &backend.label, "rejected");
                 tracing::info!(route = %name, backend = %backend.label, %detail, "backend rejected the upgrade");
@@ -535,7 +553,6 @@ async fn proxy(
                 app.metrics.upstream_failure(&name, &backend.label, reason);
                 let (threshold, cooldown) = route.breaker;
                 if backend.failure(threshold, cooldown) {
-                    app.metrics.upstream_circuit(&name, &backend.label, true);
                     tracing::warn!(route = %name, backend = %backend.label, ?cooldown, "circuit opened");
                 }
                 tracing::warn!(route = %name, backend = %backend.label, error = %e, "backend connect failed");
@@ -699,6 +716,12 @@ mod tests {
             "/public/..%2fadmin",
             "/public/..%5Cadmin",
             "/public/..\\admin",
+            "/public/..;/admin",
+            "/public/%2e%2e;jsessionid=1/admin",
+            "/public/.%2e;x=1",
+            "/public/%252e%252e/admin",
+            "/public/..%20/admin",
+            "/public/..%00/admin",
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }

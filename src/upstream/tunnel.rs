@@ -338,6 +338,9 @@ where
         let mut close_before = self.scan.saw_close;
         let mut off = 0;
         let mut broken = None;
+        // Frames whose header passed in this read (counted at the end, less
+        // the one a clean cut keeps from the backend).
+        let mut frames: u64 = 0;
         while off < data.len() {
             if self.scan.remaining > 0 {
                 let n = self.scan.remaining.min((data.len() - off) as u64) as usize;
@@ -350,7 +353,13 @@ where
                 if let Err(v) = check {
                     // Clean if none of the frame has gone out yet: it began
                     // in this read, or its header was held back until now.
-                    broken = Some((v, frame_at.or((held > 0).then_some(0))));
+                    // Then its header passed in this read, and was counted
+                    // there: it is not, after all.
+                    let cut = frame_at.or((held > 0).then_some(0));
+                    if cut.is_some() {
+                        frames = frames.saturating_sub(1);
+                    }
+                    broken = Some((v, cut));
                     break;
                 }
                 off += n;
@@ -375,7 +384,7 @@ where
                 broken = Some((v, Some(frame_at.unwrap_or(0))));
                 break;
             }
-            self.meter.frames.inc();
+            frames += 1;
         }
         // What passed goes out: the held header bytes (if their frame
         // passed, which it did if anything of this read goes), then this
@@ -389,6 +398,7 @@ where
             pump.count(end);
             pump.emit(cx, &data[..end])
         };
+        self.meter.frames.inc_by(frames);
         let Some((v, cut)) = broken else {
             // All good, but for a header still cut off at the end.
             let end = if self.scan.have > 0 {
@@ -941,8 +951,11 @@ mod tests {
 
     /// Runs a limited pump (deflate on, 1,000 bytes a message) over what
     /// the client writes, in the pieces given; returns what the backend got
-    /// and when its stream ended (paused time: 0 unless a linger ran out).
-    async fn through_a_limited_pump(pieces: Vec<Vec<u8>>) -> (Vec<u8>, std::time::Duration) {
+    /// and when its stream ended (paused time: 0 unless a linger ran out),
+    /// and the bytes and frames counted.
+    async fn through_a_limited_pump(
+        pieces: Vec<Vec<u8>>,
+    ) -> (Vec<u8>, std::time::Duration, (u64, u64)) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut client_app, client_proxy) = tokio::io::duplex(64 * 1024);
         let (backend_proxy, mut backend_app) = tokio::io::duplex(64 * 1024);
@@ -975,9 +988,9 @@ mod tests {
         };
         tokio::select! {
             _ = client => unreachable!("the client sleeps longer than the pump lingers"),
-            (_, got) = async { tokio::join!(pump.run(), backend) } => {
+            (_, (got, ended)) = async { tokio::join!(pump.run(), backend) } => {
                 assert_eq!(verdict.get(), Some(Violation::TooBig));
-                got
+                (got, ended, (meter.bytes.get(), meter.frames.get()))
             }
         }
     }
@@ -990,6 +1003,10 @@ mod tests {
         let bomb = compressed_bomb(100_000);
         let got = through_a_limited_pump(vec![bomb[..1].to_vec(), bomb[1..].to_vec()]).await;
         assert_eq!(got.0[0], 0x88, "the backend got {:02x?}", &got.0[..8]);
+        assert_eq!(got.2, (0, 0), "nothing of the client's went out");
+        let got = through_a_limited_pump(vec![bomb]).await;
+        assert_eq!(got.0[0], 0x88, "the backend got {:02x?}", &got.0[..8]);
+        assert_eq!(got.2, (0, 0), "nothing of the client's went out");
     }
 
     /// Too big in the middle of a frame whose start went out: the backend's
@@ -999,9 +1016,10 @@ mod tests {
     async fn a_cut_in_the_middle_of_a_frame_ends_the_backend_stream_at_once() {
         let bomb = compressed_bomb(100_000);
         // The header and two bytes of payload, which inflate to little.
-        let (got, ended) =
+        let (got, ended, counted) =
             through_a_limited_pump(vec![bomb[..8].to_vec(), bomb[8..].to_vec()]).await;
         assert_eq!(got, bomb[..8], "the frame's start, then nothing");
+        assert_eq!(counted, (8, 1), "what went out of the frame is counted");
         assert!(ended < FIN_TIMEOUT, "ended after {ended:?}");
     }
 
@@ -1013,7 +1031,7 @@ mod tests {
         f.extend_from_slice(&1001u16.to_be_bytes());
         f.extend_from_slice(&[1, 2, 3, 4]);
         f.extend(std::iter::repeat_n(0u8, 1001));
-        let (got, ended) = through_a_limited_pump(vec![f]).await;
+        let (got, ended, _) = through_a_limited_pump(vec![f]).await;
         assert_eq!(got.len(), 6 + 2 + CUT_OFF_REASON.len(), "{got:02x?}");
         assert_eq!(got[0], 0x88);
         assert!(ended < FIN_TIMEOUT, "ended after {ended:?}");
