@@ -1723,3 +1723,57 @@ async fn other_methods_get_405_with_allow() {
     }
     assert!(b.seen.lock().expect("lock").paths.is_empty());
 }
+
+/// A 4xx in between does not reset a failing backend's count: its breaker
+/// opens after `failures` failures however the requests are mixed.
+#[tokio::test]
+async fn a_4xx_does_not_keep_a_failing_breaker_shut() {
+    let redis = Redis::start().await;
+    let (port, _) = scripted_backend(|line: &str, _: &str| {
+        if line.contains("/bad") {
+            (404, String::new())
+        } else {
+            (500, String::new())
+        }
+    })
+    .await;
+    let mut r = route("/x", "/", &[(port, 1)]);
+    r["circuit_breaker"] = serde_json::json!({"failures": 2, "cooldown_ms": 60000});
+    let server = proxy(&redis, file(vec![r])).await;
+    for (path, status) in [("/x/a", 502), ("/x/bad", 404), ("/x/b", 502)] {
+        assert_eq!(refused_upgrade(&server, path, "").await.0, status, "{path}");
+    }
+    let (status, body) = refused_upgrade(&server, "/x/bad", "").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("no_backend")),
+        "{body}"
+    );
+}
+
+/// A health check offers no subprotocol: a backend that always names its
+/// own is still up (only a client's offer binds the backend's answer).
+#[tokio::test]
+async fn a_backend_naming_its_subprotocol_passes_its_health_check() {
+    let redis = Redis::start().await;
+    let (port, seen) =
+        scripted_backend(|_, _| (101, "Sec-WebSocket-Protocol: v1\r\n".into())).await;
+    let mut r = route("/hc", "/", &[(port, 1)]);
+    r["health_check"] = serde_json::json!({"interval_ms": 100, "timeout_ms": 500});
+    let server = proxy(&redis, file(vec![r])).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.lock().expect("lock").len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no health checks");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failed = format!(
+        "wsproxy_upstream_failures_total{{route=\"/hc\",backend=\"127.0.0.1:{port}\",reason=\"health_check\"}}"
+    );
+    assert_eq!(server.metric(&failed).await, 0.0);
+    let mut req = format!("ws://{}/hc", server.addr)
+        .into_client_request()
+        .expect("req");
+    req.headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static("v1"));
+    assert!(connect_request(req).await.is_ok());
+}
