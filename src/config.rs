@@ -104,6 +104,8 @@ pub struct Config {
     pub outbound_queue: usize,
     /// Upper bound on simultaneously open client connections (HTTP and WS).
     pub max_connections: usize,
+    /// Threads that run proxied tunnels, each its own event loop.
+    pub workers: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// Topic pub/sub.
@@ -139,6 +141,7 @@ impl Config {
             max_message_bytes: 1 << 20,
             outbound_queue: 256,
             max_connections: 50_000,
+            workers: default_workers(),
             log_format: LogFormat::Text,
             pubsub: PubSubConfig {
                 allow_anonymous: false,
@@ -208,6 +211,10 @@ pub struct Cli {
     /// Most client connections open at once; further ones wait to be accepted.
     #[arg(long, env = "MAX_CONNECTIONS", default_value = "50000")]
     pub max_connections: String,
+    /// Threads running proxied tunnels, each an event loop that keeps its
+    /// tunnels: "auto" (one per CPU core) or a number.
+    #[arg(long, env = "WORKERS", default_value = "auto")]
+    pub workers: String,
     /// Log format: text or json. Levels come from RUST_LOG
     /// (default "info,wsproxy=debug").
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
@@ -420,6 +427,10 @@ impl Cli {
             )?,
             outbound_queue: number("WS_OUTBOUND_QUEUE", &self.ws_outbound_queue, 1..=65_536)?,
             max_connections: number("MAX_CONNECTIONS", &self.max_connections, 1..=10_000_000)?,
+            workers: match self.workers.as_str() {
+                "auto" => default_workers(),
+                n => number("WORKERS", n, 1..=1024)?,
+            },
             log_format,
             pubsub: PubSubConfig {
                 allow_anonymous: boolean("PUBSUB_ALLOW_ANONYMOUS", &self.pubsub_allow_anonymous)?,
@@ -502,6 +513,11 @@ impl Cli {
     }
 }
 
+/// One worker per CPU core the process may use.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,6 +565,16 @@ mod tests {
         assert!(e.to_string().starts_with("PORT: \"abc\""), "{e}");
         let e = parse(&["--port", "70000"]).expect_err("out of range");
         assert_eq!(e.var, "PORT");
+    }
+
+    #[test]
+    fn workers_are_one_per_core_or_a_number() {
+        assert_eq!(parse(&[]).expect("auto").workers, default_workers());
+        assert_eq!(parse(&["--workers", "3"]).expect("3").workers, 3);
+        for bad in ["0", "many", "2000"] {
+            let e = parse(&["--workers", bad]).expect_err(bad);
+            assert_eq!(e.var, "WORKERS");
+        }
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub enum ServerError {
     /// The TLS certificate or key could not be loaded.
     #[error("TLS_CERT_FILE/TLS_KEY_FILE: {0}")]
     Tls(String),
+    /// A worker thread could not be started.
+    #[error("WORKERS: cannot start a worker thread: {0}")]
+    Workers(std::io::Error),
 }
 
 /// State shared by every handler and connection task.
@@ -80,6 +83,87 @@ pub struct App {
     pub users: Option<Users>,
     /// The reverse proxy, when `ROUTES_FILE` is set.
     pub upstream: Option<crate::upstream::Upstream>,
+    /// The event loops proxied tunnels run on (see [`Workers`]).
+    pub workers: WorkerPool,
+}
+
+/// The proxy's worker threads: each runs a current-thread tokio runtime,
+/// one event loop with its own epoll and timers, as each of nginx's worker
+/// processes is. Once a proxied connection's handshakes are done (on the
+/// main runtime, with everything else), its plain-TCP tunnel moves to the
+/// next worker in turn, sockets and all: from then on a message through the
+/// proxy is read, checked and written on one thread, with no work stealing
+/// and nothing woken on another thread. Session and pub/sub connections stay
+/// on the main runtime, beside the broker that feeds them.
+#[derive(Debug)]
+struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+/// Handles of the worker runtimes, handed out in turn.
+#[derive(Debug)]
+pub struct WorkerPool {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl WorkerPool {
+    /// The runtime the next tunnel goes to.
+    pub fn next(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
+    }
+}
+
+impl Workers {
+    /// Starts `n` (at least one) worker threads.
+    fn start(n: usize) -> Result<(Self, WorkerPool), ServerError> {
+        let stop = CancellationToken::new();
+        let mut workers = Workers {
+            threads: Vec::with_capacity(n),
+            stop: stop.clone(),
+        };
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ServerError::Workers)?;
+            handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("wsproxy-worker-{i}"))
+                .spawn(move || runtime.block_on(stop.cancelled()))
+                .map_err(ServerError::Workers)?;
+            workers.threads.push(thread);
+        }
+        let pool = WorkerPool {
+            handles,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        };
+        Ok((workers, pool))
+    }
+
+    /// Stops the event loops (dropping whatever they still run) and waits
+    /// for their threads.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Workers {
+    /// `run` failed or was dropped half-way: the threads end too.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// Tells long-lived connection tasks that shutdown has begun, cheaply
@@ -243,6 +327,7 @@ pub async fn run(
     // what it delivered, so it has its own token, cancelled last.
     let broker_stop = CancellationToken::new();
     let (broker, broker_task) = Broker::start(client, metrics.clone(), broker_stop.clone());
+    let (workers, worker_pool) = Workers::start(config.workers)?;
     let app = Arc::new(App {
         config: config.clone(),
         redis,
@@ -253,6 +338,7 @@ pub async fn run(
         tracker: TaskTracker::new(),
         users,
         upstream,
+        workers: worker_pool,
     });
     if let Some(upstream) = &app.upstream {
         upstream.start(&app);
@@ -289,6 +375,8 @@ pub async fn run(
             "grace period over; dropping the connections still open"
         );
     }
+    // What is still open past the grace period ends with its worker.
+    workers.stop().await;
     if let Some(upstream) = &app.upstream {
         upstream.stop();
     }

@@ -23,6 +23,7 @@ fn wsproxy() -> Command {
         "TLS_CERT_FILE",
         "TLS_KEY_FILE",
         "PUBSUB_ALLOW_ANONYMOUS",
+        "WORKERS",
     ] {
         cmd.env_remove(var);
     }
@@ -49,6 +50,7 @@ fn help_lists_every_variable() {
         "WS_MAX_MESSAGE_BYTES",
         "WS_OUTBOUND_QUEUE",
         "MAX_CONNECTIONS",
+        "WORKERS",
         "LOG_FORMAT",
         "RUST_LOG",
     ] {

@@ -626,32 +626,54 @@ async fn proxy(
                 return;
             }
         };
-        let started = std::time::Instant::now();
-        let meter = |direction| {
-            let (bytes, frames) = app2
-                .metrics
-                .upstream_traffic(&name, &backend.label, direction);
-            Meter { bytes, frames }
+        // Plain TCP moves to a worker's event loop; TLS stays here.
+        let placed = match tunnel::detach(upgraded, backend_io) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(route = %name, error = %e, "cannot move a tunnel to a worker");
+                return;
+            }
         };
-        let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
-        let verdict = tunnel::Verdict::default();
-        let checks = (&app2.draining, limits, &verdict);
-        let (up_bytes, down_bytes) =
-            tunnel::tunnel(upgraded, backend_io, (&up, &down), checks).await;
-        let broke = verdict.get().map(|v| v.label());
-        if let Some(reason) = broke {
-            app2.metrics.upstream_failure(&name, &backend.label, reason);
+        let worker =
+            matches!(placed, tunnel::Placed::Detached(_)).then(|| app2.workers.next().clone());
+        let run = async move {
+            let started = std::time::Instant::now();
+            let meter = |direction| {
+                let (bytes, frames) =
+                    app2.metrics
+                        .upstream_traffic(&name, &backend.label, direction);
+                Meter { bytes, frames }
+            };
+            let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
+            let verdict = tunnel::Verdict::default();
+            let checks = (&app2.draining, limits, &verdict);
+            let (up_bytes, down_bytes) = match placed {
+                tunnel::Placed::Detached(d) => {
+                    tunnel::tunnel_detached(d, (&up, &down), checks).await
+                }
+                tunnel::Placed::Here(client, backend_io) => {
+                    tunnel::tunnel(client, backend_io, (&up, &down), checks).await
+                }
+            };
+            let broke = verdict.get().map(|v| v.label());
+            if let Some(reason) = broke {
+                app2.metrics.upstream_failure(&name, &backend.label, reason);
+            }
+            tracing::info!(
+                route = %name,
+                backend = %backend.label,
+                broke_limit = broke.unwrap_or("none"),
+                up_bytes,
+                down_bytes,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "proxied connection closed"
+            );
+            drop((route_slot, backend_slot, task, slot));
+        };
+        match worker {
+            Some(worker) => drop(worker.spawn(run)),
+            None => run.await,
         }
-        tracing::info!(
-            route = %name,
-            backend = %backend.label,
-            broke_limit = broke.unwrap_or("none"),
-            up_bytes,
-            down_bytes,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "proxied connection closed"
-        );
-        drop((route_slot, backend_slot, task, slot));
     });
     Ok(response)
 }

@@ -596,6 +596,80 @@ where
     }
 }
 
+/// A plain-TCP tunnel's sockets, taken off the runtime they were opened
+/// on so that a worker's event loop can take them (see [`detach`]).
+#[derive(Debug)]
+pub struct Detached {
+    client: std::net::TcpStream,
+    early: Vec<u8>,
+    backend: std::net::TcpStream,
+    leftover: Vec<u8>,
+}
+
+/// Where a tunnel can run.
+pub enum Placed {
+    /// Plain TCP on both sides: anywhere, with [`tunnel_detached`].
+    Detached(Detached),
+    /// TLS on either side: here, with [`tunnel`].
+    Here(TokioIo<hyper::upgrade::Upgraded>, (BackendStream, Vec<u8>)),
+}
+
+/// Takes a plain-TCP tunnel's two sockets off this runtime's event loop
+/// (one `epoll_ctl` each; the worker adds them to its own). Anything else
+/// is given back as it is. An error means a socket could not be taken off,
+/// and the connection is lost.
+pub fn detach(
+    client: TokioIo<hyper::upgrade::Upgraded>,
+    (backend, leftover): (BackendStream, Vec<u8>),
+) -> std::io::Result<Placed> {
+    let BackendStream::Plain(backend) = backend else {
+        return Ok(Placed::Here(client, (backend, leftover)));
+    };
+    match client
+        .into_inner()
+        .downcast::<TokioIo<tokio::net::TcpStream>>()
+    {
+        Ok(parts) => Ok(Placed::Detached(Detached {
+            // A copy, as in `tunnel`: the view would keep hyper's buffer.
+            early: parts.read_buf.to_vec(),
+            client: parts.io.into_inner().into_std()?,
+            backend: backend.into_std()?,
+            leftover,
+        })),
+        Err(upgraded) => Ok(Placed::Here(
+            TokioIo::new(upgraded),
+            (BackendStream::Plain(backend), leftover),
+        )),
+    }
+}
+
+/// [`tunnel`] for sockets [`detach`]ed from another runtime: they join the
+/// event loop of the runtime this future is polled on.
+pub async fn tunnel_detached(
+    d: Detached,
+    meters: (&Meter, &Meter),
+    (stop, limits, verdict): (&Draining, Option<Limits>, &Verdict),
+) -> (u64, u64) {
+    let (client, backend) = match (
+        tokio::net::TcpStream::from_std(d.client),
+        tokio::net::TcpStream::from_std(d.backend),
+    ) {
+        (Ok(c), Ok(b)) => (c, b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "a tunnel's sockets could not join their worker");
+            return (0, 0);
+        }
+    };
+    both_ways(
+        client.into_split(),
+        backend.into_split(),
+        (d.early, d.leftover),
+        meters,
+        (stop, limits, verdict),
+    )
+    .await
+}
+
 /// Tunnels a proxied connection (see the module documentation), checking
 /// the client's messages against `limits` if the route has any: the
 /// returned future runs until both directions have ended and returns
