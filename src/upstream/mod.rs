@@ -614,11 +614,16 @@ async fn proxy(
         .body(Body::empty())
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
 
-    // 7. Pump, in a tracked task.
+    // 7. Pump, in a tracked task: a plain-TCP tunnel on the next worker's
+    // event loop (its sockets join that loop once the client's upgrade is
+    // through), a TLS one here. Spawned there at once, so that the task is
+    // allocated where it lives.
     let task = app.tracker.token();
     let app2 = app.clone();
     let slot = req.extensions().get::<ConnectionSlot>().cloned();
-    tokio::spawn(async move {
+    let plain =
+        matches!(backend_io.0, connect::BackendStream::Plain(_)) && app.config.tls.is_none();
+    let run = async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => TokioIo::new(u),
             Err(e) => {
@@ -626,55 +631,49 @@ async fn proxy(
                 return;
             }
         };
-        // Plain TCP moves to a worker's event loop; TLS stays here.
         let placed = match tunnel::detach(upgraded, backend_io) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(route = %name, error = %e, "cannot move a tunnel to a worker");
+                tracing::warn!(route = %name, error = %e, "cannot move a tunnel to its worker");
                 return;
             }
         };
-        let worker =
-            matches!(placed, tunnel::Placed::Detached(_)).then(|| app2.workers.next().clone());
-        let run = async move {
-            let started = std::time::Instant::now();
-            let meter = |direction| {
-                let (bytes, frames) =
-                    app2.metrics
-                        .upstream_traffic(&name, &backend.label, direction);
-                Meter { bytes, frames }
-            };
-            let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
-            let verdict = tunnel::Verdict::default();
-            let checks = (&app2.draining, limits, &verdict);
-            let (up_bytes, down_bytes) = match placed {
-                tunnel::Placed::Detached(d) => {
-                    tunnel::tunnel_detached(d, (&up, &down), checks).await
-                }
-                tunnel::Placed::Here(client, backend_io) => {
-                    tunnel::tunnel(client, backend_io, (&up, &down), checks).await
-                }
-            };
-            let broke = verdict.get().map(|v| v.label());
-            if let Some(reason) = broke {
-                app2.metrics.upstream_failure(&name, &backend.label, reason);
-            }
-            tracing::info!(
-                route = %name,
-                backend = %backend.label,
-                broke_limit = broke.unwrap_or("none"),
-                up_bytes,
-                down_bytes,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "proxied connection closed"
-            );
-            drop((route_slot, backend_slot, task, slot));
+        let started = std::time::Instant::now();
+        let meter = |direction| {
+            let (bytes, frames) = app2
+                .metrics
+                .upstream_traffic(&name, &backend.label, direction);
+            Meter { bytes, frames }
         };
-        match worker {
-            Some(worker) => drop(worker.spawn(run)),
-            None => run.await,
+        let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
+        let verdict = tunnel::Verdict::default();
+        let checks = (&app2.draining, limits, &verdict);
+        let (up_bytes, down_bytes) = match placed {
+            tunnel::Placed::Detached(d) => tunnel::tunnel_detached(d, (&up, &down), checks).await,
+            tunnel::Placed::Here(client, backend_io) => {
+                tunnel::tunnel(client, backend_io, (&up, &down), checks).await
+            }
+        };
+        let broke = verdict.get().map(|v| v.label());
+        if let Some(reason) = broke {
+            app2.metrics.upstream_failure(&name, &backend.label, reason);
         }
-    });
+        tracing::info!(
+            route = %name,
+            backend = %backend.label,
+            broke_limit = broke.unwrap_or("none"),
+            up_bytes,
+            down_bytes,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "proxied connection closed"
+        );
+        drop((route_slot, backend_slot, task, slot));
+    };
+    if plain {
+        drop(app.workers.next().spawn(run));
+    } else {
+        drop(tokio::spawn(run));
+    }
     Ok(response)
 }
 

@@ -610,7 +610,8 @@ pub struct Detached {
 pub enum Placed {
     /// Plain TCP on both sides: anywhere, with [`tunnel_detached`].
     Detached(Detached),
-    /// TLS on either side: here, with [`tunnel`].
+    /// TLS on either side (or a client stream hyper would not give back):
+    /// with [`tunnel`], where the sockets already are.
     Here(TokioIo<hyper::upgrade::Upgraded>, (BackendStream, Vec<u8>)),
 }
 
