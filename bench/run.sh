@@ -2,6 +2,7 @@
 # Regenerates the benchmark table in BENCHMARKS.md in one command:
 #   bash bench/run.sh            # full run (a few minutes)
 #   QUICK=1 bash bench/run.sh    # small N, for trying the script out
+#   ECHO_ROUNDS=7 bash bench/run.sh  # more interleaved echo rounds (default 3)
 #
 # Starts, all on 127.0.0.1: a private Redis for wsproxy, wsproxy (release
 # build), the peers (nchan with its own Redis, nginx and HAProxy proxies, via
@@ -30,7 +31,7 @@ M_FAN=$(q 50 200)
 N_ECHO=$(q 20 100)
 N_IDLE_PROXY=$(q 300 5000)
 M_ECHO=$(q 200 2000)
-ECHO_ROUNDS=$(q 1 3)
+ECHO_ROUNDS=${ECHO_ROUNDS:-$(q 1 3)}
 # An offered rate nchan (Redis-backed) sustains on this machine, so latency
 # is compared at the same load rather than at each system's saturation.
 RATE=$(q 1000 2000)
