@@ -502,10 +502,7 @@ async fn limited_routes_keep_compression_and_measure_inflated_messages() {
 #[tokio::test]
 async fn dead_backend_is_502_and_silent_backend_is_504() {
     let redis = Redis::start().await;
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    }; // closed again: nothing listens
+    let dead = closed_port();
     let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let silent_port = silent.local_addr().expect("addr").port();
     tokio::spawn(async move {
@@ -799,19 +796,12 @@ async fn sighup_reloads_routes_without_dropping_connections() {
     let mut kept = open(&server, "/one").await.expect("proxied");
     assert_eq!(next_text(&mut kept).await, "hello from b0");
 
-    let sighup = || {
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &std::process::id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
     std::fs::write(
         &path,
         file(vec![route("/two", "/", &[(b1.port, 1)])]).to_string(),
     )
     .expect("write");
-    sighup();
+    sighup_self();
     let deadline = tokio::time::Instant::now() + WAIT;
     while open(&server, "/two").await.is_err() {
         assert!(
@@ -830,7 +820,7 @@ async fn sighup_reloads_routes_without_dropping_connections() {
 
     // A bad file is refused; the routes in use stay.
     std::fs::write(&path, r#"{"version":1,"routers":[{"protocol":"http"}]}"#).expect("write");
-    sighup();
+    sighup_self();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(greeting_backend(&server, "/two").await, "b1");
 }
@@ -1131,16 +1121,12 @@ async fn health_checks_complete_a_websocket_handshake() {
 async fn reload_keeps_connection_counts_and_backend_state() {
     let redis = Redis::start().await;
     let b = echo_backend("b0").await;
-    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let dead_port = dead.local_addr().expect("addr").port();
-    drop(dead);
+    let dead_port = closed_port();
     let mut small = route("/small", "/", &[(b.port, 1)]);
     small["max_connections"] = 2.into();
     let mut ha = route("/ha", "/", &[(b.port, 1), (dead_port, 1)]);
     ha["circuit_breaker"] = serde_json::json!({"failures": 1, "cooldown_ms": 60000});
-    let path = routes_file(file(vec![small.clone(), ha.clone()]));
-    let p2 = path.clone();
-    let server = Server::start_with(&redis.url(), move |c| c.routes_file = Some(p2)).await;
+    let (server, path) = reloadable(&redis, file(vec![small.clone(), ha.clone()])).await;
     let refused = format!(
         "wsproxy_upstream_failures_total{{route=\"/ha\",backend=\"127.0.0.1:{dead_port}\",reason=\"refused\"}}"
     );
@@ -1151,16 +1137,10 @@ async fn reload_keeps_connection_counts_and_backend_state() {
     let _a = open(&server, "/small").await.expect("1st");
     let _b = open(&server, "/small").await.expect("2nd");
 
-    std::fs::write(
+    rewrite_and_reload(
         &path,
-        file(vec![small, ha, route("/new", "/", &[(b.port, 1)])]).to_string(),
-    )
-    .expect("write");
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+        file(vec![small, ha, route("/new", "/", &[(b.port, 1)])]),
+    );
     let deadline = tokio::time::Instant::now() + WAIT;
     while open(&server, "/new").await.is_err() {
         assert!(tokio::time::Instant::now() < deadline, "reload not seen");
@@ -1635,14 +1615,10 @@ async fn sticky_keys_from_header_cookie_and_subject() {
 async fn circuit_gauges_follow_the_cool_down_and_the_reload() {
     let redis = Redis::start().await;
     let b = echo_backend("b0").await;
-    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let dead_port = dead.local_addr().expect("addr").port();
-    drop(dead);
+    let dead_port = closed_port();
     let mut ha = route("/cb", "/", &[(b.port, 1), (dead_port, 1)]);
     ha["circuit_breaker"] = serde_json::json!({"failures": 1, "cooldown_ms": 400});
-    let path = routes_file(file(vec![ha]));
-    let p2 = path.clone();
-    let server = Server::start_with(&redis.url(), move |c| c.routes_file = Some(p2)).await;
+    let (server, path) = reloadable(&redis, file(vec![ha])).await;
     let gauge =
         format!("wsproxy_upstream_circuit_open{{route=\"/cb\",backend=\"127.0.0.1:{dead_port}\"}}");
     let refused = format!(
@@ -1656,16 +1632,7 @@ async fn circuit_gauges_follow_the_cool_down_and_the_reload() {
     let text = server.metrics().await;
     assert!(text.contains(&format!("{gauge} 0\n")), "{text}");
 
-    std::fs::write(
-        &path,
-        file(vec![route("/cb", "/", &[(b.port, 1)])]).to_string(),
-    )
-    .expect("write");
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    rewrite_and_reload(&path, file(vec![route("/cb", "/", &[(b.port, 1)])]));
     let deadline = tokio::time::Instant::now() + WAIT;
     while server.metrics().await.contains(&gauge) {
         assert!(
@@ -1776,4 +1743,34 @@ async fn a_backend_naming_its_subprotocol_passes_its_health_check() {
     req.headers_mut()
         .insert("sec-websocket-protocol", HeaderValue::from_static("v1"));
     assert!(connect_request(req).await.is_ok());
+}
+
+/// A server whose routes file the test may rewrite (see
+/// [`rewrite_and_reload`]); returns the server and the file's path.
+async fn reloadable(redis: &Redis, routes: serde_json::Value) -> (Server, std::path::PathBuf) {
+    let path = routes_file(routes);
+    let p2 = path.clone();
+    let server = Server::start_with(&redis.url(), move |c| c.routes_file = Some(p2)).await;
+    (server, path)
+}
+
+/// Writes `routes` over the file at `path`, then sends SIGHUP.
+fn rewrite_and_reload(path: &std::path::Path, routes: serde_json::Value) {
+    std::fs::write(path, routes.to_string()).expect("write routes");
+    sighup_self();
+}
+
+/// Sends SIGHUP to this test process: every server in it reloads.
+fn sighup_self() {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// A port nothing listens on (bound, then closed again).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
 }
