@@ -117,7 +117,10 @@ impl WorkerPool {
 }
 
 impl Workers {
-    /// Starts `n` (at least one) worker threads.
+    /// Starts `n` (at least one) worker threads. Each builds its runtime
+    /// itself and sends back a handle, so that a runtime is only ever
+    /// dropped on its own thread (tokio refuses to drop one inside another's
+    /// async context, which a failed thread spawn would otherwise do).
     fn start(n: usize) -> Result<(Self, WorkerPool), ServerError> {
         let stop = CancellationToken::new();
         let mut workers = Workers {
@@ -126,17 +129,35 @@ impl Workers {
         };
         let mut handles = Vec::with_capacity(n);
         for i in 0..n.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(ServerError::Workers)?;
-            handles.push(runtime.handle().clone());
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("wsproxy-worker-{i}"))
-                .spawn(move || runtime.block_on(stop.cancelled()))
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    match runtime {
+                        Ok(runtime) => {
+                            let _ = tx.send(Ok(runtime.handle().clone()));
+                            runtime.block_on(stop.cancelled());
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                })
                 .map_err(ServerError::Workers)?;
             workers.threads.push(thread);
+            match rx.recv() {
+                Ok(Ok(handle)) => handles.push(handle),
+                Ok(Err(e)) => return Err(ServerError::Workers(e)),
+                Err(_) => {
+                    return Err(ServerError::Workers(std::io::Error::other(
+                        "the worker thread ended before its runtime started",
+                    )));
+                }
+            }
         }
         let pool = WorkerPool {
             handles,
@@ -326,8 +347,9 @@ pub async fn run(
     // The broker outlives the connections: draining sessions still flush
     // what it delivered, so it has its own token, cancelled last.
     let broker_stop = CancellationToken::new();
-    let (broker, broker_task) = Broker::start(client, metrics.clone(), broker_stop.clone());
+    // Before the broker: a failure here must not leave it running.
     let (workers, worker_pool) = Workers::start(config.workers)?;
+    let (broker, broker_task) = Broker::start(client, metrics.clone(), broker_stop.clone());
     let app = Arc::new(App {
         config: config.clone(),
         redis,

@@ -1774,3 +1774,134 @@ fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
+
+/// A raw WebSocket echo backend on plain std threads (it must not need the
+/// test's runtime, which the test blocks): answers the upgrade, then sends
+/// back every byte it gets.
+fn std_echo_backend() -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    let n = s.read(&mut chunk).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.trim()
+                            .eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_owned())
+                    })
+                    .expect("key");
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                );
+                let _ = s.write_all(&buf[end..]);
+                loop {
+                    let n = s.read(&mut chunk).unwrap_or(0);
+                    if n == 0 || s.write_all(&chunk[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A masked client text frame (short).
+fn text_frame(text: &str) -> Vec<u8> {
+    masked_frame(0x81, text.as_bytes())
+}
+
+/// Bytes the client sends in the same write as its upgrade request reach
+/// the backend; then the tunnel keeps working while the runtime that ran
+/// the handshakes (this test's thread) is blocked, which only holds if the
+/// tunnel runs on a worker's event loop.
+#[tokio::test]
+async fn a_plain_tunnel_keeps_early_bytes_and_runs_off_the_main_runtime() {
+    let redis = Redis::start().await;
+    let port = std_echo_backend();
+    let server = proxy(&redis, file(vec![route("/echo", "/", &[(port, 1)])])).await;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let early = text_frame("right behind the upgrade");
+    let mut out = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec();
+    out.extend_from_slice(&early);
+    c.write_all(&out).await.expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let body = tokio::time::timeout(WAIT, async {
+        loop {
+            let n = c.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n")
+                && got.len() >= i + 4 + early.len()
+            {
+                return got[i + 4..].to_vec();
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "early bytes never echoed; got {:?}",
+            String::from_utf8_lossy(&got)
+        )
+    });
+    assert!(got.starts_with(b"HTTP/1.1 101"));
+    assert_eq!(body, early, "early bytes came back intact");
+
+    // Let the main runtime finish with the handshake, then block it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    use std::io::{Read, Write};
+    let mut s = c.into_std().expect("std");
+    s.set_nonblocking(false).expect("blocking");
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let frame = text_frame("while the main runtime is blocked");
+    s.write_all(&frame).expect("write");
+    let mut back = vec![0u8; frame.len()];
+    s.read_exact(&mut back)
+        .expect("echo through the tunnel with the main runtime blocked");
+    assert_eq!(back, frame);
+
+    // Shutdown reaches the worker's tunnel: a 1001 close.
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut c = tokio::net::TcpStream::from_std(s).expect("tokio");
+    let stopping = tokio::spawn(server.stop());
+    let mut close = [0u8; 4];
+    tokio::time::timeout(WAIT, c.read_exact(&mut close))
+        .await
+        .expect("close in time")
+        .expect("read close");
+    assert_eq!(close[0], 0x88, "a close frame");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1001);
+    drop(c);
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("stopped in time")
+        .expect("stopped");
+}
