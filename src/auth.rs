@@ -30,8 +30,11 @@ use subtle::ConstantTimeEq;
 pub const MAX_TOKEN_LEN: usize = 4096;
 
 /// Reads the stored token; resets the TTL only if the presented token's
-/// digest matches. Returns the stored token, or nil if there is none.
+/// digest matches. Returns the stored token, or nil if there is none or
+/// the key holds something other than a string (a hash, a list: no token,
+/// so an invalid one, not a Redis failure).
 const CHECK_AND_TOUCH: &str = r"
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' then return false end
 local stored = redis.call('GET', KEYS[1])
 if not stored then return false end
 if redis.sha1hex(stored) == ARGV[1] then

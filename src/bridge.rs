@@ -91,7 +91,8 @@ async fn accept(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    // 1. Validate everything that needs no I/O.
+    // 1. Validate everything that needs no I/O, the page's origin first.
+    crate::handshake::admit(&headers, &app.config.ws_origins)?;
     let Path((agent_id, session_id)) =
         path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.body_text()))?;
     validate_id("agent_id", &agent_id)?;

@@ -116,12 +116,38 @@ pub struct Config {
     pub users_file: Option<std::path::PathBuf>,
     /// Origins allowed to call `POST /auth/token` from a browser; `*` = any.
     pub cors_origins: Vec<String>,
+    /// Browser origins allowed to open WebSockets (see [`crate::origin`]).
+    pub ws_origins: crate::origin::AllowedOrigins,
+    /// When set, `/metrics` answers only `Authorization: Bearer <token>`.
+    pub metrics_token: Option<Secret>,
     /// The reverse proxy's routes file, if any.
     pub routes_file: Option<std::path::PathBuf>,
     /// Extra trusted CA certificates (PEM) for `wss://` backends.
     pub upstream_ca_file: Option<std::path::PathBuf>,
     /// Certificate chain and private key (PEM) to serve wss:// / https.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// A value never shown by `Debug` (a token, a password).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Config {
@@ -151,6 +177,8 @@ impl Config {
             jwt: None,
             users_file: None,
             cors_origins: Vec::new(),
+            ws_origins: crate::origin::AllowedOrigins::SameOrigin,
+            metrics_token: None,
             routes_file: None,
             upstream_ca_file: None,
             tls: None,
@@ -249,6 +277,15 @@ pub struct Cli {
     /// browser (CORS); "*" allows any. Empty: no CORS headers.
     #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "")]
     pub cors_allowed_origins: String,
+    /// Comma-separated browser origins (scheme://host[:port]) allowed to open
+    /// WebSockets besides wsproxy's own; "*" allows any page. Requests
+    /// without an Origin header (not from a browser) are always allowed.
+    #[arg(long, env = "WS_ALLOWED_ORIGINS", default_value = "")]
+    pub ws_allowed_origins: String,
+    /// Bearer token /metrics requires (at least 16 characters); unset:
+    /// /metrics is open to anyone who can reach the port.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
     /// Reverse proxy routes (JSON, the format in the README); reloaded on SIGHUP.
     #[arg(long, env = "ROUTES_FILE")]
     pub routes_file: Option<String>,
@@ -474,6 +511,21 @@ impl Cli {
                 .map(|o| o.trim().trim_end_matches('/').to_owned())
                 .filter(|o| !o.is_empty())
                 .collect(),
+            ws_origins: crate::origin::AllowedOrigins::parse(self.ws_allowed_origins.split(','))
+                .map_err(|e| ConfigError::new("WS_ALLOWED_ORIGINS", e))?,
+            metrics_token: match self.metrics_token.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(t) if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
+                    return Err(ConfigError::new(
+                        "METRICS_TOKEN",
+                        format!(
+                            "is {} characters long; use at least 16 printable characters, no spaces",
+                            t.len()
+                        ),
+                    ));
+                }
+                Some(t) => Some(Secret(t.to_owned())),
+            },
             routes_file: None,
             upstream_ca_file: None,
             tls: None,
@@ -614,6 +666,18 @@ mod tests {
         assert_eq!(ok.jwt.map(|j| j.issuer), Some("wsproxy".to_owned()));
         let e = parse(&["--cors-allowed-origins", "example.com"]).expect_err("no scheme");
         assert_eq!(e.var, "CORS_ALLOWED_ORIGINS");
+        let e = parse(&["--ws-allowed-origins", "https://a.example, app.example"])
+            .expect_err("no scheme");
+        assert_eq!(e.var, "WS_ALLOWED_ORIGINS");
+        assert!(e.to_string().contains("app.example"), "{e}");
+        let ok = parse(&["--ws-allowed-origins", "https://a.example"]).expect("valid");
+        assert_eq!(
+            ok.ws_origins,
+            crate::origin::AllowedOrigins::List(vec!["https://a.example".into()])
+        );
+        let e = parse(&["--metrics-token", "short"]).expect_err("too short");
+        assert_eq!(e.var, "METRICS_TOKEN");
+        assert!(!e.to_string().contains("short"), "not echoed: {e}");
         let e = parse(&["--pubsub-allow-anonymous", "maybe"]).expect_err("not a bool");
         assert_eq!(e.var, "PUBSUB_ALLOW_ANONYMOUS");
     }

@@ -22,6 +22,9 @@
 //! - [`upstream`]: the reverse proxy to backend WebSocket servers (routes
 //!   file, balancing, health checks, circuit breaker, tunnel).
 //! - [`metrics`]: Prometheus counters, per server instance.
+//! - [`origin`]: which browser origins may open WebSockets.
+//! - [`handshake`]: the checks every upgrade passes first (origin, key).
+//! - [`logsafe`]: client-chosen values escaped for the log.
 //! - [`error`]: how refusals become JSON responses and socket messages.
 //!
 //! # Running it in-process
@@ -45,7 +48,10 @@ pub mod bridge;
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod handshake;
+pub mod logsafe;
 pub mod metrics;
+pub mod origin;
 pub mod pubsub;
 pub mod server;
 pub mod upstream;

@@ -59,7 +59,11 @@ reason_enum! {
         Shutdown => "shutdown",
         /// The connection's token expired while it was open.
         TokenExpired => "token_expired",
-        /// A protocol or socket error.
+        /// The client broke the WebSocket protocol (closed with 1002).
+        ProtocolError => "protocol_error",
+        /// The client sent text that is not UTF-8 (closed with 1007).
+        InvalidData => "invalid_data",
+        /// A socket error.
         Error => "error",
     }
 }

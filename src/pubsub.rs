@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -428,6 +428,7 @@ fn accept(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    crate::handshake::admit(&headers, &app.config.ws_origins)?;
     let upgrade = upgrade.map_err(ApiError::not_a_websocket)?;
     let Query(query) = query.map_err(ApiError::invalid_query)?;
     if app.shutdown.is_cancelled() {
@@ -450,7 +451,7 @@ fn accept(
         };
         let claims = jwt::verify(jwt_config, token).map_err(|e| {
             app.metrics.auth_failure(AuthFailure::InvalidToken);
-            tracing::info!(error = %e, "refused /ws: invalid token");
+            tracing::info!(error = %crate::logsafe::escaped(&e.to_string()), "refused /ws: invalid token");
             ApiError::new(StatusCode::FORBIDDEN, "invalid_token", e.to_string())
         })?;
         // The verifier tolerates a few seconds of clock skew; a token that
@@ -484,9 +485,12 @@ fn accept(
     };
 
     let outbox = Outbox::new(app.config.outbound_queue);
+    // Saturating: `exp` is the client's, and an instant past what the clock
+    // can hold is a connection that never expires (its token still has to
+    // be signed by us).
     let expires = claims
         .as_ref()
-        .map(|c| tokio::time::Instant::now() + jwt::remaining(c));
+        .and_then(|c| tokio::time::Instant::now().checked_add(jwt::remaining(c)));
     let (session, name) = match &claims {
         Some(c) => (Some(c.sid.clone()), Some(c.sub.clone())),
         None => (None, None),
@@ -531,11 +535,22 @@ pub struct TokenRequest {
     session_id: Option<String>,
 }
 
+/// Largest `POST /auth/token` body: a username, a password and a session
+/// id fit many times over.
+pub const MAX_TOKEN_REQUEST_BYTES: usize = 16 * 1024;
+
 /// `POST /auth/token`: checks the user's password and issues a JWT bound to
 /// the requested session (default `session-{username}`).
+///
+/// The body is read here, not by an extractor, so that nothing waits on a
+/// client that sends it slowly or never: a server that issues no tokens
+/// answers before reading it, a `Content-Length` past
+/// [`MAX_TOKEN_REQUEST_BYTES`] is refused at once (413), and the whole body
+/// must arrive within `AUTH_TIMEOUT_SECS` (408). Answering early closes the
+/// connection, unread body and all.
 pub async fn issue_token(
     State(app): State<Arc<App>>,
-    body: Result<Json<TokenRequest>, JsonRejection>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let (Some(jwt_config), Some(users)) = (&app.config.jwt, &app.users) else {
         return Err(ApiError::new(
@@ -544,16 +559,7 @@ pub async fn issue_token(
             "token issuing needs JWT_SECRET and USERS_FILE",
         ));
     };
-    let Json(req) = body.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!(
-                "expected JSON {{\"username\", \"password\", \"session_id\"?}}: {}",
-                e.body_text()
-            ),
-        )
-    })?;
+    let req = read_token_request(request, app.config.auth_timeout).await?;
     let session = match req.session_id {
         Some(s) => s,
         None => format!("session-{}", req.username),
@@ -567,7 +573,10 @@ pub async fn issue_token(
     }
     if !users.verify(&req.username, &req.password).await {
         app.metrics.auth_failure(AuthFailure::InvalidToken);
-        tracing::info!(user = %req.username, "refused /auth/token: wrong credentials");
+        tracing::info!(
+            user = %crate::logsafe::escaped(&req.username),
+            "refused /auth/token: wrong credentials"
+        );
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_credentials",
@@ -578,10 +587,68 @@ pub async fn issue_token(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok(Json(serde_json::json!({
         "token": token,
-        "expires_in": claims.exp - claims.iat,
+        "expires_in": claims.exp.saturating_sub(claims.iat),
         "session_id": session,
     }))
     .into_response())
+}
+
+/// Reads and parses the body of `POST /auth/token` within `limit`.
+async fn read_token_request(
+    request: axum::extract::Request,
+    limit: std::time::Duration,
+) -> Result<TokenRequest, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body may be at most {MAX_TOKEN_REQUEST_BYTES} bytes"),
+        )
+    };
+    let headers = request.headers();
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_TOKEN_REQUEST_BYTES as u64) {
+        return Err(too_large());
+    }
+    let is_json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    let invalid = |why: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("expected JSON {{\"username\", \"password\", \"session_id\"?}}: {why}"),
+        )
+    };
+    if !is_json {
+        return Err(invalid("the Content-Type must be application/json"));
+    }
+    let read = async {
+        use futures_util::StreamExt;
+        let mut body = Vec::new();
+        let mut stream = request.into_body().into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| invalid("the body could not be read"))?;
+            if body.len().saturating_add(chunk.len()) > MAX_TOKEN_REQUEST_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    let body = tokio::time::timeout(limit, read).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {limit:?}"),
+        )
+    })??;
+    serde_json::from_slice(&body).map_err(|e| invalid(&e.to_string()))
 }
 
 #[cfg(test)]

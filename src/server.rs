@@ -422,11 +422,11 @@ pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
 /// All HTTP routes.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/health", get(health).fallback(only_get))
+        .route("/ready", get(ready).fallback(only_get))
+        .route("/metrics", get(metrics).fallback(only_get))
         .route("/{agent_id}/ws/{session_id}", any(session_or_route))
-        .route("/ws", get(crate::pubsub::handler))
+        .route("/ws", get(crate::pubsub::handler).fallback(only_get))
         .route("/auth/token", token_route(&app.config))
         .fallback(fallback)
         .with_state(app)
@@ -436,8 +436,9 @@ pub fn router(app: Arc<App>) -> Router {
 /// browser origins.
 fn token_route(config: &Config) -> axum::routing::MethodRouter<Arc<App>> {
     use tower_http::cors::{AllowOrigin, CorsLayer};
-    let route = axum::routing::post(crate::pubsub::issue_token)
-        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024));
+    // The fallback before the layer, so that CORS preflights (OPTIONS)
+    // still get their answer from the layer.
+    let route = axum::routing::post(crate::pubsub::issue_token).fallback(only_post);
     if config.cors_origins.is_empty() {
         return route;
     }
@@ -488,7 +489,26 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+/// `/metrics`; with `METRICS_TOKEN` set, only for `Authorization: Bearer
+/// <token>` (compared in constant time).
+async fn metrics(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(expected) = &app.config.metrics_token {
+        use subtle::ConstantTimeEq;
+        let given = crate::auth::bearer_token(&headers, None).unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
+            let mut response = crate::error::ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "metrics_token_required",
+                "/metrics needs Authorization: Bearer <METRICS_TOKEN>",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
     if let Some(upstream) = &app.upstream {
         upstream.refresh_metrics(&app.metrics);
     }
@@ -520,16 +540,32 @@ async fn session_or_route(State(app): State<Arc<App>>, req: Request) -> Response
 
 /// 405 with `Allow: GET` and a JSON body: WebSocket endpoints upgrade a GET.
 pub fn method_not_allowed() -> Response {
+    not_allowed("GET", "a WebSocket upgrade is a GET request")
+}
+
+/// 405 with `Allow` and a JSON body, like every other refusal.
+fn not_allowed(allow: &'static str, message: &'static str) -> Response {
     let mut response = crate::error::ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        "a WebSocket upgrade is a GET request",
+        message,
     )
     .into_response();
     response
         .headers_mut()
-        .insert(header::ALLOW, axum::http::HeaderValue::from_static("GET"));
+        .insert(header::ALLOW, axum::http::HeaderValue::from_static(allow));
     response
+}
+
+async fn only_get() -> Response {
+    not_allowed("GET", "this endpoint answers GET only")
+}
+
+async fn only_post() -> Response {
+    not_allowed(
+        "POST",
+        "POST a JSON body {\"username\", \"password\", \"session_id\"?}",
+    )
 }
 
 /// Everything else: a reverse-proxy route, or 404.

@@ -31,6 +31,11 @@ use crate::server::{App, ConnectionSlot};
 
 /// Close codes (RFC 6455 section 7.4.1).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// The client broke the protocol (an unmasked frame, reserved bits, a bad
+/// control frame, fragments out of order...).
+pub const CLOSE_PROTOCOL: u16 = 1002;
+/// A text message that is not UTF-8.
+pub const CLOSE_INVALID_DATA: u16 = 1007;
 /// Policy violation: slow consumer, expired token.
 pub const CLOSE_POLICY: u16 = 1008;
 /// Message too big.
@@ -135,10 +140,16 @@ pub fn upgrade<H: Handler>(
     driver: Driver<H>,
 ) -> axum::response::Response {
     let limit = driver.app.config.max_message_bytes;
+    // The write buffer is left unbounded: what goes out is the backend's
+    // (down messages, topic deliveries), of any size Redis carries, and
+    // bounding it would drop a large message and the connection with it.
+    // Memory stays bounded by the outbox: a client that does not read is
+    // disconnected as slow after WS_PING_TIMEOUT_SECS or a full queue, and
+    // with no write buffering the buffer holds at most the message that is
+    // being written.
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
-        .max_write_buffer_size(limit + 64 * 1024)
         .max_message_size(limit)
         .max_frame_size(limit)
         // axum runs the upgrade in a task of its own; the connection gets a
@@ -307,6 +318,8 @@ impl<H: Handler> Driver<H> {
                 Stop::SlowConsumer => (CLOSE_POLICY, "slow consumer: outbound queue full"),
                 Stop::TokenExpired => (CLOSE_POLICY, "token expired"),
                 Stop::MessageTooBig => (CLOSE_TOO_BIG, "message too big"),
+                Stop::ProtocolError => (CLOSE_PROTOCOL, "protocol error"),
+                Stop::InvalidData => (CLOSE_INVALID_DATA, "text is not valid UTF-8"),
                 Stop::HeartbeatTimeout => (CLOSE_INTERNAL, "heartbeat timeout: no pong"),
             };
             let frame = Message::Close(Some(CloseFrame {
@@ -335,6 +348,13 @@ fn classify(error: axum::Error) -> Stop {
     match error.into_inner().downcast::<tungstenite::Error>() {
         Ok(e) => match *e {
             tungstenite::Error::Capacity(_) => Stop::MessageTooBig,
+            // tungstenite reports these and leaves the close to us: RFC
+            // 6455 asks for a close frame before the connection drops.
+            tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ) => Stop::Client,
+            tungstenite::Error::Protocol(_) => Stop::ProtocolError,
+            tungstenite::Error::Utf8(_) => Stop::InvalidData,
             tungstenite::Error::ConnectionClosed
             | tungstenite::Error::AlreadyClosed
             | tungstenite::Error::Io(_) => Stop::Client,

@@ -595,3 +595,184 @@ async fn read_frames_until_eof(s: &mut tokio::net::TcpStream) -> Vec<(u8, Vec<u8
     }
     frames
 }
+
+// --- issue 11: hardening ---
+
+/// A masked client frame: `first` is FIN/RSV/opcode, `payload` any bytes.
+fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut f = vec![first];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Defect 9: a client that breaks the protocol gets a close frame saying
+/// so (1002, or 1007 for text that is not UTF-8) before the connection
+/// ends, not a bare TCP close.
+#[tokio::test]
+async fn protocol_errors_get_a_close_frame_with_1002_or_1007() {
+    use tokio::io::AsyncWriteExt;
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 600).await;
+    let close = |p: &[u8]| client_frame(0x88, p);
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("unmasked frame", vec![0x81, 0x02, b'{', b'}'], 1002),
+        ("reserved bits", client_frame(0xC1, b"{}"), 1002),
+        ("reserved opcode", client_frame(0x83, b""), 1002),
+        ("ping over 125 bytes", client_frame(0x89, &[0u8; 126]), 1002),
+        ("fragmented ping", client_frame(0x09, b"x"), 1002),
+        ("continuation with no start", client_frame(0x80, b"x"), 1002),
+        (
+            "data frame inside a fragmented message",
+            [client_frame(0x01, b"[1"), client_frame(0x81, b"2]")].concat(),
+            1002,
+        ),
+        ("invalid UTF-8", client_frame(0x81, &[0xff, 0xfe]), 1007),
+        (
+            "invalid UTF-8 split across fragments",
+            [
+                client_frame(0x01, &[b'"', 0xe2]),
+                client_frame(0x80, &[0x28, b'"']),
+            ]
+            .concat(),
+            1007,
+        ),
+        ("a 1-byte close payload", close(&[0x03]), 1002),
+    ];
+    for (what, bytes, want) in cases {
+        let mut s = raw_handshake(&server, &session, "tok").await;
+        s.write_all(&bytes).await.expect("write");
+        let frames = read_frames_until_eof(&mut s).await;
+        let code = frames
+            .iter()
+            .find(|(op, _)| *op == 8)
+            .and_then(|(_, p)| p.get(..2))
+            .map(|c| u16::from_be_bytes([c[0], c[1]]));
+        assert_eq!(code, Some(want), "{what}: frames {frames:?}");
+    }
+    // A close reason that is not UTF-8: a close frame with 1002 or 1007.
+    let mut s = raw_handshake(&server, &session, "tok").await;
+    s.write_all(&close(&[0x03, 0xe8, 0xff, 0xfe]))
+        .await
+        .expect("write");
+    let frames = read_frames_until_eof(&mut s).await;
+    let code = frames
+        .iter()
+        .find(|(op, _)| *op == 8)
+        .and_then(|(_, p)| p.get(..2))
+        .map(|c| u16::from_be_bytes([c[0], c[1]]));
+    assert!(matches!(code, Some(1002 | 1007)), "{frames:?}");
+    server
+        .wait_metric("wsproxy_disconnects_total{reason=\"protocol_error\"}", 7.0)
+        .await;
+}
+
+/// Defect 3: a down message larger than the client's message limit plus
+/// the write buffer was dropped and took every connection of the session
+/// with it (1006). The backend's messages are delivered whatever their size.
+#[tokio::test]
+async fn large_down_messages_reach_every_connection_of_the_session() {
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 600).await;
+    let mut a = server.connect(&session, "tok").await;
+    let mut b = server.connect(&session, "tok").await;
+    let big = format!("\"{}\"", "x".repeat(2 * 1024 * 1024));
+    assert_eq!(
+        redis
+            .publish(&format!("session:{session}:down"), &big)
+            .await,
+        1
+    );
+    for ws in [&mut a, &mut b] {
+        assert_eq!(next_text(ws).await.len(), big.len());
+    }
+    // Both stay open.
+    redis
+        .publish(&format!("session:{session}:down"), "\"after\"")
+        .await;
+    assert_eq!(next_text(&mut a).await, "\"after\"");
+    assert_eq!(next_text(&mut b).await, "\"after\"");
+}
+
+/// Defect 10: a session key that is a hash (or list, set) holds no token:
+/// 403, not 503 "Redis unavailable".
+#[tokio::test]
+async fn a_token_key_of_another_type_is_an_invalid_token() {
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let mut c = redis.conn().await;
+    for (session, cmd) in [("h1", "HSET"), ("l1", "RPUSH"), ("s1", "SADD")] {
+        let session = unique(session);
+        let mut command = redis::cmd(cmd);
+        command.arg(format!("session:{session}:auth"));
+        if cmd == "HSET" {
+            command.arg("f");
+        }
+        let _: i64 = command.arg("v").query_async(&mut c).await.expect(cmd);
+        let err = server
+            .try_connect("a", &session, Some("v"))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            (err.0, err.1["error"].as_str()),
+            (403, Some("invalid_token")),
+            "{cmd}"
+        );
+    }
+}
+
+/// Defects 11 and 12 on the session endpoint: keys that are not 16 bytes
+/// of base64 get 400, other sites' pages 403 (before the token is looked
+/// at), and configured origins pass.
+#[tokio::test]
+async fn bad_websocket_keys_and_foreign_origins_are_refused() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        c.ws_origins =
+            wsproxy::origin::AllowedOrigins::parse(["https://app.example"]).expect("valid");
+    })
+    .await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 600).await;
+    let upgrade = |key: &str, extra: &str| {
+        format!(
+            "GET /a/ws/{session} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nAuthorization: Bearer tok\r\n{extra}\r\n"
+        )
+    };
+    for key in ["!!", "", "AAAAAAAAAAA=", "dGhlIHNhbXBsZSBub25jZQ"] {
+        let (status, body) = http_request(server.addr, &upgrade(key, ""))
+            .await
+            .expect("answer");
+        assert_eq!(status, 400, "{key:?}: {body}");
+        assert!(body.contains("invalid_websocket_key"), "{body}");
+    }
+    let good = "dGhlIHNhbXBsZSBub25jZQ==";
+    let (status, body) = http_request(
+        server.addr,
+        &upgrade(good, "Origin: https://evil.example\r\n"),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("origin_not_allowed"), "{body}");
+    assert_eq!(
+        http_status(
+            server.addr,
+            &upgrade(good, "Origin: https://app.example\r\n")
+        )
+        .await,
+        101
+    );
+    assert_eq!(http_status(server.addr, &upgrade(good, "")).await, 101);
+}

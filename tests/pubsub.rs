@@ -518,3 +518,240 @@ async fn clients_on_two_instances_see_each_other() {
         }
     }
 }
+
+// --- issue 11: hardening ---
+
+/// A JWT with a hand-written header (any JSON), signed with `secret`.
+fn with_header(header: &str, claims: serde_json::Value, secret: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let signing = format!(
+        "{}.{}",
+        b64(header.as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = jsonwebtoken::crypto::sign(
+        signing.as_bytes(),
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+        jsonwebtoken::Algorithm::HS256,
+    )
+    .expect("sign");
+    format!("{signing}.{sig}")
+}
+
+/// Defects 7 and 8: `nbf` in the future and critical header extensions are
+/// refused; an `exp` of 2^64-1 is a valid, long-lived token, not a panic.
+#[tokio::test]
+async fn nbf_crit_and_a_huge_exp_on_ws() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), with_auth).await;
+    let claims = |nbf: u64, exp: u64| serde_json::json!({"sub": "alice", "sid": "s1", "exp": exp, "nbf": nbf, "iat": now(), "iss": "wsproxy", "aud": "wsproxy"});
+    let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
+    let good = with_header(hs, claims(now() - 5, now() + 600), SECRET.as_bytes());
+    assert!(
+        ws(&server, Some(&good)).await.is_ok(),
+        "the signer is right"
+    );
+    let early = with_header(hs, claims(now() + 3600, now() + 7200), SECRET.as_bytes());
+    let crit = with_header(
+        r#"{"alg":"HS256","typ":"JWT","crit":["exp-ext"],"exp-ext":true}"#,
+        claims(now() - 5, now() + 600),
+        SECRET.as_bytes(),
+    );
+    for (what, t) in [("nbf", early), ("crit", crit)] {
+        let err = ws(&server, Some(&t)).await.expect_err(what);
+        assert_eq!(
+            (err.0, err.1["error"].as_str()),
+            (403, Some("invalid_token")),
+            "{what}"
+        );
+    }
+    let forever = forged(
+        serde_json::json!({"sub": "alice", "sid": "s1", "exp": u64::MAX, "iat": now(), "iss": "wsproxy", "aud": "wsproxy"}),
+        jsonwebtoken::Algorithm::HS256,
+        SECRET.as_bytes(),
+    );
+    let mut c = ws(&server, Some(&forever)).await.expect("accepted");
+    assert_eq!(
+        command(&mut c, "register-session:s1").await["type"],
+        "registered"
+    );
+}
+
+/// Defect 4: the token endpoint bounds the time and size of its body, and
+/// answers a server that issues no tokens before reading it.
+#[tokio::test]
+async fn token_request_bodies_are_bounded_in_time_and_size() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        with_auth(c);
+        c.auth_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let bare = Server::start(&redis.url()).await;
+    let head = |extra: &str| {
+        format!(
+            "POST /auth/token HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{extra}\r\n"
+        )
+    };
+    // Each case: the server, what is sent (and then nothing more), the status.
+    for (srv, request, want) in [
+        (&server, head("Content-Length: 100\r\n") + "{", 408),
+        (
+            &server,
+            head("Content-Length: 99999999999999\r\n") + "{",
+            413,
+        ),
+        (
+            &server,
+            head("Transfer-Encoding: chunked\r\n") + "FFFFFFFFFFFFFFFF\r\n{",
+            408,
+        ),
+        (
+            &server,
+            head("Transfer-Encoding: chunked\r\n") + "10\r\n{",
+            408,
+        ),
+        (&bare, head("Content-Length: 100\r\n") + "{", 503),
+    ] {
+        let started = std::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(srv.addr)
+            .await
+            .expect("connect");
+        s.write_all(request.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        // The answer comes, and the connection ends, well within the wait.
+        tokio::time::timeout(Duration::from_secs(4), s.read_to_end(&mut raw))
+            .await
+            .unwrap_or_else(|_| panic!("still open after 4 s: {request:?}"))
+            .expect("read");
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {want}")),
+            "{request:?}: {text}"
+        );
+        assert!(text.contains("\"error\""), "a JSON body: {text}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{request:?}");
+    }
+}
+
+/// "Also noticed": 405s on /ws and /auth/token have a JSON body and Allow.
+#[tokio::test]
+async fn wrong_methods_get_a_json_405() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), with_auth).await;
+    for (request, allow) in [
+        (
+            "POST /ws HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "GET",
+        ),
+        (
+            "GET /auth/token HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            "POST",
+        ),
+        (
+            "DELETE /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            "GET",
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(request.as_bytes()).await.expect("write");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.expect("read");
+        assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
+        assert!(
+            raw.to_ascii_lowercase()
+                .contains(&format!("allow: {}", allow.to_ascii_lowercase())),
+            "{raw}"
+        );
+        assert!(raw.contains("\"error\":\"method_not_allowed\""), "{raw}");
+    }
+}
+
+/// Defects 11 and 12 on `/ws`.
+#[tokio::test]
+async fn ws_refuses_bad_keys_and_foreign_origins() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), anonymous).await;
+    let upgrade = |key: &str, extra: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{extra}\r\n"
+        )
+    };
+    let (status, body) = http_request(server.addr, &upgrade("!!", ""))
+        .await
+        .expect("answer");
+    assert_eq!(status, 400, "{body}");
+    let good = "dGhlIHNhbXBsZSBub25jZQ==";
+    let (status, body) = http_request(
+        server.addr,
+        &upgrade(good, "Origin: https://evil.example\r\n"),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("origin_not_allowed"), "{body}");
+    assert_eq!(
+        http_status(server.addr, &upgrade(good, "Origin: http://x\r\n")).await,
+        101,
+        "the server's own origin"
+    );
+}
+
+/// Defect 5: control characters a client chose (a username, a JWT header)
+/// are escaped in text logs, so they cannot forge a line or move a
+/// terminal's cursor.
+#[tokio::test]
+async fn client_chosen_values_cannot_forge_log_lines() {
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    // This test's runtime has one thread: the server's tasks log through it.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), with_auth).await;
+    let forged_line = "\nINFO wsproxy: forged line\x1b[2J";
+    let (status, _) = token(&server, &format!("mallory{forged_line}"), "x", Some("s1")).await;
+    assert_eq!(status, 401);
+    let bad = with_header(
+        &format!(
+            r#"{{"alg":"HS256{}","typ":"JWT"}}"#,
+            forged_line.replace('\n', "\\n").replace('\x1b', "\\u001b")
+        ),
+        serde_json::json!({"sub": "m", "sid": "s", "exp": now() + 60, "iss": "wsproxy", "aud": "wsproxy"}),
+        SECRET.as_bytes(),
+    );
+    assert_eq!(ws(&server, Some(&bad)).await.expect_err("refused").0, 403);
+    let logged = String::from_utf8_lossy(&buf.0.lock().expect("lock")).into_owned();
+    assert!(logged.contains("wrong credentials"), "{logged}");
+    assert!(logged.contains("refused /ws: invalid token"), "{logged}");
+    for line in logged.lines() {
+        assert!(
+            !line.starts_with("INFO wsproxy: forged"),
+            "forged: {logged}"
+        );
+    }
+    assert!(
+        !logged.contains('\x1b'),
+        "an escape sequence passed: {logged}"
+    );
+}

@@ -144,7 +144,8 @@ fn routes_file(json: serde_json::Value) -> std::path::PathBuf {
 fn route(external: &str, internal: &str, ports: &[(u16, u32)]) -> serde_json::Value {
     serde_json::json!({
         "protocol": "websocket",
-        "backends": ports.iter().map(|(p, w)| serde_json::json!({"host": "ws://127.0.0.1", "port": p, "weight": w})).collect::<Vec<_>>(),
+        // Named by port, so that tests can find each backend's metrics.
+        "backends": ports.iter().map(|(p, w)| serde_json::json!({"name": p.to_string(), "host": "ws://127.0.0.1", "port": p, "weight": w})).collect::<Vec<_>>(),
         "external_path": external,
         "internal_path": internal,
         "methods": ["GET"],
@@ -172,7 +173,9 @@ async fn open(server: &Server, path: &str) -> Result<Ws, (u16, serde_json::Value
 async fn paths_map_with_query_and_headers_are_forwarded_properly() {
     let redis = Redis::start().await;
     let b = echo_backend("b0").await;
-    let server = proxy(&redis, file(vec![route("/chat", "/ws", &[(b.port, 1)])])).await;
+    let mut chat = route("/chat", "/ws", &[(b.port, 1)]);
+    chat["allowed_origins"] = serde_json::json!(["https://app.example"]);
+    let server = proxy(&redis, file(vec![chat])).await;
     let mut req = format!("ws://{}/chat/room1?x=1&y=two", server.addr)
         .into_client_request()
         .expect("req");
@@ -533,8 +536,7 @@ async fn dead_backend_is_502_and_silent_backend_is_504() {
     assert!(body.contains("not_a_websocket"));
     let metrics = server.metrics().await;
     assert!(
-        metrics.contains("route=\"/dead\",backend=\"127.0.0.1:")
-            && metrics.contains("reason=\"refused\""),
+        metrics.contains("route=\"/dead\",backend=\"") && metrics.contains("reason=\"refused\""),
         "{metrics}"
     );
     assert!(metrics.contains("reason=\"timeout\""), "{metrics}");
@@ -724,7 +726,7 @@ async fn a_killed_backend_is_taken_out_and_connections_go_to_the_others() {
     // and the health check takes it out too): a retry alone would have
     // sent every other connection to it first.
     let of_b0 = |metric: &str, extra: &str| {
-        format!("wsproxy_upstream_{metric}{{route=\"/ha\",backend=\"127.0.0.1:{b0_port}\"{extra}}}")
+        format!("wsproxy_upstream_{metric}{{route=\"/ha\",backend=\"{b0_port}\"{extra}}}")
     };
     let refused = server
         .metric(&of_b0("failures_total", ",reason=\"refused\""))
@@ -769,7 +771,7 @@ async fn rate_limit_size_limit_and_connection_limit() {
     // Counted by reason once each tunnel has ended.
     let broke = |reason: &str| {
         format!(
-            "wsproxy_upstream_failures_total{{route=\"/limited\",backend=\"127.0.0.1:{}\",reason=\"{reason}\"}}",
+            "wsproxy_upstream_failures_total{{route=\"/limited\",backend=\"{}\",reason=\"{reason}\"}}",
             b.port
         )
     };
@@ -989,19 +991,19 @@ async fn bytes_and_frames_are_counted_live() {
             next_text(&mut ws).await;
         }
         let up = format!(
-            "wsproxy_upstream_frames_total{{route=\"{path}\",backend=\"127.0.0.1:{}\",direction=\"client_to_backend\"}}",
+            "wsproxy_upstream_frames_total{{route=\"{path}\",backend=\"{}\",direction=\"client_to_backend\"}}",
             b.port
         );
         let down = format!(
-            "wsproxy_upstream_frames_total{{route=\"{path}\",backend=\"127.0.0.1:{}\",direction=\"backend_to_client\"}}",
+            "wsproxy_upstream_frames_total{{route=\"{path}\",backend=\"{}\",direction=\"backend_to_client\"}}",
             b.port
         );
         let bytes = format!(
-            "wsproxy_upstream_bytes_total{{route=\"{path}\",backend=\"127.0.0.1:{}\",direction=\"client_to_backend\"}}",
+            "wsproxy_upstream_bytes_total{{route=\"{path}\",backend=\"{}\",direction=\"client_to_backend\"}}",
             b.port
         );
         let open = format!(
-            "wsproxy_upstream_backend_connections_active{{route=\"{path}\",backend=\"127.0.0.1:{}\"}}",
+            "wsproxy_upstream_backend_connections_active{{route=\"{path}\",backend=\"{}\"}}",
             b.port
         );
         assert_eq!(server.metric(&open).await, 1.0, "{path}");
@@ -1090,7 +1092,7 @@ async fn health_checks_complete_a_websocket_handshake() {
     let server = proxy(&redis, file(vec![r])).await;
     let failed = |port: u16, reason: &str| {
         format!(
-            "wsproxy_upstream_failures_total{{route=\"/hc\",backend=\"127.0.0.1:{port}\",reason=\"{reason}\"}}"
+            "wsproxy_upstream_failures_total{{route=\"/hc\",backend=\"{port}\",reason=\"{reason}\"}}"
         )
     };
     server.wait_metric(&failed(bad, "health_check"), 1.0).await;
@@ -1099,9 +1101,8 @@ async fn health_checks_complete_a_websocket_handshake() {
     }
     assert_eq!(server.metric(&failed(bad, "refused")).await, 0.0);
     assert_eq!(server.metric(&failed(good.port, "health_check")).await, 0.0);
-    let healthy = |port: u16| {
-        format!("wsproxy_upstream_backend_healthy{{route=\"/hc\",backend=\"127.0.0.1:{port}\"}}")
-    };
+    let healthy =
+        |port: u16| format!("wsproxy_upstream_backend_healthy{{route=\"/hc\",backend=\"{port}\"}}");
     assert_eq!(server.metric(&healthy(good.port)).await, 1.0);
     let text = server.metrics().await;
     assert!(text.contains(&format!("{} 0", healthy(bad))), "{text}");
@@ -1128,7 +1129,7 @@ async fn reload_keeps_connection_counts_and_backend_state() {
     ha["circuit_breaker"] = serde_json::json!({"failures": 1, "cooldown_ms": 60000});
     let (server, path) = reloadable(&redis, file(vec![small.clone(), ha.clone()])).await;
     let refused = format!(
-        "wsproxy_upstream_failures_total{{route=\"/ha\",backend=\"127.0.0.1:{dead_port}\",reason=\"refused\"}}"
+        "wsproxy_upstream_failures_total{{route=\"/ha\",backend=\"{dead_port}\",reason=\"refused\"}}"
     );
     // Until the dead backend has been tried once, and its breaker opened.
     while server.metric(&refused).await < 1.0 {
@@ -1188,7 +1189,7 @@ async fn least_connections_fills_the_emptier_backend() {
     }
     drop(gone);
     let metric = format!(
-        "wsproxy_upstream_backend_connections_active{{route=\"/lc\",backend=\"127.0.0.1:{}\"}}",
+        "wsproxy_upstream_backend_connections_active{{route=\"/lc\",backend=\"{}\"}}",
         b1.port
     );
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -1426,9 +1427,8 @@ async fn a_backends_4xx_is_passed_on_and_does_not_open_its_breaker() {
             "breakers stayed closed"
         );
     }
-    let breaker = |port: u16| {
-        format!("wsproxy_upstream_circuit_open{{route=\"/multi\",backend=\"127.0.0.1:{port}\"}}")
-    };
+    let breaker =
+        |port: u16| format!("wsproxy_upstream_circuit_open{{route=\"/multi\",backend=\"{port}\"}}");
     assert_eq!(
         server.metric(&breaker(p0)).await + server.metric(&breaker(p1)).await,
         0.0
@@ -1619,10 +1619,9 @@ async fn circuit_gauges_follow_the_cool_down_and_the_reload() {
     let mut ha = route("/cb", "/", &[(b.port, 1), (dead_port, 1)]);
     ha["circuit_breaker"] = serde_json::json!({"failures": 1, "cooldown_ms": 400});
     let (server, path) = reloadable(&redis, file(vec![ha])).await;
-    let gauge =
-        format!("wsproxy_upstream_circuit_open{{route=\"/cb\",backend=\"127.0.0.1:{dead_port}\"}}");
+    let gauge = format!("wsproxy_upstream_circuit_open{{route=\"/cb\",backend=\"{dead_port}\"}}");
     let refused = format!(
-        "wsproxy_upstream_failures_total{{route=\"/cb\",backend=\"127.0.0.1:{dead_port}\",reason=\"refused\"}}"
+        "wsproxy_upstream_failures_total{{route=\"/cb\",backend=\"{dead_port}\",reason=\"refused\"}}"
     );
     while server.metric(&refused).await < 1.0 {
         assert_eq!(greeting_backend(&server, "/cb").await, "b0");
@@ -1642,7 +1641,7 @@ async fn circuit_gauges_follow_the_cool_down_and_the_reload() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let kept = format!(
-        "wsproxy_upstream_circuit_open{{route=\"/cb\",backend=\"127.0.0.1:{}\"}} 0\n",
+        "wsproxy_upstream_circuit_open{{route=\"/cb\",backend=\"{}\"}} 0\n",
         b.port
     );
     assert!(server.metrics().await.contains(&kept));
@@ -1734,7 +1733,7 @@ async fn a_backend_naming_its_subprotocol_passes_its_health_check() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let failed = format!(
-        "wsproxy_upstream_failures_total{{route=\"/hc\",backend=\"127.0.0.1:{port}\",reason=\"health_check\"}}"
+        "wsproxy_upstream_failures_total{{route=\"/hc\",backend=\"{port}\",reason=\"health_check\"}}"
     );
     assert_eq!(server.metric(&failed).await, 0.0);
     let mut req = format!("ws://{}/hc", server.addr)
@@ -1904,4 +1903,209 @@ async fn a_plain_tunnel_keeps_early_bytes_and_runs_off_the_main_runtime() {
         .await
         .expect("stopped in time")
         .expect("stopped");
+}
+
+/// Issue 11, defect 1: `/good//secret` matched the open route `/good` and
+/// reached the backend as `/in/good/secret`, the authenticated route's
+/// path, with no token. Empty segments are refused, and the backend never
+/// sees such a request.
+#[tokio::test]
+async fn empty_segments_cannot_reach_an_authenticated_route() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let mut secret = route("/good/secret", "/in/good/secret", &[(b.port, 1)]);
+    secret["auth_required"] = true.into();
+    let mut private = route("/private", "/private", &[(b.port, 1)]);
+    private["auth_required"] = true.into();
+    let mut f = file(vec![
+        route("/good", "/in/good", &[(b.port, 1)]),
+        secret,
+        route("/", "/", &[(b.port, 1)]),
+        private,
+    ]);
+    f["jwt"] = serde_json::json!({"secret": JWT_SECRET, "issuer": "kairos-gateway", "audience": "websocket-clients"});
+    let server = proxy(&redis, f).await;
+    assert_eq!(refused_upgrade(&server, "/good/secret", "").await.0, 401);
+    for path in [
+        "/good//secret",
+        "/good///secret/x",
+        "//private/data",
+        "/x//private",
+    ] {
+        let (status, body) = refused_upgrade(&server, path, "").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_path")),
+            "{path}: {body}"
+        );
+    }
+    assert!(b.seen.lock().expect("lock").paths.is_empty());
+}
+
+/// Issue 11, defect 2: a catch-all route `/` -> `/` sent `GET foo/bar`.
+#[tokio::test]
+async fn a_catch_all_route_forwards_the_path_with_its_leading_slash() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let server = proxy(&redis, file(vec![route("/", "/", &[(b.port, 1)])])).await;
+    let mut ws = open(&server, "/foo/bar?q=1").await.expect("proxied");
+    assert_eq!(next_text(&mut ws).await, "hello from b");
+    assert_eq!(b.seen.lock().expect("lock").paths, ["/foo/bar?q=1"]);
+}
+
+/// Issue 11, defect 13: the token an `auth_required` route consumed went
+/// on to the backend in the query. It is removed (the backend gets the
+/// subject header), unless the route keeps it.
+#[tokio::test]
+async fn a_routes_token_stays_at_the_proxy_unless_the_route_forwards_it() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let mut inner = route("/inner", "/in", &[(b.port, 1)]);
+    inner["auth_required"] = true.into();
+    let mut kept = route("/kept", "/kept", &[(b.port, 1)]);
+    kept["auth_required"] = true.into();
+    kept["forward_access_token"] = true.into();
+    let mut f = file(vec![inner, kept, route("/open", "/open", &[(b.port, 1)])]);
+    f["jwt"] = serde_json::json!({"secret": JWT_SECRET, "issuer": "kairos-gateway", "audience": "websocket-clients"});
+    let server = proxy(&redis, f).await;
+    let token = route_token("alice", "kairos-gateway", JWT_SECRET, 600);
+    for path in [
+        format!("/inner/x?a=1&access_token={token}&b=%20"),
+        format!("/inner/y?access_token={token}"),
+        format!("/kept?access_token={token}"),
+        "/open?access_token=not-ours".to_owned(),
+    ] {
+        let mut ws = open(&server, &path).await.expect("proxied");
+        assert_eq!(next_text(&mut ws).await, "hello from b");
+    }
+    let seen = b.seen.lock().expect("lock");
+    assert_eq!(
+        seen.paths,
+        [
+            "/in/x?a=1&b=%20".to_owned(),
+            "/in/y".to_owned(),
+            format!("/kept?access_token={token}"),
+            "/open?access_token=not-ours".to_owned(),
+        ]
+    );
+    assert!(
+        seen.headers[0]
+            .iter()
+            .any(|(k, v)| k == "x-auth-subject" && v == "alice")
+    );
+}
+
+/// Issue 11, defect 6: `/metrics` named backends by address. Now by the
+/// routes file's `name`, or by position; and METRICS_TOKEN closes it.
+#[tokio::test]
+async fn metrics_name_backends_without_their_addresses_and_can_require_a_token() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let mut r = route("/m", "/", &[(b.port, 1)]);
+    r["backends"] = serde_json::json!([
+        {"host": "ws://127.0.0.1", "port": b.port},
+        {"host": "ws://127.0.0.1", "port": closed_port(), "name": "spare"},
+    ]);
+    let path = routes_file(file(vec![r]));
+    let server = Server::start_with(&redis.url(), move |c| {
+        c.routes_file = Some(path);
+        c.metrics_token = Some(wsproxy::config::Secret::new("metrics-token-0123456789"));
+    })
+    .await;
+    for _ in 0..4 {
+        if let Ok(mut ws) = open(&server, "/m").await {
+            let _ = next_text(&mut ws).await;
+        }
+    }
+    let (status, body) = http_get(server.addr, "/metrics").await.expect("GET");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("metrics_token_required"), "{body}");
+    let (status, text) = http_request(
+        server.addr,
+        "GET /metrics HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer metrics-token-0123456789\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("GET");
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("wsproxy_upstream_connects_total{route=\"/m\",backend=\"0\"} 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("route=\"/m\",backend=\"spare\",reason=\"refused\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("127.0.0.1"),
+        "an address in /metrics: {text}"
+    );
+}
+
+/// Issue 11, defect 12: WebSocket upgrades from another site's page are
+/// refused (403) before anything else, by default and per route.
+#[tokio::test]
+async fn upgrades_from_other_origins_are_refused_per_route_and_by_default() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let mut app = route("/app", "/", &[(b.port, 1)]);
+    app["allowed_origins"] = serde_json::json!(["https://app.example"]);
+    let mut any = route("/any", "/", &[(b.port, 1)]);
+    any["allowed_origins"] = serde_json::json!(["*"]);
+    let server = proxy(
+        &redis,
+        file(vec![app, any, route("/plain", "/", &[(b.port, 1)])]),
+    )
+    .await;
+    let origin = |o: &str| format!("Origin: {o}\r\n");
+    for (path, from, allowed) in [
+        ("/plain", "https://evil.example", false),
+        ("/plain", "null", false),
+        ("/app", "https://evil.example", false),
+        ("/app", "https://app.example", true),
+        ("/any", "https://evil.example", true),
+    ] {
+        if allowed {
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{}\r\n",
+                origin(from)
+            );
+            assert_eq!(
+                http_status(server.addr, &request).await,
+                101,
+                "{path} from {from}"
+            );
+        } else {
+            let (status, body) = refused_upgrade(&server, path, &origin(from)).await;
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (403, Some("origin_not_allowed")),
+                "{path} from {from}"
+            );
+        }
+    }
+    // The server's own origin, and clients that send none, pass.
+    let own = origin(&format!("http://{}", server.addr));
+    let request = format!(
+        "GET /plain HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{own}\r\n",
+        server.addr
+    );
+    assert_eq!(http_status(server.addr, &request).await, 101);
+    assert!(open(&server, "/plain").await.is_ok());
+}
+
+/// Issue 11, defect 11, on a proxied route: a key that is not 16 bytes of
+/// base64 is refused (400) before a backend is dialled.
+#[tokio::test]
+async fn invalid_websocket_keys_are_refused_on_routes() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let server = proxy(&redis, file(vec![route("/k", "/", &[(b.port, 1)])])).await;
+    for key in ["!!", "", "AAAAAAAAAAA=", "not base64 at all!!!!!!!"] {
+        let request = format!(
+            "GET /k HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        );
+        let (status, body) = http_request(server.addr, &request).await.expect("answer");
+        assert_eq!(status, 400, "{key:?}: {body}");
+    }
+    assert!(b.seen.lock().expect("lock").paths.is_empty());
 }

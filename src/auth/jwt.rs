@@ -1,7 +1,10 @@
 //! JSON Web Tokens for topic pub/sub: issued by `POST /auth/token`, checked
 //! on `GET /ws`. HS256 only: the algorithm is fixed by the server, never
 //! taken from the token, so `alg: none` and algorithm-confusion tokens are
-//! refused. `exp`, `iss` and `aud` are always required.
+//! refused. `exp`, `iss` and `aud` are always required, `nbf` is honoured
+//! when present (RFC 7519 section 4.1.5), and a header that names critical
+//! extensions (`crit`, RFC 7515 section 4.1.11) is refused: wsproxy
+//! understands none.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,7 +55,7 @@ pub fn issue(
         sub: user.to_owned(),
         sid: session.to_owned(),
         iat,
-        exp: iat + config.ttl.as_secs(),
+        exp: iat.saturating_add(config.ttl.as_secs()),
         iss: config.issuer.clone(),
         aud: config.audience.clone(),
     };
@@ -79,14 +82,30 @@ pub fn verify_as<T: serde::de::DeserializeOwned>(
     audience: &str,
     token: &str,
 ) -> Result<T, TokenError> {
+    check_header(token)?;
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = LEEWAY_SECS;
+    validation.validate_nbf = true;
     validation.set_issuer(&[issuer]);
     validation.set_audience(&[audience]);
     validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
     jsonwebtoken::decode::<T>(token, &DecodingKey::from_secret(secret), &validation)
         .map(|data| data.claims)
         .map_err(|e| TokenError(e.to_string()))
+}
+
+/// Refuses a token whose header names critical extensions (`crit`), which
+/// jsonwebtoken would ignore. Everything else about the header (its
+/// encoding, `alg`) is left to jsonwebtoken, which refuses what it cannot
+/// read.
+pub fn check_header(token: &str) -> Result<(), TokenError> {
+    match jsonwebtoken::decode_header(token) {
+        Ok(header) if header.crit.is_some() => Err(TokenError(
+            "the token's header names critical extensions (crit), which this server does not support"
+                .to_owned(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Time left before `claims` expire (zero if already expired).
@@ -162,6 +181,45 @@ mod tests {
         )
         .expect("encode");
         assert!(verify(&c, &expired).is_err());
+    }
+
+    fn signed(header: Header, claims: serde_json::Value, secret: &[u8]) -> String {
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret)).expect("encode")
+    }
+
+    #[test]
+    fn not_yet_valid_and_critical_extension_tokens_are_refused() {
+        let c = config();
+        let claims = |nbf: u64| {
+            serde_json::json!({
+                "sub": "alice", "sid": "s", "exp": now() + 600, "iat": now(), "nbf": nbf,
+                "iss": "wsproxy", "aud": "wsproxy"
+            })
+        };
+        let hs256 = Header::new(Algorithm::HS256);
+        let ok = signed(hs256.clone(), claims(now() - 10), &c.secret);
+        assert!(verify(&c, &ok).is_ok());
+        let early = signed(hs256.clone(), claims(now() + 3600), &c.secret);
+        assert!(verify(&c, &early).is_err(), "nbf an hour ahead");
+        let crit = Header {
+            crit: Some(vec!["exp-ext".into()]),
+            ..hs256
+        };
+        let crit = signed(crit, claims(now() - 10), &c.secret);
+        let e = verify(&c, &crit).expect_err("crit");
+        assert!(e.to_string().contains("crit"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_expiry_is_a_token_that_lasts_not_a_panic() {
+        let c = config();
+        let claims = serde_json::json!({
+            "sub": "alice", "sid": "s", "exp": u64::MAX, "iat": now(),
+            "iss": "wsproxy", "aud": "wsproxy"
+        });
+        let token = signed(Header::new(Algorithm::HS256), claims, &c.secret);
+        let claims = verify(&c, &token).expect("valid");
+        assert!(remaining(&claims) > Duration::from_secs(1 << 40));
     }
 
     #[test]

@@ -494,6 +494,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 3000,
             weight: 1,
+            name: "0".into(),
         };
         let up = Upgrade {
             path_and_query: "/ws?room=1",

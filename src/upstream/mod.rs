@@ -159,11 +159,15 @@ impl Upstream {
                 .iter()
                 .find(|s| &s.route.external_path == route);
             for b in &state.backends {
-                let kept = now.and_then(|s| s.backends.iter().find(|n| n.label == b.label));
+                let kept = now.and_then(|s| {
+                    s.backends
+                        .iter()
+                        .find(|n| n.label == b.label && n.backend.name == b.backend.name)
+                });
                 match kept {
-                    None => app.metrics.forget_backend(route, &b.label, false),
+                    None => app.metrics.forget_backend(route, &b.backend.name, false),
                     Some(_) if now.is_some_and(|s| s.route.health_check.is_none()) => {
-                        app.metrics.forget_backend(route, &b.label, true)
+                        app.metrics.forget_backend(route, &b.backend.name, true)
                     }
                     Some(_) => {}
                 }
@@ -182,10 +186,10 @@ impl Upstream {
         for state in &self.current().states {
             let route = &state.route.external_path;
             for b in &state.backends {
-                metrics.upstream_circuit(route, &b.label, b.circuit_open());
+                metrics.upstream_circuit(route, &b.backend.name, b.circuit_open());
                 if state.route.health_check.is_some() {
                     let healthy = b.healthy.load(std::sync::atomic::Ordering::Relaxed);
-                    metrics.upstream_healthy(route, &b.label, healthy);
+                    metrics.upstream_healthy(route, &b.backend.name, healthy);
                 }
             }
         }
@@ -241,10 +245,10 @@ fn start_health_checks(app: &Arc<App>, tls: &tokio_rustls::TlsConnector, table: 
                                 tracing::warn!(%route, backend = %backend.label, "health check passes again")
                             }
                             Err(e) => {
-                                tracing::warn!(%route, backend = %backend.label, error = %e, "health check failed; backend taken out");
+                                tracing::warn!(%route, backend = %backend.label, error = %crate::logsafe::escaped(&e.to_string()), "health check failed; backend taken out");
                                 app.metrics.upstream_failure(
                                     &route,
-                                    &backend.label,
+                                    &backend.backend.name,
                                     "health_check",
                                 );
                             }
@@ -287,7 +291,9 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
 }
 
 /// Refuses a path that a backend could read as another path than the one
-/// the route matched: a `.` or `..` segment, plain or percent-encoded
+/// the route matched: an empty segment (`/good//secret` matches the route
+/// `/good`, and a backend that folds slashes serves it as `/good/secret`,
+/// past that route's `auth_required`), a `.` or `..` segment, plain or percent-encoded
 /// (`/public/%2e%2e/admin` would reach `/admin` past the route's
 /// `auth_required`), an encoded slash or backslash, or a backslash.
 ///
@@ -296,7 +302,13 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
 /// parameter cut off (`..;x` is `..` to a servlet container), trailing
 /// spaces trimmed (`..%20`), and a percent-encoded `%` (`%252e`, decoded
 /// twice by some) or NUL refused outright.
-fn check_path(path: &str) -> Result<(), &'static str> {
+pub fn check_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("the path must start with /");
+    }
+    if path.contains("//") {
+        return Err("the path may not contain empty segments (//)");
+    }
     for segment in path.split('/') {
         let lower = segment.to_ascii_lowercase();
         if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
@@ -379,6 +391,21 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// `query` without its `name` parameters (matched as decoded, so that
+/// `access%5Ftoken` goes too); every other parameter is kept byte for byte,
+/// in order.
+fn without_param<'a>(query: &'a str, name: &str) -> std::borrow::Cow<'a, str> {
+    let is_name = |pair: &str| {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        form_urlencoded::parse(key.as_bytes()).any(|(k, _)| k == name)
+    };
+    if !query.split('&').any(is_name) {
+        return std::borrow::Cow::Borrowed(query);
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !is_name(p)).collect();
+    std::borrow::Cow::Owned(kept.join("&"))
+}
+
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
@@ -403,7 +430,14 @@ async fn proxy(
     let name = route.external_path.clone();
     let headers = req.headers().clone();
 
-    // 2. A WebSocket upgrade?
+    // 2. The page's origin, before anything else; a WebSocket upgrade?
+    crate::handshake::admit(
+        &headers,
+        route
+            .allowed_origins
+            .as_ref()
+            .unwrap_or(&app.config.ws_origins),
+    )?;
     if req.method() != Method::GET {
         return Ok(crate::server::method_not_allowed());
     }
@@ -502,10 +536,17 @@ async fn proxy(
         ));
     }
 
-    // 5. Dial, retrying the next candidate on a failed connect.
-    let path_and_query = match &query {
-        Some(q) => format!("{mapped_path}?{q}"),
-        None => mapped_path,
+    // 5. Dial, retrying the next candidate on a failed connect. The token
+    // the proxy consumed stays here: the backend gets the subject header.
+    let forwarded = match query.as_deref() {
+        Some(q) if route.auth_required && !route.forward_access_token => {
+            Some(without_param(q, "access_token"))
+        }
+        q => q.map(std::borrow::Cow::Borrowed),
+    };
+    let path_and_query = match forwarded.as_deref() {
+        Some(q) if !q.is_empty() => format!("{mapped_path}?{q}"),
+        _ => mapped_path,
     };
     let peer = req.extensions().get::<ConnectionSlot>().map(|s| s.peer);
     let up = Upgrade {
@@ -533,8 +574,8 @@ async fn proxy(
                 // path, or keep a failing backend's breaker shut by mixing
                 // such requests in).
                 app.metrics
-                    .upstream_failure(&name, &backend.label, "rejected");
-                tracing::info!(route = %name, backend = %backend.label, %detail, "backend rejected the upgrade");
+                    .upstream_failure(&name, &backend.backend.name, "rejected");
+                tracing::info!(route = %name, backend = %backend.label, detail = %crate::logsafe::escaped(&detail), "backend rejected the upgrade");
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
                 return Err(ApiError::new(
                     status,
@@ -550,12 +591,13 @@ async fn proxy(
                     DialError::Timeout(_) => "timeout",
                     DialError::Refused(_) | DialError::Rejected(..) => "refused",
                 };
-                app.metrics.upstream_failure(&name, &backend.label, reason);
+                app.metrics
+                    .upstream_failure(&name, &backend.backend.name, reason);
                 let (threshold, cooldown) = route.breaker;
                 if backend.failure(threshold, cooldown) {
                     tracing::warn!(route = %name, backend = %backend.label, ?cooldown, "circuit opened");
                 }
-                tracing::warn!(route = %name, backend = %backend.label, error = %e, "backend connect failed");
+                tracing::warn!(route = %name, backend = %backend.label, error = %crate::logsafe::escaped(&e.to_string()), "backend connect failed");
                 last = Some(e);
             }
         }
@@ -576,7 +618,7 @@ async fn proxy(
             ),
         });
     };
-    backend_slot.1 = Some(app.metrics.upstream_connect(&name, &backend.label));
+    backend_slot.1 = Some(app.metrics.upstream_connect(&name, &backend.backend.name));
 
     // 6. Answer 101 with what the backend agreed to.
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
@@ -640,9 +682,9 @@ async fn proxy(
         };
         let started = std::time::Instant::now();
         let meter = |direction| {
-            let (bytes, frames) = app2
-                .metrics
-                .upstream_traffic(&name, &backend.label, direction);
+            let (bytes, frames) =
+                app2.metrics
+                    .upstream_traffic(&name, &backend.backend.name, direction);
             Meter { bytes, frames }
         };
         let (up, down) = (meter("client_to_backend"), meter("backend_to_client"));
@@ -656,7 +698,8 @@ async fn proxy(
         };
         let broke = verdict.get().map(|v| v.label());
         if let Some(reason) = broke {
-            app2.metrics.upstream_failure(&name, &backend.label, reason);
+            app2.metrics
+                .upstream_failure(&name, &backend.backend.name, reason);
         }
         tracing::info!(
             route = %name,
@@ -743,6 +786,11 @@ mod tests {
             "/public/%252e%252e/admin",
             "/public/..%20/admin",
             "/public/..%00/admin",
+            "/good//secret",
+            "/good///secret/x",
+            "//private/data",
+            "/x//",
+            "private",
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
@@ -755,6 +803,28 @@ mod tests {
         ] {
             assert_eq!(check_path(good), Ok(()), "{good}");
         }
+    }
+
+    #[test]
+    fn the_token_parameter_is_taken_out_of_the_query_and_nothing_else() {
+        assert_eq!(
+            without_param("a=1&access_token=x&b=%20", "access_token"),
+            "a=1&b=%20"
+        );
+        assert_eq!(without_param("access_token=x", "access_token"), "");
+        assert_eq!(without_param("access%5Ftoken=x&k", "access_token"), "k");
+        assert_eq!(
+            without_param("access_token&x=1&access_token=2", "access_token"),
+            "x=1"
+        );
+        assert!(matches!(
+            without_param("x=access_token&y=1", "access_token"),
+            std::borrow::Cow::Borrowed("x=access_token&y=1")
+        ));
+        assert_eq!(
+            without_param("my_access_token=1", "access_token"),
+            "my_access_token=1"
+        );
     }
 
     #[test]

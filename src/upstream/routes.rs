@@ -111,11 +111,22 @@ struct RouterEntry {
     circuit_breaker: Option<BreakerEntry>,
     #[serde(default)]
     connect_timeout_ms: Option<u64>,
+    /// Browser origins allowed on this route (instead of
+    /// `WS_ALLOWED_ORIGINS`); `["*"]` allows any.
+    #[serde(default)]
+    allowed_origins: Option<Vec<String>>,
+    /// Keep `access_token` in the query forwarded to the backend (it is
+    /// removed by default on `auth_required` routes).
+    #[serde(default)]
+    forward_access_token: bool,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackendEntry {
+    /// Names the backend in metrics (default: its position, "0", "1"...).
+    #[serde(default)]
+    name: Option<String>,
     host: String,
     port: i64,
     #[serde(default = "one")]
@@ -215,6 +226,9 @@ pub struct Backend {
     pub port: u16,
     /// Relative share of new connections.
     pub weight: u32,
+    /// What metrics call it: the file's `name`, or its position. Never
+    /// its address, which `/metrics` must not tell.
+    pub name: String,
 }
 
 impl Backend {
@@ -253,6 +267,10 @@ pub struct Route {
     pub breaker: (u32, Duration),
     /// Bound on connecting plus the backend's handshake (504 past it).
     pub connect_timeout: Duration,
+    /// Browser origins allowed, when the route sets its own.
+    pub allowed_origins: Option<crate::origin::AllowedOrigins>,
+    /// Forward the `access_token` query parameter to the backend.
+    pub forward_access_token: bool,
 }
 
 /// An active health check of every backend of a route.
@@ -282,19 +300,28 @@ impl Route {
         self.max_message_bytes.is_some() || self.rate_limit.is_some()
     }
 
-    /// The backend path and query for a client path, if this route takes it.
+    /// The backend path for a client path, if this route takes it: the
+    /// route's `internal_path`, followed by what comes after
+    /// `external_path`, joined by exactly one `/`. Nothing else of the
+    /// client's path is changed (no slash is dropped or added inside it), so
+    /// the backend sees the same segments the route matched; a path with
+    /// empty segments is refused before it gets here (see
+    /// `upstream::check_path`).
     pub fn map_path(&self, path: &str) -> Option<String> {
         let rest = path.strip_prefix(self.external_path.as_str())?;
         if !(rest.is_empty() || rest.starts_with('/') || self.external_path.ends_with('/')) {
             return None;
         }
-        let base = self.internal_path.trim_end_matches('/');
-        let mapped = match (base.is_empty(), rest.is_empty()) {
-            (_, true) => self.internal_path.clone(),
-            (true, false) => rest.to_owned(),
-            (false, false) => format!("{base}/{}", rest.trim_start_matches('/')),
-        };
-        Some(mapped)
+        if rest.is_empty() {
+            return Some(self.internal_path.clone());
+        }
+        // One separator between the two halves, whichever of them had it.
+        let base = self
+            .internal_path
+            .strip_suffix('/')
+            .unwrap_or(&self.internal_path);
+        let tail = rest.strip_prefix('/').unwrap_or(rest);
+        Some(format!("{base}/{tail}"))
     }
 }
 
@@ -475,7 +502,33 @@ impl Routes {
                         .to_owned(),
                     port: b.port as u16,
                     weight: b.weight as u32,
+                    name: match &b.name {
+                        None => j.to_string(),
+                        Some(n)
+                            if !n.is_empty()
+                                && n.len() <= 64
+                                && n.bytes().all(|c| {
+                                    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')
+                                }) =>
+                        {
+                            n.clone()
+                        }
+                        Some(n) => {
+                            return Err(invalid(
+                                bat("name"),
+                                format!(
+                                    "{n:?} must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' and '.'"
+                                ),
+                            ));
+                        }
+                    },
                 };
+                if let Some(k) = backends.iter().position(|o| o.name == backend.name) {
+                    return Err(invalid(
+                        bat("name"),
+                        format!("{:?} is already the name of backends[{k}]", backend.name),
+                    ));
+                }
                 if let Some(k) = backends.iter().position(|o| {
                     (o.tls, &o.host, o.port) == (backend.tls, &backend.host, backend.port)
                 }) {
@@ -647,6 +700,13 @@ impl Routes {
                     ));
                 }
             };
+            let allowed_origins = match &r.allowed_origins {
+                None => None,
+                Some(list) => Some(
+                    crate::origin::AllowedOrigins::parse(list.iter().map(String::as_str))
+                        .map_err(|e| invalid(at("allowed_origins"), e))?,
+                ),
+            };
             routes.push(Route {
                 index: i,
                 external_path: r.external_path,
@@ -661,6 +721,8 @@ impl Routes {
                 health_check,
                 breaker,
                 connect_timeout,
+                allowed_origins,
+                forward_access_token: r.forward_access_token,
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.external_path.len()));
@@ -929,5 +991,45 @@ mod tests {
         );
         assert!(r.find("/ws/chatter").is_none());
         assert!(r.find("/other").is_none());
+    }
+
+    fn route(external: &str, internal: &str) -> Route {
+        let f = file(&OK.replace("/ws/chat", external).replace(
+            r#""internal_path":"/ws""#,
+            &format!(r#""internal_path":"{internal}""#),
+        ));
+        Routes::parse(&f, "t").expect("valid").routes.remove(0)
+    }
+
+    #[test]
+    fn a_mapped_path_keeps_its_leading_slash_and_every_segment() {
+        // A catch-all route forwards the path as it came, slash included.
+        let all = route("/", "/");
+        assert_eq!(all.map_path("/foo/bar").as_deref(), Some("/foo/bar"));
+        assert_eq!(all.map_path("/").as_deref(), Some("/"));
+        assert_eq!(
+            route("/", "/in").map_path("/foo").as_deref(),
+            Some("/in/foo")
+        );
+        assert_eq!(
+            route("/", "/in/").map_path("/foo").as_deref(),
+            Some("/in/foo")
+        );
+        // A prefix route with a trailing slash joins with one slash.
+        let pre = route("/app/", "/in/");
+        assert_eq!(pre.map_path("/app/x").as_deref(), Some("/in/x"));
+        assert_eq!(pre.map_path("/app/").as_deref(), Some("/in/"));
+        // Extra slashes are not folded away: the backend sees the empty
+        // segment the route saw (and check_path refuses such paths).
+        let good = route("/good", "/in/good");
+        assert_eq!(
+            good.map_path("/good//secret").as_deref(),
+            Some("/in/good//secret")
+        );
+        assert_eq!(
+            good.map_path("/good/secret").as_deref(),
+            Some("/in/good/secret")
+        );
+        assert_eq!(good.map_path("/goodness"), None);
     }
 }

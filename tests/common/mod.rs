@@ -314,6 +314,28 @@ pub async fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u
     Ok((status, body))
 }
 
+/// Sends one raw request and returns the status of the response head,
+/// without waiting for the connection to end (a 101 keeps it open).
+pub async fn http_status(addr: SocketAddr, request: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(n > 0, "closed before the response head: {head:?}");
+        head.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&head)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line")
+}
+
 /// Next text frame (skipping pings/pongs), with a timeout.
 pub async fn next_text(ws: &mut Ws) -> String {
     loop {
