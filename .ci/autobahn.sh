@@ -28,7 +28,12 @@
 # (bench: wsproxy-bench's echo server, the default; deflate: a Python echo
 # server that negotiates permessage-deflate, .ci/autobahn/deflate_echo.py, so
 # that the 12.x/13.x cases send compressed messages, e.g. through the limited
-# route, where wsproxy measures them by inflating them).
+# route, where wsproxy measures them by inflating them), AUTOBAHN_THROUGH
+# (proxy: the second run goes through the route, the default; driver: it goes
+# to wsproxy's own test-only echo endpoint /_test/echo, WS_TEST_ECHO=true,
+# which runs on the connection driver of the session and pub/sub endpoints,
+# so that wsproxy's own WebSocket stack is judged against the reference echo
+# server).
 # Exit status: 0 when every case matches; non-zero on any difference, if kosoku
 # cannot be installed or run, or if a server fails or dies.
 set -euo pipefail
@@ -44,6 +49,8 @@ OUT=${AUTOBAHN_OUT:-target/autobahn}
 TIMEOUT=${AUTOBAHN_TIMEOUT:-100}
 PARALLELISM=${AUTOBAHN_PARALLELISM:-1}
 ROUTES_TEMPLATE=${AUTOBAHN_ROUTES:-.ci/autobahn-routes.json}
+THROUGH=${AUTOBAHN_THROUGH:-proxy}
+case $THROUGH in proxy | driver) ;; *) fail "AUTOBAHN_THROUGH: $THROUGH is neither proxy nor driver" ;; esac
 VENV=target/autobahn-kosoku-$KOSOKU_VERSION
 START=$SECONDS
 
@@ -148,10 +155,15 @@ step "wsproxy on 127.0.0.1:$WS_PORT, route $ROUTE_PATH -> ws://127.0.0.1:$ECHO_P
 for v in HOST PORT REDIS_URL ROUTES_FILE AUTH_TIMEOUT_SECS AUTH_GRACE_PERIOD_SECS \
          WS_PING_INTERVAL_SECS WS_PING_TIMEOUT_SECS SHUTDOWN_GRACE_PERIOD_SECS \
          WS_MAX_MESSAGE_BYTES WS_OUTBOUND_QUEUE MAX_CONNECTIONS LOG_FORMAT \
-         JWT_SECRET USERS_FILE CORS_ALLOWED_ORIGINS TLS_CERT TLS_KEY; do
+         JWT_SECRET USERS_FILE CORS_ALLOWED_ORIGINS TLS_CERT TLS_KEY TLS_CERT_FILE TLS_KEY_FILE \
+         WS_ALLOWED_ORIGINS WS_TEST_ECHO METRICS_TOKEN WORKERS; do
   unset "$v"
 done
-HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$REDIS_PORT \
+# For the driver, the reference server's own message limit (tungstenite's
+# 64 MiB): the suite's largest messages are 16 MiB.
+DRIVER_ENV=()
+[[ $THROUGH == driver ]] && DRIVER_ENV=(WS_TEST_ECHO=true WS_MAX_MESSAGE_BYTES=67108864)
+env "${DRIVER_ENV[@]}" HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$REDIS_PORT \
   ROUTES_FILE=$WORK/routes.json RUST_LOG=${RUST_LOG:-info} \
   ./target/debug/wsproxy >"$OUT/logs/wsproxy.log" 2>&1 &
 WS_PID=$!
@@ -194,14 +206,20 @@ run_kosoku() {
 }
 run_kosoku direct "ws://127.0.0.1:$ECHO_PORT/"
 alive "$ECHO_PID" || fail "the echo server died during the direct run"
-run_kosoku proxied "ws://127.0.0.1:$WS_PORT$ROUTE_PATH"
+if [[ $THROUGH == driver ]]; then
+  run_kosoku proxied "ws://127.0.0.1:$WS_PORT/_test/echo"
+else
+  run_kosoku proxied "ws://127.0.0.1:$WS_PORT$ROUTE_PATH"
+fi
 alive "$ECHO_PID" || fail "the echo server died during the proxied run"
 alive "$WS_PID" || { tail -30 "$OUT/logs/wsproxy.log"; fail "wsproxy died during the proxied run"; }
 curl -sf "http://127.0.0.1:$WS_PORT/ready" >/dev/null || fail "wsproxy is no longer ready after the run"
 
 step "direct vs proxied, case by case"
 rc=0
-"$PY" .ci/autobahn/compare.py "$OUT/direct" "$OUT/proxied" "${EXPECT[@]}" || rc=$?
+COMPARE=()
+[[ $THROUGH == driver ]] && COMPARE=(--driver)
+"$PY" .ci/autobahn/compare.py "${COMPARE[@]}" "$OUT/direct" "$OUT/proxied" "${EXPECT[@]}" || rc=$?
 echo "reports: $OUT/direct/index.html, $OUT/proxied/index.html; run time $((SECONDS - START)) s"
 case $rc in
   0) printf '\nAutobahn conformance: proxied matches direct.\n' ;;

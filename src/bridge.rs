@@ -203,7 +203,7 @@ impl Handler for Bridge {
         Box::pin(self.forward_up(text))
     }
 
-    fn on_binary(&mut self) -> Reply {
+    fn on_binary(&mut self, _data: bytes::Bytes) -> Reply {
         self.app.metrics.invalid_message(InvalidMessage::Binary);
         Reply::text(socket_error(
             "binary_not_supported",

@@ -120,6 +120,8 @@ pub struct Config {
     pub ws_origins: crate::origin::AllowedOrigins,
     /// When set, `/metrics` answers only `Authorization: Bearer <token>`.
     pub metrics_token: Option<Secret>,
+    /// Mount the test-only echo endpoint `/_test/echo` (see [`crate::echo`]).
+    pub test_echo: bool,
     /// The reverse proxy's routes file, if any.
     pub routes_file: Option<std::path::PathBuf>,
     /// Extra trusted CA certificates (PEM) for `wss://` backends.
@@ -179,6 +181,7 @@ impl Config {
             cors_origins: Vec::new(),
             ws_origins: crate::origin::AllowedOrigins::SameOrigin,
             metrics_token: None,
+            test_echo: false,
             routes_file: None,
             upstream_ca_file: None,
             tls: None,
@@ -286,6 +289,10 @@ pub struct Cli {
     /// /metrics is open to anyone who can reach the port.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// Test only: serve an echo endpoint on the connection driver at
+    /// /_test/echo, for the Autobahn suite.
+    #[arg(long, env = "WS_TEST_ECHO", default_value = "false", hide = true)]
+    pub ws_test_echo: String,
     /// Reverse proxy routes (JSON, the format in the README); reloaded on SIGHUP.
     #[arg(long, env = "ROUTES_FILE")]
     pub routes_file: Option<String>,
@@ -526,6 +533,7 @@ impl Cli {
                 }
                 Some(t) => Some(Secret(t.to_owned())),
             },
+            test_echo: boolean("WS_TEST_ECHO", &self.ws_test_echo)?,
             routes_file: None,
             upstream_ca_file: None,
             tls: None,

@@ -26,6 +26,7 @@
 //! - [`handshake`]: the checks every upgrade passes first (origin, key).
 //! - [`logsafe`]: client-chosen values escaped for the log.
 //! - [`error`]: how refusals become JSON responses and socket messages.
+//! - [`echo`]: a test-only echo endpoint on the driver, for Autobahn.
 //!
 //! # Running it in-process
 //!
@@ -47,6 +48,7 @@ pub mod auth;
 pub mod bridge;
 pub mod broker;
 pub mod config;
+pub mod echo;
 pub mod error;
 pub mod handshake;
 pub mod logsafe;

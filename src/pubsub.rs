@@ -121,7 +121,7 @@ impl Handler for Hub {
         Box::pin(async move { self.command(text.as_str()).await })
     }
 
-    fn on_binary(&mut self) -> Reply {
+    fn on_binary(&mut self, _data: bytes::Bytes) -> Reply {
         refuse(
             &self.app,
             "binary",

@@ -421,7 +421,12 @@ pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
 
 /// All HTTP routes.
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+    let router = if app.config.test_echo {
+        Router::new().route("/_test/echo", get(crate::echo::handler))
+    } else {
+        Router::new()
+    };
+    router
         .route("/health", get(health).fallback(only_get))
         .route("/ready", get(ready).fallback(only_get))
         .route("/metrics", get(metrics).fallback(only_get))

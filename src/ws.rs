@@ -77,7 +77,7 @@ pub trait Handler: Send + Sync + 'static {
     /// A text frame arrived. The returned future is boxed by design.
     fn on_text(&mut self, text: Utf8Bytes) -> HandlerFuture<'_>;
     /// A binary frame arrived.
-    fn on_binary(&mut self) -> Reply;
+    fn on_binary(&mut self, data: bytes::Bytes) -> Reply;
 }
 
 /// The counters a driver keeps for its endpoint.
@@ -257,7 +257,7 @@ impl<H: Handler> Driver<H> {
                         None | Some(Ok(Message::Close(_))) => return Err(Stop::Client),
                         Some(Err(e)) => return Err(classify(e)),
                         Some(Ok(Message::Text(text))) => self.handler.on_text(text).await,
-                        Some(Ok(Message::Binary(_))) => self.handler.on_binary(),
+                        Some(Ok(Message::Binary(data))) => self.handler.on_binary(data),
                         // tungstenite queues the pong itself; the next read sends it.
                         Some(Ok(Message::Ping(_))) => Reply::None,
                         Some(Ok(Message::Pong(_))) => {

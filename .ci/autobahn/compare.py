@@ -1,6 +1,6 @@
 """Compare two kosoku (Autobahn) report directories case by case.
 
-    python compare.py DIRECT_DIR PROXIED_DIR [EXPECTED_CASES]
+    python compare.py [--driver] DIRECT_DIR PROXIED_DIR [EXPECTED_CASES]
 
 Each directory holds the `index.json` kosoku's CLI writes:
 {agent: {case_id: {"behavior", "behaviorClose", "remoteCloseCode", ...}}}.
@@ -11,6 +11,14 @@ A case's result is the pair (behavior, behaviorClose), e.g. ("OK", "OK") or
 ("NON-STRICT", "OK"). The proxied result of every case must equal the direct
 one. Since the route under test is a byte tunnel, the close code the peer sent
 (remoteCloseCode) must be the same too.
+
+With --driver the second directory is wsproxy's own WebSocket stack (its
+test echo endpoint), not a byte tunnel: verdicts must still be equal, and so
+must close codes, except where the reference server broke the connection
+off without a close frame (it does so on every protocol error). There RFC
+6455 asks the server to send one first, so wsproxy must have closed with
+1002 (protocol error) or 1007 (invalid UTF-8); dropping the connection as
+the reference does is a difference.
 
 Finer details from the per-case reports (the events received, the close
 reason, who closed or dropped the connection, whether it was clean) are
@@ -96,11 +104,24 @@ def summary(name: str, cases: dict[str, dict]) -> str:
     )
 
 
+def report(outdir: str, entry: dict) -> dict:
+    try:
+        return json.loads((Path(outdir) / entry["reportfile"]).read_text())
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def main() -> int:
-    if len(sys.argv) not in (3, 4):
+    args = sys.argv[1:]
+    driver = bool(args) and args[0] == "--driver"
+    if driver:
+        args = args[1:]
+    if len(args) not in (2, 3):
         sys.exit(__doc__)
+    sys.argv = [sys.argv[0], *args]
     direct, proxied = load(sys.argv[1]), load(sys.argv[2])
     expected = int(sys.argv[3]) if len(sys.argv) == 4 else None
+    rfc_closes = 0
 
     print(summary("direct", direct))
     print(summary("proxied", proxied))
@@ -126,8 +147,21 @@ def main() -> int:
     diffs, notes, no_detail = [], [], []
     for case_id in sorted(direct.keys() & proxied.keys(), key=sort_key):
         d, p = direct[case_id], proxied[case_id]
+        dropped = (
+            driver
+            and d.get("remoteCloseCode") is None
+            and report(sys.argv[1], d).get("wasClean") is False
+        )
         if verdict(d) != verdict(p):
             diffs.append(f"  {case_id}: direct {verdict(d)}, proxied {verdict(p)}")
+        elif dropped:
+            if p.get("remoteCloseCode") in (1002, 1007):
+                rfc_closes += 1
+            else:
+                diffs.append(
+                    f"  {case_id}: the reference dropped the connection; wsproxy "
+                    f"must close with 1002 or 1007 first, it sent {p.get('remoteCloseCode')}"
+                )
         elif d.get("remoteCloseCode") != p.get("remoteCloseCode"):
             diffs.append(
                 f"  {case_id}: both {verdict(d)} but close code direct "
@@ -156,6 +190,11 @@ def main() -> int:
         return 2
     if diffs:
         return 1
+    if driver:
+        print(
+            f"{rfc_closes} case(s) where the reference drops the connection: "
+            "wsproxy closed with 1002/1007 first, as RFC 6455 asks"
+        )
     details = "" if notes else "; details (events, close, cleanness) too"
     print(
         f"all {len(direct)} cases match (verdict and close code) through the proxy{details}"
