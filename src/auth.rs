@@ -56,6 +56,9 @@ pub enum AuthError {
     /// Redis could not be asked.
     #[error("Redis is unavailable: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Redis did not confirm the subscription that admits the client.
+    #[error("Redis is unavailable: {0}")]
+    Subscribe(#[from] crate::broker::BrokerError),
 }
 
 /// Extracts the bearer token from the `Authorization` header, falling back
@@ -96,7 +99,7 @@ pub fn bearer_token<'a>(
 
 /// The Redis key holding a session's token.
 pub fn auth_key(session_id: &str) -> String {
-    format!("session:{session_id}:auth")
+    crate::keys::session_auth(session_id)
 }
 
 /// Checks `token` against the session's stored token and, when it matches,

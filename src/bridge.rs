@@ -28,18 +28,15 @@ use serde::de::IgnoredAny;
 
 use crate::auth::{self, AuthError};
 use crate::broker::{Outbox, Subscription};
+use crate::context::{App, ConnectionSlot};
 use crate::error::{ApiError, socket_error};
 use crate::metrics::{AuthFailure, InvalidMessage};
-use crate::server::{App, ConnectionSlot};
 use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 
-/// Longest agent or session id accepted.
-pub const MAX_ID_LEN: usize = 128;
+pub use crate::keys::MAX_ID_LEN;
 
-/// Checks an id used in Redis key and channel names: 1 to [`MAX_ID_LEN`]
-/// ASCII letters, digits, `-`, `_` or `.`. Everything else, notably `:`,
-/// glob characters (`*?[]`) and whitespace, could change which key or
-/// channel is addressed, so it is refused.
+/// Checks an id used in Redis key and channel names (see
+/// [`crate::keys::valid_id`]): 400 `invalid_id` naming the bad character.
 pub fn validate_id(what: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(ApiError::new(
@@ -48,10 +45,7 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), ApiError> {
             format!("{what} must be 1-{MAX_ID_LEN} characters long"),
         ));
     }
-    if let Some(bad) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
+    if let Some(bad) = crate::keys::first_invalid(id) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_id",
@@ -110,20 +104,14 @@ async fn accept(
     // 2 and 3, bounded together by AUTH_TIMEOUT_SECS.
     let config = &app.config;
     let outbox = Outbox::new(config.outbound_queue);
-    let down = format!("session:{session_id}:down");
+    let down = crate::keys::session_down(&session_id);
     let mut redis = app.redis.clone();
     let attach = async {
         auth::check_session_token(&mut redis, &session_id, token, config.auth_grace_period).await?;
         app.broker
             .subscribe(&down, outbox.clone(), config.auth_timeout)
             .await
-            .map_err(|e| {
-                AuthError::Redis(redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "subscribe",
-                    e.to_string(),
-                )))
-            })
+            .map_err(AuthError::from)
     };
     let subscription = match tokio::time::timeout(config.auth_timeout, attach).await {
         Ok(Ok(subscription)) => subscription,
@@ -140,7 +128,7 @@ async fn accept(
             app.metrics.auth_failure(AuthFailure::MissingToken);
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", m));
         }
-        Ok(Err(AuthError::Redis(e))) => {
+        Ok(Err(e @ (AuthError::Redis(_) | AuthError::Subscribe(_)))) => {
             app.metrics.auth_failure(AuthFailure::RedisUnavailable);
             tracing::warn!(%session_id, error = %e, "refused: redis unavailable");
             return Err(redis_unavailable());
@@ -156,7 +144,7 @@ async fn accept(
     let handler = Bridge {
         app: app.clone(),
         redis,
-        up: format!("session:{session_id}:up"),
+        up: crate::keys::session_up(&session_id),
         _subscription: subscription,
     };
     let driver = Driver {

@@ -16,7 +16,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 
 use crate::broker::Outbox;
-use crate::server::App;
+use crate::context::App;
 use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 
 /// Sends every message back as it came.

@@ -5,7 +5,7 @@
 //! the code is stable and meant for programs, the message for people.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -80,6 +80,25 @@ impl IntoResponse for ApiError {
         };
         (self.status, Json(body)).into_response()
     }
+}
+
+/// 405 with `Allow: GET` and a JSON body: WebSocket endpoints upgrade a GET.
+pub fn method_not_allowed() -> Response {
+    not_allowed("GET", "a WebSocket upgrade is a GET request")
+}
+
+/// 405 with `Allow` and a JSON body, like every other refusal.
+pub fn not_allowed(allow: &'static str, message: &'static str) -> Response {
+    let mut response = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        message,
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, axum::http::HeaderValue::from_static(allow));
+    response
 }
 
 /// The JSON error message sent on an open WebSocket when a client message is

@@ -13,6 +13,11 @@
 //!   validated with errors that name the variable.
 //! - [`server`]: [`run`] (the whole server on a given listener), the accept
 //!   loop, routes (`/health`, `/ready`, `/metrics`) and graceful shutdown.
+//! - [`context`]: what every connection task shares (`App`,
+//!   `ConnectionSlot`, `Draining`, `WorkerPool`), below the server, so that
+//!   no endpoint imports the server.
+//! - [`net`]: binding the listener, socket options.
+//! - [`keys`]: the Redis key and channel schema and the id rule.
 //! - [`auth`]: bearer-token extraction and the one-round-trip Redis check.
 //! - [`broker`]: the process's single Redis pub/sub connection, with
 //!   reference-counted subscriptions, reconnection and resubscription.
@@ -48,11 +53,14 @@ pub mod auth;
 pub mod bridge;
 pub mod broker;
 pub mod config;
+pub mod context;
 pub mod echo;
 pub mod error;
 pub mod handshake;
+pub mod keys;
 pub mod logsafe;
 pub mod metrics;
+pub mod net;
 pub mod origin;
 pub mod pubsub;
 pub mod server;

@@ -17,7 +17,7 @@
 //!   `SHUTDOWN_GRACE_PERIOD_SECS`, then stops the broker and returns.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -39,7 +39,10 @@ use tower::ServiceExt;
 use crate::auth::users::Users;
 use crate::broker::Broker;
 use crate::config::Config;
+pub use crate::context::{App, ConnectionSlot, Draining, WorkerPool};
+use crate::error::{method_not_allowed, not_allowed};
 use crate::metrics::Metrics;
+pub use crate::net::{LISTEN_BACKLOG, bind, tune_socket};
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -61,32 +64,6 @@ pub enum ServerError {
     Workers(std::io::Error),
 }
 
-/// State shared by every handler and connection task.
-#[derive(Debug)]
-pub struct App {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// The one multiplexed Redis connection for commands (auth, PUBLISH);
-    /// it reconnects by itself.
-    pub redis: ConnectionManager,
-    /// The one shared pub/sub connection.
-    pub broker: Broker,
-    /// This instance's metrics.
-    pub metrics: Arc<Metrics>,
-    /// Cancelled when the server starts shutting down.
-    pub shutdown: CancellationToken,
-    /// The same moment, for hot paths: see [`Draining`].
-    pub draining: Draining,
-    /// Every connection task; shutdown waits for it to empty.
-    pub tracker: TaskTracker,
-    /// Users allowed to get tokens from `POST /auth/token`.
-    pub users: Option<Users>,
-    /// The reverse proxy, when `ROUTES_FILE` is set.
-    pub upstream: Option<crate::upstream::Upstream>,
-    /// The event loops proxied tunnels run on (see [`Workers`]).
-    pub workers: WorkerPool,
-}
-
 /// The proxy's worker threads: each runs a current-thread tokio runtime,
 /// one event loop with its own epoll and timers, as each of nginx's worker
 /// processes is. Once a proxied connection's handshakes are done (on the
@@ -99,21 +76,6 @@ pub struct App {
 struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
     stop: CancellationToken,
-}
-
-/// Handles of the worker runtimes, handed out in turn.
-#[derive(Debug)]
-pub struct WorkerPool {
-    handles: Vec<tokio::runtime::Handle>,
-    next: std::sync::atomic::AtomicUsize,
-}
-
-impl WorkerPool {
-    /// The runtime the next tunnel goes to.
-    pub fn next(&self) -> &tokio::runtime::Handle {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        &self.handles[i % self.handles.len()]
-    }
 }
 
 impl Workers {
@@ -159,10 +121,7 @@ impl Workers {
                 }
             }
         }
-        let pool = WorkerPool {
-            handles,
-            next: std::sync::atomic::AtomicUsize::new(0),
-        };
+        let pool = WorkerPool::new(handles);
         Ok((workers, pool))
     }
 
@@ -185,130 +144,6 @@ impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
     }
-}
-
-/// Tells long-lived connection tasks that shutdown has begun, cheaply
-/// enough to be asked on every poll of a hot path.
-///
-/// `CancellationToken::is_cancelled` takes the token's lock, and a fresh
-/// `cancelled()` future locks twice more (to register and to unregister):
-/// three trips through one process-wide lock per message (1-2% of the
-/// proxy's profile; on 2 cores no throughput difference was measurable,
-/// but the lock is shared by every connection on every core). Here a task
-/// registers its waker once and from then on reads an atomic flag; the
-/// flag is set before the waiters are woken.
-#[derive(Debug, Default)]
-pub struct Draining {
-    flag: std::sync::atomic::AtomicBool,
-    wake: CancellationToken,
-}
-
-impl Draining {
-    /// Begins the drain: sets the flag, then wakes every registered task.
-    pub fn begin(&self) {
-        self.flag.store(true, std::sync::atomic::Ordering::Release);
-        self.wake.cancel();
-    }
-
-    /// True once the drain has begun.
-    pub fn has_begun(&self) -> bool {
-        self.flag.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// What a task keeps to be woken: pin it once, then pass it to
-    /// [`Draining::poll`] on every poll.
-    pub fn waiter(&self) -> DrainWaiter<'_> {
-        DrainWaiter {
-            wait: self.wake.cancelled(),
-            waker: None,
-        }
-    }
-
-    /// Ready once the drain has begun. Registers `cx`'s waker with the
-    /// token only when it differs from the one registered before (a tokio
-    /// task's waker never changes, so that is once per task).
-    pub fn poll(
-        &self,
-        waiter: std::pin::Pin<&mut DrainWaiter<'_>>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        use std::future::Future;
-        if self.has_begun() {
-            return std::task::Poll::Ready(());
-        }
-        let waiter = waiter.project();
-        if waiter
-            .waker
-            .as_ref()
-            .is_none_or(|w| !w.will_wake(cx.waker()))
-        {
-            *waiter.waker = Some(cx.waker().clone());
-            if waiter.wait.poll(cx).is_ready() {
-                return std::task::Poll::Ready(());
-            }
-        }
-        std::task::Poll::Pending
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A task's registration with [`Draining`].
-    #[derive(Debug)]
-    pub struct DrainWaiter<'a> {
-        #[pin]
-        wait: tokio_util::sync::WaitForCancellationFuture<'a>,
-        waker: Option<std::task::Waker>,
-    }
-}
-
-/// Held for as long as a client connection (HTTP or upgraded WebSocket)
-/// lives; it carries the connection's `MAX_CONNECTIONS` permit.
-#[derive(Debug, Clone)]
-pub struct ConnectionSlot {
-    /// The client's address.
-    pub peer: SocketAddr,
-    _permit: Arc<OwnedSemaphorePermit>,
-}
-
-/// Pending connections the kernel may queue before wsproxy accepts them.
-/// `TcpListener::bind` uses 128, which overflows under a burst of
-/// connects (each dropped SYN costs the client a one-second retransmit);
-/// the kernel caps this at `net.core.somaxconn`.
-pub const LISTEN_BACKLOG: u32 = 4096;
-
-/// TCP keepalive for client and backend sockets: first probe after 60 s
-/// idle, then every 10 s, 3 probes. A peer that vanished without a FIN (a
-/// dropped network) is noticed within about 90 s even where nothing else
-/// pings, as on proxied tunnels.
-fn keepalive() -> socket2::TcpKeepalive {
-    socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3)
-}
-
-/// Sets what every backend socket gets: no Nagle delay, and [`keepalive`].
-/// (Client sockets inherit both from the listener [`bind`] makes.)
-pub fn tune_socket(stream: &tokio::net::TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive());
-}
-
-/// Binds the listening socket with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`
-/// (so a restart does not wait for old connections in TIME_WAIT). It also
-/// sets `TCP_NODELAY` and [`keepalive`], which Linux copies to every
-/// accepted socket: no system call per connection.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive())?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Runs wsproxy on `listener` until `shutdown` is cancelled, then drains
@@ -543,25 +378,6 @@ async fn session_or_route(State(app): State<Arc<App>>, req: Request) -> Response
     axum::handler::Handler::call(crate::bridge::handler, req, app).await
 }
 
-/// 405 with `Allow: GET` and a JSON body: WebSocket endpoints upgrade a GET.
-pub fn method_not_allowed() -> Response {
-    not_allowed("GET", "a WebSocket upgrade is a GET request")
-}
-
-/// 405 with `Allow` and a JSON body, like every other refusal.
-fn not_allowed(allow: &'static str, message: &'static str) -> Response {
-    let mut response = crate::error::ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        message,
-    )
-    .into_response();
-    response
-        .headers_mut()
-        .insert(header::ALLOW, axum::http::HeaderValue::from_static(allow));
-    response
-}
-
 async fn only_get() -> Response {
     not_allowed("GET", "this endpoint answers GET only")
 }
@@ -664,10 +480,7 @@ impl Listener {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let slot = ConnectionSlot {
-                        peer,
-                        _permit: Arc::new(permit),
-                    };
+                    let slot = ConnectionSlot::new(peer, permit);
                     let router = self.router.clone();
                     let app = self.app.clone();
                     match &self.tls {
@@ -739,75 +552,5 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn draining_wakes_a_registered_task_once_begun() {
-        let draining = Arc::new(Draining::default());
-        let d = draining.clone();
-        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let p = polls.clone();
-        let task = tokio::spawn(async move {
-            let mut waiter = std::pin::pin!(d.waiter());
-            std::future::poll_fn(|cx| {
-                p.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                d.poll(waiter.as_mut(), cx)
-            })
-            .await;
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!task.is_finished());
-        assert!(!draining.has_begun());
-        assert_eq!(polls.load(std::sync::atomic::Ordering::Relaxed), 1);
-        draining.begin();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("woken")
-            .expect("no panic");
-        assert!(draining.has_begun());
-        // A waiter made after the drain began is ready at once.
-        let mut late = std::pin::pin!(draining.waiter());
-        let ready =
-            std::future::poll_fn(|cx| std::task::Poll::Ready(draining.poll(late.as_mut(), cx)))
-                .await;
-        assert!(ready.is_ready());
-    }
-
-    fn assert_tuned(stream: &tokio::net::TcpStream) {
-        let sock = socket2::SockRef::from(stream);
-        assert!(sock.tcp_nodelay().expect("nodelay"));
-        assert!(sock.keepalive().expect("keepalive"));
-        assert_eq!(
-            sock.tcp_keepalive_time().expect("idle"),
-            Duration::from_secs(60)
-        );
-        assert_eq!(
-            sock.tcp_keepalive_interval().expect("interval"),
-            Duration::from_secs(10)
-        );
-        assert_eq!(sock.tcp_keepalive_retries().expect("retries"), 3);
-    }
-
-    #[tokio::test]
-    async fn accepted_sockets_inherit_nodelay_and_keepalive_and_backends_get_them() {
-        let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (client, accepted) =
-            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-        let (server_side, _) = accepted.expect("accept");
-        assert_tuned(&server_side);
-        let client = client.expect("connect");
-        assert!(
-            !socket2::SockRef::from(&client)
-                .keepalive()
-                .expect("keepalive")
-        );
-        tune_socket(&client);
-        assert_tuned(&client);
     }
 }

@@ -26,8 +26,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::broker::{Outbox, Outgoing};
+use crate::context::{App, ConnectionSlot};
 use crate::metrics::CloseReason;
-use crate::server::{App, ConnectionSlot};
 
 /// Close codes (RFC 6455 section 7.4.1).
 pub const CLOSE_GOING_AWAY: u16 = 1001;

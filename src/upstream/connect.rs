@@ -282,7 +282,7 @@ async fn dial_inner(
     let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
         .await
         .map_err(|e| refused("cannot connect to", &e))?;
-    crate::server::tune_socket(&tcp);
+    crate::net::tune_socket(&tcp);
     let mut stream = if backend.tls {
         let name = ServerName::try_from(backend.host.clone())
             .map_err(|e| refused("bad TLS name for", &e))?;

@@ -42,8 +42,8 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
+use crate::context::{App, ConnectionSlot};
 use crate::error::ApiError;
-use crate::server::{App, ConnectionSlot};
 use balance::{BackendState, RouteState};
 use connect::{DialError, Handshake, Upgrade};
 use routes::{Routes, RoutesError, StickyKey};
@@ -385,7 +385,7 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
 
 /// The query parameter `name`, decoded as a form would be (`+` is a space,
 /// `%XX` a byte; bytes that are not UTF-8 become U+FFFD, never a panic).
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
@@ -394,7 +394,7 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 /// `query` without its `name` parameters (matched as decoded, so that
 /// `access%5Ftoken` goes too); every other parameter is kept byte for byte,
 /// in order.
-fn without_param<'a>(query: &'a str, name: &str) -> std::borrow::Cow<'a, str> {
+pub fn without_param<'a>(query: &'a str, name: &str) -> std::borrow::Cow<'a, str> {
     let is_name = |pair: &str| {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
         form_urlencoded::parse(key.as_bytes()).any(|(k, _)| k == name)
@@ -439,7 +439,7 @@ async fn proxy(
             .unwrap_or(&app.config.ws_origins),
     )?;
     if req.method() != Method::GET {
-        return Ok(crate::server::method_not_allowed());
+        return Ok(crate::error::method_not_allowed());
     }
     let is_upgrade = header_str(&headers, header::UPGRADE)
         .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
