@@ -38,8 +38,6 @@ pub struct App {
     pub tracker: TaskTracker,
     /// Users allowed to get tokens from `POST /auth/token`.
     pub users: Option<crate::auth::users::Users>,
-    /// The reverse proxy, when `ROUTES_FILE` is set.
-    pub upstream: Option<crate::upstream::Upstream>,
     /// The event loops proxied tunnels run on (see [`Workers`]).
     pub workers: WorkerPool,
 }

@@ -159,10 +159,10 @@ pub async fn run(
         None => None,
     };
     let upstream = match &config.routes_file {
-        Some(path) => Some(crate::upstream::Upstream::load(
+        Some(path) => Some(Arc::new(crate::upstream::Upstream::load(
             path,
             config.upstream_ca_file.as_deref(),
-        )?),
+        )?)),
         None => None,
     };
     let tls = match &config.tls {
@@ -194,23 +194,25 @@ pub async fn run(
         draining: Draining::default(),
         tracker: TaskTracker::new(),
         users,
-        upstream,
         workers: worker_pool,
     });
-    if let Some(upstream) = &app.upstream {
+    if let Some(upstream) = &upstream {
         upstream.start(&app);
         tracing::info!(
             routes = upstream.route_count(),
             "reverse proxy routes loaded"
         );
-        tokio::spawn(reload_on_sighup(app.clone()));
+        tokio::spawn(reload_on_sighup(app.clone(), upstream.clone()));
     }
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "wsproxy listening");
 
     let accept = Listener {
         listener,
-        router: router(app.clone()),
+        router: router(Gateway {
+            app: app.clone(),
+            upstream: upstream.clone(),
+        }),
         limit: Arc::new(Semaphore::new(config.max_connections)),
         app: app.clone(),
         tls,
@@ -234,7 +236,7 @@ pub async fn run(
     }
     // What is still open past the grace period ends with its worker.
     workers.stop().await;
-    if let Some(upstream) = &app.upstream {
+    if let Some(upstream) = &upstream {
         upstream.stop();
     }
     broker_stop.cancel();
@@ -254,8 +256,26 @@ pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
     redis::Client::open(info.set_tcp_settings(tcp))
 }
 
+/// What the router's handlers share: the connection context, and the
+/// reverse proxy (which sits above the context, so the context cannot hold
+/// it).
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// Shared state of every connection.
+    pub app: Arc<App>,
+    /// The reverse proxy, when `ROUTES_FILE` is set.
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
+}
+
+impl axum::extract::FromRef<Gateway> for Arc<App> {
+    fn from_ref(gateway: &Gateway) -> Self {
+        gateway.app.clone()
+    }
+}
+
 /// All HTTP routes.
-pub fn router(app: Arc<App>) -> Router {
+pub fn router(gateway: Gateway) -> Router {
+    let app = &gateway.app;
     let router = if app.config.test_echo {
         Router::new().route("/_test/echo", get(crate::echo::handler))
     } else {
@@ -269,12 +289,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws", get(crate::pubsub::handler).fallback(only_get))
         .route("/auth/token", token_route(&app.config))
         .fallback(fallback)
-        .with_state(app)
+        .with_state(gateway)
 }
 
 /// `POST /auth/token`, with a small body limit and CORS for the configured
 /// browser origins.
-fn token_route(config: &Config) -> axum::routing::MethodRouter<Arc<App>> {
+fn token_route(config: &Config) -> axum::routing::MethodRouter<Gateway> {
     use tower_http::cors::{AllowOrigin, CorsLayer};
     // The fallback before the layer, so that CORS preflights (OPTIONS)
     // still get their answer from the layer.
@@ -331,7 +351,8 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 
 /// `/metrics`; with `METRICS_TOKEN` set, only for `Authorization: Bearer
 /// <token>` (compared in constant time).
-async fn metrics(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Response {
+async fn metrics(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) -> Response {
+    let app = &gateway.app;
     if let Some(expected) = &app.config.metrics_token {
         use subtle::ConstantTimeEq;
         let given = crate::auth::bearer_token(&headers, None).unwrap_or("");
@@ -349,7 +370,7 @@ async fn metrics(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) ->
             return response;
         }
     }
-    if let Some(upstream) = &app.upstream {
+    if let Some(upstream) = &gateway.upstream {
         upstream.refresh_metrics(&app.metrics);
     }
     (
@@ -364,18 +385,16 @@ async fn metrics(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) ->
 
 /// A session path, unless a proxy route claims it (see
 /// [`crate::upstream::Upstream::claims`]).
-async fn session_or_route(State(app): State<Arc<App>>, req: Request) -> Response {
-    if app
-        .upstream
-        .as_ref()
-        .is_some_and(|u| u.claims(req.uri().path()))
+async fn session_or_route(State(gateway): State<Gateway>, req: Request) -> Response {
+    if let Some(upstream) = &gateway.upstream
+        && upstream.claims(req.uri().path())
     {
-        return crate::upstream::handle(app, req).await;
+        return crate::upstream::handle(gateway.app.clone(), upstream, req).await;
     }
     if req.method() != axum::http::Method::GET {
         return method_not_allowed();
     }
-    axum::handler::Handler::call(crate::bridge::handler, req, app).await
+    axum::handler::Handler::call(crate::bridge::handler, req, gateway).await
 }
 
 async fn only_get() -> Response {
@@ -390,13 +409,16 @@ async fn only_post() -> Response {
 }
 
 /// Everything else: a reverse-proxy route, or 404.
-async fn fallback(State(app): State<Arc<App>>, req: Request) -> Response {
-    crate::upstream::handle(app, req).await
+async fn fallback(State(gateway): State<Gateway>, req: Request) -> Response {
+    match &gateway.upstream {
+        Some(upstream) => crate::upstream::handle(gateway.app.clone(), upstream, req).await,
+        None => crate::upstream::not_found(),
+    }
 }
 
 /// Reloads the routes file on every SIGHUP; a bad file is refused and
 /// the routes in use stay.
-async fn reload_on_sighup(app: Arc<App>) {
+async fn reload_on_sighup(app: Arc<App>, upstream: Arc<crate::upstream::Upstream>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -409,16 +431,14 @@ async fn reload_on_sighup(app: Arc<App>) {
                 _ = app.shutdown.cancelled() => return,
                 got = hup.recv() => if got.is_none() { return },
             }
-            if let Some(upstream) = &app.upstream {
-                match upstream.reload(&app) {
-                    Ok(n) => tracing::info!(routes = n, "routes reloaded"),
-                    Err(e) => tracing::error!("routes not reloaded, keeping the old ones: {e}"),
-                }
+            match upstream.reload(&app) {
+                Ok(n) => tracing::info!(routes = n, "routes reloaded"),
+                Err(e) => tracing::error!("routes not reloaded, keeping the old ones: {e}"),
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = app;
+    let _ = (app, upstream);
 }
 
 /// Builds the TLS acceptor from PEM files.

@@ -265,10 +265,7 @@ fn start_health_checks(app: &Arc<App>, tls: &tokio_rustls::TlsConnector, table: 
 }
 
 /// Looks up the route for `path` (the router's fallback calls this).
-pub async fn handle(app: Arc<App>, req: Request) -> Response {
-    let Some(upstream) = app.upstream.as_ref() else {
-        return not_found();
-    };
+pub async fn handle(app: Arc<App>, upstream: &Upstream, req: Request) -> Response {
     let table = upstream.current();
     let path = req.uri().path().to_owned();
     let Some((index, mapped)) = table
@@ -327,7 +324,8 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn not_found() -> Response {
+/// 404 for a path that is neither wsproxy's own nor a route's.
+pub fn not_found() -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
