@@ -613,6 +613,15 @@ fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// The code of the first close frame among server frames, if any.
+fn close_code_in(frames: &[(u8, Vec<u8>)]) -> Option<u16> {
+    frames
+        .iter()
+        .find(|(op, _)| *op == 8)
+        .and_then(|(_, p)| p.get(..2))
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+}
+
 /// Defect 9: a client that breaks the protocol gets a close frame saying
 /// so (1002, or 1007 for text that is not UTF-8) before the connection
 /// ends, not a bare TCP close.
@@ -652,12 +661,11 @@ async fn protocol_errors_get_a_close_frame_with_1002_or_1007() {
         let mut s = raw_handshake(&server, &session, "tok").await;
         s.write_all(&bytes).await.expect("write");
         let frames = read_frames_until_eof(&mut s).await;
-        let code = frames
-            .iter()
-            .find(|(op, _)| *op == 8)
-            .and_then(|(_, p)| p.get(..2))
-            .map(|c| u16::from_be_bytes([c[0], c[1]]));
-        assert_eq!(code, Some(want), "{what}: frames {frames:?}");
+        assert_eq!(
+            close_code_in(&frames),
+            Some(want),
+            "{what}: frames {frames:?}"
+        );
     }
     // A close reason that is not UTF-8: a close frame with 1002 or 1007.
     let mut s = raw_handshake(&server, &session, "tok").await;
@@ -665,12 +673,10 @@ async fn protocol_errors_get_a_close_frame_with_1002_or_1007() {
         .await
         .expect("write");
     let frames = read_frames_until_eof(&mut s).await;
-    let code = frames
-        .iter()
-        .find(|(op, _)| *op == 8)
-        .and_then(|(_, p)| p.get(..2))
-        .map(|c| u16::from_be_bytes([c[0], c[1]]));
-    assert!(matches!(code, Some(1002 | 1007)), "{frames:?}");
+    assert!(
+        matches!(close_code_in(&frames), Some(1002 | 1007)),
+        "{frames:?}"
+    );
     server
         .wait_metric("wsproxy_disconnects_total{reason=\"protocol_error\"}", 7.0)
         .await;
