@@ -61,7 +61,9 @@ mod tests {
 
     #[test]
     fn only_ids_that_cannot_change_a_name_are_valid() {
-        for bad in ["", "a:b", "a*", "a?", "a[b]", "a b", "ä", "a/b", "a{b}", "a|b"] {
+        for bad in [
+            "", "a:b", "a*", "a?", "a[b]", "a b", "ä", "a/b", "a{b}", "a|b",
+        ] {
             assert!(!valid_id(bad), "{bad:?}");
         }
         assert!(!valid_id(&"x".repeat(MAX_ID_LEN + 1)));

@@ -32,26 +32,146 @@ use serde_json::value::RawValue;
 
 use crate::auth::{self, jwt};
 use crate::broker::{Outbox, Subscription};
+use crate::context::{App, ConnectionSlot};
 use crate::error::ApiError;
 use crate::metrics::AuthFailure;
-use crate::server::{App, ConnectionSlot};
 use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 
 /// Longest topic, session or client name.
-const MAX_NAME_LEN: usize = 128;
+const MAX_NAME_LEN: usize = crate::keys::MAX_ID_LEN;
 
 /// The Redis channel of a topic in a session.
 pub fn channel(session: &str, topic: &str) -> String {
-    format!("pubsub:{session}:{topic}")
+    crate::keys::topic(session, topic)
 }
 
-/// Topics and sessions: 1-128 of `A-Z a-z 0-9 - _ .`, so they can never
-/// change the Redis channel they name.
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAME_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+/// Topics and sessions: the ids of [`crate::keys::valid_id`], so they can
+/// never change the Redis channel they name.
+pub fn valid_name(s: &str) -> bool {
+    crate::keys::valid_id(s)
+}
+
+/// A `/ws` command line, split and with its topic and session checked
+/// (see [`parse_command`]); what needs the connection's state (the session
+/// binding, the name's rules, the published JSON) is checked by the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `ping`.
+    Ping,
+    /// `register-name:{name}`, the name as sent.
+    RegisterName(&'a str),
+    /// `register-session:{session}`, trimmed and a [`valid_name`].
+    RegisterSession(&'a str),
+    /// `subscribe:{topic}|{session}`, both trimmed and [`valid_name`]s.
+    Subscribe {
+        /// The topic.
+        topic: &'a str,
+        /// The session it is in.
+        session: &'a str,
+    },
+    /// `unsubscribe:{topic}|{session}`, as for [`Command::Subscribe`].
+    Unsubscribe {
+        /// The topic.
+        topic: &'a str,
+        /// The session it is in.
+        session: &'a str,
+    },
+    /// `publish-json:{json}`, the JSON as sent.
+    PublishJson(&'a str),
+}
+
+/// A command line refused by [`parse_command`]: the refusal's fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandError<'a> {
+    /// The refusal's `command`: the verb (at most 32 bytes of an unknown
+    /// one, or of a line without `:`).
+    pub command: &'a str,
+    /// The error code.
+    pub error: &'static str,
+    /// The explanation.
+    pub message: &'static str,
+}
+
+const UNKNOWN_COMMAND: &str =
+    "expected register-name:, register-session:, subscribe:, unsubscribe:, publish-json: or ping";
+const INVALID_TOPIC: &str = "a topic is 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'";
+const INVALID_SESSION: &str = "a session id is 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'";
+
+/// Splits a `/ws` command line into its verb and arguments, and checks the
+/// topic and session it names (not whether the connection may use that
+/// session: that is the hub's, see `Hub::bind_session`).
+pub fn parse_command(line: &str) -> Result<Command<'_>, CommandError<'_>> {
+    if line == "ping" {
+        return Ok(Command::Ping);
+    }
+    let unknown = |command| CommandError {
+        command,
+        error: "unknown_command",
+        message: UNKNOWN_COMMAND,
+    };
+    let Some((verb, arg)) = line.split_once(':') else {
+        return Err(unknown(clipped(line)));
+    };
+    match verb {
+        "register-name" => Ok(Command::RegisterName(arg)),
+        "register-session" => {
+            session_name("register-session", arg.trim()).map(Command::RegisterSession)
+        }
+        "subscribe" => topic_and_session("subscribe", arg)
+            .map(|(topic, session)| Command::Subscribe { topic, session }),
+        "unsubscribe" => topic_and_session("unsubscribe", arg)
+            .map(|(topic, session)| Command::Unsubscribe { topic, session }),
+        "publish-json" => Ok(Command::PublishJson(arg)),
+        _ => Err(unknown(clipped(verb))),
+    }
+}
+
+/// At most the first 32 bytes of `s`, cut at a character boundary: what a
+/// refusal echoes of an unknown command.
+fn clipped(s: &str) -> &str {
+    let mut end = s.len().min(32);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn session_name<'a>(command: &'static str, session: &'a str) -> Result<&'a str, CommandError<'a>> {
+    if !valid_name(session) {
+        return Err(CommandError {
+            command,
+            error: "invalid_session",
+            message: INVALID_SESSION,
+        });
+    }
+    Ok(session)
+}
+
+/// Splits `topic|session` and checks both names.
+fn topic_and_session<'a>(
+    command: &'static str,
+    arg: &'a str,
+) -> Result<(&'a str, &'a str), CommandError<'a>> {
+    let Some((topic, session)) = arg.split_once('|') else {
+        return Err(CommandError {
+            command,
+            error: "invalid_command",
+            message: if command == "subscribe" {
+                "expected subscribe:{topic}|{session}"
+            } else {
+                "expected unsubscribe:{topic}|{session}"
+            },
+        });
+    };
+    let topic = topic.trim();
+    if !valid_name(topic) {
+        return Err(CommandError {
+            command,
+            error: "invalid_topic",
+            message: INVALID_TOPIC,
+        });
+    }
+    Ok((topic, session_name(command, session.trim())?))
 }
 
 /// A refused command, as sent to the client.
@@ -133,29 +253,14 @@ impl Handler for Hub {
 
 impl Hub {
     async fn command(&mut self, line: &str) -> Reply {
-        if line == "ping" {
-            return Reply::text("pong");
-        }
-        let Some((verb, arg)) = line.split_once(':') else {
-            return refuse(
-                &self.app,
-                line.get(..32).unwrap_or(line),
-                "unknown_command",
-                "expected register-name:, register-session:, subscribe:, unsubscribe:, publish-json: or ping",
-            );
-        };
-        match verb {
-            "register-name" => self.register_name(arg),
-            "register-session" => self.register_session(arg),
-            "subscribe" => self.subscribe(arg).await,
-            "unsubscribe" => self.unsubscribe(arg),
-            "publish-json" => self.publish(arg).await,
-            _ => refuse(
-                &self.app,
-                verb.get(..32).unwrap_or(verb),
-                "unknown_command",
-                "expected register-name:, register-session:, subscribe:, unsubscribe:, publish-json: or ping",
-            ),
+        match parse_command(line) {
+            Err(e) => refuse(&self.app, e.command, e.error, e.message),
+            Ok(Command::Ping) => Reply::text("pong"),
+            Ok(Command::RegisterName(name)) => self.register_name(name),
+            Ok(Command::RegisterSession(session)) => self.register_session(session),
+            Ok(Command::Subscribe { topic, session }) => self.subscribe(topic, session).await,
+            Ok(Command::Unsubscribe { topic, session }) => self.unsubscribe(topic, session),
+            Ok(Command::PublishJson(json)) => self.publish(json).await,
         }
     }
 
@@ -208,31 +313,20 @@ impl Hub {
         Reply::text(serde_json::json!({ "type": "registered", "session_id": session }).to_string())
     }
 
-    /// Splits `topic|session` and checks both against the connection.
-    fn topic_and_session<'a>(&mut self, command: &str, arg: &'a str) -> Result<&'a str, Reply> {
-        let Some((topic, session)) = arg.split_once('|') else {
-            return Err(refuse(
-                &self.app,
-                command,
-                "invalid_command",
-                &format!("expected {command}:{{topic}}|{{session}}"),
-            ));
-        };
-        let topic = topic.trim();
-        if !valid_name(topic) {
-            return Err(refuse(
-                &self.app,
-                command,
-                "invalid_topic",
-                "a topic is 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
-            ));
-        }
-        self.bind_session(command, session.trim())?;
+    /// Checks a command's session (split and checked by [`parse_command`])
+    /// against the connection; returns its topic.
+    fn topic_and_session<'a>(
+        &mut self,
+        command: &str,
+        topic: &'a str,
+        session: &str,
+    ) -> Result<&'a str, Reply> {
+        self.bind_session(command, session)?;
         Ok(topic)
     }
 
-    async fn subscribe(&mut self, arg: &str) -> Reply {
-        let topic = match self.topic_and_session("subscribe", arg) {
+    async fn subscribe(&mut self, topic: &str, session: &str) -> Reply {
+        let topic = match self.topic_and_session("subscribe", topic, session) {
             Ok(t) => t,
             Err(refusal) => return refusal,
         };
@@ -273,8 +367,8 @@ impl Hub {
         }
     }
 
-    fn unsubscribe(&mut self, arg: &str) -> Reply {
-        let topic = match self.topic_and_session("unsubscribe", arg) {
+    fn unsubscribe(&mut self, topic: &str, session: &str) -> Reply {
+        let topic = match self.topic_and_session("unsubscribe", topic, session) {
             Ok(t) => t,
             Err(refusal) => return refusal,
         };
@@ -662,6 +756,67 @@ mod tests {
         }
         assert!(valid_name("NetworkConnectedEvent"));
         assert!(valid_name("session-user.123_x"));
+    }
+
+    #[test]
+    fn commands_are_split_and_their_topics_and_sessions_checked() {
+        use Command::*;
+        assert_eq!(parse_command("ping"), Ok(Ping));
+        assert_eq!(
+            parse_command("register-name: Zoë "),
+            Ok(RegisterName(" Zoë "))
+        );
+        assert_eq!(
+            parse_command("register-session: s-1 "),
+            Ok(RegisterSession("s-1"))
+        );
+        assert_eq!(
+            parse_command("subscribe: t.1 | s_2 "),
+            Ok(Subscribe {
+                topic: "t.1",
+                session: "s_2"
+            })
+        );
+        assert_eq!(
+            parse_command("unsubscribe:t|s"),
+            Ok(Unsubscribe {
+                topic: "t",
+                session: "s"
+            })
+        );
+        assert_eq!(parse_command("publish-json:{}"), Ok(PublishJson("{}")));
+        let refused = |line| parse_command(line).map_err(|e| (e.command, e.error));
+        assert_eq!(refused("pong"), Err(("pong", "unknown_command")));
+        assert_eq!(refused("ping:"), Err(("ping", "unknown_command")));
+        let long = "x".repeat(40);
+        assert_eq!(refused(&long), Err((&long[..32], "unknown_command")));
+        // At most 32 bytes, cut at a character boundary (the whole line
+        // was echoed when byte 32 fell inside a character).
+        let wide = format!("x{}", "é".repeat(20));
+        assert_eq!(refused(&wide), Err((&wide[..31], "unknown_command")));
+        let verb = format!("{wide}:x");
+        assert_eq!(refused(&verb), Err((&wide[..31], "unknown_command")));
+        assert_eq!(
+            refused("subscribe:t"),
+            Err(("subscribe", "invalid_command"))
+        );
+        assert_eq!(
+            parse_command("unsubscribe:t").map_err(|e| e.message),
+            Err("expected unsubscribe:{topic}|{session}")
+        );
+        assert_eq!(
+            refused("subscribe:a*|s"),
+            Err(("subscribe", "invalid_topic"))
+        );
+        assert_eq!(refused("subscribe:|s"), Err(("subscribe", "invalid_topic")));
+        assert_eq!(
+            refused("unsubscribe:t|s|x"),
+            Err(("unsubscribe", "invalid_session"))
+        );
+        assert_eq!(
+            refused("register-session:a:b"),
+            Err(("register-session", "invalid_session"))
+        );
     }
 
     #[test]

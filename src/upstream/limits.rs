@@ -181,17 +181,20 @@ impl Stream {
     ) -> Result<(), Violation> {
         loop {
             let (in0, out0) = (self.d.total_in(), self.d.total_out());
-            let status = self
-                .d
-                .decompress(input, &mut self.out, flush)
-                .map_err(|_| Violation::BadCompression)?;
+            let result = self.d.decompress(input, &mut self.out, flush);
             let used = (self.d.total_in() - in0) as usize;
             let made = self.d.total_out() - out0;
             input = &input[used..];
+            // What inflated before bad data counts first, so that the
+            // verdict does not depend on where the reads cut the message
+            // (in one piece, bad data found in the same call as the bytes
+            // that pass the limit used to make it BadCompression; in small
+            // ones, TooBig).
             *message = message.saturating_add(made);
             if *message > max {
                 return Err(Violation::TooBig);
             }
+            let status = result.map_err(|_| Violation::BadCompression)?;
             if self.ended && used > 0 {
                 self.after = true;
             }
@@ -500,6 +503,27 @@ mod tests {
             frame(&mut l, 0x81, b"0123456789x", 2),
             Err(Violation::TooBig)
         );
+    }
+
+    /// A message that inflates past the limit and then turns out not to
+    /// inflate is too big, however the reads cut it: what came out before
+    /// the bad data is counted first.
+    #[test]
+    fn too_big_before_bad_data_is_too_big_in_one_piece_or_many() {
+        let mut c = Compress::new(Compression::default(), false);
+        // 2,000 bytes inflated (less than one call's scratch space, so
+        // that the bad data comes in the same call), then a block of the
+        // reserved type 3.
+        let mut payload = deflate(&mut c, &[b'a'; 2000]);
+        payload.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        for step in [payload.len(), 1] {
+            let mut l = Limits::new(1000, None, ON);
+            assert_eq!(
+                frame(&mut l, 0xc1, &payload, step),
+                Err(Violation::TooBig),
+                "in pieces of {step}"
+            );
+        }
     }
 
     #[test]

@@ -295,10 +295,12 @@ pub async fn handle(app: Arc<App>, upstream: &Upstream, req: Request) -> Respons
 /// `auth_required`), an encoded slash or backslash, or a backslash.
 ///
 /// Backends differ in what else they strip before resolving a segment, so
-/// the check reads a segment as the most lenient of them would: a path
-/// parameter cut off (`..;x` is `..` to a servlet container), trailing
-/// spaces trimmed (`..%20`), and a percent-encoded `%` (`%252e`, decoded
-/// twice by some) or NUL refused outright.
+/// the check reads a segment as the most lenient of them would: decoded, a
+/// path parameter cut off (`..;x` and `..%3bx` are `..` to a servlet
+/// container), trailing spaces trimmed (`..%20`), and a percent-encoded `%`
+/// (`%252e`, decoded twice by some) or NUL refused outright, as is a `%`
+/// that starts no escape (`%2%65` is `%2e` to a lenient decoder, so `.`
+/// when decoded twice).
 pub fn check_path(path: &str) -> Result<(), &'static str> {
     if !path.starts_with('/') {
         return Err("the path must start with /");
@@ -314,14 +316,35 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
         if lower.contains("%25") || lower.contains("%00") {
             return Err("the path may not contain an encoded % or NUL");
         }
-        let name = lower.split(';').next().unwrap_or("");
-        let dots = name.replace("%2e", ".").replace("%20", " ");
-        let dots = dots.trim_end();
+        let Some(decoded) = percent_decoded(segment.as_bytes()) else {
+            return Err("the path may not contain a % that starts no %XX escape");
+        };
+        let decoded = String::from_utf8_lossy(&decoded);
+        let name = decoded.split(';').next().unwrap_or("");
+        let dots = name.trim_end();
         if dots == "." || dots == ".." {
             return Err("the path may not contain . or .. segments");
         }
     }
     Ok(())
+}
+
+/// `s` with its `%XX` escapes decoded; `None` if a `%` starts none.
+fn percent_decoded(s: &[u8]) -> Option<Vec<u8>> {
+    let hex = |b: Option<&u8>| char::from(*b?).to_digit(16);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while let Some(&b) = s.get(i) {
+        if b == b'%' {
+            let byte = hex(s.get(i + 1))? << 4 | hex(s.get(i + 2))?;
+            out.push(byte as u8);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 /// 404 for a path that is neither wsproxy's own nor a route's.
@@ -798,6 +821,33 @@ mod tests {
             "/public/%2e%2e%2e",
             "/",
             "/x/",
+        ] {
+            assert_eq!(check_path(good), Ok(()), "{good}");
+        }
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/path_mapping.rs): dots that a
+    /// lenient decoder makes of a `%` starting no escape, once decoded
+    /// twice, or that an encoded `;` hides, passed.
+    #[test]
+    fn dots_behind_a_stray_percent_or_an_encoded_semicolon_are_refused() {
+        for bad in [
+            "/public/%2%65%2%65/admin", // %2e%2e once decoded, .. twice
+            "/public/%%32%65/admin",    // %2e once decoded
+            "/public/..%3b/admin",
+            "/public/%2e%2E%3Bjsessionid=1/admin",
+            "/public/..%09",
+            "/public/%",
+            "/public/a%2",
+            "/public/%zz",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "/public/%41%62c",
+            "/public/...%3bx/",
+            "/public/a%3bb",
+            "/%e2%82%ac",
         ] {
             assert_eq!(check_path(good), Ok(()), "{good}");
         }

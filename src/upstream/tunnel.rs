@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::connect::BackendStream;
 use super::limits::{Limits, Violation};
-use crate::server::Draining;
+use crate::context::Draining;
 use crate::ws::CLOSE_GOING_AWAY;
 
 /// Live counters for one direction of a route.
@@ -113,7 +113,7 @@ struct Guard {
 /// Follows WebSocket frame boundaries in a byte stream without keeping the
 /// stream: it only remembers the header being read (at most 14 bytes) and
 /// how much payload is left of the current frame.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FrameScan {
     header: [u8; 14],
     have: u8,
@@ -193,6 +193,25 @@ impl FrameScan {
     /// Between two frames.
     pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.remaining == 0
+    }
+
+    /// Payload bytes left of the current frame (0 between frames and
+    /// inside a header).
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// The header [`Self::feed`] completed last (whole, masking key
+    /// included), as [`super::limits::Limits::header`] takes it; only
+    /// meaningful right after a feed that completed one and read no byte
+    /// of the next header (as the limited pump feeds headers byte by byte).
+    pub fn last_header(&self) -> &[u8] {
+        &self.header[..header_len(self.header[1])]
+    }
+
+    /// A close frame's header has gone by.
+    pub fn saw_close(&self) -> bool {
+        self.saw_close
     }
 }
 

@@ -1,0 +1,44 @@
+//! `Routes::parse` on any text: never a panic; a file it accepts keeps the
+//! promises the proxy relies on.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use wsproxy::upstream::routes::Routes;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(routes) = Routes::parse(text, "fuzz") else {
+        return;
+    };
+    assert!(!routes.routes.is_empty());
+    // Longest external path first, so that the most specific route wins.
+    for pair in routes.routes.windows(2) {
+        assert!(pair[0].external_path.len() >= pair[1].external_path.len());
+    }
+    for r in &routes.routes {
+        for p in [&r.external_path, &r.internal_path] {
+            assert!(p.starts_with('/'), "{p:?}");
+            assert!(!p.contains("//") && !p.contains(['?', '#']), "{p:?}");
+            assert!(p.bytes().all(|b| b.is_ascii_graphic()), "{p:?}");
+        }
+        assert!(!r.backends.is_empty());
+        for b in &r.backends {
+            assert!(b.port >= 1 && (1..=1000).contains(&b.weight), "{b:?}");
+            assert!(!b.host.is_empty() && !b.name.is_empty(), "{b:?}");
+        }
+        if r.auth_required {
+            assert!(routes.jwt.is_some());
+        }
+        // A route's own path is routed to it, and to its internal path: no
+        // other route can take it (a longer external path is no prefix of
+        // it, and two routes never share one).
+        let (found, mapped) = routes
+            .find(&r.external_path)
+            .expect("a route's own path is routed");
+        assert_eq!(found.external_path, r.external_path);
+        assert_eq!(mapped, r.internal_path);
+    }
+});
