@@ -3,11 +3,14 @@
 //!
 //! Run with e.g.
 //! `cargo run --release -p wsproxy-bench -- down --n 1000 --m 100000`
-//! or `... -- compare down --peer nchan --n 1000 --m 100000 --rate 20000`.
+//! or `... -- compare down --peer nchan --n 1000 --m 100000 --rate 20000`,
+//! or `... -- soak --duration 60m --pids $(pgrep -x wsproxy)` (an hour of
+//! mixed load, sampled every minute for growth).
 //! `bench/run.sh` starts everything and regenerates BENCHMARKS.md.
 
 mod net;
 mod scenarios;
+mod soak;
 mod stats;
 
 use std::io::Write as _;
@@ -143,6 +146,15 @@ enum Command {
         pids: Vec<u32>,
         #[command(flatten)]
         load: Load,
+    },
+    /// A bounded mixed load (session churn, down, up, topic pub/sub,
+    /// proxied echo) for --duration; every --interval one line of the
+    /// --pids' RSS and fds, Redis' channels and clients, and the counts.
+    /// With --strict, exits non-zero on any lost message or any sample
+    /// with more Redis channels than the open connections need.
+    Soak {
+        #[command(flatten)]
+        args: soak::SoakArgs,
     },
     /// Render JSON-lines results (from --json) as a Markdown table.
     Report {
@@ -289,6 +301,7 @@ async fn main() -> anyhow::Result<()> {
     let sources = Arc::new(net::Sources::new(c.sources));
     net::raise_fd_limit();
     let mut failed = false;
+    let mut soak_failed = false;
     let mut check = |r: &Report| {
         if r.loss() > 0 || r.errors > 0 {
             failed = true;
@@ -360,6 +373,13 @@ async fn main() -> anyhow::Result<()> {
             check(&r);
             emit(&r, &c)?;
         }
+        Command::Soak { args } => {
+            let out = soak::soak(&c.wsproxy, &c.redis, &sources, args).await?;
+            if out.lost > 0 || out.channel_excess_samples > 0 {
+                soak_failed = true;
+            }
+            emit(&out.report, &c)?;
+        }
         Command::EchoServer { port } => scenarios::echo_server(port).await?,
         Command::Report { input } => print!("{}", markdown(&input)?),
         Command::Compare {
@@ -384,6 +404,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if c.strict && failed {
         bail!("loss or errors (--strict)");
+    }
+    if c.strict && soak_failed {
+        bail!("soak: lost messages or more Redis channels than needed (--strict)");
     }
     Ok(())
 }

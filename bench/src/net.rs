@@ -174,15 +174,32 @@ pub fn rss_kib(pids: &[u32]) -> anyhow::Result<u64> {
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .with_context(|| format!("reading /proc/{pid}/status"))?;
-        let kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
+        let kib = vm_rss_from_status(&status)
             .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
         total += kib;
     }
     Ok(total)
+}
+
+/// The `VmRSS` line of a /proc/PID/status text, in KiB.
+pub fn vm_rss_from_status(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Resident set size of `pid` in KiB (VmRSS of /proc/PID/status); None if
+/// the process is gone.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    vm_rss_from_status(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// Open file descriptors of `pid` (entries of /proc/PID/fd); None if the
+/// process is gone or not ours to look at.
+pub fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
 /// A keep-alive HTTP/1.1 connection used to publish to nchan.
@@ -226,5 +243,33 @@ impl HttpConn {
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
         Ok((status, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_rss_is_read_from_proc_status() {
+        let status =
+            "Name:\twsproxy\nVmPeak:\t  123456 kB\nVmRSS:\t    9120 kB\nRssAnon:\t    4000 kB\n";
+        assert_eq!(vm_rss_from_status(status), Some(9120));
+        assert_eq!(
+            vm_rss_from_status("Name:\tkthreadd\nState:\tS (sleeping)\n"),
+            None
+        );
+        // This process has a VmRSS and some open descriptors.
+        let me = std::process::id();
+        assert!(vm_rss_kib(me).is_some_and(|kib| kib > 0));
+        assert!(open_fds(me).is_some_and(|n| n >= 3));
+    }
+
+    #[test]
+    fn urls_resolve_to_socket_addresses() {
+        let a = addr_of("ws://127.0.0.1:8090/echo").expect("valid");
+        assert_eq!(a.port(), 8090);
+        assert_eq!(addr_of("ws://localhost/x").expect("valid").port(), 80);
+        assert!(addr_of("wss://127.0.0.1:1/").is_err());
     }
 }

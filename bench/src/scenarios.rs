@@ -150,14 +150,14 @@ fn token_for(channel: &str) -> String {
 
 /// A Redis client with Nagle's algorithm off (the redis crate leaves it
 /// on, which adds delayed-ACK stalls to pipelined publishing).
-fn redis_client(url: &str) -> anyhow::Result<redis::Client> {
+pub(crate) fn redis_client(url: &str) -> anyhow::Result<redis::Client> {
     use redis::IntoConnectionInfo;
     let info = url.into_connection_info()?;
     let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
     Ok(redis::Client::open(info.set_tcp_settings(tcp))?)
 }
 
-async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+pub(crate) async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     redis_client(url)?
         .get_multiplexed_async_connection()
         .await
@@ -226,7 +226,7 @@ pub async fn open_clients(
 }
 
 /// Sends a hub `subscribe:` command and waits for its confirmation.
-async fn hub_subscribe(ws: &mut Ws, command: String) -> anyhow::Result<()> {
+pub(crate) async fn hub_subscribe(ws: &mut Ws, command: String) -> anyhow::Result<()> {
     ws.send(Message::text(command)).await?;
     let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
