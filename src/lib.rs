@@ -7,7 +7,10 @@
 //!
 //! # Layout
 //!
-//! Data flows one way: accept -> authenticate -> attach -> pump -> close.
+//! Data flows one way: accept -> admit -> authenticate -> attach -> pump ->
+//! close. Modules are layered (see ARCHITECTURE.md): nothing imports a
+//! module above its own layer, and nothing below [`server`] knows the
+//! router.
 //!
 //! - [`config`]: the typed configuration, from environment, `.env` and flags,
 //!   validated with errors that name the variable.

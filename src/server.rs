@@ -471,6 +471,10 @@ fn tls_acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// First and longest pause after a failed accept.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// The accept loop.
 struct Listener {
     listener: TcpListener,
@@ -483,9 +487,11 @@ struct Listener {
 
 impl Listener {
     /// Accepts until shutdown. Accept errors (e.g. out of file descriptors)
-    /// are logged and retried after a pause instead of ending the server.
+    /// are logged and retried after a pause that doubles with each error in
+    /// a row (10 ms to 1 s), instead of ending the server.
     async fn run(self) {
         let shutdown = self.app.shutdown.clone();
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -500,6 +506,7 @@ impl Listener {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
                     let slot = ConnectionSlot::new(peer, permit);
                     let router = self.router.clone();
                     let app = self.app.clone();
@@ -529,8 +536,16 @@ impl Listener {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed; pausing");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors, say: each error in a row
+                    // waits twice as long (up to a second), so a lasting
+                    // condition neither spins nor floods the log.
+                    tracing::warn!(error = %e, pause = ?backoff, "accept failed; pausing");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
                 }
             }
         }

@@ -17,9 +17,9 @@
 //!   `client_no_context_takeover`) so that the two cannot be made to
 //!   disagree. (The inflater is zlib-rs: miniz_oxide rebuilt its tables for
 //!   every block, so a message of empty 10-bit blocks cost it 1.8 s of CPU
-//!   per MiB of wire, against 52 ms for zlib-rs, in a release build.) what follows a
-//!   final deflate block is measured as a new stream (a second final block
-//!   in one message is refused: each resets the inflater); and on the wire
+//!   per MiB of wire, against 52 ms for zlib-rs, in a release build.) What
+//!   follows a final deflate block is measured as a new stream (a second
+//!   final block in one message is refused: each resets the inflater); and on the wire
 //!   a compressed message may take at most twice the limit plus 1 KiB.
 //! - Other frames (control frames, and reserved opcodes, which the backend
 //!   must refuse) are not messages, but may not pass the size limit either.

@@ -403,7 +403,7 @@ impl Routes {
                 ));
             }
             // Others may be listed, as the seed allows, but only a GET can
-            // upgrade: any other request is answered 400.
+            // upgrade: any other request is answered 405 (with Allow: GET).
             if let Some(m) = r
                 .methods
                 .iter()
