@@ -325,6 +325,370 @@ impl Route {
     }
 }
 
+/// The route's protocol, methods and paths, and that its external path is
+/// free.
+fn check_router_head(
+    i: usize,
+    r: &RouterEntry,
+    seen: &mut HashSet<String>,
+) -> Result<(), RoutesError> {
+    let at = |f: &str| format!("routers[{i}].{f}");
+    if r.protocol != "websocket" {
+        return Err(invalid(
+            at("protocol"),
+            format!("{:?} is not supported (expected \"websocket\")", r.protocol),
+        ));
+    }
+    if !r.methods.iter().any(|m| m.eq_ignore_ascii_case("GET")) {
+        return Err(invalid(
+            at("methods"),
+            "must include \"GET\" (the WebSocket upgrade is a GET)",
+        ));
+    }
+    // Others may be listed, as the seed allows, but only a GET can
+    // upgrade: any other request is answered 405 (with Allow: GET).
+    if let Some(m) = r
+        .methods
+        .iter()
+        .find(|m| !METHODS.iter().any(|k| k.eq_ignore_ascii_case(m)))
+    {
+        return Err(invalid(
+            at("methods"),
+            format!(
+                "{m:?} is not an HTTP method (one of {})",
+                METHODS.join(", ")
+            ),
+        ));
+    }
+    for (name, p) in [
+        ("external_path", &r.external_path),
+        ("internal_path", &r.internal_path),
+    ] {
+        if !p.starts_with('/') || p.contains(['?', '#']) || p.contains("//") || !visible_ascii(p) {
+            return Err(invalid(
+                at(name),
+                format!(
+                    "{p:?} must be a path starting with '/' (no query, '//', spaces or control characters)"
+                ),
+            ));
+        }
+    }
+    if RESERVED.contains(&r.external_path.as_str()) {
+        return Err(invalid(
+            at("external_path"),
+            format!("{:?} is one of wsproxy's own endpoints", r.external_path),
+        ));
+    }
+    if !seen.insert(r.external_path.clone()) {
+        return Err(invalid(
+            at("external_path"),
+            format!("{:?} is used by an earlier route", r.external_path),
+        ));
+    }
+    Ok(())
+}
+
+/// The route's backends.
+fn validate_backends(i: usize, r: &RouterEntry) -> Result<Vec<Backend>, RoutesError> {
+    let at = |f: &str| format!("routers[{i}].{f}");
+    if r.backends.is_empty() {
+        return Err(invalid(at("backends"), "lists no backends"));
+    }
+    let mut backends: Vec<Backend> = Vec::with_capacity(r.backends.len());
+    for (j, b) in r.backends.iter().enumerate() {
+        let bat = |f: &str| format!("routers[{i}].backends[{j}].{f}");
+        let (tls, rest) = if let Some(h) = b.host.strip_prefix("wss://") {
+            (true, h)
+        } else if let Some(h) = b.host.strip_prefix("ws://") {
+            (false, h)
+        } else {
+            return Err(invalid(
+                bat("host"),
+                format!("{:?} must start with ws:// or wss://", b.host),
+            ));
+        };
+        let host = rest.trim_end_matches('/');
+        // A name, an IPv4 address, or an IPv6 address in brackets;
+        // printable ASCII only, as it goes into the Host header.
+        let ipv6 = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .map(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+        if host.is_empty()
+            || !visible_ascii(host)
+            || ipv6 == Some(false)
+            || ipv6.is_none() && host.contains(['/', ':', '?', '#', '@', '[', ']'])
+        {
+            return Err(invalid(
+                bat("host"),
+                format!(
+                    "{:?} must be a scheme and a host name only (the port goes in \"port\", the path in internal_path)",
+                    b.host
+                ),
+            ));
+        }
+        if !(1..=65535).contains(&b.port) {
+            return Err(invalid(
+                bat("port"),
+                format!("{} is outside 1-65535", b.port),
+            ));
+        }
+        if !(1..=1000).contains(&b.weight) {
+            return Err(invalid(
+                bat("weight"),
+                format!("{} is outside 1-1000", b.weight),
+            ));
+        }
+        let backend = Backend {
+            tls,
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: b.port as u16,
+            weight: b.weight as u32,
+            name: match &b.name {
+                None => j.to_string(),
+                Some(n)
+                    if !n.is_empty()
+                        && n.len() <= 64
+                        && n.bytes().all(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')
+                        }) =>
+                {
+                    n.clone()
+                }
+                Some(n) => {
+                    return Err(invalid(
+                        bat("name"),
+                        format!("{n:?} must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' and '.'"),
+                    ));
+                }
+            },
+        };
+        if let Some(k) = backends.iter().position(|o| o.name == backend.name) {
+            return Err(invalid(
+                bat("name"),
+                format!("{:?} is already the name of backends[{k}]", backend.name),
+            ));
+        }
+        if let Some(k) = backends
+            .iter()
+            .position(|o| (o.tls, &o.host, o.port) == (backend.tls, &backend.host, backend.port))
+        {
+            return Err(invalid(
+                bat("host"),
+                format!(
+                    "{}:{} is already backends[{k}]; give it more weight instead",
+                    b.host, b.port
+                ),
+            ));
+        }
+        backends.push(backend);
+    }
+    Ok(backends)
+}
+
+/// How the route picks a backend: its sticky key, or its balance.
+fn validate_picking(
+    i: usize,
+    r: &RouterEntry,
+    has_jwt: bool,
+) -> Result<(Option<StickyKey>, Balance), RoutesError> {
+    let at = |f: &str| format!("routers[{i}].{f}");
+    if r.auth_required && !has_jwt {
+        return Err(invalid(
+            at("auth_required"),
+            "is true but the file has no \"jwt\" section",
+        ));
+    }
+    let sticky = match &r.sticky {
+        None => None,
+        Some(s) => {
+            let name = || {
+                s.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
+                    invalid(
+                        at("sticky.name"),
+                        format!("is required when sticky.by is {:?}", s.by),
+                    )
+                })
+            };
+            Some(match s.by.as_str() {
+                "subject" if r.auth_required => StickyKey::Subject,
+                "subject" => {
+                    return Err(invalid(
+                        at("sticky.by"),
+                        "\"subject\" needs auth_required: true",
+                    ));
+                }
+                "header" => StickyKey::Header(name()?.to_ascii_lowercase()),
+                "cookie" => StickyKey::Cookie(name()?),
+                "query" => StickyKey::Query(name()?),
+                other => {
+                    return Err(invalid(
+                        at("sticky.by"),
+                        format!("{other:?} is not one of subject, header, cookie, query"),
+                    ));
+                }
+            })
+        }
+    };
+    let balance = match (r.balance.as_deref(), &sticky) {
+        (None | Some("round_robin"), _) => Balance::RoundRobin,
+        (Some("least_connections"), None) => Balance::LeastConnections,
+        (Some("least_connections"), Some(_)) => {
+            return Err(invalid(
+                at("balance"),
+                "cannot be combined with sticky (a sticky route picks by its key)",
+            ));
+        }
+        (Some(other), _) => {
+            return Err(invalid(
+                at("balance"),
+                format!("{other:?} is not \"round_robin\" or \"least_connections\""),
+            ));
+        }
+    };
+    Ok((sticky, balance))
+}
+
+/// The route's per-connection limits; returns the rate limit.
+fn validate_limits(i: usize, r: &RouterEntry) -> Result<Option<(f64, f64)>, RoutesError> {
+    let at = |f: &str| format!("routers[{i}].{f}");
+    if r.max_connections == Some(0) {
+        return Err(invalid(at("max_connections"), "must be at least 1"));
+    }
+    if matches!(r.max_message_bytes, Some(n) if n < 16) {
+        return Err(invalid(at("max_message_bytes"), "must be at least 16"));
+    }
+    let rate_limit = match &r.rate_limit {
+        None => None,
+        Some(rl) => {
+            if !(rl.messages_per_sec.is_finite() && rl.messages_per_sec > 0.0) {
+                return Err(invalid(
+                    at("rate_limit.messages_per_sec"),
+                    "must be a positive number",
+                ));
+            }
+            let burst = rl.burst.unwrap_or(rl.messages_per_sec.max(1.0));
+            if !(burst.is_finite() && burst >= 1.0) {
+                return Err(invalid(at("rate_limit.burst"), "must be at least 1"));
+            }
+            Some((rl.messages_per_sec, burst))
+        }
+    };
+    Ok(rate_limit)
+}
+
+/// The route's active health check.
+fn validate_health_check(i: usize, r: &RouterEntry) -> Result<Option<HealthCheck>, RoutesError> {
+    let at = |f: &str| format!("routers[{i}].{f}");
+    let health_check = match &r.health_check {
+        None => None,
+        Some(h) => {
+            if !(100..=3_600_000).contains(&h.interval_ms) {
+                return Err(invalid(
+                    at("health_check.interval_ms"),
+                    format!("{} is outside 100-3600000", h.interval_ms),
+                ));
+            }
+            if !(10..=60_000).contains(&h.timeout_ms) {
+                return Err(invalid(
+                    at("health_check.timeout_ms"),
+                    format!("{} is outside 10-60000", h.timeout_ms),
+                ));
+            }
+            let probe = match h.kind.as_deref() {
+                None | Some("websocket") => {
+                    let path = h.path.clone().unwrap_or_else(|| r.internal_path.clone());
+                    if !path.starts_with('/') || !visible_ascii(&path) || path.contains('#') {
+                        return Err(invalid(
+                            at("health_check.path"),
+                            format!(
+                                "{path:?} must be a path starting with '/' (printable ASCII, no spaces)"
+                            ),
+                        ));
+                    }
+                    Probe::WebSocket(path)
+                }
+                Some("tcp") => {
+                    if h.path.is_some() {
+                        return Err(invalid(
+                            at("health_check.path"),
+                            "only applies to \"websocket\" checks",
+                        ));
+                    }
+                    Probe::Tcp
+                }
+                Some(other) => {
+                    return Err(invalid(
+                        at("health_check.type"),
+                        format!("{other:?} is not \"websocket\" or \"tcp\""),
+                    ));
+                }
+            };
+            Some(HealthCheck {
+                interval: Duration::from_millis(h.interval_ms),
+                timeout: Duration::from_millis(h.timeout_ms),
+                probe,
+            })
+        }
+    };
+    Ok(health_check)
+}
+
+/// A route's circuit breaker (failures, cool-down), connect timeout and
+/// allowed origins.
+type Connecting = (
+    (u32, Duration),
+    Duration,
+    Option<crate::origin::AllowedOrigins>,
+);
+
+/// The route's circuit breaker, connect timeout and allowed origins.
+fn validate_connecting(i: usize, r: &RouterEntry) -> Result<Connecting, RoutesError> {
+    let at = |f: &str| format!("routers[{i}].{f}");
+    let breaker = match &r.circuit_breaker {
+        None => (
+            default_failures(),
+            Duration::from_millis(default_cooldown()),
+        ),
+        Some(b) => {
+            if !(1..=1000).contains(&b.failures) {
+                return Err(invalid(
+                    at("circuit_breaker.failures"),
+                    format!("{} is outside 1-1000", b.failures),
+                ));
+            }
+            if !(100..=3_600_000).contains(&b.cooldown_ms) {
+                return Err(invalid(
+                    at("circuit_breaker.cooldown_ms"),
+                    format!("{} is outside 100-3600000", b.cooldown_ms),
+                ));
+            }
+            (b.failures, Duration::from_millis(b.cooldown_ms))
+        }
+    };
+    let connect_timeout = match r.connect_timeout_ms {
+        None => Duration::from_secs(5),
+        Some(ms) if (10..=120_000).contains(&ms) => Duration::from_millis(ms),
+        Some(ms) => {
+            return Err(invalid(
+                at("connect_timeout_ms"),
+                format!("{ms} is outside 10-120000"),
+            ));
+        }
+    };
+    let allowed_origins = match &r.allowed_origins {
+        None => None,
+        Some(list) => Some(
+            crate::origin::AllowedOrigins::parse(list.iter().map(String::as_str))
+                .map_err(|e| invalid(at("allowed_origins"), e))?,
+        ),
+    };
+    Ok((breaker, connect_timeout, allowed_origins))
+}
+
 /// The whole validated file.
 #[derive(Debug, Clone)]
 pub struct Routes {
@@ -389,324 +753,12 @@ impl Routes {
         let mut seen = HashSet::new();
         let mut routes = Vec::with_capacity(file.routers.len());
         for (i, r) in file.routers.into_iter().enumerate() {
-            let at = |f: &str| format!("routers[{i}].{f}");
-            if r.protocol != "websocket" {
-                return Err(invalid(
-                    at("protocol"),
-                    format!("{:?} is not supported (expected \"websocket\")", r.protocol),
-                ));
-            }
-            if !r.methods.iter().any(|m| m.eq_ignore_ascii_case("GET")) {
-                return Err(invalid(
-                    at("methods"),
-                    "must include \"GET\" (the WebSocket upgrade is a GET)",
-                ));
-            }
-            // Others may be listed, as the seed allows, but only a GET can
-            // upgrade: any other request is answered 405 (with Allow: GET).
-            if let Some(m) = r
-                .methods
-                .iter()
-                .find(|m| !METHODS.iter().any(|k| k.eq_ignore_ascii_case(m)))
-            {
-                return Err(invalid(
-                    at("methods"),
-                    format!(
-                        "{m:?} is not an HTTP method (one of {})",
-                        METHODS.join(", ")
-                    ),
-                ));
-            }
-            for (name, p) in [
-                ("external_path", &r.external_path),
-                ("internal_path", &r.internal_path),
-            ] {
-                if !p.starts_with('/')
-                    || p.contains(['?', '#'])
-                    || p.contains("//")
-                    || !visible_ascii(p)
-                {
-                    return Err(invalid(
-                        at(name),
-                        format!(
-                            "{p:?} must be a path starting with '/' (no query, '//', spaces or control characters)"
-                        ),
-                    ));
-                }
-            }
-            if RESERVED.contains(&r.external_path.as_str()) {
-                return Err(invalid(
-                    at("external_path"),
-                    format!("{:?} is one of wsproxy's own endpoints", r.external_path),
-                ));
-            }
-            if !seen.insert(r.external_path.clone()) {
-                return Err(invalid(
-                    at("external_path"),
-                    format!("{:?} is used by an earlier route", r.external_path),
-                ));
-            }
-            if r.backends.is_empty() {
-                return Err(invalid(at("backends"), "lists no backends"));
-            }
-            let mut backends: Vec<Backend> = Vec::with_capacity(r.backends.len());
-            for (j, b) in r.backends.iter().enumerate() {
-                let bat = |f: &str| format!("routers[{i}].backends[{j}].{f}");
-                let (tls, rest) = if let Some(h) = b.host.strip_prefix("wss://") {
-                    (true, h)
-                } else if let Some(h) = b.host.strip_prefix("ws://") {
-                    (false, h)
-                } else {
-                    return Err(invalid(
-                        bat("host"),
-                        format!("{:?} must start with ws:// or wss://", b.host),
-                    ));
-                };
-                let host = rest.trim_end_matches('/');
-                // A name, an IPv4 address, or an IPv6 address in brackets;
-                // printable ASCII only, as it goes into the Host header.
-                let ipv6 = host
-                    .strip_prefix('[')
-                    .and_then(|h| h.strip_suffix(']'))
-                    .map(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
-                if host.is_empty()
-                    || !visible_ascii(host)
-                    || ipv6 == Some(false)
-                    || ipv6.is_none() && host.contains(['/', ':', '?', '#', '@', '[', ']'])
-                {
-                    return Err(invalid(
-                        bat("host"),
-                        format!(
-                            "{:?} must be a scheme and a host name only (the port goes in \"port\", the path in internal_path)",
-                            b.host
-                        ),
-                    ));
-                }
-                if !(1..=65535).contains(&b.port) {
-                    return Err(invalid(
-                        bat("port"),
-                        format!("{} is outside 1-65535", b.port),
-                    ));
-                }
-                if !(1..=1000).contains(&b.weight) {
-                    return Err(invalid(
-                        bat("weight"),
-                        format!("{} is outside 1-1000", b.weight),
-                    ));
-                }
-                let backend = Backend {
-                    tls,
-                    host: host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_owned(),
-                    port: b.port as u16,
-                    weight: b.weight as u32,
-                    name: match &b.name {
-                        None => j.to_string(),
-                        Some(n)
-                            if !n.is_empty()
-                                && n.len() <= 64
-                                && n.bytes().all(|c| {
-                                    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')
-                                }) =>
-                        {
-                            n.clone()
-                        }
-                        Some(n) => {
-                            return Err(invalid(
-                                bat("name"),
-                                format!(
-                                    "{n:?} must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' and '.'"
-                                ),
-                            ));
-                        }
-                    },
-                };
-                if let Some(k) = backends.iter().position(|o| o.name == backend.name) {
-                    return Err(invalid(
-                        bat("name"),
-                        format!("{:?} is already the name of backends[{k}]", backend.name),
-                    ));
-                }
-                if let Some(k) = backends.iter().position(|o| {
-                    (o.tls, &o.host, o.port) == (backend.tls, &backend.host, backend.port)
-                }) {
-                    return Err(invalid(
-                        bat("host"),
-                        format!(
-                            "{}:{} is already backends[{k}]; give it more weight instead",
-                            b.host, b.port
-                        ),
-                    ));
-                }
-                backends.push(backend);
-            }
-            if r.auth_required && file.jwt.is_none() {
-                return Err(invalid(
-                    at("auth_required"),
-                    "is true but the file has no \"jwt\" section",
-                ));
-            }
-            let sticky = match &r.sticky {
-                None => None,
-                Some(s) => {
-                    let name = || {
-                        s.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
-                            invalid(
-                                at("sticky.name"),
-                                format!("is required when sticky.by is {:?}", s.by),
-                            )
-                        })
-                    };
-                    Some(match s.by.as_str() {
-                        "subject" if r.auth_required => StickyKey::Subject,
-                        "subject" => {
-                            return Err(invalid(
-                                at("sticky.by"),
-                                "\"subject\" needs auth_required: true",
-                            ));
-                        }
-                        "header" => StickyKey::Header(name()?.to_ascii_lowercase()),
-                        "cookie" => StickyKey::Cookie(name()?),
-                        "query" => StickyKey::Query(name()?),
-                        other => {
-                            return Err(invalid(
-                                at("sticky.by"),
-                                format!("{other:?} is not one of subject, header, cookie, query"),
-                            ));
-                        }
-                    })
-                }
-            };
-            let balance = match (r.balance.as_deref(), &sticky) {
-                (None | Some("round_robin"), _) => Balance::RoundRobin,
-                (Some("least_connections"), None) => Balance::LeastConnections,
-                (Some("least_connections"), Some(_)) => {
-                    return Err(invalid(
-                        at("balance"),
-                        "cannot be combined with sticky (a sticky route picks by its key)",
-                    ));
-                }
-                (Some(other), _) => {
-                    return Err(invalid(
-                        at("balance"),
-                        format!("{other:?} is not \"round_robin\" or \"least_connections\""),
-                    ));
-                }
-            };
-            if r.max_connections == Some(0) {
-                return Err(invalid(at("max_connections"), "must be at least 1"));
-            }
-            if matches!(r.max_message_bytes, Some(n) if n < 16) {
-                return Err(invalid(at("max_message_bytes"), "must be at least 16"));
-            }
-            let rate_limit = match &r.rate_limit {
-                None => None,
-                Some(rl) => {
-                    if !(rl.messages_per_sec.is_finite() && rl.messages_per_sec > 0.0) {
-                        return Err(invalid(
-                            at("rate_limit.messages_per_sec"),
-                            "must be a positive number",
-                        ));
-                    }
-                    let burst = rl.burst.unwrap_or(rl.messages_per_sec.max(1.0));
-                    if !(burst.is_finite() && burst >= 1.0) {
-                        return Err(invalid(at("rate_limit.burst"), "must be at least 1"));
-                    }
-                    Some((rl.messages_per_sec, burst))
-                }
-            };
-            let health_check = match &r.health_check {
-                None => None,
-                Some(h) => {
-                    if !(100..=3_600_000).contains(&h.interval_ms) {
-                        return Err(invalid(
-                            at("health_check.interval_ms"),
-                            format!("{} is outside 100-3600000", h.interval_ms),
-                        ));
-                    }
-                    if !(10..=60_000).contains(&h.timeout_ms) {
-                        return Err(invalid(
-                            at("health_check.timeout_ms"),
-                            format!("{} is outside 10-60000", h.timeout_ms),
-                        ));
-                    }
-                    let probe = match h.kind.as_deref() {
-                        None | Some("websocket") => {
-                            let path = h.path.clone().unwrap_or_else(|| r.internal_path.clone());
-                            if !path.starts_with('/') || !visible_ascii(&path) || path.contains('#')
-                            {
-                                return Err(invalid(
-                                    at("health_check.path"),
-                                    format!(
-                                        "{path:?} must be a path starting with '/' (printable ASCII, no spaces)"
-                                    ),
-                                ));
-                            }
-                            Probe::WebSocket(path)
-                        }
-                        Some("tcp") => {
-                            if h.path.is_some() {
-                                return Err(invalid(
-                                    at("health_check.path"),
-                                    "only applies to \"websocket\" checks",
-                                ));
-                            }
-                            Probe::Tcp
-                        }
-                        Some(other) => {
-                            return Err(invalid(
-                                at("health_check.type"),
-                                format!("{other:?} is not \"websocket\" or \"tcp\""),
-                            ));
-                        }
-                    };
-                    Some(HealthCheck {
-                        interval: Duration::from_millis(h.interval_ms),
-                        timeout: Duration::from_millis(h.timeout_ms),
-                        probe,
-                    })
-                }
-            };
-            let breaker = match &r.circuit_breaker {
-                None => (
-                    default_failures(),
-                    Duration::from_millis(default_cooldown()),
-                ),
-                Some(b) => {
-                    if !(1..=1000).contains(&b.failures) {
-                        return Err(invalid(
-                            at("circuit_breaker.failures"),
-                            format!("{} is outside 1-1000", b.failures),
-                        ));
-                    }
-                    if !(100..=3_600_000).contains(&b.cooldown_ms) {
-                        return Err(invalid(
-                            at("circuit_breaker.cooldown_ms"),
-                            format!("{} is outside 100-3600000", b.cooldown_ms),
-                        ));
-                    }
-                    (b.failures, Duration::from_millis(b.cooldown_ms))
-                }
-            };
-            let connect_timeout = match r.connect_timeout_ms {
-                None => Duration::from_secs(5),
-                Some(ms) if (10..=120_000).contains(&ms) => Duration::from_millis(ms),
-                Some(ms) => {
-                    return Err(invalid(
-                        at("connect_timeout_ms"),
-                        format!("{ms} is outside 10-120000"),
-                    ));
-                }
-            };
-            let allowed_origins = match &r.allowed_origins {
-                None => None,
-                Some(list) => Some(
-                    crate::origin::AllowedOrigins::parse(list.iter().map(String::as_str))
-                        .map_err(|e| invalid(at("allowed_origins"), e))?,
-                ),
-            };
+            check_router_head(i, &r, &mut seen)?;
+            let backends = validate_backends(i, &r)?;
+            let (sticky, balance) = validate_picking(i, &r, file.jwt.is_some())?;
+            let rate_limit = validate_limits(i, &r)?;
+            let health_check = validate_health_check(i, &r)?;
+            let (breaker, connect_timeout, allowed_origins) = validate_connecting(i, &r)?;
             routes.push(Route {
                 index: i,
                 external_path: r.external_path,
