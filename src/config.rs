@@ -399,6 +399,45 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Cli {
+    /// The topic pub/sub settings.
+    fn pubsub(&self) -> Result<PubSubConfig, ConfigError> {
+        Ok(PubSubConfig {
+            allow_anonymous: boolean("PUBSUB_ALLOW_ANONYMOUS", &self.pubsub_allow_anonymous)?,
+            max_subscriptions: number(
+                "PUBSUB_MAX_SUBSCRIPTIONS",
+                &self.pubsub_max_subscriptions,
+                1..=100_000,
+            )?,
+            max_payload_bytes: number(
+                "PUBSUB_MAX_PAYLOAD_BYTES",
+                &self.pubsub_max_payload_bytes,
+                1..=(16 << 20),
+            )?,
+        })
+    }
+
+    /// The JWT settings, when `JWT_SECRET` is set.
+    fn jwt(&self) -> Result<Option<JwtConfig>, ConfigError> {
+        Ok(match &self.jwt_secret {
+            None => None,
+            Some(secret) if secret.len() < 32 => {
+                return Err(ConfigError::new(
+                    "JWT_SECRET",
+                    format!(
+                        "is {} bytes long; use at least 32 random bytes",
+                        secret.len()
+                    ),
+                ));
+            }
+            Some(secret) => Some(JwtConfig {
+                secret: secret.as_bytes().to_vec(),
+                issuer: nonempty("JWT_ISSUER", &self.jwt_issuer)?,
+                audience: nonempty("JWT_AUDIENCE", &self.jwt_audience)?,
+                ttl: seconds("JWT_TTL_SECS", &self.jwt_ttl_secs, 60..=31_536_000)?,
+            }),
+        })
+    }
+
     /// Validates every value and builds the [`Config`].
     pub fn into_config(&self) -> Result<Config, ConfigError> {
         let host: IpAddr = self.host.trim().parse().map_err(|_| {
@@ -476,37 +515,8 @@ impl Cli {
                 n => number("WORKERS", n, 1..=1024)?,
             },
             log_format,
-            pubsub: PubSubConfig {
-                allow_anonymous: boolean("PUBSUB_ALLOW_ANONYMOUS", &self.pubsub_allow_anonymous)?,
-                max_subscriptions: number(
-                    "PUBSUB_MAX_SUBSCRIPTIONS",
-                    &self.pubsub_max_subscriptions,
-                    1..=100_000,
-                )?,
-                max_payload_bytes: number(
-                    "PUBSUB_MAX_PAYLOAD_BYTES",
-                    &self.pubsub_max_payload_bytes,
-                    1..=(16 << 20),
-                )?,
-            },
-            jwt: match &self.jwt_secret {
-                None => None,
-                Some(secret) if secret.len() < 32 => {
-                    return Err(ConfigError::new(
-                        "JWT_SECRET",
-                        format!(
-                            "is {} bytes long; use at least 32 random bytes",
-                            secret.len()
-                        ),
-                    ));
-                }
-                Some(secret) => Some(JwtConfig {
-                    secret: secret.as_bytes().to_vec(),
-                    issuer: nonempty("JWT_ISSUER", &self.jwt_issuer)?,
-                    audience: nonempty("JWT_AUDIENCE", &self.jwt_audience)?,
-                    ttl: seconds("JWT_TTL_SECS", &self.jwt_ttl_secs, 60..=31_536_000)?,
-                }),
-            },
+            pubsub: self.pubsub()?,
+            jwt: self.jwt()?,
             users_file: self
                 .users_file
                 .as_deref()

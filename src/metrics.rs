@@ -275,6 +275,13 @@ impl Metrics {
             "Topic pub/sub commands refused, by error code",
             m.pubsub_refused.clone(),
         );
+        m.register_upstream(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// The reverse proxy's families, registered beside the rest.
+    fn register_upstream(&self, registry: &mut Registry) {
+        let m = self;
         registry.register(
             "upstream_connections_active",
             "Proxied connections open, by route",
@@ -315,7 +322,6 @@ impl Metrics {
             "Last active health check of a backend: 1 passed, 0 failed (routes with health_check)",
             m.upstream_healthy.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     /// Counts a refused connection attempt.
