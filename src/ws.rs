@@ -19,8 +19,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use futures_util::SinkExt;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade};
+use futures_util::{SinkExt, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -123,6 +123,26 @@ pub struct Driver<H: Handler> {
     pub slot: Option<ConnectionSlot>,
 }
 
+/// What the driver runs over: axum's `WebSocket` in the server, anything
+/// else that is a stream and a sink of messages in tests (a pair of
+/// channels, say, on paused time), as axum's testing-websockets example
+/// does.
+pub trait Socket:
+    futures_util::Stream<Item = Result<Message, axum::Error>>
+    + futures_util::Sink<Message, Error = axum::Error>
+    + Unpin
+    + Send
+{
+}
+
+impl<T> Socket for T where
+    T: futures_util::Stream<Item = Result<Message, axum::Error>>
+        + futures_util::Sink<Message, Error = axum::Error>
+        + Unpin
+        + Send
+{
+}
+
 /// Why the pump stopped, and so how to close.
 type Stop = CloseReason;
 
@@ -169,7 +189,7 @@ impl<H: Handler> Driver<H> {
     /// future (once as the argument, once as the `mut` binding), and this
     /// future is what every open connection keeps in memory.
     #[allow(clippy::manual_async_fn)] // deliberate, see above
-    pub fn run(mut self, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
+    pub fn run<S: Socket>(mut self, mut socket: S) -> impl Future<Output = ()> + Send {
         async move {
             let started = Instant::now();
             self.counters.active.inc();
@@ -201,7 +221,7 @@ impl<H: Handler> Driver<H> {
     }
 
     /// Moves frames until something ends the connection.
-    async fn pump(&mut self, socket: &mut WebSocket) -> Result<Infallible, Stop> {
+    async fn pump<S: Socket>(&mut self, socket: &mut S) -> Result<Infallible, Stop> {
         let config = self.app.config.clone();
         // A fresh `cancelled()` per event costs a few uncontended lock
         // operations but no memory while waiting, which matters more here:
@@ -232,7 +252,7 @@ impl<H: Handler> Driver<H> {
                         None => std::future::pending().await,
                     }
                 } => Event::Expired,
-                frame = socket.recv() => Event::Frame(frame),
+                frame = socket.next() => Event::Frame(frame),
                 out = self.outbox.pop() => Event::Outgoing(out),
             };
             match event {
@@ -278,7 +298,7 @@ impl<H: Handler> Driver<H> {
 
     /// Writes one frame. A client that takes longer than the ping timeout to
     /// accept it, or whose outbox overflows meanwhile, is a slow consumer.
-    async fn write(&self, socket: &mut WebSocket, msg: Message) -> Result<(), Stop> {
+    async fn write<S: Socket>(&self, socket: &mut S, msg: Message) -> Result<(), Stop> {
         tokio::select! {
             // The send first: it usually completes at once, and then the
             // timer below is never registered.
@@ -292,9 +312,9 @@ impl<H: Handler> Driver<H> {
     /// Ends the connection the way `reason` calls for. Boxed: an inline
     /// `async fn` would reserve its (large, used once) state in every
     /// connection's task for the connection's whole life.
-    fn close<'a>(
+    fn close<'a, S: Socket>(
         &'a mut self,
-        socket: &'a mut WebSocket,
+        socket: &'a mut S,
         reason: Stop,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
@@ -331,7 +351,7 @@ impl<H: Handler> Driver<H> {
                 if socket.send(frame).await.is_ok() {
                     // Wait for the peer's close reply so the close handshake
                     // completes and the peer sees our code.
-                    while let Some(Ok(msg)) = socket.recv().await {
+                    while let Some(Ok(msg)) = socket.next().await {
                         if matches!(msg, Message::Close(_)) {
                             break;
                         }
@@ -361,5 +381,217 @@ fn classify(error: axum::Error) -> Stop {
             _ => Stop::Error,
         },
         Err(_) => Stop::Error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver on a fake socket (two channels) and paused time: the
+    //! heartbeat, token expiry and slow-consumer rules take no real time.
+    use super::*;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    /// A socket whose client side the test holds: `to_server` carries the
+    /// client's frames, `from_server` what the driver sends. While
+    /// `stalled`, sends never complete (a client that stopped reading).
+    struct FakeSocket {
+        to_server: mpsc::UnboundedReceiver<Result<Message, axum::Error>>,
+        from_server: mpsc::UnboundedSender<Message>,
+        stalled: bool,
+    }
+
+    impl futures_util::Stream for FakeSocket {
+        type Item = Result<Message, axum::Error>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.to_server.poll_recv(cx)
+        }
+    }
+
+    impl futures_util::Sink<Message> for FakeSocket {
+        type Error = axum::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+            if self.stalled {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        }
+        fn start_send(self: Pin<&mut Self>, msg: Message) -> Result<(), axum::Error> {
+            self.from_server.send(msg).map_err(axum::Error::new)
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Ignores every client frame.
+    struct Quiet;
+
+    impl Handler for Quiet {
+        fn on_text(&mut self, _: Utf8Bytes) -> HandlerFuture<'_> {
+            Box::pin(std::future::ready(Reply::None))
+        }
+        fn on_binary(&mut self, _: bytes::Bytes) -> Reply {
+            Reply::None
+        }
+    }
+
+    /// An App whose Redis is never reached (the broker is stopped at once).
+    fn app(queue: usize) -> Arc<App> {
+        let mut config = crate::config::Config::for_redis("redis://127.0.0.1:1");
+        config.outbound_queue = queue;
+        let client = redis::Client::open(config.redis_url.as_str()).expect("url");
+        let redis = redis::aio::ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            redis::aio::ConnectionManagerConfig::new(),
+        )
+        .expect("lazy");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+        stop.cancel();
+        let (broker, _) = crate::broker::Broker::start(client, metrics.clone(), stop);
+        Arc::new(App {
+            config: Arc::new(config),
+            redis,
+            broker,
+            metrics,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            draining: Default::default(),
+            tracker: Default::default(),
+            users: None,
+            workers: crate::context::WorkerPool::new(vec![tokio::runtime::Handle::current()]),
+        })
+    }
+
+    struct Running {
+        app: Arc<App>,
+        outbox: Arc<Outbox>,
+        to_server: mpsc::UnboundedSender<Result<Message, axum::Error>>,
+        from_server: mpsc::UnboundedReceiver<Message>,
+        done: tokio::task::JoinHandle<()>,
+    }
+
+    fn start(queue: usize, expires: Option<Duration>, stalled: bool) -> Running {
+        let app = app(queue);
+        let outbox = Outbox::new(app.config.outbound_queue);
+        let (to_server, rx) = mpsc::unbounded_channel();
+        let (tx, from_server) = mpsc::unbounded_channel();
+        let driver = Driver {
+            app: app.clone(),
+            outbox: outbox.clone(),
+            handler: Quiet,
+            expires: expires.map(|d| tokio::time::Instant::now() + d),
+            counters: Counters {
+                active: Default::default(),
+                opened: Default::default(),
+                delivered: Default::default(),
+            },
+            label: Label {
+                endpoint: "test",
+                session_id: "-".into(),
+                peer: "-".into(),
+            },
+            task: app.tracker.token(),
+            slot: None,
+        };
+        let socket = FakeSocket {
+            to_server: rx,
+            from_server: tx,
+            stalled,
+        };
+        let done = tokio::spawn(driver.run(socket));
+        Running {
+            app,
+            outbox,
+            to_server,
+            from_server,
+            done,
+        }
+    }
+
+    /// Reads what the driver sends until its close frame (answering pings
+    /// when `pong`); returns the close code.
+    async fn close_code(r: &mut Running, pong: bool) -> u16 {
+        while let Some(msg) = r.from_server.recv().await {
+            match msg {
+                Message::Ping(p) if pong => {
+                    let _ = r.to_server.send(Ok(Message::Pong(p)));
+                }
+                Message::Close(Some(frame)) => {
+                    let _ = r.to_server.send(Ok(Message::Close(None)));
+                    return frame.code;
+                }
+                _ => {}
+            }
+        }
+        panic!("the driver ended without a close frame");
+    }
+
+    fn disconnects(app: &App, reason: &str) -> bool {
+        app.metrics.render().contains(&format!(
+            "wsproxy_disconnects_total{{reason=\"{reason}\"}} 1"
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_ping_closes_with_1011_after_interval_plus_timeout() {
+        let started = tokio::time::Instant::now();
+        let mut r = start(8, None, false);
+        assert_eq!(close_code(&mut r, false).await, CLOSE_INTERNAL);
+        // Defaults: a ping after 30 s, 10 s to answer it.
+        assert_eq!(started.elapsed(), Duration::from_secs(40));
+        r.done.await.expect("driver ends");
+        assert!(disconnects(&r.app, "heartbeat_timeout"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answered_pings_keep_it_open_until_the_token_expires_with_1008() {
+        let started = tokio::time::Instant::now();
+        let mut r = start(8, Some(Duration::from_secs(95)), false);
+        assert_eq!(close_code(&mut r, true).await, CLOSE_POLICY);
+        assert_eq!(started.elapsed(), Duration::from_secs(95));
+        r.done.await.expect("driver ends");
+        assert!(disconnects(&r.app, "token_expired"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off_as_slow() {
+        let started = tokio::time::Instant::now();
+        let r = start(2, None, true);
+        // One message is being written (and never completes), two more
+        // fill the queue, the fourth overflows it.
+        for i in 0..4 {
+            r.outbox.push(Message::Text(format!("{i}").into()));
+            tokio::task::yield_now().await;
+        }
+        r.done.await.expect("driver ends");
+        assert!(disconnects(&r.app, "slow_consumer"));
+        // At once: the overflow, not the write timeout, decided it (the
+        // close frame then waits at most CLOSE_REPLY_WAIT).
+        assert!(
+            started.elapsed() <= CLOSE_REPLY_WAIT,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_stalled_past_the_ping_timeout_is_a_slow_consumer() {
+        let started = tokio::time::Instant::now();
+        let r = start(8, None, true);
+        r.outbox.push(Message::Text("stuck".into()));
+        r.done.await.expect("driver ends");
+        assert!(disconnects(&r.app, "slow_consumer"));
+        // WS_PING_TIMEOUT_SECS (10 s), then at most the close's wait.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(10) && took <= Duration::from_secs(10) + CLOSE_REPLY_WAIT,
+            "{took:?}"
+        );
     }
 }
