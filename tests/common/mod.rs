@@ -3,6 +3,8 @@
 //! plain-HTTP clients.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
