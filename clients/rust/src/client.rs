@@ -12,107 +12,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::auth::{Auth, REFRESH_MARGIN};
 use crate::message::{Outgoing, check_id, check_name};
+use crate::options::Options;
+pub use crate::options::{ConnectionState, HandlerId, ReconnectPolicy};
 use crate::worker::{self, Command, Handlers, Shared, Worker};
 use crate::{Error, Message};
-
-/// Where the client's connection stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectionState {
-    /// Connected, registered, and every subscription confirmed.
-    Connected,
-    /// The connection was lost; the client is reconnecting (or has
-    /// reconnected and is still restoring subscriptions).
-    Reconnecting,
-    /// Closed by [`WsClient::close`], or reconnection gave up. Final.
-    Closed,
-}
-
-/// Identifies a handler registered with [`WsClient::on_message`] or
-/// [`WsClient::on_error`], for [`WsClient::remove_handler`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct HandlerId(pub(crate) u64);
-
-/// How the client retries after losing its connection.
-///
-/// The first attempt is immediate; then the delay doubles from
-/// `initial_delay` up to `max_delay`, each randomized to between half and
-/// all of its value so that many clients do not reconnect in lockstep.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReconnectPolicy {
-    /// Delay before the second attempt.
-    pub initial_delay: Duration,
-    /// Upper bound of any delay.
-    pub max_delay: Duration,
-    /// Attempts before giving up and closing the client; `None` retries
-    /// forever, `Some(0)` never reconnects. Attempts add up over connections
-    /// that drop again within 10 s of being established, and so does the
-    /// backoff: a server that accepts and immediately closes is not hammered.
-    pub max_attempts: Option<u32>,
-}
-
-impl Default for ReconnectPolicy {
-    /// 100 ms doubling to 5 s, forever.
-    fn default() -> Self {
-        ReconnectPolicy {
-            initial_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(5),
-            max_attempts: None,
-        }
-    }
-}
-
-impl ReconnectPolicy {
-    /// Never reconnect: a lost connection closes the client.
-    pub fn never() -> Self {
-        ReconnectPolicy {
-            max_attempts: Some(0),
-            ..Self::default()
-        }
-    }
-
-    /// The pause before attempt number `attempt` (0-based).
-    pub(crate) fn delay(&self, attempt: u32) -> Duration {
-        if attempt == 0 {
-            return Duration::ZERO;
-        }
-        let exponent = (attempt - 1).min(20);
-        let full = self
-            .initial_delay
-            .saturating_mul(1 << exponent)
-            .min(self.max_delay);
-        full.mul_f64(0.5 + 0.5 * worker::random_unit(u64::from(attempt)))
-    }
-}
-
-/// Tunables, with the defaults documented on [`ClientBuilder`].
-#[derive(Debug, Clone)]
-pub(crate) struct Options {
-    pub request_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub keepalive_interval: Duration,
-    pub keepalive_timeout: Duration,
-    pub max_message_bytes: usize,
-    pub reconnect: ReconnectPolicy,
-    pub offline_queue: usize,
-    pub command_queue: usize,
-    pub event_queue: usize,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-            keepalive_interval: Duration::from_secs(15),
-            keepalive_timeout: Duration::from_secs(45),
-            max_message_bytes: 1 << 20,
-            reconnect: ReconnectPolicy::default(),
-            offline_queue: 256,
-            command_queue: 64,
-            event_queue: 1024,
-        }
-    }
-}
 
 /// Configures a [`WsClient`] before connecting. The `WsClient::connect*`
 /// shortcuts use the defaults.

@@ -95,6 +95,7 @@ mod auth;
 mod client;
 mod error;
 mod message;
+mod options;
 mod worker;
 
 pub use client::{ClientBuilder, ConnectionState, HandlerId, ReconnectPolicy, WsClient};

@@ -4,7 +4,6 @@
 //! long and never runs while the socket task holds a lock.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -21,8 +20,8 @@ use tokio_tungstenite::tungstenite::{self, Message as Frame, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::auth::{Auth, REFRESH_MARGIN, Token};
-use crate::client::{ConnectionState, HandlerId, Options};
 use crate::message::{Incoming, Verb, parse_incoming};
+use crate::options::{ConnectionState, HandlerId, Options};
 use crate::{Error, Message};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -857,9 +856,4 @@ impl Worker {
         }
         Ok(())
     }
-}
-
-/// A number in [0, 1) that differs between calls (for backoff jitter).
-pub(crate) fn random_unit(salt: u64) -> f64 {
-    (RandomState::new().hash_one(salt) >> 11) as f64 / (1u64 << 53) as f64
 }
