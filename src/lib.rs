@@ -21,6 +21,7 @@
 //!   no endpoint imports the server.
 //! - [`net`]: binding the listener, socket options.
 //! - [`keys`]: the Redis key and channel schema and the id rule.
+//! - [`close`]: the one table of close codes.
 //! - [`auth`]: bearer-token extraction and the one-round-trip Redis check.
 //! - [`broker`]: the process's single Redis pub/sub connection, with
 //!   reference-counted subscriptions, reconnection and resubscription.
@@ -55,6 +56,7 @@
 pub mod auth;
 pub mod bridge;
 pub mod broker;
+pub mod close;
 pub mod config;
 pub mod context;
 pub mod echo;

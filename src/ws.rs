@@ -29,19 +29,11 @@ use crate::broker::{Outbox, Outgoing};
 use crate::context::{App, ConnectionSlot};
 use crate::metrics::CloseReason;
 
-/// Close codes (RFC 6455 section 7.4.1).
-pub const CLOSE_GOING_AWAY: u16 = 1001;
-/// The client broke the protocol (an unmasked frame, reserved bits, a bad
-/// control frame, fragments out of order...).
-pub const CLOSE_PROTOCOL: u16 = 1002;
-/// A text message that is not UTF-8.
-pub const CLOSE_INVALID_DATA: u16 = 1007;
-/// Policy violation: slow consumer, expired token.
-pub const CLOSE_POLICY: u16 = 1008;
-/// Message too big.
-pub const CLOSE_TOO_BIG: u16 = 1009;
-/// Unexpected condition: used for a missed heartbeat.
-pub const CLOSE_INTERNAL: u16 = 1011;
+/// Close codes this driver sends (the table is [`crate::close`]).
+pub use crate::close::{
+    GOING_AWAY as CLOSE_GOING_AWAY, INTERNAL as CLOSE_INTERNAL, INVALID_DATA as CLOSE_INVALID_DATA,
+    POLICY as CLOSE_POLICY, PROTOCOL as CLOSE_PROTOCOL, TOO_BIG as CLOSE_TOO_BIG,
+};
 
 /// How long we wait for the client's reply to our close frame.
 const CLOSE_REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);

@@ -43,9 +43,9 @@ impl Violation {
     /// Close code and reason for the client.
     pub fn close(self) -> (u16, &'static str) {
         match self {
-            Violation::TooBig => (1009, "message too big"),
-            Violation::TooFast => (1008, "message rate limit exceeded"),
-            Violation::BadCompression => (1007, "invalid compressed data"),
+            Violation::TooBig => (crate::close::TOO_BIG, "message too big"),
+            Violation::TooFast => (crate::close::POLICY, "message rate limit exceeded"),
+            Violation::BadCompression => (crate::close::INVALID_DATA, "invalid compressed data"),
         }
     }
 

@@ -31,8 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::connect::BackendStream;
 use super::limits::{Limits, Violation};
+use crate::close::GOING_AWAY as CLOSE_GOING_AWAY;
 use crate::context::Draining;
-use crate::ws::CLOSE_GOING_AWAY;
 
 /// Live counters for one direction of a route.
 #[derive(Debug, Clone, Default)]
