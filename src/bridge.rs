@@ -20,7 +20,7 @@ use std::sync::Arc;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
@@ -29,7 +29,7 @@ use serde::de::IgnoredAny;
 use crate::auth::{self, AuthError};
 use crate::broker::{Outbox, Subscription};
 use crate::context::{App, ConnectionSlot};
-use crate::error::{ApiError, socket_error};
+use crate::error::{ApiError, Refusal, socket_error};
 use crate::metrics::{AuthFailure, InvalidMessage};
 use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 
@@ -39,18 +39,14 @@ pub use crate::keys::MAX_ID_LEN;
 /// [`crate::keys::valid_id`]): 400 `invalid_id` naming the bad character.
 pub fn validate_id(what: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            format!("{what} must be 1-{MAX_ID_LEN} characters long"),
-        ));
+        return Err(ApiError::from(Refusal::InvalidId(
+            format!("{what} must be 1-{MAX_ID_LEN} characters long").into(),
+        )));
     }
     if let Some(bad) = crate::keys::first_invalid(id) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            format!("{what} contains {bad:?}; allowed are A-Z, a-z, 0-9, '-', '_' and '.'"),
-        ));
+        return Err(ApiError::from(Refusal::InvalidId(
+            format!("{what} contains {bad:?}; allowed are A-Z, a-z, 0-9, '-', '_' and '.'").into(),
+        )));
     }
     Ok(())
 }
@@ -88,7 +84,7 @@ async fn accept(
     // 1. Validate everything that needs no I/O, the page's origin first.
     crate::handshake::admit(&headers, &app.config.ws_origins)?;
     let Path((agent_id, session_id)) =
-        path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.body_text()))?;
+        path.map_err(|e| ApiError::from(Refusal::InvalidId(e.body_text().into())))?;
     validate_id("agent_id", &agent_id)?;
     validate_id("session_id", &session_id)?;
     let upgrade = upgrade.map_err(ApiError::not_a_websocket)?;
@@ -98,7 +94,7 @@ async fn accept(
     }
     let token = auth::bearer_token(&headers, query.access_token.as_deref()).map_err(|e| {
         app.metrics.auth_failure(AuthFailure::MissingToken);
-        ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", e.to_string())
+        ApiError::from(Refusal::MissingToken(e.to_string().into()))
     })?;
 
     // 2 and 3, bounded together by AUTH_TIMEOUT_SECS.
@@ -118,15 +114,13 @@ async fn accept(
         Ok(Err(AuthError::Invalid)) => {
             app.metrics.auth_failure(AuthFailure::InvalidToken);
             tracing::info!(%session_id, %agent_id, "refused: invalid or expired token");
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "invalid_token",
-                "the token is invalid or has expired",
-            ));
+            return Err(ApiError::from(Refusal::InvalidToken(
+                "the token is invalid or has expired".into(),
+            )));
         }
         Ok(Err(AuthError::Missing(m))) => {
             app.metrics.auth_failure(AuthFailure::MissingToken);
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", m));
+            return Err(ApiError::from(Refusal::MissingToken(m.into())));
         }
         Ok(Err(e @ (AuthError::Redis(_) | AuthError::Subscribe(_)))) => {
             app.metrics.auth_failure(AuthFailure::RedisUnavailable);
@@ -169,11 +163,9 @@ async fn accept(
 }
 
 fn redis_unavailable() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "redis_unavailable",
-        "Redis is unavailable; try again shortly",
-    )
+    ApiError::from(Refusal::RedisUnavailable(
+        "Redis is unavailable; try again shortly".into(),
+    ))
 }
 
 /// What client frames mean on a session: JSON to publish on the up channel.
@@ -272,7 +264,7 @@ mod tests {
     #[test]
     fn refusal_names_the_bad_character() {
         let e = validate_id("session_id", "a:b").expect_err("colon");
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
         assert!(e.message.contains("':'"), "{}", e.message);
     }
 }

@@ -7,6 +7,8 @@
 use axum::Json;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 /// A refusal with its HTTP status, a stable code and a human message.
@@ -19,6 +21,168 @@ pub struct ApiError {
     pub code: &'static str,
     /// Explanation for people.
     pub message: String,
+}
+
+/// Every cause for refusing a request before its upgrade, each knowing its
+/// HTTP status and stable code; its text says what went wrong, for people.
+/// Becomes an [`ApiError`] (and so a JSON response) in one place, the
+/// `From` below.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// No usable bearer token (none, empty, not Bearer, too long).
+    MissingToken(Cow<'static, str>),
+    /// A token that does not verify, has expired or is for another session.
+    InvalidToken(Cow<'static, str>),
+    /// `POST /auth/token`: unknown user or wrong password.
+    InvalidCredentials(Cow<'static, str>),
+    /// Redis could not be asked in time.
+    RedisUnavailable(Cow<'static, str>),
+    /// An agent or session id that could change a Redis name.
+    InvalidId(Cow<'static, str>),
+    /// A request on a WebSocket endpoint that is not an upgrade.
+    NotAWebsocket(Cow<'static, str>),
+    /// A token request body that is not what the endpoint takes.
+    InvalidRequest(Cow<'static, str>),
+    /// A query string that does not parse.
+    InvalidQuery(Cow<'static, str>),
+    /// Something that should not happen did.
+    Internal(Cow<'static, str>),
+    /// A proxy route at its `max_connections`.
+    RouteFull(Cow<'static, str>),
+    /// An upgrade from a page whose origin is not allowed.
+    OriginNotAllowed(Cow<'static, str>),
+    /// No endpoint and no route for the path.
+    NotFound(Cow<'static, str>),
+    /// Every backend of the route is out (health checks, breakers).
+    NoBackend(Cow<'static, str>),
+    /// `/metrics` without the `METRICS_TOKEN`.
+    MetricsTokenRequired(Cow<'static, str>),
+    /// A method the endpoint does not take (the caller adds `Allow`).
+    MethodNotAllowed(Cow<'static, str>),
+    /// A `Sec-WebSocket-Key` that is not the base64 of 16 bytes.
+    InvalidWebsocketKey(Cow<'static, str>),
+    /// A request body over its limit.
+    BodyTooLarge(Cow<'static, str>),
+    /// A request body that did not arrive in time.
+    BodyTimeout(Cow<'static, str>),
+    /// A proxied path a backend could read as another route's.
+    BadPath(Cow<'static, str>),
+    /// No backend could be reached or completed its handshake.
+    BackendUnavailable(Cow<'static, str>),
+    /// The backend's handshake took longer than the route allows.
+    BackendTimeout(Cow<'static, str>),
+    /// Token issuing without `JWT_SECRET` and `USERS_FILE`.
+    AuthNotConfigured(Cow<'static, str>),
+    /// The server is draining.
+    ShuttingDown(Cow<'static, str>),
+    /// The backend answered the upgrade with this 4xx: passed on as it is.
+    BackendRejected(StatusCode),
+}
+
+impl Refusal {
+    /// The HTTP status sent.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingToken(_) => StatusCode::UNAUTHORIZED,
+            Self::InvalidToken(_) => StatusCode::FORBIDDEN,
+            Self::InvalidCredentials(_) => StatusCode::UNAUTHORIZED,
+            Self::RedisUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InvalidId(_) => StatusCode::BAD_REQUEST,
+            Self::NotAWebsocket(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::RouteFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NoBackend(_) => StatusCode::BAD_GATEWAY,
+            Self::MetricsTokenRequired(_) => StatusCode::UNAUTHORIZED,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::InvalidWebsocketKey(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::AuthNotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BackendRejected(status) => *status,
+        }
+    }
+
+    /// The stable code in the body's `error`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingToken(_) => "missing_token",
+            Self::InvalidToken(_) => "invalid_token",
+            Self::InvalidCredentials(_) => "invalid_credentials",
+            Self::RedisUnavailable(_) => "redis_unavailable",
+            Self::InvalidId(_) => "invalid_id",
+            Self::NotAWebsocket(_) => "not_a_websocket",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidQuery(_) => "invalid_query",
+            Self::Internal(_) => "internal",
+            Self::RouteFull(_) => "route_full",
+            Self::OriginNotAllowed(_) => "origin_not_allowed",
+            Self::NotFound(_) => "not_found",
+            Self::NoBackend(_) => "no_backend",
+            Self::MetricsTokenRequired(_) => "metrics_token_required",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::InvalidWebsocketKey(_) => "invalid_websocket_key",
+            Self::BodyTooLarge(_) => "body_too_large",
+            Self::BodyTimeout(_) => "body_timeout",
+            Self::BadPath(_) => "bad_path",
+            Self::BackendUnavailable(_) => "backend_unavailable",
+            Self::BackendTimeout(_) => "backend_timeout",
+            Self::AuthNotConfigured(_) => "auth_not_configured",
+            Self::ShuttingDown(_) => "shutting_down",
+            Self::BackendRejected(_) => "backend_rejected",
+        }
+    }
+
+    /// The explanation in the body's `message`.
+    pub fn message(&self) -> Cow<'static, str> {
+        match self {
+            Self::MissingToken(m)
+            | Self::InvalidToken(m)
+            | Self::InvalidCredentials(m)
+            | Self::RedisUnavailable(m)
+            | Self::InvalidId(m)
+            | Self::NotAWebsocket(m)
+            | Self::InvalidRequest(m)
+            | Self::InvalidQuery(m)
+            | Self::Internal(m)
+            | Self::RouteFull(m)
+            | Self::OriginNotAllowed(m)
+            | Self::NotFound(m)
+            | Self::NoBackend(m)
+            | Self::MetricsTokenRequired(m)
+            | Self::MethodNotAllowed(m)
+            | Self::InvalidWebsocketKey(m)
+            | Self::BodyTooLarge(m)
+            | Self::BodyTimeout(m)
+            | Self::BadPath(m)
+            | Self::BackendUnavailable(m)
+            | Self::BackendTimeout(m)
+            | Self::AuthNotConfigured(m)
+            | Self::ShuttingDown(m) => m.clone(),
+            Self::BackendRejected(status) => format!(
+                "the backend refused the upgrade with HTTP {}",
+                status.as_u16()
+            )
+            .into(),
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        Self {
+            status: refusal.status(),
+            code: refusal.code(),
+            message: refusal.message().into_owned(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -41,11 +205,7 @@ impl ApiError {
 impl ApiError {
     /// 503 while the server drains.
     pub fn shutting_down() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        )
+        Refusal::ShuttingDown("the server is shutting down".into()).into()
     }
 
     /// A request on a WebSocket endpoint that is not a valid upgrade.
@@ -64,11 +224,7 @@ impl ApiError {
 
     /// A query string that does not parse.
     pub fn invalid_query(rejection: axum::extract::rejection::QueryRejection) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            rejection.body_text(),
-        )
+        Refusal::InvalidQuery(rejection.body_text().into()).into()
     }
 }
 
@@ -110,6 +266,32 @@ pub fn socket_error(code: &str, message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_refusal_knows_its_status_and_code() {
+        for (refusal, status, code) in [
+            (Refusal::MissingToken("m".into()), 401, "missing_token"),
+            (Refusal::InvalidToken("m".into()), 403, "invalid_token"),
+            (
+                Refusal::RedisUnavailable("m".into()),
+                503,
+                "redis_unavailable",
+            ),
+            (Refusal::BodyTooLarge("m".into()), 413, "body_too_large"),
+            (Refusal::BodyTimeout("m".into()), 408, "body_timeout"),
+            (Refusal::BackendTimeout("m".into()), 504, "backend_timeout"),
+            (
+                Refusal::BackendRejected(StatusCode::NOT_FOUND),
+                404,
+                "backend_rejected",
+            ),
+        ] {
+            let e = ApiError::from(refusal);
+            assert_eq!((e.status.as_u16(), e.code), (status, code));
+        }
+        let e = ApiError::from(Refusal::BackendRejected(StatusCode::FORBIDDEN));
+        assert_eq!(e.message, "the backend refused the upgrade with HTTP 403");
+    }
 
     #[test]
     fn socket_errors_are_json_with_type_error() {

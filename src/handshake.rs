@@ -2,10 +2,10 @@
 //! the page's origin first ([`crate::origin`]), then the form of
 //! `Sec-WebSocket-Key`.
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use base64::Engine;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Refusal};
 use crate::origin::AllowedOrigins;
 
 /// Refuses an upgrade from a page `origins` does not allow (403), or one
@@ -17,11 +17,9 @@ pub fn admit(headers: &HeaderMap, origins: &AllowedOrigins) -> Result<(), ApiErr
     if let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY)
         && !valid_key(key.as_bytes())
     {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_websocket_key",
-            "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
-        ));
+        return Err(ApiError::from(Refusal::InvalidWebsocketKey(
+            "Sec-WebSocket-Key must be the base64 encoding of 16 bytes".into(),
+        )));
     }
     Ok(())
 }

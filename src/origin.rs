@@ -16,9 +16,9 @@
 //! - `WS_ALLOWED_ORIGINS` (and `allowed_origins` per proxy route) lists the
 //!   origins allowed besides, or `*` for any page.
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Refusal};
 
 /// The origins allowed to open WebSockets.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -90,11 +90,7 @@ impl AllowedOrigins {
         if self.allows(headers) {
             return Ok(());
         }
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "origin_not_allowed",
-            "WebSocket connections from this page's origin are not allowed (see WS_ALLOWED_ORIGINS)",
-        ))
+        Err(ApiError::from(Refusal::OriginNotAllowed("WebSocket connections from this page's origin are not allowed (see WS_ALLOWED_ORIGINS)".into())))
     }
 }
 
@@ -157,7 +153,7 @@ mod tests {
             .expect_err("refused");
         assert_eq!(
             (e.status, e.code),
-            (StatusCode::FORBIDDEN, "origin_not_allowed")
+            (axum::http::StatusCode::FORBIDDEN, "origin_not_allowed")
         );
     }
 

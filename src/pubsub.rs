@@ -24,7 +24,7 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Extension, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -33,7 +33,7 @@ use serde_json::value::RawValue;
 use crate::auth::{self, jwt};
 use crate::broker::{Outbox, Subscription};
 use crate::context::{App, ConnectionSlot};
-use crate::error::ApiError;
+use crate::error::{ApiError, Refusal};
 use crate::metrics::AuthFailure;
 use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 
@@ -176,7 +176,7 @@ fn topic_and_session<'a>(
 
 /// A refused command, as sent to the client.
 #[derive(Debug, Serialize)]
-struct Refusal<'a> {
+struct CommandRefusal<'a> {
     r#type: &'static str,
     error: &'static str,
     message: &'a str,
@@ -185,7 +185,7 @@ struct Refusal<'a> {
 
 fn refuse(app: &App, command: &str, error: &'static str, message: &str) -> Reply {
     app.metrics.pubsub_refused(error);
-    let body = Refusal {
+    let body = CommandRefusal {
         r#type: "error",
         error,
         message,
@@ -533,49 +533,39 @@ fn accept(
     let claims = if present {
         let token = auth::bearer_token(&headers, query.access_token.as_deref()).map_err(|e| {
             app.metrics.auth_failure(AuthFailure::MissingToken);
-            ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", e.to_string())
+            ApiError::from(Refusal::MissingToken(e.to_string().into()))
         })?;
         let Some(jwt_config) = &app.config.jwt else {
             app.metrics.auth_failure(AuthFailure::InvalidToken);
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "invalid_token",
-                "this server issues no tokens (JWT_SECRET is not set)",
-            ));
+            return Err(ApiError::from(Refusal::InvalidToken(
+                "this server issues no tokens (JWT_SECRET is not set)".into(),
+            )));
         };
         let claims = jwt::verify(jwt_config, token).map_err(|e| {
             app.metrics.auth_failure(AuthFailure::InvalidToken);
             tracing::info!(error = %crate::logsafe::escaped(&e.to_string()), "refused /ws: invalid token");
-            ApiError::new(StatusCode::FORBIDDEN, "invalid_token", e.to_string())
+            ApiError::from(Refusal::InvalidToken(e.to_string().into()))
         })?;
         // The verifier tolerates a few seconds of clock skew; a token that
         // is past its exp would only be closed at once, so refuse it here.
         if jwt::remaining(&claims).is_zero() {
             app.metrics.auth_failure(AuthFailure::InvalidToken);
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "invalid_token",
-                "the token has expired",
-            ));
+            return Err(ApiError::from(Refusal::InvalidToken(
+                "the token has expired".into(),
+            )));
         }
         if !valid_name(&claims.sid) {
             app.metrics.auth_failure(AuthFailure::InvalidToken);
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "invalid_token",
-                "the token's session id is not valid",
-            ));
+            return Err(ApiError::from(Refusal::InvalidToken(
+                "the token's session id is not valid".into(),
+            )));
         }
         Some(claims)
     } else if app.config.pubsub.allow_anonymous {
         None
     } else {
         app.metrics.auth_failure(AuthFailure::MissingToken);
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing_token",
-            "send \"Authorization: Bearer <token>\" or ?access_token=<token> (get one from POST /auth/token)",
-        ));
+        return Err(ApiError::from(Refusal::MissingToken("send \"Authorization: Bearer <token>\" or ?access_token=<token> (get one from POST /auth/token)".into())));
     };
 
     let outbox = Outbox::new(app.config.outbound_queue);
@@ -647,11 +637,9 @@ pub async fn issue_token(
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let (Some(jwt_config), Some(users)) = (&app.config.jwt, &app.users) else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "auth_not_configured",
-            "token issuing needs JWT_SECRET and USERS_FILE",
-        ));
+        return Err(ApiError::from(Refusal::AuthNotConfigured(
+            "token issuing needs JWT_SECRET and USERS_FILE".into(),
+        )));
     };
     let req = read_token_request(request, app.config.auth_timeout).await?;
     let session = match req.session_id {
@@ -659,11 +647,9 @@ pub async fn issue_token(
         None => format!("session-{}", req.username),
     };
     if !valid_name(&session) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "session_id must be 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
-        ));
+        return Err(ApiError::from(Refusal::InvalidRequest(
+            "session_id must be 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'".into(),
+        )));
     }
     if !users.verify(&req.username, &req.password).await {
         app.metrics.auth_failure(AuthFailure::InvalidToken);
@@ -671,14 +657,12 @@ pub async fn issue_token(
             user = %crate::logsafe::escaped(&req.username),
             "refused /auth/token: wrong credentials"
         );
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_credentials",
-            "unknown user or wrong password",
-        ));
+        return Err(ApiError::from(Refusal::InvalidCredentials(
+            "unknown user or wrong password".into(),
+        )));
     }
     let (token, claims) = jwt::issue(jwt_config, &req.username, &session)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        .map_err(|e| ApiError::from(Refusal::Internal(e.to_string().into())))?;
     Ok(Json(serde_json::json!({
         "token": token,
         "expires_in": claims.exp.saturating_sub(claims.iat),
@@ -693,11 +677,9 @@ async fn read_token_request(
     limit: std::time::Duration,
 ) -> Result<TokenRequest, ApiError> {
     let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the request body may be at most {MAX_TOKEN_REQUEST_BYTES} bytes"),
-        )
+        ApiError::from(Refusal::BodyTooLarge(
+            format!("the request body may be at most {MAX_TOKEN_REQUEST_BYTES} bytes").into(),
+        ))
     };
     let headers = request.headers();
     let declared = headers
@@ -713,11 +695,9 @@ async fn read_token_request(
         .and_then(|v| v.split(';').next())
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
     let invalid = |why: &str| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("expected JSON {{\"username\", \"password\", \"session_id\"?}}: {why}"),
-        )
+        ApiError::from(Refusal::InvalidRequest(
+            format!("expected JSON {{\"username\", \"password\", \"session_id\"?}}: {why}").into(),
+        ))
     };
     if !is_json {
         return Err(invalid("the Content-Type must be application/json"));
@@ -736,11 +716,9 @@ async fn read_token_request(
         Ok(body)
     };
     let body = tokio::time::timeout(limit, read).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!("the request body did not arrive within {limit:?}"),
-        )
+        ApiError::from(Refusal::BodyTimeout(
+            format!("the request body did not arrive within {limit:?}").into(),
+        ))
     })??;
     serde_json::from_slice(&body).map_err(|e| invalid(&e.to_string()))
 }

@@ -40,7 +40,7 @@ use crate::auth::users::Users;
 use crate::broker::Broker;
 use crate::config::Config;
 pub use crate::context::{App, ConnectionSlot, Draining, WorkerPool};
-use crate::error::{method_not_allowed, not_allowed};
+use crate::error::{ApiError, Refusal, method_not_allowed, not_allowed};
 use crate::metrics::Metrics;
 pub use crate::net::{LISTEN_BACKLOG, bind, tune_socket};
 
@@ -357,11 +357,9 @@ async fn metrics(State(gateway): State<Gateway>, headers: axum::http::HeaderMap)
         use subtle::ConstantTimeEq;
         let given = crate::auth::bearer_token(&headers, None).unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
-            let mut response = crate::error::ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "metrics_token_required",
-                "/metrics needs Authorization: Bearer <METRICS_TOKEN>",
-            )
+            let mut response = ApiError::from(Refusal::MetricsTokenRequired(
+                "/metrics needs Authorization: Bearer <METRICS_TOKEN>".into(),
+            ))
             .into_response();
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -39,12 +39,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::Request;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 
 use crate::context::App;
-use crate::error::ApiError;
+use crate::error::{ApiError, Refusal};
 use balance::RouteState;
 use routes::{Routes, RoutesError};
 
@@ -277,7 +276,7 @@ pub async fn handle(app: Arc<App>, upstream: &Upstream, req: Request) -> Respons
         return not_found();
     };
     if let Err(why) = check_path(&path) {
-        return ApiError::new(StatusCode::BAD_REQUEST, "bad_path", why).into_response();
+        return ApiError::from(Refusal::BadPath(why.into())).into_response();
     }
     let state = table.states[index].clone();
     proxy::proxy(&app, upstream, &table, state, mapped, req).await
@@ -345,11 +344,10 @@ fn percent_decoded(s: &[u8]) -> Option<Vec<u8>> {
 
 /// 404 for a path that is neither wsproxy's own nor a route's.
 pub fn not_found() -> Response {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such endpoint; sessions connect to /{agent_id}/ws/{session_id}, topic clients to /ws",
-    )
+    ApiError::from(Refusal::NotFound(
+        "no such endpoint; sessions connect to /{agent_id}/ws/{session_id}, topic clients to /ws"
+            .into(),
+    ))
     .into_response()
 }
 

@@ -29,7 +29,7 @@ use super::routes::{self, StickyKey};
 use super::tunnel::{self, Meter};
 use super::{Table, Upstream, limits};
 use crate::context::{App, ConnectionSlot};
-use crate::error::ApiError;
+use crate::error::{ApiError, Refusal};
 
 /// What every phase of one proxied request reads.
 pub(super) struct Ctx<'a> {
@@ -150,18 +150,12 @@ fn admit(ctx: &Ctx<'_>, req: &mut Request) -> Result<Admitted, Refused> {
         && header_str(headers, header::SEC_WEBSOCKET_VERSION) == Some("13");
     let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
     let (true, Some(key)) = (is_upgrade, key) else {
-        return Err(refuse(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "not_a_websocket",
-            "this route only accepts WebSocket upgrades (GET with Upgrade: websocket, Sec-WebSocket-Version: 13)",
-        )));
+        return Err(refuse(ApiError::from(Refusal::NotAWebsocket("this route only accepts WebSocket upgrades (GET with Upgrade: websocket, Sec-WebSocket-Version: 13)".into()))));
     };
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return Err(refuse(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "not_a_websocket",
-            "the connection cannot be upgraded",
-        )));
+        return Err(refuse(ApiError::from(Refusal::NotAWebsocket(
+            "the connection cannot be upgraded".into(),
+        ))));
     };
     if app.shutdown.is_cancelled() {
         return Err(refuse(ApiError::shutting_down()));
@@ -181,11 +175,9 @@ fn admit(ctx: &Ctx<'_>, req: &mut Request) -> Result<Admitted, Refused> {
         && open > max
     {
         app.metrics.upstream_failure(&ctx.name, "-", "route_full");
-        return Err(refuse(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "route_full",
-            format!("this route is at its limit of {max} connections; retry later"),
-        )));
+        return Err(refuse(ApiError::from(Refusal::RouteFull(
+            format!("this route is at its limit of {max} connections; retry later").into(),
+        ))));
     }
     Ok(Admitted {
         key,
@@ -208,18 +200,17 @@ fn authenticate(ctx: &Ctx<'_>) -> Result<Option<String>, ApiError> {
     .map(str::to_owned)
     .map_err(|e| {
         app.metrics.upstream_failure(&ctx.name, "-", "unauthorized");
-        ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", e.to_string())
+        ApiError::from(Refusal::MissingToken(e.to_string().into()))
     })?;
-    let jwt = ctx.table.routes.jwt.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "route needs a jwt section",
-        )
-    })?;
+    let jwt = ctx
+        .table
+        .routes
+        .jwt
+        .as_ref()
+        .ok_or_else(|| ApiError::from(Refusal::Internal("route needs a jwt section".into())))?;
     let subject = verify_route_token(jwt, &token).map_err(|e| {
         app.metrics.upstream_failure(&ctx.name, "-", "unauthorized");
-        ApiError::new(StatusCode::FORBIDDEN, "invalid_token", e)
+        ApiError::from(Refusal::InvalidToken(e.into()))
     })?;
     Ok(Some(subject))
 }
@@ -242,11 +233,9 @@ fn pick(ctx: &Ctx<'_>, subject: Option<&str>) -> Result<Vec<Arc<BackendState>>, 
         ctx.app
             .metrics
             .upstream_failure(&ctx.name, "-", "no_backend");
-        return Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "no_backend",
-            "no backend of this route is available (health checks failing or circuits open)",
-        ));
+        return Err(ApiError::from(Refusal::NoBackend(
+            "no backend of this route is available (health checks failing or circuits open)".into(),
+        )));
     }
     Ok(candidates)
 }
@@ -317,14 +306,7 @@ async fn dial(
                     .upstream_failure(name, &backend.backend.name, "rejected");
                 tracing::info!(route = %name, backend = %backend.label, detail = %crate::logsafe::escaped(&detail), "backend rejected the upgrade");
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-                return Err(ApiError::new(
-                    status,
-                    "backend_rejected",
-                    format!(
-                        "the backend refused the upgrade with HTTP {}",
-                        status.as_u16()
-                    ),
-                ));
+                return Err(Refusal::BackendRejected(status).into());
             }
             Err(e) => {
                 let reason = match e {
@@ -343,18 +325,17 @@ async fn dial(
         }
     }
     Err(match last {
-        Some(DialError::Timeout(t)) => ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "backend_timeout",
-            format!("the backend did not complete the WebSocket handshake within {t:?}"),
-        ),
+        Some(DialError::Timeout(t)) => ApiError::from(Refusal::BackendTimeout(
+            format!("the backend did not complete the WebSocket handshake within {t:?}").into(),
+        )),
         // What went wrong, and where, is in the log: the client is not
         // told the backends' addresses.
-        Some(DialError::Refused(_) | DialError::Rejected(..)) | None => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "backend_unavailable",
-            "no backend of this route could be reached or completed the WebSocket handshake",
-        ),
+        Some(DialError::Refused(_) | DialError::Rejected(..)) | None => {
+            ApiError::from(Refusal::BackendUnavailable(
+                "no backend of this route could be reached or completed the WebSocket handshake"
+                    .into(),
+            ))
+        }
     })
 }
 
@@ -403,7 +384,7 @@ fn answer(
     }
     let response = response
         .body(Body::empty())
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        .map_err(|e| ApiError::from(Refusal::Internal(e.to_string().into())))?;
     let tunnel = Tunnel {
         backend,
         slot,
