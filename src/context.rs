@@ -38,7 +38,7 @@ pub struct App {
     pub tracker: TaskTracker,
     /// Users allowed to get tokens from `POST /auth/token`.
     pub users: Option<crate::auth::users::Users>,
-    /// The event loops proxied tunnels run on (see [`Workers`]).
+    /// The event loops proxied tunnels run on (see `server::Workers`).
     pub workers: WorkerPool,
 }
 

@@ -23,7 +23,7 @@ fn keepalive() -> socket2::TcpKeepalive {
         .with_retries(3)
 }
 
-/// Sets what every backend socket gets: no Nagle delay, and [`keepalive`].
+/// Sets what every backend socket gets: no Nagle delay, and the `keepalive` settings above.
 /// (Client sockets inherit both from the listener [`bind`] makes.)
 pub fn tune_socket(stream: &tokio::net::TcpStream) {
     let _ = stream.set_nodelay(true);
@@ -32,7 +32,7 @@ pub fn tune_socket(stream: &tokio::net::TcpStream) {
 
 /// Binds the listening socket with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`
 /// (so a restart does not wait for old connections in TIME_WAIT). It also
-/// sets `TCP_NODELAY` and [`keepalive`], which Linux copies to every
+/// sets `TCP_NODELAY` and that keepalive, which Linux copies to every
 /// accepted socket: no system call per connection.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
