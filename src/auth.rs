@@ -15,6 +15,7 @@
 //! lets a client in is then taken here with a constant-time comparison of the
 //! tokens themselves. Tokens are never logged.
 
+pub mod issue;
 pub mod jwt;
 pub mod users;
 

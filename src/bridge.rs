@@ -27,10 +27,10 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 
 use crate::auth::{self, AuthError};
-use crate::broker::{Outbox, Subscription};
+use crate::broker::{self, Outbox, Subscription};
 use crate::context::{App, ConnectionSlot};
 use crate::error::{ApiError, Refusal, socket_error};
-use crate::metrics::{AuthFailure, InvalidMessage};
+use crate::metrics::InvalidMessage;
 use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 
 pub use crate::keys::MAX_ID_LEN;
@@ -92,10 +92,8 @@ async fn accept(
     if app.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
-    let token = auth::bearer_token(&headers, query.access_token.as_deref()).map_err(|e| {
-        app.metrics.auth_failure(AuthFailure::MissingToken);
-        ApiError::from(Refusal::MissingToken(e.to_string().into()))
-    })?;
+    let token = auth::bearer_token(&headers, query.access_token.as_deref())
+        .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
 
     // 2 and 3, bounded together by AUTH_TIMEOUT_SECS.
     let config = &app.config;
@@ -112,25 +110,22 @@ async fn accept(
     let subscription = match tokio::time::timeout(config.auth_timeout, attach).await {
         Ok(Ok(subscription)) => subscription,
         Ok(Err(AuthError::Invalid)) => {
-            app.metrics.auth_failure(AuthFailure::InvalidToken);
             tracing::info!(%session_id, %agent_id, "refused: invalid or expired token");
-            return Err(ApiError::from(Refusal::InvalidToken(
-                "the token is invalid or has expired".into(),
-            )));
+            return Err(
+                Refusal::InvalidToken("the token is invalid or has expired".into())
+                    .counted(&app.metrics),
+            );
         }
         Ok(Err(AuthError::Missing(m))) => {
-            app.metrics.auth_failure(AuthFailure::MissingToken);
-            return Err(ApiError::from(Refusal::MissingToken(m.into())));
+            return Err(Refusal::MissingToken(m.into()).counted(&app.metrics));
         }
         Ok(Err(e @ (AuthError::Redis(_) | AuthError::Subscribe(_)))) => {
-            app.metrics.auth_failure(AuthFailure::RedisUnavailable);
             tracing::warn!(%session_id, error = %e, "refused: redis unavailable");
-            return Err(redis_unavailable());
+            return Err(redis_unavailable(&app));
         }
         Err(_) => {
-            app.metrics.auth_failure(AuthFailure::RedisUnavailable);
             tracing::warn!(%session_id, "refused: authentication timed out");
-            return Err(redis_unavailable());
+            return Err(redis_unavailable(&app));
         }
     };
 
@@ -162,10 +157,9 @@ async fn accept(
     Ok(ws::upgrade(upgrade, driver))
 }
 
-fn redis_unavailable() -> ApiError {
-    ApiError::from(Refusal::RedisUnavailable(
-        "Redis is unavailable; try again shortly".into(),
-    ))
+fn redis_unavailable(app: &App) -> ApiError {
+    Refusal::RedisUnavailable("Redis is unavailable; try again shortly".into())
+        .counted(&app.metrics)
 }
 
 /// What client frames mean on a session: JSON to publish on the up channel.
@@ -205,20 +199,14 @@ impl Bridge {
                 &format!("message is not valid JSON: {e}"),
             ));
         }
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(&self.up).arg(text.as_str().as_bytes());
-        let publish = cmd.query_async::<i64>(&mut self.redis);
-        match tokio::time::timeout(self.app.config.auth_timeout, publish).await {
-            Ok(Ok(_receivers)) => {
+        let limit = self.app.config.auth_timeout;
+        match broker::publish(&mut self.redis, &self.up, text.as_str().as_bytes(), limit).await {
+            Ok(_receivers) => {
                 self.app.metrics.messages_up.inc();
                 Reply::None
             }
-            failed => {
+            Err(why) => {
                 self.app.metrics.publish_failures.inc();
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "Redis did not answer in time".to_owned(),
-                };
                 tracing::warn!(channel = %self.up, error = %why, "publish failed");
                 Reply::text(socket_error(
                     "publish_failed",

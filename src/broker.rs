@@ -55,6 +55,36 @@ pub enum BrokerError {
     Closed,
 }
 
+/// Why a message was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Redis answered with an error, or the connection failed.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// Redis did not answer within the limit.
+    #[error("Redis did not answer in time")]
+    Timeout,
+}
+
+/// `PUBLISH channel payload` on the shared command connection, waiting at
+/// most `limit` for Redis to accept it; the number of subscribers that got
+/// it. What the bridge (client messages) and topic pub/sub publish goes
+/// through here; receiving is the [`Broker`]'s.
+pub async fn publish(
+    redis: &mut redis::aio::ConnectionManager,
+    channel: &str,
+    payload: &[u8],
+    limit: Duration,
+) -> Result<i64, PublishError> {
+    let mut cmd = redis::cmd("PUBLISH");
+    cmd.arg(channel).arg(payload);
+    let publish = cmd.query_async::<i64>(redis);
+    match tokio::time::timeout(limit, publish).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(PublishError::Timeout),
+    }
+}
+
 /// A connection's bounded outbound queue, filled by the broker's reader and
 /// drained by the connection's task.
 ///
@@ -259,7 +289,8 @@ impl Broker {
     }
 
     /// Number of channels with at least one local subscriber.
-    pub fn channel_count(&self) -> usize {
+    #[cfg(test)]
+    fn channel_count(&self) -> usize {
         self.shared.lock().channels.len()
     }
 

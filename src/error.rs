@@ -11,6 +11,8 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 
+use crate::metrics::{AuthFailure, Metrics};
+
 /// A refusal with its HTTP status, a stable code and a human message.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{status} {code}: {message}")]
@@ -175,6 +177,32 @@ impl Refusal {
     }
 }
 
+impl Refusal {
+    /// The reason `auth_failures` counts this refusal under: a session or
+    /// `/ws` connection whose authentication failed, or a token request
+    /// with wrong credentials (counted as `invalid_token`). `None` for
+    /// every other cause (the proxy counts its own by route).
+    pub fn auth_failure(&self) -> Option<AuthFailure> {
+        match self {
+            Self::MissingToken(_) => Some(AuthFailure::MissingToken),
+            Self::InvalidToken(_) | Self::InvalidCredentials(_) => Some(AuthFailure::InvalidToken),
+            Self::RedisUnavailable(_) => Some(AuthFailure::RedisUnavailable),
+            _ => None,
+        }
+    }
+
+    /// Counts the refusal in `metrics` under its [`auth_failure`] reason,
+    /// if it has one, and turns it into its response.
+    ///
+    /// [`auth_failure`]: Self::auth_failure
+    pub fn counted(self, metrics: &Metrics) -> ApiError {
+        if let Some(reason) = self.auth_failure() {
+            metrics.auth_failure(reason);
+        }
+        self.into()
+    }
+}
+
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
         Self {
@@ -291,6 +319,32 @@ mod tests {
         }
         let e = ApiError::from(Refusal::BackendRejected(StatusCode::FORBIDDEN));
         assert_eq!(e.message, "the backend refused the upgrade with HTTP 403");
+    }
+
+    #[test]
+    fn authentication_refusals_are_counted_by_their_reason_and_others_not() {
+        let metrics = Metrics::new();
+        for refusal in [
+            Refusal::MissingToken("m".into()),
+            Refusal::InvalidToken("m".into()),
+            Refusal::InvalidCredentials("m".into()),
+            Refusal::RedisUnavailable("m".into()),
+            Refusal::NotFound("m".into()),
+            Refusal::BadPath("m".into()),
+        ] {
+            let _ = refusal.counted(&metrics);
+        }
+        let text = metrics.render();
+        let count = |reason: &str| {
+            let line = format!("wsproxy_auth_failures_total{{reason=\"{reason}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .map(|n| n.trim().to_owned())
+        };
+        assert_eq!(count("missing_token").as_deref(), Some("1"));
+        assert_eq!(count("invalid_token").as_deref(), Some("2"));
+        assert_eq!(count("redis_unavailable").as_deref(), Some("1"));
+        assert_eq!(Refusal::NotFound("m".into()).auth_failure(), None);
     }
 
     #[test]

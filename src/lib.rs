@@ -9,24 +9,27 @@
 //!
 //! Data flows one way: accept -> admit -> authenticate -> attach -> pump ->
 //! close. Modules are layered (see ARCHITECTURE.md): nothing imports a
-//! module above its own layer, and nothing below [`server`] knows the
+//! module above its own layer, and nothing below [`http`] knows the
 //! router.
 //!
 //! - [`config`]: the typed configuration, from environment, `.env` and flags,
 //!   validated with errors that name the variable.
 //! - [`server`]: [`run`] (the whole server on a given listener), the accept
-//!   loop, routes (`/health`, `/ready`, `/metrics`) and graceful shutdown.
+//!   loop, TLS, signals and graceful shutdown.
+//! - [`http`]: the router and the small handlers (`/health`, `/ready`,
+//!   `/metrics`, `POST /auth/token`, 405s, the fallback).
 //! - [`context`]: what every connection task shares (`App`,
 //!   `ConnectionSlot`, `Draining`, `WorkerPool`), below the server, so that
 //!   no endpoint imports the server.
 //! - [`net`]: binding the listener, socket options.
 //! - [`keys`]: the Redis key and channel schema and the id rule.
 //! - [`close`]: the one table of close codes.
-//! - [`auth`]: bearer-token extraction and the one-round-trip Redis check.
+//! - [`auth`]: bearer-token extraction, the one-round-trip Redis check,
+//!   JWTs, the users file and the token endpoint.
 //! - [`broker`]: the process's single Redis pub/sub connection, with
 //!   reference-counted subscriptions, reconnection and resubscription.
 //! - [`bridge`]: the session endpoint (`/{agent_id}/ws/{session_id}`).
-//! - [`pubsub`]: topic pub/sub between clients (`/ws`, `POST /auth/token`).
+//! - [`pubsub`]: topic pub/sub between clients (`/ws`).
 //! - [`ws`]: the per-connection frame pump both endpoints share.
 //! - [`upstream`]: the reverse proxy to backend WebSocket servers (routes
 //!   file, balancing, health checks, circuit breaker, tunnel).
@@ -62,6 +65,7 @@ pub mod context;
 pub mod echo;
 pub mod error;
 pub mod handshake;
+pub mod http;
 pub mod keys;
 pub mod logsafe;
 pub mod metrics;

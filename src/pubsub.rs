@@ -1,4 +1,5 @@
-//! Topic pub/sub between clients: `GET /ws` and `POST /auth/token`.
+//! Topic pub/sub between clients: `GET /ws` (its tokens come from
+//! `POST /auth/token`, in [`crate::auth::issue`]).
 //!
 //! Clients speak a line protocol of text commands (`register-name:`,
 //! `register-session:`, `subscribe:{topic}|{session}`,
@@ -20,7 +21,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Extension, Query, State};
@@ -31,10 +31,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::auth::{self, jwt};
-use crate::broker::{Outbox, Subscription};
+use crate::broker::{self, Outbox, Subscription};
 use crate::context::{App, ConnectionSlot};
 use crate::error::{ApiError, Refusal};
-use crate::metrics::AuthFailure;
 use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 
 /// Longest topic, session or client name.
@@ -469,11 +468,10 @@ impl Hub {
                 "could not encode the message",
             );
         };
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(channel(&session, &msg.topic)).arg(body);
-        let publish = cmd.query_async::<i64>(&mut self.redis);
-        match tokio::time::timeout(self.app.config.auth_timeout, publish).await {
-            Ok(Ok(_)) => {
+        let limit = self.app.config.auth_timeout;
+        let channel = channel(&session, &msg.topic);
+        match broker::publish(&mut self.redis, &channel, body.as_bytes(), limit).await {
+            Ok(_) => {
                 self.app.metrics.pubsub_published.inc();
                 Reply::None
             }
@@ -531,41 +529,34 @@ fn accept(
     let present =
         headers.contains_key(axum::http::header::AUTHORIZATION) || query.access_token.is_some();
     let claims = if present {
-        let token = auth::bearer_token(&headers, query.access_token.as_deref()).map_err(|e| {
-            app.metrics.auth_failure(AuthFailure::MissingToken);
-            ApiError::from(Refusal::MissingToken(e.to_string().into()))
-        })?;
+        let token = auth::bearer_token(&headers, query.access_token.as_deref())
+            .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
         let Some(jwt_config) = &app.config.jwt else {
-            app.metrics.auth_failure(AuthFailure::InvalidToken);
-            return Err(ApiError::from(Refusal::InvalidToken(
+            return Err(Refusal::InvalidToken(
                 "this server issues no tokens (JWT_SECRET is not set)".into(),
-            )));
+            )
+            .counted(&app.metrics));
         };
         let claims = jwt::verify(jwt_config, token).map_err(|e| {
-            app.metrics.auth_failure(AuthFailure::InvalidToken);
             tracing::info!(error = %crate::logsafe::escaped(&e.to_string()), "refused /ws: invalid token");
-            ApiError::from(Refusal::InvalidToken(e.to_string().into()))
+            Refusal::InvalidToken(e.to_string().into()).counted(&app.metrics)
         })?;
         // The verifier tolerates a few seconds of clock skew; a token that
         // is past its exp would only be closed at once, so refuse it here.
         if jwt::remaining(&claims).is_zero() {
-            app.metrics.auth_failure(AuthFailure::InvalidToken);
-            return Err(ApiError::from(Refusal::InvalidToken(
-                "the token has expired".into(),
-            )));
+            return Err(Refusal::InvalidToken("the token has expired".into()).counted(&app.metrics));
         }
         if !valid_name(&claims.sid) {
-            app.metrics.auth_failure(AuthFailure::InvalidToken);
-            return Err(ApiError::from(Refusal::InvalidToken(
-                "the token's session id is not valid".into(),
-            )));
+            return Err(
+                Refusal::InvalidToken("the token's session id is not valid".into())
+                    .counted(&app.metrics),
+            );
         }
         Some(claims)
     } else if app.config.pubsub.allow_anonymous {
         None
     } else {
-        app.metrics.auth_failure(AuthFailure::MissingToken);
-        return Err(ApiError::from(Refusal::MissingToken("send \"Authorization: Bearer <token>\" or ?access_token=<token> (get one from POST /auth/token)".into())));
+        return Err(Refusal::MissingToken("send \"Authorization: Bearer <token>\" or ?access_token=<token> (get one from POST /auth/token)".into()).counted(&app.metrics));
     };
 
     let outbox = Outbox::new(app.config.outbound_queue);
@@ -608,119 +599,6 @@ fn accept(
         slot,
     };
     Ok(ws::upgrade(upgrade, driver))
-}
-
-/// Body of `POST /auth/token`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenRequest {
-    username: String,
-    password: String,
-    session_id: Option<String>,
-}
-
-/// Largest `POST /auth/token` body: a username, a password and a session
-/// id fit many times over.
-pub const MAX_TOKEN_REQUEST_BYTES: usize = 16 * 1024;
-
-/// `POST /auth/token`: checks the user's password and issues a JWT bound to
-/// the requested session (default `session-{username}`).
-///
-/// The body is read here, not by an extractor, so that nothing waits on a
-/// client that sends it slowly or never: a server that issues no tokens
-/// answers before reading it, a `Content-Length` past
-/// [`MAX_TOKEN_REQUEST_BYTES`] is refused at once (413), and the whole body
-/// must arrive within `AUTH_TIMEOUT_SECS` (408). Answering early closes the
-/// connection, unread body and all.
-pub async fn issue_token(
-    State(app): State<Arc<App>>,
-    request: axum::extract::Request,
-) -> Result<Response, ApiError> {
-    let (Some(jwt_config), Some(users)) = (&app.config.jwt, &app.users) else {
-        return Err(ApiError::from(Refusal::AuthNotConfigured(
-            "token issuing needs JWT_SECRET and USERS_FILE".into(),
-        )));
-    };
-    let req = read_token_request(request, app.config.auth_timeout).await?;
-    let session = match req.session_id {
-        Some(s) => s,
-        None => format!("session-{}", req.username),
-    };
-    if !valid_name(&session) {
-        return Err(ApiError::from(Refusal::InvalidRequest(
-            "session_id must be 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'".into(),
-        )));
-    }
-    if !users.verify(&req.username, &req.password).await {
-        app.metrics.auth_failure(AuthFailure::InvalidToken);
-        tracing::info!(
-            user = %crate::logsafe::escaped(&req.username),
-            "refused /auth/token: wrong credentials"
-        );
-        return Err(ApiError::from(Refusal::InvalidCredentials(
-            "unknown user or wrong password".into(),
-        )));
-    }
-    let (token, claims) = jwt::issue(jwt_config, &req.username, &session)
-        .map_err(|e| ApiError::from(Refusal::Internal(e.to_string().into())))?;
-    Ok(Json(serde_json::json!({
-        "token": token,
-        "expires_in": claims.exp.saturating_sub(claims.iat),
-        "session_id": session,
-    }))
-    .into_response())
-}
-
-/// Reads and parses the body of `POST /auth/token` within `limit`.
-async fn read_token_request(
-    request: axum::extract::Request,
-    limit: std::time::Duration,
-) -> Result<TokenRequest, ApiError> {
-    let too_large = || {
-        ApiError::from(Refusal::BodyTooLarge(
-            format!("the request body may be at most {MAX_TOKEN_REQUEST_BYTES} bytes").into(),
-        ))
-    };
-    let headers = request.headers();
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_TOKEN_REQUEST_BYTES as u64) {
-        return Err(too_large());
-    }
-    let is_json = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
-    let invalid = |why: &str| {
-        ApiError::from(Refusal::InvalidRequest(
-            format!("expected JSON {{\"username\", \"password\", \"session_id\"?}}: {why}").into(),
-        ))
-    };
-    if !is_json {
-        return Err(invalid("the Content-Type must be application/json"));
-    }
-    let read = async {
-        use futures_util::StreamExt;
-        let mut body = Vec::new();
-        let mut stream = request.into_body().into_data_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|_| invalid("the body could not be read"))?;
-            if body.len().saturating_add(chunk.len()) > MAX_TOKEN_REQUEST_BYTES {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
-    };
-    let body = tokio::time::timeout(limit, read).await.map_err(|_| {
-        ApiError::from(Refusal::BodyTimeout(
-            format!("the request body did not arrive within {limit:?}").into(),
-        ))
-    })??;
-    serde_json::from_slice(&body).map_err(|e| invalid(&e.to_string()))
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! The server: listener, routes, and shutdown.
+//! The server: listener, TLS, signals and shutdown (the routes are in
+//! [`crate::http`]).
 //!
 //! [`run`] is the whole of wsproxy as a library call: it takes an already
 //! bound listener and a shutdown token, so tests bind `127.0.0.1:0` and run
@@ -22,14 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::extract::Request;
+use axum::response::IntoResponse;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +38,6 @@ use crate::auth::users::Users;
 use crate::broker::Broker;
 use crate::config::Config;
 pub use crate::context::{App, ConnectionSlot, Draining, WorkerPool};
-use crate::error::{ApiError, Refusal, method_not_allowed, not_allowed};
 use crate::metrics::Metrics;
 pub use crate::net::{LISTEN_BACKLOG, bind, tune_socket};
 
@@ -58,10 +55,29 @@ pub enum ServerError {
     Upstream(#[from] crate::upstream::UpstreamError),
     /// The TLS certificate or key could not be loaded.
     #[error("TLS_CERT_FILE/TLS_KEY_FILE: {0}")]
-    Tls(String),
+    Tls(#[from] TlsError),
     /// A worker thread could not be started.
     #[error("WORKERS: cannot start a worker thread: {0}")]
     Workers(std::io::Error),
+}
+
+/// Why the listener's TLS certificate or key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("{}: {source}", path.display())]
+    Pem {
+        /// The certificate or key file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("{} holds no certificate", .0.display())]
+    NoCertificate(std::path::PathBuf),
+    /// rustls refused the certificate and key (e.g. they do not match).
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
 }
 
 /// The proxy's worker threads: each runs a current-thread tokio runtime,
@@ -209,7 +225,7 @@ pub async fn run(
 
     let accept = Listener {
         listener,
-        router: router(Gateway {
+        router: crate::http::router(crate::http::Gateway {
             app: app.clone(),
             upstream: upstream.clone(),
         }),
@@ -256,164 +272,6 @@ pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
     redis::Client::open(info.set_tcp_settings(tcp))
 }
 
-/// What the router's handlers share: the connection context, and the
-/// reverse proxy (which sits above the context, so the context cannot hold
-/// it).
-#[derive(Debug, Clone)]
-pub struct Gateway {
-    /// Shared state of every connection.
-    pub app: Arc<App>,
-    /// The reverse proxy, when `ROUTES_FILE` is set.
-    pub upstream: Option<Arc<crate::upstream::Upstream>>,
-}
-
-impl axum::extract::FromRef<Gateway> for Arc<App> {
-    fn from_ref(gateway: &Gateway) -> Self {
-        gateway.app.clone()
-    }
-}
-
-/// All HTTP routes.
-pub fn router(gateway: Gateway) -> Router {
-    let app = &gateway.app;
-    let router = if app.config.test_echo {
-        Router::new().route("/_test/echo", get(crate::echo::handler))
-    } else {
-        Router::new()
-    };
-    router
-        .route("/health", get(health).fallback(only_get))
-        .route("/ready", get(ready).fallback(only_get))
-        .route("/metrics", get(metrics).fallback(only_get))
-        .route("/{agent_id}/ws/{session_id}", any(session_or_route))
-        .route("/ws", get(crate::pubsub::handler).fallback(only_get))
-        .route("/auth/token", token_route(&app.config))
-        .fallback(fallback)
-        .with_state(gateway)
-}
-
-/// `POST /auth/token`, with a small body limit and CORS for the configured
-/// browser origins.
-fn token_route(config: &Config) -> axum::routing::MethodRouter<Gateway> {
-    use tower_http::cors::{AllowOrigin, CorsLayer};
-    // The fallback before the layer, so that CORS preflights (OPTIONS)
-    // still get their answer from the layer.
-    let route = axum::routing::post(crate::pubsub::issue_token).fallback(only_post);
-    if config.cors_origins.is_empty() {
-        return route;
-    }
-    let origins = if config.cors_origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(
-            config
-                .cors_origins
-                .iter()
-                .filter_map(|o| axum::http::HeaderValue::from_str(o).ok()),
-        )
-    };
-    route.layer(
-        CorsLayer::new()
-            .allow_origin(origins)
-            .allow_methods([axum::http::Method::POST])
-            .allow_headers([header::CONTENT_TYPE]),
-    )
-}
-
-async fn health() -> Response {
-    axum::Json(json!({ "status": "healthy" })).into_response()
-}
-
-/// Ready means: not shutting down, the shared pub/sub connection is up (and
-/// has resubscribed), and Redis answers a PING on the command connection.
-async fn ready(State(app): State<Arc<App>>) -> Response {
-    let not_ready = |reason: &str| {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({ "status": "not_ready", "reason": reason })),
-        )
-            .into_response()
-    };
-    if app.shutdown.is_cancelled() {
-        return not_ready("shutting down");
-    }
-    if !app.broker.is_connected() {
-        return not_ready("redis pub/sub connection is down");
-    }
-    let mut redis = app.redis.clone();
-    let cmd = redis::cmd("PING");
-    let ping = cmd.query_async::<String>(&mut redis);
-    match tokio::time::timeout(Duration::from_secs(1), ping).await {
-        Ok(Ok(_)) => axum::Json(json!({ "status": "ready" })).into_response(),
-        _ => not_ready("redis does not answer"),
-    }
-}
-
-/// `/metrics`; with `METRICS_TOKEN` set, only for `Authorization: Bearer
-/// <token>` (compared in constant time).
-async fn metrics(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) -> Response {
-    let app = &gateway.app;
-    if let Some(expected) = &app.config.metrics_token {
-        use subtle::ConstantTimeEq;
-        let given = crate::auth::bearer_token(&headers, None).unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
-            let mut response = ApiError::from(Refusal::MetricsTokenRequired(
-                "/metrics needs Authorization: Bearer <METRICS_TOKEN>".into(),
-            ))
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
-            return response;
-        }
-    }
-    if let Some(upstream) = &gateway.upstream {
-        upstream.refresh_metrics(&app.metrics);
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics.render(),
-    )
-        .into_response()
-}
-
-/// A session path, unless a proxy route claims it (see
-/// [`crate::upstream::Upstream::claims`]).
-async fn session_or_route(State(gateway): State<Gateway>, req: Request) -> Response {
-    if let Some(upstream) = &gateway.upstream
-        && upstream.claims(req.uri().path())
-    {
-        return crate::upstream::handle(gateway.app.clone(), upstream, req).await;
-    }
-    if req.method() != axum::http::Method::GET {
-        return method_not_allowed();
-    }
-    axum::handler::Handler::call(crate::bridge::handler, req, gateway).await
-}
-
-async fn only_get() -> Response {
-    not_allowed("GET", "this endpoint answers GET only")
-}
-
-async fn only_post() -> Response {
-    not_allowed(
-        "POST",
-        "POST a JSON body {\"username\", \"password\", \"session_id\"?}",
-    )
-}
-
-/// Everything else: a reverse-proxy route, or 404.
-async fn fallback(State(gateway): State<Gateway>, req: Request) -> Response {
-    match &gateway.upstream {
-        Some(upstream) => crate::upstream::handle(gateway.app.clone(), upstream, req).await,
-        None => crate::upstream::not_found(),
-    }
-}
-
 /// Reloads the routes file on every SIGHUP; a bad file is refused and
 /// the routes in use stay.
 async fn reload_on_sighup(app: Arc<App>, upstream: Arc<crate::upstream::Upstream>) {
@@ -446,26 +304,26 @@ fn tls_acceptor(
 ) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let pem = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| TlsError::Pem { path, source }
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| ServerError::Tls(format!("{}: {e}", cert.display())))?
+        .map_err(pem(cert))?
         .collect::<Result<_, _>>()
-        .map_err(|e| ServerError::Tls(format!("{}: {e}", cert.display())))?;
+        .map_err(pem(cert))?;
     if certs.is_empty() {
-        return Err(ServerError::Tls(format!(
-            "{} holds no certificate",
-            cert.display()
-        )));
+        return Err(TlsError::NoCertificate(cert.to_owned()).into());
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| ServerError::Tls(format!("{}: {e}", key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| ServerError::Tls(e.to_string()))?
+    .map_err(TlsError::from)?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    .map_err(TlsError::from)?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -35,8 +35,20 @@ pub struct Claims {
 
 /// Why a token was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid token: {0}")]
-pub struct TokenError(String);
+pub enum TokenError {
+    /// jsonwebtoken refused it: malformed, bad signature or algorithm,
+    /// expired, not yet valid, wrong issuer or audience, a claim missing.
+    #[error("invalid token: {0}")]
+    Rejected(#[source] jsonwebtoken::errors::Error),
+    /// Its header names critical extensions (`crit`).
+    #[error(
+        "invalid token: the token's header names critical extensions (crit), which this server does not support"
+    )]
+    CriticalExtensions,
+    /// A token could not be signed (issuing only).
+    #[error("could not sign the token: {0}")]
+    Signing(#[source] jsonwebtoken::errors::Error),
+}
 
 fn now() -> u64 {
     SystemTime::now()
@@ -64,7 +76,7 @@ pub fn issue(
         &claims,
         &EncodingKey::from_secret(&config.secret),
     )
-    .map_err(|e| TokenError(e.to_string()))?;
+    .map_err(TokenError::Signing)?;
     Ok((token, claims))
 }
 
@@ -91,7 +103,7 @@ pub fn verify_as<T: serde::de::DeserializeOwned>(
     validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
     jsonwebtoken::decode::<T>(token, &DecodingKey::from_secret(secret), &validation)
         .map(|data| data.claims)
-        .map_err(|e| TokenError(e.to_string()))
+        .map_err(TokenError::Rejected)
 }
 
 /// Refuses a token whose header names critical extensions (`crit`), which
@@ -100,10 +112,7 @@ pub fn verify_as<T: serde::de::DeserializeOwned>(
 /// read.
 pub fn check_header(token: &str) -> Result<(), TokenError> {
     match jsonwebtoken::decode_header(token) {
-        Ok(header) if header.crit.is_some() => Err(TokenError(
-            "the token's header names critical extensions (crit), which this server does not support"
-                .to_owned(),
-        )),
+        Ok(header) if header.crit.is_some() => Err(TokenError::CriticalExtensions),
         _ => Ok(()),
     }
 }
@@ -180,7 +189,10 @@ mod tests {
             &EncodingKey::from_secret(&c.secret),
         )
         .expect("encode");
-        assert!(verify(&c, &expired).is_err());
+        assert!(matches!(
+            verify(&c, &expired),
+            Err(TokenError::Rejected(e)) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature)
+        ));
     }
 
     fn signed(header: Header, claims: serde_json::Value, secret: &[u8]) -> String {

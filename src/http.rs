@@ -1,0 +1,191 @@
+//! The HTTP face of wsproxy: the router and the small handlers (`/health`,
+//! `/ready`, `/metrics`, `POST /auth/token`, 405s, the fallback).
+//!
+//! The router sends each request to its endpoint: a session path to the
+//! bridge (unless a proxy route claims it), `/ws` to topic pub/sub, the
+//! token endpoint to [`crate::auth::issue`], and everything else to the
+//! reverse proxy or a 404. It sits above every endpoint and below only the
+//! [`crate::server`], which serves it on each accepted connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::context::App;
+use crate::error::{ApiError, Refusal, method_not_allowed, not_allowed};
+
+/// What the router's handlers share: the connection context, and the
+/// reverse proxy (which sits above the context, so the context cannot hold
+/// it).
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// Shared state of every connection.
+    pub app: Arc<App>,
+    /// The reverse proxy, when `ROUTES_FILE` is set.
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
+}
+
+impl axum::extract::FromRef<Gateway> for Arc<App> {
+    fn from_ref(gateway: &Gateway) -> Self {
+        gateway.app.clone()
+    }
+}
+
+/// All HTTP routes.
+pub fn router(gateway: Gateway) -> Router {
+    let app = &gateway.app;
+    let router = if app.config.test_echo {
+        Router::new().route("/_test/echo", get(crate::echo::handler))
+    } else {
+        Router::new()
+    };
+    router
+        .route("/health", get(health).fallback(only_get))
+        .route("/ready", get(ready).fallback(only_get))
+        .route("/metrics", get(metrics).fallback(only_get))
+        .route("/{agent_id}/ws/{session_id}", any(session_or_route))
+        .route("/ws", get(crate::pubsub::handler).fallback(only_get))
+        .route("/auth/token", token_route(&app.config))
+        .fallback(fallback)
+        .with_state(gateway)
+}
+
+/// `POST /auth/token`, with a small body limit and CORS for the configured
+/// browser origins.
+fn token_route(config: &Config) -> axum::routing::MethodRouter<Gateway> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    // The fallback before the layer, so that CORS preflights (OPTIONS)
+    // still get their answer from the layer.
+    let route = axum::routing::post(issue_token).fallback(only_post);
+    if config.cors_origins.is_empty() {
+        return route;
+    }
+    let origins = if config.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            config
+                .cors_origins
+                .iter()
+                .filter_map(|o| axum::http::HeaderValue::from_str(o).ok()),
+        )
+    };
+    route.layer(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([axum::http::Method::POST])
+            .allow_headers([header::CONTENT_TYPE]),
+    )
+}
+
+async fn health() -> Response {
+    axum::Json(json!({ "status": "healthy" })).into_response()
+}
+
+/// Ready means: not shutting down, the shared pub/sub connection is up (and
+/// has resubscribed), and Redis answers a PING on the command connection.
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let not_ready = |reason: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "status": "not_ready", "reason": reason })),
+        )
+            .into_response()
+    };
+    if app.shutdown.is_cancelled() {
+        return not_ready("shutting down");
+    }
+    if !app.broker.is_connected() {
+        return not_ready("redis pub/sub connection is down");
+    }
+    let mut redis = app.redis.clone();
+    let cmd = redis::cmd("PING");
+    let ping = cmd.query_async::<String>(&mut redis);
+    match tokio::time::timeout(Duration::from_secs(1), ping).await {
+        Ok(Ok(_)) => axum::Json(json!({ "status": "ready" })).into_response(),
+        _ => not_ready("redis does not answer"),
+    }
+}
+
+/// `/metrics`; with `METRICS_TOKEN` set, only for `Authorization: Bearer
+/// <token>` (compared in constant time).
+async fn metrics(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) -> Response {
+    let app = &gateway.app;
+    if let Some(expected) = &app.config.metrics_token {
+        use subtle::ConstantTimeEq;
+        let given = crate::auth::bearer_token(&headers, None).unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
+            let mut response = ApiError::from(Refusal::MetricsTokenRequired(
+                "/metrics needs Authorization: Bearer <METRICS_TOKEN>".into(),
+            ))
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    if let Some(upstream) = &gateway.upstream {
+        upstream.refresh_metrics(&app.metrics);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// A session path, unless a proxy route claims it (see
+/// [`crate::upstream::Upstream::claims`]).
+async fn session_or_route(State(gateway): State<Gateway>, req: Request) -> Response {
+    if let Some(upstream) = &gateway.upstream
+        && upstream.claims(req.uri().path())
+    {
+        return crate::upstream::handle(gateway.app.clone(), upstream, req).await;
+    }
+    if req.method() != axum::http::Method::GET {
+        return method_not_allowed();
+    }
+    axum::handler::Handler::call(crate::bridge::handler, req, gateway).await
+}
+
+async fn only_get() -> Response {
+    not_allowed("GET", "this endpoint answers GET only")
+}
+
+async fn only_post() -> Response {
+    not_allowed(
+        "POST",
+        "POST a JSON body {\"username\", \"password\", \"session_id\"?}",
+    )
+}
+
+/// Everything else: a reverse-proxy route, or 404.
+async fn fallback(State(gateway): State<Gateway>, req: Request) -> Response {
+    match &gateway.upstream {
+        Some(upstream) => crate::upstream::handle(gateway.app.clone(), upstream, req).await,
+        None => crate::upstream::not_found(),
+    }
+}
+
+/// `POST /auth/token` (see [`crate::auth::issue`]).
+async fn issue_token(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
+    let issuer = crate::auth::issue::Issuer {
+        jwt: app.config.jwt.as_ref(),
+        users: app.users.as_ref(),
+        timeout: app.config.auth_timeout,
+        metrics: &app.metrics,
+    };
+    crate::auth::issue::issue_token(issuer, request).await
+}
