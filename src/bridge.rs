@@ -149,7 +149,8 @@ async fn accept(
         label: Label {
             endpoint: "session",
             session_id,
-            peer: agent_id,
+            agent_id: Some(agent_id),
+            user: None,
         },
         task: app.tracker.token(),
         slot,

@@ -372,6 +372,9 @@ fn dispatch(shared: &Shared, channel: &str, payload: &[u8]) {
 async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     let mut ever_connected = false;
+    // host:port (or the socket's path): never the URL, which may hold a
+    // password.
+    let redis = client.get_connection_info().addr().to_string();
     loop {
         let connect = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub());
         let pubsub = tokio::select! {
@@ -381,7 +384,7 @@ async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationT
         let pubsub = match pubsub {
             Ok(Ok(pubsub)) => pubsub,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "redis pub/sub connect failed");
+                tracing::warn!(%redis, error = %e, retry_in = ?backoff, "redis pub/sub connect failed");
                 if sleep_or_shutdown(backoff, &shutdown).await {
                     return;
                 }
@@ -389,7 +392,7 @@ async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationT
                 continue;
             }
             Err(_) => {
-                tracing::warn!(retry_in = ?backoff, "redis pub/sub connect timed out");
+                tracing::warn!(%redis, retry_in = ?backoff, "redis pub/sub connect timed out");
                 if sleep_or_shutdown(backoff, &shutdown).await {
                     return;
                 }
@@ -409,7 +412,7 @@ async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationT
         if stopped {
             return;
         }
-        tracing::warn!("redis pub/sub connection lost; reconnecting");
+        tracing::warn!(%redis, "redis pub/sub connection lost; reconnecting");
     }
 }
 

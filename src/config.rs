@@ -195,8 +195,13 @@ impl Config {
 #[command(
     name = "wsproxy",
     version,
-    about = "WebSocket gateway: bridges client WebSockets to Redis Pub/Sub channels",
-    long_about = "WebSocket gateway: bridges client WebSockets to Redis Pub/Sub channels.\n\n\
+    about = "WebSocket gateway: session bridge to Redis, topic pub/sub, reverse proxy",
+    long_about = "WebSocket gateway, three jobs on one listener:\n\
+        - session bridge: clients on /{agent_id}/ws/{session_id} receive what a backend \
+        publishes on Redis (session:{id}:down) and their JSON goes to session:{id}:up;\n\
+        - topic pub/sub: clients on /ws publish and subscribe to topics within their \
+        session (JWT from POST /auth/token);\n\
+        - reverse proxy: the paths of ROUTES_FILE go to backend WebSocket servers.\n\n\
         Every option can also be set through the environment variable shown beside it, \
         or in a .env file in the working directory (real environment variables win)."
 )]

@@ -59,7 +59,8 @@ pub async fn handler(
         label: Label {
             endpoint: "test-echo",
             session_id: "-".to_owned(),
-            peer: "-".to_owned(),
+            agent_id: None,
+            user: None,
         },
         task: app.tracker.token(),
         slot: None,

@@ -41,18 +41,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    // A port that is taken is a start-up error like any bad setting: one
+    // line, exit 2.
+    let listener = match runtime.block_on(async { wsproxy::net::bind(config.listen) }) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!(
+                "wsproxy: invalid configuration: HOST/PORT: cannot listen on {}: {e}",
+                config.listen
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(serve(config, listener)) {
         Ok(()) => ExitCode::SUCCESS,
         // A file named by the configuration (routes, users, TLS) or the
-        // Redis URL is unusable: like any other bad setting, one line and 2.
-        Err(e) if e.downcast_ref::<wsproxy::server::ServerError>().is_some() => {
-            eprintln!("wsproxy: invalid configuration: {e:#}");
-            ExitCode::from(2)
-        }
+        // Redis URL is unusable: like any other bad setting, one line and
+        // 2. Each message already names its cause, so the error's chain of
+        // sources is not printed after it again.
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("wsproxy: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("wsproxy: invalid configuration: {e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -95,18 +104,22 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        // Colours for a terminal only: a file or journald gets plain text.
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            builder.with_ansi(std::io::stdout().is_terminal()).init()
+        }
     }
     Ok(())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = wsproxy::server::bind(config.listen)
-        .map_err(|e| anyhow::anyhow!("HOST/PORT: cannot listen on {}: {e}", config.listen))?;
+async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+) -> Result<(), wsproxy::server::ServerError> {
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    wsproxy::run(config, listener, shutdown).await?;
-    Ok(())
+    wsproxy::run(config, listener, shutdown).await
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT. A second signal exits

@@ -3,7 +3,8 @@
 //!
 //! Clients speak a line protocol of text commands (`register-name:`,
 //! `register-session:`, `subscribe:{topic}|{session}`,
-//! `unsubscribe:{topic}|{session}`, `publish-json:{json}`, `ping`).
+//! `unsubscribe:{topic}|{session}`, `publish-json:{json}`, `ping`); the
+//! `|{session}` part may be left out on a connection bound to a session.
 //! Messages travel through the same [`Broker`](crate::broker::Broker) as the
 //! session bridge, on Redis channels `pubsub:{session}:{topic}`: one Redis
 //! subscription per topic per process, so clients on different wsproxy
@@ -61,19 +62,21 @@ pub enum Command<'a> {
     RegisterName(&'a str),
     /// `register-session:{session}`, trimmed and a [`valid_name`].
     RegisterSession(&'a str),
-    /// `subscribe:{topic}|{session}`, both trimmed and [`valid_name`]s.
+    /// `subscribe:{topic}|{session}`, or `subscribe:{topic}` for the
+    /// connection's own session; both trimmed and [`valid_name`]s.
     Subscribe {
         /// The topic.
         topic: &'a str,
-        /// The session it is in.
-        session: &'a str,
+        /// The session it is in; `None`: the connection's.
+        session: Option<&'a str>,
     },
-    /// `unsubscribe:{topic}|{session}`, as for [`Command::Subscribe`].
+    /// `unsubscribe:{topic}|{session}` or `unsubscribe:{topic}`, as for
+    /// [`Command::Subscribe`].
     Unsubscribe {
         /// The topic.
         topic: &'a str,
-        /// The session it is in.
-        session: &'a str,
+        /// The session it is in; `None`: the connection's.
+        session: Option<&'a str>,
     },
     /// `publish-json:{json}`, the JSON as sent.
     PublishJson(&'a str),
@@ -146,21 +149,14 @@ fn session_name<'a>(command: &'static str, session: &'a str) -> Result<&'a str, 
     Ok(session)
 }
 
-/// Splits `topic|session` and checks both names.
+/// Splits `topic|session` (or takes a lone `topic`) and checks the names.
 fn topic_and_session<'a>(
     command: &'static str,
     arg: &'a str,
-) -> Result<(&'a str, &'a str), CommandError<'a>> {
-    let Some((topic, session)) = arg.split_once('|') else {
-        return Err(CommandError {
-            command,
-            error: "invalid_command",
-            message: if command == "subscribe" {
-                "expected subscribe:{topic}|{session}"
-            } else {
-                "expected unsubscribe:{topic}|{session}"
-            },
-        });
+) -> Result<(&'a str, Option<&'a str>), CommandError<'a>> {
+    let (topic, session) = match arg.split_once('|') {
+        Some((topic, session)) => (topic, Some(session)),
+        None => (arg, None),
     };
     let topic = topic.trim();
     if !valid_name(topic) {
@@ -170,7 +166,11 @@ fn topic_and_session<'a>(
             message: INVALID_TOPIC,
         });
     }
-    Ok((topic, session_name(command, session.trim())?))
+    let session = match session {
+        Some(session) => Some(session_name(command, session.trim())?),
+        None => None,
+    };
+    Ok((topic, session))
 }
 
 /// A refused command, as sent to the client.
@@ -313,18 +313,30 @@ impl Hub {
     }
 
     /// Checks a command's session (split and checked by [`parse_command`])
-    /// against the connection; returns its topic.
+    /// against the connection, or, for a command without one, that the
+    /// connection has a session; returns its topic.
     fn topic_and_session<'a>(
         &mut self,
         command: &str,
         topic: &'a str,
-        session: &str,
+        session: Option<&str>,
     ) -> Result<&'a str, Reply> {
-        self.bind_session(command, session)?;
+        match session {
+            Some(session) => self.bind_session(command, session)?,
+            None if self.session.is_none() => {
+                return Err(refuse(
+                    &self.app,
+                    command,
+                    "not_registered",
+                    "no session: send register-session:{session} first or name it, as in subscribe:{topic}|{session}",
+                ));
+            }
+            None => {}
+        }
         Ok(topic)
     }
 
-    async fn subscribe(&mut self, topic: &str, session: &str) -> Reply {
+    async fn subscribe(&mut self, topic: &str, session: Option<&str>) -> Reply {
         let topic = match self.topic_and_session("subscribe", topic, session) {
             Ok(t) => t,
             Err(refusal) => return refusal,
@@ -366,7 +378,7 @@ impl Hub {
         }
     }
 
-    fn unsubscribe(&mut self, topic: &str, session: &str) -> Reply {
+    fn unsubscribe(&mut self, topic: &str, session: Option<&str>) -> Reply {
         let topic = match self.topic_and_session("unsubscribe", topic, session) {
             Ok(t) => t,
             Err(refusal) => return refusal,
@@ -513,6 +525,22 @@ pub async fn handler(
     }
 }
 
+/// What a client without a token is told: where a token comes from on
+/// this server, or what the operator has to configure first.
+fn missing_token_hint(app: &App) -> &'static str {
+    match (&app.config.jwt, &app.users) {
+        (Some(_), Some(_)) => {
+            "send \"Authorization: Bearer <token>\" or ?access_token=<token> (get one from POST /auth/token)"
+        }
+        (Some(_), None) => {
+            "send \"Authorization: Bearer <token>\" or ?access_token=<token>, a JWT signed with the server's JWT_SECRET (POST /auth/token also needs USERS_FILE on the server)"
+        }
+        (None, _) => {
+            "this server takes no tokens on /ws: its operator must set JWT_SECRET (and USERS_FILE for POST /auth/token), or PUBSUB_ALLOW_ANONYMOUS=true"
+        }
+    }
+}
+
 fn accept(
     app: Arc<App>,
     query: Result<Query<WsQuery>, QueryRejection>,
@@ -556,7 +584,7 @@ fn accept(
     } else if app.config.pubsub.allow_anonymous {
         None
     } else {
-        return Err(Refusal::MissingToken("send \"Authorization: Bearer <token>\" or ?access_token=<token> (get one from POST /auth/token)".into()).counted(&app.metrics));
+        return Err(Refusal::MissingToken(missing_token_hint(&app).into()).counted(&app.metrics));
     };
 
     let outbox = Outbox::new(app.config.outbound_queue);
@@ -573,7 +601,8 @@ fn accept(
     let label = Label {
         endpoint: "pubsub",
         session_id: session.clone().unwrap_or_else(|| "-".to_owned()),
-        peer: name.clone().unwrap_or_else(|| "anonymous".to_owned()),
+        agent_id: None,
+        user: Some(name.clone().unwrap_or_else(|| "anonymous".to_owned())),
     };
     let hub = Hub {
         app: app.clone(),
@@ -630,14 +659,29 @@ mod tests {
             parse_command("subscribe: t.1 | s_2 "),
             Ok(Subscribe {
                 topic: "t.1",
-                session: "s_2"
+                session: Some("s_2")
             })
         );
         assert_eq!(
             parse_command("unsubscribe:t|s"),
             Ok(Unsubscribe {
                 topic: "t",
-                session: "s"
+                session: Some("s")
+            })
+        );
+        // Without a session: the connection's own (checked by the hub).
+        assert_eq!(
+            parse_command("subscribe: t.1 "),
+            Ok(Subscribe {
+                topic: "t.1",
+                session: None
+            })
+        );
+        assert_eq!(
+            parse_command("unsubscribe:t"),
+            Ok(Unsubscribe {
+                topic: "t",
+                session: None
             })
         );
         assert_eq!(parse_command("publish-json:{}"), Ok(PublishJson("{}")));
@@ -653,13 +697,10 @@ mod tests {
         let verb = format!("{wide}:x");
         assert_eq!(refused(&verb), Err((&wide[..31], "unknown_command")));
         assert_eq!(
-            refused("subscribe:t"),
-            Err(("subscribe", "invalid_command"))
+            refused("subscribe:t|"),
+            Err(("subscribe", "invalid_session"))
         );
-        assert_eq!(
-            parse_command("unsubscribe:t").map_err(|e| e.message),
-            Err("expected unsubscribe:{topic}|{session}")
-        );
+        assert_eq!(refused("subscribe:"), Err(("subscribe", "invalid_topic")));
         assert_eq!(
             refused("subscribe:a*|s"),
             Err(("subscribe", "invalid_topic"))

@@ -218,10 +218,17 @@ pub async fn run(
             routes = upstream.route_count(),
             "reverse proxy routes loaded"
         );
-        tokio::spawn(reload_on_sighup(app.clone(), upstream.clone()));
     }
-    let local = listener.local_addr().ok();
-    tracing::info!(addr = ?local, "wsproxy listening");
+    tokio::spawn(reload_on_sighup(app.clone(), upstream.clone()));
+    if config.users_file.is_some() && config.jwt.is_none() {
+        tracing::warn!(
+            "USERS_FILE is set but JWT_SECRET is not: POST /auth/token answers 503 until JWT_SECRET is set"
+        );
+    }
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, tls = tls.is_some(), "wsproxy listening"),
+        Err(_) => tracing::info!(tls = tls.is_some(), "wsproxy listening"),
+    }
 
     let accept = Listener {
         listener,
@@ -273,8 +280,8 @@ pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
 }
 
 /// Reloads the routes file on every SIGHUP; a bad file is refused and
-/// the routes in use stay.
-async fn reload_on_sighup(app: Arc<App>, upstream: Arc<crate::upstream::Upstream>) {
+/// the routes in use stay. Without `ROUTES_FILE` a SIGHUP is only logged.
+async fn reload_on_sighup(app: Arc<App>, upstream: Option<Arc<crate::upstream::Upstream>>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -287,6 +294,12 @@ async fn reload_on_sighup(app: Arc<App>, upstream: Arc<crate::upstream::Upstream
                 _ = app.shutdown.cancelled() => return,
                 got = hup.recv() => if got.is_none() { return },
             }
+            let Some(upstream) = &upstream else {
+                tracing::info!(
+                    "SIGHUP received; no ROUTES_FILE is set, so there is nothing to reload"
+                );
+                continue;
+            };
             match upstream.reload(&app) {
                 Ok(n) => tracing::info!(routes = n, "routes reloaded"),
                 Err(e) => tracing::error!("routes not reloaded, keeping the old ones: {e}"),

@@ -91,8 +91,10 @@ pub struct Label {
     /// The session the connection belongs to (may be set later for
     /// anonymous pub/sub clients, hence not used for routing).
     pub session_id: String,
-    /// The agent id or the user, whichever the endpoint has.
-    pub peer: String,
+    /// The agent id, on a session connection.
+    pub agent_id: Option<String>,
+    /// The token's user (or `anonymous`), on a pub/sub connection.
+    pub user: Option<String>,
 }
 
 /// Everything one connection owns.
@@ -189,7 +191,9 @@ impl<H: Handler> Driver<H> {
             tracing::info!(
                 endpoint = self.label.endpoint,
                 session_id = %self.label.session_id,
-                peer = %self.label.peer,
+                agent_id = self.label.agent_id.as_deref().map(tracing::field::display),
+                user = self.label.user.as_deref().map(|u| tracing::field::display(crate::logsafe::escaped(u))),
+                remote = self.slot.as_ref().map(|s| tracing::field::display(s.peer)),
                 "connection opened"
             );
 
@@ -204,7 +208,8 @@ impl<H: Handler> Driver<H> {
             tracing::info!(
                 endpoint = self.label.endpoint,
                 session_id = %self.label.session_id,
-                peer = %self.label.peer,
+                agent_id = self.label.agent_id.as_deref().map(tracing::field::display),
+                user = self.label.user.as_deref().map(|u| tracing::field::display(crate::logsafe::escaped(u))),
                 reason = reason.as_str(),
                 duration_ms = started.elapsed().as_millis() as u64,
                 "connection closed"
@@ -486,7 +491,8 @@ mod tests {
             label: Label {
                 endpoint: "test",
                 session_id: "-".into(),
-                peer: "-".into(),
+                agent_id: None,
+                user: None,
             },
             task: app.tracker.token(),
             slot: None,

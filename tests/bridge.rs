@@ -782,3 +782,39 @@ async fn bad_websocket_keys_and_foreign_origins_are_refused() {
     );
     assert_eq!(http_status(server.addr, &upgrade(good, "")).await, 101);
 }
+
+/// A session connection's log lines name what each field holds: the agent
+/// as `agent_id`, the client's address as `remote` (not a `peer` that
+/// could be either).
+#[tokio::test]
+async fn connection_log_lines_name_the_agent_and_the_client_address() {
+    let (logs, _guard) = LogCapture::start();
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 60).await;
+    let mut ws = server.connect(&session, "tok").await;
+    ws.close(None).await.expect("close");
+    while ws.next().await.is_some() {}
+    server.wait_metric("wsproxy_connections_active", 0.0).await;
+    let logged = logs.text();
+    let line = |needle: &str| {
+        logged
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} line in:\n{logged}"))
+            .to_owned()
+    };
+    let opened = line("connection opened");
+    assert!(opened.contains("endpoint=\"session\""), "{opened}");
+    assert!(
+        opened.contains(&format!("session_id={session}")),
+        "{opened}"
+    );
+    assert!(opened.contains("agent_id=agent-1"), "{opened}");
+    assert!(opened.contains("remote=127.0.0.1:"), "{opened}");
+    assert!(!opened.contains("peer="), "{opened}");
+    let closed = line("connection closed");
+    assert!(closed.contains("agent_id=agent-1"), "{closed}");
+    assert!(line("wsproxy listening").contains("addr=127.0.0.1:"));
+}

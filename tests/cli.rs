@@ -24,6 +24,9 @@ fn wsproxy() -> Command {
         "TLS_KEY_FILE",
         "PUBSUB_ALLOW_ANONYMOUS",
         "WORKERS",
+        "RUST_LOG",
+        "METRICS_TOKEN",
+        "WS_ALLOWED_ORIGINS",
     ] {
         cmd.env_remove(var);
     }
@@ -147,4 +150,182 @@ fn a_bad_routes_file_stops_startup_naming_the_router_and_field() {
         );
     }
     let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn help_describes_all_three_jobs() {
+    let out = wsproxy()
+        .arg("--help")
+        .output()
+        .expect("run wsproxy --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for job in ["session bridge", "topic pub/sub", "reverse proxy"] {
+        assert!(help.contains(job), "{job} missing:\n{help}");
+    }
+}
+
+#[test]
+fn a_taken_port_is_one_line_and_exit_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let out = wsproxy()
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .output()
+        .expect("run wsproxy");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(
+        err.contains("HOST/PORT") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "said again on stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn an_unreadable_users_file_names_its_os_error_once() {
+    let path = std::env::temp_dir().join(format!("wsproxy-cli-{}-none.users", std::process::id()));
+    let out = wsproxy()
+        .env("USERS_FILE", &path)
+        .env("JWT_SECRET", "a-cli-test-secret-of-at-least-32-bytes")
+        .output()
+        .expect("run wsproxy");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(err.contains("USERS_FILE"), "{err}");
+    let os_error = std::fs::read(&path).expect_err("no such file").to_string();
+    assert_eq!(err.matches(&os_error).count(), 1, "{err}");
+}
+
+/// Reads a running wsproxy's log (stdout) line by line.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(cmd: &mut Command) -> Running {
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start wsproxy");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line (from now on) that contains `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line with {needle:?} in:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a newcomer's first start shows: the address it listens on as an
+/// address, the Redis it cannot reach (never its password), a warning for
+/// USERS_FILE without JWT_SECRET, a log line for a SIGHUP with no routes
+/// file, and no colour codes when the log is not a terminal.
+#[test]
+fn a_first_start_explains_itself_in_its_log() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    // Nothing listens there.
+    let dead_redis = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let users = std::env::temp_dir().join(format!("wsproxy-cli-{}.users", std::process::id()));
+    std::fs::write(&users, "# nobody yet\n").expect("write users file");
+    let mut server = Running::start(
+        wsproxy()
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env(
+                "REDIS_URL",
+                format!("redis://:hunter2@127.0.0.1:{dead_redis}"),
+            )
+            .env("USERS_FILE", &users)
+            .env("RUST_LOG", "info"),
+    );
+    let warning = server.wait_for("USERS_FILE is set but JWT_SECRET is not");
+    assert!(warning.contains("WARN"), "{warning}");
+    let listening = server.wait_for("wsproxy listening");
+    assert!(
+        listening.contains(&format!("addr=127.0.0.1:{port}")),
+        "{listening}"
+    );
+    let redis = server.wait_for("redis pub/sub connect failed");
+    assert!(
+        redis.contains(&format!("redis=127.0.0.1:{dead_redis}")),
+        "{redis}"
+    );
+    server.signal("HUP");
+    let hup = server.wait_for("SIGHUP");
+    assert!(hup.contains("no ROUTES_FILE"), "{hup}");
+    server.signal("TERM");
+    server.wait_for("shutdown complete");
+    let log = server.seen.join("\n");
+    assert!(!log.contains("hunter2"), "the password was logged:\n{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a piped log:\n{log}");
+    assert!(!log.contains("Some("), "{log}");
+    let _ = std::fs::remove_file(&users);
 }

@@ -214,6 +214,82 @@ async fn sessions_are_isolated_and_bound() {
     assert_silent(&mut other, Duration::from_millis(300)).await;
 }
 
+/// `subscribe:{topic}` and `unsubscribe:{topic}` name the connection's
+/// own session: the token's, or the one an anonymous client registered.
+#[tokio::test]
+async fn a_topic_without_a_session_is_in_the_connections_own() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        with_auth(c);
+        anonymous(c);
+    })
+    .await;
+    let s1 = unique("s");
+    let (_, t1) = token(&server, "alice", "wonderland", Some(&s1)).await;
+    let t1 = t1["token"].as_str().expect("token").to_owned();
+    let mut alice = ws(&server, Some(&t1)).await.expect("valid token");
+    let r = command(&mut alice, "subscribe:NetworkConnectedEvent").await;
+    assert_eq!(
+        (
+            r["type"].as_str(),
+            r["topic"].as_str(),
+            r["session_id"].as_str()
+        ),
+        (
+            Some("subscribed"),
+            Some("NetworkConnectedEvent"),
+            Some(s1.as_str())
+        ),
+        "{r}"
+    );
+    // A client that names the session gets the same messages.
+    let mut bob = ws(&server, None).await.expect("anonymous");
+    let r = command(&mut bob, &format!("subscribe:NetworkConnectedEvent|{s1}")).await;
+    assert_eq!(r["type"], "subscribed");
+    send_text(
+        &mut bob,
+        r#"publish-json:{"topic":"NetworkConnectedEvent","payload":"up"}"#,
+    )
+    .await;
+    for client in [&mut alice, &mut bob] {
+        let got: serde_json::Value = serde_json::from_str(&next_text(client).await).expect("json");
+        assert_eq!(
+            (got["payload"].as_str(), got["session_id"].as_str()),
+            (Some("up"), Some(s1.as_str()))
+        );
+    }
+    let r = command(&mut alice, "unsubscribe:NetworkConnectedEvent").await;
+    assert_eq!(
+        (r["type"].as_str(), r["session_id"].as_str()),
+        (Some("unsubscribed"), Some(s1.as_str()))
+    );
+    send_text(
+        &mut bob,
+        r#"publish-json:{"topic":"NetworkConnectedEvent","payload":"again"}"#,
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&next_text(&mut bob).await).expect("json")["payload"],
+        "again"
+    );
+    assert_silent(&mut alice, Duration::from_millis(300)).await;
+
+    // Anonymous and not yet bound: there is no session to default to.
+    let mut carol = ws(&server, None).await.expect("anonymous");
+    let r = command(&mut carol, "subscribe:T").await;
+    assert_eq!(
+        (r["error"].as_str(), r["command"].as_str()),
+        (Some("not_registered"), Some("subscribe")),
+        "{r}"
+    );
+    let r = command(&mut carol, &format!("register-session:{s1}")).await;
+    assert_eq!(r["type"], "registered");
+    assert_eq!(
+        command(&mut carol, "subscribe:T").await["session_id"],
+        s1.as_str()
+    );
+}
+
 #[tokio::test]
 async fn malformed_commands_get_errors_and_the_connection_stays_open() {
     let redis = Redis::start().await;
@@ -229,7 +305,7 @@ async fn malformed_commands_get_errors_and_the_connection_stays_open() {
     for (line, code) in [
         ("hello", "unknown_command"),
         ("frobnicate:x", "unknown_command"),
-        ("subscribe:T", "invalid_command"),
+        ("subscribe:T", "not_registered"),
         (&format!("subscribe:|{session}") as &str, "invalid_topic"),
         (&format!("subscribe:a*b|{session}"), "invalid_topic"),
         ("subscribe:T|bad:session", "invalid_session"),
@@ -707,26 +783,8 @@ async fn ws_refuses_bad_keys_and_foreign_origins() {
 /// terminal's cursor.
 #[tokio::test]
 async fn client_chosen_values_cannot_forge_log_lines() {
-    #[derive(Clone, Default)]
-    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
-    let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .finish();
     // This test's runtime has one thread: the server's tasks log through it.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = LogCapture::start();
     let redis = Redis::start().await;
     let server = Server::start_with(&redis.url(), with_auth).await;
     let forged_line = "\nINFO wsproxy: forged line\x1b[2J";
@@ -741,7 +799,7 @@ async fn client_chosen_values_cannot_forge_log_lines() {
         SECRET.as_bytes(),
     );
     assert_eq!(ws(&server, Some(&bad)).await.expect_err("refused").0, 403);
-    let logged = String::from_utf8_lossy(&buf.0.lock().expect("lock")).into_owned();
+    let logged = logs.text();
     assert!(logged.contains("wrong credentials"), "{logged}");
     assert!(logged.contains("refused /ws: invalid token"), "{logged}");
     for line in logged.lines() {

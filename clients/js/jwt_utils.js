@@ -10,8 +10,9 @@
  * Wire protocol reminder (see the server's contract):
  *   POST /auth/token  {"username","password","session_id"?} -> {"token","expires_in","session_id"}
  *   GET  /ws?access_token=<jwt>   (WebSocket upgrade)
- *   text frames: register-name:{name}, subscribe:{topic}|{session},
- *                unsubscribe:{topic}|{session}, publish-json:{json}, ping
+ *   text frames: register-name:{name}, subscribe:{topic}[|{session}],
+ *                unsubscribe:{topic}[|{session}], publish-json:{json}, ping
+ *                (without |{session}: the connection's own session)
  *
  * @module jwt_utils
  */
@@ -362,11 +363,13 @@ export function sessionOf(ws) {
 const REPLY_FOR = {
   subscribe: {
     type: 'subscribed',
-    matches: (req, msg) => msg.topic === req.topic && msg.session_id === req.session,
+    matches: (req, msg) =>
+      msg.topic === req.topic && (req.session === undefined || msg.session_id === req.session),
   },
   unsubscribe: {
     type: 'unsubscribed',
-    matches: (req, msg) => msg.topic === req.topic && msg.session_id === req.session,
+    matches: (req, msg) =>
+      msg.topic === req.topic && (req.session === undefined || msg.session_id === req.session),
   },
   'register-name': { type: 'registered', matches: (req, msg) => msg.name === req.name },
 };
@@ -469,19 +472,22 @@ function request(ws, verb, frame, fields, timeoutMs) {
  *
  * @param {WebSocket} ws an open socket
  * @param {string} topic 1-128 chars of `[A-Za-z0-9_.-]`
- * @param {string} [sessionId] defaults to the socket's session (see {@link sessionOf})
+ * @param {string} [sessionId] defaults to the socket's session (see {@link sessionOf}),
+ *   or, when that is not known here, to the one the server bound the connection to
  * @param {{timeoutMs?: number}} [options] default 10000; 0 waits forever
  * @returns {Promise<{type: 'subscribed', topic: string, session_id: string}>}
  *   rejects with an Error whose `code` is the server's error code (e.g.
  *   `session_mismatch`, `invalid_topic`) and `reply` the full error object
  */
 export function subscribe(ws, topic, sessionId, options = {}) {
+  // Without a session known here, the server uses the connection's own
+  // (its token's, or the one registered); it refuses with `not_registered`
+  // when there is none.
   const session = sessionId ?? sessionOf(ws);
-  if (!session) return Promise.reject(new Error('subscribe: no session id given or known for this socket'));
   return request(
     ws,
     'subscribe',
-    `subscribe:${topic}|${session}`,
+    session ? `subscribe:${topic}|${session}` : `subscribe:${topic}`,
     { topic, session },
     options.timeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
   );
@@ -498,11 +504,10 @@ export function subscribe(ws, topic, sessionId, options = {}) {
  */
 export function unsubscribe(ws, topic, sessionId, options = {}) {
   const session = sessionId ?? sessionOf(ws);
-  if (!session) return Promise.reject(new Error('unsubscribe: no session id given or known for this socket'));
   return request(
     ws,
     'unsubscribe',
-    `unsubscribe:${topic}|${session}`,
+    session ? `unsubscribe:${topic}|${session}` : `unsubscribe:${topic}`,
     { topic, session },
     options.timeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
   );

@@ -22,10 +22,12 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(Command::Subscribe { topic, session }) | Ok(Command::Unsubscribe { topic, session }) => {
             assert!(valid_name(topic), "{topic:?}");
-            assert!(valid_name(session), "{session:?}");
             assert!(line.starts_with("subscribe:") || line.starts_with("unsubscribe:"));
+            // A session is named exactly when the line has a `|`.
+            assert_eq!(session.is_some(), line.contains('|'), "{line:?}");
             // Neither can hold the other's separator, nor a channel's.
-            for name in [topic, session] {
+            for name in [Some(topic), session].into_iter().flatten() {
+                assert!(valid_name(name), "{name:?}");
                 assert!(!name.contains([':', '|', '*', '?', '[', ']', ' ']));
             }
         }

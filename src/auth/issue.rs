@@ -57,10 +57,21 @@ pub async fn issue_token(
     issuer: Issuer<'_>,
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let (Some(jwt_config), Some(users)) = (issuer.jwt, issuer.users) else {
-        return Err(ApiError::from(Refusal::AuthNotConfigured(
-            "token issuing needs JWT_SECRET and USERS_FILE".into(),
-        )));
+    let (jwt_config, users) = match (issuer.jwt, issuer.users) {
+        (Some(jwt), Some(users)) => (jwt, users),
+        (jwt, users) => {
+            let missing = match (jwt, users) {
+                (None, None) => "JWT_SECRET and USERS_FILE are",
+                (None, Some(_)) => "JWT_SECRET is",
+                _ => "USERS_FILE is",
+            };
+            return Err(ApiError::from(Refusal::AuthNotConfigured(
+                format!(
+                    "token issuing needs JWT_SECRET and USERS_FILE on the server; {missing} not set (see the README's Configuration)"
+                )
+                .into(),
+            )));
+        }
     };
     let req = read_token_request(request, issuer.timeout).await?;
     let session = match req.session_id {
