@@ -420,6 +420,28 @@ async fn token_endpoint_issues_and_refuses() {
         (status, body["error"].as_str()),
         (503, Some("auth_not_configured"))
     );
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("JWT_SECRET and USERS_FILE are not set"),
+        "{message}"
+    );
+    // ... and so does /ws, rather than pointing at that endpoint.
+    let (status, body) = ws(&bare, None).await.expect_err("no token");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("missing_token"))
+    );
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("JWT_SECRET") && !message.contains("get one from POST /auth/token"),
+        "{message}"
+    );
+    // With a secret but no users file, only USERS_FILE is missing.
+    let half = Server::start_with(&redis.url(), |c| c.jwt = Some(jwt())).await;
+    let (status, body) = token(&half, "alice", "wonderland", None).await;
+    assert_eq!(status, 503);
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("USERS_FILE is not set"), "{message}");
 }
 
 fn forged(claims: serde_json::Value, alg: jsonwebtoken::Algorithm, secret: &[u8]) -> String {
