@@ -18,8 +18,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use wsproxy::upstream::frame::FrameScan;
 use wsproxy::upstream::limits::{Deflate, Limits, Violation};
-use wsproxy::upstream::tunnel::FrameScan;
 
 /// Frames as a plain parse of the whole stream sees them.
 struct Reference {

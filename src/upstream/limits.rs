@@ -28,6 +28,8 @@
 
 use flate2::{Decompress, FlushDecompress, Status};
 
+use super::frame::{self, Header, RSV1, opcode};
+
 /// What a client did to lose its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Violation {
@@ -283,14 +285,12 @@ impl Limits {
 
     /// A frame header (complete) whose payload is `len` bytes.
     pub fn header(&mut self, h: &[u8], len: u64) -> Result<(), Violation> {
-        let (fin, rsv1, opcode) = (h[0] & 0x80 != 0, h[0] & 0x40 != 0, h[0] & 0x0f);
+        let head = Header::parse(h);
+        let (fin, rsv1) = (head.fin, head.rsv & RSV1 != 0);
         self.frame_off = 0;
-        self.mask = (h[1] & 0x80 != 0).then(|| {
-            let k = &h[h.len() - 4..];
-            [k[0], k[1], k[2], k[3]]
-        });
-        match opcode {
-            1 | 2 => {
+        self.mask = head.mask;
+        match head.opcode {
+            opcode::TEXT | opcode::BINARY => {
                 if let Some(b) = self.bucket.as_mut()
                     && !b.take()
                 {
@@ -298,7 +298,7 @@ impl Limits {
                 }
                 self.message = 0;
                 self.wire = 0;
-                if h[0] & 0x70 != 0 && self.deflate == Deflate::Other {
+                if head.rsv != 0 && self.deflate == Deflate::Other {
                     return Err(Violation::BadCompression);
                 }
                 self.compressed = rsv1 && matches!(self.deflate, Deflate::On { .. });
@@ -319,7 +319,7 @@ impl Limits {
                         .begin_message(self.deflate == Deflate::On { reset: true });
                 }
             }
-            0 => {}
+            opcode::CONTINUATION => {}
             _ => {
                 // Not part of a message (control frames should be 125 bytes
                 // at most, and reserved opcodes not be there at all: the
@@ -361,11 +361,7 @@ impl Limits {
             let plain = &mut plain[..chunk.len()];
             plain.copy_from_slice(chunk);
             if let Some(key) = self.mask {
-                // The key runs from the frame's first payload byte.
-                let start = (self.frame_off % 4) as usize;
-                for (i, b) in plain.iter_mut().enumerate() {
-                    *b ^= key[(start + i) % 4];
-                }
+                frame::apply_mask(plain, key, self.frame_off);
             }
             self.frame_off += chunk.len() as u64;
             stream.inflate(plain, FlushDecompress::None, &mut self.message, self.max)?;

@@ -28,6 +28,8 @@
 
 pub mod balance;
 pub mod connect;
+pub mod frame;
+pub mod handoff;
 pub mod limits;
 mod proxy;
 pub mod routes;

@@ -25,6 +25,7 @@ use hyper_util::rt::TokioIo;
 
 use super::balance::{BackendState, RouteState};
 use super::connect::{self, DialError, Handshake, Upgrade};
+use super::handoff::{self, Placed};
 use super::routes::{self, StickyKey};
 use super::tunnel::{self, Meter};
 use super::{Table, Upstream, limits};
@@ -425,7 +426,7 @@ fn pump(ctx: &Ctx<'_>, admitted: Admitted, tunnel: Tunnel) {
                 return;
             }
         };
-        let placed = match tunnel::detach(upgraded, backend_io) {
+        let placed = match handoff::detach(upgraded, backend_io) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(route = %name, error = %e, "cannot move a tunnel to its worker");
@@ -443,9 +444,9 @@ fn pump(ctx: &Ctx<'_>, admitted: Admitted, tunnel: Tunnel) {
         let verdict = tunnel::Verdict::default();
         let checks = (&app.draining, limits, &verdict);
         let (up_bytes, down_bytes) = match placed {
-            tunnel::Placed::Detached(d) => tunnel::tunnel_detached(d, (&up, &down), checks).await,
-            tunnel::Placed::Here(client, backend_io) => {
-                tunnel::tunnel(client, backend_io, (&up, &down), checks).await
+            Placed::Detached(d) => handoff::tunnel_detached(d, (&up, &down), checks).await,
+            Placed::Here(client, backend_io) => {
+                handoff::tunnel(client, backend_io, (&up, &down), checks).await
             }
         };
         let broke = verdict.get().map(|v| v.label());
