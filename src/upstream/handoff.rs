@@ -7,10 +7,12 @@
 //! sockets off the runtime they were opened on, and [`tunnel_detached`]
 //! puts them on the event loop of the worker that polls it. A tunnel with
 //! TLS on either side stays where its sockets are, with [`tunnel`].
+//! [`detach`] decides once which way a connection goes: [`tunnel`] only
+//! gets what it gave back as [`Placed::Here`], so no plain-TCP pair
+//! reaches it.
 
 use std::pin::Pin;
 
-use futures_util::future::Either;
 use hyper_util::rt::TokioIo;
 
 use super::connect::BackendStream;
@@ -93,10 +95,13 @@ pub async fn tunnel_detached(
     .await
 }
 
-/// Tunnels a proxied connection (see [`super::tunnel`]), checking
-/// the client's messages against `limits` if the route has any: the
-/// returned future runs until both directions have ended and returns
-/// (client to backend, backend to client) bytes.
+/// Tunnels a proxied connection that [`detach`] left where it is (see
+/// [`Placed::Here`]), checking the client's messages against `limits` if
+/// the route has any: the returned future runs until both directions have
+/// ended and returns (client to backend, backend to client) bytes.
+///
+/// Boxed, so that its state (a TLS stream's) is not reserved in the task
+/// of every plain-TCP tunnel, which runs [`tunnel_detached`] instead.
 pub fn tunnel<'a>(
     client: TokioIo<hyper::upgrade::Upgraded>,
     (backend, leftover): (BackendStream, Vec<u8>),
@@ -104,50 +109,31 @@ pub fn tunnel<'a>(
     (stop, limits, verdict): (&'a Draining, Option<Limits>, &'a Verdict),
 ) -> impl Future<Output = (u64, u64)> + Send + 'a {
     type Boxed<'a> = Pin<Box<dyn Future<Output = (u64, u64)> + Send + 'a>>;
-    match (
-        client
-            .into_inner()
-            .downcast::<TokioIo<tokio::net::TcpStream>>(),
-        backend,
-    ) {
-        (Ok(parts), BackendStream::Plain(backend)) => {
+    let boxed: Boxed<'a> = match client
+        .into_inner()
+        .downcast::<TokioIo<tokio::net::TcpStream>>()
+    {
+        Ok(parts) => {
             // `read_buf` is a view into hyper's whole request buffer (8 KiB
             // or more): keeping it, even empty, would keep that buffer for
             // the connection's life. Copy out what it holds (almost always
             // nothing) and let it go.
             let early = parts.read_buf.to_vec();
-            let client = parts.io.into_inner().into_split();
-            Either::Left(both_ways(
-                client,
-                backend.into_split(),
+            Box::pin(both_ways(
+                parts.io.into_inner().into_split(),
+                tokio::io::split(backend),
                 (early, leftover),
                 meters,
                 (stop, limits, verdict),
             ))
         }
-        // TLS on either side: boxed, so that its state is not reserved in
-        // every plain connection's task.
-        (Ok(parts), tls) => {
-            let early = parts.read_buf.to_vec();
-            let client = parts.io.into_inner().into_split();
-            let boxed: Boxed<'a> = Box::pin(both_ways(
-                client,
-                tokio::io::split(tls),
-                (early, leftover),
-                meters,
-                (stop, limits, verdict),
-            ));
-            Either::Right(boxed)
-        }
-        (Err(upgraded), backend) => {
-            let boxed: Boxed<'a> = Box::pin(both_ways(
-                tokio::io::split(TokioIo::new(upgraded)),
-                tokio::io::split(backend),
-                (Vec::new(), leftover),
-                meters,
-                (stop, limits, verdict),
-            ));
-            Either::Right(boxed)
-        }
-    }
+        Err(upgraded) => Box::pin(both_ways(
+            tokio::io::split(TokioIo::new(upgraded)),
+            tokio::io::split(backend),
+            (Vec::new(), leftover),
+            meters,
+            (stop, limits, verdict),
+        )),
+    };
+    boxed
 }
