@@ -86,7 +86,7 @@ fn check_routes(routes: &Routes, path: &str, accepted: bool) {
         .iter()
         .filter(|r| r.map_path(path).is_some())
         .max_by_key(|r| r.external_path.len());
-    let found = routes.find(path);
+    let found = routes.find(path).map(|(i, mapped)| (&routes.routes[i], mapped));
     assert_eq!(
         found.as_ref().map(|(r, _)| &r.external_path),
         longest.map(|r| &r.external_path),

@@ -268,13 +268,7 @@ fn start_health_checks(app: &Arc<App>, tls: &tokio_rustls::TlsConnector, table: 
 pub async fn handle(app: Arc<App>, upstream: &Upstream, req: Request) -> Response {
     let table = upstream.current();
     let path = req.uri().path().to_owned();
-    let Some((index, mapped)) = table
-        .routes
-        .routes
-        .iter()
-        .enumerate()
-        .find_map(|(i, r)| r.map_path(&path).map(|m| (i, m)))
-    else {
+    let Some((index, mapped)) = table.routes.find(&path) else {
         return not_found();
     };
     if let Err(why) = check_path(&path) {

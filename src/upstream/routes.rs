@@ -241,8 +241,6 @@ impl Backend {
 /// A validated route.
 #[derive(Debug, Clone)]
 pub struct Route {
-    /// Position in the file, for messages.
-    pub index: usize,
     /// Client-facing path (exact, or a prefix followed by `/`).
     pub external_path: String,
     /// Backend path replacing `external_path`.
@@ -760,7 +758,6 @@ impl Routes {
             let health_check = validate_health_check(i, &r)?;
             let (breaker, connect_timeout, allowed_origins) = validate_connecting(i, &r)?;
             routes.push(Route {
-                index: i,
                 external_path: r.external_path,
                 internal_path: r.internal_path,
                 backends,
@@ -784,11 +781,14 @@ impl Routes {
         })
     }
 
-    /// The route for a request path, most specific first.
-    pub fn find(&self, path: &str) -> Option<(&Route, String)> {
+    /// The route for a request path, most specific first: its position in
+    /// [`Self::routes`] (where the proxy keeps each route's live state too),
+    /// and the path mapped to its `internal_path` (see [`Route::map_path`]).
+    pub fn find(&self, path: &str) -> Option<(usize, String)> {
         self.routes
             .iter()
-            .find_map(|r| r.map_path(path).map(|mapped| (r, mapped)))
+            .enumerate()
+            .find_map(|(i, r)| r.map_path(path).map(|mapped| (i, mapped)))
     }
 }
 
