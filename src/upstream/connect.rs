@@ -5,7 +5,7 @@
 //! `X-Forwarded-*` and the token subject are added.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,22 +29,182 @@ pub enum DialError {
     /// TCP connect or TLS failed, or the backend answered the upgrade
     /// wrongly (a 5xx or other status, a bad handshake): counted against
     /// the backend, the next one is tried, 502 in the end.
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] DialFailure),
     /// The backend answered the upgrade with a 4xx status: it is up and has
     /// decided about this request, so the client gets that status and no
     /// other backend is tried.
-    #[error("{1}")]
-    Rejected(u16, String),
+    #[error("{backend} answered the upgrade with HTTP {status}")]
+    Rejected {
+        /// The backend's `host:port`.
+        backend: String,
+        /// The status it answered with.
+        status: u16,
+    },
     /// The backend did not finish in time: 504.
     #[error("backend did not answer within {0:?}")]
     Timeout(Duration),
 }
 
-/// A CA file that cannot be used.
+/// What went wrong with a backend that refused a dial
+/// ([`DialError::Refused`]), one variant per cause. Each names the backend
+/// by `host:port` (for the log: the client is never told) and carries the
+/// error under it, which its message includes (so it is no `source`: a
+/// report of the chain would say it twice).
 #[derive(Debug, thiserror::Error)]
-#[error("UPSTREAM_CA_FILE: {0}")]
-pub struct CaError(String);
+pub enum DialFailure {
+    /// The TCP connect failed.
+    #[error("cannot connect to {backend}: {error}")]
+    Connect {
+        /// The backend's `host:port`.
+        backend: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The backend's host is no name TLS can check a certificate against.
+    #[error("bad TLS name for {backend}: {error}")]
+    TlsName {
+        /// The backend's `host:port`.
+        backend: String,
+        /// Why.
+        error: rustls_pki_types::InvalidDnsNameError,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed with {backend}: {error}")]
+    Tls {
+        /// The backend's `host:port`.
+        backend: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The upgrade request could not be written.
+    #[error("cannot write to {backend}: {error}")]
+    Write {
+        /// The backend's `host:port`.
+        backend: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The response could not be read.
+    #[error("cannot read from {backend}: {error}")]
+    Read {
+        /// The backend's `host:port`.
+        backend: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The backend closed before its response head was complete.
+    #[error("{backend} closed the connection during the handshake")]
+    Closed {
+        /// The backend's `host:port`.
+        backend: String,
+    },
+    /// The response head went past 16 KiB.
+    #[error("{backend} sent an oversized handshake response")]
+    Oversized {
+        /// The backend's `host:port`.
+        backend: String,
+    },
+    /// The response head is not HTTP.
+    #[error("bad handshake response from {backend}: {error}")]
+    BadResponse {
+        /// The backend's `host:port`.
+        backend: String,
+        /// Why.
+        error: httparse::Error,
+    },
+    /// A status other than 101 and 4xx.
+    #[error("{backend} answered the upgrade with HTTP {status}")]
+    Status {
+        /// The backend's `host:port`.
+        backend: String,
+        /// The status (0 if the response had none).
+        status: u16,
+    },
+    /// `Sec-WebSocket-Accept` is not the one for the key sent.
+    #[error("{backend} sent a wrong Sec-WebSocket-Accept")]
+    WrongAccept {
+        /// The backend's `host:port`.
+        backend: String,
+    },
+    /// The backend chose a subprotocol the client did not offer.
+    #[error("{backend} chose the subprotocol {chosen:?}, which the client did not offer")]
+    Subprotocol {
+        /// The backend's `host:port`.
+        backend: String,
+        /// What it chose.
+        chosen: String,
+    },
+    /// The backend agreed to an extension the client did not offer.
+    #[error("{backend} agreed to the extension {name:?}, which the client did not offer")]
+    Extension {
+        /// The backend's `host:port`.
+        backend: String,
+        /// The extension's name.
+        name: String,
+    },
+}
+
+/// Why a health check failed ([`probe`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// A TCP check's connect failed.
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    /// A TCP check of a `wss://` backend: its host is no TLS name.
+    #[error("cannot connect: {0}")]
+    TlsName(rustls_pki_types::InvalidDnsNameError),
+    /// A TCP check of a `wss://` backend: the TLS handshake failed.
+    #[error("cannot connect: {0}")]
+    Tls(std::io::Error),
+    /// A TCP check did not connect in time.
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    /// A WebSocket check's handshake failed.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+}
+
+/// A CA file (`UPSTREAM_CA_FILE`) that cannot be used, or a TLS client
+/// configuration that cannot be built. The error under it is in the
+/// message, not a `source` (`main` prints the chain).
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// The file cannot be read.
+    #[error("UPSTREAM_CA_FILE: cannot read {}: {error}", path.display())]
+    Read {
+        /// The configured path.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The file holds something that is not a PEM certificate.
+    #[error("UPSTREAM_CA_FILE: {}: {error}", path.display())]
+    Pem {
+        /// The configured path.
+        path: PathBuf,
+        /// Why.
+        error: rustls_pki_types::pem::Error,
+    },
+    /// A certificate that cannot be a trusted root.
+    #[error("UPSTREAM_CA_FILE: {}: {error}", path.display())]
+    Certificate {
+        /// The configured path.
+        path: PathBuf,
+        /// Why.
+        error: rustls::Error,
+    },
+    /// The file holds no certificate at all.
+    #[error("UPSTREAM_CA_FILE: {} holds no PEM certificate", path.display())]
+    Empty {
+        /// The configured path.
+        path: PathBuf,
+    },
+    /// The TLS client configuration cannot be built (the crypto provider
+    /// supports none of the protocol versions).
+    #[error("UPSTREAM_CA_FILE: {0}")]
+    Config(rustls::Error),
+}
 
 /// Builds the TLS client configuration for `wss://` backends: the
 /// system's trusted roots, plus the certificates of `ca_file` for private
@@ -56,28 +216,33 @@ pub fn tls_connector(ca_file: Option<&Path>) -> Result<TlsConnector, CaError> {
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| CaError(format!("cannot read {}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|error| CaError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| CaError(format!("{}: {e}", path.display())))?;
-            roots
-                .add(cert)
-                .map_err(|e| CaError(format!("{}: {e}", path.display())))?;
+            let cert = cert.map_err(|error| CaError::Pem {
+                path: path.to_owned(),
+                error,
+            })?;
+            roots.add(cert).map_err(|error| CaError::Certificate {
+                path: path.to_owned(),
+                error,
+            })?;
             added += 1;
         }
         if added == 0 {
-            return Err(CaError(format!(
-                "{} holds no PEM certificate",
-                path.display()
-            )));
+            return Err(CaError::Empty {
+                path: path.to_owned(),
+            });
         }
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| CaError(e.to_string()))?
+    .map_err(CaError::Config)?
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
@@ -276,20 +441,27 @@ async fn dial_inner(
     tls: &TlsConnector,
     up: &Upgrade<'_>,
 ) -> Result<Handshake, DialError> {
-    let refused = |what: &str, e: &dyn std::fmt::Display| {
-        DialError::Refused(format!("{what} {}: {e}", backend.authority()))
-    };
+    let authority = || backend.authority();
     let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
         .await
-        .map_err(|e| refused("cannot connect to", &e))?;
+        .map_err(|error| DialFailure::Connect {
+            backend: authority(),
+            error,
+        })?;
     crate::net::tune_socket(&tcp);
     let mut stream = if backend.tls {
-        let name = ServerName::try_from(backend.host.clone())
-            .map_err(|e| refused("bad TLS name for", &e))?;
+        let name =
+            ServerName::try_from(backend.host.clone()).map_err(|error| DialFailure::TlsName {
+                backend: authority(),
+                error,
+            })?;
         let tls = tls
             .connect(name, tcp)
             .await
-            .map_err(|e| refused("TLS handshake failed with", &e))?;
+            .map_err(|error| DialFailure::Tls {
+                backend: authority(),
+                error,
+            })?;
         BackendStream::Tls(Box::new(tls))
     } else {
         BackendStream::Plain(tcp)
@@ -299,7 +471,10 @@ async fn dial_inner(
     stream
         .write_all(head.as_bytes())
         .await
-        .map_err(|e| refused("cannot write to", &e))?;
+        .map_err(|error| DialFailure::Write {
+            backend: authority(),
+            error,
+        })?;
 
     // Read the response head (and whatever follows it in the same reads).
     let mut buf = Vec::with_capacity(1024);
@@ -308,39 +483,48 @@ async fn dial_inner(
         let n = stream
             .read(&mut chunk)
             .await
-            .map_err(|e| refused("cannot read from", &e))?;
+            .map_err(|error| DialFailure::Read {
+                backend: authority(),
+                error,
+            })?;
         if n == 0 {
-            return Err(DialError::Refused(format!(
-                "{} closed the connection during the handshake",
-                backend.authority()
-            )));
+            return Err(DialFailure::Closed {
+                backend: authority(),
+            }
+            .into());
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break pos + 4;
         }
         if buf.len() > MAX_RESPONSE_HEAD {
-            return Err(DialError::Refused(format!(
-                "{} sent an oversized handshake response",
-                backend.authority()
-            )));
+            return Err(DialFailure::Oversized {
+                backend: authority(),
+            }
+            .into());
         }
     };
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut headers);
     response
         .parse(&buf[..end])
-        .map_err(|e| refused("bad handshake response from", &e))?;
-    let code = response.code.unwrap_or(0);
-    if code != 101 {
-        let message = format!(
-            "{} answered the upgrade with HTTP {code}",
-            backend.authority()
-        );
-        return Err(if (400..500).contains(&code) {
-            DialError::Rejected(code, message)
+        .map_err(|error| DialFailure::BadResponse {
+            backend: authority(),
+            error,
+        })?;
+    let status = response.code.unwrap_or(0);
+    if status != 101 {
+        return Err(if (400..500).contains(&status) {
+            DialError::Rejected {
+                backend: authority(),
+                status,
+            }
         } else {
-            DialError::Refused(message)
+            DialFailure::Status {
+                backend: authority(),
+                status,
+            }
+            .into()
         });
     }
     let find = |name: &str| {
@@ -352,10 +536,10 @@ async fn dial_inner(
     };
     let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
     if find("sec-websocket-accept") != Some(expected.as_bytes()) {
-        return Err(DialError::Refused(format!(
-            "{} sent a wrong Sec-WebSocket-Accept",
-            backend.authority()
-        )));
+        return Err(DialFailure::WrongAccept {
+            backend: authority(),
+        }
+        .into());
     }
     // What the backend agreed to must be among what the client offered, or
     // the client would fail its own handshake check after our 101. (Not for
@@ -374,10 +558,11 @@ async fn dial_inner(
     if let Some(chosen) = find("sec-websocket-protocol").filter(|_| up.pass_extensions) {
         let chosen = String::from_utf8_lossy(chosen).trim().to_owned();
         if !offered(header::SEC_WEBSOCKET_PROTOCOL).contains(&chosen) {
-            return Err(DialError::Refused(format!(
-                "{} chose the subprotocol {chosen:?}, which the client did not offer",
-                backend.authority()
-            )));
+            return Err(DialFailure::Subprotocol {
+                backend: authority(),
+                chosen,
+            }
+            .into());
         }
     }
     if up.pass_extensions
@@ -387,10 +572,11 @@ async fn dial_inner(
         for ext in String::from_utf8_lossy(agreed).split(',') {
             let name = ext.split(';').next().unwrap_or("").trim();
             if !name.is_empty() && !client.iter().any(|c| c.eq_ignore_ascii_case(name)) {
-                return Err(DialError::Refused(format!(
-                    "{} agreed to the extension {name:?}, which the client did not offer",
-                    backend.authority()
-                )));
+                return Err(DialFailure::Extension {
+                    backend: authority(),
+                    name: name.to_owned(),
+                }
+                .into());
             }
         }
     }
@@ -417,22 +603,23 @@ pub async fn probe(
     tls: &TlsConnector,
     probe: &Probe,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     match probe {
         Probe::Tcp => {
             let check = async {
-                let tcp = TcpStream::connect((backend.host.as_str(), backend.port)).await?;
+                let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
+                    .await
+                    .map_err(ProbeError::Connect)?;
                 if backend.tls {
-                    let name = ServerName::try_from(backend.host.clone())
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    tls.connect(name, tcp).await?;
+                    let name =
+                        ServerName::try_from(backend.host.clone()).map_err(ProbeError::TlsName)?;
+                    tls.connect(name, tcp).await.map_err(ProbeError::Tls)?;
                 }
-                Ok::<_, std::io::Error>(())
+                Ok(())
             };
             match tokio::time::timeout(limit, check).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("cannot connect: {e}")),
-                Err(_) => Err(format!("no connection within {limit:?}")),
+                Ok(result) => result,
+                Err(_) => Err(ProbeError::Timeout(limit)),
             }
         }
         Probe::WebSocket(path) => {
@@ -449,9 +636,7 @@ pub async fn probe(
                 pass_extensions: false,
                 subject: None,
             };
-            let mut shake = dial(backend, tls, &up, limit)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut shake = dial(backend, tls, &up, limit).await?;
             // Close 1000, masked (a client's frames always are; the key
             // may be any value).
             let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
@@ -468,6 +653,120 @@ pub async fn probe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The messages the log shows, word for word as when they were strings.
+    #[test]
+    fn dial_and_probe_errors_say_what_failed_and_where() {
+        let b = || "10.0.0.7:3000".to_owned();
+        let io = || std::io::Error::other("boom");
+        let bad_name = || ServerName::try_from("a b".to_owned()).expect_err("no DNS name");
+        for (e, text) in [
+            (
+                DialFailure::Connect {
+                    backend: b(),
+                    error: io(),
+                }
+                .into(),
+                "cannot connect to 10.0.0.7:3000: boom",
+            ),
+            (
+                DialFailure::Tls {
+                    backend: b(),
+                    error: io(),
+                }
+                .into(),
+                "TLS handshake failed with 10.0.0.7:3000: boom",
+            ),
+            (
+                DialFailure::Closed { backend: b() }.into(),
+                "10.0.0.7:3000 closed the connection during the handshake",
+            ),
+            (
+                DialFailure::Status {
+                    backend: b(),
+                    status: 502,
+                }
+                .into(),
+                "10.0.0.7:3000 answered the upgrade with HTTP 502",
+            ),
+            (
+                DialFailure::Subprotocol {
+                    backend: b(),
+                    chosen: "chat".into(),
+                }
+                .into(),
+                "10.0.0.7:3000 chose the subprotocol \"chat\", which the client did not offer",
+            ),
+            (
+                DialError::Rejected {
+                    backend: b(),
+                    status: 403,
+                },
+                "10.0.0.7:3000 answered the upgrade with HTTP 403",
+            ),
+            (
+                DialError::Timeout(Duration::from_secs(5)),
+                "backend did not answer within 5s",
+            ),
+        ] {
+            assert_eq!(e.to_string(), text);
+        }
+        assert_eq!(
+            DialFailure::TlsName {
+                backend: b(),
+                error: bad_name(),
+            }
+            .to_string(),
+            format!("bad TLS name for 10.0.0.7:3000: {}", bad_name())
+        );
+        assert_eq!(
+            ProbeError::Connect(io()).to_string(),
+            "cannot connect: boom"
+        );
+        assert_eq!(
+            ProbeError::TlsName(bad_name()).to_string(),
+            format!("cannot connect: {}", bad_name())
+        );
+        assert_eq!(
+            ProbeError::Timeout(Duration::from_millis(1500)).to_string(),
+            "no connection within 1.5s"
+        );
+        assert_eq!(
+            ProbeError::from(DialError::Timeout(Duration::from_secs(2))).to_string(),
+            "backend did not answer within 2s"
+        );
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("wsproxy-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let missing = dir.join("missing.pem");
+        let Err(err) = tls_connector(Some(&missing)) else {
+            panic!("a missing file is refused")
+        };
+        assert!(matches!(err, CaError::Read { .. }), "{err:?}");
+        assert!(
+            err.to_string().starts_with(&format!(
+                "UPSTREAM_CA_FILE: cannot read {}: ",
+                missing.display()
+            )),
+            "{err}"
+        );
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").expect("write");
+        let Err(err) = tls_connector(Some(&empty)) else {
+            panic!("a file without certificates is refused")
+        };
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "UPSTREAM_CA_FILE: {} holds no PEM certificate",
+                empty.display()
+            )
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_dropped_and_forwarding_headers_added() {

@@ -376,6 +376,14 @@ mod tests {
         );
         assert_eq!(verify_route_token(&jwt, &token("Zoë")), Ok("Zoë".into()));
         assert!(verify_route_token(&jwt, &token("alice\r\nX-Admin: 1")).is_err());
+        assert_eq!(
+            verify_route_token(&jwt, &token("alice\r\nX-Admin: 1")),
+            Err(proxy::RouteTokenError::ControlCharacters)
+        );
+        assert!(matches!(
+            verify_route_token(&jwt, "not.a.token"),
+            Err(proxy::RouteTokenError::Token(_))
+        ));
     }
 
     #[test]

@@ -211,7 +211,7 @@ fn authenticate(ctx: &Ctx<'_>) -> Result<Option<String>, ApiError> {
         .ok_or_else(|| ApiError::from(Refusal::Internal("route needs a jwt section".into())))?;
     let subject = verify_route_token(jwt, &token).map_err(|e| {
         app.metrics.upstream_failure(&ctx.name, "-", "unauthorized");
-        ApiError::from(Refusal::InvalidToken(e.into()))
+        ApiError::from(Refusal::InvalidToken(e.to_string().into()))
     })?;
     Ok(Some(subject))
 }
@@ -297,7 +297,7 @@ async fn dial(
                     slot,
                 });
             }
-            Err(DialError::Rejected(status, detail)) => {
+            Err(e @ DialError::Rejected { status, .. }) => {
                 // The backend is up and said no to this request: another
                 // backend would say the same, and the breaker must not
                 // count it, either way (any client could open it with a bad
@@ -305,14 +305,14 @@ async fn dial(
                 // such requests in).
                 app.metrics
                     .upstream_failure(name, &backend.backend.name, "rejected");
-                tracing::info!(route = %name, backend = %backend.label, detail = %crate::logsafe::escaped(&detail), "backend rejected the upgrade");
+                tracing::info!(route = %name, backend = %backend.label, detail = %crate::logsafe::escaped(&e.to_string()), "backend rejected the upgrade");
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
                 return Err(Refusal::BackendRejected(status).into());
             }
             Err(e) => {
                 let reason = match e {
                     DialError::Timeout(_) => "timeout",
-                    DialError::Refused(_) | DialError::Rejected(..) => "refused",
+                    DialError::Refused(_) | DialError::Rejected { .. } => "refused",
                 };
                 app.metrics
                     .upstream_failure(name, &backend.backend.name, reason);
@@ -331,7 +331,7 @@ async fn dial(
         )),
         // What went wrong, and where, is in the log: the client is not
         // told the backends' addresses.
-        Some(DialError::Refused(_) | DialError::Rejected(..)) | None => {
+        Some(DialError::Refused(_) | DialError::Rejected { .. }) | None => {
             ApiError::from(Refusal::BackendUnavailable(
                 "no backend of this route could be reached or completed the WebSocket handshake"
                     .into(),
@@ -553,7 +553,35 @@ pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         })
 }
 
-pub(super) fn verify_route_token(jwt: &routes::JwtSection, token: &str) -> Result<String, String> {
+/// Why a route's JWT was refused (403).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RouteTokenError {
+    /// The token itself: its signature, claims or expiry.
+    #[error(transparent)]
+    Token(#[from] crate::auth::jwt::TokenError),
+    /// Its subject, which goes to the backend as a header, holds a line
+    /// break or another control character.
+    #[error("the token's subject contains control characters")]
+    ControlCharacters,
+}
+
+/// Equal when the same check refused for the same reason (a token error
+/// compares by its message: `TokenError` is not comparable).
+impl PartialEq for RouteTokenError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Token(a), Self::Token(b)) => a.to_string() == b.to_string(),
+            (Self::ControlCharacters, Self::ControlCharacters) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The subject of `token`, a valid JWT by the routes file's `jwt` section.
+pub(super) fn verify_route_token(
+    jwt: &routes::JwtSection,
+    token: &str,
+) -> Result<String, RouteTokenError> {
     #[derive(serde::Deserialize)]
     struct Subject {
         sub: String,
@@ -563,12 +591,11 @@ pub(super) fn verify_route_token(jwt: &routes::JwtSection, token: &str) -> Resul
         &jwt.issuer,
         &jwt.audience,
         token,
-    )
-    .map(|s| s.sub)
-    .map_err(|e| e.to_string())?;
+    )?
+    .sub;
     // It goes to the backend as a header: no line breaks or other controls.
     if sub.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-        return Err("the token's subject contains control characters".into());
+        return Err(RouteTokenError::ControlCharacters);
     }
     Ok(sub)
 }
