@@ -60,6 +60,9 @@ pub enum AuthError {
     /// Redis did not confirm the subscription that admits the client.
     #[error("Redis is unavailable: {0}")]
     Subscribe(#[from] crate::broker::BrokerError),
+    /// A reliable session's history could not be read.
+    #[error("Redis is unavailable: {0}")]
+    History(#[from] crate::history::HistoryError),
 }
 
 /// Extracts the bearer token from the `Authorization` header, falling back

@@ -56,6 +56,10 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), ApiError> {
 pub struct AuthQuery {
     /// The token, for clients (browsers) that cannot set headers.
     access_token: Option<String>,
+    /// A reliable client's history epoch, to resume.
+    epoch: Option<String>,
+    /// The last offset a reliable client saw, to resume after.
+    offset: Option<String>,
 }
 
 /// Axum handler for the session endpoint. Every refusal is an [`ApiError`].
@@ -95,20 +99,41 @@ async fn accept(
     let token = auth::bearer_token(&headers, query.access_token.as_deref())
         .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
 
+    // A reliable session (the wsproxy.v1 subprotocol) subscribes to the
+    // enveloped live channel and then reads its history.
+    let reliable = crate::reliable::requested(&app, &headers);
+    let resume = if reliable {
+        crate::reliable::resume_from(query.epoch.as_deref(), query.offset.as_deref())?
+    } else {
+        None
+    };
+
     // 2 and 3, bounded together by AUTH_TIMEOUT_SECS.
     let config = &app.config;
     let outbox = Outbox::new(config.outbound_queue);
-    let down = crate::keys::session_down(&session_id);
+    let down = if reliable {
+        crate::keys::session_live(&session_id)
+    } else {
+        crate::keys::session_down(&session_id)
+    };
     let mut redis = app.redis.clone();
     let attach = async {
         auth::check_session_token(&mut redis, &session_id, token, config.auth_grace_period).await?;
-        app.broker
+        let subscription = app
+            .broker
             .subscribe(&down, outbox.clone(), config.auth_timeout)
-            .await
-            .map_err(AuthError::from)
+            .await?;
+        let joined = if reliable {
+            let joined =
+                crate::history::join(&mut redis, &session_id, resume, config.auth_timeout).await?;
+            Some(joined)
+        } else {
+            None
+        };
+        Ok::<_, AuthError>((subscription, joined))
     };
-    let subscription = match tokio::time::timeout(config.auth_timeout, attach).await {
-        Ok(Ok(subscription)) => subscription,
+    let (subscription, joined) = match tokio::time::timeout(config.auth_timeout, attach).await {
+        Ok(Ok(attached)) => attached,
         Ok(Err(AuthError::Invalid)) => {
             tracing::info!(%session_id, %agent_id, "refused: invalid or expired token");
             return Err(
@@ -119,7 +144,7 @@ async fn accept(
         Ok(Err(AuthError::Missing(m))) => {
             return Err(Refusal::MissingToken(m.into()).counted(&app.metrics));
         }
-        Ok(Err(e @ (AuthError::Redis(_) | AuthError::Subscribe(_)))) => {
+        Ok(Err(e @ (AuthError::Redis(_) | AuthError::Subscribe(_) | AuthError::History(_)))) => {
             tracing::warn!(%session_id, error = %e, "refused: redis unavailable");
             return Err(redis_unavailable(&app));
         }
@@ -130,13 +155,54 @@ async fn accept(
     };
 
     // 4. Upgrade; the driver pumps frames until the connection ends.
-    let handler = Bridge {
+    let label = Label {
+        endpoint: "session",
+        session_id: session_id.clone(),
+        agent_id: Some(agent_id.clone()),
+        user: None,
+    };
+    let Some(mut joined) = joined else {
+        let handler = Bridge {
+            app: app.clone(),
+            redis,
+            up: crate::keys::session_up(&session_id),
+            _subscription: subscription,
+        };
+        return Ok(ws::upgrade(
+            upgrade,
+            driver(&app, outbox, handler, label, slot, Vec::new()),
+        ));
+    };
+    app.metrics.reliable_connections.inc();
+    let preamble = crate::reliable::preamble(&app, &session_id, &mut joined);
+    let handler = crate::reliable::ReliableBridge {
         app: app.clone(),
         redis,
-        up: crate::keys::session_up(&session_id),
+        // Whatever the live channel brings up to the history's last offset
+        // at the join is in the history: replayed, or (on a fresh join)
+        // older than the connection.
+        skip_through: crate::history::parse_offset(&joined.last),
+        session_id,
+        agent_id,
         _subscription: subscription,
     };
-    let driver = Driver {
+    let upgrade = upgrade.protocols([crate::reliable::PROTOCOL]);
+    Ok(ws::upgrade(
+        upgrade,
+        driver(&app, outbox, handler, label, slot, preamble),
+    ))
+}
+
+/// The connection's driver, for either kind of session.
+fn driver<H: Handler>(
+    app: &Arc<App>,
+    outbox: Arc<Outbox>,
+    handler: H,
+    label: Label,
+    slot: Option<ConnectionSlot>,
+    preamble: Vec<axum::extract::ws::Message>,
+) -> Driver<H> {
+    Driver {
         app: app.clone(),
         outbox,
         handler,
@@ -146,16 +212,11 @@ async fn accept(
             opened: app.metrics.connections_opened.clone(),
             delivered: app.metrics.messages_down.clone(),
         },
-        label: Label {
-            endpoint: "session",
-            session_id,
-            agent_id: Some(agent_id),
-            user: None,
-        },
+        label,
         task: app.tracker.token(),
         slot,
-    };
-    Ok(ws::upgrade(upgrade, driver))
+        preamble,
+    }
 }
 
 fn redis_unavailable(app: &App) -> ApiError {

@@ -53,6 +53,37 @@ pub struct PubSubConfig {
     pub max_payload_bytes: usize,
 }
 
+/// Reliable sessions (see [`crate::history`] and [`crate::reliable`]).
+#[derive(Debug, Clone)]
+pub struct ReliableConfig {
+    /// Offer the `wsproxy.v1` subprotocol on session connections.
+    pub enabled: bool,
+    /// Entries a session's history keeps at least (trimmed approximately).
+    pub history_max_len: usize,
+    /// How long a session's history outlives its last publish or connect.
+    pub history_ttl: Duration,
+    /// Streams client messages are spread over (`wsproxy:up:{n}`).
+    pub up_shards: usize,
+    /// Entries each client-message stream keeps at least.
+    pub up_max_len: usize,
+    /// How long a client message id is remembered, so a resend is stored
+    /// once.
+    pub dedupe_window: Duration,
+}
+
+impl Default for ReliableConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            history_max_len: 1000,
+            history_ttl: Duration::from_secs(600),
+            up_shards: 1,
+            up_max_len: 100_000,
+            dedupe_window: Duration::from_secs(300),
+        }
+    }
+}
+
 /// JSON Web Token settings; present when `JWT_SECRET` is set.
 #[derive(Clone)]
 pub struct JwtConfig {
@@ -110,6 +141,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Topic pub/sub.
     pub pubsub: PubSubConfig,
+    /// Reliable sessions (history, resume, durable client messages).
+    pub reliable: ReliableConfig,
     /// Token issuing and checking for `/ws`; `None` without `JWT_SECRET`.
     pub jwt: Option<JwtConfig>,
     /// File of `username:argon2-hash` lines for `POST /auth/token`.
@@ -176,6 +209,7 @@ impl Config {
                 max_subscriptions: 100,
                 max_payload_bytes: 65_536,
             },
+            reliable: ReliableConfig::default(),
             jwt: None,
             users_file: None,
             cors_origins: Vec::new(),
@@ -264,6 +298,27 @@ pub struct Cli {
     /// Largest payload of a published topic message, in bytes.
     #[arg(long, env = "PUBSUB_MAX_PAYLOAD_BYTES", default_value = "65536")]
     pub pubsub_max_payload_bytes: String,
+    /// Reliable sessions: true offers the wsproxy.v1 subprotocol (history,
+    /// resume, acknowledged client messages) to session clients that ask.
+    #[arg(long, env = "RELIABLE_SESSIONS", default_value = "false")]
+    pub reliable_sessions: String,
+    /// Entries kept in each session's history (at least; trimmed in
+    /// batches).
+    #[arg(long, env = "HISTORY_MAX_LEN", default_value = "1000")]
+    pub history_max_len: String,
+    /// Seconds a session's history lives after its last publish or connect.
+    #[arg(long, env = "HISTORY_TTL_SECS", default_value = "600")]
+    pub history_ttl_secs: String,
+    /// Redis Streams client messages of reliable sessions are spread over.
+    #[arg(long, env = "UP_STREAM_SHARDS", default_value = "1")]
+    pub up_stream_shards: String,
+    /// Entries each client-message stream keeps at least.
+    #[arg(long, env = "UP_STREAM_MAX_LEN", default_value = "100000")]
+    pub up_stream_max_len: String,
+    /// Seconds a client message id is remembered (a resend within it is
+    /// stored once).
+    #[arg(long, env = "UP_DEDUPE_SECS", default_value = "300")]
+    pub up_dedupe_secs: String,
     /// HS256 secret (at least 32 bytes) for the tokens of POST /auth/token and /ws.
     /// Without it, /ws accepts only anonymous clients (if allowed).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
@@ -421,6 +476,22 @@ impl Cli {
         })
     }
 
+    /// The reliable-session settings.
+    fn reliable(&self) -> Result<ReliableConfig, ConfigError> {
+        Ok(ReliableConfig {
+            enabled: boolean("RELIABLE_SESSIONS", &self.reliable_sessions)?,
+            history_max_len: number("HISTORY_MAX_LEN", &self.history_max_len, 1..=1_000_000)?,
+            history_ttl: seconds("HISTORY_TTL_SECS", &self.history_ttl_secs, 1..=2_592_000)?,
+            up_shards: number("UP_STREAM_SHARDS", &self.up_stream_shards, 1..=1024)?,
+            up_max_len: number(
+                "UP_STREAM_MAX_LEN",
+                &self.up_stream_max_len,
+                1..=100_000_000,
+            )?,
+            dedupe_window: seconds("UP_DEDUPE_SECS", &self.up_dedupe_secs, 1..=86_400)?,
+        })
+    }
+
     /// The JWT settings, when `JWT_SECRET` is set.
     fn jwt(&self) -> Result<Option<JwtConfig>, ConfigError> {
         Ok(match &self.jwt_secret {
@@ -521,6 +592,7 @@ impl Cli {
             },
             log_format,
             pubsub: self.pubsub()?,
+            reliable: self.reliable()?,
             jwt: self.jwt()?,
             users_file: self
                 .users_file

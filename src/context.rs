@@ -40,6 +40,10 @@ pub struct App {
     pub users: Option<crate::auth::users::Users>,
     /// The event loops proxied tunnels run on (see `server::Workers`).
     pub workers: WorkerPool,
+    /// True while the `wsproxy` Redis library of reliable sessions is
+    /// loaded (see `server::keep_history_library`); unused when reliable
+    /// sessions are off.
+    pub history_loaded: std::sync::atomic::AtomicBool,
 }
 
 /// Handles of the worker runtimes (see `server::Workers`), handed out in

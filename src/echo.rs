@@ -64,6 +64,7 @@ pub async fn handler(
         },
         task: app.tracker.token(),
         slot: None,
+        preamble: Vec::new(),
     };
     ws::upgrade(upgrade, driver)
 }

@@ -105,6 +105,10 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     if !app.broker.is_connected() {
         return not_ready("redis pub/sub connection is down");
     }
+    if app.config.reliable.enabled && !app.history_loaded.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return not_ready("the wsproxy Redis library (reliable sessions) is not loaded yet");
+    }
     let mut redis = app.redis.clone();
     let cmd = redis::cmd("PING");
     let ping = cmd.query_async::<String>(&mut redis);

@@ -9,6 +9,15 @@
 //! | `session:{id}:down` | channel | the backend publishes, wsproxy subscribes |
 //! | `session:{id}:up` | channel | wsproxy publishes client messages |
 //! | `pubsub:{session}:{topic}` | channel | topic pub/sub, both ways |
+//! | `session:{id}:history` | stream of down messages (field `d`), with a TTL | `wsproxy_publish`; read on resume |
+//! | `session:{id}:epoch` | hash (`epoch`, `trimmed`: the newest offset trimmed), with the history's TTL | `wsproxy_publish` and `wsproxy_join` |
+//! | `session:{id}:live` | channel of enveloped down messages | `wsproxy_publish`; reliable connections subscribe |
+//! | `wsproxy:up:{n}` | stream of client messages of reliable sessions | wsproxy; backend workers read it with a consumer group |
+//! | `wsproxy:up:{n}:seen:{session}:{id}` | string (the stream id), with a TTL | wsproxy, to store a resent message once |
+//!
+//! The `wsproxy_*` Redis Functions (see [`crate::history`]) derive a
+//! session's other names from its `:history` key, so the suffixes here and
+//! in the library's Lua source must agree (a test checks they do).
 
 /// Longest id (agent, session, topic) accepted.
 pub const MAX_ID_LEN: usize = 128;
@@ -42,6 +51,43 @@ pub fn session_up(session_id: &str) -> String {
     format!("session:{session_id}:up")
 }
 
+/// The stream of a session's replayable down messages.
+pub fn session_history(session_id: &str) -> String {
+    format!("session:{session_id}:history")
+}
+
+/// The key holding a session history's epoch.
+pub fn session_epoch(session_id: &str) -> String {
+    format!("session:{session_id}:epoch")
+}
+
+/// The channel of a session's enveloped (replayable) down messages.
+pub fn session_live(session_id: &str) -> String {
+    format!("session:{session_id}:live")
+}
+
+/// The stream of client messages in shard `shard`.
+pub fn up_stream(shard: usize) -> String {
+    format!("wsproxy:up:{shard}")
+}
+
+/// The key remembering that client message `id` of `session` was stored.
+pub fn up_seen(shard: usize, session_id: &str, id: &str) -> String {
+    format!("wsproxy:up:{shard}:seen:{session_id}:{id}")
+}
+
+/// The shard of `session`'s client messages: FNV-1a of the id, so every
+/// process (and a backend that wants to know) picks the same one.
+pub fn up_shard(session_id: &str, shards: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in session_id.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // `shards` is at least 1 (the configuration's range).
+    (hash % shards.max(1) as u64) as usize
+}
+
 /// The channel of a topic in a session.
 pub fn topic(session: &str, topic: &str) -> String {
     format!("pubsub:{session}:{topic}")
@@ -57,6 +103,21 @@ mod tests {
         assert_eq!(session_down("s1"), "session:s1:down");
         assert_eq!(session_up("s1"), "session:s1:up");
         assert_eq!(topic("s1", "t"), "pubsub:s1:t");
+        assert_eq!(session_history("s1"), "session:s1:history");
+        assert_eq!(session_epoch("s1"), "session:s1:epoch");
+        assert_eq!(session_live("s1"), "session:s1:live");
+        assert_eq!(up_stream(3), "wsproxy:up:3");
+        assert_eq!(up_seen(3, "s1", "m-1"), "wsproxy:up:3:seen:s1:m-1");
+    }
+
+    #[test]
+    fn a_session_keeps_its_shard() {
+        assert_eq!(up_shard("anything", 1), 0);
+        let spread: std::collections::HashSet<usize> =
+            (0..200).map(|i| up_shard(&format!("s{i}"), 4)).collect();
+        assert_eq!(spread.len(), 4, "200 sessions use all 4 shards");
+        assert_eq!(up_shard("s7", 4), up_shard("s7", 4));
+        assert!(up_shard("s7", 4) < 4);
     }
 
     #[test]

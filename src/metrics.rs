@@ -139,6 +139,17 @@ pub struct Metrics {
     /// Topic messages written to subscribers.
     pub pubsub_delivered: Counter,
     pubsub_refused: Family<ReasonLabel, Counter>,
+    /// Reliable session connections accepted (`wsproxy.v1`).
+    pub reliable_connections: Counter,
+    /// Messages replayed to reliable clients on resume.
+    pub reliable_replayed: Counter,
+    /// Client messages of reliable sessions stored and acknowledged.
+    pub reliable_acks: Counter,
+    /// Resent client messages acknowledged without being stored again.
+    pub reliable_duplicates: Counter,
+    /// Client messages of reliable sessions Redis could not store.
+    pub reliable_store_failures: Counter,
+    resume_failures: Family<ReasonLabel, Counter>,
     upstream_active: Family<RouteLabel, Gauge>,
     upstream_connects: Family<BackendLabel, Counter>,
     upstream_backend_active: Family<BackendLabel, Gauge>,
@@ -177,6 +188,12 @@ impl Metrics {
             pubsub_published: Counter::default(),
             pubsub_delivered: Counter::default(),
             pubsub_refused: Family::default(),
+            reliable_connections: Counter::default(),
+            reliable_replayed: Counter::default(),
+            reliable_acks: Counter::default(),
+            reliable_duplicates: Counter::default(),
+            reliable_store_failures: Counter::default(),
+            resume_failures: Family::default(),
             upstream_active: Family::default(),
             upstream_connects: Family::default(),
             upstream_backend_active: Family::default(),
@@ -276,7 +293,50 @@ impl Metrics {
             m.pubsub_refused.clone(),
         );
         m.register_upstream(&mut registry);
+        m.register_reliable(&mut registry);
         Metrics { registry, ..m }
+    }
+
+    /// Reliable sessions' counters.
+    fn register_reliable(&self, registry: &mut Registry) {
+        let m = self;
+        registry.register(
+            "reliable_connections",
+            "Reliable session connections accepted (wsproxy.v1)",
+            m.reliable_connections.clone(),
+        );
+        registry.register(
+            "reliable_replayed",
+            "Messages replayed to reliable clients on resume",
+            m.reliable_replayed.clone(),
+        );
+        registry.register(
+            "resume_failures",
+            "Resumes that could not be honoured, by reason (epoch_changed, trimmed, expired, unknown_offset)",
+            m.resume_failures.clone(),
+        );
+        registry.register(
+            "reliable_acks",
+            "Client messages of reliable sessions stored and acknowledged",
+            m.reliable_acks.clone(),
+        );
+        registry.register(
+            "reliable_duplicates",
+            "Resent client messages acknowledged without being stored again",
+            m.reliable_duplicates.clone(),
+        );
+        registry.register(
+            "reliable_store_failures",
+            "Client messages of reliable sessions that Redis could not store",
+            m.reliable_store_failures.clone(),
+        );
+    }
+
+    /// Counts a resume that could not be honoured.
+    pub fn resume_failure(&self, reason: &'static str) {
+        self.resume_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// The reverse proxy's families, registered beside the rest.

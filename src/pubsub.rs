@@ -626,6 +626,7 @@ fn accept(
         label,
         task: app.tracker.token(),
         slot,
+        preamble: Vec::new(),
     };
     Ok(ws::upgrade(upgrade, driver))
 }

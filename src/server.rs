@@ -211,7 +211,11 @@ pub async fn run(
         tracker: TaskTracker::new(),
         users,
         workers: worker_pool,
+        history_loaded: std::sync::atomic::AtomicBool::new(false),
     });
+    if config.reliable.enabled {
+        tokio::spawn(keep_history_library(app.clone()));
+    }
     if let Some(upstream) = &upstream {
         upstream.start(&app);
         tracing::info!(
@@ -277,6 +281,43 @@ pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
     let info = url.into_connection_info()?;
     let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
     redis::Client::open(info.set_tcp_settings(tcp))
+}
+
+/// Loads the `wsproxy` Redis library (reliable sessions) at start-up, and
+/// again after each reconnection of the pub/sub connection: a Redis that
+/// restarted without persistence has forgotten it, and backends' `FCALL
+/// wsproxy_publish` would fail until it is back. `/ready` is 503 while it
+/// is not loaded.
+async fn keep_history_library(app: Arc<App>) {
+    use std::sync::atomic::Ordering;
+    let mut loaded_at: Option<u64> = None;
+    let mut redis = app.redis.clone();
+    loop {
+        let reconnects = app.metrics.redis_reconnects.get();
+        if loaded_at != Some(reconnects) {
+            app.history_loaded.store(false, Ordering::SeqCst);
+            let limit = app.config.auth_timeout;
+            match crate::history::install(&mut redis, &app.config.reliable, limit).await {
+                Ok(()) => {
+                    loaded_at = Some(reconnects);
+                    app.history_loaded.store(true, Ordering::SeqCst);
+                    tracing::info!("reliable sessions: the wsproxy Redis library is loaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reliable sessions: cannot load the wsproxy Redis library; retrying")
+                }
+            }
+        }
+        let pause = if loaded_at.is_some() {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        };
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
 }
 
 /// Reloads the routes file on every SIGHUP; a bad file is refused and

@@ -70,6 +70,11 @@ pub trait Handler: Send + Sync + 'static {
     fn on_text(&mut self, text: Utf8Bytes) -> HandlerFuture<'_>;
     /// A binary frame arrived.
     fn on_binary(&mut self, data: bytes::Bytes) -> Reply;
+    /// Whether a message from the outbox goes to the client: a reliable
+    /// session drops the live copies of the messages it has just replayed.
+    fn deliver(&mut self, _msg: &Message) -> bool {
+        true
+    }
 }
 
 /// The counters a driver keeps for its endpoint.
@@ -115,6 +120,9 @@ pub struct Driver<H: Handler> {
     pub task: TaskTrackerToken,
     /// Counts the connection against `MAX_CONNECTIONS` until it closes.
     pub slot: Option<ConnectionSlot>,
+    /// Frames sent before anything else (a reliable session's welcome and
+    /// replay); emptied then.
+    pub preamble: Vec<Message>,
 }
 
 /// What the driver runs over: axum's `WebSocket` in the server, anything
@@ -197,9 +205,12 @@ impl<H: Handler> Driver<H> {
                 "connection opened"
             );
 
-            let reason = match self.pump(&mut socket).await {
+            let reason = match self.greet(&mut socket).await {
                 Err(reason) => reason,
-                Ok(never) => match never {},
+                Ok(()) => match self.pump(&mut socket).await {
+                    Err(reason) => reason,
+                    Ok(never) => match never {},
+                },
             };
             self.close(&mut socket, reason).await;
 
@@ -215,6 +226,22 @@ impl<H: Handler> Driver<H> {
                 "connection closed"
             );
         }
+    }
+
+    /// Sends the preamble, counting each frame as delivered. Boxed, like
+    /// [`Self::close`]: it runs once.
+    fn greet<'a, S: Socket>(
+        &'a mut self,
+        socket: &'a mut S,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Stop>> + Send + 'a>> {
+        Box::pin(async move {
+            let preamble = std::mem::take(&mut self.preamble);
+            for msg in preamble {
+                self.write(socket, msg).await?;
+                self.counters.delivered.inc();
+            }
+            Ok(())
+        })
     }
 
     /// Moves frames until something ends the connection.
@@ -265,8 +292,10 @@ impl<H: Handler> Driver<H> {
                 }
                 Event::Expired => return Err(Stop::TokenExpired),
                 Event::Outgoing(Outgoing::Message(msg)) => {
-                    self.write(socket, msg).await?;
-                    self.counters.delivered.inc();
+                    if self.handler.deliver(&msg) {
+                        self.write(socket, msg).await?;
+                        self.counters.delivered.inc();
+                    }
                 }
                 Event::Outgoing(Outgoing::Slow) => return Err(Stop::SlowConsumer),
                 Event::Frame(frame) => {
@@ -325,6 +354,9 @@ impl<H: Handler> Driver<H> {
                 Stop::Shutdown => {
                     // Deliver what was already queued before saying goodbye.
                     while let Some(msg) = self.outbox.try_pop() {
+                        if !self.handler.deliver(&msg) {
+                            continue;
+                        }
                         if self.write(socket, msg).await.is_err() {
                             return;
                         }
@@ -462,6 +494,7 @@ mod tests {
             tracker: Default::default(),
             users: None,
             workers: crate::context::WorkerPool::new(vec![tokio::runtime::Handle::current()]),
+            history_loaded: Default::default(),
         })
     }
 
@@ -496,6 +529,7 @@ mod tests {
             },
             task: app.tracker.token(),
             slot: None,
+            preamble: Vec::new(),
         };
         let socket = FakeSocket {
             to_server: rx,

@@ -28,6 +28,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// Where an append-only file is kept, for a Redis that persists.
+    aof_dir: Option<std::path::PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -40,6 +42,21 @@ impl Redis {
         let mut redis = Redis {
             port: free_port(),
             child: None,
+            aof_dir: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    /// A Redis with `appendonly yes` (fsync always): what it acknowledged
+    /// survives a kill and restart.
+    pub async fn start_persistent() -> Redis {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("redis-aof"));
+        std::fs::create_dir_all(&dir).expect("aof dir");
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+            aof_dir: Some(dir),
         };
         redis.spawn().await;
         redis
@@ -50,17 +67,30 @@ impl Redis {
     }
 
     async fn spawn(&mut self) {
+        let mut args: Vec<String> = [
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        match &self.aof_dir {
+            None => args.extend(["--appendonly".into(), "no".into()]),
+            Some(dir) => args.extend([
+                "--appendonly".into(),
+                "yes".into(),
+                "--appendfsync".into(),
+                "always".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+            ]),
+        }
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -149,6 +179,9 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.aof_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

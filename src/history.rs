@@ -1,0 +1,453 @@
+//! Reliable sessions in Redis: a session's replayable down messages, the
+//! join (and resume) of a reliable connection, and durable client messages.
+//!
+//! Everything that must be atomic runs in Redis, in one library of Redis
+//! Functions (`wsproxy`) that wsproxy loads at start-up and again whenever
+//! Redis comes back (a Redis restarted without persistence has forgotten
+//! it):
+//!
+//! - `FCALL wsproxy_publish 1 session:{id}:history <json>`: what a backend
+//!   calls instead of `PUBLISH`. In one step it appends the message to the
+//!   session's history stream (the newest `HISTORY_MAX_LEN` entries, trimmed
+//!   in batches of 100, the newest trimmed offset recorded; kept
+//!   `HISTORY_TTL_SECS` after the last publish), publishes it with its
+//!   offset on `session:{id}:live` for reliable connections and as it is on
+//!   `session:{id}:down` for plain ones, and returns its offset (the stream
+//!   entry's id). The payload must be JSON: reliable clients get it inside
+//!   a JSON envelope.
+//! - `FCALL wsproxy_join 1 session:{id}:history <epoch> <offset>`: wsproxy's
+//!   own, when a reliable connection has subscribed to `:live`. It returns
+//!   the history's epoch (created if there is none yet), the last offset,
+//!   and, when the client asked to resume from `<epoch>`/`<offset>`,
+//!   whether that is possible and every message after the offset.
+//! - `FCALL wsproxy_up 2 wsproxy:up:{n} <seen key> ...`: stores a client
+//!   message in its shard's stream once (a resend within `UP_DEDUPE_SECS`
+//!   returns the first copy's id).
+//!
+//! **Epochs.** A history's epoch is made when it is first needed and lives
+//! exactly as long as the history (both keys get the same TTL in the same
+//! step). A history that was lost (expired, deleted, or Redis restarted
+//! without persistence) comes back with a new epoch, so a client's old
+//! offset can never be taken for a position in the new one: the client is
+//! told its resume failed, never given a silent gap.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::config::ReliableConfig;
+
+/// The envelope every replayable message reaches a reliable client in,
+/// before its offset: `{"type":"message","offset":"<id>","data":<json>}`.
+/// Built in Lua (see [`library`]); parsed back by [`offset_of`].
+pub const ENVELOPE_PREFIX: &str = r#"{"type":"message","offset":""#;
+
+/// Why a client's resume could not be honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeFailure {
+    /// The history was lost and made again (expired, deleted, or Redis
+    /// restarted without persistence): its epoch is not the client's.
+    EpochChanged,
+    /// Messages after the client's offset were trimmed (`HISTORY_MAX_LEN`).
+    Trimmed,
+    /// The history is gone although its epoch is the client's (it was
+    /// deleted or emptied).
+    Expired,
+    /// The offset is not one this history gave out (malformed, or ahead of
+    /// its last message).
+    UnknownOffset,
+}
+
+impl ResumeFailure {
+    /// The reason as clients and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EpochChanged => "epoch_changed",
+            Self::Trimmed => "trimmed",
+            Self::Expired => "expired",
+            Self::UnknownOffset => "unknown_offset",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "epoch_changed" => Self::EpochChanged,
+            "trimmed" => Self::Trimmed,
+            "expired" => Self::Expired,
+            "unknown_offset" => Self::UnknownOffset,
+            _ => return None,
+        })
+    }
+}
+
+/// What joining a session's history gave.
+#[derive(Debug)]
+pub struct Joined {
+    /// The history's epoch.
+    pub epoch: String,
+    /// The offset of the last message in history ("0-0" when none).
+    pub last: String,
+    /// `None`: the client did not ask to resume; `Some(Ok(n))`: resumed,
+    /// `n` messages replayed; `Some(Err(why))`: it could not be.
+    pub resume: Option<Result<usize, ResumeFailure>>,
+    /// The missed messages, enveloped, oldest first.
+    pub replay: Vec<String>,
+}
+
+/// Errors talking to Redis about history.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// Redis refused or failed the call.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// Redis did not answer within the limit.
+    #[error("Redis did not answer in time")]
+    Timeout,
+    /// The library's answer was not what it returns (an older library?).
+    #[error("unexpected answer from the wsproxy Redis library: {0}")]
+    Unexpected(&'static str),
+}
+
+/// The Lua source of the `wsproxy` library, with this configuration's
+/// history bounds written in (a backend's `FCALL wsproxy_publish` must not
+/// need to know them). Several wsproxy processes on one Redis should share
+/// these settings: the last one to start wins.
+pub fn library(config: &ReliableConfig) -> String {
+    let ttl_ms = config.history_ttl.as_millis().max(1);
+    LIBRARY
+        .replace("__MAX_LEN__", &config.history_max_len.max(1).to_string())
+        .replace("__TTL_MS__", &ttl_ms.to_string())
+}
+
+const LIBRARY: &str = r#"#!lua name=wsproxy
+
+local MAX_LEN = __MAX_LEN__
+local TTL_MS = __TTL_MS__
+
+-- session:<id>:history -> session:<id>
+local function base_of(history)
+  local base = string.match(history, '^(session:[%w%-_%.]+):history$')
+  if not base then
+    error('wsproxy: the key must be session:<id>:history, not ' .. history)
+  end
+  return base
+end
+
+-- An offset "<ms>-<seq>" as two numbers, or nil.
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if not ms or #ms > 15 or #seq > 15 then return nil end
+  return tonumber(ms), tonumber(seq)
+end
+
+local function cmp(a_ms, a_seq, b_ms, b_seq)
+  if a_ms ~= b_ms then return a_ms < b_ms and -1 or 1 end
+  if a_seq ~= b_seq then return a_seq < b_seq and -1 or 1 end
+  return 0
+end
+
+local function envelope(id, payload)
+  return '{"type":"message","offset":"' .. id .. '","data":' .. payload .. '}'
+end
+
+-- The history's epoch, made when there is none. The same hash keeps the
+-- offset of the last message trimmed away.
+local function epoch_of(base)
+  local key = base .. ':epoch'
+  local epoch = redis.call('HGET', key, 'epoch')
+  if not epoch then
+    local t = redis.call('TIME')
+    epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('HSET', key, 'epoch', epoch)
+    redis.call('PEXPIRE', key, TTL_MS)
+  end
+  return epoch
+end
+
+-- Keeps the newest MAX_LEN entries, trimming in batches of SLACK, and
+-- records the newest offset trimmed (Redis' own approximate trimming
+-- does not say what it removed, and a resume must know).
+local SLACK = 100
+local function trim(history, base)
+  local len = redis.call('XLEN', history)
+  if len <= MAX_LEN + SLACK then return end
+  local cut = redis.call('XRANGE', history, '-', '+', 'COUNT', len - MAX_LEN)
+  local through = cut[#cut][1]
+  local ms, seq = string.match(through, '^(%d+)-(%d+)$')
+  redis.call('XTRIM', history, 'MINID', ms .. '-' .. string.format('%d', tonumber(seq) + 1))
+  redis.call('HSET', base .. ':epoch', 'trimmed', through)
+end
+
+local function stream_info(history)
+  local info = redis.call('XINFO', 'STREAM', history)
+  local out = {}
+  for i = 1, #info, 2 do out[info[i]] = info[i + 1] end
+  return out
+end
+
+redis.register_function('wsproxy_publish', function(keys, args)
+  local history, payload = keys[1], args[1]
+  if not payload or #args ~= 1 then
+    return redis.error_reply('ERR wsproxy_publish takes one key and one message')
+  end
+  local base = base_of(history)
+  if not pcall(cjson.decode, payload) then
+    return redis.error_reply('ERR wsproxy_publish: the message must be JSON')
+  end
+  epoch_of(base)
+  local id = redis.call('XADD', history, '*', 'd', payload)
+  trim(history, base)
+  redis.call('PEXPIRE', history, TTL_MS)
+  redis.call('PEXPIRE', base .. ':epoch', TTL_MS)
+  redis.call('PUBLISH', base .. ':live', envelope(id, payload))
+  redis.call('PUBLISH', base .. ':down', payload)
+  return id
+end)
+
+redis.register_function('wsproxy_join', function(keys, args)
+  local history = keys[1]
+  local base = base_of(history)
+  local epoch = epoch_of(base)
+  redis.call('PEXPIRE', base .. ':epoch', TTL_MS)
+  local exists = redis.call('EXISTS', history) == 1
+  local last, deleted = '0-0', '0-0'
+  if exists then
+    redis.call('PEXPIRE', history, TTL_MS)
+    local info = stream_info(history)
+    last = info['last-generated-id']
+    deleted = info['max-deleted-entry-id'] or '0-0'
+  end
+  local want_epoch, from = args[1] or '', args[2] or ''
+  if want_epoch == '' then return {epoch, last, 'fresh'} end
+  if want_epoch ~= epoch then return {epoch, last, 'epoch_changed'} end
+  local f_ms, f_seq = parse(from)
+  local l_ms, l_seq = parse(last)
+  if not f_ms or cmp(f_ms, f_seq, l_ms, l_seq) > 0 then
+    return {epoch, last, 'unknown_offset'}
+  end
+  if not exists then
+    if f_ms == 0 and f_seq == 0 then return {epoch, last, 'recovered'} end
+    return {epoch, last, 'expired'}
+  end
+  -- Trimmed (by wsproxy_publish) or deleted (XDEL) past the offset?
+  local trimmed = redis.call('HGET', base .. ':epoch', 'trimmed') or '0-0'
+  for _, gone in ipairs({trimmed, deleted}) do
+    local g_ms, g_seq = parse(gone)
+    if g_ms and cmp(f_ms, f_seq, g_ms, g_seq) < 0 then
+      return {epoch, last, 'trimmed'}
+    end
+  end
+  local out = {epoch, last, 'recovered'}
+  local entries = redis.call('XRANGE', history, '(' .. from, '+')
+  for _, entry in ipairs(entries) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'd' then out[#out + 1] = envelope(entry[1], fields[i + 1]) end
+    end
+  end
+  return out
+end)
+
+-- KEYS: the shard's stream, the message's "seen" key.
+-- ARGV: session, agent, client message id, data, stream MAXLEN, seen TTL (s).
+redis.register_function('wsproxy_up', function(keys, args)
+  local stream, seen = keys[1], keys[2]
+  local first = redis.call('GET', seen)
+  if first then return {first, 1} end
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', args[5], '*',
+    'session', args[1], 'agent', args[2], 'id', args[3], 'data', args[4])
+  redis.call('SET', seen, id, 'EX', args[6])
+  return {id, 0}
+end)
+"#;
+
+/// Loads (or replaces) the `wsproxy` library.
+pub async fn install(
+    redis: &mut ConnectionManager,
+    config: &ReliableConfig,
+    limit: Duration,
+) -> Result<(), HistoryError> {
+    let mut cmd = redis::cmd("FUNCTION");
+    cmd.arg("LOAD").arg("REPLACE").arg(library(config));
+    within(limit, cmd.query_async::<String>(redis)).await?;
+    Ok(())
+}
+
+async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, HistoryError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(HistoryError::Timeout),
+    }
+}
+
+/// Joins `session`'s history: its epoch and last offset, and, when
+/// `resume` names an epoch and offset, the messages after it (or why they
+/// cannot be had). Call it after the connection's `:live` subscription is
+/// confirmed, so that nothing falls between the history read and the live
+/// messages (those both replayed and delivered live are dropped by offset,
+/// see [`offset_of`]).
+pub async fn join(
+    redis: &mut ConnectionManager,
+    session: &str,
+    resume: Option<(&str, &str)>,
+    limit: Duration,
+) -> Result<Joined, HistoryError> {
+    let (epoch, offset) = resume.unwrap_or(("", ""));
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("wsproxy_join")
+        .arg(1)
+        .arg(crate::keys::session_history(session))
+        .arg(epoch)
+        .arg(offset);
+    let answer: Vec<String> = within(limit, cmd.query_async(redis)).await?;
+    let mut parts = answer.into_iter();
+    let (Some(epoch), Some(last), Some(status)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(HistoryError::Unexpected("fewer than three fields"));
+    };
+    let replay: Vec<String> = parts.collect();
+    let resume = match status.as_str() {
+        "fresh" => None,
+        "recovered" => Some(Ok(replay.len())),
+        other => Some(Err(
+            ResumeFailure::parse(other).ok_or(HistoryError::Unexpected("unknown status"))?
+        )),
+    };
+    Ok(Joined {
+        epoch,
+        last,
+        resume,
+        replay,
+    })
+}
+
+/// A stored client message: its id in the stream, and whether it had been
+/// stored before (a resend).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The stream entry's id (the first copy's, for a resend).
+    pub offset: String,
+    /// True when this was a resend of a message already stored.
+    pub duplicate: bool,
+}
+
+/// What a reliable client message carries into its stream.
+#[derive(Debug, Clone, Copy)]
+pub struct UpMessage<'a> {
+    /// The session.
+    pub session: &'a str,
+    /// The agent id of the connection.
+    pub agent: &'a str,
+    /// The client's id for the message.
+    pub id: &'a str,
+    /// The message itself (JSON).
+    pub data: &'a str,
+}
+
+/// Appends a client message to its shard's stream, once per id within the
+/// de-duplication window.
+pub async fn store_up(
+    redis: &mut ConnectionManager,
+    config: &ReliableConfig,
+    message: UpMessage<'_>,
+    limit: Duration,
+) -> Result<Stored, HistoryError> {
+    let shard = crate::keys::up_shard(message.session, config.up_shards);
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("wsproxy_up")
+        .arg(2)
+        .arg(crate::keys::up_stream(shard))
+        .arg(crate::keys::up_seen(shard, message.session, message.id))
+        .arg(message.session)
+        .arg(message.agent)
+        .arg(message.id)
+        .arg(message.data)
+        .arg(config.up_max_len)
+        .arg(config.dedupe_window.as_secs().max(1));
+    let (offset, duplicate): (String, i64) = within(limit, cmd.query_async(redis)).await?;
+    Ok(Stored {
+        offset,
+        duplicate: duplicate != 0,
+    })
+}
+
+/// The offset of an enveloped message (see [`ENVELOPE_PREFIX`]) as two
+/// numbers, or `None` for anything else.
+pub fn offset_of(frame: &str) -> Option<(u64, u64)> {
+    let rest = frame.strip_prefix(ENVELOPE_PREFIX)?;
+    let end = rest.find('"')?;
+    parse_offset(&rest[..end])
+}
+
+/// A stream id `<ms>-<seq>` as two numbers.
+pub fn parse_offset(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_library_gets_this_configurations_bounds() {
+        let config = ReliableConfig {
+            history_max_len: 42,
+            history_ttl: Duration::from_secs(7),
+            ..ReliableConfig::default()
+        };
+        let lua = library(&config);
+        assert!(lua.contains("local MAX_LEN = 42\n"), "{lua}");
+        assert!(lua.contains("local TTL_MS = 7000\n"), "{lua}");
+        assert!(!lua.contains("__"), "a placeholder is left: {lua}");
+    }
+
+    #[test]
+    fn the_library_and_the_key_schema_agree_on_names() {
+        // The Lua derives a session's names from its history key.
+        let history = crate::keys::session_history("s1");
+        let base = history.strip_suffix(":history").expect("suffix");
+        assert_eq!(format!("{base}:epoch"), crate::keys::session_epoch("s1"));
+        assert_eq!(format!("{base}:live"), crate::keys::session_live("s1"));
+        assert_eq!(format!("{base}:down"), crate::keys::session_down("s1"));
+        for suffix in ["):history$'", ".. ':epoch'", ".. ':live'", ".. ':down'"] {
+            assert!(LIBRARY.contains(suffix), "{suffix} not in the Lua");
+        }
+        assert!(LIBRARY.contains(r#"'{"type":"message","offset":"' .. id"#));
+        assert!(ENVELOPE_PREFIX.ends_with(r#""offset":""#));
+    }
+
+    #[test]
+    fn offsets_are_read_from_envelopes_only() {
+        assert_eq!(
+            offset_of(r#"{"type":"message","offset":"1700000000000-3","data":{"a":1}}"#),
+            Some((1_700_000_000_000, 3))
+        );
+        for other in [
+            r#"{"type":"welcome","offset":"1-0"}"#,
+            r#"{"type":"message","offset":"x-0","data":1}"#,
+            r#"{"type":"message","offset":"1-0"#,
+            "",
+        ] {
+            assert_eq!(offset_of(other), None, "{other}");
+        }
+        assert_eq!(parse_offset("0-0"), Some((0, 0)));
+        assert_eq!(parse_offset("12"), None);
+        assert_eq!(parse_offset("99999999999999999999999-0"), None);
+    }
+
+    #[test]
+    fn resume_failures_round_trip_their_names() {
+        for f in [
+            ResumeFailure::EpochChanged,
+            ResumeFailure::Trimmed,
+            ResumeFailure::Expired,
+            ResumeFailure::UnknownOffset,
+        ] {
+            assert_eq!(ResumeFailure::parse(f.as_str()), Some(f));
+        }
+        assert_eq!(ResumeFailure::parse("fresh"), None);
+    }
+}

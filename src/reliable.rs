@@ -1,0 +1,313 @@
+//! Reliable sessions on the bridge: the `wsproxy.v1` subprotocol.
+//!
+//! A client asks for it with `Sec-WebSocket-Protocol: wsproxy.v1`; with
+//! `RELIABLE_SESSIONS=true` wsproxy selects it (otherwise the client gets
+//! a plain session, and sees no protocol selected in the 101). Then, on
+//! top of the plain session:
+//!
+//! - **Down**, the connection carries what the backend published with
+//!   `FCALL wsproxy_publish` (see [`crate::history`]), each message as
+//!   `{"type":"message","offset":"<offset>","data":<json>}`. Plain
+//!   `PUBLISH`es on `session:{id}:down` reach plain connections only.
+//! - **First frame**: `{"type":"welcome","epoch":...,"offset":...}`: the
+//!   history's epoch and its last offset when the connection joined. A
+//!   client that reconnects with `?epoch=<epoch>&offset=<last offset it
+//!   saw>` gets `"resumed":true` and every message after that offset, in
+//!   order, then the live ones, with no gap and no duplicate; or
+//!   `"resumed":false` and a `"reason"` (`epoch_changed`, `trimmed`,
+//!   `expired`, `unknown_offset`): it must reload its state from the
+//!   backend, and continues from the welcome's offset.
+//! - **Up**, the client sends `{"type":"message","id":"<its id>","data":<json>}`;
+//!   wsproxy appends it to the stream `wsproxy:up:{n}` that backend workers
+//!   read with a consumer group, and answers
+//!   `{"type":"ack","id":...,"offset":...}` once Redis has it (with
+//!   `"duplicate":true` for a resend of an id stored in the last
+//!   `UP_DEDUPE_SECS`), or `{"type":"error","error":"not_stored","id":...}`
+//!   when Redis could not take it: never a false acknowledgement.
+//!
+//! Race-free resume: the connection subscribes to `session:{id}:live`
+//! first, then reads history ([`crate::history::join`]); a message that
+//! arrives both ways is dropped from the live side by its offset
+//! ([`ReliableBridge::deliver`]).
+
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use axum::http::HeaderMap;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::broker::Subscription;
+use crate::context::App;
+use crate::error::{ApiError, Refusal, socket_error};
+use crate::history::{self, Joined, UpMessage};
+use crate::metrics::InvalidMessage;
+use crate::ws::{HandlerFuture, Reply};
+
+/// The subprotocol of reliable sessions.
+pub const PROTOCOL: &str = "wsproxy.v1";
+
+/// Longest epoch or offset a client may send back.
+const MAX_POSITION_LEN: usize = 64;
+
+/// True when reliable sessions are on and the client offered
+/// [`PROTOCOL`].
+pub fn requested(app: &App, headers: &HeaderMap) -> bool {
+    app.config.reliable.enabled
+        && headers
+            .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == PROTOCOL)
+}
+
+/// The position a client resumes from: `?epoch=&offset=`, both or neither
+/// (400 `invalid_query` otherwise).
+pub fn resume_from<'a>(
+    epoch: Option<&'a str>,
+    offset: Option<&'a str>,
+) -> Result<Option<(&'a str, &'a str)>, ApiError> {
+    match (epoch, offset) {
+        (None, None) => Ok(None),
+        (Some(e), Some(o)) if e.len() <= MAX_POSITION_LEN && o.len() <= MAX_POSITION_LEN => {
+            Ok(Some((e, o)))
+        }
+        (Some(_), Some(_)) => Err(Refusal::InvalidQuery(
+            format!("epoch and offset are at most {MAX_POSITION_LEN} characters").into(),
+        )
+        .into()),
+        _ => Err(Refusal::InvalidQuery(
+            "epoch and offset go together: both (to resume) or neither".into(),
+        )
+        .into()),
+    }
+}
+
+#[derive(Serialize)]
+struct Welcome<'a> {
+    r#type: &'static str,
+    session_id: &'a str,
+    epoch: &'a str,
+    offset: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resumed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replayed: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+}
+
+/// The frames a reliable connection starts with: the welcome, then the
+/// replayed messages. Counts replays and failed resumes.
+pub fn preamble(app: &App, session_id: &str, joined: &mut Joined) -> Vec<Message> {
+    let (resumed, replayed, reason) = match joined.resume {
+        None => (None, None, None),
+        Some(Ok(n)) => (Some(true), Some(n), None),
+        Some(Err(why)) => (Some(false), None, Some(why.as_str())),
+    };
+    if let Some(reason) = reason {
+        app.metrics.resume_failure(reason);
+    }
+    let welcome = Welcome {
+        r#type: "welcome",
+        session_id,
+        epoch: &joined.epoch,
+        offset: &joined.last,
+        resumed,
+        replayed,
+        reason,
+    };
+    let mut frames = Vec::with_capacity(joined.replay.len().saturating_add(1));
+    frames.push(Message::Text(
+        serde_json::to_string(&welcome).unwrap_or_default().into(),
+    ));
+    app.metrics
+        .reliable_replayed
+        .inc_by(joined.replay.len() as u64);
+    frames.extend(
+        std::mem::take(&mut joined.replay)
+            .into_iter()
+            .map(|m| Message::Text(m.into())),
+    );
+    frames
+}
+
+/// A reliable session's handler: acknowledged client messages, and the
+/// live side of the resume's de-duplication.
+pub struct ReliableBridge {
+    /// Shared state.
+    pub app: Arc<App>,
+    /// The command connection.
+    pub redis: ConnectionManager,
+    /// The session.
+    pub session_id: String,
+    /// The connection's agent id, stored with each client message.
+    pub agent_id: String,
+    /// Live messages up to this offset were in the replay (or in history
+    /// when the connection joined) and are dropped; cleared at the first
+    /// newer one.
+    pub skip_through: Option<(u64, u64)>,
+    /// Keeps `session:{id}:live` subscribed while the connection lives.
+    pub _subscription: Subscription,
+}
+
+/// What a reliable client sends.
+#[derive(Deserialize)]
+struct ClientMessage<'a> {
+    r#type: &'a str,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+#[derive(Serialize)]
+struct Ack<'a> {
+    r#type: &'static str,
+    id: &'a str,
+    offset: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
+#[derive(Serialize)]
+struct NotStored<'a> {
+    r#type: &'static str,
+    error: &'static str,
+    id: &'a str,
+    message: &'a str,
+}
+
+impl crate::ws::Handler for ReliableBridge {
+    fn on_text(&mut self, text: Utf8Bytes) -> HandlerFuture<'_> {
+        Box::pin(self.store(text))
+    }
+
+    fn on_binary(&mut self, _data: bytes::Bytes) -> Reply {
+        self.app.metrics.invalid_message(InvalidMessage::Binary);
+        Reply::text(socket_error(
+            "binary_not_supported",
+            "binary frames are not accepted; send {\"type\":\"message\",\"id\":...,\"data\":...} as text",
+        ))
+    }
+
+    fn deliver(&mut self, msg: &Message) -> bool {
+        let Some(through) = self.skip_through else {
+            return true;
+        };
+        let Message::Text(text) = msg else {
+            return true;
+        };
+        match history::offset_of(text.as_str()) {
+            Some(offset) if offset <= through => false,
+            _ => {
+                self.skip_through = None;
+                true
+            }
+        }
+    }
+}
+
+impl ReliableBridge {
+    /// Stores one client message and answers with its acknowledgement.
+    async fn store(&mut self, text: Utf8Bytes) -> Reply {
+        let message = match serde_json::from_str::<ClientMessage<'_>>(text.as_str()) {
+            Ok(m) if m.r#type == "message" && crate::keys::valid_id(&m.id) => m,
+            Ok(_) => {
+                self.app
+                    .metrics
+                    .invalid_message(InvalidMessage::InvalidJson);
+                return Reply::text(socket_error(
+                    "invalid_message",
+                    "expected {\"type\":\"message\",\"id\":\"<1-128 of A-Z a-z 0-9 - _ .>\",\"data\":<json>}",
+                ));
+            }
+            Err(e) => {
+                self.app
+                    .metrics
+                    .invalid_message(InvalidMessage::InvalidJson);
+                return Reply::text(socket_error(
+                    "invalid_message",
+                    &format!("expected {{\"type\":\"message\",\"id\":...,\"data\":<json>}}: {e}"),
+                ));
+            }
+        };
+        let up = UpMessage {
+            session: &self.session_id,
+            agent: &self.agent_id,
+            id: &message.id,
+            data: message.data.get(),
+        };
+        let config = &self.app.config;
+        match history::store_up(&mut self.redis, &config.reliable, up, config.auth_timeout).await {
+            Ok(stored) => {
+                let metrics = &self.app.metrics;
+                if stored.duplicate {
+                    metrics.reliable_duplicates.inc();
+                } else {
+                    metrics.reliable_acks.inc();
+                }
+                let ack = Ack {
+                    r#type: "ack",
+                    id: &message.id,
+                    offset: &stored.offset,
+                    duplicate: stored.duplicate,
+                };
+                Reply::text(serde_json::to_string(&ack).unwrap_or_default())
+            }
+            Err(e) => {
+                self.app.metrics.reliable_store_failures.inc();
+                tracing::warn!(session_id = %self.session_id, error = %e, "client message not stored");
+                let why = format!("the message was not stored, Redis is unavailable: {e}");
+                let refusal = NotStored {
+                    r#type: "error",
+                    error: "not_stored",
+                    id: &message.id,
+                    message: &why,
+                };
+                Reply::text(serde_json::to_string(&refusal).unwrap_or_default())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_needs_both_its_epoch_and_its_offset() {
+        assert_eq!(resume_from(None, None).ok(), Some(None));
+        assert_eq!(
+            resume_from(Some("1"), Some("2-0")).ok(),
+            Some(Some(("1", "2-0")))
+        );
+        for (e, o) in [(Some("1"), None), (None, Some("2-0"))] {
+            let err = resume_from(e, o).expect_err("one without the other");
+            assert_eq!((err.status.as_u16(), err.code), (400, "invalid_query"));
+        }
+        let long = "9".repeat(65);
+        assert!(resume_from(Some(&long), Some("1-0")).is_err());
+    }
+
+    #[test]
+    fn client_messages_borrow_their_data() {
+        let m: ClientMessage<'_> =
+            serde_json::from_str(r#"{"type":"message","id":"c-1","data":{"b":1, "a":[2]}}"#)
+                .expect("parse");
+        assert_eq!((m.r#type, &*m.id), ("message", "c-1"));
+        assert_eq!(m.data.get(), r#"{"b":1, "a":[2]}"#);
+        let ack = Ack {
+            r#type: "ack",
+            id: "c-1",
+            offset: "1-0",
+            duplicate: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&ack).expect("json"),
+            r#"{"type":"ack","id":"c-1","offset":"1-0"}"#
+        );
+    }
+}

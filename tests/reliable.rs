@@ -1,0 +1,586 @@
+//! Reliable sessions (`wsproxy.v1`) end to end: history and resume, the
+//! explicit failures, durable client messages, against a private
+//! redis-server with wsproxy in-process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use wsproxy::config::Config;
+
+const TOKEN: &str = "reliable-token";
+
+fn reliable(c: &mut Config) {
+    c.reliable.enabled = true;
+}
+
+async fn server(redis: &Redis, tweak: impl FnOnce(&mut Config)) -> Server {
+    let server = Server::start_with(&redis.url(), |c| {
+        reliable(c);
+        tweak(c);
+    })
+    .await;
+    wait_ready(&server).await;
+    server
+}
+
+/// Waits until `/ready` (which waits for the Redis library) says so.
+async fn wait_ready(server: &Server) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok((200, _)) = http_get(server.addr, "/ready").await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "wsproxy never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A reliable connection: the socket, its welcome, and whether wsproxy
+/// selected the subprotocol.
+async fn connect(
+    server: &Server,
+    session: &str,
+    resume: Option<(&str, &str)>,
+) -> (Ws, serde_json::Value) {
+    let (ws, selected) = connect_offering(server, session, resume).await;
+    assert!(selected, "wsproxy.v1 was not selected");
+    let mut ws = ws;
+    let welcome: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).expect("json");
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
+async fn connect_offering(
+    server: &Server,
+    session: &str,
+    resume: Option<(&str, &str)>,
+) -> (Ws, bool) {
+    let mut url = server.url("agent-1", session);
+    if let Some((epoch, offset)) = resume {
+        url.push_str(&format!("?epoch={epoch}&offset={offset}"));
+    }
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {TOKEN}")).expect("header"),
+    );
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("wsproxy.v1"),
+    );
+    let (ws, response) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    let selected = response
+        .headers()
+        .get("sec-websocket-protocol")
+        .is_some_and(|v| v == "wsproxy.v1");
+    (ws, selected)
+}
+
+/// `FCALL wsproxy_publish`: the message's offset.
+async fn publish(redis: &Redis, session: &str, payload: &str) -> String {
+    let mut c = redis.conn().await;
+    redis::cmd("FCALL")
+        .arg("wsproxy_publish")
+        .arg(1)
+        .arg(format!("session:{session}:history"))
+        .arg(payload)
+        .query_async(&mut c)
+        .await
+        .expect("FCALL wsproxy_publish")
+}
+
+async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    serde_json::from_str(&next_text(ws).await).expect("json frame")
+}
+
+/// Reads enveloped messages until the one with `{"n": last}`; returns the
+/// `n`s in the order they came and the last offset.
+async fn numbers_until(ws: &mut Ws, last: u64) -> (Vec<u64>, String) {
+    let mut seen = Vec::new();
+    let mut offset = String::new();
+    while seen.last() != Some(&last) {
+        let m = next_json(ws).await;
+        assert_eq!(m["type"], "message", "{m}");
+        seen.push(m["data"]["n"].as_u64().expect("n"));
+        offset = m["offset"].as_str().expect("offset").to_owned();
+    }
+    (seen, offset)
+}
+
+fn n(i: u64) -> String {
+    format!(r#"{{"n":{i}}}"#)
+}
+
+#[tokio::test]
+async fn a_client_that_reconnects_gets_exactly_what_it_missed_while_more_is_published() {
+    let redis = Redis::start().await;
+    // Room for all 1,303: no trimming may race the resume.
+    let server = server(&redis, |c| c.reliable.history_max_len = 5000).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+
+    let (mut ws, welcome) = connect(&server, &session, None).await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    assert_eq!(welcome["offset"], "0-0", "{welcome}");
+    assert!(welcome.get("resumed").is_none(), "a fresh join: {welcome}");
+    for i in 1..=3 {
+        publish(&redis, &session, &n(i)).await;
+    }
+    let (got, last) = numbers_until(&mut ws, 3).await;
+    assert_eq!(got, vec![1, 2, 3]);
+    ws.close(None).await.expect("close");
+    drop(ws);
+
+    // 1,000 published while the client is away.
+    for i in 4..=1003 {
+        publish(&redis, &session, &n(i)).await;
+    }
+    // ... and 300 more while it resumes.
+    let publisher = {
+        let mut c = redis.conn().await;
+        let key = format!("session:{session}:history");
+        tokio::spawn(async move {
+            for i in 1004..=1303 {
+                let _: String = redis::cmd("FCALL")
+                    .arg("wsproxy_publish")
+                    .arg(1)
+                    .arg(&key)
+                    .arg(n(i))
+                    .query_async(&mut c)
+                    .await
+                    .expect("FCALL");
+            }
+        })
+    };
+    let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &last))).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    assert_eq!(welcome["epoch"], epoch.as_str());
+    assert!(
+        welcome["replayed"].as_u64().is_some_and(|r| r >= 1000),
+        "{welcome}"
+    );
+    let (got, _) = numbers_until(&mut ws, 1303).await;
+    publisher.await.expect("publisher");
+    let expected: Vec<u64> = (4..=1303).collect();
+    assert_eq!(got.len(), expected.len(), "lost or duplicated");
+    assert_eq!(got, expected, "out of order, lost or duplicated");
+    assert_silent(&mut ws, Duration::from_millis(200)).await;
+    assert!(server.metric("wsproxy_reliable_replayed_total").await >= 1000.0);
+}
+
+#[tokio::test]
+async fn plain_clients_get_replayable_messages_as_they_are_and_plain_mode_is_unchanged() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    let mut plain = server.connect(&session, TOKEN).await;
+    let (mut reliable, _) = connect(&server, &session, None).await;
+
+    let offset = publish(&redis, &session, r#"{"hello":1}"#).await;
+    assert_eq!(next_text(&mut plain).await, r#"{"hello":1}"#);
+    assert_eq!(
+        next_text(&mut reliable).await,
+        format!(r#"{{"type":"message","offset":"{offset}","data":{{"hello":1}}}}"#)
+    );
+    // A plain PUBLISH is not replayable and reaches plain connections only.
+    redis
+        .publish(&format!("session:{session}:down"), "plain text")
+        .await;
+    assert_eq!(next_text(&mut plain).await, "plain text");
+    assert_silent(&mut reliable, Duration::from_millis(200)).await;
+    // A plain client's messages are published as before.
+    let mut up = redis.subscribe(&format!("session:{session}:up")).await;
+    let mut up = up.on_message();
+    send_text(&mut plain, r#"{"up":1}"#).await;
+    assert_eq!(next_published(&mut up).await, r#"{"up":1}"#);
+
+    // The library refuses what reliable clients could not parse.
+    let mut c = redis.conn().await;
+    let err = redis::cmd("FCALL")
+        .arg("wsproxy_publish")
+        .arg(1)
+        .arg(format!("session:{session}:history"))
+        .arg("not json")
+        .query_async::<String>(&mut c)
+        .await
+        .expect_err("not JSON");
+    assert!(err.to_string().contains("must be JSON"), "{err}");
+    let err = redis::cmd("FCALL")
+        .arg("wsproxy_publish")
+        .arg(1)
+        .arg("other:key")
+        .arg("{}")
+        .query_async::<String>(&mut c)
+        .await
+        .expect_err("not a history key");
+    assert!(err.to_string().contains("session:<id>:history"), "{err}");
+}
+
+#[tokio::test]
+async fn with_reliable_sessions_off_the_subprotocol_is_not_selected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    // By hand: tungstenite's client refuses a 101 that selects none of the
+    // protocols it offered (a browser takes it, with protocol "").
+    let mut c = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /agent-1/ws/{session} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: wsproxy.v1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    );
+    c.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(!head.contains("sec-websocket-protocol"), "{head}");
+    // A plain session: no welcome; a plain PUBLISH arrives as it is.
+    redis
+        .publish(&format!("session:{session}:down"), "raw")
+        .await;
+    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&buf[..n], b"\x81\x03raw", "one text frame, unenveloped");
+}
+
+#[tokio::test]
+async fn trimmed_expired_and_unknown_positions_are_told_not_skipped() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |c| {
+        c.reliable.history_max_len = 10;
+        c.reliable.history_ttl = Duration::from_secs(1);
+    })
+    .await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    let (ws, welcome) = connect(&server, &session, None).await;
+    drop(ws);
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let first = publish(&redis, &session, &n(1)).await;
+    let mut offsets = vec![first.clone()];
+    for i in 2..=500 {
+        offsets.push(publish(&redis, &session, &n(i)).await);
+    }
+    // The history is bounded: HISTORY_MAX_LEN, plus at most a batch.
+    let len: usize = redis::cmd("XLEN")
+        .arg(format!("session:{session}:history"))
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("XLEN");
+    assert!((10..=110).contains(&len), "{len} entries kept");
+    // What is still kept resumes as usual.
+    let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &offsets[494]))).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    assert_eq!(
+        numbers_until(&mut ws, 500).await.0,
+        vec![496, 497, 498, 499, 500]
+    );
+    drop(ws);
+    let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &first))).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("trimmed")),
+        "{welcome}"
+    );
+    // It goes on live from the welcome's offset.
+    publish(&redis, &session, &n(501)).await;
+    assert_eq!(next_json(&mut ws).await["data"]["n"], 501);
+    drop(ws);
+
+    let (_, welcome) = connect(&server, &session, Some((&epoch, "99999999999999-0"))).await;
+    assert_eq!(welcome["reason"], "unknown_offset", "{welcome}");
+    let (_, welcome) = connect(&server, &session, Some((&epoch, "garbage"))).await;
+    assert_eq!(welcome["reason"], "unknown_offset", "{welcome}");
+
+    // Past HISTORY_TTL_SECS without a publish or a connect, the history is
+    // gone, and with it the epoch.
+    let last = publish(&redis, &session, &n(502)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, welcome) = connect(&server, &session, Some((&epoch, &last))).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("epoch_changed")),
+        "{welcome}"
+    );
+    assert_ne!(welcome["epoch"], epoch.as_str());
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(r#"wsproxy_resume_failures_total{reason="trimmed"} 1"#),
+        "{metrics}"
+    );
+
+    // Half a position is a bad request.
+    let mut req = format!("{}?epoch={epoch}", server.url("agent-1", &session))
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {TOKEN}")).expect("header"),
+    );
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("wsproxy.v1"),
+    );
+    let (status, body) = connect_request(req).await.expect_err("refused");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_query"))
+    );
+}
+
+#[tokio::test]
+async fn a_redis_restart_without_persistence_fails_the_resume_and_with_it_resumes() {
+    for persistent in [false, true] {
+        let mut redis = if persistent {
+            Redis::start_persistent().await
+        } else {
+            Redis::start().await
+        };
+        let server = server(&redis, |_| {}).await;
+        let session = unique("s");
+        redis.set_token(&session, TOKEN, 600).await;
+        let (ws, welcome) = connect(&server, &session, None).await;
+        drop(ws);
+        let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+        let seen = publish(&redis, &session, &n(1)).await;
+        publish(&redis, &session, &n(2)).await;
+
+        redis.restart().await;
+        if !persistent {
+            // The token went with everything else.
+            redis.set_token(&session, TOKEN, 600).await;
+        }
+        // wsproxy loads its library again once it is back.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut c = redis.conn().await;
+        loop {
+            let r = redis::cmd("FCALL")
+                .arg("wsproxy_publish")
+                .arg(1)
+                .arg(format!("session:{session}:history"))
+                .arg(n(3))
+                .query_async::<String>(&mut c)
+                .await;
+            if r.is_ok() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "library never reloaded: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        wait_ready(&server).await;
+        let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &seen))).await;
+        if persistent {
+            assert_eq!(welcome["resumed"], true, "{welcome}");
+            let (got, _) = numbers_until(&mut ws, 3).await;
+            assert_eq!(got, vec![2, 3]);
+        } else {
+            assert_eq!(
+                (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+                (Some(false), Some("epoch_changed")),
+                "{welcome}"
+            );
+        }
+    }
+}
+
+/// A client message in reliable mode: the frame and the ack wsproxy sends.
+async fn send_message(ws: &mut Ws, id: &str, data: &str) -> serde_json::Value {
+    ws.send(Message::text(format!(
+        r#"{{"type":"message","id":"{id}","data":{data}}}"#
+    )))
+    .await
+    .expect("send");
+    next_json(ws).await
+}
+
+async fn stream_entries(redis: &Redis, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut c = redis.conn().await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .expect("XRANGE");
+    entries
+}
+
+#[tokio::test]
+async fn client_messages_are_acknowledged_once_stored_and_a_resend_is_stored_once() {
+    let mut redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let (mut ws, _) = connect(&server, &session, None).await;
+
+    let ack = send_message(&mut ws, "m-1", r#"{"text":"hi"}"#).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["id"].as_str()),
+        (Some("ack"), Some("m-1")),
+        "{ack}"
+    );
+    let offset = ack["offset"].as_str().expect("offset").to_owned();
+    assert!(ack.get("duplicate").is_none());
+    let entries = stream_entries(&redis, "wsproxy:up:0").await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0, offset);
+    let fields: std::collections::HashMap<_, _> = entries[0].1.iter().cloned().collect();
+    assert_eq!(fields["session"], session);
+    assert_eq!(fields["agent"], "agent-1");
+    assert_eq!(fields["id"], "m-1");
+    assert_eq!(fields["data"], r#"{"text":"hi"}"#);
+
+    // Resent after a reconnect: acknowledged with the first copy's offset,
+    // not stored again.
+    drop(ws);
+    let (mut ws, _) = connect(&server, &session, None).await;
+    let again = send_message(&mut ws, "m-1", r#"{"text":"hi"}"#).await;
+    assert_eq!(
+        (again["offset"].as_str(), again["duplicate"].as_bool()),
+        (Some(offset.as_str()), Some(true)),
+        "{again}"
+    );
+    assert_eq!(stream_entries(&redis, "wsproxy:up:0").await.len(), 1);
+
+    // Not the documented shape: refused, nothing stored.
+    for bad in [
+        r#"{"text":"no envelope"}"#,
+        r#"{"type":"message","id":"a:b","data":1}"#,
+        r#"{"type":"message","id":"x"}"#,
+        "not json",
+    ] {
+        send_text(&mut ws, bad).await;
+        let r = next_json(&mut ws).await;
+        assert_eq!(r["error"], "invalid_message", "{bad}: {r}");
+    }
+    assert_eq!(stream_entries(&redis, "wsproxy:up:0").await.len(), 1);
+
+    // Redis gone: an error naming the id, never an ack.
+    redis.kill();
+    let r = send_message(&mut ws, "m-2", "2").await;
+    assert_eq!(
+        (r["type"].as_str(), r["error"].as_str(), r["id"].as_str()),
+        (Some("error"), Some("not_stored"), Some("m-2")),
+        "{r}"
+    );
+    assert_eq!(server.metric("wsproxy_reliable_acks_total").await, 1.0);
+    assert_eq!(
+        server.metric("wsproxy_reliable_duplicates_total").await,
+        1.0
+    );
+    assert_eq!(
+        server.metric("wsproxy_reliable_store_failures_total").await,
+        1.0
+    );
+}
+
+/// The worker recipe the README documents: a consumer group on
+/// `wsproxy:up:{n}`; a worker that dies holding messages has them claimed
+/// by another (XAUTOCLAIM), and none is lost or handled twice.
+#[tokio::test]
+async fn a_crashed_workers_messages_are_claimed_by_another() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let mut c = redis.conn().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("wsproxy:up:0")
+        .arg("workers")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .expect("XGROUP CREATE");
+    let (mut ws, _) = connect(&server, &session, None).await;
+    for i in 0..20 {
+        let ack = send_message(&mut ws, &format!("m-{i}"), &i.to_string()).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+
+    type Read = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
+    let read = |consumer: &'static str, count: usize| {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg("workers")
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg("wsproxy:up:0")
+            .arg(">");
+        cmd
+    };
+    let data = |entries: &[(String, Vec<(String, String)>)]| -> Vec<(String, String)> {
+        entries
+            .iter()
+            .map(|(id, fields)| {
+                let data = fields
+                    .iter()
+                    .find(|(k, _)| k == "data")
+                    .map(|(_, v)| v.clone())
+                    .expect("data field");
+                (id.clone(), data)
+            })
+            .collect()
+    };
+    // Worker A takes 8 and dies before acknowledging them.
+    let a: Read = read("a", 8).query_async(&mut c).await.expect("read a");
+    assert_eq!(a[0].1.len(), 8);
+    // Worker B takes and acknowledges the rest...
+    let b: Read = read("b", 100).query_async(&mut c).await.expect("read b");
+    let mut handled = data(&b[0].1);
+    for (id, _) in &handled {
+        let _: i64 = redis::cmd("XACK")
+            .arg("wsproxy:up:0")
+            .arg("workers")
+            .arg(id)
+            .query_async(&mut c)
+            .await
+            .expect("XACK");
+    }
+    // ... then claims what A left once it has been idle long enough.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    type Entries = Vec<(String, Vec<(String, String)>)>;
+    let (_, claimed, _): (String, Entries, Vec<String>) = redis::cmd("XAUTOCLAIM")
+        .arg("wsproxy:up:0")
+        .arg("workers")
+        .arg("b")
+        .arg(100)
+        .arg("0-0")
+        .query_async(&mut c)
+        .await
+        .expect("XAUTOCLAIM");
+    assert_eq!(claimed.len(), 8, "A's messages go to B");
+    handled.extend(data(&claimed));
+    let mut values: Vec<u64> = handled
+        .iter()
+        .map(|(_, d)| d.parse().expect("number"))
+        .collect();
+    values.sort_unstable();
+    assert_eq!(values, (0..20).collect::<Vec<u64>>(), "none lost or twice");
+}
