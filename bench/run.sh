@@ -65,7 +65,7 @@ cat >"$ROUTES" <<JSON
   "external_path": "/echo-limited", "internal_path": "/", "methods": ["GET"], "auth_required": false,
   "max_message_bytes": 65536, "rate_limit": {"messages_per_sec": 1000000, "burst": 1000000}}]}
 JSON
-HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true \
+HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true RELIABLE_SESSIONS=true \
   "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
 WSP=$!
 PIDS+=($WSP)
@@ -92,6 +92,11 @@ run compare connect --n "$N_CONNECT"
 echo "== down at a fixed offered rate, then flat out"
 run compare down --n "$N_DOWN" --m "$((RATE * 10))" --rate "$RATE"
 run compare down --n "$N_DOWN" --m "$M_DOWN"
+echo "== down in reliable mode (wsproxy.v1, FCALL wsproxy_publish), same rate, then flat out"
+run down --target reliable --n "$N_DOWN" --m "$((RATE * 10))" --rate "$RATE"
+run down --target reliable --n "$N_DOWN" --m "$M_DOWN"
+echo "== resume: a reliable client misses 1,000 messages and reconnects"
+run resume --n "$(q 10 50)" --m 1000
 echo "== up"
 run up --n "$N_UP" --m "$M_UP"
 echo "== fanout (one channel)"
@@ -103,7 +108,7 @@ echo "== idle proxied connections (client and backend sockets together)"
 # served the scenarios above would reuse memory it freed and look smaller.
 kill "$WSP" 2>/dev/null || true
 wait "$WSP" 2>/dev/null || true
-HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true \
+HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true RELIABLE_SESSIONS=true \
   "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
 WSP=$!
 PIDS+=($WSP)
@@ -139,6 +144,16 @@ with open(out, "a") as f:
         median["note"] += f"; median of {len(runs)} rounds by rate ({rates}/s)"
         f.write(json.dumps(median) + "\n")
 PY
+
+echo "== idle reliable sessions, on a fresh wsproxy"
+kill "$WSP" 2>/dev/null || true
+wait "$WSP" 2>/dev/null || true
+HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true RELIABLE_SESSIONS=true \
+  "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
+WSP=$!
+PIDS+=($WSP)
+for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$WS_PORT/ready" >/dev/null && break; sleep 0.1; done
+run idle --target reliable --n "$N_IDLE" --pids "$WSP"
 
 echo "== writing BENCHMARKS.md"
 TABLE=$("$ROOT/target/release/wsproxy-bench" report "$JSON")

@@ -80,6 +80,9 @@ enum Which {
     Nchan,
     /// wsproxy's topic pub/sub hub (/ws; needs PUBSUB_ALLOW_ANONYMOUS=true).
     Hub,
+    /// The session bridge in reliable mode (wsproxy.v1; needs
+    /// RELIABLE_SESSIONS=true).
+    Reliable,
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +150,15 @@ enum Command {
         #[command(flatten)]
         load: Load,
     },
+    /// Reliable sessions: N times, a client misses M messages and resumes;
+    /// latency from the reconnect to the last replayed message (needs
+    /// RELIABLE_SESSIONS=true).
+    Resume {
+        #[arg(long, default_value_t = 50)]
+        n: usize,
+        #[arg(long, default_value_t = 1000)]
+        m: u64,
+    },
     /// A bounded mixed load (session churn, down, up, topic pub/sub,
     /// proxied echo) for --duration; every --interval one line of the
     /// --pids' RSS and fds, Redis' channels and clients, and the counts.
@@ -198,6 +210,10 @@ fn target(which: Which, c: &Common) -> Target {
             http: c.nchan.clone(),
         },
         Which::Hub => Target::Hub {
+            ws: c.wsproxy.clone(),
+            redis: c.redis.clone(),
+        },
+        Which::Reliable => Target::Reliable {
             ws: c.wsproxy.clone(),
             redis: c.redis.clone(),
         },
@@ -336,6 +352,11 @@ async fn main() -> anyhow::Result<()> {
                 None => target(w, &c),
             };
             let r = run_one("idle", &t, &c, &sources, &load, &pids).await?;
+            check(&r);
+            emit(&r, &c)?;
+        }
+        Command::Resume { n, m } => {
+            let r = scenarios::resume(&c.wsproxy, &c.redis, &sources, n, m).await?;
             check(&r);
             emit(&r, &c)?;
         }

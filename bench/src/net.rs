@@ -78,12 +78,26 @@ pub fn addr_of(url: &str) -> anyhow::Result<SocketAddr> {
 
 /// Connects a WebSocket to `url`, with an optional bearer token.
 pub async fn connect(sources: &Sources, url: &str, token: Option<&str>) -> anyhow::Result<Ws> {
+    connect_with(sources, url, token, None).await
+}
+
+/// [`connect`], offering a subprotocol.
+pub async fn connect_with(
+    sources: &Sources,
+    url: &str,
+    token: Option<&str>,
+    protocol: Option<&str>,
+) -> anyhow::Result<Ws> {
     let mut req = url.into_client_request()?;
     if let Some(token) = token {
         req.headers_mut().insert(
             "authorization",
             HeaderValue::from_str(&format!("Bearer {token}"))?,
         );
+    }
+    if let Some(protocol) = protocol {
+        req.headers_mut()
+            .insert("sec-websocket-protocol", HeaderValue::from_str(protocol)?);
     }
     let stream = sources.tcp(addr_of(url)?).await.map_err(|e| {
         if e.raw_os_error() == Some(24) {

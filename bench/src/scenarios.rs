@@ -40,6 +40,15 @@ pub enum Target {
         /// The Redis wsproxy uses.
         redis: String,
     },
+    /// wsproxy's session bridge in reliable mode (`wsproxy.v1`, needs
+    /// RELIABLE_SESSIONS=true): messages go out with `FCALL
+    /// wsproxy_publish`, into history and live.
+    Reliable {
+        /// e.g. ws://127.0.0.1:8080
+        ws: String,
+        /// The Redis wsproxy uses.
+        redis: String,
+    },
     /// Any WebSocket URL (a proxy route, an echo server): connect and idle only.
     Url {
         /// Reported name.
@@ -55,13 +64,16 @@ impl Target {
             Target::Wsproxy { .. } => "wsproxy".into(),
             Target::Nchan { .. } => "nchan".into(),
             Target::Hub { .. } => "wsproxy-hub".into(),
+            Target::Reliable { .. } => "wsproxy-reliable".into(),
             Target::Url { name, .. } => name.clone(),
         }
     }
 
     fn sub_url(&self, channel: &str) -> String {
         match self {
-            Target::Wsproxy { ws, .. } => format!("{ws}/bench/ws/{channel}"),
+            Target::Wsproxy { ws, .. } | Target::Reliable { ws, .. } => {
+                format!("{ws}/bench/ws/{channel}")
+            }
             Target::Nchan { http } => {
                 format!("{}/sub/{channel}", http.replacen("http://", "ws://", 1))
             }
@@ -74,6 +86,7 @@ impl Target {
     fn redis_channel(&self, channel: &str) -> String {
         match self {
             Target::Hub { .. } => format!("pubsub:bench:{channel}"),
+            Target::Reliable { .. } => format!("session:{channel}:history"),
             _ => format!("session:{channel}:down"),
         }
     }
@@ -81,7 +94,7 @@ impl Target {
     /// Makes the channels usable: tokens in Redis for wsproxy, nothing
     /// for nchan (its subscribers need no credentials).
     async fn prepare(&self, channels: &[String]) -> anyhow::Result<()> {
-        if let Target::Wsproxy { redis, .. } = self {
+        if let Target::Wsproxy { redis, .. } | Target::Reliable { redis, .. } = self {
             let mut c = redis_conn(redis).await?;
             for chunk in channels.chunks(1000) {
                 let mut pipe = redis::pipe();
@@ -99,7 +112,7 @@ impl Target {
     }
 
     fn token(&self, channel: &str) -> Option<String> {
-        matches!(self, Target::Wsproxy { .. }).then(|| token_for(channel))
+        matches!(self, Target::Wsproxy { .. } | Target::Reliable { .. }).then(|| token_for(channel))
     }
 
     /// Waits until the target delivers to `expected[i]` subscribers on
@@ -189,13 +202,21 @@ pub async fn open_clients(
         let permits = permits.clone();
         let subscribe =
             matches!(target, Target::Hub { .. }).then(|| format!("subscribe:{ch}|bench"));
+        let reliable = matches!(target, Target::Reliable { .. });
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await;
             let t0 = now_us();
-            let mut r = net::connect(&sources, &url, token.as_deref()).await;
+            let protocol = reliable.then_some(RELIABLE_PROTOCOL);
+            let mut r = net::connect_with(&sources, &url, token.as_deref(), protocol).await;
             if let (Ok(ws), Some(cmd)) = (r.as_mut(), subscribe) {
                 // A hub client is ready once its subscription is confirmed.
                 if let Err(e) = hub_subscribe(ws, cmd).await {
+                    r = Err(e);
+                }
+            }
+            if let (Ok(ws), true) = (r.as_mut(), reliable) {
+                // A reliable client is ready with its welcome.
+                if let Err(e) = welcome(ws).await {
                     r = Err(e);
                 }
             }
@@ -223,6 +244,28 @@ pub async fn open_clients(
         }
     }
     (sockets, errors, h, started.elapsed(), first_error)
+}
+
+/// The subprotocol of reliable sessions.
+pub(crate) const RELIABLE_PROTOCOL: &str = "wsproxy.v1";
+
+/// Reads a reliable connection's welcome: its epoch and offset.
+pub(crate) async fn welcome(ws: &mut Ws) -> anyhow::Result<(String, String)> {
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .context("no welcome")?;
+    let Some(Ok(Message::Text(t))) = first else {
+        bail!("expected a welcome, got {first:?}");
+    };
+    let v: serde_json::Value = serde_json::from_str(t.as_str())?;
+    match (
+        v["type"].as_str(),
+        v["epoch"].as_str(),
+        v["offset"].as_str(),
+    ) {
+        (Some("welcome"), Some(e), Some(o)) => Ok((e.to_owned(), o.to_owned())),
+        _ => bail!("expected a welcome, got {t}"),
+    }
 }
 
 /// Sends a hub `subscribe:` command and waits for its confirmation.
@@ -397,9 +440,12 @@ async fn publish(
 ) -> anyhow::Result<(u64, u64, u64, u64)> {
     // Connect before the clock starts: connecting is not publishing.
     let mut redis_connection = match target {
-        Target::Wsproxy { redis, .. } | Target::Hub { redis, .. } => Some(redis_conn(redis).await?),
+        Target::Wsproxy { redis, .. }
+        | Target::Hub { redis, .. }
+        | Target::Reliable { redis, .. } => Some(redis_conn(redis).await?),
         _ => None,
     };
+    let reliable = matches!(target, Target::Reliable { .. });
     let mut nchan_connections = Vec::new();
     if let Target::Nchan { http } = target {
         for _ in 0..16 {
@@ -415,7 +461,7 @@ async fn publish(
         }
     };
     match target {
-        Target::Wsproxy { .. } | Target::Hub { .. } => {
+        Target::Wsproxy { .. } | Target::Hub { .. } | Target::Reliable { .. } => {
             let Some(mut c) = redis_connection.take() else {
                 bail!("no Redis connection");
             };
@@ -432,10 +478,17 @@ async fn publish(
                     if rate > 0.0 {
                         lag = u64::max(lag, now - due(i));
                     }
-                    pipe.cmd("PUBLISH")
-                        .arg(&names[(i as usize) % names.len()])
-                        .arg(message(t, i))
-                        .ignore();
+                    let name = &names[(i as usize) % names.len()];
+                    if reliable {
+                        pipe.cmd("FCALL")
+                            .arg("wsproxy_publish")
+                            .arg(1)
+                            .arg(name)
+                            .arg(message(t, i))
+                            .ignore();
+                    } else {
+                        pipe.cmd("PUBLISH").arg(name).arg(message(t, i)).ignore();
+                    }
                     i += 1;
                     batch += 1;
                 }
@@ -833,4 +886,99 @@ pub async fn echo_server(port: u16) -> anyhow::Result<()> {
             }
         });
     }
+}
+
+/// `resume`: N times in turn, a reliable client joins its session, leaves,
+/// misses M messages (`FCALL wsproxy_publish`), and reconnects naming the
+/// last offset it saw. Latency: from the start of the reconnect (TCP
+/// connect and upgrade included) to the last replayed message. Every
+/// replayed message must arrive, in order.
+pub async fn resume(
+    ws_base: &str,
+    redis: &str,
+    sources: &Arc<Sources>,
+    n: usize,
+    m: u64,
+) -> anyhow::Result<Report> {
+    let target = Target::Reliable {
+        ws: ws_base.to_owned(),
+        redis: redis.to_owned(),
+    };
+    let chans = channels("r", n);
+    target.prepare(&chans).await?;
+    let mut c = redis_conn(redis).await?;
+    let mut hist = histogram();
+    let (mut delivered, mut errors) = (0u64, 0u64);
+    let mut note = String::new();
+    let started = Instant::now();
+    for ch in &chans {
+        let url = target.sub_url(ch);
+        let token = token_for(ch);
+        let mut ws =
+            net::connect_with(sources, &url, Some(&token), Some(RELIABLE_PROTOCOL)).await?;
+        let (epoch, offset) = welcome(&mut ws).await?;
+        let _ = ws.close(None).await;
+        drop(ws);
+        let key = target.redis_channel(ch);
+        for chunk in (0..m).collect::<Vec<_>>().chunks(500) {
+            let mut pipe = redis::pipe();
+            for &i in chunk {
+                pipe.cmd("FCALL")
+                    .arg("wsproxy_publish")
+                    .arg(1)
+                    .arg(&key)
+                    .arg(message(now_us(), i))
+                    .ignore();
+            }
+            let _: () = pipe.query_async(&mut c).await?;
+        }
+        let t0 = now_us();
+        let resume_url = format!("{url}?epoch={epoch}&offset={offset}");
+        let mut ws =
+            net::connect_with(sources, &resume_url, Some(&token), Some(RELIABLE_PROTOCOL)).await?;
+        let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .context("no welcome on resume")?;
+        if !matches!(&first, Some(Ok(Message::Text(t))) if t.contains("\"resumed\":true")) {
+            errors += 1;
+            if note.is_empty() {
+                note = format!("resume refused: {first:?}");
+            }
+            continue;
+        }
+        let mut next = 0u64;
+        while next < m {
+            let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .context("replay stalled")?;
+            let Some(Ok(Message::Text(t))) = msg else {
+                bail!("replay ended early: {msg:?}");
+            };
+            match seq_of(t.as_bytes()) {
+                Some(s) if s == next => next += 1,
+                other => bail!("replay out of order: expected {next}, got {other:?}"),
+            }
+        }
+        let _ = hist.record(now_us().saturating_sub(t0).max(1));
+        delivered += m;
+        let _ = ws.close(None).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Report {
+        scenario: "resume".into(),
+        target: target.name(),
+        connections: n,
+        sent: m * n as u64,
+        delivered,
+        errors,
+        seconds,
+        rate: delivered as f64 / seconds.max(1e-9),
+        note: if note.is_empty() {
+            format!("{m} missed messages per resume; latency: reconnect to last replayed")
+        } else {
+            note
+        },
+        ..Report::default()
+    }
+    .with_latency(&hist))
 }
