@@ -27,6 +27,12 @@ fn wsproxy() -> Command {
         "RUST_LOG",
         "METRICS_TOKEN",
         "WS_ALLOWED_ORIGINS",
+        "RELIABLE_SESSIONS",
+        "HISTORY_MAX_LEN",
+        "HISTORY_TTL_SECS",
+        "UP_STREAM_SHARDS",
+        "UP_STREAM_MAX_LEN",
+        "UP_DEDUPE_SECS",
     ] {
         cmd.env_remove(var);
     }
@@ -56,6 +62,12 @@ fn help_lists_every_variable() {
         "WORKERS",
         "LOG_FORMAT",
         "RUST_LOG",
+        "RELIABLE_SESSIONS",
+        "HISTORY_MAX_LEN",
+        "HISTORY_TTL_SECS",
+        "UP_STREAM_SHARDS",
+        "UP_STREAM_MAX_LEN",
+        "UP_DEDUPE_SECS",
     ] {
         assert!(
             help.contains(&format!("env: {var}")) || help.contains(var),
@@ -100,6 +112,13 @@ fn bad_number_and_bad_log_filter_are_refused() {
     );
     let err = refused("RUST_LOG", "wsproxy=loud");
     assert!(err.contains("RUST_LOG"), "{err}");
+    let err = refused("HISTORY_MAX_LEN", "0");
+    assert!(err.contains("HISTORY_MAX_LEN"), "{err}");
+    let err = refused("RELIABLE_SESSIONS", "maybe");
+    assert!(
+        err.contains("RELIABLE_SESSIONS") && err.contains("maybe"),
+        "{err}"
+    );
 }
 
 #[test]
