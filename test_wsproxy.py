@@ -12,6 +12,9 @@ Environment:
     AUTH_GRACE_PERIOD_SECS  expected TTL after a successful connect (default 10800);
                             set it if the server was started with a different value
     WS_MAX_MESSAGE_BYTES    expected inbound size limit (default 1 MiB)
+    RELIABLE_SESSIONS       true if the server was started with reliable sessions
+                            (the wsproxy.v1 tests then run; otherwise they check
+                            that the subprotocol is not selected)
 
 Every test works on fresh uuid4 session ids, so concurrent or repeated runs
 against the same Redis do not interfere, and every auth key a test creates is
@@ -41,6 +44,8 @@ WSPROXY_URL = os.environ.get("WSPROXY_URL", "ws://127.0.0.1:8080").rstrip("/")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 GRACE_PERIOD = int(os.environ.get("AUTH_GRACE_PERIOD_SECS", "10800"))
 MAX_MESSAGE_BYTES = int(os.environ.get("WS_MAX_MESSAGE_BYTES", str(1024 * 1024)))
+RELIABLE = os.environ.get("RELIABLE_SESSIONS", "false").lower() in ("1", "true", "yes", "on")
+RELIABLE_PROTOCOL = "wsproxy.v1"
 
 # Upper bound for a whole test, so a hung server fails one test instead of
 # stalling the suite.
@@ -55,6 +60,15 @@ N_MESSAGES = 20
 
 class TestFailure(Exception):
     """An expectation about the server's behaviour did not hold."""
+
+
+class Skipped(Exception):
+    """The test does not apply to how the server was started."""
+
+
+def needs_reliable() -> None:
+    if not RELIABLE:
+        raise Skipped("RELIABLE_SESSIONS is not set")
 
 
 def expect(condition: bool, reason: str) -> None:
@@ -101,13 +115,14 @@ def http_base_url() -> str:
     return WSPROXY_URL
 
 
-def ws_connect(url: str, headers: dict[str, str] | None = None):
+def ws_connect(url: str, headers: dict[str, str] | None = None, subprotocols: list[str] | None = None):
     # proxy=None: an HTTP(S)_PROXY variable must not reroute local test traffic.
     # compression=None: frames go out exactly as written, which matters for the
     # byte-identity and size-limit checks.
     return connect(
         url,
         additional_headers=headers or {},
+        subprotocols=subprotocols,
         proxy=None,
         compression=None,
         open_timeout=STEP_TIMEOUT,
@@ -520,6 +535,119 @@ async def test_metrics_endpoint(ctx: Context) -> None:
     expect(status == 200, f"GET /metrics: HTTP {status}, body {body!r:.120}")
 
 
+# --------------------------------------------------------------------------
+# Reliable sessions (wsproxy.v1)
+# --------------------------------------------------------------------------
+
+
+def history_key(session_id: str) -> str:
+    return f"session:{session_id}:history"
+
+
+async def reliable_publish(ctx: Context, session_id: str, message: dict) -> str:
+    """What a backend does: FCALL wsproxy_publish; returns the offset."""
+    ctx.created_keys.update({history_key(session_id), f"session:{session_id}:epoch"})
+    offset = await ctx.redis.fcall("wsproxy_publish", 1, history_key(session_id), json.dumps(message))
+    return offset.decode() if isinstance(offset, bytes) else str(offset)
+
+
+async def recv_json(ws: ClientConnection, what: str) -> dict:
+    text = await recv_text(ws, what)
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise TestFailure(f"{what} is not JSON: {text!r:.120}") from None
+
+
+async def test_reliable_subprotocol_selected_only_when_enabled(ctx: Context) -> None:
+    session = new_id()
+    token = await ctx.grant(session)
+    async with ws_connect(ws_url(new_id("agent-"), session), bearer(token), [RELIABLE_PROTOCOL]) as ws:
+        if RELIABLE:
+            expect(ws.subprotocol == RELIABLE_PROTOCOL, f"subprotocol {ws.subprotocol!r}")
+            welcome = await recv_json(ws, "the welcome")
+            expect(welcome.get("type") == "welcome" and "epoch" in welcome, f"welcome: {welcome}")
+        else:
+            expect(ws.subprotocol is None, f"selected {ws.subprotocol!r} with reliable sessions off")
+            await ctx.redis.publish(down_channel(session), '{"plain":1}')
+            expect(await recv_text(ws) == '{"plain":1}', "a plain session, unenveloped")
+
+
+async def test_reliable_resume_after_missed_messages(ctx: Context) -> None:
+    needs_reliable()
+    session = new_id()
+    token = await ctx.grant(session)
+    url = ws_url(new_id("agent-"), session)
+    async with ws_connect(url, bearer(token), [RELIABLE_PROTOCOL]) as ws:
+        welcome = await recv_json(ws, "the welcome")
+        epoch = welcome["epoch"]
+        for i in range(3):
+            await reliable_publish(ctx, session, {"n": i})
+        last = None
+        for i in range(3):
+            m = await recv_json(ws, f"message {i}")
+            expect(m.get("type") == "message" and m["data"] == {"n": i}, f"message {i}: {m}")
+            last = m["offset"]
+    for i in range(3, 3 + N_MESSAGES):
+        await reliable_publish(ctx, session, {"n": i})
+    query = urllib.parse.urlencode({"epoch": epoch, "offset": last})
+    async with ws_connect(f"{url}?{query}", bearer(token), [RELIABLE_PROTOCOL]) as ws:
+        welcome = await recv_json(ws, "the resume's welcome")
+        expect(welcome.get("resumed") is True, f"not resumed: {welcome}")
+        expect(welcome.get("replayed") == N_MESSAGES, f"replayed: {welcome}")
+        got = [(await recv_json(ws, f"replayed message {i}"))["data"]["n"] for i in range(N_MESSAGES)]
+        expect_in_order(got, list(range(3, 3 + N_MESSAGES)), "replayed messages")
+        await expect_quiet(ws)
+    # An offset this history never gave out: told, not skipped.
+    async with ws_connect(
+        f"{url}?" + urllib.parse.urlencode({"epoch": epoch, "offset": "99999999999999-0"}),
+        bearer(token),
+        [RELIABLE_PROTOCOL],
+    ) as ws:
+        welcome = await recv_json(ws, "the welcome")
+        expect(
+            welcome.get("resumed") is False and welcome.get("reason") == "unknown_offset",
+            f"expected an explicit failure: {welcome}",
+        )
+
+
+async def test_reliable_client_messages_acked_and_stored_once(ctx: Context) -> None:
+    needs_reliable()
+    session = new_id()
+    token = await ctx.grant(session)
+    url = ws_url(new_id("agent-"), session)
+    msg_id = new_id("m-")
+    frame = json.dumps({"type": "message", "id": msg_id, "data": {"text": "hi"}})
+    offsets = []
+    for attempt in range(2):
+        async with ws_connect(url, bearer(token), [RELIABLE_PROTOCOL]) as ws:
+            await recv_json(ws, "the welcome")
+            await ws.send(frame)
+            ack = await recv_json(ws, "the ack")
+            expect(ack.get("type") == "ack" and ack.get("id") == msg_id, f"ack: {ack}")
+            expect(bool(ack.get("duplicate")) == (attempt == 1), f"duplicate flag on attempt {attempt}: {ack}")
+            offsets.append(ack["offset"])
+    expect(offsets[0] == offsets[1], f"the resend got another offset: {offsets}")
+    # Find the stream it went to (one of the shards) and count the copies.
+    copies = 0
+    async for key in ctx.redis.scan_iter(match="wsproxy:up:*", _type="stream"):
+        for _, fields in await ctx.redis.xrange(key, min=offsets[0], max=offsets[0]):
+            if fields.get(b"id") == msg_id.encode():
+                copies += 1
+                expect(fields.get(b"session") == session.encode(), f"session field: {fields}")
+                expect(json.loads(fields[b"data"]) == {"text": "hi"}, f"data field: {fields}")
+    expect(copies == 1, f"stored {copies} times")
+
+
+async def test_plain_client_gets_replayable_messages_unchanged(ctx: Context) -> None:
+    needs_reliable()
+    session = new_id()
+    token = await ctx.grant(session)
+    async with ws_connect(ws_url(new_id("agent-"), session), bearer(token)) as ws:
+        await reliable_publish(ctx, session, {"to": "plain"})
+        expect(json.loads(await recv_text(ws)) == {"to": "plain"}, "plain clients get the message as it is")
+
+
 TESTS: list[Callable[[Context], Awaitable[None]]] = [
     test_connect_with_bearer_header,
     test_connect_with_query_token,
@@ -538,6 +666,10 @@ TESTS: list[Callable[[Context], Awaitable[None]]] = [
     test_oversized_message_closes_1009,
     test_health_and_ready,
     test_metrics_endpoint,
+    test_reliable_subprotocol_selected_only_when_enabled,
+    test_reliable_resume_after_missed_messages,
+    test_reliable_client_messages_acked_and_stored_once,
+    test_plain_client_gets_replayable_messages_unchanged,
 ]
 
 
@@ -547,12 +679,15 @@ TESTS: list[Callable[[Context], Awaitable[None]]] = [
 
 
 async def run_one(redis: aioredis.Redis, test: Callable[[Context], Awaitable[None]]) -> str | None:
-    """Run one test; return None on success or the failure reason."""
+    """Run one test; return None on success or the failure reason (raises
+    Skipped when it does not apply)."""
     ctx = Context(redis)
     started = time.monotonic()
     try:
         await asyncio.wait_for(test(ctx), TEST_TIMEOUT)
         return None
+    except Skipped:
+        raise
     except (asyncio.TimeoutError, TimeoutError):
         # Either the whole test hit TEST_TIMEOUT or a single step (handshake,
         # HTTP request) hit its own shorter limit; the elapsed time tells which.
@@ -577,10 +712,16 @@ async def main(filters: list[str]) -> int:
 
     redis = aioredis.from_url(REDIS_URL, socket_timeout=STEP_TIMEOUT)
     failures: list[tuple[str, str]] = []
+    skipped = 0
     try:
         for test in selected:
             started = time.monotonic()
-            reason = await run_one(redis, test)
+            try:
+                reason = await run_one(redis, test)
+            except Skipped as why:
+                print(f"SKIP  {test.__name__}: {why}")
+                skipped += 1
+                continue
             elapsed = time.monotonic() - started
             if reason is None:
                 print(f"PASS  {test.__name__}  ({elapsed:.2f}s)")
@@ -590,8 +731,8 @@ async def main(filters: list[str]) -> int:
     finally:
         await redis.aclose()
 
-    passed = len(selected) - len(failures)
-    print(f"\n{passed} passed, {len(failures)} failed, {len(selected)} total")
+    passed = len(selected) - len(failures) - skipped
+    print(f"\n{passed} passed, {len(failures)} failed, {skipped} skipped, {len(selected)} total")
     for name, reason in failures:
         print(f"  {name}: {reason}")
     return 1 if failures else 0
