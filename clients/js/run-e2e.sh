@@ -47,4 +47,8 @@ if [[ ! -f node_modules/playwright-core/package.json || ! -f node_modules/ws/pac
 fi
 
 export CHROMIUM_PATH
-exec node test/browser-e2e.mjs
+node test/browser-e2e.mjs
+# The demo page (demo/), served by python3 -m http.server, in two tabs; it
+# also needs PUBSUB_ALLOW_ANONYMOUS=true and WS_ALLOWED_ORIGINS allowing
+# http://localhost:<any port> (e.g. '*').
+exec node test/demo-e2e.mjs
