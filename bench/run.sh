@@ -65,10 +65,21 @@ cat >"$ROUTES" <<JSON
   "external_path": "/echo-limited", "internal_path": "/", "methods": ["GET"], "auth_required": false,
   "max_message_bytes": 65536, "rate_limit": {"messages_per_sec": 1000000, "burst": 1000000}}]}
 JSON
-HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true RELIABLE_SESSIONS=true \
-  "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
-WSP=$!
-PIDS+=($WSP)
+# Starts wsproxy (WSP: its pid); restart_wsproxy stops the running one
+# first and waits until the fresh one is ready.
+start_wsproxy() {
+  HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES \
+    PUBSUB_ALLOW_ANONYMOUS=true RELIABLE_SESSIONS=true "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
+  WSP=$!
+  PIDS+=($WSP)
+}
+restart_wsproxy() {
+  kill "$WSP" 2>/dev/null || true
+  wait "$WSP" 2>/dev/null || true
+  start_wsproxy
+  for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$WS_PORT/ready" >/dev/null && break; sleep 0.1; done
+}
+start_wsproxy
 echo "== starting echo backend on $ECHO_PORT"
 "$ROOT/target/release/wsproxy-bench" echo-server --port $ECHO_PORT >>"$LOG" 2>&1 &
 PIDS+=($!)
@@ -106,13 +117,7 @@ run fanout --target hub --n "$N_FAN" --m "$M_FAN"
 echo "== idle proxied connections (client and backend sockets together)"
 # A fresh wsproxy, like the fresh HAProxy and nginx: a process that already
 # served the scenarios above would reuse memory it freed and look smaller.
-kill "$WSP" 2>/dev/null || true
-wait "$WSP" 2>/dev/null || true
-HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true RELIABLE_SESSIONS=true \
-  "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
-WSP=$!
-PIDS+=($WSP)
-for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$WS_PORT/ready" >/dev/null && break; sleep 0.1; done
+restart_wsproxy
 run idle --name wsproxy-proxy --url "ws://127.0.0.1:$WS_PORT/echo" --n "$N_IDLE_PROXY" --pids "$WSP"
 run idle --name haproxy --url "ws://127.0.0.1:8093/" --n "$N_IDLE_PROXY" --pids "$HAPROXY_PIDS"
 run idle --name nginx --url "ws://127.0.0.1:8092/" --n "$N_IDLE_PROXY" --pids "$NGINX_PIDS"
@@ -146,13 +151,7 @@ with open(out, "a") as f:
 PY
 
 echo "== idle reliable sessions, on a fresh wsproxy"
-kill "$WSP" 2>/dev/null || true
-wait "$WSP" 2>/dev/null || true
-HOST=127.0.0.1 PORT=$WS_PORT REDIS_URL=redis://127.0.0.1:$WS_REDIS_PORT RUST_LOG=warn ROUTES_FILE=$ROUTES PUBSUB_ALLOW_ANONYMOUS=true RELIABLE_SESSIONS=true \
-  "$ROOT/target/release/wsproxy" >>"$LOG" 2>&1 &
-WSP=$!
-PIDS+=($WSP)
-for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$WS_PORT/ready" >/dev/null && break; sleep 0.1; done
+restart_wsproxy
 run idle --target reliable --n "$N_IDLE" --pids "$WSP"
 
 echo "== writing BENCHMARKS.md"

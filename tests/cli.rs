@@ -88,6 +88,24 @@ fn refused(var: &str, value: &str) -> String {
     err
 }
 
+/// A start-up error as a newcomer must see it: exit code 2, one line on
+/// stderr, nothing on stdout. Returns the line.
+fn startup_error(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "said again on stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    err
+}
+
 #[test]
 fn bad_port_stops_startup_naming_variable_and_value() {
     let err = refused("PORT", "abc");
@@ -151,21 +169,10 @@ fn a_bad_routes_file_stops_startup_naming_the_router_and_field() {
             .env("ROUTES_FILE", &path)
             .output()
             .expect("run wsproxy");
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(2), "{err}");
-        assert_eq!(
-            err.trim_end().lines().count(),
-            1,
-            "one line expected: {err}"
-        );
+        let err = startup_error(&out);
         assert!(
             err.contains("ROUTES_FILE") && err.contains(expected),
             "{err}"
-        );
-        assert!(
-            out.stdout.is_empty(),
-            "said again on stdout: {:?}",
-            String::from_utf8_lossy(&out.stdout)
         );
     }
     let _ = std::fs::remove_file(&path);
@@ -192,21 +199,10 @@ fn a_taken_port_is_one_line_and_exit_2() {
         .env("PORT", port.to_string())
         .output()
         .expect("run wsproxy");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "one line expected: {err}"
-    );
+    let err = startup_error(&out);
     assert!(
         err.contains("HOST/PORT") && err.contains(&port.to_string()),
         "{err}"
-    );
-    assert!(
-        out.stdout.is_empty(),
-        "said again on stdout: {:?}",
-        String::from_utf8_lossy(&out.stdout)
     );
 }
 

@@ -25,23 +25,9 @@ async fn server(redis: &Redis, tweak: impl FnOnce(&mut Config)) -> Server {
         tweak(c);
     })
     .await;
-    wait_ready(&server).await;
+    // /ready waits for the Redis library too.
+    server.wait_ready().await;
     server
-}
-
-/// Waits until `/ready` (which waits for the Redis library) says so.
-async fn wait_ready(server: &Server) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Ok((200, _)) = http_get(server.addr, "/ready").await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "wsproxy never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A reliable connection: the socket, its welcome, and whether wsproxy
@@ -64,10 +50,25 @@ async fn connect_offering(
     session: &str,
     resume: Option<(&str, &str)>,
 ) -> (Ws, bool) {
-    let mut url = server.url("agent-1", session);
-    if let Some((epoch, offset)) = resume {
-        url.push_str(&format!("?epoch={epoch}&offset={offset}"));
-    }
+    let query = resume.map(|(epoch, offset)| format!("?epoch={epoch}&offset={offset}"));
+    let req = request(server, session, query.as_deref().unwrap_or(""));
+    let (ws, response) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    let selected = response
+        .headers()
+        .get("sec-websocket-protocol")
+        .is_some_and(|v| v == "wsproxy.v1");
+    (ws, selected)
+}
+
+/// An upgrade request for `session` with the token, offering wsproxy.v1.
+fn request(
+    server: &Server,
+    session: &str,
+    query: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let url = format!("{}{query}", server.url("agent-1", session));
     let mut req = url.into_client_request().expect("request");
     req.headers_mut().insert(
         "authorization",
@@ -77,14 +78,7 @@ async fn connect_offering(
         "sec-websocket-protocol",
         HeaderValue::from_static("wsproxy.v1"),
     );
-    let (ws, response) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("upgrade");
-    let selected = response
-        .headers()
-        .get("sec-websocket-protocol")
-        .is_some_and(|v| v == "wsproxy.v1");
-    (ws, selected)
+    req
 }
 
 /// `FCALL wsproxy_publish`: the message's offset.
@@ -330,17 +324,7 @@ async fn trimmed_expired_and_unknown_positions_are_told_not_skipped() {
     );
 
     // Half a position is a bad request.
-    let mut req = format!("{}?epoch={epoch}", server.url("agent-1", &session))
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        HeaderValue::from_str(&format!("Bearer {TOKEN}")).expect("header"),
-    );
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_static("wsproxy.v1"),
-    );
+    let req = request(&server, &session, &format!("?epoch={epoch}"));
     let (status, body) = connect_request(req).await.expect_err("refused");
     assert_eq!(
         (status, body["error"].as_str()),
@@ -390,7 +374,7 @@ async fn a_redis_restart_without_persistence_fails_the_resume_and_with_it_resume
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        wait_ready(&server).await;
+        server.wait_ready().await;
         let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &seen))).await;
         if persistent {
             assert_eq!(welcome["resumed"], true, "{welcome}");
