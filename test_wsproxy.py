@@ -559,18 +559,26 @@ async def recv_json(ws: ClientConnection, what: str) -> dict:
         raise TestFailure(f"{what} is not JSON: {text!r:.120}") from None
 
 
-async def test_reliable_subprotocol_selected_only_when_enabled(ctx: Context) -> None:
+async def test_reliable_subprotocol_selected_or_refused(ctx: Context) -> None:
     session = new_id()
     token = await ctx.grant(session)
-    async with ws_connect(ws_url(new_id("agent-"), session), bearer(token), [RELIABLE_PROTOCOL]) as ws:
-        if RELIABLE:
-            expect(ws.subprotocol == RELIABLE_PROTOCOL, f"subprotocol {ws.subprotocol!r}")
-            welcome = await recv_json(ws, "the welcome")
-            expect(welcome.get("type") == "welcome" and "epoch" in welcome, f"welcome: {welcome}")
-        else:
-            expect(ws.subprotocol is None, f"selected {ws.subprotocol!r} with reliable sessions off")
-            await ctx.redis.publish(down_channel(session), '{"plain":1}')
-            expect(await recv_text(ws) == '{"plain":1}', "a plain session, unenveloped")
+    url = ws_url(new_id("agent-"), session)
+    if not RELIABLE:
+        try:
+            async with ws_connect(url, bearer(token), [RELIABLE_PROTOCOL]):
+                raise TestFailure("wsproxy.v1 accepted with reliable sessions off")
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            body = json.loads(exc.response.body or b"{}")
+            expect(
+                status == 400 and body.get("error") == "reliable_sessions_off",
+                f"expected 400 reliable_sessions_off, got {status} {body}",
+            )
+        return
+    async with ws_connect(url, bearer(token), [RELIABLE_PROTOCOL]) as ws:
+        expect(ws.subprotocol == RELIABLE_PROTOCOL, f"subprotocol {ws.subprotocol!r}")
+        welcome = await recv_json(ws, "the welcome")
+        expect(welcome.get("type") == "welcome" and "epoch" in welcome, f"welcome: {welcome}")
 
 
 async def test_reliable_resume_after_missed_messages(ctx: Context) -> None:
@@ -666,7 +674,7 @@ TESTS: list[Callable[[Context], Awaitable[None]]] = [
     test_oversized_message_closes_1009,
     test_health_and_ready,
     test_metrics_endpoint,
-    test_reliable_subprotocol_selected_only_when_enabled,
+    test_reliable_subprotocol_selected_or_refused,
     test_reliable_resume_after_missed_messages,
     test_reliable_client_messages_acked_and_stored_once,
     test_plain_client_gets_replayable_messages_unchanged,

@@ -101,7 +101,7 @@ async fn accept(
 
     // A reliable session (the wsproxy.v1 subprotocol) subscribes to the
     // enveloped live channel and then reads its history.
-    let reliable = crate::reliable::requested(&app, &headers);
+    let reliable = crate::reliable::requested(&app, &headers)?;
     let resume = if reliable {
         crate::reliable::resume_from(query.epoch.as_deref(), query.offset.as_deref())?
     } else {

@@ -77,6 +77,8 @@ pub enum Refusal {
     AuthNotConfigured(Cow<'static, str>),
     /// The server is draining.
     ShuttingDown(Cow<'static, str>),
+    /// A client asked for reliable sessions on a server without them.
+    ReliableSessionsOff(Cow<'static, str>),
     /// The backend answered the upgrade with this 4xx: passed on as it is.
     BackendRejected(StatusCode),
 }
@@ -108,6 +110,7 @@ impl Refusal {
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::AuthNotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ReliableSessionsOff(_) => StatusCode::BAD_REQUEST,
             Self::BackendRejected(status) => *status,
         }
     }
@@ -138,6 +141,7 @@ impl Refusal {
             Self::BackendTimeout(_) => "backend_timeout",
             Self::AuthNotConfigured(_) => "auth_not_configured",
             Self::ShuttingDown(_) => "shutting_down",
+            Self::ReliableSessionsOff(_) => "reliable_sessions_off",
             Self::BackendRejected(_) => "backend_rejected",
         }
     }
@@ -167,7 +171,8 @@ impl Refusal {
             | Self::BackendUnavailable(m)
             | Self::BackendTimeout(m)
             | Self::AuthNotConfigured(m)
-            | Self::ShuttingDown(m) => m.clone(),
+            | Self::ShuttingDown(m)
+            | Self::ReliableSessionsOff(m) => m.clone(),
             Self::BackendRejected(status) => format!(
                 "the backend refused the upgrade with HTTP {}",
                 status.as_u16()

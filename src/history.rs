@@ -250,13 +250,20 @@ end)
 
 -- KEYS: the shard's stream, the message's "seen" key.
 -- ARGV: session, agent, client message id, data, stream MAXLEN, seen TTL (s).
+-- Returns {offset, 0} stored, {first offset, 1} a resend of the same data,
+-- {first offset, 2} the id already stored with other data (not stored).
 redis.register_function('wsproxy_up', function(keys, args)
   local stream, seen = keys[1], keys[2]
+  local digest = redis.sha1hex(args[4])
   local first = redis.call('GET', seen)
-  if first then return {first, 1} end
+  if first then
+    local offset, was = string.match(first, '^(%S+) (%x+)$')
+    if was == digest then return {offset, 1} end
+    return {offset or first, 2}
+  end
   local id = redis.call('XADD', stream, 'MAXLEN', '~', args[5], '*',
     'session', args[1], 'agent', args[2], 'id', args[3], 'data', args[4])
-  redis.call('SET', seen, id, 'EX', args[6])
+  redis.call('SET', seen, id .. ' ' .. digest, 'EX', args[6])
   return {id, 0}
 end)
 "#;
@@ -331,6 +338,9 @@ pub struct Stored {
     pub offset: String,
     /// True when this was a resend of a message already stored.
     pub duplicate: bool,
+    /// True when the id was stored before with other data: nothing was
+    /// stored now.
+    pub conflict: bool,
 }
 
 /// What a reliable client message carries into its stream.
@@ -366,10 +376,11 @@ pub async fn store_up(
         .arg(message.data)
         .arg(config.up_max_len)
         .arg(config.dedupe_window.as_secs().max(1));
-    let (offset, duplicate): (String, i64) = within(limit, cmd.query_async(redis)).await?;
+    let (offset, seen): (String, i64) = within(limit, cmd.query_async(redis)).await?;
     Ok(Stored {
         offset,
-        duplicate: duplicate != 0,
+        duplicate: seen == 1,
+        conflict: seen == 2,
     })
 }
 

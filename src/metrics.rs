@@ -75,6 +75,8 @@ reason_enum! {
         InvalidJson => "invalid_json",
         /// A binary frame (the bridge carries JSON text only).
         Binary => "binary",
+        /// A reliable client message whose id was stored with other data.
+        IdConflict => "id_conflict",
     }
 }
 

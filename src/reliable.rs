@@ -1,9 +1,9 @@
 //! Reliable sessions on the bridge: the `wsproxy.v1` subprotocol.
 //!
 //! A client asks for it with `Sec-WebSocket-Protocol: wsproxy.v1`; with
-//! `RELIABLE_SESSIONS=true` wsproxy selects it (otherwise the client gets
-//! a plain session, and sees no protocol selected in the 101). Then, on
-//! top of the plain session:
+//! `RELIABLE_SESSIONS=true` wsproxy selects it (otherwise the upgrade is
+//! refused with 400 `reliable_sessions_off`). Then, on top of the plain
+//! session:
 //!
 //! - **Down**, the connection carries what the backend published with
 //!   `FCALL wsproxy_publish` (see [`crate::history`]), each message as
@@ -23,7 +23,9 @@
 //!   `{"type":"ack","id":...,"offset":...}` once Redis has it (with
 //!   `"duplicate":true` for a resend of an id stored in the last
 //!   `UP_DEDUPE_SECS`), or `{"type":"error","error":"not_stored","id":...}`
-//!   when Redis could not take it: never a false acknowledgement.
+//!   when Redis could not take it (or did not answer in time: resending
+//!   with the same id is safe), or `id_conflict` when the id was stored
+//!   with other data: never a false acknowledgement.
 //!
 //! Race-free resume: the connection subscribes to `session:{id}:live`
 //! first, then reads history ([`crate::history::join`]); a message that
@@ -51,16 +53,25 @@ pub const PROTOCOL: &str = "wsproxy.v1";
 /// Longest epoch or offset a client may send back.
 const MAX_POSITION_LEN: usize = 64;
 
-/// True when reliable sessions are on and the client offered
-/// [`PROTOCOL`].
-pub fn requested(app: &App, headers: &HeaderMap) -> bool {
-    app.config.reliable.enabled
-        && headers
-            .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|p| p.trim() == PROTOCOL)
+/// Whether the client asked for [`PROTOCOL`]: `Ok(true)` when it did and
+/// reliable sessions are on. When they are off, a client that asked is
+/// refused (400 `reliable_sessions_off`) before its token is checked:
+/// a 101 that selects none of the offered protocols fails the handshake in
+/// browsers and most clients, and a plain session is not what it asked for.
+pub fn requested(app: &App, headers: &HeaderMap) -> Result<bool, ApiError> {
+    let offered = headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == PROTOCOL);
+    if offered && !app.config.reliable.enabled {
+        return Err(Refusal::ReliableSessionsOff(
+            "this server runs plain sessions only (RELIABLE_SESSIONS is off); connect without the wsproxy.v1 subprotocol".into(),
+        )
+        .into());
+    }
+    Ok(offered)
 }
 
 /// The position a client resumes from: `?epoch=&offset=`, both or neither
@@ -242,6 +253,16 @@ impl ReliableBridge {
         };
         let config = &self.app.config;
         match history::store_up(&mut self.redis, &config.reliable, up, config.auth_timeout).await {
+            Ok(stored) if stored.conflict => {
+                self.app.metrics.invalid_message(InvalidMessage::IdConflict);
+                let refusal = NotStored {
+                    r#type: "error",
+                    error: "id_conflict",
+                    id: &message.id,
+                    message: "this id was stored with other data; use a new id for a new message",
+                };
+                Reply::text(serde_json::to_string(&refusal).unwrap_or_default())
+            }
             Ok(stored) => {
                 let metrics = &self.app.metrics;
                 if stored.duplicate {

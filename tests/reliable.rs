@@ -222,39 +222,37 @@ async fn plain_clients_get_replayable_messages_as_they_are_and_plain_mode_is_unc
     assert!(err.to_string().contains("session:<id>:history"), "{err}");
 }
 
+/// Asking for wsproxy.v1 where reliable sessions are off is refused before
+/// the token is checked: a 101 selecting no protocol would fail the
+/// handshake in browsers, and a plain session is not what was asked for.
 #[tokio::test]
-async fn with_reliable_sessions_off_the_subprotocol_is_not_selected() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+async fn with_reliable_sessions_off_asking_for_them_is_refused() {
     let redis = Redis::start().await;
     let server = Server::start(&redis.url()).await;
     let session = unique("s");
     redis.set_token(&session, TOKEN, 60).await;
-    // By hand: tungstenite's client refuses a 101 that selects none of the
-    // protocols it offered (a browser takes it, with protocol "").
-    let mut c = tokio::net::TcpStream::connect(server.addr)
+    let (status, body) = connect_request(request(&server, &session, ""))
         .await
-        .expect("connect");
-    let request = format!(
-        "GET /agent-1/ws/{session} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: wsproxy.v1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        .expect_err("refused");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("reliable_sessions_off")),
+        "{body}"
     );
-    c.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
-        .await
-        .expect("in time")
-        .expect("read");
-    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(!head.contains("sec-websocket-protocol"), "{head}");
-    // A plain session: no welcome; a plain PUBLISH arrives as it is.
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("RELIABLE_SESSIONS")),
+        "{body}"
+    );
+    // The token was not used: its TTL is still the one the backend set.
+    assert!(redis.ttl(&format!("session:{session}:auth")).await <= 60);
+    // Without the subprotocol, the same session is plain as ever.
+    let mut ws = server.connect(&session, TOKEN).await;
     redis
         .publish(&format!("session:{session}:down"), "raw")
         .await;
-    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
-        .await
-        .expect("in time")
-        .expect("read");
-    assert_eq!(&buf[..n], b"\x81\x03raw", "one text frame, unenveloped");
+    assert_eq!(next_text(&mut ws).await, "raw");
 }
 
 #[tokio::test]
@@ -446,6 +444,15 @@ async fn client_messages_are_acknowledged_once_stored_and_a_resend_is_stored_onc
         (again["offset"].as_str(), again["duplicate"].as_bool()),
         (Some(offset.as_str()), Some(true)),
         "{again}"
+    );
+    assert_eq!(stream_entries(&redis, "wsproxy:up:0").await.len(), 1);
+    // The same id with other data is not a resend: refused, not stored,
+    // and never reported as stored.
+    let conflict = send_message(&mut ws, "m-1", r#"{"text":"other"}"#).await;
+    assert_eq!(
+        (conflict["error"].as_str(), conflict["id"].as_str()),
+        (Some("id_conflict"), Some("m-1")),
+        "{conflict}"
     );
     assert_eq!(stream_entries(&redis, "wsproxy:up:0").await.len(), 1);
 
