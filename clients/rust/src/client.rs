@@ -180,7 +180,8 @@ impl ClientBuilder {
     }
 }
 
-fn check_url(url: &str) -> Result<(), Error> {
+/// Accepts `ws://` URLs only (the crate has no TLS).
+pub(crate) fn check_url(url: &str) -> Result<(), Error> {
     let invalid = |reason: String| Error::InvalidUrl {
         url: url.to_owned(),
         reason,

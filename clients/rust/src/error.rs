@@ -8,7 +8,9 @@ use crate::message::ServerError;
 /// subscription limit, ...) arrive as [`Error::Server`]; transport problems
 /// as [`Error::WebSocket`], [`Error::Io`] or [`Error::ConnectionLost`];
 /// refusals of the WebSocket upgrade as [`Error::Rejected`]; failures of the
-/// token endpoint as [`Error::Auth`].
+/// token endpoint as [`Error::Auth`]. The session client adds
+/// [`Error::ReliableUnavailable`], [`Error::NotStored`],
+/// [`Error::AckTimeout`] and [`Error::Protocol`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -101,6 +103,49 @@ pub enum Error {
     /// up reconnecting, or because the background task ended).
     #[error("the client is closed")]
     Closed,
+
+    /// Reliable mode was asked for and the server upgraded the connection
+    /// without selecting the `wsproxy.v1` subprotocol: its reliable
+    /// sessions are off (`RELIABLE_SESSIONS=false`, the default), or a
+    /// proxy in between dropped the `Sec-WebSocket-Protocol` header. The
+    /// client does not fall back to plain mode on its own: a plain session
+    /// would silently lose what reliable mode promises to keep.
+    #[error(
+        "the server does not offer reliable sessions: its 101 selected no wsproxy.v1 \
+         subprotocol (RELIABLE_SESSIONS is off?); connect in plain mode or turn them on"
+    )]
+    ReliableUnavailable,
+
+    /// wsproxy could not store a reliable client message (its Redis is
+    /// unavailable): nothing was stored, and resending it with the same id
+    /// is safe.
+    #[error("message {id:?} was not stored: {message}")]
+    NotStored {
+        /// The message's id.
+        id: String,
+        /// The server's explanation.
+        message: String,
+    },
+
+    /// No acknowledgement arrived within the request timeout. The message
+    /// is not given up: it stays queued, is sent again after every
+    /// reconnection until it is acknowledged, and counts against
+    /// `max_unacked` until then. Sending it again with the same id (see
+    /// [`SessionClient::send_with_id`](crate::SessionClient::send_with_id))
+    /// is safe: wsproxy stores an id once.
+    #[error(
+        "no acknowledgement for message {id:?} in time; it stays queued and is sent again after reconnecting"
+    )]
+    AckTimeout {
+        /// The message's id.
+        id: String,
+    },
+
+    /// The server sent something that does not follow the session
+    /// protocol (a welcome without an epoch, an offset that is not
+    /// `<ms>-<seq>`, ...).
+    #[error("protocol error: {0}")]
+    Protocol(String),
 
     /// A WebSocket protocol or transport error.
     #[error("WebSocket error: {0}")]

@@ -1,4 +1,19 @@
-//! Async client for wsproxy's topic pub/sub.
+//! Async clients for wsproxy: [`WsClient`] for topic pub/sub (`GET /ws`)
+//! and [`SessionClient`] for session bridges
+//! (`GET /{agent_id}/ws/{session_id}`, plain or reliable; see
+//! [Session bridge](#session-bridge)).
+//!
+//! # Layout
+//!
+//! - `client` and `worker`: [`WsClient`], its builder, and the task that
+//!   owns its socket; `message` its frames, `auth` its JWTs.
+//! - `session`: [`SessionClient`] and its events; `session/builder` its
+//!   settings and connecting, `session/wire` the session frames and the
+//!   values they carry, `session/worker` the task that owns its socket.
+//! - `options`: what both share (the [`ReconnectPolicy`] and its backoff,
+//!   [`ConnectionState`], timeouts); `error`: the one [`Error`] type.
+//!
+//! # Topic pub/sub
 //!
 //! wsproxy's `/ws` endpoint carries a small text protocol: a client
 //! registers a name and a session, subscribes to topics, and publishes JSON
@@ -30,7 +45,7 @@
 //! Only plain `ws://` and `http://` URLs are supported: put a TLS-terminating
 //! proxy in front when the network is not trusted.
 //!
-//! # Example
+//! ## Example
 //!
 //! ```no_run
 //! use wsproxy_client::{WsClient, now_rfc3339};
@@ -58,7 +73,7 @@
 //! }
 //! ```
 //!
-//! # Authentication
+//! ## Authentication
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), wsproxy_client::Error> {
@@ -82,7 +97,7 @@
 //! # }
 //! ```
 //!
-//! # Protocol notes
+//! ## Protocol notes
 //!
 //! The server answers `register-name`, `register-session`, `subscribe`,
 //! `unsubscribe` and `ping` in the order it receives them, with either a
@@ -91,13 +106,76 @@
 //! `publish-json` has no answer, which is why [`WsClient::publish`] cannot
 //! report the server's verdict and [`WsClient::on_error`] exists.
 
+//!
+//! # Session bridge
+//!
+//! [`SessionClient`] joins one session as an agent, with the token the
+//! backend stored for it (`SETEX session:{id}:auth <ttl> <token>`, sent as
+//! `Authorization: Bearer`). It reads [`SessionEvent`]s from the
+//! [`SessionEvents`] returned beside it, and sends JSON.
+//!
+//! - [`Mode::Plain`] is the seeds' protocol: the backend's messages as
+//!   published on `session:{id}:down`, client messages published on
+//!   `session:{id}:up`. A reconnection loses what was published meanwhile.
+//! - [`Mode::Reliable`] offers the `wsproxy.v1` subprotocol (the server
+//!   needs `RELIABLE_SESSIONS=true`, otherwise connecting fails with
+//!   [`Error::ReliableUnavailable`]; the client does not fall back to
+//!   plain on its own). Each message carries its [`Offset`] in the
+//!   session's history; after a lost connection the client reconnects
+//!   with its epoch and last offset and gets exactly what it missed, or a
+//!   [`SessionEvent::ResumeFailed`] saying why it cannot (the history was
+//!   trimmed, expired, or lost): never a silent gap. [`SessionClient::send`]
+//!   returns once wsproxy has stored the message ([`Sent::Stored`], with
+//!   `duplicate` for a resend), and messages not acknowledged when a
+//!   connection drops are sent again, in order and with their ids, after
+//!   the next one opens; wsproxy stores each id once. At most
+//!   `max_unacked` are held; beyond, `send` fails with
+//!   [`Error::QueueFull`].
+//!
+//! ```no_run
+//! use wsproxy_client::{Mode, SessionClient, SessionEvent};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), wsproxy_client::Error> {
+//!     let (client, mut events) = SessionClient::connect(
+//!         "ws://127.0.0.1:8080",
+//!         "agent-1",
+//!         "session-A",
+//!         "token-the-backend-stored",
+//!         Mode::Reliable,
+//!     )
+//!     .await?;
+//!
+//!     let sent = client.send(&serde_json::json!({"type": "hello"})).await?;
+//!     println!("stored: {:?}", sent.ack());
+//!
+//!     while let Some(event) = events.recv().await {
+//!         match event {
+//!             SessionEvent::Message(m) => println!("{:?}: {:?}", m.offset, m.text()),
+//!             SessionEvent::ResumeFailed(f) => {
+//!                 // Messages were lost to this client: reload from the backend.
+//!                 eprintln!("resume failed ({}); reloading", f.reason);
+//!             }
+//!             SessionEvent::Disconnected(e) => eprintln!("lost: {e}; reconnecting"),
+//!             other => println!("{other:?}"),
+//!         }
+//!     }
+//!     Ok(())
+//! }
+//! ```
+
 mod auth;
 mod client;
 mod error;
 mod message;
 mod options;
+mod session;
 mod worker;
 
 pub use client::{ClientBuilder, ConnectionState, HandlerId, ReconnectPolicy, WsClient};
 pub use error::Error;
 pub use message::{Message, ServerError, now_rfc3339};
+pub use session::{
+    Ack, Mode, Offset, Payload, Position, Queued, Resume, ResumeFailed, ResumeFailure, Sent,
+    SessionBuilder, SessionClient, SessionEvent, SessionEvents, SessionMessage, Welcome,
+};

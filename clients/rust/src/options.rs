@@ -1,20 +1,23 @@
-//! What the client and its worker share: the connection state, handler
-//! ids, the reconnect policy and the tunables (`Options`). Both
-//! `client` and `worker` import this module; neither imports the other's
-//! types back, so the two do not form a circle.
+//! What the clients and their workers share: the connection state, handler
+//! ids, the reconnect policy and the tunables (`Options`). `client`,
+//! `worker` and `session` import this module; none of them imports the
+//! others' types back, so they do not form a circle.
 
 use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
-/// Where the client's connection stands.
+/// Where a client's connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionState {
-    /// Connected, registered, and every subscription confirmed.
+    /// Connected and caught up: a [`WsClient`](crate::WsClient) is
+    /// registered with every subscription confirmed; a
+    /// [`SessionClient`](crate::SessionClient) has its welcome (reliable
+    /// mode) and has sent again what was waiting.
     Connected,
     /// The connection was lost; the client is reconnecting (or has
     /// reconnected and is still restoring subscriptions).
     Reconnecting,
-    /// Closed by [`WsClient::close`](crate::WsClient::close), or reconnection gave up. Final.
+    /// Closed by `close()`, or reconnection gave up. Final.
     Closed,
 }
 
@@ -75,7 +78,11 @@ impl ReconnectPolicy {
     }
 }
 
-/// Tunables, with the defaults documented on [`ClientBuilder`].
+/// A connection that lasted this long resets the reconnection backoff.
+pub(crate) const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Tunables, with the defaults documented on [`ClientBuilder`] (and on
+/// [`SessionBuilder`](crate::SessionBuilder) for the session client).
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
     pub request_timeout: Duration,
@@ -107,5 +114,15 @@ impl Default for Options {
 
 /// A number in [0, 1) that differs between calls (for backoff jitter).
 fn random_unit(salt: u64) -> f64 {
-    (RandomState::new().hash_one(salt) >> 11) as f64 / (1u64 << 53) as f64
+    (random_u64(salt) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// 64 bits that differ between calls and between processes: `RandomState`
+/// is keyed from the OS's randomness once per thread and changes its keys
+/// with every instance. Not for secrets; for jitter and id prefixes.
+pub(crate) fn random_u64(salt: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    RandomState::new().hash_one((salt, nanos, std::process::id()))
 }

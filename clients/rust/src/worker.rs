@@ -21,7 +21,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::auth::{Auth, REFRESH_MARGIN, Token};
 use crate::message::{Incoming, Verb, parse_incoming};
-use crate::options::{ConnectionState, HandlerId, Options};
+use crate::options::{ConnectionState, HandlerId, Options, STABLE_AFTER};
 use crate::{Error, Message};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -173,7 +173,8 @@ pub(crate) async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<Eve
     }
 }
 
-fn close_error(frame: Option<CloseFrame>) -> Error {
+/// The error a close frame from the server stands for.
+pub(crate) fn close_error(frame: Option<CloseFrame>) -> Error {
     match frame {
         Some(f) => Error::ServerClosed {
             code: f.code.into(),
@@ -181,6 +182,22 @@ fn close_error(frame: Option<CloseFrame>) -> Error {
         },
         None => Error::ConnectionLost,
     }
+}
+
+/// Closes with 1000 and waits (briefly) for the server's close reply.
+pub(crate) async fn close_politely(ws: &mut Ws, reason: &'static str) {
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        ws.close(Some(frame)).await?;
+        while let Some(frame) = ws.next().await {
+            frame?;
+        }
+        Ok::<(), tungstenite::Error>(())
+    })
+    .await;
 }
 
 /// Opens the WebSocket (with the current token, if any) and registers the
@@ -331,9 +348,6 @@ pub(crate) struct Worker {
     streak: u32,
 }
 
-/// A connection that lasted this long resets the reconnection backoff.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
-
 /// Subscription refusals that retrying cannot fix.
 fn permanent_refusal(code: &str) -> bool {
     matches!(
@@ -374,7 +388,7 @@ impl Worker {
             let connected_at = Instant::now();
             let mut cause = match self.serve(&mut ws).await {
                 Exit::Shutdown(reply) => {
-                    self.close_politely(&mut ws, "client closed").await;
+                    close_politely(&mut ws, "client closed").await;
                     self.finish();
                     if let Some(reply) = reply {
                         let _ = reply.send(());
@@ -384,7 +398,7 @@ impl Worker {
                 Exit::Lost(cause) => cause,
             };
             if matches!(cause, Cause::TokenRefresh) {
-                self.close_politely(&mut ws, "token refresh").await;
+                close_politely(&mut ws, "token refresh").await;
                 self.streak = 0;
             } else if connected_at.elapsed() >= STABLE_AFTER {
                 self.streak = 0;
@@ -731,21 +745,6 @@ impl Worker {
             let _ = reply.send(Err(Error::Closed));
         }
         self.shared.set_state(ConnectionState::Closed);
-    }
-
-    async fn close_politely(&self, ws: &mut Ws, reason: &'static str) {
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: reason.into(),
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            ws.close(Some(frame)).await?;
-            while let Some(frame) = ws.next().await {
-                frame?;
-            }
-            Ok::<(), tungstenite::Error>(())
-        })
-        .await;
     }
 
     /// Sleeps while answering commands; false if the client was shut down.
