@@ -68,6 +68,11 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .expect("valid url")
@@ -135,8 +140,7 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -881,6 +885,38 @@ async fn sends_are_acknowledged_and_unacknowledged_ones_are_resent_and_stored_on
         2,
         "{seen:?}"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_redis_could_not_take_fails_with_not_stored() {
+    let mut redis = Redis::start().await;
+    let mut server_config = config(&redis, true);
+    server_config.auth_timeout = Duration::from_secs(2);
+    let server = Server::start(server_config).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN).await;
+    let (client, mut events) =
+        SessionClient::connect(&server.url(), "agent-1", &session, TOKEN, Mode::Reliable)
+            .await
+            .expect("connect");
+    next_event(&mut events).await;
+    redis.kill();
+    match client
+        .send_with_id("m-1", &serde_json::json!({"x": 1}))
+        .await
+    {
+        Err(e @ Error::NotStored { .. }) => {
+            assert!(
+                matches!(&e, Error::NotStored { id, .. } if id == "m-1"),
+                "{e}"
+            );
+        }
+        other => panic!("expected NotStored, got {other:?}"),
+    }
+    // Answered, so no longer held.
+    assert_eq!(client.unacknowledged(), 0);
+    client.close().await.expect("close");
     server.stop().await;
 }
 
