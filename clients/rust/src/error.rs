@@ -111,8 +111,9 @@ pub enum Error {
     /// client does not fall back to plain mode on its own: a plain session
     /// would silently lose what reliable mode promises to keep.
     #[error(
-        "the server does not offer reliable sessions: its 101 selected no wsproxy.v1 \
-         subprotocol (RELIABLE_SESSIONS is off?); connect in plain mode or turn them on"
+        "the server does not offer reliable sessions (400 reliable_sessions_off, or a 101 \
+         without the wsproxy.v1 subprotocol): RELIABLE_SESSIONS is off; connect in plain \
+         mode or turn them on"
     )]
     ReliableUnavailable,
 

@@ -175,14 +175,24 @@ pub(crate) async fn establish(
         .map_err(|_| Error::Timeout("the connection and its welcome"))?
 }
 
-/// tungstenite fails a 101 that selects none of the offered subprotocols
-/// (RFC 6455 lets the client do so; a browser would take it): that is how
-/// a server without reliable sessions answers `wsproxy.v1`.
+/// A server without reliable sessions refuses `wsproxy.v1` with 400
+/// `reliable_sessions_off`; a 101 that selects no subprotocol (a proxy in
+/// between dropped the header, say) means the same, and tungstenite fails
+/// it.
 fn handshake_error(e: tungstenite::Error) -> Error {
     match e {
         tungstenite::Error::Protocol(ProtocolError::SecWebSocketSubProtocolError(
             SubProtocolError::NoSubProtocol,
         )) => Error::ReliableUnavailable,
+        tungstenite::Error::Http(response)
+            if response.status().as_u16() == 400
+                && response
+                    .body()
+                    .as_deref()
+                    .is_some_and(|b| b.windows(21).any(|w| w == b"reliable_sessions_off")) =>
+        {
+            Error::ReliableUnavailable
+        }
         other => other.into(),
     }
 }
