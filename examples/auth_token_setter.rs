@@ -1,4 +1,4 @@
-//! Run with: cargo run --example auth_token_setter <session_id> <token> [ttl_secs]
+//! Run with: cargo run --release --example auth_token_setter <session_id> <token> [ttl_secs]
 //!
 //! Plays the backend's part in the wsproxy auth handshake: it stores the
 //! token a WebSocket client must present (`Authorization: Bearer <token>`)
@@ -146,7 +146,7 @@ async fn run() -> anyhow::Result<ExitCode> {
     println!("TTL:     {ttl_secs}s (from {ttl_source}), {remaining}s remaining in Redis");
     println!(
         "Connect a client within {ttl_secs}s with header `Authorization: Bearer <token>`, \
-         e.g. cargo run --example ws_bidir_client <agent_id> {} <token>",
+         e.g. cargo run --release --example ws_bidir_client <agent_id> {} <token>",
         args.session_id
     );
     Ok(ExitCode::SUCCESS)

@@ -1,4 +1,4 @@
-//! Run with: cargo run --example redis_publisher [session_id]
+//! Run with: cargo run --release --example redis_publisher [session_id]
 //!
 //! Stands in for a backend agent talking *to* a WebSocket client: every two
 //! seconds it publishes `{"type":"data","payload":"Message #N"}` on

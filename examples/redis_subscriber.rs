@@ -1,4 +1,4 @@
-//! Run with: cargo run --example redis_subscriber <session_id>
+//! Run with: cargo run --release --example redis_subscriber <session_id>
 //!
 //! Stands in for a backend agent listening to a WebSocket client: it
 //! subscribes to `session:{session_id}:up`, the channel wsproxy publishes

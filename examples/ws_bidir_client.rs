@@ -1,4 +1,4 @@
-//! Run with: cargo run --example ws_bidir_client <agent_id> <session_id> <auth_token>
+//! Run with: cargo run --release --example ws_bidir_client <agent_id> <session_id> <auth_token>
 //!
 //! A WebSocket client for a wsproxy session, exercising both directions of
 //! the bridge. It connects to `{WSPROXY_URL}/{agent_id}/ws/{session_id}`
