@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Real-browser end-to-end test of clients/js/jwt_utils.js against a wsproxy
-# that is ALREADY RUNNING (this script does not start wsproxy or Redis).
+# Real-browser end-to-end tests of clients/js (jwt_utils.js, the demo page,
+# session.js) against a wsproxy that is ALREADY RUNNING (this script does not
+# start wsproxy or Redis).
 #
 #   WSPROXY_HTTP=http://127.0.0.1:8080 E2E_USER=alice E2E_PASSWORD=secret \
-#     bash clients/js/run-e2e.sh
+#   REDIS_URL=redis://127.0.0.1:6379 bash clients/js/run-e2e.sh
 #
 # The server needs JWT_SECRET, a USERS_FILE containing E2E_USER, and
-# CORS_ALLOWED_ORIGINS allowing http://127.0.0.1:<any port> (e.g. '*').
+# CORS_ALLOWED_ORIGINS allowing http://127.0.0.1:<any port> (e.g. '*');
+# for the session test, RELIABLE_SESSIONS=true, and REDIS_URL must be the
+# Redis the server uses (the test is the backend: it stores session tokens
+# and publishes).
 #
 # On a fresh Debian machine it installs what is missing: Debian's chromium
 # (apt-get) and the npm dev dependencies (npm ci, from package-lock.json).
@@ -19,6 +23,7 @@ fail() { printf 'run-e2e: %s\n' "$*" >&2; exit 1; }
 : "${WSPROXY_HTTP:?set WSPROXY_HTTP, e.g. http://127.0.0.1:8080}"
 : "${E2E_USER:?set E2E_USER (a user listed in USERS_FILE of the server)}"
 : "${E2E_PASSWORD:?set E2E_PASSWORD}"
+: "${REDIS_URL:?set REDIS_URL, the Redis the server uses (e.g. redis://127.0.0.1:6379)}"
 
 CHROMIUM_PATH=${CHROMIUM_PATH:-/usr/bin/chromium}
 if [[ ! -x "$CHROMIUM_PATH" ]]; then
@@ -51,4 +56,7 @@ node test/browser-e2e.mjs
 # The demo page (demo/), served by python3 -m http.server, in two tabs; it
 # also needs PUBSUB_ALLOW_ANONYMOUS=true and WS_ALLOWED_ORIGINS allowing
 # http://localhost:<any port> (e.g. '*').
-exec node test/demo-e2e.mjs
+node test/demo-e2e.mjs
+# session.js on /{agent}/ws/{session}: reliable sessions with a cut link in
+# the middle of a stream, resume failures, plain mode.
+exec node test/session-e2e.mjs

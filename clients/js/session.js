@@ -1,0 +1,828 @@
+/**
+ * Browser client for wsproxy sessions, `/{agent_id}/ws/{session_id}`:
+ * reliable (the `wsproxy.v1` subprotocol: acknowledged client messages,
+ * resume after a reconnect) or plain.
+ *
+ * Dependency-free ES module, no build step. It needs what every current
+ * browser has: `WebSocket`, `crypto.getRandomValues` and `TextEncoder`.
+ *
+ *   import { openSession } from './session.js';
+ *   const session = openSession({
+ *     url: 'wss://gateway.example.com', agentId: 'web', sessionId, token,
+ *     onMessage(data, { offset }) { render(data); },
+ *     onResumeFailed({ reason }) { reloadStateFromBackend(reason); },
+ *   });
+ *   await session.ready;                       // the first welcome
+ *   const ack = await session.send({ text: 'hi' });   // stored in Redis
+ *
+ * Wire protocol of a reliable session (the server README, "Reliable
+ * sessions", is the contract):
+ *   connect  GET {url}/{agent}/ws/{session}?access_token=<token>[&epoch=<e>&offset=<o>]
+ *            offering the subprotocol wsproxy.v1
+ *   down     {"type":"welcome","session_id","epoch","offset","resumed"?,"replayed"?,"reason"?}
+ *            {"type":"message","offset":"<ms>-<seq>","data":<json>}
+ *            {"type":"ack","id","offset","duplicate"?}
+ *            {"type":"error","error":"not_stored","id",...}, {"type":"error","error":<code>,...}
+ *   up       {"type":"message","id":"<1-128 of A-Z a-z 0-9 - _ .>","data":<json>}
+ * A plain session gets the backend's frames as they were published (text,
+ * or binary for bytes that are not UTF-8) and sends JSON text.
+ *
+ * @module session
+ */
+
+/** The subprotocol of reliable sessions. */
+export const PROTOCOL = 'wsproxy.v1';
+
+/** The server's rule for agent, session and client message ids. */
+const ID_RE = /^[A-Za-z0-9_.-]{1,128}$/;
+
+/** Longest epoch or offset the server accepts back (longer: 400). */
+const MAX_POSITION_LEN = 64;
+
+/** `WebSocket.OPEN`, spelled out so that any WebSocket implementation works. */
+const OPEN = 1;
+
+const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 30_000, maxAttempts: Infinity };
+const DEFAULT_MAX_UNACKED = 1000;
+/** The server's default WS_MAX_MESSAGE_BYTES; a bigger frame is closed with 1009. */
+const DEFAULT_MAX_MESSAGE_BYTES = 1_048_576;
+const DEFAULT_OPEN_TIMEOUT_MS = 15_000;
+/**
+ * Consecutive attempts whose reliable handshake failed while a plain one
+ * worked, before the session concludes the server has reliable sessions
+ * off. One is not enough: the server may have come up between the two, or
+ * be reloading its Redis library (reliable joins fail meanwhile).
+ */
+const UNAVAILABLE_AFTER = 3;
+
+/**
+ * @typedef {'connecting'|'open'|'backoff'|'closed'} SessionState
+ *   `connecting`: a connection attempt is under way (until the welcome, or
+ *   the socket's open in plain mode); `open`: messages flow; `backoff`:
+ *   waiting before the next attempt; `closed`: for good (after `close()`
+ *   or a fatal error).
+ */
+
+/**
+ * @typedef {object} Welcome the first frame of a reliable connection
+ * @property {'welcome'} type
+ * @property {string} session_id
+ * @property {string} epoch the history's epoch
+ * @property {string} offset the history's newest offset when the connection joined
+ * @property {boolean} [resumed] present when the client asked to resume
+ * @property {number} [replayed] with `resumed: true`: how many messages follow as replay
+ * @property {string} [reason] with `resumed: false`: `trimmed`, `epoch_changed`,
+ *   `expired` or `unknown_offset`
+ */
+
+/**
+ * @typedef {object} MessageInfo
+ * @property {string} [offset] the message's offset (reliable mode)
+ * @property {string} [epoch] the history's epoch (reliable mode)
+ * @property {boolean} [replayed] true for a message replayed on resume
+ */
+
+/**
+ * @typedef {object} Ack the server has stored a client message
+ * @property {string} id the message's id
+ * @property {string} offset its entry id in the stream `wsproxy:up:{n}`
+ * @property {boolean} duplicate true when this was a resend the server had
+ *   already stored (it was not stored again; `offset` is the first copy's)
+ */
+
+/**
+ * @typedef {object} ResumeFailure
+ * @property {string} reason `trimmed`, `epoch_changed`, `expired` or `unknown_offset`
+ * @property {string} epoch the history's epoch now
+ * @property {string} offset where the session continues: messages after it are delivered
+ * @property {{epoch: string, offset: string}} from the position the resume asked for
+ */
+
+/**
+ * @typedef {object} Position where a reliable session stands: what to
+ *   resume from
+ * @property {string} epoch
+ * @property {string} offset the last offset delivered (or, before any
+ *   message, the welcome's)
+ */
+
+/**
+ * @typedef {object} SessionOptions
+ * @property {string} url `ws://host:port` or `wss://host:port` (an `http(s)://`
+ *   URL is taken as the same with `ws(s)://`); a path prefix is kept
+ * @property {string} agentId 1-128 of `A-Z a-z 0-9 - _ .`
+ * @property {string} sessionId 1-128 of `A-Z a-z 0-9 - _ .`
+ * @property {string|(() => string|Promise<string>)} token the session token
+ *   (the one the backend stored with `SETEX session:{id}:auth`), or a
+ *   function called before every connection attempt to get it
+ * @property {boolean} [reliable=true] ask for `wsproxy.v1`; false: a plain session
+ * @property {(data: *, info: MessageInfo) => void} onMessage each message, in
+ *   order, once: the parsed `data` of reliable messages; in plain mode the
+ *   frame as it came (a string, or an ArrayBuffer for a binary frame)
+ * @property {(failure: ResumeFailure) => void} [onResumeFailed] required in
+ *   reliable mode: a resume was refused, messages were missed; reload the
+ *   application's state from its backend
+ * @property {(ack: Ack) => void} [onAck] each acknowledgement (besides the
+ *   promise `send` returned)
+ * @property {(state: SessionState, info: object) => void} [onStateChange]
+ *   `info` has `welcome` (on `open`, reliable), `attempt` (on
+ *   `connecting`), `delayMs`, `attempt`, `code`, `reason` (on `backoff`),
+ *   `error` (on a fatal `closed`)
+ * @property {(error: SessionError) => void} [onError] failed attempts
+ *   (`connect_failed`, `connect_timeout`, `token_failed`), frames the
+ *   server refused (`server_error`) or that break the protocol
+ *   (`protocol_error`), and fatal errors (`error.fatal`:
+ *   `reliable_unavailable`, `gave_up`, `invalid_url`). Without it they go to
+ *   `console.warn`. A browser fails a handshake whose 101 selects no
+ *   subprotocol, which looks like any failed attempt: after each failed
+ *   reliable handshake the session opens a plain connection with the same
+ *   token (and closes it at once); when that works three attempts in a
+ *   row, the server has reliable sessions off: `reliable_unavailable`
+ * @property {{initialMs?: number, maxMs?: number, maxAttempts?: number}} [backoff]
+ *   delay before reconnecting: `min(maxMs, initialMs * 2^n)` for the n-th
+ *   consecutive failed attempt (n = 0 after a drop), of which a random part,
+ *   up to half, is taken off (jitter). Defaults 500, 30000; `maxAttempts` (default
+ *   Infinity) consecutive failed attempts end the session (`gave_up`)
+ * @property {number} [maxUnacked=1000] client messages kept until
+ *   acknowledged (sent or waiting for a connection); `send` beyond it
+ *   rejects at once with `queue_full`
+ * @property {number} [maxMessageBytes=1048576] largest frame `send` sends
+ *   (the server's `WS_MAX_MESSAGE_BYTES`); bigger rejects with `too_large`
+ * @property {number} [openTimeoutMs=15000] one attempt's limit, up to the
+ *   welcome (0: none)
+ * @property {Position} [resumeFrom] resume from here on the first
+ *   connection (a position saved from `session.position`, or `{epoch,
+ *   offset: '0-0'}` for the whole history)
+ * @property {typeof WebSocket} [WebSocket] the WebSocket class (default: the global one)
+ */
+
+/**
+ * An error of this module; `code` says which (see {@link SessionOptions}
+ * `onError`, and {@link Session#send}).
+ */
+export class SessionError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   * @param {object} [details] extra fields (`id`, `reply`, `attempt`, `cause`, ...)
+   */
+  constructor(code, message, details = {}) {
+    super(message);
+    this.name = 'SessionError';
+    /** @type {string} */
+    this.code = code;
+    /** @type {boolean} true when the session is closed because of it */
+    this.fatal = false;
+    Object.assign(this, details);
+  }
+}
+
+/**
+ * An offset `<ms>-<seq>` as two BigInts (the seq part can exceed 2^53).
+ * @param {string} offset
+ * @returns {[bigint, bigint]|null}
+ */
+function parseOffset(offset) {
+  if (typeof offset !== 'string') return null;
+  const m = /^(\d{1,20})-(\d{1,20})$/.exec(offset);
+  return m ? [BigInt(m[1]), BigInt(m[2])] : null;
+}
+
+/**
+ * Orders two offsets of one history.
+ * @param {string} a
+ * @param {string} b
+ * @returns {number} negative, 0 or positive, like a sort comparator
+ * @throws {TypeError} if either is not an offset
+ */
+export function compareOffsets(a, b) {
+  const x = parseOffset(a);
+  const y = parseOffset(b);
+  if (!x || !y) throw new TypeError(`not offsets: ${JSON.stringify(a)}, ${JSON.stringify(b)}`);
+  return x[0] !== y[0] ? (x[0] < y[0] ? -1 : 1) : x[1] === y[1] ? 0 : x[1] < y[1] ? -1 : 1;
+}
+
+/** A fresh client message id (crypto.randomUUID exists only on https pages and localhost). */
+function newId() {
+  if (typeof crypto.randomUUID === 'function') return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+let encoder = null;
+/** True when `text` is more than `max` bytes of UTF-8. */
+function longerThan(text, max) {
+  // A UTF-16 code unit is 1 to 3 bytes of UTF-8: most frames need no encoding.
+  if (text.length * 3 <= max) return false;
+  if (text.length > max) return true;
+  encoder ??= new TextEncoder();
+  return encoder.encode(text).length > max;
+}
+
+/** The fatal error of a server that does not offer reliable sessions. */
+function unavailable(how) {
+  return new SessionError(
+    'reliable_unavailable',
+    `the server did not select the ${PROTOCOL} subprotocol (${how}): reliable sessions are off there ` +
+      '(RELIABLE_SESSIONS=true enables them); open the session with reliable: false for a plain one',
+  );
+}
+
+/** Calls an application callback; what it throws must not break the session. */
+function invoke(fn, ...args) {
+  if (typeof fn !== 'function') return;
+  try {
+    fn(...args);
+  } catch (e) {
+    if (typeof globalThis.reportError === 'function') globalThis.reportError(e);
+    else setTimeout(() => {
+      throw e;
+    });
+  }
+}
+
+function positiveNumber(value, name, fallback) {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number' || !(value > 0)) throw new TypeError(`${name} must be a positive number`);
+  return value;
+}
+
+/**
+ * A session: one connection at a time, reconnected until {@link Session#close}.
+ * Make one with {@link openSession}.
+ */
+export class Session {
+  /** @type {object} validated options */
+  #o;
+  /** @type {WebSocket|null} the current socket */
+  #ws = null;
+  /** @type {SessionState} */
+  #state = 'connecting';
+  #closed = false;
+  /** True once the current socket is usable (welcomed, or open in plain mode). */
+  #live = false;
+  /** True once the current socket's handshake succeeded. */
+  #opened = false;
+  /** The current attempt's URL without a position: what a plain probe opens. */
+  #plainUrl = null;
+  /** @type {WebSocket|null} a plain probe after a failed reliable handshake */
+  #probeWs = null;
+  /** Consecutive attempts where only the plain probe got through. */
+  #plainOnly = 0;
+  /** @type {string|null} */
+  #epoch = null;
+  /** @type {string|null} the last offset delivered, or the welcome's */
+  #offset = null;
+  /** @type {[bigint, bigint]|null} `#offset`, parsed */
+  #last = null;
+  /** Messages of the current welcome's replay still to come. */
+  #replayLeft = 0;
+  /** Consecutive failed attempts. */
+  #failures = 0;
+  #backoffTimer = null;
+  #openTimer = null;
+  /** Client messages not yet acknowledged, by id, in send order. */
+  #unacked = new Map();
+  #duplicatesDropped = 0;
+  #readyResolve;
+  #readyReject;
+
+  /**
+   * Resolves with the first welcome (plain mode: with null once the first
+   * socket opened); rejects if the session is closed first, or with the
+   * fatal error (`reliable_unavailable`, `gave_up`, `invalid_url`).
+   * @type {Promise<Welcome|null>}
+   */
+  ready;
+
+  /** @param {SessionOptions} options */
+  constructor(options) {
+    if (!options || typeof options !== 'object') throw new TypeError('openSession expects an options object');
+    const o = { ...options };
+    if (typeof o.url !== 'string' || !/^(wss?|https?):\/\/[^/?#]/i.test(o.url) || /[?#]/.test(o.url)) {
+      throw new TypeError(`url must be ws://host:port or wss://host:port (got ${JSON.stringify(o.url)})`);
+    }
+    o.base = o.url.replace(/^http/i, 'ws').replace(/\/+$/, '');
+    for (const key of ['agentId', 'sessionId']) {
+      if (typeof o[key] !== 'string' || !ID_RE.test(o[key])) {
+        throw new TypeError(`${key} must be 1-128 characters of A-Z a-z 0-9 - _ . (got ${JSON.stringify(o[key])})`);
+      }
+    }
+    if (typeof o.token !== 'function' && (typeof o.token !== 'string' || o.token === '')) {
+      throw new TypeError('token must be a non-empty string or a function that returns one');
+    }
+    o.reliable = o.reliable ?? true;
+    if (typeof o.onMessage !== 'function') throw new TypeError('onMessage is required');
+    if (o.reliable && typeof o.onResumeFailed !== 'function') {
+      // A refused resume means missed messages: the application must hear of it.
+      throw new TypeError('onResumeFailed is required for a reliable session');
+    }
+    const b = o.backoff ?? {};
+    o.backoff = {
+      initialMs: positiveNumber(b.initialMs, 'backoff.initialMs', DEFAULT_BACKOFF.initialMs),
+      maxMs: positiveNumber(b.maxMs, 'backoff.maxMs', DEFAULT_BACKOFF.maxMs),
+      maxAttempts: positiveNumber(b.maxAttempts, 'backoff.maxAttempts', DEFAULT_BACKOFF.maxAttempts),
+    };
+    o.maxUnacked = positiveNumber(o.maxUnacked, 'maxUnacked', DEFAULT_MAX_UNACKED);
+    o.maxMessageBytes = positiveNumber(o.maxMessageBytes, 'maxMessageBytes', DEFAULT_MAX_MESSAGE_BYTES);
+    o.openTimeoutMs = o.openTimeoutMs ?? DEFAULT_OPEN_TIMEOUT_MS;
+    if (typeof o.openTimeoutMs !== 'number' || !(o.openTimeoutMs >= 0)) {
+      throw new TypeError('openTimeoutMs must be a number >= 0');
+    }
+    o.WebSocket = o.WebSocket ?? globalThis.WebSocket;
+    if (typeof o.WebSocket !== 'function') throw new TypeError('no WebSocket class');
+    if (o.resumeFrom !== undefined) {
+      const { epoch, offset } = o.resumeFrom ?? {};
+      if (!o.reliable) throw new TypeError('resumeFrom needs a reliable session');
+      if (typeof epoch !== 'string' || epoch === '' || epoch.length > MAX_POSITION_LEN) {
+        throw new TypeError(`resumeFrom.epoch must be 1-${MAX_POSITION_LEN} characters`);
+      }
+      if (typeof offset !== 'string' || offset.length > MAX_POSITION_LEN || !parseOffset(offset)) {
+        throw new TypeError('resumeFrom.offset must be an offset, <ms>-<seq>');
+      }
+      this.#epoch = epoch;
+      this.#setOffset(offset);
+    }
+    this.#o = o;
+    this.ready = new Promise((resolve, reject) => {
+      this.#readyResolve = resolve;
+      this.#readyReject = reject;
+    });
+    // An application that never awaits `ready` must not see an unhandled rejection.
+    this.ready.catch(() => {});
+    this.#connect();
+  }
+
+  /** @returns {SessionState} */
+  get state() {
+    return this.#state;
+  }
+
+  /**
+   * Where the session stands: save it (e.g. in `sessionStorage`) to resume
+   * after a page reload with `resumeFrom`. Null before the first welcome and
+   * in plain mode.
+   * @returns {Position|null}
+   */
+  get position() {
+    return this.#epoch !== null && this.#offset !== null ? { epoch: this.#epoch, offset: this.#offset } : null;
+  }
+
+  /** @returns {number} client messages waiting for their acknowledgement */
+  get unacked() {
+    return this.#unacked.size;
+  }
+
+  /** @returns {number} down messages dropped because their offset was not newer than the last one delivered */
+  get duplicatesDropped() {
+    return this.#duplicatesDropped;
+  }
+
+  /**
+   * Sends a message to the backend.
+   *
+   * Reliable mode: wraps it as `{"type":"message","id":<id>,"data":data}`
+   * and keeps it until the server acknowledges it; if the connection drops
+   * first, it is sent again with the same id, in order, after the next
+   * welcome (the server stores a resend once). Sent while disconnected, it
+   * waits for the connection.
+   *
+   * Plain mode: sends `JSON.stringify(data)` on the open socket, with no
+   * acknowledgement (the promise resolves at once); a refused frame comes
+   * back as an `{"type":"error",...}` message to `onMessage`.
+   *
+   * @param {*} data any JSON-serialisable value
+   * @param {{id?: string}} [options] `id`: the message's id (1-128 of
+   *   `A-Z a-z 0-9 - _ .`), to resend a message across page loads; default a
+   *   random UUID
+   * @returns {Promise<Ack|void>} resolves with the acknowledgement; rejects
+   *   with a {@link SessionError} whose `code` is `not_stored` (Redis could
+   *   not take it; `reply` is the server's frame), `queue_full`
+   *   (`maxUnacked` messages wait already), `too_large`, `invalid_data`,
+   *   `invalid_id`, `duplicate_id` (that id waits already), `closed` (the
+   *   session was closed first; the message may or may not have been
+   *   stored), `reliable_unavailable` or `gave_up` (the session failed), or
+   *   in plain mode `not_connected`
+   */
+  send(data, options = {}) {
+    if (this.#closed) return Promise.reject(new SessionError('closed', 'the session is closed'));
+    let json;
+    try {
+      json = JSON.stringify(data);
+    } catch (cause) {
+      return Promise.reject(new SessionError('invalid_data', `the message is not JSON-serialisable: ${cause.message}`, { cause }));
+    }
+    if (json === undefined) {
+      return Promise.reject(new SessionError('invalid_data', `the message is not JSON-serialisable (${typeof data})`));
+    }
+    if (!this.#o.reliable) return this.#sendPlain(json);
+
+    const id = options.id ?? newId();
+    if (typeof id !== 'string' || !ID_RE.test(id)) {
+      return Promise.reject(new SessionError('invalid_id', `a message id is 1-128 characters of A-Z a-z 0-9 - _ . (got ${JSON.stringify(id)})`));
+    }
+    if (this.#unacked.has(id)) {
+      return Promise.reject(new SessionError('duplicate_id', `a message with id ${id} is waiting for its acknowledgement already`, { id }));
+    }
+    if (this.#unacked.size >= this.#o.maxUnacked) {
+      return Promise.reject(new SessionError('queue_full', `${this.#unacked.size} messages wait for their acknowledgement (maxUnacked)`, { id }));
+    }
+    const frame = `{"type":"message","id":${JSON.stringify(id)},"data":${json}}`;
+    if (longerThan(frame, this.#o.maxMessageBytes)) {
+      return Promise.reject(new SessionError('too_large', `the message is larger than ${this.#o.maxMessageBytes} bytes (maxMessageBytes)`, { id }));
+    }
+    return new Promise((resolve, reject) => {
+      const entry = { id, frame, resolve, reject, sentOn: null };
+      this.#unacked.set(id, entry);
+      if (this.#live) this.#transmit(entry);
+    });
+  }
+
+  /**
+   * Closes the session for good: the socket (code 1000), any pending
+   * reconnect. Messages still waiting for their acknowledgement are
+   * rejected with `closed`.
+   */
+  close() {
+    this.#shutdown(new SessionError('closed', 'the session was closed'));
+  }
+
+  /* ---- connection lifecycle ------------------------------------------- */
+
+  async #connect() {
+    if (this.#closed) return;
+    this.#setState('connecting', { attempt: this.#failures + 1 });
+    let token = this.#o.token;
+    if (typeof token === 'function') {
+      try {
+        token = await token();
+      } catch (cause) {
+        if (!this.#closed) {
+          this.#attemptFailed(new SessionError('token_failed', `could not get a token: ${cause && cause.message ? cause.message : cause}`, { cause }));
+        }
+        return;
+      }
+      if (this.#closed) return;
+      if (typeof token !== 'string' || token === '') {
+        this.#attemptFailed(new SessionError('token_failed', 'the token function gave no token'));
+        return;
+      }
+    }
+    const { base, agentId, sessionId, reliable } = this.#o;
+    this.#plainUrl = `${base}/${agentId}/ws/${sessionId}?access_token=${encodeURIComponent(token)}`;
+    let url = this.#plainUrl;
+    if (reliable && this.#epoch !== null && this.#offset !== null) {
+      url += `&epoch=${encodeURIComponent(this.#epoch)}&offset=${encodeURIComponent(this.#offset)}`;
+    }
+    let ws;
+    try {
+      ws = reliable ? new this.#o.WebSocket(url, [PROTOCOL]) : new this.#o.WebSocket(url);
+    } catch (cause) {
+      // A URL the browser refuses will not get better by retrying.
+      this.#fail(new SessionError('invalid_url', `cannot open a WebSocket to ${base}/${agentId}/ws/${sessionId}: ${cause.message}`, { cause }));
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    this.#ws = ws;
+    this.#live = false;
+    this.#opened = false;
+    ws.onopen = () => this.#onOpen(ws);
+    ws.onmessage = (ev) => this.#onFrame(ws, ev.data);
+    ws.onclose = (ev) => this.#onClose(ws, ev.code, ev.reason);
+    ws.onerror = null; // a close event follows every error
+    if (this.#o.openTimeoutMs > 0) {
+      this.#openTimer = setTimeout(() => {
+        this.#openTimer = null;
+        if (this.#ws !== ws || this.#live) return;
+        this.#abandon(ws);
+        this.#attemptFailed(new SessionError('connect_timeout', `no ${reliable ? 'welcome' : 'open'} within ${this.#o.openTimeoutMs} ms`));
+      }, this.#o.openTimeoutMs);
+    }
+  }
+
+  #onOpen(ws) {
+    if (ws !== this.#ws) return;
+    this.#opened = true;
+    if (!this.#o.reliable) {
+      this.#established({});
+      return;
+    }
+    if (ws.protocol !== PROTOCOL) {
+      // The server answered 101 without selecting wsproxy.v1: a plain
+      // session. Browsers (and Node's `ws`) fail such a handshake instead,
+      // see #probe; a WebSocket class that accepts it gets here. Retrying
+      // would get the same answer.
+      this.#fail(unavailable(`it selected ${ws.protocol ? JSON.stringify(ws.protocol) : 'none'}`));
+    }
+    // Otherwise the welcome comes next.
+  }
+
+  #onClose(ws, code, reason) {
+    if (ws !== this.#ws) return;
+    if (code === 1009) {
+      // The server refused a frame as too big. It answers a connection's
+      // messages in order, so that was the oldest one sent on this socket
+      // and not acknowledged; resending it would only repeat this.
+      for (const entry of this.#unacked.values()) {
+        if (entry.sentOn !== ws) continue;
+        this.#unacked.delete(entry.id);
+        entry.reject(new SessionError('too_large', 'the server closed the connection with 1009: the message is larger than its WS_MAX_MESSAGE_BYTES', { id: entry.id }));
+        break;
+      }
+    }
+    this.#detach(ws);
+    const wasLive = this.#live;
+    this.#ws = null;
+    this.#live = false;
+    if (wasLive) {
+      this.#scheduleReconnect({ code, reason });
+      return;
+    }
+    // Browsers hide why an upgrade was refused (401, 403 and an
+    // unreachable server all look alike: code 1006).
+    const error = new SessionError('connect_failed', `connection attempt failed (code ${code}${reason ? ', ' + reason : ''})`, { closeCode: code, closeReason: reason });
+    if (this.#o.reliable && !this.#opened) this.#probe(error, { code, reason });
+    else this.#attemptFailed(error, { code, reason });
+  }
+
+  /**
+   * A reliable attempt failed in its handshake. A browser fails the
+   * handshake when the server selects no subprotocol (the WHATWG rule: one
+   * was offered, none came back), and that looks exactly like an
+   * unreachable server or a refused token. A plain connection with the
+   * same token tells them apart: if it opens, the server is there and
+   * takes the token, but (when that repeats, see UNAVAILABLE_AFTER) has
+   * reliable sessions off. It is closed at once.
+   */
+  #probe(error, info) {
+    let ws;
+    try {
+      ws = new this.#o.WebSocket(this.#plainUrl);
+    } catch {
+      this.#attemptFailed(error, info);
+      return;
+    }
+    this.#probeWs = ws;
+    let timer = null;
+    const done = (opened) => {
+      if (this.#probeWs !== ws) return;
+      this.#probeWs = null;
+      clearTimeout(timer);
+      this.#detach(ws);
+      try {
+        ws.close(1000);
+      } catch {
+        /* already closing */
+      }
+      if (this.#closed) return;
+      this.#plainOnly = opened ? this.#plainOnly + 1 : 0;
+      if (this.#plainOnly >= UNAVAILABLE_AFTER) {
+        this.#fail(unavailable(`${this.#plainOnly} handshakes offering it failed in a row, plain ones with the same token succeeded`));
+        return;
+      }
+      if (opened) {
+        error.message += `; a plain connection succeeded: the server may have reliable sessions off (${this.#plainOnly} of ${UNAVAILABLE_AFTER})`;
+        error.plainOpened = true;
+      }
+      this.#attemptFailed(error, info);
+    };
+    ws.onopen = () => done(true);
+    ws.onclose = () => done(false);
+    if (this.#o.openTimeoutMs > 0) timer = setTimeout(() => done(false), this.#o.openTimeoutMs);
+  }
+
+  /** The current socket is usable: welcomed (reliable) or open (plain). */
+  #established(info) {
+    // A callback (onResumeFailed) may have closed the session.
+    if (this.#closed) return;
+    clearTimeout(this.#openTimer);
+    this.#openTimer = null;
+    this.#live = true;
+    this.#failures = 0;
+    this.#plainOnly = 0;
+    this.#setState('open', info);
+    this.#readyResolve(info.welcome ?? null);
+    for (const entry of this.#unacked.values()) this.#transmit(entry);
+  }
+
+  #attemptFailed(error, info = {}) {
+    this.#failures += 1;
+    error.attempt = this.#failures;
+    this.#report(error);
+    if (this.#failures >= this.#o.backoff.maxAttempts) {
+      this.#fail(new SessionError('gave_up', `gave up after ${this.#failures} failed connection attempts; the last: ${error.message}`, { cause: error }));
+      return;
+    }
+    this.#scheduleReconnect(info);
+  }
+
+  #scheduleReconnect(info) {
+    // A callback (onError) may have closed the session.
+    if (this.#closed) return;
+    const { initialMs, maxMs } = this.#o.backoff;
+    const ceiling = Math.min(maxMs, initialMs * 2 ** Math.min(this.#failures, 52));
+    // Half fixed, half random: clients dropped together do not come back together.
+    const delayMs = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+    this.#setState('backoff', { ...info, attempt: this.#failures + 1, delayMs });
+    this.#backoffTimer = setTimeout(() => {
+      this.#backoffTimer = null;
+      this.#connect();
+    }, delayMs);
+  }
+
+  #fail(error) {
+    error.fatal = true;
+    this.#report(error);
+    this.#shutdown(error);
+  }
+
+  #shutdown(error) {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearTimeout(this.#backoffTimer);
+    clearTimeout(this.#openTimer);
+    this.#backoffTimer = this.#openTimer = null;
+    if (this.#ws) this.#abandon(this.#ws);
+    if (this.#probeWs) {
+      const probe = this.#probeWs;
+      this.#probeWs = null;
+      this.#abandon(probe);
+    }
+    this.#live = false;
+    const waiting = [...this.#unacked.values()];
+    this.#unacked.clear();
+    for (const entry of waiting) entry.reject(error);
+    this.#readyReject(error);
+    this.#setState('closed', error.fatal ? { error } : {});
+  }
+
+  /** Stops listening to a socket and closes it. */
+  #abandon(ws) {
+    this.#detach(ws);
+    if (this.#ws === ws) this.#ws = null;
+    try {
+      ws.close(1000);
+    } catch {
+      /* already closing */
+    }
+  }
+
+  #detach(ws) {
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    for (const entry of this.#unacked.values()) if (entry.sentOn === ws) entry.sentOn = null;
+  }
+
+  #transmit(entry) {
+    const ws = this.#ws;
+    if (!ws || ws.readyState !== OPEN) return;
+    ws.send(entry.frame);
+    entry.sentOn = ws;
+  }
+
+  #sendPlain(json) {
+    const ws = this.#ws;
+    if (!this.#live || !ws || ws.readyState !== OPEN) {
+      return Promise.reject(new SessionError('not_connected', 'a plain session sends only while connected (there are no acknowledgements to resend by)'));
+    }
+    if (longerThan(json, this.#o.maxMessageBytes)) {
+      return Promise.reject(new SessionError('too_large', `the message is larger than ${this.#o.maxMessageBytes} bytes (maxMessageBytes)`));
+    }
+    ws.send(json);
+    return Promise.resolve();
+  }
+
+  /* ---- frames ------------------------------------------------------------ */
+
+  #onFrame(ws, data) {
+    if (ws !== this.#ws) return;
+    if (!this.#o.reliable) {
+      invoke(this.#o.onMessage, data, {});
+      return;
+    }
+    let msg = null;
+    if (typeof data === 'string') {
+      try {
+        msg = JSON.parse(data);
+      } catch {
+        /* reported below */
+      }
+    }
+    if (!msg || typeof msg !== 'object' || typeof msg.type !== 'string') {
+      this.#report(new SessionError('protocol_error', `a frame that is not a wsproxy.v1 message: ${typeof data === 'string' ? data.slice(0, 200) : 'binary'}`));
+      return;
+    }
+    switch (msg.type) {
+      case 'welcome':
+        this.#onWelcome(ws, msg);
+        break;
+      case 'message':
+        this.#onMessage(msg);
+        break;
+      case 'ack':
+        this.#onAck(msg);
+        break;
+      case 'error':
+        this.#onError(msg);
+        break;
+      default:
+      // A frame type of a newer server: nothing to do with it.
+    }
+  }
+
+  #onWelcome(ws, welcome) {
+    if (this.#live) {
+      this.#report(new SessionError('protocol_error', 'a second welcome on one connection'));
+      return;
+    }
+    if (typeof welcome.epoch !== 'string' || !parseOffset(welcome.offset)) {
+      this.#abandon(ws);
+      this.#attemptFailed(new SessionError('protocol_error', `a welcome without epoch or offset: ${JSON.stringify(welcome)}`));
+      return;
+    }
+    const from = this.position;
+    this.#epoch = welcome.epoch;
+    if (welcome.resumed === true && this.#offset !== null) {
+      // The replay follows: every message after our offset. Keep the
+      // offset until each arrives, so a drop during the replay resumes
+      // from the last one delivered.
+      this.#replayLeft = Number(welcome.replayed) || 0;
+    } else {
+      this.#setOffset(welcome.offset);
+      this.#replayLeft = 0;
+    }
+    if (welcome.resumed === false) {
+      invoke(this.#o.onResumeFailed, { reason: welcome.reason, epoch: welcome.epoch, offset: welcome.offset, from });
+    }
+    this.#established({ welcome });
+  }
+
+  #onMessage(msg) {
+    const offset = parseOffset(msg.offset);
+    if (!this.#live || !offset) {
+      this.#report(new SessionError('protocol_error', `a message ${this.#live ? 'without an offset' : 'before the welcome'}: ${JSON.stringify(msg).slice(0, 200)}`));
+      return;
+    }
+    const replayed = this.#replayLeft > 0;
+    if (replayed) this.#replayLeft -= 1;
+    if (this.#last && (offset[0] < this.#last[0] || (offset[0] === this.#last[0] && offset[1] <= this.#last[1]))) {
+      // Already delivered: the server should never send this, but "once"
+      // is this module's promise to the application.
+      this.#duplicatesDropped += 1;
+      return;
+    }
+    this.#offset = msg.offset;
+    this.#last = offset;
+    invoke(this.#o.onMessage, msg.data, { offset: msg.offset, epoch: this.#epoch, replayed });
+  }
+
+  #onAck(msg) {
+    const entry = typeof msg.id === 'string' ? this.#unacked.get(msg.id) : undefined;
+    // No entry: an acknowledgement of a message already settled (rejected by close()).
+    if (!entry) return;
+    this.#unacked.delete(msg.id);
+    const ack = { id: msg.id, offset: msg.offset, duplicate: msg.duplicate === true };
+    entry.resolve(ack);
+    invoke(this.#o.onAck, ack);
+  }
+
+  #onError(msg) {
+    const entry = msg.error === 'not_stored' && typeof msg.id === 'string' ? this.#unacked.get(msg.id) : undefined;
+    if (entry) {
+      this.#unacked.delete(msg.id);
+      entry.reject(new SessionError('not_stored', msg.message || 'the server could not store the message', { id: msg.id, reply: msg }));
+      return;
+    }
+    this.#report(new SessionError('server_error', `the server refused a frame: ${msg.error}${msg.message ? ' (' + msg.message + ')' : ''}`, { reply: msg }));
+  }
+
+  /* ---- helpers ------------------------------------------------------------ */
+
+  #setOffset(offset) {
+    this.#offset = offset;
+    this.#last = parseOffset(offset);
+  }
+
+  #setState(state, info = {}) {
+    this.#state = state;
+    invoke(this.#o.onStateChange, state, info);
+  }
+
+  #report(error) {
+    if (typeof this.#o.onError === 'function') invoke(this.#o.onError, error);
+    else console.warn(`wsproxy session ${this.#o.sessionId}: ${error.code}: ${error.message}`);
+  }
+}
+
+/**
+ * Opens a session and keeps it connected until `close()`: see
+ * {@link SessionOptions}. Connecting starts at once; `session.ready`
+ * resolves with the first welcome.
+ *
+ * @param {SessionOptions} options
+ * @returns {Session}
+ * @throws {TypeError} for a bad option (a missing callback, an id the
+ *   server would refuse, ...)
+ */
+export function openSession(options) {
+  return new Session(options);
+}
