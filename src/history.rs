@@ -191,6 +191,9 @@ redis.register_function('wsproxy_publish', function(keys, args)
     return redis.error_reply('ERR wsproxy_publish takes one key and one message')
   end
   local base = base_of(history)
+  -- Strict JSON: Redis' cjson otherwise takes NaN, Infinity and hex
+  -- numbers, which a client's JSON parser would refuse in the envelope.
+  pcall(cjson.decode_invalid_numbers, false)
   if not pcall(cjson.decode, payload) then
     return redis.error_reply('ERR wsproxy_publish: the message must be JSON')
   end

@@ -211,6 +211,18 @@ async fn plain_clients_get_replayable_messages_as_they_are_and_plain_mode_is_unc
         .await
         .expect_err("not JSON");
     assert!(err.to_string().contains("must be JSON"), "{err}");
+    // Not even what Redis' own JSON decoder would let through by default.
+    for lax in [r#"{"a":NaN}"#, "Infinity", "[0x10]"] {
+        let err = redis::cmd("FCALL")
+            .arg("wsproxy_publish")
+            .arg(1)
+            .arg(format!("session:{session}:history"))
+            .arg(lax)
+            .query_async::<String>(&mut c)
+            .await
+            .expect_err("not JSON");
+        assert!(err.to_string().contains("must be JSON"), "{lax}: {err}");
+    }
     let err = redis::cmd("FCALL")
         .arg("wsproxy_publish")
         .arg(1)
