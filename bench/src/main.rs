@@ -5,9 +5,12 @@
 //! `cargo run --release -p wsproxy-bench -- down --n 1000 --m 100000`
 //! or `... -- compare down --peer nchan --n 1000 --m 100000 --rate 20000`,
 //! or `... -- soak --duration 60m --pids $(pgrep -x wsproxy)` (an hour of
-//! mixed load, sampled every minute for growth).
+//! mixed load, sampled every minute for growth), or `... -- chaos` (reliable
+//! sessions while connections, wsproxy and Redis are killed; it starts its
+//! own wsproxy and Redis).
 //! `bench/run.sh` starts everything and regenerates BENCHMARKS.md.
 
+mod chaos;
 mod net;
 mod scenarios;
 mod soak;
@@ -168,6 +171,16 @@ enum Command {
         #[command(flatten)]
         args: soak::SoakArgs,
     },
+    /// Reliable sessions under failure: starts its own redis-server (AOF,
+    /// appendfsync always) and wsproxy (--wsproxy-bin), runs reliable
+    /// clients with traffic both ways while connections are reset, wsproxy
+    /// is SIGKILLed and restarted and Redis too; prints lost, duplicated and
+    /// out-of-order counts per direction and exits non-zero unless all are
+    /// zero. Ignores --wsproxy and --redis.
+    Chaos {
+        #[command(flatten)]
+        args: chaos::ChaosArgs,
+    },
     /// Render JSON-lines results (from --json) as a Markdown table.
     Report {
         /// The JSON-lines file written by earlier runs.
@@ -318,6 +331,7 @@ async fn main() -> anyhow::Result<()> {
     net::raise_fd_limit();
     let mut failed = false;
     let mut soak_failed = false;
+    let mut chaos_failures = Vec::new();
     let mut check = |r: &Report| {
         if r.loss() > 0 || r.errors > 0 {
             failed = true;
@@ -401,6 +415,11 @@ async fn main() -> anyhow::Result<()> {
             }
             emit(&out.report, &c)?;
         }
+        Command::Chaos { args } => {
+            let out = chaos::chaos(args).await?;
+            emit(&out.report, &c)?;
+            chaos_failures = out.failures;
+        }
         Command::EchoServer { port } => scenarios::echo_server(port).await?,
         Command::Report { input } => print!("{}", markdown(&input)?),
         Command::Compare {
@@ -425,6 +444,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if c.strict && failed {
         bail!("loss or errors (--strict)");
+    }
+    if !chaos_failures.is_empty() {
+        bail!("chaos: {}", chaos_failures.join("; "));
     }
     if c.strict && soak_failed {
         bail!("soak: lost messages or more Redis channels than needed (--strict)");

@@ -534,11 +534,12 @@ struct Joined {
     result: anyhow::Result<Ws>,
 }
 
-/// xorshift64*: enough randomness to pick clients, no dependency.
-struct Rng(u64);
+/// xorshift64*: enough randomness to pick clients, no dependency. The
+/// seed must not be 0.
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

@@ -83,6 +83,9 @@ pub struct Report {
     /// with `--pids`.
     pub cpu_us_per_op: Option<f64>,
     pub note: String,
+    /// A scenario's own figures beyond these (`chaos`: every count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 impl Report {
