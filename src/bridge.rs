@@ -110,7 +110,13 @@ async fn accept(
 
     // 2 and 3, bounded together by AUTH_TIMEOUT_SECS.
     let config = &app.config;
-    let outbox = Outbox::new(config.outbound_queue);
+    // A reliable connection must not miss a live message: it ends when
+    // the broker loses Redis, and its client resumes.
+    let outbox = if reliable {
+        Outbox::gapless(config.outbound_queue)
+    } else {
+        Outbox::new(config.outbound_queue)
+    };
     let down = if reliable {
         crate::keys::session_live(&session_id)
     } else {

@@ -20,7 +20,10 @@
 //! channel, so once `subscribe` returns, nothing published afterwards is
 //! missed. If the connection drops, the broker reconnects with exponential
 //! backoff and resubscribes every channel that still has subscribers; open
-//! WebSockets are untouched meanwhile.
+//! WebSockets are untouched meanwhile, except those that must not miss a
+//! message ([`Outbox::gapless`], reliable sessions): what Redis published
+//! between the drop and the resubscription never reaches this process, so
+//! those end ([`Outgoing::Lost`]) and their clients resume from history.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,6 +101,9 @@ pub struct Outbox {
     state: Mutex<OutboxState>,
     notify: Notify,
     capacity: usize,
+    /// Its connection must not miss a message: it ends when the pub/sub
+    /// connection drops.
+    gapless: bool,
 }
 
 #[derive(Debug, Default)]
@@ -105,6 +111,10 @@ struct OutboxState {
     queue: VecDeque<Message>,
     /// Set when a push found the queue full: the client is not keeping up.
     slow: bool,
+    /// Set (gapless outboxes only) when the pub/sub connection dropped
+    /// after the outbox's channel was live: what is queued came before the
+    /// gap, nothing after it is taken.
+    lost: bool,
 }
 
 /// What a connection gets from its outbox.
@@ -114,16 +124,41 @@ pub enum Outgoing {
     Message(Message),
     /// The queue overflowed; the connection must be closed (1008).
     Slow,
+    /// A gapless outbox's messages stopped: the pub/sub connection dropped,
+    /// and what Redis published until it was back is missing. Everything
+    /// queued before has been handed out; the connection must be closed
+    /// (1013) so that its client resumes.
+    Lost,
 }
 
 impl Outbox {
     /// An empty outbox holding at most `capacity` messages.
     pub fn new(capacity: usize) -> Arc<Self> {
+        Self::with(capacity, false)
+    }
+
+    /// An outbox for a connection that must not miss a message: when the
+    /// pub/sub connection drops, it takes nothing more and, once drained,
+    /// gives [`Outgoing::Lost`].
+    pub fn gapless(capacity: usize) -> Arc<Self> {
+        Self::with(capacity, true)
+    }
+
+    fn with(capacity: usize, gapless: bool) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(OutboxState::default()),
             notify: Notify::new(),
             capacity: capacity.max(1),
+            gapless,
         })
+    }
+
+    /// The pub/sub connection dropped: a gapless outbox stops here.
+    fn lose(&self) {
+        if self.gapless {
+            self.lock().lost = true;
+            self.notify.notify_one();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, OutboxState> {
@@ -134,7 +169,7 @@ impl Outbox {
     /// Returns false if the message was not queued.
     pub fn push(&self, msg: Message) -> bool {
         let mut state = self.lock();
-        if state.slow {
+        if state.slow || state.lost {
             return false;
         }
         let queued = if state.queue.len() >= self.capacity {
@@ -156,7 +191,8 @@ impl Outbox {
         self.lock().queue.pop_front()
     }
 
-    /// Waits for the next message, or for the outbox to turn slow.
+    /// Waits for the next message, or for the outbox to turn slow, or (once
+    /// drained) lost.
     ///
     /// # Cancel safety
     /// Cancel safe: a message is only removed in the poll that returns it.
@@ -169,6 +205,9 @@ impl Outbox {
                 }
                 if let Some(msg) = state.queue.pop_front() {
                     return Outgoing::Message(msg);
+                }
+                if state.lost {
+                    return Outgoing::Lost;
                 }
             }
             self.notify.notified().await;
@@ -531,11 +570,24 @@ async fn serve(
         }
     };
     reader.abort();
-    // Nothing is subscribed on the next connection until it says so.
+    connection_lost(shared);
+    result
+}
+
+/// After the connection ended: nothing is subscribed on the next one until
+/// it says so. The gapless subscribers of a channel that was live end:
+/// whatever Redis publishes until the next connection has resubscribed is
+/// lost to this process. (Those still waiting for a confirmation lose
+/// nothing: they read history after it.)
+fn connection_lost(shared: &Shared) {
     for ch in shared.lock().channels.values_mut() {
+        if ch.confirmed {
+            for (_, outbox) in &ch.subs {
+                outbox.lose();
+            }
+        }
         ch.confirmed = false;
     }
-    result
 }
 
 /// Marks `channels` as live in Redis and wakes their waiting subscribers.
@@ -599,6 +651,52 @@ mod tests {
             }
         }
         assert!(fast.try_pop().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_ends_gapless_subscribers_after_what_they_had() {
+        let shared = shared();
+        let plain = Outbox::new(8);
+        let gapless = Outbox::gapless(8);
+        let waiting = Outbox::gapless(8);
+        {
+            let mut state = shared.lock();
+            state.channels.insert(
+                "live".into(),
+                Channel {
+                    subs: vec![(1, plain.clone()), (2, gapless.clone())],
+                    confirmed: true,
+                    waiters: Vec::new(),
+                },
+            );
+            state.channels.insert(
+                "new".into(),
+                Channel {
+                    subs: vec![(3, waiting.clone())],
+                    confirmed: false,
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        dispatch(&shared, "live", b"before");
+        connection_lost(&shared);
+        assert!(shared.lock().channels.values().all(|ch| !ch.confirmed));
+        // After the gap: taken by the plain subscriber only.
+        dispatch(&shared, "live", b"after");
+        for want in ["before", "after"] {
+            match plain.pop().await {
+                Outgoing::Message(Message::Text(t)) => assert_eq!(t.as_str(), want),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        match gapless.pop().await {
+            Outgoing::Message(Message::Text(t)) => assert_eq!(t.as_str(), "before"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(gapless.pop().await, Outgoing::Lost));
+        // One still waiting for its confirmation missed nothing.
+        assert!(waiting.push(Message::text("first")));
+        assert!(matches!(waiting.pop().await, Outgoing::Message(_)));
     }
 
     #[tokio::test]

@@ -16,3 +16,6 @@ pub const POLICY: u16 = 1008;
 pub const TOO_BIG: u16 = 1009;
 /// Unexpected condition: a heartbeat that went unanswered.
 pub const INTERNAL: u16 = 1011;
+/// Try again later: a reliable session whose messages stopped because
+/// wsproxy lost Redis; reconnecting resumes it from history.
+pub const TRY_AGAIN_LATER: u16 = 1013;

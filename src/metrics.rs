@@ -63,6 +63,9 @@ reason_enum! {
         ProtocolError => "protocol_error",
         /// The client sent text that is not UTF-8 (closed with 1007).
         InvalidData => "invalid_data",
+        /// A reliable session's live messages stopped: wsproxy's Redis
+        /// pub/sub connection dropped (closed with 1013, to resume).
+        PubSubLost => "pubsub_lost",
         /// A socket error.
         Error => "error",
     }

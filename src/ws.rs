@@ -33,6 +33,7 @@ use crate::metrics::CloseReason;
 pub use crate::close::{
     GOING_AWAY as CLOSE_GOING_AWAY, INTERNAL as CLOSE_INTERNAL, INVALID_DATA as CLOSE_INVALID_DATA,
     POLICY as CLOSE_POLICY, PROTOCOL as CLOSE_PROTOCOL, TOO_BIG as CLOSE_TOO_BIG,
+    TRY_AGAIN_LATER as CLOSE_TRY_AGAIN_LATER,
 };
 
 /// How long we wait for the client's reply to our close frame.
@@ -298,6 +299,7 @@ impl<H: Handler> Driver<H> {
                     }
                 }
                 Event::Outgoing(Outgoing::Slow) => return Err(Stop::SlowConsumer),
+                Event::Outgoing(Outgoing::Lost) => return Err(Stop::PubSubLost),
                 Event::Frame(frame) => {
                     let reply = match frame {
                         None | Some(Ok(Message::Close(_))) => return Err(Stop::Client),
@@ -370,6 +372,10 @@ impl<H: Handler> Driver<H> {
                 Stop::ProtocolError => (CLOSE_PROTOCOL, "protocol error"),
                 Stop::InvalidData => (CLOSE_INVALID_DATA, "text is not valid UTF-8"),
                 Stop::HeartbeatTimeout => (CLOSE_INTERNAL, "heartbeat timeout: no pong"),
+                Stop::PubSubLost => (
+                    CLOSE_TRY_AGAIN_LATER,
+                    "wsproxy lost its Redis pub/sub connection: reconnect to resume",
+                ),
             };
             let frame = Message::Close(Some(CloseFrame {
                 code,

@@ -400,6 +400,38 @@ async fn a_redis_restart_without_persistence_fails_the_resume_and_with_it_resume
     }
 }
 
+#[tokio::test]
+async fn a_reliable_connection_open_while_redis_restarts_is_closed_to_resume_not_left_with_a_gap() {
+    // What is published after Redis is back but before wsproxy has
+    // subscribed again never reaches wsproxy's pub/sub connection. A plain
+    // session loses it (documented); a reliable one must not: the
+    // connection is closed with 1013 and the client resumes from history.
+    let mut redis = Redis::start_persistent().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let (mut ws, welcome) = connect(&server, &session, None).await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    publish(&redis, &session, &n(1)).await;
+    let (got, last) = numbers_until(&mut ws, 1).await;
+    assert_eq!(got, vec![1]);
+
+    redis.restart().await;
+    // At once: wsproxy's broker is most likely still waiting to reconnect.
+    publish(&redis, &session, &n(2)).await;
+    assert_eq!(close_code(&mut ws).await, 1013);
+
+    wait_ready(&server).await;
+    let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &last))).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    publish(&redis, &session, &n(3)).await;
+    let (got, _) = numbers_until(&mut ws, 3).await;
+    assert_eq!(got, vec![2, 3], "lost, duplicated or out of order");
+    server
+        .wait_metric("wsproxy_disconnects_total{reason=\"pubsub_lost\"}", 1.0)
+        .await;
+}
+
 /// A client message in reliable mode: the frame and the ack wsproxy sends.
 async fn send_message(ws: &mut Ws, id: &str, data: &str) -> serde_json::Value {
     ws.send(Message::text(format!(
