@@ -42,9 +42,11 @@
 //!   a consumer group (`XREADGROUP`, `XACK`, and `XAUTOCLAIM` for entries
 //!   pending longer than [`CLAIM_IDLE`]).
 //! - **Chaos**: every `--drop-every-secs`, `--drop-percent` of the open
-//!   connections are reset (TCP RST, no close frame); at a third of the
+//!   connections are reset (TCP RST, no close frame), half of them just
+//!   after sending a message, before its ack can arrive; at a third of the
 //!   run wsproxy is SIGKILLed and started again on the same port a second
-//!   later; at two thirds Redis is SIGKILLed and started again on its AOF.
+//!   later; at two thirds Redis is SIGKILLed and started again on its AOF
+//!   (`--redis-down-ms` later).
 //!
 //! At the end, publishing and sending stop, and the run waits (at most
 //! `--settle-secs`) until everything confirmed has arrived. Then it counts,
@@ -577,6 +579,8 @@ struct Counters {
     connect_failures: AtomicU64,
     /// Connections reset on purpose.
     drops: AtomicU64,
+    /// Of those, resets with a client message unacknowledged.
+    resets_in_flight: AtomicU64,
     /// Connections that ended without our asking (wsproxy killed, ...).
     broken: AtomicU64,
     resumes: AtomicU64,
@@ -620,6 +624,8 @@ struct Shared {
     publishing: AtomicUsize,
     counters: Counters,
     resume_reasons: Mutex<BTreeMap<String, u64>>,
+    /// Close frames wsproxy sent, by code (0: none given).
+    close_codes: Mutex<BTreeMap<u16, u64>>,
     up: Mutex<UpBook>,
     seed: u64,
     started: Instant,
@@ -873,6 +879,21 @@ async fn connected(
         let mut send = None;
         tokio::select! {
             () = slot.kill.notified() => {
+                // Half of the resets come right after a message went out,
+                // before its ack: whether wsproxy stored it, the client
+                // cannot know, and resends it on the next connection.
+                let idle = lock(&slot.book).pending.is_none();
+                if idle && shared.phase() == Phase::Load && rng.below(2) == 0 {
+                    let k = *next_k;
+                    *next_k += 1;
+                    lock(&slot.book).pending = Some(k);
+                    if ws.send(up_frame(i, k)).await.is_ok() {
+                        bump(&shared.counters.up_sent);
+                    }
+                }
+                if lock(&slot.book).pending.is_some() {
+                    bump(&shared.counters.resets_in_flight);
+                }
                 // RST, no close frame: the abrupt end of a lost network.
                 let _ = ws.get_ref().set_zero_linger();
                 drop(ws);
@@ -893,7 +914,11 @@ async fn connected(
                         }
                     }
                 }
-                Some(Ok(Message::Close(c))) => return End::Broken(format!("closed by wsproxy: {c:?}")),
+                Some(Ok(Message::Close(c))) => {
+                    let code = c.as_ref().map_or(0, |f| u16::from(f.code));
+                    *lock(&shared.close_codes).entry(code).or_insert(0) += 1;
+                    return End::Broken(format!("closed by wsproxy: {c:?}"));
+                }
                 Some(Ok(Message::Binary(_))) => {
                     bump(&shared.counters.protocol_errors);
                     shared.note(format_args!("client {i}: a binary frame"));
@@ -1245,11 +1270,15 @@ struct Counts {
     connects: u64,
     connect_failures: u64,
     drops: u64,
+    resets_in_flight: u64,
     broken: u64,
     resumes: u64,
     replayed: u64,
     resume_failures: u64,
     resume_failure_reasons: BTreeMap<String, u64>,
+    /// Of the connections that ended otherwise, those wsproxy closed, by
+    /// close code (1013: it lost Redis).
+    close_codes: BTreeMap<u16, u64>,
     protocol_errors: u64,
     reply_timeouts: u64,
     wsproxy_restarts: u64,
@@ -1322,11 +1351,13 @@ fn count(shared: &Shared) -> Counts {
         connects: get(&c.connects),
         connect_failures: get(&c.connect_failures),
         drops: get(&c.drops),
+        resets_in_flight: get(&c.resets_in_flight),
         broken: get(&c.broken),
         resumes: get(&c.resumes),
         replayed: get(&c.replayed),
         resume_failures: get(&c.resume_failures),
         resume_failure_reasons: lock(&shared.resume_reasons).clone(),
+        close_codes: lock(&shared.close_codes).clone(),
         protocol_errors: get(&c.protocol_errors),
         reply_timeouts: get(&c.reply_timeouts),
         seed: shared.seed,
@@ -1546,6 +1577,7 @@ async fn run(
         publishing: AtomicUsize::new(0),
         counters: Counters::default(),
         resume_reasons: Mutex::new(BTreeMap::new()),
+        close_codes: Mutex::new(BTreeMap::new()),
         up: Mutex::new(UpBook::default()),
         seed,
         started,
@@ -1759,12 +1791,15 @@ fn summarize(c: &Counts, failures: &[String], took: Duration) {
         c.up_ack_mismatches
     );
     println!(
-        "  connections: {} opened, {} connect failures; {} reset by the test, {} ended otherwise; \
-         {} resumes ({} messages replayed), {} resume failures {:?}",
+        "  connections: {} opened, {} connect failures; {} reset by the test ({} with a message \
+         unacknowledged), {} ended otherwise (closed by wsproxy, by code: {:?}); {} resumes \
+         ({} messages replayed), {} resume failures {:?}",
         c.connects,
         c.connect_failures,
         c.drops,
+        c.resets_in_flight,
         c.broken,
+        c.close_codes,
         c.resumes,
         c.replayed,
         c.resume_failures,
