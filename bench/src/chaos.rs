@@ -1475,6 +1475,10 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<Outcome> {
 
 fn print_log_tail(procs: &Procs) {
     let (total, tail) = procs.wsproxy_log_tail(30);
+    if total == 0 {
+        eprintln!("chaos: wsproxy's log is empty (RUST_LOG=warn)");
+        return;
+    }
     eprintln!(
         "chaos: wsproxy's log ({total} lines at RUST_LOG=warn), the last {}:",
         tail.len()
