@@ -151,6 +151,13 @@ async fn accept(
             return Err(Refusal::MissingToken(m.into()).counted(&app.metrics));
         }
         Ok(Err(e @ (AuthError::Redis(_) | AuthError::Subscribe(_) | AuthError::History(_)))) => {
+            if let AuthError::History(h) = &e
+                && h.library_missing()
+            {
+                // The loader puts it back (see server::keep_history_library).
+                app.history_loaded
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
             tracing::warn!(%session_id, error = %e, "refused: redis unavailable");
             return Err(redis_unavailable(&app));
         }

@@ -271,6 +271,15 @@ redis.register_function('wsproxy_up', function(keys, args)
 end)
 "#;
 
+impl HistoryError {
+    /// True when Redis does not know the library's functions (it was
+    /// flushed or deleted, or Redis restarted without it): the server
+    /// loads it again.
+    pub fn library_missing(&self) -> bool {
+        matches!(self, Self::Redis(e) if e.to_string().contains("Function not found"))
+    }
+}
+
 /// Loads (or replaces) the `wsproxy` library.
 pub async fn install(
     redis: &mut ConnectionManager,

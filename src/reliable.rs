@@ -283,6 +283,12 @@ impl ReliableBridge {
                 Reply::text(serde_json::to_string(&ack).unwrap_or_default())
             }
             Err(e) => {
+                if e.library_missing() {
+                    // The loader puts it back (see server::keep_history_library).
+                    self.app
+                        .history_loaded
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                }
                 self.app.metrics.reliable_store_failures.inc();
                 tracing::warn!(session_id = %self.session_id, error = %e, "client message not stored");
                 let why = format!("the message was not stored, Redis is unavailable: {e}");

@@ -284,17 +284,20 @@ pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
 }
 
 /// Loads the `wsproxy` Redis library (reliable sessions) at start-up, and
-/// again after each reconnection of the pub/sub connection: a Redis that
+/// again after each reconnection of the pub/sub connection (a Redis that
 /// restarted without persistence has forgotten it, and backends' `FCALL
-/// wsproxy_publish` would fail until it is back. `/ready` is 503 while it
-/// is not loaded.
+/// wsproxy_publish` would fail until it is back) or when a call found it
+/// missing (`FUNCTION FLUSH`). `/ready` is 503 while it is not loaded.
 async fn keep_history_library(app: Arc<App>) {
     use std::sync::atomic::Ordering;
     let mut loaded_at: Option<u64> = None;
     let mut redis = app.redis.clone();
     loop {
         let reconnects = app.metrics.redis_reconnects.get();
-        if loaded_at != Some(reconnects) {
+        // Again after the pub/sub connection came back (Redis may have
+        // restarted without it), or when a call found it missing.
+        let missing = loaded_at.is_some() && !app.history_loaded.load(Ordering::SeqCst);
+        if loaded_at != Some(reconnects) || missing {
             app.history_loaded.store(false, Ordering::SeqCst);
             let limit = app.config.auth_timeout;
             match crate::history::install(&mut redis, &app.config.reliable, limit).await {

@@ -421,7 +421,7 @@ async fn a_reliable_connection_open_while_redis_restarts_is_closed_to_resume_not
     publish(&redis, &session, &n(2)).await;
     assert_eq!(close_code(&mut ws).await, 1013);
 
-    wait_ready(&server).await;
+    server.wait_ready().await;
     let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &last))).await;
     assert_eq!(welcome["resumed"], true, "{welcome}");
     publish(&redis, &session, &n(3)).await;
@@ -456,7 +456,7 @@ async fn stream_entries(redis: &Redis, stream: &str) -> Vec<(String, Vec<(String
 
 #[tokio::test]
 async fn client_messages_are_acknowledged_once_stored_and_a_resend_is_stored_once() {
-    let mut redis = Redis::start().await;
+    let redis = Redis::start().await;
     let server = server(&redis, |_| {}).await;
     let session = unique("s");
     redis.set_token(&session, TOKEN, 600).await;
@@ -513,8 +513,15 @@ async fn client_messages_are_acknowledged_once_stored_and_a_resend_is_stored_onc
     }
     assert_eq!(stream_entries(&redis, "wsproxy:up:0").await.len(), 1);
 
-    // Redis gone: an error naming the id, never an ack.
-    redis.kill();
+    // Redis refuses the store (its library deleted, as a FUNCTION FLUSH
+    // would): an error naming the id, never an ack. (Killing Redis would
+    // close the connection with 1013 first, see below.)
+    let _: () = redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg("wsproxy")
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("FUNCTION DELETE");
     let r = send_message(&mut ws, "m-2", "2").await;
     assert_eq!(
         (r["type"].as_str(), r["error"].as_str(), r["id"].as_str()),
@@ -530,6 +537,19 @@ async fn client_messages_are_acknowledged_once_stored_and_a_resend_is_stored_onc
         server.metric("wsproxy_reliable_store_failures_total").await,
         1.0
     );
+    // ... and wsproxy puts its library back: the next message is stored.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = send_message(&mut ws, "m-3", "3").await;
+        if r["type"] == "ack" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reloaded: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The worker recipe the README documents: a consumer group on
