@@ -239,6 +239,9 @@ impl Config {
         Every option can also be set through the environment variable shown beside it, \
         or in a .env file in the working directory (real environment variables win)."
 )]
+// The field docs are clap's --help text, written for a terminal: brackets
+// and angle brackets there are not links or HTML.
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 pub struct Cli {
     /// Address to listen on.
     #[arg(long, env = "HOST", default_value = "0.0.0.0")]
@@ -379,6 +382,7 @@ fn path(raw: &Option<String>) -> Option<std::path::PathBuf> {
 
 /// Subcommands besides running the server.
 #[derive(Debug, clap::Subcommand)]
+#[allow(rustdoc::invalid_html_tags)]
 pub enum Command {
     /// Print the argon2 hash of a password, for a USERS_FILE line
     /// ("username:<hash>"). Reads the password from stdin when not given.

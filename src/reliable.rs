@@ -30,7 +30,7 @@
 //! Race-free resume: the connection subscribes to `session:{id}:live`
 //! first, then reads history ([`crate::history::join`]); a message that
 //! arrives both ways is dropped from the live side by its offset
-//! ([`ReliableBridge::deliver`]). When wsproxy's pub/sub connection drops,
+//! (`ReliableBridge`'s `deliver`). When wsproxy's pub/sub connection drops,
 //! live messages stop until it has resubscribed, and what Redis published
 //! meanwhile never arrives: the connection's outbox is gapless
 //! ([`crate::broker::Outbox::gapless`]), so it is then closed with 1013 and

@@ -6,7 +6,7 @@
 //! any number of instances in one process.
 //!
 //! Lifecycle, in the order things happen:
-//! - [`Listener`] accepts TCP connections, at most `MAX_CONNECTIONS` at once
+//! - The `Listener` accepts TCP connections, at most `MAX_CONNECTIONS` at once
 //!   (a semaphore permit per connection, held by upgraded WebSockets too),
 //!   and serves each with hyper's HTTP/1 server. A request header that takes
 //!   longer than `AUTH_TIMEOUT_SECS` to arrive is dropped (slowloris).
