@@ -1,0 +1,171 @@
+// wsproxy-bench's `down --target reliable` and `resume`, against the
+// Socket.IO peer (server.mjs).
+//   node bench.mjs down   --url http://127.0.0.1:9400 --redis redis://... --n 1000 --m 100000 [--rate 2000]
+//   node bench.mjs resume --url http://127.0.0.1:9400 --redis redis://... --n 50 --m 1000
+// Messages are published from a Server instance of this process with the
+// same Redis Streams adapter, so each one goes through the Redis stream
+// (XADD here, XREAD in server.mjs) as wsproxy's go through Redis.
+import { createClient } from "redis";
+import { Server } from "socket.io";
+import { createAdapter } from "@socket.io/redis-streams-adapter";
+import { io as connect } from "socket.io-client";
+
+const [scenario, ...rest] = process.argv.slice(2);
+const arg = (name, dflt) => {
+  const i = rest.indexOf(`--${name}`);
+  return i >= 0 ? rest[i + 1] : dflt;
+};
+const url = arg("url", "http://127.0.0.1:9400");
+const redisUrl = arg("redis", "redis://127.0.0.1:6379");
+const n = Number(arg("n", scenario === "resume" ? 50 : 1000));
+const m = Number(arg("m", scenario === "resume" ? 1000 : 100000));
+const rate = Number(arg("rate", 0));
+const maxLen = Number(process.env.SIO_MAXLEN ?? 10_000);
+
+// Wall clock in microseconds (the bench's clients and publisher share it).
+const nowUs = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const redis = createClient({ url: redisUrl });
+await redis.connect();
+const pub = new Server({ adapter: createAdapter(redis, { maxLen }) });
+
+const fmt = (us) => (us >= 10_000 ? `${(us / 1000).toFixed(1)}ms` : `${Math.round(us)}us`);
+function pct(sorted, p) {
+  if (!sorted.length) return NaN;
+  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)];
+}
+function summary(lat) {
+  const s = Float64Array.from(lat).sort();
+  return `p50 ${fmt(pct(s, 50))} p99 ${fmt(pct(s, 99))} p99.9 ${fmt(pct(s, 99.9))} max ${fmt(s[s.length - 1])}`;
+}
+
+function open(room) {
+  const socket = connect(url, {
+    transports: ["websocket"],
+    query: { room },
+    reconnection: false,
+    forceNew: true,
+  });
+  const ready = new Promise((resolve, reject) => {
+    socket.once("ready", resolve);
+    socket.once("connect_error", reject);
+  });
+  return { socket, ready };
+}
+
+async function down() {
+  const lat = [];
+  let delivered = 0;
+  let last = 0;
+  const sockets = [];
+  for (let i = 0; i < n; i += 100) {
+    const batch = [];
+    for (let j = i; j < Math.min(n, i + 100); j++) {
+      const c = open(`d${j}`);
+      c.socket.on("m", (msg) => {
+        const t = nowUs();
+        lat.push(t - msg.t);
+        delivered++;
+        last = t;
+      });
+      sockets.push(c.socket);
+      batch.push(c.ready);
+    }
+    await Promise.all(batch);
+  }
+  await sleep(200);
+  const t0 = nowUs();
+  let lagMax = 0;
+  for (let i = 0; i < m; ) {
+    if (rate > 0) {
+      const due = Math.min(m, Math.floor(((nowUs() - t0) / 1e6) * rate) + 1);
+      if (due <= i) {
+        await sleep(1);
+        continue;
+      }
+      lagMax = Math.max(lagMax, nowUs() - (t0 + (i / rate) * 1e6));
+      for (; i < due; i++) pub.to(`d${i % n}`).emit("m", { t: nowUs(), seq: i });
+      await new Promise((r) => setImmediate(r));
+    } else {
+      const end = Math.min(m, i + 500);
+      for (; i < end; i++) pub.to(`d${i % n}`).emit("m", { t: nowUs(), seq: i });
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+  await redis.ping();
+  const deadline = Date.now() + (rate > 0 ? (m / rate) * 1000 : 0) + 10_000;
+  while (delivered < m && Date.now() < deadline) await sleep(20);
+  const seconds = (last - t0) / 1e6;
+  console.log(
+    `down socketio n=${n} sent=${m} delivered=${delivered} rate=${Math.round(delivered / seconds)}/s ` +
+      `offered=${rate > 0 ? rate : "max"} ${summary(lat)}` +
+      (rate > 0 ? ` publisher lag max ${fmt(lagMax)}` : ""),
+  );
+  for (const s of sockets) s.disconnect();
+}
+
+async function resume() {
+  const lat = [];
+  let delivered = 0;
+  let errors = 0;
+  let dups = 0;
+  const settle = Number(arg("settle", 0));
+  const started = Date.now();
+  for (let k = 0; k < n; k++) {
+    const room = `r${k}`;
+    const { socket, ready } = open(room);
+    await ready;
+    // One message first, so the client holds an offset to resume from
+    // (wsproxy's welcome gives its client one).
+    const primed = new Promise((r) => socket.once("m", r));
+    pub.to(room).emit("m", { t: nowUs(), seq: -1 });
+    await primed;
+    // A network drop: the transport closes without a Socket.IO disconnect,
+    // so the server keeps the session for recovery.
+    const gone = new Promise((r) => socket.once("disconnect", r));
+    socket.io.engine.close();
+    await gone;
+    for (let i = 0; i < m; i++) pub.to(room).emit("m", { t: nowUs(), seq: i });
+    await redis.ping(); // every XADD above is in the stream
+    // --settle MS: give server.mjs's stream reader time to catch up before
+    // the reconnect (without it, some replayed messages also come live).
+    if (settle > 0) await sleep(settle);
+    let next = 0;
+    let bad = null;
+    const done = new Promise((resolve) => {
+      socket.on("m", (msg) => {
+        if (msg.seq === -1) return;
+        if (msg.seq < next) dups++; // delivered twice: replay and live
+        else if (msg.seq !== next) bad ??= `expected ${next}, got ${msg.seq}`;
+        else next++;
+        if (next === m) resolve();
+      });
+    });
+    const t0 = nowUs();
+    const back = new Promise((r) => socket.once("ready", r));
+    socket.connect();
+    const hello = await back;
+    await Promise.race([done, sleep(10_000)]);
+    const t1 = nowUs();
+    if (!hello.recovered || !socket.recovered || next !== m || bad) {
+      errors++;
+      console.error(`resume ${k}: recovered=${socket.recovered} got ${next}/${m} ${bad ?? ""}`);
+    } else {
+      lat.push(t1 - t0);
+      delivered += m;
+    }
+    socket.disconnect();
+  }
+  const seconds = (Date.now() - started) / 1000;
+  console.log(
+    `resume socketio n=${n} sent=${n * m} delivered=${delivered} errors=${errors} duplicates=${dups} settle=${settle}ms ` +
+      `rate=${Math.round(delivered / seconds)}/s ${summary(lat)} (reconnect to last missed)`,
+  );
+}
+
+if (scenario === "down") await down();
+else if (scenario === "resume") await resume();
+else throw new Error("scenario: down or resume");
+await redis.quit().catch(() => {});
+process.exit(0);
