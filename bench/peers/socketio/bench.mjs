@@ -56,6 +56,7 @@ function open(room) {
 
 async function down() {
   const lat = [];
+  const seen = new Uint8Array(m);
   let delivered = 0;
   let last = 0;
   const sockets = [];
@@ -66,6 +67,7 @@ async function down() {
       c.socket.on("m", (msg) => {
         const t = nowUs();
         lat.push(t - msg.t);
+        seen[msg.seq] = 1;
         delivered++;
         last = t;
       });
@@ -102,6 +104,18 @@ async function down() {
       `offered=${rate > 0 ? rate : "max"} ${summary(lat)}` +
       (rate > 0 ? ` publisher lag max ${fmt(lagMax)}` : ""),
   );
+  if (delivered < m) {
+    // Where the lost messages were: runs of consecutive sequence numbers.
+    const runs = [];
+    for (let i = 0; i < m; i++) {
+      if (seen[i]) continue;
+      let j = i;
+      while (j + 1 < m && !seen[j + 1]) j++;
+      runs.push(`${i}-${j}`);
+      i = j;
+    }
+    console.log(`lost ${m - delivered} in ${runs.length} runs: ${runs.slice(0, 10).join(" ")}`);
+  }
   for (const s of sockets) s.disconnect();
 }
 
