@@ -26,9 +26,13 @@ const maxLen = Number(process.env.SIO_MAXLEN ?? 10_000);
 const nowUs = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-const redis = createClient({ url: redisUrl });
-await redis.connect();
-const pub = new Server({ adapter: createAdapter(redis, { maxLen }) });
+const procs = Number(arg("procs", 1));
+let redis, pub;
+if (scenario !== "clients") {
+  redis = createClient({ url: redisUrl });
+  await redis.connect();
+  pub = new Server({ adapter: createAdapter(redis, { maxLen }) });
+}
 
 const fmt = (us) => (us >= 10_000 ? `${(us / 1000).toFixed(1)}ms` : `${Math.round(us)}us`);
 function pct(sorted, p) {
@@ -54,27 +58,75 @@ function open(room) {
   return { socket, ready };
 }
 
-async function down() {
-  const lat = [];
-  const seen = new Uint8Array(m);
-  let delivered = 0;
-  let last = 0;
+// Clients in rooms d<from>..d<to-1>; onMessage(msg, receivedAtUs).
+async function openRooms(from, to, onMessage) {
   const sockets = [];
-  for (let i = 0; i < n; i += 100) {
+  for (let i = from; i < to; i += 100) {
     const batch = [];
-    for (let j = i; j < Math.min(n, i + 100); j++) {
+    for (let j = i; j < Math.min(to, i + 100); j++) {
       const c = open(`d${j}`);
-      c.socket.on("m", (msg) => {
-        const t = nowUs();
-        lat.push(t - msg.t);
-        seen[msg.seq] = 1;
-        delivered++;
-        last = t;
-      });
+      c.socket.on("m", (msg) => onMessage(msg, nowUs()));
       sockets.push(c.socket);
       batch.push(c.ready);
     }
     await Promise.all(batch);
+  }
+  return sockets;
+}
+
+// --procs K: the clients of `down` in K child processes (this script,
+// scenario `clients`), so that they are not one Node process's work.
+async function clients() {
+  const from = Number(arg("from", 0));
+  const to = Number(arg("to", n));
+  let expected = 0;
+  for (let j = from; j < to; j++) expected += Math.floor(m / n) + (j < m % n ? 1 : 0);
+  const lat = [];
+  const seqs = [];
+  let last = 0;
+  const sockets = await openRooms(from, to, (msg, t) => {
+    lat.push(t - msg.t);
+    seqs.push(msg.seq);
+    last = t;
+    if (seqs.length === expected) process.send({ done: true });
+  });
+  process.on("message", () => {
+    for (const s of sockets) s.disconnect();
+    process.send({ lat, seqs, last }, () => process.exit(0));
+  });
+  process.send({ ready: true });
+}
+
+async function down() {
+  let lat = [];
+  const seen = new Uint8Array(m);
+  let delivered = 0;
+  let last = 0;
+  let sockets = [];
+  const children = [];
+  if (procs > 1) {
+    const { fork } = await import("node:child_process");
+    const self = new URL(import.meta.url).pathname;
+    const ready = [];
+    for (let k = 0; k < procs; k++) {
+      const from = Math.floor((k * n) / procs);
+      const to = Math.floor(((k + 1) * n) / procs);
+      const child = fork(self, ["clients", "--url", url, "--n", `${n}`, "--m", `${m}`, "--from", `${from}`, "--to", `${to}`]);
+      const c = { child, done: false };
+      ready.push(new Promise((r) => child.on("message", (msg) => {
+        if (msg.ready) r();
+        if (msg.done) c.done = true;
+      })));
+      children.push(c);
+    }
+    await Promise.all(ready);
+  } else {
+    sockets = await openRooms(0, n, (msg, t) => {
+      lat.push(t - msg.t);
+      seen[msg.seq] = 1;
+      delivered++;
+      last = t;
+    });
   }
   await sleep(200);
   const t0 = nowUs();
@@ -97,10 +149,23 @@ async function down() {
   }
   await redis.ping();
   const deadline = Date.now() + (rate > 0 ? (m / rate) * 1000 : 0) + 10_000;
+  if (procs > 1) {
+    while (children.some((c) => !c.done) && Date.now() < deadline) await sleep(20);
+    const results = await Promise.all(children.map(({ child }) => new Promise((r) => {
+      child.on("message", (msg) => msg.lat && r(msg));
+      child.send("stop");
+    })));
+    for (const res of results) {
+      lat = lat.concat(res.lat);
+      for (const q of res.seqs) seen[q] = 1;
+      delivered += res.seqs.length;
+      last = Math.max(last, res.last);
+    }
+  }
   while (delivered < m && Date.now() < deadline) await sleep(20);
   const seconds = (last - t0) / 1e6;
   console.log(
-    `down socketio n=${n} sent=${m} delivered=${delivered} rate=${Math.round(delivered / seconds)}/s ` +
+    `down socketio n=${n} procs=${procs} sent=${m} delivered=${delivered} rate=${Math.round(delivered / seconds)}/s ` +
       `offered=${rate > 0 ? rate : "max"} ${summary(lat)}` +
       (rate > 0 ? ` publisher lag max ${fmt(lagMax)}` : ""),
   );
@@ -180,6 +245,9 @@ async function resume() {
 
 if (scenario === "down") await down();
 else if (scenario === "resume") await resume();
+else if (scenario === "clients") await clients(); // exits when told to stop
 else throw new Error("scenario: down or resume");
-await redis.quit().catch(() => {});
-process.exit(0);
+if (scenario !== "clients") {
+  await redis.quit().catch(() => {});
+  process.exit(0);
+}

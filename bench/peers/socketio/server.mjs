@@ -12,12 +12,14 @@ import { createAdapter } from "@socket.io/redis-streams-adapter";
 const port = Number(process.argv[2] ?? 9400);
 const url = process.argv[3] ?? "redis://127.0.0.1:6379";
 const maxLen = Number(process.env.SIO_MAXLEN ?? 10_000);
+// The adapter's entries per XREAD call (its default: 100).
+const readCount = Number(process.env.SIO_READCOUNT ?? 100);
 
 const redis = createClient({ url });
 await redis.connect();
 const http = createServer();
 const io = new Server(http, {
-  adapter: createAdapter(redis, { maxLen }),
+  adapter: createAdapter(redis, { maxLen, readCount }),
   connectionStateRecovery: {
     maxDisconnectionDuration: 2 * 60 * 1000,
     skipMiddlewares: true,
