@@ -639,3 +639,61 @@ async fn a_crashed_workers_messages_are_claimed_by_another() {
     values.sort_unstable();
     assert_eq!(values, (0..20).collect::<Vec<u64>>(), "none lost or twice");
 }
+
+/// Issue 13, point 5: connections of one session on two wsproxy instances
+/// each get every message, and a client whose connection to one drops
+/// resumes on the other with nothing lost or repeated, while the backend
+/// keeps publishing. (A real SIGKILL of the process is the chaos test's,
+/// in .ci/run: in-process, aborting a server does not kill its
+/// connections' tasks.)
+#[tokio::test]
+async fn a_client_resumes_on_another_instance_with_nothing_lost() {
+    let redis = Redis::start().await;
+    let a = server(&redis, |c| c.reliable.history_max_len = 5000).await;
+    let b = server(&redis, |c| c.reliable.history_max_len = 5000).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let (mut on_a, welcome) = connect(&a, &session, None).await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let (mut on_b, _) = connect(&b, &session, None).await;
+    for i in 1..=50 {
+        publish(&redis, &session, &n(i)).await;
+    }
+    let (got_a, last_a) = numbers_until(&mut on_a, 50).await;
+    let (got_b, _) = numbers_until(&mut on_b, 50).await;
+    assert_eq!(got_a, (1..=50).collect::<Vec<_>>());
+    assert_eq!(got_b, got_a, "both processes deliver the same messages");
+
+    // The connection to A drops without a close frame, and A stops.
+    drop(on_a);
+    a.task.abort();
+    let publisher = {
+        let mut c = redis.conn().await;
+        let key = format!("session:{session}:history");
+        tokio::spawn(async move {
+            for i in 51..=400 {
+                let _: String = redis::cmd("FCALL")
+                    .arg("wsproxy_publish")
+                    .arg(1)
+                    .arg(&key)
+                    .arg(n(i))
+                    .query_async(&mut c)
+                    .await
+                    .expect("FCALL");
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (mut resumed, welcome) = connect(&b, &session, Some((&epoch, &last_a))).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    let (got, _) = numbers_until(&mut resumed, 400).await;
+    publisher.await.expect("publisher");
+    assert_eq!(
+        got,
+        (51..=400).collect::<Vec<_>>(),
+        "lost, repeated or out of order"
+    );
+    // The connection that stayed on B saw them all too.
+    let (still, _) = numbers_until(&mut on_b, 400).await;
+    assert_eq!(still, (51..=400).collect::<Vec<_>>());
+}
