@@ -94,6 +94,29 @@ async fn publish(redis: &Redis, session: &str, payload: &str) -> String {
         .expect("FCALL wsproxy_publish")
 }
 
+/// Publishes `{"n": i}` for every `i` of `range`, in a task of its own,
+/// while the test goes on.
+async fn publish_meanwhile(
+    redis: &Redis,
+    session: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> tokio::task::JoinHandle<()> {
+    let mut c = redis.conn().await;
+    let key = format!("session:{session}:history");
+    tokio::spawn(async move {
+        for i in range {
+            let _: String = redis::cmd("FCALL")
+                .arg("wsproxy_publish")
+                .arg(1)
+                .arg(&key)
+                .arg(n(i))
+                .query_async(&mut c)
+                .await
+                .expect("FCALL");
+        }
+    })
+}
+
 async fn next_json(ws: &mut Ws) -> serde_json::Value {
     serde_json::from_str(&next_text(ws).await).expect("json frame")
 }
@@ -141,22 +164,7 @@ async fn a_client_that_reconnects_gets_exactly_what_it_missed_while_more_is_publ
         publish(&redis, &session, &n(i)).await;
     }
     // ... and 300 more while it resumes.
-    let publisher = {
-        let mut c = redis.conn().await;
-        let key = format!("session:{session}:history");
-        tokio::spawn(async move {
-            for i in 1004..=1303 {
-                let _: String = redis::cmd("FCALL")
-                    .arg("wsproxy_publish")
-                    .arg(1)
-                    .arg(&key)
-                    .arg(n(i))
-                    .query_async(&mut c)
-                    .await
-                    .expect("FCALL");
-            }
-        })
-    };
+    let publisher = publish_meanwhile(&redis, &session, 1004..=1303).await;
     let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &last))).await;
     assert_eq!(welcome["resumed"], true, "{welcome}");
     assert_eq!(welcome["epoch"], epoch.as_str());
@@ -667,22 +675,7 @@ async fn a_client_resumes_on_another_instance_with_nothing_lost() {
     // The connection to A drops without a close frame, and A stops.
     drop(on_a);
     a.task.abort();
-    let publisher = {
-        let mut c = redis.conn().await;
-        let key = format!("session:{session}:history");
-        tokio::spawn(async move {
-            for i in 51..=400 {
-                let _: String = redis::cmd("FCALL")
-                    .arg("wsproxy_publish")
-                    .arg(1)
-                    .arg(&key)
-                    .arg(n(i))
-                    .query_async(&mut c)
-                    .await
-                    .expect("FCALL");
-            }
-        })
-    };
+    let publisher = publish_meanwhile(&redis, &session, 51..=400).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let (mut resumed, welcome) = connect(&b, &session, Some((&epoch, &last_a))).await;
     assert_eq!(welcome["resumed"], true, "{welcome}");

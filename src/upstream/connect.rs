@@ -436,6 +436,41 @@ pub async fn dial(
     }
 }
 
+/// Reads the backend's response head, and whatever followed it in the
+/// same reads: the bytes and where the head ends.
+async fn read_response_head(
+    stream: &mut BackendStream,
+    backend: &Backend,
+) -> Result<(Vec<u8>, usize), DialError> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|error| DialFailure::Read {
+                backend: backend.authority(),
+                error,
+            })?;
+        if n == 0 {
+            return Err(DialFailure::Closed {
+                backend: backend.authority(),
+            }
+            .into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok((buf, pos + 4));
+        }
+        if buf.len() > MAX_RESPONSE_HEAD {
+            return Err(DialFailure::Oversized {
+                backend: backend.authority(),
+            }
+            .into());
+        }
+    }
+}
+
 async fn dial_inner(
     backend: &Backend,
     tls: &TlsConnector,
@@ -476,34 +511,7 @@ async fn dial_inner(
             error,
         })?;
 
-    // Read the response head (and whatever follows it in the same reads).
-    let mut buf = Vec::with_capacity(1024);
-    let end = loop {
-        let mut chunk = [0u8; 1024];
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|error| DialFailure::Read {
-                backend: authority(),
-                error,
-            })?;
-        if n == 0 {
-            return Err(DialFailure::Closed {
-                backend: authority(),
-            }
-            .into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos + 4;
-        }
-        if buf.len() > MAX_RESPONSE_HEAD {
-            return Err(DialFailure::Oversized {
-                backend: authority(),
-            }
-            .into());
-        }
-    };
+    let (buf, end) = read_response_head(&mut stream, backend).await?;
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut headers);
     response
