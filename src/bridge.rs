@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, Query, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use redis::aio::ConnectionManager;
@@ -67,24 +67,42 @@ pub async fn handler(
     State(app): State<Arc<App>>,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<AuthQuery>, QueryRejection>,
+    RawQuery(raw_query): RawQuery,
     slot: Option<Extension<ConnectionSlot>>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    match accept(app, path, query, slot.map(|s| s.0), headers, upgrade).await {
+    let request = Request {
+        headers,
+        raw_query,
+        slot: slot.map(|s| s.0),
+    };
+    match accept(app, path, query, request, upgrade).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
+}
+
+/// What the upgrade request carries besides its path and known query.
+struct Request {
+    headers: HeaderMap,
+    /// The whole query, for the parameters a connect event may copy.
+    raw_query: Option<String>,
+    slot: Option<ConnectionSlot>,
 }
 
 async fn accept(
     app: Arc<App>,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<AuthQuery>, QueryRejection>,
-    slot: Option<ConnectionSlot>,
-    headers: HeaderMap,
+    request: Request,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let Request {
+        headers,
+        raw_query,
+        slot,
+    } = request;
     // 1. Validate everything that needs no I/O, the page's origin first.
     crate::handshake::admit(&headers, &app.config.ws_origins)?;
     let Path((agent_id, session_id)) =
@@ -174,6 +192,7 @@ async fn accept(
         agent_id: Some(agent_id.clone()),
         user: None,
     };
+    let mut tracking = tracking(&app, &headers, raw_query.as_deref(), slot.as_ref());
     let Some(mut joined) = joined else {
         let handler = Bridge {
             app: app.clone(),
@@ -183,10 +202,18 @@ async fn accept(
         };
         return Ok(ws::upgrade(
             upgrade,
-            driver(&app, outbox, handler, label, slot, Vec::new()),
+            driver(&app, outbox, handler, label, slot, Vec::new(), tracking),
         ));
     };
     app.metrics.reliable_connections.inc();
+    if let Some(info) = tracking.info.as_mut() {
+        info.reliable = true;
+        info.resume = joined.resume.map(|r| crate::lifecycle::Resume {
+            resumed: r.is_ok(),
+            replayed: r.unwrap_or(0),
+            reason: r.err().map(|why| why.as_str()),
+        });
+    }
     let preamble = crate::reliable::preamble(&app, &session_id, &mut joined);
     let handler = crate::reliable::ReliableBridge {
         app: app.clone(),
@@ -202,8 +229,36 @@ async fn accept(
     let upgrade = upgrade.protocols([crate::reliable::PROTOCOL]);
     Ok(ws::upgrade(
         upgrade,
-        driver(&app, outbox, handler, label, slot, preamble),
+        driver(&app, outbox, handler, label, slot, preamble, tracking),
     ))
+}
+
+/// The connection's lifecycle registration: untracked unless events or
+/// presence are on.
+fn tracking(
+    app: &App,
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    slot: Option<&ConnectionSlot>,
+) -> crate::lifecycle::Tracking {
+    if !app.lifecycle.enabled() {
+        return crate::lifecycle::Tracking::default();
+    }
+    let user_agent = headers
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|ua| ua.chars().take(256).collect());
+    crate::lifecycle::Tracking {
+        connection: app.lifecycle.next_connection(),
+        info: Some(Box::new(crate::lifecycle::ConnectInfo {
+            remote: slot.map(|s| s.peer),
+            user_agent,
+            query: app.lifecycle.allowed_query(raw_query),
+            reliable: false,
+            resume: None,
+        })),
+        ..Default::default()
+    }
 }
 
 /// The connection's driver, for either kind of session.
@@ -214,6 +269,7 @@ fn driver<H: Handler>(
     label: Label,
     slot: Option<ConnectionSlot>,
     preamble: Vec<axum::extract::ws::Message>,
+    tracking: crate::lifecycle::Tracking,
 ) -> Driver<H> {
     Driver {
         app: app.clone(),
@@ -229,6 +285,7 @@ fn driver<H: Handler>(
         task: app.tracker.token(),
         slot,
         preamble,
+        tracking,
     }
 }
 

@@ -115,6 +115,19 @@ struct OutboxState {
     /// after the outbox's channel was live: what is queued came before the
     /// gap, nothing after it is taken.
     lost: bool,
+    /// Set when something (a backend, through the control channel) ordered
+    /// the connection closed: what is queued goes out first, nothing more
+    /// is taken. Boxed: an idle connection pays one pointer.
+    close: Option<Box<CloseOrder>>,
+}
+
+/// An order to close a connection with this code and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseOrder {
+    /// The close code the client gets.
+    pub code: u16,
+    /// The close reason (at most 123 bytes).
+    pub reason: String,
 }
 
 /// What a connection gets from its outbox.
@@ -129,6 +142,9 @@ pub enum Outgoing {
     /// queued before has been handed out; the connection must be closed
     /// (1013) so that its client resumes.
     Lost,
+    /// The connection was ordered closed ([`Outbox::order_close`]); what was
+    /// queued before has been handed out.
+    Close(Box<CloseOrder>),
 }
 
 impl Outbox {
@@ -161,6 +177,19 @@ impl Outbox {
         }
     }
 
+    /// Orders the connection closed once what is queued has gone out; the
+    /// first order wins. Returns false if one was already given.
+    pub fn order_close(&self, order: CloseOrder) -> bool {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return false;
+        }
+        state.close = Some(Box::new(order));
+        drop(state);
+        self.notify.notify_one();
+        true
+    }
+
     fn lock(&self) -> MutexGuard<'_, OutboxState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -169,7 +198,7 @@ impl Outbox {
     /// Returns false if the message was not queued.
     pub fn push(&self, msg: Message) -> bool {
         let mut state = self.lock();
-        if state.slow || state.lost {
+        if state.slow || state.lost || state.close.is_some() {
             return false;
         }
         let queued = if state.queue.len() >= self.capacity {
@@ -208,6 +237,9 @@ impl Outbox {
                 }
                 if state.lost {
                     return Outgoing::Lost;
+                }
+                if let Some(order) = state.close.take() {
+                    return Outgoing::Close(order);
                 }
             }
             self.notify.notified().await;
@@ -325,6 +357,32 @@ impl Broker {
     /// True while the shared pub/sub connection is established.
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Orders every local subscriber of `channel` closed (see
+    /// [`Outbox::order_close`]); the number of connections ordered.
+    pub fn close_channel(&self, channel: &str, order: &CloseOrder) -> usize {
+        let state = self.shared.lock();
+        let Some(ch) = state.channels.get(channel) else {
+            return 0;
+        };
+        ch.subs
+            .iter()
+            .filter(|(_, outbox)| outbox.order_close(order.clone()))
+            .count()
+    }
+
+    /// Orders closed every local subscriber of the channels `which` picks;
+    /// the number of connections ordered.
+    pub fn close_where(&self, which: impl Fn(&str) -> bool, order: &CloseOrder) -> usize {
+        let state = self.shared.lock();
+        state
+            .channels
+            .iter()
+            .filter(|(name, _)| which(name))
+            .flat_map(|(_, ch)| ch.subs.iter())
+            .filter(|(_, outbox)| outbox.order_close(order.clone()))
+            .count()
     }
 
     /// Number of channels with at least one local subscriber.
@@ -697,6 +755,54 @@ mod tests {
         // One still waiting for its confirmation missed nothing.
         assert!(waiting.push(Message::text("first")));
         assert!(matches!(waiting.pop().await, Outgoing::Message(_)));
+    }
+
+    #[tokio::test]
+    async fn a_close_order_comes_after_what_was_queued_and_stops_the_queue() {
+        let shared = shared();
+        let broker = Broker {
+            shared: shared.clone(),
+        };
+        let (a, b, other) = (Outbox::new(8), Outbox::new(8), Outbox::new(8));
+        shared.lock().channels.insert(
+            "s".into(),
+            Channel {
+                subs: vec![(1, a.clone()), (2, b.clone())],
+                confirmed: true,
+                waiters: Vec::new(),
+            },
+        );
+        shared.lock().channels.insert(
+            "t".into(),
+            Channel {
+                subs: vec![(3, other.clone())],
+                confirmed: true,
+                waiters: Vec::new(),
+            },
+        );
+        dispatch(&shared, "s", b"last words");
+        let order = CloseOrder {
+            code: 4001,
+            reason: "revoked".into(),
+        };
+        assert_eq!(broker.close_channel("s", &order), 2);
+        assert_eq!(broker.close_channel("nobody", &order), 0);
+        // A second order changes nothing: the first one wins.
+        assert_eq!(broker.close_channel("s", &order), 0);
+        dispatch(&shared, "s", b"too late");
+        for outbox in [&a, &b] {
+            match outbox.pop().await {
+                Outgoing::Message(Message::Text(t)) => assert_eq!(t.as_str(), "last words"),
+                other => panic!("unexpected {other:?}"),
+            }
+            match outbox.pop().await {
+                Outgoing::Close(o) => assert_eq!(*o, order),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(other.try_pop().is_none());
+        assert_eq!(broker.close_where(|c| c == "t", &order), 1);
+        assert!(matches!(other.pop().await, Outgoing::Close(_)));
     }
 
     #[tokio::test]

@@ -19,3 +19,6 @@ pub const INTERNAL: u16 = 1011;
 /// Try again later: a reliable session whose messages stopped because
 /// wsproxy lost Redis; reconnecting resumes it from history.
 pub const TRY_AGAIN_LATER: u16 = 1013;
+/// Never sent: what a disconnect event reports when the client left
+/// without a close frame (RFC 6455 section 7.1.5).
+pub const ABNORMAL: u16 = 1006;

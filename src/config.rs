@@ -84,6 +84,47 @@ impl Default for ReliableConfig {
     }
 }
 
+/// What backends learn through Redis (see [`crate::lifecycle`]).
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    /// Append connect, resume and disconnect events to `wsproxy:events`.
+    pub events: bool,
+    /// Entries the events stream keeps at least (trimmed approximately).
+    pub events_max_len: usize,
+    /// Also publish each event on the session's own events channel.
+    pub session_channel: bool,
+    /// Query parameters of the upgrade request copied into connect events.
+    pub query_params: Vec<String>,
+    /// Keep each session's presence hash.
+    pub presence: bool,
+    /// How often a process renews its heartbeat (and looks for dead ones).
+    pub heartbeat: Duration,
+}
+
+impl LifecycleConfig {
+    /// True when connections are registered with Redis at all.
+    pub fn tracked(&self) -> bool {
+        self.events || self.presence
+    }
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            events: false,
+            events_max_len: 100_000,
+            session_channel: false,
+            query_params: Vec::new(),
+            presence: false,
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Query parameters that never go into an event: the token, and the
+/// position of a resume (the event says whether it resumed).
+const PRIVATE_QUERY_PARAMS: [&str; 3] = ["access_token", "epoch", "offset"];
+
 /// JSON Web Token settings; present when `JWT_SECRET` is set.
 #[derive(Clone)]
 pub struct JwtConfig {
@@ -143,6 +184,8 @@ pub struct Config {
     pub pubsub: PubSubConfig,
     /// Reliable sessions (history, resume, durable client messages).
     pub reliable: ReliableConfig,
+    /// Lifecycle events, presence and process heartbeats.
+    pub lifecycle: LifecycleConfig,
     /// Token issuing and checking for `/ws`; `None` without `JWT_SECRET`.
     pub jwt: Option<JwtConfig>,
     /// File of `username:argon2-hash` lines for `POST /auth/token`.
@@ -210,6 +253,7 @@ impl Config {
                 max_payload_bytes: 65_536,
             },
             reliable: ReliableConfig::default(),
+            lifecycle: LifecycleConfig::default(),
             jwt: None,
             users_file: None,
             cors_origins: Vec::new(),
@@ -322,6 +366,29 @@ pub struct Cli {
     /// stored once).
     #[arg(long, env = "UP_DEDUPE_SECS", default_value = "300")]
     pub up_dedupe_secs: String,
+    /// Lifecycle events: true appends connect, resume and disconnect events
+    /// of session connections to the Redis Stream wsproxy:events.
+    #[arg(long, env = "LIFECYCLE_EVENTS", default_value = "false")]
+    pub lifecycle_events: String,
+    /// Entries the wsproxy:events stream keeps at least.
+    #[arg(long, env = "EVENTS_MAX_LEN", default_value = "100000")]
+    pub events_max_len: String,
+    /// Also publish each lifecycle event on session:{id}:events.
+    #[arg(long, env = "EVENTS_SESSION_CHANNEL", default_value = "false")]
+    pub events_session_channel: String,
+    /// Comma-separated query parameters of the upgrade request copied into
+    /// connect events (never access_token, epoch or offset).
+    #[arg(long, env = "EVENTS_QUERY_PARAMS", default_value = "")]
+    pub events_query_params: String,
+    /// Presence: true keeps session:{id}:presence, one field per open
+    /// connection.
+    #[arg(long, env = "PRESENCE", default_value = "false")]
+    pub presence: String,
+    /// Seconds between a process's heartbeats (with events or presence on);
+    /// a process silent for two is declared dead and its connections closed
+    /// in Redis by another.
+    #[arg(long, env = "PROCESS_HEARTBEAT_SECS", default_value = "5")]
+    pub process_heartbeat_secs: String,
     /// HS256 secret (at least 32 bytes) for the tokens of POST /auth/token and /ws.
     /// Without it, /ws accepts only anonymous clients (if allowed).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
@@ -496,6 +563,41 @@ impl Cli {
         })
     }
 
+    /// Lifecycle events, presence and heartbeats.
+    fn lifecycle(&self) -> Result<LifecycleConfig, ConfigError> {
+        let mut query_params = Vec::new();
+        for name in self.events_query_params.split(',').map(str::trim) {
+            if name.is_empty() {
+                continue;
+            }
+            if PRIVATE_QUERY_PARAMS.contains(&name) {
+                return Err(ConfigError::new(
+                    "EVENTS_QUERY_PARAMS",
+                    format!("{name:?} is never copied into events (it is a token or a position)"),
+                ));
+            }
+            if name.len() > 64 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::new(
+                    "EVENTS_QUERY_PARAMS",
+                    format!("{name:?} is not a query parameter name (1-64 printable characters)"),
+                ));
+            }
+            query_params.push(name.to_owned());
+        }
+        Ok(LifecycleConfig {
+            events: boolean("LIFECYCLE_EVENTS", &self.lifecycle_events)?,
+            events_max_len: number("EVENTS_MAX_LEN", &self.events_max_len, 1..=100_000_000)?,
+            session_channel: boolean("EVENTS_SESSION_CHANNEL", &self.events_session_channel)?,
+            query_params,
+            presence: boolean("PRESENCE", &self.presence)?,
+            heartbeat: seconds(
+                "PROCESS_HEARTBEAT_SECS",
+                &self.process_heartbeat_secs,
+                1..=3600,
+            )?,
+        })
+    }
+
     /// The JWT settings, when `JWT_SECRET` is set.
     fn jwt(&self) -> Result<Option<JwtConfig>, ConfigError> {
         Ok(match &self.jwt_secret {
@@ -597,6 +699,7 @@ impl Cli {
             log_format,
             pubsub: self.pubsub()?,
             reliable: self.reliable()?,
+            lifecycle: self.lifecycle()?,
             jwt: self.jwt()?,
             users_file: self
                 .users_file
@@ -779,6 +882,33 @@ mod tests {
         assert!(!e.to_string().contains("short"), "not echoed: {e}");
         let e = parse(&["--pubsub-allow-anonymous", "maybe"]).expect_err("not a bool");
         assert_eq!(e.var, "PUBSUB_ALLOW_ANONYMOUS");
+    }
+
+    #[test]
+    fn lifecycle_settings_are_validated() {
+        let c = parse(&[
+            "--lifecycle-events",
+            "true",
+            "--events-query-params",
+            "lang, plan",
+        ])
+        .expect("valid");
+        assert!(c.lifecycle.events && !c.lifecycle.presence && c.lifecycle.tracked());
+        assert_eq!(c.lifecycle.query_params, ["lang", "plan"]);
+        for (flag, value, var) in [
+            (
+                "--events-query-params",
+                "lang,access_token",
+                "EVENTS_QUERY_PARAMS",
+            ),
+            ("--events-query-params", "a b", "EVENTS_QUERY_PARAMS"),
+            ("--presence", "maybe", "PRESENCE"),
+            ("--process-heartbeat-secs", "0", "PROCESS_HEARTBEAT_SECS"),
+            ("--events-max-len", "0", "EVENTS_MAX_LEN"),
+        ] {
+            let e = parse(&[flag, value]).expect_err(value);
+            assert_eq!(e.var, var, "{e}");
+        }
     }
 
     #[test]

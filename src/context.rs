@@ -40,6 +40,8 @@ pub struct App {
     pub users: Option<crate::auth::users::Users>,
     /// The event loops proxied tunnels run on (see `server::Workers`).
     pub workers: WorkerPool,
+    /// This process's lifecycle tracking (events, presence, heartbeat).
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// True while the `wsproxy` Redis library of reliable sessions is
     /// loaded (see `server::keep_history_library`); unused when reliable
     /// sessions are off.

@@ -65,6 +65,7 @@ pub async fn handler(
         task: app.tracker.token(),
         slot: None,
         preamble: Vec::new(),
+        tracking: Default::default(),
     };
     ws::upgrade(upgrade, driver)
 }

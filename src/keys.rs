@@ -14,6 +14,13 @@
 //! | `session:{id}:live` | channel of enveloped down messages | `wsproxy_publish`; reliable connections subscribe |
 //! | `wsproxy:up:{n}` | stream of client messages of reliable sessions | wsproxy; backend workers read it with a consumer group |
 //! | `wsproxy:up:{n}:seen:{session}:{id}` | string (the stream id), with a TTL | wsproxy, to store a resent message once |
+//! | `wsproxy:events` | stream of lifecycle events (field `event`, JSON) | wsproxy; backend workers read it with a consumer group |
+//! | `session:{id}:events` | channel of the session's lifecycle events | wsproxy, with `EVENTS_SESSION_CHANNEL` |
+//! | `session:{id}:presence` | hash: connection id -> JSON | wsproxy, with `PRESENCE` |
+//! | `wsproxy:processes` | sorted set: process -> last heartbeat (unix ms) | every process |
+//! | `wsproxy:process:{p}` | string, the heartbeat, with a TTL of two intervals | process `p` |
+//! | `wsproxy:process:{p}:connections` | set of the connections `p` registered (JSON) | process `p`; emptied by whoever reaps it |
+//! | `wsproxy:control` | channel of commands for every process | backends |
 //!
 //! The `wsproxy_*` Redis Functions (see [`crate::history`]) derive a
 //! session's other names from its `:history` key, so the suffixes here and
@@ -88,6 +95,35 @@ pub fn up_shard(session_id: &str, shards: usize) -> usize {
     (hash % shards.max(1) as u64) as usize
 }
 
+/// The stream of lifecycle events.
+pub const EVENTS: &str = "wsproxy:events";
+
+/// The channel every process takes commands on.
+pub const CONTROL: &str = "wsproxy:control";
+
+/// The sorted set of live processes by last heartbeat.
+pub const PROCESSES: &str = "wsproxy:processes";
+
+/// The channel of a session's lifecycle events.
+pub fn session_events(session_id: &str) -> String {
+    format!("session:{session_id}:events")
+}
+
+/// The hash of a session's open connections.
+pub fn session_presence(session_id: &str) -> String {
+    format!("session:{session_id}:presence")
+}
+
+/// A process's heartbeat key.
+pub fn process_heartbeat(process: &str) -> String {
+    format!("wsproxy:process:{process}")
+}
+
+/// The set of the connections a process registered.
+pub fn process_connections(process: &str) -> String {
+    format!("wsproxy:process:{process}:connections")
+}
+
 /// The channel of a topic in a session.
 pub fn topic(session: &str, topic: &str) -> String {
     format!("pubsub:{session}:{topic}")
@@ -108,6 +144,10 @@ mod tests {
         assert_eq!(session_live("s1"), "session:s1:live");
         assert_eq!(up_stream(3), "wsproxy:up:3");
         assert_eq!(up_seen(3, "s1", "m-1"), "wsproxy:up:3:seen:s1:m-1");
+        assert_eq!(session_events("s1"), "session:s1:events");
+        assert_eq!(session_presence("s1"), "session:s1:presence");
+        assert_eq!(process_heartbeat("p1"), "wsproxy:process:p1");
+        assert_eq!(process_connections("p1"), "wsproxy:process:p1:connections");
     }
 
     #[test]

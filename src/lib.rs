@@ -28,6 +28,11 @@
 //!   JWTs, the users file and the token endpoint.
 //! - [`broker`]: the process's single Redis pub/sub connection, with
 //!   reference-counted subscriptions, reconnection and resubscription.
+//! - [`lifecycle`]: connect, resume and disconnect events, presence, and
+//!   the process heartbeat that turns a dead process's connections into
+//!   disconnect events.
+//! - [`control`]: commands from backends on `wsproxy:control` (close a
+//!   session's connections).
 //! - [`bridge`]: the session endpoint (`/{agent_id}/ws/{session_id}`).
 //! - [`pubsub`]: topic pub/sub between clients (`/ws`).
 //! - [`ws`]: the per-connection frame pump both endpoints share.
@@ -62,12 +67,14 @@ pub mod broker;
 pub mod close;
 pub mod config;
 pub mod context;
+pub mod control;
 pub mod echo;
 pub mod error;
 pub mod handshake;
 pub mod history;
 pub mod http;
 pub mod keys;
+pub mod lifecycle;
 pub mod logsafe;
 pub mod metrics;
 pub mod net;

@@ -66,6 +66,10 @@ reason_enum! {
         /// A reliable session's live messages stopped: wsproxy's Redis
         /// pub/sub connection dropped (closed with 1013, to resume).
         PubSubLost => "pubsub_lost",
+        /// A backend closed the session (`wsproxy:control`), or this
+        /// process's registration lapsed and it asked its clients to
+        /// register again.
+        Backend => "backend",
         /// A socket error.
         Error => "error",
     }
@@ -155,6 +159,15 @@ pub struct Metrics {
     /// Client messages of reliable sessions Redis could not store.
     pub reliable_store_failures: Counter,
     resume_failures: Family<ReasonLabel, Counter>,
+    /// Lifecycle registrations, removals, heartbeats or reaps Redis did
+    /// not take.
+    pub lifecycle_failures: Counter,
+    /// Times this process found its heartbeat lapsed and had its session
+    /// connections register again.
+    pub lifecycle_lapses: Counter,
+    /// Connections of dead processes this process reaped.
+    pub reaped_connections: Counter,
+    control_messages: Family<ReasonLabel, Counter>,
     upstream_active: Family<RouteLabel, Gauge>,
     upstream_connects: Family<BackendLabel, Counter>,
     upstream_backend_active: Family<BackendLabel, Gauge>,
@@ -198,6 +211,10 @@ impl Metrics {
             reliable_acks: Counter::default(),
             reliable_duplicates: Counter::default(),
             reliable_store_failures: Counter::default(),
+            lifecycle_failures: Counter::default(),
+            lifecycle_lapses: Counter::default(),
+            reaped_connections: Counter::default(),
+            control_messages: Family::default(),
             resume_failures: Family::default(),
             upstream_active: Family::default(),
             upstream_connects: Family::default(),
@@ -299,6 +316,7 @@ impl Metrics {
         );
         m.register_upstream(&mut registry);
         m.register_reliable(&mut registry);
+        m.register_lifecycle(&mut registry);
         Metrics { registry, ..m }
     }
 
@@ -335,6 +353,38 @@ impl Metrics {
             "Client messages of reliable sessions that Redis could not store",
             m.reliable_store_failures.clone(),
         );
+    }
+
+    /// Lifecycle tracking and control.
+    fn register_lifecycle(&self, registry: &mut Registry) {
+        let m = self;
+        registry.register(
+            "lifecycle_failures",
+            "Lifecycle registrations, removals, heartbeats or reaps Redis did not take",
+            m.lifecycle_failures.clone(),
+        );
+        registry.register(
+            "lifecycle_lapses",
+            "Times this process found its heartbeat lapsed and had its session connections register again",
+            m.lifecycle_lapses.clone(),
+        );
+        registry.register(
+            "reaped_connections",
+            "Connections of dead processes this process reaped (disconnect events with reason process_lost)",
+            m.reaped_connections.clone(),
+        );
+        registry.register(
+            "control_messages",
+            "Messages on wsproxy:control, by reason: applied, malformed, overflow (dropped unread)",
+            m.control_messages.clone(),
+        );
+    }
+
+    /// Counts a control message by what became of it.
+    pub fn control_message(&self, result: &'static str) {
+        self.control_messages
+            .get_or_create(&ReasonLabel { reason: result })
+            .inc();
     }
 
     /// Counts a resume that could not be honoured.

@@ -627,6 +627,7 @@ fn accept(
         task: app.tracker.token(),
         slot,
         preamble: Vec::new(),
+        tracking: Default::default(),
     };
     Ok(ws::upgrade(upgrade, driver))
 }

@@ -211,8 +211,33 @@ pub async fn run(
         tracker: TaskTracker::new(),
         users,
         workers: worker_pool,
+        lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(&config.lifecycle)),
         history_loaded: std::sync::atomic::AtomicBool::new(false),
     });
+    tokio::spawn(crate::control::listen(
+        app.broker.clone(),
+        app.metrics.clone(),
+        config.auth_timeout,
+        broker_stop.clone(),
+    ));
+    if app.lifecycle.enabled() {
+        tracing::info!(
+            process = app.lifecycle.process(),
+            events = config.lifecycle.events,
+            presence = config.lifecycle.presence,
+            "lifecycle tracking on"
+        );
+        tokio::spawn(crate::lifecycle::keep_alive(
+            app.lifecycle.clone(),
+            app.redis.clone(),
+            app.broker.clone(),
+            app.metrics.clone(),
+            config.auth_timeout,
+            // Beats until the drain is over: connections that close during
+            // it send their own disconnect events.
+            broker_stop.clone(),
+        ));
+    }
     if config.reliable.enabled {
         tokio::spawn(keep_history_library(app.clone()));
     }

@@ -27,6 +27,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::broker::{Outbox, Outgoing};
 use crate::context::{App, ConnectionSlot};
+use crate::lifecycle::{Ended, Tracking};
 use crate::metrics::CloseReason;
 
 /// Close codes this driver sends (the table is [`crate::close`]).
@@ -124,6 +125,9 @@ pub struct Driver<H: Handler> {
     /// Frames sent before anything else (a reliable session's welcome and
     /// replay); emptied then.
     pub preamble: Vec<Message>,
+    /// The connection's registration with Redis (lifecycle events,
+    /// presence); untracked by default.
+    pub tracking: Tracking,
 }
 
 /// What the driver runs over: axum's `WebSocket` in the server, anything
@@ -213,7 +217,15 @@ impl<H: Handler> Driver<H> {
                     Ok(never) => match never {},
                 },
             };
-            self.close(&mut socket, reason).await;
+            let code = self.close(&mut socket, reason).await;
+            if self.tracking.connection != 0 {
+                let ended = Ended {
+                    code,
+                    reason: reason.as_str(),
+                    duration: started.elapsed(),
+                };
+                self.unregister(ended).await;
+            }
 
             self.counters.active.dec();
             self.app.metrics.disconnect(reason);
@@ -236,12 +248,64 @@ impl<H: Handler> Driver<H> {
         socket: &'a mut S,
     ) -> Pin<Box<dyn Future<Output = Result<(), Stop>> + Send + 'a>> {
         Box::pin(async move {
+            if let Some(info) = self.tracking.info.take() {
+                self.register(&info).await;
+            }
             let preamble = std::mem::take(&mut self.preamble);
             for msg in preamble {
                 self.write(socket, msg).await?;
                 self.counters.delivered.inc();
+                self.tracking.messages_out += 1;
             }
             Ok(())
+        })
+    }
+
+    /// Registers the connection with Redis (presence, its connect event).
+    /// Runs before the preamble: a connection's events are in order.
+    async fn register(&self, info: &crate::lifecycle::ConnectInfo) {
+        let app = &self.app;
+        let mut redis = app.redis.clone();
+        let agent = self.label.agent_id.as_deref().unwrap_or_default();
+        let registered = app
+            .lifecycle
+            .connected(
+                &mut redis,
+                &self.label.session_id,
+                agent,
+                self.tracking.connection,
+                info,
+                app.config.auth_timeout,
+            )
+            .await;
+        if let Err(e) = registered {
+            app.metrics.lifecycle_failures.inc();
+            tracing::warn!(session_id = %self.label.session_id, error = %e, "lifecycle: connection not registered");
+        }
+    }
+
+    /// Removes the connection's registration and appends its disconnect
+    /// event. Boxed: it runs once.
+    fn unregister(&self, ended: Ended) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let app = &self.app;
+            let mut redis = app.redis.clone();
+            let agent = self.label.agent_id.as_deref().unwrap_or_default();
+            let removed = app
+                .lifecycle
+                .disconnected(
+                    &mut redis,
+                    &self.label.session_id,
+                    agent,
+                    &self.tracking,
+                    ended,
+                    app.config.auth_timeout,
+                )
+                .await;
+            if let Err(e) = removed {
+                app.metrics.lifecycle_failures.inc();
+                tracing::warn!(session_id = %self.label.session_id, error = %e, "lifecycle: disconnect not recorded");
+            }
         })
     }
 
@@ -296,16 +360,32 @@ impl<H: Handler> Driver<H> {
                     if self.handler.deliver(&msg) {
                         self.write(socket, msg).await?;
                         self.counters.delivered.inc();
+                        self.tracking.messages_out += 1;
                     }
                 }
                 Event::Outgoing(Outgoing::Slow) => return Err(Stop::SlowConsumer),
                 Event::Outgoing(Outgoing::Lost) => return Err(Stop::PubSubLost),
+                Event::Outgoing(Outgoing::Close(order)) => {
+                    self.tracking.order = Some(order);
+                    return Err(Stop::Backend);
+                }
                 Event::Frame(frame) => {
                     let reply = match frame {
-                        None | Some(Ok(Message::Close(_))) => return Err(Stop::Client),
+                        None => return Err(Stop::Client),
+                        Some(Ok(Message::Close(close))) => {
+                            // 1005: the client's close frame had no code.
+                            self.tracking.peer_close = Some(close.map_or(1005, |c| c.code));
+                            return Err(Stop::Client);
+                        }
                         Some(Err(e)) => return Err(classify(e)),
-                        Some(Ok(Message::Text(text))) => self.handler.on_text(text).await,
-                        Some(Ok(Message::Binary(data))) => self.handler.on_binary(data),
+                        Some(Ok(Message::Text(text))) => {
+                            self.tracking.messages_in += 1;
+                            self.handler.on_text(text).await
+                        }
+                        Some(Ok(Message::Binary(data))) => {
+                            self.tracking.messages_in += 1;
+                            self.handler.on_binary(data)
+                        }
                         // tungstenite queues the pong itself; the next read sends it.
                         Some(Ok(Message::Ping(_))) => Reply::None,
                         Some(Ok(Message::Pong(_))) => {
@@ -337,21 +417,23 @@ impl<H: Handler> Driver<H> {
         }
     }
 
-    /// Ends the connection the way `reason` calls for. Boxed: an inline
-    /// `async fn` would reserve its (large, used once) state in every
-    /// connection's task for the connection's whole life.
+    /// Ends the connection the way `reason` calls for; the close code
+    /// sent, or the client's (1006 when it left without a close frame).
+    /// Boxed: an inline `async fn` would reserve its (large, used once)
+    /// state in every connection's task for the connection's whole life.
     fn close<'a, S: Socket>(
         &'a mut self,
         socket: &'a mut S,
         reason: Stop,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = u16> + Send + 'a>> {
         Box::pin(async move {
+            let order = self.tracking.order.take();
             let (code, text) = match reason {
                 // The client started the close; tungstenite has queued the
                 // reply, flushing sends it.
                 Stop::Client | Stop::Error => {
                     let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, socket.flush()).await;
-                    return;
+                    return self.tracking.peer_close.unwrap_or(crate::close::ABNORMAL);
                 }
                 Stop::Shutdown => {
                     // Deliver what was already queued before saying goodbye.
@@ -360,7 +442,7 @@ impl<H: Handler> Driver<H> {
                             continue;
                         }
                         if self.write(socket, msg).await.is_err() {
-                            return;
+                            return crate::close::ABNORMAL;
                         }
                         self.counters.delivered.inc();
                     }
@@ -376,10 +458,14 @@ impl<H: Handler> Driver<H> {
                     CLOSE_TRY_AGAIN_LATER,
                     "wsproxy lost its Redis pub/sub connection: reconnect to resume",
                 ),
+                Stop::Backend => match &order {
+                    Some(order) => (order.code, order.reason.as_str()),
+                    None => (CLOSE_POLICY, "closed by the backend"),
+                },
             };
             let frame = Message::Close(Some(CloseFrame {
                 code,
-                reason: text.into(),
+                reason: text.to_owned().into(),
             }));
             // Best effort: a slow or dead peer must not hold us up.
             let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
@@ -394,6 +480,7 @@ impl<H: Handler> Driver<H> {
                 }
             })
             .await;
+            code
         })
     }
 }
@@ -500,6 +587,7 @@ mod tests {
             tracker: Default::default(),
             users: None,
             workers: crate::context::WorkerPool::new(vec![tokio::runtime::Handle::current()]),
+            lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(&Default::default())),
             history_loaded: Default::default(),
         })
     }
@@ -536,6 +624,7 @@ mod tests {
             task: app.tracker.token(),
             slot: None,
             preamble: Vec::new(),
+            tracking: Default::default(),
         };
         let socket = FakeSocket {
             to_server: rx,

@@ -244,8 +244,10 @@ async fn two_connections_of_a_session_both_receive_and_other_sessions_none() {
     let mut a = server.connect(&s1, "t1").await;
     let mut b = server.connect(&s1, "t1").await;
     let mut other = server.connect(&s2, "t2").await;
-    // One Redis subscription serves both connections of s1.
-    assert_eq!(server.metric("wsproxy_broker_channels").await, 2.0);
+    // One Redis subscription serves both connections of s1 (the third
+    // channel is the process's wsproxy:control).
+    server.wait_metric("wsproxy_broker_channels", 3.0).await;
+    assert_eq!(server.metric("wsproxy_broker_channels").await, 3.0);
     for i in 0..50 {
         assert_eq!(
             redis
@@ -266,7 +268,7 @@ async fn two_connections_of_a_session_both_receive_and_other_sessions_none() {
     b.close(None).await.expect("close");
     drop((a, b));
     let deadline = tokio::time::Instant::now() + WAIT;
-    while server.metric("wsproxy_broker_channels").await != 1.0 {
+    while server.metric("wsproxy_broker_channels").await != 2.0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "channel not released"

@@ -1,0 +1,623 @@
+//! What a backend learns about connections through Redis alone: lifecycle
+//! events, presence, and disconnects that survive the death of a process.
+//!
+//! With `LIFECYCLE_EVENTS` or `PRESENCE` on, every session connection is
+//! *registered*: when it opens, one script (one round trip, atomic)
+//! records it in its process's connection hash
+//! (`wsproxy:process:{p}:connections`), in the session's presence hash
+//! (`session:{id}:presence`, with `PRESENCE`) and appends a `connect` or
+//! `resume` event to the stream `wsproxy:events` (with
+//! `LIFECYCLE_EVENTS`); when it closes, another script removes it and
+//! appends its `disconnect` event. The connection's task does both, in
+//! order, so a connection's events are in the stream in the order they
+//! happened.
+//!
+//! **Crash safety.** Each process renews a heartbeat key every
+//! `PROCESS_HEARTBEAT_SECS` (its TTL is two intervals) and its entry in
+//! `wsproxy:processes`. On every beat it also looks for processes whose
+//! entry is older than two intervals and *reaps* them: a script that runs
+//! only while the dead process's heartbeat key is missing removes its
+//! connections from presence and appends a `disconnect` event (reason
+//! `process_lost`) for each, in batches. Everything a reap does to one
+//! connection is one atomic step that also removes it from the dead
+//! process's hash, so however many processes reap at once, each connection
+//! gets exactly one `disconnect` event. A process dead for good is reaped
+//! within three intervals of its last beat.
+//!
+//! A process that was silent too long itself (Redis unreachable, or
+//! restarted without persistence) finds its heartbeat key gone at its next
+//! beat: it may have been reaped, so it closes its session connections
+//! with 1013 and their clients reconnect and register again. Presence
+//! never keeps a connection that is gone, and never misses one for longer
+//! than that.
+//!
+//! Events and presence are written by these scripts only, so their format
+//! is here (and in the README's "For backend developers").
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+
+use crate::broker::{Broker, CloseOrder};
+use crate::config::LifecycleConfig;
+use crate::metrics::Metrics;
+
+/// Connections a reap handles per script call, so one call stays short.
+const REAP_BATCH: usize = 500;
+
+/// Why a registration or removal did not reach Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// Redis refused or failed the call.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// Redis did not answer within the limit.
+    #[error("Redis did not answer in time")]
+    Timeout,
+}
+
+/// What a connect (or resume) event says about the connection, gathered
+/// at the upgrade and handed to the connection's task, which sends it.
+#[derive(Debug, Default)]
+pub struct ConnectInfo {
+    /// The client's address.
+    pub remote: Option<std::net::SocketAddr>,
+    /// The client's `User-Agent` (at most 256 bytes).
+    pub user_agent: Option<String>,
+    /// The query parameters `EVENTS_QUERY_PARAMS` allows.
+    pub query: Vec<(String, String)>,
+    /// A `wsproxy.v1` connection.
+    pub reliable: bool,
+    /// How a reliable client's resume went, when it asked for one.
+    pub resume: Option<Resume>,
+}
+
+/// The outcome of a reliable client's resume.
+#[derive(Debug, Clone, Copy)]
+pub struct Resume {
+    /// Everything after its position was replayed.
+    pub resumed: bool,
+    /// How many messages were replayed.
+    pub replayed: usize,
+    /// Why not, when it did not resume.
+    pub reason: Option<&'static str>,
+}
+
+/// A connection's registration, kept by its task: zero (untracked) or its
+/// number in this process, the connect information until it is sent, and
+/// the counts its disconnect event reports.
+#[derive(Debug, Default)]
+pub struct Tracking {
+    /// The connection's number in this process; 0 when it is not tracked.
+    pub connection: u64,
+    /// Sent with the connect event, then dropped.
+    pub info: Option<Box<ConnectInfo>>,
+    /// Frames the client sent.
+    pub messages_in: u64,
+    /// Messages delivered to the client.
+    pub messages_out: u64,
+    /// The close code the client sent, when it closed.
+    pub peer_close: Option<u16>,
+    /// The order that closes the connection, once one came.
+    pub order: Option<Box<CloseOrder>>,
+}
+
+/// How a connection ended, for its disconnect event.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    /// The close code (sent by wsproxy, or by the client; 1006 when the
+    /// client left without one).
+    pub code: u16,
+    /// wsproxy's reason label (the `wsproxy_disconnects_total` reason).
+    pub reason: &'static str,
+    /// How long the connection was open.
+    pub duration: Duration,
+}
+
+/// The process's side of lifecycle tracking: its id, the connection
+/// counter and the scripts.
+#[derive(Debug)]
+pub struct Lifecycle {
+    config: LifecycleConfig,
+    process: String,
+    next: AtomicU64,
+    connect: redis::Script,
+    disconnect: redis::Script,
+    heartbeat: redis::Script,
+    reap: redis::Script,
+}
+
+#[derive(Serialize)]
+struct ConnectEvent<'a> {
+    r#type: &'static str,
+    session_id: &'a str,
+    agent_id: &'a str,
+    connection_id: &'a str,
+    process: &'a str,
+    time: u64,
+    reliable: bool,
+    remote: Option<String>,
+    user_agent: Option<&'a str>,
+    query: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resumed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replayed: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resume_failure: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct DisconnectEvent<'a> {
+    r#type: &'static str,
+    session_id: &'a str,
+    agent_id: &'a str,
+    connection_id: &'a str,
+    process: &'a str,
+    time: u64,
+    code: u16,
+    reason: &'static str,
+    duration_ms: u64,
+    messages_in: u64,
+    messages_out: u64,
+}
+
+/// A presence entry (and, with the keys a reaper needs, a registration).
+#[derive(Serialize)]
+struct Presence<'a> {
+    connection_id: &'a str,
+    process: &'a str,
+    agent_id: &'a str,
+    since: u64,
+    reliable: bool,
+}
+
+/// What a process's connection hash keeps per connection: enough for
+/// another process to clean up after it.
+#[derive(Serialize)]
+struct Registration<'a> {
+    session_id: &'a str,
+    agent_id: &'a str,
+    since: u64,
+    /// The presence hash to remove the connection from, with `PRESENCE`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence: Option<&'a str>,
+    /// Append a disconnect event (`LIFECYCLE_EVENTS`).
+    events: bool,
+    /// The session's events channel, with `EVENTS_SESSION_CHANNEL`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+}
+
+// KEYS: events stream, the process's connections, the session's presence,
+// the process set. ARGV: connection id, registration, presence entry or
+// '', event or '', events MAXLEN, session events channel or '', process,
+// now (ms).
+const CONNECT: &str = r"
+redis.call('ZADD', KEYS[4], 'NX', ARGV[8], ARGV[7])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
+  if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[4]) end
+end
+return 1
+";
+
+// KEYS: events stream, the process's connections, the session's presence.
+// ARGV: connection id, event or '', events MAXLEN, channel or ''.
+// A connection already reaped (its process was declared dead) has had its
+// disconnect event: nothing to do.
+const DISCONNECT: &str = r"
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
+  if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[2]) end
+end
+return 1
+";
+
+// KEYS: the process set, the process's heartbeat key. ARGV: process, now
+// (ms), heartbeat TTL (ms). Returns 1 if the heartbeat was still alive.
+const HEARTBEAT: &str = r"
+local alive = redis.call('EXISTS', KEYS[2])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return alive
+";
+
+// KEYS: the process set, the dead process's heartbeat key, its
+// connections, the events stream. ARGV: dead process, now (ms), events
+// MAXLEN, batch, reaping process. Returns -1 if the process is alive after
+// all, else the number of connections reaped (0: done, and the process is
+// forgotten).
+const REAP: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local now = tonumber(ARGV[2])
+local entries = redis.call('HSCAN', KEYS[3], '0', 'COUNT', ARGV[4])[2]
+local n = 0
+for i = 1, #entries, 2 do
+  local id = entries[i]
+  redis.call('HDEL', KEYS[3], id)
+  local ok, c = pcall(cjson.decode, entries[i + 1])
+  if ok and type(c) == 'table' then
+    if type(c.presence) == 'string' then redis.call('HDEL', c.presence, id) end
+    if c.events == true then
+      local since = tonumber(c.since) or now
+      local ev = cjson.encode({
+        type = 'disconnect', session_id = c.session_id, agent_id = c.agent_id,
+        connection_id = id, process = ARGV[1], time = now, code = 1006,
+        reason = 'process_lost', duration_ms = math.max(0, now - since),
+        messages_in = cjson.null, messages_out = cjson.null, reaped_by = ARGV[5]})
+      redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'event', ev)
+      if type(c.channel) == 'string' then redis.call('PUBLISH', c.channel, ev) end
+    end
+  end
+  n = n + 1
+end
+if redis.call('HLEN', KEYS[3]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return n
+";
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Runs `call` with a time limit.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, LifecycleError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(LifecycleError::Timeout),
+    }
+}
+
+impl Lifecycle {
+    /// This process's lifecycle tracking, with a fresh random process id.
+    pub fn new(config: &LifecycleConfig) -> Self {
+        Self {
+            config: config.clone(),
+            process: format!("{:012x}", rand::random::<u64>() >> 16),
+            next: AtomicU64::new(1),
+            connect: redis::Script::new(CONNECT),
+            disconnect: redis::Script::new(DISCONNECT),
+            heartbeat: redis::Script::new(HEARTBEAT),
+            reap: redis::Script::new(REAP),
+        }
+    }
+
+    /// This process's id, as events and presence name it.
+    pub fn process(&self) -> &str {
+        &self.process
+    }
+
+    /// True when connections are registered at all.
+    pub fn enabled(&self) -> bool {
+        self.config.tracked()
+    }
+
+    /// A number for a new connection (never 0).
+    pub fn next_connection(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The id events and presence give connection `n` of this process.
+    pub fn connection_id(&self, n: u64) -> String {
+        format!("{}:{n}", self.process)
+    }
+
+    /// The query parameters a connect event may carry, from a raw query.
+    pub fn allowed_query(&self, raw: Option<&str>) -> Vec<(String, String)> {
+        let (Some(raw), false) = (raw, self.config.query_params.is_empty()) else {
+            return Vec::new();
+        };
+        form_urlencoded::parse(raw.as_bytes())
+            .filter(|(name, _)| self.config.query_params.iter().any(|p| p == name))
+            .take(self.config.query_params.len())
+            .map(|(n, v)| (n.chars().take(64).collect(), v.chars().take(256).collect()))
+            .collect()
+    }
+
+    /// Registers connection `n` of `session`: presence, the process's
+    /// hash, the connect (or resume) event.
+    pub async fn connected(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        session_id: &str,
+        agent_id: &str,
+        n: u64,
+        info: &ConnectInfo,
+        limit: Duration,
+    ) -> Result<(), LifecycleError> {
+        let id = self.connection_id(n);
+        let now = now_ms();
+        let presence_key = crate::keys::session_presence(session_id);
+        let channel = crate::keys::session_events(session_id);
+        let registration = Registration {
+            session_id,
+            agent_id,
+            since: now,
+            presence: self.config.presence.then_some(presence_key.as_str()),
+            events: self.config.events,
+            channel: (self.config.events && self.config.session_channel)
+                .then_some(channel.as_str()),
+        };
+        let presence = if self.config.presence {
+            json(&Presence {
+                connection_id: &id,
+                process: &self.process,
+                agent_id,
+                since: now,
+                reliable: info.reliable,
+            })
+        } else {
+            String::new()
+        };
+        let event = if self.config.events {
+            let resume = info.resume;
+            json(&ConnectEvent {
+                r#type: if resume.is_some() {
+                    "resume"
+                } else {
+                    "connect"
+                },
+                session_id,
+                agent_id,
+                connection_id: &id,
+                process: &self.process,
+                time: now,
+                reliable: info.reliable,
+                remote: info.remote.map(|r| r.to_string()),
+                user_agent: info.user_agent.as_deref(),
+                query: info
+                    .query
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect(),
+                resumed: resume.map(|r| r.resumed),
+                replayed: resume.filter(|r| r.resumed).map(|r| r.replayed),
+                resume_failure: resume.and_then(|r| r.reason),
+            })
+        } else {
+            String::new()
+        };
+        let mut call = self.connect.prepare_invoke();
+        call.key(crate::keys::EVENTS)
+            .key(crate::keys::process_connections(&self.process))
+            .key(&presence_key)
+            .key(crate::keys::PROCESSES)
+            .arg(&id)
+            .arg(json(&registration))
+            .arg(presence)
+            .arg(event)
+            .arg(self.config.events_max_len)
+            .arg(if registration.channel.is_some() {
+                channel.as_str()
+            } else {
+                ""
+            })
+            .arg(&self.process)
+            .arg(now);
+        bounded(limit, call.invoke_async::<i64>(redis)).await?;
+        Ok(())
+    }
+
+    /// Removes connection `n` of `session` and appends its disconnect
+    /// event (unless another process reaped it meanwhile).
+    pub async fn disconnected(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        session_id: &str,
+        agent_id: &str,
+        tracking: &Tracking,
+        ended: Ended,
+        limit: Duration,
+    ) -> Result<(), LifecycleError> {
+        let id = self.connection_id(tracking.connection);
+        let event = if self.config.events {
+            json(&DisconnectEvent {
+                r#type: "disconnect",
+                session_id,
+                agent_id,
+                connection_id: &id,
+                process: &self.process,
+                time: now_ms(),
+                code: ended.code,
+                reason: ended.reason,
+                duration_ms: u64::try_from(ended.duration.as_millis()).unwrap_or(u64::MAX),
+                messages_in: tracking.messages_in,
+                messages_out: tracking.messages_out,
+            })
+        } else {
+            String::new()
+        };
+        let channel = if self.config.events && self.config.session_channel {
+            crate::keys::session_events(session_id)
+        } else {
+            String::new()
+        };
+        let mut call = self.disconnect.prepare_invoke();
+        call.key(crate::keys::EVENTS)
+            .key(crate::keys::process_connections(&self.process))
+            .key(crate::keys::session_presence(session_id))
+            .arg(&id)
+            .arg(event)
+            .arg(self.config.events_max_len)
+            .arg(channel);
+        bounded(limit, call.invoke_async::<i64>(redis)).await?;
+        Ok(())
+    }
+
+    /// Renews this process's heartbeat; false when it had lapsed (this
+    /// process may have been reaped).
+    async fn beat(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        limit: Duration,
+    ) -> Result<bool, LifecycleError> {
+        let ttl = self.config.heartbeat.saturating_mul(2);
+        let mut call = self.heartbeat.prepare_invoke();
+        call.key(crate::keys::PROCESSES)
+            .key(crate::keys::process_heartbeat(&self.process))
+            .arg(&self.process)
+            .arg(now_ms())
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let alive: i64 = bounded(limit, call.invoke_async(redis)).await?;
+        Ok(alive == 1)
+    }
+
+    /// Reaps every process whose last beat is older than two intervals;
+    /// the number of connections reaped.
+    async fn reap_dead(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        limit: Duration,
+    ) -> Result<u64, LifecycleError> {
+        let silence =
+            u64::try_from(self.config.heartbeat.saturating_mul(2).as_millis()).unwrap_or(u64::MAX);
+        let before = now_ms().saturating_sub(silence);
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(crate::keys::PROCESSES)
+            .arg("-inf")
+            .arg(format!("({before}"))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(100);
+        let dead: Vec<String> = bounded(limit, cmd.query_async(redis)).await?;
+        let mut reaped = 0u64;
+        for process in dead.iter().filter(|p| **p != self.process) {
+            loop {
+                let mut call = self.reap.prepare_invoke();
+                call.key(crate::keys::PROCESSES)
+                    .key(crate::keys::process_heartbeat(process))
+                    .key(crate::keys::process_connections(process))
+                    .key(crate::keys::EVENTS)
+                    .arg(process)
+                    .arg(now_ms())
+                    .arg(self.config.events_max_len)
+                    .arg(REAP_BATCH)
+                    .arg(&self.process);
+                let n: i64 = bounded(limit, call.invoke_async(redis)).await?;
+                if n <= 0 {
+                    break;
+                }
+                reaped = reaped.saturating_add(n.unsigned_abs());
+            }
+        }
+        Ok(reaped)
+    }
+}
+
+fn json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// The process's heartbeat and the reaper, while lifecycle tracking is on:
+/// beats every `PROCESS_HEARTBEAT_SECS` until `shutdown`, reaping dead
+/// processes after each beat. When its own heartbeat had lapsed, closes
+/// this process's session connections (1013) so that they register again.
+pub async fn keep_alive(
+    lifecycle: Arc<Lifecycle>,
+    mut redis: ConnectionManager,
+    broker: Broker,
+    metrics: Arc<Metrics>,
+    limit: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut first = true;
+    let mut ticks = tokio::time::interval(lifecycle.config.heartbeat);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match lifecycle.beat(&mut redis, limit).await {
+            Ok(alive) => {
+                if !alive && !first {
+                    let order = CloseOrder {
+                        code: crate::close::TRY_AGAIN_LATER,
+                        reason: "wsproxy lost its registration in Redis: reconnect".into(),
+                    };
+                    let closed = broker.close_where(|c| c.starts_with("session:"), &order);
+                    metrics.lifecycle_lapses.inc();
+                    tracing::warn!(
+                        process = %lifecycle.process,
+                        closed,
+                        "lifecycle: this process's heartbeat had lapsed (Redis was unreachable or lost its data); its session connections reconnect to register again"
+                    );
+                }
+                first = false;
+            }
+            Err(e) => {
+                metrics.lifecycle_failures.inc();
+                tracing::warn!(error = %e, "lifecycle: heartbeat failed");
+                continue;
+            }
+        }
+        match lifecycle.reap_dead(&mut redis, limit).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.reaped_connections.inc_by(n);
+                tracing::info!(
+                    connections = n,
+                    "lifecycle: reaped the connections of dead processes"
+                );
+            }
+            Err(e) => {
+                metrics.lifecycle_failures.inc();
+                tracing::warn!(error = %e, "lifecycle: reaping dead processes failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lifecycle(params: &[&str]) -> Lifecycle {
+        Lifecycle::new(&LifecycleConfig {
+            events: true,
+            query_params: params.iter().map(|p| (*p).to_owned()).collect(),
+            ..LifecycleConfig::default()
+        })
+    }
+
+    #[test]
+    fn only_allowed_query_parameters_are_copied() {
+        let l = lifecycle(&["lang", "plan"]);
+        assert_eq!(
+            l.allowed_query(Some("access_token=t&lang=fr&x=1&plan=a%20b")),
+            [
+                ("lang".to_owned(), "fr".to_owned()),
+                ("plan".to_owned(), "a b".to_owned())
+            ]
+        );
+        assert!(l.allowed_query(None).is_empty());
+        assert!(lifecycle(&[]).allowed_query(Some("lang=fr")).is_empty());
+        // A parameter repeated a thousand times is copied a bounded number
+        // of times.
+        let many = "lang=x&".repeat(1000);
+        assert_eq!(l.allowed_query(Some(&many)).len(), 2);
+    }
+
+    #[test]
+    fn process_ids_and_connection_ids_are_distinct() {
+        let (a, b) = (lifecycle(&[]), lifecycle(&[]));
+        assert_ne!(a.process(), b.process());
+        assert_eq!(a.process().len(), 12);
+        let (n1, n2) = (a.next_connection(), a.next_connection());
+        assert!(n1 != 0 && n1 != n2);
+        assert_eq!(a.connection_id(7), format!("{}:7", a.process()));
+    }
+}
