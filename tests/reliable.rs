@@ -651,9 +651,10 @@ async fn a_crashed_workers_messages_are_claimed_by_another() {
 /// Issue 13, point 5: connections of one session on two wsproxy instances
 /// each get every message, and a client whose connection to one drops
 /// resumes on the other with nothing lost or repeated, while the backend
-/// keeps publishing. (A real SIGKILL of the process is the chaos test's,
-/// in .ci/run: in-process, aborting a server does not kill its
-/// connections' tasks.)
+/// keeps publishing. (In-process, aborting a server does not kill its
+/// connections' tasks: a real SIGKILL of one of two wsproxy processes is
+/// tests/reliable_processes.rs', and of the only one the chaos test's in
+/// .ci/run.)
 #[tokio::test]
 async fn a_client_resumes_on_another_instance_with_nothing_lost() {
     let redis = Redis::start().await;
