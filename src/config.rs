@@ -157,6 +157,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Redis server URL, already parsed.
     pub redis_url: String,
+    /// CA and client certificate for a `rediss://` URL.
+    pub redis_tls: RedisTlsConfig,
     /// Bound on the whole upgrade-and-authenticate step of one connection
     /// (reading the request, checking the token in Redis, subscribing).
     /// Also the default TTL the `auth_token_setter` example gives new tokens.
@@ -206,6 +208,19 @@ pub struct Config {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
+/// Files for TLS to Redis (`rediss://` URLs), read at start-up by
+/// [`crate::redis_tls`]. Both empty: the system's roots alone, no client
+/// certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTlsConfig {
+    /// PEM CA certificates trusted besides the system's roots
+    /// (`REDIS_CA_FILE`).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain and private key presented to Redis (mutual
+    /// TLS: `REDIS_CLIENT_CERT_FILE`, `REDIS_CLIENT_KEY_FILE`).
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
 /// A value never shown by `Debug` (a token, a password).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -237,6 +252,7 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             redis_url: redis_url.into(),
+            redis_tls: RedisTlsConfig::default(),
             auth_timeout: Duration::from_secs(5),
             auth_grace_period: Duration::from_secs(10_800),
             ping_interval: Duration::from_secs(30),
@@ -293,7 +309,7 @@ pub struct Cli {
     /// Port to listen on.
     #[arg(long, env = "PORT", default_value = "8080")]
     pub port: String,
-    /// Redis URL (redis://[user:password@]host:port[/db]).
+    /// Redis URL (redis://[user:password@]host:port[/db], or rediss:// for TLS).
     #[arg(
         long,
         env = "REDIS_URL",
@@ -301,6 +317,17 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub redis_url: String,
+    /// PEM file of CA certificates trusted for a rediss:// REDIS_URL, besides
+    /// the system's roots.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<String>,
+    /// PEM certificate chain wsproxy presents to Redis (mutual TLS, rediss://
+    /// only); needs REDIS_CLIENT_KEY_FILE.
+    #[arg(long, env = "REDIS_CLIENT_CERT_FILE")]
+    pub redis_client_cert_file: Option<String>,
+    /// PEM private key of REDIS_CLIENT_CERT_FILE.
+    #[arg(long, env = "REDIS_CLIENT_KEY_FILE")]
+    pub redis_client_key_file: Option<String>,
     /// Seconds allowed for a connection's upgrade and authentication; also the
     /// initial token TTL the auth_token_setter example uses.
     #[arg(long, env = "AUTH_TIMEOUT_SECS", default_value = "5")]
@@ -620,6 +647,59 @@ impl Cli {
         })
     }
 
+    /// The TLS files for Redis. They belong to a `rediss://` URL only, the
+    /// certificate and key go together, and `#insecure` (no certificate
+    /// checks) is refused. The files themselves are read by
+    /// [`crate::redis_tls`] at start-up.
+    fn redis_tls(&self, addr: &redis::ConnectionAddr) -> Result<RedisTlsConfig, ConfigError> {
+        let tls = RedisTlsConfig {
+            ca_file: path(&self.redis_ca_file),
+            client_cert: match (
+                path(&self.redis_client_cert_file),
+                path(&self.redis_client_key_file),
+            ) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(ConfigError::new(
+                        "REDIS_CLIENT_KEY_FILE",
+                        "is required when REDIS_CLIENT_CERT_FILE is set",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::new(
+                        "REDIS_CLIENT_CERT_FILE",
+                        "is required when REDIS_CLIENT_KEY_FILE is set",
+                    ));
+                }
+            },
+        };
+        match addr {
+            redis::ConnectionAddr::TcpTls { insecure: true, .. } => Err(ConfigError::new(
+                "REDIS_URL",
+                format!(
+                    "{:?}: #insecure would turn off the checks of Redis's certificate, which \
+                     wsproxy never does; trust a private CA with REDIS_CA_FILE instead",
+                    redact_url(&self.redis_url)
+                ),
+            )),
+            redis::ConnectionAddr::TcpTls { .. } => Ok(tls),
+            _ => {
+                let set = [
+                    ("REDIS_CA_FILE", tls.ca_file.is_some()),
+                    ("REDIS_CLIENT_CERT_FILE", tls.client_cert.is_some()),
+                ];
+                match set.iter().find(|(_, is_set)| *is_set) {
+                    Some((var, _)) => Err(ConfigError::new(
+                        var,
+                        "is set, but REDIS_URL does not use TLS: use rediss://host:port, or unset it",
+                    )),
+                    None => Ok(tls),
+                }
+            }
+        }
+    }
+
     /// Validates every value and builds the [`Config`].
     pub fn into_config(&self) -> Result<Config, ConfigError> {
         let host: IpAddr = self.host.trim().parse().map_err(|_| {
@@ -639,7 +719,7 @@ impl Cli {
         })?;
         // Parse the URL now so a typo stops start-up instead of surfacing as
         // endless reconnect attempts.
-        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
+        let redis = redis::Client::open(self.redis_url.as_str()).map_err(|e| {
             ConfigError::new(
                 "REDIS_URL",
                 format!(
@@ -648,6 +728,7 @@ impl Cli {
                 ),
             )
         })?;
+        let redis_tls = self.redis_tls(redis.get_connection_info().addr())?;
         let log_format = match self.log_format.trim().to_ascii_lowercase().as_str() {
             "text" | "pretty" | "" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -664,6 +745,7 @@ impl Cli {
         let config = Config {
             listen: SocketAddr::new(host, port),
             redis_url: self.redis_url.trim().to_owned(),
+            redis_tls,
             auth_timeout: seconds("AUTH_TIMEOUT_SECS", &self.auth_timeout_secs, 1..=3600)?,
             auth_grace_period: seconds(
                 "AUTH_GRACE_PERIOD_SECS",
@@ -836,6 +918,60 @@ mod tests {
         let e = parse(&["--redis-url", "http://nope"]).expect_err("not redis");
         assert_eq!(e.var, "REDIS_URL");
         assert!(e.to_string().contains("http://nope"), "{e}");
+    }
+
+    #[test]
+    fn redis_tls_files_need_a_rediss_url_and_go_in_pairs() {
+        let ok = parse(&[
+            "--redis-url",
+            "rediss://:pw@h:6380",
+            "--redis-ca-file",
+            "/ca.pem",
+            "--redis-client-cert-file",
+            "/c.pem",
+            "--redis-client-key-file",
+            "/k.pem",
+        ])
+        .expect("rediss with both files");
+        assert_eq!(ok.redis_tls.ca_file, Some("/ca.pem".into()));
+        assert_eq!(
+            ok.redis_tls.client_cert,
+            Some(("/c.pem".into(), "/k.pem".into()))
+        );
+        assert_eq!(
+            parse(&[]).expect("defaults").redis_tls,
+            RedisTlsConfig::default()
+        );
+        let e = parse(&["--redis-ca-file", "/ca.pem"]).expect_err("redis:// with a CA");
+        assert_eq!(e.var, "REDIS_CA_FILE");
+        let e = parse(&[
+            "--redis-client-cert-file",
+            "/c.pem",
+            "--redis-client-key-file",
+            "/k.pem",
+        ])
+        .expect_err("redis:// with a client certificate");
+        assert_eq!(e.var, "REDIS_CLIENT_CERT_FILE");
+        let e = parse(&[
+            "--redis-url",
+            "rediss://h",
+            "--redis-client-cert-file",
+            "/c.pem",
+        ])
+        .expect_err("no key");
+        assert_eq!(e.var, "REDIS_CLIENT_KEY_FILE");
+        let e = parse(&[
+            "--redis-url",
+            "rediss://h",
+            "--redis-client-key-file",
+            "/k.pem",
+        ])
+        .expect_err("no certificate");
+        assert_eq!(e.var, "REDIS_CLIENT_CERT_FILE");
+        let e = parse(&["--redis-url", "rediss://:pw@h:6380/#insecure"]).expect_err("insecure");
+        assert_eq!(e.var, "REDIS_URL");
+        assert!(e.to_string().contains("#insecure"), "{e}");
+        assert!(!e.to_string().contains("pw"), "{e}");
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub mod metrics;
 pub mod net;
 pub mod origin;
 pub mod pubsub;
+pub mod redis_tls;
 pub mod reliable;
 pub mod server;
 pub mod upstream;

@@ -47,6 +47,10 @@ pub enum ServerError {
     /// The Redis URL was refused by the client library.
     #[error("REDIS_URL: {0}")]
     Redis(#[from] redis::RedisError),
+    /// A TLS file for Redis (`REDIS_CA_FILE`, the client certificate or
+    /// key) could not be used.
+    #[error(transparent)]
+    RedisTls(#[from] crate::redis_tls::RedisTlsError),
     /// The users file could not be loaded.
     #[error(transparent)]
     Users(#[from] crate::auth::users::UsersError),
@@ -185,7 +189,7 @@ pub async fn run(
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
-    let client = redis_client(&config.redis_url)?;
+    let client = redis_client(&config)?;
     let redis = ConnectionManager::new_lazy_with_config(
         client.clone(),
         ConnectionManagerConfig::new()
@@ -297,15 +301,27 @@ pub async fn run(
     Ok(())
 }
 
-/// A Redis client whose TCP connections have Nagle's algorithm off. The
-/// redis crate leaves it on by default, and with it every small command
-/// (a PUBLISH, a SUBSCRIBE) that follows one still unacknowledged can wait
-/// for the peer's delayed ACK: 40 ms stalls under load.
-pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
+/// The Redis client every connection is made from (the command
+/// connection and the broker's pub/sub one), for `config.redis_url`.
+///
+/// Its TCP connections have Nagle's algorithm off. The redis crate leaves
+/// it on by default, and with it every small command (a PUBLISH, a
+/// SUBSCRIBE) that follows one still unacknowledged can wait for the
+/// peer's delayed ACK: 40 ms stalls under load.
+///
+/// A `rediss://` URL gets TLS with the certificates of
+/// `config.redis_tls`, read now (see [`crate::redis_tls`]).
+pub fn redis_client(config: &Config) -> Result<redis::Client, ServerError> {
     use redis::IntoConnectionInfo;
-    let info = url.into_connection_info()?;
+    let info = config.redis_url.as_str().into_connection_info()?;
     let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-    redis::Client::open(info.set_tcp_settings(tcp))
+    let info = info.set_tcp_settings(tcp);
+    Ok(match info.addr() {
+        redis::ConnectionAddr::TcpTls { .. } => {
+            redis::Client::build_with_tls(info, crate::redis_tls::certificates(&config.redis_tls)?)?
+        }
+        _ => redis::Client::open(info)?,
+    })
 }
 
 /// Loads the `wsproxy` Redis library (reliable sessions) at start-up, and

@@ -33,6 +33,9 @@ fn wsproxy() -> Command {
         "UP_STREAM_SHARDS",
         "UP_STREAM_MAX_LEN",
         "UP_DEDUPE_SECS",
+        "REDIS_CA_FILE",
+        "REDIS_CLIENT_CERT_FILE",
+        "REDIS_CLIENT_KEY_FILE",
     ] {
         cmd.env_remove(var);
     }
@@ -68,6 +71,9 @@ fn help_lists_every_variable() {
         "UP_STREAM_SHARDS",
         "UP_STREAM_MAX_LEN",
         "UP_DEDUPE_SECS",
+        "REDIS_CA_FILE",
+        "REDIS_CLIENT_CERT_FILE",
+        "REDIS_CLIENT_KEY_FILE",
     ] {
         assert!(
             help.contains(&format!("env: {var}")) || help.contains(var),
@@ -224,6 +230,156 @@ fn an_unreadable_users_file_names_its_os_error_once() {
     assert!(err.contains("USERS_FILE"), "{err}");
     let os_error = std::fs::read(&path).expect_err("no such file").to_string();
     assert_eq!(err.matches(&os_error).count(), 1, "{err}");
+}
+
+/// Runs `cmd` to its end; a wsproxy that starts instead of refusing its
+/// settings is killed after 10 s and fails the test (rather than hanging
+/// it).
+fn exits_within(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wsproxy");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(out) => out.expect("wait for wsproxy"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("wsproxy started instead of refusing its settings");
+        }
+    }
+}
+
+/// TLS to Redis: the files go with a rediss:// URL only, the client
+/// certificate with its key; `#insecure` is refused; a file that is missing,
+/// not PEM, or a key that does not match its certificate names its
+/// variable. One line, exit 2, and never the URL's password.
+#[test]
+fn bad_redis_tls_settings_stop_startup_naming_the_variable() {
+    let dir = std::env::temp_dir().join(format!("wsproxy-cli-{}-redis-tls", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let ca = file("ca.pem", &cert.cert.pem());
+    let client_cert = file("client.pem", &cert.cert.pem());
+    let client_key = file("client.key", &cert.signing_key.serialize_pem());
+    let other_key = file("other.key", &other.signing_key.serialize_pem());
+    let not_pem = file("not.pem", "hello\n");
+    let missing = dir.join("missing.pem").display().to_string();
+    let tls = "rediss://:hunter2@127.0.0.1:1";
+    let plain = "redis://:hunter2@127.0.0.1:1";
+    // Files are read once the settings are parsed, after the port is
+    // bound: a free one, on loopback.
+    let check = |env: &[(&str, &str)], var: &str, expected: &str| {
+        let out = exits_within(
+            wsproxy()
+                .env("HOST", "127.0.0.1")
+                .env("PORT", "0")
+                .envs(env.iter().copied()),
+        );
+        let err = startup_error(&out);
+        assert!(
+            err.starts_with(&format!("wsproxy: invalid configuration: {var}: ")),
+            "{env:?}: {err}"
+        );
+        assert!(err.contains(expected), "{env:?}: {err}");
+        assert!(!err.contains("hunter2"), "the password was shown: {err}");
+    };
+    check(
+        &[("REDIS_URL", plain), ("REDIS_CA_FILE", &ca)],
+        "REDIS_CA_FILE",
+        "rediss://",
+    );
+    check(
+        &[
+            ("REDIS_URL", plain),
+            ("REDIS_CLIENT_CERT_FILE", &client_cert),
+            ("REDIS_CLIENT_KEY_FILE", &client_key),
+        ],
+        "REDIS_CLIENT_CERT_FILE",
+        "rediss://",
+    );
+    check(
+        &[("REDIS_URL", tls), ("REDIS_CLIENT_CERT_FILE", &client_cert)],
+        "REDIS_CLIENT_KEY_FILE",
+        "is required",
+    );
+    check(
+        &[("REDIS_URL", tls), ("REDIS_CLIENT_KEY_FILE", &client_key)],
+        "REDIS_CLIENT_CERT_FILE",
+        "is required",
+    );
+    check(
+        &[("REDIS_URL", "rediss://:hunter2@127.0.0.1:1/#insecure")],
+        "REDIS_URL",
+        "#insecure",
+    );
+    check(
+        &[("REDIS_URL", tls), ("REDIS_CA_FILE", &missing)],
+        "REDIS_CA_FILE",
+        "cannot read",
+    );
+    check(
+        &[("REDIS_URL", tls), ("REDIS_CA_FILE", &not_pem)],
+        "REDIS_CA_FILE",
+        "holds no valid PEM certificate",
+    );
+    check(
+        &[
+            ("REDIS_URL", tls),
+            ("REDIS_CLIENT_CERT_FILE", &not_pem),
+            ("REDIS_CLIENT_KEY_FILE", &client_key),
+        ],
+        "REDIS_CLIENT_CERT_FILE",
+        "holds no valid PEM certificate",
+    );
+    check(
+        &[
+            ("REDIS_URL", tls),
+            ("REDIS_CLIENT_CERT_FILE", &client_cert),
+            ("REDIS_CLIENT_KEY_FILE", &ca),
+        ],
+        "REDIS_CLIENT_KEY_FILE",
+        "holds no valid PEM private key",
+    );
+    check(
+        &[
+            ("REDIS_URL", tls),
+            ("REDIS_CLIENT_CERT_FILE", &client_cert),
+            ("REDIS_CLIENT_KEY_FILE", &other_key),
+        ],
+        "REDIS_CLIENT_KEY_FILE",
+        "cannot be used with REDIS_CLIENT_CERT_FILE",
+    );
+    // The same files, right, start it (Redis is not there: it retries).
+    let mut server = Running::start(
+        wsproxy()
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .env("REDIS_URL", tls)
+            .env("REDIS_CA_FILE", &ca)
+            .env("REDIS_CLIENT_CERT_FILE", &client_cert)
+            .env("REDIS_CLIENT_KEY_FILE", &client_key)
+            .env("RUST_LOG", "info"),
+    );
+    server.wait_for("wsproxy listening");
+    server.signal("TERM");
+    server.wait_for("shutdown complete");
+    let log = server.seen.join("\n");
+    assert!(!log.contains("hunter2"), "the password was logged:\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Reads a running wsproxy's log (stdout) line by line.
