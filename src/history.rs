@@ -197,7 +197,18 @@ redis.register_function('wsproxy_publish', function(keys, args)
   if not pcall(cjson.decode, payload) then
     return redis.error_reply('ERR wsproxy_publish: the message must be JSON')
   end
-  epoch_of(base)
+  -- A history that is gone while its epoch is not (deleted, or evicted on
+  -- its own under memory pressure) starts again under a new epoch: its
+  -- offsets must not look like a continuation of the old ones. The epoch
+  -- remembers that it had a history ('started'); one made by a join
+  -- before anything was published keeps.
+  if redis.call('EXISTS', history) == 0 then
+    if redis.call('HEXISTS', base .. ':epoch', 'started') == 1 then
+      redis.call('DEL', base .. ':epoch')
+    end
+    epoch_of(base)
+    redis.call('HSET', base .. ':epoch', 'started', '1')
+  end
   local id = redis.call('XADD', history, '*', 'd', payload)
   trim(history, base)
   redis.call('PEXPIRE', history, TTL_MS)
@@ -224,13 +235,17 @@ redis.register_function('wsproxy_join', function(keys, args)
   if want_epoch == '' then return {epoch, last, 'fresh'} end
   if want_epoch ~= epoch then return {epoch, last, 'epoch_changed'} end
   local f_ms, f_seq = parse(from)
-  local l_ms, l_seq = parse(last)
-  if not f_ms or cmp(f_ms, f_seq, l_ms, l_seq) > 0 then
-    return {epoch, last, 'unknown_offset'}
-  end
+  if not f_ms then return {epoch, last, 'unknown_offset'} end
   if not exists then
+    -- Nothing published yet under this epoch, or the history is gone
+    -- while its epoch is not (deleted, evicted): the messages after the
+    -- client's offset cannot be told.
     if f_ms == 0 and f_seq == 0 then return {epoch, last, 'recovered'} end
     return {epoch, last, 'expired'}
+  end
+  local l_ms, l_seq = parse(last)
+  if cmp(f_ms, f_seq, l_ms, l_seq) > 0 then
+    return {epoch, last, 'unknown_offset'}
   end
   -- Trimmed (by wsproxy_publish) or deleted (XDEL) past the offset?
   local trimmed = redis.call('HGET', base .. ':epoch', 'trimmed') or '0-0'

@@ -335,6 +335,28 @@ async fn trimmed_expired_and_unknown_positions_are_told_not_skipped() {
         "{welcome}"
     );
     assert_ne!(welcome["epoch"], epoch.as_str());
+    // The history alone deleted (or evicted) while its epoch lives: the
+    // position cannot be told, and what comes next is a new epoch, never
+    // a continuation that would hide the lost messages.
+    let (_, welcome) = connect(&server, &session, None).await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let before = publish(&redis, &session, &n(600)).await;
+    publish(&redis, &session, &n(601)).await;
+    let mut c = redis.conn().await;
+    redis::cmd("DEL")
+        .arg(format!("session:{session}:history"))
+        .query_async::<()>(&mut c)
+        .await
+        .expect("DEL history");
+    let (_, welcome) = connect(&server, &session, Some((&epoch, &before))).await;
+    assert_eq!(welcome["reason"], "expired", "{welcome}");
+    publish(&redis, &session, &n(602)).await;
+    let (_, welcome) = connect(&server, &session, Some((&epoch, &before))).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("epoch_changed")),
+        "a resume across the lost history must fail, not replay 602 alone: {welcome}"
+    );
     let metrics = server.metrics().await;
     assert!(
         metrics.contains(r#"wsproxy_resume_failures_total{reason="trimmed"} 1"#),
