@@ -192,7 +192,17 @@ async fn accept(
         agent_id: Some(agent_id.clone()),
         user: None,
     };
-    let mut tracking = tracking(&app, &headers, raw_query.as_deref(), slot.as_ref());
+    // With events or presence on: registered before the 101.
+    let resume = joined.as_ref().map(|j| j.resume);
+    let admitted = Admitted {
+        session_id: &session_id,
+        agent_id: &agent_id,
+        headers: &headers,
+        raw_query: raw_query.as_deref(),
+        slot: slot.as_ref(),
+        resume,
+    };
+    let tracking = register(&app, &mut redis, admitted).await;
     let Some(mut joined) = joined else {
         let handler = Bridge {
             app: app.clone(),
@@ -206,14 +216,6 @@ async fn accept(
         ));
     };
     app.metrics.reliable_connections.inc();
-    if let Some(info) = tracking.info.as_mut() {
-        info.reliable = true;
-        info.resume = joined.resume.map(|r| crate::lifecycle::Resume {
-            resumed: r.is_ok(),
-            replayed: r.unwrap_or(0),
-            reason: r.err().map(|why| why.as_str()),
-        });
-    }
     let preamble = crate::reliable::preamble(&app, &session_id, &mut joined);
     let handler = crate::reliable::ReliableBridge {
         app: app.clone(),
@@ -233,30 +235,64 @@ async fn accept(
     ))
 }
 
-/// The connection's lifecycle registration: untracked unless events or
-/// presence are on.
-fn tracking(
+/// An admitted connection, as its connect event describes it.
+struct Admitted<'a> {
+    session_id: &'a str,
+    agent_id: &'a str,
+    headers: &'a HeaderMap,
+    raw_query: Option<&'a str>,
+    slot: Option<&'a ConnectionSlot>,
+    /// `Some` for a reliable connection: how its resume went, if it asked.
+    resume: Option<Option<Result<usize, crate::history::ResumeFailure>>>,
+}
+
+/// Registers the connection with Redis when events or presence are on
+/// (its presence entry, its connect or resume event); untracked otherwise.
+/// A registration Redis does not take is logged and counted, and the
+/// connection goes on (its disconnect then records nothing).
+async fn register(
     app: &App,
-    headers: &HeaderMap,
-    raw_query: Option<&str>,
-    slot: Option<&ConnectionSlot>,
+    redis: &mut ConnectionManager,
+    admitted: Admitted<'_>,
 ) -> crate::lifecycle::Tracking {
     if !app.lifecycle.enabled() {
         return crate::lifecycle::Tracking::default();
     }
-    let user_agent = headers
+    let user_agent = admitted
+        .headers
         .get(axum::http::header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(|ua| ua.chars().take(256).collect());
+    let info = crate::lifecycle::ConnectInfo {
+        remote: admitted.slot.map(|s| s.peer),
+        user_agent,
+        query: app.lifecycle.allowed_query(admitted.raw_query),
+        reliable: admitted.resume.is_some(),
+        resume: admitted.resume.flatten().map(|r| crate::lifecycle::Resume {
+            resumed: r.is_ok(),
+            replayed: r.unwrap_or(0),
+            reason: r.err().map(|why| why.as_str()),
+        }),
+    };
+    let connection = app.lifecycle.next_connection();
+    let limit = app.config.auth_timeout;
+    let registered = app
+        .lifecycle
+        .connected(
+            redis,
+            admitted.session_id,
+            admitted.agent_id,
+            connection,
+            &info,
+            limit,
+        )
+        .await;
+    if let Err(e) = registered {
+        app.metrics.lifecycle_failures.inc();
+        tracing::warn!(session_id = %admitted.session_id, error = %e, "lifecycle: connection not registered");
+    }
     crate::lifecycle::Tracking {
-        connection: app.lifecycle.next_connection(),
-        info: Some(Box::new(crate::lifecycle::ConnectInfo {
-            remote: slot.map(|s| s.peer),
-            user_agent,
-            query: app.lifecycle.allowed_query(raw_query),
-            reliable: false,
-            resume: None,
-        })),
+        connection,
         ..Default::default()
     }
 }

@@ -174,7 +174,34 @@ pub fn upgrade<H: Handler>(
     // disconnected as slow after WS_PING_TIMEOUT_SECS or a full queue, and
     // with no write buffering the buffer holds at most the message that is
     // being written.
+    // A connection registered with Redis at its admission whose upgrade
+    // then fails (the client left before it completed) is removed again.
+    let failed = (driver.tracking.connection != 0).then(|| {
+        (
+            driver.app.clone(),
+            driver.label.session_id.clone(),
+            driver.label.agent_id.clone(),
+            driver.tracking.connection,
+        )
+    });
     upgrade
+        .on_failed_upgrade(move |_| {
+            if let Some((app, session, agent, connection)) = failed {
+                tokio::spawn(async move {
+                    let tracking = Tracking {
+                        connection,
+                        ..Tracking::default()
+                    };
+                    let ended = Ended {
+                        code: crate::close::ABNORMAL,
+                        reason: CloseReason::Error.as_str(),
+                        duration: std::time::Duration::ZERO,
+                    };
+                    let agent = agent.as_deref().unwrap_or_default();
+                    unregister(&app, &session, agent, &tracking, ended).await;
+                });
+            }
+        })
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_message_size(limit)
@@ -248,9 +275,6 @@ impl<H: Handler> Driver<H> {
         socket: &'a mut S,
     ) -> Pin<Box<dyn Future<Output = Result<(), Stop>> + Send + 'a>> {
         Box::pin(async move {
-            if let Some(info) = self.tracking.info.take() {
-                self.register(&info).await;
-            }
             let preamble = std::mem::take(&mut self.preamble);
             for msg in preamble {
                 self.write(socket, msg).await?;
@@ -261,52 +285,17 @@ impl<H: Handler> Driver<H> {
         })
     }
 
-    /// Registers the connection with Redis (presence, its connect event).
-    /// Runs before the preamble: a connection's events are in order.
-    async fn register(&self, info: &crate::lifecycle::ConnectInfo) {
-        let app = &self.app;
-        let mut redis = app.redis.clone();
-        let agent = self.label.agent_id.as_deref().unwrap_or_default();
-        let registered = app
-            .lifecycle
-            .connected(
-                &mut redis,
-                &self.label.session_id,
-                agent,
-                self.tracking.connection,
-                info,
-                app.config.auth_timeout,
-            )
-            .await;
-        if let Err(e) = registered {
-            app.metrics.lifecycle_failures.inc();
-            tracing::warn!(session_id = %self.label.session_id, error = %e, "lifecycle: connection not registered");
-        }
-    }
-
     /// Removes the connection's registration and appends its disconnect
     /// event. Boxed: it runs once.
     fn unregister(&self, ended: Ended) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(async move {
-            let app = &self.app;
-            let mut redis = app.redis.clone();
-            let agent = self.label.agent_id.as_deref().unwrap_or_default();
-            let removed = app
-                .lifecycle
-                .disconnected(
-                    &mut redis,
-                    &self.label.session_id,
-                    agent,
-                    &self.tracking,
-                    ended,
-                    app.config.auth_timeout,
-                )
-                .await;
-            if let Err(e) = removed {
-                app.metrics.lifecycle_failures.inc();
-                tracing::warn!(session_id = %self.label.session_id, error = %e, "lifecycle: disconnect not recorded");
-            }
-        })
+        let agent = self.label.agent_id.as_deref().unwrap_or_default();
+        Box::pin(unregister(
+            &self.app,
+            &self.label.session_id,
+            agent,
+            &self.tracking,
+            ended,
+        ))
     }
 
     /// Moves frames until something ends the connection.
@@ -482,6 +471,31 @@ impl<H: Handler> Driver<H> {
             .await;
             code
         })
+    }
+}
+
+/// Removes a tracked connection's registration and appends its disconnect
+/// event; a failure is logged and counted.
+async fn unregister(
+    app: &App,
+    session_id: &str,
+    agent_id: &str,
+    tracking: &Tracking,
+    ended: Ended,
+) {
+    // Waits for its turn with a small state; the call itself (strings,
+    // the script's command) is boxed only once it may go.
+    let _turn = app.lifecycle.turn().await;
+    let mut redis = app.redis.clone();
+    let limit = app.config.auth_timeout;
+    let removed = Box::pin(
+        app.lifecycle
+            .disconnected(&mut redis, session_id, agent_id, tracking, ended, limit),
+    )
+    .await;
+    if let Err(e) = removed {
+        app.metrics.lifecycle_failures.inc();
+        tracing::warn!(%session_id, error = %e, "lifecycle: disconnect not recorded");
     }
 }
 
