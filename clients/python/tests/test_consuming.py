@@ -210,3 +210,29 @@ async def test_malformed_entries_are_acknowledged_and_skipped(wsproxy: Wsproxy, 
     assert [m.data for m in got] == [[1]]
     await messages.ack(*got)
     assert (await redis.xpending(stream, group))["pending"] == 0
+
+
+async def test_a_client_without_decode_responses_works_too(redis_server, wsproxy_server, sid, group):
+    import redis.asyncio as aioredis
+
+    raw = aioredis.Redis.from_url(redis_server.url)  # replies are bytes
+    try:
+        w = Wsproxy(raw, up_shards=UP_SHARDS)
+        token = await w.issue_token(sid)
+        async with w.client_messages(group, "w1") as messages, w.plain_client_messages(sid) as plain:
+            async with client(wsproxy_server.ws, sid, token, reliable=True) as ws:
+                await welcome(ws)
+                offset = await w.send_reliable(sid, {"n": 1})
+                assert isinstance(offset, str)
+                await send_reliable(ws, "m", {"k": "v"})
+            async with client(wsproxy_server.ws, sid, token) as ws:
+                await ws.send('{"plain":true}')
+                p = await plain.get(timeout=5)
+            got = await collect(messages, 1)
+        assert (got[0].session_id, got[0].message_id, got[0].data) == (sid, "m", {"k": "v"})
+        assert p is not None and p.data == {"plain": True} and p.session_id == sid
+        await messages.ack(*got)
+        await raw.hset(f"session:{sid}:presence", "p:1", '{"process":"p","since":5}')
+        assert [(e.connection_id, e.process, e.since) for e in await w.presence(sid)] == [("p:1", "p", 5)]
+    finally:
+        await raw.aclose()

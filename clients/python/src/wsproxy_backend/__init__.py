@@ -3,14 +3,17 @@
 Clients hold WebSockets to wsproxy; the backend only talks to Redis. This
 package does that talking with ``redis.asyncio``:
 
->>> from wsproxy_backend import Wsproxy
->>> async def main():  # doctest: +SKIP
-...     async with Wsproxy.from_url("redis://127.0.0.1:6379") as wsproxy:
-...         token = await wsproxy.issue_token("s1")
-...         async with wsproxy.client_messages("agents", "worker-1") as messages:
-...             async for msg in messages:
-...                 await wsproxy.send_reliable(msg.session_id, {"echo": msg.data})
-...                 await messages.ack(msg)
+Example::
+
+    from wsproxy_backend import Wsproxy
+
+    async def main():
+        async with Wsproxy.from_url("redis://127.0.0.1:6379") as wsproxy:
+            token = await wsproxy.issue_token("s1")
+            async with wsproxy.client_messages("agents", "worker-1") as messages:
+                async for msg in messages:
+                    await wsproxy.send_reliable(msg.session_id, {"echo": msg.data})
+                    await messages.ack(msg)
 """
 
 from .client import (

@@ -83,15 +83,16 @@ class Wsproxy:
     It holds a ``redis.asyncio.Redis`` client (``decode_responses`` either
     way) and never a socket of its own.
 
-    >>> import asyncio
-    >>> async def main():  # doctest: +SKIP
-    ...     wsproxy = Wsproxy.from_url("redis://127.0.0.1:6379")
-    ...     token = await wsproxy.issue_token("s1", ttl=60)        # give it to the client
-    ...     await wsproxy.send("s1", {"type": "hello"})              # plain PUBLISH
-    ...     offset = await wsproxy.send_reliable("s1", {"n": 1})     # replayable
-    ...     print(await wsproxy.presence("s1"))                      # open connections
-    ...     await wsproxy.disconnect("s1", code=4001, reason="bye", revoke_token=True)
-    ...     await wsproxy.aclose()
+    Example::
+
+        async def main():
+            wsproxy = Wsproxy.from_url("redis://127.0.0.1:6379")
+            token = await wsproxy.issue_token("s1", ttl=60)        # give it to the client
+            await wsproxy.send("s1", {"type": "hello"})              # plain PUBLISH
+            offset = await wsproxy.send_reliable("s1", {"n": 1})     # replayable
+            print(await wsproxy.presence("s1"))                      # open connections
+            await wsproxy.disconnect("s1", code=4001, reason="bye", revoke_token=True)
+            await wsproxy.aclose()
 
     ``up_shards`` must be wsproxy's ``UP_STREAM_SHARDS``: it says which
     ``wsproxy:up:{n}`` streams :meth:`client_messages` reads.
@@ -133,8 +134,10 @@ class Wsproxy:
         hours by default) for reconnects. The default token is 32 random
         bytes, URL-safe. Issuing again replaces the session's token.
 
-        >>> token = await wsproxy.issue_token("s1")          # doctest: +SKIP
-        >>> url = session_url("ws://127.0.0.1:8080", "web", "s1", token)  # doctest: +SKIP
+        Example::
+
+            token = await wsproxy.issue_token("s1")
+            url = session_url("ws://127.0.0.1:8080", "web", "s1", token)
         """
         if ttl < 1:
             raise ValueError("ttl must be at least 1 second")
@@ -157,8 +160,9 @@ class Wsproxy:
         got it (0: no connection of the session is open anywhere).
         Nothing is kept: a client not connected now never gets it.
 
-        >>> await wsproxy.send("s1", {"type": "data", "payload": "hi"})  # doctest: +SKIP
-        1
+        Example::
+
+            await wsproxy.send("s1", {"type": "data", "payload": "hi"})  # 1
         """
         return await self.send_raw(session_id, _json(data))
 
@@ -176,8 +180,9 @@ class Wsproxy:
         Needs a wsproxy with ``RELIABLE_SESSIONS=true`` on this Redis (it
         loads the function); :class:`WsproxyError` otherwise.
 
-        >>> await wsproxy.send_reliable("s1", {"n": 1})  # doctest: +SKIP
-        '1764600000000-0'
+        Example::
+
+            await wsproxy.send_reliable("s1", {"n": 1})  # '1764600000000-0'
         """
         return await self.send_reliable_raw(session_id, _json(data))
 
@@ -214,10 +219,12 @@ class Wsproxy:
         of group ``group`` (one group per kind of worker; each message goes to
         one consumer of it). See :class:`~wsproxy_backend.consumers.GroupConsumer`.
 
-        >>> async with wsproxy.client_messages("agents", "worker-1") as messages:  # doctest: +SKIP
-        ...     async for msg in messages:
-        ...         print(msg.session_id, msg.message_id, msg.data)
-        ...         await messages.ack(msg)
+        Example::
+
+            async with wsproxy.client_messages("agents", "worker-1") as messages:
+                async for msg in messages:
+                    print(msg.session_id, msg.message_id, msg.data)
+                    await messages.ack(msg)
         """
         return ClientMessages(
             self.redis,
@@ -236,8 +243,10 @@ class Wsproxy:
         or of every session when none is given (``PSUBSCRIBE session:*:up``).
         Every subscriber gets every message; none is kept for later.
 
-        >>> async with wsproxy.plain_client_messages("s1") as messages:  # doctest: +SKIP
-        ...     msg = await messages.get(timeout=5)
+        Example::
+
+            async with wsproxy.plain_client_messages("s1") as messages:
+                msg = await messages.get(timeout=5)
         """
         if session_ids:
             return PlainClientMessages(self.redis, channels=[keys.up_channel(s) for s in session_ids])
@@ -257,11 +266,13 @@ class Wsproxy:
         """Lifecycle events (``wsproxy:events``, ``LIFECYCLE_EVENTS=true``) for
         consumer ``consumer`` of group ``group``.
 
-        >>> async with wsproxy.events("trackers", "tracker-1") as events:  # doctest: +SKIP
-        ...     async for event in events:
-        ...         if event.type == "disconnect":
-        ...             print(event.session_id, event.code, event.reason)
-        ...         await events.ack(event)
+        Example::
+
+            async with wsproxy.events("trackers", "tracker-1") as events:
+                async for event in events:
+                    if event.type == "disconnect":
+                        print(event.session_id, event.code, event.reason)
+                    await events.ack(event)
         """
         return Events(
             self.redis,
@@ -288,8 +299,9 @@ class Wsproxy:
         """The session's open connections, oldest first (``HGETALL
         session:{id}:presence``, ``PRESENCE=true``).
 
-        >>> [p.connection_id for p in await wsproxy.presence("s1")]  # doctest: +SKIP
-        ['host-1:17']
+        Example::
+
+            [p.connection_id for p in await wsproxy.presence("s1")]  # ['host-1:17']
         """
         raw = await self.redis.hgetall(keys.presence_key(session_id))
         entries = [PresenceEntry.from_json(k, v) for k, v in raw.items()]
@@ -317,8 +329,9 @@ class Wsproxy:
         ``MULTI``/``EXEC``, so the client cannot reconnect with it either.
         Returns how many wsproxy processes got the message.
 
-        >>> await wsproxy.disconnect("s1", code=4001, reason="revoked", revoke_token=True)  # doctest: +SKIP
-        2
+        Example::
+
+            await wsproxy.disconnect("s1", code=4001, reason="revoked", revoke_token=True)  # 2
         """
         message = disconnect_message(session_id, code, reason)
         if not revoke_token:

@@ -141,7 +141,7 @@ class GroupConsumer(Generic[T]):
     async def _xreadgroup(self, ids: str, count: int, block_ms: int | None) -> list[Entry]:
         if not self._groups_ready:
             await self.ensure_group()
-        streams = {s: ids for s in self.streams}
+        streams: dict[Any, Any] = {s: ids for s in self.streams}
         try:
             reply = await self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
         except ResponseError as e:
@@ -255,11 +255,13 @@ class GroupConsumer(Generic[T]):
 class ClientMessages(GroupConsumer[ClientMessage]):
     """Reliable client messages (the ``wsproxy:up:{n}`` streams) for one consumer of a group.
 
-    >>> async def worker(wsproxy):  # doctest: +SKIP
-    ...     async with wsproxy.client_messages("agents", "worker-1") as messages:
-    ...         async for msg in messages:
-    ...             await wsproxy.send_reliable(msg.session_id, {"echo": msg.data})
-    ...             await messages.ack(msg)
+    Example::
+
+        async def worker(wsproxy):
+            async with wsproxy.client_messages("agents", "worker-1") as messages:
+                async for msg in messages:
+                    await wsproxy.send_reliable(msg.session_id, {"echo": msg.data})
+                    await messages.ack(msg)
     """
 
     def _convert(self, stream: str, entry_id: str, fields: dict[str, str], redelivered: bool) -> ClientMessage:
@@ -271,11 +273,13 @@ class ClientMessages(GroupConsumer[ClientMessage]):
 class Events(GroupConsumer[Event]):
     """Lifecycle events (the ``wsproxy:events`` stream) for one consumer of a group.
 
-    >>> async def watch(wsproxy):  # doctest: +SKIP
-    ...     async with wsproxy.events("presence-tracker", "tracker-1") as events:
-    ...         async for event in events:
-    ...             print(event.type, event.session_id, event.reason)
-    ...             await events.ack(event)
+    Example::
+
+        async def watch(wsproxy):
+            async with wsproxy.events("presence-tracker", "tracker-1") as events:
+                async for event in events:
+                    print(event.type, event.session_id, event.reason)
+                    await events.ack(event)
     """
 
     def _convert(self, stream: str, entry_id: str, fields: dict[str, str], redelivered: bool) -> Event:
@@ -367,10 +371,12 @@ class Subscription(Generic[T]):
 class PlainClientMessages(Subscription[ClientMessage]):
     """Plain client messages, from ``session:{id}:up`` of some sessions or of all (``session:*:up``).
 
-    >>> async def echo(wsproxy):  # doctest: +SKIP
-    ...     async with wsproxy.plain_client_messages() as messages:  # every session
-    ...         async for msg in messages:
-    ...             await wsproxy.send(msg.session_id, {"echo": msg.data})
+    Example::
+
+        async def echo(wsproxy):
+            async with wsproxy.plain_client_messages() as messages:  # every session
+                async for msg in messages:
+                    await wsproxy.send(msg.session_id, {"echo": msg.data})
     """
 
     def _convert(self, channel: str, data: Any) -> ClientMessage | None:
