@@ -236,3 +236,65 @@ async def test_a_client_without_decode_responses_works_too(redis_server, wsproxy
         assert [(e.connection_id, e.process, e.since) for e in await w.presence(sid)] == [("p:1", "p", 5)]
     finally:
         await raw.aclose()
+
+
+async def test_blocking_reads_stay_under_the_socket_timeout(redis_server, wsproxy_server, sid, group):
+    """redis-py gives connections a read timeout (5 s by default): a longer
+    BLOCK must not turn into a TimeoutError that ends the worker."""
+    import time
+
+    import redis.asyncio as aioredis
+
+    short = aioredis.Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=0.4)
+    try:
+        w = Wsproxy(short, up_shards=UP_SHARDS)
+        async with w.client_messages(group, "w1", block_ms=10_000) as messages:
+            t = time.monotonic()
+            assert await messages.read() == []
+            assert time.monotonic() - t < 0.4
+            got: list[ClientMessage] = []
+
+            async def consume() -> None:
+                async for m in messages:  # several empty reads before the message
+                    got.append(m)
+                    await messages.ack(m)
+                    return
+
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(1.0)
+            assert not task.done()
+            token = await w.issue_token(sid)
+            async with client(wsproxy_server.ws, sid, token, reliable=True) as ws:
+                await welcome(ws)
+                await send_reliable(ws, "late", 1)
+            await asyncio.wait_for(task, 5)
+        assert [m.message_id for m in got] == ["late"]
+    finally:
+        await short.aclose()
+
+
+async def test_what_a_timed_out_read_was_given_is_read_again(wsproxy: Wsproxy, redis, group, monkeypatch):
+    """If the client gives up on a read Redis has answered, the entries are in
+    the consumer's pending list; the next read returns them."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    stream = up_stream(0)
+    messages = wsproxy.client_messages(group, "w1")
+    await messages.ensure_group()
+    await redis.xadd(stream, {"session": "s-t", "agent": "a", "id": "lost-reply", "data": "1"})
+    real = redis.xreadgroup
+    calls = 0
+
+    async def flaky(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        reply = await real(*args, **kwargs)
+        if calls == 1:
+            raise RedisTimeoutError("Timeout reading from socket")  # the reply is lost
+        return reply
+
+    monkeypatch.setattr(redis, "xreadgroup", flaky)
+    assert await messages.read(block_ms=100) == []
+    got = await messages.read(block_ms=100)
+    assert [(m.message_id, m.redelivered) for m in got] == [("lost-reply", True)]
+    await messages.ack(*got)

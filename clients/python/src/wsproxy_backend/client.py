@@ -211,7 +211,7 @@ class Wsproxy:
         *,
         start: str = "$",
         count: int = 100,
-        block_ms: int = 5000,
+        block_ms: int = 2000,
         claim_idle_ms: int | None = 60_000,
         claim_interval: float | None = None,
     ) -> ClientMessages:
@@ -259,7 +259,7 @@ class Wsproxy:
         *,
         start: str = "$",
         count: int = 100,
-        block_ms: int = 5000,
+        block_ms: int = 2000,
         claim_idle_ms: int | None = 60_000,
         claim_interval: float | None = None,
     ) -> Events:

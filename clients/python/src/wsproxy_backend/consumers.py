@@ -22,7 +22,9 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
 from .models import ClientMessage, Event, _loads, _text
@@ -42,6 +44,24 @@ def _fields(raw: Any) -> dict[str, str] | None:
     # A flat [k, v, k, v] list (a client without the stream response callbacks).
     items = list(raw)
     return {_text(items[i]): _text(items[i + 1]) for i in range(0, len(items) - 1, 2)}
+
+
+def socket_timeout(redis: aioredis.Redis) -> float | None:
+    """The read timeout (seconds) of the client's connections, ``None`` for none.
+
+    redis-py 6 and later give connections a 5 s timeout unless told
+    otherwise; a blocking read longer than that would fail.
+    """
+    kwargs = redis.connection_pool.connection_kwargs
+    if "socket_timeout" in kwargs:
+        t = kwargs["socket_timeout"]
+        return float(t) if t else None
+    try:
+        from redis._defaults import DEFAULT_SOCKET_TIMEOUT  # redis-py >= 6
+
+        return float(DEFAULT_SOCKET_TIMEOUT) if DEFAULT_SOCKET_TIMEOUT else None
+    except ImportError:  # redis-py 5: no timeout by default
+        return None
 
 
 def _stream_replies(reply: Any) -> list[Entry]:
@@ -88,7 +108,7 @@ class GroupConsumer(Generic[T]):
         *,
         start: str = "$",
         count: int = 100,
-        block_ms: int = 5000,
+        block_ms: int = 2000,
         claim_idle_ms: int | None = 60_000,
         claim_interval: float | None = None,
     ) -> None:
@@ -108,6 +128,13 @@ class GroupConsumer(Generic[T]):
             claim_interval if claim_interval is not None else max((claim_idle_ms or 0) / 2000, 1.0)
         )
         self._groups_ready = False
+        # A blocking read may last at most half the socket timeout: longer,
+        # and redis-py gives up on it while Redis may still answer.
+        timeout = socket_timeout(redis)
+        self._max_block_ms = max(50, int(timeout * 500)) if timeout else None
+        # A read timed out: Redis may have delivered entries nobody saw, which
+        # wait in this consumer's pending list.
+        self._recheck_pending = False
         # (stream, entry id) handed out and not yet acknowledged.
         self._outstanding: set[tuple[str, str]] = set()
         self._last_claim = 0.0
@@ -141,21 +168,31 @@ class GroupConsumer(Generic[T]):
     async def _xreadgroup(self, ids: str, count: int, block_ms: int | None) -> list[Entry]:
         if not self._groups_ready:
             await self.ensure_group()
+        if block_ms is not None and self._max_block_ms is not None:
+            block_ms = min(block_ms, self._max_block_ms)
         streams: dict[Any, Any] = {s: ids for s in self.streams}
         try:
-            reply = await self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
-        except ResponseError as e:
-            if "NOGROUP" not in str(e):
+            try:
+                reply = await self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                log.warning("consumer group %s is gone (Redis restarted?); creating it again", self.group)
+                await self.ensure_group()
+                reply = await self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
+        except RedisTimeoutError:
+            if ids != ">":
                 raise
-            log.warning("consumer group %s is gone (Redis restarted?); creating it again", self.group)
-            await self.ensure_group()
-            reply = await self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
+            self._recheck_pending = True
+            return []
         return _stream_replies(reply)
 
     async def _build(self, entries: Iterable[Entry], redelivered: bool) -> list[T]:
         out: list[T] = []
         gone: list[tuple[str, str]] = []
         for stream, entry_id, fields in entries:
+            if (stream, entry_id) in self._outstanding:
+                continue  # handed out already, and not acknowledged yet: being handled
             if fields is None:  # trimmed or deleted while pending: nothing to handle
                 gone.append((stream, entry_id))
                 continue
@@ -174,15 +211,24 @@ class GroupConsumer(Generic[T]):
     async def read(self, count: int | None = None, block_ms: int | None = None) -> list[T]:
         """New entries (``XREADGROUP ... >``), waiting up to ``block_ms`` for the first.
 
-        Returns an empty list when nothing came in time. ``block_ms=0``
-        waits forever; pass a small value to poll.
+        Returns an empty list when nothing came in time. The wait is cut to
+        half the Redis client's socket timeout, if it has one (redis-py's
+        default is 5 s). If a read times out all the same, the next one
+        first looks at this consumer's pending entries, where anything Redis
+        delivered meanwhile waits.
         """
+        if self._recheck_pending:
+            self._recheck_pending = False
+            missed = await self.pending(count)
+            if missed:
+                return missed
         block = self.block_ms if block_ms is None else block_ms
         entries = await self._xreadgroup(">", count or self.count, block)
         return await self._build(entries, redelivered=False)
 
     async def pending(self, count: int | None = None) -> list[T]:
-        """This consumer's own unacknowledged entries, from the oldest (``XREADGROUP ... 0``)."""
+        """This consumer's own unacknowledged entries, from the oldest (``XREADGROUP ... 0``),
+        except those it has handed out already."""
         entries = await self._xreadgroup("0", count or self.count, None)
         return await self._build(entries, redelivered=True)
 
@@ -235,21 +281,34 @@ class GroupConsumer(Generic[T]):
         return acked
 
     async def __aiter__(self) -> AsyncIterator[T]:
+        """Own pending entries, then new ones and claimed ones, for ever.
+
+        Redis errors (it is restarting, say) are logged and retried with a
+        growing delay (up to 5 s); the iteration does not end on them.
+        """
+        delay = 0.1
+        start = True
         while True:
-            batch = await self.pending()
-            for item in batch:
-                yield item
-            if len(batch) < self.count:
-                break
-        while True:
-            if self.claim_idle_ms is not None and time.monotonic() - self._last_claim >= self.claim_interval:
-                for item in await self.claim():
+            try:
+                if start:
+                    batch = await self.pending()
+                    start = len(batch) >= self.count
+                    for item in batch:
+                        yield item
+                    continue
+                if self.claim_idle_ms is not None and time.monotonic() - self._last_claim >= self.claim_interval:
+                    for item in await self.claim():
+                        yield item
+                block = self.block_ms
+                if self.claim_idle_ms is not None:
+                    block = max(1, min(block, int(self.claim_interval * 1000)))
+                for item in await self.read(block_ms=block):
                     yield item
-            block = self.block_ms
-            if self.claim_idle_ms is not None:
-                block = max(1, min(block, int(self.claim_interval * 1000)))
-            for item in await self.read(block_ms=block):
-                yield item
+                delay = 0.1
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                log.warning("%s: Redis error, retrying in %.1f s: %s", self.group, delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 class ClientMessages(GroupConsumer[ClientMessage]):
