@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.parse
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -48,11 +47,3 @@ async def send_reliable(ws: ClientConnection, message_id: str, data: Any) -> dic
         if reply.get("id") == message_id and reply.get("type") in ("ack", "error"):
             assert reply["type"] == "ack", reply
             return reply
-
-
-def resume_query(epoch: str, offset: str) -> dict[str, str]:
-    return {"epoch": epoch, "offset": offset}
-
-
-def encode(**q: str) -> str:
-    return urllib.parse.urlencode(q)
