@@ -2,7 +2,7 @@
 // The example's page in headless Chromium, against the example app (and its
 // agent), wsproxy and Redis that run-e2e.sh has started.
 //
-//   APP_URL=http://127.0.0.1:8000 [E2E_EVENTS=1] node e2e.mjs
+//   APP_URL=http://127.0.0.1:8000 [E2E_EVENTS=1|simulated] [REDIS_PORT=6379] node e2e.mjs
 //
 // 1. reliable session: the page starts a session, sends a prompt, and the
 //    reply arrives piece by piece (many messages, spread over time, each
@@ -13,9 +13,15 @@
 //    the reply would take; the agent must pause (few messages wait in the
 //    history, replayed on return) and go on after the page comes back, with
 //    every piece once and in order.
+//    E2E_EVENTS=simulated (a wsproxy without lifecycle events): the same,
+//    with the disconnect and resume events wsproxy would emit appended to
+//    wsproxy:events by this test (redis-cli, REDIS_PORT), in issue 14's
+//    format: the page, the agent and the library are checked end to end,
+//    wsproxy's own events are not.
 //
 // playwright-core comes from clients/js/node_modules (run-e2e.sh installs it).
 
+import { execFileSync } from 'node:child_process';
 import path from 'node:path';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
@@ -26,7 +32,8 @@ const { chromium } = require('playwright-core');
 
 const APP_URL = process.env.APP_URL;
 const CHROMIUM_PATH = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const EVENTS = process.env.E2E_EVENTS === '1';
+const EVENTS = process.env.E2E_EVENTS || '0';
+const REDIS_PORT = process.env.REDIS_PORT || '6379';
 const STEP_MS = 15_000;
 
 const say = (msg) => console.log(`[fastapi-agent-e2e] ${msg}`);
@@ -109,12 +116,25 @@ async function streamedReply(page, mode) {
   say(`${mode}: session ${grant.session_id}, ${r.pieces} pieces over ${spread.toFixed(0)} ms, in order, once each`);
 }
 
+/** Appends an event to wsproxy:events as wsproxy would (E2E_EVENTS=simulated). */
+function emitEvent(type, sessionId, connectionId, extra = {}) {
+  const event = {
+    type, session_id: sessionId, agent_id: 'web', connection_id: connectionId, process: 'e2e-sim', time: Date.now(), ...extra,
+  };
+  execFileSync('redis-cli', ['-p', REDIS_PORT, 'XADD', 'wsproxy:events', '*', 'event', JSON.stringify(event)]);
+}
+
 async function pauseWhileAway(page) {
   const grant = await startSession(page, 'reliable');
   const prompt = 'a long answer please';
   const id = await ask(page, prompt);
   await until(page, 'a few pieces', (rid) => window.agentDemo.replies[rid].chunks.length >= 4, id);
   await page.click('#leave');
+  if (EVENTS === 'simulated') {
+    emitEvent('disconnect', grant.session_id, 'e2e-sim:1', {
+      code: 1000, reason: 'client', duration_ms: 1, messages_in: 1, messages_out: 1,
+    });
+  }
   const leftAt = await page.evaluate((rid) => window.agentDemo.replies[rid].chunks.length, id);
   const pieces = await page.evaluate((rid) => window.agentDemo.replies[rid].pieces, id);
   // Away longer than the rest of the reply takes (60 ms a piece), twice over.
@@ -122,6 +142,11 @@ async function pauseWhileAway(page) {
   await sleep(away);
   await page.click('#back');
   await until(page, 'back, resumed', () => window.agentDemo.state === 'open');
+  if (EVENTS === 'simulated') {
+    emitEvent('resume', grant.session_id, 'e2e-sim:2', {
+      reliable: true, remote: '127.0.0.1:1', user_agent: null, query: {}, resumed: true, replayed: 0,
+    });
+  }
   await until(page, 'the whole reply after coming back', (rid) => window.agentDemo.replies[rid].done, id);
   const r = await checkReply(page, id, prompt);
   const after = r.msgs.filter((m) => m.connection === 2);
@@ -130,7 +155,7 @@ async function pauseWhileAway(page) {
   check(replayed <= 3, `${replayed} messages replayed: the agent went on while the page was away`);
   check(live >= 3, `only ${live} pieces came live after the return: the agent did not wait for it`);
   check((await page.evaluate(() => window.agentDemo.resumeFailures)).length === 0, 'a resume failed');
-  say(`leave and come back: session ${grant.session_id}, left after ${leftAt} of ${pieces} pieces for ${away} ms; ` +
+  say(`leave and come back (${EVENTS === '1' ? "wsproxy's events" : 'simulated events'}): session ${grant.session_id}, left after ${leftAt} of ${pieces} pieces for ${away} ms; ` +
       `${replayed} replayed, ${live} live after the return`);
 }
 
@@ -152,13 +177,13 @@ async function main() {
       await streamedReply(page, mode);
       await page.close();
     }
-    if (EVENTS) {
+    if (EVENTS === '1' || EVENTS === 'simulated') {
       const page = await context.newPage();
       page.on('pageerror', (e) => pageErrors.push(e.message));
       await pauseWhileAway(page);
       await page.close();
     } else {
-      say('SKIPPED leave and come back: this wsproxy has no LIFECYCLE_EVENTS');
+      say('SKIPPED leave and come back: E2E_EVENTS is not 1 or simulated');
     }
     check(pageErrors.length === 0, `errors in the page: ${pageErrors}`);
     say('passed');

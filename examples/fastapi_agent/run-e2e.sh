@@ -12,9 +12,11 @@
 # missing; Playwright never downloads a browser).
 #
 # The test checks a reply streamed piece by piece in a reliable and in a
-# plain session. When the wsproxy has lifecycle events (its --help lists
-# LIFECYCLE_EVENTS), it also leaves in the middle of a reply and comes back:
-# the agent must have paused while the page was away and go on after.
+# plain session, then leaves in the middle of a reply and comes back: the
+# agent must have paused while the page was away and go on after. When the
+# wsproxy has lifecycle events (its --help lists LIFECYCLE_EVENTS) they are
+# wsproxy's own; otherwise the test appends the disconnect and resume events
+# itself, in the format wsproxy will use (E2E_EVENTS=simulated).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -67,8 +69,9 @@ WS_PID=$!
 PIDS+=("$WS_PID")
 wait_http "http://127.0.0.1:$WS_PORT/ready" "$WS_PID" wsproxy
 
-EVENTS=0
+EVENTS=simulated
 "$WSPROXY_BIN" --help 2>/dev/null | grep -q LIFECYCLE_EVENTS && EVENTS=1
+echo "fastapi_agent e2e: lifecycle events: $EVENTS"
 
 APP_PORT=$(free_port)
 (cd "$HERE" && exec env REDIS_URL="redis://127.0.0.1:$REDIS_PORT" WSPROXY_URL="ws://127.0.0.1:$WS_PORT" \
@@ -79,7 +82,7 @@ PIDS+=("$APP_PID")
 wait_http "http://127.0.0.1:$APP_PORT/healthz" "$APP_PID" "the example app"
 
 status=0
-APP_URL="http://127.0.0.1:$APP_PORT" CHROMIUM_PATH="$CHROMIUM_PATH" E2E_EVENTS=$EVENTS \
+APP_URL="http://127.0.0.1:$APP_PORT" CHROMIUM_PATH="$CHROMIUM_PATH" E2E_EVENTS=$EVENTS REDIS_PORT=$REDIS_PORT \
   node "$HERE/e2e.mjs" || status=$?
 if ((status)); then
   echo "--- app log"; tail -40 "$WORK/app.log"
