@@ -1,0 +1,353 @@
+"""The backend's side of wsproxy's session bridge, as one object over a Redis client."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from . import keys
+from .consumers import ClientMessages, Events, PlainClientMessages, SessionEvents
+from .models import PresenceEntry, WsproxyError, _text
+
+#: Close codes a control ``disconnect`` may carry (the spec: 1000, 1008, 3000-4999).
+ALLOWED_CLOSE_CODES = frozenset({1000, 1008, *range(3000, 5000)})
+
+#: The close code wsproxy uses when a ``disconnect`` gives none.
+DEFAULT_DISCONNECT_CODE = 4000
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def new_token(nbytes: int = 32) -> str:
+    """A random URL-safe session token (``secrets.token_urlsafe``), 43 characters by default.
+
+    >>> len(new_token()), new_token() != new_token()
+    (43, True)
+    """
+    return secrets.token_urlsafe(nbytes)
+
+
+def session_url(base_url: str, agent_id: str, session_id: str, token: str | None = None, **query: str) -> str:
+    """The WebSocket URL a client connects to: ``{base}/{agent}/ws/{session}?access_token=...``.
+
+    >>> session_url("wss://gw.example.com", "web", "s1", "tok")
+    'wss://gw.example.com/web/ws/s1?access_token=tok'
+    >>> session_url("http://127.0.0.1:8080/", "web", "s1")
+    'ws://127.0.0.1:8080/web/ws/s1'
+    """
+    base = base_url.rstrip("/")
+    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
+        if base.startswith(http):
+            base = ws + base[len(http):]
+    url = f"{base}/{keys.check_id(agent_id, 'agent id')}/ws/{keys.check_id(session_id)}"
+    params = dict(query)
+    if token is not None:
+        params = {"access_token": token, **params}
+    return url + ("?" + urllib.parse.urlencode(params) if params else "")
+
+
+def disconnect_message(session_id: str, code: int | None = None, reason: str | None = None) -> str:
+    """The control message that closes every connection of a session, checked
+    against the spec's limits (``ValueError`` otherwise).
+
+    >>> disconnect_message("s1", 4001, "revoked")
+    '{"type":"disconnect","session_id":"s1","code":4001,"reason":"revoked"}'
+    >>> disconnect_message("s1", 1001)
+    Traceback (most recent call last):
+    ...
+    ValueError: close code 1001 is not allowed: use 1000, 1008 or 3000-4999
+    """
+    msg: dict[str, Any] = {"type": "disconnect", "session_id": keys.check_id(session_id)}
+    if code is not None:
+        if isinstance(code, bool) or not isinstance(code, int) or code not in ALLOWED_CLOSE_CODES:
+            raise ValueError(f"close code {code!r} is not allowed: use 1000, 1008 or 3000-4999")
+        msg["code"] = code
+    if reason is not None:
+        if len(reason.encode("utf-8")) > 123:
+            raise ValueError("a close reason is at most 123 bytes of UTF-8")
+        msg["reason"] = reason
+    return _json(msg)
+
+
+class Wsproxy:
+    """Everything a backend does with wsproxy, through Redis.
+
+    It holds a ``redis.asyncio.Redis`` client (``decode_responses`` either
+    way) and never a socket of its own.
+
+    Example::
+
+        async def main():
+            wsproxy = Wsproxy.from_url("redis://127.0.0.1:6379")
+            token = await wsproxy.issue_token("s1", ttl=60)        # give it to the client
+            await wsproxy.send("s1", {"type": "hello"})              # plain PUBLISH
+            offset = await wsproxy.send_reliable("s1", {"n": 1})     # replayable
+            print(await wsproxy.presence("s1"))                      # open connections
+            await wsproxy.disconnect("s1", code=4001, reason="bye", revoke_token=True)
+            await wsproxy.aclose()
+
+    ``up_shards`` must be wsproxy's ``UP_STREAM_SHARDS``: it says which
+    ``wsproxy:up:{n}`` streams :meth:`client_messages` reads.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, up_shards: int = 1, events_stream: str = keys.EVENTS_STREAM) -> None:
+        if up_shards < 1:
+            raise ValueError("up_shards must be at least 1")
+        self.redis = redis
+        self.up_shards = up_shards
+        self.events_stream = events_stream
+        self._owns_redis = False
+
+    @classmethod
+    def from_url(cls, url: str = "redis://127.0.0.1:6379", *, up_shards: int = 1, **redis_kwargs: Any) -> Wsproxy:
+        """A client on its own Redis connection pool; :meth:`aclose` closes it."""
+        w = cls(aioredis.Redis.from_url(url, **redis_kwargs), up_shards=up_shards)
+        w._owns_redis = True
+        return w
+
+    async def aclose(self) -> None:
+        """Closes the Redis client if :meth:`from_url` made it."""
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> Wsproxy:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- tokens ----------------------------------------------------------------
+
+    async def issue_token(self, session_id: str, *, ttl: int = 60, token: str | None = None) -> str:
+        """Stores a token for a session (``SETEX session:{id}:auth ttl token``) and returns it.
+
+        The client must connect within ``ttl`` seconds; each successful
+        connect makes wsproxy keep the token ``AUTH_GRACE_PERIOD_SECS`` (3
+        hours by default) for reconnects. The default token is 32 random
+        bytes, URL-safe. Issuing again replaces the session's token.
+
+        Example::
+
+            token = await wsproxy.issue_token("s1")
+            url = session_url("ws://127.0.0.1:8080", "web", "s1", token)
+        """
+        if ttl < 1:
+            raise ValueError("ttl must be at least 1 second")
+        token = new_token() if token is None else token
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("a token must be non-empty and have no whitespace")
+        await self.redis.setex(keys.auth_key(session_id), ttl, token)
+        return token
+
+    async def revoke_token(self, session_id: str) -> bool:
+        """Deletes a session's token: nobody can connect (or reconnect) with it.
+        Open connections stay open; see :meth:`disconnect`. True if there was one."""
+        return bool(await self.redis.delete(keys.auth_key(session_id)))
+
+    # -- sending -----------------------------------------------------------------
+
+    async def send(self, session_id: str, data: Any) -> int:
+        """Sends ``data`` (as JSON) to a session's plain connections
+        (``PUBLISH session:{id}:down``). Returns how many wsproxy processes
+        got it (0: no connection of the session is open anywhere).
+        Nothing is kept: a client not connected now never gets it.
+
+        Example::
+
+            await wsproxy.send("s1", {"type": "data", "payload": "hi"})  # 1
+        """
+        return await self.send_raw(session_id, _json(data))
+
+    async def send_raw(self, session_id: str, payload: str | bytes) -> int:
+        """Publishes ``payload`` unchanged on ``session:{id}:down`` (text that is
+        not UTF-8 reaches the client as a binary frame)."""
+        return int(await self.redis.publish(keys.down_channel(session_id), payload))
+
+    async def send_reliable(self, session_id: str, data: Any) -> str:
+        """Sends ``data`` (as JSON) through the session's history
+        (``FCALL wsproxy_publish``): reliable clients get it once, in order,
+        also after a reconnect; plain ones get it as :meth:`send` would.
+        Returns the message's offset.
+
+        Needs a wsproxy with ``RELIABLE_SESSIONS=true`` on this Redis (it
+        loads the function); :class:`WsproxyError` otherwise.
+
+        Example::
+
+            await wsproxy.send_reliable("s1", {"n": 1})  # '1764600000000-0'
+        """
+        return await self.send_reliable_raw(session_id, _json(data))
+
+    async def send_reliable_raw(self, session_id: str, payload: str) -> str:
+        """:meth:`send_reliable` for a payload that is JSON text already."""
+        try:
+            offset = await self.redis.fcall("wsproxy_publish", 1, keys.history_key(session_id), payload)
+        except ResponseError as e:
+            if "Function not found" in str(e):
+                raise WsproxyError(
+                    "wsproxy_publish is not loaded in this Redis: start a wsproxy with RELIABLE_SESSIONS=true on it"
+                ) from e
+            raise WsproxyError(str(e)) from e
+        return _text(offset)
+
+    # -- consuming ---------------------------------------------------------------
+
+    def up_shard(self, session_id: str) -> int:
+        """The shard (``wsproxy:up:{n}``) of a session's reliable client messages."""
+        return keys.up_shard(session_id, self.up_shards)
+
+    def client_messages(
+        self,
+        group: str,
+        consumer: str,
+        *,
+        start: str = "$",
+        count: int = 100,
+        block_ms: int = 2000,
+        claim_idle_ms: int | None = 60_000,
+        claim_interval: float | None = None,
+    ) -> ClientMessages:
+        """Reliable client messages of every session, for consumer ``consumer``
+        of group ``group`` (one group per kind of worker; each message goes to
+        one consumer of it). See :class:`~wsproxy_backend.consumers.GroupConsumer`.
+
+        Example::
+
+            async with wsproxy.client_messages("agents", "worker-1") as messages:
+                async for msg in messages:
+                    print(msg.session_id, msg.message_id, msg.data)
+                    await messages.ack(msg)
+        """
+        return ClientMessages(
+            self.redis,
+            keys.up_streams(self.up_shards),
+            group,
+            consumer,
+            start=start,
+            count=count,
+            block_ms=block_ms,
+            claim_idle_ms=claim_idle_ms,
+            claim_interval=claim_interval,
+        )
+
+    def plain_client_messages(self, *session_ids: str) -> PlainClientMessages:
+        """Plain client messages of the given sessions (``SUBSCRIBE session:{id}:up``),
+        or of every session when none is given (``PSUBSCRIBE session:*:up``).
+        Every subscriber gets every message; none is kept for later.
+
+        Example::
+
+            async with wsproxy.plain_client_messages("s1") as messages:
+                msg = await messages.get(timeout=5)
+        """
+        if session_ids:
+            return PlainClientMessages(self.redis, channels=[keys.up_channel(s) for s in session_ids])
+        return PlainClientMessages(self.redis, patterns=["session:*:up"])
+
+    def events(
+        self,
+        group: str,
+        consumer: str,
+        *,
+        start: str = "$",
+        count: int = 100,
+        block_ms: int = 2000,
+        claim_idle_ms: int | None = 60_000,
+        claim_interval: float | None = None,
+    ) -> Events:
+        """Lifecycle events (``wsproxy:events``, ``LIFECYCLE_EVENTS=true``) for
+        consumer ``consumer`` of group ``group``.
+
+        Example::
+
+            async with wsproxy.events("trackers", "tracker-1") as events:
+                async for event in events:
+                    if event.type == "disconnect":
+                        print(event.session_id, event.code, event.reason)
+                    await events.ack(event)
+        """
+        return Events(
+            self.redis,
+            [self.events_stream],
+            group,
+            consumer,
+            start=start,
+            count=count,
+            block_ms=block_ms,
+            claim_idle_ms=claim_idle_ms,
+            claim_interval=claim_interval,
+        )
+
+    def session_events(self, *session_ids: str) -> SessionEvents:
+        """The events of these sessions as they happen (``SUBSCRIBE session:{id}:events``,
+        ``EVENTS_SESSION_CHANNEL=true``): no acknowledgement, nothing kept."""
+        if not session_ids:
+            raise ValueError("name at least one session")
+        return SessionEvents(self.redis, channels=[keys.events_channel(s) for s in session_ids])
+
+    # -- presence ----------------------------------------------------------------
+
+    async def presence(self, session_id: str) -> list[PresenceEntry]:
+        """The session's open connections, oldest first (``HGETALL
+        session:{id}:presence``, ``PRESENCE=true``).
+
+        Example::
+
+            [p.connection_id for p in await wsproxy.presence("s1")]  # ['host-1:17']
+        """
+        raw = await self.redis.hgetall(keys.presence_key(session_id))
+        entries = [PresenceEntry.from_json(k, v) for k, v in raw.items()]
+        return sorted(entries, key=lambda p: (p.since, p.connection_id))
+
+    async def connection_count(self, session_id: str) -> int:
+        """How many connections the session has open (``HLEN session:{id}:presence``)."""
+        return int(await self.redis.hlen(keys.presence_key(session_id)))
+
+    # -- control -----------------------------------------------------------------
+
+    async def disconnect(
+        self,
+        session_id: str,
+        *,
+        code: int | None = DEFAULT_DISCONNECT_CODE,
+        reason: str | None = None,
+        revoke_token: bool = False,
+    ) -> int:
+        """Closes every connection of a session, plain and reliable, on every
+        wsproxy process, with ``code`` (1000, 1008 or 3000-4999) and
+        ``reason`` (at most 123 bytes), by publishing on ``wsproxy:control``.
+
+        With ``revoke_token=True`` the token is deleted in the same
+        ``MULTI``/``EXEC``, so the client cannot reconnect with it either.
+        Returns how many wsproxy processes got the message.
+
+        Example::
+
+            await wsproxy.disconnect("s1", code=4001, reason="revoked", revoke_token=True)  # 2
+        """
+        message = disconnect_message(session_id, code, reason)
+        if not revoke_token:
+            return int(await self.redis.publish(keys.CONTROL_CHANNEL, message))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.auth_key(session_id))
+            pipe.publish(keys.CONTROL_CHANNEL, message)
+            _, receivers = await pipe.execute()
+        return int(receivers)
+
+
+__all__: Sequence[str] = [
+    "ALLOWED_CLOSE_CODES",
+    "DEFAULT_DISCONNECT_CODE",
+    "Wsproxy",
+    "disconnect_message",
+    "new_token",
+    "session_url",
+]

@@ -1,0 +1,124 @@
+"""Issuing tokens and sending to sessions, checked through a real wsproxy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from support import client, recv_json, welcome
+from websockets.exceptions import InvalidStatus
+
+from wsproxy_backend import Wsproxy, WsproxyError
+
+
+async def test_issued_token_lets_the_client_in_and_has_the_ttl(wsproxy: Wsproxy, wsproxy_server, redis, sid):
+    token = await wsproxy.issue_token(sid, ttl=30)
+    assert len(token) >= 43 and token.replace("-", "").replace("_", "").isalnum()
+    assert await redis.get(f"session:{sid}:auth") == token
+    assert 0 < await redis.ttl(f"session:{sid}:auth") <= 30
+    async with client(wsproxy_server.ws, sid, token) as ws:
+        await ws.ping()
+    # wsproxy extended it to the grace period on connect.
+    assert await redis.ttl(f"session:{sid}:auth") > 30
+
+
+async def test_tokens_are_random_and_can_be_chosen(wsproxy: Wsproxy, wsproxy_server, redis, sid):
+    a, b = await wsproxy.issue_token(sid), await wsproxy.issue_token(sid)
+    assert a != b
+    assert await redis.get(f"session:{sid}:auth") == b  # issuing again replaces
+    assert await wsproxy.issue_token(sid, token="chosen-token") == "chosen-token"
+    async with client(wsproxy_server.ws, sid, "chosen-token") as ws:
+        await ws.ping()
+
+
+async def test_wrong_and_revoked_tokens_are_refused(wsproxy: Wsproxy, wsproxy_server, sid):
+    token = await wsproxy.issue_token(sid)
+    with pytest.raises(InvalidStatus) as e:
+        async with client(wsproxy_server.ws, sid, token + "x"):
+            pass
+    assert e.value.response.status_code == 403
+    assert await wsproxy.revoke_token(sid) is True
+    assert await wsproxy.revoke_token(sid) is False
+    with pytest.raises(InvalidStatus) as e:
+        async with client(wsproxy_server.ws, sid, token):
+            pass
+    assert e.value.response.status_code == 403
+
+
+@pytest.mark.parametrize("bad", ["a:b", "", "x" * 129, "sp ace", "star*", "{tag}"])
+async def test_bad_session_ids_never_reach_redis(wsproxy: Wsproxy, bad: str):
+    with pytest.raises(ValueError):
+        await wsproxy.issue_token(bad)
+    with pytest.raises(ValueError):
+        await wsproxy.send(bad, {})
+    with pytest.raises(ValueError):
+        await wsproxy.send_reliable(bad, {})
+
+
+async def test_bad_token_arguments(wsproxy: Wsproxy, sid):
+    with pytest.raises(ValueError):
+        await wsproxy.issue_token(sid, ttl=0)
+    with pytest.raises(ValueError):
+        await wsproxy.issue_token(sid, token="has space")
+
+
+async def test_send_plain_reaches_every_connection_in_order(wsproxy: Wsproxy, wsproxy_server, sid):
+    token = await wsproxy.issue_token(sid)
+    async with client(wsproxy_server.ws, sid, token) as a, client(wsproxy_server.ws, sid, token) as b:
+        for i in range(5):
+            assert await wsproxy.send(sid, {"n": i, "text": "é"}) == 1  # one wsproxy process
+        for ws in (a, b):
+            assert [await recv_json(ws) for _ in range(5)] == [{"n": i, "text": "é"} for i in range(5)]
+    # Nobody listens any more, once wsproxy has unsubscribed (it does so after the close).
+    async with asyncio.timeout(5):
+        while await wsproxy.send(sid, {"n": 99}) != 0:
+            await asyncio.sleep(0.05)
+
+
+async def test_send_raw_text_and_bytes(wsproxy: Wsproxy, wsproxy_server, sid):
+    token = await wsproxy.issue_token(sid)
+    async with client(wsproxy_server.ws, sid, token) as ws:
+        await wsproxy.send_raw(sid, '{"already":"json"}')
+        await wsproxy.send_raw(sid, b"\xff\x00binary")
+        async with asyncio.timeout(5):
+            assert await ws.recv() == '{"already":"json"}'
+            assert await ws.recv() == b"\xff\x00binary"
+
+
+async def test_send_reliable_returns_the_offset_clients_get(wsproxy: Wsproxy, wsproxy_server, sid):
+    token = await wsproxy.issue_token(sid)
+    async with client(wsproxy_server.ws, sid, token, reliable=True) as rel, client(wsproxy_server.ws, sid, token) as plain:
+        w = await welcome(rel)
+        offsets = [await wsproxy.send_reliable(sid, {"n": i}) for i in range(3)]
+        assert all(isinstance(o, str) and "-" in o for o in offsets)
+        got = [await recv_json(rel) for _ in range(3)]
+        assert got == [{"type": "message", "offset": o, "data": {"n": i}} for i, o in enumerate(offsets)]
+        assert [await recv_json(plain) for _ in range(3)] == [{"n": i} for i in range(3)]
+    # A reliable client that comes back resumes from its last offset.
+    await wsproxy.send_reliable(sid, {"n": 3})
+    async with client(wsproxy_server.ws, sid, token, reliable=True, epoch=w["epoch"], offset=offsets[0]) as rel:
+        w2 = await welcome(rel)
+        assert w2["resumed"] is True and w2["replayed"] == 3
+        assert [(await recv_json(rel))["data"]["n"] for _ in range(3)] == [1, 2, 3]
+
+
+async def test_send_reliable_refuses_what_is_not_json(wsproxy: Wsproxy, sid):
+    with pytest.raises(WsproxyError, match="JSON"):
+        await wsproxy.send_reliable_raw(sid, "not json")
+    with pytest.raises(ValueError):  # NaN is not JSON either; refused before Redis
+        await wsproxy.send_reliable(sid, float("nan"))
+
+
+async def test_send_reliable_without_the_function_says_why(workdir, sid):
+    """On a Redis no wsproxy with reliable sessions has started on, the error names the fix."""
+    import redis.asyncio as aioredis
+    from conftest import RedisServer, free_port, start_redis
+
+    bare: RedisServer = start_redis(workdir, free_port())
+    r = aioredis.Redis.from_url(bare.url, decode_responses=True)
+    try:
+        with pytest.raises(WsproxyError, match="RELIABLE_SESSIONS=true"):
+            await Wsproxy(r).send_reliable(sid, {"n": 1})
+    finally:
+        await r.aclose()
+        bare.stop()

@@ -1,0 +1,228 @@
+"""The simulated agent: a worker that answers each prompt with a reply streamed
+piece by piece, pauses a session's reply while its client is away, and
+picks it up where it stopped when the client comes back.
+
+It consumes three things at once, all from Redis through wsproxy_backend:
+
+- reliable client messages (``wsproxy:up:{n}``, consumer group ``agents``):
+  each prompt goes to one worker of the group; it is acknowledged once its
+  reply has been sent in full, so a worker that dies mid-reply has the
+  prompt claimed and answered by another (from the start);
+- plain client messages (``PSUBSCRIBE session:*:up``): every worker gets
+  them, so run one worker if you use plain sessions;
+- lifecycle events (``wsproxy:events``, consumer group ``agents-events``,
+  needs ``LIFECYCLE_EVENTS=true`` on wsproxy): a ``disconnect`` of a
+  session's last connection pauses its reply before the next piece, a
+  ``connect`` or ``resume`` lets it go on. Without events the agent never
+  pauses. (With several workers, give each its own events group, e.g.
+  ``--events-group agents-events-$HOSTNAME``, so every worker sees every
+  session's events.)
+
+Replies go back with ``send_reliable`` for reliable sessions (a client that
+resumes gets what it missed) and ``send`` for plain ones.
+
+Run it on its own with ``uv run agent.py`` (``app.py`` also runs one inside
+the web server unless ``RUN_AGENT=false``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsproxy_backend import ClientMessage, Event, Wsproxy
+
+log = logging.getLogger("agent")
+
+WORDS = (
+    "This is a simulated agent, so there is no model behind these words: each one is "
+    "published on its own, a moment after the last, the way a language model streams "
+    "its tokens. Leave the page and come back, and the reply carries on where it stopped."
+).split()
+
+
+def compose_reply(prompt: str, words: int) -> list[str]:
+    """The pieces of the reply to ``prompt``: a sentence about it, then filler, ``words`` pieces in all.
+
+    >>> compose_reply("hi", 6)
+    ['You ', 'asked: ', '"hi". ', 'This ', 'is ', 'a ']
+    """
+    head = f'You asked: "{prompt}".'.split()
+    body = [WORDS[i % len(WORDS)] for i in range(max(words - len(head), 0))]
+    return [w + " " for w in (head + body)[:max(words, 1)]]
+
+
+@dataclass
+class SessionState:
+    """What the agent knows of a session's connections, from lifecycle events."""
+
+    open: set[str] = field(default_factory=set)
+    present: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.present.set()  # until an event says otherwise, the client is there
+
+
+class Agent:
+    def __init__(
+        self,
+        wsproxy: Wsproxy,
+        *,
+        group: str = "agents",
+        events_group: str = "agents-events",
+        consumer: str | None = None,
+        delay: float = 0.08,
+        words: int = 40,
+        plain: bool = True,
+        events: bool = True,
+    ) -> None:
+        self.wsproxy = wsproxy
+        self.group = group
+        self.events_group = events_group
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.delay = delay
+        self.words = words
+        self.plain = plain
+        self.follow_events = events
+        self.sessions: dict[str, SessionState] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handling: set[str] = set()
+
+    def session(self, session_id: str) -> SessionState:
+        return self.sessions.setdefault(session_id, SessionState())
+
+    async def run(self) -> None:
+        """Runs until cancelled. Each source is restarted if it fails (Redis
+        errors are retried inside the library; anything else is logged)."""
+        loops = {"client messages": self._reliable_loop}
+        if self.plain:
+            loops["plain client messages"] = self._plain_loop
+        if self.follow_events:
+            loops["events"] = self._events_loop
+        log.info("agent %s: consuming (plain=%s, events=%s)", self.consumer, self.plain, self.follow_events)
+        try:
+            await asyncio.gather(*(self._supervised(name, loop) for name, loop in loops.items()))
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+
+    @staticmethod
+    async def _supervised(name: str, loop: Any) -> None:
+        while True:
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agent: %s failed; restarting in 1 s", name)
+                await asyncio.sleep(1)
+
+    # -- the three sources -------------------------------------------------------
+
+    async def _reliable_loop(self) -> None:
+        # Replies can pause for as long as a client is away: only claim prompts
+        # a worker has held for 10 minutes (it is surely dead).
+        async with self.wsproxy.client_messages(self.group, self.consumer, claim_idle_ms=600_000) as messages:
+            async for msg in messages:
+                if msg.entry_id in self._handling:
+                    continue
+                self._spawn(self._answer_and_ack(messages, msg))
+
+    async def _answer_and_ack(self, messages: Any, msg: ClientMessage) -> None:
+        assert msg.entry_id is not None
+        self._handling.add(msg.entry_id)
+        try:
+            await self.answer(msg)
+            await messages.ack(msg)
+        finally:
+            self._handling.discard(msg.entry_id)
+
+    async def _plain_loop(self) -> None:
+        async with self.wsproxy.plain_client_messages() as messages:
+            async for msg in messages:
+                self._spawn(self.answer(msg))
+
+    async def _events_loop(self) -> None:
+        async with self.wsproxy.events(self.events_group, self.consumer) as events:
+            async for event in events:
+                self.on_event(event)
+                await events.ack(event)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a reply failed", exc_info=task.exception())
+
+    # -- presence from events ----------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        state = self.session(event.session_id)
+        if event.is_arrival:
+            state.open.add(event.connection_id)
+            if not state.present.is_set():
+                log.info("session %s: client is back (%s), resuming", event.session_id, event.type)
+            state.present.set()
+        elif event.is_disconnect:
+            state.open.discard(event.connection_id)
+            if not state.open and state.present.is_set():
+                log.info("session %s: client left (%s %s), pausing", event.session_id, event.code, event.reason)
+                state.present.clear()
+
+    # -- replies -------------------------------------------------------------------
+
+    async def answer(self, msg: ClientMessage) -> None:
+        """Streams the reply to one prompt: ``start``, one ``chunk`` per piece, ``done``."""
+        data = msg.data if isinstance(msg.data, dict) else {}
+        if data.get("type") != "prompt" or not isinstance(data.get("text"), str):
+            return  # not for the agent
+        reply_to = str(data.get("id") or msg.message_id or uuid.uuid4().hex)
+        pieces = compose_reply(data["text"][:200], self.words)
+        send = self.wsproxy.send_reliable if msg.reliable else self.wsproxy.send
+        state = self.session(msg.session_id)
+        async with state.lock:  # one reply at a time per session
+            await send(msg.session_id, {"type": "start", "reply_to": reply_to, "pieces": len(pieces)})
+            for seq, piece in enumerate(pieces):
+                if not state.present.is_set():
+                    log.info("session %s: paused before piece %d of %d", msg.session_id, seq, len(pieces))
+                    await state.present.wait()
+                await send(msg.session_id, {"type": "chunk", "reply_to": reply_to, "seq": seq, "text": piece})
+                await asyncio.sleep(self.delay)
+            await send(msg.session_id, {"type": "done", "reply_to": reply_to, "pieces": len(pieces)})
+
+
+def agent_from_env(wsproxy: Wsproxy) -> Agent:
+    return Agent(
+        wsproxy,
+        delay=int(os.environ.get("REPLY_DELAY_MS", "80")) / 1000,
+        words=int(os.environ.get("REPLY_WORDS", "40")),
+        events=os.environ.get("FOLLOW_EVENTS", "true").lower() not in ("0", "false", "no", "off"),
+    )
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    wsproxy = Wsproxy.from_url(
+        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"),
+        up_shards=int(os.environ.get("UP_STREAM_SHARDS", "1")),
+        decode_responses=True,
+    )
+    async with wsproxy:
+        await agent_from_env(wsproxy).run()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass

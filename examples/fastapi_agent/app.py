@@ -1,0 +1,131 @@
+"""A FastAPI backend behind wsproxy: it creates sessions, serves a page that
+talks to a simulated agent over wsproxy, and runs the agent (agent.py).
+
+    uv run app.py          # http://127.0.0.1:8000
+
+Settings (environment):
+    REDIS_URL          the Redis wsproxy uses (default redis://127.0.0.1:6379)
+    WSPROXY_URL        wsproxy as the browser reaches it (default ws://127.0.0.1:8080)
+    UP_STREAM_SHARDS   wsproxy's UP_STREAM_SHARDS (default 1)
+    APP_HOST, APP_PORT where this app listens (default 127.0.0.1:8000)
+    TOKEN_TTL_SECS     how long a new session's token waits for its first connect (default 60)
+    RUN_AGENT          false: serve the API only, and run agents with `uv run agent.py`
+    REPLY_DELAY_MS, REPLY_WORDS, FOLLOW_EVENTS: the agent's (agent.py)
+
+wsproxy must have RELIABLE_SESSIONS=true for reliable sessions (the page's
+default), LIFECYCLE_EVENTS=true for the agent to pause while a client is
+away, and WS_ALLOWED_ORIGINS must let this app's page in
+(http://127.0.0.1:8000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from agent import agent_from_env
+from wsproxy_backend import Wsproxy, session_url
+
+HERE = Path(__file__).resolve().parent
+SESSION_JS = HERE.parent.parent / "clients" / "js" / "session.js"
+AGENT_ID = "web"
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+WSPROXY_URL = os.environ.get("WSPROXY_URL", "ws://127.0.0.1:8080")
+TOKEN_TTL = int(os.environ.get("TOKEN_TTL_SECS", "60"))
+RUN_AGENT = os.environ.get("RUN_AGENT", "true").lower() not in ("0", "false", "no", "off")
+
+log = logging.getLogger("app")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    wsproxy = Wsproxy.from_url(REDIS_URL, up_shards=int(os.environ.get("UP_STREAM_SHARDS", "1")), decode_responses=True)
+    app.state.wsproxy = wsproxy
+    agent_task = asyncio.create_task(agent_from_env(wsproxy).run()) if RUN_AGENT else None
+    try:
+        yield
+    finally:
+        if agent_task is not None:
+            agent_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await agent_task
+        await wsproxy.aclose()
+
+
+app = FastAPI(title="wsproxy agent example", lifespan=lifespan)
+
+
+class NewSession(BaseModel):
+    user: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")
+    reliable: bool = True
+
+
+class SessionGrant(BaseModel):
+    session_id: str
+    agent_id: str
+    token: str
+    reliable: bool
+    #: wsproxy's base URL, what clients/js/session.js takes as `url`.
+    wsproxy_url: str
+    #: The full URL, for a client that opens the WebSocket itself.
+    websocket_url: str
+    token_ttl_secs: int
+
+
+@app.post("/api/sessions")
+async def create_session(body: NewSession) -> SessionGrant:
+    """Creates a session for a user: a new session id and its token, and where to connect."""
+    session_id = f"{body.user}-{secrets.token_hex(6)}"
+    wsproxy: Wsproxy = app.state.wsproxy
+    token = await wsproxy.issue_token(session_id, ttl=TOKEN_TTL)
+    log.info("session %s for %s (%s)", session_id, body.user, "reliable" if body.reliable else "plain")
+    return SessionGrant(
+        session_id=session_id,
+        agent_id=AGENT_ID,
+        token=token,
+        reliable=body.reliable,
+        wsproxy_url=WSPROXY_URL,
+        websocket_url=session_url(WSPROXY_URL, AGENT_ID, session_id, token),
+        token_ttl_secs=TOKEN_TTL,
+    )
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/session.js")
+async def session_js() -> FileResponse:
+    """The repository's browser client, clients/js/session.js."""
+    return FileResponse(SESSION_JS, media_type="text/javascript")
+
+
+@app.get("/")
+async def index() -> FileResponse:
+    return FileResponse(HERE / "static" / "index.html")
+
+
+app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    uvicorn.run(
+        app,
+        host=os.environ.get("APP_HOST", "127.0.0.1"),
+        port=int(os.environ.get("APP_PORT", "8000")),
+        log_level="info",
+    )

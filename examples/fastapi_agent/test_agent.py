@@ -1,0 +1,152 @@
+"""The agent against a private Redis, with wsproxy's side played by the test:
+client messages are published (plain) or appended (reliable) as wsproxy
+does, and lifecycle events are appended to wsproxy:events in the format of
+issue 14, so pausing and resuming are tested before wsproxy emits them.
+
+    uv run --group test pytest -q
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from agent import Agent, compose_reply
+from wsproxy_backend import Wsproxy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait()
+
+
+@pytest.fixture
+async def agent(redis_url: str) -> AsyncIterator[tuple[Agent, aioredis.Redis]]:
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    a = Agent(Wsproxy(r), delay=0.03, words=20, group="g-" + uuid.uuid4().hex, events_group="e-" + uuid.uuid4().hex)
+    task = asyncio.create_task(a.run())
+    await asyncio.sleep(0.3)  # its groups and subscription are in place
+    yield a, r
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await r.aclose()
+
+
+def event(kind: str, sid: str, conn: str, **extra: object) -> dict[str, str]:
+    e = {"type": kind, "session_id": sid, "agent_id": "web", "connection_id": conn, "process": "p", "time": 1, **extra}
+    return {"event": json.dumps(e)}
+
+
+async def next_message(ps, timeout: float = 3.0) -> dict | None:
+    msg = await ps.get_message(ignore_subscribe_messages=True, timeout=timeout)
+    return None if msg is None else json.loads(msg["data"])
+
+
+async def test_a_plain_prompt_is_answered_piece_by_piece(agent):
+    a, r = agent
+    sid = "s-" + uuid.uuid4().hex
+    async with r.pubsub() as ps:
+        await ps.subscribe(f"session:{sid}:down")
+        await ps.get_message(timeout=1)
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "prompt", "id": "p1", "text": "hi"}))
+        got = [await next_message(ps) for _ in range(22)]
+    assert got[0] == {"type": "start", "reply_to": "p1", "pieces": 20}
+    assert [m["seq"] for m in got[1:21]] == list(range(20))
+    assert "".join(m["text"] for m in got[1:21]) == "".join(compose_reply("hi", 20))
+    assert got[21] == {"type": "done", "reply_to": "p1", "pieces": 20}
+
+
+async def test_a_reliable_prompt_is_answered_through_history_and_acknowledged(agent):
+    a, r = agent
+    sid = "s-" + uuid.uuid4().hex
+    # No wsproxy here: a stand-in for its wsproxy_publish that records the calls.
+    sent: list[tuple[str, object]] = []
+
+    async def send_reliable(session_id: str, data: object) -> str:
+        sent.append((session_id, data))
+        return f"{len(sent)}-0"
+
+    a.wsproxy.send_reliable = send_reliable  # type: ignore[method-assign]
+    await r.xadd("wsproxy:up:0", {"session": sid, "agent": "web", "id": "m1",
+                                  "data": json.dumps({"type": "prompt", "id": "p1", "text": "yo"})})
+    async with asyncio.timeout(5):
+        while not sent or sent[-1][1]["type"] != "done":  # type: ignore[index]
+            await asyncio.sleep(0.05)
+        while (await r.xpending("wsproxy:up:0", a.group))["pending"]:
+            await asyncio.sleep(0.05)
+    assert [d["type"] for _, d in sent] == ["start"] + ["chunk"] * 20 + ["done"]  # type: ignore[index]
+
+
+async def test_the_reply_pauses_on_disconnect_and_goes_on_when_the_client_is_back(agent):
+    a, r = agent
+    sid = "s-" + uuid.uuid4().hex
+    async with r.pubsub() as ps:
+        await ps.subscribe(f"session:{sid}:down")
+        await ps.get_message(timeout=1)
+        await r.xadd("wsproxy:events", event("connect", sid, "p:1", reliable=False))
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "prompt", "id": "p1", "text": "hi"}))
+        got = [await next_message(ps) for _ in range(5)]  # start + 4 pieces
+        await r.xadd("wsproxy:events", event("disconnect", sid, "p:1", code=1001, reason="client"))
+        # At most a piece or two in flight before the event is read, then nothing.
+        while (m := await next_message(ps, timeout=0.5)) is not None:
+            got.append(m)
+            assert len(got) < 12, "the agent did not pause"
+        paused_at = len(got)
+        await asyncio.sleep(0.5)
+        assert await next_message(ps, timeout=0.1) is None
+        await r.xadd("wsproxy:events", event("resume", sid, "p:2", reliable=True, resumed=True, replayed=0))
+        while (m := await next_message(ps, timeout=2)) is not None:
+            got.append(m)
+            if m["type"] == "done":
+                break
+    assert paused_at < 12 and got[-1]["type"] == "done"
+    assert [m["seq"] for m in got if m["type"] == "chunk"] == list(range(20))
+
+
+async def test_one_of_two_connections_leaving_does_not_pause(agent):
+    a, r = agent
+    sid = "s-" + uuid.uuid4().hex
+    for conn in ("p:1", "p:2"):
+        await r.xadd("wsproxy:events", event("connect", sid, conn))
+    await r.xadd("wsproxy:events", event("disconnect", sid, "p:1", code=1000, reason="client"))
+    async with asyncio.timeout(3):
+        while a.sessions.get(sid) is None or a.sessions[sid].open != {"p:2"}:
+            await asyncio.sleep(0.05)
+    assert a.sessions[sid].present.is_set()
+    await r.xadd("wsproxy:events", event("disconnect", sid, "p:2", code=1006, reason="process_lost",
+                                         messages_in=None, messages_out=None))
+    async with asyncio.timeout(3):
+        while a.sessions[sid].present.is_set():
+            await asyncio.sleep(0.05)
