@@ -251,7 +251,7 @@ struct Admitted<'a> {
 /// A registration Redis does not take is logged and counted, and the
 /// connection goes on (its disconnect then records nothing).
 async fn register(
-    app: &App,
+    app: &Arc<App>,
     redis: &mut ConnectionManager,
     admitted: Admitted<'_>,
 ) -> crate::lifecycle::Tracking {
@@ -276,6 +276,14 @@ async fn register(
     };
     let connection = app.lifecycle.next_connection();
     let limit = app.config.auth_timeout;
+    // If the client leaves while the script is on its way (the request
+    // is dropped), the script may still run: the guard removes it again.
+    let mut pending = Pending {
+        app,
+        session_id: admitted.session_id,
+        agent_id: admitted.agent_id,
+        connection,
+    };
     let registered = app
         .lifecycle
         .connected(
@@ -287,6 +295,8 @@ async fn register(
             limit,
         )
         .await;
+    // From here the driver owns the registration.
+    pending.connection = 0;
     if let Err(e) = registered {
         app.metrics.lifecycle_failures.inc();
         tracing::warn!(session_id = %admitted.session_id, error = %e, "lifecycle: connection not registered");
@@ -294,6 +304,40 @@ async fn register(
     crate::lifecycle::Tracking {
         connection,
         ..Default::default()
+    }
+}
+
+/// A registration on its way, removed again if the admission is dropped
+/// before the driver takes it over.
+struct Pending<'a> {
+    app: &'a Arc<App>,
+    session_id: &'a str,
+    agent_id: &'a str,
+    /// 0 once the driver has it.
+    connection: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.connection == 0 {
+            return;
+        }
+        let gone = crate::lifecycle::Gone {
+            connection: self.connection,
+            messages_in: 0,
+            messages_out: 0,
+            ended: crate::lifecycle::Ended {
+                code: crate::close::ABNORMAL,
+                reason: crate::metrics::CloseReason::Error.as_str(),
+                duration: std::time::Duration::ZERO,
+            },
+        };
+        ws::remove_later(
+            self.app,
+            self.session_id.to_owned(),
+            self.agent_id.to_owned(),
+            gone,
+        );
     }
 }
 

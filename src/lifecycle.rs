@@ -29,10 +29,14 @@
 //!
 //! A process that was silent too long itself (Redis unreachable, or
 //! restarted without persistence) finds its heartbeat key gone at its next
-//! beat: it may have been reaped, so it closes its session connections
-//! with 1013 and their clients reconnect and register again. Presence
-//! never keeps a connection that is gone, and never misses one for longer
-//! than that.
+//! beat, or two intervals passed since its last confirmed beat (a late
+//! beat may have set the key again after a reap): it may have been reaped,
+//! so it closes its session connections with 1013 and their clients
+//! reconnect and register again.
+//!
+//! The limits of "exactly once" are in the README: a registration Redis
+//! never took has no events at all, and a removal that fails for every
+//! retry while its process lives stays until that process dies.
 //!
 //! Events and presence are written by these scripts only, so their format
 //! is here (and in the README's "For backend developers").
@@ -50,11 +54,10 @@ use crate::metrics::Metrics;
 
 /// Connections a reap handles per script call, so one call stays short.
 const REAP_BATCH: usize = 500;
-/// Registrations and removals in flight at once. A burst of connections
-/// (thousands a second) would otherwise queue its scripts in the command
-/// connection's buffers, which keep their largest size: measured, 5,000
-/// connections at 200 handshakes at a time left about 700 bytes each
-/// there, against none at 10 at a time.
+/// Removals in flight at once (registrations are bounded by the
+/// handshakes they are part of). A burst of closes would otherwise queue
+/// its scripts in the command connection's buffers, which keep their
+/// largest size.
 const IN_FLIGHT: usize = 64;
 
 /// Why a registration or removal did not reach Redis.
@@ -109,6 +112,19 @@ pub struct Tracking {
     pub peer_close: Option<u16>,
     /// The order that closes the connection, once one came.
     pub order: Option<Box<CloseOrder>>,
+}
+
+/// A tracked connection that ended: what its removal needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Gone {
+    /// The connection's number in this process.
+    pub connection: u64,
+    /// Frames the client sent.
+    pub messages_in: u64,
+    /// Messages delivered to the client.
+    pub messages_out: u64,
+    /// How it ended.
+    pub ended: Ended,
 }
 
 /// How a connection ended, for its disconnect event.
@@ -246,13 +262,14 @@ return alive
 const REAP: &str = r"
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local now = tonumber(ARGV[2])
-local entries = redis.call('HSCAN', KEYS[3], '0', 'COUNT', ARGV[4])[2]
+-- Up to a batch of distinct entries, wherever they are in the hash (a
+-- scan from cursor 0 would walk ever more emptied buckets).
+local entries = redis.call('HRANDFIELD', KEYS[3], ARGV[4], 'WITHVALUES')
 local n = 0
 for i = 1, #entries, 2 do
   local id = entries[i]
-  redis.call('HDEL', KEYS[3], id)
   local ok, c = pcall(cjson.decode, entries[i + 1])
-  if ok and type(c) == 'table' then
+  if redis.call('HDEL', KEYS[3], id) == 1 and ok and type(c) == 'table' then
     if type(c.presence) == 'string' then redis.call('HDEL', c.presence, id) end
     if c.events == true then
       local since = tonumber(c.since) or now
@@ -304,8 +321,8 @@ impl Lifecycle {
         }
     }
 
-    /// Waits until a registration or removal may go (at most
-    /// `IN_FLIGHT` at once); hold the permit for the call.
+    /// Waits until a removal may go (at most `IN_FLIGHT` at once); hold
+    /// the permit for the call.
     pub async fn turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
         // Never closed: `None` cannot happen, and would only mean "go".
         self.turns.acquire().await.ok()
@@ -434,11 +451,16 @@ impl Lifecycle {
         redis: &mut impl redis::aio::ConnectionLike,
         session_id: &str,
         agent_id: &str,
-        tracking: &Tracking,
-        ended: Ended,
+        gone: Gone,
         limit: Duration,
     ) -> Result<(), LifecycleError> {
-        let id = self.connection_id(tracking.connection);
+        let Gone {
+            connection,
+            messages_in,
+            messages_out,
+            ended,
+        } = gone;
+        let id = self.connection_id(connection);
         let event = if self.config.events {
             json(&DisconnectEvent {
                 r#type: "disconnect",
@@ -450,8 +472,8 @@ impl Lifecycle {
                 code: ended.code,
                 reason: ended.reason,
                 duration_ms: u64::try_from(ended.duration.as_millis()).unwrap_or(u64::MAX),
-                messages_in: tracking.messages_in,
-                messages_out: tracking.messages_out,
+                messages_in,
+                messages_out,
             })
         } else {
             String::new()
@@ -493,10 +515,13 @@ impl Lifecycle {
 
     /// Reaps every process whose last beat is older than two intervals;
     /// the number of connections reaped.
+    /// Stops at `deadline` (the rest waits for the next beat), so that a
+    /// long reap never delays this process's own heartbeat.
     async fn reap_dead(
         &self,
         redis: &mut impl redis::aio::ConnectionLike,
         limit: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<u64, LifecycleError> {
         let silence =
             u64::try_from(self.config.heartbeat.saturating_mul(2).as_millis()).unwrap_or(u64::MAX);
@@ -527,6 +552,9 @@ impl Lifecycle {
                     break;
                 }
                 reaped = reaped.saturating_add(n.unsigned_abs());
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(reaped);
+                }
             }
         }
         Ok(reaped)
@@ -549,17 +577,30 @@ pub async fn keep_alive(
     limit: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let mut first = true;
-    let mut ticks = tokio::time::interval(lifecycle.config.heartbeat);
+    let interval = lifecycle.config.heartbeat;
+    let ttl = interval.saturating_mul(2);
+    // When the last confirmed beat was sent: the key it set lived at least
+    // until then plus the TTL.
+    let mut last_sent: Option<tokio::time::Instant> = None;
+    let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A beat never waits longer than the key lives.
+    let limit = limit.min(ttl);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
+        let sent = tokio::time::Instant::now();
         match lifecycle.beat(&mut redis, limit).await {
             Ok(alive) => {
-                if !alive && !first {
+                // Lapsed: Redis says the key was gone (it expired, or Redis
+                // lost it), or so much time passed since the last confirmed
+                // beat that it may have expired and been reaped, even if a
+                // late beat (one this process stopped waiting for) has set
+                // it again since.
+                let overdue = last_sent.is_some_and(|t| t.elapsed() >= ttl);
+                if last_sent.is_some() && (!alive || overdue) {
                     let order = CloseOrder {
                         code: crate::close::TRY_AGAIN_LATER,
                         reason: "wsproxy lost its registration in Redis: reconnect".into(),
@@ -572,7 +613,7 @@ pub async fn keep_alive(
                         "lifecycle: this process's heartbeat had lapsed (Redis was unreachable or lost its data); its session connections reconnect to register again"
                     );
                 }
-                first = false;
+                last_sent = Some(sent);
             }
             Err(e) => {
                 metrics.lifecycle_failures.inc();
@@ -580,7 +621,8 @@ pub async fn keep_alive(
                 continue;
             }
         }
-        match lifecycle.reap_dead(&mut redis, limit).await {
+        let deadline = sent + interval / 2;
+        match lifecycle.reap_dead(&mut redis, limit, deadline).await {
             Ok(0) => {}
             Ok(n) => {
                 metrics.reaped_connections.inc_by(n);

@@ -27,7 +27,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::broker::{Outbox, Outgoing};
 use crate::context::{App, ConnectionSlot};
-use crate::lifecycle::{Ended, Tracking};
+use crate::lifecycle::{Ended, Gone, Tracking};
 use crate::metrics::CloseReason;
 
 /// Close codes this driver sends (the table is [`crate::close`]).
@@ -174,34 +174,9 @@ pub fn upgrade<H: Handler>(
     // disconnected as slow after WS_PING_TIMEOUT_SECS or a full queue, and
     // with no write buffering the buffer holds at most the message that is
     // being written.
-    // A connection registered with Redis at its admission whose upgrade
-    // then fails (the client left before it completed) is removed again.
-    let failed = (driver.tracking.connection != 0).then(|| {
-        (
-            driver.app.clone(),
-            driver.label.session_id.clone(),
-            driver.label.agent_id.clone(),
-            driver.tracking.connection,
-        )
-    });
+    // A registered connection whose upgrade fails (the client left before
+    // it completed) is removed when the driver is dropped unrun (its Drop).
     upgrade
-        .on_failed_upgrade(move |_| {
-            if let Some((app, session, agent, connection)) = failed {
-                tokio::spawn(async move {
-                    let tracking = Tracking {
-                        connection,
-                        ..Tracking::default()
-                    };
-                    let ended = Ended {
-                        code: crate::close::ABNORMAL,
-                        reason: CloseReason::Error.as_str(),
-                        duration: std::time::Duration::ZERO,
-                    };
-                    let agent = agent.as_deref().unwrap_or_default();
-                    unregister(&app, &session, agent, &tracking, ended).await;
-                });
-            }
-        })
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_message_size(limit)
@@ -213,6 +188,20 @@ pub fn upgrade<H: Handler>(
             tokio::spawn(driver.run(socket));
             std::future::ready(())
         })
+}
+
+impl<H: Handler> Drop for Driver<H> {
+    /// A tracked driver dropped before it ran to its end (a failed upgrade,
+    /// a task aborted at shutdown) still removes its registration.
+    fn drop(&mut self) {
+        if self.tracking.connection != 0 {
+            self.remove(Ended {
+                code: crate::close::ABNORMAL,
+                reason: CloseReason::Error.as_str(),
+                duration: std::time::Duration::ZERO,
+            });
+        }
+    }
 }
 
 impl<H: Handler> Driver<H> {
@@ -251,7 +240,7 @@ impl<H: Handler> Driver<H> {
                     reason: reason.as_str(),
                     duration: started.elapsed(),
                 };
-                self.unregister(ended).await;
+                self.remove(ended);
             }
 
             self.counters.active.dec();
@@ -285,17 +274,17 @@ impl<H: Handler> Driver<H> {
         })
     }
 
-    /// Removes the connection's registration and appends its disconnect
-    /// event. Boxed: it runs once.
-    fn unregister(&self, ended: Ended) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        let agent = self.label.agent_id.as_deref().unwrap_or_default();
-        Box::pin(unregister(
-            &self.app,
-            &self.label.session_id,
-            agent,
-            &self.tracking,
+    /// Hands the connection's registration to a removal of its own
+    /// (see [`remove_later`]); from then on the driver is untracked.
+    fn remove(&mut self, ended: Ended) {
+        let gone = Gone {
+            connection: std::mem::take(&mut self.tracking.connection),
+            messages_in: self.tracking.messages_in,
+            messages_out: self.tracking.messages_out,
             ended,
-        ))
+        };
+        let agent = self.label.agent_id.clone().unwrap_or_default();
+        remove_later(&self.app, self.label.session_id.clone(), agent, gone);
     }
 
     /// Moves frames until something ends the connection.
@@ -434,6 +423,7 @@ impl<H: Handler> Driver<H> {
                             return crate::close::ABNORMAL;
                         }
                         self.counters.delivered.inc();
+                        self.tracking.messages_out += 1;
                     }
                     (CLOSE_GOING_AWAY, "server shutting down")
                 }
@@ -474,29 +464,48 @@ impl<H: Handler> Driver<H> {
     }
 }
 
+/// Attempts of a removal, and the pause before the first retry (doubled
+/// each time): about 15 s in all, for a Redis that fails over or restarts.
+const REMOVAL_ATTEMPTS: u32 = 5;
+const REMOVAL_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Removes a tracked connection's registration and appends its disconnect
-/// event; a failure is logged and counted.
-async fn unregister(
-    app: &App,
-    session_id: &str,
-    agent_id: &str,
-    tracking: &Tracking,
-    ended: Ended,
-) {
-    // Waits for its turn with a small state; the call itself (strings,
-    // the script's command) is boxed only once it may go.
-    let _turn = app.lifecycle.turn().await;
-    let mut redis = app.redis.clone();
-    let limit = app.config.auth_timeout;
-    let removed = Box::pin(
-        app.lifecycle
-            .disconnected(&mut redis, session_id, agent_id, tracking, ended, limit),
-    )
-    .await;
-    if let Err(e) = removed {
-        app.metrics.lifecycle_failures.inc();
-        tracing::warn!(%session_id, error = %e, "lifecycle: disconnect not recorded");
-    }
+/// event, in a task of its own (tracked: shutdown waits for it), so the
+/// connection's slot and task are freed at once whatever Redis does. A
+/// failed attempt is retried (the script is idempotent: only the first
+/// that finds the registration writes the event); when every attempt
+/// failed, the registration stays until this process's heartbeat lapses
+/// or it dies, and the reaper records it.
+pub fn remove_later(app: &Arc<App>, session_id: String, agent_id: String, gone: Gone) {
+    // Outside a runtime (it is shutting down), nothing can be sent.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let tracker = app.tracker.clone();
+    let app = app.clone();
+    let removal = async move {
+        let mut pause = REMOVAL_RETRY;
+        for attempt in 1..=REMOVAL_ATTEMPTS {
+            let removed = {
+                let _turn = app.lifecycle.turn().await;
+                let mut redis = app.redis.clone();
+                let limit = app.config.auth_timeout;
+                app.lifecycle
+                    .disconnected(&mut redis, &session_id, &agent_id, gone, limit)
+                    .await
+            };
+            match removed {
+                Ok(()) => return,
+                Err(e) => {
+                    app.metrics.lifecycle_failures.inc();
+                    tracing::warn!(%session_id, attempt, error = %e, "lifecycle: disconnect not recorded");
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = pause.saturating_mul(2);
+        }
+    };
+    runtime.spawn(tracker.track_future(removal));
 }
 
 /// Maps a receive error to a close reason.

@@ -507,3 +507,89 @@ async fn a_sigkilled_process_gets_exactly_one_disconnect_per_connection_from_a_s
     drop(clients);
     survivor.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_process_with_twenty_thousand_connections_is_reaped_completely() {
+    const N: usize = 20_000;
+    let redis = Redis::start().await;
+    // What a process leaves behind when it dies holding N connections:
+    // its registrations, presence entries and an old heartbeat score.
+    let mut c = redis.conn().await;
+    let dead = "deadbeef0001";
+    let session = unique("many");
+    let long_ago = 1_000_000u64;
+    let mut pipe = redis::pipe();
+    for i in 0..N {
+        let id = format!("{dead}:{i}");
+        let registration = serde_json::json!({
+            "session_id": session, "agent_id": "a", "since": long_ago,
+            "presence": format!("session:{session}:presence"), "events": true,
+        });
+        pipe.hset(
+            format!("wsproxy:process:{dead}:connections"),
+            &id,
+            registration.to_string(),
+        )
+        .ignore();
+        pipe.hset(format!("session:{session}:presence"), &id, "{}")
+            .ignore();
+    }
+    pipe.zadd("wsproxy:processes", dead, long_ago).ignore();
+    pipe.query_async::<()>(&mut c).await.expect("fill");
+    let survivor = Server::start_with(&redis.url(), tracked).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: usize = c
+            .hlen(format!("session:{session}:presence"))
+            .await
+            .expect("HLEN");
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} presence entries never reaped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events: usize = redis::cmd("XLEN")
+        .arg("wsproxy:events")
+        .query_async(&mut c)
+        .await
+        .expect("XLEN");
+    assert_eq!(events, N, "one process_lost disconnect per connection");
+    let processes: Vec<String> = c.zrange("wsproxy:processes", 0, -1).await.expect("ZRANGE");
+    assert!(!processes.iter().any(|p| p == dead), "{processes:?}");
+    assert_eq!(
+        survivor.metric("wsproxy_reaped_connections_total").await,
+        N as f64
+    );
+    survivor.stop().await;
+}
+
+#[tokio::test]
+async fn a_disconnect_during_a_redis_restart_is_recorded_once_redis_is_back() {
+    let mut redis = Redis::start_persistent().await;
+    // A heartbeat long enough that the restart is no lapse.
+    let server = Server::start_with(&redis.url(), |c| {
+        tracked(c);
+        c.lifecycle.heartbeat = Duration::from_secs(10);
+    })
+    .await;
+    let session = unique("retry");
+    redis.set_token(&session, TOKEN, 60).await;
+    let mut ws = server.connect(&session, TOKEN).await;
+    wait_presence(&redis, &session, 1).await;
+    redis.kill();
+    ws.close(None).await.expect("close");
+    drop(ws);
+    server
+        .wait_metric("wsproxy_lifecycle_failures_total", 1.0)
+        .await;
+    redis.restart().await;
+    wait_presence(&redis, &session, 0).await;
+    let gone = wait_events(&redis, 1, |e| e["type"] == "disconnect").await;
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0]["reason"], "client");
+    server.stop().await;
+}
