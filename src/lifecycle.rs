@@ -163,15 +163,29 @@ struct ConnectEvent<'a> {
     process: &'a str,
     time: u64,
     reliable: bool,
-    remote: Option<String>,
+    remote: Option<std::net::SocketAddr>,
     user_agent: Option<&'a str>,
-    query: serde_json::Map<String, serde_json::Value>,
+    query: Query<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     resumed: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     replayed: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     resume_failure: Option<&'static str>,
+}
+
+/// The copied query parameters, as a JSON object, without copying them.
+struct Query<'a>(&'a [(String, String)]);
+
+impl Serialize for Query<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -384,54 +398,63 @@ impl Lifecycle {
             channel: (self.config.events && self.config.session_channel)
                 .then_some(channel.as_str()),
         };
-        let presence = if self.config.presence {
-            json(&Presence {
-                connection_id: &id,
-                process: &self.process,
-                agent_id,
-                since: now,
-                reliable: info.reliable,
-            })
-        } else {
-            String::new()
-        };
-        let event = if self.config.events {
-            let resume = info.resume;
-            json(&ConnectEvent {
-                r#type: if resume.is_some() {
-                    "resume"
-                } else {
-                    "connect"
+        // The three JSON values go into one buffer and the command is
+        // built in place (EVALSHA, the script loaded on a miss): a burst of
+        // connections makes these allocations side by side with the
+        // long-lived ones, and fewer of them leave fewer holes.
+        let mut buffer = Vec::with_capacity(512);
+        let _ = serde_json::to_writer(&mut buffer, &registration);
+        let registration_end = buffer.len();
+        if self.config.presence {
+            let _ = serde_json::to_writer(
+                &mut buffer,
+                &Presence {
+                    connection_id: &id,
+                    process: &self.process,
+                    agent_id,
+                    since: now,
+                    reliable: info.reliable,
                 },
-                session_id,
-                agent_id,
-                connection_id: &id,
-                process: &self.process,
-                time: now,
-                reliable: info.reliable,
-                remote: info.remote.map(|r| r.to_string()),
-                user_agent: info.user_agent.as_deref(),
-                query: info
-                    .query
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                    .collect(),
-                resumed: resume.map(|r| r.resumed),
-                replayed: resume.filter(|r| r.resumed).map(|r| r.replayed),
-                resume_failure: resume.and_then(|r| r.reason),
-            })
-        } else {
-            String::new()
-        };
-        let mut call = self.connect.prepare_invoke();
-        call.key(crate::keys::EVENTS)
-            .key(crate::keys::process_connections(&self.process))
-            .key(&presence_key)
-            .key(crate::keys::PROCESSES)
+            );
+        }
+        let presence_end = buffer.len();
+        if self.config.events {
+            let resume = info.resume;
+            let _ = serde_json::to_writer(
+                &mut buffer,
+                &ConnectEvent {
+                    r#type: if resume.is_some() {
+                        "resume"
+                    } else {
+                        "connect"
+                    },
+                    session_id,
+                    agent_id,
+                    connection_id: &id,
+                    process: &self.process,
+                    time: now,
+                    reliable: info.reliable,
+                    remote: info.remote,
+                    user_agent: info.user_agent.as_deref(),
+                    query: Query(&info.query),
+                    resumed: resume.map(|r| r.resumed),
+                    replayed: resume.filter(|r| r.resumed).map(|r| r.replayed),
+                    resume_failure: resume.and_then(|r| r.reason),
+                },
+            );
+        }
+        let mut cmd = redis::Cmd::with_capacity(15, buffer.len() + 256);
+        cmd.arg("EVALSHA")
+            .arg(self.connect.get_hash())
+            .arg(4)
+            .arg(crate::keys::EVENTS)
+            .arg(crate::keys::process_connections(&self.process))
+            .arg(&presence_key)
+            .arg(crate::keys::PROCESSES)
             .arg(&id)
-            .arg(json(&registration))
-            .arg(presence)
-            .arg(event)
+            .arg(&buffer[..registration_end])
+            .arg(&buffer[registration_end..presence_end])
+            .arg(&buffer[presence_end..])
             .arg(self.config.events_max_len)
             .arg(if registration.channel.is_some() {
                 channel.as_str()
@@ -440,7 +463,18 @@ impl Lifecycle {
             })
             .arg(&self.process)
             .arg(now);
-        bounded(limit, call.invoke_async::<i64>(redis)).await?;
+        drop(buffer);
+        match bounded(limit, cmd.query_async::<i64>(redis)).await {
+            Err(LifecycleError::Redis(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                bounded(limit, self.connect.load_async(redis)).await?;
+                bounded(limit, cmd.query_async::<i64>(redis)).await?;
+            }
+            other => {
+                other?;
+            }
+        }
         Ok(())
     }
 
