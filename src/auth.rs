@@ -23,7 +23,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, header};
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 
@@ -108,8 +108,8 @@ pub fn auth_key(session_id: &str) -> String {
 
 /// Checks `token` against the session's stored token and, when it matches,
 /// resets the key's TTL to `grace` — atomically, in one round trip.
-pub async fn check_session_token(
-    redis: &mut ConnectionManager,
+pub async fn check_session_token<C: ConnectionLike>(
+    redis: &mut C,
     session_id: &str,
     token: &str,
     grace: Duration,

@@ -17,12 +17,12 @@
 
 use std::sync::Arc;
 
+use crate::redis_conn::RedisConn;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -240,7 +240,7 @@ fn redis_unavailable(app: &App) -> ApiError {
 /// What client frames mean on a session: JSON to publish on the up channel.
 struct Bridge {
     app: Arc<App>,
-    redis: ConnectionManager,
+    redis: RedisConn,
     /// Channel client messages are published on.
     up: String,
     /// Keeps `session:{id}:down` subscribed while the connection lives.

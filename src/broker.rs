@@ -73,8 +73,8 @@ pub enum PublishError {
 /// most `limit` for Redis to accept it; the number of subscribers that got
 /// it. What the bridge (client messages) and topic pub/sub publish goes
 /// through here; receiving is the [`Broker`]'s.
-pub async fn publish(
-    redis: &mut redis::aio::ConnectionManager,
+pub async fn publish<C: redis::aio::ConnectionLike>(
+    redis: &mut C,
     channel: &str,
     payload: &[u8],
     limit: Duration,

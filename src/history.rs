@@ -33,7 +33,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 
 use crate::config::ReliableConfig;
 
@@ -281,8 +281,8 @@ impl HistoryError {
 }
 
 /// Loads (or replaces) the `wsproxy` library.
-pub async fn install(
-    redis: &mut ConnectionManager,
+pub async fn install<C: ConnectionLike>(
+    redis: &mut C,
     config: &ReliableConfig,
     limit: Duration,
 ) -> Result<(), HistoryError> {
@@ -308,8 +308,8 @@ async fn within<T>(
 /// confirmed, so that nothing falls between the history read and the live
 /// messages (those both replayed and delivered live are dropped by offset,
 /// see [`offset_of`]).
-pub async fn join(
-    redis: &mut ConnectionManager,
+pub async fn join<C: ConnectionLike>(
+    redis: &mut C,
     session: &str,
     resume: Option<(&str, &str)>,
     limit: Duration,
@@ -370,8 +370,8 @@ pub struct UpMessage<'a> {
 
 /// Appends a client message to its shard's stream, once per id within the
 /// de-duplication window.
-pub async fn store_up(
-    redis: &mut ConnectionManager,
+pub async fn store_up<C: ConnectionLike>(
+    redis: &mut C,
     config: &ReliableConfig,
     message: UpMessage<'_>,
     limit: Duration,

@@ -22,12 +22,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::redis_conn::RedisConn;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Extension, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -223,7 +223,7 @@ struct Delivered<'a> {
 /// State of one `/ws` connection.
 struct Hub {
     app: Arc<App>,
-    redis: ConnectionManager,
+    redis: RedisConn,
     outbox: Arc<Outbox>,
     /// Set by the token, or by the first session an anonymous client uses.
     session: Option<String>,

@@ -38,9 +38,9 @@
 
 use std::sync::Arc;
 
+use crate::redis_conn::RedisConn;
 use axum::extract::ws::{Message, Utf8Bytes};
 use axum::http::HeaderMap;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -155,7 +155,7 @@ pub struct ReliableBridge {
     /// Shared state.
     pub app: Arc<App>,
     /// The command connection.
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// The session.
     pub session_id: String,
     /// The connection's agent id, stored with each client message.

@@ -40,6 +40,7 @@ use crate::config::Config;
 pub use crate::context::{App, ConnectionSlot, Draining, WorkerPool};
 use crate::metrics::Metrics;
 pub use crate::net::{LISTEN_BACKLOG, bind, tune_socket};
+use crate::redis_conn::RedisConn;
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -186,14 +187,14 @@ pub async fn run(
         None => None,
     };
     let client = redis_client(&config.redis_url)?;
-    let redis = ConnectionManager::new_lazy_with_config(
+    let redis = RedisConn::from(ConnectionManager::new_lazy_with_config(
         client.clone(),
         ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2)),
-    )?;
+    )?);
     let metrics = Arc::new(Metrics::new());
     // The broker outlives the connections: draining sessions still flush
     // what it delivered, so it has its own token, cancelled last.

@@ -485,7 +485,8 @@ mod tests {
             client.clone(),
             redis::aio::ConnectionManagerConfig::new(),
         )
-        .expect("lazy");
+        .expect("lazy")
+        .into();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let stop = tokio_util::sync::CancellationToken::new();
         stop.cancel();
