@@ -117,21 +117,30 @@ async fn accept(
     } else {
         Outbox::new(config.outbound_queue)
     };
+    let keys = config.keys();
     let down = if reliable {
-        crate::keys::session_live(&session_id)
+        keys.session_live(&session_id)
     } else {
-        crate::keys::session_down(&session_id)
+        keys.session_down(&session_id)
     };
     let mut redis = app.redis.clone();
     let attach = async {
-        auth::check_session_token(&mut redis, &session_id, token, config.auth_grace_period).await?;
+        auth::check_session_token(
+            &mut redis,
+            keys,
+            &session_id,
+            token,
+            config.auth_grace_period,
+        )
+        .await?;
         let subscription = app
             .broker
             .subscribe(&down, outbox.clone(), config.auth_timeout)
             .await?;
         let joined = if reliable {
             let joined =
-                crate::history::join(&mut redis, &session_id, resume, config.auth_timeout).await?;
+                crate::history::join(&mut redis, keys, &session_id, resume, config.auth_timeout)
+                    .await?;
             Some(joined)
         } else {
             None
@@ -178,7 +187,7 @@ async fn accept(
         let handler = Bridge {
             app: app.clone(),
             redis,
-            up: crate::keys::session_up(&session_id),
+            up: keys.session_up(&session_id),
             _subscription: subscription,
         };
         return Ok(ws::upgrade(
@@ -275,7 +284,15 @@ impl Bridge {
             ));
         }
         let limit = self.app.config.auth_timeout;
-        match broker::publish(&mut self.redis, &self.up, text.as_str().as_bytes(), limit).await {
+        match broker::publish(
+            &mut self.redis,
+            self.app.config.keys(),
+            &self.up,
+            text.as_str().as_bytes(),
+            limit,
+        )
+        .await
+        {
             Ok(_receivers) => {
                 self.app.metrics.messages_up.inc();
                 Reply::None

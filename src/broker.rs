@@ -69,17 +69,20 @@ pub enum PublishError {
     Timeout,
 }
 
-/// `PUBLISH channel payload` on the shared command connection, waiting at
+/// `PUBLISH channel payload` (`SPUBLISH` with sharded pub/sub on a
+/// cluster, see [`crate::keys::Keys::publish_command`]) on the shared
+/// command connection, waiting at
 /// most `limit` for Redis to accept it; the number of subscribers that got
 /// it. What the bridge (client messages) and topic pub/sub publish goes
 /// through here; receiving is the [`Broker`]'s.
 pub async fn publish<C: redis::aio::ConnectionLike>(
     redis: &mut C,
+    keys: crate::keys::Keys,
     channel: &str,
     payload: &[u8],
     limit: Duration,
 ) -> Result<i64, PublishError> {
-    let mut cmd = redis::cmd("PUBLISH");
+    let mut cmd = redis::cmd(keys.publish_command());
     cmd.arg(channel).arg(payload);
     let publish = cmd.query_async::<i64>(redis);
     match tokio::time::timeout(limit, publish).await {
@@ -312,13 +315,25 @@ impl Broker {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::start_any(vec![client], metrics, shutdown)
+    }
+
+    /// As [`Broker::start`], with several servers that deliver the same
+    /// messages (the nodes of a Redis Cluster with classic pub/sub, where
+    /// every node gets every `PUBLISH`): the one connection goes to the
+    /// first that answers, and after a failure to the next in turn.
+    pub fn start_any(
+        clients: Vec<redis::Client>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
             metrics,
         });
-        let task = tokio::spawn(run(client, shared.clone(), shutdown));
+        let task = tokio::spawn(run(clients, shared.clone(), shutdown));
         (Self { shared }, task)
     }
 
@@ -408,13 +423,17 @@ fn dispatch(shared: &Shared, channel: &str, payload: &[u8]) {
 }
 
 /// The broker task: connect, serve until the connection breaks, reconnect.
-async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn run(clients: Vec<redis::Client>, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     let mut ever_connected = false;
-    // host:port (or the socket's path): never the URL, which may hold a
-    // password.
-    let redis = client.get_connection_info().addr().to_string();
+    let mut next = 0;
     loop {
+        let Some(client) = clients.get(next % clients.len().max(1)) else {
+            return; // no server at all (never built so)
+        };
+        // host:port (or the socket's path): never the URL, which may hold a
+        // password.
+        let redis = client.get_connection_info().addr().to_string();
         let connect = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub());
         let pubsub = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -423,6 +442,7 @@ async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationT
         let pubsub = match pubsub {
             Ok(Ok(pubsub)) => pubsub,
             Ok(Err(e)) => {
+                next += 1;
                 tracing::warn!(%redis, error = %e, retry_in = ?backoff, "redis pub/sub connect failed");
                 if sleep_or_shutdown(backoff, &shutdown).await {
                     return;
@@ -431,6 +451,7 @@ async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationT
                 continue;
             }
             Err(_) => {
+                next += 1;
                 tracing::warn!(%redis, retry_in = ?backoff, "redis pub/sub connect timed out");
                 if sleep_or_shutdown(backoff, &shutdown).await {
                     return;
@@ -451,6 +472,7 @@ async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationT
         if stopped {
             return;
         }
+        next += 1;
         tracing::warn!(%redis, "redis pub/sub connection lost; reconnecting");
     }
 }

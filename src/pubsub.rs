@@ -41,8 +41,8 @@ use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 const MAX_NAME_LEN: usize = crate::keys::MAX_ID_LEN;
 
 /// The Redis channel of a topic in a session.
-pub fn channel(session: &str, topic: &str) -> String {
-    crate::keys::topic(session, topic)
+pub fn channel(keys: crate::keys::Keys, session: &str, topic: &str) -> String {
+    keys.topic(session, topic)
 }
 
 /// Topics and sessions: the ids of [`crate::keys::valid_id`], so they can
@@ -361,7 +361,11 @@ impl Hub {
         match self
             .app
             .broker
-            .subscribe(&channel(&session, topic), self.outbox.clone(), wait)
+            .subscribe(
+                &channel(self.app.config.keys(), &session, topic),
+                self.outbox.clone(),
+                wait,
+            )
             .await
         {
             Ok(subscription) => {
@@ -481,8 +485,9 @@ impl Hub {
             );
         };
         let limit = self.app.config.auth_timeout;
-        let channel = channel(&session, &msg.topic);
-        match broker::publish(&mut self.redis, &channel, body.as_bytes(), limit).await {
+        let keys = self.app.config.keys();
+        let channel = channel(keys, &session, &msg.topic);
+        match broker::publish(&mut self.redis, keys, &channel, body.as_bytes(), limit).await {
             Ok(_) => {
                 self.app.metrics.pubsub_published.inc();
                 Reply::None

@@ -256,7 +256,15 @@ impl ReliableBridge {
             data: message.data.get(),
         };
         let config = &self.app.config;
-        match history::store_up(&mut self.redis, &config.reliable, up, config.auth_timeout).await {
+        match history::store_up(
+            &mut self.redis,
+            config.keys(),
+            &config.reliable,
+            up,
+            config.auth_timeout,
+        )
+        .await
+        {
             Ok(stored) if stored.conflict => {
                 self.app.metrics.invalid_message(InvalidMessage::IdConflict);
                 let refusal = NotStored {

@@ -48,6 +48,10 @@ pub enum ServerError {
     /// The Redis URL was refused by the client library.
     #[error("REDIS_URL: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The Redis Cluster's seed nodes were refused by the client library,
+    /// or its settings cannot be served.
+    #[error("REDIS_CLUSTER_NODES: {0}")]
+    Cluster(String),
     /// The users file could not be loaded.
     #[error(transparent)]
     Users(#[from] crate::auth::users::UsersError),
@@ -186,22 +190,29 @@ pub async fn run(
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
-    let client = redis_client(&config.redis_url)?;
-    let redis = RedisConn::from(ConnectionManager::new_lazy_with_config(
-        client.clone(),
-        ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2)),
-    )?);
+    let (redis, pubsub_clients) = match &config.redis_cluster {
+        None => {
+            let client = redis_client(&config.redis_url)?;
+            let redis = RedisConn::from(ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(2)),
+            )?);
+            (redis, vec![client])
+        }
+        Some(cluster) => cluster_connections(cluster)?,
+    };
     let metrics = Arc::new(Metrics::new());
     // The broker outlives the connections: draining sessions still flush
     // what it delivered, so it has its own token, cancelled last.
     let broker_stop = CancellationToken::new();
     // Before the broker: a failure here must not leave it running.
     let (workers, worker_pool) = Workers::start(config.workers)?;
-    let (broker, broker_task) = Broker::start(client, metrics.clone(), broker_stop.clone());
+    let (broker, broker_task) =
+        Broker::start_any(pubsub_clients, metrics.clone(), broker_stop.clone());
     let app = Arc::new(App {
         config: config.clone(),
         redis,
@@ -284,6 +295,40 @@ pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
     redis::Client::open(info.set_tcp_settings(tcp))
 }
 
+/// A Redis Cluster's command connection (one multiplexed connection per
+/// node, made in the background: a cluster that is down at start-up makes
+/// `/ready` false, not the start fail), and the seeds the broker's pub/sub
+/// connection goes to.
+fn cluster_connections(
+    cluster: &crate::config::ClusterConfig,
+) -> Result<(RedisConn, Vec<redis::Client>), ServerError> {
+    use crate::config::ClusterPubSub;
+    let refused = |e: redis::RedisError| ServerError::Cluster(e.to_string());
+    if cluster.pubsub == ClusterPubSub::Sharded {
+        return Err(ServerError::Cluster(
+            "sharded pub/sub is not served yet: set REDIS_CLUSTER_PUBSUB=classic".into(),
+        ));
+    }
+    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    let client = redis::cluster::ClusterClientBuilder::new(cluster.nodes.clone())
+        .connection_timeout(Duration::from_secs(2))
+        .response_timeout(Duration::from_secs(5))
+        .retries(3)
+        .tcp_settings(tcp)
+        .build()
+        .map_err(refused)?;
+    let redis = RedisConn::from(
+        client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new()),
+    );
+    let seeds = cluster
+        .nodes
+        .iter()
+        .map(|n| redis_client(n))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(refused)?;
+    Ok((redis, seeds))
+}
+
 /// Loads the `wsproxy` Redis library (reliable sessions) at start-up, and
 /// again after each reconnection of the pub/sub connection (a Redis that
 /// restarted without persistence has forgotten it, and backends' `FCALL
@@ -301,7 +346,14 @@ async fn keep_history_library(app: Arc<App>) {
         if loaded_at != Some(reconnects) || missing {
             app.history_loaded.store(false, Ordering::SeqCst);
             let limit = app.config.auth_timeout;
-            match crate::history::install(&mut redis, &app.config.reliable, limit).await {
+            match crate::history::install(
+                &mut redis,
+                &app.config.reliable,
+                app.config.keys(),
+                limit,
+            )
+            .await
+            {
                 Ok(()) => {
                     loaded_at = Some(reconnects);
                     app.history_loaded.store(true, Ordering::SeqCst);

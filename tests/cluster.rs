@@ -1,0 +1,254 @@
+//! wsproxy on a Redis Cluster (3 masters, 3 replicas; `REDIS_CLUSTER_NODES`):
+//! the token check, session down and up channels, topic pub/sub and
+//! reliable sessions, with the cluster's key format (`session:{<id>}:...`).
+
+mod common;
+
+use common::cluster::Cluster;
+use common::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use wsproxy::config::{ClusterPubSub, Config};
+
+const TOKEN: &str = "cluster-token";
+
+fn config(cluster: &Cluster, mode: ClusterPubSub) -> Config {
+    let mut config = Config::for_cluster(cluster.urls());
+    if let Some(c) = config.redis_cluster.as_mut() {
+        c.pubsub = mode;
+    }
+    config
+}
+
+/// The publish and subscribe commands of `mode`.
+fn publish_command(mode: ClusterPubSub) -> &'static str {
+    match mode {
+        ClusterPubSub::Sharded => "SPUBLISH",
+        ClusterPubSub::Classic => "PUBLISH",
+    }
+}
+
+/// A backend's subscription to `channel` on the cluster (RESP3 pushes).
+struct Subscriber {
+    _conn: redis::cluster_async::ClusterConnection,
+    rx: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+}
+
+impl Subscriber {
+    async fn start(cluster: &Cluster, mode: ClusterPubSub, channel: &str) -> Subscriber {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = redis::cluster::ClusterClientBuilder::new(cluster.urls())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .build()
+            .expect("client");
+        let mut conn = client.get_async_connection().await.expect("connect");
+        match mode {
+            ClusterPubSub::Sharded => conn.ssubscribe(channel).await.expect("SSUBSCRIBE"),
+            ClusterPubSub::Classic => conn.subscribe(channel).await.expect("SUBSCRIBE"),
+        }
+        Subscriber { _conn: conn, rx }
+    }
+
+    /// The next message's payload.
+    async fn next(&mut self) -> String {
+        loop {
+            let push = tokio::time::timeout(WAIT, self.rx.recv())
+                .await
+                .expect("a message within the wait")
+                .expect("subscription open");
+            if matches!(
+                push.kind,
+                redis::PushKind::Message | redis::PushKind::SMessage
+            ) && let Some(redis::Value::BulkString(payload)) = push.data.get(1)
+            {
+                return String::from_utf8(payload.clone()).expect("utf-8");
+            }
+        }
+    }
+}
+
+async fn sessions_round_trip(mode: ClusterPubSub) {
+    let cluster = Cluster::start().await;
+    let server = Server::start_config(config(&cluster, mode)).await;
+    // Sessions whose keys live on different masters.
+    let mut sessions: Vec<String> = Vec::new();
+    let mut masters = Vec::new();
+    while sessions.len() < 2 {
+        let s = unique("s");
+        let master = cluster.master_of(&format!("session:{{{s}}}:down")).await;
+        if !masters.contains(&master) {
+            masters.push(master);
+            sessions.push(s);
+        }
+    }
+    let mut sockets = Vec::new();
+    for s in &sessions {
+        cluster.set_token(s, TOKEN, 600).await;
+        sockets.push(server.connect(s, TOKEN).await);
+    }
+    // A wrong token is still refused.
+    let refused = server
+        .try_connect("agent-1", &sessions[0], Some("wrong"))
+        .await;
+    assert_eq!(refused.err().map(|(status, _)| status), Some(403));
+
+    for (s, ws) in sessions.iter().zip(sockets.iter_mut()) {
+        let down = format!("session:{{{s}}}:down");
+        let got = cluster
+            .publish(publish_command(mode), &down, &format!(r#"{{"to":"{s}"}}"#))
+            .await;
+        // Classic PUBLISH counts the receiving node's own subscribers only.
+        if mode == ClusterPubSub::Sharded {
+            assert!(got >= 1, "{down} has wsproxy's subscription");
+        }
+        assert_eq!(next_text(ws).await, format!(r#"{{"to":"{s}"}}"#));
+
+        let mut up = Subscriber::start(&cluster, mode, &format!("session:{{{s}}}:up")).await;
+        send_text(ws, r#"{"hello":1}"#).await;
+        assert_eq!(up.next().await, r#"{"hello":1}"#);
+    }
+    // The token's TTL was reset to the grace period, on the cluster's key.
+    let mut c = cluster.conn().await;
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("session:{{{}}}:auth", sessions[0]))
+        .query_async(&mut c)
+        .await
+        .expect("TTL");
+    assert!(ttl > 600, "{ttl}");
+    server.stop().await;
+}
+
+async fn topics_round_trip(mode: ClusterPubSub) {
+    let cluster = Cluster::start().await;
+    let mut config = config(&cluster, mode);
+    config.pubsub.allow_anonymous = true;
+    let server = Server::start_config(config).await;
+    let session = unique("sess");
+    let ws = |server: &Server| {
+        let req = format!("ws://{}/ws", server.addr)
+            .into_client_request()
+            .expect("request");
+        connect_request(req)
+    };
+    let mut a = ws(&server).await.expect("anonymous");
+    let mut b = ws(&server).await.expect("anonymous");
+    send_text(&mut a, &format!("subscribe:T|{session}")).await;
+    let r: serde_json::Value = serde_json::from_str(&next_text(&mut a).await).expect("json");
+    assert_eq!(r["type"], "subscribed", "{r}");
+    send_text(
+        &mut b,
+        &format!(r#"publish-json:{{"topic":"T","payload":1,"session_id":"{session}"}}"#),
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut a).await).expect("json");
+    assert_eq!(got["payload"], 1, "{got}");
+    // A backend publishing on the cluster's topic channel reaches it too.
+    cluster
+        .publish(
+            publish_command(mode),
+            &format!("pubsub:{{{session}}}:T"),
+            r#"{"from":"backend"}"#,
+        )
+        .await;
+    assert_eq!(next_text(&mut a).await, r#"{"from":"backend"}"#);
+    server.stop().await;
+}
+
+fn reliable_request(
+    server: &Server,
+    session: &str,
+    query: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let url = format!("{}{query}", server.url("agent-1", session));
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {TOKEN}")).expect("header"),
+    );
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("wsproxy.v1"),
+    );
+    req
+}
+
+async fn reliable_connect(server: &Server, session: &str, query: &str) -> (Ws, serde_json::Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(reliable_request(server, session, query))
+        .await
+        .expect("upgrade");
+    let welcome: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).expect("json");
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
+async fn reliable_publish(cluster: &Cluster, session: &str, payload: &str) -> String {
+    let mut c = cluster.conn().await;
+    redis::cmd("FCALL")
+        .arg("wsproxy_publish")
+        .arg(1)
+        .arg(format!("session:{{{session}}}:history"))
+        .arg(payload)
+        .query_async(&mut c)
+        .await
+        .expect("FCALL wsproxy_publish")
+}
+
+async fn reliable_round_trip(mode: ClusterPubSub) {
+    let cluster = Cluster::start().await;
+    let mut config = config(&cluster, mode);
+    config.reliable.enabled = true;
+    config.reliable.up_shards = 4;
+    let server = Server::start_config(config).await;
+    let session = unique("s");
+    cluster.set_token(&session, TOKEN, 600).await;
+    let (mut ws, welcome) = reliable_connect(&server, &session, "").await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let first = reliable_publish(&cluster, &session, r#"{"n":1}"#).await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).expect("json");
+    assert_eq!(
+        (got["offset"].as_str(), &got["data"]),
+        (Some(first.as_str()), &serde_json::json!({"n": 1}))
+    );
+
+    // A client message is stored once in its shard's stream.
+    send_text(&mut ws, r#"{"type":"message","id":"m-1","data":{"up":1}}"#).await;
+    let ack: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).expect("json");
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let shard = wsproxy::keys::up_shard(&session, 4);
+    let mut c = cluster.conn().await;
+    let len: i64 = redis::cmd("XLEN")
+        .arg(format!("wsproxy:up:{{{shard}}}"))
+        .query_async(&mut c)
+        .await
+        .expect("XLEN");
+    assert_eq!(len, 1);
+    drop(ws);
+
+    // Missed while away: replayed on resume.
+    let second = reliable_publish(&cluster, &session, r#"{"n":2}"#).await;
+    let (mut ws, welcome) =
+        reliable_connect(&server, &session, &format!("?epoch={epoch}&offset={first}")).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).expect("json");
+    assert_eq!(got["offset"].as_str(), Some(second.as_str()), "{got}");
+    let third = reliable_publish(&cluster, &session, r#"{"n":3}"#).await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).expect("json");
+    assert_eq!(got["offset"].as_str(), Some(third.as_str()), "{got}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn classic_sessions_round_trip_on_a_cluster() {
+    sessions_round_trip(ClusterPubSub::Classic).await;
+}
+
+#[tokio::test]
+async fn classic_topics_round_trip_on_a_cluster() {
+    topics_round_trip(ClusterPubSub::Classic).await;
+}
+
+#[tokio::test]
+async fn classic_reliable_sessions_publish_and_resume_on_a_cluster() {
+    reliable_round_trip(ClusterPubSub::Classic).await;
+}

@@ -1,0 +1,269 @@
+//! A private Redis Cluster for a test: 3 masters and 3 replicas on free
+//! loopback ports (each with its cluster-bus port, +10000), made with
+//! `redis-cli --cluster create`, killed on drop. A short node timeout
+//! (1 s) makes a failover take seconds, not the default 15 s.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use redis::cluster_async::ClusterConnection;
+
+use super::unique;
+
+/// Nodes of the test cluster.
+const NODES: usize = 6;
+
+pub struct Cluster {
+    /// Every node's port, masters first as created (replicas may be
+    /// promoted later: see [`Cluster::master_ports`]).
+    pub ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+    dir: std::path::PathBuf,
+}
+
+/// A free loopback port whose cluster-bus port (+10000) is free too.
+fn free_cluster_port(taken: &[u16]) -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = l.local_addr().expect("local addr").port();
+        if port > 55_000 || taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("cluster"));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let mut ports = Vec::new();
+        for _ in 0..NODES {
+            let p = free_cluster_port(&ports);
+            ports.push(p);
+        }
+        let mut cluster = Cluster {
+            children: ports.iter().map(|_| None).collect(),
+            ports,
+            dir,
+        };
+        for i in 0..NODES {
+            cluster.spawn(i);
+        }
+        for &port in &cluster.ports {
+            wait_ping(port).await;
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for port in &cluster.ports {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli must be on PATH");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let port = self.ports[i];
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &self
+                    .dir
+                    .join(format!("nodes-{port}.conf"))
+                    .display()
+                    .to_string(),
+                "--cluster-node-timeout",
+                "1000",
+                "--dir",
+                &self.dir.display().to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH");
+        self.children[i] = Some(child);
+    }
+
+    /// Seed URLs for wsproxy: every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and knows 3
+    /// masters with all slots.
+    pub async fn wait_ok(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        'wait: loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for (i, port) in self.ports.iter().enumerate() {
+                if self.children[i].is_none() {
+                    continue;
+                }
+                let Some(info) =
+                    node_query::<String>(*port, redis::cmd("CLUSTER").arg("INFO")).await
+                else {
+                    continue 'wait;
+                };
+                if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                    continue 'wait;
+                }
+            }
+            return;
+        }
+    }
+
+    /// A cluster connection for the test's own commands (the backend's
+    /// part).
+    pub async fn conn(&self) -> ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .expect("seeds")
+            .get_async_connection()
+            .await
+            .expect("connect to the test cluster")
+    }
+
+    /// `SETEX session:{<session>}:auth`.
+    pub async fn set_token(&self, session: &str, token: &str, ttl: u64) {
+        let mut c = self.conn().await;
+        let _: () = redis::cmd("SETEX")
+            .arg(format!("session:{{{session}}}:auth"))
+            .arg(ttl)
+            .arg(token)
+            .query_async(&mut c)
+            .await
+            .expect("SETEX");
+    }
+
+    /// `PUBLISH` or `SPUBLISH` (routed to the channel's slot); the number
+    /// of receivers.
+    pub async fn publish(&self, command: &str, channel: &str, payload: &str) -> i64 {
+        let mut c = self.conn().await;
+        redis::cmd(command)
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{command} {channel}: {e}"))
+    }
+
+    /// The port of the master that serves `key`'s slot now.
+    pub async fn master_of(&self, key: &str) -> u16 {
+        for (i, port) in self.ports.iter().enumerate() {
+            if self.children[i].is_none() {
+                continue;
+            }
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("KEYSLOT").arg(key);
+            let Some(slot) = node_query::<u16>(*port, &cmd).await else {
+                continue;
+            };
+            let Some(slots) =
+                node_query::<redis::Value>(*port, redis::cmd("CLUSTER").arg("SLOTS")).await
+            else {
+                continue;
+            };
+            if let redis::Value::Array(ranges) = slots {
+                for range in ranges {
+                    let redis::Value::Array(r) = range else {
+                        continue;
+                    };
+                    let (Some(redis::Value::Int(lo)), Some(redis::Value::Int(hi))) =
+                        (r.first(), r.get(1))
+                    else {
+                        continue;
+                    };
+                    if (*lo..=*hi).contains(&i64::from(slot))
+                        && let Some(redis::Value::Array(master)) = r.get(2)
+                        && let Some(redis::Value::Int(p)) = master.get(1)
+                    {
+                        return *p as u16;
+                    }
+                }
+            }
+        }
+        panic!("no live node knows the master of {key}");
+    }
+
+    /// Kills the node on `port` (SIGKILL).
+    pub fn kill(&mut self, port: u16) {
+        let i = self
+            .ports
+            .iter()
+            .position(|p| *p == port)
+            .expect("a node's port");
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut() {
+            if let Some(mut child) = child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One command to one node, or `None` if it does not answer.
+async fn node_query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    tokio::time::timeout(Duration::from_secs(1), cmd.query_async(&mut c))
+        .await
+        .ok()?
+        .ok()
+}
+
+async fn wait_ping(port: u16) {
+    for _ in 0..200 {
+        if node_query::<String>(port, &redis::cmd("PING"))
+            .await
+            .is_some()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("redis-server on port {port} did not come up");
+}
