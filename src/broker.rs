@@ -24,6 +24,15 @@
 //! message ([`Outbox::gapless`], reliable sessions): what Redis published
 //! between the drop and the resubscription never reaches this process, so
 //! those end ([`Outgoing::Lost`]) and their clients resume from history.
+//!
+//! On a Redis Cluster ([`Broker::start_sharded`]) the same loop drives
+//! sharded subscriptions: the connection is a RESP3 cluster connection of
+//! the broker's own (one connection per node, never per channel or per
+//! WebSocket), each batch becomes one `SSUBSCRIBE` per slot, all sent at
+//! once, and messages arrive as pushes. A node connection that drops, or a
+//! subscription Redis takes back (its slot moved), ends the connection
+//! like a standalone drop, and the next one, built from the seeds,
+//! resubscribes every channel where its slot is now.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -327,13 +336,34 @@ impl Broker {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::start_on(Target::Servers(clients), metrics, shutdown)
+    }
+
+    /// As [`Broker::start`], on a Redis Cluster with sharded pub/sub,
+    /// reached through `nodes` (seed URLs): each channel is subscribed
+    /// (`SSUBSCRIBE`) on its slot's shard, over one connection per node,
+    /// and resubscribed where its slot is now whenever a node's connection
+    /// drops or Redis moves a subscription away.
+    pub fn start_sharded(
+        nodes: Vec<String>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::start_on(Target::Sharded(nodes), metrics, shutdown)
+    }
+
+    fn start_on(
+        target: Target,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
             metrics,
         });
-        let task = tokio::spawn(run(clients, shared.clone(), shutdown));
+        let task = tokio::spawn(run(target, shared.clone(), shutdown));
         (Self { shared }, task)
     }
 
@@ -422,37 +452,206 @@ fn dispatch(shared: &Shared, channel: &str, payload: &[u8]) {
     }
 }
 
+/// Where the broker's subscriptions live.
+#[derive(Debug)]
+enum Target {
+    /// Servers that each deliver every message (one Redis, or the nodes of
+    /// a cluster with classic pub/sub): one connection, to the first that
+    /// answers.
+    Servers(Vec<redis::Client>),
+    /// A Redis Cluster with sharded pub/sub, reached through these seed
+    /// URLs: `SSUBSCRIBE` on each channel's shard.
+    Sharded(Vec<String>),
+}
+
+/// The broker's connection while it is up.
+enum Link {
+    /// One server's pub/sub connection.
+    Single(redis::aio::PubSubSink),
+    /// A cluster connection speaking RESP3 (one multiplexed connection per
+    /// node, subscriptions and pushes on it); the redis crate routes each
+    /// `SSUBSCRIBE` to its slot's owner.
+    Sharded(redis::cluster_async::ClusterConnection),
+}
+
+impl Link {
+    /// Subscribes `channels`: one `SUBSCRIBE`, or (sharded) one
+    /// `SSUBSCRIBE` per slot (Redis refuses channels of several slots in
+    /// one), all sent at once, so pipelined on each shard's connection.
+    async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.subscribe(channels).await,
+            Self::Sharded(conn) => {
+                let calls = by_slot(channels).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.ssubscribe(group).await }
+                });
+                futures_util::future::try_join_all(calls).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Unsubscribes `channels`, as [`Link::subscribe`].
+    async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.unsubscribe(channels).await,
+            Self::Sharded(conn) => {
+                let calls = by_slot(channels).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.sunsubscribe(group).await }
+                });
+                futures_util::future::try_join_all(calls).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Asks for any answer: silence or an error is a failure. On a cluster
+    /// every master must answer.
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        match self {
+            // In subscribed mode Redis answers PING with ["pong", ""],
+            // not +PONG: accept any reply.
+            Self::Single(sink) => sink.ping::<redis::Value>().await.map(|_| ()),
+            Self::Sharded(conn) => redis::cmd("PING")
+                .query_async::<redis::Value>(conn)
+                .await
+                .map(|_| ()),
+        }
+    }
+}
+
+/// `channels` grouped by hash slot.
+fn by_slot(channels: &[String]) -> Vec<Vec<String>> {
+    let mut groups: HashMap<redis::cluster_routing::Slot, Vec<String>> = HashMap::new();
+    for channel in channels {
+        groups
+            .entry(redis::cluster_routing::Slot::for_key(channel.as_bytes()))
+            .or_default()
+            .push(channel.clone());
+    }
+    groups.into_values().collect()
+}
+
+/// A RESP3 push from a cluster connection (sharded mode). Messages go to
+/// their subscribers as the reader's do; a dropped node connection, or
+/// Redis taking back a live subscription (its slot moved: resharding, a
+/// failover), ends this connection, and the next resubscribes everything
+/// where the slots are now.
+fn on_push(shared: &Shared, lost: &CancellationToken, push: redis::PushInfo) {
+    use redis::{PushKind, Value};
+    match push.kind {
+        PushKind::Message | PushKind::SMessage => {
+            if let [Value::BulkString(channel), Value::BulkString(payload), ..] = &push.data[..]
+                && let Ok(channel) = std::str::from_utf8(channel)
+            {
+                dispatch(shared, channel, payload);
+            }
+        }
+        PushKind::Disconnection => lost.cancel(),
+        PushKind::SUnsubscribe => {
+            // Ours come after the channel left the wanted set (or before
+            // it was confirmed again); one still confirmed is Redis'.
+            if let Some(Value::BulkString(channel)) = push.data.first()
+                && let Ok(channel) = std::str::from_utf8(channel)
+                && shared
+                    .lock()
+                    .channels
+                    .get(channel)
+                    .is_some_and(|c| c.confirmed)
+            {
+                tracing::warn!(channel, "redis moved a sharded subscription away");
+                lost.cancel();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One connection attempt: the link and the task whose end means the
+/// connection is lost, or why there is none; `redis` names where it went
+/// (host:port, never a URL, which may hold a password).
+async fn connect(
+    target: &Target,
+    attempt: usize,
+    shared: &Arc<Shared>,
+) -> (String, Result<(Link, tokio::task::JoinHandle<()>), String>) {
+    match target {
+        Target::Servers(clients) => {
+            let Some(client) = clients.get(attempt % clients.len().max(1)) else {
+                return (String::new(), Err("no Redis server is configured".into()));
+            };
+            let redis = client.get_connection_info().addr().to_string();
+            let pubsub =
+                match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
+                    Ok(Ok(pubsub)) => pubsub,
+                    Ok(Err(e)) => return (redis, Err(e.to_string())),
+                    Err(_) => return (redis, Err("timed out".into())),
+                };
+            let (sink, mut stream) = pubsub.split();
+            let reader_shared = shared.clone();
+            let reader = tokio::spawn(async move {
+                while let Some(msg) = stream.next().await {
+                    dispatch(
+                        &reader_shared,
+                        msg.get_channel_name(),
+                        msg.get_payload_bytes(),
+                    );
+                }
+            });
+            (redis, Ok((Link::Single(sink), reader)))
+        }
+        Target::Sharded(nodes) => {
+            let redis = format!("cluster of {} seed nodes", nodes.len());
+            let lost = CancellationToken::new();
+            let sender = {
+                let shared = shared.clone();
+                let lost = lost.clone();
+                move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
+                    on_push(&shared, &lost, push);
+                    Ok(())
+                }
+            };
+            let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+            let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(sender)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(CONNECT_TIMEOUT)
+                .retries(2)
+                .tcp_settings(tcp)
+                .build();
+            let client = match client {
+                Ok(client) => client,
+                Err(e) => return (redis, Err(e.to_string())),
+            };
+            let conn =
+                match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection()).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => return (redis, Err(e.to_string())),
+                    Err(_) => return (redis, Err("timed out".into())),
+                };
+            let watch = tokio::spawn(async move { lost.cancelled_owned().await });
+            (redis, Ok((Link::Sharded(conn), watch)))
+        }
+    }
+}
+
 /// The broker task: connect, serve until the connection breaks, reconnect.
-async fn run(clients: Vec<redis::Client>, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn run(target: Target, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     let mut ever_connected = false;
-    let mut next = 0;
+    let mut attempt = 0;
     loop {
-        let Some(client) = clients.get(next % clients.len().max(1)) else {
-            return; // no server at all (never built so)
-        };
-        // host:port (or the socket's path): never the URL, which may hold a
-        // password.
-        let redis = client.get_connection_info().addr().to_string();
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub());
-        let pubsub = tokio::select! {
+        let connecting = connect(&target, attempt, &shared);
+        let (redis, connected) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = connect => r,
+            r = connecting => r,
         };
-        let pubsub = match pubsub {
-            Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(e)) => {
-                next += 1;
+        let (link, reader) = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                attempt += 1;
                 tracing::warn!(%redis, error = %e, retry_in = ?backoff, "redis pub/sub connect failed");
-                if sleep_or_shutdown(backoff, &shutdown).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-            Err(_) => {
-                next += 1;
-                tracing::warn!(%redis, retry_in = ?backoff, "redis pub/sub connect timed out");
                 if sleep_or_shutdown(backoff, &shutdown).await {
                     return;
                 }
@@ -464,16 +663,32 @@ async fn run(clients: Vec<redis::Client>, shared: Arc<Shared>, shutdown: Cancell
             shared.metrics.redis_reconnects.inc();
         }
         ever_connected = true;
-        backoff = BACKOFF_MIN;
-        let stopped = serve(pubsub, &shared, &shutdown).await;
+        let served_since = tokio::time::Instant::now();
+        let stopped = serve(link, reader, &shared, &shutdown).await;
         shared.connected.store(false, Ordering::SeqCst);
         shared.metrics.redis_connected.set(0);
         shared.metrics.broker_channels.set(0);
         if stopped {
             return;
         }
-        next += 1;
+        attempt += 1;
         tracing::warn!(%redis, "redis pub/sub connection lost; reconnecting");
+        match target {
+            // One server: straight back (it answered a moment ago).
+            Target::Servers(_) => backoff = BACKOFF_MIN,
+            // A cluster connection that broke soon after it was made (the
+            // cluster is still failing over, its slot map not settled)
+            // backs off; one that served a while starts over.
+            Target::Sharded(_) => {
+                if served_since.elapsed() > BACKOFF_MAX * 2 {
+                    backoff = BACKOFF_MIN;
+                }
+                if sleep_or_shutdown(backoff, &shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
     }
 }
 
@@ -485,25 +700,14 @@ async fn sleep_or_shutdown(pause: Duration, shutdown: &CancellationToken) -> boo
     }
 }
 
-/// Serves one established connection. Returns true on shutdown, false when
-/// the connection broke.
+/// Serves one established connection; `reader` ends when the connection
+/// does. Returns true on shutdown, false when the connection broke.
 async fn serve(
-    pubsub: redis::aio::PubSub,
+    mut link: Link,
+    mut reader: tokio::task::JoinHandle<()>,
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
 ) -> bool {
-    let (mut sink, mut stream) = pubsub.split();
-    let reader_shared = shared.clone();
-    let mut reader = tokio::spawn(async move {
-        while let Some(msg) = stream.next().await {
-            dispatch(
-                &reader_shared,
-                msg.get_channel_name(),
-                msg.get_payload_bytes(),
-            );
-        }
-    });
-
     // What Redis currently has for this connection: nothing, it is new.
     let mut active: HashSet<String> = HashSet::new();
     let mut first_sync = true;
@@ -540,10 +744,10 @@ async fn serve(
         }
         let applied = async {
             if !add.is_empty() {
-                sink.subscribe(&add).await?;
+                link.subscribe(&add).await?;
             }
             if !remove.is_empty() {
-                sink.unsubscribe(&remove).await?;
+                link.unsubscribe(&remove).await?;
             }
             Ok::<(), redis::RedisError>(())
         };
@@ -581,9 +785,7 @@ async fn serve(
             _ = &mut reader => break false,
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(KEEPALIVE) => {
-                // In subscribed mode Redis answers PING with ["pong", ""],
-                // not +PONG: accept any reply, only silence is a failure.
-                let ping = tokio::time::timeout(CONNECT_TIMEOUT, sink.ping::<redis::Value>()).await;
+                let ping = tokio::time::timeout(CONNECT_TIMEOUT, link.ping()).await;
                 if !matches!(ping, Ok(Ok(_))) {
                     tracing::warn!("redis pub/sub keepalive ping failed");
                     break false;

@@ -211,8 +211,12 @@ pub async fn run(
     let broker_stop = CancellationToken::new();
     // Before the broker: a failure here must not leave it running.
     let (workers, worker_pool) = Workers::start(config.workers)?;
-    let (broker, broker_task) =
-        Broker::start_any(pubsub_clients, metrics.clone(), broker_stop.clone());
+    let (broker, broker_task) = match &config.redis_cluster {
+        Some(cluster) if cluster.pubsub == crate::config::ClusterPubSub::Sharded => {
+            Broker::start_sharded(cluster.nodes.clone(), metrics.clone(), broker_stop.clone())
+        }
+        _ => Broker::start_any(pubsub_clients, metrics.clone(), broker_stop.clone()),
+    };
     let app = Arc::new(App {
         config: config.clone(),
         redis,
@@ -297,18 +301,12 @@ pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
 
 /// A Redis Cluster's command connection (one multiplexed connection per
 /// node, made in the background: a cluster that is down at start-up makes
-/// `/ready` false, not the start fail), and the seeds the broker's pub/sub
-/// connection goes to.
+/// `/ready` false, not the start fail), and the seeds the broker's classic
+/// pub/sub connection goes to.
 fn cluster_connections(
     cluster: &crate::config::ClusterConfig,
 ) -> Result<(RedisConn, Vec<redis::Client>), ServerError> {
-    use crate::config::ClusterPubSub;
     let refused = |e: redis::RedisError| ServerError::Cluster(e.to_string());
-    if cluster.pubsub == ClusterPubSub::Sharded {
-        return Err(ServerError::Cluster(
-            "sharded pub/sub is not served yet: set REDIS_CLUSTER_PUBSUB=classic".into(),
-        ));
-    }
     let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
     let client = redis::cluster::ClusterClientBuilder::new(cluster.nodes.clone())
         .connection_timeout(Duration::from_secs(2))

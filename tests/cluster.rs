@@ -252,3 +252,18 @@ async fn classic_topics_round_trip_on_a_cluster() {
 async fn classic_reliable_sessions_publish_and_resume_on_a_cluster() {
     reliable_round_trip(ClusterPubSub::Classic).await;
 }
+
+#[tokio::test]
+async fn sharded_sessions_round_trip_on_a_cluster() {
+    sessions_round_trip(ClusterPubSub::Sharded).await;
+}
+
+#[tokio::test]
+async fn sharded_topics_round_trip_on_a_cluster() {
+    topics_round_trip(ClusterPubSub::Sharded).await;
+}
+
+#[tokio::test]
+async fn sharded_reliable_sessions_publish_and_resume_on_a_cluster() {
+    reliable_round_trip(ClusterPubSub::Sharded).await;
+}
