@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::cluster::Cluster;
 use common::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -266,4 +268,107 @@ async fn sharded_topics_round_trip_on_a_cluster() {
 #[tokio::test]
 async fn sharded_reliable_sessions_publish_and_resume_on_a_cluster() {
     reliable_round_trip(ClusterPubSub::Sharded).await;
+}
+
+/// A master dies while a backend publishes to a session on it: its replica
+/// takes over, wsproxy's subscription moves there, the WebSocket stays
+/// open and delivery resumes. What Redis accepted but the client never got
+/// is the loss window (printed; not asserted beyond being finite).
+#[tokio::test]
+async fn sharded_delivery_resumes_after_a_master_fails_over() {
+    let mut cluster = Cluster::start().await;
+    let server = Server::start_config(config(&cluster, ClusterPubSub::Sharded)).await;
+    let session = unique("s");
+    let down = format!("session:{{{session}}}:down");
+    cluster.set_token(&session, TOKEN, 600).await;
+    let mut ws = server.connect(&session, TOKEN).await;
+    let master = cluster.master_of(&down).await;
+
+    // The backend: one SPUBLISH every 10 ms, each once; a failed one (the
+    // shard is failing over) is not retried, only counted.
+    let urls = cluster.urls();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn({
+        let (down, stop) = (down.clone(), stop.clone());
+        async move {
+            let client = redis::cluster::ClusterClientBuilder::new(urls)
+                .connection_timeout(Duration::from_millis(500))
+                .response_timeout(Duration::from_millis(500))
+                .build()
+                .expect("client");
+            let mut conn = client.get_async_connection().await.expect("connect");
+            let mut accepted = Vec::new();
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                let sent = redis::cmd("SPUBLISH")
+                    .arg(&down)
+                    .arg(format!(r#"{{"n":{n}}}"#))
+                    .query_async::<i64>(&mut conn)
+                    .await;
+                if sent.is_ok() {
+                    accepted.push(n);
+                } else if let Ok(fresh) = client.get_async_connection().await {
+                    conn = fresh;
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            accepted
+        }
+    });
+
+    let n_of = |text: String| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        v["n"].as_u64().expect("n")
+    };
+    let mut received = Vec::new();
+    while received.len() < 50 {
+        received.push(n_of(next_text(&mut ws).await));
+    }
+    let killed_at = tokio::time::Instant::now();
+    cluster.kill(master);
+
+    // Delivery resumes on the same socket (next_text panics on a close or
+    // after 10 s of silence), and goes on once the replica is promoted:
+    // 50 more messages after the cluster names a new master. The longest
+    // silence between two messages is the outage.
+    let mut outage = Duration::ZERO;
+    let mut last_at = killed_at;
+    let mut promoted_at = None;
+    while promoted_at.is_none_or(|at| received.len() < at + 50) {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "no failover within 30 s"
+        );
+        let n = n_of(next_text(&mut ws).await);
+        outage = outage.max(last_at.elapsed());
+        last_at = tokio::time::Instant::now();
+        received.push(n);
+        if promoted_at.is_none()
+            && received.len() % 25 == 0
+            && cluster.master_of(&down).await != master
+        {
+            promoted_at = Some(received.len());
+        }
+    }
+    stop.cancel();
+    let accepted = publisher.await.expect("publisher");
+    let got: std::collections::HashSet<u64> = received.iter().copied().collect();
+    let last = *received.last().expect("some");
+    let lost: Vec<u64> = accepted
+        .iter()
+        .copied()
+        .filter(|n| *n <= last && !got.contains(n))
+        .collect();
+    println!(
+        "failover: {} accepted up to {last}, {} lost ({lost:?}), delivery stopped for {outage:?}",
+        accepted.iter().filter(|n| **n <= last).count(),
+        lost.len(),
+    );
+    let mut sorted = received.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, received, "in order");
+    // /ready tells the truth again once the subscription has moved.
+    server.wait_ready().await;
+    server.stop().await;
 }

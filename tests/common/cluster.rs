@@ -92,6 +92,10 @@ impl Cluster {
                     .to_string(),
                 "--cluster-node-timeout",
                 "1000",
+                // A replica may take over however long it was cut off
+                // (the default refuses one that lost its master long ago).
+                "--cluster-replica-validity-factor",
+                "0",
                 "--dir",
                 &self.dir.display().to_string(),
                 "--save",
@@ -114,8 +118,8 @@ impl Cluster {
             .collect()
     }
 
-    /// Waits until every live node says `cluster_state:ok` and knows 3
-    /// masters with all slots.
+    /// Waits until every live node says `cluster_state:ok` with all slots
+    /// served, and every live replica has synced with its master.
     pub async fn wait_ok(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         'wait: loop {
@@ -134,6 +138,15 @@ impl Cluster {
                     continue 'wait;
                 };
                 if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                    continue 'wait;
+                }
+                // A replica must have synced before its master may fail.
+                let Some(repl) =
+                    node_query::<String>(*port, redis::cmd("INFO").arg("replication")).await
+                else {
+                    continue 'wait;
+                };
+                if repl.contains("role:slave") && !repl.contains("master_link_status:up") {
                     continue 'wait;
                 }
             }
