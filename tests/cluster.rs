@@ -270,22 +270,26 @@ async fn sharded_reliable_sessions_publish_and_resume_on_a_cluster() {
     reliable_round_trip(ClusterPubSub::Sharded).await;
 }
 
-/// A master dies while a backend publishes to a session on it: its replica
-/// takes over, wsproxy's subscription moves there, the WebSocket stays
-/// open and delivery resumes. What Redis accepted but the client never got
-/// is the loss window (printed; not asserted beyond being finite).
-#[tokio::test]
-async fn sharded_delivery_resumes_after_a_master_fails_over() {
+/// A master dies while a backend publishes to a session: in sharded mode
+/// the master of the session's slot, in classic mode the node wsproxy's
+/// pub/sub connection is on (the first seed). Its replica takes over,
+/// wsproxy's subscription moves, the WebSocket stays open and delivery
+/// resumes. What Redis accepted but the client never got is the loss
+/// window (printed; not asserted beyond being finite).
+async fn delivery_resumes_after_a_master_fails(mode: ClusterPubSub) {
     let mut cluster = Cluster::start().await;
-    let server = Server::start_config(config(&cluster, ClusterPubSub::Sharded)).await;
+    let server = Server::start_config(config(&cluster, mode)).await;
     let session = unique("s");
     let down = format!("session:{{{session}}}:down");
     cluster.set_token(&session, TOKEN, 600).await;
     let mut ws = server.connect(&session, TOKEN).await;
-    let master = cluster.master_of(&down).await;
+    let master = match mode {
+        ClusterPubSub::Sharded => cluster.master_of(&down).await,
+        ClusterPubSub::Classic => cluster.ports[0],
+    };
 
-    // The backend: one SPUBLISH every 10 ms, each once; a failed one (the
-    // shard is failing over) is not retried, only counted.
+    // The backend: one (S)PUBLISH every 10 ms, each once; a failed one
+    // (the shard is failing over) is not retried, only counted.
     let urls = cluster.urls();
     let stop = tokio_util::sync::CancellationToken::new();
     let publisher = tokio::spawn({
@@ -300,7 +304,7 @@ async fn sharded_delivery_resumes_after_a_master_fails_over() {
             let mut accepted = Vec::new();
             let mut n = 0u64;
             while !stop.is_cancelled() {
-                let sent = redis::cmd("SPUBLISH")
+                let sent = redis::cmd(publish_command(mode))
                     .arg(&down)
                     .arg(format!(r#"{{"n":{n}}}"#))
                     .query_async::<i64>(&mut conn)
@@ -344,10 +348,7 @@ async fn sharded_delivery_resumes_after_a_master_fails_over() {
         outage = outage.max(last_at.elapsed());
         last_at = tokio::time::Instant::now();
         received.push(n);
-        if promoted_at.is_none()
-            && received.len() % 25 == 0
-            && cluster.master_of(&down).await != master
-        {
+        if promoted_at.is_none() && received.len() % 25 == 0 && !cluster.is_master(master).await {
             promoted_at = Some(received.len());
         }
     }
@@ -361,7 +362,7 @@ async fn sharded_delivery_resumes_after_a_master_fails_over() {
         .filter(|n| *n <= last && !got.contains(n))
         .collect();
     println!(
-        "failover: {} accepted up to {last}, {} lost ({lost:?}), delivery stopped for {outage:?}",
+        "failover ({mode:?}): {} accepted up to {last}, {} lost ({lost:?}), delivery stopped for {outage:?}",
         accepted.iter().filter(|n| **n <= last).count(),
         lost.len(),
     );
@@ -371,4 +372,14 @@ async fn sharded_delivery_resumes_after_a_master_fails_over() {
     // /ready tells the truth again once the subscription has moved.
     server.wait_ready().await;
     server.stop().await;
+}
+
+#[tokio::test]
+async fn sharded_delivery_resumes_after_a_master_fails_over() {
+    delivery_resumes_after_a_master_fails(ClusterPubSub::Sharded).await;
+}
+
+#[tokio::test]
+async fn classic_delivery_resumes_after_a_master_fails_over() {
+    delivery_resumes_after_a_master_fails(ClusterPubSub::Classic).await;
 }

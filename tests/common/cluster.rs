@@ -226,6 +226,26 @@ impl Cluster {
         panic!("no live node knows the master of {key}");
     }
 
+    /// True while a live node's slot map names `port` as a master.
+    pub async fn is_master(&self, port: u16) -> bool {
+        for (i, node) in self.ports.iter().enumerate() {
+            if self.children[i].is_none() {
+                continue;
+            }
+            let Some(redis::Value::Array(ranges)) =
+                node_query::<redis::Value>(*node, redis::cmd("CLUSTER").arg("SLOTS")).await
+            else {
+                continue;
+            };
+            return ranges.iter().any(|range| {
+                matches!(range, redis::Value::Array(r)
+                    if matches!(r.get(2), Some(redis::Value::Array(m))
+                        if m.get(1) == Some(&redis::Value::Int(i64::from(port)))))
+            });
+        }
+        panic!("no live node answers CLUSTER SLOTS");
+    }
+
     /// Kills the node on `port` (SIGKILL).
     pub fn kill(&mut self, port: u16) {
         let i = self
