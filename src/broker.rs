@@ -258,6 +258,9 @@ struct State {
     /// O(channels).
     dirty: HashSet<String>,
     next_id: u64,
+    /// Sharded mode: `SUNSUBSCRIBE`s sent whose push has not come back, per
+    /// channel, so that ours are told from those Redis sends by itself.
+    unsubscribing: HashMap<String, u32>,
 }
 
 #[derive(Debug)]
@@ -549,16 +552,25 @@ fn on_push(shared: &Shared, lost: &CancellationToken, push: redis::PushInfo) {
         }
         PushKind::Disconnection => lost.cancel(),
         PushKind::SUnsubscribe => {
-            // Ours come after the channel left the wanted set (or before
-            // it was confirmed again); one still confirmed is Redis'.
-            if let Some(Value::BulkString(channel)) = push.data.first()
-                && let Ok(channel) = std::str::from_utf8(channel)
-                && shared
-                    .lock()
-                    .channels
-                    .get(channel)
-                    .is_some_and(|c| c.confirmed)
-            {
+            let Some(Value::BulkString(channel)) = push.data.first() else {
+                return;
+            };
+            let Ok(channel) = std::str::from_utf8(channel) else {
+                return;
+            };
+            let mut state = shared.lock();
+            // One of ours (the control loop counted it before sending).
+            if let Some(n) = state.unsubscribing.get_mut(channel) {
+                *n -= 1;
+                if *n == 0 {
+                    state.unsubscribing.remove(channel);
+                }
+                return;
+            }
+            // Redis' own: the channel's slot moved. Only a live
+            // subscription matters.
+            if state.channels.get(channel).is_some_and(|c| c.confirmed) {
+                drop(state);
                 tracing::warn!(channel, "redis moved a sharded subscription away");
                 lost.cancel();
             }
@@ -722,6 +734,7 @@ async fn serve(
             if first_sync {
                 // A fresh connection has nothing: subscribe every live channel.
                 state.dirty.clear();
+                state.unsubscribing.clear();
                 add.extend(state.channels.keys().cloned());
             } else {
                 let dirty = std::mem::take(&mut state.dirty);
@@ -747,6 +760,12 @@ async fn serve(
                 link.subscribe(&add).await?;
             }
             if !remove.is_empty() {
+                if matches!(link, Link::Sharded(_)) {
+                    let mut state = shared.lock();
+                    for channel in &remove {
+                        *state.unsubscribing.entry(channel.clone()).or_default() += 1;
+                    }
+                }
                 link.unsubscribe(&remove).await?;
             }
             Ok::<(), redis::RedisError>(())

@@ -21,15 +21,19 @@ pub struct Cluster {
     dir: std::path::PathBuf,
 }
 
-/// A free loopback port whose cluster-bus port (+10000) is free too.
+/// A free loopback port whose cluster-bus port (+10000) is free too. Both
+/// lie below Linux's ephemeral range (32768 and up), where the other
+/// tests' servers and every outgoing connection take theirs.
 fn free_cluster_port(taken: &[u16]) -> u16 {
+    use rand::Rng;
     loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-        let port = l.local_addr().expect("local addr").port();
-        if port > 55_000 || taken.contains(&port) {
+        let port = rand::rng().random_range(20_000..22_700);
+        if taken.contains(&port) {
             continue;
         }
-        if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
             return port;
         }
     }
@@ -37,24 +41,39 @@ fn free_cluster_port(taken: &[u16]) -> u16 {
 
 impl Cluster {
     pub async fn start() -> Cluster {
-        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("cluster"));
-        std::fs::create_dir_all(&dir).expect("cluster dir");
-        let mut ports = Vec::new();
-        for _ in 0..NODES {
-            let p = free_cluster_port(&ports);
-            ports.push(p);
+        // A port found free can be taken before the node binds it: then
+        // the whole set starts again on other ports.
+        for _ in 0..5 {
+            let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("cluster"));
+            std::fs::create_dir_all(&dir).expect("cluster dir");
+            let mut ports = Vec::new();
+            for _ in 0..NODES {
+                let p = free_cluster_port(&ports);
+                ports.push(p);
+            }
+            let mut cluster = Cluster {
+                children: ports.iter().map(|_| None).collect(),
+                ports,
+                dir,
+            };
+            for i in 0..NODES {
+                cluster.spawn(i);
+            }
+            let mut up = true;
+            for &port in &cluster.ports {
+                up &= wait_ping(port).await;
+            }
+            if up {
+                cluster.create().await;
+                return cluster;
+            }
         }
-        let mut cluster = Cluster {
-            children: ports.iter().map(|_| None).collect(),
-            ports,
-            dir,
-        };
-        for i in 0..NODES {
-            cluster.spawn(i);
-        }
-        for &port in &cluster.ports {
-            wait_ping(port).await;
-        }
+        panic!("no 6 redis-servers could be started in 5 tries");
+    }
+
+    /// `redis-cli --cluster create`, then waits for the cluster to be ok.
+    async fn create(&self) {
+        let cluster = self;
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for port in &cluster.ports {
@@ -71,7 +90,6 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout)
         );
         cluster.wait_ok().await;
-        cluster
     }
 
     fn spawn(&mut self, i: usize) {
@@ -246,6 +264,73 @@ impl Cluster {
         panic!("no live node answers CLUSTER SLOTS");
     }
 
+    /// The masters' ports, as the cluster names them now.
+    pub async fn master_ports(&self) -> Vec<u16> {
+        let mut masters = Vec::new();
+        for port in &self.ports {
+            if self.is_master(*port).await {
+                masters.push(*port);
+            }
+        }
+        masters
+    }
+
+    /// Moves `key`'s slot, with its keys, from its master to the master on
+    /// `to` (resharding, as `redis-cli --cluster reshard` does it).
+    pub async fn move_slot_of(&self, key: &str, to: u16) {
+        let from = self.master_of(key).await;
+        let slot: u16 = node_query(from, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+            .await
+            .expect("KEYSLOT");
+        let id = |port| async move {
+            node_query::<String>(port, &redis::cmd("CLUSTER").arg("MYID").clone())
+                .await
+                .expect("MYID")
+        };
+        let (from_id, to_id) = (id(from).await, id(to).await);
+        let set = |port: u16, args: Vec<String>| async move {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(args);
+            node_query::<String>(port, &cmd)
+                .await
+                .unwrap_or_else(|| panic!("CLUSTER SETSLOT on {port}"));
+        };
+        set(to, vec!["IMPORTING".into(), from_id.clone()]).await;
+        set(from, vec!["MIGRATING".into(), to_id.clone()]).await;
+        let keys: Vec<String> = node_query(
+            from,
+            redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1000),
+        )
+        .await
+        .expect("GETKEYSINSLOT");
+        if !keys.is_empty() {
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys);
+            node_query::<String>(from, &migrate).await.expect("MIGRATE");
+        }
+        for port in self.master_ports().await {
+            set(port, vec!["NODE".into(), to_id.clone()]).await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.master_of(key).await != to {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot did not move"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Kills the node on `port` (SIGKILL).
     pub fn kill(&mut self, port: u16) {
         let i = self
@@ -288,15 +373,16 @@ async fn node_query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Op
         .ok()
 }
 
-async fn wait_ping(port: u16) {
+/// True once the node on `port` answers PING (false after 5 s).
+async fn wait_ping(port: u16) -> bool {
     for _ in 0..200 {
         if node_query::<String>(port, &redis::cmd("PING"))
             .await
             .is_some()
         {
-            return;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("redis-server on port {port} did not come up");
+    false
 }
