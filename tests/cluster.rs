@@ -444,3 +444,137 @@ async fn sharded_subscriptions_follow_a_slot_that_moves() {
     server.wait_ready().await;
     server.stop().await;
 }
+
+/// A reliable session's master dies while its backend publishes: the
+/// client's connection ends with 1013 (its live messages stopped), it
+/// resumes from its last offset once wsproxy is back, and gets what the
+/// history kept, in order and once. What Redis acknowledged but the
+/// promoted replica never had (replication is asynchronous) is the loss
+/// window: printed, not asserted.
+#[tokio::test]
+async fn a_reliable_session_resumes_after_its_master_fails_over() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut cluster = Cluster::start().await;
+    let mut config = config(&cluster, ClusterPubSub::Sharded);
+    config.reliable.enabled = true;
+    config.reliable.history_max_len = 10_000;
+    let server = Server::start_config(config).await;
+    let session = unique("s");
+    let history = format!("session:{{{session}}}:history");
+    cluster.set_token(&session, TOKEN, 600).await;
+    let (mut ws, welcome) = reliable_connect(&server, &session, "").await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let master = cluster.master_of(&history).await;
+
+    let urls = cluster.urls();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn({
+        let (history, stop) = (history.clone(), stop.clone());
+        async move {
+            let client = redis::cluster::ClusterClientBuilder::new(urls)
+                .connection_timeout(Duration::from_millis(500))
+                .response_timeout(Duration::from_millis(500))
+                .build()
+                .expect("client");
+            let mut conn = client.get_async_connection().await.expect("connect");
+            let mut accepted = Vec::new();
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                let sent = redis::cmd("FCALL")
+                    .arg("wsproxy_publish")
+                    .arg(1)
+                    .arg(&history)
+                    .arg(format!(r#"{{"n":{n}}}"#))
+                    .query_async::<String>(&mut conn)
+                    .await;
+                if sent.is_ok() {
+                    accepted.push(n);
+                } else if let Ok(fresh) = client.get_async_connection().await {
+                    conn = fresh;
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            accepted
+        }
+    });
+
+    // (n, offset) of each message, in arrival order.
+    let parse = |text: &str| -> (u64, String) {
+        let v: serde_json::Value = serde_json::from_str(text).expect("json");
+        assert_eq!(v["type"], "message", "{v}");
+        (
+            v["data"]["n"].as_u64().expect("n"),
+            v["offset"].as_str().expect("offset").to_owned(),
+        )
+    };
+    let mut received: Vec<(u64, String)> = Vec::new();
+    while received.len() < 50 {
+        received.push(parse(&next_text(&mut ws).await));
+    }
+    let killed_at = tokio::time::Instant::now();
+    cluster.kill(master);
+
+    // Live messages go on until the broker loses the shard: then 1013.
+    let code = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => received.push(parse(&t)),
+            Ok(Some(Ok(Message::Close(Some(frame))))) => break u16::from(frame.code),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected messages then a close, got {other:?}"),
+        }
+    };
+    assert_eq!(code, 1013, "closed to resume");
+
+    // Resume from the last offset, as a client does, until wsproxy admits
+    // it again (it refuses while Redis cannot be asked).
+    let mut resumes = 0;
+    let (mut ws, welcome) = loop {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "no resume within 30 s"
+        );
+        let offset = received.last().map(|(_, o)| o.clone()).expect("some");
+        let query = format!("?epoch={epoch}&offset={offset}");
+        resumes += 1;
+        match tokio_tungstenite::connect_async(reliable_request(&server, &session, &query)).await {
+            Ok((mut ws, _)) => {
+                let welcome: serde_json::Value =
+                    serde_json::from_str(&next_text(&mut ws).await).expect("json");
+                if welcome["type"] == "welcome" {
+                    break (ws, welcome);
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let before_resume = received.len();
+    for _ in 0..50 {
+        received.push(parse(&next_text(&mut ws).await));
+    }
+    stop.cancel();
+    let accepted = publisher.await.expect("publisher");
+
+    let ns: Vec<u64> = received.iter().map(|(n, _)| *n).collect();
+    let mut sorted = ns.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted, ns, "in order, each once");
+    let last = *ns.last().expect("some");
+    let got: std::collections::HashSet<u64> = ns.iter().copied().collect();
+    let lost: Vec<u64> = accepted
+        .iter()
+        .copied()
+        .filter(|n| *n <= last && !got.contains(n))
+        .collect();
+    println!(
+        "reliable failover: {} accepted up to {last}, {} lost ({lost:?}); {} resume attempts; welcome {welcome}; {} replayed or live after it",
+        accepted.iter().filter(|n| **n <= last).count(),
+        lost.len(),
+        resumes,
+        received.len() - before_resume,
+    );
+    server.wait_ready().await;
+    server.stop().await;
+}
