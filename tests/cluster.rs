@@ -578,3 +578,46 @@ async fn a_reliable_session_resumes_after_its_master_fails_over() {
     server.wait_ready().await;
     server.stop().await;
 }
+
+/// A whole shard (master and replica) dies: no subscription on it can be
+/// made again, so `/ready` answers 503 and keeps answering it, while open
+/// plain WebSockets stay open.
+#[tokio::test]
+async fn ready_is_503_while_a_shard_is_gone() {
+    let mut cluster = Cluster::start().await;
+    let server = Server::start_config(config(&cluster, ClusterPubSub::Sharded)).await;
+    let session = unique("s");
+    let down = format!("session:{{{session}}}:down");
+    cluster.set_token(&session, TOKEN, 600).await;
+    let mut ws = server.connect(&session, TOKEN).await;
+    let master = cluster.master_of(&down).await;
+    let replicas = cluster.replicas_of(master).await;
+    assert!(!replicas.is_empty(), "the shard has a replica");
+    cluster.kill(master);
+    for replica in replicas {
+        cluster.kill(replica);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(server.addr, "/ready").await.map(|(s, _)| s).ok() != Some(503) {
+        assert!(tokio::time::Instant::now() < deadline, "/ready stayed 200");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, body) = http_get(server.addr, "/ready").await.expect("GET /ready");
+        assert_eq!(status, 503, "{body}");
+    }
+    // The plain session's socket is still open: a ping is answered.
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::Ping("p".into()))
+        .await
+        .expect("ping");
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Pong(_)))) => break,
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_)))) => {}
+            other => panic!("expected the pong of an open socket, got {other:?}"),
+        }
+    }
+    server.stop().await;
+}

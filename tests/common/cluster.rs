@@ -331,6 +331,26 @@ impl Cluster {
         }
     }
 
+    /// The ports of the replicas of the master on `port`.
+    pub async fn replicas_of(&self, port: u16) -> Vec<u16> {
+        let Some(nodes) = node_query::<String>(port, redis::cmd("CLUSTER").arg("NODES")).await
+        else {
+            panic!("the master on {port} does not answer");
+        };
+        let id = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .and_then(|l| l.split(' ').next())
+            .expect("its own line")
+            .to_owned();
+        nodes
+            .lines()
+            .filter(|l| l.split(' ').nth(3) == Some(id.as_str()))
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter_map(|addr| addr.split(['@', ':']).nth(1)?.parse().ok())
+            .collect()
+    }
+
     /// Kills the node on `port` (SIGKILL).
     pub fn kill(&mut self, port: u16) {
         let i = self
