@@ -30,9 +30,13 @@
 //! the broker's own (one connection per node, never per channel or per
 //! WebSocket), each batch becomes one `SSUBSCRIBE` per slot, all sent at
 //! once, and messages arrive as pushes. A node connection that drops, or a
-//! subscription Redis takes back (its slot moved), ends the connection
-//! like a standalone drop, and the next one, built from the seeds,
-//! resubscribes every channel where its slot is now.
+//! subscription Redis takes back (its slot moved), makes the control loop
+//! subscribe every channel again on the same connection, where its slot
+//! is now (Redis ignores a repeat, so the healthy shards' subscriptions
+//! never stop); gapless outboxes end and `/ready` is false until it is
+//! done. While a shard fails over, that is retried; only after
+//! `RESYNC_LIMIT`, or when the keepalive ping fails, is a new connection
+//! built from the seeds.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +56,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// First and largest pause between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a sharded connection may go on failing to subscribe (a cluster
+/// failing over) before the broker starts a new one from the seeds.
+const RESYNC_LIMIT: Duration = Duration::from_secs(20);
 /// The control loop pings Redis this often while idle, so a connection that
 /// died silently (no FIN/RST) is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -269,6 +276,10 @@ struct Shared {
     /// Wakes the control loop when `state.dirty` gained something.
     wake: Notify,
     connected: AtomicBool,
+    /// Sharded mode: a node's connection dropped or Redis took a
+    /// subscription back; the control loop subscribes everything again on
+    /// the same connection (the other shards' subscriptions never stopped).
+    resync: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -364,6 +375,7 @@ impl Broker {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
+            resync: AtomicBool::new(false),
             metrics,
         });
         let task = tokio::spawn(run(target, shared.clone(), shutdown));
@@ -536,11 +548,11 @@ fn by_slot(channels: &[String]) -> Vec<Vec<String>> {
 }
 
 /// A RESP3 push from a cluster connection (sharded mode). Messages go to
-/// their subscribers as the reader's do; a dropped node connection, or
+/// their subscribers as the reader's do. A dropped node connection, or
 /// Redis taking back a live subscription (its slot moved: resharding, a
-/// failover), ends this connection, and the next resubscribes everything
-/// where the slots are now.
-fn on_push(shared: &Shared, lost: &CancellationToken, push: redis::PushInfo) {
+/// failover), asks the control loop to subscribe everything again where
+/// the slots are now, on the same connection.
+fn on_push(shared: &Shared, push: redis::PushInfo) {
     use redis::{PushKind, Value};
     match push.kind {
         PushKind::Message | PushKind::SMessage => {
@@ -550,7 +562,11 @@ fn on_push(shared: &Shared, lost: &CancellationToken, push: redis::PushInfo) {
                 dispatch(shared, channel, payload);
             }
         }
-        PushKind::Disconnection => lost.cancel(),
+        PushKind::Disconnection => {
+            tracing::warn!("a redis cluster node's pub/sub connection dropped");
+            shared.resync.store(true, Ordering::SeqCst);
+            shared.changed();
+        }
         PushKind::SUnsubscribe => {
             let Some(Value::BulkString(channel)) = push.data.first() else {
                 return;
@@ -572,7 +588,8 @@ fn on_push(shared: &Shared, lost: &CancellationToken, push: redis::PushInfo) {
             if state.channels.get(channel).is_some_and(|c| c.confirmed) {
                 drop(state);
                 tracing::warn!(channel, "redis moved a sharded subscription away");
-                lost.cancel();
+                shared.resync.store(true, Ordering::SeqCst);
+                shared.changed();
             }
         }
         _ => {}
@@ -614,12 +631,10 @@ async fn connect(
         }
         Target::Sharded(nodes) => {
             let redis = format!("cluster of {} seed nodes", nodes.len());
-            let lost = CancellationToken::new();
             let sender = {
                 let shared = shared.clone();
-                let lost = lost.clone();
                 move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
-                    on_push(&shared, &lost, push);
+                    on_push(&shared, push);
                     Ok(())
                 }
             };
@@ -642,8 +657,10 @@ async fn connect(
                     Ok(Err(e)) => return (redis, Err(e.to_string())),
                     Err(_) => return (redis, Err("timed out".into())),
                 };
-            let watch = tokio::spawn(async move { lost.cancelled_owned().await });
-            (redis, Ok((Link::Sharded(conn), watch)))
+            // Nothing reads: messages arrive through `on_push`. A cluster
+            // connection that stops answering fails the keepalive ping.
+            let idle = tokio::spawn(std::future::pending::<()>());
+            (redis, Ok((Link::Sharded(conn), idle)))
         }
     }
 }
@@ -723,7 +740,21 @@ async fn serve(
     // What Redis currently has for this connection: nothing, it is new.
     let mut active: HashSet<String> = HashSet::new();
     let mut first_sync = true;
+    // Sharded mode: since when subscribing fails, and the pause before the
+    // next try on the same connection.
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut retry = BACKOFF_MIN;
     let result = loop {
+        if shared.resync.swap(false, Ordering::SeqCst) {
+            // Some subscriptions are gone (a node dropped, a slot moved):
+            // what was published meanwhile is lost to gapless outboxes, and
+            // /ready is false until everything is subscribed again.
+            connection_lost(shared);
+            shared.connected.store(false, Ordering::SeqCst);
+            shared.metrics.redis_connected.set(0);
+            shared.metrics.redis_reconnects.inc();
+            first_sync = true;
+        }
         // Apply everything wanted so far in one round trip each way.
         let (add, remove, already) = {
             let mut state = shared.lock();
@@ -732,10 +763,18 @@ async fn serve(
             // Channels re-wanted while Redis still had them: confirm at once.
             let mut already = Vec::new();
             if first_sync {
-                // A fresh connection has nothing: subscribe every live channel.
+                // A fresh connection has nothing: subscribe every live
+                // channel (after a resync, again: Redis ignores a repeat),
+                // and drop what is no longer wanted.
                 state.dirty.clear();
                 state.unsubscribing.clear();
                 add.extend(state.channels.keys().cloned());
+                remove.extend(
+                    active
+                        .iter()
+                        .filter(|c| !state.channels.contains_key(*c))
+                        .cloned(),
+                );
             } else {
                 let dirty = std::mem::take(&mut state.dirty);
                 for channel in dirty {
@@ -770,19 +809,39 @@ async fn serve(
             }
             Ok::<(), redis::RedisError>(())
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, applied).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "redis subscribe/unsubscribe failed");
+        let failure = match tokio::time::timeout(CONNECT_TIMEOUT, applied).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("timed out".to_owned()),
+        };
+        if let Some(error) = failure {
+            tracing::warn!(%error, "redis subscribe/unsubscribe failed");
+            // A cluster still failing over refuses the subscriptions of
+            // the shard that lost its master, for seconds: try again on
+            // the same connection, whose other shards keep delivering, and
+            // start a new one only when that goes on for too long.
+            let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+            if !matches!(link, Link::Sharded(_)) || since.elapsed() > RESYNC_LIMIT {
                 break false;
             }
-            Err(_) => {
-                tracing::warn!("redis subscribe/unsubscribe timed out");
-                break false;
+            // Channels the failed attempt touched are in an unknown state:
+            // everything is applied again.
+            first_sync = true;
+            shared.connected.store(false, Ordering::SeqCst);
+            shared.metrics.redis_connected.set(0);
+            if sleep_or_shutdown(retry, shutdown).await {
+                break true;
             }
+            retry = (retry * 2).min(BACKOFF_MAX / 2);
+            continue;
         }
+        failing_since = None;
+        retry = BACKOFF_MIN;
         confirm(shared, &add);
         confirm(shared, &already);
+        if first_sync {
+            active.clear();
+        }
         active.extend(add);
         for channel in &remove {
             active.remove(channel);
@@ -866,6 +925,7 @@ mod tests {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
+            resync: AtomicBool::new(false),
             metrics: Arc::new(Metrics::new()),
         })
     }
