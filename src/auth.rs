@@ -23,7 +23,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, header};
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 
@@ -102,14 +102,15 @@ pub fn bearer_token<'a>(
 }
 
 /// The Redis key holding a session's token.
-pub fn auth_key(session_id: &str) -> String {
-    crate::keys::session_auth(session_id)
+pub fn auth_key(keys: crate::keys::Keys, session_id: &str) -> String {
+    keys.session_auth(session_id)
 }
 
 /// Checks `token` against the session's stored token and, when it matches,
 /// resets the key's TTL to `grace` — atomically, in one round trip.
-pub async fn check_session_token(
-    redis: &mut ConnectionManager,
+pub async fn check_session_token<C: ConnectionLike>(
+    redis: &mut C,
+    keys: crate::keys::Keys,
     session_id: &str,
     token: &str,
     grace: Duration,
@@ -118,7 +119,7 @@ pub async fn check_session_token(
     // Script::new hashes the source; do it once per process, not per connect.
     static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CHECK_AND_TOUCH));
     let stored: Option<Vec<u8>> = SCRIPT
-        .key(auth_key(session_id))
+        .key(auth_key(keys, session_id))
         .arg(digest)
         .arg(grace.as_secs().max(1))
         .invoke_async(redis)

@@ -17,12 +17,12 @@
 
 use std::sync::Arc;
 
+use crate::redis_conn::RedisConn;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Extension, Path, Query, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -135,21 +135,30 @@ async fn accept(
     } else {
         Outbox::new(config.outbound_queue)
     };
+    let keys = config.keys();
     let down = if reliable {
-        crate::keys::session_live(&session_id)
+        keys.session_live(&session_id)
     } else {
-        crate::keys::session_down(&session_id)
+        keys.session_down(&session_id)
     };
     let mut redis = app.redis.clone();
     let attach = async {
-        auth::check_session_token(&mut redis, &session_id, token, config.auth_grace_period).await?;
+        auth::check_session_token(
+            &mut redis,
+            keys,
+            &session_id,
+            token,
+            config.auth_grace_period,
+        )
+        .await?;
         let subscription = app
             .broker
             .subscribe(&down, outbox.clone(), config.auth_timeout)
             .await?;
         let joined = if reliable {
             let joined =
-                crate::history::join(&mut redis, &session_id, resume, config.auth_timeout).await?;
+                crate::history::join(&mut redis, keys, &session_id, resume, config.auth_timeout)
+                    .await?;
             Some(joined)
         } else {
             None
@@ -207,7 +216,7 @@ async fn accept(
         let handler = Bridge {
             app: app.clone(),
             redis,
-            up: crate::keys::session_up(&session_id),
+            up: keys.session_up(&session_id),
             _subscription: subscription,
         };
         return Ok(ws::upgrade(
@@ -252,7 +261,7 @@ struct Admitted<'a> {
 /// connection goes on (its disconnect then records nothing).
 async fn register(
     app: &Arc<App>,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     admitted: Admitted<'_>,
 ) -> crate::lifecycle::Tracking {
     if !app.lifecycle.enabled() {
@@ -377,7 +386,7 @@ fn redis_unavailable(app: &App) -> ApiError {
 /// What client frames mean on a session: JSON to publish on the up channel.
 struct Bridge {
     app: Arc<App>,
-    redis: ConnectionManager,
+    redis: RedisConn,
     /// Channel client messages are published on.
     up: String,
     /// Keeps `session:{id}:down` subscribed while the connection lives.
@@ -412,7 +421,15 @@ impl Bridge {
             ));
         }
         let limit = self.app.config.auth_timeout;
-        match broker::publish(&mut self.redis, &self.up, text.as_str().as_bytes(), limit).await {
+        match broker::publish(
+            &mut self.redis,
+            self.app.config.keys(),
+            &self.up,
+            text.as_str().as_bytes(),
+            limit,
+        )
+        .await
+        {
             Ok(_receivers) => {
                 self.app.metrics.messages_up.inc();
                 Reply::None

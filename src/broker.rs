@@ -24,6 +24,19 @@
 //! message ([`Outbox::gapless`], reliable sessions): what Redis published
 //! between the drop and the resubscription never reaches this process, so
 //! those end ([`Outgoing::Lost`]) and their clients resume from history.
+//!
+//! On a Redis Cluster ([`Broker::start_sharded`]) the same loop drives
+//! sharded subscriptions: the connection is a RESP3 cluster connection of
+//! the broker's own (one connection per node, never per channel or per
+//! WebSocket), each batch becomes one `SSUBSCRIBE` per slot, all sent at
+//! once, and messages arrive as pushes. A node connection that drops, or a
+//! subscription Redis takes back (its slot moved), makes the control loop
+//! subscribe every channel again on the same connection, where its slot
+//! is now (Redis ignores a repeat, so the healthy shards' subscriptions
+//! never stop); gapless outboxes end and `/ready` is false until it is
+//! done. While a shard fails over, that is retried; only after
+//! `RESYNC_LIMIT`, or when the keepalive ping fails, is a new connection
+//! built from the seeds.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +56,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// First and largest pause between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a sharded connection may go on failing to subscribe (a cluster
+/// failing over) before the broker starts a new one from the seeds.
+const RESYNC_LIMIT: Duration = Duration::from_secs(20);
 /// The control loop pings Redis this often while idle, so a connection that
 /// died silently (no FIN/RST) is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -69,17 +85,20 @@ pub enum PublishError {
     Timeout,
 }
 
-/// `PUBLISH channel payload` on the shared command connection, waiting at
+/// `PUBLISH channel payload` (`SPUBLISH` with sharded pub/sub on a
+/// cluster, see [`crate::keys::Keys::publish_command`]) on the shared
+/// command connection, waiting at
 /// most `limit` for Redis to accept it; the number of subscribers that got
 /// it. What the bridge (client messages) and topic pub/sub publish goes
 /// through here; receiving is the [`Broker`]'s.
-pub async fn publish(
-    redis: &mut redis::aio::ConnectionManager,
+pub async fn publish<C: redis::aio::ConnectionLike>(
+    redis: &mut C,
+    keys: crate::keys::Keys,
     channel: &str,
     payload: &[u8],
     limit: Duration,
 ) -> Result<i64, PublishError> {
-    let mut cmd = redis::cmd("PUBLISH");
+    let mut cmd = redis::cmd(keys.publish_command());
     cmd.arg(channel).arg(payload);
     let publish = cmd.query_async::<i64>(redis);
     match tokio::time::timeout(limit, publish).await {
@@ -278,6 +297,9 @@ struct State {
     /// O(channels).
     dirty: HashSet<String>,
     next_id: u64,
+    /// Sharded mode: `SUNSUBSCRIBE`s sent whose push has not come back, per
+    /// channel, so that ours are told from those Redis sends by itself.
+    unsubscribing: HashMap<String, u32>,
 }
 
 #[derive(Debug)]
@@ -286,6 +308,10 @@ struct Shared {
     /// Wakes the control loop when `state.dirty` gained something.
     wake: Notify,
     connected: AtomicBool,
+    /// Sharded mode: a node's connection dropped or Redis took a
+    /// subscription back; the control loop subscribes everything again on
+    /// the same connection (the other shards' subscriptions never stopped).
+    resync: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -344,13 +370,47 @@ impl Broker {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::start_any(vec![client], metrics, shutdown)
+    }
+
+    /// As [`Broker::start`], with several servers that deliver the same
+    /// messages (the nodes of a Redis Cluster with classic pub/sub, where
+    /// every node gets every `PUBLISH`): the one connection goes to the
+    /// first that answers, and after a failure to the next in turn.
+    pub fn start_any(
+        clients: Vec<redis::Client>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::start_on(Target::Servers(clients), metrics, shutdown)
+    }
+
+    /// As [`Broker::start`], on a Redis Cluster with sharded pub/sub,
+    /// reached through `nodes` (seed URLs): each channel is subscribed
+    /// (`SSUBSCRIBE`) on its slot's shard, over one connection per node,
+    /// and resubscribed where its slot is now whenever a node's connection
+    /// drops or Redis moves a subscription away.
+    pub fn start_sharded(
+        nodes: Vec<String>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::start_on(Target::Sharded(nodes), metrics, shutdown)
+    }
+
+    fn start_on(
+        target: Target,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
+            resync: AtomicBool::new(false),
             metrics,
         });
-        let task = tokio::spawn(run(client, shared.clone(), shutdown));
+        let task = tokio::spawn(run(target, shared.clone(), shutdown));
         (Self { shared }, task)
     }
 
@@ -465,31 +525,220 @@ fn dispatch(shared: &Shared, channel: &str, payload: &[u8]) {
     }
 }
 
+/// Where the broker's subscriptions live.
+#[derive(Debug)]
+enum Target {
+    /// Servers that each deliver every message (one Redis, or the nodes of
+    /// a cluster with classic pub/sub): one connection, to the first that
+    /// answers.
+    Servers(Vec<redis::Client>),
+    /// A Redis Cluster with sharded pub/sub, reached through these seed
+    /// URLs: `SSUBSCRIBE` on each channel's shard.
+    Sharded(Vec<String>),
+}
+
+/// The broker's connection while it is up.
+enum Link {
+    /// One server's pub/sub connection.
+    Single(redis::aio::PubSubSink),
+    /// A cluster connection speaking RESP3 (one multiplexed connection per
+    /// node, subscriptions and pushes on it); the redis crate routes each
+    /// `SSUBSCRIBE` to its slot's owner.
+    Sharded(redis::cluster_async::ClusterConnection),
+}
+
+impl Link {
+    /// Subscribes `channels`: one `SUBSCRIBE`, or (sharded) one
+    /// `SSUBSCRIBE` per slot (Redis refuses channels of several slots in
+    /// one), all sent at once, so pipelined on each shard's connection.
+    async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.subscribe(channels).await,
+            Self::Sharded(conn) => {
+                let calls = by_slot(channels).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.ssubscribe(group).await }
+                });
+                futures_util::future::try_join_all(calls).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Unsubscribes `channels`, as [`Link::subscribe`].
+    async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.unsubscribe(channels).await,
+            Self::Sharded(conn) => {
+                let calls = by_slot(channels).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.sunsubscribe(group).await }
+                });
+                futures_util::future::try_join_all(calls).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Asks for any answer: silence or an error is a failure. On a cluster
+    /// every master must answer.
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        match self {
+            // In subscribed mode Redis answers PING with ["pong", ""],
+            // not +PONG: accept any reply.
+            Self::Single(sink) => sink.ping::<redis::Value>().await.map(|_| ()),
+            Self::Sharded(conn) => redis::cmd("PING")
+                .query_async::<redis::Value>(conn)
+                .await
+                .map(|_| ()),
+        }
+    }
+}
+
+/// `channels` grouped by hash slot.
+fn by_slot(channels: &[String]) -> Vec<Vec<String>> {
+    let mut groups: HashMap<redis::cluster_routing::Slot, Vec<String>> = HashMap::new();
+    for channel in channels {
+        groups
+            .entry(redis::cluster_routing::Slot::for_key(channel.as_bytes()))
+            .or_default()
+            .push(channel.clone());
+    }
+    groups.into_values().collect()
+}
+
+/// A RESP3 push from a cluster connection (sharded mode). Messages go to
+/// their subscribers as the reader's do. A dropped node connection, or
+/// Redis taking back a live subscription (its slot moved: resharding, a
+/// failover), asks the control loop to subscribe everything again where
+/// the slots are now, on the same connection.
+fn on_push(shared: &Shared, push: redis::PushInfo) {
+    use redis::{PushKind, Value};
+    match push.kind {
+        PushKind::Message | PushKind::SMessage => {
+            if let [Value::BulkString(channel), Value::BulkString(payload), ..] = &push.data[..]
+                && let Ok(channel) = std::str::from_utf8(channel)
+            {
+                dispatch(shared, channel, payload);
+            }
+        }
+        PushKind::Disconnection => {
+            tracing::warn!("a redis cluster node's pub/sub connection dropped");
+            shared.resync.store(true, Ordering::SeqCst);
+            shared.changed();
+        }
+        PushKind::SUnsubscribe => {
+            let Some(Value::BulkString(channel)) = push.data.first() else {
+                return;
+            };
+            let Ok(channel) = std::str::from_utf8(channel) else {
+                return;
+            };
+            let mut state = shared.lock();
+            // One of ours (the control loop counted it before sending).
+            if let Some(n) = state.unsubscribing.get_mut(channel) {
+                *n -= 1;
+                if *n == 0 {
+                    state.unsubscribing.remove(channel);
+                }
+                return;
+            }
+            // Redis' own: the channel's slot moved. Only a live
+            // subscription matters.
+            if state.channels.get(channel).is_some_and(|c| c.confirmed) {
+                drop(state);
+                tracing::warn!(channel, "redis moved a sharded subscription away");
+                shared.resync.store(true, Ordering::SeqCst);
+                shared.changed();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One connection attempt: the link and the task whose end means the
+/// connection is lost, or why there is none; `redis` names where it went
+/// (host:port, never a URL, which may hold a password).
+async fn connect(
+    target: &Target,
+    attempt: usize,
+    shared: &Arc<Shared>,
+) -> (String, Result<(Link, tokio::task::JoinHandle<()>), String>) {
+    match target {
+        Target::Servers(clients) => {
+            let Some(client) = clients.get(attempt % clients.len().max(1)) else {
+                return (String::new(), Err("no Redis server is configured".into()));
+            };
+            let redis = client.get_connection_info().addr().to_string();
+            let pubsub =
+                match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
+                    Ok(Ok(pubsub)) => pubsub,
+                    Ok(Err(e)) => return (redis, Err(e.to_string())),
+                    Err(_) => return (redis, Err("timed out".into())),
+                };
+            let (sink, mut stream) = pubsub.split();
+            let reader_shared = shared.clone();
+            let reader = tokio::spawn(async move {
+                while let Some(msg) = stream.next().await {
+                    dispatch(
+                        &reader_shared,
+                        msg.get_channel_name(),
+                        msg.get_payload_bytes(),
+                    );
+                }
+            });
+            (redis, Ok((Link::Single(sink), reader)))
+        }
+        Target::Sharded(nodes) => {
+            let redis = format!("cluster of {} seed nodes", nodes.len());
+            let sender = {
+                let shared = shared.clone();
+                move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
+                    on_push(&shared, push);
+                    Ok(())
+                }
+            };
+            let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+            let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(sender)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(CONNECT_TIMEOUT)
+                .retries(2)
+                .tcp_settings(tcp)
+                .build();
+            let client = match client {
+                Ok(client) => client,
+                Err(e) => return (redis, Err(e.to_string())),
+            };
+            let conn =
+                match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection()).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => return (redis, Err(e.to_string())),
+                    Err(_) => return (redis, Err("timed out".into())),
+                };
+            // Nothing reads: messages arrive through `on_push`. A cluster
+            // connection that stops answering fails the keepalive ping.
+            let idle = tokio::spawn(std::future::pending::<()>());
+            (redis, Ok((Link::Sharded(conn), idle)))
+        }
+    }
+}
+
 /// The broker task: connect, serve until the connection breaks, reconnect.
-async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn run(target: Target, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     let mut ever_connected = false;
-    // host:port (or the socket's path): never the URL, which may hold a
-    // password.
-    let redis = client.get_connection_info().addr().to_string();
+    let mut attempt = 0;
     loop {
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub());
-        let pubsub = tokio::select! {
+        let connecting = connect(&target, attempt, &shared);
+        let (redis, connected) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = connect => r,
+            r = connecting => r,
         };
-        let pubsub = match pubsub {
-            Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(e)) => {
+        let (link, reader) = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                attempt += 1;
                 tracing::warn!(%redis, error = %e, retry_in = ?backoff, "redis pub/sub connect failed");
-                if sleep_or_shutdown(backoff, &shutdown).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-            Err(_) => {
-                tracing::warn!(%redis, retry_in = ?backoff, "redis pub/sub connect timed out");
                 if sleep_or_shutdown(backoff, &shutdown).await {
                     return;
                 }
@@ -501,15 +750,32 @@ async fn run(client: redis::Client, shared: Arc<Shared>, shutdown: CancellationT
             shared.metrics.redis_reconnects.inc();
         }
         ever_connected = true;
-        backoff = BACKOFF_MIN;
-        let stopped = serve(pubsub, &shared, &shutdown).await;
+        let served_since = tokio::time::Instant::now();
+        let stopped = serve(link, reader, &shared, &shutdown).await;
         shared.connected.store(false, Ordering::SeqCst);
         shared.metrics.redis_connected.set(0);
         shared.metrics.broker_channels.set(0);
         if stopped {
             return;
         }
+        attempt += 1;
         tracing::warn!(%redis, "redis pub/sub connection lost; reconnecting");
+        match target {
+            // One server: straight back (it answered a moment ago).
+            Target::Servers(_) => backoff = BACKOFF_MIN,
+            // A cluster connection that broke soon after it was made (the
+            // cluster is still failing over, its slot map not settled)
+            // backs off; one that served a while starts over.
+            Target::Sharded(_) => {
+                if served_since.elapsed() > BACKOFF_MAX * 2 {
+                    backoff = BACKOFF_MIN;
+                }
+                if sleep_or_shutdown(backoff, &shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
     }
 }
 
@@ -521,29 +787,32 @@ async fn sleep_or_shutdown(pause: Duration, shutdown: &CancellationToken) -> boo
     }
 }
 
-/// Serves one established connection. Returns true on shutdown, false when
-/// the connection broke.
+/// Serves one established connection; `reader` ends when the connection
+/// does. Returns true on shutdown, false when the connection broke.
 async fn serve(
-    pubsub: redis::aio::PubSub,
+    mut link: Link,
+    mut reader: tokio::task::JoinHandle<()>,
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
 ) -> bool {
-    let (mut sink, mut stream) = pubsub.split();
-    let reader_shared = shared.clone();
-    let mut reader = tokio::spawn(async move {
-        while let Some(msg) = stream.next().await {
-            dispatch(
-                &reader_shared,
-                msg.get_channel_name(),
-                msg.get_payload_bytes(),
-            );
-        }
-    });
-
     // What Redis currently has for this connection: nothing, it is new.
     let mut active: HashSet<String> = HashSet::new();
     let mut first_sync = true;
+    // Sharded mode: since when subscribing fails, and the pause before the
+    // next try on the same connection.
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut retry = BACKOFF_MIN;
     let result = loop {
+        if shared.resync.swap(false, Ordering::SeqCst) {
+            // Some subscriptions are gone (a node dropped, a slot moved):
+            // what was published meanwhile is lost to gapless outboxes, and
+            // /ready is false until everything is subscribed again.
+            connection_lost(shared);
+            shared.connected.store(false, Ordering::SeqCst);
+            shared.metrics.redis_connected.set(0);
+            shared.metrics.redis_reconnects.inc();
+            first_sync = true;
+        }
         // Apply everything wanted so far in one round trip each way.
         let (add, remove, already) = {
             let mut state = shared.lock();
@@ -552,9 +821,18 @@ async fn serve(
             // Channels re-wanted while Redis still had them: confirm at once.
             let mut already = Vec::new();
             if first_sync {
-                // A fresh connection has nothing: subscribe every live channel.
+                // A fresh connection has nothing: subscribe every live
+                // channel (after a resync, again: Redis ignores a repeat),
+                // and drop what is no longer wanted.
                 state.dirty.clear();
+                state.unsubscribing.clear();
                 add.extend(state.channels.keys().cloned());
+                remove.extend(
+                    active
+                        .iter()
+                        .filter(|c| !state.channels.contains_key(*c))
+                        .cloned(),
+                );
             } else {
                 let dirty = std::mem::take(&mut state.dirty);
                 for channel in dirty {
@@ -576,26 +854,52 @@ async fn serve(
         }
         let applied = async {
             if !add.is_empty() {
-                sink.subscribe(&add).await?;
+                link.subscribe(&add).await?;
             }
             if !remove.is_empty() {
-                sink.unsubscribe(&remove).await?;
+                if matches!(link, Link::Sharded(_)) {
+                    let mut state = shared.lock();
+                    for channel in &remove {
+                        *state.unsubscribing.entry(channel.clone()).or_default() += 1;
+                    }
+                }
+                link.unsubscribe(&remove).await?;
             }
             Ok::<(), redis::RedisError>(())
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, applied).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "redis subscribe/unsubscribe failed");
+        let failure = match tokio::time::timeout(CONNECT_TIMEOUT, applied).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("timed out".to_owned()),
+        };
+        if let Some(error) = failure {
+            tracing::warn!(%error, "redis subscribe/unsubscribe failed");
+            // A cluster still failing over refuses the subscriptions of
+            // the shard that lost its master, for seconds: try again on
+            // the same connection, whose other shards keep delivering, and
+            // start a new one only when that goes on for too long.
+            let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+            if !matches!(link, Link::Sharded(_)) || since.elapsed() > RESYNC_LIMIT {
                 break false;
             }
-            Err(_) => {
-                tracing::warn!("redis subscribe/unsubscribe timed out");
-                break false;
+            // Channels the failed attempt touched are in an unknown state:
+            // everything is applied again.
+            first_sync = true;
+            shared.connected.store(false, Ordering::SeqCst);
+            shared.metrics.redis_connected.set(0);
+            if sleep_or_shutdown(retry, shutdown).await {
+                break true;
             }
+            retry = (retry * 2).min(BACKOFF_MAX / 2);
+            continue;
         }
+        failing_since = None;
+        retry = BACKOFF_MIN;
         confirm(shared, &add);
         confirm(shared, &already);
+        if first_sync {
+            active.clear();
+        }
         active.extend(add);
         for channel in &remove {
             active.remove(channel);
@@ -617,9 +921,7 @@ async fn serve(
             _ = &mut reader => break false,
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(KEEPALIVE) => {
-                // In subscribed mode Redis answers PING with ["pong", ""],
-                // not +PONG: accept any reply, only silence is a failure.
-                let ping = tokio::time::timeout(CONNECT_TIMEOUT, sink.ping::<redis::Value>()).await;
+                let ping = tokio::time::timeout(CONNECT_TIMEOUT, link.ping()).await;
                 if !matches!(ping, Ok(Ok(_))) {
                     tracing::warn!("redis pub/sub keepalive ping failed");
                     break false;
@@ -681,6 +983,7 @@ mod tests {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
+            resync: AtomicBool::new(false),
             metrics: Arc::new(Metrics::new()),
         })
     }

@@ -124,6 +124,41 @@ impl Default for LifecycleConfig {
 /// Query parameters that never go into an event: the token, and the
 /// position of a resume (the event says whether it resumed).
 const PRIVATE_QUERY_PARAMS: [&str; 3] = ["access_token", "epoch", "offset"];
+/// How a Redis Cluster carries wsproxy's channels (`REDIS_CLUSTER_PUBSUB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterPubSub {
+    /// `SPUBLISH`/`SSUBSCRIBE` (Redis 7): each channel lives in its slot's
+    /// shard, so a message travels to one shard only. The default.
+    Sharded,
+    /// `PUBLISH`/`SUBSCRIBE`: every message is broadcast to every node, for
+    /// backends that keep `PUBLISH`.
+    Classic,
+}
+
+/// A Redis Cluster (`REDIS_CLUSTER_NODES`), in place of `REDIS_URL`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Seed node URLs (`redis://host:port`), already parsed; wsproxy learns
+    /// the rest of the cluster from them.
+    pub nodes: Vec<String>,
+    /// Sharded or classic pub/sub.
+    pub pubsub: ClusterPubSub,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    // The URLs may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| redact_url(n)).collect();
+        f.debug_struct("ClusterConfig")
+            .field("nodes", &nodes)
+            .field("pubsub", &self.pubsub)
+            .finish()
+    }
+}
+
+/// The default `REDIS_URL`: also how "not set" is told when
+/// `REDIS_CLUSTER_NODES` is.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// JSON Web Token settings; present when `JWT_SECRET` is set.
 #[derive(Clone)]
@@ -155,10 +190,13 @@ impl std::fmt::Debug for JwtConfig {
 pub struct Config {
     /// Address the listener binds (HOST and PORT).
     pub listen: SocketAddr,
-    /// Redis server URL, already parsed.
+    /// Redis server URL, already parsed; unused on a cluster.
     pub redis_url: String,
     /// CA and client certificate for a `rediss://` URL.
     pub redis_tls: RedisTlsConfig,
+    /// The Redis Cluster, when `REDIS_CLUSTER_NODES` is set; `None`: one
+    /// Redis server at `redis_url`.
+    pub redis_cluster: Option<ClusterConfig>,
     /// Bound on the whole upgrade-and-authenticate step of one connection
     /// (reading the request, checking the token in Redis, subscribing).
     /// Also the default TTL the `auth_token_setter` example gives new tokens.
@@ -244,6 +282,27 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Config {
+    /// The Redis names this deployment uses (see [`crate::keys`]).
+    pub fn keys(&self) -> crate::keys::Keys {
+        match &self.redis_cluster {
+            None => crate::keys::Keys::Standalone,
+            Some(c) if c.pubsub == ClusterPubSub::Classic => crate::keys::Keys::ClusterClassic,
+            Some(_) => crate::keys::Keys::ClusterSharded,
+        }
+    }
+
+    /// Defaults for a Redis Cluster reached through `nodes` (seed URLs),
+    /// with sharded pub/sub; otherwise as [`Config::for_redis`].
+    pub fn for_cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
+        Config {
+            redis_cluster: Some(ClusterConfig {
+                nodes: nodes.into_iter().map(Into::into).collect(),
+                pubsub: ClusterPubSub::Sharded,
+            }),
+            ..Config::for_redis(DEFAULT_REDIS_URL)
+        }
+    }
+
     /// Defaults for tests and embedding: everything as documented, listening
     /// on 127.0.0.1:0, talking to the given Redis.
     pub fn for_redis(redis_url: impl Into<String>) -> Self {
@@ -253,6 +312,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             redis_url: redis_url.into(),
             redis_tls: RedisTlsConfig::default(),
+            redis_cluster: None,
             auth_timeout: Duration::from_secs(5),
             auth_grace_period: Duration::from_secs(10_800),
             ping_interval: Duration::from_secs(30),
@@ -313,7 +373,7 @@ pub struct Cli {
     #[arg(
         long,
         env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
+        default_value = DEFAULT_REDIS_URL,
         hide_env_values = true
     )]
     pub redis_url: String,
@@ -328,6 +388,16 @@ pub struct Cli {
     /// PEM private key of REDIS_CLIENT_CERT_FILE.
     #[arg(long, env = "REDIS_CLIENT_KEY_FILE")]
     pub redis_client_key_file: Option<String>,
+    /// Redis Cluster: comma-separated seed node URLs
+    /// (redis://[user:password@]host:port), in place of REDIS_URL (which
+    /// must then be left unset). Session and topic names carry hash tags
+    /// there: session:{<id>}:down.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", hide_env_values = true)]
+    pub redis_cluster_nodes: Option<String>,
+    /// Redis Cluster pub/sub: sharded (SPUBLISH/SSUBSCRIBE, Redis 7) or
+    /// classic (PUBLISH/SUBSCRIBE, for backends that keep PUBLISH).
+    #[arg(long, env = "REDIS_CLUSTER_PUBSUB", default_value = "sharded")]
+    pub redis_cluster_pubsub: String,
     /// Seconds allowed for a connection's upgrade and authentication; also the
     /// initial token TTL the auth_token_setter example uses.
     #[arg(long, env = "AUTH_TIMEOUT_SECS", default_value = "5")]
@@ -625,6 +695,71 @@ impl Cli {
         })
     }
 
+    /// The Redis Cluster settings, when `REDIS_CLUSTER_NODES` is set.
+    fn redis_cluster(&self) -> Result<Option<ClusterConfig>, ConfigError> {
+        let pubsub = match self
+            .redis_cluster_pubsub
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "sharded" | "" => ClusterPubSub::Sharded,
+            "classic" => ClusterPubSub::Classic,
+            _ => {
+                return Err(ConfigError::new(
+                    "REDIS_CLUSTER_PUBSUB",
+                    format!(
+                        "{:?} is not a pub/sub mode (expected sharded or classic)",
+                        self.redis_cluster_pubsub
+                    ),
+                ));
+            }
+        };
+        let Some(raw) = self.redis_cluster_nodes.as_deref() else {
+            return Ok(None);
+        };
+        let nodes: Vec<String> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if nodes.is_empty() {
+            return Err(ConfigError::new(
+                "REDIS_CLUSTER_NODES",
+                "names no node (expected e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379)",
+            ));
+        }
+        if self.redis_url.trim() != DEFAULT_REDIS_URL {
+            return Err(ConfigError::new(
+                "REDIS_CLUSTER_NODES",
+                "cannot be used with REDIS_URL: set one of them",
+            ));
+        }
+        for node in &nodes {
+            use redis::IntoConnectionInfo;
+            let bad = |why: String| {
+                ConfigError::new(
+                    "REDIS_CLUSTER_NODES",
+                    format!("{:?} is not a Redis node URL: {why}", redact_url(node)),
+                )
+            };
+            if !node.starts_with("redis://") {
+                return Err(bad("expected redis://host:port".into()));
+            }
+            node.as_str()
+                .into_connection_info()
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        redis::cluster::ClusterClient::new(nodes.clone()).map_err(|e| {
+            ConfigError::new(
+                "REDIS_CLUSTER_NODES",
+                format!("the seed nodes are refused: {e}"),
+            )
+        })?;
+        Ok(Some(ClusterConfig { nodes, pubsub }))
+    }
+
     /// The JWT settings, when `JWT_SECRET` is set.
     fn jwt(&self) -> Result<Option<JwtConfig>, ConfigError> {
         Ok(match &self.jwt_secret {
@@ -746,6 +881,7 @@ impl Cli {
             listen: SocketAddr::new(host, port),
             redis_url: self.redis_url.trim().to_owned(),
             redis_tls,
+            redis_cluster: self.redis_cluster()?,
             auth_timeout: seconds("AUTH_TIMEOUT_SECS", &self.auth_timeout_secs, 1..=3600)?,
             auth_grace_period: seconds(
                 "AUTH_GRACE_PERIOD_SECS",
@@ -835,6 +971,19 @@ impl Cli {
             },
             ..config
         };
+        if config.redis_cluster.is_some() && config.lifecycle.tracked() {
+            // Their scripts touch a process's, a session's and the events'
+            // keys at once, which a cluster keeps in different slots.
+            let var = if config.lifecycle.events {
+                "LIFECYCLE_EVENTS"
+            } else {
+                "PRESENCE"
+            };
+            return Err(ConfigError::new(
+                var,
+                "is not supported on a Redis Cluster yet (REDIS_CLUSTER_NODES); control (wsproxy:control) is",
+            ));
+        }
         for origin in &config.cors_origins {
             if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 return Err(ConfigError::new(
@@ -975,6 +1124,66 @@ mod tests {
     }
 
     #[test]
+    fn cluster_nodes_are_validated_and_exclude_redis_url() {
+        let c = parse(&[
+            "--redis-cluster-nodes",
+            "redis://127.0.0.1:7000, redis://127.0.0.1:7001",
+        ])
+        .expect("valid seeds");
+        let cluster = c.redis_cluster.clone().expect("a cluster");
+        assert_eq!(
+            cluster.nodes,
+            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        assert_eq!(cluster.pubsub, ClusterPubSub::Sharded);
+        assert_eq!(c.keys(), crate::keys::Keys::ClusterSharded);
+        let c = parse(&[
+            "--redis-cluster-nodes",
+            "redis://h:7000",
+            "--redis-cluster-pubsub",
+            "Classic",
+        ])
+        .expect("classic");
+        assert_eq!(c.keys(), crate::keys::Keys::ClusterClassic);
+        assert_eq!(
+            parse(&[]).expect("default").keys(),
+            crate::keys::Keys::Standalone
+        );
+        for (args, var) in [
+            (vec!["--redis-cluster-nodes", " , "], "REDIS_CLUSTER_NODES"),
+            (
+                vec!["--redis-cluster-nodes", "http://h:1"],
+                "REDIS_CLUSTER_NODES",
+            ),
+            (
+                vec!["--redis-cluster-nodes", "redis://h:port"],
+                "REDIS_CLUSTER_NODES",
+            ),
+            (
+                vec![
+                    "--redis-cluster-nodes",
+                    "redis://h:1",
+                    "--redis-url",
+                    "redis://o:2",
+                ],
+                "REDIS_CLUSTER_NODES",
+            ),
+            (
+                vec!["--redis-cluster-pubsub", "both"],
+                "REDIS_CLUSTER_PUBSUB",
+            ),
+        ] {
+            let e = parse(&args).expect_err(&format!("{args:?}"));
+            assert_eq!(e.var, var, "{e}");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+        let e = parse(&["--redis-cluster-nodes", "redis://:pw@h:notaport"]).expect_err("bad");
+        assert!(!e.to_string().contains("pw"), "{e}");
+        let c = parse(&["--redis-cluster-nodes", "redis://:pw@h:1"]).expect("with password");
+        assert!(!format!("{c:?}").contains("pw"));
+    }
+
+    #[test]
     fn passwords_are_redacted_from_urls() {
         assert_eq!(redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
         assert_eq!(redact_url("redis://:secret@h"), "redis://:***@h");
@@ -1018,6 +1227,15 @@ mod tests {
         assert!(!e.to_string().contains("short"), "not echoed: {e}");
         let e = parse(&["--pubsub-allow-anonymous", "maybe"]).expect_err("not a bool");
         assert_eq!(e.var, "PUBSUB_ALLOW_ANONYMOUS");
+    }
+
+    #[test]
+    fn lifecycle_tracking_is_refused_on_a_cluster() {
+        for flag in ["--lifecycle-events", "--presence"] {
+            let e = parse(&["--redis-cluster-nodes", "redis://h:7000", flag, "true"])
+                .expect_err("not on a cluster");
+            assert!(e.to_string().contains("Redis Cluster"), "{e}");
+        }
     }
 
     #[test]

@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use redis::aio::ConnectionManager;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,15 +16,16 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::redis_conn::RedisConn;
 
 /// State shared by every handler and connection task.
 #[derive(Debug)]
 pub struct App {
     /// The validated configuration.
     pub config: Arc<Config>,
-    /// The one multiplexed Redis connection for commands (auth, PUBLISH);
-    /// it reconnects by itself.
-    pub redis: ConnectionManager,
+    /// The one multiplexed Redis connection for commands (auth, PUBLISH),
+    /// to a standalone Redis or a cluster; it reconnects by itself.
+    pub redis: RedisConn,
     /// The one shared pub/sub connection.
     pub broker: Broker,
     /// This instance's metrics.

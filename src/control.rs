@@ -116,11 +116,11 @@ pub fn parse(payload: &[u8]) -> Result<Command, ControlError> {
 
 /// Carries out `command` on this process's connections; how many were
 /// ordered closed.
-pub fn apply(broker: &Broker, command: &Command) -> usize {
+pub fn apply(broker: &Broker, keys: crate::keys::Keys, command: &Command) -> usize {
     match command {
         Command::Disconnect { session_id, order } => {
-            broker.close_channel(&crate::keys::session_down(session_id), order)
-                + broker.close_channel(&crate::keys::session_live(session_id), order)
+            broker.close_channel(&keys.session_down(session_id), order)
+                + broker.close_channel(&keys.session_live(session_id), order)
         }
     }
 }
@@ -130,6 +130,7 @@ pub fn apply(broker: &Broker, command: &Command) -> usize {
 /// tried again every second; the broker keeps it across reconnections.
 pub async fn listen(
     broker: Broker,
+    keys: crate::keys::Keys,
     metrics: Arc<Metrics>,
     limit: Duration,
     shutdown: tokio_util::sync::CancellationToken,
@@ -171,7 +172,7 @@ pub async fn listen(
             };
             match parse(&payload) {
                 Ok(command) => {
-                    let closed = apply(&broker, &command);
+                    let closed = apply(&broker, keys, &command);
                     metrics.control_message("applied");
                     let Command::Disconnect { session_id, order } = &command;
                     tracing::info!(%session_id, code = order.code, closed, "control: disconnect");

@@ -33,9 +33,10 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 
 use crate::config::ReliableConfig;
+use crate::keys::Keys;
 
 /// The envelope every replayable message reaches a reliable client in,
 /// before its offset: `{"type":"message","offset":"<id>","data":<json>}`.
@@ -111,22 +112,27 @@ pub enum HistoryError {
 /// The Lua source of the `wsproxy` library, with this configuration's
 /// history bounds written in (a backend's `FCALL wsproxy_publish` must not
 /// need to know them). Several wsproxy processes on one Redis should share
-/// these settings: the last one to start wins.
-pub fn library(config: &ReliableConfig) -> String {
+/// these settings: the last one to start wins. `keys` says how the
+/// library publishes (`PUBLISH`, or `SPUBLISH` with sharded pub/sub).
+pub fn library(config: &ReliableConfig, keys: Keys) -> String {
     let ttl_ms = config.history_ttl.as_millis().max(1);
     LIBRARY
         .replace("__MAX_LEN__", &config.history_max_len.max(1).to_string())
         .replace("__TTL_MS__", &ttl_ms.to_string())
+        .replace("__PUBLISH__", keys.publish_command())
 }
 
 const LIBRARY: &str = r#"#!lua name=wsproxy
 
 local MAX_LEN = __MAX_LEN__
 local TTL_MS = __TTL_MS__
+local PUBLISH = '__PUBLISH__'
 
--- session:<id>:history -> session:<id>
+-- session:<id>:history -> session:<id>, and (cluster) session:{<id>}:history
+-- -> session:{<id>}
 local function base_of(history)
   local base = string.match(history, '^(session:[%w%-_%.]+):history$')
+    or string.match(history, '^(session:{[%w%-_%.]+}):history$')
   if not base then
     error('wsproxy: the key must be session:<id>:history, not ' .. history)
   end
@@ -213,8 +219,8 @@ redis.register_function('wsproxy_publish', function(keys, args)
   trim(history, base)
   redis.call('PEXPIRE', history, TTL_MS)
   redis.call('PEXPIRE', base .. ':epoch', TTL_MS)
-  redis.call('PUBLISH', base .. ':live', envelope(id, payload))
-  redis.call('PUBLISH', base .. ':down', payload)
+  redis.call(PUBLISH, base .. ':live', envelope(id, payload))
+  redis.call(PUBLISH, base .. ':down', payload)
   return id
 end)
 
@@ -296,13 +302,14 @@ impl HistoryError {
 }
 
 /// Loads (or replaces) the `wsproxy` library.
-pub async fn install(
-    redis: &mut ConnectionManager,
+pub async fn install<C: ConnectionLike>(
+    redis: &mut C,
     config: &ReliableConfig,
+    keys: Keys,
     limit: Duration,
 ) -> Result<(), HistoryError> {
     let mut cmd = redis::cmd("FUNCTION");
-    cmd.arg("LOAD").arg("REPLACE").arg(library(config));
+    cmd.arg("LOAD").arg("REPLACE").arg(library(config, keys));
     within(limit, cmd.query_async::<String>(redis)).await?;
     Ok(())
 }
@@ -323,8 +330,9 @@ async fn within<T>(
 /// confirmed, so that nothing falls between the history read and the live
 /// messages (those both replayed and delivered live are dropped by offset,
 /// see [`offset_of`]).
-pub async fn join(
-    redis: &mut ConnectionManager,
+pub async fn join<C: ConnectionLike>(
+    redis: &mut C,
+    keys: Keys,
     session: &str,
     resume: Option<(&str, &str)>,
     limit: Duration,
@@ -333,7 +341,7 @@ pub async fn join(
     let mut cmd = redis::cmd("FCALL");
     cmd.arg("wsproxy_join")
         .arg(1)
-        .arg(crate::keys::session_history(session))
+        .arg(keys.session_history(session))
         .arg(epoch)
         .arg(offset);
     let answer: Vec<String> = within(limit, cmd.query_async(redis)).await?;
@@ -385,8 +393,9 @@ pub struct UpMessage<'a> {
 
 /// Appends a client message to its shard's stream, once per id within the
 /// de-duplication window.
-pub async fn store_up(
-    redis: &mut ConnectionManager,
+pub async fn store_up<C: ConnectionLike>(
+    redis: &mut C,
+    keys: Keys,
     config: &ReliableConfig,
     message: UpMessage<'_>,
     limit: Duration,
@@ -395,8 +404,8 @@ pub async fn store_up(
     let mut cmd = redis::cmd("FCALL");
     cmd.arg("wsproxy_up")
         .arg(2)
-        .arg(crate::keys::up_stream(shard))
-        .arg(crate::keys::up_seen(shard, message.session, message.id))
+        .arg(keys.up_stream(shard))
+        .arg(keys.up_seen(shard, message.session, message.id))
         .arg(message.session)
         .arg(message.agent)
         .arg(message.id)
@@ -436,20 +445,28 @@ mod tests {
             history_ttl: Duration::from_secs(7),
             ..ReliableConfig::default()
         };
-        let lua = library(&config);
+        let lua = library(&config, Keys::Standalone);
         assert!(lua.contains("local MAX_LEN = 42\n"), "{lua}");
+        assert!(lua.contains("local PUBLISH = 'PUBLISH'\n"), "{lua}");
+        let lua = library(&config, Keys::ClusterSharded);
+        assert!(lua.contains("local PUBLISH = 'SPUBLISH'\n"), "{lua}");
         assert!(lua.contains("local TTL_MS = 7000\n"), "{lua}");
         assert!(!lua.contains("__"), "a placeholder is left: {lua}");
     }
 
     #[test]
     fn the_library_and_the_key_schema_agree_on_names() {
-        // The Lua derives a session's names from its history key.
-        let history = crate::keys::session_history("s1");
-        let base = history.strip_suffix(":history").expect("suffix");
-        assert_eq!(format!("{base}:epoch"), crate::keys::session_epoch("s1"));
-        assert_eq!(format!("{base}:live"), crate::keys::session_live("s1"));
-        assert_eq!(format!("{base}:down"), crate::keys::session_down("s1"));
+        // The Lua derives a session's names from its history key, in
+        // both layouts.
+        for keys in [Keys::Standalone, Keys::ClusterSharded] {
+            let history = keys.session_history("s1");
+            let base = history.strip_suffix(":history").expect("suffix");
+            assert_eq!(format!("{base}:epoch"), keys.session_epoch("s1"));
+            assert_eq!(format!("{base}:live"), keys.session_live("s1"));
+            assert_eq!(format!("{base}:down"), keys.session_down("s1"));
+        }
+        assert!(LIBRARY.contains("'^(session:[%w%-_%.]+):history$'"));
+        assert!(LIBRARY.contains("'^(session:{[%w%-_%.]+}):history$'"));
         for suffix in ["):history$'", ".. ':epoch'", ".. ':live'", ".. ':down'"] {
             assert!(LIBRARY.contains(suffix), "{suffix} not in the Lua");
         }

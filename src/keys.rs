@@ -1,30 +1,53 @@
 //! The Redis key schema: every key and channel name wsproxy reads or
 //! writes, and the rule for the ids that go into them. Nothing else in the
-//! crate spells a key, so a new layout (Redis Cluster hash tags, say) is a
-//! change to this file alone.
+//! crate spells a key: the names come from a [`Keys`] value, which knows
+//! whether Redis is one server or a cluster.
+//!
+//! # Standalone (`REDIS_URL`)
 //!
 //! | Name | Kind | Who writes it |
 //! |---|---|---|
-//! | `session:{id}:auth` | string (the token), with a TTL | the backend (`SETEX`); wsproxy resets its TTL |
-//! | `session:{id}:down` | channel | the backend publishes, wsproxy subscribes |
-//! | `session:{id}:up` | channel | wsproxy publishes client messages |
-//! | `pubsub:{session}:{topic}` | channel | topic pub/sub, both ways |
-//! | `session:{id}:history` | stream of down messages (field `d`), with a TTL | `wsproxy_publish`; read on resume |
-//! | `session:{id}:epoch` | hash (`epoch`, `trimmed`: the newest offset trimmed), with the history's TTL | `wsproxy_publish` and `wsproxy_join` |
-//! | `session:{id}:live` | channel of enveloped down messages | `wsproxy_publish`; reliable connections subscribe |
-//! | `wsproxy:up:{n}` | stream of client messages of reliable sessions | wsproxy; backend workers read it with a consumer group |
-//! | `wsproxy:up:{n}:seen:{session}:{id}` | string (the stream id), with a TTL | wsproxy, to store a resent message once |
+//! | `session:<id>:auth` | string (the token), with a TTL | the backend (`SETEX`); wsproxy resets its TTL |
+//! | `session:<id>:down` | channel | the backend publishes, wsproxy subscribes |
+//! | `session:<id>:up` | channel | wsproxy publishes client messages |
+//! | `pubsub:<session>:<topic>` | channel | topic pub/sub, both ways |
+//! | `session:<id>:history` | stream of down messages (field `d`), with a TTL | `wsproxy_publish`; read on resume |
+//! | `session:<id>:epoch` | hash (`epoch`, `trimmed`: the newest offset trimmed), with the history's TTL | `wsproxy_publish` and `wsproxy_join` |
+//! | `session:<id>:live` | channel of enveloped down messages | `wsproxy_publish`; reliable connections subscribe |
+//! | `wsproxy:up:<n>` | stream of client messages of reliable sessions | wsproxy; backend workers read it with a consumer group |
+//! | `wsproxy:up:<n>:seen:<session>:<id>` | string (the stream id), with a TTL | wsproxy, to store a resent message once |
 //! | `wsproxy:events` | stream of lifecycle events (field `event`, JSON) | wsproxy; backend workers read it with a consumer group |
-//! | `session:{id}:events` | channel of the session's lifecycle events | wsproxy, with `EVENTS_SESSION_CHANNEL` |
-//! | `session:{id}:presence` | hash: connection id -> JSON | wsproxy, with `PRESENCE` |
+//! | `session:<id>:events` | channel of the session's lifecycle events | wsproxy, with `EVENTS_SESSION_CHANNEL` |
+//! | `session:<id>:presence` | hash: connection id -> JSON | wsproxy, with `PRESENCE` |
 //! | `wsproxy:processes` | sorted set: process -> last heartbeat (unix ms) | every process |
-//! | `wsproxy:process:{p}` | string, the heartbeat, with a TTL of two intervals | process `p` |
-//! | `wsproxy:process:{p}:connections` | set of the connections `p` registered (JSON) | process `p`; emptied by whoever reaps it |
+//! | `wsproxy:process:<p>` | string, the heartbeat, with a TTL of two intervals | process `p` |
+//! | `wsproxy:process:<p>:connections` | hash of the connections `p` registered (JSON) | process `p`; emptied by whoever reaps it |
 //! | `wsproxy:control` | channel of commands for every process | backends |
 //!
+//! # Redis Cluster (`REDIS_CLUSTER_NODES`)
+//!
+//! The same names, with a hash tag (the part in braces, which alone
+//! decides a key's slot) around the session id, the topic's session and
+//! the up-stream shard, so that every key and channel of one session lives
+//! in one slot, and a stream with its seen-keys in another:
+//!
+//! | Name |
+//! |---|
+//! | `session:{<id>}:auth`, `session:{<id>}:down`, `session:{<id>}:up` |
+//! | `session:{<id>}:history`, `session:{<id>}:epoch`, `session:{<id>}:live` |
+//! | `pubsub:{<session>}:<topic>` |
+//! | `wsproxy:up:{<n>}`, `wsproxy:up:{<n>}:seen:<session>:<id>` |
+//!
+//! Ids never hold braces ([`valid_id`]), so the tag is exactly the id. A
+//! backend on a cluster uses these names: `SETEX session:{42}:auth ...`,
+//! `SPUBLISH session:{42}:down ...` (sharded pub/sub, the default) or
+//! `PUBLISH` (`REDIS_CLUSTER_PUBSUB=classic`), `FCALL wsproxy_publish 1
+//! session:{42}:history ...`.
+//!
 //! The `wsproxy_*` Redis Functions (see [`crate::history`]) derive a
-//! session's other names from its `:history` key, so the suffixes here and
-//! in the library's Lua source must agree (a test checks they do).
+//! session's other names from its `:history` key, in either form, so the
+//! suffixes here and in the library's Lua source must agree (a test checks
+//! they do).
 
 /// Longest id (agent, session, topic) accepted.
 pub const MAX_ID_LEN: usize = 128;
@@ -43,44 +66,116 @@ pub fn first_invalid(id: &str) -> Option<char> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
 }
 
-/// The key holding a session's token.
-pub fn session_auth(session_id: &str) -> String {
-    format!("session:{session_id}:auth")
+/// Which names a Redis deployment uses, and how its channels are
+/// published: see the module's tables. Cheap to copy; the configuration
+/// gives it ([`crate::config::Config::keys`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Keys {
+    /// One Redis server: names without hash tags, classic pub/sub.
+    #[default]
+    Standalone,
+    /// A Redis Cluster with classic pub/sub (`PUBLISH`/`SUBSCRIBE`, every
+    /// message broadcast to every node).
+    ClusterClassic,
+    /// A Redis Cluster with sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`,
+    /// Redis 7): a channel lives in its slot's shard.
+    ClusterSharded,
 }
 
-/// The channel a session's backend publishes on.
-pub fn session_down(session_id: &str) -> String {
-    format!("session:{session_id}:down")
-}
+impl Keys {
+    /// True on a Redis Cluster (names carry hash tags).
+    pub fn is_cluster(self) -> bool {
+        !matches!(self, Self::Standalone)
+    }
 
-/// The channel a session's client messages are published on.
-pub fn session_up(session_id: &str) -> String {
-    format!("session:{session_id}:up")
-}
+    /// True when channels are sharded (`SPUBLISH`/`SSUBSCRIBE`).
+    pub fn is_sharded(self) -> bool {
+        matches!(self, Self::ClusterSharded)
+    }
 
-/// The stream of a session's replayable down messages.
-pub fn session_history(session_id: &str) -> String {
-    format!("session:{session_id}:history")
-}
+    /// The command that publishes on a channel: `PUBLISH` or `SPUBLISH`.
+    pub fn publish_command(self) -> &'static str {
+        if self.is_sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
 
-/// The key holding a session history's epoch.
-pub fn session_epoch(session_id: &str) -> String {
-    format!("session:{session_id}:epoch")
-}
+    /// `id` as it goes into a name: itself, or (cluster) as a hash tag.
+    fn tag(self, id: &str) -> std::borrow::Cow<'_, str> {
+        if self.is_cluster() {
+            format!("{{{id}}}").into()
+        } else {
+            id.into()
+        }
+    }
 
-/// The channel of a session's enveloped (replayable) down messages.
-pub fn session_live(session_id: &str) -> String {
-    format!("session:{session_id}:live")
-}
+    /// The key holding a session's token.
+    pub fn session_auth(self, session_id: &str) -> String {
+        format!("session:{}:auth", self.tag(session_id))
+    }
 
-/// The stream of client messages in shard `shard`.
-pub fn up_stream(shard: usize) -> String {
-    format!("wsproxy:up:{shard}")
-}
+    /// The channel a session's backend publishes on.
+    pub fn session_down(self, session_id: &str) -> String {
+        format!("session:{}:down", self.tag(session_id))
+    }
 
-/// The key remembering that client message `id` of `session` was stored.
-pub fn up_seen(shard: usize, session_id: &str, id: &str) -> String {
-    format!("wsproxy:up:{shard}:seen:{session_id}:{id}")
+    /// The channel a session's client messages are published on.
+    pub fn session_up(self, session_id: &str) -> String {
+        format!("session:{}:up", self.tag(session_id))
+    }
+
+    /// The stream of a session's replayable down messages.
+    pub fn session_history(self, session_id: &str) -> String {
+        format!("session:{}:history", self.tag(session_id))
+    }
+
+    /// The key holding a session history's epoch.
+    pub fn session_epoch(self, session_id: &str) -> String {
+        format!("session:{}:epoch", self.tag(session_id))
+    }
+
+    /// The channel of a session's enveloped (replayable) down messages.
+    pub fn session_live(self, session_id: &str) -> String {
+        format!("session:{}:live", self.tag(session_id))
+    }
+
+    /// The channel of a session's lifecycle events.
+    pub fn session_events(self, session_id: &str) -> String {
+        format!("session:{}:events", self.tag(session_id))
+    }
+
+    /// The hash of a session's open connections.
+    pub fn session_presence(self, session_id: &str) -> String {
+        format!("session:{}:presence", self.tag(session_id))
+    }
+
+    /// A process's heartbeat key.
+    pub fn process_heartbeat(self, process: &str) -> String {
+        format!("wsproxy:process:{}", self.tag(process))
+    }
+
+    /// The hash of the connections a process registered.
+    pub fn process_connections(self, process: &str) -> String {
+        format!("wsproxy:process:{}:connections", self.tag(process))
+    }
+
+    /// The stream of client messages in shard `shard`.
+    pub fn up_stream(self, shard: usize) -> String {
+        format!("wsproxy:up:{}", self.tag(&shard.to_string()))
+    }
+
+    /// The key remembering that client message `id` of `session` was
+    /// stored; in the same slot as its stream.
+    pub fn up_seen(self, shard: usize, session_id: &str, id: &str) -> String {
+        format!("{}:seen:{session_id}:{id}", self.up_stream(shard))
+    }
+
+    /// The channel of a topic in a session.
+    pub fn topic(self, session: &str, topic: &str) -> String {
+        format!("pubsub:{}:{topic}", self.tag(session))
+    }
 }
 
 /// The shard of `session`'s client messages: FNV-1a of the id, so every
@@ -104,50 +199,76 @@ pub const CONTROL: &str = "wsproxy:control";
 /// The sorted set of live processes by last heartbeat.
 pub const PROCESSES: &str = "wsproxy:processes";
 
-/// The channel of a session's lifecycle events.
-pub fn session_events(session_id: &str) -> String {
-    format!("session:{session_id}:events")
-}
-
-/// The hash of a session's open connections.
-pub fn session_presence(session_id: &str) -> String {
-    format!("session:{session_id}:presence")
-}
-
-/// A process's heartbeat key.
-pub fn process_heartbeat(process: &str) -> String {
-    format!("wsproxy:process:{process}")
-}
-
-/// The set of the connections a process registered.
-pub fn process_connections(process: &str) -> String {
-    format!("wsproxy:process:{process}:connections")
-}
-
-/// The channel of a topic in a session.
-pub fn topic(session: &str, topic: &str) -> String {
-    format!("pubsub:{session}:{topic}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_follow_the_documented_schema() {
-        assert_eq!(session_auth("s1"), "session:s1:auth");
-        assert_eq!(session_down("s1"), "session:s1:down");
-        assert_eq!(session_up("s1"), "session:s1:up");
-        assert_eq!(topic("s1", "t"), "pubsub:s1:t");
-        assert_eq!(session_history("s1"), "session:s1:history");
-        assert_eq!(session_epoch("s1"), "session:s1:epoch");
-        assert_eq!(session_live("s1"), "session:s1:live");
-        assert_eq!(up_stream(3), "wsproxy:up:3");
-        assert_eq!(up_seen(3, "s1", "m-1"), "wsproxy:up:3:seen:s1:m-1");
-        assert_eq!(session_events("s1"), "session:s1:events");
-        assert_eq!(session_presence("s1"), "session:s1:presence");
-        assert_eq!(process_heartbeat("p1"), "wsproxy:process:p1");
-        assert_eq!(process_connections("p1"), "wsproxy:process:p1:connections");
+        let k = Keys::Standalone;
+        assert_eq!(k.session_auth("s1"), "session:s1:auth");
+        assert_eq!(k.session_down("s1"), "session:s1:down");
+        assert_eq!(k.session_up("s1"), "session:s1:up");
+        assert_eq!(k.topic("s1", "t"), "pubsub:s1:t");
+        assert_eq!(k.session_history("s1"), "session:s1:history");
+        assert_eq!(k.session_epoch("s1"), "session:s1:epoch");
+        assert_eq!(k.session_live("s1"), "session:s1:live");
+        assert_eq!(k.up_stream(3), "wsproxy:up:3");
+        assert_eq!(k.up_seen(3, "s1", "m-1"), "wsproxy:up:3:seen:s1:m-1");
+        assert_eq!(k.publish_command(), "PUBLISH");
+        assert_eq!(k.session_events("s1"), "session:s1:events");
+        assert_eq!(k.session_presence("s1"), "session:s1:presence");
+        assert_eq!(k.process_heartbeat("p1"), "wsproxy:process:p1");
+        assert_eq!(
+            k.process_connections("p1"),
+            "wsproxy:process:p1:connections"
+        );
+    }
+
+    #[test]
+    fn cluster_names_tag_the_session_and_the_shard() {
+        for k in [Keys::ClusterClassic, Keys::ClusterSharded] {
+            assert_eq!(k.session_auth("s1"), "session:{s1}:auth");
+            assert_eq!(k.session_down("s1"), "session:{s1}:down");
+            assert_eq!(k.session_up("s1"), "session:{s1}:up");
+            assert_eq!(k.topic("s1", "t"), "pubsub:{s1}:t");
+            assert_eq!(k.session_history("s1"), "session:{s1}:history");
+            assert_eq!(k.session_epoch("s1"), "session:{s1}:epoch");
+            assert_eq!(k.session_live("s1"), "session:{s1}:live");
+            assert_eq!(k.up_stream(3), "wsproxy:up:{3}");
+            assert_eq!(k.up_seen(3, "s1", "m-1"), "wsproxy:up:{3}:seen:s1:m-1");
+        }
+        assert_eq!(Keys::ClusterClassic.publish_command(), "PUBLISH");
+        assert_eq!(Keys::ClusterSharded.publish_command(), "SPUBLISH");
+    }
+
+    #[test]
+    fn a_sessions_names_share_one_slot_and_a_stream_its_seen_keys() {
+        let get_slot = |name: &str| redis::cluster_routing::Slot::for_key(name.as_bytes());
+        let k = Keys::ClusterSharded;
+        for id in ["s1", "session-user.123_x", "a"] {
+            let slot = get_slot(&k.session_auth(id));
+            for name in [
+                k.session_down(id),
+                k.session_up(id),
+                k.session_history(id),
+                k.session_epoch(id),
+                k.session_live(id),
+                k.topic(id, "news"),
+            ] {
+                assert_eq!(get_slot(&name), slot, "{name}");
+            }
+        }
+        for shard in [0, 1, 7, 1023] {
+            let slot = get_slot(&k.up_stream(shard));
+            let seen = k.up_seen(shard, "s1", "m-1");
+            assert_eq!(get_slot(&seen), slot, "{seen}");
+        }
+        // Sessions spread over the slots.
+        let slots: std::collections::HashSet<_> = (0..50)
+            .map(|i| get_slot(&k.session_down(&format!("s{i}"))))
+            .collect();
+        assert!(slots.len() > 40, "{}", slots.len());
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //!   no endpoint imports the server.
 //! - [`net`]: binding the listener, socket options.
 //! - [`keys`]: the Redis key and channel schema and the id rule.
+//! - [`redis_conn`]: the shared command connection, standalone or cluster.
 //! - [`close`]: the one table of close codes.
 //! - [`auth`]: bearer-token extraction, the one-round-trip Redis check,
 //!   JWTs, the users file and the token endpoint.
@@ -80,6 +81,7 @@ pub mod metrics;
 pub mod net;
 pub mod origin;
 pub mod pubsub;
+pub mod redis_conn;
 pub mod redis_tls;
 pub mod reliable;
 pub mod server;

@@ -45,7 +45,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use crate::broker::{Broker, CloseOrder};
@@ -144,6 +143,7 @@ pub struct Ended {
 #[derive(Debug)]
 pub struct Lifecycle {
     config: LifecycleConfig,
+    keys: crate::keys::Keys,
     process: String,
     next: AtomicU64,
     connect: redis::Script,
@@ -322,9 +322,10 @@ async fn bounded<T>(
 
 impl Lifecycle {
     /// This process's lifecycle tracking, with a fresh random process id.
-    pub fn new(config: &LifecycleConfig) -> Self {
+    pub fn new(config: &LifecycleConfig, keys: crate::keys::Keys) -> Self {
         Self {
             config: config.clone(),
+            keys,
             process: format!("{:012x}", rand::random::<u64>() >> 16),
             next: AtomicU64::new(1),
             connect: redis::Script::new(CONNECT),
@@ -387,8 +388,8 @@ impl Lifecycle {
     ) -> Result<(), LifecycleError> {
         let id = self.connection_id(n);
         let now = now_ms();
-        let presence_key = crate::keys::session_presence(session_id);
-        let channel = crate::keys::session_events(session_id);
+        let presence_key = self.keys.session_presence(session_id);
+        let channel = self.keys.session_events(session_id);
         let registration = Registration {
             session_id,
             agent_id,
@@ -448,7 +449,7 @@ impl Lifecycle {
             .arg(self.connect.get_hash())
             .arg(4)
             .arg(crate::keys::EVENTS)
-            .arg(crate::keys::process_connections(&self.process))
+            .arg(self.keys.process_connections(&self.process))
             .arg(&presence_key)
             .arg(crate::keys::PROCESSES)
             .arg(&id)
@@ -513,14 +514,14 @@ impl Lifecycle {
             String::new()
         };
         let channel = if self.config.events && self.config.session_channel {
-            crate::keys::session_events(session_id)
+            self.keys.session_events(session_id)
         } else {
             String::new()
         };
         let mut call = self.disconnect.prepare_invoke();
         call.key(crate::keys::EVENTS)
-            .key(crate::keys::process_connections(&self.process))
-            .key(crate::keys::session_presence(session_id))
+            .key(self.keys.process_connections(&self.process))
+            .key(self.keys.session_presence(session_id))
             .arg(&id)
             .arg(event)
             .arg(self.config.events_max_len)
@@ -539,7 +540,7 @@ impl Lifecycle {
         let ttl = self.config.heartbeat.saturating_mul(2);
         let mut call = self.heartbeat.prepare_invoke();
         call.key(crate::keys::PROCESSES)
-            .key(crate::keys::process_heartbeat(&self.process))
+            .key(self.keys.process_heartbeat(&self.process))
             .arg(&self.process)
             .arg(now_ms())
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
@@ -573,8 +574,8 @@ impl Lifecycle {
             loop {
                 let mut call = self.reap.prepare_invoke();
                 call.key(crate::keys::PROCESSES)
-                    .key(crate::keys::process_heartbeat(process))
-                    .key(crate::keys::process_connections(process))
+                    .key(self.keys.process_heartbeat(process))
+                    .key(self.keys.process_connections(process))
                     .key(crate::keys::EVENTS)
                     .arg(process)
                     .arg(now_ms())
@@ -605,7 +606,7 @@ fn json(value: &impl Serialize) -> String {
 /// this process's session connections (1013) so that they register again.
 pub async fn keep_alive(
     lifecycle: Arc<Lifecycle>,
-    mut redis: ConnectionManager,
+    mut redis: crate::redis_conn::RedisConn,
     broker: Broker,
     metrics: Arc<Metrics>,
     limit: Duration,
@@ -678,11 +679,14 @@ mod tests {
     use super::*;
 
     fn lifecycle(params: &[&str]) -> Lifecycle {
-        Lifecycle::new(&LifecycleConfig {
-            events: true,
-            query_params: params.iter().map(|p| (*p).to_owned()).collect(),
-            ..LifecycleConfig::default()
-        })
+        Lifecycle::new(
+            &LifecycleConfig {
+                events: true,
+                query_params: params.iter().map(|p| (*p).to_owned()).collect(),
+                ..LifecycleConfig::default()
+            },
+            crate::keys::Keys::Standalone,
+        )
     }
 
     #[test]

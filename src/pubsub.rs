@@ -22,12 +22,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::redis_conn::RedisConn;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Extension, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -41,8 +41,8 @@ use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 const MAX_NAME_LEN: usize = crate::keys::MAX_ID_LEN;
 
 /// The Redis channel of a topic in a session.
-pub fn channel(session: &str, topic: &str) -> String {
-    crate::keys::topic(session, topic)
+pub fn channel(keys: crate::keys::Keys, session: &str, topic: &str) -> String {
+    keys.topic(session, topic)
 }
 
 /// Topics and sessions: the ids of [`crate::keys::valid_id`], so they can
@@ -223,7 +223,7 @@ struct Delivered<'a> {
 /// State of one `/ws` connection.
 struct Hub {
     app: Arc<App>,
-    redis: ConnectionManager,
+    redis: RedisConn,
     outbox: Arc<Outbox>,
     /// Set by the token, or by the first session an anonymous client uses.
     session: Option<String>,
@@ -361,7 +361,11 @@ impl Hub {
         match self
             .app
             .broker
-            .subscribe(&channel(&session, topic), self.outbox.clone(), wait)
+            .subscribe(
+                &channel(self.app.config.keys(), &session, topic),
+                self.outbox.clone(),
+                wait,
+            )
             .await
         {
             Ok(subscription) => {
@@ -481,8 +485,9 @@ impl Hub {
             );
         };
         let limit = self.app.config.auth_timeout;
-        let channel = channel(&session, &msg.topic);
-        match broker::publish(&mut self.redis, &channel, body.as_bytes(), limit).await {
+        let keys = self.app.config.keys();
+        let channel = channel(keys, &session, &msg.topic);
+        match broker::publish(&mut self.redis, keys, &channel, body.as_bytes(), limit).await {
             Ok(_) => {
                 self.app.metrics.pubsub_published.inc();
                 Reply::None

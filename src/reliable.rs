@@ -38,9 +38,9 @@
 
 use std::sync::Arc;
 
+use crate::redis_conn::RedisConn;
 use axum::extract::ws::{Message, Utf8Bytes};
 use axum::http::HeaderMap;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -155,7 +155,7 @@ pub struct ReliableBridge {
     /// Shared state.
     pub app: Arc<App>,
     /// The command connection.
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// The session.
     pub session_id: String,
     /// The connection's agent id, stored with each client message.
@@ -256,7 +256,15 @@ impl ReliableBridge {
             data: message.data.get(),
         };
         let config = &self.app.config;
-        match history::store_up(&mut self.redis, &config.reliable, up, config.auth_timeout).await {
+        match history::store_up(
+            &mut self.redis,
+            config.keys(),
+            &config.reliable,
+            up,
+            config.auth_timeout,
+        )
+        .await
+        {
             Ok(stored) if stored.conflict => {
                 self.app.metrics.invalid_message(InvalidMessage::IdConflict);
                 let refusal = NotStored {

@@ -40,6 +40,7 @@ use crate::config::Config;
 pub use crate::context::{App, ConnectionSlot, Draining, WorkerPool};
 use crate::metrics::Metrics;
 pub use crate::net::{LISTEN_BACKLOG, bind, tune_socket};
+use crate::redis_conn::RedisConn;
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,10 @@ pub enum ServerError {
     /// key) could not be used.
     #[error(transparent)]
     RedisTls(#[from] crate::redis_tls::RedisTlsError),
+    /// The Redis Cluster's seed nodes were refused by the client library,
+    /// or its settings cannot be served.
+    #[error("REDIS_CLUSTER_NODES: {0}")]
+    Cluster(String),
     /// The users file could not be loaded.
     #[error(transparent)]
     Users(#[from] crate::auth::users::UsersError),
@@ -189,22 +194,33 @@ pub async fn run(
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
-    let client = redis_client(&config)?;
-    let redis = ConnectionManager::new_lazy_with_config(
-        client.clone(),
-        ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2)),
-    )?;
+    let (redis, pubsub_clients) = match &config.redis_cluster {
+        None => {
+            let client = redis_client(&config)?;
+            let redis = RedisConn::from(ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(2)),
+            )?);
+            (redis, vec![client])
+        }
+        Some(cluster) => cluster_connections(cluster)?,
+    };
     let metrics = Arc::new(Metrics::new());
     // The broker outlives the connections: draining sessions still flush
     // what it delivered, so it has its own token, cancelled last.
     let broker_stop = CancellationToken::new();
     // Before the broker: a failure here must not leave it running.
     let (workers, worker_pool) = Workers::start(config.workers)?;
-    let (broker, broker_task) = Broker::start(client, metrics.clone(), broker_stop.clone());
+    let (broker, broker_task) = match &config.redis_cluster {
+        Some(cluster) if cluster.pubsub == crate::config::ClusterPubSub::Sharded => {
+            Broker::start_sharded(cluster.nodes.clone(), metrics.clone(), broker_stop.clone())
+        }
+        _ => Broker::start_any(pubsub_clients, metrics.clone(), broker_stop.clone()),
+    };
     let app = Arc::new(App {
         config: config.clone(),
         redis,
@@ -215,11 +231,15 @@ pub async fn run(
         tracker: TaskTracker::new(),
         users,
         workers: worker_pool,
-        lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(&config.lifecycle)),
+        lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(
+            &config.lifecycle,
+            config.keys(),
+        )),
         history_loaded: std::sync::atomic::AtomicBool::new(false),
     });
     tokio::spawn(crate::control::listen(
         app.broker.clone(),
+        config.keys(),
         app.metrics.clone(),
         config.auth_timeout,
         broker_stop.clone(),
@@ -324,6 +344,42 @@ pub fn redis_client(config: &Config) -> Result<redis::Client, ServerError> {
     })
 }
 
+/// A client for one of a cluster's seed nodes (`redis://` only, checked at
+/// start-up), with Nagle's algorithm off like [`redis_client`]'s.
+fn seed_client(url: &str) -> redis::RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    redis::Client::open(url.into_connection_info()?.set_tcp_settings(tcp))
+}
+
+/// A Redis Cluster's command connection (one multiplexed connection per
+/// node, made in the background: a cluster that is down at start-up makes
+/// `/ready` false, not the start fail), and the seeds the broker's classic
+/// pub/sub connection goes to.
+fn cluster_connections(
+    cluster: &crate::config::ClusterConfig,
+) -> Result<(RedisConn, Vec<redis::Client>), ServerError> {
+    let refused = |e: redis::RedisError| ServerError::Cluster(e.to_string());
+    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    let client = redis::cluster::ClusterClientBuilder::new(cluster.nodes.clone())
+        .connection_timeout(Duration::from_secs(2))
+        .response_timeout(Duration::from_secs(5))
+        .retries(3)
+        .tcp_settings(tcp)
+        .build()
+        .map_err(refused)?;
+    let redis = RedisConn::from(
+        client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new()),
+    );
+    let seeds = cluster
+        .nodes
+        .iter()
+        .map(|n| seed_client(n))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(refused)?;
+    Ok((redis, seeds))
+}
+
 /// Loads the `wsproxy` Redis library (reliable sessions) at start-up, and
 /// again after each reconnection of the pub/sub connection (a Redis that
 /// restarted without persistence has forgotten it, and backends' `FCALL
@@ -341,7 +397,14 @@ async fn keep_history_library(app: Arc<App>) {
         if loaded_at != Some(reconnects) || missing {
             app.history_loaded.store(false, Ordering::SeqCst);
             let limit = app.config.auth_timeout;
-            match crate::history::install(&mut redis, &app.config.reliable, limit).await {
+            match crate::history::install(
+                &mut redis,
+                &app.config.reliable,
+                app.config.keys(),
+                limit,
+            )
+            .await
+            {
                 Ok(()) => {
                     loaded_at = Some(reconnects);
                     app.history_loaded.store(true, Ordering::SeqCst);

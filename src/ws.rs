@@ -595,7 +595,8 @@ mod tests {
             client.clone(),
             redis::aio::ConnectionManagerConfig::new(),
         )
-        .expect("lazy");
+        .expect("lazy")
+        .into();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let stop = tokio_util::sync::CancellationToken::new();
         stop.cancel();
@@ -610,7 +611,10 @@ mod tests {
             tracker: Default::default(),
             users: None,
             workers: crate::context::WorkerPool::new(vec![tokio::runtime::Handle::current()]),
-            lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(&Default::default())),
+            lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(
+                &Default::default(),
+                crate::keys::Keys::Standalone,
+            )),
             history_loaded: Default::default(),
         })
     }

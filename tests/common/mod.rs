@@ -3,6 +3,7 @@
 //! plain-HTTP clients.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod cluster;
 pub mod proxy;
 
 use std::net::SocketAddr;
@@ -201,6 +202,11 @@ impl Server {
     pub async fn start_with(redis_url: &str, tweak: impl FnOnce(&mut Config)) -> Server {
         let mut config = Config::for_redis(redis_url);
         tweak(&mut config);
+        Self::start_config(config).await
+    }
+
+    /// wsproxy with exactly this configuration, once ready.
+    pub async fn start_config(config: Config) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
