@@ -971,19 +971,6 @@ impl Cli {
             },
             ..config
         };
-        if config.redis_cluster.is_some() && config.lifecycle.tracked() {
-            // Their scripts touch a process's, a session's and the events'
-            // keys at once, which a cluster keeps in different slots.
-            let var = if config.lifecycle.events {
-                "LIFECYCLE_EVENTS"
-            } else {
-                "PRESENCE"
-            };
-            return Err(ConfigError::new(
-                var,
-                "is not supported on a Redis Cluster yet (REDIS_CLUSTER_NODES); control (wsproxy:control) is",
-            ));
-        }
         for origin in &config.cors_origins {
             if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 return Err(ConfigError::new(
@@ -1227,15 +1214,6 @@ mod tests {
         assert!(!e.to_string().contains("short"), "not echoed: {e}");
         let e = parse(&["--pubsub-allow-anonymous", "maybe"]).expect_err("not a bool");
         assert_eq!(e.var, "PUBSUB_ALLOW_ANONYMOUS");
-    }
-
-    #[test]
-    fn lifecycle_tracking_is_refused_on_a_cluster() {
-        for flag in ["--lifecycle-events", "--presence"] {
-            let e = parse(&["--redis-cluster-nodes", "redis://h:7000", flag, "true"])
-                .expect_err("not on a cluster");
-            assert!(e.to_string().contains("Redis Cluster"), "{e}");
-        }
     }
 
     #[test]

@@ -37,6 +37,11 @@
 //! | `session:{<id>}:history`, `session:{<id>}:epoch`, `session:{<id>}:live` |
 //! | `pubsub:{<session>}:<topic>` |
 //! | `wsproxy:up:{<n>}`, `wsproxy:up:{<n>}:seen:<session>:<id>` |
+//! | `session:{<id>}:presence`, `session:{<id>}:events` |
+//! | `wsproxy:process:{<p>}`, `wsproxy:process:{<p>}:connections` |
+//!
+//! (`wsproxy:events`, `wsproxy:processes` and `wsproxy:control` keep their
+//! names: each is one key or channel in its own slot.)
 //!
 //! Ids never hold braces ([`valid_id`]), so the tag is exactly the id. A
 //! backend on a cluster uses these names: `SETEX session:{42}:auth ...`,

@@ -68,6 +68,9 @@ pub enum LifecycleError {
     /// Redis did not answer within the limit.
     #[error("Redis did not answer in time")]
     Timeout,
+    /// Redis answered with something the script does not return.
+    #[error("unexpected answer from Redis: {0}")]
+    Unexpected(&'static str),
 }
 
 /// What a connect (or resume) event says about the connection, gathered
@@ -444,6 +447,22 @@ impl Lifecycle {
                 },
             );
         }
+        if self.keys.is_cluster() {
+            let steps = Steps {
+                id: &id,
+                registration: &buffer[..registration_end],
+                presence: (presence_end > registration_end).then(|| {
+                    (
+                        presence_key.as_str(),
+                        &buffer[registration_end..presence_end],
+                    )
+                }),
+                event: (buffer.len() > presence_end).then(|| &buffer[presence_end..]),
+                channel: registration.channel,
+                now,
+            };
+            return self.connected_on_cluster(redis, steps, limit).await;
+        }
         let mut cmd = redis::Cmd::with_capacity(15, buffer.len() + 256);
         cmd.arg("EVALSHA")
             .arg(self.connect.get_hash())
@@ -518,6 +537,23 @@ impl Lifecycle {
         } else {
             String::new()
         };
+        if self.keys.is_cluster() {
+            let presence = self.keys.session_presence(session_id);
+            let owned = self.keys.process_connections(&self.process);
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(&owned).arg(&id);
+            // Only the one that removes the registration writes the event.
+            if bounded(limit, hdel.query_async::<i64>(redis)).await? == 0 {
+                return Ok(());
+            }
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(&presence).arg(&id);
+            bounded(limit, hdel.query_async::<i64>(redis)).await?;
+            let channel = (!channel.is_empty()).then_some(channel.as_str());
+            return self
+                .append_event(redis, event.as_bytes(), channel, limit)
+                .await;
+        }
         let mut call = self.disconnect.prepare_invoke();
         call.key(crate::keys::EVENTS)
             .key(self.keys.process_connections(&self.process))
@@ -538,6 +574,21 @@ impl Lifecycle {
         limit: Duration,
     ) -> Result<bool, LifecycleError> {
         let ttl = self.config.heartbeat.saturating_mul(2);
+        if self.keys.is_cluster() {
+            // The heartbeat key and the process set are in different slots.
+            let now = now_ms();
+            let mut set = redis::cmd("SET");
+            set.arg(self.keys.process_heartbeat(&self.process))
+                .arg(now)
+                .arg("PX")
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+                .arg("GET");
+            let before: Option<String> = bounded(limit, set.query_async(redis)).await?;
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(crate::keys::PROCESSES).arg(now).arg(&self.process);
+            bounded(limit, zadd.query_async::<i64>(redis)).await?;
+            return Ok(before.is_some());
+        }
         let mut call = self.heartbeat.prepare_invoke();
         call.key(crate::keys::PROCESSES)
             .key(self.keys.process_heartbeat(&self.process))
@@ -571,6 +622,16 @@ impl Lifecycle {
         let dead: Vec<String> = bounded(limit, cmd.query_async(redis)).await?;
         let mut reaped = 0u64;
         for process in dead.iter().filter(|p| **p != self.process) {
+            if self.keys.is_cluster() {
+                let (n, done) = self
+                    .reap_on_cluster(redis, process, limit, deadline)
+                    .await?;
+                reaped = reaped.saturating_add(n);
+                if !done {
+                    return Ok(reaped);
+                }
+                continue;
+            }
             loop {
                 let mut call = self.reap.prepare_invoke();
                 call.key(crate::keys::PROCESSES)
@@ -593,6 +654,196 @@ impl Lifecycle {
             }
         }
         Ok(reaped)
+    }
+}
+
+/// What a registration on a cluster writes, step by step.
+struct Steps<'a> {
+    id: &'a str,
+    registration: &'a [u8],
+    /// The presence hash and entry, with `PRESENCE`.
+    presence: Option<(&'a str, &'a [u8])>,
+    /// The connect event, with `LIFECYCLE_EVENTS`.
+    event: Option<&'a [u8]>,
+    /// The session's events channel, with `EVENTS_SESSION_CHANNEL`.
+    channel: Option<&'a str>,
+    now: u64,
+}
+
+/// A registration as a reaper reads it back.
+#[derive(serde::Deserialize)]
+struct Registered {
+    session_id: String,
+    agent_id: String,
+    since: u64,
+    presence: Option<String>,
+    events: bool,
+    channel: Option<String>,
+}
+
+#[derive(Serialize)]
+struct LostEvent<'a> {
+    r#type: &'static str,
+    session_id: &'a str,
+    agent_id: &'a str,
+    connection_id: &'a str,
+    process: &'a str,
+    time: u64,
+    code: u16,
+    reason: &'static str,
+    duration_ms: u64,
+    messages_in: Option<u64>,
+    messages_out: Option<u64>,
+    reaped_by: &'a str,
+}
+
+// On a cluster, the part of a reap that lives in the dead process's slot:
+// KEYS: its heartbeat key, its connections. ARGV: batch. Returns -1 if it
+// is alive after all, else the entries it removed (id, registration, ...).
+const REAP_OWN: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local entries = redis.call('HRANDFIELD', KEYS[2], ARGV[1], 'WITHVALUES')
+local out = {}
+for i = 1, #entries, 2 do
+  if redis.call('HDEL', KEYS[2], entries[i]) == 1 then
+    out[#out + 1] = entries[i]
+    out[#out + 1] = entries[i + 1]
+  end
+end
+return out
+";
+
+impl Lifecycle {
+    /// A registration on a Redis Cluster, whose keys are in different
+    /// slots: one command each, not one atomic script. The process's record
+    /// goes first, so that a reaper always finds what has an event; a
+    /// process that dies between two steps leaves a disconnect without its
+    /// connect event, never the other way round.
+    async fn connected_on_cluster(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        steps: Steps<'_>,
+        limit: Duration,
+    ) -> Result<(), LifecycleError> {
+        let mut hset = redis::cmd("HSET");
+        hset.arg(self.keys.process_connections(&self.process))
+            .arg(steps.id)
+            .arg(steps.registration);
+        bounded(limit, hset.query_async::<i64>(redis)).await?;
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(crate::keys::PROCESSES)
+            .arg("NX")
+            .arg(steps.now)
+            .arg(&self.process);
+        bounded(limit, zadd.query_async::<i64>(redis)).await?;
+        if let Some((key, entry)) = steps.presence {
+            let mut hset = redis::cmd("HSET");
+            hset.arg(key).arg(steps.id).arg(entry);
+            bounded(limit, hset.query_async::<i64>(redis)).await?;
+        }
+        if let Some(event) = steps.event {
+            self.append_event(redis, event, steps.channel, limit)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Appends an event to the stream and, if named, publishes it on the
+    /// session's channel (`SPUBLISH` with sharded pub/sub). Nothing for an
+    /// empty event.
+    async fn append_event(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        event: &[u8],
+        channel: Option<&str>,
+        limit: Duration,
+    ) -> Result<(), LifecycleError> {
+        if event.is_empty() {
+            return Ok(());
+        }
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(crate::keys::EVENTS)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.config.events_max_len)
+            .arg("*")
+            .arg("event")
+            .arg(event);
+        bounded(limit, xadd.query_async::<String>(redis)).await?;
+        if let Some(channel) = channel {
+            let mut publish = redis::cmd(self.keys.publish_command());
+            publish.arg(channel).arg(event);
+            bounded(limit, publish.query_async::<i64>(redis)).await?;
+        }
+        Ok(())
+    }
+
+    /// Reaps one dead process on a cluster: batches taken from its hash
+    /// atomically (so each connection is taken once), then each one's
+    /// presence entry and disconnect event. Returns the count and whether
+    /// the process is done (false: `deadline` came first). A reaper that
+    /// dies in the middle of a batch loses those events: at most one batch.
+    async fn reap_on_cluster(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        process: &str,
+        limit: Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<(u64, bool), LifecycleError> {
+        let script = redis::Script::new(REAP_OWN);
+        let mut reaped = 0u64;
+        loop {
+            let mut call = script.prepare_invoke();
+            call.key(self.keys.process_heartbeat(process))
+                .key(self.keys.process_connections(process))
+                .arg(REAP_BATCH);
+            let taken: redis::Value = bounded(limit, call.invoke_async(redis)).await?;
+            let entries: Vec<String> = match taken {
+                redis::Value::Int(_) => return Ok((reaped, true)),
+                other => redis::from_redis_value(other)
+                    .map_err(|_| LifecycleError::Unexpected("a reap's entries"))?,
+            };
+            if entries.is_empty() {
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(crate::keys::PROCESSES).arg(process);
+                bounded(limit, zrem.query_async::<i64>(redis)).await?;
+                return Ok((reaped, true));
+            }
+            let now = now_ms();
+            for pair in entries.chunks(2) {
+                let [id, raw] = pair else { continue };
+                reaped = reaped.saturating_add(1);
+                let Ok(r) = serde_json::from_str::<Registered>(raw) else {
+                    continue;
+                };
+                if let Some(presence) = &r.presence {
+                    let mut hdel = redis::cmd("HDEL");
+                    hdel.arg(presence).arg(id);
+                    bounded(limit, hdel.query_async::<i64>(redis)).await?;
+                }
+                if r.events {
+                    let event = json(&LostEvent {
+                        r#type: "disconnect",
+                        session_id: &r.session_id,
+                        agent_id: &r.agent_id,
+                        connection_id: id,
+                        process,
+                        time: now,
+                        code: crate::close::ABNORMAL,
+                        reason: "process_lost",
+                        duration_ms: now.saturating_sub(r.since),
+                        messages_in: None,
+                        messages_out: None,
+                        reaped_by: &self.process,
+                    });
+                    self.append_event(redis, event.as_bytes(), r.channel.as_deref(), limit)
+                        .await?;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok((reaped, false));
+            }
+        }
     }
 }
 

@@ -676,3 +676,134 @@ async fn ready_is_503_while_a_shard_is_gone() {
     }
     server.stop().await;
 }
+
+/// Every event in `wsproxy:events` on the cluster, oldest first.
+async fn cluster_events(cluster: &Cluster) -> Vec<serde_json::Value> {
+    let mut c = cluster.conn().await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("wsproxy:events")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .filter_map(|(_, fields)| fields.into_iter().next())
+        .map(|(_, raw)| serde_json::from_str(&raw).expect("JSON"))
+        .collect()
+}
+
+async fn cluster_wait(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_events_presence_and_a_dead_process_on_a_cluster() {
+    let cluster = Cluster::start().await;
+    let mut config = config(&cluster, ClusterPubSub::Sharded);
+    config.lifecycle.events = true;
+    config.lifecycle.presence = true;
+    config.lifecycle.session_channel = true;
+    config.lifecycle.heartbeat = Duration::from_secs(1);
+    let server = Server::start_config(config).await;
+    let session = unique("lc");
+    cluster.set_token(&session, TOKEN, 600).await;
+    let mut channel = Subscriber::start(
+        &cluster,
+        ClusterPubSub::Sharded,
+        &format!("session:{{{session}}}:events"),
+    )
+    .await;
+    let presence_key = format!("session:{{{session}}}:presence");
+    let mut ws = server.connect(&session, TOKEN).await;
+    let event: serde_json::Value = serde_json::from_str(&channel.next().await).expect("json");
+    assert_eq!(event["type"], "connect");
+    let mut c = cluster.conn().await;
+    let n: usize = redis::cmd("HLEN")
+        .arg(&presence_key)
+        .query_async(&mut c)
+        .await
+        .expect("HLEN");
+    assert_eq!(n, 1);
+    send_text(&mut ws, r#"{"a":1}"#).await;
+    ws.close(None).await.expect("close");
+    let event: serde_json::Value = serde_json::from_str(&channel.next().await).expect("json");
+    assert_eq!(
+        (event["type"].as_str(), event["messages_in"].as_u64()),
+        (Some("disconnect"), Some(1))
+    );
+    let mut c2 = c.clone();
+    cluster_wait("presence emptied", async || {
+        redis::cmd("HLEN")
+            .arg(&presence_key)
+            .query_async::<usize>(&mut c2)
+            .await
+            .expect("HLEN")
+            == 0
+    })
+    .await;
+
+    // A process that died holding 700 connections (more than one reap
+    // batch), as it leaves them in its own slot: reaped once each.
+    let dead = "deadbeef0002";
+    let mut pipe = redis::pipe();
+    for i in 0..700 {
+        let registration = serde_json::json!({
+            "session_id": session, "agent_id": "a", "since": 1_000_000u64,
+            "presence": presence_key, "events": true,
+        });
+        pipe.hset(
+            format!("wsproxy:process:{{{dead}}}:connections"),
+            format!("{dead}:{i}"),
+            registration.to_string(),
+        )
+        .ignore();
+    }
+    pipe.query_async::<()>(&mut c).await.expect("registrations");
+    for i in 0..700 {
+        redis::cmd("HSET")
+            .arg(&presence_key)
+            .arg(format!("{dead}:{i}"))
+            .arg("{}")
+            .query_async::<()>(&mut c)
+            .await
+            .expect("presence");
+    }
+    redis::cmd("ZADD")
+        .arg("wsproxy:processes")
+        .arg(1_000_000u64)
+        .arg(dead)
+        .query_async::<()>(&mut c)
+        .await
+        .expect("ZADD");
+    let mut c3 = c.clone();
+    cluster_wait("the dead process reaped", async || {
+        redis::cmd("HLEN")
+            .arg(&presence_key)
+            .query_async::<usize>(&mut c3)
+            .await
+            .expect("HLEN")
+            == 0
+    })
+    .await;
+    let lost = cluster_events(&cluster)
+        .await
+        .into_iter()
+        .filter(|e| e["reason"] == "process_lost")
+        .count();
+    assert_eq!(lost, 700);
+    let processes: Vec<String> = redis::cmd("ZRANGE")
+        .arg("wsproxy:processes")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .expect("ZRANGE");
+    assert!(!processes.iter().any(|p| p == dead), "{processes:?}");
+    server.stop().await;
+}
