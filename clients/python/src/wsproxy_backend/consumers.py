@@ -223,7 +223,7 @@ class GroupConsumer(Generic[T]):
             list(self._reads.values()), timeout=block_ms / 1000 + 1.0, return_when=asyncio.FIRST_COMPLETED
         )
         out = []
-        error: BaseException | None = None
+        errors: list[tuple[str, Exception]] = []
         for stream, task in list(self._reads.items()):
             if not task.done():
                 continue
@@ -231,9 +231,11 @@ class GroupConsumer(Generic[T]):
             try:
                 out += task.result()
             except Exception as e:  # every finished read is collected before an error is raised
-                error = error or e
-        if error is not None and not out:
-            raise error
+                errors.append((stream, e))
+        if errors and not out:
+            raise errors[0][1]
+        for stream, e in errors:  # the entries others brought go out first; this stream is read again next time
+            log.warning("%s: reading %s failed: %s", self.group, stream, e)
         return out
 
     async def _xreadgroup_on(self, stream_names: list[str], ids: str, count: int, block_ms: int | None) -> list[Entry]:
