@@ -15,6 +15,13 @@ Environment:
     RELIABLE_SESSIONS       true if the server was started with reliable sessions
                             (the wsproxy.v1 tests then run; otherwise they check
                             that the subprotocol is not selected)
+    REDIS_CLUSTER_NODES     set (comma-separated redis://host:port seeds, as the
+                            server's) when the server runs on a Redis Cluster:
+                            REDIS_URL is then ignored, names carry hash tags
+                            (session:{<id>}:auth, ...) and the suite publishes and
+                            subscribes as REDIS_CLUSTER_PUBSUB says
+    REDIS_CLUSTER_PUBSUB    sharded (the default: SPUBLISH/SSUBSCRIBE) or classic
+                            (PUBLISH/SUBSCRIBE), as the server was started with
 
 Every test works on fresh uuid4 session ids, so concurrent or repeated runs
 against the same Redis do not interfere, and every auth key a test creates is
@@ -33,10 +40,11 @@ import urllib.parse
 import urllib.request
 import uuid
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Union
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -46,6 +54,15 @@ GRACE_PERIOD = int(os.environ.get("AUTH_GRACE_PERIOD_SECS", "10800"))
 MAX_MESSAGE_BYTES = int(os.environ.get("WS_MAX_MESSAGE_BYTES", str(1024 * 1024)))
 RELIABLE = os.environ.get("RELIABLE_SESSIONS", "false").lower() in ("1", "true", "yes", "on")
 RELIABLE_PROTOCOL = "wsproxy.v1"
+CLUSTER_NODES = [n.strip() for n in os.environ.get("REDIS_CLUSTER_NODES", "").split(",") if n.strip()]
+CLUSTER = bool(CLUSTER_NODES)
+CLUSTER_PUBSUB = os.environ.get("REDIS_CLUSTER_PUBSUB", "sharded").strip().lower() or "sharded"
+if CLUSTER_PUBSUB not in ("sharded", "classic"):
+    sys.exit(f"REDIS_CLUSTER_PUBSUB must be sharded or classic, not {CLUSTER_PUBSUB!r}")
+# SPUBLISH/SSUBSCRIBE instead of PUBLISH/SUBSCRIBE.
+SHARDED = CLUSTER and CLUSTER_PUBSUB == "sharded"
+
+Redis = Union[aioredis.Redis, RedisCluster]
 
 # Upper bound for a whole test, so a hung server fails one test instead of
 # stalling the suite.
@@ -71,6 +88,11 @@ def needs_reliable() -> None:
         raise Skipped("RELIABLE_SESSIONS is not set")
 
 
+def needs_cluster() -> None:
+    if not CLUSTER:
+        raise Skipped("not on a Redis Cluster (REDIS_CLUSTER_NODES is not set)")
+
+
 def expect(condition: bool, reason: str) -> None:
     # Not `assert`: the suite must keep checking even under `python -O`.
     if not condition:
@@ -86,16 +108,46 @@ def new_id(prefix: str = "") -> str:
     return prefix + uuid.uuid4().hex
 
 
+def tag(session_id: str) -> str:
+    """A session id as it goes into a name: itself, or on a cluster a hash tag
+    (so all of a session's names share one slot)."""
+    return f"{{{session_id}}}" if CLUSTER else session_id
+
+
 def auth_key(session_id: str) -> str:
-    return f"session:{session_id}:auth"
+    return f"session:{tag(session_id)}:auth"
 
 
 def down_channel(session_id: str) -> str:
-    return f"session:{session_id}:down"
+    return f"session:{tag(session_id)}:down"
 
 
 def up_channel(session_id: str) -> str:
-    return f"session:{session_id}:up"
+    return f"session:{tag(session_id)}:up"
+
+
+async def publish(redis: Redis, channel: str, message: str) -> int:
+    """What a backend does to reach a channel: PUBLISH, or SPUBLISH on a sharded cluster."""
+    if SHARDED:
+        return int(await redis.spublish(channel, message))
+    return int(await redis.publish(channel, message))
+
+
+def redis_client() -> Redis:
+    """The suite's Redis client: one server (REDIS_URL) or a cluster (REDIS_CLUSTER_NODES)."""
+    if not CLUSTER:
+        return aioredis.from_url(REDIS_URL, socket_timeout=STEP_TIMEOUT)
+    nodes = []
+    for seed in CLUSTER_NODES:
+        url = urllib.parse.urlsplit(seed if "://" in seed else "redis://" + seed)
+        nodes.append(ClusterNode(url.hostname or "127.0.0.1", url.port or 6379))
+    first = urllib.parse.urlsplit(CLUSTER_NODES[0] if "://" in CLUSTER_NODES[0] else "redis://" + CLUSTER_NODES[0])
+    return RedisCluster(
+        startup_nodes=nodes,
+        username=urllib.parse.unquote(first.username) if first.username else None,
+        password=urllib.parse.unquote(first.password) if first.password else None,
+        socket_timeout=STEP_TIMEOUT,
+    )
 
 
 def ws_url(agent_id: str, session_id: str, access_token: str | None = None) -> str:
@@ -137,7 +189,7 @@ def bearer(token: str) -> dict[str, str]:
 class Context:
     """Per-test state: the shared Redis client and the keys to delete later."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self.created_keys: set[str] = set()
 
@@ -150,31 +202,47 @@ class Context:
         await self.redis.set(key, token, ex=ttl)
         return token
 
+    async def publish(self, channel: str, message: str) -> int:
+        return await publish(self.redis, channel, message)
+
     async def cleanup(self) -> None:
         if self.created_keys:
-            await self.redis.delete(*self.created_keys)
+            # One DEL per key: on a cluster they live in different slots.
+            for key in self.created_keys:
+                await self.redis.delete(key)
 
 
 @asynccontextmanager
-async def subscribed(redis: aioredis.Redis, channel: str) -> AsyncIterator[PubSub]:
-    """Subscribe to a channel and only yield once Redis has confirmed it.
+async def subscribed(redis: Redis, channel: str) -> AsyncIterator[PubSub]:
+    """Subscribe to a channel (SSUBSCRIBE on a sharded cluster, on the
+    channel's shard) and only yield once Redis has confirmed it.
 
     Without waiting for the confirmation, frames the test sends right after
     could be published before the subscription exists and be lost.
     """
     pubsub = redis.pubsub()
     try:
-        await pubsub.subscribe(channel)
+        if SHARDED:
+            await pubsub.ssubscribe(channel)
+        else:
+            await pubsub.subscribe(channel)
         deadline = time.monotonic() + STEP_TIMEOUT
         while True:
             remaining = deadline - time.monotonic()
             expect(remaining > 0, f"no subscribe confirmation for {channel}")
-            msg = await pubsub.get_message(timeout=remaining)
-            if msg is not None and msg["type"] == "subscribe":
+            msg = await next_published(pubsub, remaining)
+            if msg is not None and msg["type"] in ("subscribe", "ssubscribe"):
                 break
         yield pubsub
     finally:
         await pubsub.aclose()
+
+
+async def next_published(pubsub: PubSub, timeout: float) -> dict[str, Any] | None:
+    """The next pub/sub message or confirmation, None after `timeout` seconds."""
+    if SHARDED:
+        return await pubsub.get_sharded_message(timeout=timeout)  # type: ignore[attr-defined]
+    return await pubsub.get_message(timeout=timeout)
 
 
 async def collect_published(pubsub: PubSub, count: int, timeout: float = STEP_TIMEOUT) -> list[bytes]:
@@ -186,8 +254,8 @@ async def collect_published(pubsub: PubSub, count: int, timeout: float = STEP_TI
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=remaining)
-        if msg is not None and msg["type"] == "message":
+        msg = await next_published(pubsub, remaining)
+        if msg is not None and msg["type"] in ("message", "smessage"):
             received.append(msg["data"])
     return received
 
@@ -281,7 +349,7 @@ async def test_connect_with_bearer_header(ctx: Context) -> None:
     token = await ctx.grant(session)
     async with ws_connect(ws_url(new_id("agent-"), session), bearer(token)) as ws:
         # Round-trip one message so "connected" means usable, not just upgraded.
-        await ctx.redis.publish(down_channel(session), '{"hello":"header"}')
+        await ctx.publish(down_channel(session), '{"hello":"header"}')
         expect(await recv_text(ws) == '{"hello":"header"}', "downstream message mismatch")
 
 
@@ -289,7 +357,7 @@ async def test_connect_with_query_token(ctx: Context) -> None:
     session = new_id()
     token = await ctx.grant(session)
     async with ws_connect(ws_url(new_id("agent-"), session, access_token=token)) as ws:
-        await ctx.redis.publish(down_channel(session), '{"hello":"query"}')
+        await ctx.publish(down_channel(session), '{"hello":"query"}')
         expect(await recv_text(ws) == '{"hello":"query"}', "downstream message mismatch")
 
 
@@ -371,7 +439,7 @@ async def test_ttl_reset_and_reconnect(ctx: Context) -> None:
 
     # Stateless reconnection: the same token must keep working.
     async with ws_connect(ws_url(agent, session), bearer(token)) as ws:
-        await ctx.redis.publish(down_channel(session), '"after-reconnect"')
+        await ctx.publish(down_channel(session), '"after-reconnect"')
         expect(await recv_text(ws) == '"after-reconnect"', "reconnected socket did not get messages")
     ttl = await ctx.redis.ttl(key)
     expect(low <= ttl <= high, f"TTL {ttl} after reconnect not within [{low}, {high}]")
@@ -385,8 +453,10 @@ async def test_redis_to_websocket(ctx: Context) -> None:
         # Published immediately after the handshake: the contract promises the
         # server is already subscribed when the 101 arrives.
         for i, msg in enumerate(messages):
-            receivers = await ctx.redis.publish(down_channel(session), msg)
-            if i == 0:
+            receivers = await ctx.publish(down_channel(session), msg)
+            # Classic PUBLISH on a cluster counts the publishing node's
+            # subscribers only (the cluster bus carries it to the others).
+            if i == 0 and not (CLUSTER and not SHARDED):
                 expect(receivers >= 1, "no subscriber on the down channel right after connect")
         received = await recv_many(ws, N_MESSAGES)
     expect_in_order(received, messages, "downstream")
@@ -426,7 +496,7 @@ async def test_bidirectional(ctx: Context) -> None:
 
             async def publish_down() -> None:
                 for msg in down:
-                    await ctx.redis.publish(down_channel(session), msg)
+                    await ctx.publish(down_channel(session), msg)
                     await asyncio.sleep(0)
 
             _, _, got_down, got_up = await asyncio.gather(
@@ -483,7 +553,7 @@ async def test_fanout_and_session_isolation(ctx: Context) -> None:
         ws_connect(ws_url(new_id("agent-"), other), bearer(other_token)) as outsider,
     ):
         for msg in messages:
-            await ctx.redis.publish(down_channel(session), msg)
+            await ctx.publish(down_channel(session), msg)
         got_first, got_second = await asyncio.gather(
             recv_many(first, N_MESSAGES), recv_many(second, N_MESSAGES)
         )
@@ -493,7 +563,7 @@ async def test_fanout_and_session_isolation(ctx: Context) -> None:
         # The outsider's first frame must be its own sentinel; anything else
         # means traffic leaked across sessions. The quiet check afterwards
         # catches a leak that is merely late.
-        await ctx.redis.publish(down_channel(other), '"sentinel"')
+        await ctx.publish(down_channel(other), '"sentinel"')
         first_seen = await recv_text(outsider, "the other session's sentinel")
         expect(first_seen == '"sentinel"', f"other session received foreign message {first_seen!r:.120}")
         await expect_quiet(outsider)
@@ -541,12 +611,12 @@ async def test_metrics_endpoint(ctx: Context) -> None:
 
 
 def history_key(session_id: str) -> str:
-    return f"session:{session_id}:history"
+    return f"session:{tag(session_id)}:history"
 
 
 async def reliable_publish(ctx: Context, session_id: str, message: dict) -> str:
     """What a backend does: FCALL wsproxy_publish; returns the offset."""
-    ctx.created_keys.update({history_key(session_id), f"session:{session_id}:epoch"})
+    ctx.created_keys.update({history_key(session_id), f"session:{tag(session_id)}:epoch"})
     offset = await ctx.redis.fcall("wsproxy_publish", 1, history_key(session_id), json.dumps(message))
     return offset.decode() if isinstance(offset, bytes) else str(offset)
 
@@ -636,7 +706,8 @@ async def test_reliable_client_messages_acked_and_stored_once(ctx: Context) -> N
             expect(bool(ack.get("duplicate")) == (attempt == 1), f"duplicate flag on attempt {attempt}: {ack}")
             offsets.append(ack["offset"])
     expect(offsets[0] == offsets[1], f"the resend got another offset: {offsets}")
-    # Find the stream it went to (one of the shards) and count the copies.
+    # Find the stream it went to (one of the shards: wsproxy:up:<n>, on a
+    # cluster wsproxy:up:{<n>}, scanned on every master) and count the copies.
     copies = 0
     async for key in ctx.redis.scan_iter(match="wsproxy:up:*", _type="stream"):
         for _, fields in await ctx.redis.xrange(key, min=offsets[0], max=offsets[0]):
@@ -654,6 +725,62 @@ async def test_plain_client_gets_replayable_messages_unchanged(ctx: Context) -> 
     async with ws_connect(ws_url(new_id("agent-"), session), bearer(token)) as ws:
         await reliable_publish(ctx, session, {"to": "plain"})
         expect(json.loads(await recv_text(ws)) == {"to": "plain"}, "plain clients get the message as it is")
+
+
+# --------------------------------------------------------------------------
+# Control, and what a Redis Cluster changes
+# --------------------------------------------------------------------------
+
+
+async def wait_close(ws: ClientConnection) -> None:
+    try:
+        await asyncio.wait_for(ws.wait_closed(), STEP_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise TestFailure("the connection was not closed") from None
+
+
+async def test_control_disconnect_closes_every_connection(ctx: Context) -> None:
+    session = new_id()
+    token = await ctx.grant(session)
+    url = ws_url(new_id("agent-"), session)
+    subprotocols = [RELIABLE_PROTOCOL] if RELIABLE else None
+    async with ws_connect(url, bearer(token)) as plain, ws_connect(url, bearer(token), subprotocols) as second:
+        if RELIABLE:
+            await recv_json(second, "the welcome")
+        # PUBLISH wsproxy:control, SPUBLISH on a sharded cluster.
+        message = json.dumps({"type": "disconnect", "session_id": session, "code": 4001, "reason": "suite"})
+        await ctx.publish("wsproxy:control", message)
+        for ws in (plain, second):
+            await wait_close(ws)
+            expect(
+                ws.close_code == 4001 and ws.close_reason == "suite",
+                f"closed with {ws.close_code} {ws.close_reason!r}, expected 4001 'suite'",
+            )
+
+
+async def test_cluster_untagged_names_are_not_used(ctx: Context) -> None:
+    """On a cluster a token under the standalone name (session:<id>:auth, no
+    hash tag) lets nobody in, and an untagged publish reaches nobody."""
+    needs_cluster()
+    session = new_id()
+    token = new_id("tok-")
+    untagged = f"session:{session}:auth"
+    ctx.created_keys.add(untagged)
+    await ctx.redis.set(untagged, token, ex=60)
+    await expect_rejected(ws_url(new_id("agent-"), session), bearer(token), 403, "invalid_token")
+    token = await ctx.grant(session)
+    async with ws_connect(ws_url(new_id("agent-"), session), bearer(token)) as ws:
+        await ctx.publish(f"session:{session}:down", '"untagged"')
+        await ctx.publish(down_channel(session), '"tagged"')
+        expect(await recv_text(ws) == '"tagged"', "the untagged channel reached the client")
+
+
+async def test_cluster_a_sessions_names_share_a_slot(ctx: Context) -> None:
+    needs_cluster()
+    session = new_id()
+    names = [auth_key(session), down_channel(session), up_channel(session), history_key(session)]
+    slots = {name: int(await ctx.redis.cluster_keyslot(name)) for name in names}
+    expect(len(set(slots.values())) == 1, f"slots differ: {slots}")
 
 
 TESTS: list[Callable[[Context], Awaitable[None]]] = [
@@ -678,6 +805,9 @@ TESTS: list[Callable[[Context], Awaitable[None]]] = [
     test_reliable_resume_after_missed_messages,
     test_reliable_client_messages_acked_and_stored_once,
     test_plain_client_gets_replayable_messages_unchanged,
+    test_control_disconnect_closes_every_connection,
+    test_cluster_untagged_names_are_not_used,
+    test_cluster_a_sessions_names_share_a_slot,
 ]
 
 
@@ -686,7 +816,7 @@ TESTS: list[Callable[[Context], Awaitable[None]]] = [
 # --------------------------------------------------------------------------
 
 
-async def run_one(redis: aioredis.Redis, test: Callable[[Context], Awaitable[None]]) -> str | None:
+async def run_one(redis: Redis, test: Callable[[Context], Awaitable[None]]) -> str | None:
     """Run one test; return None on success or the failure reason (raises
     Skipped when it does not apply)."""
     ctx = Context(redis)
@@ -716,9 +846,12 @@ async def main(filters: list[str]) -> int:
     if not selected:
         print(f"no test matches {filters}")
         return 2
-    print(f"wsproxy: {WSPROXY_URL}   redis: {REDIS_URL}\n")
+    if CLUSTER:
+        print(f"wsproxy: {WSPROXY_URL}   redis cluster ({CLUSTER_PUBSUB} pub/sub): {','.join(CLUSTER_NODES)}\n")
+    else:
+        print(f"wsproxy: {WSPROXY_URL}   redis: {REDIS_URL}\n")
 
-    redis = aioredis.from_url(REDIS_URL, socket_timeout=STEP_TIMEOUT)
+    redis = redis_client()
     failures: list[tuple[str, str]] = []
     skipped = 0
     try:

@@ -39,7 +39,8 @@ _CONFIG_VARS = (
     "SHUTDOWN_GRACE_PERIOD_SECS WS_MAX_MESSAGE_BYTES WS_OUTBOUND_QUEUE MAX_CONNECTIONS LOG_FORMAT JWT_SECRET "
     "USERS_FILE ROUTES_FILE TLS_CERT_FILE TLS_KEY_FILE WS_ALLOWED_ORIGINS METRICS_TOKEN RELIABLE_SESSIONS "
     "HISTORY_MAX_LEN HISTORY_TTL_SECS UP_STREAM_SHARDS UP_STREAM_MAX_LEN UP_DEDUPE_SECS LIFECYCLE_EVENTS "
-    "EVENTS_MAX_LEN EVENTS_SESSION_CHANNEL EVENTS_QUERY_PARAMS PRESENCE PROCESS_HEARTBEAT_SECS"
+    "EVENTS_MAX_LEN EVENTS_SESSION_CHANNEL EVENTS_QUERY_PARAMS PRESENCE PROCESS_HEARTBEAT_SECS "
+    "REDIS_CLUSTER_NODES REDIS_CLUSTER_PUBSUB"
 ).split()
 
 
@@ -166,14 +167,18 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-def start_wsproxy(redis: RedisServer, workdir: Path, **extra: str) -> WsproxyProcess:
-    """Starts a wsproxy on a free port and waits until ``/ready`` says 200."""
+def start_wsproxy(redis: RedisServer | None, workdir: Path, **extra: str) -> WsproxyProcess:
+    """Starts a wsproxy on a free port and waits until ``/ready`` says 200.
+
+    ``redis=None`` leaves ``REDIS_URL`` unset (for ``REDIS_CLUSTER_NODES`` in ``extra``).
+    """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in _CONFIG_VARS}
+    if redis is not None:
+        env["REDIS_URL"] = redis.url
     env.update(
         HOST="127.0.0.1",
         PORT=str(port),
-        REDIS_URL=redis.url,
         RELIABLE_SESSIONS="true",
         UP_STREAM_SHARDS=str(UP_SHARDS),
         LIFECYCLE_EVENTS="true",
@@ -241,3 +246,183 @@ def sid() -> str:
 def group() -> str:
     """A fresh consumer group name (groups start at "$", so tests do not see each other's entries)."""
     return "g-" + uuid.uuid4().hex[:12]
+
+
+# -- Redis Cluster -------------------------------------------------------------
+
+#: Client-message shards of the cluster wsproxy: two, so reading streams
+#: that live in different slots is exercised.
+CLUSTER_UP_SHARDS = 2
+
+
+@dataclass
+class RedisClusterProcesses:
+    """A private Redis Cluster: 3 masters and 3 replicas (``redis-cli --cluster create``)."""
+
+    ports: list[int]
+    procs: list[subprocess.Popen]
+
+    @property
+    def seeds(self) -> str:
+        """Seed URLs as ``REDIS_CLUSTER_NODES`` takes them."""
+        return ",".join(f"redis://127.0.0.1:{p}" for p in self.ports)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _free_cluster_port(taken: set[int]) -> int:
+    """A free loopback port below 32768 (the kernel's ephemeral range starts
+    there) whose cluster-bus port, +10000, is free too."""
+    import random
+
+    while True:
+        port = random.randrange(20_000, 22_700)
+        if port in taken:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        taken.add(port)
+        return port
+
+
+def _cluster_info_ok(port: int) -> bool:
+    out = subprocess.run(
+        ["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=5
+    ).stdout
+    return "cluster_state:ok" in out and "cluster_slots_ok:16384" in out
+
+
+def start_redis_cluster(workdir: Path, attempts: int = 3) -> RedisClusterProcesses:
+    """Starts six cluster-enabled redis-servers, joins them with ``redis-cli
+    --cluster create ... --cluster-replicas 1``, and waits until every node
+    says ``cluster_state:ok``. Stops what it started if anything fails; a
+    port taken between the check and the start (other tests share the range)
+    makes it start again on other ports."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_redis_cluster(workdir)
+        except PortTaken:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    """A cluster node could not bind its port."""
+
+
+def _start_redis_cluster(workdir: Path) -> RedisClusterProcesses:
+    exe = shutil.which("redis-server")
+    if exe is None or shutil.which("redis-cli") is None:
+        pytest.exit("redis-server and redis-cli must be installed (apt-get install redis-server)", 2)
+    taken: set[int] = set()
+    ports = [_free_cluster_port(taken) for _ in range(6)]
+    cdir = Path(tempfile.mkdtemp(prefix="cluster-", dir=workdir))
+    procs: list[subprocess.Popen] = []
+    cluster = RedisClusterProcesses(ports, procs)
+    try:
+        for port in ports:
+            procs.append(
+                subprocess.Popen(
+                    [exe, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                     "--cluster-config-file", str(cdir / f"nodes-{port}.conf"), "--cluster-node-timeout", "2000",
+                     "--dir", str(cdir), "--save", "", "--appendonly", "no",
+                     "--logfile", str(cdir / f"redis-{port}.log")],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+        for port, proc in zip(ports, procs):
+
+            def ping(port: int = port, proc: subprocess.Popen = proc) -> bool:
+                if proc.poll() is not None:
+                    raise PortTaken(f"redis-server on {port} exited (port taken?)")
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+
+            _wait_for(ping, f"redis-server on {port}")
+        create = subprocess.run(
+            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n{create.stderr}")
+        _wait_for(lambda: all(_cluster_info_ok(p) for p in ports), "cluster_state:ok on every node", timeout=30)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(workdir: Path) -> Iterator[RedisClusterProcesses]:
+    """A 3+3 Redis Cluster for the whole run, stopped at its end."""
+    cluster = start_redis_cluster(workdir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_wsproxy_server(redis_cluster: RedisClusterProcesses, workdir: Path) -> Iterator[WsproxyProcess]:
+    """A wsproxy on the cluster (``REDIS_CLUSTER_NODES``, ``REDIS_URL`` unset), sharded pub/sub."""
+    w = start_wsproxy(
+        None,
+        workdir,
+        REDIS_CLUSTER_NODES=redis_cluster.seeds,
+        REDIS_CLUSTER_PUBSUB="sharded",
+        UP_STREAM_SHARDS=str(CLUSTER_UP_SHARDS),
+        # Refused on a cluster for now.
+        LIFECYCLE_EVENTS="false",
+        PRESENCE="false",
+        EVENTS_SESSION_CHANNEL="false",
+    )
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+async def cluster_wsproxy(
+    redis_cluster: RedisClusterProcesses, cluster_wsproxy_server: WsproxyProcess
+) -> AsyncIterator[Wsproxy]:
+    """The library under test on the cluster (``Wsproxy.from_cluster``, sharded)."""
+    w = Wsproxy.from_cluster(redis_cluster.seeds, up_shards=CLUSTER_UP_SHARDS, decode_responses=True)
+    try:
+        yield w
+    finally:
+        await w.aclose()
+
+
+@pytest.fixture(scope="session")
+def classic_cluster_wsproxy_server(redis_cluster: RedisClusterProcesses, workdir: Path) -> Iterator[WsproxyProcess]:
+    """A second wsproxy on the same cluster, with classic pub/sub (``REDIS_CLUSTER_PUBSUB=classic``)."""
+    w = start_wsproxy(
+        None,
+        workdir,
+        REDIS_CLUSTER_NODES=redis_cluster.seeds,
+        REDIS_CLUSTER_PUBSUB="classic",
+        LIFECYCLE_EVENTS="false",
+        PRESENCE="false",
+        EVENTS_SESSION_CHANNEL="false",
+    )
+    try:
+        yield w
+    finally:
+        w.stop()

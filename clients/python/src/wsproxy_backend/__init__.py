@@ -14,18 +14,23 @@ Example::
                 async for msg in messages:
                     await wsproxy.send_reliable(msg.session_id, {"echo": msg.data})
                     await messages.ack(msg)
+
+On a Redis Cluster: ``Wsproxy.from_cluster(["redis://host:7000", ...])``
+(sharded pub/sub, as wsproxy's ``REDIS_CLUSTER_PUBSUB`` defaults to), or
+``Wsproxy(RedisCluster(...), cluster="classic")``.
 """
 
 from .client import (
     ALLOWED_CLOSE_CODES,
     DEFAULT_DISCONNECT_CODE,
+    ClusterMode,
     Wsproxy,
     disconnect_message,
     new_token,
     session_url,
 )
 from .consumers import ClientMessages, Events, GroupConsumer, PlainClientMessages, SessionEvents, Subscription
-from .keys import RELIABLE_PROTOCOL, up_shard, valid_id
+from .keys import RELIABLE_PROTOCOL, Names, up_shard, valid_id
 from .models import ClientMessage, Event, PresenceEntry, WsproxyError
 
 __all__ = [
@@ -34,9 +39,11 @@ __all__ = [
     "RELIABLE_PROTOCOL",
     "ClientMessage",
     "ClientMessages",
+    "ClusterMode",
     "Event",
     "Events",
     "GroupConsumer",
+    "Names",
     "PlainClientMessages",
     "PresenceEntry",
     "SessionEvents",

@@ -6,9 +6,10 @@ import json
 import secrets
 import urllib.parse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 
 from . import keys
@@ -20,6 +21,35 @@ ALLOWED_CLOSE_CODES = frozenset({1000, 1008, *range(3000, 5000)})
 
 #: The close code wsproxy uses when a ``disconnect`` gives none.
 DEFAULT_DISCONNECT_CODE = 4000
+
+#: How wsproxy publishes on a Redis Cluster (its ``REDIS_CLUSTER_PUBSUB``):
+#: ``"sharded"`` (``SPUBLISH``/``SSUBSCRIBE``, wsproxy's default) or
+#: ``"classic"`` (``PUBLISH``/``SUBSCRIBE``).
+ClusterMode: TypeAlias = Literal["sharded", "classic"]
+
+_CLUSTER_MODES = ("sharded", "classic")
+
+_NOT_ON_A_CLUSTER = (
+    "{what} is not available on a Redis Cluster: wsproxy refuses LIFECYCLE_EVENTS and PRESENCE there for now"
+)
+
+
+def _cluster_node(seed: str | tuple[str, int]) -> tuple[ClusterNode, dict[str, str]]:
+    """A seed as REDIS_CLUSTER_NODES spells it (``redis://[user:password@]host:port``),
+    ``host:port`` or ``(host, port)``; returns the node and its credentials."""
+    if isinstance(seed, tuple):
+        return ClusterNode(seed[0], int(seed[1])), {}
+    if "://" not in seed:
+        seed = "redis://" + seed
+    url = urllib.parse.urlsplit(seed)
+    if url.scheme not in ("redis", "rediss") or not url.hostname:
+        raise ValueError(f"not a redis:// seed: {seed!r}")
+    creds: dict[str, str] = {}
+    if url.username:
+        creds["username"] = urllib.parse.unquote(url.username)
+    if url.password:
+        creds["password"] = urllib.parse.unquote(url.password)
+    return ClusterNode(url.hostname, url.port or 6379), creds
 
 
 def _json(data: Any) -> str:
@@ -96,20 +126,103 @@ class Wsproxy:
 
     ``up_shards`` must be wsproxy's ``UP_STREAM_SHARDS``: it says which
     ``wsproxy:up:{n}`` streams :meth:`client_messages` reads.
+
+    **Redis Cluster**: pass a ``redis.asyncio.cluster.RedisCluster`` (or use
+    :meth:`from_cluster`, or :meth:`from_url` with ``cluster=``). Names then
+    carry hash tags (``session:{id}:auth``, ``wsproxy:up:{n}``: see
+    :class:`~wsproxy_backend.keys.Names`), and ``cluster`` must match
+    wsproxy's ``REDIS_CLUSTER_PUBSUB``: ``"sharded"`` (the default:
+    ``SPUBLISH``/``SSUBSCRIBE``) or ``"classic"`` (``PUBLISH``/``SUBSCRIBE``).
+    Lifecycle events and presence raise :class:`WsproxyError` there (wsproxy
+    refuses them on a cluster for now)::
+
+        wsproxy = Wsproxy.from_cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
+        await wsproxy.send("s1", {"type": "hello"})                  # SPUBLISH session:{s1}:down
     """
 
-    def __init__(self, redis: aioredis.Redis, *, up_shards: int = 1, events_stream: str = keys.EVENTS_STREAM) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis | RedisCluster,
+        *,
+        up_shards: int = 1,
+        events_stream: str = keys.EVENTS_STREAM,
+        cluster: ClusterMode | None = None,
+    ) -> None:
         if up_shards < 1:
             raise ValueError("up_shards must be at least 1")
+        is_cluster = isinstance(redis, RedisCluster)
+        if cluster is not None and cluster not in _CLUSTER_MODES:
+            raise ValueError(f"cluster must be 'sharded', 'classic' or None, not {cluster!r}")
+        if cluster is not None and not is_cluster:
+            raise ValueError("cluster= needs a redis.asyncio.cluster.RedisCluster client")
         self.redis = redis
         self.up_shards = up_shards
         self.events_stream = events_stream
+        #: ``None`` on one Redis server, else ``"sharded"`` or ``"classic"``
+        #: (a ``RedisCluster`` without ``cluster=`` is sharded: wsproxy's default).
+        self.cluster: ClusterMode | None = (cluster or "sharded") if is_cluster else None
+        #: How this deployment spells names.
+        self.names: keys.Names = keys.CLUSTER if is_cluster else keys.STANDALONE
         self._owns_redis = False
 
+    @property
+    def sharded(self) -> bool:
+        """True when channels are sharded (``SPUBLISH``/``SSUBSCRIBE``)."""
+        return self.cluster == "sharded"
+
     @classmethod
-    def from_url(cls, url: str = "redis://127.0.0.1:6379", *, up_shards: int = 1, **redis_kwargs: Any) -> Wsproxy:
-        """A client on its own Redis connection pool; :meth:`aclose` closes it."""
-        w = cls(aioredis.Redis.from_url(url, **redis_kwargs), up_shards=up_shards)
+    def from_url(
+        cls,
+        url: str = "redis://127.0.0.1:6379",
+        *,
+        up_shards: int = 1,
+        cluster: ClusterMode | None = None,
+        **redis_kwargs: Any,
+    ) -> Wsproxy:
+        """A client on its own Redis connection pool; :meth:`aclose` closes it.
+
+        With ``cluster="sharded"`` or ``"classic"``, ``url`` is one node of a
+        Redis Cluster (a ``RedisCluster``; it learns the others).
+        """
+        redis: aioredis.Redis | RedisCluster
+        if cluster is not None:
+            redis = RedisCluster.from_url(url, **redis_kwargs)
+        else:
+            redis = aioredis.Redis.from_url(url, **redis_kwargs)
+        w = cls(redis, up_shards=up_shards, cluster=cluster)
+        w._owns_redis = True
+        return w
+
+    @classmethod
+    def from_cluster(
+        cls,
+        nodes: Sequence[str | tuple[str, int]] | str,
+        *,
+        pubsub: ClusterMode = "sharded",
+        up_shards: int = 1,
+        **redis_kwargs: Any,
+    ) -> Wsproxy:
+        """A client on a Redis Cluster, from seed nodes as wsproxy's
+        ``REDIS_CLUSTER_NODES`` lists them (a comma-separated string or a list
+        of ``redis://[user:password@]host:port``, ``host:port`` or ``(host,
+        port)``); ``pubsub`` must be wsproxy's ``REDIS_CLUSTER_PUBSUB``.
+        :meth:`aclose` closes the client.
+
+        Example::
+
+            wsproxy = Wsproxy.from_cluster(os.environ["REDIS_CLUSTER_NODES"], decode_responses=True)
+        """
+        if isinstance(nodes, str):
+            nodes = [n.strip() for n in nodes.split(",") if n.strip()]
+        if not nodes:
+            raise ValueError("at least one seed node")
+        startup: list[ClusterNode] = []
+        for seed in nodes:
+            node, creds = _cluster_node(seed)
+            startup.append(node)
+            for k, v in creds.items():
+                redis_kwargs.setdefault(k, v)
+        w = cls(RedisCluster(startup_nodes=startup, **redis_kwargs), up_shards=up_shards, cluster=pubsub)
         w._owns_redis = True
         return w
 
@@ -144,21 +257,24 @@ class Wsproxy:
         token = new_token() if token is None else token
         if not token or any(c.isspace() for c in token):
             raise ValueError("a token must be non-empty and have no whitespace")
-        await self.redis.setex(keys.auth_key(session_id), ttl, token)
+        await self.redis.setex(self.names.auth_key(session_id), ttl, token)
         return token
 
     async def revoke_token(self, session_id: str) -> bool:
         """Deletes a session's token: nobody can connect (or reconnect) with it.
         Open connections stay open; see :meth:`disconnect`. True if there was one."""
-        return bool(await self.redis.delete(keys.auth_key(session_id)))
+        return bool(await self.redis.delete(self.names.auth_key(session_id)))
 
     # -- sending -----------------------------------------------------------------
 
     async def send(self, session_id: str, data: Any) -> int:
         """Sends ``data`` (as JSON) to a session's plain connections
-        (``PUBLISH session:{id}:down``). Returns how many wsproxy processes
-        got it (0: no connection of the session is open anywhere).
-        Nothing is kept: a client not connected now never gets it.
+        (``PUBLISH session:{id}:down``; on a cluster ``SPUBLISH
+        session:{id}:down``, or ``PUBLISH`` in classic mode). Returns how many
+        wsproxy processes got it (0: no connection of the session is open
+        anywhere; in classic mode on a cluster, only the subscribers of the
+        node it was published on are counted). Nothing is kept: a client not
+        connected now never gets it.
 
         Example::
 
@@ -169,7 +285,12 @@ class Wsproxy:
     async def send_raw(self, session_id: str, payload: str | bytes) -> int:
         """Publishes ``payload`` unchanged on ``session:{id}:down`` (text that is
         not UTF-8 reaches the client as a binary frame)."""
-        return int(await self.redis.publish(keys.down_channel(session_id), payload))
+        return await self._publish(self.names.down_channel(session_id), payload)
+
+    async def _publish(self, channel: str, payload: str | bytes) -> int:
+        if self.sharded:
+            return int(await self.redis.spublish(channel, payload))
+        return int(await self.redis.publish(channel, payload))
 
     async def send_reliable(self, session_id: str, data: Any) -> str:
         """Sends ``data`` (as JSON) through the session's history
@@ -189,7 +310,7 @@ class Wsproxy:
     async def send_reliable_raw(self, session_id: str, payload: str) -> str:
         """:meth:`send_reliable` for a payload that is JSON text already."""
         try:
-            offset = await self.redis.fcall("wsproxy_publish", 1, keys.history_key(session_id), payload)
+            offset = await self.redis.fcall("wsproxy_publish", 1, self.names.history_key(session_id), payload)
         except ResponseError as e:
             if "Function not found" in str(e):
                 raise WsproxyError(
@@ -201,7 +322,7 @@ class Wsproxy:
     # -- consuming ---------------------------------------------------------------
 
     def up_shard(self, session_id: str) -> int:
-        """The shard (``wsproxy:up:{n}``) of a session's reliable client messages."""
+        """The shard (``wsproxy:up:<n>``, ``wsproxy:up:{<n>}`` on a cluster) of a session's reliable client messages."""
         return keys.up_shard(session_id, self.up_shards)
 
     def client_messages(
@@ -228,7 +349,7 @@ class Wsproxy:
         """
         return ClientMessages(
             self.redis,
-            keys.up_streams(self.up_shards),
+            self.names.up_streams(self.up_shards),
             group,
             consumer,
             start=start,
@@ -243,14 +364,28 @@ class Wsproxy:
         or of every session when none is given (``PSUBSCRIBE session:*:up``).
         Every subscriber gets every message; none is kept for later.
 
+        On a cluster with sharded pub/sub it is ``SSUBSCRIBE session:{id}:up``
+        (on each channel's shard), and sessions must be named: sharded pub/sub
+        has no patterns (``ValueError``).
+
         Example::
 
             async with wsproxy.plain_client_messages("s1") as messages:
                 msg = await messages.get(timeout=5)
         """
         if session_ids:
-            return PlainClientMessages(self.redis, channels=[keys.up_channel(s) for s in session_ids])
-        return PlainClientMessages(self.redis, patterns=["session:*:up"])
+            return PlainClientMessages(
+                self.redis, channels=[self.names.up_channel(s) for s in session_ids], sharded=self.sharded
+            )
+        if self.sharded:
+            raise ValueError(
+                "sharded pub/sub has no patterns: name the sessions, or run wsproxy with REDIS_CLUSTER_PUBSUB=classic"
+            )
+        return PlainClientMessages(self.redis, patterns=[self.names.all_up_channels()])
+
+    def _no_cluster(self, what: str) -> None:
+        if self.cluster is not None:
+            raise WsproxyError(_NOT_ON_A_CLUSTER.format(what=what))
 
     def events(
         self,
@@ -273,7 +408,10 @@ class Wsproxy:
                     if event.type == "disconnect":
                         print(event.session_id, event.code, event.reason)
                     await events.ack(event)
+
+        Raises :class:`WsproxyError` on a Redis Cluster.
         """
+        self._no_cluster("lifecycle events")
         return Events(
             self.redis,
             [self.events_stream],
@@ -288,10 +426,12 @@ class Wsproxy:
 
     def session_events(self, *session_ids: str) -> SessionEvents:
         """The events of these sessions as they happen (``SUBSCRIBE session:{id}:events``,
-        ``EVENTS_SESSION_CHANNEL=true``): no acknowledgement, nothing kept."""
+        ``EVENTS_SESSION_CHANNEL=true``): no acknowledgement, nothing kept.
+        Raises :class:`WsproxyError` on a Redis Cluster."""
+        self._no_cluster("lifecycle events")
         if not session_ids:
             raise ValueError("name at least one session")
-        return SessionEvents(self.redis, channels=[keys.events_channel(s) for s in session_ids])
+        return SessionEvents(self.redis, channels=[self.names.events_channel(s) for s in session_ids])
 
     # -- presence ----------------------------------------------------------------
 
@@ -302,14 +442,19 @@ class Wsproxy:
         Example::
 
             [p.connection_id for p in await wsproxy.presence("s1")]  # ['host-1:17']
+
+        Raises :class:`WsproxyError` on a Redis Cluster.
         """
-        raw = await self.redis.hgetall(keys.presence_key(session_id))
+        self._no_cluster("presence")
+        raw = await self.redis.hgetall(self.names.presence_key(session_id))
         entries = [PresenceEntry.from_json(k, v) for k, v in raw.items()]
         return sorted(entries, key=lambda p: (p.since, p.connection_id))
 
     async def connection_count(self, session_id: str) -> int:
-        """How many connections the session has open (``HLEN session:{id}:presence``)."""
-        return int(await self.redis.hlen(keys.presence_key(session_id)))
+        """How many connections the session has open (``HLEN session:{id}:presence``).
+        Raises :class:`WsproxyError` on a Redis Cluster."""
+        self._no_cluster("presence")
+        return int(await self.redis.hlen(self.names.presence_key(session_id)))
 
     # -- control -----------------------------------------------------------------
 
@@ -329,15 +474,24 @@ class Wsproxy:
         ``MULTI``/``EXEC``, so the client cannot reconnect with it either.
         Returns how many wsproxy processes got the message.
 
+        On a cluster the message goes out with ``SPUBLISH wsproxy:control``
+        (``PUBLISH`` in classic mode), and a revoked token is deleted just
+        before it, not in one transaction (the two names live in different
+        slots).
+
         Example::
 
             await wsproxy.disconnect("s1", code=4001, reason="revoked", revoke_token=True)  # 2
         """
         message = disconnect_message(session_id, code, reason)
+        if self.cluster is not None:
+            if revoke_token:
+                await self.redis.delete(self.names.auth_key(session_id))
+            return await self._publish(keys.CONTROL_CHANNEL, message)
         if not revoke_token:
             return int(await self.redis.publish(keys.CONTROL_CHANNEL, message))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.auth_key(session_id))
+            pipe.delete(self.names.auth_key(session_id))
             pipe.publish(keys.CONTROL_CHANNEL, message)
             _, receivers = await pipe.execute()
         return int(receivers)
@@ -345,6 +499,7 @@ class Wsproxy:
 
 __all__: Sequence[str] = [
     "ALLOWED_CLOSE_CODES",
+    "ClusterMode",
     "DEFAULT_DISCONNECT_CODE",
     "Wsproxy",
     "disconnect_message",

@@ -10,6 +10,10 @@ Two kinds of source:
 - **channels** (plain client messages on ``session:{id}:up``, a session's
   events on ``session:{id}:events``): every subscriber gets every message
   published while it listens, and nothing else. See :class:`Subscription`.
+
+Both work on a Redis Cluster too (a ``RedisCluster`` client): each stream
+is read on its own node, and channels are sharded (``SSUBSCRIBE``) or
+classic.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -35,6 +40,9 @@ T = TypeVar("T", ClientMessage, Event)
 
 Entry = tuple[str, str, "dict[str, str] | None"]  # stream, entry id, fields (None: deleted)
 
+#: A Redis client: one server or a cluster.
+AnyRedis = aioredis.Redis | RedisCluster
+
 
 def _fields(raw: Any) -> dict[str, str] | None:
     if raw is None:
@@ -46,13 +54,16 @@ def _fields(raw: Any) -> dict[str, str] | None:
     return {_text(items[i]): _text(items[i + 1]) for i in range(0, len(items) - 1, 2)}
 
 
-def socket_timeout(redis: aioredis.Redis) -> float | None:
+def socket_timeout(redis: AnyRedis) -> float | None:
     """The read timeout (seconds) of the client's connections, ``None`` for none.
 
     redis-py 6 and later give connections a 5 s timeout unless told
     otherwise; a blocking read longer than that would fail.
     """
-    kwargs = redis.connection_pool.connection_kwargs
+    if isinstance(redis, RedisCluster):
+        kwargs = redis.connection_kwargs
+    else:
+        kwargs = redis.connection_pool.connection_kwargs
     if "socket_timeout" in kwargs:
         t = kwargs["socket_timeout"]
         return float(t) if t else None
@@ -97,11 +108,16 @@ class GroupConsumer(Generic[T]):
     ``"0"`` everything the stream holds. An existing group is left as it is.
     If the group disappears (Redis restarted without persistence) it is
     created again.
+
+    On a Redis Cluster the streams live in different slots, and one
+    ``XREADGROUP`` cannot name two of them: each stream then has a blocking
+    read of its own, and :meth:`read` returns what the first of them brings
+    (the others keep waiting, for the next call).
     """
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         streams: Sequence[str],
         group: str,
         consumer: str,
@@ -138,6 +154,9 @@ class GroupConsumer(Generic[T]):
         # (stream, entry id) handed out and not yet acknowledged.
         self._outstanding: set[tuple[str, str]] = set()
         self._last_claim = 0.0
+        # On a cluster with several streams: each stream's blocking read.
+        self._per_stream = isinstance(redis, RedisCluster) and len(self.streams) > 1
+        self._reads: dict[str, asyncio.Task[list[Entry]]] = {}
 
     # -- what subclasses define -------------------------------------------
 
@@ -161,7 +180,22 @@ class GroupConsumer(Generic[T]):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        return None
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stops the reads still waiting (a cluster's per-stream reads). What
+        Redis delivered to them stays pending for this consumer: its next
+        start reads it first."""
+        reads, self._reads = self._reads, {}
+        for task in reads.values():
+            task.cancel()
+        for task in reads.values():
+            try:
+                await task
+            except BaseException:  # cancelled, or failed: nothing to hand out now
+                pass
+        if reads:
+            self._recheck_pending = True
 
     # -- reading -------------------------------------------------------------
 
@@ -170,7 +204,42 @@ class GroupConsumer(Generic[T]):
             await self.ensure_group()
         if block_ms is not None and self._max_block_ms is not None:
             block_ms = min(block_ms, self._max_block_ms)
-        streams: dict[Any, Any] = {s: ids for s in self.streams}
+        if self._per_stream:
+            return await self._xreadgroup_per_stream(ids, count, block_ms)
+        return await self._xreadgroup_on(self.streams, ids, count, block_ms)
+
+    async def _xreadgroup_per_stream(self, ids: str, count: int, block_ms: int | None) -> list[Entry]:
+        """One XREADGROUP per stream (a cluster's streams are in different slots)."""
+        if ids != ">" or block_ms is None:
+            out: list[Entry] = []
+            for stream in self.streams:
+                out += await self._xreadgroup_on([stream], ids, count, block_ms)
+            return out
+        for stream in self.streams:
+            if stream not in self._reads:
+                self._reads[stream] = asyncio.ensure_future(self._xreadgroup_on([stream], ids, count, block_ms))
+        # Each read ends by itself within block_ms; the margin covers the round trip.
+        await asyncio.wait(
+            list(self._reads.values()), timeout=block_ms / 1000 + 1.0, return_when=asyncio.FIRST_COMPLETED
+        )
+        out = []
+        errors: list[tuple[str, Exception]] = []
+        for stream, task in list(self._reads.items()):
+            if not task.done():
+                continue
+            del self._reads[stream]
+            try:
+                out += task.result()
+            except Exception as e:  # every finished read is collected before an error is raised
+                errors.append((stream, e))
+        if errors and not out:
+            raise errors[0][1]
+        for stream, e in errors:  # the entries others brought go out first; this stream is read again next time
+            log.warning("%s: reading %s failed: %s", self.group, stream, e)
+        return out
+
+    async def _xreadgroup_on(self, stream_names: list[str], ids: str, count: int, block_ms: int | None) -> list[Entry]:
+        streams: dict[Any, Any] = {s: ids for s in stream_names}
         try:
             try:
                 reply = await self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
@@ -351,14 +420,29 @@ class Subscription(Generic[T]):
     Entering it returns once Redis has confirmed every subscription, so
     whatever is published after that is received. Leaving it unsubscribes
     and releases the connection.
+
+    ``sharded=True`` (a Redis Cluster with sharded pub/sub) subscribes with
+    ``SSUBSCRIBE``, each channel on its slot's node; it takes no patterns.
     """
 
-    def __init__(self, redis: aioredis.Redis, channels: Sequence[str] = (), patterns: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        redis: AnyRedis,
+        channels: Sequence[str] = (),
+        patterns: Sequence[str] = (),
+        *,
+        sharded: bool = False,
+    ) -> None:
         if not channels and not patterns:
             raise ValueError("nothing to subscribe to")
+        if sharded and patterns:
+            raise ValueError("sharded pub/sub has no patterns")
+        if sharded and not isinstance(redis, RedisCluster):
+            raise ValueError("sharded pub/sub needs a RedisCluster client")
         self.redis = redis
         self.channels = list(channels)
         self.patterns = list(patterns)
+        self.sharded = sharded
         self._pubsub: Any = None
         self._early: collections.deque[Any] = collections.deque()
 
@@ -369,17 +453,19 @@ class Subscription(Generic[T]):
         pubsub = self.redis.pubsub()
         self._pubsub = pubsub
         try:
-            if self.channels:
+            if self.sharded:
+                await pubsub.ssubscribe(*self.channels)
+            elif self.channels:
                 await pubsub.subscribe(*self.channels)
             if self.patterns:
                 await pubsub.psubscribe(*self.patterns)
-            confirmations = len(self.channels) + len(self.patterns)
+            confirmations = len(set(self.channels)) + len(set(self.patterns))
             async with asyncio.timeout(10):
                 while confirmations:
-                    msg = await pubsub.get_message(timeout=1.0)
+                    msg = await self._next(pubsub, 1.0)
                     if msg is None:
                         continue
-                    if msg["type"] in ("subscribe", "psubscribe"):
+                    if msg["type"] in ("subscribe", "psubscribe", "ssubscribe"):
                         confirmations -= 1
                     else:
                         self._early.append(msg)
@@ -390,6 +476,11 @@ class Subscription(Generic[T]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self._close()
+
+    async def _next(self, pubsub: Any, timeout: float) -> Any:
+        if self.sharded:
+            return await pubsub.get_sharded_message(timeout=timeout)
+        return await pubsub.get_message(timeout=timeout)
 
     async def _close(self) -> None:
         if self._pubsub is not None:
@@ -411,10 +502,10 @@ class Subscription(Generic[T]):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
-                msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=left if left is not None else 1.0)
+                msg = await self._next(self._pubsub, left if left is not None else 1.0)
                 if msg is None:
                     continue
-            if msg.get("type") not in ("message", "pmessage"):
+            if msg.get("type") not in ("message", "pmessage", "smessage"):
                 continue
             item = self._convert(_text(msg["channel"]), msg["data"])
             if item is not None:
@@ -428,7 +519,8 @@ class Subscription(Generic[T]):
 
 
 class PlainClientMessages(Subscription[ClientMessage]):
-    """Plain client messages, from ``session:{id}:up`` of some sessions or of all (``session:*:up``).
+    """Plain client messages, from ``session:{id}:up`` of some sessions or of all
+    (``session:*:up``; on a cluster ``session:{<id>}:up``, sharded or classic).
 
     Example::
 
