@@ -387,10 +387,9 @@ def cluster_wsproxy_server(redis_cluster: RedisClusterProcesses, workdir: Path) 
         REDIS_CLUSTER_NODES=redis_cluster.seeds,
         REDIS_CLUSTER_PUBSUB="sharded",
         UP_STREAM_SHARDS=str(CLUSTER_UP_SHARDS),
-        # Refused on a cluster for now.
-        LIFECYCLE_EVENTS="false",
-        PRESENCE="false",
-        EVENTS_SESSION_CHANNEL="false",
+        LIFECYCLE_EVENTS="true",
+        PRESENCE="true",
+        EVENTS_SESSION_CHANNEL="true",
     )
     try:
         yield w

@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 from support import AGENT, client, recv_json, send_reliable, welcome
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from wsproxy_backend import Wsproxy, WsproxyError
+from wsproxy_backend import Wsproxy
 from wsproxy_backend.keys import CLUSTER, up_shard
 
 
@@ -134,15 +134,28 @@ async def test_disconnect_closes_the_session_and_revokes_its_token(cluster_wspro
     assert await cluster_wsproxy.redis.exists(f"session:{{{sid}}}:auth") == 0
 
 
-async def test_events_and_presence_say_they_are_not_on_a_cluster(cluster_wsproxy: Wsproxy):
-    with pytest.raises(WsproxyError, match="not available on a Redis Cluster"):
-        cluster_wsproxy.events("g", "c")
-    with pytest.raises(WsproxyError, match="not available on a Redis Cluster"):
-        cluster_wsproxy.session_events("s1")
-    with pytest.raises(WsproxyError, match="not available on a Redis Cluster"):
-        await cluster_wsproxy.presence("s1")
-    with pytest.raises(WsproxyError, match="not available on a Redis Cluster"):
-        await cluster_wsproxy.connection_count("s1")
+async def test_events_presence_and_session_events_on_a_cluster(cluster_wsproxy: Wsproxy, cluster_wsproxy_server):
+    sid = new_sid()
+    token = await cluster_wsproxy.issue_token(sid)
+    group = f"g-{sid}"
+    async with cluster_wsproxy.events(group, "c1", start="$") as events, cluster_wsproxy.session_events(sid) as live:
+        async with client(cluster_wsproxy_server.ws, sid, token):
+            async with asyncio.timeout(5):
+                while await cluster_wsproxy.connection_count(sid) != 1:
+                    await asyncio.sleep(0.05)
+            [entry] = await cluster_wsproxy.presence(sid)
+            assert entry.connection_id.startswith(entry.process)
+        seen: list[str] = []
+        async with asyncio.timeout(10):
+            async for event in events:
+                if event.session_id == sid:
+                    seen.append(event.type)
+                await events.ack(event)
+                if seen == ["connect", "disconnect"]:
+                    break
+        first = await live.get(timeout=5)
+        assert first is not None and first.type == "connect" and first.session_id == sid
+    assert await cluster_wsproxy.connection_count(sid) == 0
 
 
 def test_cluster_arguments_are_checked():

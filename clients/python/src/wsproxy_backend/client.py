@@ -29,9 +29,6 @@ ClusterMode: TypeAlias = Literal["sharded", "classic"]
 
 _CLUSTER_MODES = ("sharded", "classic")
 
-_NOT_ON_A_CLUSTER = (
-    "{what} is not available on a Redis Cluster: wsproxy refuses LIFECYCLE_EVENTS and PRESENCE there for now"
-)
 
 
 def _cluster_node(seed: str | tuple[str, int]) -> tuple[ClusterNode, dict[str, str]]:
@@ -133,8 +130,7 @@ class Wsproxy:
     :class:`~wsproxy_backend.keys.Names`), and ``cluster`` must match
     wsproxy's ``REDIS_CLUSTER_PUBSUB``: ``"sharded"`` (the default:
     ``SPUBLISH``/``SSUBSCRIBE``) or ``"classic"`` (``PUBLISH``/``SUBSCRIBE``).
-    Lifecycle events and presence raise :class:`WsproxyError` there (wsproxy
-    refuses them on a cluster for now)::
+    Lifecycle events and presence work there too::
 
         wsproxy = Wsproxy.from_cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
         await wsproxy.send("s1", {"type": "hello"})                  # SPUBLISH session:{s1}:down
@@ -383,10 +379,6 @@ class Wsproxy:
             )
         return PlainClientMessages(self.redis, patterns=[self.names.all_up_channels()])
 
-    def _no_cluster(self, what: str) -> None:
-        if self.cluster is not None:
-            raise WsproxyError(_NOT_ON_A_CLUSTER.format(what=what))
-
     def events(
         self,
         group: str,
@@ -409,9 +401,8 @@ class Wsproxy:
                         print(event.session_id, event.code, event.reason)
                     await events.ack(event)
 
-        Raises :class:`WsproxyError` on a Redis Cluster.
+        On a Redis Cluster the stream keeps its name (it is one key).
         """
-        self._no_cluster("lifecycle events")
         return Events(
             self.redis,
             [self.events_stream],
@@ -427,11 +418,12 @@ class Wsproxy:
     def session_events(self, *session_ids: str) -> SessionEvents:
         """The events of these sessions as they happen (``SUBSCRIBE session:{id}:events``,
         ``EVENTS_SESSION_CHANNEL=true``): no acknowledgement, nothing kept.
-        Raises :class:`WsproxyError` on a Redis Cluster."""
-        self._no_cluster("lifecycle events")
+        On a cluster with sharded pub/sub: ``SSUBSCRIBE session:{<id>}:events``."""
         if not session_ids:
             raise ValueError("name at least one session")
-        return SessionEvents(self.redis, channels=[self.names.events_channel(s) for s in session_ids])
+        return SessionEvents(
+            self.redis, channels=[self.names.events_channel(s) for s in session_ids], sharded=self.sharded
+        )
 
     # -- presence ----------------------------------------------------------------
 
@@ -443,17 +435,14 @@ class Wsproxy:
 
             [p.connection_id for p in await wsproxy.presence("s1")]  # ['host-1:17']
 
-        Raises :class:`WsproxyError` on a Redis Cluster.
+        On a Redis Cluster: ``session:{<id>}:presence``.
         """
-        self._no_cluster("presence")
         raw = await self.redis.hgetall(self.names.presence_key(session_id))
         entries = [PresenceEntry.from_json(k, v) for k, v in raw.items()]
         return sorted(entries, key=lambda p: (p.since, p.connection_id))
 
     async def connection_count(self, session_id: str) -> int:
-        """How many connections the session has open (``HLEN session:{id}:presence``).
-        Raises :class:`WsproxyError` on a Redis Cluster."""
-        self._no_cluster("presence")
+        """How many connections the session has open (``HLEN session:{id}:presence``)."""
         return int(await self.redis.hlen(self.names.presence_key(session_id)))
 
     # -- control -----------------------------------------------------------------
