@@ -8,7 +8,9 @@
 //!
 //! The TTL comes from the third argument, else `AUTH_TIMEOUT_SECS`, else 5
 //! seconds. Redis is reached through `REDIS_URL`
-//! (default `redis://127.0.0.1:6379`).
+//! (default `redis://127.0.0.1:6379`), or on a Redis Cluster through
+//! `REDIS_CLUSTER_NODES` (comma-separated seeds, as wsproxy takes them),
+//! where the key carries the session as a hash tag: `session:{<id>}:auth`.
 //!
 //! The token is a secret, so only its length is printed.
 
@@ -106,6 +108,28 @@ fn one_line(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
+/// `SETEX key token ttl`, then the TTL Redis holds for it.
+async fn store(
+    mut conn: impl redis::aio::ConnectionLike + Send + Sync,
+    key: &str,
+    token: &str,
+    ttl_secs: u64,
+) -> anyhow::Result<i64> {
+    let () = conn
+        .set_ex(key, token, ttl_secs)
+        .await
+        .with_context(|| format!("SETEX {key} failed"))?;
+    // Read the expiry back so the output shows what Redis actually holds.
+    let remaining: i64 = conn
+        .ttl(key)
+        .await
+        .with_context(|| format!("TTL {key} failed"))?;
+    if remaining < 0 {
+        bail!("{key} was set but has no expiry in Redis (TTL {remaining})");
+    }
+    Ok(remaining)
+}
+
 async fn run() -> anyhow::Result<ExitCode> {
     let args = match parse_args() {
         Ok(args) => args,
@@ -116,29 +140,43 @@ async fn run() -> anyhow::Result<ExitCode> {
     };
     let (ttl_secs, ttl_source) = resolve_ttl(args.ttl_secs)?;
 
-    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned());
-    let client = redis::Client::open(redis_url.as_str()).context("invalid REDIS_URL")?;
-    // Print only host:port; the URL itself may carry a password.
-    let redis_addr = client.get_connection_info().addr().to_string();
-    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out connecting to Redis at {redis_addr}"))?
-        .with_context(|| format!("could not connect to Redis at {redis_addr}"))?;
-
-    let key = format!("session:{}:auth", args.session_id);
-    let () = conn
-        .set_ex(&key, &args.token, ttl_secs)
-        .await
-        .with_context(|| format!("SETEX {key} failed"))?;
-
-    // Read the expiry back so the output shows what Redis actually holds.
-    let remaining: i64 = conn
-        .ttl(&key)
-        .await
-        .with_context(|| format!("TTL {key} failed"))?;
-    if remaining < 0 {
-        bail!("{key} was set but has no expiry in Redis (TTL {remaining})");
-    }
+    let (redis_addr, key, remaining) = match std::env::var("REDIS_CLUSTER_NODES") {
+        Ok(nodes) => {
+            let seeds: Vec<&str> = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .collect();
+            let client = redis::cluster::ClusterClient::new(seeds.clone())
+                .context("invalid REDIS_CLUSTER_NODES")?;
+            let conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection())
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out connecting to the Redis Cluster"))?
+                .context("could not connect to the Redis Cluster")?;
+            let key = format!("session:{{{}}}:auth", args.session_id);
+            let remaining = store(conn, &key, &args.token, ttl_secs).await?;
+            (
+                format!("cluster of {} seed(s)", seeds.len()),
+                key,
+                remaining,
+            )
+        }
+        Err(_) => {
+            let redis_url =
+                std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned());
+            let client = redis::Client::open(redis_url.as_str()).context("invalid REDIS_URL")?;
+            // Print only host:port; the URL itself may carry a password.
+            let redis_addr = client.get_connection_info().addr().to_string();
+            let conn =
+                tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("timed out connecting to Redis at {redis_addr}"))?
+                    .with_context(|| format!("could not connect to Redis at {redis_addr}"))?;
+            let key = format!("session:{}:auth", args.session_id);
+            let remaining = store(conn, &key, &args.token, ttl_secs).await?;
+            (redis_addr, key, remaining)
+        }
+    };
 
     println!("Redis:   {redis_addr}");
     println!("Key:     {key}");

@@ -8,14 +8,16 @@
 //! because no client is connected for the session. The session id defaults
 //! to `test-session-123`.
 //!
-//! Redis is reached through `REDIS_URL` (default `redis://127.0.0.1:6379`).
-//! Ctrl+C stops it between publishes.
+//! Redis is reached through `REDIS_URL` (default `redis://127.0.0.1:6379`),
+//! or on a Redis Cluster through `REDIS_CLUSTER_NODES` (comma-separated
+//! seeds): then it publishes with `SPUBLISH session:{<id>}:down` (sharded
+//! pub/sub, wsproxy's default there), or `PUBLISH` with
+//! `REDIS_CLUSTER_PUBSUB=classic`. Ctrl+C stops it between publishes.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use redis::AsyncCommands;
 use serde::Serialize;
 
 const USAGE: &str = "usage: redis_publisher [session_id]";
@@ -80,21 +82,54 @@ async fn run() -> anyhow::Result<ExitCode> {
         }
     };
 
-    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned());
-    let client = redis::Client::open(redis_url.as_str()).context("invalid REDIS_URL")?;
-    // Print only host:port; the URL itself may carry a password.
-    let redis_addr = client.get_connection_info().addr().to_string();
-    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out connecting to Redis at {redis_addr}"))?
-        .with_context(|| format!("could not connect to Redis at {redis_addr}"))?;
+    match std::env::var("REDIS_CLUSTER_NODES") {
+        Ok(nodes) => {
+            let seeds: Vec<&str> = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .collect();
+            let client = redis::cluster::ClusterClient::new(seeds.clone())
+                .context("invalid REDIS_CLUSTER_NODES")?;
+            let conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection())
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out connecting to the Redis Cluster"))?
+                .context("could not connect to the Redis Cluster")?;
+            let classic = std::env::var("REDIS_CLUSTER_PUBSUB").is_ok_and(|m| m == "classic");
+            let command = if classic { "PUBLISH" } else { "SPUBLISH" };
+            let channel = format!("session:{{{session_id}}}:down");
+            let on = format!("a cluster of {} seed(s)", seeds.len());
+            publish_loop(conn, command, &channel, &on).await
+        }
+        Err(_) => {
+            let redis_url =
+                std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned());
+            let client = redis::Client::open(redis_url.as_str()).context("invalid REDIS_URL")?;
+            // Print only host:port; the URL itself may carry a password.
+            let redis_addr = client.get_connection_info().addr().to_string();
+            let conn =
+                tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("timed out connecting to Redis at {redis_addr}"))?
+                    .with_context(|| format!("could not connect to Redis at {redis_addr}"))?;
+            let channel = format!("session:{session_id}:down");
+            publish_loop(conn, "PUBLISH", &channel, &redis_addr).await
+        }
+    }
+}
 
-    let channel = format!("session:{session_id}:down");
+/// Publishes a numbered message on `channel` every two seconds with
+/// `command` (`PUBLISH` or `SPUBLISH`) until Ctrl+C.
+async fn publish_loop(
+    mut conn: impl redis::aio::ConnectionLike + Send,
+    command: &str,
+    channel: &str,
+    on: &str,
+) -> anyhow::Result<ExitCode> {
     println!(
-        "Publishing to {channel} on {redis_addr} every {}s (Ctrl+C to stop)",
+        "Publishing to {channel} on {on} every {}s (Ctrl+C to stop)",
         PUBLISH_EVERY.as_secs()
     );
-
     // Registered once, outside the loop, so a Ctrl+C that arrives while a
     // publish is in flight is still seen on the next turn of the loop.
     let ctrl_c = tokio::signal::ctrl_c();
@@ -116,10 +151,12 @@ async fn run() -> anyhow::Result<ExitCode> {
                     payload: format!("Message #{counter}"),
                 })
                 .context("could not encode message")?;
-                let receivers: usize = conn
-                    .publish(&channel, &message)
+                let receivers: usize = redis::cmd(command)
+                    .arg(channel)
+                    .arg(&message)
+                    .query_async(&mut conn)
                     .await
-                    .with_context(|| format!("PUBLISH to {channel} failed"))?;
+                    .with_context(|| format!("{command} to {channel} failed"))?;
                 println!("#{counter} published {message} -> {receivers} subscriber(s)");
             }
         }

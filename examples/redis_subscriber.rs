@@ -6,8 +6,11 @@
 //! arrives. Pair it with `ws_bidir_client` to watch the client's pings flow
 //! upstream, or feed it by hand with `redis-cli PUBLISH`.
 //!
-//! Redis is reached through `REDIS_URL` (default `redis://127.0.0.1:6379`).
-//! Ctrl+C stops it.
+//! Redis is reached through `REDIS_URL` (default `redis://127.0.0.1:6379`),
+//! or on a Redis Cluster through `REDIS_CLUSTER_NODES` (comma-separated
+//! seeds): then it listens with `SSUBSCRIBE session:{<id>}:up` (sharded
+//! pub/sub, wsproxy's default there), or `SUBSCRIBE` with
+//! `REDIS_CLUSTER_PUBSUB=classic`. Ctrl+C stops it.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -68,6 +71,9 @@ async fn run() -> anyhow::Result<ExitCode> {
         }
     };
 
+    if let Ok(nodes) = std::env::var("REDIS_CLUSTER_NODES") {
+        return subscribe_on_cluster(&nodes, &session_id).await;
+    }
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned());
     let client = redis::Client::open(redis_url.as_str()).context("invalid REDIS_URL")?;
     // Print only host:port; the URL itself may carry a password.
@@ -111,6 +117,64 @@ async fn run() -> anyhow::Result<ExitCode> {
         }
     }
 
+    println!("Stopped after {received} message(s).");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The same on a Redis Cluster: a RESP3 connection whose subscription
+/// messages arrive as pushes.
+async fn subscribe_on_cluster(nodes: &str, session_id: &str) -> anyhow::Result<ExitCode> {
+    let seeds: Vec<&str> = nodes
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(tx)
+        .build()
+        .context("invalid REDIS_CLUSTER_NODES")?;
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection())
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out connecting to the Redis Cluster"))?
+        .context("could not connect to the Redis Cluster")?;
+    let channel = format!("session:{{{session_id}}}:up");
+    let classic = std::env::var("REDIS_CLUSTER_PUBSUB").is_ok_and(|m| m == "classic");
+    if classic {
+        conn.subscribe(&channel).await
+    } else {
+        conn.ssubscribe(&channel).await
+    }
+    .with_context(|| format!("subscribing to {channel} failed"))?;
+    println!(
+        "Subscribed to {channel} on a cluster of {} seed(s) (Ctrl+C to stop)",
+        seeds.len()
+    );
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut received: u64 = 0;
+    loop {
+        tokio::select! {
+            res = &mut ctrl_c => {
+                res.context("could not listen for Ctrl+C")?;
+                break;
+            }
+            push = rx.recv() => {
+                let Some(push) = push else {
+                    bail!("connection to the Redis Cluster closed after {received} message(s)");
+                };
+                if !matches!(push.kind, redis::PushKind::Message | redis::PushKind::SMessage) {
+                    continue;
+                }
+                let Some(redis::Value::BulkString(payload)) = push.data.get(1) else {
+                    continue;
+                };
+                received += 1;
+                println!("#{received} [{channel}] {}", String::from_utf8_lossy(payload));
+            }
+        }
+    }
     println!("Stopped after {received} message(s).");
     Ok(ExitCode::SUCCESS)
 }
