@@ -873,6 +873,12 @@ async fn serve(
             Err(_) => Some("timed out".to_owned()),
         };
         if let Some(error) = failure {
+            if matches!(link, Link::Sharded(_))
+                && error.to_ascii_lowercase().contains("unknown command")
+            {
+                // Redis before 7 has no SSUBSCRIBE: say what to change.
+                tracing::error!(%error, "sharded pub/sub needs Redis 7 or newer on every node; upgrade, or set REDIS_CLUSTER_PUBSUB=classic");
+            }
             tracing::warn!(%error, "redis subscribe/unsubscribe failed");
             // A cluster still failing over refuses the subscriptions of
             // the shard that lost its master, for seconds: try again on
