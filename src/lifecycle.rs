@@ -173,8 +173,9 @@ struct ConnectEvent<'a> {
     resumed: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     replayed: Option<usize>,
+    /// Why a resume failed (`trimmed`, `epoch_changed`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
-    resume_failure: Option<&'static str>,
+    reason: Option<&'static str>,
 }
 
 /// The copied query parameters, as a JSON object, without copying them.
@@ -443,7 +444,7 @@ impl Lifecycle {
                     query: Query(&info.query),
                     resumed: resume.map(|r| r.resumed),
                     replayed: resume.filter(|r| r.resumed).map(|r| r.replayed),
-                    resume_failure: resume.and_then(|r| r.reason),
+                    reason: resume.and_then(|r| r.reason),
                 },
             );
         }

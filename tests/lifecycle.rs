@@ -228,9 +228,34 @@ async fn a_reliable_resume_is_a_resume_event_and_shutdown_is_a_disconnect() {
     assert_eq!(resume[0]["resumed"], true);
     assert_eq!(resume[0]["replayed"], 2);
     assert!(resume[0]["query"].as_object().is_some_and(|q| q.is_empty()));
+    // A resume that cannot be honoured says why.
+    let mut req = format!("{}?epoch=1&offset=1-0", server.url("agent-7", &session))
+        .into_client_request()
+        .expect("request");
+    let headers = req.headers_mut();
+    headers.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {TOKEN}")).expect("h"),
+    );
+    headers.insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("wsproxy.v1"),
+    );
+    let _failed = connect_request(req).await.expect("upgrade");
+    let failed = wait_events(&redis, 2, |e| e["type"] == "resume").await;
+    assert_eq!(
+        (failed[1]["resumed"].as_bool(), failed[1]["reason"].as_str()),
+        (Some(false), Some("epoch_changed")),
+        "{}",
+        failed[1]
+    );
 
     server.stop().await;
-    let gone = wait_events(&redis, 1, |e| e["type"] == "disconnect").await;
+    let id = resume[0]["connection_id"].clone();
+    let gone = wait_events(&redis, 1, |e| {
+        e["type"] == "disconnect" && e["connection_id"] == id
+    })
+    .await;
     assert_eq!(gone[0]["reason"], "shutdown");
     assert_eq!(gone[0]["code"], 1001);
     assert_eq!(gone[0]["messages_out"], 3, "the welcome and two replayed");
