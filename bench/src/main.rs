@@ -9,7 +9,8 @@
 //! sessions while connections, wsproxy and Redis are killed; it starts its
 //! own wsproxy and Redis).
 //! On a Redis Cluster: `... -- --redis-cluster redis://127.0.0.1:7000,...
-//! down --n 1000` (SPUBLISH, or PUBLISH with `--cluster-pubsub classic`).
+//! down --n 1000` (SPUBLISH, or PUBLISH with `--cluster-pubsub classic`);
+//! `bench/cluster.sh` compares that with one Redis.
 //! `bench/run.sh` starts everything and regenerates BENCHMARKS.md.
 
 mod chaos;
