@@ -8,9 +8,13 @@
 //! mixed load, sampled every minute for growth), or `... -- chaos` (reliable
 //! sessions while connections, wsproxy and Redis are killed; it starts its
 //! own wsproxy and Redis).
+//! On a Redis Cluster: `... -- --redis-cluster redis://127.0.0.1:7000,...
+//! down --n 1000` (SPUBLISH, or PUBLISH with `--cluster-pubsub classic`);
+//! `bench/cluster.sh` compares that with one Redis.
 //! `bench/run.sh` starts everything and regenerates BENCHMARKS.md.
 
 mod chaos;
+mod cluster;
 mod net;
 mod scenarios;
 mod soak;
@@ -44,6 +48,17 @@ struct Common {
     /// The Redis wsproxy uses (tokens are stored and messages published there).
     #[arg(long, global = true, default_value = "redis://127.0.0.1:6379")]
     redis: String,
+    /// A Redis Cluster instead (wsproxy's REDIS_CLUSTER_NODES): seed URLs,
+    /// comma-separated. Tokens go to `session:{<id>}:auth`, messages to
+    /// `session:{<id>}:down`, one pipeline per master. For the wsproxy
+    /// target of connect, idle, down, fanout and compare; --redis is then
+    /// ignored.
+    #[arg(long, global = true, value_delimiter = ',')]
+    redis_cluster: Vec<String>,
+    /// How messages are published on the cluster: SPUBLISH (sharded, as
+    /// wsproxy's REDIS_CLUSTER_PUBSUB=sharded) or PUBLISH (classic).
+    #[arg(long, global = true, value_enum, default_value = "sharded")]
+    cluster_pubsub: cluster::PubSub,
     /// nchan's HTTP base URL (publish: POST /pub/{id}; subscribe: WS /sub/{id}).
     #[arg(long, global = true, default_value = "http://127.0.0.1:8091")]
     nchan: String,
@@ -213,8 +228,17 @@ enum Command {
     },
 }
 
-fn target(which: Which, c: &Common) -> Target {
-    match which {
+fn target(which: Which, c: &Common) -> anyhow::Result<Target> {
+    let cluster = !c.redis_cluster.is_empty();
+    Ok(match which {
+        Which::Wsproxy if cluster => Target::WsproxyCluster {
+            ws: c.wsproxy.clone(),
+            nodes: c.redis_cluster.clone(),
+            pubsub: c.cluster_pubsub,
+        },
+        Which::Hub | Which::Reliable if cluster => {
+            bail!("--redis-cluster supports the wsproxy and nchan targets, not {which:?}")
+        }
         Which::Wsproxy => Target::Wsproxy {
             ws: c.wsproxy.clone(),
             redis: c.redis.clone(),
@@ -230,7 +254,7 @@ fn target(which: Which, c: &Common) -> Target {
             ws: c.wsproxy.clone(),
             redis: c.redis.clone(),
         },
-    }
+    })
 }
 
 async fn run_one(
@@ -329,6 +353,14 @@ async fn main() -> anyhow::Result<()> {
     let c = cli.common.clone();
     let sources = Arc::new(net::Sources::new(c.sources));
     net::raise_fd_limit();
+    if !c.redis_cluster.is_empty()
+        && matches!(
+            cli.command,
+            Command::Up { .. } | Command::Resume { .. } | Command::Soak { .. }
+        )
+    {
+        bail!("--redis-cluster supports connect, idle, down, fanout and compare");
+    }
     let mut failed = false;
     let mut soak_failed = false;
     let mut chaos_failures = Vec::new();
@@ -347,7 +379,7 @@ async fn main() -> anyhow::Result<()> {
             let load = Load { n, m: 0, rate: 0.0 };
             let t = match url {
                 Some(url) => Target::Url { name, url },
-                None => target(w, &c),
+                None => target(w, &c)?,
             };
             let r = run_one("connect", &t, &c, &sources, &load, &[]).await?;
             check(&r);
@@ -363,7 +395,7 @@ async fn main() -> anyhow::Result<()> {
             let load = Load { n, m: 0, rate: 0.0 };
             let t = match url {
                 Some(url) => Target::Url { name, url },
-                None => target(w, &c),
+                None => target(w, &c)?,
             };
             let r = run_one("idle", &t, &c, &sources, &load, &pids).await?;
             check(&r);
@@ -375,12 +407,12 @@ async fn main() -> anyhow::Result<()> {
             emit(&r, &c)?;
         }
         Command::Down { target: w, load } => {
-            let r = run_one("down", &target(w, &c), &c, &sources, &load, &[]).await?;
+            let r = run_one("down", &target(w, &c)?, &c, &sources, &load, &[]).await?;
             check(&r);
             emit(&r, &c)?;
         }
         Command::Fanout { target: w, load } => {
-            let r = run_one("fanout", &target(w, &c), &c, &sources, &load, &[]).await?;
+            let r = run_one("fanout", &target(w, &c)?, &c, &sources, &load, &[]).await?;
             check(&r);
             emit(&r, &c)?;
         }
@@ -430,8 +462,8 @@ async fn main() -> anyhow::Result<()> {
             peer_pids,
             ours,
         } => {
-            let w = target(ours, &c);
-            let p = target(Which::Nchan, &c);
+            let w = target(ours, &c)?;
+            let p = target(Which::Nchan, &c)?;
             for round in 1..=rounds.max(1) {
                 let a = run_one(&scenario, &w, &c, &sources, &load, &wsproxy_pids).await?;
                 emit(&a, &c)?;

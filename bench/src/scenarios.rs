@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::cluster::{self, ClusterBackend};
 use crate::net::{self, HttpConn, Sources, Ws};
 use crate::stats::{self, Report, histogram, message, now_us};
 
@@ -49,6 +50,17 @@ pub enum Target {
         /// The Redis wsproxy uses.
         redis: String,
     },
+    /// wsproxy's session bridge on a Redis Cluster (`REDIS_CLUSTER_NODES`):
+    /// tokens with `SETEX session:{<id>}:auth`, messages with `SPUBLISH
+    /// session:{<id>}:down` (or `PUBLISH`, classic), one pipeline per
+    /// master (see [`crate::cluster`]).
+    WsproxyCluster {
+        /// e.g. ws://127.0.0.1:8080
+        ws: String,
+        /// Seed URLs of the cluster.
+        nodes: Vec<String>,
+        pubsub: cluster::PubSub,
+    },
     /// Any WebSocket URL (a proxy route, an echo server): connect and idle only.
     Url {
         /// Reported name.
@@ -65,13 +77,19 @@ impl Target {
             Target::Nchan { .. } => "nchan".into(),
             Target::Hub { .. } => "wsproxy-hub".into(),
             Target::Reliable { .. } => "wsproxy-reliable".into(),
+            Target::WsproxyCluster { pubsub, .. } => match pubsub {
+                cluster::PubSub::Sharded => "wsproxy-cluster".into(),
+                cluster::PubSub::Classic => "wsproxy-cluster-classic".into(),
+            },
             Target::Url { name, .. } => name.clone(),
         }
     }
 
     fn sub_url(&self, channel: &str) -> String {
         match self {
-            Target::Wsproxy { ws, .. } | Target::Reliable { ws, .. } => {
+            Target::Wsproxy { ws, .. }
+            | Target::Reliable { ws, .. }
+            | Target::WsproxyCluster { ws, .. } => {
                 format!("{ws}/bench/ws/{channel}")
             }
             Target::Nchan { http } => {
@@ -87,6 +105,7 @@ impl Target {
         match self {
             Target::Hub { .. } => format!("pubsub:bench:{channel}"),
             Target::Reliable { .. } => format!("session:{channel}:history"),
+            Target::WsproxyCluster { .. } => cluster::down_channel(channel),
             _ => format!("session:{channel}:down"),
         }
     }
@@ -108,11 +127,33 @@ impl Target {
                 let _: () = pipe.query_async(&mut c).await?;
             }
         }
+        if let Target::WsproxyCluster { nodes, .. } = self {
+            let backend = ClusterBackend::connect(nodes).await?;
+            for chunk in channels.chunks(1000) {
+                let mut pipes = backend.pipelines();
+                for ch in chunk {
+                    let key = cluster::auth_key(ch);
+                    pipes[backend.master_of(&key)]
+                        .cmd("SETEX")
+                        .arg(key)
+                        .arg(600)
+                        .arg(token_for(ch));
+                }
+                let failed = backend.send(pipes).await;
+                if failed > 0 {
+                    bail!("{failed} of {} SETEX on the cluster failed", chunk.len());
+                }
+            }
+        }
         Ok(())
     }
 
     fn token(&self, channel: &str) -> Option<String> {
-        matches!(self, Target::Wsproxy { .. } | Target::Reliable { .. }).then(|| token_for(channel))
+        matches!(
+            self,
+            Target::Wsproxy { .. } | Target::Reliable { .. } | Target::WsproxyCluster { .. }
+        )
+        .then(|| token_for(channel))
     }
 
     /// Waits until the target delivers to `expected[i]` subscribers on
@@ -431,18 +472,23 @@ fn seq_of(msg: &[u8]) -> Option<u64> {
 /// to the target; how far the publisher fell behind its schedule is
 /// returned too (the last field, microseconds), so a target that slows the
 /// publisher cannot hide it: it shows up as publisher lag and as a lower
-/// delivered rate. Returns (first send time, published, errors, max lag).
+/// delivered rate. Returns (first send time, published, errors, max lag,
+/// a note: on a cluster, how many messages went to each master).
 async fn publish(
     target: &Target,
     channels: &[String],
     m: u64,
     rate: f64,
-) -> anyhow::Result<(u64, u64, u64, u64)> {
+) -> anyhow::Result<(u64, u64, u64, u64, String)> {
     // Connect before the clock starts: connecting is not publishing.
     let mut redis_connection = match target {
         Target::Wsproxy { redis, .. }
         | Target::Hub { redis, .. }
         | Target::Reliable { redis, .. } => Some(redis_conn(redis).await?),
+        _ => None,
+    };
+    let mut cluster_backend = match target {
+        Target::WsproxyCluster { nodes, .. } => Some(ClusterBackend::connect(nodes).await?),
         _ => None,
     };
     let reliable = matches!(target, Target::Reliable { .. });
@@ -501,7 +547,59 @@ async fn publish(
                     errors += batch;
                 }
             }
-            Ok((t0, m - errors, errors, lag))
+            Ok((t0, m - errors, errors, lag, String::new()))
+        }
+        Target::WsproxyCluster { pubsub, .. } => {
+            let Some(backend) = cluster_backend.take() else {
+                bail!("no cluster connection");
+            };
+            let names: Vec<String> = channels.iter().map(|ch| target.redis_channel(ch)).collect();
+            let owners: Vec<usize> = names.iter().map(|n| backend.master_of(n)).collect();
+            let command = pubsub.command();
+            let mut per_master = vec![0u64; backend.masters.len()];
+            let mut i = 0u64;
+            let mut errors = 0;
+            let mut lag = 0;
+            while i < m {
+                let now = now_us();
+                // One pipeline per master, sent at once: what one pipeline
+                // is for a single Redis.
+                let mut pipes = backend.pipelines();
+                let mut batch = 0;
+                while i < m && batch < 512 && due(i) <= now {
+                    if rate > 0.0 {
+                        lag = u64::max(lag, now - due(i));
+                    }
+                    let k = (i as usize) % names.len();
+                    pipes[owners[k]]
+                        .cmd(command)
+                        .arg(&names[k])
+                        .arg(message(now, i));
+                    per_master[owners[k]] += 1;
+                    i += 1;
+                    batch += 1;
+                }
+                if batch == 0 {
+                    let wait = due(i).saturating_sub(now_us());
+                    tokio::time::sleep(Duration::from_micros(wait)).await;
+                    continue;
+                }
+                errors += backend.send(pipes).await;
+            }
+            let spread = backend
+                .masters
+                .iter()
+                .zip(&per_master)
+                .map(|(addr, n)| format!("{addr} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            Ok((
+                t0,
+                m - errors,
+                errors,
+                lag,
+                format!("{command} per master: {spread}"),
+            ))
         }
         Target::Url { .. } => bail!("a plain URL target has no way to publish"),
         Target::Nchan { .. } => {
@@ -546,7 +644,13 @@ async fn publish(
                 let _ = w.await;
             }
             let errors = errors.load(Ordering::Relaxed);
-            Ok((t0, m - errors, errors, lag.load(Ordering::Relaxed)))
+            Ok((
+                t0,
+                m - errors,
+                errors,
+                lag.load(Ordering::Relaxed),
+                String::new(),
+            ))
         }
     }
 }
@@ -614,7 +718,7 @@ pub async fn down(
             receive(ws, expected, stop.clone(), None)
         })
         .collect();
-    let (t0, published, pub_errors, lag) = publish(target, &chans, m, rate).await?;
+    let (t0, published, pub_errors, lag, spread) = publish(target, &chans, m, rate).await?;
     let expected_end = Duration::from_secs_f64(if rate > 0.0 { m as f64 / rate } else { 0.0 });
     let (count, hist, last) =
         collect(receivers, stop, expected_end + Duration::from_secs(10)).await;
@@ -629,7 +733,11 @@ pub async fn down(
         seconds,
         rate: count as f64 / seconds.max(1e-9),
         offered: rate,
-        note: lag_note(rate, lag),
+        note: [lag_note(rate, lag), spread]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
         ..Report::default()
     }
     .with_latency(&hist))
@@ -661,7 +769,7 @@ pub async fn fanout(
         .into_iter()
         .map(|ws| receive(ws, m, stop.clone(), Some(per_seq.clone())))
         .collect();
-    let (t0, published, pub_errors, lag) = publish(target, &chan, m, rate).await?;
+    let (t0, published, pub_errors, lag, spread) = publish(target, &chan, m, rate).await?;
     let expected_end = Duration::from_secs_f64(if rate > 0.0 { m as f64 / rate } else { 0.0 });
     let (count, _all, last) =
         collect(receivers, stop, expected_end + Duration::from_secs(10)).await;
@@ -683,13 +791,11 @@ pub async fn fanout(
         seconds,
         rate: count as f64 / seconds.max(1e-9),
         offered: rate,
-        note: format!(
-            "latency = last subscriber per message{}",
-            match lag_note(rate, lag) {
-                n if n.is_empty() => String::new(),
-                n => format!("; {n}"),
-            }
-        ),
+        note: std::iter::once("latency = last subscriber per message".to_owned())
+            .chain([lag_note(rate, lag), spread])
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
         ..Report::default()
     }
     .with_latency(&last_sub))
