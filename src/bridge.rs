@@ -165,34 +165,8 @@ async fn accept(
         };
         Ok::<_, AuthError>((subscription, joined))
     };
-    let (subscription, joined) = match tokio::time::timeout(config.auth_timeout, attach).await {
-        Ok(Ok(attached)) => attached,
-        Ok(Err(AuthError::Invalid)) => {
-            tracing::info!(%session_id, %agent_id, "refused: invalid or expired token");
-            return Err(
-                Refusal::InvalidToken("the token is invalid or has expired".into())
-                    .counted(&app.metrics),
-            );
-        }
-        Ok(Err(AuthError::Missing(m))) => {
-            return Err(Refusal::MissingToken(m.into()).counted(&app.metrics));
-        }
-        Ok(Err(e @ (AuthError::Redis(_) | AuthError::Subscribe(_) | AuthError::History(_)))) => {
-            if let AuthError::History(h) = &e
-                && h.library_missing()
-            {
-                // The loader puts it back (see server::keep_history_library).
-                app.history_loaded
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-            }
-            tracing::warn!(%session_id, error = %e, "refused: redis unavailable");
-            return Err(redis_unavailable(&app));
-        }
-        Err(_) => {
-            tracing::warn!(%session_id, "refused: authentication timed out");
-            return Err(redis_unavailable(&app));
-        }
-    };
+    let attached = tokio::time::timeout(config.auth_timeout, attach).await;
+    let (subscription, joined) = admitted_or_refused(&app, &session_id, &agent_id, attached)?;
 
     // 4. Upgrade; the driver pumps frames until the connection ends.
     let label = Label {
@@ -375,6 +349,45 @@ fn driver<H: Handler>(
         slot,
         preamble,
         tracking,
+    }
+}
+
+/// What the admission's Redis steps came to: the subscription and the
+/// history's answer, or the refusal that says why not (logged and
+/// counted).
+fn admitted_or_refused<T>(
+    app: &App,
+    session_id: &str,
+    agent_id: &str,
+    attached: Result<Result<T, AuthError>, tokio::time::error::Elapsed>,
+) -> Result<T, ApiError> {
+    match attached {
+        Ok(Ok(attached)) => Ok(attached),
+        Ok(Err(AuthError::Invalid)) => {
+            tracing::info!(%session_id, %agent_id, "refused: invalid or expired token");
+            Err(
+                Refusal::InvalidToken("the token is invalid or has expired".into())
+                    .counted(&app.metrics),
+            )
+        }
+        Ok(Err(AuthError::Missing(m))) => {
+            Err(Refusal::MissingToken(m.into()).counted(&app.metrics))
+        }
+        Ok(Err(e @ (AuthError::Redis(_) | AuthError::Subscribe(_) | AuthError::History(_)))) => {
+            if let AuthError::History(h) = &e
+                && h.library_missing()
+            {
+                // The loader puts it back (see server::keep_history_library).
+                app.history_loaded
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+            tracing::warn!(%session_id, error = %e, "refused: redis unavailable");
+            Err(redis_unavailable(app))
+        }
+        Err(_) => {
+            tracing::warn!(%session_id, "refused: authentication timed out");
+            Err(redis_unavailable(app))
+        }
     }
 }
 
