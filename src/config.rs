@@ -12,6 +12,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Parser;
+mod auth;
+mod parse;
+mod redis;
+mod sessions;
+
+pub use self::auth::JwtConfig;
+pub use self::redis::{
+    ClusterConfig, ClusterPubSub, DEFAULT_REDIS_URL, RedisTlsConfig, redact_url,
+};
+pub use self::sessions::{LifecycleConfig, PubSubConfig, ReliableConfig};
+
+use self::parse::{boolean, number, path, seconds};
 
 /// A setting that could not be accepted. The message names the environment
 /// variable and the offending value, and is meant to be printed as is.
@@ -40,149 +52,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
-}
-
-/// Topic pub/sub settings (`GET /ws`).
-#[derive(Debug, Clone)]
-pub struct PubSubConfig {
-    /// Accept `/ws` connections without a token.
-    pub allow_anonymous: bool,
-    /// Most topics one connection may subscribe to.
-    pub max_subscriptions: usize,
-    /// Largest `payload` of a published message, in bytes.
-    pub max_payload_bytes: usize,
-}
-
-/// Reliable sessions (see [`crate::history`] and [`crate::reliable`]).
-#[derive(Debug, Clone)]
-pub struct ReliableConfig {
-    /// Offer the `wsproxy.v1` subprotocol on session connections.
-    pub enabled: bool,
-    /// Entries a session's history keeps at least (trimmed approximately).
-    pub history_max_len: usize,
-    /// How long a session's history outlives its last publish or connect.
-    pub history_ttl: Duration,
-    /// Streams client messages are spread over (`wsproxy:up:{n}`).
-    pub up_shards: usize,
-    /// Entries each client-message stream keeps at least.
-    pub up_max_len: usize,
-    /// How long a client message id is remembered, so a resend is stored
-    /// once.
-    pub dedupe_window: Duration,
-}
-
-impl Default for ReliableConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            history_max_len: 1000,
-            history_ttl: Duration::from_secs(600),
-            up_shards: 1,
-            up_max_len: 100_000,
-            dedupe_window: Duration::from_secs(300),
-        }
-    }
-}
-
-/// What backends learn through Redis (see [`crate::lifecycle`]).
-#[derive(Debug, Clone)]
-pub struct LifecycleConfig {
-    /// Append connect, resume and disconnect events to `wsproxy:events`.
-    pub events: bool,
-    /// Entries the events stream keeps at least (trimmed approximately).
-    pub events_max_len: usize,
-    /// Also publish each event on the session's own events channel.
-    pub session_channel: bool,
-    /// Query parameters of the upgrade request copied into connect events.
-    pub query_params: Vec<String>,
-    /// Keep each session's presence hash.
-    pub presence: bool,
-    /// How often a process renews its heartbeat (and looks for dead ones).
-    pub heartbeat: Duration,
-}
-
-impl LifecycleConfig {
-    /// True when connections are registered with Redis at all.
-    pub fn tracked(&self) -> bool {
-        self.events || self.presence
-    }
-}
-
-impl Default for LifecycleConfig {
-    fn default() -> Self {
-        Self {
-            events: false,
-            events_max_len: 100_000,
-            session_channel: false,
-            query_params: Vec::new(),
-            presence: false,
-            heartbeat: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Query parameters that never go into an event: the token, and the
-/// position of a resume (the event says whether it resumed).
-const PRIVATE_QUERY_PARAMS: [&str; 3] = ["access_token", "epoch", "offset"];
-/// How a Redis Cluster carries wsproxy's channels (`REDIS_CLUSTER_PUBSUB`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClusterPubSub {
-    /// `SPUBLISH`/`SSUBSCRIBE` (Redis 7): each channel lives in its slot's
-    /// shard, so a message travels to one shard only. The default.
-    Sharded,
-    /// `PUBLISH`/`SUBSCRIBE`: every message is broadcast to every node, for
-    /// backends that keep `PUBLISH`.
-    Classic,
-}
-
-/// A Redis Cluster (`REDIS_CLUSTER_NODES`), in place of `REDIS_URL`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ClusterConfig {
-    /// Seed node URLs (`redis://host:port`), already parsed; wsproxy learns
-    /// the rest of the cluster from them.
-    pub nodes: Vec<String>,
-    /// Sharded or classic pub/sub.
-    pub pubsub: ClusterPubSub,
-}
-
-impl std::fmt::Debug for ClusterConfig {
-    // The URLs may hold a password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let nodes: Vec<String> = self.nodes.iter().map(|n| redact_url(n)).collect();
-        f.debug_struct("ClusterConfig")
-            .field("nodes", &nodes)
-            .field("pubsub", &self.pubsub)
-            .finish()
-    }
-}
-
-/// The default `REDIS_URL`: also how "not set" is told when
-/// `REDIS_CLUSTER_NODES` is.
-pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-/// JSON Web Token settings; present when `JWT_SECRET` is set.
-#[derive(Clone)]
-pub struct JwtConfig {
-    /// HS256 signing secret (at least 32 bytes).
-    pub secret: Vec<u8>,
-    /// `iss` claim issued and required.
-    pub issuer: String,
-    /// `aud` claim issued and required.
-    pub audience: String,
-    /// Lifetime of issued tokens.
-    pub ttl: Duration,
-}
-
-impl std::fmt::Debug for JwtConfig {
-    // Never print the secret.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtConfig")
-            .field("secret", &"<redacted>")
-            .field("issuer", &self.issuer)
-            .field("audience", &self.audience)
-            .field("ttl", &self.ttl)
-            .finish()
-    }
 }
 
 /// The validated configuration every module reads.
@@ -244,19 +113,6 @@ pub struct Config {
     pub upstream_ca_file: Option<std::path::PathBuf>,
     /// Certificate chain and private key (PEM) to serve wss:// / https.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
-}
-
-/// Files for TLS to Redis (`rediss://` URLs), read at start-up by
-/// [`crate::redis_tls`]. Both empty: the system's roots alone, no client
-/// certificate.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RedisTlsConfig {
-    /// PEM CA certificates trusted besides the system's roots
-    /// (`REDIS_CA_FILE`).
-    pub ca_file: Option<std::path::PathBuf>,
-    /// PEM certificate chain and private key presented to Redis (mutual
-    /// TLS: `REDIS_CLIENT_CERT_FILE`, `REDIS_CLIENT_KEY_FILE`).
-    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// A value never shown by `Debug` (a token, a password).
@@ -537,13 +393,6 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-fn path(raw: &Option<String>) -> Option<std::path::PathBuf> {
-    raw.as_deref()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(std::path::PathBuf::from)
-}
-
 /// Subcommands besides running the server.
 #[derive(Debug, clap::Subcommand)]
 #[allow(rustdoc::invalid_html_tags)]
@@ -556,285 +405,7 @@ pub enum Command {
     },
 }
 
-fn boolean(var: &'static str, raw: &str) -> Result<bool, ConfigError> {
-    match raw.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" | "" => Ok(false),
-        _ => Err(ConfigError::new(
-            var,
-            format!("{raw:?} is not a boolean (expected true or false)"),
-        )),
-    }
-}
-
-/// Parses a whole number within `range`, naming `var` on failure.
-fn number<T>(
-    var: &'static str,
-    raw: &str,
-    range: std::ops::RangeInclusive<T>,
-) -> Result<T, ConfigError>
-where
-    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
-{
-    let value: T = raw.trim().parse().map_err(|_| {
-        ConfigError::new(
-            var,
-            format!(
-                "{raw:?} is not a whole number (expected {}-{})",
-                range.start(),
-                range.end()
-            ),
-        )
-    })?;
-    if !range.contains(&value) {
-        return Err(ConfigError::new(
-            var,
-            format!("{value} is outside {}-{}", range.start(), range.end()),
-        ));
-    }
-    Ok(value)
-}
-
-fn nonempty(var: &'static str, raw: &str) -> Result<String, ConfigError> {
-    let v = raw.trim();
-    if v.is_empty() {
-        return Err(ConfigError::new(var, "must not be empty"));
-    }
-    Ok(v.to_owned())
-}
-
-fn seconds(
-    var: &'static str,
-    raw: &str,
-    range: std::ops::RangeInclusive<u64>,
-) -> Result<Duration, ConfigError> {
-    number(var, raw, range).map(Duration::from_secs)
-}
-
-/// Hides the password of a URL (`redis://user:secret@host` becomes
-/// `redis://user:***@host`) so error messages can be logged safely.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 impl Cli {
-    /// The topic pub/sub settings.
-    fn pubsub(&self) -> Result<PubSubConfig, ConfigError> {
-        Ok(PubSubConfig {
-            allow_anonymous: boolean("PUBSUB_ALLOW_ANONYMOUS", &self.pubsub_allow_anonymous)?,
-            max_subscriptions: number(
-                "PUBSUB_MAX_SUBSCRIPTIONS",
-                &self.pubsub_max_subscriptions,
-                1..=100_000,
-            )?,
-            max_payload_bytes: number(
-                "PUBSUB_MAX_PAYLOAD_BYTES",
-                &self.pubsub_max_payload_bytes,
-                1..=(16 << 20),
-            )?,
-        })
-    }
-
-    /// The reliable-session settings.
-    fn reliable(&self) -> Result<ReliableConfig, ConfigError> {
-        Ok(ReliableConfig {
-            enabled: boolean("RELIABLE_SESSIONS", &self.reliable_sessions)?,
-            history_max_len: number("HISTORY_MAX_LEN", &self.history_max_len, 1..=1_000_000)?,
-            history_ttl: seconds("HISTORY_TTL_SECS", &self.history_ttl_secs, 1..=2_592_000)?,
-            up_shards: number("UP_STREAM_SHARDS", &self.up_stream_shards, 1..=1024)?,
-            up_max_len: number(
-                "UP_STREAM_MAX_LEN",
-                &self.up_stream_max_len,
-                1..=100_000_000,
-            )?,
-            dedupe_window: seconds("UP_DEDUPE_SECS", &self.up_dedupe_secs, 1..=86_400)?,
-        })
-    }
-
-    /// Lifecycle events, presence and heartbeats.
-    fn lifecycle(&self) -> Result<LifecycleConfig, ConfigError> {
-        let mut query_params = Vec::new();
-        for name in self.events_query_params.split(',').map(str::trim) {
-            if name.is_empty() {
-                continue;
-            }
-            if PRIVATE_QUERY_PARAMS.contains(&name) {
-                return Err(ConfigError::new(
-                    "EVENTS_QUERY_PARAMS",
-                    format!("{name:?} is never copied into events (it is a token or a position)"),
-                ));
-            }
-            if name.len() > 64 || !name.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ConfigError::new(
-                    "EVENTS_QUERY_PARAMS",
-                    format!("{name:?} is not a query parameter name (1-64 printable characters)"),
-                ));
-            }
-            query_params.push(name.to_owned());
-        }
-        Ok(LifecycleConfig {
-            events: boolean("LIFECYCLE_EVENTS", &self.lifecycle_events)?,
-            events_max_len: number("EVENTS_MAX_LEN", &self.events_max_len, 1..=100_000_000)?,
-            session_channel: boolean("EVENTS_SESSION_CHANNEL", &self.events_session_channel)?,
-            query_params,
-            presence: boolean("PRESENCE", &self.presence)?,
-            heartbeat: seconds(
-                "PROCESS_HEARTBEAT_SECS",
-                &self.process_heartbeat_secs,
-                1..=3600,
-            )?,
-        })
-    }
-
-    /// The Redis Cluster settings, when `REDIS_CLUSTER_NODES` is set.
-    fn redis_cluster(&self) -> Result<Option<ClusterConfig>, ConfigError> {
-        let pubsub = match self
-            .redis_cluster_pubsub
-            .trim()
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "sharded" | "" => ClusterPubSub::Sharded,
-            "classic" => ClusterPubSub::Classic,
-            _ => {
-                return Err(ConfigError::new(
-                    "REDIS_CLUSTER_PUBSUB",
-                    format!(
-                        "{:?} is not a pub/sub mode (expected sharded or classic)",
-                        self.redis_cluster_pubsub
-                    ),
-                ));
-            }
-        };
-        let Some(raw) = self.redis_cluster_nodes.as_deref() else {
-            return Ok(None);
-        };
-        let nodes: Vec<String> = raw
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if nodes.is_empty() {
-            return Err(ConfigError::new(
-                "REDIS_CLUSTER_NODES",
-                "names no node (expected e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379)",
-            ));
-        }
-        if self.redis_url.trim() != DEFAULT_REDIS_URL {
-            return Err(ConfigError::new(
-                "REDIS_CLUSTER_NODES",
-                "cannot be used with REDIS_URL: set one of them",
-            ));
-        }
-        for node in &nodes {
-            use redis::IntoConnectionInfo;
-            let bad = |why: String| {
-                ConfigError::new(
-                    "REDIS_CLUSTER_NODES",
-                    format!("{:?} is not a Redis node URL: {why}", redact_url(node)),
-                )
-            };
-            if !node.starts_with("redis://") {
-                return Err(bad("expected redis://host:port".into()));
-            }
-            node.as_str()
-                .into_connection_info()
-                .map_err(|e| bad(e.to_string()))?;
-        }
-        redis::cluster::ClusterClient::new(nodes.clone()).map_err(|e| {
-            ConfigError::new(
-                "REDIS_CLUSTER_NODES",
-                format!("the seed nodes are refused: {e}"),
-            )
-        })?;
-        Ok(Some(ClusterConfig { nodes, pubsub }))
-    }
-
-    /// The JWT settings, when `JWT_SECRET` is set.
-    fn jwt(&self) -> Result<Option<JwtConfig>, ConfigError> {
-        Ok(match &self.jwt_secret {
-            None => None,
-            Some(secret) if secret.len() < 32 => {
-                return Err(ConfigError::new(
-                    "JWT_SECRET",
-                    format!(
-                        "is {} bytes long; use at least 32 random bytes",
-                        secret.len()
-                    ),
-                ));
-            }
-            Some(secret) => Some(JwtConfig {
-                secret: secret.as_bytes().to_vec(),
-                issuer: nonempty("JWT_ISSUER", &self.jwt_issuer)?,
-                audience: nonempty("JWT_AUDIENCE", &self.jwt_audience)?,
-                ttl: seconds("JWT_TTL_SECS", &self.jwt_ttl_secs, 60..=31_536_000)?,
-            }),
-        })
-    }
-
-    /// The TLS files for Redis. They belong to a `rediss://` URL only, the
-    /// certificate and key go together, and `#insecure` (no certificate
-    /// checks) is refused. The files themselves are read by
-    /// [`crate::redis_tls`] at start-up.
-    fn redis_tls(&self, addr: &redis::ConnectionAddr) -> Result<RedisTlsConfig, ConfigError> {
-        let tls = RedisTlsConfig {
-            ca_file: path(&self.redis_ca_file),
-            client_cert: match (
-                path(&self.redis_client_cert_file),
-                path(&self.redis_client_key_file),
-            ) {
-                (Some(c), Some(k)) => Some((c, k)),
-                (None, None) => None,
-                (Some(_), None) => {
-                    return Err(ConfigError::new(
-                        "REDIS_CLIENT_KEY_FILE",
-                        "is required when REDIS_CLIENT_CERT_FILE is set",
-                    ));
-                }
-                (None, Some(_)) => {
-                    return Err(ConfigError::new(
-                        "REDIS_CLIENT_CERT_FILE",
-                        "is required when REDIS_CLIENT_KEY_FILE is set",
-                    ));
-                }
-            },
-        };
-        match addr {
-            redis::ConnectionAddr::TcpTls { insecure: true, .. } => Err(ConfigError::new(
-                "REDIS_URL",
-                format!(
-                    "{:?}: #insecure would turn off the checks of Redis's certificate, which \
-                     wsproxy never does; trust a private CA with REDIS_CA_FILE instead",
-                    redact_url(&self.redis_url)
-                ),
-            )),
-            redis::ConnectionAddr::TcpTls { .. } => Ok(tls),
-            _ => {
-                let set = [
-                    ("REDIS_CA_FILE", tls.ca_file.is_some()),
-                    ("REDIS_CLIENT_CERT_FILE", tls.client_cert.is_some()),
-                ];
-                match set.iter().find(|(_, is_set)| *is_set) {
-                    Some((var, _)) => Err(ConfigError::new(
-                        var,
-                        "is set, but REDIS_URL does not use TLS: use rediss://host:port, or unset it",
-                    )),
-                    None => Ok(tls),
-                }
-            }
-        }
-    }
-
     /// Validates every value and builds the [`Config`].
     pub fn into_config(&self) -> Result<Config, ConfigError> {
         let host: IpAddr = self.host.trim().parse().map_err(|_| {
@@ -854,7 +425,7 @@ impl Cli {
         })?;
         // Parse the URL now so a typo stops start-up instead of surfacing as
         // endless reconnect attempts.
-        let redis = redis::Client::open(self.redis_url.as_str()).map_err(|e| {
+        let redis = ::redis::Client::open(self.redis_url.as_str()).map_err(|e| {
             ConfigError::new(
                 "REDIS_URL",
                 format!(
@@ -994,7 +565,7 @@ pub fn default_workers() -> usize {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+    pub(super) fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         let mut all = vec!["wsproxy"];
         all.extend_from_slice(args);
         Cli::try_parse_from(all)
@@ -1050,136 +621,6 @@ mod tests {
     }
 
     #[test]
-    fn bad_redis_url_is_refused() {
-        let e = parse(&["--redis-url", "http://nope"]).expect_err("not redis");
-        assert_eq!(e.var, "REDIS_URL");
-        assert!(e.to_string().contains("http://nope"), "{e}");
-    }
-
-    #[test]
-    fn redis_tls_files_need_a_rediss_url_and_go_in_pairs() {
-        let ok = parse(&[
-            "--redis-url",
-            "rediss://:pw@h:6380",
-            "--redis-ca-file",
-            "/ca.pem",
-            "--redis-client-cert-file",
-            "/c.pem",
-            "--redis-client-key-file",
-            "/k.pem",
-        ])
-        .expect("rediss with both files");
-        assert_eq!(ok.redis_tls.ca_file, Some("/ca.pem".into()));
-        assert_eq!(
-            ok.redis_tls.client_cert,
-            Some(("/c.pem".into(), "/k.pem".into()))
-        );
-        assert_eq!(
-            parse(&[]).expect("defaults").redis_tls,
-            RedisTlsConfig::default()
-        );
-        let e = parse(&["--redis-ca-file", "/ca.pem"]).expect_err("redis:// with a CA");
-        assert_eq!(e.var, "REDIS_CA_FILE");
-        let e = parse(&[
-            "--redis-client-cert-file",
-            "/c.pem",
-            "--redis-client-key-file",
-            "/k.pem",
-        ])
-        .expect_err("redis:// with a client certificate");
-        assert_eq!(e.var, "REDIS_CLIENT_CERT_FILE");
-        let e = parse(&[
-            "--redis-url",
-            "rediss://h",
-            "--redis-client-cert-file",
-            "/c.pem",
-        ])
-        .expect_err("no key");
-        assert_eq!(e.var, "REDIS_CLIENT_KEY_FILE");
-        let e = parse(&[
-            "--redis-url",
-            "rediss://h",
-            "--redis-client-key-file",
-            "/k.pem",
-        ])
-        .expect_err("no certificate");
-        assert_eq!(e.var, "REDIS_CLIENT_CERT_FILE");
-        let e = parse(&["--redis-url", "rediss://:pw@h:6380/#insecure"]).expect_err("insecure");
-        assert_eq!(e.var, "REDIS_URL");
-        assert!(e.to_string().contains("#insecure"), "{e}");
-        assert!(!e.to_string().contains("pw"), "{e}");
-    }
-
-    #[test]
-    fn cluster_nodes_are_validated_and_exclude_redis_url() {
-        let c = parse(&[
-            "--redis-cluster-nodes",
-            "redis://127.0.0.1:7000, redis://127.0.0.1:7001",
-        ])
-        .expect("valid seeds");
-        let cluster = c.redis_cluster.clone().expect("a cluster");
-        assert_eq!(
-            cluster.nodes,
-            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
-        );
-        assert_eq!(cluster.pubsub, ClusterPubSub::Sharded);
-        assert_eq!(c.keys(), crate::keys::Keys::ClusterSharded);
-        let c = parse(&[
-            "--redis-cluster-nodes",
-            "redis://h:7000",
-            "--redis-cluster-pubsub",
-            "Classic",
-        ])
-        .expect("classic");
-        assert_eq!(c.keys(), crate::keys::Keys::ClusterClassic);
-        assert_eq!(
-            parse(&[]).expect("default").keys(),
-            crate::keys::Keys::Standalone
-        );
-        for (args, var) in [
-            (vec!["--redis-cluster-nodes", " , "], "REDIS_CLUSTER_NODES"),
-            (
-                vec!["--redis-cluster-nodes", "http://h:1"],
-                "REDIS_CLUSTER_NODES",
-            ),
-            (
-                vec!["--redis-cluster-nodes", "redis://h:port"],
-                "REDIS_CLUSTER_NODES",
-            ),
-            (
-                vec![
-                    "--redis-cluster-nodes",
-                    "redis://h:1",
-                    "--redis-url",
-                    "redis://o:2",
-                ],
-                "REDIS_CLUSTER_NODES",
-            ),
-            (
-                vec!["--redis-cluster-pubsub", "both"],
-                "REDIS_CLUSTER_PUBSUB",
-            ),
-        ] {
-            let e = parse(&args).expect_err(&format!("{args:?}"));
-            assert_eq!(e.var, var, "{e}");
-            assert!(!e.to_string().contains('\n'), "one line: {e}");
-        }
-        let e = parse(&["--redis-cluster-nodes", "redis://:pw@h:notaport"]).expect_err("bad");
-        assert!(!e.to_string().contains("pw"), "{e}");
-        let c = parse(&["--redis-cluster-nodes", "redis://:pw@h:1"]).expect("with password");
-        assert!(!format!("{c:?}").contains("pw"));
-    }
-
-    #[test]
-    fn passwords_are_redacted_from_urls() {
-        assert_eq!(redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
-        assert_eq!(redact_url("redis://:secret@h"), "redis://:***@h");
-        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
-        let e = parse(&["--redis-url", "redis://:pw@h:notaport"]).expect_err("bad port");
-        assert!(!e.to_string().contains("pw"), "{e}");
-    }
-
-    #[test]
     fn out_of_range_seconds_are_refused() {
         let e = parse(&["--ws-ping-interval-secs", "0"]).expect_err("zero interval");
         assert_eq!(e.var, "WS_PING_INTERVAL_SECS");
@@ -1214,33 +655,6 @@ mod tests {
         assert!(!e.to_string().contains("short"), "not echoed: {e}");
         let e = parse(&["--pubsub-allow-anonymous", "maybe"]).expect_err("not a bool");
         assert_eq!(e.var, "PUBSUB_ALLOW_ANONYMOUS");
-    }
-
-    #[test]
-    fn lifecycle_settings_are_validated() {
-        let c = parse(&[
-            "--lifecycle-events",
-            "true",
-            "--events-query-params",
-            "lang, plan",
-        ])
-        .expect("valid");
-        assert!(c.lifecycle.events && !c.lifecycle.presence && c.lifecycle.tracked());
-        assert_eq!(c.lifecycle.query_params, ["lang", "plan"]);
-        for (flag, value, var) in [
-            (
-                "--events-query-params",
-                "lang,access_token",
-                "EVENTS_QUERY_PARAMS",
-            ),
-            ("--events-query-params", "a b", "EVENTS_QUERY_PARAMS"),
-            ("--presence", "maybe", "PRESENCE"),
-            ("--process-heartbeat-secs", "0", "PROCESS_HEARTBEAT_SECS"),
-            ("--events-max-len", "0", "EVENTS_MAX_LEN"),
-        ] {
-            let e = parse(&[flag, value]).expect_err(value);
-            assert_eq!(e.var, var, "{e}");
-        }
     }
 
     #[test]
