@@ -29,13 +29,15 @@
 //! sharded subscriptions: the connection is a RESP3 cluster connection of
 //! the broker's own (one connection per node, never per channel or per
 //! WebSocket), each batch becomes one `SSUBSCRIBE` per slot, all sent at
-//! once, and messages arrive as pushes. A node connection that drops, or a
-//! subscription Redis takes back (its slot moved), makes the control loop
-//! subscribe every channel again on the same connection, where its slot
-//! is now (Redis ignores a repeat, so the healthy shards' subscriptions
-//! never stop); gapless outboxes end and `/ready` is false until it is
+//! once, and messages arrive as pushes. Trouble stays on its shard: when a
+//! node's connection drops, and at every keepalive, the broker finds out
+//! which masters' connections changed (`CLIENT INFO`, see `broker/nodes.rs`); only the channels of
+//! their slots, and a channel whose subscription Redis took back (its slot
+//! moved), are interrupted: their gapless outboxes end and they are
+//! subscribed again where their slot is now, on the same connection, while
+//! every other shard goes on delivering. `/ready` is false until it is
 //! done. While a shard fails over, that is retried; only after
-//! `RESYNC_LIMIT`, or when the keepalive ping fails, is a new connection
+//! `RESYNC_LIMIT`, or when no node tells the slot map, is a new connection
 //! built from the seeds.
 
 use std::collections::{HashMap, HashSet};
@@ -51,10 +53,13 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 
 mod link;
+mod nodes;
 mod outbox;
+mod sync;
 
-use self::link::{Link, Target, connect};
+use self::link::Target;
 pub use self::outbox::{CloseOrder, Outbox, Outgoing};
+use self::sync::run;
 
 /// How long one connection attempt to Redis may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -123,6 +128,19 @@ struct Channel {
     waiters: Vec<oneshot::Sender<()>>,
 }
 
+impl Channel {
+    /// Its subscription stopped: gapless subscribers end if it was live
+    /// (they may have missed something), and it waits for a confirmation.
+    fn lose(&mut self) {
+        if self.confirmed {
+            for (_, outbox) in &self.subs {
+                outbox.lose();
+            }
+        }
+        self.confirmed = false;
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Channel name -> its local subscribers.
@@ -135,6 +153,9 @@ struct State {
     /// Sharded mode: `SUNSUBSCRIBE`s sent whose push has not come back, per
     /// channel, so that ours are told from those Redis sends by itself.
     unsubscribing: HashMap<String, u32>,
+    /// Sharded mode: live channels whose subscription Redis took back (their
+    /// slot moved), to be lost and subscribed where the slot is now.
+    moved: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -143,9 +164,10 @@ struct Shared {
     /// Wakes the control loop when `state.dirty` gained something.
     wake: Notify,
     connected: AtomicBool,
-    /// Sharded mode: a node's connection dropped or Redis took a
-    /// subscription back; the control loop subscribes everything again on
-    /// the same connection (the other shards' subscriptions never stopped).
+    /// Sharded mode: a node's connection dropped (or Redis took a
+    /// subscription back, see `State::moved`); the control loop finds out
+    /// which masters' connections changed and subscribes their channels
+    /// again (the other shards' subscriptions never stopped).
     resync: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -360,223 +382,6 @@ fn dispatch(shared: &Shared, channel: &str, payload: &[u8]) {
     }
 }
 
-/// The broker task: connect, serve until the connection breaks, reconnect.
-async fn run(target: Target, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut backoff = BACKOFF_MIN;
-    let mut ever_connected = false;
-    let mut attempt = 0;
-    loop {
-        let connecting = connect(&target, attempt, &shared);
-        let (redis, connected) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = connecting => r,
-        };
-        let (link, reader) = match connected {
-            Ok(connected) => connected,
-            Err(e) => {
-                attempt += 1;
-                tracing::warn!(%redis, error = %e, retry_in = ?backoff, "redis pub/sub connect failed");
-                if sleep_or_shutdown(backoff, &shutdown).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        if ever_connected {
-            shared.metrics.redis_reconnects.inc();
-        }
-        ever_connected = true;
-        let served_since = tokio::time::Instant::now();
-        let stopped = serve(link, reader, &shared, &shutdown).await;
-        shared.connected.store(false, Ordering::SeqCst);
-        shared.metrics.redis_connected.set(0);
-        shared.metrics.broker_channels.set(0);
-        if stopped {
-            return;
-        }
-        attempt += 1;
-        tracing::warn!(%redis, "redis pub/sub connection lost; reconnecting");
-        match target {
-            // One server: straight back (it answered a moment ago).
-            Target::Servers(_) => backoff = BACKOFF_MIN,
-            // A cluster connection that broke soon after it was made (the
-            // cluster is still failing over, its slot map not settled)
-            // backs off; one that served a while starts over.
-            Target::Sharded(_) => {
-                if served_since.elapsed() > BACKOFF_MAX * 2 {
-                    backoff = BACKOFF_MIN;
-                }
-                if sleep_or_shutdown(backoff, &shutdown).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
-        }
-    }
-}
-
-/// Sleeps for `pause`; returns true if shutdown came first.
-async fn sleep_or_shutdown(pause: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(pause) => false,
-    }
-}
-
-/// Serves one established connection; `reader` ends when the connection
-/// does. Returns true on shutdown, false when the connection broke.
-async fn serve(
-    mut link: Link,
-    mut reader: tokio::task::JoinHandle<()>,
-    shared: &Arc<Shared>,
-    shutdown: &CancellationToken,
-) -> bool {
-    // What Redis currently has for this connection: nothing, it is new.
-    let mut active: HashSet<String> = HashSet::new();
-    let mut first_sync = true;
-    // Sharded mode: since when subscribing fails, and the pause before the
-    // next try on the same connection.
-    let mut failing_since: Option<tokio::time::Instant> = None;
-    let mut retry = BACKOFF_MIN;
-    let result = loop {
-        if shared.resync.swap(false, Ordering::SeqCst) {
-            // Some subscriptions are gone (a node dropped, a slot moved):
-            // what was published meanwhile is lost to gapless outboxes, and
-            // /ready is false until everything is subscribed again.
-            connection_lost(shared);
-            shared.connected.store(false, Ordering::SeqCst);
-            shared.metrics.redis_connected.set(0);
-            shared.metrics.redis_reconnects.inc();
-            first_sync = true;
-        }
-        // Apply everything wanted so far in one round trip each way.
-        let (add, remove, already) = {
-            let mut state = shared.lock();
-            let mut add = Vec::new();
-            let mut remove = Vec::new();
-            // Channels re-wanted while Redis still had them: confirm at once.
-            let mut already = Vec::new();
-            if first_sync {
-                // A fresh connection has nothing: subscribe every live
-                // channel (after a resync, again: Redis ignores a repeat),
-                // and drop what is no longer wanted.
-                state.dirty.clear();
-                state.unsubscribing.clear();
-                add.extend(state.channels.keys().cloned());
-                remove.extend(
-                    active
-                        .iter()
-                        .filter(|c| !state.channels.contains_key(*c))
-                        .cloned(),
-                );
-            } else {
-                let dirty = std::mem::take(&mut state.dirty);
-                for channel in dirty {
-                    match (
-                        state.channels.contains_key(&channel),
-                        active.contains(&channel),
-                    ) {
-                        (true, false) => add.push(channel),
-                        (false, true) => remove.push(channel),
-                        (true, true) => already.push(channel),
-                        (false, false) => {} // came and went: nothing to tell Redis
-                    }
-                }
-            }
-            (add, remove, already)
-        };
-        if add.is_empty() && remove.is_empty() && !already.is_empty() {
-            confirm(shared, &already);
-        }
-        let applied = async {
-            if !add.is_empty() {
-                link.subscribe(&add).await?;
-            }
-            if !remove.is_empty() {
-                if matches!(link, Link::Sharded(_)) {
-                    let mut state = shared.lock();
-                    for channel in &remove {
-                        *state.unsubscribing.entry(channel.clone()).or_default() += 1;
-                    }
-                }
-                link.unsubscribe(&remove).await?;
-            }
-            Ok::<(), redis::RedisError>(())
-        };
-        let failure = match tokio::time::timeout(CONNECT_TIMEOUT, applied).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("timed out".to_owned()),
-        };
-        if let Some(error) = failure {
-            if matches!(link, Link::Sharded(_))
-                && error.to_ascii_lowercase().contains("unknown command")
-            {
-                // Redis before 7 has no SSUBSCRIBE: say what to change.
-                tracing::error!(%error, "sharded pub/sub needs Redis 7 or newer on every node; upgrade, or set REDIS_CLUSTER_PUBSUB=classic");
-            }
-            tracing::warn!(%error, "redis subscribe/unsubscribe failed");
-            // A cluster still failing over refuses the subscriptions of
-            // the shard that lost its master, for seconds: try again on
-            // the same connection, whose other shards keep delivering, and
-            // start a new one only when that goes on for too long.
-            let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-            if !matches!(link, Link::Sharded(_)) || since.elapsed() > RESYNC_LIMIT {
-                break false;
-            }
-            // Channels the failed attempt touched are in an unknown state:
-            // everything is applied again.
-            first_sync = true;
-            shared.connected.store(false, Ordering::SeqCst);
-            shared.metrics.redis_connected.set(0);
-            if sleep_or_shutdown(retry, shutdown).await {
-                break true;
-            }
-            retry = (retry * 2).min(BACKOFF_MAX / 2);
-            continue;
-        }
-        failing_since = None;
-        retry = BACKOFF_MIN;
-        confirm(shared, &add);
-        confirm(shared, &already);
-        if first_sync {
-            active.clear();
-        }
-        active.extend(add);
-        for channel in &remove {
-            active.remove(channel);
-        }
-        shared.metrics.broker_channels.set(active.len() as i64);
-        if first_sync {
-            // Only now are all live channels back: report ready.
-            first_sync = false;
-            shared.connected.store(true, Ordering::SeqCst);
-            shared.metrics.redis_connected.set(1);
-            tracing::info!(channels = active.len(), "redis pub/sub connected");
-        }
-        if !shared.lock().dirty.is_empty() {
-            continue; // More changes arrived meanwhile.
-        }
-
-        tokio::select! {
-            _ = shutdown.cancelled() => break true,
-            _ = &mut reader => break false,
-            _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(KEEPALIVE) => {
-                let ping = tokio::time::timeout(CONNECT_TIMEOUT, link.ping()).await;
-                if !matches!(ping, Ok(Ok(_))) {
-                    tracing::warn!("redis pub/sub keepalive ping failed");
-                    break false;
-                }
-            }
-        }
-    };
-    reader.abort();
-    connection_lost(shared);
-    result
-}
-
 /// After the connection ended: nothing is subscribed on the next one until
 /// it says so. The gapless subscribers of a channel that was live end:
 /// whatever Redis publishes until the next connection has resubscribed is
@@ -584,12 +389,18 @@ async fn serve(
 /// nothing: they read history after it.)
 fn connection_lost(shared: &Shared) {
     for ch in shared.lock().channels.values_mut() {
-        if ch.confirmed {
-            for (_, outbox) in &ch.subs {
-                outbox.lose();
-            }
+        ch.lose();
+    }
+}
+
+/// As [`connection_lost`], for `channels` alone (sharded mode: the
+/// subscriptions of one shard, or one channel whose slot moved).
+fn lose(shared: &Shared, channels: &[String]) {
+    let mut state = shared.lock();
+    for name in channels {
+        if let Some(ch) = state.channels.get_mut(name) {
+            ch.lose();
         }
-        ch.confirmed = false;
     }
 }
 

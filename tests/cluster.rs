@@ -807,3 +807,178 @@ async fn lifecycle_events_presence_and_a_dead_process_on_a_cluster() {
     assert!(!processes.iter().any(|p| p == dead), "{processes:?}");
     server.stop().await;
 }
+
+/// Session ids whose histories live on two different masters.
+async fn sessions_on_two_masters(cluster: &Cluster) -> ((String, u16), (String, u16)) {
+    let a = unique("s");
+    let master_a = cluster.master_of(&format!("session:{{{a}}}:history")).await;
+    loop {
+        let b = unique("s");
+        let master_b = cluster.master_of(&format!("session:{{{b}}}:history")).await;
+        if master_b != master_a {
+            return ((a, master_a), (b, master_b));
+        }
+    }
+}
+
+/// Publishes `{"n":k}` to `session`'s history every 20 ms until stopped;
+/// the numbers Redis accepted.
+fn publish_every_20ms(
+    cluster: &Cluster,
+    session: &str,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    let urls = cluster.urls();
+    let history = format!("session:{{{session}}}:history");
+    tokio::spawn(async move {
+        let client = redis::cluster::ClusterClientBuilder::new(urls)
+            .connection_timeout(Duration::from_millis(500))
+            .response_timeout(Duration::from_millis(500))
+            .retries(0)
+            .build()
+            .expect("client");
+        let mut conn = client.get_async_connection().await.expect("connect");
+        let mut accepted = Vec::new();
+        let mut n = 0u64;
+        while !stop.is_cancelled() {
+            let sent = redis::cmd("FCALL")
+                .arg("wsproxy_publish")
+                .arg(1)
+                .arg(&history)
+                .arg(format!(r#"{{"n":{n}}}"#))
+                .query_async::<String>(&mut conn)
+                .await;
+            if sent.is_ok() {
+                accepted.push(n);
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        accepted
+    })
+}
+
+/// Reads `ws` for `span`: the `n` of every message, in arrival order, or
+/// the close code if the connection ended.
+async fn read_for(ws: &mut Ws, span: Duration) -> (Vec<u64>, Option<u16>) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let until = tokio::time::Instant::now() + span;
+    let mut ns = Vec::new();
+    loop {
+        match tokio::time::timeout_at(until, ws.next()).await {
+            Err(_) => return (ns, None),
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: serde_json::Value = serde_json::from_str(&t).expect("json");
+                assert_eq!(v["type"], "message", "{v}");
+                ns.push(v["data"]["n"].as_u64().expect("n"));
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return (ns, Some(frame.map_or(1005, |f| u16::from(f.code))));
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected messages, got {other:?}"),
+        }
+    }
+}
+
+/// A master fails over: the reliable session on its shard is closed with
+/// 1013 (its live messages stopped, it must resume), while the reliable
+/// session on another shard is never interrupted: it gets every message
+/// its backend published, in order, through the whole failover.
+#[tokio::test]
+async fn a_failover_closes_only_the_reliable_sessions_of_its_shard() {
+    let (logs, _guard) = LogCapture::start();
+    let mut cluster = Cluster::start().await;
+    let mut config = config(&cluster, ClusterPubSub::Sharded);
+    config.reliable.enabled = true;
+    config.reliable.history_max_len = 10_000;
+    let server = Server::start_config(config).await;
+    let ((a, master_a), (b, _)) = sessions_on_two_masters(&cluster).await;
+    cluster.set_token(&a, TOKEN, 600).await;
+    cluster.set_token(&b, TOKEN, 600).await;
+    let (mut ws_a, _) = reliable_connect(&server, &a, "").await;
+    let (mut ws_b, _) = reliable_connect(&server, &b, "").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = publish_every_20ms(&cluster, &b, stop.clone());
+    let (mut got_b, closed) = read_for(&mut ws_b, Duration::from_millis(500)).await;
+    assert_eq!(closed, None);
+    assert!(!got_b.is_empty(), "b's messages flow before the kill");
+
+    cluster.kill(master_a);
+    let (code_a, (more_b, closed_b)) = tokio::join!(close_code(&mut ws_a), async {
+        // The failover (1 s node timeout) and wsproxy's recovery take a
+        // few seconds; b is watched well past them.
+        read_for(&mut ws_b, Duration::from_secs(8)).await
+    });
+    assert_eq!(code_a, 1013, "the session on the failed shard resumes");
+    assert_eq!(
+        closed_b,
+        None,
+        "the session on a healthy shard stays open; log:\n{}",
+        logs.text()
+    );
+    got_b.extend(more_b);
+    stop.cancel();
+    let accepted = publisher.await.expect("publisher");
+    // Every message b's backend published up to the last one b got, once
+    // and in order: nothing missed while the other shard failed over.
+    let last = *got_b.last().expect("some");
+    let expected: Vec<u64> = accepted.into_iter().filter(|n| *n <= last).collect();
+    let first = got_b[0];
+    let expected: Vec<u64> = expected.into_iter().filter(|n| *n >= first).collect();
+    assert_eq!(got_b, expected, "b got everything, in order, once");
+    server.wait_ready().await;
+    server.stop().await;
+}
+
+/// A replica dies: no master's connection changed, so no reliable session
+/// is closed and `/ready` never says 503.
+#[tokio::test]
+async fn a_replica_that_dies_interrupts_nothing() {
+    let mut cluster = Cluster::start().await;
+    let mut config = config(&cluster, ClusterPubSub::Sharded);
+    config.reliable.enabled = true;
+    let server = Server::start_config(config).await;
+    let session = unique("s");
+    cluster.set_token(&session, TOKEN, 600).await;
+    let (mut ws, _) = reliable_connect(&server, &session, "").await;
+    let master = cluster
+        .master_of(&format!("session:{{{session}}}:history"))
+        .await;
+    let replica = *cluster
+        .replicas_of(master)
+        .await
+        .first()
+        .expect("a replica");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = publish_every_20ms(&cluster, &session, stop.clone());
+    let (mut got, closed) = read_for(&mut ws, Duration::from_millis(500)).await;
+    assert_eq!(closed, None);
+    cluster.kill(replica);
+    let ready = tokio::spawn({
+        let addr = server.addr;
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..50 {
+                statuses.push(http_get(addr, "/ready").await.map_or(0, |(s, _)| s));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            statuses
+        }
+    });
+    let (more, closed) = read_for(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(closed, None, "the reliable session stays open");
+    got.extend(more);
+    stop.cancel();
+    let accepted = publisher.await.expect("publisher");
+    let statuses = ready.await.expect("ready poller");
+    assert!(statuses.iter().all(|s| *s == 200), "/ready: {statuses:?}");
+    let (first, last) = (got[0], *got.last().expect("some"));
+    let expected: Vec<u64> = accepted
+        .into_iter()
+        .filter(|n| (first..=last).contains(n))
+        .collect();
+    assert_eq!(got, expected, "everything, in order, once");
+    server.stop().await;
+}

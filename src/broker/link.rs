@@ -90,10 +90,11 @@ fn by_slot(channels: &[String]) -> Vec<Vec<String>> {
 }
 
 /// A RESP3 push from a cluster connection (sharded mode). Messages go to
-/// their subscribers as the reader's do. A dropped node connection, or
-/// Redis taking back a live subscription (its slot moved: resharding, a
-/// failover), asks the control loop to subscribe everything again where
-/// the slots are now, on the same connection.
+/// their subscribers as the reader's do. A dropped node connection asks the
+/// control loop to find out which masters' connections changed
+/// ([`super::nodes`]); Redis taking back a live subscription (its slot
+/// moved: resharding, a failover) asks it to subscribe that channel again
+/// where its slot is now. Both on the same connection.
 fn on_push(shared: &Shared, push: redis::PushInfo) {
     use redis::{PushKind, Value};
     match push.kind {
@@ -126,11 +127,11 @@ fn on_push(shared: &Shared, push: redis::PushInfo) {
                 return;
             }
             // Redis' own: the channel's slot moved. Only a live
-            // subscription matters.
+            // subscription matters, and only that channel is interrupted.
             if state.channels.get(channel).is_some_and(|c| c.confirmed) {
+                state.moved.push(channel.to_owned());
                 drop(state);
                 tracing::warn!(channel, "redis moved a sharded subscription away");
-                shared.resync.store(true, Ordering::SeqCst);
                 shared.changed();
             }
         }
