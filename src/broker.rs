@@ -389,13 +389,16 @@ impl Broker {
     /// reached through `nodes` (seed URLs): each channel is subscribed
     /// (`SSUBSCRIBE`) on its slot's shard, over one connection per node,
     /// and resubscribed where its slot is now whenever a node's connection
-    /// drops or Redis moves a subscription away.
+    /// drops or Redis moves a subscription away. `tls`: the certificates
+    /// for `rediss://` seeds (see [`crate::redis_tls`]), used for every
+    /// node.
     pub fn start_sharded(
         nodes: Vec<String>,
+        tls: Option<redis::TlsCertificates>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        Self::start_on(Target::Sharded(nodes), metrics, shutdown)
+        Self::start_on(Target::Sharded(nodes, tls), metrics, shutdown)
     }
 
     fn start_on(
@@ -533,8 +536,9 @@ enum Target {
     /// answers.
     Servers(Vec<redis::Client>),
     /// A Redis Cluster with sharded pub/sub, reached through these seed
-    /// URLs: `SSUBSCRIBE` on each channel's shard.
-    Sharded(Vec<String>),
+    /// URLs (with these certificates when they are `rediss://`):
+    /// `SSUBSCRIBE` on each channel's shard.
+    Sharded(Vec<String>, Option<redis::TlsCertificates>),
 }
 
 /// The broker's connection while it is up.
@@ -687,7 +691,7 @@ async fn connect(
             });
             (redis, Ok((Link::Single(sink), reader)))
         }
-        Target::Sharded(nodes) => {
+        Target::Sharded(nodes, tls) => {
             let redis = format!("cluster of {} seed nodes", nodes.len());
             let sender = {
                 let shared = shared.clone();
@@ -697,14 +701,17 @@ async fn connect(
                 }
             };
             let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-            let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+            let mut client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
                 .use_protocol(redis::ProtocolVersion::RESP3)
                 .push_sender(sender)
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(CONNECT_TIMEOUT)
                 .retries(2)
-                .tcp_settings(tcp)
-                .build();
+                .tcp_settings(tcp);
+            if let Some(tls) = tls {
+                client = client.certs(tls.clone());
+            }
+            let client = client.build();
             let client = match client {
                 Ok(client) => client,
                 Err(e) => return (redis, Err(e.to_string())),
@@ -766,7 +773,7 @@ async fn run(target: Target, shared: Arc<Shared>, shutdown: CancellationToken) {
             // A cluster connection that broke soon after it was made (the
             // cluster is still failing over, its slot map not settled)
             // backs off; one that served a while starts over.
-            Target::Sharded(_) => {
+            Target::Sharded(..) => {
                 if served_since.elapsed() > BACKOFF_MAX * 2 {
                     backoff = BACKOFF_MIN;
                 }
