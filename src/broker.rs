@@ -246,13 +246,16 @@ impl Broker {
     /// reached through `nodes` (seed URLs): each channel is subscribed
     /// (`SSUBSCRIBE`) on its slot's shard, over one connection per node,
     /// and resubscribed where its slot is now whenever a node's connection
-    /// drops or Redis moves a subscription away.
+    /// drops or Redis moves a subscription away. `tls`: the certificates
+    /// for `rediss://` seeds (see [`crate::redis_tls`]), used for every
+    /// node.
     pub fn start_sharded(
         nodes: Vec<String>,
+        tls: Option<redis::TlsCertificates>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        Self::start_on(Target::Sharded(nodes), metrics, shutdown)
+        Self::start_on(Target::Sharded(nodes, tls), metrics, shutdown)
     }
 
     fn start_on(

@@ -4,7 +4,8 @@
 //! reconnection.
 //!
 //! Redis's certificate is always checked: against the system's roots plus
-//! the CA certificates of `REDIS_CA_FILE`, and for the host name of the URL.
+//! the CA certificates of `REDIS_CA_FILE`, and for the host name of the URL
+//! (on a cluster, of each node's address as the cluster announces it).
 //! (`#insecure` URLs are refused by [`crate::config`].) With
 //! `REDIS_CLIENT_CERT_FILE` and `REDIS_CLIENT_KEY_FILE` wsproxy presents a
 //! client certificate (Redis's `tls-auth-clients yes`).
@@ -68,8 +69,8 @@ pub enum RedisTlsError {
     },
     /// Nothing to check Redis's certificate against.
     #[error(
-        "REDIS_CA_FILE: REDIS_URL is rediss:// but the system has no trusted CA certificates; \
-         set REDIS_CA_FILE to the CA that signed Redis's certificate"
+        "REDIS_CA_FILE: Redis is reached with rediss:// but the system has no trusted CA \
+         certificates; set REDIS_CA_FILE to the CA that signed Redis's certificate"
     )]
     NoRoots,
 }

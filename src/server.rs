@@ -194,7 +194,9 @@ pub async fn run(
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
-    let (redis, pubsub_clients) = match &config.redis_cluster {
+    // On a TLS cluster, `cluster_tls` is the certificates read once here,
+    // for the broker's sharded connection as well.
+    let (redis, pubsub_clients, cluster_tls) = match &config.redis_cluster {
         None => {
             let client = redis_client(&config)?;
             let redis = RedisConn::from(ConnectionManager::new_lazy_with_config(
@@ -205,9 +207,12 @@ pub async fn run(
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(2)),
             )?);
-            (redis, vec![client])
+            (redis, vec![client], None)
         }
-        Some(cluster) => cluster_connections(cluster)?,
+        Some(cluster) => {
+            let c = cluster_connections(cluster, &config.redis_tls)?;
+            (c.redis, c.seeds, c.tls)
+        }
     };
     let metrics = Arc::new(Metrics::new());
     // The broker outlives the connections: draining sessions still flush
@@ -217,7 +222,12 @@ pub async fn run(
     let (workers, worker_pool) = Workers::start(config.workers)?;
     let (broker, broker_task) = match &config.redis_cluster {
         Some(cluster) if cluster.pubsub == crate::config::ClusterPubSub::Sharded => {
-            Broker::start_sharded(cluster.nodes.clone(), metrics.clone(), broker_stop.clone())
+            Broker::start_sharded(
+                cluster.nodes.clone(),
+                cluster_tls,
+                metrics.clone(),
+                broker_stop.clone(),
+            )
         }
         _ => Broker::start_any(pubsub_clients, metrics.clone(), broker_stop.clone()),
     };
@@ -344,40 +354,89 @@ pub fn redis_client(config: &Config) -> Result<redis::Client, ServerError> {
     })
 }
 
-/// A client for one of a cluster's seed nodes (`redis://` only, checked at
-/// start-up), with Nagle's algorithm off like [`redis_client`]'s.
-fn seed_client(url: &str) -> redis::RedisResult<redis::Client> {
+/// A client for one of a cluster's seed nodes, with Nagle's algorithm off
+/// like [`redis_client`]'s, and TLS with `tls` for a `rediss://` seed
+/// (all seeds use the same scheme, checked at start-up).
+fn seed_client(
+    url: &str,
+    tls: Option<&redis::TlsCertificates>,
+) -> redis::RedisResult<redis::Client> {
     use redis::IntoConnectionInfo;
     let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-    redis::Client::open(url.into_connection_info()?.set_tcp_settings(tcp))
+    let info = url.into_connection_info()?.set_tcp_settings(tcp);
+    match (info.addr(), tls) {
+        (redis::ConnectionAddr::TcpTls { .. }, Some(tls)) => {
+            redis::Client::build_with_tls(info, tls.clone())
+        }
+        _ => redis::Client::open(info),
+    }
+}
+
+/// What [`cluster_connections`] makes of a Redis Cluster's settings.
+struct ClusterConnections {
+    /// The command connection.
+    redis: RedisConn,
+    /// Clients for the seeds, where the broker's classic pub/sub connection
+    /// goes.
+    seeds: Vec<redis::Client>,
+    /// For `rediss://` seeds: the certificates every connection uses.
+    tls: Option<redis::TlsCertificates>,
 }
 
 /// A Redis Cluster's command connection (one multiplexed connection per
 /// node, made in the background: a cluster that is down at start-up makes
-/// `/ready` false, not the start fail), and the seeds the broker's classic
-/// pub/sub connection goes to.
+/// `/ready` false, not the start fail), the seeds the broker's classic
+/// pub/sub connection goes to, and, when the seeds are `rediss://`, the
+/// certificates of `tls` that every connection uses (read now, once: a bad
+/// file stops start-up; see [`crate::redis_tls`]).
 fn cluster_connections(
     cluster: &crate::config::ClusterConfig,
-) -> Result<(RedisConn, Vec<redis::Client>), ServerError> {
+    tls: &crate::config::RedisTlsConfig,
+) -> Result<ClusterConnections, ServerError> {
+    use redis::IntoConnectionInfo;
     let refused = |e: redis::RedisError| ServerError::Cluster(e.to_string());
+    // The seeds share one scheme (checked at start-up): the first tells.
+    let uses_tls = match cluster.nodes.first() {
+        Some(seed) => matches!(
+            seed.as_str()
+                .into_connection_info()
+                .map_err(refused)?
+                .addr(),
+            redis::ConnectionAddr::TcpTls { .. }
+        ),
+        None => false,
+    };
+    let certificates = if uses_tls {
+        Some(crate::redis_tls::certificates(tls)?)
+    } else {
+        None
+    };
     let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-    let client = redis::cluster::ClusterClientBuilder::new(cluster.nodes.clone())
+    let mut builder = redis::cluster::ClusterClientBuilder::new(cluster.nodes.clone())
         .connection_timeout(Duration::from_secs(2))
         .response_timeout(Duration::from_secs(5))
         .retries(3)
-        .tcp_settings(tcp)
-        .build()
-        .map_err(refused)?;
+        .tcp_settings(tcp);
+    if let Some(certificates) = &certificates {
+        // Without them the client would trust the system's roots only,
+        // and present no client certificate, on every node it learns.
+        builder = builder.certs(certificates.clone());
+    }
+    let client = builder.build().map_err(refused)?;
     let redis = RedisConn::from(
         client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new()),
     );
     let seeds = cluster
         .nodes
         .iter()
-        .map(|n| seed_client(n))
+        .map(|n| seed_client(n, certificates.as_ref()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(refused)?;
-    Ok((redis, seeds))
+    Ok(ClusterConnections {
+        redis,
+        seeds,
+        tls: certificates,
+    })
 }
 
 /// Loads the `wsproxy` Redis library (reliable sessions) at start-up, and

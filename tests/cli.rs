@@ -260,7 +260,8 @@ fn exits_within(cmd: &mut Command) -> std::process::Output {
 /// TLS to Redis: the files go with a rediss:// URL only, the client
 /// certificate with its key; `#insecure` is refused; a file that is missing,
 /// not PEM, or a key that does not match its certificate names its
-/// variable. One line, exit 2, and never the URL's password.
+/// variable; the same for a cluster's `rediss://` seeds, which must not mix
+/// schemes. One line, exit 2, and never the URL's password.
 #[test]
 fn bad_redis_tls_settings_stop_startup_naming_the_variable() {
     let dir = std::env::temp_dir().join(format!("wsproxy-cli-{}-redis-tls", std::process::id()));
@@ -357,6 +358,50 @@ fn bad_redis_tls_settings_stop_startup_naming_the_variable() {
     check(
         &[
             ("REDIS_URL", tls),
+            ("REDIS_CLIENT_CERT_FILE", &client_cert),
+            ("REDIS_CLIENT_KEY_FILE", &other_key),
+        ],
+        "REDIS_CLIENT_KEY_FILE",
+        "cannot be used with REDIS_CLIENT_CERT_FILE",
+    );
+    // On a cluster: the same rules for rediss:// seeds, which all use one
+    // scheme, and the files are read at start-up there too.
+    let tls_seeds = "rediss://:hunter2@127.0.0.1:1,rediss://:hunter2@127.0.0.1:2";
+    check(
+        &[(
+            "REDIS_CLUSTER_NODES",
+            "rediss://:hunter2@127.0.0.1:1,redis://:hunter2@127.0.0.1:2",
+        )],
+        "REDIS_CLUSTER_NODES",
+        "mixes redis:// and rediss://",
+    );
+    check(
+        &[(
+            "REDIS_CLUSTER_NODES",
+            "rediss://:hunter2@127.0.0.1:1/#insecure",
+        )],
+        "REDIS_CLUSTER_NODES",
+        "#insecure",
+    );
+    check(
+        &[
+            ("REDIS_CLUSTER_NODES", "redis://:hunter2@127.0.0.1:1"),
+            ("REDIS_CA_FILE", &ca),
+        ],
+        "REDIS_CA_FILE",
+        "REDIS_CLUSTER_NODES does not use TLS",
+    );
+    check(
+        &[
+            ("REDIS_CLUSTER_NODES", tls_seeds),
+            ("REDIS_CA_FILE", &missing),
+        ],
+        "REDIS_CA_FILE",
+        "cannot read",
+    );
+    check(
+        &[
+            ("REDIS_CLUSTER_NODES", tls_seeds),
             ("REDIS_CLIENT_CERT_FILE", &client_cert),
             ("REDIS_CLIENT_KEY_FILE", &other_key),
         ],

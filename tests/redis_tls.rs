@@ -5,86 +5,12 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::pki::Pki;
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use wsproxy::config::{Config, RedisTlsConfig};
-
-/// A CA, a server certificate for 127.0.0.1 and localhost, and a client
-/// certificate, as PEM files in a directory of their own.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("redis-tls"));
-        std::fs::create_dir_all(&dir).expect("pki dir");
-        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "wsproxy test CA");
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("ca key"))
-            .expect("ca cert");
-        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, name: &str| {
-            let mut params = CertificateParams::new(names).expect("params");
-            params.extended_key_usages = vec![usage];
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, name);
-            let key = KeyPair::generate().expect("key");
-            let cert = params.signed_by(&key, &ca).expect("signed");
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server_cert, server_key) = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            "redis",
-        );
-        let (client_cert, client_key) =
-            leaf(vec![], ExtendedKeyUsagePurpose::ClientAuth, "wsproxy");
-        let pki = Pki { dir };
-        for (name, pem) in [
-            ("ca.pem", ca.pem()),
-            ("server.pem", server_cert),
-            ("server.key", server_key),
-            ("client.pem", client_cert),
-            ("client.key", client_key),
-        ] {
-            std::fs::write(pki.path(name), pem).expect("write pem");
-        }
-        pki
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.path(name)).expect("read pem")
-    }
-
-    /// What wsproxy is given: the CA, and the client certificate if asked.
-    fn config(&self, client_cert: bool) -> RedisTlsConfig {
-        RedisTlsConfig {
-            ca_file: Some(self.path("ca.pem")),
-            client_cert: client_cert.then(|| (self.path("client.pem"), self.path("client.key"))),
-        }
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A redis-server listening with TLS only, on a free loopback port.
 struct TlsRedis {
@@ -143,17 +69,7 @@ impl TlsRedis {
     /// The test's own client: trusts the CA, presents the client
     /// certificate (Redis ignores it unless it asks for one).
     fn client(&self) -> redis::Client {
-        redis::Client::build_with_tls(
-            self.url(),
-            redis::TlsCertificates {
-                client_tls: Some(redis::ClientTlsConfig {
-                    client_cert: self.pki.read("client.pem"),
-                    client_key: self.pki.read("client.key"),
-                }),
-                root_cert: Some(self.pki.read("ca.pem")),
-            },
-        )
-        .expect("tls client")
+        redis::Client::build_with_tls(self.url(), self.pki.certificates()).expect("tls client")
     }
 
     async fn conn(&self) -> redis::aio::MultiplexedConnection {

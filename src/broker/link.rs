@@ -17,8 +17,9 @@ pub(super) enum Target {
     /// answers.
     Servers(Vec<redis::Client>),
     /// A Redis Cluster with sharded pub/sub, reached through these seed
-    /// URLs: `SSUBSCRIBE` on each channel's shard.
-    Sharded(Vec<String>),
+    /// URLs (with these certificates when they are `rediss://`):
+    /// `SSUBSCRIBE` on each channel's shard.
+    Sharded(Vec<String>, Option<redis::TlsCertificates>),
 }
 
 /// The broker's connection while it is up.
@@ -172,7 +173,7 @@ pub(super) async fn connect(
             });
             (redis, Ok((Link::Single(sink), reader)))
         }
-        Target::Sharded(nodes) => {
+        Target::Sharded(nodes, tls) => {
             let redis = format!("cluster of {} seed nodes", nodes.len());
             let sender = {
                 let shared = shared.clone();
@@ -182,14 +183,17 @@ pub(super) async fn connect(
                 }
             };
             let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-            let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+            let mut client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
                 .use_protocol(redis::ProtocolVersion::RESP3)
                 .push_sender(sender)
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(CONNECT_TIMEOUT)
                 .retries(2)
-                .tcp_settings(tcp)
-                .build();
+                .tcp_settings(tcp);
+            if let Some(tls) = tls {
+                client = client.certs(tls.clone());
+            }
+            let client = client.build();
             let client = match client {
                 Ok(client) => client,
                 Err(e) => return (redis, Err(e.to_string())),

@@ -59,7 +59,7 @@ pub(super) async fn run(target: Target, shared: Arc<Shared>, shutdown: Cancellat
             // A cluster connection that broke soon after it was made (the
             // cluster is still failing over, its slot map not settled)
             // backs off; one that served a while starts over.
-            Target::Sharded(_) => {
+            Target::Sharded(..) => {
                 if served_since.elapsed() > BACKOFF_MAX * 2 {
                     backoff = BACKOFF_MIN;
                 }

@@ -35,7 +35,7 @@ pub enum ClusterPubSub {
 /// A Redis Cluster (`REDIS_CLUSTER_NODES`), in place of `REDIS_URL`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// Seed node URLs (`redis://host:port`), already parsed; wsproxy learns
+    /// Seed node URLs (`redis://host:port`, or all `rediss://` for TLS), already parsed; wsproxy learns
     /// the rest of the cluster from them.
     pub nodes: Vec<String>,
     /// Sharded or classic pub/sub.
@@ -118,12 +118,37 @@ impl Cli {
                     format!("{:?} is not a Redis node URL: {why}", redact_url(node)),
                 )
             };
-            if !node.starts_with("redis://") {
-                return Err(bad("expected redis://host:port".into()));
+            if !node.starts_with("redis://") && !node.starts_with("rediss://") {
+                return Err(bad(
+                    "expected redis://host:port or rediss://host:port".into()
+                ));
             }
-            node.as_str()
+            let info = node
+                .as_str()
                 .into_connection_info()
                 .map_err(|e| bad(e.to_string()))?;
+            if let ::redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+                return Err(ConfigError::new(
+                    "REDIS_CLUSTER_NODES",
+                    format!(
+                        "{:?}: #insecure would turn off the checks of Redis's certificate, which \
+                         wsproxy never does; trust a private CA with REDIS_CA_FILE instead",
+                        redact_url(node)
+                    ),
+                ));
+            }
+        }
+        // The redis crate gives every node of the cluster the TLS mode of
+        // one client, and checks the seeds against it only when it took
+        // that mode from the first seed (not once certificates are given):
+        // a mixed list would half fail at run time, so it stops start-up.
+        let tls = |n: &String| n.starts_with("rediss://");
+        if nodes.iter().any(tls) && !nodes.iter().all(tls) {
+            return Err(ConfigError::new(
+                "REDIS_CLUSTER_NODES",
+                "mixes redis:// and rediss:// seeds: every node of a cluster is reached \
+                 the same way, so use one scheme for all",
+            ));
         }
         redis::cluster::ClusterClient::new(nodes.clone()).map_err(|e| {
             ConfigError::new(
@@ -175,15 +200,25 @@ impl Cli {
             )),
             redis::ConnectionAddr::TcpTls { .. } => Ok(tls),
             _ => {
+                // On a cluster the files belong to `rediss://` seeds. One
+                // such seed is enough here: a list that mixes schemes is
+                // refused by `redis_cluster`, with its own message.
+                let nodes = self.redis_cluster_nodes.as_deref();
+                if nodes.is_some_and(|n| n.split(',').any(|n| n.trim().starts_with("rediss://"))) {
+                    return Ok(tls);
+                }
                 let set = [
                     ("REDIS_CA_FILE", tls.ca_file.is_some()),
                     ("REDIS_CLIENT_CERT_FILE", tls.client_cert.is_some()),
                 ];
+                let why = if nodes.is_some() {
+                    "is set, but REDIS_CLUSTER_NODES does not use TLS: use rediss://host:port \
+                     seeds, or unset it"
+                } else {
+                    "is set, but REDIS_URL does not use TLS: use rediss://host:port, or unset it"
+                };
                 match set.iter().find(|(_, is_set)| *is_set) {
-                    Some((var, _)) => Err(ConfigError::new(
-                        var,
-                        "is set, but REDIS_URL does not use TLS: use rediss://host:port, or unset it",
-                    )),
+                    Some((var, _)) => Err(ConfigError::new(var, why)),
                     None => Ok(tls),
                 }
             }
@@ -315,6 +350,94 @@ mod tests {
         assert!(!e.to_string().contains("pw"), "{e}");
         let c = parse(&["--redis-cluster-nodes", "redis://:pw@h:1"]).expect("with password");
         assert!(!format!("{c:?}").contains("pw"));
+    }
+
+    #[test]
+    fn cluster_seeds_may_use_tls_with_the_redis_tls_files() {
+        let c = parse(&[
+            "--redis-cluster-nodes",
+            "rediss://:pw@127.0.0.1:7000,rediss://:pw@127.0.0.1:7001",
+            "--redis-ca-file",
+            "/ca.pem",
+            "--redis-client-cert-file",
+            "/c.pem",
+            "--redis-client-key-file",
+            "/k.pem",
+        ])
+        .expect("rediss:// seeds with the TLS files");
+        let cluster = c.redis_cluster.clone().expect("a cluster");
+        assert_eq!(
+            cluster.nodes,
+            ["rediss://:pw@127.0.0.1:7000", "rediss://:pw@127.0.0.1:7001"]
+        );
+        assert_eq!(c.redis_tls.ca_file, Some("/ca.pem".into()));
+        assert_eq!(
+            c.redis_tls.client_cert,
+            Some(("/c.pem".into(), "/k.pem".into()))
+        );
+        // The system's roots alone: no file needed.
+        parse(&["--redis-cluster-nodes", "rediss://h:7000"]).expect("rediss:// seed alone");
+    }
+
+    #[test]
+    fn cluster_seeds_that_mix_schemes_are_refused() {
+        for nodes in ["redis://h:1,rediss://h:2", "rediss://h:1, redis://h:2"] {
+            for extra in [&[][..], &["--redis-ca-file", "/ca.pem"][..]] {
+                let mut args = vec!["--redis-cluster-nodes", nodes];
+                args.extend_from_slice(extra);
+                let e = parse(&args).expect_err(nodes);
+                assert_eq!(e.var, "REDIS_CLUSTER_NODES", "{e}");
+                let text = e.to_string();
+                assert!(text.starts_with("REDIS_CLUSTER_NODES: mixes"), "{text}");
+                assert!(!text.contains('\n'), "one line: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn insecure_cluster_seeds_are_refused() {
+        let e = parse(&[
+            "--redis-cluster-nodes",
+            "rediss://:pw@h:1,rediss://:pw@h:2/#insecure",
+        ])
+        .expect_err("#insecure");
+        assert_eq!(e.var, "REDIS_CLUSTER_NODES");
+        assert!(e.to_string().contains("#insecure"), "{e}");
+        assert!(!e.to_string().contains("pw"), "{e}");
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn redis_tls_files_need_tls_cluster_seeds() {
+        let e = parse(&[
+            "--redis-cluster-nodes",
+            "redis://h:1",
+            "--redis-ca-file",
+            "/ca.pem",
+        ])
+        .expect_err("redis:// seeds with a CA");
+        assert_eq!(e.var, "REDIS_CA_FILE");
+        assert!(e.to_string().contains("REDIS_CLUSTER_NODES"), "{e}");
+        let e = parse(&[
+            "--redis-cluster-nodes",
+            "redis://h:1",
+            "--redis-client-cert-file",
+            "/c.pem",
+            "--redis-client-key-file",
+            "/k.pem",
+        ])
+        .expect_err("redis:// seeds with a client certificate");
+        assert_eq!(e.var, "REDIS_CLIENT_CERT_FILE");
+        assert!(e.to_string().contains("REDIS_CLUSTER_NODES"), "{e}");
+        // The pairing rule holds on a cluster too.
+        let e = parse(&[
+            "--redis-cluster-nodes",
+            "rediss://h:1",
+            "--redis-client-cert-file",
+            "/c.pem",
+        ])
+        .expect_err("no key");
+        assert_eq!(e.var, "REDIS_CLIENT_KEY_FILE");
     }
 
     #[test]

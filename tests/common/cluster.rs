@@ -2,12 +2,17 @@
 //! loopback ports (each with its cluster-bus port, +10000), made with
 //! `redis-cli --cluster create`, killed on drop. A short node timeout
 //! (1 s) makes a failover take seconds, not the default 15 s.
+//!
+//! [`Cluster::start_tls`] makes the same cluster speaking TLS only: clients,
+//! the cluster bus and replication (`--port 0 --tls-port P --tls-cluster yes
+//! --tls-replication yes`), with certificates from [`Pki`].
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use redis::cluster_async::ClusterConnection;
 
+use super::pki::Pki;
 use super::unique;
 
 /// Nodes of the test cluster.
@@ -19,6 +24,9 @@ pub struct Cluster {
     pub ports: Vec<u16>,
     children: Vec<Option<Child>>,
     dir: std::path::PathBuf,
+    /// With TLS: the certificates, and whether the nodes require a client
+    /// certificate (`tls-auth-clients`).
+    tls: Option<(Pki, bool)>,
 }
 
 /// A free loopback port whose cluster-bus port (+10000) is free too. Both
@@ -41,6 +49,25 @@ fn free_cluster_port(taken: &[u16]) -> u16 {
 
 impl Cluster {
     pub async fn start() -> Cluster {
+        Self::start_with(None).await
+    }
+
+    /// A cluster that speaks TLS only, with the certificates of
+    /// [`Cluster::pki`]; `auth_clients`: the nodes require a client
+    /// certificate (`tls-auth-clients yes`).
+    pub async fn start_tls(auth_clients: bool) -> Cluster {
+        // The test's own clients use rustls with the process's default
+        // provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Self::start_with(Some(auth_clients)).await
+    }
+
+    /// The certificates of a TLS cluster.
+    pub fn pki(&self) -> &Pki {
+        &self.tls.as_ref().expect("a TLS cluster").0
+    }
+
+    async fn start_with(tls: Option<bool>) -> Cluster {
         // A port found free can be taken before the node binds it: then
         // the whole set starts again on other ports.
         for _ in 0..5 {
@@ -55,13 +82,14 @@ impl Cluster {
                 children: ports.iter().map(|_| None).collect(),
                 ports,
                 dir,
+                tls: tls.map(|auth_clients| (Pki::new(), auth_clients)),
             };
             for i in 0..NODES {
                 cluster.spawn(i);
             }
             let mut up = true;
             for &port in &cluster.ports {
-                up &= wait_ping(port).await;
+                up &= cluster.wait_ping(port).await;
             }
             if up {
                 cluster.create().await;
@@ -75,6 +103,14 @@ impl Cluster {
     async fn create(&self) {
         let cluster = self;
         let mut create = Command::new("redis-cli");
+        if let Some((pki, _)) = &self.tls {
+            let path = |name| pki.path(name).display().to_string();
+            create
+                .arg("--tls")
+                .args(["--cacert", &path("ca.pem")])
+                .args(["--cert", &path("client.pem")])
+                .args(["--key", &path("client.key")]);
+        }
         create.arg("--cluster").arg("create");
         for port in &cluster.ports {
             create.arg(format!("127.0.0.1:{port}"));
@@ -94,10 +130,27 @@ impl Cluster {
 
     fn spawn(&mut self, i: usize) {
         let port = self.ports[i];
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &port.to_string()]),
+            // TLS only: no plain port; the cluster bus (on the TLS port
+            // +10000) and replication use TLS too.
+            Some((pki, auth_clients)) => {
+                let path = |name| pki.path(name).display().to_string();
+                command
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                    .args(["--tls-cert-file", &path("server.pem")])
+                    .args(["--tls-key-file", &path("server.key")])
+                    .args(["--tls-ca-cert-file", &path("ca.pem")])
+                    .args([
+                        "--tls-auth-clients",
+                        if *auth_clients { "yes" } else { "no" },
+                    ])
+            }
+        };
+        let child = command
             .args([
-                "--port",
-                &port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--cluster-enabled",
@@ -128,12 +181,27 @@ impl Cluster {
         self.children[i] = Some(child);
     }
 
-    /// Seed URLs for wsproxy: every node.
+    /// Seed URLs for wsproxy: every node (`rediss://` with TLS).
     pub fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect()
+    }
+
+    /// A cluster client builder for the test's own connections: with TLS,
+    /// trusting the test CA and presenting the client certificate.
+    pub fn client_builder(&self) -> redis::cluster::ClusterClientBuilder {
+        let builder = redis::cluster::ClusterClientBuilder::new(self.urls());
+        match &self.tls {
+            Some((pki, _)) => builder.certs(pki.certificates()),
+            None => builder,
+        }
     }
 
     /// Waits until every live node says `cluster_state:ok` with all slots
@@ -150,8 +218,9 @@ impl Cluster {
                 if self.children[i].is_none() {
                     continue;
                 }
-                let Some(info) =
-                    node_query::<String>(*port, redis::cmd("CLUSTER").arg("INFO")).await
+                let Some(info) = self
+                    .node_query::<String>(*port, redis::cmd("CLUSTER").arg("INFO"))
+                    .await
                 else {
                     continue 'wait;
                 };
@@ -159,8 +228,9 @@ impl Cluster {
                     continue 'wait;
                 }
                 // A replica must have synced before its master may fail.
-                let Some(repl) =
-                    node_query::<String>(*port, redis::cmd("INFO").arg("replication")).await
+                let Some(repl) = self
+                    .node_query::<String>(*port, redis::cmd("INFO").arg("replication"))
+                    .await
                 else {
                     continue 'wait;
                 };
@@ -175,7 +245,8 @@ impl Cluster {
     /// A cluster connection for the test's own commands (the backend's
     /// part).
     pub async fn conn(&self) -> ClusterConnection {
-        redis::cluster::ClusterClient::new(self.urls())
+        self.client_builder()
+            .build()
             .expect("seeds")
             .get_async_connection()
             .await
@@ -214,11 +285,12 @@ impl Cluster {
             }
             let mut cmd = redis::cmd("CLUSTER");
             cmd.arg("KEYSLOT").arg(key);
-            let Some(slot) = node_query::<u16>(*port, &cmd).await else {
+            let Some(slot) = self.node_query::<u16>(*port, &cmd).await else {
                 continue;
             };
-            let Some(slots) =
-                node_query::<redis::Value>(*port, redis::cmd("CLUSTER").arg("SLOTS")).await
+            let Some(slots) = self
+                .node_query::<redis::Value>(*port, redis::cmd("CLUSTER").arg("SLOTS"))
+                .await
             else {
                 continue;
             };
@@ -250,8 +322,9 @@ impl Cluster {
             if self.children[i].is_none() {
                 continue;
             }
-            let Some(redis::Value::Array(ranges)) =
-                node_query::<redis::Value>(*node, redis::cmd("CLUSTER").arg("SLOTS")).await
+            let Some(redis::Value::Array(ranges)) = self
+                .node_query::<redis::Value>(*node, redis::cmd("CLUSTER").arg("SLOTS"))
+                .await
             else {
                 continue;
             };
@@ -279,11 +352,12 @@ impl Cluster {
     /// `to` (resharding, as `redis-cli --cluster reshard` does it).
     pub async fn move_slot_of(&self, key: &str, to: u16) {
         let from = self.master_of(key).await;
-        let slot: u16 = node_query(from, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+        let slot: u16 = self
+            .node_query(from, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
             .await
             .expect("KEYSLOT");
         let id = |port| async move {
-            node_query::<String>(port, &redis::cmd("CLUSTER").arg("MYID").clone())
+            self.node_query::<String>(port, &redis::cmd("CLUSTER").arg("MYID").clone())
                 .await
                 .expect("MYID")
         };
@@ -291,21 +365,22 @@ impl Cluster {
         let set = |port: u16, args: Vec<String>| async move {
             let mut cmd = redis::cmd("CLUSTER");
             cmd.arg("SETSLOT").arg(slot).arg(args);
-            node_query::<String>(port, &cmd)
+            self.node_query::<String>(port, &cmd)
                 .await
                 .unwrap_or_else(|| panic!("CLUSTER SETSLOT on {port}"));
         };
         set(to, vec!["IMPORTING".into(), from_id.clone()]).await;
         set(from, vec!["MIGRATING".into(), to_id.clone()]).await;
-        let keys: Vec<String> = node_query(
-            from,
-            redis::cmd("CLUSTER")
-                .arg("GETKEYSINSLOT")
-                .arg(slot)
-                .arg(1000),
-        )
-        .await
-        .expect("GETKEYSINSLOT");
+        let keys: Vec<String> = self
+            .node_query(
+                from,
+                redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot)
+                    .arg(1000),
+            )
+            .await
+            .expect("GETKEYSINSLOT");
         if !keys.is_empty() {
             let mut migrate = redis::cmd("MIGRATE");
             migrate
@@ -316,7 +391,9 @@ impl Cluster {
                 .arg(5000)
                 .arg("KEYS")
                 .arg(&keys);
-            node_query::<String>(from, &migrate).await.expect("MIGRATE");
+            self.node_query::<String>(from, &migrate)
+                .await
+                .expect("MIGRATE");
         }
         for port in self.master_ports().await {
             set(port, vec!["NODE".into(), to_id.clone()]).await;
@@ -333,7 +410,9 @@ impl Cluster {
 
     /// The ports of the replicas of the master on `port`.
     pub async fn replicas_of(&self, port: u16) -> Vec<u16> {
-        let Some(nodes) = node_query::<String>(port, redis::cmd("CLUSTER").arg("NODES")).await
+        let Some(nodes) = self
+            .node_query::<String>(port, redis::cmd("CLUSTER").arg("NODES"))
+            .await
         else {
             panic!("the master on {port} does not answer");
         };
@@ -377,32 +456,42 @@ impl Drop for Cluster {
     }
 }
 
-/// One command to one node, or `None` if it does not answer.
-async fn node_query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-    let mut c = tokio::time::timeout(
-        Duration::from_secs(1),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    tokio::time::timeout(Duration::from_secs(1), cmd.query_async(&mut c))
+impl Cluster {
+    /// One command to one node, or `None` if it does not answer.
+    async fn node_query<T: redis::FromRedisValue>(&self, port: u16, cmd: &redis::Cmd) -> Option<T> {
+        let client = match &self.tls {
+            None => redis::Client::open(format!("redis://127.0.0.1:{port}")),
+            Some((pki, _)) => redis::Client::build_with_tls(
+                format!("rediss://127.0.0.1:{port}"),
+                pki.certificates(),
+            ),
+        }
+        .ok()?;
+        let mut c = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.get_multiplexed_async_connection(),
+        )
         .await
         .ok()?
-        .ok()
-}
-
-/// True once the node on `port` answers PING (false after 5 s).
-async fn wait_ping(port: u16) -> bool {
-    for _ in 0..200 {
-        if node_query::<String>(port, &redis::cmd("PING"))
+        .ok()?;
+        tokio::time::timeout(Duration::from_secs(1), cmd.query_async(&mut c))
             .await
-            .is_some()
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+            .ok()?
+            .ok()
     }
-    false
+
+    /// True once the node on `port` answers PING (false after 5 s).
+    async fn wait_ping(&self, port: u16) -> bool {
+        for _ in 0..200 {
+            if self
+                .node_query::<String>(port, &redis::cmd("PING"))
+                .await
+                .is_some()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod cluster;
+pub mod pki;
 pub mod proxy;
 
 use std::net::SocketAddr;
