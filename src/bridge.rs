@@ -114,6 +114,8 @@ async fn accept(
     if app.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
+    // A backend's disconnect from now on must reach this connection too.
+    let began = tokio::time::Instant::now();
     let token = auth::bearer_token(&headers, query.access_token.as_deref())
         .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
 
@@ -167,6 +169,12 @@ async fn accept(
     };
     let attached = tokio::time::timeout(config.auth_timeout, attach).await;
     let (subscription, joined) = admitted_or_refused(&app, &session_id, &agent_id, attached)?;
+    // A disconnect that came while the token was being read (so perhaps
+    // just after it was, and revoked) found no channel of this connection:
+    // it gets the order now, as the session's other connections did.
+    if let Some(order) = app.disconnects.since(&session_id, began) {
+        outbox.order_close(order);
+    }
 
     // 4. Upgrade; the driver pumps frames until the connection ends.
     let label = Label {

@@ -46,6 +46,9 @@ pub struct App {
     /// loaded (see `server::keep_history_library`); unused when reliable
     /// sessions are off.
     pub history_loaded: std::sync::atomic::AtomicBool,
+    /// The backends' recent disconnects, for admissions under way when one
+    /// came (see [`crate::control`]).
+    pub disconnects: Arc<crate::control::Recent>,
 }
 
 /// Handles of the worker runtimes (see `server::Workers`), handed out in

@@ -19,9 +19,18 @@
 //! A malformed command is logged (escaped) and counted, and changes
 //! nothing. No per-connection state is kept for this: the broker already
 //! knows which connections hold a session's channels.
+//!
+//! A connection still in its admission when a disconnect comes holds no
+//! channel yet, but may have read the token just before it was revoked.
+//! So each process also remembers its recent disconnects ([`Recent`]), and
+//! an admission, once subscribed, looks there for one that came after it
+//! began: that connection is closed the same way.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use axum::extract::ws::Message;
 use serde::Deserialize;
@@ -115,12 +124,92 @@ pub fn parse(payload: &[u8]) -> Result<Command, ControlError> {
 }
 
 /// Carries out `command` on this process's connections; how many were
-/// ordered closed.
-pub fn apply(broker: &Broker, keys: crate::keys::Keys, command: &Command) -> usize {
+/// ordered closed. It is remembered in `recent` first, so that an
+/// admission that subscribes after this finds it there.
+pub fn apply(
+    broker: &Broker,
+    keys: crate::keys::Keys,
+    recent: &Recent,
+    command: &Command,
+) -> usize {
     match command {
         Command::Disconnect { session_id, order } => {
+            recent.record(session_id, order);
             broker.close_channel(&keys.session_down(session_id), order)
                 + broker.close_channel(&keys.session_live(session_id), order)
+        }
+    }
+}
+
+/// Most disconnects remembered at once; past it the oldest is forgotten
+/// (only an admission that began before it and is still under way could
+/// then miss it).
+const RECENT_MAX: usize = 100_000;
+
+/// The disconnects this process applied lately, kept as long as an
+/// admission may take, so that one under way when a disconnect came is
+/// closed too (see the module doc).
+#[derive(Debug)]
+pub struct Recent {
+    /// How long a disconnect is kept: longer than any admission.
+    keep: Duration,
+    inner: Mutex<RecentInner>,
+}
+
+#[derive(Debug, Default)]
+struct RecentInner {
+    /// In the order they came.
+    queue: VecDeque<(Instant, String)>,
+    /// Session -> its latest disconnect.
+    last: HashMap<String, (Instant, CloseOrder)>,
+}
+
+impl Recent {
+    /// Keeps each disconnect for `keep` (an admission's longest time).
+    pub fn new(keep: Duration) -> Self {
+        Self {
+            keep,
+            inner: Mutex::new(RecentInner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecentInner> {
+        // Every change leaves both maps usable: poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers a disconnect of `session_id`, now.
+    pub fn record(&self, session_id: &str, order: &CloseOrder) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        while let Some((at, session)) = inner.queue.front() {
+            let expired = now.saturating_duration_since(*at) > self.keep;
+            if !expired && inner.queue.len() < RECENT_MAX {
+                break;
+            }
+            let (at, session) = (*at, session.clone());
+            inner.queue.pop_front();
+            if inner
+                .last
+                .get(&session)
+                .is_some_and(|(last, _)| *last == at)
+            {
+                inner.last.remove(&session);
+            }
+        }
+        inner.queue.push_back((now, session_id.to_owned()));
+        inner
+            .last
+            .insert(session_id.to_owned(), (now, order.clone()));
+    }
+
+    /// The disconnect of `session_id` that came at or after `began`, if
+    /// one did.
+    pub fn since(&self, session_id: &str, began: Instant) -> Option<CloseOrder> {
+        let inner = self.lock();
+        match inner.last.get(session_id) {
+            Some((at, order)) if *at >= began => Some(order.clone()),
+            _ => None,
         }
     }
 }
@@ -131,6 +220,7 @@ pub fn apply(broker: &Broker, keys: crate::keys::Keys, command: &Command) -> usi
 pub async fn listen(
     broker: Broker,
     keys: crate::keys::Keys,
+    recent: Arc<Recent>,
     metrics: Arc<Metrics>,
     limit: Duration,
     shutdown: tokio_util::sync::CancellationToken,
@@ -172,7 +262,7 @@ pub async fn listen(
             };
             match parse(&payload) {
                 Ok(command) => {
-                    let closed = apply(&broker, keys, &command);
+                    let closed = apply(&broker, keys, &recent, &command);
                     metrics.control_message("applied");
                     let Command::Disconnect { session_id, order } = &command;
                     tracing::info!(%session_id, code = order.code, closed, "control: disconnect");
@@ -195,6 +285,46 @@ pub async fn listen(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn order(code: u16) -> CloseOrder {
+        CloseOrder {
+            code,
+            reason: "r".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_admission_finds_the_disconnects_that_came_after_it_began() {
+        let recent = Recent::new(Duration::from_secs(5));
+        let earlier = Instant::now();
+        recent.record("s1", &order(4001));
+        // A disconnect before the admission began is not its own: the
+        // backend may have made a new token since.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let began = Instant::now();
+        assert_eq!(recent.since("s1", began), None);
+        assert_eq!(recent.since("s1", earlier), Some(order(4001)));
+        assert_eq!(recent.since("s2", earlier), None);
+        recent.record("s1", &order(4002));
+        assert_eq!(recent.since("s1", began), Some(order(4002)));
+        // Forgotten once no admission can still be under way.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        recent.record("s3", &order(4003));
+        assert_eq!(recent.since("s1", began), None);
+        assert_eq!(recent.inner.lock().expect("lock").queue.len(), 1);
+    }
+
+    #[test]
+    fn recent_disconnects_are_bounded() {
+        let recent = Recent::new(Duration::from_secs(3600));
+        for i in 0..RECENT_MAX + 10 {
+            recent.record(&format!("s{i}"), &order(4000));
+        }
+        let inner = recent.inner.lock().expect("lock");
+        assert_eq!(inner.queue.len(), RECENT_MAX);
+        assert_eq!(inner.last.len(), RECENT_MAX);
+        assert!(!inner.last.contains_key("s0"));
+    }
 
     #[test]
     fn a_disconnect_takes_defaults_and_limits() {

@@ -246,10 +246,14 @@ pub async fn run(
             config.keys(),
         )),
         history_loaded: std::sync::atomic::AtomicBool::new(false),
+        // Kept twice as long as an admission may take (AUTH_TIMEOUT_SECS
+        // bounds its Redis steps).
+        disconnects: Arc::new(crate::control::Recent::new(config.auth_timeout * 2)),
     });
     tokio::spawn(crate::control::listen(
         app.broker.clone(),
         config.keys(),
+        app.disconnects.clone(),
         app.metrics.clone(),
         config.auth_timeout,
         broker_stop.clone(),

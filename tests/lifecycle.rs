@@ -618,3 +618,115 @@ async fn a_disconnect_during_a_redis_restart_is_recorded_once_redis_is_back() {
     assert_eq!(gone[0]["reason"], "client");
     server.stop().await;
 }
+
+/// A TCP proxy in front of Redis that holds back Redis's replies on
+/// command connections by `delay` (pub/sub connections, told by their
+/// `SUBSCRIBE`, go straight through). Its address, for wsproxy's
+/// `REDIS_URL`.
+async fn slow_replies_proxy(redis_port: u16, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                continue;
+            };
+            let (mut client_rd, mut client_wr) = client.into_split();
+            let (mut server_rd, mut server_wr) = server.into_split();
+            let pubsub = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let seen = pubsub.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = client_rd.read(&mut buf).await {
+                    let chunk = &buf[..n];
+                    if chunk
+                        .windows(9)
+                        .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+                    {
+                        seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    if server_wr.write_all(chunk).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = server_rd.read(&mut buf).await {
+                    if !pubsub.load(std::sync::atomic::Ordering::SeqCst) {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if client_wr.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("redis://{addr}")
+}
+
+/// A backend revokes a token and disconnects its session while a client's
+/// admission has read that token but not yet subscribed (the token check's
+/// reply is held back 300 ms; the disconnect is published 100 ms into
+/// it): the connection is closed with the disconnect's code all the same,
+/// instead of outliving the revocation.
+#[tokio::test]
+async fn a_disconnect_during_an_admission_closes_that_connection_too() {
+    let redis = Redis::start().await;
+    let port = redis
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let url = slow_replies_proxy(port, Duration::from_millis(300)).await;
+    let server = Server::start_with(&url, |c| c.auth_timeout = Duration::from_secs(10)).await;
+    server.wait_metric("wsproxy_broker_channels", 1.0).await;
+    // One admission first, so the token check's script is loaded (a first
+    // EVALSHA would cost a NOSCRIPT round trip more).
+    let warm = unique("warm");
+    redis.set_token(&warm, TOKEN, 60).await;
+    drop(server.connect(&warm, TOKEN).await);
+    let session = unique("race");
+    redis.set_token(&session, TOKEN, 60).await;
+    let admission = tokio::spawn({
+        let url = server.url("agent-1", &session);
+        async move {
+            let mut req = url.into_client_request().expect("request");
+            req.headers_mut().insert(
+                "authorization",
+                HeaderValue::from_str(&format!("Bearer {TOKEN}")).expect("header"),
+            );
+            connect_request(req).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // What the README and the Python library do: DEL and PUBLISH in one
+    // MULTI/EXEC, straight to Redis.
+    let mut c = redis.conn().await;
+    let _: () = redis::pipe()
+        .atomic()
+        .del(format!("session:{session}:auth"))
+        .ignore()
+        .publish(
+            "wsproxy:control",
+            format!(
+                r#"{{"type":"disconnect","session_id":"{session}","code":4001,"reason":"revoked"}}"#
+            ),
+        )
+        .ignore()
+        .query_async(&mut c)
+        .await
+        .expect("MULTI DEL PUBLISH EXEC");
+    let mut ws = admission
+        .await
+        .expect("admission task")
+        .expect("admitted: its token was read before the revocation");
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (4001, "revoked"));
+    server.stop().await;
+}
