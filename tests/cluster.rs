@@ -519,41 +519,8 @@ async fn a_reliable_session_resumes_after_its_master_fails_over() {
     let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
     let master = cluster.master_of(&history).await;
 
-    let urls = cluster.urls();
     let stop = tokio_util::sync::CancellationToken::new();
-    let publisher = tokio::spawn({
-        let (history, stop) = (history.clone(), stop.clone());
-        async move {
-            let client = redis::cluster::ClusterClientBuilder::new(urls)
-                .connection_timeout(Duration::from_millis(500))
-                .response_timeout(Duration::from_millis(500))
-                // A command whose node died before answering may have run:
-                // the crate's retry would publish it twice.
-                .retries(0)
-                .build()
-                .expect("client");
-            let mut conn = client.get_async_connection().await.expect("connect");
-            let mut accepted = Vec::new();
-            let mut n = 0u64;
-            while !stop.is_cancelled() {
-                let sent = redis::cmd("FCALL")
-                    .arg("wsproxy_publish")
-                    .arg(1)
-                    .arg(&history)
-                    .arg(format!(r#"{{"n":{n}}}"#))
-                    .query_async::<String>(&mut conn)
-                    .await;
-                if sent.is_ok() {
-                    accepted.push(n);
-                } else if let Ok(fresh) = client.get_async_connection().await {
-                    conn = fresh;
-                }
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            accepted
-        }
-    });
+    let publisher = publish_every(&cluster, &session, Duration::from_millis(10), stop.clone());
 
     // (n, offset) of each message, in arrival order.
     let parse = |text: &str| -> (u64, String) {
@@ -821,11 +788,14 @@ async fn sessions_on_two_masters(cluster: &Cluster) -> ((String, u16), (String, 
     }
 }
 
-/// Publishes `{"n":k}` to `session`'s history every 20 ms until stopped;
-/// the numbers Redis accepted.
-fn publish_every_20ms(
+/// Publishes `{"n":k}` to `session`'s history every `pause` until
+/// stopped, each `k` once (a failed publish is not retried: the crate's
+/// retry could publish twice what a dying node ran before answering); the
+/// numbers Redis accepted.
+fn publish_every(
     cluster: &Cluster,
     session: &str,
+    pause: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<Vec<u64>> {
     let urls = cluster.urls();
@@ -850,9 +820,11 @@ fn publish_every_20ms(
                 .await;
             if sent.is_ok() {
                 accepted.push(n);
+            } else if let Ok(fresh) = client.get_async_connection().await {
+                conn = fresh;
             }
             n += 1;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(pause).await;
         }
         accepted
     })
@@ -900,7 +872,7 @@ async fn a_failover_closes_only_the_reliable_sessions_of_its_shard() {
     let (mut ws_a, _) = reliable_connect(&server, &a, "").await;
     let (mut ws_b, _) = reliable_connect(&server, &b, "").await;
     let stop = tokio_util::sync::CancellationToken::new();
-    let publisher = publish_every_20ms(&cluster, &b, stop.clone());
+    let publisher = publish_every(&cluster, &b, Duration::from_millis(20), stop.clone());
     let (mut got_b, closed) = read_for(&mut ws_b, Duration::from_millis(500)).await;
     assert_eq!(closed, None);
     assert!(!got_b.is_empty(), "b's messages flow before the kill");
@@ -952,7 +924,7 @@ async fn a_replica_that_dies_interrupts_nothing() {
         .first()
         .expect("a replica");
     let stop = tokio_util::sync::CancellationToken::new();
-    let publisher = publish_every_20ms(&cluster, &session, stop.clone());
+    let publisher = publish_every(&cluster, &session, Duration::from_millis(20), stop.clone());
     let (mut got, closed) = read_for(&mut ws, Duration::from_millis(500)).await;
     assert_eq!(closed, None);
     cluster.kill(replica);
