@@ -393,7 +393,12 @@ impl Procs {
             .env("RELIABLE_SESSIONS", "true")
             .env("HOST", "127.0.0.1")
             .env("PORT", self.ws_port.to_string())
-            .env("RUST_LOG", "warn")
+            // CHAOS_WSPROXY_LOG overrides the level (e.g. `warn,redis=debug`
+            // to see the redis crate's cluster recovery).
+            .env(
+                "RUST_LOG",
+                std::env::var("CHAOS_WSPROXY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             // Bounds no run reaches: a session gets a few hundred messages,
             // the up stream a few tens of thousands, a run lasts minutes.
             // Nothing is trimmed or expires, so every resume must succeed
