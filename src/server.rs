@@ -427,9 +427,7 @@ fn cluster_connections(
         builder = builder.certs(certificates.clone());
     }
     let client = builder.build().map_err(refused)?;
-    let redis = RedisConn::from(
-        client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new()),
-    );
+    let redis = RedisConn::from(crate::redis_conn::ClusterConn::new(client));
     let seeds = cluster
         .nodes
         .iter()

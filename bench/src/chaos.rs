@@ -48,6 +48,25 @@
 //!   later; at two thirds Redis is SIGKILLed and started again on its AOF
 //!   (`--redis-down-ms` later).
 //!
+//! With `--cluster` ([`crate::chaos_cluster`]) it starts a 3+3 Redis
+//! Cluster instead (AOF, `appendfsync always` on every node) and wsproxy
+//! on it with sharded pub/sub and `UP_STREAM_SHARDS` set so that the up
+//! streams (`wsproxy:up:{<n>}`) cover all three masters (the workers read
+//! each); sessions (`session:{<id>}:...`) spread over all shards, and the
+//! backend talks through a cluster client that never retries by itself
+//! (the publishers' in-doubt lookup decides instead). In place of the
+//! Redis restart, at two thirds the master serving up stream 0 is
+//! SIGKILLed, the run waits for its replica to take over and for wsproxy
+//! to be ready, and `--node-down-ms` after the kill the node is started
+//! again (it rejoins as a replica). Replication is asynchronous: what the
+//! killed master acknowledged in its last instants may be missing on the
+//! promoted replica. Such losses are reported apart, "lost in failover",
+//! only when proven: the entry the master acknowledged (its offset or
+//! stream id is known) is in a slot it served, was written at most
+//! [`FAILOVER_WINDOW_MS`] before the kill, and is absent from the stream
+//! at the end. Every other loss fails the run as before. `--wait-replica`
+//! makes the backend send `WAIT 1 1000` with each publish.
+//!
 //! At the end, publishing and sending stop, and the run waits (at most
 //! `--settle-secs`) until everything confirmed has arrived. Then it counts,
 //! per direction:
@@ -80,6 +99,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -89,6 +109,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
+use crate::chaos_cluster::{self, ChaosCluster};
 use crate::net::{self, Ws};
 use crate::scenarios::redis_client;
 use crate::soak::Rng;
@@ -98,8 +119,6 @@ use crate::stats::Report;
 const PROTOCOL: &str = "wsproxy.v1";
 /// The agent id in every client's URL.
 const AGENT: &str = "agent-x";
-/// Where wsproxy puts client messages (`UP_STREAM_SHARDS=1`).
-const UP_STREAM: &str = "wsproxy:up:0";
 /// The workers' consumer group.
 const GROUP: &str = "chaos";
 /// Backend tasks publishing down messages (each owns a share of the
@@ -189,6 +208,23 @@ pub struct ChaosArgs {
     /// where it is.
     #[arg(long)]
     pub keep: bool,
+    /// A Redis Cluster (3 masters + 3 replicas, AOF with appendfsync
+    /// always, started here) instead of one redis-server; wsproxy uses it
+    /// with sharded pub/sub and one up stream per shard. Instead of
+    /// restarting Redis, at 2/3 the master that serves up stream 0 is
+    /// SIGKILLed, its replica takes over, and the node is started again
+    /// `--node-down-ms` later (it rejoins as a replica).
+    #[arg(long)]
+    pub cluster: bool,
+    /// With --cluster: milliseconds between the master's SIGKILL and its
+    /// restart.
+    #[arg(long, default_value_t = 6000)]
+    pub node_down_ms: u64,
+    /// With --cluster: the backend sends `WAIT 1 1000` to the session's
+    /// master right after each `FCALL wsproxy_publish` (same connection,
+    /// one pipeline), so a publish is confirmed only once a replica has it.
+    #[arg(long)]
+    pub wait_replica: bool,
 }
 
 /// What a chaos run found, for `--json` and the exit code.
@@ -226,12 +262,17 @@ struct Procs {
     wsproxy: Option<Child>,
     /// Leave the directory (`--keep`).
     keep: bool,
+    /// `--cluster`: the cluster, in place of `redis`.
+    cluster: Option<ChaosCluster>,
+    /// wsproxy's `UP_STREAM_SHARDS`.
+    up_shards: usize,
 }
 
 impl Drop for Procs {
     fn drop(&mut self) {
         kill_now(&mut self.wsproxy);
         kill_now(&mut self.redis);
+        drop(self.cluster.take());
         if self.keep {
             eprintln!("chaos: kept {}", self.dir.display());
         } else {
@@ -289,6 +330,8 @@ impl Procs {
             redis: None,
             wsproxy: None,
             keep: args.keep,
+            cluster: None,
+            up_shards: 1,
         };
         procs.redis_port = free_port(rng, &[])?;
         procs.ws_port = free_port(rng, &[procs.redis_port])?;
@@ -297,6 +340,14 @@ impl Procs {
 
     fn redis_url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.redis_port)
+    }
+
+    /// Where the backend tasks connect: the server, or the cluster's seeds.
+    fn redis_target(&self) -> RedisTarget {
+        match &self.cluster {
+            Some(c) => RedisTarget::Cluster(c.urls()),
+            None => RedisTarget::Standalone(self.redis_url()),
+        }
     }
 
     fn start_redis(&mut self) -> anyhow::Result<u32> {
@@ -336,26 +387,37 @@ impl Procs {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let child = Command::new(&self.wsproxy_bin)
-            .env_clear()
+        let mut cmd = Command::new(&self.wsproxy_bin);
+        cmd.env_clear()
             .current_dir(&self.dir)
             .env("RELIABLE_SESSIONS", "true")
             .env("HOST", "127.0.0.1")
             .env("PORT", self.ws_port.to_string())
-            .env("REDIS_URL", self.redis_url())
-            .env("RUST_LOG", "warn")
+            // CHAOS_WSPROXY_LOG overrides the level (e.g. `warn,redis=debug`
+            // to see the redis crate's cluster recovery).
+            .env(
+                "RUST_LOG",
+                std::env::var("CHAOS_WSPROXY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             // Bounds no run reaches: a session gets a few hundred messages,
             // the up stream a few tens of thousands, a run lasts minutes.
             // Nothing is trimmed or expires, so every resume must succeed
             // and every resend is recognised.
             .env("HISTORY_MAX_LEN", "100000")
             .env("HISTORY_TTL_SECS", "3600")
-            .env("UP_STREAM_SHARDS", "1")
+            .env("UP_STREAM_SHARDS", self.up_shards.to_string())
             .env("UP_STREAM_MAX_LEN", "10000000")
             .env("UP_DEDUPE_SECS", "3600")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
+            .stderr(log);
+        match &self.cluster {
+            Some(c) => cmd
+                .env("REDIS_CLUSTER_NODES", c.urls().join(","))
+                .env("REDIS_CLUSTER_PUBSUB", "sharded"),
+            None => cmd.env("REDIS_URL", self.redis_url()),
+        };
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", self.wsproxy_bin.display()))?;
         let pid = child.id();
@@ -365,6 +427,9 @@ impl Procs {
 
     /// Fails if a child exited on its own.
     fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(c) = &mut self.cluster {
+            c.check_alive()?;
+        }
         for (name, child) in [
             ("wsproxy", &mut self.wsproxy),
             ("redis-server", &mut self.redis),
@@ -495,13 +560,18 @@ struct Session {
     token: String,
     /// Every `seq` from 1 to this is in the history, exactly once.
     confirmed: AtomicU64,
+    /// The offset each confirmed seq got (index seq - 1).
+    offsets: Mutex<Vec<String>>,
 }
 
 /// What one client saw, checked as it arrives.
 #[derive(Debug, Default)]
 struct ClientBook {
-    /// Down: the seqs received (each counted once).
-    seen: HashSet<u64>,
+    /// Down: the seqs received (each counted once), with the offset each
+    /// first came with.
+    seen: HashMap<u64, String>,
+    /// Down: (seq, first offset, offset of the repeat) of each duplicate.
+    repeats: Vec<(u64, String, String)>,
     max_seen: u64,
     duplicated: u64,
     out_of_order: u64,
@@ -516,11 +586,13 @@ struct ClientBook {
 }
 
 impl ClientBook {
-    fn down(&mut self, seq: u64) {
-        if !self.seen.insert(seq) {
+    fn down(&mut self, seq: u64, offset: &str) {
+        if let Some(first) = self.seen.get(&seq) {
             self.duplicated += 1;
+            self.repeats.push((seq, first.clone(), offset.to_owned()));
             return;
         }
+        self.seen.insert(seq, offset.to_owned());
         if seq < self.max_seen {
             self.out_of_order += 1;
         }
@@ -529,7 +601,9 @@ impl ClientBook {
 
     /// Confirmed seqs (1..=confirmed) not received.
     fn missing(&self, confirmed: u64) -> u64 {
-        (1..=confirmed).filter(|k| !self.seen.contains(k)).count() as u64
+        (1..=confirmed)
+            .filter(|k| !self.seen.contains_key(k))
+            .count() as u64
     }
 }
 
@@ -545,21 +619,23 @@ struct ClientSlot {
 /// What the workers got from the stream.
 #[derive(Debug, Default)]
 struct UpBook {
-    /// Every entry id handled.
-    entries: HashSet<EntryId>,
+    /// Every entry handled: (up stream shard, entry id).
+    entries: HashSet<(usize, EntryId)>,
     /// An entry handled again (a lost XACK or reply, claimed back).
     redelivered: u64,
     /// (client, k) -> its first entry.
     first: HashMap<(usize, u64), EntryId>,
     /// A second entry for a (client, k) already stored.
     duplicated: u64,
+    /// (client, k, first entry, second entry) of each duplicate.
+    repeats: Vec<(usize, u64, EntryId, EntryId)>,
     /// Entries that are not this run's messages.
     malformed: u64,
 }
 
 impl UpBook {
-    fn record(&mut self, entry: EntryId, client: usize, k: u64) {
-        if !self.entries.insert(entry) {
+    fn record(&mut self, shard: usize, entry: EntryId, client: usize, k: u64) {
+        if !self.entries.insert((shard, entry)) {
             self.redelivered += 1;
             return;
         }
@@ -567,7 +643,10 @@ impl UpBook {
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(entry);
             }
-            std::collections::hash_map::Entry::Occupied(_) => self.duplicated += 1,
+            std::collections::hash_map::Entry::Occupied(o) => {
+                self.duplicated += 1;
+                self.repeats.push((client, k, *o.get(), entry));
+            }
         }
     }
 }
@@ -612,7 +691,15 @@ fn get(c: &AtomicU64) -> u64 {
 
 struct Shared {
     ws_base: String,
-    redis_url: String,
+    redis: RedisTarget,
+    /// Up streams, by shard (`UP_STREAM_SHARDS`).
+    up_streams: Vec<String>,
+    /// `--wait-replica`.
+    wait_replica: bool,
+    /// Publishes a replica did not acknowledge within WAIT's second.
+    wait_unreplicated: AtomicU64,
+    /// Each failed resume: (client, the offset it asked for, reason, when).
+    resume_failed: Mutex<Vec<(usize, String, String, f64)>>,
     sessions: Vec<Session>,
     clients: Vec<ClientSlot>,
     /// Seconds between two messages of one client.
@@ -631,7 +718,41 @@ struct Shared {
     started: Instant,
 }
 
+/// A session's key: `session:<id>:<suffix>`, or on a cluster
+/// `session:{<id>}:<suffix>` (src/keys.rs).
+fn session_key(cluster: bool, id: &str, suffix: &str) -> String {
+    if cluster {
+        format!("session:{{{id}}}:{suffix}")
+    } else {
+        format!("session:{id}:{suffix}")
+    }
+}
+
+/// Up stream `shard`: `wsproxy:up:<n>`, or on a cluster `wsproxy:up:{<n>}`.
+fn up_stream(cluster: bool, shard: usize) -> String {
+    if cluster {
+        format!("wsproxy:up:{{{shard}}}")
+    } else {
+        format!("wsproxy:up:{shard}")
+    }
+}
+
+/// The up stream shard of a session: FNV-1a of its id, as wsproxy picks it
+/// (src/keys.rs `up_shard`).
+fn up_shard(session_id: &str, shards: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in session_id.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % shards.max(1) as u64) as usize
+}
+
 impl Shared {
+    fn is_cluster(&self) -> bool {
+        matches!(self.redis, RedisTarget::Cluster(_))
+    }
+
     /// Prints the first few noteworthy errors as they happen.
     fn note(&self, what: impl std::fmt::Display) {
         let n = self.counters.notes.fetch_add(1, Ordering::Relaxed);
@@ -663,41 +784,136 @@ async fn past(rx: &mut watch::Receiver<Phase>, phase: Phase) {
 
 // --- Redis for the backend tasks -------------------------------------------
 
-/// A Redis connection that is made again after any error.
-struct Backend {
-    client: redis::Client,
-    conn: Option<MultiplexedConnection>,
+/// Where the backend tasks' Redis is.
+#[derive(Debug, Clone)]
+enum RedisTarget {
+    Standalone(String),
+    /// A cluster's seed URLs.
+    Cluster(Vec<String>),
+}
+
+/// A Redis connection that is made again after any error: to one server,
+/// or (`--cluster`) a cluster connection, which routes each command to the
+/// master of its key's slot. The cluster client never retries on its own
+/// (`retries(0)`): a publish whose fate is unknown (a connection error
+/// during a failover) must come back here, to be looked up, not be sent
+/// twice; a MOVED or CLUSTERDOWN comes back too, and the connection is
+/// made again from the seeds (a fresh slot map).
+enum Backend {
+    Standalone {
+        client: redis::Client,
+        conn: Option<MultiplexedConnection>,
+    },
+    Cluster {
+        client: redis::cluster::ClusterClient,
+        conn: Option<ClusterConnection>,
+    },
 }
 
 impl Backend {
-    fn new(url: &str) -> anyhow::Result<Self> {
-        Ok(Self {
-            client: redis_client(url)?,
-            conn: None,
+    fn new(target: &RedisTarget) -> anyhow::Result<Self> {
+        Ok(match target {
+            RedisTarget::Standalone(url) => Self::Standalone {
+                client: redis_client(url)?,
+                conn: None,
+            },
+            RedisTarget::Cluster(seeds) => Self::Cluster {
+                client: redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                    .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+                    .retries(0)
+                    .connection_timeout(Duration::from_secs(2))
+                    .response_timeout(REDIS_RESPONSE_TIMEOUT)
+                    .build()?,
+                conn: None,
+            },
         })
     }
 
     async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> anyhow::Result<T> {
-        if self.conn.is_none() {
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
-            let conn = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
-            self.conn = Some(conn);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            unreachable!("connected above");
-        };
-        match cmd.query_async(conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.conn = None;
-                Err(e.into())
+        match self {
+            Self::Standalone { client, conn } => {
+                if conn.is_none() {
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(Duration::from_secs(2)))
+                        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
+                    *conn = Some(
+                        client
+                            .get_multiplexed_async_connection_with_config(&config)
+                            .await?,
+                    );
+                }
+                let Some(c) = conn.as_mut() else {
+                    unreachable!("connected above");
+                };
+                match cmd.query_async(c).await {
+                    Ok(v) => Ok(v),
+                    Err(e) => {
+                        *conn = None;
+                        Err(e.into())
+                    }
+                }
+            }
+            Self::Cluster { client, conn } => {
+                let c = Self::cluster_conn(client, conn).await?;
+                match cmd.query_async(c).await {
+                    Ok(v) => Ok(v),
+                    Err(e) => {
+                        *conn = None;
+                        Err(e.into())
+                    }
+                }
             }
         }
+    }
+
+    async fn cluster_conn<'a>(
+        client: &redis::cluster::ClusterClient,
+        conn: &'a mut Option<ClusterConnection>,
+    ) -> anyhow::Result<&'a mut ClusterConnection> {
+        if conn.is_none() {
+            *conn = Some(client.get_async_connection().await?);
+        }
+        let Some(c) = conn.as_mut() else {
+            unreachable!("connected above");
+        };
+        Ok(c)
+    }
+
+    /// `FCALL wsproxy_publish` and then `WAIT 1 1000`, as one pipeline to
+    /// the master of `history`'s slot (cluster only): the offset, and how
+    /// many replicas acknowledged it.
+    async fn publish_and_wait(
+        &mut self,
+        publish: &redis::Cmd,
+        history: &str,
+    ) -> anyhow::Result<(String, i64)> {
+        let Self::Cluster { client, conn } = self else {
+            bail!("--wait-replica needs --cluster");
+        };
+        let c = Self::cluster_conn(client, conn).await?;
+        let mut pipe = redis::pipe();
+        pipe.add_command(publish.clone());
+        pipe.cmd("WAIT").arg(1).arg(1000);
+        let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
+            redis::cluster_routing::Route::new(
+                chaos_cluster::slot_of(history),
+                redis::cluster_routing::SlotAddr::Master,
+            ),
+        );
+        let result = c.route_pipeline(pipe, 0, 2, route).await;
+        let values = match result {
+            Ok(v) => v,
+            Err(e) => {
+                *conn = None;
+                return Err(e.into());
+            }
+        };
+        let [offset, replicas] = <[redis::Value; 2]>::try_from(values)
+            .map_err(|v| anyhow::anyhow!("FCALL+WAIT: {} replies", v.len()))?;
+        Ok((
+            redis::from_redis_value(offset)?,
+            redis::from_redis_value(replicas)?,
+        ))
     }
 }
 
@@ -844,6 +1060,12 @@ async fn connected(
             bump(&shared.counters.resume_failures);
             let reason = w["reason"].as_str().unwrap_or("?").to_owned();
             shared.note(format_args!("client {i}: resume failed: {welcome}"));
+            lock(&shared.resume_failed).push((
+                i,
+                pos.offset.clone().unwrap_or_default(),
+                reason.clone(),
+                shared.started.elapsed().as_secs_f64(),
+            ));
             *lock(&shared.resume_reasons).entry(reason).or_insert(0) += 1;
             // As the protocol says: go on from the welcome's offset.
             pos.offset = Some(offset.to_owned());
@@ -983,7 +1205,7 @@ fn on_text(shared: &Shared, i: usize, text: &str, pos: &mut Position) -> Reply {
                 return protocol_error("a message without seq or offset");
             };
             let mut book = lock(&slot.book);
-            book.down(seq);
+            book.down(seq, offset);
             let last = pos.offset.as_deref().and_then(entry_id);
             if entry_id(offset).is_none() || entry_id(offset) <= last {
                 book.offset_regressions += 1;
@@ -1028,7 +1250,7 @@ async fn publisher(shared: Arc<Shared>, t: usize) {
     if mine.is_empty() || shared.down_rate <= 0.0 {
         return;
     }
-    let mut backend = match Backend::new(&shared.redis_url) {
+    let mut backend = match Backend::new(&shared.redis) {
         Ok(b) => b,
         Err(e) => {
             shared.note(format_args!("publisher {t}: {e:#}"));
@@ -1057,7 +1279,7 @@ async fn publish_next(shared: &Shared, backend: &mut Backend, j: usize) {
     let session = &shared.sessions[j];
     let k = session.confirmed.load(Ordering::SeqCst) + 1;
     let payload = format!(r#"{{"seq":{k}}}"#);
-    let history = format!("session:{}:history", session.id);
+    let history = session_key(shared.is_cluster(), &session.id, "history");
     let mut publish = redis::cmd("FCALL");
     publish
         .arg("wsproxy_publish")
@@ -1066,10 +1288,27 @@ async fn publish_next(shared: &Shared, backend: &mut Backend, j: usize) {
         .arg(&payload);
     let mut newest = redis::cmd("XREVRANGE");
     newest.arg(&history).arg("+").arg("-").arg("COUNT").arg(1);
+    let confirm = |offset: String| {
+        lock(&session.offsets).push(offset);
+        session.confirmed.store(k, Ordering::SeqCst);
+    };
     loop {
-        match backend.query::<String>(&publish).await {
-            Ok(_offset) => {
-                session.confirmed.store(k, Ordering::SeqCst);
+        let result = if shared.wait_replica {
+            backend
+                .publish_and_wait(&publish, &history)
+                .await
+                .map(|(offset, replicas)| {
+                    if replicas < 1 {
+                        bump(&shared.wait_unreplicated);
+                    }
+                    offset
+                })
+        } else {
+            backend.query::<String>(&publish).await
+        };
+        match result {
+            Ok(offset) => {
+                confirm(offset);
                 return;
             }
             Err(e) => {
@@ -1091,12 +1330,11 @@ async fn publish_next(shared: &Shared, backend: &mut Backend, j: usize) {
             let Ok(entries) = backend.query::<Vec<(String, Vec<String>)>>(&newest).await else {
                 continue;
             };
-            let applied = entries
-                .first()
-                .is_some_and(|(_, fields)| fields.get(1) == Some(&payload));
-            if applied {
+            if let Some((offset, fields)) = entries.first()
+                && fields.get(1) == Some(&payload)
+            {
                 bump(&shared.counters.publish_applied_anyway);
-                session.confirmed.store(k, Ordering::SeqCst);
+                confirm(offset.clone());
                 return;
             }
             break;
@@ -1107,10 +1345,12 @@ async fn publish_next(shared: &Shared, backend: &mut Backend, j: usize) {
 /// A stream entry as Redis gives it: its id and its fields, flat.
 type Entry = (String, Vec<String>);
 
-/// Reads client messages with the consumer group until the run stops.
-async fn worker(shared: Arc<Shared>, w: usize) {
-    let name = format!("worker-{w}");
-    let mut backend = match Backend::new(&shared.redis_url) {
+/// Reads client messages of up stream `shard` with the consumer group
+/// until the run stops.
+async fn worker(shared: Arc<Shared>, w: usize, shard: usize) {
+    let name = format!("worker-{shard}-{w}");
+    let stream = shared.up_streams[shard].as_str();
+    let mut backend = match Backend::new(&shared.redis) {
         Ok(b) => b,
         Err(e) => {
             shared.note(format_args!("{name}: {e:#}"));
@@ -1126,14 +1366,14 @@ async fn worker(shared: Arc<Shared>, w: usize) {
         .arg("BLOCK")
         .arg(200)
         .arg("STREAMS")
-        .arg(UP_STREAM)
+        .arg(stream)
         .arg(">");
     let mut last_claim = Instant::now();
     while shared.phase() != Phase::Stop {
         let mut entries: Vec<Entry> = Vec::new();
         let got = if last_claim.elapsed() >= CLAIM_EVERY {
             last_claim = Instant::now();
-            claim(&mut backend, &name, &mut entries).await
+            claim(&mut backend, stream, &name, &mut entries).await
         } else {
             backend
                 .query::<Option<Vec<(String, Vec<Entry>)>>>(&read)
@@ -1158,14 +1398,14 @@ async fn worker(shared: Arc<Shared>, w: usize) {
             for (id, fields) in &entries {
                 match parse_up(id, fields) {
                     Some((entry, client, k)) if client < shared.clients.len() => {
-                        up.record(entry, client, k);
+                        up.record(shard, entry, client, k);
                     }
                     _ => up.malformed += 1,
                 }
             }
         }
         let mut ack = redis::cmd("XACK");
-        ack.arg(UP_STREAM).arg(GROUP);
+        ack.arg(stream).arg(GROUP);
         for (id, _) in &entries {
             ack.arg(id);
         }
@@ -1178,12 +1418,17 @@ async fn worker(shared: Arc<Shared>, w: usize) {
 
 /// Claims entries pending longer than [`CLAIM_IDLE`] (delivered to a
 /// worker that never acknowledged them).
-async fn claim(backend: &mut Backend, name: &str, into: &mut Vec<Entry>) -> anyhow::Result<()> {
+async fn claim(
+    backend: &mut Backend,
+    stream: &str,
+    name: &str,
+    into: &mut Vec<Entry>,
+) -> anyhow::Result<()> {
     let mut cursor = "0-0".to_owned();
     // Bounded: a claim round must not starve reading.
     for _ in 0..10 {
         let mut cmd = redis::cmd("XAUTOCLAIM");
-        cmd.arg(UP_STREAM)
+        cmd.arg(stream)
             .arg(GROUP)
             .arg(name)
             .arg(CLAIM_IDLE.as_millis() as u64)
@@ -1254,6 +1499,13 @@ impl Direction {
 struct Counts {
     down: Direction,
     up: Direction,
+    /// `--cluster`: the losses the failover explains (see [`FailoverLoss`]);
+    /// they are counted in `down`, `up` and the rest too, and do not fail
+    /// the run.
+    failover: Option<FailoverLoss>,
+    /// `--wait-replica`: publishes no replica acknowledged within WAIT's
+    /// second.
+    wait_unreplicated: u64,
     published: u64,
     publish_errors: u64,
     publish_applied_anyway: u64,
@@ -1293,10 +1545,14 @@ impl Counts {
     /// What makes the run fail.
     fn failures(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (name, d) in [("down", &self.down), ("up", &self.up)] {
+        let f = self.failover.clone().unwrap_or_default();
+        for (name, d, lost, duplicated) in [
+            ("down", &self.down, f.down_lost, f.down_duplicated),
+            ("up", &self.up, f.up_lost, f.up_duplicated),
+        ] {
             for (what, n) in [
-                ("lost", d.lost),
-                ("duplicated", d.duplicated),
+                ("lost", d.lost.saturating_sub(lost)),
+                ("duplicated", d.duplicated.saturating_sub(duplicated)),
                 ("out of order", d.out_of_order),
             ] {
                 if n > 0 {
@@ -1305,14 +1561,17 @@ impl Counts {
             }
         }
         for (what, n) in [
-            ("resume failures", self.resume_failures),
+            (
+                "resume failures",
+                self.resume_failures.saturating_sub(f.resume_failures),
+            ),
             (
                 "down messages with an offset not above the last",
                 self.offset_regressions,
             ),
             (
                 "acks whose offset is not the stored entry's",
-                self.up_ack_mismatches,
+                self.up_ack_mismatches.saturating_sub(f.up_ack_mismatches),
             ),
             (
                 "stream entries that are not this run's messages",
@@ -1383,7 +1642,7 @@ fn count(shared: &Shared) -> Counts {
         d.lost += book.missing(confirmed);
         d.duplicated += book.duplicated;
         d.out_of_order += book.out_of_order;
-        d.unconfirmed += book.seen.iter().filter(|&&k| k > confirmed).count() as u64;
+        d.unconfirmed += book.seen.keys().filter(|&&k| k > confirmed).count() as u64;
         counts.offset_regressions += book.offset_regressions;
 
         let u = &mut counts.up;
@@ -1416,7 +1675,7 @@ fn count(shared: &Shared) -> Counts {
 /// True when nothing is in flight any more: every confirmed publish has
 /// reached its clients, every message is acknowledged and in the workers'
 /// hands.
-fn settled(shared: &Shared) -> bool {
+fn settled(shared: &Shared, excused: &FailoverLoss) -> bool {
     if shared.publishing.load(Ordering::SeqCst) > 0 {
         return false;
     }
@@ -1426,10 +1685,298 @@ fn settled(shared: &Shared) -> bool {
         let confirmed = shared.sessions[i % shared.sessions.len()]
             .confirmed
             .load(Ordering::SeqCst);
+        let j = i % shared.sessions.len();
         book.pending.is_none()
-            && book.missing(confirmed) == 0
-            && book.acked.keys().all(|k| up.first.contains_key(&(i, *k)))
+            && (1..=confirmed)
+                .all(|k| book.seen.contains_key(&k) || excused.excused_down.contains(&(j, k)))
+            && book
+                .acked
+                .keys()
+                .all(|k| up.first.contains_key(&(i, *k)) || excused.excused_up.contains(&(i, *k)))
     })
+}
+
+// --- the failover (--cluster) ----------------------------------------------
+
+/// An entry the killed master acknowledged and its promoted replica lacks
+/// is put down to the failover only if it was written at most this long
+/// before the kill (by its id's time): replication on loopback lags by
+/// far less. An older one missing is a failure like any other loss.
+const FAILOVER_WINDOW_MS: u64 = 1000;
+
+/// The master SIGKILLed on purpose, and what it served.
+struct Failover {
+    port: u16,
+    /// Its slot ranges when it was killed.
+    slots: Vec<(u16, u16)>,
+    killed_unix_ms: u64,
+    restart_due: Instant,
+    restarted: bool,
+}
+
+impl Failover {
+    fn served(&self, key: &str) -> bool {
+        let slot = chaos_cluster::slot_of(key);
+        self.slots
+            .iter()
+            .any(|(lo, hi)| (*lo..=*hi).contains(&slot))
+    }
+
+    /// How long before the kill an entry was written, if it was within
+    /// [`FAILOVER_WINDOW_MS`] before it.
+    fn age(&self, entry: EntryId) -> Option<u64> {
+        let age = self.killed_unix_ms.checked_sub(entry.0)?;
+        (age <= FAILOVER_WINDOW_MS).then_some(age)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// SIGKILLs the master of up stream 0 (it serves sessions too), waits for
+/// its replica to take over and for wsproxy to be ready again.
+async fn fail_over(
+    procs: &mut Procs,
+    shared: &Shared,
+    args: &ChaosArgs,
+    started: Instant,
+) -> anyhow::Result<Failover> {
+    let Some(cluster) = procs.cluster.as_mut() else {
+        bail!("no cluster");
+    };
+    let map = cluster.slot_map().await?;
+    let stream0 = &shared.up_streams[0];
+    let victim = chaos_cluster::owner(&map, chaos_cluster::slot_of(stream0))
+        .context("no master serves up stream 0")?;
+    let slots: Vec<(u16, u16)> = map
+        .iter()
+        .filter(|r| r.2 == victim)
+        .map(|r| (r.0, r.1))
+        .collect();
+    let replicas = cluster.replicas_of(victim).await;
+    let sessions = shared
+        .sessions
+        .iter()
+        .filter(|s| {
+            let slot = chaos_cluster::slot_of(&session_key(true, &s.id, "history"));
+            slots.iter().any(|(lo, hi)| (*lo..=*hi).contains(&slot))
+        })
+        .count();
+    let pid = cluster.kill(victim).await?;
+    let killed_unix_ms = unix_ms();
+    let killed = Instant::now();
+    let took = cluster.wait_failover(victim).await?;
+    let after = cluster.slot_map().await?;
+    let promoted = chaos_cluster::owner(&after, slots.first().map_or(0, |r| r.0)).unwrap_or(0);
+    let ready = wait_ready(procs)
+        .await
+        .with_context(|| format!("after the master on {victim} was failed over to {promoted}"))?;
+    println!(
+        "chaos: [{:.1}s] SIGKILLed the master on {victim} (pid {pid}; {sessions} sessions, up stream 0; \
+         replicas {replicas:?}); its slots were served by {promoted} {:.1} s later, wsproxy ready {:.1} s after that",
+        killed.duration_since(started).as_secs_f64(),
+        took.as_secs_f64(),
+        ready.as_secs_f64()
+    );
+    Ok(Failover {
+        port: victim,
+        slots,
+        killed_unix_ms,
+        restart_due: killed + Duration::from_millis(args.node_down_ms),
+        restarted: false,
+    })
+}
+
+/// Starts the killed node again; it rejoins as a replica.
+async fn restart_node(procs: &mut Procs, f: &mut Failover, started: Instant) -> anyhow::Result<()> {
+    let Some(cluster) = procs.cluster.as_mut() else {
+        bail!("no cluster");
+    };
+    let at = Instant::now();
+    let pid = cluster.restart(f.port).await?;
+    f.restarted = true;
+    let (took, master) = cluster.wait_rejoined(f.port).await?;
+    println!(
+        "chaos: [{:.1}s] started the killed node on {} again (pid {pid}); a synced replica of {master} {:.1} s later",
+        at.duration_since(started).as_secs_f64(),
+        f.port,
+        took.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// What the failover provably lost: entries that the killed master
+/// acknowledged (to the backend's publish or to wsproxy's store), in a
+/// slot it served, written at most [`FAILOVER_WINDOW_MS`] before the kill
+/// by their ids, that the stream on the promoted master does not hold at
+/// the end: asynchronous replication's window. Each loss below is one the
+/// run counted, explained by such an entry; the rest stay failures.
+#[derive(Debug, Default, Clone, Serialize)]
+struct FailoverLoss {
+    /// Confirmed down seqs a client never got: their entry is gone and no
+    /// other entry carries the seq.
+    down_lost: u64,
+    /// Down seqs a client got twice, once from a gone entry (the backend
+    /// published again what the promoted master did not have).
+    down_duplicated: u64,
+    /// Resumes refused `unknown_offset` from an offset whose entry is gone.
+    resume_failures: u64,
+    /// Acknowledged client messages whose entry is gone.
+    up_lost: u64,
+    /// Client messages stored twice, the first entry gone.
+    up_duplicated: u64,
+    /// Acks for a resend's entry after a worker had got the gone first one.
+    up_ack_mismatches: u64,
+    /// Distinct gone entries (history and up streams).
+    entries: u64,
+    /// How long before the kill they were written (ms), least and most.
+    ms_before_kill: Option<(u64, u64)>,
+    #[serde(skip)]
+    excused_down: HashSet<(usize, u64)>,
+    #[serde(skip)]
+    excused_up: HashSet<(usize, u64)>,
+}
+
+impl FailoverLoss {
+    fn any(&self) -> bool {
+        self.down_lost
+            + self.down_duplicated
+            + self.resume_failures
+            + self.up_lost
+            + self.up_duplicated
+            + self.up_ack_mismatches
+            > 0
+    }
+}
+
+/// Looks up which of the run's losses the failover explains (see
+/// [`FailoverLoss`]), reading the streams of the killed master's slots as
+/// they are now.
+async fn attribute(shared: &Shared, f: &Failover) -> anyhow::Result<FailoverLoss> {
+    let mut backend = Backend::new(&shared.redis)?;
+    let read = |key: &str| {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(key).arg("-").arg("+");
+        cmd
+    };
+    // Histories of the sessions it served: entry ids, and seqs present.
+    let mut histories: HashMap<usize, (HashSet<EntryId>, HashSet<u64>)> = HashMap::new();
+    for (j, s) in shared.sessions.iter().enumerate() {
+        let key = session_key(true, &s.id, "history");
+        if !f.served(&key) {
+            continue;
+        }
+        let entries: Vec<Entry> = backend.query(&read(&key)).await?;
+        let mut ids = HashSet::new();
+        let mut seqs = HashSet::new();
+        for (id, fields) in entries {
+            ids.extend(entry_id(&id));
+            if let Some(d) = fields.get(1)
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(d)
+                && let Some(k) = v["seq"].as_u64()
+            {
+                seqs.insert(k);
+            }
+        }
+        histories.insert(j, (ids, seqs));
+    }
+    let mut streams: HashMap<usize, HashSet<EntryId>> = HashMap::new();
+    for (n, key) in shared.up_streams.iter().enumerate() {
+        if f.served(key) {
+            let entries: Vec<Entry> = backend.query(&read(key)).await?;
+            streams.insert(
+                n,
+                entries.iter().filter_map(|(id, _)| entry_id(id)).collect(),
+            );
+        }
+    }
+
+    let mut loss = FailoverLoss::default();
+    let mut gone: HashSet<(String, EntryId)> = HashSet::new();
+    let mut ages: Vec<u64> = Vec::new();
+    // An entry of `key` that is gone, written just before the kill.
+    let mut lost_entry = |key: &str, have: &HashSet<EntryId>, entry: Option<EntryId>| -> bool {
+        let Some(entry) = entry else { return false };
+        if have.contains(&entry) {
+            return false;
+        }
+        let Some(age) = f.age(entry) else {
+            return false;
+        };
+        if gone.insert((key.to_owned(), entry)) {
+            ages.push(age);
+        }
+        true
+    };
+    let shards = shared.up_streams.len();
+    let up = lock(&shared.up);
+    for (i, slot) in shared.clients.iter().enumerate() {
+        let j = i % shared.sessions.len();
+        let session = &shared.sessions[j];
+        let book = lock(&slot.book);
+        if let Some((ids, seqs)) = histories.get(&j) {
+            let key = session_key(true, &session.id, "history");
+            let confirmed = session.confirmed.load(Ordering::SeqCst);
+            let offsets = lock(&session.offsets);
+            for k in 1..=confirmed {
+                if book.seen.contains_key(&k) || seqs.contains(&k) {
+                    continue;
+                }
+                let offset = offsets.get(k as usize - 1).and_then(|o| entry_id(o));
+                if lost_entry(&key, ids, offset) {
+                    loss.down_lost += 1;
+                    loss.excused_down.insert((j, k));
+                }
+            }
+            for (_, first, again) in &book.repeats {
+                if first != again
+                    && (lost_entry(&key, ids, entry_id(first))
+                        || lost_entry(&key, ids, entry_id(again)))
+                {
+                    loss.down_duplicated += 1;
+                }
+            }
+            for (client, offset, reason, _) in lock(&shared.resume_failed).iter() {
+                if *client == i
+                    && reason == "unknown_offset"
+                    && lost_entry(&key, ids, entry_id(offset))
+                {
+                    loss.resume_failures += 1;
+                }
+            }
+        }
+        let shard = up_shard(&session.id, shards);
+        if let Some(have) = streams.get(&shard) {
+            let key = &shared.up_streams[shard];
+            for (k, offset) in &book.acked {
+                match up.first.get(&(i, *k)) {
+                    None => {
+                        if lost_entry(key, have, Some(*offset)) {
+                            loss.up_lost += 1;
+                            loss.excused_up.insert((i, *k));
+                        }
+                    }
+                    Some(first) if first != offset => {
+                        if lost_entry(key, have, Some(*first)) {
+                            loss.up_ack_mismatches += 1;
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (client, _, first, _) in &up.repeats {
+                if *client == i && lost_entry(key, have, Some(*first)) {
+                    loss.up_duplicated += 1;
+                }
+            }
+        }
+    }
+    loss.entries = gone.len() as u64;
+    loss.ms_before_kill = ages.iter().min().copied().zip(ages.iter().max().copied());
+    Ok(loss)
 }
 
 // --- the run -----------------------------------------------------------------
@@ -1495,8 +2042,28 @@ async fn run(
     seed: u64,
 ) -> anyhow::Result<Outcome> {
     let started = Instant::now();
-    let redis_pid = procs.start_redis()?;
-    wait_redis(procs).await?;
+    let mut redis_pid = 0;
+    if args.cluster {
+        let cluster =
+            ChaosCluster::start(&procs.dir, &procs.redis_bin, rng, &[procs.ws_port]).await?;
+        // The fewest up stream shards that put a stream on every master.
+        let map = cluster.slot_map().await?;
+        let masters: HashSet<u16> = map.iter().map(|r| r.2).collect();
+        let mut covered = HashSet::new();
+        let mut shards = 0;
+        while covered.len() < masters.len() && shards < 64 {
+            covered.insert(chaos_cluster::owner(
+                &map,
+                chaos_cluster::slot_of(&up_stream(true, shards)),
+            ));
+            shards += 1;
+        }
+        procs.up_shards = shards;
+        procs.cluster = Some(cluster);
+    } else {
+        redis_pid = procs.start_redis()?;
+        wait_redis(procs).await?;
+    }
     let ws_pid = procs.start_wsproxy()?;
     wait_ready(procs).await?;
     let sessions = if args.sessions == 0 {
@@ -1519,32 +2086,70 @@ async fn run(
         } else {
             ", wsproxy SIGKILLed at 1/3"
         },
-        if args.no_redis_restart {
-            ""
-        } else {
-            ", Redis SIGKILLed at 2/3"
+        match (args.no_redis_restart, args.cluster) {
+            (true, _) => String::new(),
+            (false, false) => ", Redis SIGKILLed at 2/3".into(),
+            (false, true) => format!(
+                ", the master of up stream 0 SIGKILLed at 2/3 (failover) and restarted {:.1} s later{}",
+                args.node_down_ms as f64 / 1000.0,
+                if args.wait_replica {
+                    "; WAIT 1 1000 after each publish"
+                } else {
+                    ""
+                }
+            ),
         },
     );
-    println!(
-        "chaos: redis-server (AOF, appendfsync always) pid {redis_pid} on 127.0.0.1:{}, \
-         wsproxy {} pid {ws_pid} on 127.0.0.1:{}, in {}",
-        procs.redis_port,
-        procs.wsproxy_bin.display(),
-        procs.ws_port,
-        procs.dir.display()
-    );
+    let cluster = args.cluster;
+    let up_streams: Vec<String> = (0..procs.up_shards)
+        .map(|n| up_stream(cluster, n))
+        .collect();
+    if let Some(c) = &procs.cluster {
+        let map = c.slot_map().await?;
+        let streams: Vec<String> = up_streams
+            .iter()
+            .map(|s| {
+                let m = chaos_cluster::owner(&map, chaos_cluster::slot_of(s)).unwrap_or(0);
+                format!("{s} on {m}")
+            })
+            .collect();
+        println!(
+            "chaos: Redis Cluster (3 masters + 3 replicas, AOF appendfsync always, node timeout {} ms) \
+             on 127.0.0.1 ports {:?}, masters {:?}; {}; wsproxy {} pid {ws_pid} on 127.0.0.1:{} \
+             (sharded pub/sub, UP_STREAM_SHARDS={}), in {}",
+            chaos_cluster::NODE_TIMEOUT_MS,
+            c.ports,
+            map.iter()
+                .map(|r| r.2)
+                .collect::<std::collections::BTreeSet<_>>(),
+            streams.join(", "),
+            procs.wsproxy_bin.display(),
+            procs.ws_port,
+            procs.up_shards,
+            procs.dir.display()
+        );
+    } else {
+        println!(
+            "chaos: redis-server (AOF, appendfsync always) pid {redis_pid} on 127.0.0.1:{}, \
+             wsproxy {} pid {ws_pid} on 127.0.0.1:{}, in {}",
+            procs.redis_port,
+            procs.wsproxy_bin.display(),
+            procs.ws_port,
+            procs.dir.display()
+        );
+    }
 
-    // Tokens and the consumer group.
+    // Tokens and the consumer groups.
     let run_id = seed % 1_000_000;
-    let redis_url = procs.redis_url();
-    let mut setup = Backend::new(&redis_url)?;
+    let redis = procs.redis_target();
+    let mut setup = Backend::new(&redis)?;
     let mut sessions_v = Vec::with_capacity(sessions);
     for j in 0..sessions {
         let id = format!("chaos{run_id}-{j}");
         let token = format!("token-{run_id}-{j}-{}", rng.below(1_000_000_000));
         let mut setex = redis::cmd("SETEX");
         setex
-            .arg(format!("session:{id}:auth"))
+            .arg(session_key(cluster, &id, "auth"))
             .arg(TOKEN_TTL_SECS)
             .arg(&token);
         let () = setup.query(&setex).await.context("SETEX")?;
@@ -1552,16 +2157,30 @@ async fn run(
             id,
             token,
             confirmed: AtomicU64::new(0),
+            offsets: Mutex::new(Vec::new()),
         });
     }
-    let mut group = redis::cmd("XGROUP");
-    group
-        .arg("CREATE")
-        .arg(UP_STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .arg("MKSTREAM");
-    let () = setup.query(&group).await.context("XGROUP CREATE")?;
+    for stream in &up_streams {
+        let mut group = redis::cmd("XGROUP");
+        group
+            .arg("CREATE")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM");
+        let () = setup.query(&group).await.context("XGROUP CREATE")?;
+    }
+    if let Some(c) = &procs.cluster {
+        let map = c.slot_map().await?;
+        let mut per_master: BTreeMap<u16, usize> = BTreeMap::new();
+        for s in &sessions_v {
+            let slot = chaos_cluster::slot_of(&session_key(true, &s.id, "history"));
+            *per_master
+                .entry(chaos_cluster::owner(&map, slot).unwrap_or(0))
+                .or_insert(0) += 1;
+        }
+        println!("chaos: sessions per master: {per_master:?}");
+    }
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Load);
     let up_period = if args.up_rate > 0.0 {
@@ -1571,7 +2190,11 @@ async fn run(
     };
     let shared = Arc::new(Shared {
         ws_base: format!("ws://127.0.0.1:{}", procs.ws_port),
-        redis_url,
+        redis,
+        up_streams,
+        wait_replica: args.wait_replica,
+        wait_unreplicated: AtomicU64::new(0),
+        resume_failed: Mutex::new(Vec::new()),
         sessions: sessions_v,
         clients: (0..args.clients).map(|_| ClientSlot::default()).collect(),
         up_period,
@@ -1587,8 +2210,10 @@ async fn run(
         started,
     });
     let mut tasks = Vec::new();
-    for w in 1..=WORKERS {
-        tasks.push(tokio::spawn(worker(shared.clone(), w)));
+    for shard in 0..shared.up_streams.len() {
+        for w in 1..=WORKERS {
+            tasks.push(tokio::spawn(worker(shared.clone(), w, shard)));
+        }
     }
     for i in 0..args.clients {
         tasks.push(tokio::spawn(client(shared.clone(), i)));
@@ -1627,6 +2252,7 @@ async fn run(
     let mut next_progress = Duration::from_secs(10);
     let mut wsproxy_restarts = 0;
     let mut redis_restarts = 0;
+    let mut failover: Option<Failover> = None;
     let load_start = Instant::now();
     let stamp = |t: Instant| format!("[{:.1}s]", t.duration_since(started).as_secs_f64());
     loop {
@@ -1662,6 +2288,16 @@ async fn run(
                 WSPROXY_DOWN.as_secs_f64(),
                 ready.as_secs_f64()
             );
+        }
+        if !args.no_redis_restart && redis_restarts == 0 && t >= restart_at && args.cluster {
+            failover = Some(fail_over(procs, &shared, args, started).await?);
+            redis_restarts += 1;
+        }
+        if let Some(f) = &mut failover
+            && !f.restarted
+            && Instant::now() >= f.restart_due
+        {
+            restart_node(procs, f, started).await?;
         }
         if !args.no_redis_restart && redis_restarts == 0 && t >= restart_at {
             let pid = procs.redis.as_ref().map_or(0, Child::id);
@@ -1704,17 +2340,35 @@ async fn run(
         sleep(Duration::from_millis(100)).await;
     }
     let load_secs = load_start.elapsed().as_secs_f64();
+    if let Some(f) = &mut failover
+        && !f.restarted
+    {
+        restart_node(procs, f, started).await?;
+    }
 
     // Nothing new; wait for what is on its way.
     let _ = phase_tx.send(Phase::Settle);
     let settle_start = Instant::now();
     let settle_limit = Duration::from_secs(args.settle_secs);
     let mut is_settled = false;
+    // What the failover provably lost is not waited for (looked up once
+    // the rest has had time to arrive, then every second).
+    let mut excused = FailoverLoss::default();
+    let mut next_lookup = Duration::from_secs(3);
     while settle_start.elapsed() < settle_limit {
         procs.check_alive()?;
-        if settled(&shared) {
+        if settled(&shared, &excused) {
             is_settled = true;
             break;
+        }
+        if let Some(f) = &failover
+            && settle_start.elapsed() >= next_lookup
+        {
+            next_lookup = settle_start.elapsed() + Duration::from_secs(1);
+            match attribute(&shared, f).await {
+                Ok(loss) => excused = loss,
+                Err(e) => shared.note(format_args!("looking up the failover's losses: {e:#}")),
+            }
         }
         sleep(Duration::from_millis(200)).await;
     }
@@ -1726,6 +2380,15 @@ async fn run(
     }
 
     let mut counts = count(&shared);
+    if let Some(f) = &failover {
+        // Now that nothing moves any more: the final word.
+        counts.failover = Some(
+            attribute(&shared, f)
+                .await
+                .context("looking up the failover's losses")?,
+        );
+        counts.wait_unreplicated = shared.wait_unreplicated.load(Ordering::Relaxed);
+    }
     counts.settled = is_settled;
     counts.load_secs = load_secs;
     counts.settle_secs = settle_secs;
@@ -1813,6 +2476,30 @@ fn summarize(c: &Counts, failures: &[String], took: Duration) {
         "  restarts: wsproxy {}, Redis {}; protocol errors {}, reply timeouts {}, worker errors {}",
         c.wsproxy_restarts, c.redis_restarts, c.protocol_errors, c.reply_timeouts, c.worker_errors
     );
+    if let Some(f) = &c.failover {
+        let when = f.ms_before_kill.map_or(String::new(), |(lo, hi)| {
+            format!(", written {lo}..{hi} ms before the kill")
+        });
+        println!(
+            "  lost in failover (acknowledged by the killed master, missing on its promoted replica{when}; \
+             {} entries; counted above, not failures): down lost {}, duplicated {}, resume failures {}; \
+             up lost {}, duplicated {}, ack mismatches {}{}",
+            f.entries,
+            f.down_lost,
+            f.down_duplicated,
+            f.resume_failures,
+            f.up_lost,
+            f.up_duplicated,
+            f.up_ack_mismatches,
+            if f.any() { "" } else { " (none)" }
+        );
+        if c.wait_unreplicated > 0 {
+            println!(
+                "  WAIT: {} publishes not acknowledged by a replica within 1 s",
+                c.wait_unreplicated
+            );
+        }
+    }
     if failures.is_empty() {
         println!("chaos: PASS (seed {})", c.seed);
     } else {
@@ -1828,8 +2515,9 @@ mod tests {
     fn down_arrivals_are_checked_for_gaps_repeats_and_order() {
         let mut b = ClientBook::default();
         for k in [1, 2, 4, 3, 3, 5] {
-            b.down(k);
+            b.down(k, &format!("{k}-0"));
         }
+        assert_eq!(b.repeats, vec![(3, "3-0".into(), "3-0".into())]);
         assert_eq!((b.duplicated, b.out_of_order), (1, 1));
         assert_eq!(b.missing(5), 0);
         assert_eq!(b.missing(7), 2);
@@ -1838,10 +2526,11 @@ mod tests {
     #[test]
     fn up_entries_tell_redeliveries_from_duplicates() {
         let mut up = UpBook::default();
-        up.record((1, 0), 3, 1);
-        up.record((1, 0), 3, 1); // the same entry again: redelivered
-        up.record((2, 0), 3, 1); // another entry, same message: duplicate
-        up.record((3, 0), 3, 2);
+        up.record(0, (1, 0), 3, 1);
+        up.record(0, (1, 0), 3, 1); // the same entry again: redelivered
+        up.record(0, (2, 0), 3, 1); // another entry, same message: duplicate
+        up.record(0, (3, 0), 3, 2);
+        up.record(1, (3, 0), 4, 1); // the same id in another shard's stream
         assert_eq!((up.redelivered, up.duplicated), (1, 1));
         assert_eq!(up.first.get(&(3, 1)), Some(&(1, 0)));
     }

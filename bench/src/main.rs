@@ -14,6 +14,7 @@
 //! `bench/run.sh` starts everything and regenerates BENCHMARKS.md.
 
 mod chaos;
+mod chaos_cluster;
 mod cluster;
 mod net;
 mod scenarios;
