@@ -72,6 +72,11 @@ pub(super) async fn run(target: Target, shared: Arc<Shared>, shutdown: Cancellat
     }
 }
 
+/// Sharded mode: attempts in a row without any answer (each bounded by
+/// `CONNECT_TIMEOUT`) after which the connection counts as wedged and a
+/// new one is made from the seeds.
+const SILENT_LIMIT: u32 = 3;
+
 /// Sleeps for `pause`; returns true if shutdown came first.
 async fn sleep_or_shutdown(pause: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
@@ -102,6 +107,11 @@ async fn serve(
     // next try on the same connection.
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut retry = BACKOFF_MIN;
+    // Sharded mode: attempts in a row that got no answer at all. The redis
+    // crate's cluster connection can wedge for good while it recovers
+    // (see `crate::redis_conn::ClusterConn`): then a new one is made
+    // instead of waiting out `RESYNC_LIMIT`.
+    let mut silent = 0u32;
     let result = loop {
         if let Link::Sharded(conn) = &mut link {
             // While anything is missing (a fresh connection, a shard
@@ -128,9 +138,16 @@ async fn serve(
                 Err(error) => {
                     // Nothing is known to have changed: look again (the
                     // ids then show whatever did), for a while.
+                    let error = match error {
+                        Some(error) => error.to_string(),
+                        None => {
+                            silent += 1;
+                            "no answer in time".to_owned()
+                        }
+                    };
                     tracing::warn!(%error, "redis cluster: the slot map could not be read");
                     let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() > RESYNC_LIMIT {
+                    if since.elapsed() > RESYNC_LIMIT || silent >= SILENT_LIMIT {
                         break false;
                     }
                     shared.resync.store(true, Ordering::SeqCst);
@@ -211,7 +228,10 @@ async fn serve(
         let failure = match tokio::time::timeout(CONNECT_TIMEOUT, applied).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("timed out".to_owned()),
+            Err(_) => {
+                silent += 1;
+                Some("timed out".to_owned())
+            }
         };
         if let Some(error) = failure {
             if matches!(link, Link::Sharded(_))
@@ -226,7 +246,10 @@ async fn serve(
             // the same connection, whose other shards keep delivering, and
             // start a new one only when that goes on for too long.
             let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-            if !matches!(link, Link::Sharded(_)) || since.elapsed() > RESYNC_LIMIT {
+            if !matches!(link, Link::Sharded(_))
+                || since.elapsed() > RESYNC_LIMIT
+                || silent >= SILENT_LIMIT
+            {
                 break false;
             }
             // Channels the failed attempt touched are in an unknown state:
@@ -242,6 +265,7 @@ async fn serve(
         }
         failing_since = None;
         retry = BACKOFF_MIN;
+        silent = 0;
         confirm(shared, &add);
         confirm(shared, &already);
         if first_sync {
@@ -294,19 +318,20 @@ async fn serve(
 /// lost to their gapless outboxes and no longer confirmed: those Redis took
 /// back (their slot moved), and, after a node's connection dropped or at
 /// the keepalive, those on the slots of every master whose connection
-/// changed (see [`super::nodes`]). An error when no node answers at all.
+/// changed (see [`super::nodes`]). An error when no node tells the slot
+/// map: `None` when nothing answered in time.
 async fn shard_trouble(
     nodes: &mut Nodes,
     conn: &mut redis::cluster_async::ClusterConnection,
     shared: &Shared,
-) -> redis::RedisResult<Vec<String>> {
-    let mut lost = std::mem::take(&mut shared.lock().moved);
+) -> Result<Vec<String>, Option<redis::RedisError>> {
+    let mut lost = Vec::new();
     if shared.resync.swap(false, Ordering::SeqCst) {
+        // On failure the flag stays up (set again by the caller), and the
+        // moved channels stay in the state for the next look.
         let changed = match tokio::time::timeout(CONNECT_TIMEOUT, nodes.check(conn)).await {
-            Ok(changed) => changed?,
-            Err(_) => {
-                return Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out")));
-            }
+            Ok(changed) => changed.map_err(Some)?,
+            Err(_) => return Err(None),
         };
         if !changed.is_empty() {
             let state = shared.lock();
@@ -319,6 +344,7 @@ async fn shard_trouble(
             );
         }
     }
+    lost.append(&mut shared.lock().moved);
     if !lost.is_empty() {
         tracing::warn!(
             channels = lost.len(),
