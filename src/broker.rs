@@ -169,6 +169,9 @@ struct Shared {
     /// which masters' connections changed and subscribes their channels
     /// again (the other shards' subscriptions never stopped).
     resync: AtomicBool,
+    /// Sharded mode: a node's connection dropped; the control loop
+    /// subscribes every live channel again at once, before it looks.
+    dropped: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -268,6 +271,7 @@ impl Broker {
             wake: Notify::new(),
             connected: AtomicBool::new(false),
             resync: AtomicBool::new(false),
+            dropped: AtomicBool::new(false),
             metrics,
         });
         let task = tokio::spawn(run(target, shared.clone(), shutdown));
@@ -441,6 +445,7 @@ mod tests {
             wake: Notify::new(),
             connected: AtomicBool::new(false),
             resync: AtomicBool::new(false),
+            dropped: AtomicBool::new(false),
             metrics: Arc::new(Metrics::new()),
         })
     }

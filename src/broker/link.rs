@@ -108,6 +108,7 @@ fn on_push(shared: &Shared, push: redis::PushInfo) {
         }
         PushKind::Disconnection => {
             tracing::warn!("a redis cluster node's pub/sub connection dropped");
+            shared.dropped.store(true, Ordering::SeqCst);
             shared.resync.store(true, Ordering::SeqCst);
             shared.changed();
         }

@@ -113,14 +113,39 @@ async fn serve(
     // instead of waiting out `RESYNC_LIMIT`.
     let mut silent = 0u32;
     let result = loop {
-        if let Link::Sharded(conn) = &mut link {
+        if matches!(link, Link::Sharded(_)) {
             // While anything is missing (a fresh connection, a shard
             // failing over), look before every attempt: the ids are then
             // taken before the subscriptions they must vouch for.
             if !shared.connected.load(Ordering::SeqCst) {
                 shared.resync.store(true, Ordering::SeqCst);
             }
-            match shard_trouble(&mut nodes, conn, shared).await {
+            if shared.dropped.swap(false, Ordering::SeqCst) {
+                // A node's connection dropped: every live channel is
+                // subscribed again at once, where its slot is now (a
+                // healthy shard ignores the repeat), so that plain
+                // sessions of the affected shard miss as little as they
+                // can. Which channels may have missed something is told
+                // next, by the look.
+                let live: Vec<String> = shared
+                    .lock()
+                    .channels
+                    .iter()
+                    .filter(|(_, ch)| ch.confirmed)
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                if !live.is_empty() {
+                    let again = tokio::time::timeout(CONNECT_TIMEOUT, link.subscribe(&live));
+                    if !matches!(again.await, Ok(Ok(()))) {
+                        tracing::debug!("redis cluster: subscribing again at once failed");
+                    }
+                }
+            }
+            let trouble = match &mut link {
+                Link::Sharded(conn) => shard_trouble(&mut nodes, conn, shared).await,
+                Link::Single(_) => Ok(Vec::new()),
+            };
+            match trouble {
                 Ok(lost) if lost.is_empty() => {}
                 Ok(lost) => {
                     // Some subscriptions are gone (a master's connection
