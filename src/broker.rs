@@ -29,16 +29,18 @@
 //! sharded subscriptions: the connection is a RESP3 cluster connection of
 //! the broker's own (one connection per node, never per channel or per
 //! WebSocket), each batch becomes one `SSUBSCRIBE` per slot, all sent at
-//! once, and messages arrive as pushes. Trouble stays on its shard: when a
-//! node's connection drops, and at every keepalive, the broker finds out
-//! which masters' connections changed (`CLIENT INFO`, see `broker/nodes.rs`); only the channels of
-//! their slots, and a channel whose subscription Redis took back (its slot
-//! moved), are interrupted: their gapless outboxes end and they are
-//! subscribed again where their slot is now, on the same connection, while
-//! every other shard goes on delivering. `/ready` is false until it is
-//! done. While a shard fails over, that is retried; only after
-//! `RESYNC_LIMIT`, or when no node tells the slot map, is a new connection
-//! built from the seeds.
+//! once, and messages arrive as pushes. A gap is noticed in the push
+//! stream itself, before anything published after it can reach a gapless
+//! outbox (`link::on_push`): a node connection that drops (which node, the
+//! redis crate does not say, so every channel), a confirmation the broker
+//! did not ask for (the crate subscribed a channel again by itself, on a
+//! new connection), or a subscription Redis takes back (its slot moved).
+//! Those channels are lost and the control loop subscribes them again
+//! where their slot is now, on the same connection (Redis ignores a
+//! repeat, so the healthy shards' subscriptions never stop); `/ready` is
+//! false until it is done. While a shard fails over, that is retried; only
+//! after `RESYNC_LIMIT`, three attempts without any answer, or a failed
+//! keepalive ping, is a new connection built from the seeds.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +55,6 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 
 mod link;
-mod nodes;
 mod outbox;
 mod sync;
 
@@ -129,6 +130,11 @@ struct Channel {
 }
 
 impl Channel {
+    /// True if a subscriber must not miss a message.
+    fn has_gapless(&self) -> bool {
+        self.subs.iter().any(|(_, outbox)| outbox.is_gapless())
+    }
+
     /// Its subscription stopped: gapless subscribers end if it was live
     /// (they may have missed something), and it waits for a confirmation.
     fn lose(&mut self) {
@@ -153,8 +159,13 @@ struct State {
     /// Sharded mode: `SUNSUBSCRIBE`s sent whose push has not come back, per
     /// channel, so that ours are told from those Redis sends by itself.
     unsubscribing: HashMap<String, u32>,
-    /// Sharded mode: live channels whose subscription Redis took back (their
-    /// slot moved), to be lost and subscribed where the slot is now.
+    /// Sharded mode: `SSUBSCRIBE`s sent whose confirmation has not come
+    /// back, per channel, so that ours are told from those the redis crate
+    /// sends by itself (see `link::on_push`).
+    subscribing: HashMap<String, u32>,
+    /// Sharded mode: channels whose subscription was interrupted (Redis
+    /// took it back, or the redis crate subscribed it again by itself),
+    /// already lost, to subscribe again.
     moved: Vec<String>,
 }
 
@@ -164,14 +175,10 @@ struct Shared {
     /// Wakes the control loop when `state.dirty` gained something.
     wake: Notify,
     connected: AtomicBool,
-    /// Sharded mode: a node's connection dropped (or Redis took a
-    /// subscription back, see `State::moved`); the control loop finds out
-    /// which masters' connections changed and subscribes their channels
-    /// again (the other shards' subscriptions never stopped).
-    resync: AtomicBool,
     /// Sharded mode: a node's connection dropped; the control loop
-    /// subscribes every live channel again at once, before it looks.
-    dropped: AtomicBool,
+    /// subscribes every channel again where its slot is now (the other
+    /// shards' subscriptions never stopped).
+    resync: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -271,7 +278,6 @@ impl Broker {
             wake: Notify::new(),
             connected: AtomicBool::new(false),
             resync: AtomicBool::new(false),
-            dropped: AtomicBool::new(false),
             metrics,
         });
         let task = tokio::spawn(run(target, shared.clone(), shutdown));
@@ -400,17 +406,6 @@ fn connection_lost(shared: &Shared) {
     }
 }
 
-/// As [`connection_lost`], for `channels` alone (sharded mode: the
-/// subscriptions of one shard, or one channel whose slot moved).
-fn lose(shared: &Shared, channels: &[String]) {
-    let mut state = shared.lock();
-    for name in channels {
-        if let Some(ch) = state.channels.get_mut(name) {
-            ch.lose();
-        }
-    }
-}
-
 /// Marks `channels` as live in Redis and wakes their waiting subscribers.
 fn confirm(shared: &Shared, channels: &[String]) {
     if channels.is_empty() {
@@ -445,7 +440,6 @@ mod tests {
             wake: Notify::new(),
             connected: AtomicBool::new(false),
             resync: AtomicBool::new(false),
-            dropped: AtomicBool::new(false),
             metrics: Arc::new(Metrics::new()),
         })
     }

@@ -775,19 +775,6 @@ async fn lifecycle_events_presence_and_a_dead_process_on_a_cluster() {
     server.stop().await;
 }
 
-/// Session ids whose histories live on two different masters.
-async fn sessions_on_two_masters(cluster: &Cluster) -> ((String, u16), (String, u16)) {
-    let a = unique("s");
-    let master_a = cluster.master_of(&format!("session:{{{a}}}:history")).await;
-    loop {
-        let b = unique("s");
-        let master_b = cluster.master_of(&format!("session:{{{b}}}:history")).await;
-        if master_b != master_a {
-            return ((a, master_a), (b, master_b));
-        }
-    }
-}
-
 /// Publishes `{"n":k}` to `session`'s history every `pause` until
 /// stopped, each `k` once (a failed publish is not retried: the crate's
 /// retry could publish twice what a dying node ran before answering); the
@@ -854,58 +841,8 @@ async fn read_for(ws: &mut Ws, span: Duration) -> (Vec<u64>, Option<u16>) {
     }
 }
 
-/// A master fails over: the reliable session on its shard is closed with
-/// 1013 (its live messages stopped, it must resume), while the reliable
-/// session on another shard is never interrupted: it gets every message
-/// its backend published, in order, through the whole failover.
-#[tokio::test]
-async fn a_failover_closes_only_the_reliable_sessions_of_its_shard() {
-    let (logs, _guard) = LogCapture::start();
-    let mut cluster = Cluster::start().await;
-    let mut config = config(&cluster, ClusterPubSub::Sharded);
-    config.reliable.enabled = true;
-    config.reliable.history_max_len = 10_000;
-    let server = Server::start_config(config).await;
-    let ((a, master_a), (b, _)) = sessions_on_two_masters(&cluster).await;
-    cluster.set_token(&a, TOKEN, 600).await;
-    cluster.set_token(&b, TOKEN, 600).await;
-    let (mut ws_a, _) = reliable_connect(&server, &a, "").await;
-    let (mut ws_b, _) = reliable_connect(&server, &b, "").await;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let publisher = publish_every(&cluster, &b, Duration::from_millis(20), stop.clone());
-    let (mut got_b, closed) = read_for(&mut ws_b, Duration::from_millis(500)).await;
-    assert_eq!(closed, None);
-    assert!(!got_b.is_empty(), "b's messages flow before the kill");
-
-    cluster.kill(master_a);
-    let (code_a, (more_b, closed_b)) = tokio::join!(close_code(&mut ws_a), async {
-        // The failover (1 s node timeout) and wsproxy's recovery take a
-        // few seconds; b is watched well past them.
-        read_for(&mut ws_b, Duration::from_secs(8)).await
-    });
-    assert_eq!(code_a, 1013, "the session on the failed shard resumes");
-    assert_eq!(
-        closed_b,
-        None,
-        "the session on a healthy shard stays open; log:\n{}",
-        logs.text()
-    );
-    got_b.extend(more_b);
-    stop.cancel();
-    let accepted = publisher.await.expect("publisher");
-    // Every message b's backend published up to the last one b got, once
-    // and in order: nothing missed while the other shard failed over.
-    let last = *got_b.last().expect("some");
-    let expected: Vec<u64> = accepted.into_iter().filter(|n| *n <= last).collect();
-    let first = got_b[0];
-    let expected: Vec<u64> = expected.into_iter().filter(|n| *n >= first).collect();
-    assert_eq!(got_b, expected, "b got everything, in order, once");
-    server.wait_ready().await;
-    server.stop().await;
-}
-
-/// A replica dies: no master's connection changed, so no reliable session
-/// is closed and `/ready` never says 503.
+/// A replica dies: it holds none of wsproxy's subscriptions, so no reliable
+/// session is closed and `/ready` never says 503.
 #[tokio::test]
 async fn a_replica_that_dies_interrupts_nothing() {
     let mut cluster = Cluster::start().await;
@@ -952,5 +889,90 @@ async fn a_replica_that_dies_interrupts_nothing() {
         .filter(|n| (first..=last).contains(n))
         .collect();
     assert_eq!(got, expected, "everything, in order, once");
+    server.stop().await;
+}
+
+/// Resharding moves a reliable session's slot while its backend publishes:
+/// Redis takes the subscription back, so the connection is closed with
+/// 1013 (it may have missed something) instead of going silent, and the
+/// resume from its last offset gets every accepted message, in order, once.
+#[tokio::test]
+async fn a_reliable_session_whose_slot_moves_resumes_with_nothing_missed() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let cluster = Cluster::start().await;
+    let mut config = config(&cluster, ClusterPubSub::Sharded);
+    config.reliable.enabled = true;
+    config.reliable.history_max_len = 10_000;
+    let server = Server::start_config(config).await;
+    let session = unique("s");
+    let history = format!("session:{{{session}}}:history");
+    cluster.set_token(&session, TOKEN, 600).await;
+    let (mut ws, welcome) = reliable_connect(&server, &session, "").await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = publish_every(&cluster, &session, Duration::from_millis(10), stop.clone());
+    let parse = |text: &str| -> (u64, String) {
+        let v: serde_json::Value = serde_json::from_str(text).expect("json");
+        assert_eq!(v["type"], "message", "{v}");
+        (
+            v["data"]["n"].as_u64().expect("n"),
+            v["offset"].as_str().expect("offset").to_owned(),
+        )
+    };
+    let mut received: Vec<(u64, String)> = Vec::new();
+    while received.len() < 20 {
+        received.push(parse(&next_text(&mut ws).await));
+    }
+    let from = cluster.master_of(&history).await;
+    let masters = cluster.master_ports().await;
+    let to = *masters
+        .iter()
+        .find(|p| **p != from)
+        .expect("another master");
+    cluster.move_slot_of(&history, to).await;
+    let closed_by = tokio::time::Instant::now() + WAIT;
+    let code = loop {
+        match tokio::time::timeout_at(closed_by, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => received.push(parse(&t)),
+            Ok(Some(Ok(Message::Close(Some(frame))))) => break u16::from(frame.code),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected messages then a close, got {other:?}"),
+        }
+    };
+    assert_eq!(code, 1013, "closed to resume");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut ws = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no resume within 30 s"
+        );
+        let offset = received.last().map(|(_, o)| o.clone()).expect("some");
+        let query = format!("?epoch={epoch}&offset={offset}");
+        if let Ok((mut ws, _)) =
+            tokio_tungstenite::connect_async(reliable_request(&server, &session, &query)).await
+        {
+            let welcome: serde_json::Value =
+                serde_json::from_str(&next_text(&mut ws).await).expect("json");
+            if welcome["type"] == "welcome" {
+                assert_eq!(welcome["resumed"], true, "{welcome}");
+                break ws;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let until = received.len() + 30;
+    while received.len() < until {
+        received.push(parse(&next_text(&mut ws).await));
+    }
+    stop.cancel();
+    let accepted = publisher.await.expect("publisher");
+    let ns: Vec<u64> = received.iter().map(|(n, _)| *n).collect();
+    let (first, last) = (ns[0], *ns.last().expect("some"));
+    let expected: Vec<u64> = accepted
+        .into_iter()
+        .filter(|n| (first..=last).contains(n))
+        .collect();
+    assert_eq!(ns, expected, "every accepted message, in order, once");
     server.stop().await;
 }

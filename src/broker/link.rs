@@ -91,13 +91,30 @@ fn by_slot(channels: &[String]) -> Vec<Vec<String>> {
 }
 
 /// A RESP3 push from a cluster connection (sharded mode). Messages go to
-/// their subscribers as the reader's do. A dropped node connection asks the
-/// control loop to find out which masters' connections changed
-/// ([`super::nodes`]); Redis taking back a live subscription (its slot
-/// moved: resharding, a failover) asks it to subscribe that channel again
-/// where its slot is now. Both on the same connection.
+/// their subscribers as the reader's do.
+///
+/// Pushes come in order, and on a connection a subscription's confirmation
+/// comes before its first message, so a channel whose subscription was
+/// interrupted is lost here, at once, before anything published after the
+/// gap can reach a gapless outbox that would take it for continuity:
+///
+/// - a dropped node connection: every channel (the push does not say
+///   which node; a healthy shard's reliable clients resume too);
+/// - a confirmation this broker did not ask for: the redis crate subscribed
+///   the channel again by itself, on a new connection (a node reconnected,
+///   the slot map changed, its connections were remade from the seeds,
+///   possibly without a drop being pushed);
+/// - Redis taking back a subscription (its slot moved: resharding, a
+///   failover).
+///
+/// The control loop then subscribes those channels again where their slot
+/// is now, on the same connection.
 fn on_push(shared: &Shared, push: redis::PushInfo) {
     use redis::{PushKind, Value};
+    let channel = || match push.data.first() {
+        Some(Value::BulkString(c)) => std::str::from_utf8(c).ok(),
+        _ => None,
+    };
     match push.kind {
         PushKind::Message | PushKind::SMessage => {
             if let [Value::BulkString(channel), Value::BulkString(payload), ..] = &push.data[..]
@@ -108,34 +125,64 @@ fn on_push(shared: &Shared, push: redis::PushInfo) {
         }
         PushKind::Disconnection => {
             tracing::warn!("a redis cluster node's pub/sub connection dropped");
-            shared.dropped.store(true, Ordering::SeqCst);
+            let mut state = shared.lock();
+            for ch in state.channels.values_mut() {
+                ch.lose();
+            }
+            // What was in flight on it will not be confirmed.
+            state.subscribing.clear();
+            drop(state);
             shared.resync.store(true, Ordering::SeqCst);
             shared.changed();
         }
+        PushKind::SSubscribe => {
+            let Some(channel) = channel() else { return };
+            let mut state = shared.lock();
+            // One of ours (the control loop counted it before sending).
+            if let Some(n) = state.subscribing.get_mut(channel) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    state.subscribing.remove(channel);
+                }
+                return;
+            }
+            // The redis crate's own: the channel's subscription is new.
+            let Some(ch) = state.channels.get_mut(channel) else {
+                return;
+            };
+            if ch.confirmed {
+                ch.lose();
+                state.moved.push(channel.to_owned());
+                drop(state);
+                tracing::warn!(
+                    channel,
+                    "the redis crate subscribed a channel again by itself"
+                );
+                shared.changed();
+            }
+        }
         PushKind::SUnsubscribe => {
-            let Some(Value::BulkString(channel)) = push.data.first() else {
-                return;
-            };
-            let Ok(channel) = std::str::from_utf8(channel) else {
-                return;
-            };
+            let Some(channel) = channel() else { return };
             let mut state = shared.lock();
             // One of ours (the control loop counted it before sending).
             if let Some(n) = state.unsubscribing.get_mut(channel) {
-                *n -= 1;
+                *n = n.saturating_sub(1);
                 if *n == 0 {
                     state.unsubscribing.remove(channel);
                 }
                 return;
             }
-            // Redis' own: the channel's slot moved. Only a live
-            // subscription matters, and only that channel is interrupted.
-            if state.channels.get(channel).is_some_and(|c| c.confirmed) {
-                state.moved.push(channel.to_owned());
-                drop(state);
-                tracing::warn!(channel, "redis moved a sharded subscription away");
-                shared.changed();
-            }
+            // Redis' own: the channel's slot moved. Any channel still
+            // wanted, live or on its way (a confirmation still to come
+            // would be for the old place).
+            let Some(ch) = state.channels.get_mut(channel) else {
+                return;
+            };
+            ch.lose();
+            state.moved.push(channel.to_owned());
+            drop(state);
+            tracing::warn!(channel, "redis moved a sharded subscription away");
+            shared.changed();
         }
         _ => {}
     }

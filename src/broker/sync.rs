@@ -10,10 +10,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{Link, Target, connect};
-use super::nodes::Nodes;
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, CONNECT_TIMEOUT, KEEPALIVE, RESYNC_LIMIT, Shared, confirm,
-    connection_lost, lose,
+    connection_lost,
 };
 
 /// The broker task: connect, serve until the connection breaks, reconnect.
@@ -96,12 +95,8 @@ async fn serve(
     // What Redis currently has for this connection: nothing, it is new.
     let mut active: HashSet<String> = HashSet::new();
     let mut first_sync = true;
-    // Sharded mode: the masters' connection ids as last seen (see
-    // `super::nodes`). The first look is taken before anything is
-    // subscribed, so that any later change shows.
-    let mut nodes = Nodes::default();
-    // Sharded mode: channels interrupted on their shard, to subscribe again
-    // (not yet confirmed on the current connections).
+    // Sharded mode: channels whose subscription was interrupted (already
+    // lost to their gapless outboxes), to subscribe again.
     let mut interrupted: HashSet<String> = HashSet::new();
     // Sharded mode: since when subscribing fails, and the pause before the
     // next try on the same connection.
@@ -114,74 +109,46 @@ async fn serve(
     let mut silent = 0u32;
     let result = loop {
         if matches!(link, Link::Sharded(_)) {
-            // While anything is missing (a fresh connection, a shard
-            // failing over), look before every attempt: the ids are then
-            // taken before the subscriptions they must vouch for.
-            if !shared.connected.load(Ordering::SeqCst) {
-                shared.resync.store(true, Ordering::SeqCst);
+            if shared.resync.swap(false, Ordering::SeqCst) {
+                // A node's connection dropped: its channels' gapless
+                // outboxes were lost at once, by the push (`on_push`), and
+                // every channel is subscribed again where its slot is now
+                // (a healthy shard ignores the repeat); /ready is false
+                // until that is done.
+                // Lost again here: a subscription confirmed since the push
+                // (it was in flight) may have been on the dropped node.
+                connection_lost(shared);
+                shared.connected.store(false, Ordering::SeqCst);
+                shared.metrics.redis_connected.set(0);
+                shared.metrics.redis_reconnects.inc();
+                first_sync = true;
             }
-            if shared.dropped.swap(false, Ordering::SeqCst) {
-                // A node's connection dropped: every live channel is
-                // subscribed again at once, where its slot is now (a
-                // healthy shard ignores the repeat), so that plain
-                // sessions of the affected shard miss as little as they
-                // can. Which channels may have missed something is told
-                // next, by the look.
-                let live: Vec<String> = shared
-                    .lock()
-                    .channels
-                    .iter()
-                    .filter(|(_, ch)| ch.confirmed)
-                    .map(|(name, _)| name.clone())
-                    .collect();
-                if !live.is_empty() {
-                    let again = tokio::time::timeout(CONNECT_TIMEOUT, link.subscribe(&live));
-                    if !matches!(again.await, Ok(Ok(()))) {
-                        tracing::debug!("redis cluster: subscribing again at once failed");
+            // Channels Redis took back (their slot moved), or the redis
+            // crate subscribed again by itself: lost by the push already,
+            // to subscribe again.
+            let moved = {
+                let mut state = shared.lock();
+                let moved = std::mem::take(&mut state.moved);
+                // Lost again here: one confirmed since the push (it was in
+                // flight) was confirmed where it no longer is.
+                for channel in &moved {
+                    if let Some(ch) = state.channels.get_mut(channel) {
+                        ch.lose();
                     }
                 }
-            }
-            let trouble = match &mut link {
-                Link::Sharded(conn) => shard_trouble(&mut nodes, conn, shared).await,
-                Link::Single(_) => Ok(Vec::new()),
+                moved
             };
-            match trouble {
-                Ok(lost) if lost.is_empty() => {}
-                Ok(lost) => {
-                    // Some subscriptions are gone (a master's connection
-                    // changed, a slot moved): what was published meanwhile
-                    // is lost to their gapless outboxes, and /ready is
-                    // false until they are subscribed again.
-                    for channel in &lost {
-                        active.remove(channel);
-                    }
-                    interrupted.extend(lost);
-                    shared.connected.store(false, Ordering::SeqCst);
-                    shared.metrics.redis_connected.set(0);
-                    shared.metrics.redis_reconnects.inc();
+            if !moved.is_empty() {
+                tracing::warn!(
+                    channels = moved.len(),
+                    "redis cluster: subscriptions interrupted; subscribing them again"
+                );
+                for channel in &moved {
+                    active.remove(channel);
                 }
-                Err(error) => {
-                    // Nothing is known to have changed: look again (the
-                    // ids then show whatever did), for a while.
-                    let error = match error {
-                        Some(error) => error.to_string(),
-                        None => {
-                            silent += 1;
-                            "no answer in time".to_owned()
-                        }
-                    };
-                    tracing::warn!(%error, "redis cluster: the slot map could not be read");
-                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() > RESYNC_LIMIT || silent >= SILENT_LIMIT {
-                        break false;
-                    }
-                    shared.resync.store(true, Ordering::SeqCst);
-                    if sleep_or_shutdown(retry, shutdown).await {
-                        break true;
-                    }
-                    retry = (retry * 2).min(BACKOFF_MAX / 2);
-                    continue;
-                }
+                interrupted.extend(moved);
+                shared.connected.store(false, Ordering::SeqCst);
+                shared.metrics.redis_connected.set(0);
             }
         }
         // Apply everything wanted so far in one round trip each way.
@@ -198,7 +165,17 @@ async fn serve(
                 state.dirty.clear();
                 state.unsubscribing.clear();
                 interrupted.clear();
-                add.extend(state.channels.keys().cloned());
+                // A live channel with gapless subscribers is never
+                // subscribed again while it stays live: a confirmation of
+                // ours could then be mistaken for the redis crate's own
+                // (see `on_push`) and hide a gap.
+                add.extend(
+                    state
+                        .channels
+                        .iter()
+                        .filter(|(_, ch)| !(ch.confirmed && ch.has_gapless()))
+                        .map(|(name, _)| name.clone()),
+                );
                 remove.extend(
                     active
                         .iter()
@@ -237,6 +214,12 @@ async fn serve(
         }
         let applied = async {
             if !add.is_empty() {
+                if matches!(link, Link::Sharded(_)) {
+                    let mut state = shared.lock();
+                    for channel in &add {
+                        *state.subscribing.entry(channel.clone()).or_default() += 1;
+                    }
+                }
                 link.subscribe(&add).await?;
             }
             if !remove.is_empty() {
@@ -278,7 +261,11 @@ async fn serve(
                 break false;
             }
             // Channels the failed attempt touched are in an unknown state:
-            // everything is applied again.
+            // everything is applied again. Its confirmations still to come
+            // are no longer counted as ours: one that comes counts as the
+            // crate's, which loses its channel (a resume too many, never a
+            // gap hidden).
+            shared.lock().subscribing.clear();
             first_sync = true;
             shared.connected.store(false, Ordering::SeqCst);
             shared.metrics.redis_connected.set(0);
@@ -319,63 +306,16 @@ async fn serve(
             _ = shutdown.cancelled() => break true,
             _ = &mut reader => break false,
             _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(KEEPALIVE) => match &mut link {
-                // On a cluster, the keepalive is the look at every
-                // master's connection (a failure there interrupts that
-                // shard alone).
-                Link::Sharded(_) => shared.resync.store(true, Ordering::SeqCst),
-                Link::Single(_) => {
-                    let ping = tokio::time::timeout(CONNECT_TIMEOUT, link.ping()).await;
-                    if !matches!(ping, Ok(Ok(_))) {
-                        tracing::warn!("redis pub/sub keepalive ping failed");
-                        break false;
-                    }
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                let ping = tokio::time::timeout(CONNECT_TIMEOUT, link.ping()).await;
+                if !matches!(ping, Ok(Ok(_))) {
+                    tracing::warn!("redis pub/sub keepalive ping failed");
+                    break false;
                 }
-            },
+            }
         }
     };
     reader.abort();
     connection_lost(shared);
     result
-}
-
-/// Sharded mode: the channels interrupted since the last look, already
-/// lost to their gapless outboxes and no longer confirmed: those Redis took
-/// back (their slot moved), and, after a node's connection dropped or at
-/// the keepalive, those on the slots of every master whose connection
-/// changed (see [`super::nodes`]). An error when no node tells the slot
-/// map: `None` when nothing answered in time.
-async fn shard_trouble(
-    nodes: &mut Nodes,
-    conn: &mut redis::cluster_async::ClusterConnection,
-    shared: &Shared,
-) -> Result<Vec<String>, Option<redis::RedisError>> {
-    let mut lost = Vec::new();
-    if shared.resync.swap(false, Ordering::SeqCst) {
-        // On failure the flag stays up (set again by the caller), and the
-        // moved channels stay in the state for the next look.
-        let changed = match tokio::time::timeout(CONNECT_TIMEOUT, nodes.check(conn)).await {
-            Ok(changed) => changed.map_err(Some)?,
-            Err(_) => return Err(None),
-        };
-        if !changed.is_empty() {
-            let state = shared.lock();
-            lost.extend(
-                state
-                    .channels
-                    .iter()
-                    .filter(|(name, ch)| ch.confirmed && changed.touches(name))
-                    .map(|(name, _)| name.clone()),
-            );
-        }
-    }
-    lost.append(&mut shared.lock().moved);
-    if !lost.is_empty() {
-        tracing::warn!(
-            channels = lost.len(),
-            "redis cluster: subscriptions interrupted on their shard; subscribing them again"
-        );
-        lose(shared, &lost);
-    }
-    Ok(lost)
 }
