@@ -545,6 +545,11 @@ async fn a_reliable_session_resumes_after_its_master_fails_over() {
     while received.len() < 50 {
         received.push(parse(&next_text(&mut ws).await));
     }
+    // The token and the history so far are on the replica before the
+    // kill: this test is about wsproxy's recovery, not Redis's
+    // asynchronous replication (which, on a loaded machine, once lost the
+    // token itself here: every resume was refused as an invalid token).
+    cluster.wait_replicated(master).await;
     let killed_at = tokio::time::Instant::now();
     cluster.kill(master);
 

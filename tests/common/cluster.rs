@@ -430,6 +430,35 @@ impl Cluster {
             .collect()
     }
 
+    /// Waits (at most 10 s) until every replica of the master on `port`
+    /// has what the master had written when this was called. Replication is
+    /// asynchronous: on a loaded machine a replica can lag, and if it takes
+    /// over then, writes the master acknowledged are gone (a test that
+    /// kills a master to see wsproxy recover, not to lose data, waits
+    /// first).
+    pub async fn wait_replicated(&self, port: u16) {
+        let offset = |info: &str, field: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(field)?.trim().parse().ok())
+        };
+        let info = |port| async move {
+            self.node_query::<String>(port, redis::cmd("INFO").arg("replication"))
+                .await
+                .unwrap_or_default()
+        };
+        let target = offset(&info(port).await, "master_repl_offset:").expect("the master's offset");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for replica in self.replicas_of(port).await {
+            while offset(&info(replica).await, "slave_repl_offset:").is_none_or(|o| o < target) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the replica on {replica} did not catch up with its master on {port}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
     /// Kills the node on `port` (SIGKILL).
     pub fn kill(&mut self, port: u16) {
         let i = self
