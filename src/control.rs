@@ -158,10 +158,14 @@ pub struct Recent {
 
 #[derive(Debug, Default)]
 struct RecentInner {
-    /// In the order they came.
-    queue: VecDeque<(Instant, String)>,
-    /// Session -> its latest disconnect.
-    last: HashMap<String, (Instant, CloseOrder)>,
+    /// In the order they came, each with its number.
+    queue: VecDeque<(Instant, u64, String)>,
+    /// Session -> its latest disconnect: its number, when, the order.
+    /// (Numbers, not instants, tell entries apart: a coarse clock can give
+    /// two disconnects the same instant.)
+    last: HashMap<String, (u64, Instant, CloseOrder)>,
+    /// The next disconnect's number.
+    next: u64,
 }
 
 impl Recent {
@@ -182,25 +186,29 @@ impl Recent {
     pub fn record(&self, session_id: &str, order: &CloseOrder) {
         let now = Instant::now();
         let mut inner = self.lock();
-        while let Some((at, session)) = inner.queue.front() {
+        while let Some((at, _, _)) = inner.queue.front() {
             let expired = now.saturating_duration_since(*at) > self.keep;
             if !expired && inner.queue.len() < RECENT_MAX {
                 break;
             }
-            let (at, session) = (*at, session.clone());
-            inner.queue.pop_front();
+            let Some((_, number, session)) = inner.queue.pop_front() else {
+                break;
+            };
+            // Only if it is still the session's latest.
             if inner
                 .last
                 .get(&session)
-                .is_some_and(|(last, _)| *last == at)
+                .is_some_and(|(latest, _, _)| *latest == number)
             {
                 inner.last.remove(&session);
             }
         }
-        inner.queue.push_back((now, session_id.to_owned()));
+        let number = inner.next;
+        inner.next = number.wrapping_add(1);
+        inner.queue.push_back((now, number, session_id.to_owned()));
         inner
             .last
-            .insert(session_id.to_owned(), (now, order.clone()));
+            .insert(session_id.to_owned(), (number, now, order.clone()));
     }
 
     /// The disconnect of `session_id` that came at or after `began`, if
@@ -208,7 +216,7 @@ impl Recent {
     pub fn since(&self, session_id: &str, began: Instant) -> Option<CloseOrder> {
         let inner = self.lock();
         match inner.last.get(session_id) {
-            Some((at, order)) if *at >= began => Some(order.clone()),
+            Some((_, at, order)) if *at >= began => Some(order.clone()),
             _ => None,
         }
     }
@@ -312,6 +320,20 @@ mod tests {
         recent.record("s3", &order(4003));
         assert_eq!(recent.since("s1", began), None);
         assert_eq!(recent.inner.lock().expect("lock").queue.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_disconnect_at_the_same_instant_outlives_the_older_one() {
+        let recent = Recent::new(Duration::from_secs(5));
+        let began = Instant::now();
+        // The clock does not move: every disconnect gets the same instant.
+        recent.record("s1", &order(4001));
+        recent.record("s1", &order(4002));
+        // The cap pushes the first one out, not the second.
+        for i in 0..RECENT_MAX - 1 {
+            recent.record(&format!("other{i}"), &order(4000));
+        }
+        assert_eq!(recent.since("s1", began), Some(order(4002)));
     }
 
     #[test]
