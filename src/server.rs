@@ -194,42 +194,20 @@ pub async fn run(
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
-    // On a TLS cluster, `cluster_tls` is the certificates read once here,
-    // for the broker's sharded connection as well.
-    let (redis, pubsub_clients, cluster_tls) = match &config.redis_cluster {
-        None => {
-            let client = redis_client(&config)?;
-            let redis = RedisConn::from(ConnectionManager::new_lazy_with_config(
-                client.clone(),
-                ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(5)))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(2)),
-            )?);
-            (redis, vec![client], None)
-        }
-        Some(cluster) => {
-            let c = cluster_connections(cluster, &config.redis_tls)?;
-            (c.redis, c.seeds, c.tls)
-        }
-    };
+    let (redis, pubsub) = redis_connections(&config)?;
     let metrics = Arc::new(Metrics::new());
     // The broker outlives the connections: draining sessions still flush
     // what it delivered, so it has its own token, cancelled last.
     let broker_stop = CancellationToken::new();
     // Before the broker: a failure here must not leave it running.
     let (workers, worker_pool) = Workers::start(config.workers)?;
-    let (broker, broker_task) = match &config.redis_cluster {
-        Some(cluster) if cluster.pubsub == crate::config::ClusterPubSub::Sharded => {
-            Broker::start_sharded(
-                cluster.nodes.clone(),
-                cluster_tls,
-                metrics.clone(),
-                broker_stop.clone(),
-            )
+    let (broker, broker_task) = match pubsub {
+        PubSub::Sharded(nodes, tls) => {
+            Broker::start_sharded(nodes, tls, metrics.clone(), broker_stop.clone())
         }
-        _ => Broker::start_any(pubsub_clients, metrics.clone(), broker_stop.clone()),
+        PubSub::Servers(clients) => {
+            Broker::start_any(clients, metrics.clone(), broker_stop.clone())
+        }
     };
     let app = Arc::new(App {
         config: config.clone(),
@@ -333,6 +311,48 @@ pub async fn run(
     let _ = broker_task.await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Where the broker subscribes (see [`redis_connections`]).
+enum PubSub {
+    /// Servers that each deliver every message: one Redis, or a cluster's
+    /// seeds with classic pub/sub.
+    Servers(Vec<redis::Client>),
+    /// A cluster with sharded pub/sub: its seeds, and the certificates for
+    /// `rediss://` ones.
+    Sharded(Vec<String>, Option<redis::TlsCertificates>),
+}
+
+/// The process's command connection, and where the broker subscribes,
+/// for a standalone Redis or a cluster.
+fn redis_connections(config: &Config) -> Result<(RedisConn, PubSub), ServerError> {
+    // On a TLS cluster, `cluster_tls` is the certificates read once here,
+    // for the broker's sharded connection as well.
+    let (redis, pubsub_clients, cluster_tls) = match &config.redis_cluster {
+        None => {
+            let client = redis_client(config)?;
+            let redis = RedisConn::from(ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(2)),
+            )?);
+            (redis, vec![client], None)
+        }
+        Some(cluster) => {
+            let c = cluster_connections(cluster, &config.redis_tls)?;
+            (c.redis, c.seeds, c.tls)
+        }
+    };
+    let pubsub = match &config.redis_cluster {
+        Some(cluster) if cluster.pubsub == crate::config::ClusterPubSub::Sharded => {
+            PubSub::Sharded(cluster.nodes.clone(), cluster_tls)
+        }
+        _ => PubSub::Servers(pubsub_clients),
+    };
+    Ok((redis, pubsub))
 }
 
 /// The Redis client every connection is made from (the command

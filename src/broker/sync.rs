@@ -108,106 +108,12 @@ async fn serve(
     // instead of waiting out `RESYNC_LIMIT`.
     let mut silent = 0u32;
     let result = loop {
-        if matches!(link, Link::Sharded(_)) {
-            if shared.resync.swap(false, Ordering::SeqCst) {
-                // A node's connection dropped: its channels' gapless
-                // outboxes were lost at once, by the push (`on_push`), and
-                // every channel is subscribed again where its slot is now
-                // (a healthy shard ignores the repeat); /ready is false
-                // until that is done.
-                // Lost again here: a subscription confirmed since the push
-                // (it was in flight) may have been on the dropped node.
-                connection_lost(shared);
-                shared.connected.store(false, Ordering::SeqCst);
-                shared.metrics.redis_connected.set(0);
-                shared.metrics.redis_reconnects.inc();
-                first_sync = true;
-            }
-            // Channels Redis took back (their slot moved), or the redis
-            // crate subscribed again by itself: lost by the push already,
-            // to subscribe again.
-            let moved = {
-                let mut state = shared.lock();
-                let moved = std::mem::take(&mut state.moved);
-                // Lost again here: one confirmed since the push (it was in
-                // flight) was confirmed where it no longer is.
-                for channel in &moved {
-                    if let Some(ch) = state.channels.get_mut(channel) {
-                        ch.lose();
-                    }
-                }
-                moved
-            };
-            if !moved.is_empty() {
-                tracing::warn!(
-                    channels = moved.len(),
-                    "redis cluster: subscriptions interrupted; subscribing them again"
-                );
-                for channel in &moved {
-                    active.remove(channel);
-                }
-                interrupted.extend(moved);
-                shared.connected.store(false, Ordering::SeqCst);
-                shared.metrics.redis_connected.set(0);
-            }
+        if matches!(link, Link::Sharded(_)) && shard_trouble(shared, &mut active, &mut interrupted)
+        {
+            first_sync = true;
         }
         // Apply everything wanted so far in one round trip each way.
-        let (add, remove, already) = {
-            let mut state = shared.lock();
-            let mut add = Vec::new();
-            let mut remove = Vec::new();
-            // Channels re-wanted while Redis still had them: confirm at once.
-            let mut already = Vec::new();
-            if first_sync {
-                // A fresh connection has nothing: subscribe every live
-                // channel (after a failed attempt, again: Redis ignores a
-                // repeat), and drop what is no longer wanted.
-                state.dirty.clear();
-                state.unsubscribing.clear();
-                interrupted.clear();
-                // A live channel with gapless subscribers is never
-                // subscribed again while it stays live: a confirmation of
-                // ours could then be mistaken for the redis crate's own
-                // (see `on_push`) and hide a gap.
-                add.extend(
-                    state
-                        .channels
-                        .iter()
-                        .filter(|(_, ch)| !(ch.confirmed && ch.has_gapless()))
-                        .map(|(name, _)| name.clone()),
-                );
-                remove.extend(
-                    active
-                        .iter()
-                        .filter(|c| !state.channels.contains_key(*c))
-                        .cloned(),
-                );
-            } else {
-                let dirty = std::mem::take(&mut state.dirty);
-                for channel in dirty {
-                    match (
-                        state.channels.contains_key(&channel),
-                        active.contains(&channel),
-                    ) {
-                        (true, false) => {
-                            interrupted.remove(&channel);
-                            add.push(channel);
-                        }
-                        (false, true) => remove.push(channel),
-                        (true, true) => already.push(channel),
-                        (false, false) => {} // came and went: nothing to tell Redis
-                    }
-                }
-                // Interrupted channels still wanted go back where their
-                // slot is now.
-                add.extend(
-                    interrupted
-                        .drain()
-                        .filter(|c| state.channels.contains_key(c)),
-                );
-            }
-            (add, remove, already)
-        };
+        let (add, remove, already) = plan(shared, first_sync, &active, &mut interrupted);
         let restoring = !shared.connected.load(Ordering::SeqCst);
         if add.is_empty() && remove.is_empty() && !already.is_empty() {
             confirm(shared, &already);
@@ -318,4 +224,124 @@ async fn serve(
     reader.abort();
     connection_lost(shared);
     result
+}
+
+/// What to tell Redis now: channels to subscribe, to unsubscribe, and
+/// those re-wanted while Redis still had them (confirmed at once). With
+/// `first_sync`, everything (a fresh connection, or after a failed
+/// attempt); otherwise what changed since the last look, and the
+/// interrupted channels still wanted.
+fn plan(
+    shared: &Shared,
+    first_sync: bool,
+    active: &HashSet<String>,
+    interrupted: &mut HashSet<String>,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut state = shared.lock();
+    let mut add = Vec::new();
+    let mut remove = Vec::new();
+    // Channels re-wanted while Redis still had them: confirm at once.
+    let mut already = Vec::new();
+    if first_sync {
+        // A fresh connection has nothing: subscribe every live
+        // channel (after a failed attempt, again: Redis ignores a
+        // repeat), and drop what is no longer wanted.
+        state.dirty.clear();
+        state.unsubscribing.clear();
+        interrupted.clear();
+        // A live channel with gapless subscribers is never
+        // subscribed again while it stays live: a confirmation of
+        // ours could then be mistaken for the redis crate's own
+        // (see `on_push`) and hide a gap.
+        add.extend(
+            state
+                .channels
+                .iter()
+                .filter(|(_, ch)| !(ch.confirmed && ch.has_gapless()))
+                .map(|(name, _)| name.clone()),
+        );
+        remove.extend(
+            active
+                .iter()
+                .filter(|c| !state.channels.contains_key(*c))
+                .cloned(),
+        );
+    } else {
+        let dirty = std::mem::take(&mut state.dirty);
+        for channel in dirty {
+            match (
+                state.channels.contains_key(&channel),
+                active.contains(&channel),
+            ) {
+                (true, false) => {
+                    interrupted.remove(&channel);
+                    add.push(channel);
+                }
+                (false, true) => remove.push(channel),
+                (true, true) => already.push(channel),
+                (false, false) => {} // came and went: nothing to tell Redis
+            }
+        }
+        // Interrupted channels still wanted go back where their
+        // slot is now.
+        add.extend(
+            interrupted
+                .drain()
+                .filter(|c| state.channels.contains_key(c)),
+        );
+    }
+    (add, remove, already)
+}
+
+/// Sharded mode: what the pushes reported since the last look (see
+/// `link::on_push`). Channels interrupted on their own go to
+/// `interrupted` (and leave `active`); true if a node's connection
+/// dropped, so that everything is subscribed again.
+fn shard_trouble(
+    shared: &Shared,
+    active: &mut HashSet<String>,
+    interrupted: &mut HashSet<String>,
+) -> bool {
+    let dropped = shared.resync.swap(false, Ordering::SeqCst);
+    if dropped {
+        // A node's connection dropped: its channels' gapless
+        // outboxes were lost at once, by the push (`on_push`), and
+        // every channel is subscribed again where its slot is now
+        // (a healthy shard ignores the repeat); /ready is false
+        // until that is done.
+        // Lost again here: a subscription confirmed since the push
+        // (it was in flight) may have been on the dropped node.
+        connection_lost(shared);
+        shared.connected.store(false, Ordering::SeqCst);
+        shared.metrics.redis_connected.set(0);
+        shared.metrics.redis_reconnects.inc();
+    }
+    // Channels Redis took back (their slot moved), or the redis
+    // crate subscribed again by itself: lost by the push already,
+    // to subscribe again.
+    let moved = {
+        let mut state = shared.lock();
+        let moved = std::mem::take(&mut state.moved);
+        // Lost again here: one confirmed since the push (it was in
+        // flight) was confirmed where it no longer is.
+        for channel in &moved {
+            if let Some(ch) = state.channels.get_mut(channel) {
+                ch.lose();
+            }
+        }
+        moved
+    };
+    if !moved.is_empty() {
+        tracing::warn!(
+            channels = moved.len(),
+            "redis cluster: subscriptions interrupted; subscribing them again"
+        );
+        for channel in &moved {
+            active.remove(channel);
+        }
+        interrupted.extend(moved);
+        shared.connected.store(false, Ordering::SeqCst);
+        shared.metrics.redis_connected.set(0);
+    }
+    dropped
 }
