@@ -1798,6 +1798,58 @@ async fn a_routes_token_stays_at_the_proxy_unless_the_route_forwards_it() {
     );
 }
 
+/// Issue 22, defect 1: the `Authorization` header an `auth_required` route
+/// authenticated with reached the backend unchanged. It stays at the proxy
+/// unless the route forwards the token; on an open route it belongs to the
+/// backend and passes as it is.
+#[tokio::test]
+async fn a_routes_authorization_header_stays_at_the_proxy_unless_forwarded() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let mut inner = route("/inner", "/in", &[(b.port, 1)]);
+    inner["auth_required"] = true.into();
+    let mut kept = route("/kept", "/kept", &[(b.port, 1)]);
+    kept["auth_required"] = true.into();
+    kept["forward_access_token"] = true.into();
+    let mut f = file(vec![inner, kept, route("/open", "/open", &[(b.port, 1)])]);
+    f["jwt"] = serde_json::json!({"secret": JWT_SECRET, "issuer": "kairos-gateway", "audience": "websocket-clients"});
+    let server = proxy(&redis, f).await;
+    let token = route_token("alice", "kairos-gateway", JWT_SECRET, 600);
+    for (path, value) in [
+        ("/inner/x", format!("Bearer {token}")),
+        ("/kept", format!("Bearer {token}")),
+        ("/open", "Basic YmFja2VuZDpzZWNyZXQ=".to_owned()),
+    ] {
+        let mut req = format!("ws://{}{path}", server.addr)
+            .into_client_request()
+            .expect("req");
+        req.headers_mut()
+            .insert("authorization", HeaderValue::from_str(&value).expect("hdr"));
+        let mut ws = connect_request(req).await.expect("proxied");
+        assert_eq!(next_text(&mut ws).await, "hello from b");
+    }
+    let seen = b.seen.lock().expect("lock");
+    let authorization = |i: usize| {
+        seen.headers[i]
+            .iter()
+            .filter(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        authorization(0),
+        Vec::<String>::new(),
+        "consumed by the proxy"
+    );
+    assert_eq!(authorization(1), [format!("Bearer {token}")]);
+    assert_eq!(authorization(2), ["Basic YmFja2VuZDpzZWNyZXQ=".to_owned()]);
+    assert!(
+        seen.headers[0]
+            .iter()
+            .any(|(k, v)| k == "x-auth-subject" && v == "alice")
+    );
+}
+
 /// Issue 11, defect 6: `/metrics` named backends by address. Now by the
 /// routes file's `name`, or by position; and METRICS_TOKEN closes it.
 #[tokio::test]

@@ -322,6 +322,9 @@ pub struct Upgrade<'a> {
     pub pass_extensions: bool,
     /// The verified token subject, sent as `X-Auth-Subject`.
     pub subject: Option<&'a str>,
+    /// Leave out the client's `Authorization` header: wsproxy consumed it
+    /// to authenticate, and the route does not forward the token.
+    pub strip_authorization: bool,
 }
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) and the handshake headers
@@ -377,7 +380,10 @@ fn request_head(backend: &Backend, up: &Upgrade<'_>, key: &str) -> String {
     let mut forwarded_for = None;
     for (name, value) in up.client_headers {
         let n = name.as_str();
-        if not_forwarded(n) || listed.iter().any(|l| l == n) {
+        if not_forwarded(n)
+            || listed.iter().any(|l| l == n)
+            || (up.strip_authorization && n == "authorization")
+        {
             continue;
         }
         let Ok(v) = value.to_str() else { continue };
@@ -643,6 +649,7 @@ pub async fn probe(
                 client_tls: false,
                 pass_extensions: false,
                 subject: None,
+                strip_authorization: false,
             };
             let mut shake = dial(backend, tls, &up, limit).await?;
             // Close 1000, masked (a client's frames always are; the key
@@ -810,6 +817,7 @@ mod tests {
             client_tls: false,
             pass_extensions: true,
             subject: Some("alice"),
+            strip_authorization: false,
         };
         let head = request_head(&backend, &up, "dGhlIHNhbXBsZSBub25jZQ==");
         assert!(

@@ -275,6 +275,10 @@ async fn dial(
         client_tls: app.config.tls.is_some(),
         pass_extensions: true,
         subject,
+        // The header wsproxy authenticated with is the client's credential
+        // for wsproxy, not for the backend (bearer_token takes the header
+        // first, so on such a route a present header is the one used).
+        strip_authorization: route.auth_required && !route.forward_access_token,
     };
     let mut last: Option<DialError> = None;
     for backend in candidates {
