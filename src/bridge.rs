@@ -114,19 +114,20 @@ async fn accept(
     if app.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
-    // A backend's disconnect from now on must reach this connection too.
-    let began = tokio::time::Instant::now();
-    let token = auth::bearer_token(&headers, query.access_token.as_deref())
-        .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
-
     // A reliable session (the wsproxy.v1 subprotocol) subscribes to the
-    // enveloped live channel and then reads its history.
+    // enveloped live channel and then reads its history. Asked for where
+    // it is off, it is refused before the token: the client learns the
+    // server lacks the feature, whatever its token.
     let reliable = crate::reliable::requested(&app, &headers)?;
     let resume = if reliable {
         crate::reliable::resume_from(query.epoch.as_deref(), query.offset.as_deref())?
     } else {
         None
     };
+    // A backend's disconnect from now on must reach this connection too.
+    let began = tokio::time::Instant::now();
+    let token = auth::bearer_token(&headers, query.access_token.as_deref())
+        .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
 
     // 2 and 3, bounded together by AUTH_TIMEOUT_SECS.
     let config = &app.config;

@@ -84,6 +84,10 @@ pub fn resume_from<'a>(
     epoch: Option<&'a str>,
     offset: Option<&'a str>,
 ) -> Result<Option<(&'a str, &'a str)>, ApiError> {
+    // An empty value is no value: `?epoch=&offset=` is a fresh join, and
+    // one empty half beside a full one is half a position, refused below.
+    let epoch = epoch.filter(|e| !e.is_empty());
+    let offset = offset.filter(|o| !o.is_empty());
     match (epoch, offset) {
         (None, None) => Ok(None),
         (Some(e), Some(o)) if e.len() <= MAX_POSITION_LEN && o.len() <= MAX_POSITION_LEN => {
@@ -323,7 +327,13 @@ mod tests {
             resume_from(Some("1"), Some("2-0")).ok(),
             Some(Some(("1", "2-0")))
         );
-        for (e, o) in [(Some("1"), None), (None, Some("2-0"))] {
+        assert_eq!(resume_from(Some(""), Some("")).ok(), Some(None));
+        for (e, o) in [
+            (Some("1"), None),
+            (None, Some("2-0")),
+            (Some(""), Some("2-0")),
+            (Some("1"), Some("")),
+        ] {
             let err = resume_from(e, o).expect_err("one without the other");
             assert_eq!((err.status.as_u16(), err.code), (400, "invalid_query"));
         }

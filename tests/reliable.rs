@@ -267,6 +267,16 @@ async fn with_reliable_sessions_off_asking_for_them_is_refused() {
     );
     // The token was not used: its TTL is still the one the backend set.
     assert!(redis.ttl(&format!("session:{session}:auth")).await <= 60);
+    // Issue 22, defect 7: the same refusal without any token (it was 401
+    // missing_token), so the client learns the server lacks the feature.
+    let mut req = request(&server, &session, "");
+    req.headers_mut().remove("authorization");
+    let (status, body) = connect_request(req).await.expect_err("refused");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("reliable_sessions_off")),
+        "{body}"
+    );
     // Without the subprotocol, the same session is plain as ever.
     let mut ws = server.connect(&session, TOKEN).await;
     redis
@@ -363,13 +373,25 @@ async fn trimmed_expired_and_unknown_positions_are_told_not_skipped() {
         "{metrics}"
     );
 
-    // Half a position is a bad request.
-    let req = request(&server, &session, &format!("?epoch={epoch}"));
-    let (status, body) = connect_request(req).await.expect_err("refused");
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("invalid_query"))
-    );
+    // Half a position is a bad request, and so is an empty half (issue 22,
+    // defect 5: `?epoch=&offset=<valid>` was taken as a fresh join).
+    for query in [
+        format!("?epoch={epoch}"),
+        format!("?epoch=&offset={before}"),
+        format!("?epoch={epoch}&offset="),
+        format!("?offset={before}"),
+    ] {
+        let req = request(&server, &session, &query);
+        let (status, body) = connect_request(req).await.expect_err("refused");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_query")),
+            "{query}: {body}"
+        );
+    }
+    // Both halves empty are neither: a fresh join.
+    let (_, welcome) = connect(&server, &session, Some(("", ""))).await;
+    assert!(welcome.get("resumed").is_none(), "{welcome}");
 }
 
 #[tokio::test]
