@@ -503,7 +503,10 @@ impl Cli {
                 .collect(),
             ws_origins: crate::origin::AllowedOrigins::parse(self.ws_allowed_origins.split(','))
                 .map_err(|e| ConfigError::new("WS_ALLOWED_ORIGINS", e))?,
-            metrics_token: match self.metrics_token.as_deref().map(str::trim) {
+            // Not trimmed: a value of spaces (or one padded with them) is a
+            // mistake to report, never a silently open /metrics. Only an
+            // empty value (`METRICS_TOKEN=`) means unset.
+            metrics_token: match self.metrics_token.as_deref() {
                 None | Some("") => None,
                 Some(t) if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
                     return Err(ConfigError::new(
@@ -653,6 +656,17 @@ mod tests {
         let e = parse(&["--metrics-token", "short"]).expect_err("too short");
         assert_eq!(e.var, "METRICS_TOKEN");
         assert!(!e.to_string().contains("short"), "not echoed: {e}");
+        // Issue 22, defect 6: 16 spaces were trimmed to nothing and left
+        // /metrics open.
+        for bad in [
+            " ".repeat(16),
+            format!(" {}", "k".repeat(16)),
+            "\t".repeat(20),
+        ] {
+            let e = parse(&["--metrics-token", &bad]).expect_err("not a token");
+            assert_eq!(e.var, "METRICS_TOKEN", "{bad:?}");
+        }
+        assert!(parse(&["--metrics-token", ""]).is_ok_and(|c| c.metrics_token.is_none()));
         let e = parse(&["--pubsub-allow-anonymous", "maybe"]).expect_err("not a bool");
         assert_eq!(e.var, "PUBSUB_ALLOW_ANONYMOUS");
     }
