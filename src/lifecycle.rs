@@ -372,11 +372,25 @@ impl Lifecycle {
         let (Some(raw), false) = (raw, self.config.query_params.is_empty()) else {
             return Vec::new();
         };
-        form_urlencoded::parse(raw.as_bytes())
-            .filter(|(name, _)| self.config.query_params.iter().any(|p| p == name))
-            .take(self.config.query_params.len())
-            .map(|(n, v)| (n.chars().take(64).collect(), v.chars().take(256).collect()))
-            .collect()
+        // The first value of a repeated parameter wins (`?lang=a&lang=b`
+        // is `"lang":"a"`): the event's `query` object never holds a key
+        // twice, which JSON parsers resolve each their own way.
+        let mut copied: Vec<(String, String)> = Vec::new();
+        for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
+            if copied.len() == self.config.query_params.len() {
+                break;
+            }
+            if !self.config.query_params.iter().any(|p| *p == name)
+                || copied.iter().any(|(n, _)| *n == name)
+            {
+                continue;
+            }
+            copied.push((
+                name.chars().take(64).collect(),
+                value.chars().take(256).collect(),
+            ));
+        }
+        copied
     }
 
     /// Registers connection `n` of `session`: presence, the process's
@@ -956,7 +970,16 @@ mod tests {
         // A parameter repeated a thousand times is copied a bounded number
         // of times.
         let many = "lang=x&".repeat(1000);
-        assert_eq!(l.allowed_query(Some(&many)).len(), 2);
+        assert_eq!(l.allowed_query(Some(&many)).len(), 1);
+        // Issue 22, defect 9: a repeated parameter was copied twice, a
+        // duplicate key in the event's JSON. The first value wins.
+        assert_eq!(
+            l.allowed_query(Some("lang=a&lang=b&plan=p&plan=q&lang=c")),
+            [
+                ("lang".to_owned(), "a".to_owned()),
+                ("plan".to_owned(), "p".to_owned())
+            ]
+        );
     }
 
     #[test]
