@@ -14,7 +14,11 @@
 //!   equal the `Host` header), as gorilla/websocket and Centrifugo do when
 //!   no origins are configured: safe for cookie-authenticated backends.
 //! - `WS_ALLOWED_ORIGINS` (and `allowed_origins` per proxy route) lists the
-//!   origins allowed besides, or `*` for any page.
+//!   origins allowed besides, or `*` for any page. An entry may allow the
+//!   subdomains of a domain, `https://*.example.com`: any origin of that
+//!   scheme (and port) whose host ends in `.example.com`, at any depth, but
+//!   not `example.com` itself (list it too); `*` anywhere else is refused
+//!   at start-up, as is a wildcard over a single label (`https://*.com`).
 
 use axum::http::{HeaderMap, header};
 
@@ -29,7 +33,8 @@ pub enum AllowedOrigins {
     /// Any page (`*`).
     Any,
     /// wsproxy's own origin and these (`scheme://host[:port]`, lower case,
-    /// or `null` for sandboxed pages and local files).
+    /// `scheme://*.domain[:port]` for subdomains, or `null` for sandboxed
+    /// pages and local files).
     List(Vec<String>),
 }
 
@@ -48,7 +53,10 @@ impl AllowedOrigins {
                         "{item:?} is not an origin (expected scheme://host[:port], null or *)"
                     ));
                 };
-                if scheme.is_empty()
+                if !scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                    || !scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
                     || authority.is_empty()
                     || authority.contains(['/', '?', '#', '@', ' '])
                     || !item.is_ascii()
@@ -56,6 +64,15 @@ impl AllowedOrigins {
                     return Err(format!(
                         "{item:?} is not an origin (expected scheme://host[:port] with no path)"
                     ));
+                }
+                if authority.contains('*') {
+                    let domain = authority.strip_prefix("*.").unwrap_or("");
+                    let host = domain.split(':').next().unwrap_or("");
+                    if domain.contains('*') || !host.contains('.') || host.starts_with('.') {
+                        return Err(format!(
+                            "{item:?}: a wildcard is only allowed as the whole first label of a domain of two or more labels (scheme://*.example.com[:port])"
+                        ));
+                    }
                 }
             }
             list.push(item.to_ascii_lowercase());
@@ -80,7 +97,7 @@ impl AllowedOrigins {
             Self::Any => true,
             Self::SameOrigin => same_origin(origin, headers),
             Self::List(list) => {
-                list.iter().any(|o| o.eq_ignore_ascii_case(origin)) || same_origin(origin, headers)
+                list.iter().any(|o| listed(o, origin)) || same_origin(origin, headers)
             }
         }
     }
@@ -92,6 +109,34 @@ impl AllowedOrigins {
         }
         Err(ApiError::from(Refusal::OriginNotAllowed("WebSocket connections from this page's origin are not allowed (see WS_ALLOWED_ORIGINS)".into())))
     }
+}
+
+/// `origin` is the listed entry `entry` (lower case), or one of the
+/// subdomains a `scheme://*.domain[:port]` entry allows: same scheme, a
+/// host ending in `.domain` after one or more labels, the same port.
+fn listed(entry: &str, origin: &str) -> bool {
+    let Some((scheme, rest)) = entry.split_once("://*.") else {
+        return entry.eq_ignore_ascii_case(origin);
+    };
+    let Some((o_scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    if !o_scheme.eq_ignore_ascii_case(scheme) || authority.len() <= rest.len() + 1 {
+        return false;
+    }
+    let split = authority.len() - rest.len();
+    let (Some(labels), Some(suffix)) = (authority.get(..split), authority.get(split..)) else {
+        return false;
+    };
+    // `labels` is "sub." or "a.b.": host characters only, so nothing can
+    // smuggle another host or a port in front of the domain.
+    suffix.eq_ignore_ascii_case(rest)
+        && labels.ends_with('.')
+        && !labels.starts_with('.')
+        && !labels.contains("..")
+        && labels
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// The origin names the host and port the request was sent to.
@@ -172,6 +217,55 @@ mod tests {
             Ok(AllowedOrigins::SameOrigin)
         );
         for bad in ["app.example", "https://a/b", "https://", "https://u@h"] {
+            assert!(AllowedOrigins::parse([bad]).is_err(), "{bad}");
+        }
+    }
+
+    /// Issue 22, defect 10: `https://*.example.com` started without
+    /// complaint and never matched. Subdomain wildcards are now supported,
+    /// and a `*` anywhere else stops start-up.
+    #[test]
+    fn a_wildcard_allows_subdomains_and_nothing_that_looks_like_them() {
+        let w = AllowedOrigins::parse(["https://*.Example.com", "http://*.local.test:8080"])
+            .expect("valid");
+        for good in [
+            "https://app.example.com",
+            "https://a.b.example.com",
+            "https://APP.example.COM",
+            "https://x-1.example.com",
+            "http://dev.local.test:8080",
+        ] {
+            assert!(w.allows(&headers(Some(good), "gw")), "{good}");
+        }
+        for bad in [
+            "https://example.com",
+            "https://evil-example.com",
+            "https://example.com.evil.com",
+            "https://app.example.com.evil.com",
+            "https://app.example.com:8443",
+            "http://app.example.com",
+            "https://.example.com",
+            "https://a..example.com",
+            "https://evil.com#.example.com",
+            "https://evil.com/.example.com",
+            "https://u@app.example.com",
+            "https://app.example.co",
+            "http://dev.local.test",
+            "http://dev.local.test:80800",
+            "null",
+        ] {
+            assert!(!w.allows(&headers(Some(bad), "gw")), "{bad}");
+        }
+        for bad in [
+            "https://*",
+            "https://*.com",
+            "https://a.*.example.com",
+            "https://*example.com",
+            "https://**.example.com",
+            "https://*.*.example.com",
+            "https://app.example.*",
+            "*://app.example.com",
+        ] {
             assert!(AllowedOrigins::parse([bad]).is_err(), "{bad}");
         }
     }
