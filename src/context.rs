@@ -46,9 +46,25 @@ pub struct App {
     /// loaded (see `server::keep_history_library`); unused when reliable
     /// sessions are off.
     pub history_loaded: std::sync::atomic::AtomicBool,
+    /// The count of pub/sub reconnections (`wsproxy_redis_reconnects_total`)
+    /// when the library was last loaded: a reconnection since may be a
+    /// Redis that restarted without it (see [`App::history_ready`]).
+    pub history_loaded_for: std::sync::atomic::AtomicU64,
     /// The backends' recent disconnects, for admissions under way when one
     /// came (see [`crate::control`]).
     pub disconnects: Arc<crate::control::Recent>,
+}
+
+impl App {
+    /// The `wsproxy` library of reliable sessions is in Redis, as far as
+    /// this process knows: loaded, and not since a pub/sub reconnection
+    /// (after which Redis may have restarted without it, until
+    /// `server::keep_history_library` has loaded it again).
+    pub fn history_ready(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.history_loaded.load(Ordering::SeqCst)
+            && self.history_loaded_for.load(Ordering::SeqCst) == self.metrics.redis_reconnects.get()
+    }
 }
 
 /// Handles of the worker runtimes (see `server::Workers`), handed out in

@@ -105,8 +105,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     if !app.broker.is_connected() {
         return not_ready("redis pub/sub connection is down");
     }
-    if app.config.reliable.enabled && !app.history_loaded.load(std::sync::atomic::Ordering::SeqCst)
-    {
+    if app.config.reliable.enabled && !app.history_ready() {
         return not_ready("the wsproxy Redis library (reliable sessions) is not loaded yet");
     }
     let mut redis = app.redis.clone();

@@ -224,6 +224,7 @@ pub async fn run(
             config.keys(),
         )),
         history_loaded: std::sync::atomic::AtomicBool::new(false),
+        history_loaded_for: std::sync::atomic::AtomicU64::new(0),
         // Kept twice as long as an admission may take (AUTH_TIMEOUT_SECS
         // bounds its Redis steps).
         disconnects: Arc::new(crate::control::Recent::new(config.auth_timeout * 2)),
@@ -488,6 +489,7 @@ async fn keep_history_library(app: Arc<App>) {
             {
                 Ok(()) => {
                     loaded_at = Some(reconnects);
+                    app.history_loaded_for.store(reconnects, Ordering::SeqCst);
                     app.history_loaded.store(true, Ordering::SeqCst);
                     tracing::info!("reliable sessions: the wsproxy Redis library is loaded");
                 }
@@ -496,8 +498,10 @@ async fn keep_history_library(app: Arc<App>) {
                 }
             }
         }
+        // /ready is 503 from a reconnection until the library is loaded
+        // again (App::history_ready), so a short pause keeps that short.
         let pause = if loaded_at.is_some() {
-            Duration::from_millis(200)
+            Duration::from_millis(50)
         } else {
             Duration::from_secs(1)
         };

@@ -616,6 +616,7 @@ mod tests {
                 crate::keys::Keys::Standalone,
             )),
             history_loaded: Default::default(),
+            history_loaded_for: Default::default(),
             disconnects: Arc::new(crate::control::Recent::new(Duration::from_secs(1))),
         })
     }

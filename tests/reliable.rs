@@ -452,6 +452,46 @@ async fn a_redis_restart_without_persistence_fails_the_resume_and_with_it_resume
     }
 }
 
+/// Issue 22, defect 8: after a Redis restart without persistence, `/ready`
+/// answered 200 for up to 0.2 s before the `wsproxy` library was loaded
+/// again (backends' `FCALL wsproxy_publish` failed with "Function not
+/// found" meanwhile). Every 200 must now find the library in Redis.
+#[tokio::test]
+async fn ready_waits_for_the_library_after_a_restart_without_persistence() {
+    let mut redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    server.wait_ready().await;
+    for round in 0..3 {
+        redis.restart().await;
+        let mut c = redis.conn().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut not_ready = 0;
+        loop {
+            let (status, body) = http_get(server.addr, "/ready").await.expect("GET /ready");
+            if status == 200 {
+                let libraries: Vec<redis::Value> = redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg("wsproxy")
+                    .query_async(&mut c)
+                    .await
+                    .expect("FUNCTION LIST");
+                assert!(
+                    !libraries.is_empty(),
+                    "round {round}: /ready said 200 ({body}) after {not_ready} 503s, while the wsproxy library was not loaded"
+                );
+                break;
+            }
+            not_ready += 1;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never ready again: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_reliable_connection_open_while_redis_restarts_is_closed_to_resume_not_left_with_a_gap() {
     // What is published after Redis is back but before wsproxy has
