@@ -267,8 +267,9 @@ class Wsproxy:
         """Sends ``data`` (as JSON) to a session's plain connections
         (``PUBLISH session:{id}:down``; on a cluster ``SPUBLISH
         session:{id}:down``, or ``PUBLISH`` in classic mode). Returns how many
-        wsproxy processes got it (0: no connection of the session is open
-        anywhere; in classic mode on a cluster, only the subscribers of the
+        wsproxy processes got it (0: no plain connection of the session is
+        open anywhere; reliable connections, on another channel, are not
+        counted; in classic mode on a cluster, only the subscribers of the
         node it was published on are counted). Nothing is kept: a client not
         connected now never gets it.
 
