@@ -111,9 +111,6 @@ async fn accept(
     validate_id("session_id", &session_id)?;
     let upgrade = upgrade.map_err(ApiError::not_a_websocket)?;
     let Query(query) = query.map_err(ApiError::invalid_query)?;
-    if app.shutdown.is_cancelled() {
-        return Err(ApiError::shutting_down());
-    }
     // A reliable session (the wsproxy.v1 subprotocol) subscribes to the
     // enveloped live channel and then reads its history. Asked for where
     // it is off, it is refused before the token: the client learns the
@@ -124,11 +121,109 @@ async fn accept(
     } else {
         None
     };
-    // A backend's disconnect from now on must reach this connection too.
-    let began = tokio::time::Instant::now();
     let token = auth::bearer_token(&headers, query.access_token.as_deref())
         .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
+    let ask = Ask {
+        agent_id: &agent_id,
+        session_id: &session_id,
+        headers: &headers,
+        raw_query: raw_query.as_deref(),
+        token,
+        reliable,
+        resume,
+        transport: Transport::WebSocket,
+    };
+    let admitted = admit(&app, ask, slot).await?;
+    // 4. Upgrade; the driver pumps frames until the connection ends.
+    Ok(match admitted {
+        SessionDriver::Plain(driver) => ws::upgrade(upgrade, driver),
+        SessionDriver::Reliable(driver) => {
+            ws::upgrade(upgrade.protocols([crate::reliable::PROTOCOL]), driver)
+        }
+    })
+}
 
+/// The transport a session connection is served over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `GET /{agent_id}/ws/{session_id}`, upgraded.
+    WebSocket,
+    /// `GET /{agent_id}/sse/{session_id}`, a `text/event-stream`.
+    Sse,
+}
+
+impl Transport {
+    /// As events and logs name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WebSocket => "websocket",
+            Self::Sse => "sse",
+        }
+    }
+}
+
+/// A session connection asked for, whatever its transport: checked for
+/// everything that needs no I/O (origin, ids, query, token present).
+pub struct Ask<'a> {
+    /// The agent id of the path.
+    pub agent_id: &'a str,
+    /// The session id of the path.
+    pub session_id: &'a str,
+    /// The request's headers (for the connect event).
+    pub headers: &'a HeaderMap,
+    /// The whole query, for the parameters a connect event may copy.
+    pub raw_query: Option<&'a str>,
+    /// The bearer token the client sent.
+    pub token: &'a str,
+    /// A reliable (resumable) connection.
+    pub reliable: bool,
+    /// Where a reliable client resumes from.
+    pub resume: Option<(&'a str, &'a str)>,
+    /// How the connection is served.
+    pub transport: Transport,
+}
+
+/// An admitted session connection: its driver, for the transport's writer
+/// to run over its socket.
+pub enum SessionDriver {
+    /// A plain session.
+    Plain(Driver<Bridge>),
+    /// A reliable session (welcome and replay first).
+    Reliable(Driver<crate::reliable::ReliableBridge>),
+}
+
+impl SessionDriver {
+    /// The connection's whole life over `socket` (see [`Driver::run`]).
+    pub fn run<S: ws::Socket>(self, socket: S) -> impl Future<Output = ()> + Send {
+        match self {
+            Self::Plain(d) => futures_util::future::Either::Left(d.run(socket)),
+            Self::Reliable(d) => futures_util::future::Either::Right(d.run(socket)),
+        }
+    }
+}
+
+/// The transport-neutral admission of a session connection: the token
+/// check, the subscription (confirmed, so the client misses nothing
+/// published after its answer), a reliable client's join or resume, a
+/// disconnect that came meanwhile, and the lifecycle registration.
+pub async fn admit(
+    app: &Arc<App>,
+    ask: Ask<'_>,
+    slot: Option<ConnectionSlot>,
+) -> Result<SessionDriver, ApiError> {
+    if app.shutdown.is_cancelled() {
+        return Err(ApiError::shutting_down());
+    }
+    let Ask {
+        agent_id,
+        session_id,
+        reliable,
+        resume,
+        token,
+        ..
+    } = ask;
+    // A backend's disconnect from now on must reach this connection too.
+    let began = tokio::time::Instant::now();
     // 2 and 3, bounded together by AUTH_TIMEOUT_SECS.
     let config = &app.config;
     // A reliable connection must not miss a live message: it ends when
@@ -140,16 +235,16 @@ async fn accept(
     };
     let keys = config.keys();
     let down = if reliable {
-        keys.session_live(&session_id)
+        keys.session_live(session_id)
     } else {
-        keys.session_down(&session_id)
+        keys.session_down(session_id)
     };
     let mut redis = app.redis.clone();
     let attach = async {
         auth::check_session_token(
             &mut redis,
             keys,
-            &session_id,
+            session_id,
             token,
             config.auth_grace_period,
         )
@@ -160,7 +255,7 @@ async fn accept(
             .await?;
         let joined = if reliable {
             let joined =
-                crate::history::join(&mut redis, keys, &session_id, resume, config.auth_timeout)
+                crate::history::join(&mut redis, keys, session_id, resume, config.auth_timeout)
                     .await?;
             Some(joined)
         } else {
@@ -169,46 +264,55 @@ async fn accept(
         Ok::<_, AuthError>((subscription, joined))
     };
     let attached = tokio::time::timeout(config.auth_timeout, attach).await;
-    let (subscription, joined) = admitted_or_refused(&app, &session_id, &agent_id, attached)?;
+    let (subscription, joined) = admitted_or_refused(app, session_id, agent_id, attached)?;
     // A disconnect that came while the token was being read (so perhaps
     // just after it was, and revoked) found no channel of this connection:
     // it gets the order now, as the session's other connections did.
-    if let Some(order) = app.disconnects.since(&session_id, began) {
+    if let Some(order) = app.disconnects.since(session_id, began) {
         outbox.order_close(order);
     }
 
-    // 4. Upgrade; the driver pumps frames until the connection ends.
     let label = Label {
-        endpoint: "session",
-        session_id: session_id.clone(),
-        agent_id: Some(agent_id.clone()),
+        endpoint: match ask.transport {
+            Transport::WebSocket => "session",
+            Transport::Sse => "session-sse",
+        },
+        session_id: session_id.to_owned(),
+        agent_id: Some(agent_id.to_owned()),
         user: None,
     };
-    // With events or presence on: registered before the 101.
+    // With events or presence on: registered before the answer.
     let resume = joined.as_ref().map(|j| j.resume);
     let admitted = Admitted {
-        session_id: &session_id,
-        agent_id: &agent_id,
-        headers: &headers,
-        raw_query: raw_query.as_deref(),
+        session_id,
+        agent_id,
+        headers: ask.headers,
+        raw_query: ask.raw_query,
         slot: slot.as_ref(),
         resume,
+        transport: ask.transport,
     };
-    let tracking = register(&app, &mut redis, admitted).await;
+    let tracking = register(app, &mut redis, admitted).await;
+    let counters = match ask.transport {
+        Transport::WebSocket => None,
+        Transport::Sse => Some(Counters {
+            active: app.metrics.sse_connections_active.clone(),
+            opened: app.metrics.sse_connections_opened.clone(),
+            delivered: app.metrics.messages_down.clone(),
+        }),
+    };
     let Some(mut joined) = joined else {
         let handler = Bridge {
             app: app.clone(),
             redis,
-            up: keys.session_up(&session_id),
+            up: keys.session_up(session_id),
             _subscription: subscription,
         };
-        return Ok(ws::upgrade(
-            upgrade,
-            driver(&app, outbox, handler, label, slot, Vec::new(), tracking),
-        ));
+        let driver = driver(app, outbox, handler, label, slot, Vec::new(), tracking);
+        return Ok(SessionDriver::Plain(with_counters(driver, counters)));
     };
     app.metrics.reliable_connections.inc();
-    let preamble = crate::reliable::preamble(&app, &session_id, &mut joined);
+    let preamble = crate::reliable::preamble(app, session_id, &mut joined);
     let handler = crate::reliable::ReliableBridge {
         app: app.clone(),
         redis,
@@ -216,15 +320,20 @@ async fn accept(
         // at the join is in the history: replayed, or (on a fresh join)
         // older than the connection.
         skip_through: crate::history::parse_offset(&joined.last),
-        session_id,
-        agent_id,
+        session_id: session_id.to_owned(),
+        agent_id: agent_id.to_owned(),
         _subscription: subscription,
     };
-    let upgrade = upgrade.protocols([crate::reliable::PROTOCOL]);
-    Ok(ws::upgrade(
-        upgrade,
-        driver(&app, outbox, handler, label, slot, preamble, tracking),
-    ))
+    let driver = driver(app, outbox, handler, label, slot, preamble, tracking);
+    Ok(SessionDriver::Reliable(with_counters(driver, counters)))
+}
+
+/// A driver counting on other metrics than the WebSocket endpoint's.
+fn with_counters<H: Handler>(mut driver: Driver<H>, counters: Option<Counters>) -> Driver<H> {
+    if let Some(counters) = counters {
+        driver.counters = counters;
+    }
+    driver
 }
 
 /// An admitted connection, as its connect event describes it.
@@ -236,6 +345,8 @@ struct Admitted<'a> {
     slot: Option<&'a ConnectionSlot>,
     /// `Some` for a reliable connection: how its resume went, if it asked.
     resume: Option<Option<Result<usize, crate::history::ResumeFailure>>>,
+    /// How the connection is served.
+    transport: Transport,
 }
 
 /// Registers the connection with Redis when events or presence are on
@@ -265,6 +376,7 @@ async fn register(
             replayed: r.unwrap_or(0),
             reason: r.err().map(|why| why.as_str()),
         }),
+        transport: admitted.transport.as_str(),
     };
     let connection = app.lifecycle.next_connection();
     let limit = app.config.auth_timeout;
@@ -364,7 +476,7 @@ fn driver<H: Handler>(
 /// What the admission's Redis steps came to: the subscription and the
 /// history's answer, or the refusal that says why not (logged and
 /// counted).
-fn admitted_or_refused<T>(
+pub(crate) fn admitted_or_refused<T>(
     app: &App,
     session_id: &str,
     agent_id: &str,
@@ -406,7 +518,7 @@ fn redis_unavailable(app: &App) -> ApiError {
 }
 
 /// What client frames mean on a session: JSON to publish on the up channel.
-struct Bridge {
+pub struct Bridge {
     app: Arc<App>,
     redis: RedisConn,
     /// Channel client messages are published on.
@@ -432,38 +544,46 @@ impl Handler for Bridge {
 impl Bridge {
     /// Validates a client message and publishes it on the up channel.
     async fn forward_up(&mut self, text: Utf8Bytes) -> Reply {
-        // IgnoredAny validates without building a value: no allocation.
-        if let Err(e) = serde_json::from_str::<IgnoredAny>(text.as_str()) {
-            self.app
-                .metrics
-                .invalid_message(InvalidMessage::InvalidJson);
-            return Reply::text(socket_error(
-                "invalid_json",
-                &format!("message is not valid JSON: {e}"),
-            ));
+        match publish_on(&self.app, &mut self.redis, &self.up, text.as_str()).await {
+            Ok(()) => Reply::None,
+            Err(Refusal::InvalidJson(m)) => Reply::text(socket_error("invalid_json", &m)),
+            Err(refusal) => Reply::text(socket_error("publish_failed", &refusal.message())),
         }
-        let limit = self.app.config.auth_timeout;
-        match broker::publish(
-            &mut self.redis,
-            self.app.config.keys(),
-            &self.up,
-            text.as_str().as_bytes(),
-            limit,
-        )
-        .await
-        {
-            Ok(_receivers) => {
-                self.app.metrics.messages_up.inc();
-                Reply::None
-            }
-            Err(why) => {
-                self.app.metrics.publish_failures.inc();
-                tracing::warn!(channel = %self.up, error = %why, "publish failed");
-                Reply::text(socket_error(
-                    "publish_failed",
-                    &format!("message was not delivered, Redis is unavailable: {why}"),
-                ))
-            }
+    }
+}
+
+/// A plain client message, whatever its transport: checked to be JSON and
+/// published on `session:{id}:up`.
+pub(crate) async fn publish_up(
+    app: &App,
+    redis: &mut RedisConn,
+    session_id: &str,
+    text: &str,
+) -> Result<(), Refusal> {
+    let up = app.config.keys().session_up(session_id);
+    publish_on(app, redis, &up, text).await
+}
+
+async fn publish_on(app: &App, redis: &mut RedisConn, up: &str, text: &str) -> Result<(), Refusal> {
+    // IgnoredAny validates without building a value: no allocation.
+    if let Err(e) = serde_json::from_str::<IgnoredAny>(text) {
+        app.metrics.invalid_message(InvalidMessage::InvalidJson);
+        return Err(Refusal::InvalidJson(
+            format!("message is not valid JSON: {e}").into(),
+        ));
+    }
+    let limit = app.config.auth_timeout;
+    match broker::publish(redis, app.config.keys(), up, text.as_bytes(), limit).await {
+        Ok(_receivers) => {
+            app.metrics.messages_up.inc();
+            Ok(())
+        }
+        Err(why) => {
+            app.metrics.publish_failures.inc();
+            tracing::warn!(channel = %up, error = %why, "publish failed");
+            Err(Refusal::PublishFailed(
+                format!("message was not delivered, Redis is unavailable: {why}").into(),
+            ))
         }
     }
 }

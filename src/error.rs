@@ -79,6 +79,10 @@ pub enum Refusal {
     ShuttingDown(Cow<'static, str>),
     /// A client asked for reliable sessions on a server without them.
     ReliableSessionsOff(Cow<'static, str>),
+    /// A client message POSTed to a session that is not JSON.
+    InvalidJson(Cow<'static, str>),
+    /// A client message Redis could not take (plain sessions).
+    PublishFailed(Cow<'static, str>),
     /// The backend answered the upgrade with this 4xx: passed on as it is.
     BackendRejected(StatusCode),
 }
@@ -111,6 +115,8 @@ impl Refusal {
             Self::AuthNotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ReliableSessionsOff(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            Self::PublishFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BackendRejected(status) => *status,
         }
     }
@@ -142,6 +148,8 @@ impl Refusal {
             Self::AuthNotConfigured(_) => "auth_not_configured",
             Self::ShuttingDown(_) => "shutting_down",
             Self::ReliableSessionsOff(_) => "reliable_sessions_off",
+            Self::InvalidJson(_) => "invalid_json",
+            Self::PublishFailed(_) => "publish_failed",
             Self::BackendRejected(_) => "backend_rejected",
         }
     }
@@ -172,7 +180,9 @@ impl Refusal {
             | Self::BackendTimeout(m)
             | Self::AuthNotConfigured(m)
             | Self::ShuttingDown(m)
-            | Self::ReliableSessionsOff(m) => m.clone(),
+            | Self::ReliableSessionsOff(m)
+            | Self::InvalidJson(m)
+            | Self::PublishFailed(m) => m.clone(),
             Self::BackendRejected(status) => format!(
                 "the backend refused the upgrade with HTTP {}",
                 status.as_u16()

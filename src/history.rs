@@ -428,6 +428,18 @@ pub fn offset_of(frame: &str) -> Option<(u64, u64)> {
     parse_offset(&rest[..end])
 }
 
+/// An enveloped message (see [`ENVELOPE_PREFIX`]) as its offset and its
+/// data, the backend's JSON as it was published; `None` for anything else.
+/// The envelope is built by the library's `envelope` alone, so its shape is
+/// known: the prefix, the offset, `","data":`, the data, `}`.
+pub fn split_envelope(frame: &str) -> Option<(&str, &str)> {
+    let rest = frame.strip_prefix(ENVELOPE_PREFIX)?;
+    let end = rest.find('"')?;
+    let (offset, rest) = rest.split_at(end);
+    let data = rest.strip_prefix("\",\"data\":")?.strip_suffix('}')?;
+    Some((offset, data))
+}
+
 /// A stream id `<ms>-<seq>` as two numbers.
 pub fn parse_offset(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
@@ -437,6 +449,25 @@ pub fn parse_offset(id: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_envelope_splits_into_its_offset_and_data() {
+        assert_eq!(
+            split_envelope(r#"{"type":"message","offset":"5-1","data":{"a":"}"}}"#),
+            Some(("5-1", r#"{"a":"}"}"#))
+        );
+        assert_eq!(
+            split_envelope(r#"{"type":"message","offset":"5-1","data":"x"}"#),
+            Some(("5-1", r#""x""#))
+        );
+        for other in [
+            r#"{"type":"welcome"}"#,
+            "plain",
+            r#"{"type":"message","offset":"5-1"}"#,
+        ] {
+            assert_eq!(split_envelope(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn the_library_gets_this_configurations_bounds() {

@@ -51,6 +51,7 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/ready", get(ready).fallback(only_get))
         .route("/metrics", get(metrics).fallback(only_get))
         .route("/{agent_id}/ws/{session_id}", any(session_or_route))
+        .route("/{agent_id}/sse/{session_id}", any(stream_or_route))
         .route("/ws", get(crate::pubsub::handler).fallback(only_get))
         .route("/auth/token", token_route(&app.config))
         .fallback(fallback)
@@ -161,6 +162,28 @@ async fn session_or_route(State(gateway): State<Gateway>, req: Request) -> Respo
         return method_not_allowed();
     }
     axum::handler::Handler::call(crate::bridge::handler, req, gateway).await
+}
+
+/// The session's event stream (GET), client messages (POST) and their
+/// CORS preflight (OPTIONS), unless a proxy route claims the path.
+async fn stream_or_route(State(gateway): State<Gateway>, req: Request) -> Response {
+    if let Some(upstream) = &gateway.upstream
+        && upstream.claims(req.uri().path())
+    {
+        return crate::upstream::handle(gateway.app.clone(), upstream, req).await;
+    }
+    let app = gateway.app.clone();
+    match *req.method() {
+        axum::http::Method::GET => axum::handler::Handler::call(crate::sse::stream, req, app).await,
+        axum::http::Method::POST => axum::handler::Handler::call(crate::sse::post, req, app).await,
+        axum::http::Method::OPTIONS => {
+            axum::handler::Handler::call(crate::sse::preflight, req, app).await
+        }
+        _ => not_allowed(
+            "GET, POST, OPTIONS",
+            "this endpoint answers GET (the event stream) and POST (a client message)",
+        ),
+    }
 }
 
 async fn only_get() -> Response {

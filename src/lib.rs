@@ -34,7 +34,10 @@
 //!   disconnect events.
 //! - [`control`]: commands from backends on `wsproxy:control` (close a
 //!   session's connections).
-//! - [`bridge`]: the session endpoint (`/{agent_id}/ws/{session_id}`).
+//! - [`bridge`]: the session endpoint (`/{agent_id}/ws/{session_id}`), and
+//!   the session core both transports share ([`bridge::admit`]).
+//! - [`sse`]: sessions over HTTP (`/{agent_id}/sse/{session_id}`): an event
+//!   stream (Server-Sent Events) and client messages by `POST`.
 //! - [`pubsub`]: topic pub/sub between clients (`/ws`).
 //! - [`ws`]: the per-connection frame pump both endpoints share.
 //! - [`upstream`]: the reverse proxy to backend WebSocket servers (routes
@@ -85,6 +88,7 @@ pub mod redis_conn;
 pub mod redis_tls;
 pub mod reliable;
 pub mod server;
+pub mod sse;
 pub mod upstream;
 pub mod ws;
 

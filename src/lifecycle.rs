@@ -87,6 +87,8 @@ pub struct ConnectInfo {
     pub reliable: bool,
     /// How a reliable client's resume went, when it asked for one.
     pub resume: Option<Resume>,
+    /// `websocket` or `sse`.
+    pub transport: &'static str,
 }
 
 /// The outcome of a reliable client's resume.
@@ -166,6 +168,8 @@ struct ConnectEvent<'a> {
     process: &'a str,
     time: u64,
     reliable: bool,
+    /// `websocket` or `sse`.
+    transport: &'static str,
     remote: Option<std::net::SocketAddr>,
     user_agent: Option<&'a str>,
     query: Query<'a>,
@@ -215,6 +219,8 @@ struct Presence<'a> {
     agent_id: &'a str,
     since: u64,
     reliable: bool,
+    /// `websocket` or `sse`.
+    transport: &'static str,
 }
 
 /// What a process's connection hash keeps per connection: enough for
@@ -433,6 +439,7 @@ impl Lifecycle {
                     agent_id,
                     since: now,
                     reliable: info.reliable,
+                    transport: info.transport,
                 },
             );
         }
@@ -453,6 +460,7 @@ impl Lifecycle {
                     process: &self.process,
                     time: now,
                     reliable: info.reliable,
+                    transport: info.transport,
                     remote: info.remote,
                     user_agent: info.user_agent.as_deref(),
                     query: Query(&info.query),

@@ -93,6 +93,11 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
     route: String,
 }
@@ -125,6 +130,12 @@ pub struct Metrics {
     pub connections_active: Gauge,
     /// Session-bridge WebSockets accepted since start.
     pub connections_opened: Counter,
+    /// Session event streams (Server-Sent Events) currently open.
+    pub sse_connections_active: Gauge,
+    /// Session event streams accepted since start.
+    pub sse_connections_opened: Counter,
+    /// Client messages POSTed to sessions, by outcome.
+    sse_posts: Family<OutcomeLabel, Counter>,
     /// Messages written to clients (Redis -> client).
     pub messages_down: Counter,
     /// Client messages published to Redis (client -> Redis).
@@ -194,6 +205,9 @@ impl Metrics {
         let m = Metrics {
             connections_active: Gauge::default(),
             connections_opened: Counter::default(),
+            sse_connections_active: Gauge::default(),
+            sse_connections_opened: Counter::default(),
+            sse_posts: Family::default(),
             messages_down: Counter::default(),
             messages_up: Counter::default(),
             publish_failures: Counter::default(),
@@ -238,6 +252,21 @@ impl Metrics {
             "connections",
             "Session WebSocket connections accepted",
             m.connections_opened.clone(),
+        );
+        registry.register(
+            "sse_connections_active",
+            "Session event streams (Server-Sent Events) currently open",
+            m.sse_connections_active.clone(),
+        );
+        registry.register(
+            "sse_connections",
+            "Session event streams (Server-Sent Events) accepted",
+            m.sse_connections_opened.clone(),
+        );
+        registry.register(
+            "session_posts",
+            "Client messages POSTed to sessions (the HTTP transport), by outcome",
+            m.sse_posts.clone(),
         );
         registry.register(
             "messages_down",
@@ -384,6 +413,15 @@ impl Metrics {
     pub fn control_message(&self, result: &'static str) {
         self.control_messages
             .get_or_create(&ReasonLabel { reason: result })
+            .inc();
+    }
+
+    /// Counts a client message POSTed to a session: `published`, `stored`,
+    /// `duplicate`, `id_conflict`, `not_stored`, `publish_failed`,
+    /// `invalid`.
+    pub fn session_post(&self, outcome: &'static str) {
+        self.sse_posts
+            .get_or_create(&OutcomeLabel { outcome })
             .inc();
     }
 

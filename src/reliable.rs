@@ -232,86 +232,147 @@ impl crate::ws::Handler for ReliableBridge {
 impl ReliableBridge {
     /// Stores one client message and answers with its acknowledgement.
     async fn store(&mut self, text: Utf8Bytes) -> Reply {
-        let message = match serde_json::from_str::<ClientMessage<'_>>(text.as_str()) {
-            Ok(m) if m.r#type == "message" && crate::keys::valid_id(&m.id) => m,
-            Ok(_) => {
-                self.app
-                    .metrics
-                    .invalid_message(InvalidMessage::InvalidJson);
-                return Reply::text(socket_error(
+        let (_, answer) = store_message(
+            &self.app,
+            &mut self.redis,
+            &self.session_id,
+            &self.agent_id,
+            text.as_str(),
+        )
+        .await;
+        Reply::text(answer)
+    }
+}
+
+/// What became of a client message (see [`store_message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored now.
+    Stored,
+    /// Stored before, with the same data (a resend).
+    Duplicate,
+    /// Stored before with other data: refused.
+    IdConflict,
+    /// Not `{"type":"message","id","data"}`: refused.
+    Invalid,
+    /// Redis did not take it (or did not answer in time).
+    NotStored,
+}
+
+impl Stored {
+    /// The outcome as the metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::Duplicate => "duplicate",
+            Self::IdConflict => "id_conflict",
+            Self::Invalid => "invalid",
+            Self::NotStored => "not_stored",
+        }
+    }
+}
+
+/// Stores one reliable client message, whatever its transport brought it
+/// in: its outcome, and the JSON answer (the ack or the error frame) the
+/// client gets.
+pub async fn store_message(
+    app: &App,
+    redis: &mut RedisConn,
+    session_id: &str,
+    agent_id: &str,
+    text: &str,
+) -> (Stored, String) {
+    let message = match serde_json::from_str::<ClientMessage<'_>>(text) {
+        Ok(m) if m.r#type == "message" && crate::keys::valid_id(&m.id) => m,
+        Ok(_) => {
+            app.metrics.invalid_message(InvalidMessage::InvalidJson);
+            return (
+                Stored::Invalid,
+                socket_error(
                     "invalid_message",
                     "expected {\"type\":\"message\",\"id\":\"<1-128 of A-Z a-z 0-9 - _ .>\",\"data\":<json>}",
-                ));
-            }
-            Err(e) => {
-                self.app
-                    .metrics
-                    .invalid_message(InvalidMessage::InvalidJson);
-                return Reply::text(socket_error(
+                ),
+            );
+        }
+        Err(e) => {
+            app.metrics.invalid_message(InvalidMessage::InvalidJson);
+            return (
+                Stored::Invalid,
+                socket_error(
                     "invalid_message",
                     &format!("expected {{\"type\":\"message\",\"id\":...,\"data\":<json>}}: {e}"),
-                ));
+                ),
+            );
+        }
+    };
+    let up = UpMessage {
+        session: session_id,
+        agent: agent_id,
+        id: &message.id,
+        data: message.data.get(),
+    };
+    let config = &app.config;
+    match history::store_up(
+        redis,
+        config.keys(),
+        &config.reliable,
+        up,
+        config.auth_timeout,
+    )
+    .await
+    {
+        Ok(stored) if stored.conflict => {
+            app.metrics.invalid_message(InvalidMessage::IdConflict);
+            let refusal = NotStored {
+                r#type: "error",
+                error: "id_conflict",
+                id: &message.id,
+                message: "this id was stored with other data; use a new id for a new message",
+            };
+            (
+                Stored::IdConflict,
+                serde_json::to_string(&refusal).unwrap_or_default(),
+            )
+        }
+        Ok(stored) => {
+            let metrics = &app.metrics;
+            if stored.duplicate {
+                metrics.reliable_duplicates.inc();
+            } else {
+                metrics.reliable_acks.inc();
             }
-        };
-        let up = UpMessage {
-            session: &self.session_id,
-            agent: &self.agent_id,
-            id: &message.id,
-            data: message.data.get(),
-        };
-        let config = &self.app.config;
-        match history::store_up(
-            &mut self.redis,
-            config.keys(),
-            &config.reliable,
-            up,
-            config.auth_timeout,
-        )
-        .await
-        {
-            Ok(stored) if stored.conflict => {
-                self.app.metrics.invalid_message(InvalidMessage::IdConflict);
-                let refusal = NotStored {
-                    r#type: "error",
-                    error: "id_conflict",
-                    id: &message.id,
-                    message: "this id was stored with other data; use a new id for a new message",
-                };
-                Reply::text(serde_json::to_string(&refusal).unwrap_or_default())
+            let ack = Ack {
+                r#type: "ack",
+                id: &message.id,
+                offset: &stored.offset,
+                duplicate: stored.duplicate,
+            };
+            let outcome = if stored.duplicate {
+                Stored::Duplicate
+            } else {
+                Stored::Stored
+            };
+            (outcome, serde_json::to_string(&ack).unwrap_or_default())
+        }
+        Err(e) => {
+            if e.library_missing() {
+                // The loader puts it back (see server::keep_history_library).
+                app.history_loaded
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
             }
-            Ok(stored) => {
-                let metrics = &self.app.metrics;
-                if stored.duplicate {
-                    metrics.reliable_duplicates.inc();
-                } else {
-                    metrics.reliable_acks.inc();
-                }
-                let ack = Ack {
-                    r#type: "ack",
-                    id: &message.id,
-                    offset: &stored.offset,
-                    duplicate: stored.duplicate,
-                };
-                Reply::text(serde_json::to_string(&ack).unwrap_or_default())
-            }
-            Err(e) => {
-                if e.library_missing() {
-                    // The loader puts it back (see server::keep_history_library).
-                    self.app
-                        .history_loaded
-                        .store(false, std::sync::atomic::Ordering::SeqCst);
-                }
-                self.app.metrics.reliable_store_failures.inc();
-                tracing::warn!(session_id = %self.session_id, error = %e, "client message not stored");
-                let why = format!("the message was not stored, Redis is unavailable: {e}");
-                let refusal = NotStored {
-                    r#type: "error",
-                    error: "not_stored",
-                    id: &message.id,
-                    message: &why,
-                };
-                Reply::text(serde_json::to_string(&refusal).unwrap_or_default())
-            }
+            app.metrics.reliable_store_failures.inc();
+            tracing::warn!(%session_id, error = %e, "client message not stored");
+            let why = format!("the message was not stored, Redis is unavailable: {e}");
+            let refusal = NotStored {
+                r#type: "error",
+                error: "not_stored",
+                id: &message.id,
+                message: &why,
+            };
+            (
+                Stored::NotStored,
+                serde_json::to_string(&refusal).unwrap_or_default(),
+            )
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod pki;
 pub mod proxy;
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,696 @@
+//! Sessions over HTTP: `GET /{agent_id}/sse/{session_id}` streams the
+//! session as Server-Sent Events, `POST` to the same path sends a client
+//! message.
+//!
+//! A thin writer over the session core: the admission
+//! ([`crate::bridge::admit`]: ids, origin, token, subscription, join or
+//! resume, lifecycle registration) and the driver ([`crate::ws::Driver`]:
+//! outbox, replay, slow consumers, close orders, shutdown) are the
+//! WebSocket endpoint's. Only the socket differs: [`SseSocket`] turns the
+//! driver's frames into events, and the response body takes them.
+//!
+//! - **Plain stream**: each message published on `session:{id}:down` is
+//!   one event whose `data` is the message (a line feed in it splits it
+//!   into `data:` lines, which the browser joins again).
+//! - **Resumable stream** (`?reliable=true`, with `RELIABLE_SESSIONS`): a
+//!   `welcome` event first (the WebSocket welcome's JSON), then each
+//!   message with `id: <epoch>:<offset>` and the backend's JSON as `data`.
+//!   A browser's `EventSource` reconnects by itself with `Last-Event-ID`,
+//!   which resumes exactly after the last event it saw (`?last_event_id=`
+//!   does the same for a client that starts from a stored position).
+//! - **The end**: an `event: close` with `{"code","reason"}` (the close
+//!   code a WebSocket would get), then the stream ends.
+//! - **Keepalive**: a comment line every `WS_PING_INTERVAL_SECS`; a client
+//!   whose connection takes nothing for `WS_PING_TIMEOUT_SECS` is closed
+//!   as a WebSocket that answers no ping would be.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use axum::extract::ws::Message;
+use axum::extract::{Extension, Path, Query, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+
+use crate::bridge::{Ask, Transport, validate_id};
+use crate::context::{App, ConnectionSlot};
+use crate::error::{ApiError, Refusal};
+
+/// How long a browser waits before it reconnects a stream that ended
+/// (the `retry:` field, sent once at the start).
+pub const RETRY_MS: u64 = 2000;
+
+/// Formatted events the body has not taken yet, past which the driver's
+/// writes wait (and a client that takes nothing is a slow consumer).
+const HIGH_WATER: usize = 64 * 1024;
+
+/// The query parameters of the SSE endpoint.
+#[derive(Debug, Deserialize)]
+pub struct SseQuery {
+    /// The token, for clients (`EventSource`) that cannot set headers.
+    access_token: Option<String>,
+    /// `true` for a resumable stream (needs `RELIABLE_SESSIONS`).
+    reliable: Option<String>,
+    /// A position (`<epoch>:<offset>`) to resume after, for a client that
+    /// starts from a stored one; `Last-Event-ID` wins when both are sent.
+    last_event_id: Option<String>,
+}
+
+/// `GET /{agent_id}/sse/{session_id}`: the session as an event stream.
+pub async fn stream(
+    State(app): State<Arc<App>>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    query: Result<Query<SseQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(raw_query): RawQuery,
+    slot: Option<Extension<ConnectionSlot>>,
+    headers: HeaderMap,
+) -> Response {
+    let cors = allowed_origin(&headers);
+    let answer = open(app, path, query, raw_query, slot.map(|s| s.0), &headers).await;
+    with_cors(answer.unwrap_or_else(|e| e.into_response()), cors)
+}
+
+async fn open(
+    app: Arc<App>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    query: Result<Query<SseQuery>, axum::extract::rejection::QueryRejection>,
+    raw_query: Option<String>,
+    slot: Option<ConnectionSlot>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    app.config.ws_origins.check(headers)?;
+    let (agent_id, session_id) = ids(path)?;
+    let Query(query) = query.map_err(ApiError::invalid_query)?;
+    let reliable = reliable_asked(&app, query.reliable.as_deref())?;
+    // The browser's reconnect carries the header; the URL keeps whatever
+    // position it was first opened with, so the header wins.
+    let position = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(query.last_event_id.as_deref())
+        .filter(|p| !p.is_empty());
+    let resume = match (reliable, position) {
+        (true, Some(p)) => Some(parse_position(p)?),
+        _ => None,
+    };
+    let token = crate::auth::bearer_token(headers, query.access_token.as_deref())
+        .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
+    let ask = Ask {
+        agent_id: &agent_id,
+        session_id: &session_id,
+        headers,
+        raw_query: raw_query.as_deref(),
+        token,
+        reliable,
+        resume,
+        transport: Transport::Sse,
+    };
+    let driver = crate::bridge::admit(&app, ask, slot).await?;
+    let (socket, body) = pipe();
+    tokio::spawn(driver.run(socket));
+    let mut response = Response::new(axum::body::Body::from_stream(body));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// The path's ids, checked as the WebSocket endpoint checks them.
+fn ids(
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<(String, String), ApiError> {
+    let Path((agent_id, session_id)) =
+        path.map_err(|e| ApiError::from(Refusal::InvalidId(e.body_text().into())))?;
+    validate_id("agent_id", &agent_id)?;
+    validate_id("session_id", &session_id)?;
+    Ok((agent_id, session_id))
+}
+
+/// `?reliable=`: `true`/`1` asks for a resumable stream (refused while
+/// reliable sessions are off, before the token is looked at).
+fn reliable_asked(app: &App, value: Option<&str>) -> Result<bool, ApiError> {
+    let asked = match value {
+        None | Some("" | "false" | "0") => false,
+        Some("true" | "1") => true,
+        Some(_) => {
+            return Err(Refusal::InvalidQuery("reliable is true or false".into()).into());
+        }
+    };
+    if asked && !app.config.reliable.enabled {
+        return Err(Refusal::ReliableSessionsOff(
+            "this server runs plain sessions only (RELIABLE_SESSIONS is off); open the stream without reliable=true".into(),
+        )
+        .into());
+    }
+    Ok(asked)
+}
+
+/// An event id, `<epoch>:<offset>`, as the resume's two halves.
+fn parse_position(id: &str) -> Result<(&str, &str), ApiError> {
+    let (epoch, offset) = id.split_once(':').ok_or_else(|| {
+        ApiError::from(Refusal::InvalidQuery(
+            "Last-Event-ID (or last_event_id) is <epoch>:<offset>, as an event's id".into(),
+        ))
+    })?;
+    crate::reliable::resume_from(Some(epoch), Some(offset))?
+        .ok_or_else(|| ApiError::from(Refusal::InvalidQuery("an empty position".into())))
+}
+
+/// The query parameters of `POST /{agent_id}/sse/{session_id}`.
+#[derive(Debug, Deserialize)]
+pub struct PostQuery {
+    /// The token, as on the stream.
+    access_token: Option<String>,
+    /// `true`: the body is `{"type":"message","id","data"}`, stored once.
+    reliable: Option<String>,
+}
+
+/// `POST /{agent_id}/sse/{session_id}`: one client message. Plain: any
+/// JSON, published on `session:{id}:up` (`200 {"status":"published"}`).
+/// With `?reliable=true`: stored once in `wsproxy:up:{n}`, answered with
+/// the ack a WebSocket client gets (`200`), `409` for `id_conflict`,
+/// `503` for `not_stored`, `400` for anything else.
+pub async fn post(
+    State(app): State<Arc<App>>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    query: Result<Query<PostQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let cors = allowed_origin(&headers);
+    let answer = send(app, path, query, &headers, body).await;
+    with_cors(answer.unwrap_or_else(|e| e.into_response()), cors)
+}
+
+async fn send(
+    app: Arc<App>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    query: Result<Query<PostQuery>, axum::extract::rejection::QueryRejection>,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    app.config.ws_origins.check(headers)?;
+    let (agent_id, session_id) = ids(path)?;
+    let Query(query) = query.map_err(ApiError::invalid_query)?;
+    let reliable = reliable_asked(&app, query.reliable.as_deref())?;
+    let token = crate::auth::bearer_token(headers, query.access_token.as_deref())
+        .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
+    let limit = app.config.max_message_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        app.metrics.session_post("invalid");
+        ApiError::from(Refusal::BodyTooLarge(
+            format!("the body is over WS_MAX_MESSAGE_BYTES ({limit} bytes)").into(),
+        ))
+    })?;
+    let Ok(text) = std::str::from_utf8(&body) else {
+        app.metrics.session_post("invalid");
+        return Err(Refusal::InvalidJson("the body is not UTF-8".into()).into());
+    };
+    let config = &app.config;
+    let mut redis = app.redis.clone();
+    let checked = tokio::time::timeout(
+        config.auth_timeout,
+        crate::auth::check_session_token(
+            &mut redis,
+            config.keys(),
+            &session_id,
+            token,
+            config.auth_grace_period,
+        ),
+    )
+    .await;
+    crate::bridge::admitted_or_refused(&app, &session_id, &agent_id, checked)?;
+    if reliable {
+        let (stored, answer) =
+            crate::reliable::store_message(&app, &mut redis, &session_id, &agent_id, text).await;
+        app.metrics.session_post(stored.as_str());
+        let status = match stored {
+            crate::reliable::Stored::Stored | crate::reliable::Stored::Duplicate => StatusCode::OK,
+            crate::reliable::Stored::IdConflict => StatusCode::CONFLICT,
+            crate::reliable::Stored::Invalid => StatusCode::BAD_REQUEST,
+            crate::reliable::Stored::NotStored => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        return Ok(json_response(status, answer));
+    }
+    match crate::bridge::publish_up(&app, &mut redis, &session_id, text).await {
+        Ok(()) => {
+            app.metrics.session_post("published");
+            Ok(json_response(
+                StatusCode::OK,
+                r#"{"status":"published"}"#.to_owned(),
+            ))
+        }
+        Err(refusal) => {
+            app.metrics.session_post(match refusal {
+                Refusal::InvalidJson(_) => "invalid",
+                _ => "publish_failed",
+            });
+            Err(refusal.into())
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// `OPTIONS /{agent_id}/sse/{session_id}`: the CORS preflight of a
+/// cross-origin `POST` (or a stream opened with headers) from a page whose
+/// origin `WS_ALLOWED_ORIGINS` allows.
+pub async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = app.config.ws_origins.check(&headers) {
+        return e.into_response();
+    }
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type, last-event-id"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    with_cors(response, allowed_origin(&headers))
+}
+
+/// The request's `Origin`, to echo in `Access-Control-Allow-Origin` (the
+/// origin check has let it through, or the answer is a refusal anyway).
+fn allowed_origin(headers: &HeaderMap) -> Option<HeaderValue> {
+    headers.get(header::ORIGIN).cloned()
+}
+
+fn with_cors(mut response: Response, origin: Option<HeaderValue>) -> Response {
+    if let Some(origin) = origin {
+        let h = response.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.append(header::VARY, HeaderValue::from_static("origin"));
+    }
+    response
+}
+
+/// The driver's side of an event stream (see [`pipe`]).
+#[derive(Debug)]
+pub struct SseSocket {
+    shared: Arc<Shared>,
+    /// The history's epoch, from the welcome (resumable streams).
+    epoch: Option<String>,
+}
+
+/// The response body's side of an event stream.
+#[derive(Debug)]
+pub struct SseBody {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State_>,
+}
+
+#[derive(Debug, Default)]
+struct State_ {
+    /// Formatted events the body has not taken yet.
+    buffer: BytesMut,
+    /// The body's task, waiting for events.
+    body: Option<Waker>,
+    /// The driver's task, waiting for room, a flush or a pong.
+    writer: Option<Waker>,
+    /// A keepalive went to the body: answer it as a pong once taken.
+    pong_due: bool,
+    /// The driver wrote its close event: the body ends after it.
+    closed: bool,
+    /// The body was dropped: the client left.
+    gone: bool,
+    /// The driver ended without its close event reaching the body (a
+    /// client that stopped reading, a task stopped at shutdown): the body
+    /// fails, so that the connection is closed rather than kept for a
+    /// client that takes nothing.
+    aborted: bool,
+}
+
+/// A new event stream: the driver's socket, and the body that carries what
+/// it writes. Nothing is allocated until something is written.
+pub fn pipe() -> (SseSocket, SseBody) {
+    let shared = Arc::new(Shared::default());
+    {
+        let mut state = shared.lock();
+        // Sent once: how long a browser waits before reconnecting.
+        state
+            .buffer
+            .put_slice(format!("retry: {RETRY_MS}\n\n").as_bytes());
+    }
+    (
+        SseSocket {
+            shared: shared.clone(),
+            epoch: None,
+        },
+        SseBody { shared },
+    )
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State_> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State_ {
+    fn pending(&self) -> usize {
+        self.buffer.len()
+    }
+
+    fn wake_body(&mut self) {
+        if let Some(w) = self.body.take() {
+            w.wake();
+        }
+    }
+
+    fn wake_writer(&mut self) {
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Appends `data:` lines for `text`: one per line of it (a line feed, a
+/// carriage return or both end a line in SSE; the browser joins the lines
+/// with line feeds).
+fn put_data(out: &mut BytesMut, text: &str) {
+    let mut rest = text;
+    loop {
+        let end = rest.find(['\n', '\r']).unwrap_or(rest.len());
+        out.put_slice(b"data: ");
+        out.put_slice(&rest.as_bytes()[..end]);
+        out.put_u8(b'\n');
+        if end == rest.len() {
+            break;
+        }
+        let skip = if rest[end..].starts_with("\r\n") {
+            2
+        } else {
+            1
+        };
+        rest = &rest[end + skip..];
+    }
+}
+
+/// The welcome frame's position.
+#[derive(Deserialize)]
+struct WelcomePosition<'a> {
+    r#type: &'a str,
+    epoch: &'a str,
+    offset: &'a str,
+}
+
+impl SseSocket {
+    /// Formats one frame of the driver as events.
+    fn format(&mut self, msg: Message, out: &mut BytesMut) -> FrameKind {
+        match msg {
+            Message::Text(text) => {
+                let text = text.as_str();
+                if let Some((offset, data)) = crate::history::split_envelope(text) {
+                    // A resumable stream's message: the id resumes after it.
+                    out.put_slice(b"id: ");
+                    out.put_slice(self.epoch.as_deref().unwrap_or("").as_bytes());
+                    out.put_u8(b':');
+                    out.put_slice(offset.as_bytes());
+                    out.put_u8(b'\n');
+                    put_data(out, data);
+                } else if let Some(w) = (self.epoch.is_none()
+                    && text.starts_with("{\"type\":\"welcome\""))
+                .then(|| serde_json::from_str::<WelcomePosition<'_>>(text).ok())
+                .flatten()
+                .filter(|w| w.r#type == "welcome")
+                {
+                    self.epoch = Some(w.epoch.to_owned());
+                    out.put_slice(b"event: welcome\nid: ");
+                    out.put_slice(w.epoch.as_bytes());
+                    out.put_u8(b':');
+                    out.put_slice(w.offset.as_bytes());
+                    out.put_u8(b'\n');
+                    put_data(out, text);
+                } else {
+                    put_data(out, text);
+                }
+                out.put_u8(b'\n');
+                FrameKind::Data
+            }
+            Message::Binary(data) => {
+                // Not UTF-8: SSE carries text only, so it goes as base64
+                // in an event of its own rather than not at all.
+                use base64::Engine as _;
+                out.put_slice(b"event: binary\n");
+                put_data(
+                    out,
+                    &base64::engine::general_purpose::STANDARD.encode(&data),
+                );
+                out.put_u8(b'\n');
+                FrameKind::Data
+            }
+            Message::Ping(_) => {
+                out.put_slice(b":\n\n");
+                FrameKind::Keepalive
+            }
+            Message::Pong(_) => FrameKind::Nothing,
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .map(|f| (f.code, f.reason.to_string()))
+                    .unwrap_or((1000, String::new()));
+                let data = serde_json::json!({ "code": code, "reason": reason }).to_string();
+                out.put_slice(b"event: close\n");
+                put_data(out, &data);
+                out.put_u8(b'\n');
+                FrameKind::Close
+            }
+        }
+    }
+}
+
+enum FrameKind {
+    Data,
+    Keepalive,
+    Close,
+    Nothing,
+}
+
+impl futures_util::Sink<Message> for SseSocket {
+    type Error = axum::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let mut state = self.shared.lock();
+        if state.gone {
+            return Poll::Ready(Err(axum::Error::new("the client left")));
+        }
+        if state.pending() >= HIGH_WATER {
+            state.writer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(self: Pin<&mut Self>, msg: Message) -> Result<(), Self::Error> {
+        let this = self.get_mut();
+        let mut out = BytesMut::new();
+        let kind = this.format(msg, &mut out);
+        let mut state = this.shared.lock();
+        if state.gone {
+            return Err(axum::Error::new("the client left"));
+        }
+        if state.buffer.is_empty() {
+            state.buffer = out;
+        } else {
+            state.buffer.put_slice(&out);
+        }
+        match kind {
+            FrameKind::Keepalive => state.pong_due = true,
+            FrameKind::Close => state.closed = true,
+            FrameKind::Data | FrameKind::Nothing => {}
+        }
+        state.wake_body();
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let mut state = self.shared.lock();
+        if state.gone {
+            return Poll::Ready(Err(axum::Error::new("the client left")));
+        }
+        if state.pending() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        state.writer = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let mut state = self.shared.lock();
+        state.closed = true;
+        state.wake_body();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl futures_util::Stream for SseSocket {
+    type Item = Result<Message, axum::Error>;
+
+    /// A stream has no client frames: it answers a keepalive the body has
+    /// taken with a pong (the heartbeat's "the client is reading"), and
+    /// ends when the client leaves or the close event has gone out.
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut state = self.shared.lock();
+        if state.gone || (state.closed && state.pending() == 0) {
+            return Poll::Ready(None);
+        }
+        if state.pong_due && state.pending() == 0 {
+            state.pong_due = false;
+            return Poll::Ready(Some(Ok(Message::Pong(Bytes::new()))));
+        }
+        state.writer = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for SseSocket {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        if !state.closed || state.pending() > 0 {
+            state.aborted = true;
+            state.buffer = BytesMut::new();
+        }
+        state.closed = true;
+        state.wake_body();
+    }
+}
+
+impl futures_util::Stream for SseBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut state = self.shared.lock();
+        if state.aborted {
+            state.aborted = false;
+            return Poll::Ready(Some(Err(std::io::Error::other(
+                "the stream ended without its close event reaching the client",
+            ))));
+        }
+        if !state.buffer.is_empty() {
+            let chunk = std::mem::take(&mut state.buffer).freeze();
+            state.wake_writer();
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        if state.closed {
+            return Poll::Ready(None);
+        }
+        state.body = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.gone = true;
+        state.buffer = BytesMut::new();
+        state.wake_writer();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(text: &str) -> String {
+        let mut out = BytesMut::new();
+        put_data(&mut out, text);
+        String::from_utf8(out.to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn line_breaks_split_a_message_into_data_lines() {
+        assert_eq!(data("{\"a\":1}"), "data: {\"a\":1}\n");
+        assert_eq!(data("a\nb"), "data: a\ndata: b\n");
+        assert_eq!(data("a\r\nb\rc\n"), "data: a\ndata: b\ndata: c\ndata: \n");
+        assert_eq!(data(""), "data: \n");
+        assert_eq!(data(" x"), "data:  x\n");
+    }
+
+    #[test]
+    fn positions_are_epoch_colon_offset() {
+        assert_eq!(
+            parse_position("1764600000123456:1764600000000-0").ok(),
+            Some(("1764600000123456", "1764600000000-0"))
+        );
+        for bad in ["", ":", "x", "e:", ":1-0"] {
+            assert!(parse_position(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn resumable_frames_become_events_with_ids() {
+        use futures_util::{SinkExt, StreamExt};
+        let (mut socket, mut body) = pipe();
+        let welcome = r#"{"type":"welcome","session_id":"s","epoch":"17","offset":"5-0"}"#;
+        // A send completes once the body has taken it: both at once.
+        let (sent, first) = tokio::join!(socket.send(Message::Text(welcome.into())), body.next());
+        sent.expect("send");
+        let first = first.expect("chunk").expect("ok");
+        assert_eq!(
+            std::str::from_utf8(&first).expect("utf-8"),
+            format!("retry: {RETRY_MS}\n\nevent: welcome\nid: 17:5-0\ndata: {welcome}\n\n")
+        );
+        let envelope = r#"{"type":"message","offset":"6-0","data":{"n":"a\nb"}}"#;
+        let (sent, next) = tokio::join!(socket.send(Message::Text(envelope.into())), body.next());
+        sent.expect("send");
+        let next = next.expect("chunk").expect("ok");
+        assert_eq!(
+            std::str::from_utf8(&next).expect("utf-8"),
+            "id: 17:6-0\ndata: {\"n\":\"a\\nb\"}\n\n"
+        );
+        let close = Message::Close(Some(axum::extract::ws::CloseFrame {
+            code: 1013,
+            reason: "again".into(),
+        }));
+        let (sent, last) = tokio::join!(socket.send(close), body.next());
+        sent.expect("close");
+        let last = last.expect("chunk").expect("ok");
+        assert_eq!(
+            std::str::from_utf8(&last).expect("utf-8"),
+            "event: close\ndata: {\"code\":1013,\"reason\":\"again\"}\n\n"
+        );
+        assert!(body.next().await.is_none(), "the body ends after the close");
+        assert!(socket.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_keepalive_taken_by_the_body_is_a_pong_and_a_dropped_body_is_gone() {
+        use futures_util::{SinkExt, StreamExt};
+        let (mut socket, mut body) = pipe();
+        let _ = body.next().await; // retry:
+        let (sent, _) = tokio::join!(socket.send(Message::Ping(Bytes::new())), body.next());
+        sent.expect("keepalive");
+        assert!(matches!(socket.next().await, Some(Ok(Message::Pong(_)))));
+        drop(body);
+        assert!(socket.next().await.is_none());
+        assert!(socket.send(Message::Text("x".into())).await.is_err());
+    }
+}

@@ -1,0 +1,568 @@
+//! Sessions over HTTP: the event stream (`GET /{agent}/sse/{session}`) and
+//! client messages (`POST`), against a private redis-server and wsproxy
+//! in-process, with a raw-socket SSE client that parses events as a
+//! browser does.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sse::{Event, SseClient, post, request};
+use common::*;
+
+const TOKEN: &str = "sse-token";
+
+fn auth() -> String {
+    format!("Authorization: Bearer {TOKEN}")
+}
+
+fn path(session: &str, query: &str) -> String {
+    format!("/agent-1/sse/{session}{query}")
+}
+
+/// `FCALL wsproxy_publish`: the message's offset.
+async fn publish_reliable(redis: &Redis, session: &str, payload: &str) -> String {
+    let mut c = redis.conn().await;
+    redis::cmd("FCALL")
+        .arg("wsproxy_publish")
+        .arg(1)
+        .arg(format!("session:{session}:history"))
+        .arg(payload)
+        .query_async(&mut c)
+        .await
+        .expect("FCALL wsproxy_publish")
+}
+
+/// Waits until a metric is exactly `value`.
+async fn wait_metric_eq(server: &Server, name: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = server.metric(name).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stayed at {now}, wanted {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn reliable_server(redis: &Redis) -> Server {
+    Server::start_with(&redis.url(), |c| c.reliable.enabled = true).await
+}
+
+#[tokio::test]
+async fn a_plain_stream_carries_each_message_byte_for_byte() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        c.auth_grace_period = Duration::from_secs(5);
+    })
+    .await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let mut sse = SseClient::open(server.addr, &path(&session, ""), &[&auth()])
+        .await
+        .expect("stream");
+    assert_eq!(
+        sse.header("content-type").as_deref(),
+        Some("text/event-stream")
+    );
+    assert_eq!(sse.header("cache-control").as_deref(), Some("no-cache"));
+    assert_eq!(sse.header("x-accel-buffering").as_deref(), Some("no"));
+    // The token's TTL is reset to the grace period, as on a WebSocket.
+    let ttl = redis.ttl(&format!("session:{session}:auth")).await;
+    assert!((1..=5).contains(&ttl), "ttl {ttl}");
+    let messages = [
+        r#"{"type":"data","payload":"one"}"#,
+        "{\n  \"pretty\": [1,\n 2]\n}",
+        "line one\n\nline three\n",
+        " leading space",
+        "",
+    ];
+    for m in messages {
+        assert_eq!(
+            redis.publish(&format!("session:{session}:down"), m).await,
+            1
+        );
+    }
+    for m in messages {
+        let e = sse.next().await;
+        assert_eq!((e.event.as_str(), e.data.as_str()), ("message", m));
+    }
+    assert_eq!(sse.retry, Some(wsproxy::sse::RETRY_MS));
+    assert_eq!(server.metric("wsproxy_sse_connections_active").await, 1.0);
+    drop(sse);
+    wait_metric_eq(&server, "wsproxy_sse_connections_active", 0.0).await;
+}
+
+#[tokio::test]
+async fn a_stream_is_refused_as_a_websocket_would_be() {
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let cases: Vec<(String, Vec<String>, u16, &str)> = vec![
+        (path(&session, ""), vec![], 401, "missing_token"),
+        (
+            path(&session, ""),
+            vec!["Authorization: Bearer nope".into()],
+            403,
+            "invalid_token",
+        ),
+        (
+            path(&session, "?access_token=nope"),
+            vec![],
+            403,
+            "invalid_token",
+        ),
+        ("/agent-1/sse/a:b".into(), vec![auth()], 400, "invalid_id"),
+        (
+            path(&session, ""),
+            vec![auth(), "Origin: https://evil.example".into()],
+            403,
+            "origin_not_allowed",
+        ),
+        (
+            path(&session, "?reliable=true"),
+            vec![auth()],
+            400,
+            "reliable_sessions_off",
+        ),
+        // Refused before the token, as for wsproxy.v1 on a WebSocket.
+        (
+            path(&session, "?reliable=true"),
+            vec![],
+            400,
+            "reliable_sessions_off",
+        ),
+        (
+            path(&session, "?reliable=maybe"),
+            vec![auth()],
+            400,
+            "invalid_query",
+        ),
+    ];
+    for (p, headers, status, code) in cases {
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        let Err((got, body)) = SseClient::open(server.addr, &p, &headers).await else {
+            panic!("{p} {headers:?} was not refused");
+        };
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(code)),
+            "{p} {headers:?}: {body}"
+        );
+    }
+    // ?access_token= for EventSource, which cannot set headers.
+    let mut sse = SseClient::open(
+        server.addr,
+        &path(&session, &format!("?access_token={TOKEN}")),
+        &[],
+    )
+    .await
+    .expect("stream");
+    redis
+        .publish(&format!("session:{session}:down"), "hi")
+        .await;
+    assert_eq!(sse.next().await.data, "hi");
+}
+
+#[tokio::test]
+async fn a_resumable_stream_resumes_with_last_event_id_without_a_gap() {
+    let redis = Redis::start().await;
+    let server = reliable_server(&redis).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let mut sse = SseClient::open(server.addr, &path(&session, "?reliable=true"), &[&auth()])
+        .await
+        .expect("stream");
+    let welcome = sse.next().await;
+    assert_eq!(welcome.event, "welcome");
+    let w: serde_json::Value = serde_json::from_str(&welcome.data).expect("json");
+    let epoch = w["epoch"].as_str().expect("epoch").to_owned();
+    assert_eq!(
+        welcome.id,
+        format!("{epoch}:{}", w["offset"].as_str().expect("offset"))
+    );
+    let mut offsets = Vec::new();
+    for i in 1..=5 {
+        offsets
+            .push(publish_reliable(&redis, &session, &format!(r#"{{"n":{i},"t":"a\nb"}}"#)).await);
+    }
+    for (i, offset) in offsets.iter().enumerate() {
+        let e = sse.next().await;
+        assert_eq!(e.event, "message");
+        assert_eq!(e.data, format!(r#"{{"n":{},"t":"a\nb"}}"#, i + 1));
+        assert_eq!(e.id, format!("{epoch}:{offset}"));
+    }
+    let last_seen = sse.last_id.clone();
+    drop(sse);
+    // Published while the client is away.
+    for i in 6..=8 {
+        publish_reliable(&redis, &session, &format!(r#"{{"n":{i}}}"#)).await;
+    }
+    let header = format!("Last-Event-ID: {last_seen}");
+    // A stale ?last_event_id= in the URL loses to the header, as it must
+    // for a browser's reconnect.
+    let stale = format!("?reliable=true&last_event_id={epoch}:{}", offsets[0]);
+    let mut sse = SseClient::open(server.addr, &path(&session, &stale), &[&auth(), &header])
+        .await
+        .expect("resumed stream");
+    let welcome: serde_json::Value = serde_json::from_str(&sse.next().await.data).expect("json");
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["replayed"].as_u64()),
+        (Some(true), Some(3)),
+        "{welcome}"
+    );
+    for i in 6..=8 {
+        assert_eq!(sse.next().await.data, format!(r#"{{"n":{i}}}"#));
+    }
+    publish_reliable(&redis, &session, r#"{"n":9}"#).await;
+    assert_eq!(sse.next().await.data, r#"{"n":9}"#);
+    drop(sse);
+
+    // ?last_event_id= alone starts from a stored position.
+    let from = format!("?reliable=true&last_event_id={epoch}:{}", offsets[3]);
+    let mut sse = SseClient::open(server.addr, &path(&session, &from), &[&auth()])
+        .await
+        .expect("stream from a stored position");
+    let welcome: serde_json::Value = serde_json::from_str(&sse.next().await.data).expect("json");
+    assert_eq!(welcome["replayed"], 5, "{welcome}");
+    assert_eq!(sse.next().await.data, r#"{"n":5,"t":"a\nb"}"#);
+
+    // A position this history never gave out: an explicit failure.
+    let unknown = format!("Last-Event-ID: {epoch}:99999999999999-0");
+    let mut sse = SseClient::open(
+        server.addr,
+        &path(&session, "?reliable=true"),
+        &[&auth(), &unknown],
+    )
+    .await
+    .expect("stream");
+    let welcome: serde_json::Value = serde_json::from_str(&sse.next().await.data).expect("json");
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("unknown_offset"))
+    );
+    // Not a position at all: refused.
+    let err = SseClient::open(
+        server.addr,
+        &path(&session, "?reliable=true"),
+        &[&auth(), "Last-Event-ID: garbage"],
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(
+        (err.0, err.1["error"].as_str()),
+        (400, Some("invalid_query"))
+    );
+}
+
+#[tokio::test]
+async fn posts_are_client_messages_plain_and_reliable() {
+    let redis = Redis::start().await;
+    let server = reliable_server(&redis).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let mut up = redis.subscribe(&format!("session:{session}:up")).await;
+    let mut up = up.on_message();
+    let (status, body) = post(
+        server.addr,
+        &path(&session, ""),
+        &[&auth()],
+        r#"{"q":"hi"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("published")),
+        "{body}"
+    );
+    assert_eq!(next_published(&mut up).await, r#"{"q":"hi"}"#);
+    let (status, body) = post(server.addr, &path(&session, ""), &[&auth()], "not json").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_json")),
+        "{body}"
+    );
+    let (status, body) = post(server.addr, &path(&session, ""), &[], "{}").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("missing_token")),
+        "{body}"
+    );
+    let (status, body) = post(
+        server.addr,
+        &path(&session, &format!("?access_token={TOKEN}")),
+        &[],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Reliable: stored once, the ack is the answer.
+    let rel = path(&session, "?reliable=true");
+    let m = r#"{"type":"message","id":"m-1","data":{"q":1}}"#;
+    let (status, ack) = post(server.addr, &rel, &[&auth()], m).await;
+    assert_eq!(
+        (status, ack["type"].as_str(), ack["id"].as_str()),
+        (200, Some("ack"), Some("m-1")),
+        "{ack}"
+    );
+    let offset = ack["offset"].as_str().expect("offset").to_owned();
+    let (status, again) = post(server.addr, &rel, &[&auth()], m).await;
+    assert_eq!(
+        (
+            status,
+            again["duplicate"].as_bool(),
+            again["offset"].as_str()
+        ),
+        (200, Some(true), Some(offset.as_str()))
+    );
+    let (status, conflict) = post(
+        server.addr,
+        &rel,
+        &[&auth()],
+        r#"{"type":"message","id":"m-1","data":{"q":2}}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, conflict["error"].as_str()),
+        (409, Some("id_conflict")),
+        "{conflict}"
+    );
+    let (status, invalid) = post(server.addr, &rel, &[&auth()], r#"{"q":1}"#).await;
+    assert_eq!(
+        (status, invalid["error"].as_str()),
+        (400, Some("invalid_message")),
+        "{invalid}"
+    );
+    let entries: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg("wsproxy:up:0")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("XRANGE");
+    assert_eq!(entries.len(), 1, "stored once");
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(r#"wsproxy_session_posts_total{outcome="duplicate"} 1"#),
+        "{metrics}"
+    );
+
+    // A body over WS_MAX_MESSAGE_BYTES.
+    let big = format!("\"{}\"", "x".repeat((1 << 20) + 1));
+    let (status, body) = post(server.addr, &path(&session, ""), &[&auth()], &big).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("body_too_large")),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_cross_origin_post_passes_its_preflight_when_the_origin_is_allowed() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        c.ws_origins =
+            wsproxy::origin::AllowedOrigins::parse(["https://app.example"]).expect("origins");
+    })
+    .await;
+    let session = unique("s");
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS {} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n",
+            path(&session, "")
+        )
+    };
+    let (status, head, _) = request(server.addr, &preflight("https://app.example")).await;
+    let head = head.to_ascii_lowercase();
+    assert_eq!(status, 204, "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers: authorization, content-type"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-methods: get, post"),
+        "{head}"
+    );
+    let (status, _, body) = request(server.addr, &preflight("https://evil.example")).await;
+    assert_eq!(status, 403, "{body}");
+    redis.set_token(&session, TOKEN, 600).await;
+    let (status, _) = post(
+        server.addr,
+        &path(&session, ""),
+        &[&auth(), "Origin: https://app.example"],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_backend_disconnect_and_a_shutdown_end_the_stream_with_a_close_event() {
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let mut sse = SseClient::open(server.addr, &path(&session, ""), &[&auth()])
+        .await
+        .expect("stream");
+    server.wait_metric("wsproxy_broker_channels", 2.0).await;
+    redis
+        .publish(&format!("session:{session}:down"), "before")
+        .await;
+    redis
+        .publish(
+            "wsproxy:control",
+            &format!(
+                r#"{{"type":"disconnect","session_id":"{session}","code":4001,"reason":"revoked"}}"#
+            ),
+        )
+        .await;
+    let events = sse.until_end().await;
+    assert_eq!(
+        events,
+        [
+            Event {
+                event: "message".into(),
+                data: "before".into(),
+                id: String::new()
+            },
+            Event {
+                event: "close".into(),
+                data: r#"{"code":4001,"reason":"revoked"}"#.into(),
+                id: String::new()
+            },
+        ]
+    );
+    // The token was revoked by the backend too: the reconnect is refused,
+    // which ends a browser's EventSource.
+    redis.set_token(&session, "other", 600).await;
+    let err = SseClient::open(server.addr, &path(&session, ""), &[&auth()])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.0, 403);
+
+    redis.set_token(&session, TOKEN, 600).await;
+    let mut sse = SseClient::open(server.addr, &path(&session, ""), &[&auth()])
+        .await
+        .expect("stream");
+    server.shutdown.cancel();
+    let events = sse.until_end().await;
+    assert_eq!(
+        events.last().map(|e| (e.event.as_str(), e.data.as_str())),
+        Some(("close", r#"{"code":1001,"reason":"server shutting down"}"#))
+    );
+}
+
+#[tokio::test]
+async fn connect_events_name_the_transport() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        c.lifecycle.events = true;
+        c.lifecycle.presence = true;
+    })
+    .await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let sse = SseClient::open(server.addr, &path(&session, ""), &[&auth()])
+        .await
+        .expect("stream");
+    let ws = server.connect(&session, TOKEN).await;
+    let presence: Vec<String> = redis::cmd("HVALS")
+        .arg(format!("session:{session}:presence"))
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("HVALS");
+    let mut transports: Vec<String> = presence
+        .iter()
+        .map(|p| {
+            serde_json::from_str::<serde_json::Value>(p).expect("json")["transport"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    transports.sort();
+    assert_eq!(transports, ["sse", "websocket"]);
+    drop((sse, ws));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg("wsproxy:events")
+            .arg("-")
+            .arg("+")
+            .query_async(&mut redis.conn().await)
+            .await
+            .expect("XRANGE");
+        let kinds: Vec<serde_json::Value> = events
+            .iter()
+            .filter_map(|(_, fields)| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == "event")
+                    .map(|(_, v)| serde_json::from_str(v).expect("json"))
+            })
+            .collect();
+        let disconnects = kinds.iter().filter(|e| e["type"] == "disconnect").count();
+        if disconnects == 2 {
+            let mut connects: Vec<&str> = kinds
+                .iter()
+                .filter(|e| e["type"] == "connect")
+                .filter_map(|e| e["transport"].as_str())
+                .collect();
+            connects.sort();
+            assert_eq!(connects, ["sse", "websocket"], "{kinds:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{kinds:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_is_a_slow_consumer() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        c.outbound_queue = 4;
+        c.ping_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let sse = SseClient::open(server.addr, &path(&session, ""), &[&auth()])
+        .await
+        .expect("stream");
+    // The client reads nothing while far more than the socket buffers
+    // hold is published.
+    let big = "y".repeat(64 * 1024);
+    let mut c = redis.conn().await;
+    for _ in 0..200 {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(format!("session:{session}:down"))
+            .arg(&big)
+            .query_async(&mut c)
+            .await
+            .expect("PUBLISH");
+    }
+    wait_metric_eq(&server, "wsproxy_sse_connections_active", 0.0).await;
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(r#"wsproxy_disconnects_total{reason="slow_consumer"} 1"#),
+        "{metrics}"
+    );
+    // The connection itself is closed, not kept for a client that takes
+    // nothing.
+    let mut sse = sse;
+    sse.closed_by_server().await;
+}
