@@ -55,8 +55,8 @@ pub enum ResumeFailure {
     /// The history is gone although its epoch is the client's (it was
     /// deleted or emptied).
     Expired,
-    /// The offset is not one this history gave out (malformed, or ahead of
-    /// its last message).
+    /// The offset is not one this history gave out (malformed, ahead of
+    /// its last message, or not one of its messages).
     UnknownOffset,
     /// A message after the offset cannot be sent to the client: it is not
     /// UTF-8 or not JSON (stored before `wsproxy_publish` checked, or
@@ -327,16 +327,31 @@ redis.register_function('wsproxy_join', function(keys, args)
     return {epoch, last, 'unknown_offset'}
   end
   -- Trimmed (by wsproxy_publish) or deleted (XDEL) past the offset?
+  -- Exactly at it, the client saw that message: the rest is all here.
   local trimmed = redis.call('HGET', base .. ':epoch', 'trimmed') or '0-0'
+  local gone_at = f_ms == 0 and f_seq == 0
   for _, gone in ipairs({trimmed, deleted}) do
     local g_ms, g_seq = parse(gone)
-    if g_ms and cmp(f_ms, f_seq, g_ms, g_seq) < 0 then
-      return {epoch, last, 'trimmed'}
+    if g_ms then
+      local c = cmp(f_ms, f_seq, g_ms, g_seq)
+      if c < 0 then return {epoch, last, 'trimmed'} end
+      gone_at = gone_at or c == 0
     end
   end
+  -- The offset must be one this history gave out: its entry (read with
+  -- the rest, and not replayed), or "0-0" or a message since removed. Any
+  -- other position, another session's offset say, would skip or repeat
+  -- messages.
+  local entries = redis.call('XRANGE', history, from, '+')
+  local first = 1
+  if entries[1] and entries[1][1] == from then
+    first = 2
+  elseif not gone_at then
+    return {epoch, last, 'unknown_offset'}
+  end
   local out = {epoch, last, 'recovered'}
-  local entries = redis.call('XRANGE', history, '(' .. from, '+')
-  for _, entry in ipairs(entries) do
+  for e = first, #entries do
+    local entry = entries[e]
     local fields = entry[2]
     for i = 1, #fields, 2 do
       if fields[i] == 'd' then out[#out + 1] = envelope(entry[1], fields[i + 1]) end

@@ -928,3 +928,77 @@ async fn raw_control_characters_in_strings_are_refused_and_json_whitespace_is_no
     let reply = send_message(&mut ws, "m-1", "\"a\u{1}b\"").await;
     assert_eq!(reply["error"], "invalid_message", "{reply}");
 }
+
+#[tokio::test]
+async fn an_offset_of_another_history_is_unknown_even_between_two_of_this_ones() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |c| c.reliable.history_max_len = 10).await;
+    let (a, b) = (unique("a"), unique("b"));
+    redis.set_token(&a, TOKEN, 60).await;
+    let (ws, welcome) = connect(&server, &a, None).await;
+    drop(ws);
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    // Alternately, a few milliseconds apart, so that B's offsets fall
+    // between A's rather than on them.
+    let (mut of_a, mut of_b) = (Vec::new(), Vec::new());
+    for i in 1..=4 {
+        of_a.push(publish(&redis, &a, &n(i)).await);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        of_b.push(publish(&redis, &b, &n(100 + i)).await);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let key = |o: &String| wsproxy::history::parse_offset(o).expect("offset");
+    let between = of_b[1].clone();
+    assert!(key(&of_a[1]) < key(&between) && key(&between) < key(&of_a[2]));
+    assert!(!of_a.contains(&between));
+
+    let (_, welcome) = connect(&server, &a, Some((&epoch, &between))).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("unknown_offset")),
+        "{welcome}"
+    );
+    // One of A's own, the fresh history's "0-0", and the last one resume.
+    for (from, expect) in [
+        (&of_a[1], vec![3, 4]),
+        (&"0-0".to_owned(), vec![1, 2, 3, 4]),
+    ] {
+        let (mut ws, welcome) = connect(&server, &a, Some((&epoch, from))).await;
+        assert_eq!(welcome["resumed"], true, "{from}: {welcome}");
+        assert_eq!(numbers_until(&mut ws, 4).await.0, expect, "from {from}");
+    }
+    let (mut ws, welcome) = connect(&server, &a, Some((&epoch, &of_a[3]))).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["replayed"].as_u64()),
+        (Some(true), Some(0)),
+        "{welcome}"
+    );
+    assert_silent(&mut ws, Duration::from_millis(100)).await;
+
+    // The newest trimmed offset is one the history gave out: its entry is
+    // gone, and everything after it is still there.
+    let c = unique("c");
+    redis.set_token(&c, TOKEN, 60).await;
+    let (ws, welcome) = connect(&server, &c, None).await;
+    drop(ws);
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let mut offsets = Vec::new();
+    for i in 1..=111 {
+        offsets.push(publish(&redis, &c, &n(i)).await);
+    }
+    let trimmed: String = redis::cmd("HGET")
+        .arg(format!("session:{c}:epoch"))
+        .arg("trimmed")
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("HGET");
+    assert_eq!(trimmed, offsets[100]);
+    let (mut ws, welcome) = connect(&server, &c, Some((&epoch, &trimmed))).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    assert_eq!(
+        numbers_until(&mut ws, 111).await.0,
+        (102..=111).collect::<Vec<_>>()
+    );
+    let (_, welcome) = connect(&server, &c, Some((&epoch, &offsets[99]))).await;
+    assert_eq!(welcome["reason"], "trimmed", "{welcome}");
+}
