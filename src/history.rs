@@ -198,6 +198,7 @@ end
 -- one byte outside printable ASCII to the next, so a message of printable
 -- ASCII alone (most are) costs one pattern.
 local PRINTABLE_RUN = '^[ -\127]*'
+local TEXT_RUN = '^[\t\n\r -\127]*'
 local NEXT_STRING, IN_STRING = '^[^"]*"[^"\\\t\n\r]*', '^[^"\\\t\n\r]*'
 local NOT_UTF8 = 'the message must be valid UTF-8'
 local CONTROL = 'the message must be JSON: control characters (U+0000 to U+001F) in strings must be escaped'
@@ -222,7 +223,8 @@ local function whitespace_in_string(s)
 end
 
 local function unfit(s)
-  local _, e = string.find(s, PRINTABLE_RUN)
+  local run = PRINTABLE_RUN
+  local _, e = string.find(s, run)
   local len, whitespace = #s, false
   while e < len do
     local k = e + 1
@@ -230,7 +232,9 @@ local function unfit(s)
     if c < 32 then
       -- Only tab, line feed and carriage return, and not in a string.
       if c ~= 9 and c ~= 10 and c ~= 13 then return CONTROL end
-      whitespace = true
+      -- From here on they do not stop the scan (pretty-printed JSON has
+      -- one per line); whether one is in a string is checked once.
+      whitespace, run = true, TEXT_RUN
       k = k + 1
     else
       -- UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing past
@@ -249,7 +253,7 @@ local function unfit(s)
       if n > 3 and (not b3 or b3 < 128 or b3 > 191) then return NOT_UTF8 end
       k = k + n
     end
-    _, e = string.find(s, PRINTABLE_RUN, k)
+    _, e = string.find(s, run, k)
   end
   if whitespace and whitespace_in_string(s) then return CONTROL end
   return nil
