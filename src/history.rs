@@ -200,6 +200,7 @@ end
 local PRINTABLE_RUN = '^[ -\127]*'
 local TEXT_RUN = '^[\t\n\r -\127]*'
 local NEXT_STRING, IN_STRING = '^[^"]*"[^"\\\t\n\r]*', '^[^"\\\t\n\r]*'
+local PLAIN_STRING = '"[^"\\\t\n\r]*"'
 local NOT_UTF8 = 'the message must be valid UTF-8'
 local CONTROL = 'the message must be JSON: control characters (U+0000 to U+001F) in strings must be escaped'
 
@@ -253,9 +254,24 @@ local function unfit(s)
       if n > 3 and (not b3 or b3 < 128 or b3 > 191) then return NOT_UTF8 end
       k = k + n
     end
-    _, e = string.find(s, run, k)
+    -- The byte after a 2- or 3-byte character is already read: when it is
+    -- not ASCII either (CJK text), no scan is needed to reach it.
+    local next_byte = k - 3 == e and b2 or k - 4 == e and b3 or nil
+    if next_byte and next_byte >= 128 then
+      e = k - 1
+    else
+      _, e = string.find(s, run, k)
+    end
   end
-  if whitespace and whitespace_in_string(s) then return CONTROL end
+  if whitespace then
+    -- One pass removes every string without escapes, tabs or line breaks
+    -- (the opening quote of any other stays); only if a quote is left do
+    -- the strings need walking.
+    local rest = string.gsub(s, PLAIN_STRING, '')
+    if string.find(rest, '"', 1, true) and whitespace_in_string(s) then
+      return CONTROL
+    end
+  end
   return nil
 end
 

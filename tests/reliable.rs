@@ -763,11 +763,13 @@ async fn messages_that_are_not_utf8_are_refused_and_live_clients_never_get_a_bin
 
     for bad in [
         &b"\"\xff\xfe\""[..],
-        b"\"\xc0\xaf\"",         // overlong '/'
-        b"\"\xed\xa0\x80\"",     // a surrogate
-        b"\"\xf4\x90\x80\x80\"", // past U+10FFFF
-        b"\"\xe2\x82\"",         // cut short
-        b"{\"a\":\"\x80\"}",     // a lone continuation byte
+        b"\"\xc0\xaf\"",                     // overlong '/'
+        b"\"\xed\xa0\x80\"",                 // a surrogate
+        b"\"\xf4\x90\x80\x80\"",             // past U+10FFFF
+        b"\"\xe2\x82\"",                     // cut short
+        b"{\"a\":\"\x80\"}",                 // a lone continuation byte
+        b"\"\xe9\x80\x9f\xe3\x81\x84\x80\"", // a run of good ones, then a bad one
+        b"\"\xc3\xa9\xff\"",
     ] {
         let err = try_publish(&redis, &session, bad)
             .await
@@ -898,6 +900,7 @@ async fn raw_control_characters_in_strings_are_refused_and_json_whitespace_is_no
         b"{\"k\x1f\":1}",
         b"\"\\\"\x02\"",
         b"\"\\\\\"\x1b",
+        b"[\"\\\\\", \"x\ty\"]",
     ] {
         let err = try_publish(&redis, &session, bad)
             .await
@@ -915,6 +918,7 @@ async fn raw_control_characters_in_strings_are_refused_and_json_whitespace_is_no
         "{\n  \"a\": [1,\t2],\r\n  \"b\": \"x\\ny\\u0001\\\"\\\\\"\n}\n",
         "\"\\\\\"",
         "[\"\\\"\", \"\\\\\", \"\\t\"]",
+        "[\"a\",\n \"b\u{901f}\u{3044}\u{e9}\"]",
     ];
     for (i, good) in fine.iter().enumerate() {
         try_publish(&redis, &session, good.as_bytes())
