@@ -2,8 +2,9 @@
 # Redis CPU per `FCALL wsproxy_publish` (INFO commandstats, usec_per_call of
 # fcall), the wsproxy library of two revisions alternating, each round on a
 # fresh private redis-server, for three ~200-byte messages: compact ASCII
-# (what Python's json.dumps sends), compact with 8 non-ASCII characters (what
-# JSON.stringify sends for accented, CJK and emoji text), and pretty-printed.
+# (json.dumps' default), compact with 8 non-ASCII characters (what
+# JSON.stringify and the Python library send for accented, CJK and emoji
+# text), and pretty-printed.
 #   bash bench/publish-cost.sh [REV_A] [REV_B]
 #   N=20000 ROUNDS=5 bash bench/publish-cost.sh aad8f43 HEAD
 set -euo pipefail
