@@ -13,8 +13,8 @@
 //!   `HISTORY_TTL_SECS` after the last publish), publishes it with its
 //!   offset on `session:{id}:live` for reliable connections and as it is on
 //!   `session:{id}:down` for plain ones, and returns its offset (the stream
-//!   entry's id). The payload must be JSON: reliable clients get it inside
-//!   a JSON envelope.
+//!   entry's id). The payload must be JSON in UTF-8, control characters
+//!   in strings escaped: reliable clients get it inside a JSON envelope.
 //! - `FCALL wsproxy_join 1 session:{id}:history <epoch> <offset>`: wsproxy's
 //!   own, when a reliable connection has subscribed to `:live`. It returns
 //!   the history's epoch (created if there is none yet), the last offset,
@@ -22,7 +22,8 @@
 //!   whether that is possible and every message after the offset.
 //! - `FCALL wsproxy_up 2 wsproxy:up:{n} <seen key> ...`: stores a client
 //!   message in its shard's stream once (a resend within `UP_DEDUPE_SECS`
-//!   returns the first copy's id).
+//!   returns the first copy's id). Its data is held to the same UTF-8 and
+//!   control-character checks (wsproxy's own calls pass serde_json first).
 //!
 //! **Epochs.** A history's epoch is made when it is first needed and lives
 //! exactly as long as the history (both keys get the same TTL in the same
@@ -54,9 +55,13 @@ pub enum ResumeFailure {
     /// The history is gone although its epoch is the client's (it was
     /// deleted or emptied).
     Expired,
-    /// The offset is not one this history gave out (malformed, or ahead of
-    /// its last message).
+    /// The offset is not one this history gave out (malformed, ahead of
+    /// its last message, or not one of its messages).
     UnknownOffset,
+    /// A message after the offset cannot be sent to the client: it is not
+    /// UTF-8 or not JSON (stored before `wsproxy_publish` checked, or
+    /// written to the stream by other means).
+    Unreplayable,
 }
 
 impl ResumeFailure {
@@ -67,6 +72,7 @@ impl ResumeFailure {
             Self::Trimmed => "trimmed",
             Self::Expired => "expired",
             Self::UnknownOffset => "unknown_offset",
+            Self::Unreplayable => "unreplayable",
         }
     }
 
@@ -76,6 +82,7 @@ impl ResumeFailure {
             "trimmed" => Self::Trimmed,
             "expired" => Self::Expired,
             "unknown_offset" => Self::UnknownOffset,
+            "unreplayable" => Self::Unreplayable,
             _ => return None,
         })
     }
@@ -184,6 +191,90 @@ local function trim(history, base)
   redis.call('HSET', base .. ':epoch', 'trimmed', through)
 end
 
+-- Why a message cannot be stored, or nil. Redis' cjson checks neither
+-- UTF-8 nor control characters in strings, and a client's strict JSON
+-- parser refuses both. Lua 5.1 patterns are slow per character unless
+-- anchored with a single range (a tight loop in C): the scan jumps from
+-- one byte outside printable ASCII to the next, so a message of printable
+-- ASCII alone (most are) costs one pattern.
+local PRINTABLE_RUN = '^[ -\127]*'
+local TEXT_RUN = '^[\t\n\r -\127]*'
+local NEXT_STRING, IN_STRING = '^[^"]*"[^"\\\t\n\r]*', '^[^"\\\t\n\r]*'
+local PLAIN_STRING = '"[^"\\\t\n\r]*"'
+local NOT_UTF8 = 'the message must be valid UTF-8'
+local CONTROL = 'the message must be JSON: control characters (U+0000 to U+001F) in strings must be escaped'
+
+-- Whether a tab, line feed or carriage return stands inside a string
+-- (between tokens they are JSON's whitespace).
+local function whitespace_in_string(s)
+  local _, e = string.find(s, NEXT_STRING)
+  while e do
+    local k = e + 1
+    local c = string.byte(s, k)
+    if c == 34 then
+      _, e = string.find(s, NEXT_STRING, k + 1)
+    elseif c == 92 then
+      _, e = string.find(s, IN_STRING, k + 2)
+    else
+      -- A tab or line break, or the end of an unterminated string.
+      return c ~= nil
+    end
+  end
+  return false
+end
+
+local function unfit(s)
+  local run = PRINTABLE_RUN
+  local _, e = string.find(s, run)
+  local len, whitespace = #s, false
+  while e < len do
+    local k = e + 1
+    local c, b1, b2, b3 = string.byte(s, k, k + 3)
+    if c < 32 then
+      -- Only tab, line feed and carriage return, and not in a string.
+      if c ~= 9 and c ~= 10 and c ~= 13 then return CONTROL end
+      -- From here on they do not stop the scan (pretty-printed JSON has
+      -- one per line); whether one is in a string is checked once.
+      whitespace, run = true, TEXT_RUN
+      k = k + 1
+    else
+      -- UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing past
+      -- U+10FFFF. DEL (127) is printable here: JSON allows it.
+      local n, lo, hi = 2, 128, 191
+      if c >= 194 and c <= 223 then n = 2
+      elseif c == 224 then n, lo = 3, 160
+      elseif c == 237 then n, hi = 3, 159
+      elseif c >= 225 and c <= 239 then n = 3
+      elseif c == 240 then n, lo = 4, 144
+      elseif c >= 241 and c <= 243 then n = 4
+      elseif c == 244 then n, hi = 4, 143
+      else return NOT_UTF8 end
+      if not b1 or b1 < lo or b1 > hi then return NOT_UTF8 end
+      if n > 2 and (not b2 or b2 < 128 or b2 > 191) then return NOT_UTF8 end
+      if n > 3 and (not b3 or b3 < 128 or b3 > 191) then return NOT_UTF8 end
+      k = k + n
+    end
+    -- The byte after a 2- or 3-byte character is already read: when it is
+    -- not ASCII either (CJK text), no scan is needed to reach it.
+    local next_byte = k - 3 == e and b2 or k - 4 == e and b3 or nil
+    if next_byte and next_byte >= 128 then
+      e = k - 1
+    else
+      _, e = string.find(s, run, k)
+    end
+  end
+  if whitespace then
+    -- One pass removes every string without escapes, tabs or line breaks
+    -- (the opening quote of any other stays); only if a quote is left do
+    -- the strings need walking.
+    local rest = string.gsub(s, PLAIN_STRING, '')
+    if string.find(rest, '"', 1, true) and whitespace_in_string(s) then
+      return CONTROL
+    end
+  end
+  return nil
+end
+
 local function stream_info(history)
   local info = redis.call('XINFO', 'STREAM', history)
   local out = {}
@@ -197,6 +288,8 @@ redis.register_function('wsproxy_publish', function(keys, args)
     return redis.error_reply('ERR wsproxy_publish takes one key and one message')
   end
   local base = base_of(history)
+  local why = unfit(payload)
+  if why then return redis.error_reply('ERR wsproxy_publish: ' .. why) end
   -- Strict JSON: Redis' cjson otherwise takes NaN, Infinity and hex
   -- numbers, which a client's JSON parser would refuse in the envelope.
   pcall(cjson.decode_invalid_numbers, false)
@@ -254,16 +347,31 @@ redis.register_function('wsproxy_join', function(keys, args)
     return {epoch, last, 'unknown_offset'}
   end
   -- Trimmed (by wsproxy_publish) or deleted (XDEL) past the offset?
+  -- Exactly at it, the client saw that message: the rest is all here.
   local trimmed = redis.call('HGET', base .. ':epoch', 'trimmed') or '0-0'
+  local gone_at = f_ms == 0 and f_seq == 0
   for _, gone in ipairs({trimmed, deleted}) do
     local g_ms, g_seq = parse(gone)
-    if g_ms and cmp(f_ms, f_seq, g_ms, g_seq) < 0 then
-      return {epoch, last, 'trimmed'}
+    if g_ms then
+      local c = cmp(f_ms, f_seq, g_ms, g_seq)
+      if c < 0 then return {epoch, last, 'trimmed'} end
+      gone_at = gone_at or c == 0
     end
   end
+  -- The offset must be one this history gave out: its entry (read with
+  -- the rest, and not replayed), or "0-0" or a message since removed. Any
+  -- other position, another session's offset say, would skip or repeat
+  -- messages.
+  local entries = redis.call('XRANGE', history, from, '+')
+  local first = 1
+  if entries[1] and entries[1][1] == from then
+    first = 2
+  elseif not gone_at then
+    return {epoch, last, 'unknown_offset'}
+  end
   local out = {epoch, last, 'recovered'}
-  local entries = redis.call('XRANGE', history, '(' .. from, '+')
-  for _, entry in ipairs(entries) do
+  for e = first, #entries do
+    local entry = entries[e]
     local fields = entry[2]
     for i = 1, #fields, 2 do
       if fields[i] == 'd' then out[#out + 1] = envelope(entry[1], fields[i + 1]) end
@@ -278,6 +386,10 @@ end)
 -- {first offset, 2} the id already stored with other data (not stored).
 redis.register_function('wsproxy_up', function(keys, args)
   local stream, seen = keys[1], keys[2]
+  -- wsproxy sends what serde_json took; anyone else calling is held to
+  -- the same.
+  local why = unfit(args[4] or '')
+  if why then return redis.error_reply('ERR wsproxy_up: ' .. why) end
   local digest = redis.sha1hex(args[4])
   local first = redis.call('GET', seen)
   if first then
@@ -344,15 +456,33 @@ pub async fn join<C: ConnectionLike>(
         .arg(keys.session_history(session))
         .arg(epoch)
         .arg(offset);
-    let answer: Vec<String> = within(limit, cmd.query_async(redis)).await?;
+    // Bytes, not strings: a stored message that is not UTF-8 must fail
+    // this resume, not the whole call (which would refuse every resume of
+    // the session until the entry is gone).
+    let answer: Vec<Vec<u8>> = within(limit, cmd.query_async(redis)).await?;
     let mut parts = answer.into_iter();
     let (Some(epoch), Some(last), Some(status)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(HistoryError::Unexpected("fewer than three fields"));
     };
-    let replay: Vec<String> = parts.collect();
-    let resume = match status.as_str() {
+    let text = |b: Vec<u8>| String::from_utf8(b).map_err(|_| HistoryError::Unexpected("not UTF-8"));
+    let (epoch, last) = (text(epoch)?, text(last)?);
+    let mut replay = Vec::new();
+    let resume = match text(status)?.as_str() {
         "fresh" => None,
-        "recovered" => Some(Ok(replay.len())),
+        "recovered" => match replayable(parts) {
+            Ok(messages) => {
+                replay = messages;
+                Some(Ok(replay.len()))
+            }
+            Err(offset) => {
+                tracing::warn!(
+                    %session,
+                    %offset,
+                    "the history holds a message that is not UTF-8 JSON: resumes from before it fail"
+                );
+                Some(Err(ResumeFailure::Unreplayable))
+            }
+        },
         other => Some(Err(
             ResumeFailure::parse(other).ok_or(HistoryError::Unexpected("unknown status"))?
         )),
@@ -363,6 +493,29 @@ pub async fn join<C: ConnectionLike>(
         resume,
         replay,
     })
+}
+
+/// The enveloped messages of a replay, each checked to be UTF-8 JSON (what
+/// `wsproxy_publish` takes now; an older one took less, and anyone may
+/// `XADD`); or the offset of the first that is not.
+fn replayable(messages: impl Iterator<Item = Vec<u8>>) -> Result<Vec<String>, String> {
+    messages
+        .map(|m| match String::from_utf8(m) {
+            Ok(m) if serde_json::from_str::<serde::de::IgnoredAny>(&m).is_ok() => Ok(m),
+            Ok(m) => Err(enveloped_offset(m.as_bytes())),
+            Err(e) => Err(enveloped_offset(e.as_bytes())),
+        })
+        .collect()
+}
+
+/// The offset in an envelope that may not be UTF-8 beyond it, for a log
+/// line.
+fn enveloped_offset(frame: &[u8]) -> String {
+    let rest = frame
+        .strip_prefix(ENVELOPE_PREFIX.as_bytes())
+        .unwrap_or_default();
+    let end = rest.iter().position(|&b| b == b'"').unwrap_or(0);
+    String::from_utf8_lossy(&rest[..end]).into_owned()
 }
 
 /// A stored client message: its id in the stream, and whether it had been
@@ -525,12 +678,34 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_with_a_message_that_is_not_utf8_json_is_refused_by_its_offset() {
+        let frame = |data: &[u8]| {
+            let mut f = format!("{ENVELOPE_PREFIX}1-{}\",\"data\":", data.len()).into_bytes();
+            f.extend_from_slice(data);
+            f.push(b'}');
+            f
+        };
+        let good = [frame(b"{\"a\":\"\xc3\xa9\\n\"}"), frame(b"[1,2]")];
+        let replay = replayable(good.clone().into_iter()).expect("replayable");
+        assert_eq!(replay.len(), 2);
+        for (bad, offset) in [
+            (frame(b"\"\xff\xfe\""), "1-4"),
+            (frame(b"\"a\x01b\""), "1-5"),
+            (frame(b"{\"a\":"), "1-5"),
+        ] {
+            let all = [good[0].clone(), bad, good[1].clone()];
+            assert_eq!(replayable(all.into_iter()).err().as_deref(), Some(offset));
+        }
+    }
+
+    #[test]
     fn resume_failures_round_trip_their_names() {
         for f in [
             ResumeFailure::EpochChanged,
             ResumeFailure::Trimmed,
             ResumeFailure::Expired,
             ResumeFailure::UnknownOffset,
+            ResumeFailure::Unreplayable,
         ] {
             assert_eq!(ResumeFailure::parse(f.as_str()), Some(f));
         }

@@ -364,7 +364,7 @@ impl Metrics {
         );
         registry.register(
             "resume_failures",
-            "Resumes that could not be honoured, by reason (epoch_changed, trimmed, expired, unknown_offset)",
+            "Resumes that could not be honoured, by reason (epoch_changed, trimmed, expired, unknown_offset, unreplayable)",
             m.resume_failures.clone(),
         );
         registry.register(

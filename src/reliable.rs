@@ -15,8 +15,8 @@
 //!   saw>` gets `"resumed":true` and every message after that offset, in
 //!   order, then the live ones, with no gap and no duplicate; or
 //!   `"resumed":false` and a `"reason"` (`epoch_changed`, `trimmed`,
-//!   `expired`, `unknown_offset`): it must reload its state from the
-//!   backend, and continues from the welcome's offset.
+//!   `expired`, `unknown_offset`, `unreplayable`): it must reload its
+//!   state from the backend, and continues from the welcome's offset.
 //! - **Up**, the client sends `{"type":"message","id":"<its id>","data":<json>}`;
 //!   wsproxy appends it to the stream `wsproxy:up:{n}` that backend workers
 //!   read with a consumer group, and answers
@@ -213,10 +213,17 @@ impl crate::ws::Handler for ReliableBridge {
     }
 
     fn deliver(&mut self, msg: &Message) -> bool {
-        let Some(through) = self.skip_through else {
+        // What reaches `:live` through `wsproxy_publish` is UTF-8 JSON; a
+        // binary frame (bytes someone else published there) is no message
+        // of this protocol, and reliable clients read text only.
+        let Message::Text(text) = msg else {
+            if matches!(msg, Message::Binary(_)) {
+                tracing::warn!(session_id = %self.session_id, "dropped a live message that is not UTF-8 (not from wsproxy_publish)");
+                return false;
+            }
             return true;
         };
-        let Message::Text(text) = msg else {
+        let Some(through) = self.skip_through else {
             return true;
         };
         match history::offset_of(text.as_str()) {

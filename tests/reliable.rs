@@ -775,3 +775,296 @@ async fn a_client_resumes_on_another_instance_with_nothing_lost() {
     let (still, _) = numbers_until(&mut on_b, 400).await;
     assert_eq!(still, (51..=400).collect::<Vec<_>>());
 }
+
+/// `FCALL wsproxy_publish` of raw bytes: the offset, or Redis' error text.
+async fn try_publish(redis: &Redis, session: &str, payload: &[u8]) -> Result<String, String> {
+    let mut c = redis.conn().await;
+    redis::cmd("FCALL")
+        .arg("wsproxy_publish")
+        .arg(1)
+        .arg(format!("session:{session}:history"))
+        .arg(payload)
+        .query_async(&mut c)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Appends `payload` to the history as it is, past `wsproxy_publish`'s
+/// checks: an entry an older wsproxy (or anyone with `XADD`) stored.
+async fn store_raw(redis: &Redis, session: &str, payload: &[u8]) -> String {
+    let mut c = redis.conn().await;
+    redis::cmd("XADD")
+        .arg(format!("session:{session}:history"))
+        .arg("*")
+        .arg("d")
+        .arg(payload)
+        .query_async(&mut c)
+        .await
+        .expect("XADD")
+}
+
+/// The next frame, whatever it is (pings skipped), with a timeout.
+async fn next_frame(ws: &mut Ws) -> Message {
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(m))) => return m,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn messages_that_are_not_utf8_are_refused_and_live_clients_never_get_a_binary_frame() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    let (mut ws, _) = connect(&server, &session, None).await;
+
+    for bad in [
+        &b"\"\xff\xfe\""[..],
+        b"\"\xc0\xaf\"",                     // overlong '/'
+        b"\"\xed\xa0\x80\"",                 // a surrogate
+        b"\"\xf4\x90\x80\x80\"",             // past U+10FFFF
+        b"\"\xe2\x82\"",                     // cut short
+        b"{\"a\":\"\x80\"}",                 // a lone continuation byte
+        b"\"\xe9\x80\x9f\xe3\x81\x84\x80\"", // a run of good ones, then a bad one
+        b"\"\xc3\xa9\xff\"",
+    ] {
+        let err = try_publish(&redis, &session, bad)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.contains("wsproxy_publish: the message must be valid UTF-8"),
+            "{:?}: {err}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // Nothing of them reached the history or the live channel.
+    let len: usize = redis::cmd("XLEN")
+        .arg(format!("session:{session}:history"))
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("XLEN");
+    assert_eq!(len, 0);
+    // Bytes published on the live channel by other means never reach a
+    // reliable client as a binary frame.
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("session:{session}:live"))
+        .arg(&b"\xff\xfe"[..])
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("PUBLISH");
+    // UTF-8 in all its lengths still goes through, and arrives as text.
+    let good = "{\"t\":\"a\u{e9}\u{20ac}\u{1f600}\u{10ffff}\"}";
+    try_publish(&redis, &session, good.as_bytes())
+        .await
+        .expect("valid UTF-8 is taken");
+    match next_frame(&mut ws).await {
+        Message::Text(t) => {
+            let m: serde_json::Value = serde_json::from_str(&t).expect("json");
+            assert_eq!(m["data"]["t"], "a\u{e9}\u{20ac}\u{1f600}\u{10ffff}");
+        }
+        other => panic!("a reliable client got {other:?}"),
+    }
+
+    // wsproxy_up, called directly, refuses it too.
+    let mut c = redis.conn().await;
+    let err = redis::cmd("FCALL")
+        .arg("wsproxy_up")
+        .arg(2)
+        .arg("wsproxy:up:0")
+        .arg("wsproxy:seen:x")
+        .arg(&session)
+        .arg("agent-1")
+        .arg("m-1")
+        .arg(&b"\"\xff\""[..])
+        .arg(1000)
+        .arg(60)
+        .query_async::<redis::Value>(&mut c)
+        .await
+        .expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("wsproxy_up: the message must be valid UTF-8"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_entry_that_cannot_be_replayed_fails_the_resume_explicitly_not_with_503() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    let (ws, welcome) = connect(&server, &session, None).await;
+    drop(ws);
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let before = publish(&redis, &session, &n(1)).await;
+    // What an older wsproxy took: not UTF-8, and a raw control character.
+    store_raw(&redis, &session, b"\"\xff\xfe\"").await;
+    store_raw(&redis, &session, b"\"a\x01b\"").await;
+    let mut last = publish(&redis, &session, &n(2)).await;
+
+    for next in [3, 4] {
+        let req = request(
+            &server,
+            &session,
+            &format!("?epoch={epoch}&offset={before}"),
+        );
+        let mut ws = match connect_request(req).await {
+            Ok(ws) => ws,
+            Err((status, body)) => panic!("the resume was refused: {status} {body}"),
+        };
+        let welcome = next_json(&mut ws).await;
+        assert_eq!(
+            (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+            (Some(false), Some("unreplayable")),
+            "{welcome}"
+        );
+        // It goes on from the welcome's offset, and nothing of the history
+        // came.
+        assert_eq!(welcome["offset"], last.as_str(), "{welcome}");
+        let offset = publish(&redis, &session, &n(next)).await;
+        assert_eq!(next_json(&mut ws).await["data"]["n"], next);
+        if next == 3 {
+            last = offset;
+        }
+    }
+    assert_eq!(
+        server
+            .metric(r#"wsproxy_resume_failures_total{reason="unreplayable"}"#)
+            .await,
+        2.0
+    );
+    // From past the bad entries, the resume works.
+    let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &last))).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    assert_eq!(numbers_until(&mut ws, 4).await.0, vec![4]);
+}
+
+#[tokio::test]
+async fn raw_control_characters_in_strings_are_refused_and_json_whitespace_is_not() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    let (mut ws, _) = connect(&server, &session, None).await;
+
+    for bad in [
+        &b"\"a\x01b\""[..],
+        b"\"\x00\"",
+        b"{\"a\":\"x\ny\"}",
+        b"[\"tab\there\"]",
+        b"\"cr\r\"",
+        b"{\"k\x1f\":1}",
+        b"\"\\\"\x02\"",
+        b"\"\\\\\"\x1b",
+        b"[\"\\\\\", \"x\ty\"]",
+    ] {
+        let err = try_publish(&redis, &session, bad)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.contains("wsproxy_publish: the message must be JSON")
+                && err.contains("control character"),
+            "{:?}: {err}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // Whitespace between tokens, escapes and quotes inside strings are
+    // JSON; every one reaches the client as JSON a strict parser takes.
+    let fine = [
+        "{\n  \"a\": [1,\t2],\r\n  \"b\": \"x\\ny\\u0001\\\"\\\\\"\n}\n",
+        "\"\\\\\"",
+        "[\"\\\"\", \"\\\\\", \"\\t\"]",
+        "[\"a\",\n \"b\u{901f}\u{3044}\u{e9}\"]",
+    ];
+    for (i, good) in fine.iter().enumerate() {
+        try_publish(&redis, &session, good.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{good:?} refused: {e}"));
+        let m = next_json(&mut ws).await;
+        let data: serde_json::Value = serde_json::from_str(good).expect("valid");
+        assert_eq!(m["data"], data, "message {i}");
+    }
+    // Client messages: serde_json refuses them before wsproxy_up is called.
+    let reply = send_message(&mut ws, "m-1", "\"a\u{1}b\"").await;
+    assert_eq!(reply["error"], "invalid_message", "{reply}");
+}
+
+#[tokio::test]
+async fn an_offset_of_another_history_is_unknown_even_between_two_of_this_ones() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |c| c.reliable.history_max_len = 10).await;
+    let (a, b) = (unique("a"), unique("b"));
+    redis.set_token(&a, TOKEN, 60).await;
+    let (ws, welcome) = connect(&server, &a, None).await;
+    drop(ws);
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    // Alternately, a few milliseconds apart, so that B's offsets fall
+    // between A's rather than on them.
+    let (mut of_a, mut of_b) = (Vec::new(), Vec::new());
+    for i in 1..=4 {
+        of_a.push(publish(&redis, &a, &n(i)).await);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        of_b.push(publish(&redis, &b, &n(100 + i)).await);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let key = |o: &String| wsproxy::history::parse_offset(o).expect("offset");
+    let between = of_b[1].clone();
+    assert!(key(&of_a[1]) < key(&between) && key(&between) < key(&of_a[2]));
+    assert!(!of_a.contains(&between));
+
+    let (_, welcome) = connect(&server, &a, Some((&epoch, &between))).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("unknown_offset")),
+        "{welcome}"
+    );
+    // One of A's own, the fresh history's "0-0", and the last one resume.
+    for (from, expect) in [
+        (&of_a[1], vec![3, 4]),
+        (&"0-0".to_owned(), vec![1, 2, 3, 4]),
+    ] {
+        let (mut ws, welcome) = connect(&server, &a, Some((&epoch, from))).await;
+        assert_eq!(welcome["resumed"], true, "{from}: {welcome}");
+        assert_eq!(numbers_until(&mut ws, 4).await.0, expect, "from {from}");
+    }
+    let (mut ws, welcome) = connect(&server, &a, Some((&epoch, &of_a[3]))).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["replayed"].as_u64()),
+        (Some(true), Some(0)),
+        "{welcome}"
+    );
+    assert_silent(&mut ws, Duration::from_millis(100)).await;
+
+    // The newest trimmed offset is one the history gave out: its entry is
+    // gone, and everything after it is still there.
+    let c = unique("c");
+    redis.set_token(&c, TOKEN, 60).await;
+    let (ws, welcome) = connect(&server, &c, None).await;
+    drop(ws);
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let mut offsets = Vec::new();
+    for i in 1..=111 {
+        offsets.push(publish(&redis, &c, &n(i)).await);
+    }
+    let trimmed: String = redis::cmd("HGET")
+        .arg(format!("session:{c}:epoch"))
+        .arg("trimmed")
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("HGET");
+    assert_eq!(trimmed, offsets[100]);
+    let (mut ws, welcome) = connect(&server, &c, Some((&epoch, &trimmed))).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    assert_eq!(
+        numbers_until(&mut ws, 111).await.0,
+        (102..=111).collect::<Vec<_>>()
+    );
+    let (_, welcome) = connect(&server, &c, Some((&epoch, &offsets[99]))).await;
+    assert_eq!(welcome["reason"], "trimmed", "{welcome}");
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Redis CPU per `FCALL wsproxy_publish` (INFO commandstats, usec_per_call of
+# fcall), the wsproxy library of two revisions alternating, each round on a
+# fresh private redis-server, for three ~200-byte messages: compact ASCII
+# (json.dumps' default), compact with 8 non-ASCII characters (what
+# JSON.stringify and the Python library send for accented, CJK and emoji
+# text), and pretty-printed.
+#   bash bench/publish-cost.sh [REV_A] [REV_B]
+#   N=20000 ROUNDS=5 bash bench/publish-cost.sh aad8f43 HEAD
+set -euo pipefail
+cd "$(dirname "$0")/.."
+A=${1:-HEAD~1}
+B=${2:-HEAD}
+N=${N:-20000}
+ROUNDS=${ROUNDS:-5}
+PORT=${REDIS_PORT:-6432}
+work=$(mktemp -d)
+trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+
+library() { # rev -> the library as wsproxy loads it (MAX_LEN 1000, TTL 60 s)
+  git show "$1:src/history.rs" | python3 -c '
+import re, sys
+lib = re.search(r"const LIBRARY: &str = r#\"(.*?)\"#;", sys.stdin.read(), re.S).group(1)
+print(lib.replace("__MAX_LEN__", "1000").replace("__TTL_MS__", "60000").replace("__PUBLISH__", "PUBLISH"))'
+}
+library "$A" >"$work/a.lua"
+library "$B" >"$work/b.lua"
+python3 - "$work" <<'EOF'
+import json, sys
+m = {"type": "data", "payload": "The quick brown fox jumps over the lazy dog; streaming token 1234 of the reply",
+     "seq": 4217, "meta": {"model": "m-1", "done": False, "usage": {"in": 512, "out": 77}}}
+open(sys.argv[1] + "/ascii.json", "w").write(json.dumps(m, separators=(",", ":")))
+open(sys.argv[1] + "/pretty.json", "w").write(json.dumps(m, indent=2))
+m["payload"] = "Le renard brun rapide saute par-dessus le chien paresseux \u2014 \u901f\u3044\u8336\u8272\u306e\u72d0 \U0001F600 token 1234"
+open(sys.argv[1] + "/utf8.json", "w").write(json.dumps(m, separators=(",", ":"), ensure_ascii=False))
+EOF
+
+once() { # library, payload -> usec_per_call
+  redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes >/dev/null
+  for _ in $(seq 1 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  redis-cli -p "$PORT" -x FUNCTION LOAD REPLACE <"$1" >/dev/null
+  local payload
+  payload=$(cat "$2")
+  redis-cli -p "$PORT" FCALL wsproxy_publish 1 session:bench:history "$payload" >/dev/null
+  redis-cli -p "$PORT" CONFIG RESETSTAT >/dev/null
+  redis-benchmark -p "$PORT" -n "$N" -c 1 -q FCALL wsproxy_publish 1 session:bench:history "$payload" >/dev/null
+  redis-cli -p "$PORT" INFO commandstats | tr -d '\r' | sed -n 's/^cmdstat_fcall:.*usec_per_call=\([0-9.]*\).*/\1/p'
+  redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true
+  sleep 0.2
+}
+
+for payload in ascii utf8 pretty; do
+  a=() b=()
+  for _ in $(seq 1 "$ROUNDS"); do
+    a+=("$(once "$work/a.lua" "$work/$payload.json")")
+    b+=("$(once "$work/b.lua" "$work/$payload.json")")
+  done
+  median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)]}'; }
+  printf '%-7s %-10s median %6s us  (%s)\n' "$payload" "$A" "$(median "${a[@]}")" "${a[*]}"
+  printf '%-7s %-10s median %6s us  (%s)\n' "$payload" "$B" "$(median "${b[@]}")" "${b[*]}"
+done
