@@ -570,6 +570,12 @@ fn tls_acceptor(
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .map_err(TlsError::from)?;
+    let mut config = config;
+    // HTTP/2 when the client offers it (browsers do): a page's event
+    // streams and POSTs then share one connection, where HTTP/1.1 allows
+    // six per origin. WebSockets stay on HTTP/1.1: a browser that finds no
+    // extended CONNECT on an h2 connection opens an HTTP/1.1 one for them.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -627,6 +633,11 @@ impl Listener {
                                 let _ = stream.set_nodelay(true);
                                 let limit = app.config.auth_timeout;
                                 match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                    Ok(Ok(tls))
+                                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") =>
+                                    {
+                                        serve_h2(tls, slot, router, app).await
+                                    }
                                     Ok(Ok(tls)) => serve_connection(tls, slot, router, app).await,
                                     Ok(Err(e)) => {
                                         tracing::debug!(error = %e, "TLS handshake failed")
@@ -654,13 +665,18 @@ impl Listener {
     }
 }
 
-/// Serves HTTP/1 on one TCP connection until it closes, upgrades, or the
-/// server shuts down (then in-flight requests finish first).
-async fn serve_connection<S>(stream: S, slot: ConnectionSlot, router: Router, app: Arc<App>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+/// The router as hyper's service for one connection: each request carries
+/// the connection's slot (its peer, its place in `MAX_CONNECTIONS`).
+fn service(
+    slot: ConnectionSlot,
+    router: Router,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(slot.clone());
         let router = router.clone();
         async move {
@@ -671,7 +687,42 @@ where
                     .into_response(),
             )
         }
-    });
+    })
+}
+
+/// Serves HTTP/2 on one TLS connection (negotiated by ALPN) until it
+/// closes or the server shuts down (then in-flight streams finish first).
+/// Its requests share the connection's slot of `MAX_CONNECTIONS`.
+async fn serve_h2<S>(stream: S, slot: ConnectionSlot, router: Router, app: Arc<App>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service(slot, router);
+    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "http/2 connection ended with an error");
+            }
+        }
+        _ = app.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Serves HTTP/1 on one TCP connection until it closes, upgrades, or the
+/// server shuts down (then in-flight requests finish first).
+async fn serve_connection<S>(stream: S, slot: ConnectionSlot, router: Router, app: Arc<App>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service(slot, router);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.auth_timeout)

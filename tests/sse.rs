@@ -566,3 +566,157 @@ async fn a_reader_that_stops_is_a_slow_consumer() {
     let mut sse = sse;
     sse.closed_by_server().await;
 }
+
+/// With `TLS_CERT_FILE`, a client that offers `h2` by ALPN gets HTTP/2:
+/// two event streams and a POST share one connection (HTTP/1.1 allows a
+/// browser six per origin). A WebSocket on the same listener stays on
+/// HTTP/1.1.
+#[tokio::test]
+async fn over_tls_event_streams_and_posts_share_one_http2_connection() {
+    use http_body_util::BodyExt;
+    use rustls_pki_types::pem::PemObject;
+    use std::sync::Arc;
+    let redis = Redis::start().await;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let (c, k) = (
+        dir.join(format!("{}.crt", unique("h2"))),
+        dir.join(format!("{}.key", unique("h2"))),
+    );
+    std::fs::write(&c, cert.cert.pem()).expect("write cert");
+    std::fs::write(&k, cert.signing_key.serialize_pem()).expect("write key");
+    let mut config = wsproxy::config::Config::for_redis(redis.url());
+    config.tls = Some((c, k));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _server = tokio::spawn(wsproxy::run(config, listener, shutdown.clone()));
+    let _stop = shutdown.drop_guard();
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls_pki_types::CertificateDer::pem_slice_iter(cert.cert.pem().as_bytes()) {
+        roots.add(der.expect("pem")).expect("add");
+    }
+    let tls_config = |alpn: &[&[u8]]| {
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    };
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let tls = loop {
+        if let Ok(tcp) = tokio::net::TcpStream::connect(addr).await
+            && let Ok(tls) = tls_config(&[b"h2", b"http/1.1"])
+                .connect(name.clone(), tcp)
+                .await
+        {
+            break tls;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the TLS listener never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let get = |query: &str| {
+        hyper::Request::get(format!("https://localhost{}", path(&session, query)))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request")
+    };
+    // Ready once Redis is connected (the listener answers before).
+    loop {
+        let ready = hyper::Request::get("https://localhost/ready")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request");
+        if sender.send_request(ready).await.expect("ready").status() == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let response = sender.send_request(get("")).await.expect("stream");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        // Answered once admitted (subscribed): nothing published after
+        // this is missed.
+        streams.push(response.into_body());
+    }
+    redis
+        .publish(&format!("session:{session}:down"), "over h2")
+        .await;
+    for body in &mut streams {
+        let mut seen = String::new();
+        while !seen.contains("data: over h2\n\n") {
+            let frame = tokio::time::timeout(WAIT, body.frame())
+                .await
+                .expect("a frame in time")
+                .expect("open")
+                .expect("frame");
+            if let Ok(data) = frame.into_data() {
+                seen.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    }
+    let mut up = redis.subscribe(&format!("session:{session}:up")).await;
+    let mut up = up.on_message();
+    let post = hyper::Request::post(format!("https://localhost{}", path(&session, "")))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"{\"h2\":true}",
+        )))
+        .expect("request");
+    let response = sender.send_request(post).await.expect("post");
+    assert_eq!(response.status(), 200);
+    assert_eq!(next_published(&mut up).await, r#"{"h2":true}"#);
+
+    // A WebSocket client offers http/1.1 only, and upgrades as ever.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let tls = tls_config(&[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("wss://localhost/agent-1/ws/{session}"),
+    )
+    .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("wss");
+    redis
+        .publish(&format!("session:{session}:down"), "to all")
+        .await;
+    let frame = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws))
+        .await
+        .expect("a frame in time");
+    match frame {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+            assert_eq!(t.as_str(), "to all")
+        }
+        other => panic!("{other:?}"),
+    }
+}
