@@ -19,6 +19,7 @@ mod cluster;
 mod net;
 mod scenarios;
 mod soak;
+mod sse;
 mod stats;
 
 use std::io::Write as _;
@@ -177,6 +178,20 @@ enum Command {
         n: usize,
         #[arg(long, default_value_t = 1000)]
         m: u64,
+    },
+    /// The session bridge's event streams (Server-Sent Events), to set
+    /// beside the WebSocket figures of the same run: `idle` (RSS per
+    /// stream of --pids), `down` (plain streams, M messages round robin),
+    /// `resume` (a resumable stream misses M messages and comes back with
+    /// Last-Event-ID, N times; needs RELIABLE_SESSIONS=true).
+    Sse {
+        /// idle, down or resume.
+        scenario: String,
+        #[command(flatten)]
+        load: Load,
+        /// Process ids whose RSS is summed (idle).
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<u32>,
     },
     /// A bounded mixed load (session churn, down, up, topic pub/sub,
     /// proxied echo) for --duration; every --interval one line of the
@@ -404,6 +419,33 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Resume { n, m } => {
             let r = scenarios::resume(&c.wsproxy, &c.redis, &sources, n, m).await?;
+            check(&r);
+            emit(&r, &c)?;
+        }
+        Command::Sse {
+            scenario,
+            load,
+            pids,
+        } => {
+            let r = match scenario.as_str() {
+                "idle" => {
+                    sse::idle(&c.wsproxy, &c.redis, &sources, load.n, &pids, c.concurrency).await?
+                }
+                "down" => {
+                    sse::down(
+                        &c.wsproxy,
+                        &c.redis,
+                        &sources,
+                        load.n,
+                        load.m,
+                        load.rate,
+                        c.concurrency,
+                    )
+                    .await?
+                }
+                "resume" => sse::resume(&c.wsproxy, &c.redis, &sources, load.n, load.m).await?,
+                other => bail!("sse scenarios are idle, down and resume, not {other:?}"),
+            };
             check(&r);
             emit(&r, &c)?;
         }

@@ -112,7 +112,7 @@ impl Target {
 
     /// Makes the channels usable: tokens in Redis for wsproxy, nothing
     /// for nchan (its subscribers need no credentials).
-    async fn prepare(&self, channels: &[String]) -> anyhow::Result<()> {
+    pub(crate) async fn prepare(&self, channels: &[String]) -> anyhow::Result<()> {
         if let Target::Wsproxy { redis, .. } | Target::Reliable { redis, .. } = self {
             let mut c = redis_conn(redis).await?;
             for chunk in channels.chunks(1000) {
@@ -161,7 +161,11 @@ impl Target {
     /// there is nothing to wait for; nchan's Redis-backed subscriptions
     /// become active a moment after the handshake, and publishing earlier
     /// loses messages, so we poll its channel info.
-    async fn wait_active(&self, channels: &[String], expected: usize) -> anyhow::Result<()> {
+    pub(crate) async fn wait_active(
+        &self,
+        channels: &[String],
+        expected: usize,
+    ) -> anyhow::Result<()> {
         let Target::Nchan { http } = self else {
             return Ok(());
         };
@@ -198,7 +202,7 @@ impl Target {
     }
 }
 
-fn token_for(channel: &str) -> String {
+pub(crate) fn token_for(channel: &str) -> String {
     format!("bench-token-{channel}")
 }
 
@@ -401,10 +405,10 @@ pub async fn idle(
 }
 
 /// What one receiving client saw.
-struct Received {
-    count: u64,
-    hist: Histogram<u64>,
-    last_us: u64,
+pub(crate) struct Received {
+    pub(crate) count: u64,
+    pub(crate) hist: Histogram<u64>,
+    pub(crate) last_us: u64,
 }
 
 /// Reads from `ws` until `expected` messages arrived or `stop` fires.
@@ -456,7 +460,7 @@ fn receive(
     })
 }
 
-fn seq_of(msg: &[u8]) -> Option<u64> {
+pub(crate) fn seq_of(msg: &[u8]) -> Option<u64> {
     let start = msg.windows(4).position(|w| w == b"\"s\":")? + 4;
     let mut v: u64 = 0;
     let mut any = false;
@@ -474,7 +478,7 @@ fn seq_of(msg: &[u8]) -> Option<u64> {
 /// publisher cannot hide it: it shows up as publisher lag and as a lower
 /// delivered rate. Returns (first send time, published, errors, max lag,
 /// a note: on a cluster, how many messages went to each master).
-async fn publish(
+pub(crate) async fn publish(
     target: &Target,
     channels: &[String],
     m: u64,
@@ -666,7 +670,7 @@ fn lag_note(rate: f64, lag_us: u64) -> String {
 
 /// Waits for the receivers; gives up on stragglers once nothing has
 /// arrived for a while.
-async fn collect(
+pub(crate) async fn collect(
     receivers: Vec<tokio::task::JoinHandle<Received>>,
     stop: Arc<tokio::sync::Notify>,
     grace: Duration,
