@@ -192,6 +192,10 @@ enum Command {
         /// Process ids whose RSS is summed (idle).
         #[arg(long, value_delimiter = ',')]
         pids: Vec<u32>,
+        /// down: measure nchan's EventSource subscribers at this address
+        /// (e.g. http://127.0.0.1:8091) instead of wsproxy.
+        #[arg(long)]
+        nchan: Option<String>,
     },
     /// A bounded mixed load (session churn, down, up, topic pub/sub,
     /// proxied echo) for --duration; every --interval one line of the
@@ -426,6 +430,7 @@ async fn main() -> anyhow::Result<()> {
             scenario,
             load,
             pids,
+            nchan,
         } => {
             let r = match scenario.as_str() {
                 "idle" => {
@@ -435,10 +440,9 @@ async fn main() -> anyhow::Result<()> {
                     sse::down(
                         &c.wsproxy,
                         &c.redis,
+                        nchan.as_deref(),
                         &sources,
-                        load.n,
-                        load.m,
-                        load.rate,
+                        (load.n, load.m, load.rate),
                         c.concurrency,
                     )
                     .await?

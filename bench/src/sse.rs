@@ -25,6 +25,8 @@ pub struct SseConn {
     raw: BytesMut,
     /// Decoded body bytes not yet split into events.
     body: BytesMut,
+    /// The body is chunked (wsproxy's is; a peer's may not be).
+    chunked: bool,
 }
 
 /// One event: its id (if any) and its data lines joined.
@@ -35,7 +37,8 @@ pub struct Event {
 }
 
 impl SseConn {
-    /// `GET {http}/bench/sse/{channel}{query}` with the channel's token.
+    /// `GET {http}/bench/sse/{channel}{query}` with the channel's token
+    /// (wsproxy), or `GET {http}/sse/{channel}` (nchan's EventSource).
     pub async fn open(
         sources: &Sources,
         http: &str,
@@ -43,12 +46,31 @@ impl SseConn {
         query: &str,
         last_event_id: Option<&str>,
     ) -> anyhow::Result<SseConn> {
+        Self::open_path(
+            sources,
+            http,
+            &format!("/bench/sse/{channel}{query}"),
+            Some(&scenarios::token_for(channel)),
+            last_event_id,
+        )
+        .await
+    }
+
+    /// `GET {http}{path}`, with a bearer token when given.
+    pub async fn open_path(
+        sources: &Sources,
+        http: &str,
+        path: &str,
+        token: Option<&str>,
+        last_event_id: Option<&str>,
+    ) -> anyhow::Result<SseConn> {
         let addr = net::addr_of(http)?;
         let mut stream = sources.tcp(addr).await?;
-        let mut request = format!(
-            "GET /bench/sse/{channel}{query} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\nAuthorization: Bearer {}\r\n",
-            scenarios::token_for(channel)
-        );
+        let mut request =
+            format!("GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n");
+        if let Some(token) = token {
+            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
         if let Some(id) = last_event_id {
             request.push_str(&format!("Last-Event-ID: {id}\r\n"));
         }
@@ -67,22 +89,25 @@ impl SseConn {
         if !head.starts_with("HTTP/1.1 200") {
             bail!("refused: {}", head.lines().next().unwrap_or(""));
         }
-        if !head
+        let chunked = head
             .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            bail!("expected a chunked event stream");
-        }
+            .contains("transfer-encoding: chunked");
         raw.advance(head_end + 4);
         Ok(SseConn {
             stream,
             raw,
             body: BytesMut::new(),
+            chunked,
         })
     }
 
     /// Moves whole chunks to the body; false at the last chunk.
     fn decode(&mut self) -> anyhow::Result<bool> {
+        if !self.chunked {
+            let all = self.raw.split();
+            self.body.extend_from_slice(&all);
+            return Ok(true);
+        }
         loop {
             let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
                 return Ok(true);
@@ -158,6 +183,7 @@ async fn open_all(
     channels: &[String],
     query: &'static str,
     concurrency: usize,
+    nchan: bool,
 ) -> (Vec<SseConn>, u64, Option<String>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = Vec::with_capacity(channels.len());
@@ -170,7 +196,11 @@ async fn open_all(
         );
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let mut conn = SseConn::open(&sources, &http, &ch, query, None).await?;
+            let mut conn = if nchan {
+                SseConn::open_path(&sources, &http, &format!("/sse/{ch}"), None, None).await?
+            } else {
+                SseConn::open(&sources, &http, &ch, query, None).await?
+            };
             if !query.is_empty() {
                 // A resumable stream is ready with its welcome.
                 conn.next().await?.context("no welcome")?;
@@ -215,13 +245,13 @@ pub async fn idle(
     let http = http_of(ws);
     let warm = scenarios::channels("sw", 50.min(n));
     target.prepare(&warm).await?;
-    let (warm_conns, _, _) = open_all(sources, &http, &warm, "", concurrency).await;
+    let (warm_conns, _, _) = open_all(sources, &http, &warm, "", concurrency, false).await;
     let chans = scenarios::channels("si", n);
     target.prepare(&chans).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = net::rss_kib(pids)?;
     let started = Instant::now();
-    let (conns, errors, first) = open_all(sources, &http, &chans, "", concurrency).await;
+    let (conns, errors, first) = open_all(sources, &http, &chans, "", concurrency, false).await;
     let took = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = net::rss_kib(pids)?;
@@ -245,29 +275,44 @@ pub async fn idle(
 }
 
 /// `sse down`: N plain event streams, M messages published round robin
-/// (`PUBLISH session:{id}:down`, as the WebSocket `down` does).
+/// (`PUBLISH session:{id}:down`, as the WebSocket `down` does); with
+/// `nchan`, nchan's EventSource subscribers (`/sse/{id}` of the peer at
+/// that address), published by HTTP POST as its WebSocket peer is.
 pub async fn down(
     ws: &str,
     redis: &str,
+    nchan: Option<&str>,
     sources: &Arc<Sources>,
-    n: usize,
-    m: u64,
-    rate: f64,
+    load: (usize, u64, f64),
     concurrency: usize,
 ) -> anyhow::Result<Report> {
+    let (n, m, rate) = load;
     net::check_fd_budget(n)?;
-    let target = Target::Wsproxy {
-        ws: ws.to_owned(),
-        redis: redis.to_owned(),
+    let (target, http, name) = match nchan {
+        Some(http) => (
+            Target::Nchan {
+                http: http.to_owned(),
+            },
+            http.to_owned(),
+            "nchan-sse",
+        ),
+        None => (
+            Target::Wsproxy {
+                ws: ws.to_owned(),
+                redis: redis.to_owned(),
+            },
+            http_of(ws),
+            "wsproxy-sse",
+        ),
     };
-    let http = http_of(ws);
     let chans = scenarios::channels("sd", n);
     target.prepare(&chans).await?;
-    let (conns, errors, first) = open_all(sources, &http, &chans, "", concurrency).await;
+    let (conns, errors, first) =
+        open_all(sources, &http, &chans, "", concurrency, nchan.is_some()).await;
     if errors > 0 {
         bail!("{errors} streams refused: {}", first.unwrap_or_default());
     }
-    let per_conn = m / n as u64 + u64::from(m % n as u64 != 0);
+    target.wait_active(&chans, 1).await?;
     let stop = Arc::new(tokio::sync::Notify::new());
     let mut receivers = Vec::with_capacity(n);
     for (i, mut conn) in conns.into_iter().enumerate() {
@@ -297,14 +342,13 @@ pub async fn down(
             got
         }));
     }
-    let _ = per_conn;
     let (t0, published, pub_errors, lag, _) = scenarios::publish(&target, &chans, m, rate).await?;
     let (delivered, hist, last) =
         scenarios::collect(receivers, stop, Duration::from_secs(10)).await;
     let seconds = (last.saturating_sub(t0)) as f64 / 1e6;
     Ok(Report {
         scenario: "down".into(),
-        target: "wsproxy-sse".into(),
+        target: name.into(),
         connections: n,
         sent: published,
         delivered,
