@@ -375,7 +375,7 @@ impl Metrics {
         );
         registry.register(
             "control_messages",
-            "Messages on wsproxy:control, by reason: applied, malformed, overflow (dropped unread)",
+            "Control commands, by reason: applied (from the control stream), legacy (a command PUBLISHed on wsproxy:control, deprecated), malformed, overflow (wake-ups came faster than taken; the stream is read instead), missed (unread commands were trimmed from the stream)",
             m.control_messages.clone(),
         );
     }
