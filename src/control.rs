@@ -537,7 +537,8 @@ impl Control {
     /// it was deleted. (A position that is no entry, the start, only
     /// counts deletions.)
     fn lost_after(&self, from: StreamId, info: LogInfo) -> bool {
-        let trimmed = self.read_any && info.first.is_none_or(|first| first > from);
+        // An empty stream lost something only if it had entries after us.
+        let trimmed = self.read_any && info.first.map_or(info.last > from, |first| first > from);
         trimmed || info.max_deleted.is_some_and(|d| d > from)
     }
 
@@ -662,12 +663,20 @@ pub async fn listen(
             }
         };
         let mut due = Some(true);
+        let mut failing = false;
         loop {
             if let Some(check) = due {
                 match control.catch_up(check).await {
-                    Ok(()) => due = None,
+                    Ok(()) => {
+                        due = None;
+                        failing = false;
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "control: cannot read the control stream; retrying");
+                        // Once per outage, not every RETRY.
+                        if !failing {
+                            tracing::warn!(error = %e, "control: cannot read the control stream; retrying");
+                        }
+                        failing = true;
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = tokio::time::sleep(RETRY) => continue,

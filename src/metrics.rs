@@ -66,7 +66,7 @@ reason_enum! {
         /// A reliable session's live messages stopped: wsproxy's Redis
         /// pub/sub connection dropped (closed with 1013, to resume).
         PubSubLost => "pubsub_lost",
-        /// A backend closed the session (`wsproxy:control`), or this
+        /// A backend closed the session (`wsproxy_control`), or this
         /// process's registration lapsed and it asked its clients to
         /// register again.
         Backend => "backend",
