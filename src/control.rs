@@ -470,6 +470,13 @@ async fn read_after<C: ConnectionLike>(
     Ok(out)
 }
 
+/// See [`Control::lost_after`]; `read_any`: `from` is an entry read.
+fn lost_after(read_any: bool, from: StreamId, info: LogInfo) -> bool {
+    // An empty stream lost something only if it had entries after us.
+    let trimmed = read_any && info.first.map_or(info.last > from, |first| first > from);
+    trimmed || info.max_deleted.is_some_and(|d| d > from)
+}
+
 /// What the control task shares with each step.
 struct Control {
     broker: Broker,
@@ -537,9 +544,7 @@ impl Control {
     /// it was deleted. (A position that is no entry, the start, only
     /// counts deletions.)
     fn lost_after(&self, from: StreamId, info: LogInfo) -> bool {
-        // An empty stream lost something only if it had entries after us.
-        let trimmed = self.read_any && info.first.map_or(info.last > from, |first| first > from);
-        trimmed || info.max_deleted.is_some_and(|d| d > from)
+        lost_after(self.read_any, from, info)
     }
 
     /// True when a wake-up for entry `id` names one not handled yet.
@@ -799,6 +804,28 @@ mod tests {
         ] {
             assert_eq!(StreamId::parse(other), None, "{other:?}");
         }
+    }
+
+    #[test]
+    fn unread_entries_are_lost_only_when_trimming_or_deleting_passed_the_position() {
+        let info = |first: Option<u64>, last: u64, deleted: Option<u64>| LogInfo {
+            first: first.map(|f| StreamId(f, 0)),
+            last: StreamId(last, 0),
+            max_deleted: deleted.map(|d| StreamId(d, 0)),
+        };
+        let at = StreamId(10, 0);
+        // The position is still there, or the stream starts after it but
+        // the position is no entry (the start): nothing lost.
+        assert!(!lost_after(true, at, info(Some(5), 20, None)));
+        assert!(!lost_after(true, at, info(Some(10), 20, Some(3))));
+        assert!(!lost_after(false, at, info(Some(15), 20, None)));
+        // The entry read last was trimmed away.
+        assert!(lost_after(true, at, info(Some(15), 20, None)));
+        // Something after it was deleted.
+        assert!(lost_after(false, at, info(Some(5), 20, Some(12))));
+        // Emptied: lost only if it had entries after the position.
+        assert!(!lost_after(true, at, info(None, 10, None)));
+        assert!(lost_after(true, at, info(None, 12, None)));
     }
 
     #[test]
