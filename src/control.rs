@@ -622,7 +622,7 @@ impl Control {
 /// that shared connection). A command published on the channel in the
 /// old form is applied as it comes (best effort: counted `legacy`). A
 /// failed subscription or read (Redis down) is tried again every
-/// [`RETRY`], from the same position, so nothing appended meanwhile is
+/// 250 ms, from the same position, so nothing appended meanwhile is
 /// missed.
 pub async fn listen(
     broker: Broker,
