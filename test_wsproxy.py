@@ -747,9 +747,11 @@ async def test_control_disconnect_closes_every_connection(ctx: Context) -> None:
     async with ws_connect(url, bearer(token)) as plain, ws_connect(url, bearer(token), subprotocols) as second:
         if RELIABLE:
             await recv_json(second, "the welcome")
-        # PUBLISH wsproxy:control, SPUBLISH on a sharded cluster.
+        # The documented command: FCALL wsproxy_control on the control
+        # stream (on a cluster in the slot of wsproxy:control).
         message = json.dumps({"type": "disconnect", "session_id": session, "code": 4001, "reason": "suite"})
-        await ctx.publish("wsproxy:control", message)
+        stream = "{wsproxy:control}:log" if CLUSTER else "wsproxy:control:log"
+        await ctx.redis.fcall("wsproxy_control", 1, stream, message)
         for ws in (plain, second):
             await wait_close(ws)
             expect(

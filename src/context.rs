@@ -42,9 +42,10 @@ pub struct App {
     pub workers: WorkerPool,
     /// This process's lifecycle tracking (events, presence, heartbeat).
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
-    /// True while the `wsproxy` Redis library of reliable sessions is
-    /// loaded (see `server::keep_history_library`); unused when reliable
-    /// sessions are off.
+    /// True while the Redis libraries are loaded: `wsproxy_control`, and
+    /// `wsproxy` (reliable sessions) when they are on (see
+    /// `server::keep_libraries`). A call that finds `wsproxy` missing
+    /// clears it, and both are loaded again.
     pub history_loaded: std::sync::atomic::AtomicBool,
     /// The count of pub/sub reconnections (`wsproxy_redis_reconnects_total`)
     /// when the library was last loaded: a reconnection since may be a

@@ -91,7 +91,9 @@ async fn health() -> Response {
 }
 
 /// Ready means: not shutting down, the shared pub/sub connection is up (and
-/// has resubscribed), and Redis answers a PING on the command connection.
+/// has resubscribed), the Redis libraries backends call are loaded
+/// (`wsproxy_control`, and `wsproxy` with reliable sessions), and Redis
+/// answers a PING on the command connection.
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let not_ready = |reason: &str| {
         (
@@ -106,8 +108,8 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     if !app.broker.is_connected() {
         return not_ready("redis pub/sub connection is down");
     }
-    if app.config.reliable.enabled && !app.history_ready() {
-        return not_ready("the wsproxy Redis library (reliable sessions) is not loaded yet");
+    if !app.history_ready() {
+        return not_ready("the wsproxy Redis libraries are not loaded yet");
     }
     let mut redis = app.redis.clone();
     let cmd = redis::cmd("PING");

@@ -22,7 +22,8 @@
 //! | `wsproxy:processes` | sorted set: process -> last heartbeat (unix ms) | every process |
 //! | `wsproxy:process:<p>` | string, the heartbeat, with a TTL of two intervals | process `p` |
 //! | `wsproxy:process:<p>:connections` | hash of the connections `p` registered (JSON) | process `p`; emptied by whoever reaps it |
-//! | `wsproxy:control` | channel of commands for every process | backends |
+//! | `wsproxy:control:log` | stream of commands for every process (field `c`, JSON), the newest ~100,000 | backends, with `FCALL wsproxy_control` |
+//! | `wsproxy:control` | channel: a wake-up (the new entry's id) for every process; a command itself in the old, deprecated form | `wsproxy_control`; backends (deprecated) |
 //!
 //! # Redis Cluster (`REDIS_CLUSTER_NODES`)
 //!
@@ -39,9 +40,12 @@
 //! | `wsproxy:up:{<n>}`, `wsproxy:up:{<n>}:seen:<session>:<id>` |
 //! | `session:{<id>}:presence`, `session:{<id>}:events` |
 //! | `wsproxy:process:{<p>}`, `wsproxy:process:{<p>}:connections` |
+//! | `{wsproxy:control}:log` (in the slot of the channel `wsproxy:control`) |
 //!
 //! (`wsproxy:events`, `wsproxy:processes` and `wsproxy:control` keep their
-//! names: each is one key or channel in its own slot.)
+//! names: each is one key or channel in its own slot. The control stream's
+//! tag is the channel's whole name, so `wsproxy_control` can append to the
+//! one and publish on the other in one call, sharded pub/sub included.)
 //!
 //! Ids never hold braces ([`valid_id`]), so the tag is exactly the id. A
 //! backend on a cluster uses these names: `SETEX session:{42}:auth ...`,
@@ -177,6 +181,16 @@ impl Keys {
         format!("{}:seen:{session_id}:{id}", self.up_stream(shard))
     }
 
+    /// The stream of control commands, in the slot of the [`CONTROL`]
+    /// channel.
+    pub fn control_log(self) -> &'static str {
+        if self.is_cluster() {
+            "{wsproxy:control}:log"
+        } else {
+            "wsproxy:control:log"
+        }
+    }
+
     /// The channel of a topic in a session.
     pub fn topic(self, session: &str, topic: &str) -> String {
         format!("pubsub:{}:{topic}", self.tag(session))
@@ -198,7 +212,8 @@ pub fn up_shard(session_id: &str, shards: usize) -> usize {
 /// The stream of lifecycle events.
 pub const EVENTS: &str = "wsproxy:events";
 
-/// The channel every process takes commands on.
+/// The channel every process is woken on when a command is in
+/// [`Keys::control_log`] (and takes commands in the old form on).
 pub const CONTROL: &str = "wsproxy:control";
 
 /// The sorted set of live processes by last heartbeat.
@@ -221,6 +236,7 @@ mod tests {
         assert_eq!(k.up_stream(3), "wsproxy:up:3");
         assert_eq!(k.up_seen(3, "s1", "m-1"), "wsproxy:up:3:seen:s1:m-1");
         assert_eq!(k.publish_command(), "PUBLISH");
+        assert_eq!(k.control_log(), "wsproxy:control:log");
         assert_eq!(k.session_events("s1"), "session:s1:events");
         assert_eq!(k.session_presence("s1"), "session:s1:presence");
         assert_eq!(k.process_heartbeat("p1"), "wsproxy:process:p1");
@@ -242,6 +258,7 @@ mod tests {
             assert_eq!(k.session_live("s1"), "session:{s1}:live");
             assert_eq!(k.up_stream(3), "wsproxy:up:{3}");
             assert_eq!(k.up_seen(3, "s1", "m-1"), "wsproxy:up:{3}:seen:s1:m-1");
+            assert_eq!(k.control_log(), "{wsproxy:control}:log");
         }
         assert_eq!(Keys::ClusterClassic.publish_command(), "PUBLISH");
         assert_eq!(Keys::ClusterSharded.publish_command(), "SPUBLISH");
@@ -264,6 +281,8 @@ mod tests {
                 assert_eq!(get_slot(&name), slot, "{name}");
             }
         }
+        // The control stream and its wake-up channel: one slot.
+        assert_eq!(get_slot(k.control_log()), get_slot(CONTROL));
         for shard in [0, 1, 7, 1023] {
             let slot = get_slot(&k.up_stream(shard));
             let seen = k.up_seen(shard, "s1", "m-1");

@@ -32,8 +32,9 @@
 //! - [`lifecycle`]: connect, resume and disconnect events, presence, and
 //!   the process heartbeat that turns a dead process's connections into
 //!   disconnect events.
-//! - [`control`]: commands from backends on `wsproxy:control` (close a
-//!   session's connections).
+//! - [`control`]: commands from backends (close a session's connections),
+//!   read from the `wsproxy:control:log` stream on each wake-up on
+//!   `wsproxy:control`.
 //! - [`bridge`]: the session endpoint (`/{agent_id}/ws/{session_id}`), and
 //!   the session core both transports share ([`bridge::admit`]).
 //! - [`sse`]: sessions over HTTP (`/{agent_id}/sse/{session_id}`): an event

@@ -66,7 +66,7 @@ reason_enum! {
         /// A reliable session's live messages stopped: wsproxy's Redis
         /// pub/sub connection dropped (closed with 1013, to resume).
         PubSubLost => "pubsub_lost",
-        /// A backend closed the session (`wsproxy:control`), or this
+        /// A backend closed the session (`wsproxy_control`), or this
         /// process's registration lapsed and it asked its clients to
         /// register again.
         Backend => "backend",
@@ -404,7 +404,7 @@ impl Metrics {
         );
         registry.register(
             "control_messages",
-            "Messages on wsproxy:control, by reason: applied, malformed, overflow (dropped unread)",
+            "Control commands, by reason: applied (from the control stream), legacy (a command PUBLISHed on wsproxy:control, deprecated), malformed, overflow (wake-ups came faster than taken; the stream is read instead), missed (unread commands were trimmed from the stream)",
             m.control_messages.clone(),
         );
     }

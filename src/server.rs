@@ -231,6 +231,7 @@ pub async fn run(
     });
     tokio::spawn(crate::control::listen(
         app.broker.clone(),
+        app.redis.clone(),
         config.keys(),
         app.disconnects.clone(),
         app.metrics.clone(),
@@ -255,9 +256,7 @@ pub async fn run(
             broker_stop.clone(),
         ));
     }
-    if config.reliable.enabled {
-        tokio::spawn(keep_history_library(app.clone()));
-    }
+    tokio::spawn(keep_libraries(app.clone()));
     if let Some(upstream) = &upstream {
         upstream.start(&app);
         tracing::info!(
@@ -462,15 +461,18 @@ fn cluster_connections(
     })
 }
 
-/// Loads the `wsproxy` Redis library (reliable sessions) at start-up, and
-/// again after each reconnection of the pub/sub connection (a Redis that
-/// restarted without persistence has forgotten it, and backends' `FCALL
-/// wsproxy_publish` would fail until it is back) or when a call found it
-/// missing (`FUNCTION FLUSH`). `/ready` is 503 while it is not loaded.
-async fn keep_history_library(app: Arc<App>) {
+/// Loads the Redis libraries at start-up, and again after each
+/// reconnection of the pub/sub connection (a Redis that restarted without
+/// persistence has forgotten them, and backends' `FCALL`s would fail until
+/// they are back): `wsproxy_control` always (backends' control commands),
+/// and `wsproxy` with reliable sessions; both again when a call found
+/// `wsproxy` missing (`FUNCTION FLUSH`). `/ready` is 503 until they are
+/// loaded.
+async fn keep_libraries(app: Arc<App>) {
     use std::sync::atomic::Ordering;
     let mut loaded_at: Option<u64> = None;
     let mut redis = app.redis.clone();
+    let reliable = app.config.reliable.enabled;
     loop {
         let reconnects = app.metrics.redis_reconnects.get();
         // Again after the pub/sub connection came back (Redis may have
@@ -479,21 +481,25 @@ async fn keep_history_library(app: Arc<App>) {
         if loaded_at != Some(reconnects) || missing {
             app.history_loaded.store(false, Ordering::SeqCst);
             let limit = app.config.auth_timeout;
-            match crate::history::install(
-                &mut redis,
-                &app.config.reliable,
-                app.config.keys(),
-                limit,
-            )
-            .await
-            {
-                Ok(()) => {
+            let control = crate::control::install(&mut redis, app.config.keys(), limit).await;
+            let history = if reliable {
+                crate::history::install(&mut redis, &app.config.reliable, app.config.keys(), limit)
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                Ok(())
+            };
+            match (control, history) {
+                (Ok(()), Ok(())) => {
                     loaded_at = Some(reconnects);
                     app.history_loaded_for.store(reconnects, Ordering::SeqCst);
                     app.history_loaded.store(true, Ordering::SeqCst);
-                    tracing::info!("reliable sessions: the wsproxy Redis library is loaded");
+                    tracing::info!(reliable, "the wsproxy Redis libraries are loaded");
                 }
-                Err(e) => {
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, "cannot load the wsproxy_control Redis library; retrying")
+                }
+                (_, Err(e)) => {
                     tracing::warn!(error = %e, "reliable sessions: cannot load the wsproxy Redis library; retrying")
                 }
             }

@@ -993,3 +993,111 @@ async fn a_reliable_session_whose_slot_moves_resumes_with_nothing_missed() {
     assert_eq!(ns, expected, "every accepted message, in order, once");
     server.stop().await;
 }
+
+/// Durable control on a cluster (issue 22, defect 11): two processes
+/// apply every one of a burst of 20,000 disconnects sent with `FCALL
+/// wsproxy_control 1 {wsproxy:control}:log` (the stream and its wake-up
+/// channel in one slot, so one call does both, sharded pub/sub included),
+/// and, after the master of that slot fails over, a disconnect sent to
+/// the new master still reaches both.
+async fn control_survives_a_burst_and_a_failover(mode: ClusterPubSub) {
+    const BURST: usize = 20_000;
+    const APPLIED: &str = "wsproxy_control_messages_total{reason=\"applied\"}";
+    let log = "{wsproxy:control}:log";
+    let mut cluster = Cluster::start().await;
+    let a = Server::start_config(config(&cluster, mode)).await;
+    let b = Server::start_config(config(&cluster, mode)).await;
+    let live: Vec<String> = (0..4).map(|i| unique(&format!("ctl{i}"))).collect();
+    let mut sockets = Vec::new();
+    for (i, s) in live.iter().enumerate() {
+        cluster.set_token(s, TOKEN, 600).await;
+        let server = if i % 2 == 0 { &a } else { &b };
+        sockets.push(server.connect(s, TOKEN).await);
+    }
+    let disconnect = |s: &str| {
+        format!(r#"{{"type":"disconnect","session_id":"{s}","code":4001,"reason":"revoked"}}"#)
+    };
+    let mut c = cluster
+        .client_builder()
+        .response_timeout(Duration::from_secs(60))
+        .build()
+        .expect("seeds")
+        .get_async_connection()
+        .await
+        .expect("connect");
+    let mut p = redis::pipe();
+    for i in 0..BURST {
+        let session = match i {
+            5_000 => live[0].clone(),
+            15_000 => live[1].clone(),
+            _ => format!("gone-{i}"),
+        };
+        p.cmd("FCALL")
+            .arg("wsproxy_control")
+            .arg(1)
+            .arg(log)
+            .arg(disconnect(&session))
+            .ignore();
+    }
+    let _: () = p.query_async(&mut c).await.expect("the burst");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for server in [&a, &b] {
+        while server.metric(APPLIED).await < BURST as f64 {
+            assert!(tokio::time::Instant::now() < deadline, "not all applied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(server.metric(APPLIED).await, BURST as f64);
+    }
+    for ws in &mut sockets[..2] {
+        assert_eq!(close_code(ws).await, 4001);
+    }
+
+    // The stream's master fails over (after its replica has everything).
+    let master = cluster.master_of(log).await;
+    cluster.wait_replicated(master).await;
+    cluster.kill(master);
+    let sent = tokio::time::Instant::now();
+    for s in &live[2..] {
+        loop {
+            let r: redis::RedisResult<String> = redis::cmd("FCALL")
+                .arg("wsproxy_control")
+                .arg(1)
+                .arg(log)
+                .arg(disconnect(s))
+                .query_async(&mut c)
+                .await;
+            if r.is_ok() {
+                break;
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(30),
+                "no failover: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for ws in &mut sockets[2..] {
+        assert_eq!(close_code(ws).await, 4001);
+    }
+    println!("closed {:?} after the master was killed", sent.elapsed());
+    for server in [&a, &b] {
+        assert_eq!(
+            server
+                .metric("wsproxy_control_messages_total{reason=\"missed\"}")
+                .await,
+            0.0
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_control_survives_a_burst_and_a_failover() {
+    control_survives_a_burst_and_a_failover(ClusterPubSub::Sharded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_control_survives_a_burst_and_a_failover() {
+    control_survives_a_burst_and_a_failover(ClusterPubSub::Classic).await;
+}

@@ -346,15 +346,37 @@ async fn a_backend_disconnect_closes_the_session_everywhere_with_its_code() {
     redis
         .publish(&format!("session:{session}:down"), r#"{"last":true}"#)
         .await;
-    let started = Instant::now();
-    redis
-        .publish(
+    // The documented command refuses what is not a JSON object, and any
+    // other key, at once.
+    let mut c = redis.conn().await;
+    for (key, command) in [
+        ("wsproxy:control:log", "not json"),
+        ("wsproxy:control:log", "[1]"),
+        (
             "wsproxy:control",
-            &format!(
-                r#"{{"type":"disconnect","session_id":"{session}","code":4001,"reason":"revoked"}}"#
-            ),
-        )
-        .await;
+            r#"{"type":"disconnect","session_id":"x"}"#,
+        ),
+    ] {
+        let refused: redis::RedisResult<String> = redis::cmd("FCALL")
+            .arg("wsproxy_control")
+            .arg(1)
+            .arg(key)
+            .arg(command)
+            .query_async(&mut c)
+            .await;
+        assert!(refused.is_err(), "{key} {command}: {refused:?}");
+    }
+    let started = Instant::now();
+    let _: String = redis::cmd("FCALL")
+        .arg("wsproxy_control")
+        .arg(1)
+        .arg("wsproxy:control:log")
+        .arg(format!(
+            r#"{{"type":"disconnect","session_id":"{session}","code":4001,"reason":"revoked"}}"#
+        ))
+        .query_async(&mut c)
+        .await
+        .expect("FCALL wsproxy_control");
     for (i, ws) in closed.iter_mut().enumerate() {
         if i < 3 {
             assert_eq!(next_text(ws).await, r#"{"last":true}"#);
@@ -705,23 +727,24 @@ async fn a_disconnect_during_an_admission_closes_that_connection_too() {
         }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // What the README and the Python library do: DEL and PUBLISH in one
-    // MULTI/EXEC, straight to Redis.
+    // What the README and the Python library do: DEL and FCALL
+    // wsproxy_control in one MULTI/EXEC, straight to Redis.
     let mut c = redis.conn().await;
     let _: () = redis::pipe()
         .atomic()
         .del(format!("session:{session}:auth"))
         .ignore()
-        .publish(
-            "wsproxy:control",
-            format!(
-                r#"{{"type":"disconnect","session_id":"{session}","code":4001,"reason":"revoked"}}"#
-            ),
-        )
+        .cmd("FCALL")
+        .arg("wsproxy_control")
+        .arg(1)
+        .arg("wsproxy:control:log")
+        .arg(format!(
+            r#"{{"type":"disconnect","session_id":"{session}","code":4001,"reason":"revoked"}}"#
+        ))
         .ignore()
         .query_async(&mut c)
         .await
-        .expect("MULTI DEL PUBLISH EXEC");
+        .expect("MULTI DEL FCALL EXEC");
     let mut ws = admission
         .await
         .expect("admission task")

@@ -124,7 +124,9 @@ async def test_disconnect_closes_the_session_and_revokes_its_token(cluster_wspro
         cluster_wsproxy_server.ws, sid, token, reliable=True
     ) as rel:
         await welcome(rel)
-        assert await cluster_wsproxy.disconnect(sid, code=4001, reason="bye", revoke_token=True) >= 1
+        entry = await cluster_wsproxy.disconnect(sid, code=4001, reason="bye", revoke_token=True)
+        # The command went into the control stream's slot (the channel's).
+        assert await cluster_wsproxy.redis.xrange("{wsproxy:control}:log", entry, entry)
         for conn in (ws, rel):
             with pytest.raises(ConnectionClosed):
                 async with asyncio.timeout(5):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import uuid
 
@@ -19,7 +20,7 @@ from support import AGENT, client, recv_json, send_reliable, welcome
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wsproxy_backend import Event, Wsproxy, disconnect_message
-from wsproxy_backend.keys import CONTROL_CHANNEL, EVENTS_STREAM
+from wsproxy_backend.keys import CONTROL_CHANNEL, CONTROL_STREAM, EVENTS_STREAM
 
 CONNECT = {
     "type": "connect", "session_id": "s1", "agent_id": "a1", "connection_id": "p1:1", "process": "p1",
@@ -96,22 +97,34 @@ async def test_presence_reads_the_spec_hash(wsproxy: Wsproxy, redis, sid):
     await redis.delete(key)
 
 
-async def test_disconnect_publishes_the_control_message_and_revokes_in_one_transaction(wsproxy: Wsproxy, redis, sid):
+async def test_disconnect_appends_the_command_to_the_control_stream_and_revokes_in_one_transaction(
+    wsproxy: Wsproxy, redis, sid
+):
     await wsproxy.issue_token(sid)
     async with redis.pubsub() as ps:
         await ps.subscribe(CONTROL_CHANNEL)
         assert (await ps.get_message(timeout=5))["type"] == "subscribe"
-        receivers = await wsproxy.disconnect(sid, code=4001, reason="revoked", revoke_token=True)
-        assert receivers >= 1
+        entry = await wsproxy.disconnect(sid, code=4001, reason="revoked", revoke_token=True)
+        # The command is in the stream every wsproxy process reads; the
+        # channel only carries the entry's id, as a wake-up.
+        [(entry_id, fields)] = await redis.xrange(CONTROL_STREAM, entry, entry)
+        assert _s(entry_id) == entry
+        assert json.loads(fields[b"c"] if b"c" in fields else fields["c"]) == {
+            "type": "disconnect", "session_id": sid, "code": 4001, "reason": "revoked",
+        }
         msg = await ps.get_message(ignore_subscribe_messages=True, timeout=5)
-        assert json.loads(msg["data"]) == {"type": "disconnect", "session_id": sid, "code": 4001, "reason": "revoked"}
+        assert _s(msg["data"]) == entry
         assert await redis.exists(f"session:{sid}:auth") == 0
-        # Without revoking, the token stays; without a code, the message has none.
+        # Without revoking, the token stays; without a code, the command has none.
         await wsproxy.issue_token(sid)
-        await wsproxy.disconnect(sid, code=None)
-        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=5)
-        assert json.loads(msg["data"]) == {"type": "disconnect", "session_id": sid}
+        entry = await wsproxy.disconnect(sid, code=None)
+        [(_, fields)] = await redis.xrange(CONTROL_STREAM, entry, entry)
+        assert json.loads(fields[b"c"] if b"c" in fields else fields["c"]) == {"type": "disconnect", "session_id": sid}
         assert await redis.exists(f"session:{sid}:auth") == 1
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 @pytest.mark.parametrize("code", [999, 1001, 1006, 1011, 2999, 5000, True, "4000"])
@@ -208,7 +221,8 @@ async def test_disconnect_closes_every_connection_and_revokes(wsproxy: Wsproxy, 
         async with client(wsproxy_server.ws, sid, token) as plain, client(wsproxy_server.ws, sid, token, reliable=True) as rel:
             await welcome(rel)
             await send_reliable(rel, "m", 1)
-            assert await wsproxy.disconnect(sid, code=4001, reason="revoked", revoke_token=True) >= 1
+            entry = await wsproxy.disconnect(sid, code=4001, reason="revoked", revoke_token=True)
+            assert re.fullmatch(r"\d+-\d+", entry), entry
             for ws in (plain, rel):
                 with pytest.raises(ConnectionClosed):
                     async with asyncio.timeout(5):

@@ -455,36 +455,48 @@ class Wsproxy:
         code: int | None = DEFAULT_DISCONNECT_CODE,
         reason: str | None = None,
         revoke_token: bool = False,
-    ) -> int:
+    ) -> str:
         """Closes every connection of a session, plain and reliable, on every
         wsproxy process, with ``code`` (1000, 1008 or 3000-4999) and
-        ``reason`` (at most 123 bytes), by publishing on ``wsproxy:control``.
+        ``reason`` (at most 123 bytes), with ``FCALL wsproxy_control 1
+        wsproxy:control:log <json>``: the command goes into the control
+        stream every process reads from its own position, so a burst or a
+        process's outage loses none. Returns the command's stream entry id.
 
         With ``revoke_token=True`` the token is deleted in the same
         ``MULTI``/``EXEC``, so the client cannot reconnect with it either.
-        Returns how many wsproxy processes got the message.
+        On a cluster the key is ``{wsproxy:control}:log``, and a revoked
+        token is deleted just before, not in one transaction (the two names
+        live in different slots).
 
-        On a cluster the message goes out with ``SPUBLISH wsproxy:control``
-        (``PUBLISH`` in classic mode), and a revoked token is deleted just
-        before it, not in one transaction (the two names live in different
-        slots).
+        Needs a wsproxy of this release or later on this Redis (it loads the
+        function); :class:`WsproxyError` otherwise. (Until then this
+        published on ``wsproxy:control`` and returned how many processes
+        got it.)
 
         Example::
 
-            await wsproxy.disconnect("s1", code=4001, reason="revoked", revoke_token=True)  # 2
+            await wsproxy.disconnect("s1", code=4001, reason="revoked", revoke_token=True)  # '1764600000000-0'
         """
         message = disconnect_message(session_id, code, reason)
-        if self.cluster is not None:
-            if revoke_token:
-                await self.redis.delete(self.names.auth_key(session_id))
-            return await self._publish(keys.CONTROL_CHANNEL, message)
-        if not revoke_token:
-            return int(await self.redis.publish(keys.CONTROL_CHANNEL, message))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.names.auth_key(session_id))
-            pipe.publish(keys.CONTROL_CHANNEL, message)
-            _, receivers = await pipe.execute()
-        return int(receivers)
+        stream = self.names.control_stream()
+        try:
+            if self.cluster is not None or not revoke_token:
+                if revoke_token:
+                    await self.redis.delete(self.names.auth_key(session_id))
+                entry = await self.redis.fcall("wsproxy_control", 1, stream, message)
+            else:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(self.names.auth_key(session_id))
+                    pipe.fcall("wsproxy_control", 1, stream, message)
+                    _, entry = await pipe.execute()
+        except ResponseError as e:
+            if "Function not found" in str(e):
+                raise WsproxyError(
+                    "wsproxy_control is not loaded in this Redis: start a wsproxy of this release on it"
+                ) from e
+            raise WsproxyError(str(e)) from e
+        return _text(entry)
 
 
 __all__: Sequence[str] = [

@@ -27,8 +27,14 @@ MAX_ID_LEN = 128
 #: The stream lifecycle events are appended to.
 EVENTS_STREAM = "wsproxy:events"
 
-#: The channel every wsproxy process listens to for control messages (the
-#: same name on a cluster: ``SPUBLISH wsproxy:control`` in sharded mode).
+#: The stream of control commands every wsproxy process reads
+#: (``FCALL wsproxy_control 1 wsproxy:control:log <json>``); on a cluster
+#: ``{wsproxy:control}:log`` (see :meth:`Names.control_stream`).
+CONTROL_STREAM = "wsproxy:control:log"
+
+#: The channel ``wsproxy_control`` wakes the processes up on (with the new
+#: entry's id). Publishing a command itself here is the old, deprecated way:
+#: live only, best effort.
 CONTROL_CHANNEL = "wsproxy:control"
 
 #: The subprotocol a reliable client asks for.
@@ -120,6 +126,12 @@ class Names:
         if shards < 1:
             raise ValueError("shards must be at least 1")
         return [self.up_stream(n) for n in range(shards)]
+
+    def control_stream(self) -> str:
+        """The control stream ``FCALL wsproxy_control`` takes as its key: on a
+        cluster in the slot of ``wsproxy:control``, so the function can wake
+        the processes up in the same call."""
+        return "{wsproxy:control}:log" if self.cluster else CONTROL_STREAM
 
     def all_up_channels(self) -> str:
         """The pattern of every session's up channel (``PSUBSCRIBE``; classic pub/sub only)."""
