@@ -109,7 +109,7 @@ async fn open(
         transport: Transport::Sse,
     };
     let driver = crate::bridge::admit(&app, ask, slot).await?;
-    let (socket, body) = pipe();
+    let (socket, body) = pipe(resume.map(|(epoch, offset)| format!("{epoch}:{offset}")));
     tokio::spawn(driver.run(socket));
     let mut response = Response::new(axum::body::Body::from_stream(body));
     let h = response.headers_mut();
@@ -314,6 +314,10 @@ pub struct SseSocket {
     shared: Arc<Shared>,
     /// The history's epoch, from the welcome (resumable streams).
     epoch: Option<String>,
+    /// The position the client resumes from, `<epoch>:<offset>`: the id of
+    /// a welcome that says `resumed`, so that a stream lost before the
+    /// replay comes back for the same messages, never past them.
+    resuming: Option<String>,
 }
 
 /// The response body's side of an event stream.
@@ -349,8 +353,8 @@ struct State_ {
 }
 
 /// A new event stream: the driver's socket, and the body that carries what
-/// it writes. Nothing is allocated until something is written.
-pub fn pipe() -> (SseSocket, SseBody) {
+/// it writes; `resuming` is the position a resumable client asked for.
+pub fn pipe(resuming: Option<String>) -> (SseSocket, SseBody) {
     let shared = Arc::new(Shared::default());
     {
         let mut state = shared.lock();
@@ -363,6 +367,7 @@ pub fn pipe() -> (SseSocket, SseBody) {
         SseSocket {
             shared: shared.clone(),
             epoch: None,
+            resuming,
         },
         SseBody { shared },
     )
@@ -420,6 +425,7 @@ struct WelcomePosition<'a> {
     r#type: &'a str,
     epoch: &'a str,
     offset: &'a str,
+    resumed: Option<bool>,
 }
 
 impl SseSocket {
@@ -444,9 +450,17 @@ impl SseSocket {
                 {
                     self.epoch = Some(w.epoch.to_owned());
                     out.put_slice(b"event: welcome\nid: ");
-                    out.put_slice(w.epoch.as_bytes());
-                    out.put_u8(b':');
-                    out.put_slice(w.offset.as_bytes());
+                    match self.resuming.take().filter(|_| w.resumed == Some(true)) {
+                        // Resumed: the replay follows, each event with its
+                        // own id; until then the client is where it was.
+                        Some(position) => out.put_slice(position.as_bytes()),
+                        // Fresh, or a failed resume: it goes on from here.
+                        None => {
+                            out.put_slice(w.epoch.as_bytes());
+                            out.put_u8(b':');
+                            out.put_slice(w.offset.as_bytes());
+                        }
+                    }
                     out.put_u8(b'\n');
                     put_data(out, text);
                 } else {
@@ -648,7 +662,7 @@ mod tests {
     #[tokio::test]
     async fn resumable_frames_become_events_with_ids() {
         use futures_util::{SinkExt, StreamExt};
-        let (mut socket, mut body) = pipe();
+        let (mut socket, mut body) = pipe(None);
         let welcome = r#"{"type":"welcome","session_id":"s","epoch":"17","offset":"5-0"}"#;
         // A send completes once the body has taken it: both at once.
         let (sent, first) = tokio::join!(socket.send(Message::Text(welcome.into())), body.next());
@@ -684,7 +698,7 @@ mod tests {
     #[tokio::test]
     async fn a_keepalive_taken_by_the_body_is_a_pong_and_a_dropped_body_is_gone() {
         use futures_util::{SinkExt, StreamExt};
-        let (mut socket, mut body) = pipe();
+        let (mut socket, mut body) = pipe(None);
         let _ = body.next().await; // retry:
         let (sent, _) = tokio::join!(socket.send(Message::Ping(Bytes::new())), body.next());
         sent.expect("keepalive");
