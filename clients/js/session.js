@@ -905,9 +905,10 @@ export class Session {
       return;
     }
     if (this.#o.reliable && this.#replayLeft > 0) {
-      // Dropped in a replay: the EventSource's Last-Event-ID is the
-      // welcome's (the newest offset), not the last message delivered.
-      // Reconnect from our own position instead.
+      // Dropped in a replay: until the first replayed message arrives, the
+      // EventSource's Last-Event-ID is the welcome's (the newest offset),
+      // and its own reconnect would skip the replay. Reconnect from the
+      // last message delivered instead.
       this.#abandon(es);
       this.#scheduleReconnect({ code, reason });
       return;

@@ -36,7 +36,11 @@
 //      down: the session resumes (EventSource's Last-Event-ID), delivers
 //      what was published meanwhile once, and the message is POSTed again
 //      and stored once; a control disconnect with code 4001 ends the
-//      session without reconnecting.
+//      session without reconnecting;
+//   4. a scripted event stream (this process) drops a resumed connection
+//      between its welcome and its replay: session.js must reopen from the
+//      last message it delivered, not let the EventSource resume from the
+//      welcome's id (the newest offset), which would skip the replay.
 // Exit status 0 on success, 1 on any failure (with the reason on stderr).
 
 import http from 'node:http';
@@ -190,7 +194,7 @@ function freePort() {
   });
 }
 
-const started = { browser: null, staticServer: null, redis: [], children: new Set(), logs: [] };
+const started = { browser: null, staticServer: null, scripted: null, redis: [], children: new Set(), logs: [] };
 
 function launch(name, command, args, env) {
   const child = spawn(command, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -634,17 +638,63 @@ async function run() {
   check(streamRequests.length === requestsBeforeEnd, `lib: ${streamRequests.length - requestsBeforeEnd} stream requests after a backend disconnect, expected none`);
   say('session.js over SSE: a control disconnect with code 4002 closed the session (server_closed), no reconnect');
 
+  // 4. A scripted event stream: a drop between a resume's welcome and its replay ----
+  // The EventSource's last id is then the welcome's (the newest offset), so
+  // its own reconnect would skip the replay: session.js must reconnect from
+  // the last message it delivered instead.
+  const script = { requests: [] };
+  started.scripted = http.createServer((req, res) => {
+    const u = new URL(req.url, 'http://scripted');
+    script.requests.push({ position: u.searchParams.get('last_event_id'), header: req.headers['last-event-id'] ?? null });
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', 'access-control-allow-origin': '*' });
+    const welcome = (w) => `event: welcome\nid: E1:${w.offset}\ndata: ${JSON.stringify({ type: 'welcome', session_id: 'scripted', epoch: 'E1', ...w })}\n\n`;
+    const message = (offset) => `id: E1:${offset}\ndata: ${JSON.stringify({ at: offset })}\n\n`;
+    const n = script.requests.length;
+    if (n === 1) {
+      res.write('retry: 100\n\n' + welcome({ offset: '5-0' }) + message('6-0') + message('7-0'));
+      setTimeout(() => res.end(), 100); // the stream ends: the EventSource reconnects with E1:7-0
+    } else if (n === 2) {
+      res.write(welcome({ offset: '10-0', resumed: true, replayed: 3 }));
+      setTimeout(() => res.socket.destroy(), 100); // dropped with 8-0, 9-0 and 10-0 still to come
+    } else {
+      const from = (script.requests[n - 1].header ?? script.requests[n - 1].position ?? '').replace('E1:', '');
+      const rest = ['6-0', '7-0', '8-0', '9-0', '10-0'].filter((o) => Number(o.split('-')[0]) > Number(from.split('-')[0]));
+      res.write(welcome({ offset: '10-0', resumed: true, replayed: rest.length }) + rest.map(message).join(''));
+    }
+  });
+  await new Promise((resolve) => started.scripted.listen(0, '127.0.0.1', resolve));
+  const scripted = await page.evaluate(
+    ([o]) => window.openRecorded('scripted', o),
+    [{ url: `http://127.0.0.1:${started.scripted.address().port}`, agentId: AGENT, sessionId: 'scripted', token: 't', transport: 'sse', backoff: { initialMs: 50, maxMs: 100 } }],
+  );
+  check(scripted.welcome, `scripted: not ready: ${JSON.stringify(scripted)}`);
+  const scriptedSnap = () => page.evaluate(() => window.snapshot('scripted'));
+  await until('scripted: 5 messages', async () => (await scriptedSnap()).messages.length >= 5, async () => JSON.stringify({ ...(await scriptedSnap()), requests: script.requests }));
+  await sleep(300);
+  s = await scriptedSnap();
+  check(
+    isDeepStrictEqual(s.messages.map((m) => m.offset), ['6-0', '7-0', '8-0', '9-0', '10-0']) && s.resumeFailed.length === 0,
+    `scripted: delivered ${JSON.stringify(s.messages.map((m) => m.offset))}, expected 6-0 to 10-0 once each`,
+  );
+  check(
+    isDeepStrictEqual(script.requests, [{ position: null, header: null }, { position: null, header: 'E1:7-0' }, { position: 'E1:7-0', header: null }]),
+    `scripted: the stream requests asked for ${JSON.stringify(script.requests)}; expected the EventSource's own resume from E1:7-0, then, after the drop before the replay, session.js's from E1:7-0 (not the welcome's E1:10-0)`,
+  );
+  await page.evaluate(() => window.rec.scripted.session.close());
+  say('scripted stream: the EventSource resumed by itself (Last-Event-ID E1:7-0); dropped before the replay, session.js reopened from its own position (last_event_id=E1:7-0), not the welcome\'s E1:10-0');
+
   check(diagnostics.pageErrors.length === 0, `page errors: ${diagnostics.pageErrors.join('\n')}`);
 }
 
 async function cleanup() {
-  const { browser, staticServer, redis } = started;
-  started.browser = started.staticServer = null;
+  const { browser, staticServer, scripted, redis } = started;
+  started.browser = started.staticServer = started.scripted = null;
   if (browser) await Promise.race([browser.close().catch(() => {}), sleep(10_000)]);
   for (const r of redis.splice(0)) r.close();
-  if (staticServer) {
-    staticServer.closeAllConnections?.();
-    await new Promise((r) => staticServer.close(() => r()));
+  for (const server of [staticServer, scripted]) {
+    if (!server) continue;
+    server.closeAllConnections?.();
+    await new Promise((r) => server.close(() => r()));
   }
   for (const child of [...started.children]) {
     child.kill('SIGKILL');
