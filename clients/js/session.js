@@ -148,7 +148,9 @@ const UNAVAILABLE_AFTER = 3;
  * @property {(state: SessionState, info: object) => void} [onStateChange]
  *   `info` has `welcome` (on `open`, reliable), `attempt` (on
  *   `connecting`), `delayMs`, `attempt`, `code`, `reason` (on `backoff`),
- *   `error` (on a fatal `closed`)
+ *   `error` (on a fatal `closed`). With transport sse the EventSource's own
+ *   reconnect goes from `open` to `connecting` (with `code` and `reason`
+ *   of the stream's `event: close`, or 1006), with no `backoff`
  * @property {(error: SessionError) => void} [onError] failed attempts
  *   (`connect_failed`, `connect_timeout`, `token_failed`), frames the
  *   server refused (`server_error`) or that break the protocol
@@ -158,7 +160,10 @@ const UNAVAILABLE_AFTER = 3;
  *   subprotocol, which looks like any failed attempt: after each failed
  *   reliable handshake the session opens a plain connection with the same
  *   token (and closes it at once); when that works three attempts in a
- *   row, the server has reliable sessions off: `reliable_unavailable`
+ *   row, the server has reliable sessions off: `reliable_unavailable`.
+ *   Transport sse adds `post_failed` (a POST got no answer, or an
+ *   unexpected one; it is sent again) and the fatal `server_closed` (an
+ *   `event: close` with a code from 4000: the backend ended the session)
  * @property {{initialMs?: number, maxMs?: number, maxAttempts?: number}} [backoff]
  *   delay before reconnecting: `min(maxMs, initialMs * 2^n)` for the n-th
  *   consecutive failed attempt (n = 0 after a drop), of which a random part,
@@ -441,6 +446,11 @@ export class Session {
    * acknowledgement (the promise resolves at once); a refused frame comes
    * back as an `{"type":"error",...}` message to `onMessage`.
    *
+   * Transport sse: the same, by `fetch` POST. Reliable messages go one
+   * POST at a time in send order, each answered with its ack; one without
+   * an answer is sent again with its id. A plain send resolves when the
+   * server answered `{"status":"published"}`.
+   *
    * @param {*} data any JSON-serialisable value
    * @param {{id?: string}} [options] `id`: the message's id (1-128 of
    *   `A-Z a-z 0-9 - _ .`), to resend a message across page loads; default a
@@ -452,7 +462,9 @@ export class Session {
    *   `invalid_id`, `duplicate_id` (that id waits already), `closed` (the
    *   session was closed first; the message may or may not have been
    *   stored), `reliable_unavailable` or `gave_up` (the session failed), or
-   *   in plain mode `not_connected`
+   *   in plain mode `not_connected`; with transport sse also `id_conflict`
+   *   and `invalid_message` (the server refused the POST), `server_closed`,
+   *   and in plain mode `post_failed`
    */
   send(data, options = {}) {
     if (this.#closed) return Promise.reject(new SessionError('closed', 'the session is closed'));

@@ -41,7 +41,9 @@
 //   4. a scripted event stream (this process) drops a resumed connection
 //      between its welcome and its replay: session.js must reopen from the
 //      last message it delivered, not let the EventSource resume from the
-//      welcome's id (the newest offset), which would skip the replay.
+//      welcome's id (the newest offset), which would skip the replay;
+//   5. refused streams: a wrong token is reported with its 403, a wsproxy
+//      with reliable sessions off makes the session fail at once.
 // Exit status 0 on success, 1 on any failure (with the reason on stderr).
 
 import http from 'node:http';
@@ -238,7 +240,7 @@ async function startRedis() {
   return { port, child, client };
 }
 
-async function startWsproxy(port, redisPort) {
+async function startWsproxy(port, redisPort, settings = {}) {
   // Only what this test sets: no setting of the caller's environment may change the server.
   const env = {
     PATH: process.env.PATH,
@@ -249,6 +251,7 @@ async function startWsproxy(port, redisPort) {
     WS_ALLOWED_ORIGINS: '*',
     LIFECYCLE_EVENTS: 'true',
     RUST_LOG: 'warn',
+    ...settings,
   };
   const child = launch(`wsproxy:${port}`, WSPROXY_BIN, [], env);
   const t0 = Date.now();
@@ -721,6 +724,34 @@ async function run() {
   );
   await page.evaluate(() => window.rec.scripted.session.close());
   say('scripted stream: the EventSource resumed by itself (Last-Event-ID E1:7-0); dropped before the replay, session.js reopened from its own position (last_event_id=E1:7-0), not the welcome\'s E1:10-0');
+
+  // 5. Refused streams: a wrong token, a server with reliable sessions off ------------
+  const refusedSnap = (name) => page.evaluate((n) => window.snapshot(n), name);
+  const settled = (name) =>
+    page.evaluate(
+      ([n, ms]) => Promise.race([window.rec[n].ready, new Promise((r) => setTimeout(() => r({ code: 'test: still not settled' }), ms))]),
+      [name, STEP_MS],
+    );
+  await page.evaluate(
+    ([o]) => { window.openRecorded('badtoken', o); },
+    [{ url: base, agentId: AGENT, sessionId: sid2, token: 'not-the-token', transport: 'sse', backoff: { initialMs: 50, maxMs: 100, maxAttempts: 2 } }],
+  );
+  const badToken = await settled('badtoken');
+  s = await refusedSnap('badtoken');
+  check(
+    badToken.code === 'gave_up' && s.errors.filter((e) => e.code === 'connect_failed' && /HTTP 403 invalid_token/.test(e.message)).length === 2,
+    `badtoken: ready gave ${JSON.stringify(badToken)}, errors ${JSON.stringify(s.errors)}; expected two attempts refused with 403 invalid_token, then gave_up`,
+  );
+  const offPort = await freePort();
+  await startWsproxy(offPort, redisPort, { RELIABLE_SESSIONS: 'false' });
+  await page.evaluate(
+    ([o]) => { window.openRecorded('off', o); },
+    [{ url: `http://127.0.0.1:${offPort}`, agentId: AGENT, sessionId: sid2, token: token2, transport: 'sse', backoff: { initialMs: 50, maxMs: 100 } }],
+  );
+  const off = await settled('off');
+  s = await refusedSnap('off');
+  check(off.code === 'reliable_unavailable' && s.state === 'closed', `off: ready gave ${JSON.stringify(off)}, state ${s.state}; expected reliable_unavailable`);
+  say(`refused streams: a wrong token is reported as HTTP 403 invalid_token (then gave_up after maxAttempts), reliable sessions off is ${off.code} at once`);
 
   check(diagnostics.pageErrors.length === 0, `page errors: ${diagnostics.pageErrors.join('\n')}`);
 }
