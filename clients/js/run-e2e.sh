@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Real-browser end-to-end tests of clients/js (jwt_utils.js, the demo page,
 # session.js) against a wsproxy that is ALREADY RUNNING (this script does not
-# start wsproxy or Redis).
+# start wsproxy or Redis for them), then the test of sessions over HTTP
+# (test/sse-e2e.mjs), which starts its own redis-server and wsproxy
+# processes from the binary WSPROXY_BIN (default ../../target/debug/wsproxy
+# from this directory: build it first with cargo build --bin wsproxy).
 #
 #   WSPROXY_HTTP=http://127.0.0.1:8080 E2E_USER=alice E2E_PASSWORD=secret \
-#   REDIS_URL=redis://127.0.0.1:6379 bash clients/js/run-e2e.sh
+#   REDIS_URL=redis://127.0.0.1:6379 WSPROXY_BIN=$PWD/target/debug/wsproxy \
+#   bash clients/js/run-e2e.sh
 #
 # The server needs JWT_SECRET, a USERS_FILE containing E2E_USER, and
 # CORS_ALLOWED_ORIGINS allowing http://127.0.0.1:<any port> (e.g. '*');
@@ -59,4 +63,11 @@ node test/browser-e2e.mjs
 node test/demo-e2e.mjs
 # session.js on /{agent}/ws/{session}: reliable sessions with a cut link in
 # the middle of a stream, resume failures, plain mode.
-exec node test/session-e2e.mjs
+node test/session-e2e.mjs
+# Sessions over HTTP: Chromium's own EventSource across a SIGKILLed and
+# restarted wsproxy, a revoke, and session.js with transport 'sse'.
+WSPROXY_BIN=$(realpath -m "${WSPROXY_BIN:-../../target/debug/wsproxy}")
+[[ -x "$WSPROXY_BIN" ]] || fail "WSPROXY_BIN=$WSPROXY_BIN is not an executable (cargo build --bin wsproxy)"
+command -v redis-server >/dev/null || fail "redis-server is not on PATH (the SSE test starts its own)"
+export WSPROXY_BIN
+exec node test/sse-e2e.mjs

@@ -1,10 +1,14 @@
 /**
  * Browser client for wsproxy sessions, `/{agent_id}/ws/{session_id}`:
  * reliable (the `wsproxy.v1` subprotocol: acknowledged client messages,
- * resume after a reconnect) or plain.
+ * resume after a reconnect) or plain. With `transport: 'sse'` the same
+ * session goes over HTTP instead: down by Server-Sent Events
+ * (`GET /{agent_id}/sse/{session_id}`, the browser's own `EventSource`),
+ * up by `fetch` (`POST` to the same path), with the same API.
  *
  * Dependency-free ES module, no build step. It needs what every current
- * browser has: `WebSocket`, `crypto.getRandomValues` and `TextEncoder`.
+ * browser has: `WebSocket` (or `EventSource` and `fetch` for SSE),
+ * `crypto.getRandomValues` and `TextEncoder`.
  *
  *   import { openSession } from './session.js';
  *   const session = openSession({
@@ -27,6 +31,18 @@
  * A plain session gets the backend's frames as they were published (text,
  * or binary for bytes that are not UTF-8) and sends JSON text.
  *
+ * The same over SSE (the server README, "Sessions over HTTP"):
+ *   down     GET {url}/{agent}/sse/{session}?access_token=<token>&reliable=true[&last_event_id=<e>:<o>]
+ *            event: welcome   data: the welcome above
+ *            id: <epoch>:<offset>   data: <json>         (a message)
+ *            event: close     data: {"code","reason"}    (then the stream ends)
+ *            The EventSource reconnects by itself, sending Last-Event-ID.
+ *   up       POST {url}/{agent}/sse/{session}?reliable=true, Authorization: Bearer <token>,
+ *            body {"type":"message","id","data"}; the answer is the ack
+ *            (200), or an error frame (409 id_conflict, 400, 503 not_stored)
+ * Plain: the stream without reliable=true (each event's data is a frame,
+ * `event: binary` a binary one in base64); a POST publishes its JSON body.
+ *
  * @module session
  */
 
@@ -41,6 +57,10 @@ const MAX_POSITION_LEN = 64;
 
 /** `WebSocket.OPEN`, spelled out so that any WebSocket implementation works. */
 const OPEN = 1;
+/** `EventSource.CLOSED`: the EventSource gave up and will not reconnect. */
+const ES_CLOSED = 2;
+/** Close codes from which an SSE session does not come back: the backend's (control `disconnect`). */
+const BACKEND_CLOSE_CODES = 4000;
 
 const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 30_000, maxAttempts: Infinity };
 const DEFAULT_MAX_UNACKED = 1000;
@@ -72,7 +92,7 @@ const UNAVAILABLE_AFTER = 3;
  * @property {boolean} [resumed] present when the client asked to resume
  * @property {number} [replayed] with `resumed: true`: how many messages follow as replay
  * @property {string} [reason] with `resumed: false`: `trimmed`, `epoch_changed`,
- *   `expired` or `unknown_offset`
+ *   `expired`, `unknown_offset` or `unreplayable`
  */
 
 /**
@@ -92,7 +112,8 @@ const UNAVAILABLE_AFTER = 3;
 
 /**
  * @typedef {object} ResumeFailure
- * @property {string} reason `trimmed`, `epoch_changed`, `expired` or `unknown_offset`
+ * @property {string} reason `trimmed`, `epoch_changed`, `expired`, `unknown_offset` or
+ *   `unreplayable` (a history entry the server cannot send)
  * @property {string} epoch the history's epoch now
  * @property {string} offset where the session continues: messages after it are delivered
  * @property {{epoch: string, offset: string}} from the position the resume asked for
@@ -127,7 +148,9 @@ const UNAVAILABLE_AFTER = 3;
  * @property {(state: SessionState, info: object) => void} [onStateChange]
  *   `info` has `welcome` (on `open`, reliable), `attempt` (on
  *   `connecting`), `delayMs`, `attempt`, `code`, `reason` (on `backoff`),
- *   `error` (on a fatal `closed`)
+ *   `error` (on a fatal `closed`). With transport sse the EventSource's own
+ *   reconnect goes from `open` to `connecting` (with `code` and `reason`
+ *   of the stream's `event: close`, or 1006), with no `backoff`
  * @property {(error: SessionError) => void} [onError] failed attempts
  *   (`connect_failed`, `connect_timeout`, `token_failed`), frames the
  *   server refused (`server_error`) or that break the protocol
@@ -137,7 +160,10 @@ const UNAVAILABLE_AFTER = 3;
  *   subprotocol, which looks like any failed attempt: after each failed
  *   reliable handshake the session opens a plain connection with the same
  *   token (and closes it at once); when that works three attempts in a
- *   row, the server has reliable sessions off: `reliable_unavailable`
+ *   row, the server has reliable sessions off: `reliable_unavailable`.
+ *   Transport sse adds `post_failed` (a POST got no answer, or an
+ *   unexpected one; it is sent again) and the fatal `server_closed` (an
+ *   `event: close` with a code from 4000: the backend ended the session)
  * @property {{initialMs?: number, maxMs?: number, maxAttempts?: number}} [backoff]
  *   delay before reconnecting: `min(maxMs, initialMs * 2^n)` for the n-th
  *   consecutive failed attempt (n = 0 after a drop), of which a random part,
@@ -153,7 +179,14 @@ const UNAVAILABLE_AFTER = 3;
  * @property {Position} [resumeFrom] resume from here on the first
  *   connection (a position saved from `session.position`, or `{epoch,
  *   offset: '0-0'}` for the whole history)
+ * @property {'websocket'|'sse'} [transport='websocket'] `sse`: down by
+ *   Server-Sent Events (`EventSource`, token as `?access_token=`), up by
+ *   `fetch` POST (`Authorization: Bearer`); see the README
  * @property {typeof WebSocket} [WebSocket] the WebSocket class (default: the global one)
+ * @property {typeof EventSource} [EventSource] the EventSource class for
+ *   `transport: 'sse'` (default: the global one)
+ * @property {typeof fetch} [fetch] the fetch function for `transport: 'sse'`
+ *   (default: the global one)
  */
 
 /**
@@ -254,7 +287,7 @@ function positiveNumber(value, name, fallback) {
 export class Session {
   /** @type {object} validated options */
   #o;
-  /** @type {WebSocket|null} the current socket */
+  /** @type {WebSocket|EventSource|null} the current socket (an EventSource with transport sse) */
   #ws = null;
   /** @type {SessionState} */
   #state = 'connecting';
@@ -284,6 +317,16 @@ export class Session {
   /** Client messages not yet acknowledged, by id, in send order. */
   #unacked = new Map();
   #duplicatesDropped = 0;
+  /** SSE: the current attempt's token, for the POSTs. */
+  #token = null;
+  /** SSE: the last `event: close` of the current stream, `{code, reason}`. */
+  #lastClose = null;
+  /** SSE: a POST of client messages is under way. */
+  #posting = false;
+  /** SSE: retries the POSTs after a failed one. */
+  #postTimer = null;
+  /** SSE: consecutive failed POSTs. */
+  #postFailures = 0;
   #readyResolve;
   #readyReject;
 
@@ -303,6 +346,11 @@ export class Session {
       throw new TypeError(`url must be ws://host:port or wss://host:port (got ${JSON.stringify(o.url)})`);
     }
     o.base = o.url.replace(/^http/i, 'ws').replace(/\/+$/, '');
+    o.httpBase = o.base.replace(/^ws/i, 'http');
+    o.transport = o.transport ?? 'websocket';
+    if (o.transport !== 'websocket' && o.transport !== 'sse') {
+      throw new TypeError(`transport must be 'websocket' or 'sse' (got ${JSON.stringify(o.transport)})`);
+    }
     for (const key of ['agentId', 'sessionId']) {
       if (typeof o[key] !== 'string' || !ID_RE.test(o[key])) {
         throw new TypeError(`${key} must be 1-128 characters of A-Z a-z 0-9 - _ . (got ${JSON.stringify(o[key])})`);
@@ -329,8 +377,15 @@ export class Session {
     if (typeof o.openTimeoutMs !== 'number' || !(o.openTimeoutMs >= 0)) {
       throw new TypeError('openTimeoutMs must be a number >= 0');
     }
-    o.WebSocket = o.WebSocket ?? globalThis.WebSocket;
-    if (typeof o.WebSocket !== 'function') throw new TypeError('no WebSocket class');
+    if (o.transport === 'sse') {
+      o.EventSource = o.EventSource ?? globalThis.EventSource;
+      if (typeof o.EventSource !== 'function') throw new TypeError('no EventSource class');
+      o.fetch = o.fetch ?? (typeof globalThis.fetch === 'function' ? globalThis.fetch.bind(globalThis) : undefined);
+      if (typeof o.fetch !== 'function') throw new TypeError('no fetch function');
+    } else {
+      o.WebSocket = o.WebSocket ?? globalThis.WebSocket;
+      if (typeof o.WebSocket !== 'function') throw new TypeError('no WebSocket class');
+    }
     if (o.resumeFrom !== undefined) {
       const { epoch, offset } = o.resumeFrom ?? {};
       if (!o.reliable) throw new TypeError('resumeFrom needs a reliable session');
@@ -391,6 +446,11 @@ export class Session {
    * acknowledgement (the promise resolves at once); a refused frame comes
    * back as an `{"type":"error",...}` message to `onMessage`.
    *
+   * Transport sse: the same, by `fetch` POST. Reliable messages go one
+   * POST at a time in send order, each answered with its ack; one without
+   * an answer is sent again with its id. A plain send resolves when the
+   * server answered `{"status":"published"}`.
+   *
    * @param {*} data any JSON-serialisable value
    * @param {{id?: string}} [options] `id`: the message's id (1-128 of
    *   `A-Z a-z 0-9 - _ .`), to resend a message across page loads; default a
@@ -402,7 +462,9 @@ export class Session {
    *   `invalid_id`, `duplicate_id` (that id waits already), `closed` (the
    *   session was closed first; the message may or may not have been
    *   stored), `reliable_unavailable` or `gave_up` (the session failed), or
-   *   in plain mode `not_connected`
+   *   in plain mode `not_connected`; with transport sse also `id_conflict`
+   *   and `invalid_message` (the server refused the POST), `server_closed`,
+   *   and in plain mode `post_failed`
    */
   send(data, options = {}) {
     if (this.#closed) return Promise.reject(new SessionError('closed', 'the session is closed'));
@@ -434,7 +496,8 @@ export class Session {
     return new Promise((resolve, reject) => {
       const entry = { id, frame, resolve, reject, sentOn: null };
       this.#unacked.set(id, entry);
-      if (this.#live) this.#transmit(entry);
+      if (this.#o.transport === 'sse') this.#pump();
+      else if (this.#live) this.#transmit(entry);
     });
   }
 
@@ -467,6 +530,10 @@ export class Session {
         this.#attemptFailed(new SessionError('token_failed', 'the token function gave no token'));
         return;
       }
+    }
+    if (this.#o.transport === 'sse') {
+      this.#connectSse(token);
+      return;
     }
     const { base, agentId, sessionId, reliable } = this.#o;
     this.#plainUrl = `${base}/${agentId}/ws/${sessionId}?access_token=${encodeURIComponent(token)}`;
@@ -602,7 +669,14 @@ export class Session {
     this.#plainOnly = 0;
     this.#setState('open', info);
     this.#readyResolve(info.welcome ?? null);
-    for (const entry of this.#unacked.values()) this.#transmit(entry);
+    if (this.#o.transport === 'sse') {
+      // Retry what failed now, rather than at the end of its backoff.
+      clearTimeout(this.#postTimer);
+      this.#postTimer = null;
+      this.#pump();
+    } else {
+      for (const entry of this.#unacked.values()) this.#transmit(entry);
+    }
   }
 
   #attemptFailed(error, info = {}) {
@@ -641,7 +715,8 @@ export class Session {
     this.#closed = true;
     clearTimeout(this.#backoffTimer);
     clearTimeout(this.#openTimer);
-    this.#backoffTimer = this.#openTimer = null;
+    clearTimeout(this.#postTimer);
+    this.#backoffTimer = this.#openTimer = this.#postTimer = null;
     if (this.#ws) this.#abandon(this.#ws);
     if (this.#probeWs) {
       const probe = this.#probeWs;
@@ -680,6 +755,7 @@ export class Session {
   }
 
   #sendPlain(json) {
+    if (this.#o.transport === 'sse') return this.#postPlain(json);
     const ws = this.#ws;
     if (!this.#live || !ws || ws.readyState !== OPEN) {
       return Promise.reject(new SessionError('not_connected', 'a plain session sends only while connected (there are no acknowledgements to resend by)'));
@@ -689,6 +765,301 @@ export class Session {
     }
     ws.send(json);
     return Promise.resolve();
+  }
+
+  /* ---- transport sse: EventSource down, fetch POST up ------------------ */
+
+  /** The session's path over HTTP. */
+  #ssePath() {
+    const { httpBase, agentId, sessionId } = this.#o;
+    return `${httpBase}/${agentId}/sse/${sessionId}`;
+  }
+
+  #connectSse(token) {
+    const { reliable } = this.#o;
+    this.#token = token;
+    let url = `${this.#ssePath()}?access_token=${encodeURIComponent(token)}`;
+    if (reliable) {
+      url += '&reliable=true';
+      // Our own position, for a stream this module (re)opens; the
+      // EventSource's own reconnects send Last-Event-ID, which wins.
+      if (this.#epoch !== null && this.#offset !== null) {
+        url += `&last_event_id=${encodeURIComponent(`${this.#epoch}:${this.#offset}`)}`;
+      }
+    }
+    let es;
+    try {
+      es = new this.#o.EventSource(url);
+    } catch (cause) {
+      this.#fail(new SessionError('invalid_url', `cannot open an EventSource to ${this.#ssePath()}: ${cause.message}`, { cause }));
+      return;
+    }
+    this.#ws = es;
+    this.#live = false;
+    this.#opened = false;
+    this.#lastClose = null;
+    es.onopen = () => this.#onSseOpen(es);
+    es.onmessage = (ev) => this.#onSseMessage(es, ev);
+    es.onerror = () => this.#onSseError(es, url);
+    // Named events have no on* property; the handlers check `es` is current.
+    es.addEventListener('welcome', (ev) => this.#onSseWelcome(es, ev));
+    es.addEventListener('close', (ev) => this.#onSseClose(es, ev));
+    es.addEventListener('binary', (ev) => this.#onSseBinary(es, ev));
+    this.#startOpenTimer(es);
+  }
+
+  /** One attempt's limit, up to the welcome (plain: the stream's start). */
+  #startOpenTimer(es) {
+    clearTimeout(this.#openTimer);
+    this.#openTimer = null;
+    if (!(this.#o.openTimeoutMs > 0)) return;
+    this.#openTimer = setTimeout(() => {
+      this.#openTimer = null;
+      if (this.#ws !== es || this.#live) return;
+      this.#abandon(es);
+      this.#attemptFailed(new SessionError('connect_timeout', `no ${this.#o.reliable ? 'welcome' : 'stream'} within ${this.#o.openTimeoutMs} ms`));
+    }, this.#o.openTimeoutMs);
+  }
+
+  #onSseOpen(es) {
+    if (es !== this.#ws) return;
+    this.#opened = true;
+    // A plain stream is usable once it answered; a reliable one at its welcome.
+    if (!this.#o.reliable) this.#established({});
+  }
+
+  #onSseWelcome(es, ev) {
+    if (es !== this.#ws || !this.#o.reliable) return;
+    let welcome = null;
+    try {
+      welcome = JSON.parse(ev.data);
+    } catch {
+      /* reported below */
+    }
+    if (!welcome || welcome.type !== 'welcome') {
+      this.#report(new SessionError('protocol_error', `a welcome event that is not a welcome: ${String(ev.data).slice(0, 200)}`));
+      return;
+    }
+    this.#onWelcome(es, welcome);
+  }
+
+  #onSseMessage(es, ev) {
+    if (es !== this.#ws) return;
+    if (!this.#o.reliable) {
+      invoke(this.#o.onMessage, ev.data, {});
+      return;
+    }
+    // The event's id is `<epoch>:<offset>`; its data the backend's JSON.
+    const id = String(ev.lastEventId);
+    const colon = id.indexOf(':');
+    const epoch = colon > 0 ? id.slice(0, colon) : null;
+    let data;
+    try {
+      data = JSON.parse(ev.data);
+    } catch {
+      this.#report(new SessionError('protocol_error', `a message that is not JSON: ${String(ev.data).slice(0, 200)}`));
+      return;
+    }
+    if (epoch !== this.#epoch) {
+      this.#report(new SessionError('protocol_error', `a message of another epoch (id ${JSON.stringify(id)}, welcome's epoch ${this.#epoch})`));
+      return;
+    }
+    this.#onMessage({ type: 'message', offset: id.slice(colon + 1), data });
+  }
+
+  /** A frame that is not UTF-8 reaches a plain stream as base64: an ArrayBuffer, as on a WebSocket. */
+  #onSseBinary(es, ev) {
+    if (es !== this.#ws || this.#o.reliable) return;
+    let bytes;
+    try {
+      bytes = Uint8Array.from(atob(String(ev.data).replace(/\n/g, '')), (c) => c.charCodeAt(0));
+    } catch {
+      this.#report(new SessionError('protocol_error', 'a binary event that is not base64'));
+      return;
+    }
+    invoke(this.#o.onMessage, bytes.buffer, {});
+  }
+
+  /**
+   * `event: close`: the server ends the stream. Codes from 4000 are the
+   * backend's (a control `disconnect`, often with the token revoked): the
+   * session ends. Others (1001 shutdown, 1008 slow consumer, 1013) are
+   * followed by the EventSource's own reconnect, which resumes.
+   */
+  #onSseClose(es, ev) {
+    if (es !== this.#ws) return;
+    let close = null;
+    try {
+      close = JSON.parse(ev.data);
+    } catch {
+      /* below */
+    }
+    const code = close && Number.isInteger(close.code) ? close.code : 1005;
+    const reason = close && typeof close.reason === 'string' ? close.reason : '';
+    this.#lastClose = { code, reason };
+    if (code >= BACKEND_CLOSE_CODES) {
+      this.#fail(new SessionError('server_closed', `the backend closed the session (code ${code}${reason ? ', ' + reason : ''})`, { closeCode: code, closeReason: reason }));
+    }
+  }
+
+  #onSseError(es, url) {
+    if (es !== this.#ws) return;
+    const wasLive = this.#live;
+    this.#live = false;
+    const { code, reason } = this.#lastClose ?? { code: 1006, reason: '' };
+    this.#lastClose = null;
+    if (es.readyState === ES_CLOSED) {
+      // The EventSource gave up (an HTTP error, not an event stream): this
+      // module reconnects, after the backoff, with its own position.
+      this.#detach(es);
+      this.#ws = null;
+      this.#sseRefused(url, wasLive);
+      return;
+    }
+    if (this.#o.reliable && this.#replayLeft > 0) {
+      // Dropped in a replay: until the first replayed message arrives, the
+      // EventSource's Last-Event-ID is the welcome's (the newest offset),
+      // and its own reconnect would skip the replay. Reconnect from the
+      // last message delivered instead.
+      this.#abandon(es);
+      this.#scheduleReconnect({ code, reason });
+      return;
+    }
+    // The EventSource reconnects by itself (after the server's retry:),
+    // with Last-Event-ID.
+    if (!wasLive) {
+      this.#failures += 1;
+      this.#report(new SessionError('connect_failed', `the event stream failed (attempt ${this.#failures})`, { attempt: this.#failures }));
+      if (this.#failures >= this.#o.backoff.maxAttempts) {
+        this.#fail(new SessionError('gave_up', `gave up after ${this.#failures} failed connection attempts`));
+        return;
+      }
+    }
+    this.#opened = false;
+    this.#setState('connecting', { attempt: this.#failures + 1, code, reason });
+    this.#startOpenTimer(es);
+  }
+
+  /**
+   * Browsers hide why an EventSource failed; a `fetch` of the same URL
+   * says (and is cancelled at once if it gets a stream).
+   */
+  async #sseRefused(url, wasLive) {
+    let status = 0;
+    let body = null;
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), 5_000);
+    try {
+      const res = await this.#o.fetch(url, { signal: ctl.signal, headers: { accept: 'text/event-stream' } });
+      status = res.status;
+      if (!res.ok) body = await res.json().catch(() => null);
+    } catch {
+      /* unreachable: status 0 */
+    } finally {
+      clearTimeout(timer);
+      ctl.abort();
+    }
+    if (this.#closed) return;
+    if (body && body.error === 'reliable_sessions_off') {
+      this.#fail(new SessionError('reliable_unavailable', `the server refused a reliable stream: ${body.message || body.error}; open the session with reliable: false for a plain one`, { status, reply: body }));
+      return;
+    }
+    const why = status ? `HTTP ${status}${body && body.error ? ' ' + body.error : ''}` : 'the server is unreachable';
+    const error = new SessionError('connect_failed', `the event stream failed (${why})`, { status, reply: body });
+    if (wasLive) {
+      this.#report(error);
+      this.#scheduleReconnect({ status });
+    } else {
+      this.#attemptFailed(error, { status });
+    }
+  }
+
+  /**
+   * Sends the client messages waiting for their acknowledgement, one POST
+   * at a time and in order (a WebSocket's order), while the stream is
+   * live. A POST that fails without an answer is retried after the
+   * backoff, or at the next welcome, with the same id: the server stores
+   * a resend once.
+   */
+  async #pump() {
+    if (this.#posting || !this.#live || this.#closed || this.#postTimer !== null) return;
+    this.#posting = true;
+    try {
+      for (;;) {
+        if (!this.#live || this.#closed) return;
+        const entry = this.#unacked.values().next().value;
+        if (!entry) return;
+        const answer = await this.#post(`${this.#ssePath()}?reliable=true`, entry.frame);
+        if (this.#unacked.get(entry.id) !== entry) continue; // settled meanwhile (close())
+        const reply = answer.body;
+        if (answer.status === 200 && reply && reply.type === 'ack' && reply.id === entry.id) {
+          this.#postFailures = 0;
+          this.#onAck(reply);
+          continue;
+        }
+        const code = reply && typeof reply.error === 'string' ? reply.error : null;
+        const refused = { 400: 'invalid_message', 409: 'id_conflict', 413: 'too_large', 503: 'not_stored' }[answer.status];
+        if (refused && code) {
+          // The server's answer for this message: resending would get it again.
+          this.#postFailures = 0;
+          this.#unacked.delete(entry.id);
+          const name = answer.status === 413 ? 'too_large' : code;
+          entry.reject(new SessionError(name, reply.message || `the server refused the message: ${code}`, { id: entry.id, reply, status: answer.status }));
+          continue;
+        }
+        this.#postFailures += 1;
+        this.#report(new SessionError('post_failed', `sending message ${entry.id} failed (${answer.status ? 'HTTP ' + answer.status + (code ? ' ' + code : '') : answer.error}); it is sent again`, { id: entry.id, status: answer.status, reply }));
+        const { initialMs, maxMs } = this.#o.backoff;
+        const ceiling = Math.min(maxMs, initialMs * 2 ** Math.min(this.#postFailures - 1, 52));
+        this.#postTimer = setTimeout(() => {
+          this.#postTimer = null;
+          this.#pump();
+        }, Math.round(ceiling / 2 + Math.random() * (ceiling / 2)));
+        return;
+      }
+    } finally {
+      this.#posting = false;
+    }
+  }
+
+  /** One POST with the token; `{status, body}`, status 0 (and `error`) when no answer came. */
+  async #post(url, body) {
+    const ctl = new AbortController();
+    const timer = this.#o.openTimeoutMs > 0 ? setTimeout(() => ctl.abort(), this.#o.openTimeoutMs) : null;
+    try {
+      const res = await this.#o.fetch(url, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${this.#token}`, 'content-type': 'application/json' },
+        body,
+        signal: ctl.signal,
+      });
+      const text = await res.text();
+      let parsed = null;
+      try {
+        parsed = JSON.parse(text);
+      } catch {
+        /* not JSON: a proxy's page */
+      }
+      return { status: res.status, body: parsed };
+    } catch (cause) {
+      return { status: 0, body: null, error: cause && cause.message ? cause.message : String(cause) };
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async #postPlain(json) {
+    if (!this.#live) {
+      throw new SessionError('not_connected', 'a plain session sends only while connected (there are no acknowledgements to resend by)');
+    }
+    if (longerThan(json, this.#o.maxMessageBytes)) {
+      throw new SessionError('too_large', `the message is larger than ${this.#o.maxMessageBytes} bytes (maxMessageBytes)`);
+    }
+    const answer = await this.#post(this.#ssePath(), json);
+    if (answer.status !== 200) {
+      const code = answer.body && answer.body.error;
+      throw new SessionError('post_failed', `the POST failed (${answer.status ? 'HTTP ' + answer.status + (code ? ' ' + code : '') : answer.error})`, { status: answer.status, reply: answer.body });
+    }
   }
 
   /* ---- frames ------------------------------------------------------------ */
