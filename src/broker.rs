@@ -180,9 +180,62 @@ struct Shared {
     /// shards' subscriptions never stopped).
     resync: AtomicBool,
     metrics: Arc<Metrics>,
+    /// What the status page shows of the connection.
+    link: Mutex<LinkStatus>,
+}
+
+/// The pub/sub connection as the status page shows it (see
+/// [`Broker::link_status`]).
+#[derive(Debug, Clone, Default)]
+pub struct LinkStatus {
+    /// True while the connection is up and subscribed.
+    pub connected: bool,
+    /// The server of the last connection or attempt (`host:port`, or the
+    /// cluster's seeds in sharded mode).
+    pub server: String,
+    /// When the last connection was made, in milliseconds since the Unix
+    /// epoch.
+    pub connected_at_unix_ms: Option<u64>,
+    /// The last failure (a failed attempt, a lost connection), and when.
+    pub last_error: Option<(String, u64)>,
+}
+
+/// Channels held, by what they are for (see [`Broker::channel_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelCounts {
+    /// Every channel with a local subscriber.
+    pub channels: usize,
+    /// Sessions with at least one channel.
+    pub sessions: usize,
+    /// Topic channels.
+    pub topics: usize,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Shared {
+    fn link(&self) -> MutexGuard<'_, LinkStatus> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection was made to `server`.
+    fn link_up(&self, server: &str) {
+        let mut link = self.link();
+        server.clone_into(&mut link.server);
+        link.connected_at_unix_ms = Some(unix_ms());
+    }
+
+    /// An attempt to `server` failed, or its connection was lost.
+    fn link_failed(&self, server: &str, error: String) {
+        let mut link = self.link();
+        server.clone_into(&mut link.server);
+        link.last_error = Some((error, unix_ms()));
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the map consistent (every
         // mutation is a single insert/remove), so poisoning is ignored.
@@ -279,6 +332,7 @@ impl Broker {
             connected: AtomicBool::new(false),
             resync: AtomicBool::new(false),
             metrics,
+            link: Mutex::new(LinkStatus::default()),
         });
         let task = tokio::spawn(run(target, shared.clone(), shutdown));
         (Self { shared }, task)
@@ -287,6 +341,36 @@ impl Broker {
     /// True while the shared pub/sub connection is established.
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// The pub/sub connection's state, for the status page.
+    pub fn link_status(&self) -> LinkStatus {
+        let mut status = self.shared.link().clone();
+        status.connected = self.is_connected();
+        status
+    }
+
+    /// Counts the channels held by what they are for: one walk of the
+    /// channel map under its lock (for the status page, not a hot path).
+    pub fn channel_counts(&self) -> ChannelCounts {
+        use crate::keys::{ChannelKind, channel_kind};
+        let state = self.shared.lock();
+        let mut sessions = HashSet::new();
+        let mut topics = 0;
+        for name in state.channels.keys() {
+            match channel_kind(name) {
+                ChannelKind::Session(id) => {
+                    sessions.insert(id);
+                }
+                ChannelKind::Topic => topics += 1,
+                ChannelKind::Other => {}
+            }
+        }
+        ChannelCounts {
+            channels: state.channels.len(),
+            sessions: sessions.len(),
+            topics,
+        }
     }
 
     /// Orders every local subscriber of `channel` closed (see
@@ -441,6 +525,7 @@ mod tests {
             connected: AtomicBool::new(false),
             resync: AtomicBool::new(false),
             metrics: Arc::new(Metrics::new()),
+            link: Mutex::new(LinkStatus::default()),
         })
     }
 

@@ -49,6 +49,8 @@ pub struct App {
     /// The backends' recent disconnects, for admissions under way when one
     /// came (see [`crate::control`]).
     pub disconnects: Arc<crate::control::Recent>,
+    /// The last closed connections, for the status page.
+    pub closes: crate::close::Recent,
 }
 
 /// Handles of the worker runtimes (see `server::Workers`), handed out in

@@ -454,6 +454,14 @@ fn pump(ctx: &Ctx<'_>, admitted: Admitted, tunnel: Tunnel) {
             app.metrics
                 .upstream_failure(&name, &backend.backend.name, reason);
         }
+        // The tunnel does not read the close frames it passes on: a code
+        // is known only when the proxy wrote the close itself.
+        let (reason, code) = match verdict.get() {
+            Some(v) => (v.label(), Some(v.close().0)),
+            None if app.draining.has_begun() => ("shutdown", Some(crate::close::GOING_AWAY)),
+            None => ("ended", None),
+        };
+        app.closes.record("proxy", reason, code);
         tracing::info!(
             route = %name,
             backend = %backend.label,
