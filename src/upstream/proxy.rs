@@ -279,6 +279,7 @@ async fn dial(
     let mut last: Option<DialError> = None;
     for backend in candidates {
         let trying = BackendSlot::new(backend.clone());
+        let dialling = std::time::Instant::now();
         match connect::dial(
             &backend.backend,
             &ctx.upstream.tls,
@@ -288,6 +289,9 @@ async fn dial(
         .await
         {
             Ok(handshake) => {
+                app.metrics
+                    .upstream_connect_duration
+                    .observe(dialling.elapsed().as_secs_f64());
                 backend.success();
                 let mut slot = trying;
                 slot.1 = Some(app.metrics.upstream_connect(name, &backend.backend.name));
