@@ -156,3 +156,34 @@ async fn status_json_needs_the_metrics_token_when_one_is_set() {
     );
     server.stop().await;
 }
+
+/// On a Redis Cluster the status lists each node as `CLUSTER NODES` tells
+/// it (three masters with their slots, three replicas), and counts
+/// sessions by id although their channel names carry hash tags.
+#[tokio::test]
+async fn on_a_cluster_each_node_is_listed_with_its_role_and_slots() {
+    let cluster = common::cluster::Cluster::start().await;
+    let mut config = wsproxy::config::Config::for_cluster(cluster.urls());
+    if let Some(c) = config.redis_cluster.as_mut() {
+        c.pubsub = wsproxy::config::ClusterPubSub::Sharded;
+    }
+    let server = Server::start_config(config).await;
+    cluster.set_token("s-1", "tok-1", 60).await;
+    let _ws = server.connect("s-1", "tok-1").await;
+    let (status, json) = status_json(&server, None).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["redis"]["mode"], "cluster_sharded", "{json}");
+    assert_eq!(json["sessions"], 1, "{json}");
+    let shards = json["redis"]["shards"].as_array().expect("shards");
+    assert_eq!(shards.len(), 6, "{json}");
+    let masters: Vec<_> = shards.iter().filter(|s| s["role"] == "master").collect();
+    assert_eq!(masters.len(), 3, "{json}");
+    assert!(shards.iter().all(|s| s["connected"] == true), "{json}");
+    assert!(
+        masters
+            .iter()
+            .all(|m| m["slots"].as_array().is_some_and(|s| !s.is_empty())),
+        "{json}"
+    );
+    server.stop().await;
+}
