@@ -167,6 +167,36 @@ struct State {
     /// took it back, or the redis crate subscribed it again by itself),
     /// already lost, to subscribe again.
     moved: Vec<String>,
+    /// Sessions with a channel here, and how many channels each (down and
+    /// live), kept as channels come and go so that the status page does
+    /// not walk the map under the lock the reader needs.
+    sessions: HashMap<String, u32>,
+    /// Topic channels here.
+    topics: usize,
+}
+
+impl State {
+    /// Counts a channel that gained its first local subscriber (`true`)
+    /// or lost its last (`false`).
+    fn count(&mut self, channel: &str, added: bool) {
+        use crate::keys::{ChannelKind, channel_kind};
+        match channel_kind(channel) {
+            ChannelKind::Session(id) if added => {
+                *self.sessions.entry(id.to_owned()).or_default() += 1;
+            }
+            ChannelKind::Session(id) => {
+                if let Some(n) = self.sessions.get_mut(id) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.sessions.remove(id);
+                    }
+                }
+            }
+            ChannelKind::Topic if added => self.topics += 1,
+            ChannelKind::Topic => self.topics = self.topics.saturating_sub(1),
+            ChannelKind::Other => {}
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -275,6 +305,7 @@ impl Drop for Subscription {
         };
         if now_empty {
             state.channels.remove(&self.channel);
+            state.count(&self.channel, false);
             state.dirty.insert(self.channel.clone());
             drop(state);
             self.shared.changed();
@@ -350,26 +381,14 @@ impl Broker {
         status
     }
 
-    /// Counts the channels held by what they are for: one walk of the
-    /// channel map under its lock (for the status page, not a hot path).
+    /// Counts the channels held by what they are for (kept as channels
+    /// come and go: no walk of the map).
     pub fn channel_counts(&self) -> ChannelCounts {
-        use crate::keys::{ChannelKind, channel_kind};
         let state = self.shared.lock();
-        let mut sessions = HashSet::new();
-        let mut topics = 0;
-        for name in state.channels.keys() {
-            match channel_kind(name) {
-                ChannelKind::Session(id) => {
-                    sessions.insert(id);
-                }
-                ChannelKind::Topic => topics += 1,
-                ChannelKind::Other => {}
-            }
-        }
         ChannelCounts {
             channels: state.channels.len(),
-            sessions: sessions.len(),
-            topics,
+            sessions: state.sessions.len(),
+            topics: state.topics,
         }
     }
 
@@ -432,6 +451,7 @@ impl Broker {
             };
             if first {
                 state.dirty.insert(channel.to_owned());
+                state.count(channel, true);
             }
             drop(state);
             if first {
@@ -527,6 +547,24 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             link: Mutex::new(LinkStatus::default()),
         })
+    }
+
+    #[test]
+    fn sessions_and_topics_are_counted_as_their_channels_come_and_go() {
+        let mut state = State::default();
+        let k = crate::keys::Keys::Standalone;
+        state.count(&k.session_down("a"), true);
+        state.count(&k.session_live("a"), true);
+        state.count(&k.session_down("b"), true);
+        state.count(&k.topic("a", "news"), true);
+        state.count(crate::keys::CONTROL, true);
+        assert_eq!((state.sessions.len(), state.topics), (2, 1));
+        state.count(&k.session_down("a"), false);
+        assert_eq!(state.sessions.len(), 2, "a still has its live channel");
+        state.count(&k.session_live("a"), false);
+        state.count(&k.topic("a", "news"), false);
+        state.count(&k.topic("a", "news"), false);
+        assert_eq!((state.sessions.len(), state.topics), (1, 0));
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! that reads the JSON every few seconds.
 //!
 //! The data is gathered here, when asked, from what the lower layers keep
-//! anyway: the metrics' gauges, the broker's channel map and link state,
+//! anyway: the metrics' gauges, the broker's channel counts and link state,
 //! the proxy's route table, the ring of recent closes
 //! ([`crate::close::Recent`]) and the lifecycle's last heartbeat. Nothing
 //! is collected per message. It sits beside [`crate::http`] (it reads the
