@@ -41,7 +41,7 @@ async fn status_json_shows_connections_redis_routes_closes_and_heartbeat() {
     redis.set_token("s-1", "tok-1", 60).await;
     let mut a = server.connect("s-1", "tok-1").await;
     let _b = server.connect("s-1", "tok-1").await;
-    let _proxied = open(&server, "/echo").await.expect("proxied");
+    let proxied = open(&server, "/echo").await.expect("proxied");
 
     // The heartbeat beats once at start; the page shows when.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -120,6 +120,22 @@ async fn status_json_shows_connections_redis_routes_closes_and_heartbeat() {
         "{json}"
     );
     assert_eq!(json["connections"]["sessions"]["websocket"], 1, "{json}");
+
+    // A proxied connection's end is there too (the tunnel reads no close
+    // frame: no code).
+    drop(proxied);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let json = loop {
+        let (_, json) = status_json(&server, None).await;
+        if json["closes"]["recent"][0]["job"] == "proxy" {
+            break json;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{json}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(json["closes"]["recent"][0]["reason"], "ended", "{json}");
+    assert_eq!(json["closes"]["recent"][0]["code"], Value::Null, "{json}");
+    assert_eq!(json["connections"]["proxy"]["websocket"], 0, "{json}");
     server.stop().await;
 }
 
