@@ -265,6 +265,9 @@ pub async fn admit(
     };
     let attached = tokio::time::timeout(config.auth_timeout, attach).await;
     let (subscription, joined) = admitted_or_refused(app, session_id, agent_id, attached)?;
+    app.metrics
+        .session_attach
+        .observe(began.elapsed().as_secs_f64());
     // A disconnect that came while the token was being read (so perhaps
     // just after it was, and revoked) found no channel of this connection:
     // it gets the order now, as the session's other connections did.

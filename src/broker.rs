@@ -167,6 +167,36 @@ struct State {
     /// took it back, or the redis crate subscribed it again by itself),
     /// already lost, to subscribe again.
     moved: Vec<String>,
+    /// Sessions with a channel here, and how many channels each (down and
+    /// live), kept as channels come and go so that the status page does
+    /// not walk the map under the lock the reader needs.
+    sessions: HashMap<String, u32>,
+    /// Topic channels here.
+    topics: usize,
+}
+
+impl State {
+    /// Counts a channel that gained its first local subscriber (`true`)
+    /// or lost its last (`false`).
+    fn count(&mut self, channel: &str, added: bool) {
+        use crate::keys::{ChannelKind, channel_kind};
+        match channel_kind(channel) {
+            ChannelKind::Session(id) if added => {
+                *self.sessions.entry(id.to_owned()).or_default() += 1;
+            }
+            ChannelKind::Session(id) => {
+                if let Some(n) = self.sessions.get_mut(id) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.sessions.remove(id);
+                    }
+                }
+            }
+            ChannelKind::Topic if added => self.topics += 1,
+            ChannelKind::Topic => self.topics = self.topics.saturating_sub(1),
+            ChannelKind::Other => {}
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -180,9 +210,62 @@ struct Shared {
     /// shards' subscriptions never stopped).
     resync: AtomicBool,
     metrics: Arc<Metrics>,
+    /// What the status page shows of the connection.
+    link: Mutex<LinkStatus>,
+}
+
+/// The pub/sub connection as the status page shows it (see
+/// [`Broker::link_status`]).
+#[derive(Debug, Clone, Default)]
+pub struct LinkStatus {
+    /// True while the connection is up and subscribed.
+    pub connected: bool,
+    /// The server of the last connection or attempt (`host:port`, or the
+    /// cluster's seeds in sharded mode).
+    pub server: String,
+    /// When the last connection was made, in milliseconds since the Unix
+    /// epoch.
+    pub connected_at_unix_ms: Option<u64>,
+    /// The last failure (a failed attempt, a lost connection), and when.
+    pub last_error: Option<(String, u64)>,
+}
+
+/// Channels held, by what they are for (see [`Broker::channel_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelCounts {
+    /// Every channel with a local subscriber.
+    pub channels: usize,
+    /// Sessions with at least one channel.
+    pub sessions: usize,
+    /// Topic channels.
+    pub topics: usize,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Shared {
+    fn link(&self) -> MutexGuard<'_, LinkStatus> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection was made to `server`.
+    fn link_up(&self, server: &str) {
+        let mut link = self.link();
+        server.clone_into(&mut link.server);
+        link.connected_at_unix_ms = Some(unix_ms());
+    }
+
+    /// An attempt to `server` failed, or its connection was lost.
+    fn link_failed(&self, server: &str, error: String) {
+        let mut link = self.link();
+        server.clone_into(&mut link.server);
+        link.last_error = Some((error, unix_ms()));
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the map consistent (every
         // mutation is a single insert/remove), so poisoning is ignored.
@@ -222,6 +305,7 @@ impl Drop for Subscription {
         };
         if now_empty {
             state.channels.remove(&self.channel);
+            state.count(&self.channel, false);
             state.dirty.insert(self.channel.clone());
             drop(state);
             self.shared.changed();
@@ -279,6 +363,7 @@ impl Broker {
             connected: AtomicBool::new(false),
             resync: AtomicBool::new(false),
             metrics,
+            link: Mutex::new(LinkStatus::default()),
         });
         let task = tokio::spawn(run(target, shared.clone(), shutdown));
         (Self { shared }, task)
@@ -287,6 +372,24 @@ impl Broker {
     /// True while the shared pub/sub connection is established.
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// The pub/sub connection's state, for the status page.
+    pub fn link_status(&self) -> LinkStatus {
+        let mut status = self.shared.link().clone();
+        status.connected = self.is_connected();
+        status
+    }
+
+    /// Counts the channels held by what they are for (kept as channels
+    /// come and go: no walk of the map).
+    pub fn channel_counts(&self) -> ChannelCounts {
+        let state = self.shared.lock();
+        ChannelCounts {
+            channels: state.channels.len(),
+            sessions: state.sessions.len(),
+            topics: state.topics,
+        }
     }
 
     /// Orders every local subscriber of `channel` closed (see
@@ -348,6 +451,7 @@ impl Broker {
             };
             if first {
                 state.dirty.insert(channel.to_owned());
+                state.count(channel, true);
             }
             drop(state);
             if first {
@@ -441,7 +545,26 @@ mod tests {
             connected: AtomicBool::new(false),
             resync: AtomicBool::new(false),
             metrics: Arc::new(Metrics::new()),
+            link: Mutex::new(LinkStatus::default()),
         })
+    }
+
+    #[test]
+    fn sessions_and_topics_are_counted_as_their_channels_come_and_go() {
+        let mut state = State::default();
+        let k = crate::keys::Keys::Standalone;
+        state.count(&k.session_down("a"), true);
+        state.count(&k.session_live("a"), true);
+        state.count(&k.session_down("b"), true);
+        state.count(&k.topic("a", "news"), true);
+        state.count(crate::keys::CONTROL, true);
+        assert_eq!((state.sessions.len(), state.topics), (2, 1));
+        state.count(&k.session_down("a"), false);
+        assert_eq!(state.sessions.len(), 2, "a still has its live channel");
+        state.count(&k.session_live("a"), false);
+        state.count(&k.topic("a", "news"), false);
+        state.count(&k.topic("a", "news"), false);
+        assert_eq!((state.sessions.len(), state.topics), (1, 0));
     }
 
     #[tokio::test]

@@ -54,6 +54,8 @@ pub struct App {
     /// The backends' recent disconnects, for admissions under way when one
     /// came (see [`crate::control`]).
     pub disconnects: Arc<crate::control::Recent>,
+    /// The last closed connections, for the status page.
+    pub closes: crate::close::Recent,
 }
 
 impl App {

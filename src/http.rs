@@ -1,5 +1,6 @@
 //! The HTTP face of wsproxy: the router and the small handlers (`/health`,
-//! `/ready`, `/metrics`, `POST /auth/token`, 405s, the fallback).
+//! `/ready`, `/metrics`, `/status` and `/status.json`, `POST /auth/token`,
+//! 405s, the fallback).
 //!
 //! The router sends each request to its endpoint: a session path to the
 //! bridge (unless a proxy route claims it), `/ws` to topic pub/sub, the
@@ -50,6 +51,8 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/health", get(health).fallback(only_get))
         .route("/ready", get(ready).fallback(only_get))
         .route("/metrics", get(metrics).fallback(only_get))
+        .route("/status", get(status_page).fallback(only_get))
+        .route("/status.json", get(status_json).fallback(only_get))
         .route("/{agent_id}/ws/{session_id}", any(session_or_route))
         .route("/{agent_id}/sse/{session_id}", any(stream_or_route))
         .route("/ws", get(crate::pubsub::handler).fallback(only_get))
@@ -120,24 +123,37 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     }
 }
 
+/// With `METRICS_TOKEN` set, the refusal of a request without
+/// `Authorization: Bearer <token>` (compared in constant time).
+fn metrics_token_refusal(
+    app: &App,
+    headers: &axum::http::HeaderMap,
+    what: &'static str,
+) -> Option<Response> {
+    use subtle::ConstantTimeEq;
+    let expected = app.config.metrics_token.as_ref()?;
+    let given = crate::auth::bearer_token(headers, None).unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
+        return None;
+    }
+    let mut response = ApiError::from(Refusal::MetricsTokenRequired(what.into())).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    Some(response)
+}
+
 /// `/metrics`; with `METRICS_TOKEN` set, only for `Authorization: Bearer
-/// <token>` (compared in constant time).
+/// <token>`.
 async fn metrics(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) -> Response {
     let app = &gateway.app;
-    if let Some(expected) = &app.config.metrics_token {
-        use subtle::ConstantTimeEq;
-        let given = crate::auth::bearer_token(&headers, None).unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
-            let mut response = ApiError::from(Refusal::MetricsTokenRequired(
-                "/metrics needs Authorization: Bearer <METRICS_TOKEN>".into(),
-            ))
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
-            return response;
-        }
+    if let Some(refusal) = metrics_token_refusal(
+        app,
+        &headers,
+        "/metrics needs Authorization: Bearer <METRICS_TOKEN>",
+    ) {
+        return refusal;
     }
     if let Some(upstream) = &gateway.upstream {
         upstream.refresh_metrics(&app.metrics);
@@ -150,6 +166,34 @@ async fn metrics(State(gateway): State<Gateway>, headers: axum::http::HeaderMap)
         app.metrics.render(),
     )
         .into_response()
+}
+
+/// `/status`: the status page. It holds no data (it reads
+/// `/status.json`), so it needs no token; see [`crate::status`].
+async fn status_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        crate::status::PAGE,
+    )
+        .into_response()
+}
+
+/// `/status.json`: what the status page shows; with `METRICS_TOKEN` set,
+/// only for `Authorization: Bearer <token>`, as `/metrics`.
+async fn status_json(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) -> Response {
+    let app = &gateway.app;
+    if let Some(refusal) = metrics_token_refusal(
+        app,
+        &headers,
+        "/status.json needs Authorization: Bearer <METRICS_TOKEN>",
+    ) {
+        return refusal;
+    }
+    let status = crate::status::collect(app, gateway.upstream.as_deref()).await;
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(status)).into_response()
 }
 
 /// A session path, unless a proxy route claims it (see

@@ -197,6 +197,31 @@ impl Keys {
     }
 }
 
+/// What a pub/sub channel is for, as the status page counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind<'a> {
+    /// One of a session's channels (down, live, events); the session's id
+    /// as the name spells it (a hash tag on a cluster).
+    Session(&'a str),
+    /// A topic of `/ws` clients.
+    Topic,
+    /// Anything else (`wsproxy:control`).
+    Other,
+}
+
+/// What `channel` is for (the inverse of the names above).
+pub fn channel_kind(channel: &str) -> ChannelKind<'_> {
+    if let Some(rest) = channel.strip_prefix("session:")
+        && let Some((id, _)) = rest.rsplit_once(':')
+    {
+        ChannelKind::Session(id)
+    } else if channel.starts_with("pubsub:") {
+        ChannelKind::Topic
+    } else {
+        ChannelKind::Other
+    }
+}
+
 /// The shard of `session`'s client messages: FNV-1a of the id, so every
 /// process (and a backend that wants to know) picks the same one.
 pub fn up_shard(session_id: &str, shards: usize) -> usize {
@@ -293,6 +318,22 @@ mod tests {
             .map(|i| get_slot(&k.session_down(&format!("s{i}"))))
             .collect();
         assert!(slots.len() > 40, "{}", slots.len());
+    }
+
+    #[test]
+    fn channel_kind_reads_back_the_names_above() {
+        for k in [Keys::Standalone, Keys::ClusterSharded] {
+            let id = k.tag("s-1").into_owned();
+            for name in [
+                k.session_down("s-1"),
+                k.session_live("s-1"),
+                k.session_events("s-1"),
+            ] {
+                assert_eq!(channel_kind(&name), ChannelKind::Session(&id), "{name}");
+            }
+            assert_eq!(channel_kind(&k.topic("s-1", "news")), ChannelKind::Topic);
+        }
+        assert_eq!(channel_kind(CONTROL), ChannelKind::Other);
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //!   loop, TLS, signals and graceful shutdown.
 //! - [`http`]: the router and the small handlers (`/health`, `/ready`,
 //!   `/metrics`, `POST /auth/token`, 405s, the fallback).
+//! - [`status`]: the status page (`/status`, `/status.json`): what the
+//!   process holds, gathered when asked.
 //! - [`context`]: what every connection task shares (`App`,
 //!   `ConnectionSlot`, `Draining`, `WorkerPool`), below the server, so that
 //!   no endpoint imports the server.
@@ -90,6 +92,7 @@ pub mod redis_tls;
 pub mod reliable;
 pub mod server;
 pub mod sse;
+pub mod status;
 pub mod upstream;
 pub mod ws;
 

@@ -157,6 +157,11 @@ pub struct Lifecycle {
     reap: redis::Script,
     /// Bounds the registrations and removals in flight.
     turns: tokio::sync::Semaphore,
+    /// When Redis last took a heartbeat, in milliseconds since the Unix
+    /// epoch (0: never), for the status page.
+    last_beat_ms: AtomicU64,
+    /// When a heartbeat last failed (0: never).
+    last_beat_failure_ms: AtomicU64,
 }
 
 #[derive(Serialize)]
@@ -343,7 +348,21 @@ impl Lifecycle {
             heartbeat: redis::Script::new(HEARTBEAT),
             reap: redis::Script::new(REAP),
             turns: tokio::sync::Semaphore::new(IN_FLIGHT),
+            last_beat_ms: AtomicU64::new(0),
+            last_beat_failure_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The heartbeat's interval (`PROCESS_HEARTBEAT_SECS`).
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat
+    }
+
+    /// When Redis last took this process's heartbeat, and when one last
+    /// failed, in milliseconds since the Unix epoch.
+    pub fn last_beats(&self) -> (Option<u64>, Option<u64>) {
+        let read = |a: &AtomicU64| Some(a.load(Ordering::Relaxed)).filter(|&ms| ms != 0);
+        (read(&self.last_beat_ms), read(&self.last_beat_failure_ms))
     }
 
     /// Waits until a removal may go (at most `IN_FLIGHT` at once); hold
@@ -923,8 +942,12 @@ pub async fn keep_alive(
                     );
                 }
                 last_sent = Some(sent);
+                lifecycle.last_beat_ms.store(now_ms(), Ordering::Relaxed);
             }
             Err(e) => {
+                lifecycle
+                    .last_beat_failure_ms
+                    .store(now_ms(), Ordering::Relaxed);
                 metrics.lifecycle_failures.inc();
                 tracing::warn!(error = %e, "lifecycle: heartbeat failed");
                 continue;

@@ -10,6 +10,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Declares a label enum whose Prometheus value is a fixed snake_case string.
@@ -22,6 +23,9 @@ macro_rules! reason_enum {
         }
 
         impl $name {
+            /// Every value, for series that exist at 0 from the start.
+            pub const ALL: &[$name] = &[$($name::$variant,)+];
+
             /// The label value, as it appears on `/metrics` and in logs.
             pub fn as_str(self) -> &'static str {
                 match self {
@@ -190,6 +194,20 @@ pub struct Metrics {
     invalid_messages: Family<ReasonLabel, Counter>,
     auth_failures: Family<ReasonLabel, Counter>,
     disconnects: Family<ReasonLabel, Counter>,
+    /// Seconds from a session's token check to its subscription confirmed
+    /// (and, for a reliable session, its history joined).
+    pub session_attach: Histogram,
+    /// Seconds to dial a backend and complete its handshake (successful
+    /// connects).
+    pub upstream_connect_duration: Histogram,
+}
+
+/// The resume failures' reasons (see `reliable`), for series at 0.
+const RESUME_FAILURES: [&str; 4] = ["epoch_changed", "trimmed", "expired", "unknown_offset"];
+
+/// Latency buckets: 0.5 ms to about 4 s, doubling.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0005, 2.0, 14)
 }
 
 impl Default for Metrics {
@@ -241,8 +259,40 @@ impl Metrics {
             invalid_messages: Family::default(),
             auth_failures: Family::default(),
             disconnects: Family::default(),
+            session_attach: Histogram::new(latency_buckets()),
+            upstream_connect_duration: Histogram::new(latency_buckets()),
             registry: Registry::default(),
         };
+        // The reasons known in advance exist at 0 from the start, so that
+        // a rate or an alert sees the first event as an increase.
+        for reason in CloseReason::ALL {
+            drop(m.disconnects.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
+        }
+        for reason in AuthFailure::ALL {
+            drop(m.auth_failures.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
+        }
+        for reason in InvalidMessage::ALL {
+            drop(m.invalid_messages.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
+        }
+        for reason in RESUME_FAILURES {
+            drop(m.resume_failures.get_or_create(&ReasonLabel { reason }));
+        }
+        registry.register(
+            "session_attach_duration_seconds",
+            "Seconds from a session's token check to its subscription confirmed (and a reliable session's history joined)",
+            m.session_attach.clone(),
+        );
+        registry.register(
+            "upstream_connect_duration_seconds",
+            "Seconds to dial a backend and complete its WebSocket handshake (successful connects)",
+            m.upstream_connect_duration.clone(),
+        );
         registry.register(
             "connections_active",
             "Session WebSocket connections currently open",

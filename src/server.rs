@@ -228,6 +228,7 @@ pub async fn run(
         // Kept twice as long as an admission may take (AUTH_TIMEOUT_SECS
         // bounds its Redis steps).
         disconnects: Arc::new(crate::control::Recent::new(config.auth_timeout * 2)),
+        closes: Default::default(),
     });
     tokio::spawn(crate::control::listen(
         app.broker.clone(),

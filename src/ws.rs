@@ -245,6 +245,12 @@ impl<H: Handler> Driver<H> {
 
             self.counters.active.dec();
             self.app.metrics.disconnect(reason);
+            let job = match self.label.endpoint {
+                "session" => "sessions",
+                "pubsub" => "topics",
+                other => other,
+            };
+            self.app.closes.record(job, reason.as_str(), Some(code));
             tracing::info!(
                 endpoint = self.label.endpoint,
                 session_id = %self.label.session_id,
@@ -618,6 +624,7 @@ mod tests {
             history_loaded: Default::default(),
             history_loaded_for: Default::default(),
             disconnects: Arc::new(crate::control::Recent::new(Duration::from_secs(1))),
+            closes: Default::default(),
         })
     }
 

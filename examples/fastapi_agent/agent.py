@@ -40,21 +40,27 @@ from wsproxy_backend import ClientMessage, Event, Wsproxy
 log = logging.getLogger("agent")
 
 WORDS = (
-    "This is a simulated agent, so there is no model behind these words: each one is "
-    "published on its own, a moment after the last, the way a language model streams "
-    "its tokens. Leave the page and come back, and the reply carries on where it stopped."
+    "This is a simulated agent. There is no model behind these words. Each one is "
+    "published on its own, a moment after the last. That is how a language model "
+    "streams its tokens. Leave the page and come back, and the reply carries on where "
+    "it stopped."
 ).split()
 
 
 def compose_reply(prompt: str, words: int) -> list[str]:
-    """The pieces of the reply to ``prompt``: a sentence about it, then filler, ``words`` pieces in all.
+    """The pieces of the reply to ``prompt``: a sentence about it, then filler
+    sentences, ``words`` pieces or a few more: the reply ends where a
+    sentence ends.
 
     >>> compose_reply("hi", 6)
-    ['You ', 'asked: ', '"hi". ', 'This ', 'is ', 'a ']
+    ['You ', 'asked: ', '"hi". ', 'This ', 'is ', 'a ', 'simulated ', 'agent. ']
     """
-    head = f'You asked: "{prompt}".'.split()
-    body = [WORDS[i % len(WORDS)] for i in range(max(words - len(head), 0))]
-    return [w + " " for w in (head + body)[:max(words, 1)]]
+    pieces = f'You asked: "{prompt}".'.split()
+    i = 0
+    while len(pieces) < words or not pieces[-1].endswith((".", "!", "?")):
+        pieces.append(WORDS[i % len(WORDS)])
+        i += 1
+    return [w + " " for w in pieces]
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """A FastAPI backend behind wsproxy: it creates sessions, serves a page that
 talks to a simulated agent over wsproxy, and runs the agent (agent.py).
 
-    uv run app.py          # http://127.0.0.1:8000
+    uv run app.py          # http://127.0.0.1:8001
 
 Settings (environment):
     REDIS_URL          the Redis wsproxy uses (default redis://127.0.0.1:6379)
     WSPROXY_URL        wsproxy as the browser reaches it (default ws://127.0.0.1:8080)
     UP_STREAM_SHARDS   wsproxy's UP_STREAM_SHARDS (default 1)
-    APP_HOST, APP_PORT where this app listens (default 127.0.0.1:8000)
+    APP_HOST, APP_PORT where this app listens (default 127.0.0.1:8001; the JS demo
+                       of clients/js uses 8000, wsproxy 8080)
     TOKEN_TTL_SECS     how long a new session's token waits for its first connect (default 60)
     RUN_AGENT          false: serve the API only, and run agents with `uv run agent.py`
     REPLY_DELAY_MS, REPLY_WORDS, FOLLOW_EVENTS: the agent's (agent.py)
@@ -15,7 +16,7 @@ Settings (environment):
 wsproxy must have RELIABLE_SESSIONS=true for reliable sessions (the page's
 default), LIFECYCLE_EVENTS=true for the agent to pause while a client is
 away, and WS_ALLOWED_ORIGINS must let this app's page in
-(http://127.0.0.1:8000).
+(http://127.0.0.1:8001).
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ async def session_js() -> FileResponse:
     return FileResponse(SESSION_JS, media_type="text/javascript")
 
 
+@app.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> FileResponse:
+    """The page names its icon; this answers browsers that ask anyway."""
+    return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml")
+
+
 @app.get("/")
 async def index() -> FileResponse:
     return FileResponse(HERE / "static" / "index.html")
@@ -126,6 +133,6 @@ if __name__ == "__main__":
     uvicorn.run(
         app,
         host=os.environ.get("APP_HOST", "127.0.0.1"),
-        port=int(os.environ.get("APP_PORT", "8000")),
+        port=int(os.environ.get("APP_PORT", "8001")),
         log_level="info",
     )

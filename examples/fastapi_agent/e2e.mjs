@@ -2,7 +2,7 @@
 // The example's page in headless Chromium, against the example app (and its
 // agent), wsproxy and Redis that run-e2e.sh has started.
 //
-//   APP_URL=http://127.0.0.1:8000 [E2E_EVENTS=1|simulated] [REDIS_PORT=6379] node e2e.mjs
+//   APP_URL=http://127.0.0.1:8001 [E2E_EVENTS=1|simulated] [REDIS_PORT=6379] node e2e.mjs
 //
 // 1. reliable session: the page starts a session, sends a prompt, and the
 //    reply arrives piece by piece (many messages, spread over time, each
@@ -97,6 +97,7 @@ async function checkReply(page, id, prompt) {
   check(r.outOfOrder === 0, `${r.outOfOrder} pieces out of order`);
   check(r.types[0] === 'start' && r.types.at(-1) === 'done', `message types ${r.types}`);
   check(r.text.startsWith(`You asked: "${prompt}".`), `reply text ${JSON.stringify(r.text.slice(0, 80))}`);
+  check(/[.!?]$/.test(r.text.trim()), `the reply ends mid-sentence: ${JSON.stringify(r.text.slice(-60))}`);
   return r;
 }
 
@@ -171,10 +172,20 @@ async function main() {
     say(`Chromium ${browser.version()}, app ${APP_URL}`);
     const context = await browser.newContext();
     const pageErrors = [];
+    // Nothing the page asks the app for may fail; a favicon it lacks would.
+    const failed = [];
+    context.on('response', (r) => {
+      if (r.status() >= 400) failed.push(`${r.status()} ${r.url()}`);
+    });
     for (const mode of ['reliable', 'plain']) {
       const page = await context.newPage();
       page.on('pageerror', (e) => pageErrors.push(e.message));
       await streamedReply(page, mode);
+      const icon = await page.evaluate(async () => {
+        const link = document.querySelector('link[rel~="icon"]');
+        return link ? (await fetch(link.href)).status : null;
+      });
+      check(icon === 200, `the page's icon: ${icon === null ? 'none declared' : `HTTP ${icon}`}`);
       await page.close();
     }
     if (EVENTS === '1' || EVENTS === 'simulated') {
@@ -186,6 +197,7 @@ async function main() {
       say('SKIPPED leave and come back: E2E_EVENTS is not 1 or simulated');
     }
     check(pageErrors.length === 0, `errors in the page: ${pageErrors}`);
+    check(failed.length === 0, `requests that failed: ${failed}`);
     say('passed');
   } finally {
     await browser.close();

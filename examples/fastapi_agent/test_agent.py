@@ -74,6 +74,15 @@ async def next_message(ps, timeout: float = 3.0) -> dict | None:
     return None if msg is None else json.loads(msg["data"])
 
 
+def test_a_reply_ends_at_the_end_of_a_sentence():
+    for words in range(1, 120):
+        pieces = compose_reply("hi", words)
+        text = "".join(pieces).rstrip()
+        assert text.endswith((".", "!", "?")), (words, text[-40:])
+        assert len(pieces) >= words, (words, len(pieces))
+        assert len(pieces) < words + 16, (words, len(pieces))
+
+
 async def test_a_plain_prompt_is_answered_piece_by_piece(agent):
     a, r = agent
     sid = "s-" + uuid.uuid4().hex
@@ -81,11 +90,12 @@ async def test_a_plain_prompt_is_answered_piece_by_piece(agent):
         await ps.subscribe(f"session:{sid}:down")
         await ps.get_message(timeout=1)
         await r.publish(f"session:{sid}:up", json.dumps({"type": "prompt", "id": "p1", "text": "hi"}))
-        got = [await next_message(ps) for _ in range(22)]
-    assert got[0] == {"type": "start", "reply_to": "p1", "pieces": 20}
-    assert [m["seq"] for m in got[1:21]] == list(range(20))
-    assert "".join(m["text"] for m in got[1:21]) == "".join(compose_reply("hi", 20))
-    assert got[21] == {"type": "done", "reply_to": "p1", "pieces": 20}
+        n = len(compose_reply("hi", 20))
+        got = [await next_message(ps) for _ in range(n + 2)]
+    assert got[0] == {"type": "start", "reply_to": "p1", "pieces": n}
+    assert [m["seq"] for m in got[1 : n + 1]] == list(range(n))
+    assert "".join(m["text"] for m in got[1 : n + 1]) == "".join(compose_reply("hi", 20))
+    assert got[n + 1] == {"type": "done", "reply_to": "p1", "pieces": n}
 
 
 async def test_a_reliable_prompt_is_answered_through_history_and_acknowledged(agent):
@@ -106,7 +116,8 @@ async def test_a_reliable_prompt_is_answered_through_history_and_acknowledged(ag
             await asyncio.sleep(0.05)
         while (await r.xpending("wsproxy:up:0", a.group))["pending"]:
             await asyncio.sleep(0.05)
-    assert [d["type"] for _, d in sent] == ["start"] + ["chunk"] * 20 + ["done"]  # type: ignore[index]
+    n = len(compose_reply("yo", 20))
+    assert [d["type"] for _, d in sent] == ["start"] + ["chunk"] * n + ["done"]  # type: ignore[index]
 
 
 async def test_the_reply_pauses_on_disconnect_and_goes_on_when_the_client_is_back(agent):
@@ -132,7 +143,7 @@ async def test_the_reply_pauses_on_disconnect_and_goes_on_when_the_client_is_bac
             if m["type"] == "done":
                 break
     assert paused_at < 12 and got[-1]["type"] == "done"
-    assert [m["seq"] for m in got if m["type"] == "chunk"] == list(range(20))
+    assert [m["seq"] for m in got if m["type"] == "chunk"] == list(range(len(compose_reply("hi", 20))))
 
 
 async def test_one_of_two_connections_leaving_does_not_pause(agent):

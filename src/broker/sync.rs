@@ -31,6 +31,7 @@ pub(super) async fn run(target: Target, shared: Arc<Shared>, shutdown: Cancellat
             Err(e) => {
                 attempt += 1;
                 tracing::warn!(%redis, error = %e, retry_in = ?backoff, "redis pub/sub connect failed");
+                shared.link_failed(&redis, format!("connect failed: {e}"));
                 if sleep_or_shutdown(backoff, &shutdown).await {
                     return;
                 }
@@ -42,6 +43,7 @@ pub(super) async fn run(target: Target, shared: Arc<Shared>, shutdown: Cancellat
             shared.metrics.redis_reconnects.inc();
         }
         ever_connected = true;
+        shared.link_up(&redis);
         let served_since = tokio::time::Instant::now();
         let stopped = serve(link, reader, &shared, &shutdown).await;
         shared.connected.store(false, Ordering::SeqCst);
@@ -52,6 +54,7 @@ pub(super) async fn run(target: Target, shared: Arc<Shared>, shutdown: Cancellat
         }
         attempt += 1;
         tracing::warn!(%redis, "redis pub/sub connection lost; reconnecting");
+        shared.link_failed(&redis, "connection lost".into());
         match target {
             // One server: straight back (it answered a moment ago).
             Target::Servers(_) => backoff = BACKOFF_MIN,

@@ -195,6 +195,11 @@ impl Upstream {
         }
     }
 
+    /// The current routes' live state, for the status page.
+    pub fn route_states(&self) -> Vec<Arc<RouteState>> {
+        self.current().states.clone()
+    }
+
     /// Starts the health checks of the current routes.
     pub fn start(&self, app: &Arc<App>) {
         start_health_checks(app, &self.tls, &self.current());

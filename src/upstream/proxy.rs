@@ -283,6 +283,7 @@ async fn dial(
     let mut last: Option<DialError> = None;
     for backend in candidates {
         let trying = BackendSlot::new(backend.clone());
+        let dialling = std::time::Instant::now();
         match connect::dial(
             &backend.backend,
             &ctx.upstream.tls,
@@ -292,6 +293,9 @@ async fn dial(
         .await
         {
             Ok(handshake) => {
+                app.metrics
+                    .upstream_connect_duration
+                    .observe(dialling.elapsed().as_secs_f64());
                 backend.success();
                 let mut slot = trying;
                 slot.1 = Some(app.metrics.upstream_connect(name, &backend.backend.name));
@@ -458,6 +462,14 @@ fn pump(ctx: &Ctx<'_>, admitted: Admitted, tunnel: Tunnel) {
             app.metrics
                 .upstream_failure(&name, &backend.backend.name, reason);
         }
+        // The tunnel does not read the close frames it passes on: a code
+        // is known only when the proxy wrote the close itself.
+        let (reason, code) = match verdict.get() {
+            Some(v) => (v.label(), Some(v.close().0)),
+            None if app.draining.has_begun() => ("shutdown", Some(crate::close::GOING_AWAY)),
+            None => ("ended", None),
+        };
+        app.closes.record("proxy", reason, code);
         tracing::info!(
             route = %name,
             backend = %backend.label,
