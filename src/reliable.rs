@@ -168,14 +168,30 @@ pub struct ReliableBridge {
     pub _subscription: Subscription,
 }
 
-/// What a reliable client sends.
+/// What a reliable client sends ([`parse_client_message`]).
+#[doc(hidden)]
 #[derive(Deserialize)]
-struct ClientMessage<'a> {
-    r#type: &'a str,
+pub struct ClientMessage<'a> {
+    /// `"message"`.
+    pub r#type: &'a str,
+    /// The client's id for it, a [`crate::keys::valid_id`].
     #[serde(borrow)]
-    id: std::borrow::Cow<'a, str>,
+    pub id: std::borrow::Cow<'a, str>,
+    /// The message, as sent.
     #[serde(borrow)]
-    data: &'a RawValue,
+    pub data: &'a RawValue,
+}
+
+/// Reads a reliable client's frame: `Err(Some(_))` when it is not JSON of
+/// that shape, `Err(None)` when its `type` or `id` is wrong. Public for
+/// the fuzz target.
+#[doc(hidden)]
+pub fn parse_client_message(text: &str) -> Result<ClientMessage<'_>, Option<serde_json::Error>> {
+    match serde_json::from_str::<ClientMessage<'_>>(text) {
+        Ok(m) if m.r#type == "message" && crate::keys::valid_id(&m.id) => Ok(m),
+        Ok(_) => Err(None),
+        Err(e) => Err(Some(e)),
+    }
 }
 
 #[derive(Serialize)]
@@ -228,9 +244,9 @@ impl crate::ws::Handler for ReliableBridge {
 impl ReliableBridge {
     /// Stores one client message and answers with its acknowledgement.
     async fn store(&mut self, text: Utf8Bytes) -> Reply {
-        let message = match serde_json::from_str::<ClientMessage<'_>>(text.as_str()) {
-            Ok(m) if m.r#type == "message" && crate::keys::valid_id(&m.id) => m,
-            Ok(_) => {
+        let message = match parse_client_message(text.as_str()) {
+            Ok(m) => m,
+            Err(None) => {
                 self.app
                     .metrics
                     .invalid_message(InvalidMessage::InvalidJson);
@@ -239,7 +255,7 @@ impl ReliableBridge {
                     "expected {\"type\":\"message\",\"id\":\"<1-128 of A-Z a-z 0-9 - _ .>\",\"data\":<json>}",
                 ));
             }
-            Err(e) => {
+            Err(Some(e)) => {
                 self.app
                     .metrics
                     .invalid_message(InvalidMessage::InvalidJson);

@@ -102,6 +102,13 @@ impl Users {
         self.hashes.is_empty()
     }
 
+    /// The hash a user's password is checked against. Public for the fuzz
+    /// target.
+    #[doc(hidden)]
+    pub fn hash(&self, username: &str) -> Option<&str> {
+        self.hashes.get(username).map(String::as_str)
+    }
+
     /// Checks a password, off the async threads. Unknown users cost the
     /// same work as known ones, so timing does not reveal who exists.
     pub async fn verify(&self, username: &str, password: &str) -> bool {

@@ -436,12 +436,15 @@ pub async fn dial(
     }
 }
 
-/// Reads the backend's response head, and whatever followed it in the
-/// same reads: the bytes and where the head ends.
-async fn read_response_head(
+/// Reads the backend's response head and checks it ([`check_response`]),
+/// reading until the head is complete.
+async fn read_response(
     stream: &mut BackendStream,
     backend: &Backend,
-) -> Result<(Vec<u8>, usize), DialError> {
+    key: &str,
+    up: &Upgrade<'_>,
+) -> Result<(Agreed, Vec<u8>), DialError> {
+    let name = backend.authority();
     let mut buf = Vec::with_capacity(1024);
     loop {
         let mut chunk = [0u8; 1024];
@@ -449,69 +452,52 @@ async fn read_response_head(
             .read(&mut chunk)
             .await
             .map_err(|error| DialFailure::Read {
-                backend: backend.authority(),
+                backend: name.clone(),
                 error,
             })?;
         if n == 0 {
-            return Err(DialFailure::Closed {
-                backend: backend.authority(),
-            }
-            .into());
+            return Err(DialFailure::Closed { backend: name }.into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Ok((buf, pos + 4));
+        if let Some(agreed) = check_response(&buf, key, up, &name)? {
+            let leftover = buf.get(agreed.head_len..).unwrap_or_default().to_vec();
+            return Ok((agreed, leftover));
         }
         if buf.len() > MAX_RESPONSE_HEAD {
-            return Err(DialFailure::Oversized {
-                backend: backend.authority(),
-            }
-            .into());
+            return Err(DialFailure::Oversized { backend: name }.into());
         }
     }
 }
 
-async fn dial_inner(
-    backend: &Backend,
-    tls: &TlsConnector,
-    up: &Upgrade<'_>,
-) -> Result<Handshake, DialError> {
-    let authority = || backend.authority();
-    let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
-        .await
-        .map_err(|error| DialFailure::Connect {
-            backend: authority(),
-            error,
-        })?;
-    crate::net::tune_socket(&tcp);
-    let mut stream = if backend.tls {
-        let name =
-            ServerName::try_from(backend.host.clone()).map_err(|error| DialFailure::TlsName {
-                backend: authority(),
-                error,
-            })?;
-        let tls = tls
-            .connect(name, tcp)
-            .await
-            .map_err(|error| DialFailure::Tls {
-                backend: authority(),
-                error,
-            })?;
-        BackendStream::Tls(Box::new(tls))
-    } else {
-        BackendStream::Plain(tcp)
-    };
-    let key = tungstenite::handshake::client::generate_key();
-    let head = request_head(backend, up, &key);
-    stream
-        .write_all(head.as_bytes())
-        .await
-        .map_err(|error| DialFailure::Write {
-            backend: authority(),
-            error,
-        })?;
+/// What a backend's 101 agreed to ([`check_response`]).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Agreed {
+    /// Length of the response head: what follows it is frames.
+    pub head_len: usize,
+    /// The backend's `Sec-WebSocket-Protocol`, if any.
+    pub protocol: Option<HeaderValue>,
+    /// The backend's `Sec-WebSocket-Extensions`, if any (only when
+    /// `up.pass_extensions`).
+    pub extensions: Option<HeaderValue>,
+}
 
-    let (buf, end) = read_response_head(&mut stream, backend).await?;
+/// Checks what a backend sent so far (`buf`) in answer to the upgrade
+/// `up` sent with `key`: `Ok(None)` while its response head is
+/// incomplete, or what the 101 agreed to, or why it is refused
+/// (`backend` names it in errors). Public for the fuzz target.
+#[doc(hidden)]
+pub fn check_response(
+    buf: &[u8],
+    key: &str,
+    up: &Upgrade<'_>,
+    backend: &str,
+) -> Result<Option<Agreed>, DialError> {
+    let authority = || backend.to_owned();
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let end = end + 4;
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut headers);
     response
@@ -589,14 +575,62 @@ async fn dial_inner(
         }
     }
     let value = |name: &str| find(name).and_then(|v| HeaderValue::from_bytes(v).ok());
-    Ok(Handshake {
+    Ok(Some(Agreed {
+        head_len: end,
         protocol: value("sec-websocket-protocol"),
         extensions: if up.pass_extensions {
             value("sec-websocket-extensions")
         } else {
             None
         },
-        leftover: buf[end..].to_vec(),
+    }))
+}
+
+async fn dial_inner(
+    backend: &Backend,
+    tls: &TlsConnector,
+    up: &Upgrade<'_>,
+) -> Result<Handshake, DialError> {
+    let authority = || backend.authority();
+    let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
+        .await
+        .map_err(|error| DialFailure::Connect {
+            backend: authority(),
+            error,
+        })?;
+    crate::net::tune_socket(&tcp);
+    let mut stream = if backend.tls {
+        let name =
+            ServerName::try_from(backend.host.clone()).map_err(|error| DialFailure::TlsName {
+                backend: authority(),
+                error,
+            })?;
+        let tls = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|error| DialFailure::Tls {
+                backend: authority(),
+                error,
+            })?;
+        BackendStream::Tls(Box::new(tls))
+    } else {
+        BackendStream::Plain(tcp)
+    };
+    let key = tungstenite::handshake::client::generate_key();
+    let head = request_head(backend, up, &key);
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|error| DialFailure::Write {
+            backend: authority(),
+            error,
+        })?;
+
+    let (agreed, leftover) = read_response(&mut stream, backend, &key, up).await?;
+    Ok(Handshake {
+        protocol: agreed.protocol,
+        extensions: agreed.extensions,
+        leftover,
         stream,
     })
 }
