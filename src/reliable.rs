@@ -79,12 +79,13 @@ pub fn requested(app: &App, headers: &HeaderMap) -> Result<bool, ApiError> {
 }
 
 /// The position a client resumes from: `?epoch=&offset=`, both or neither
-/// (400 `invalid_query` otherwise).
+/// (400 `invalid_query` otherwise); an empty one counts as missing.
 pub fn resume_from<'a>(
     epoch: Option<&'a str>,
     offset: Option<&'a str>,
 ) -> Result<Option<(&'a str, &'a str)>, ApiError> {
-    match (epoch, offset) {
+    let given = |s: Option<&'a str>| s.filter(|s| !s.is_empty());
+    match (given(epoch), given(offset)) {
         (None, None) => Ok(None),
         (Some(e), Some(o)) if e.len() <= MAX_POSITION_LEN && o.len() <= MAX_POSITION_LEN => {
             Ok(Some((e, o)))
@@ -173,7 +174,8 @@ pub struct ReliableBridge {
 #[derive(Deserialize)]
 pub struct ClientMessage<'a> {
     /// `"message"`.
-    pub r#type: &'a str,
+    #[serde(borrow)]
+    pub r#type: std::borrow::Cow<'a, str>,
     /// The client's id for it, a [`crate::keys::valid_id`].
     #[serde(borrow)]
     pub id: std::borrow::Cow<'a, str>,
@@ -188,6 +190,7 @@ pub struct ClientMessage<'a> {
 #[doc(hidden)]
 pub fn parse_client_message(text: &str) -> Result<ClientMessage<'_>, Option<serde_json::Error>> {
     match serde_json::from_str::<ClientMessage<'_>>(text) {
+        // (`type` may be escaped, as any JSON string.)
         Ok(m) if m.r#type == "message" && crate::keys::valid_id(&m.id) => Ok(m),
         Ok(_) => Err(None),
         Err(e) => Err(Some(e)),
@@ -347,12 +350,38 @@ mod tests {
         assert!(resume_from(Some(&long), Some("1-0")).is_err());
     }
 
+    /// Found by the reliable_client fuzz target (issue 22, defect 5):
+    /// `?epoch=&offset=<offset>` was taken as a fresh join, silently.
+    #[test]
+    fn an_empty_half_of_a_position_is_a_missing_half() {
+        assert_eq!(resume_from(Some(""), Some("")).ok(), Some(None));
+        assert_eq!(resume_from(Some(""), None).ok(), Some(None));
+        for (e, o) in [("", "1700000000123-0"), ("1700000000123456", "")] {
+            let err = resume_from(Some(e), Some(o)).expect_err("half a position");
+            assert_eq!((err.status.as_u16(), err.code), (400, "invalid_query"));
+        }
+    }
+
+    /// Found by the reliable_client fuzz target: a `type` written with an
+    /// escape (`"mess\u0061ge"`, valid JSON for `"message"`) was refused.
+    #[test]
+    fn a_message_type_may_be_escaped() {
+        let Ok(m) = parse_client_message(r#"{"type":"mess\u0061ge","id":"c\u002d1","data":null}"#)
+        else {
+            panic!("refused");
+        };
+        assert_eq!(
+            (&*m.r#type, &*m.id, m.data.get()),
+            ("message", "c-1", "null")
+        );
+    }
+
     #[test]
     fn client_messages_borrow_their_data() {
         let m: ClientMessage<'_> =
             serde_json::from_str(r#"{"type":"message","id":"c-1","data":{"b":1, "a":[2]}}"#)
                 .expect("parse");
-        assert_eq!((m.r#type, &*m.id), ("message", "c-1"));
+        assert_eq!((&*m.r#type, &*m.id), ("message", "c-1"));
         assert_eq!(m.data.get(), r#"{"b":1, "a":[2]}"#);
         let ack = Ack {
             r#type: "ack",
