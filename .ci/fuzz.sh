@@ -3,18 +3,22 @@
 #   bash .ci/fuzz.sh                       # every target, 30 s each
 #   FUZZ_SECONDS=300 bash .ci/fuzz.sh      # longer
 #   FUZZ_TARGETS="jwt origin" bash .ci/fuzz.sh
+#   FUZZ_JOBS=1 bash .ci/fuzz.sh           # one target at a time
 # The targets are fuzz/fuzz_targets/*.rs (a crate of its own, outside the
-# main workspace). All are built once, then each runs on a copy of its
-# committed seeds (fuzz/corpus/<target>), so the committed corpus is never
-# changed; the copies and the logs go to target/fuzz/. Exits non-zero if any
-# target crashes (a panic, a failed property, a sanitizer report, an input
-# slower than FUZZ_TIMEOUT seconds), naming the artefact that reproduces it.
+# main workspace). All are built once, then each runs, single-threaded, on a
+# copy of its committed seeds (fuzz/corpus/<target>), so the committed
+# corpus is never changed; FUZZ_JOBS targets (default: one per CPU) run at
+# the same time, each for its full FUZZ_SECONDS. The copies and the logs go
+# to target/fuzz/. Exits non-zero if any target crashes (a panic, a failed
+# property, a sanitizer report, an input slower than FUZZ_TIMEOUT seconds),
+# naming the artefact that reproduces it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 seconds=${FUZZ_SECONDS:-30}
 timeout=${FUZZ_TIMEOUT:-10}
+jobs=${FUZZ_JOBS:-$(nproc 2>/dev/null || echo 1)}
 work=target/fuzz
 
 if ! command -v cargo-fuzz >/dev/null; then
@@ -43,23 +47,45 @@ step "building ${#targets[@]} fuzz targets (release, debug assertions, AddressSa
 cargo fuzz build
 
 mkdir -p "$work/corpus" "$work/logs"
-failed=()
-summary=()
-for t in "${targets[@]}"; do
-  step "fuzzing $t for ${seconds}s"
-  corpus="$work/corpus/$t"
+
+# One target: its log in $work/logs/<t>.log, "ok" or "CRASH" in <t>.status.
+fuzz_one() {
+  local t=$1 corpus="$work/corpus/$1" log="$work/logs/$1.log"
   rm -rf "$corpus"
   mkdir -p "$corpus"
   [[ -d "fuzz/corpus/$t" ]] && cp -r "fuzz/corpus/$t/." "$corpus/"
-  seeds=$(find "$corpus" -type f | wc -l)
-  args=(-max_total_time="$seconds" -rss_limit_mb=2048 -timeout="$timeout" -print_final_stats=1)
+  local args=(-max_total_time="$seconds" -rss_limit_mb=2048 -timeout="$timeout" -print_final_stats=1)
   [[ -f "fuzz/dict/$t.dict" ]] && args+=(-dict="fuzz/dict/$t.dict")
-  log="$work/logs/$t.log"
   if cargo fuzz run "$t" "$corpus" -- "${args[@]}" >"$log" 2>&1; then
-    status=ok
+    echo ok >"$work/logs/$t.status"
   else
-    status=CRASH
+    echo CRASH >"$work/logs/$t.status"
+  fi
+}
+
+step "fuzzing ${#targets[@]} targets for ${seconds}s each, ${jobs} at a time"
+running=0
+for t in "${targets[@]}"; do
+  if ((running >= jobs)); then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  rm -f "$work/logs/$t.status"
+  echo "fuzzing $t"
+  fuzz_one "$t" &
+  running=$((running + 1))
+done
+wait
+
+failed=()
+summary=()
+for t in "${targets[@]}"; do
+  log="$work/logs/$t.log"
+  status=$(cat "$work/logs/$t.status" 2>/dev/null || echo CRASH)
+  seeds=$(find "fuzz/corpus/$t" -type f 2>/dev/null | wc -l)
+  if [[ "$status" != ok ]]; then
     failed+=("$t")
+    step "$t crashed"
     tail -n 60 "$log"
     artefact=$(grep -oE "fuzz/artifacts/$t/[a-z]+-[0-9a-f]+" "$log" | tail -n 1 || true)
     printf '\n%s crashed; reproducer: %s\n  rerun: RUSTC_BOOTSTRAP=1 cargo fuzz run %s %s\n  full log: %s\n' \

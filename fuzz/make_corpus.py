@@ -298,4 +298,129 @@ for name, lines in [
 ]:
     seed("origin", name, "\n".join(lines))
 
+# --- upgrade_response -----------------------------------------------------
+
+ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # for the target's key, as in RFC 6455
+
+
+def upgrade(flags, protocols, extensions, response):
+    return bytes([flags]) + protocols.encode() + b"\n" + extensions.encode() + b"\n" + response
+
+
+def head(status, *headers, crlf="\r\n"):
+    return (crlf.join([f"HTTP/1.1 {status}", *headers]) + crlf + crlf).encode()
+
+
+SWITCH = ("Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Accept: {ACCEPT}")
+for name, flags, protocols, extensions, response in [
+    ("plain-101", 1, "", "", head("101 Switching Protocols", *SWITCH)),
+    ("with-frame", 1, "", "", head("101 Switching Protocols", *SWITCH) + b"\x81\x05Hello"),
+    ("subprotocol", 1, "chat, superchat", "",
+     head("101 Switching Protocols", *SWITCH, "Sec-WebSocket-Protocol: superchat")),
+    ("subprotocol-not-offered", 1, "chat", "",
+     head("101 Switching Protocols", *SWITCH, "Sec-WebSocket-Protocol: other")),
+    ("deflate", 1, "", "permessage-deflate; client_max_window_bits",
+     head("101 Switching Protocols", *SWITCH,
+          "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover")),
+    ("two-extension-lines", 1, "", "permessage-deflate, x-foo",
+     head("101 Switching Protocols", *SWITCH, "Sec-WebSocket-Extensions: x-foo",
+          "Sec-WebSocket-Extensions: permessage-deflate")),
+    ("health-check", 0, "", "", head("101 Switching Protocols", *SWITCH, "Sec-WebSocket-Protocol: any")),
+    ("wrong-accept", 1, "", "", head("101 Switching Protocols", "Upgrade: websocket",
+                                     "Sec-WebSocket-Accept: dGhlIHNhbXBsZSBub25jZQ==")),
+    ("forbidden", 1, "", "", head("403 Forbidden", "Content-Length: 0")),
+    ("server-error", 1, "", "", head("502 Bad Gateway")),
+    ("lf-only", 1, "", "", head("101 Switching Protocols", *SWITCH, crlf="\n") + b"\x81\x04\r\n\r\n"),
+    ("http10", 1, "", "", head("101 Switching Protocols", *SWITCH).replace(b"HTTP/1.1", b"HTTP/1.0")),
+    ("partial", 1, "", "", head("101 Switching Protocols", *SWITCH)[:40]),
+    ("not-http", 1, "", "", b"SSH-2.0-OpenSSH_9.6\r\n\r\n"),
+]:
+    seed("upgrade_response", name, upgrade(flags, protocols, extensions, response))
+
+# --- users_file -----------------------------------------------------------
+
+# `wsproxy hash-password` output for "s3cret" and "hunter2".
+H1 = "$argon2id$v=19$m=19456,t=2,p=1$rxVRGoBrvL4b+1V5sMqq8Q$F4dDGebuGctBGYowVRg+WASlNqb12crouZmJhwhJr+4"
+H2 = "$argon2id$v=19$m=19456,t=2,p=1$OaCxNNmvPM5r1LnW8SmCig$sgyBlprY4WQwqK9LEvr5XzTGZiZD+clPnjgUOJyjFTI"
+for name, text in [
+    ("two-users", f"# users\nalice:{H1}\n\n  bob : {H2}  \r\n"),
+    ("argon2i", "carol:$argon2i$v=19$m=4096,t=3,p=1$c29tZXNhbHQ$iWh06vD8Fy27wf9npn6FXWiCX4K6pW6Ue1Bnzz07Z8A\n"),
+    ("no-colon", f"alice:{H1}\nbob\n"),
+    ("twice", f"alice:{H1}\nalice:{H2}\n"),
+    ("plaintext", "alice:hunter2\n"),
+    ("other-algorithm", "alice:$scrypt$ln=16,r=8,p=1$aM15713r3Xsvxbi31lqr1Q$nFNh2CVHVjNldFVKDHDlm4CbdRSCdEBsjjJxD+iCs5E\n"),
+    ("no-output", "alice:$argon2id$v=19$m=19456,t=2,p=1$rxVRGoBrvL4b+1V5sMqq8Q\n"),
+    ("bad-params", "alice:$argon2id$v=19$m=1,t=0,p=1$rxVRGoBrvL4b+1V5sMqq8Q$F4dDGebuGctBGYowVRg+WASlNqb12crouZmJhwhJr+4\n"),
+    ("control-in-name", f"al\x07ice:{H1}\n"),
+]:
+    seed("users_file", name, text)
+
+# --- publish_json ---------------------------------------------------------
+
+
+def publish(flags, message):
+    return bytes([flags]) + (message if isinstance(message, str) else json.dumps(message)).encode()
+
+
+MSG = {"publisher_name": "Client1", "topic": "NetworkConnectedEvent", "payload": "Network connected",
+       "timestamp": "2024-01-24T10:25:37Z", "session_id": "session-A"}
+for name, flags, message in [
+    ("full", 0xFE, MSG),
+    ("minimal", 0xFF, {"topic": "t", "payload": {"b": 1, "a": [1, 2.5, None, True]}}),
+    ("nulls", 0xFF, {"topic": "t", "payload": None, "session_id": None, "publisher_name": None}),
+    ("escaped", 0xFF, '{"topic":"\\u0074","payload":"\\ud83d\\ude00 \\n","publisher_name":"\\u00e9"}'),
+    ("too-large", 0x08, MSG),
+    ("bad-topic", 0xFF, dict(MSG, topic="a:b")),
+    ("bad-session", 0xFF, dict(MSG, session_id="s|t")),
+    ("control-publisher", 0xFF, dict(MSG, publisher_name="a\u0007")),
+    ("empty-publisher", 0xFE, dict(MSG, publisher_name="")),
+    ("duplicate-topic", 0xFF, '{"topic":"a","topic":"b","payload":1}'),
+    ("unknown-field", 0xFF, '{"topic":"a","payload":1,"extra":[]}'),
+    ("wrong-type", 0xFF, '{"topic":5,"payload":1}'),
+    ("not-json", 0xFF, '{"topic":"a","payload":'),
+]:
+    seed("publish_json", name, publish(flags, message))
+
+# --- reliable_client ------------------------------------------------------
+
+for name, text in [
+    ("message", '{"type":"message","id":"c-1","data":{"b":1, "a":[2]}}'),
+    ("message-string", '{"data":"hi","id":"A.b_c-9","type":"message"}'),
+    ("escaped-type", '{"type":"mess\\u0061ge","id":"c\\u002d1","data":null}'),
+    ("bad-id", '{"type":"message","id":"a b","data":1}'),
+    ("long-id", '{"type":"message","id":"' + "x" * 129 + '","data":1}'),
+    ("no-data", '{"type":"message","id":"c-1"}'),
+    ("other-type", '{"type":"ack","id":"c-1","data":1}'),
+    ("duplicate-id", '{"type":"message","id":"a","id":"b","data":1}'),
+    ("big-number", '{"type":"message","id":"a","data":1e400}'),
+    ("not-json", '{"type":"message",'),
+]:
+    seed("reliable_client", "frame-" + name, b"\x00" + text.encode())
+for name, flags, epoch, offset in [
+    ("both", 7, "1700000000123456", "1700000000123-0"),
+    ("fresh", 1, "", ""),
+    ("epoch-only", 3, "1700000000123456", ""),
+    ("offset-only", 5, "", "1-0"),
+    ("empty-epoch", 7, "", "1700000000123-0"),
+    ("empty-offset", 7, "1700000000123456", ""),
+    ("zero", 7, "1", "0-0"),
+    ("signed", 7, "1", "+1-2"),
+    ("too-long", 7, "9" * 65, "1-0"),
+    ("huge", 7, "1", "99999999999999999999-0"),
+]:
+    seed("reliable_client", "position-" + name, bytes([flags]) + epoch.encode() + b"\x00" + offset.encode())
+
+# --- control (the new targets' reference checks) -------------------------
+
+for name, text in [
+    ("nulls", '{"type":"disconnect","session_id":"s1","code":null,"reason":null}'),
+    ("normal-close", '{"type":"disconnect","session_id":"s1","code":1000,"reason":""}'),
+    ("escaped", '{"type":"disconn\\u0065ct","session_id":"s\\u0031"}'),
+    ("unknown-field", '{"type":"disconnect","session_id":"s1","extra":1}'),
+    ("duplicate", '{"type":"disconnect","session_id":"s1","session_id":"s2"}'),
+    ("float-code", '{"type":"disconnect","session_id":"s1","code":4001.0}'),
+    ("long-reason", '{"type":"disconnect","session_id":"s1","reason":"' + "r" * 124 + '"}'),
+]:
+    seed("control", name, text)
+
 print("seeds written under", os.path.join(HERE, "corpus"))

@@ -593,10 +593,16 @@ pub fn split_envelope(frame: &str) -> Option<(&str, &str)> {
     Some((offset, data))
 }
 
-/// A stream id `<ms>-<seq>` as two numbers.
+/// A stream id `<ms>-<seq>` as two numbers (decimal digits only, as Redis
+/// writes them: `u64::from_str` alone would take a `+`).
 pub fn parse_offset(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    Some((number(ms)?, number(seq)?))
 }
 
 #[cfg(test)]
@@ -675,6 +681,16 @@ mod tests {
         assert_eq!(parse_offset("0-0"), Some((0, 0)));
         assert_eq!(parse_offset("12"), None);
         assert_eq!(parse_offset("99999999999999999999999-0"), None);
+    }
+
+    /// Found by the reliable_client fuzz target: `u64::from_str` takes a
+    /// leading `+`, which no stream id (nor the library's own `parse`) has.
+    #[test]
+    fn offsets_are_decimal_digits_only() {
+        for signed in ["+1-2", "1-+2", "+0-+0"] {
+            assert_eq!(parse_offset(signed), None, "{signed}");
+        }
+        assert_eq!(parse_offset("01-002"), Some((1, 2)));
     }
 
     #[test]

@@ -194,19 +194,105 @@ fn refuse(app: &App, command: &str, error: &'static str, message: &str) -> Reply
 }
 
 /// A message as clients publish it: every field but `topic` and `payload`
-/// may be left out and is filled in by the server.
+/// may be left out and is filled in by the server ([`Publish::parse`]).
+#[doc(hidden)]
 #[derive(Debug, Deserialize)]
-struct Publish<'a> {
+pub struct Publish<'a> {
+    /// Who publishes; the connection's name when left out.
     #[serde(borrow)]
-    publisher_name: Option<std::borrow::Cow<'a, str>>,
+    pub publisher_name: Option<std::borrow::Cow<'a, str>>,
+    /// The topic, a [`valid_name`].
     #[serde(borrow)]
-    topic: std::borrow::Cow<'a, str>,
+    pub topic: std::borrow::Cow<'a, str>,
+    /// The payload, as sent.
     #[serde(borrow)]
-    payload: &'a RawValue,
+    pub payload: &'a RawValue,
+    /// When; now when left out.
     #[serde(borrow)]
-    timestamp: Option<std::borrow::Cow<'a, str>>,
+    pub timestamp: Option<std::borrow::Cow<'a, str>>,
+    /// The session, a [`valid_name`] when given; the connection's when left
+    /// out.
     #[serde(borrow)]
-    session_id: Option<std::borrow::Cow<'a, str>>,
+    pub session_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A `publish-json:` message refused by [`Publish::parse`] or
+/// [`Publish::publisher`]: the refusal's error code and message.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct PublishRefusal {
+    /// The error code.
+    pub error: &'static str,
+    /// The explanation.
+    pub message: String,
+}
+
+impl<'a> Publish<'a> {
+    /// Reads a `publish-json:` message and checks what needs no connection
+    /// state: its shape, the payload's size, the topic, and the session's
+    /// name (not whether the connection may use it). Public for the fuzz
+    /// target.
+    pub fn parse(json: &'a str, max_payload_bytes: usize) -> Result<Self, PublishRefusal> {
+        let refuse = |error, message: String| PublishRefusal { error, message };
+        let msg: Publish<'_> = serde_json::from_str(json).map_err(|e| {
+            refuse(
+                "invalid_json",
+                format!(
+                    "expected a JSON object with topic and payload (publisher_name, timestamp, session_id optional): {e}"
+                ),
+            )
+        })?;
+        if msg.payload.get().len() > max_payload_bytes {
+            return Err(refuse(
+                "payload_too_large",
+                format!("the payload is larger than {max_payload_bytes} bytes"),
+            ));
+        }
+        if !valid_name(&msg.topic) {
+            return Err(refuse("invalid_topic", INVALID_TOPIC.to_owned()));
+        }
+        if msg.session_id.as_deref().is_some_and(|s| !valid_name(s)) {
+            return Err(refuse("invalid_session", INVALID_SESSION.to_owned()));
+        }
+        Ok(msg)
+    }
+
+    /// The publisher's name: the message's, else `fallback` (the
+    /// connection's), else `anonymous`; 1-128 printable characters.
+    pub fn publisher<'b>(&'b self, fallback: Option<&'b str>) -> Result<&'b str, PublishRefusal> {
+        let publisher = self
+            .publisher_name
+            .as_deref()
+            .or(fallback)
+            .unwrap_or("anonymous");
+        if publisher.is_empty()
+            || publisher.len() > MAX_NAME_LEN
+            || publisher.chars().any(char::is_control)
+        {
+            return Err(PublishRefusal {
+                error: "invalid_command",
+                message: "publisher_name must be 1-128 printable characters".to_owned(),
+            });
+        }
+        Ok(publisher)
+    }
+
+    /// The message as subscribers of `session` receive it, `timestamp`
+    /// filling in a missing one.
+    pub fn delivered(
+        &self,
+        publisher: &str,
+        session: &str,
+        timestamp: &str,
+    ) -> serde_json::Result<String> {
+        serde_json::to_string(&Delivered {
+            publisher_name: publisher,
+            topic: &self.topic,
+            payload: self.payload,
+            timestamp: self.timestamp.as_deref().unwrap_or(timestamp),
+            session_id: session,
+        })
+    }
 }
 
 /// A message as subscribers receive it (the payload passes through as the
@@ -398,36 +484,10 @@ impl Hub {
     }
 
     async fn publish(&mut self, json: &str) -> Reply {
-        let msg: Publish<'_> = match serde_json::from_str(json) {
+        let msg = match Publish::parse(json, self.app.config.pubsub.max_payload_bytes) {
             Ok(m) => m,
-            Err(e) => {
-                return refuse(
-                    &self.app,
-                    "publish-json",
-                    "invalid_json",
-                    &format!(
-                        "expected a JSON object with topic and payload (publisher_name, timestamp, session_id optional): {e}"
-                    ),
-                );
-            }
+            Err(e) => return refuse(&self.app, "publish-json", e.error, &e.message),
         };
-        let limit = self.app.config.pubsub.max_payload_bytes;
-        if msg.payload.get().len() > limit {
-            return refuse(
-                &self.app,
-                "publish-json",
-                "payload_too_large",
-                &format!("the payload is larger than {limit} bytes"),
-            );
-        }
-        if !valid_name(&msg.topic) {
-            return refuse(
-                &self.app,
-                "publish-json",
-                "invalid_topic",
-                "a topic is 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
-            );
-        }
         let session = match (&msg.session_id, &self.session) {
             (Some(s), _) => {
                 if let Err(refusal) = self.bind_session("publish-json", s) {
@@ -445,38 +505,15 @@ impl Hub {
                 );
             }
         };
-        let publisher = msg
-            .publisher_name
-            .as_deref()
-            .or(self.name.as_deref())
-            .unwrap_or("anonymous");
-        if publisher.is_empty()
-            || publisher.len() > MAX_NAME_LEN
-            || publisher.chars().any(char::is_control)
-        {
-            return refuse(
-                &self.app,
-                "publish-json",
-                "invalid_command",
-                "publisher_name must be 1-128 printable characters",
-            );
-        }
-        let now;
-        let timestamp = match &msg.timestamp {
-            Some(t) => t.as_ref(),
-            None => {
-                now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-                &now
-            }
+        let publisher = match msg.publisher(self.name.as_deref()) {
+            Ok(p) => p,
+            Err(e) => return refuse(&self.app, "publish-json", e.error, &e.message),
         };
-        let delivered = Delivered {
-            publisher_name: publisher,
-            topic: &msg.topic,
-            payload: msg.payload,
-            timestamp,
-            session_id: &session,
+        let now = match msg.timestamp {
+            Some(_) => String::new(),
+            None => humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
-        let Ok(body) = serde_json::to_string(&delivered) else {
+        let Ok(body) = msg.delivered(publisher, &session, &now) else {
             return refuse(
                 &self.app,
                 "publish-json",

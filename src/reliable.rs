@@ -79,16 +79,13 @@ pub fn requested(app: &App, headers: &HeaderMap) -> Result<bool, ApiError> {
 }
 
 /// The position a client resumes from: `?epoch=&offset=`, both or neither
-/// (400 `invalid_query` otherwise).
+/// (400 `invalid_query` otherwise); an empty one counts as missing.
 pub fn resume_from<'a>(
     epoch: Option<&'a str>,
     offset: Option<&'a str>,
 ) -> Result<Option<(&'a str, &'a str)>, ApiError> {
-    // An empty value is no value: `?epoch=&offset=` is a fresh join, and
-    // one empty half beside a full one is half a position, refused below.
-    let epoch = epoch.filter(|e| !e.is_empty());
-    let offset = offset.filter(|o| !o.is_empty());
-    match (epoch, offset) {
+    let given = |s: Option<&'a str>| s.filter(|s| !s.is_empty());
+    match (given(epoch), given(offset)) {
         (None, None) => Ok(None),
         (Some(e), Some(o)) if e.len() <= MAX_POSITION_LEN && o.len() <= MAX_POSITION_LEN => {
             Ok(Some((e, o)))
@@ -172,14 +169,32 @@ pub struct ReliableBridge {
     pub _subscription: Subscription,
 }
 
-/// What a reliable client sends.
+/// What a reliable client sends ([`parse_client_message`]).
+#[doc(hidden)]
 #[derive(Deserialize)]
-struct ClientMessage<'a> {
-    r#type: &'a str,
+pub struct ClientMessage<'a> {
+    /// `"message"`.
     #[serde(borrow)]
-    id: std::borrow::Cow<'a, str>,
+    pub r#type: std::borrow::Cow<'a, str>,
+    /// The client's id for it, a [`crate::keys::valid_id`].
     #[serde(borrow)]
-    data: &'a RawValue,
+    pub id: std::borrow::Cow<'a, str>,
+    /// The message, as sent.
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+}
+
+/// Reads a reliable client's frame: `Err(Some(_))` when it is not JSON of
+/// that shape, `Err(None)` when its `type` or `id` is wrong. Public for
+/// the fuzz target.
+#[doc(hidden)]
+pub fn parse_client_message(text: &str) -> Result<ClientMessage<'_>, Option<serde_json::Error>> {
+    match serde_json::from_str::<ClientMessage<'_>>(text) {
+        // (`type` may be escaped, as any JSON string.)
+        Ok(m) if m.r#type == "message" && crate::keys::valid_id(&m.id) => Ok(m),
+        Ok(_) => Err(None),
+        Err(e) => Err(Some(e)),
+    }
 }
 
 #[derive(Serialize)]
@@ -289,9 +304,9 @@ pub async fn store_message(
     agent_id: &str,
     text: &str,
 ) -> (Stored, String) {
-    let message = match serde_json::from_str::<ClientMessage<'_>>(text) {
-        Ok(m) if m.r#type == "message" && crate::keys::valid_id(&m.id) => m,
-        Ok(_) => {
+    let message = match parse_client_message(text) {
+        Ok(m) => m,
+        Err(None) => {
             app.metrics.invalid_message(InvalidMessage::InvalidJson);
             return (
                 Stored::Invalid,
@@ -301,7 +316,7 @@ pub async fn store_message(
                 ),
             );
         }
-        Err(e) => {
+        Err(Some(e)) => {
             app.metrics.invalid_message(InvalidMessage::InvalidJson);
             return (
                 Stored::Invalid,
@@ -409,12 +424,38 @@ mod tests {
         assert!(resume_from(Some(&long), Some("1-0")).is_err());
     }
 
+    /// Found by the reliable_client fuzz target (issue 22, defect 5):
+    /// `?epoch=&offset=<offset>` was taken as a fresh join, silently.
+    #[test]
+    fn an_empty_half_of_a_position_is_a_missing_half() {
+        assert_eq!(resume_from(Some(""), Some("")).ok(), Some(None));
+        assert_eq!(resume_from(Some(""), None).ok(), Some(None));
+        for (e, o) in [("", "1700000000123-0"), ("1700000000123456", "")] {
+            let err = resume_from(Some(e), Some(o)).expect_err("half a position");
+            assert_eq!((err.status.as_u16(), err.code), (400, "invalid_query"));
+        }
+    }
+
+    /// Found by the reliable_client fuzz target: a `type` written with an
+    /// escape (`"mess\u0061ge"`, valid JSON for `"message"`) was refused.
+    #[test]
+    fn a_message_type_may_be_escaped() {
+        let Ok(m) = parse_client_message(r#"{"type":"mess\u0061ge","id":"c\u002d1","data":null}"#)
+        else {
+            panic!("refused");
+        };
+        assert_eq!(
+            (&*m.r#type, &*m.id, m.data.get()),
+            ("message", "c-1", "null")
+        );
+    }
+
     #[test]
     fn client_messages_borrow_their_data() {
         let m: ClientMessage<'_> =
             serde_json::from_str(r#"{"type":"message","id":"c-1","data":{"b":1, "a":[2]}}"#)
                 .expect("parse");
-        assert_eq!((m.r#type, &*m.id), ("message", "c-1"));
+        assert_eq!((&*m.r#type, &*m.id), ("message", "c-1"));
         assert_eq!(m.data.get(), r#"{"b":1, "a":[2]}"#);
         let ack = Ack {
             r#type: "ack",

@@ -78,7 +78,9 @@ impl Users {
                 return Err(bad("the username must be 1-128 printable characters"));
             }
             PasswordHash::new(hash.trim())
-                .map_err(|_| bad("not an argon2 hash (make one with `wsproxy hash-password`)"))?;
+                .ok()
+                .filter(verifiable)
+                .ok_or_else(|| bad("not an argon2 hash (make one with `wsproxy hash-password`)"))?;
             if hashes
                 .insert(user.to_owned(), hash.trim().to_owned())
                 .is_some()
@@ -100,6 +102,13 @@ impl Users {
     /// True when the file lists nobody.
     pub fn is_empty(&self) -> bool {
         self.hashes.is_empty()
+    }
+
+    /// The hash a user's password is checked against. Public for the fuzz
+    /// target.
+    #[doc(hidden)]
+    pub fn hash(&self, username: &str) -> Option<&str> {
+        self.hashes.get(username).map(String::as_str)
     }
 
     /// Checks a password, off the async threads. Unknown users cost the
@@ -130,6 +139,20 @@ impl Users {
         .unwrap_or(false);
         ok && known
     }
+}
+
+/// Whether argon2 can check a password against `hash`: an argon2
+/// algorithm and version, parameters it takes, a salt and an output.
+/// (`PasswordHash::new` takes any PHC string: a user with another would
+/// never log in.)
+fn verifiable(hash: &PasswordHash) -> bool {
+    hash.salt.is_some()
+        && hash.hash.is_some()
+        && argon2::Algorithm::try_from(hash.algorithm.as_str()).is_ok()
+        && hash
+            .version
+            .is_none_or(|v| argon2::Version::try_from(v).is_ok())
+        && argon2::Params::try_from(hash).is_ok()
 }
 
 /// Hashes `password` with argon2id and a random salt (PHC string).
@@ -164,5 +187,29 @@ mod tests {
         assert!(text.starts_with("USERS_FILE: users.txt line 2"), "{text}");
         let e = Users::parse("alice:plaintext\n", "u").expect_err("not a hash");
         assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    /// Found by the users_file fuzz target: PHC strings argon2 cannot
+    /// check a password against were accepted, locking their user out.
+    #[test]
+    fn hashes_argon2_cannot_verify_are_refused() {
+        let salt_and_output = "rxVRGoBrvL4b+1V5sMqq8Q$F4dDGebuGctBGYowVRg+WASlNqb12crouZmJhwhJr+4";
+        let good = format!("$argon2id$v=19$m=19456,t=2,p=1${salt_and_output}");
+        assert!(Users::parse(&format!("alice:{good}\n"), "u").is_ok());
+        for hash in [
+            // No output, no salt.
+            "$argon2id$v=19$m=19456,t=2,p=1$rxVRGoBrvL4b+1V5sMqq8Q".to_owned(),
+            "$argon2id$v=19$m=19456,t=2,p=1".to_owned(),
+            // Another algorithm.
+            format!("$scrypt$ln=16,r=8,p=1${salt_and_output}"),
+            // Parameters argon2 refuses (t=0), an unknown version.
+            format!("$argon2id$v=19$m=19456,t=0,p=1${salt_and_output}"),
+            format!("$argon2id$v=18$m=19456,t=2,p=1${salt_and_output}"),
+        ] {
+            let e = Users::parse(&format!("alice:{hash}\n"), "u").expect_err(&hash);
+            let text = e.to_string();
+            assert!(text.starts_with("USERS_FILE: u line 1: "), "{text}");
+            assert!(!text.contains(salt_and_output), "{text}");
+        }
     }
 }

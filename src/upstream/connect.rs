@@ -442,12 +442,15 @@ pub async fn dial(
     }
 }
 
-/// Reads the backend's response head, and whatever followed it in the
-/// same reads: the bytes and where the head ends.
-async fn read_response_head(
+/// Reads the backend's response head and checks it ([`check_response`]),
+/// reading until the head is complete.
+async fn read_response(
     stream: &mut BackendStream,
     backend: &Backend,
-) -> Result<(Vec<u8>, usize), DialError> {
+    key: &str,
+    up: &Upgrade<'_>,
+) -> Result<(Agreed, Vec<u8>), DialError> {
+    let name = backend.authority();
     let mut buf = Vec::with_capacity(1024);
     loop {
         let mut chunk = [0u8; 1024];
@@ -455,77 +458,61 @@ async fn read_response_head(
             .read(&mut chunk)
             .await
             .map_err(|error| DialFailure::Read {
-                backend: backend.authority(),
+                backend: name.clone(),
                 error,
             })?;
         if n == 0 {
-            return Err(DialFailure::Closed {
-                backend: backend.authority(),
-            }
-            .into());
+            return Err(DialFailure::Closed { backend: name }.into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Ok((buf, pos + 4));
+        if let Some(agreed) = check_response(&buf, key, up, &name)? {
+            let leftover = buf.get(agreed.head_len..).unwrap_or_default().to_vec();
+            return Ok((agreed, leftover));
         }
         if buf.len() > MAX_RESPONSE_HEAD {
-            return Err(DialFailure::Oversized {
-                backend: backend.authority(),
-            }
-            .into());
+            return Err(DialFailure::Oversized { backend: name }.into());
         }
     }
 }
 
-async fn dial_inner(
-    backend: &Backend,
-    tls: &TlsConnector,
-    up: &Upgrade<'_>,
-) -> Result<Handshake, DialError> {
-    let authority = || backend.authority();
-    let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
-        .await
-        .map_err(|error| DialFailure::Connect {
-            backend: authority(),
-            error,
-        })?;
-    crate::net::tune_socket(&tcp);
-    let mut stream = if backend.tls {
-        let name =
-            ServerName::try_from(backend.host.clone()).map_err(|error| DialFailure::TlsName {
-                backend: authority(),
-                error,
-            })?;
-        let tls = tls
-            .connect(name, tcp)
-            .await
-            .map_err(|error| DialFailure::Tls {
-                backend: authority(),
-                error,
-            })?;
-        BackendStream::Tls(Box::new(tls))
-    } else {
-        BackendStream::Plain(tcp)
-    };
-    let key = tungstenite::handshake::client::generate_key();
-    let head = request_head(backend, up, &key);
-    stream
-        .write_all(head.as_bytes())
-        .await
-        .map_err(|error| DialFailure::Write {
-            backend: authority(),
-            error,
-        })?;
+/// What a backend's 101 agreed to ([`check_response`]).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Agreed {
+    /// Length of the response head: what follows it is frames.
+    pub head_len: usize,
+    /// The backend's `Sec-WebSocket-Protocol`, if any.
+    pub protocol: Option<HeaderValue>,
+    /// The backend's `Sec-WebSocket-Extensions`, if any (only when
+    /// `up.pass_extensions`).
+    pub extensions: Option<HeaderValue>,
+}
 
-    let (buf, end) = read_response_head(&mut stream, backend).await?;
+/// Checks what a backend sent so far (`buf`) in answer to the upgrade
+/// `up` sent with `key`: `Ok(None)` while its response head is
+/// incomplete, or what the 101 agreed to, or why it is refused
+/// (`backend` names it in errors). Public for the fuzz target.
+#[doc(hidden)]
+pub fn check_response(
+    buf: &[u8],
+    key: &str,
+    up: &Upgrade<'_>,
+    backend: &str,
+) -> Result<Option<Agreed>, DialError> {
+    let authority = || backend.to_owned();
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut headers);
-    response
-        .parse(&buf[..end])
+    // The head ends where httparse says (it takes bare LF line ends too):
+    // the frames start there.
+    let end = match response
+        .parse(buf)
         .map_err(|error| DialFailure::BadResponse {
             backend: authority(),
             error,
-        })?;
+        })? {
+        httparse::Status::Complete(end) => end,
+        httparse::Status::Partial => return Ok(None),
+    };
     let status = response.code.unwrap_or(0);
     if status != 101 {
         return Err(if (400..500).contains(&status) {
@@ -569,9 +556,24 @@ async fn dial_inner(
             .map(|t| t.split(';').next().unwrap_or("").trim().to_owned())
             .collect::<Vec<_>>()
     };
-    if let Some(chosen) = find("sec-websocket-protocol").filter(|_| up.pass_extensions) {
-        let chosen = String::from_utf8_lossy(chosen).trim().to_owned();
-        if !offered(header::SEC_WEBSOCKET_PROTOCOL).contains(&chosen) {
+    // Every line counts: extensions may be split over several (RFC 6455
+    // 9.1), and the client can be told only one subprotocol.
+    let all = |name: &str| -> Vec<&[u8]> {
+        response
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+            .collect()
+    };
+    let protocols = all("sec-websocket-protocol");
+    if up.pass_extensions && !protocols.is_empty() {
+        let chosen = protocols
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).trim().to_owned())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if protocols.len() > 1 || !offered(header::SEC_WEBSOCKET_PROTOCOL).contains(&chosen) {
             return Err(DialFailure::Subprotocol {
                 backend: authority(),
                 chosen,
@@ -579,11 +581,11 @@ async fn dial_inner(
             .into());
         }
     }
-    if up.pass_extensions
-        && let Some(agreed) = find("sec-websocket-extensions")
-    {
+    let mut extensions = None;
+    if up.pass_extensions {
+        let agreed = all("sec-websocket-extensions").join(&b", "[..]);
         let client = offered(header::SEC_WEBSOCKET_EXTENSIONS);
-        for ext in String::from_utf8_lossy(agreed).split(',') {
+        for ext in String::from_utf8_lossy(&agreed).split(',') {
             let name = ext.split(';').next().unwrap_or("").trim();
             if !name.is_empty() && !client.iter().any(|c| c.eq_ignore_ascii_case(name)) {
                 return Err(DialFailure::Extension {
@@ -593,16 +595,62 @@ async fn dial_inner(
                 .into());
             }
         }
+        if !agreed.is_empty() {
+            extensions = HeaderValue::from_bytes(&agreed).ok();
+        }
     }
-    let value = |name: &str| find(name).and_then(|v| HeaderValue::from_bytes(v).ok());
+    Ok(Some(Agreed {
+        head_len: end,
+        protocol: find("sec-websocket-protocol").and_then(|v| HeaderValue::from_bytes(v).ok()),
+        extensions,
+    }))
+}
+
+async fn dial_inner(
+    backend: &Backend,
+    tls: &TlsConnector,
+    up: &Upgrade<'_>,
+) -> Result<Handshake, DialError> {
+    let authority = || backend.authority();
+    let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
+        .await
+        .map_err(|error| DialFailure::Connect {
+            backend: authority(),
+            error,
+        })?;
+    crate::net::tune_socket(&tcp);
+    let mut stream = if backend.tls {
+        let name =
+            ServerName::try_from(backend.host.clone()).map_err(|error| DialFailure::TlsName {
+                backend: authority(),
+                error,
+            })?;
+        let tls = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|error| DialFailure::Tls {
+                backend: authority(),
+                error,
+            })?;
+        BackendStream::Tls(Box::new(tls))
+    } else {
+        BackendStream::Plain(tcp)
+    };
+    let key = tungstenite::handshake::client::generate_key();
+    let head = request_head(backend, up, &key);
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|error| DialFailure::Write {
+            backend: authority(),
+            error,
+        })?;
+
+    let (agreed, leftover) = read_response(&mut stream, backend, &key, up).await?;
     Ok(Handshake {
-        protocol: value("sec-websocket-protocol"),
-        extensions: if up.pass_extensions {
-            value("sec-websocket-extensions")
-        } else {
-            None
-        },
-        leftover: buf[end..].to_vec(),
+        protocol: agreed.protocol,
+        extensions: agreed.extensions,
+        leftover,
         stream,
     })
 }
@@ -781,6 +829,114 @@ mod tests {
             )
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+    const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+    fn client_upgrade(headers: &HeaderMap) -> Upgrade<'_> {
+        Upgrade {
+            path_and_query: "/",
+            client_headers: headers,
+            peer: None,
+            client_tls: false,
+            pass_extensions: true,
+            subject: None,
+            strip_authorization: false,
+        }
+    }
+
+    /// Found by the upgrade_response fuzz target: a head with bare LF line
+    /// ends (which httparse reads, as RFC 9112 allows) was taken to end at
+    /// the first CRLFCRLF, inside the frames after it, which were lost.
+    #[test]
+    fn the_frames_start_where_the_head_ends() {
+        let headers = HeaderMap::new();
+        let up = client_upgrade(&headers);
+        let head = format!(
+            "HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\nConnection: Upgrade\nSec-WebSocket-Accept: {ACCEPT}\n\n"
+        );
+        let frame = b"\x81\x04\r\n\r\n";
+        let buf = [head.as_bytes(), frame].concat();
+        let agreed = check_response(&buf, KEY, &up, "b:1")
+            .expect("a 101")
+            .expect("complete");
+        assert_eq!(&buf[agreed.head_len..], frame);
+        // Without frames after it, such a head is complete too.
+        let agreed = check_response(head.as_bytes(), KEY, &up, "b:1")
+            .expect("a 101")
+            .expect("complete");
+        assert_eq!(agreed.head_len, head.len());
+        // And a CRLF head still ends at its blank line.
+        let crlf = head.replace('\n', "\r\n");
+        let buf = [crlf.as_bytes(), frame].concat();
+        let agreed = check_response(&buf, KEY, &up, "b:1")
+            .expect("a 101")
+            .expect("complete");
+        assert_eq!(agreed.head_len, crlf.len());
+        assert!(matches!(
+            check_response(&buf[..crlf.len() - 1], KEY, &up, "b:1"),
+            Ok(None)
+        ));
+    }
+
+    /// Found by the upgrade_response fuzz target: only the first
+    /// `Sec-WebSocket-Extensions` line of a 101 was checked and passed on,
+    /// so an extension the backend agreed to on a second line (RFC 6455
+    /// 9.1 lets it split them) was unknown to the client, or not offered.
+    #[test]
+    fn every_line_of_what_the_backend_agreed_to_counts() {
+        let answer = |lines: &[&str]| {
+            let mut head =
+                format!("HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: {ACCEPT}\r\n");
+            for l in lines {
+                head.push_str(l);
+                head.push_str("\r\n");
+            }
+            head + "\r\n"
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate, x-foo"),
+        );
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("chat, superchat"),
+        );
+        let up = client_upgrade(&headers);
+        let two = answer(&[
+            "Sec-WebSocket-Extensions: x-foo",
+            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover",
+        ]);
+        let agreed = check_response(two.as_bytes(), KEY, &up, "b:1")
+            .expect("both offered")
+            .expect("complete");
+        assert_eq!(
+            agreed.extensions.expect("passed on"),
+            "x-foo, permessage-deflate; server_no_context_takeover"
+        );
+        let mut only_foo = HeaderMap::new();
+        only_foo.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("x-foo"),
+        );
+        let err = check_response(two.as_bytes(), KEY, &client_upgrade(&only_foo), "b:1")
+            .expect_err("permessage-deflate was not offered");
+        assert!(
+            matches!(&err, DialError::Refused(DialFailure::Extension { name, .. }) if name == "permessage-deflate"),
+            "{err}"
+        );
+        // Two subprotocols: the client could only be told one.
+        let both = answer(&[
+            "Sec-WebSocket-Protocol: chat",
+            "Sec-WebSocket-Protocol: superchat",
+        ]);
+        let err = check_response(both.as_bytes(), KEY, &up, "b:1").expect_err("two subprotocols");
+        assert!(
+            matches!(&err, DialError::Refused(DialFailure::Subprotocol { .. })),
+            "{err}"
+        );
     }
 
     #[test]
