@@ -1101,3 +1101,81 @@ async fn sharded_control_survives_a_burst_and_a_failover() {
 async fn classic_control_survives_a_burst_and_a_failover() {
     control_survives_a_burst_and_a_failover(ClusterPubSub::Classic).await;
 }
+
+/// Sessions over HTTP on a cluster: a plain event stream, a resumable one
+/// that resumes with `Last-Event-ID`, and POSTs of both kinds.
+async fn sse_round_trip(mode: ClusterPubSub) {
+    use common::sse::{SseClient, post};
+    let cluster = Cluster::start().await;
+    let mut config = config(&cluster, mode);
+    config.reliable.enabled = true;
+    config.reliable.up_shards = 4;
+    let server = Server::start_config(config).await;
+    let session = unique("s");
+    cluster.set_token(&session, TOKEN, 600).await;
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let path = format!("/agent-1/sse/{session}");
+
+    let mut plain = SseClient::open(server.addr, &path, &[&auth])
+        .await
+        .expect("plain stream");
+    let mut c = cluster.conn().await;
+    let _: i64 = redis::cmd(publish_command(mode))
+        .arg(format!("session:{{{session}}}:down"))
+        .arg("plain over sse")
+        .query_async(&mut c)
+        .await
+        .expect("publish");
+    assert_eq!(plain.next().await.data, "plain over sse");
+
+    let mut up = Subscriber::start(&cluster, mode, &format!("session:{{{session}}}:up")).await;
+    let (status, body) = post(server.addr, &path, &[&auth], r#"{"q":1}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up.next().await, r#"{"q":1}"#);
+
+    let reliable = format!("{path}?reliable=true");
+    let mut sse = SseClient::open(server.addr, &reliable, &[&auth])
+        .await
+        .expect("resumable stream");
+    assert_eq!(sse.next().await.event, "welcome");
+    reliable_publish(&cluster, &session, r#"{"n":1}"#).await;
+    assert_eq!(sse.next().await.data, r#"{"n":1}"#);
+    let seen = sse.last_id.clone();
+    drop(sse);
+    reliable_publish(&cluster, &session, r#"{"n":2}"#).await;
+    let header = format!("Last-Event-ID: {seen}");
+    let mut sse = SseClient::open(server.addr, &reliable, &[&auth, &header])
+        .await
+        .expect("resumed stream");
+    let welcome: serde_json::Value = serde_json::from_str(&sse.next().await.data).expect("json");
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    assert_eq!(sse.next().await.data, r#"{"n":2}"#);
+
+    let (status, ack) = post(
+        server.addr,
+        &reliable,
+        &[&auth],
+        r#"{"type":"message","id":"m-1","data":{"up":1}}"#,
+    )
+    .await;
+    assert_eq!((status, ack["type"].as_str()), (200, Some("ack")), "{ack}");
+    let shard = wsproxy::keys::up_shard(&session, 4);
+    let len: i64 = redis::cmd("XLEN")
+        .arg(format!("wsproxy:up:{{{shard}}}"))
+        .query_async(&mut c)
+        .await
+        .expect("XLEN");
+    assert_eq!(len, 1);
+    drop((plain, sse));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sharded_sessions_over_sse_on_a_cluster() {
+    sse_round_trip(ClusterPubSub::Sharded).await;
+}
+
+#[tokio::test]
+async fn classic_sessions_over_sse_on_a_cluster() {
+    sse_round_trip(ClusterPubSub::Classic).await;
+}

@@ -192,10 +192,10 @@ enum Command {
         /// Process ids whose RSS is summed (idle).
         #[arg(long, value_delimiter = ',')]
         pids: Vec<u32>,
-        /// down: measure nchan's EventSource subscribers at this address
-        /// (e.g. http://127.0.0.1:8091) instead of wsproxy.
+        /// down: measure nchan's EventSource subscribers (at --nchan)
+        /// instead of wsproxy's event streams.
         #[arg(long)]
-        nchan: Option<String>,
+        peer: bool,
     },
     /// A bounded mixed load (session churn, down, up, topic pub/sub,
     /// proxied echo) for --duration; every --interval one line of the
@@ -430,7 +430,7 @@ async fn main() -> anyhow::Result<()> {
             scenario,
             load,
             pids,
-            nchan,
+            peer,
         } => {
             let r = match scenario.as_str() {
                 "idle" => {
@@ -440,7 +440,7 @@ async fn main() -> anyhow::Result<()> {
                     sse::down(
                         &c.wsproxy,
                         &c.redis,
-                        nchan.as_deref(),
+                        peer.then_some(c.nchan.as_str()),
                         &sources,
                         (load.n, load.m, load.rate),
                         c.concurrency,
