@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Checks the files of deploy/ against each other, the README and systemd:
+# Checks the files of deploy/ against each other, the configuration reference and systemd:
 #
 #   bash deploy/check.sh [WSPROXY_BINARY]      e.g. target/debug/wsproxy
 #
-# 1. wsproxy.env names exactly the variables of the README's configuration
+# 1. wsproxy.env names exactly the variables of the configuration reference's
 #    table (each at least once, set or commented out, none set twice), in
 #    lines systemd's EnvironmentFile= reads as meant;
 # 2. given WSPROXY_BINARY: wsproxy starts with wsproxy.env's settings (on
@@ -27,7 +27,7 @@ if (($# == 1)); then
   binary=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 fi
 deploy=$(cd "$(dirname "$0")" && pwd)
-readme="$deploy/../README.md"
+reference="$deploy/../docs/src/configuration.md"
 envfile="$deploy/wsproxy.env"
 unit="$deploy/wsproxy.service"
 work=$(mktemp -d)
@@ -38,13 +38,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --- 1. wsproxy.env against the README's configuration table -------------
+# --- 1. wsproxy.env against the configuration reference's table -------------
 # The table's rows start with "| `NAME`" (some name two variables); only
-# the "## Configuration" section is read, other tables look alike.
+# the settings table, before the page's first "## " section, is read: the
+# endpoints table below it looks alike.
 # shellcheck disable=SC2016 # the backquotes are meant literally
-awk '/^## /{on = ($0 == "## Configuration")} on && /^\| `/' "$readme" | cut -d'|' -f2 |
+awk '/^## /{exit} /^\| `/' "$reference" | cut -d'|' -f2 |
   grep -o '`[A-Za-z_][A-Za-z0-9_]*`' | tr -d '`' | sort -u >"$work/documented"
-[[ -s "$work/documented" ]] || fail "no variables found in README.md's \"## Configuration\" table"
+[[ -s "$work/documented" ]] || fail "no variables found in docs/src/configuration.md's settings table"
 
 errors=()
 lineno=0
@@ -66,17 +67,17 @@ while IFS= read -r line || [[ -n "$line" ]]; do
   fi
   echo "$name" >>"$work/named"
   grep -qx "$name" "$work/documented" ||
-    errors+=("line $lineno: $name is not a variable of README.md's configuration table")
+    errors+=("line $lineno: $name is not a variable of the configuration reference (docs/src/configuration.md)")
 done <"$envfile"
 while IFS= read -r name; do
   grep -qx "$name" "$work/named" ||
-    errors+=("$name is in README.md's configuration table but not in deploy/wsproxy.env (add it, set or commented out)")
+    errors+=("$name is in the configuration reference (docs/src/configuration.md) but not in deploy/wsproxy.env (add it, set or commented out)")
 done <"$work/documented"
 if ((${#errors[@]})); then
   printf 'deploy/check: wsproxy.env: %s\n' "${errors[@]}" >&2
-  fail "deploy/wsproxy.env and README.md's configuration table disagree"
+  fail "deploy/wsproxy.env and the configuration reference (docs/src/configuration.md) disagree"
 fi
-say "wsproxy.env names the $(wc -l <"$work/documented") variables of README.md's configuration table ($(wc -l <"$work/set") set)"
+say "wsproxy.env names the $(wc -l <"$work/documented") variables of the configuration reference (docs/src/configuration.md) ($(wc -l <"$work/set") set)"
 
 # --- 2. the binary starts with wsproxy.env's settings --------------------
 if [[ -n "$binary" ]]; then

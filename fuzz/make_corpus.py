@@ -2,10 +2,11 @@
 """Writes the committed seed corpus, fuzz/corpus/<target>/<name>.
 
 A handful of meaningful inputs per target, in each target's input format
-(see the comment at the top of fuzz/fuzz_targets/<target>.rs): the README's
-routes example, real frame headers, real JWTs. Run it from anywhere; it
-rewrites the seeds it names and leaves any other file alone. Seed names are
-never 40 characters long: those (libFuzzer's SHA-1 names) are git-ignored.
+(see the comment at the top of fuzz/fuzz_targets/<target>.rs): the manual's
+routes example (docs/src/proxy.md), real frame headers, real JWTs. Run it
+from anywhere; it rewrites the seeds it names and leaves any other file
+alone. Seed names are never 40 characters long: those (libFuzzer's SHA-1
+names) are git-ignored.
 """
 
 import base64
@@ -32,9 +33,9 @@ def seed(target, name, data):
 
 
 def readme_routes_example():
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = open(os.path.join(ROOT, "docs", "src", "proxy.md"), encoding="utf-8").read()
     m = re.search(r"```json\n(\{\n  \"version\": 1,.*?)```", text, re.S)
-    assert m, "the README's routes example"
+    assert m, "the manual's routes example (docs/src/proxy.md)"
     return m.group(1)
 
 

@@ -376,7 +376,7 @@ pub struct Cli {
     /// /_test/echo, for the Autobahn suite.
     #[arg(long, env = "WS_TEST_ECHO", default_value = "false", hide = true)]
     pub ws_test_echo: String,
-    /// Reverse proxy routes (JSON, the format in the README); reloaded on SIGHUP.
+    /// Reverse proxy routes (JSON, the format in docs/src/proxy.md); reloaded on SIGHUP.
     #[arg(long, env = "ROUTES_FILE")]
     pub routes_file: Option<String>,
     /// PEM file of extra CA certificates trusted for wss:// backends

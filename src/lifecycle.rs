@@ -34,12 +34,13 @@
 //! so it closes its session connections with 1013 and their clients
 //! reconnect and register again.
 //!
-//! The limits of "exactly once" are in the README: a registration Redis
-//! never took has no events at all, and a removal that fails for every
-//! retry while its process lives stays until that process dies.
+//! The limits of "exactly once" are in the manual (docs/src/backend.md): a
+//! registration Redis never took has no events at all, and a removal that
+//! fails for every retry while its process lives stays until that process
+//! dies.
 //!
 //! Events and presence are written by these scripts only, so their format
-//! is here (and in the README's "For backend developers").
+//! is here (and in the manual's backend guide, docs/src/backend.md).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

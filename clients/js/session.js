@@ -19,8 +19,8 @@
  *   await session.ready;                       // the first welcome
  *   const ack = await session.send({ text: 'hi' });   // stored in Redis
  *
- * Wire protocol of a reliable session (the server README, "Reliable
- * sessions", is the contract):
+ * Wire protocol of a reliable session (the manual's "Reliable
+ * sessions", docs/src/reliable-sessions.md, is the contract):
  *   connect  GET {url}/{agent}/ws/{session}?access_token=<token>[&epoch=<e>&offset=<o>]
  *            offering the subprotocol wsproxy.v1
  *   down     {"type":"welcome","session_id","epoch","offset","resumed"?,"replayed"?,"reason"?}
@@ -31,7 +31,7 @@
  * A plain session gets the backend's frames as they were published (text,
  * or binary for bytes that are not UTF-8) and sends JSON text.
  *
- * The same over SSE (the server README, "Sessions over HTTP"):
+ * The same over SSE (the manual's "Sessions over HTTP", docs/src/sse.md):
  *   down     GET {url}/{agent}/sse/{session}?access_token=<token>&reliable=true[&last_event_id=<e>:<o>]
  *            event: welcome   data: the welcome above
  *            id: <epoch>:<offset>   data: <json>         (a message)

@@ -67,7 +67,7 @@ pub async fn issue_token(
             };
             return Err(ApiError::from(Refusal::AuthNotConfigured(
                 format!(
-                    "token issuing needs JWT_SECRET and USERS_FILE on the server; {missing} not set (see the README's Configuration)"
+                    "token issuing needs JWT_SECRET and USERS_FILE on the server; {missing} not set (see docs/src/configuration.md)"
                 )
                 .into(),
             )));

@@ -828,12 +828,12 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_example_is_valid() {
-        let readme = include_str!("../../README.md");
-        let section = &readme[readme.find("## Reverse proxy").expect("section")..];
+    fn the_manuals_example_is_valid() {
+        let section = include_str!("../../docs/src/proxy.md");
         let start = section.find("```json\n").expect("example") + "```json\n".len();
         let example = &section[start..start + section[start..].find("```").expect("end")];
-        let routes = Routes::parse(example, "README.md").expect("the README's example parses");
+        let routes =
+            Routes::parse(example, "docs/src/proxy.md").expect("the manual's example parses");
         assert_eq!(routes.routes.len(), 2);
         let chat = routes
             .routes
