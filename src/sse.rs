@@ -544,12 +544,15 @@ impl futures_util::Sink<Message> for SseSocket {
         Ok(())
     }
 
+    /// Flushed once the body holds less than [`HIGH_WATER`], not once it
+    /// has taken everything: events written while the connection's task
+    /// is busy go out together, in one chunk and one write.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let mut state = self.shared.lock();
         if state.gone {
             return Poll::Ready(Err(axum::Error::new("the client left")));
         }
-        if state.pending() == 0 {
+        if state.pending() < HIGH_WATER {
             return Poll::Ready(Ok(()));
         }
         state.writer = Some(cx.waker().clone());
