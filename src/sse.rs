@@ -68,7 +68,7 @@ pub async fn stream(
     slot: Option<Extension<ConnectionSlot>>,
     headers: HeaderMap,
 ) -> Response {
-    let cors = allowed_origin(&headers);
+    let cors = allowed_origin(&app, &headers);
     let answer = open(app, path, query, raw_query, slot.map(|s| s.0), &headers).await;
     with_cors(answer.unwrap_or_else(|e| e.into_response()), cors)
 }
@@ -184,7 +184,7 @@ pub async fn post(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    let cors = allowed_origin(&headers);
+    let cors = allowed_origin(&app, &headers);
     let answer = send(app, path, query, &headers, body).await;
     with_cors(answer.unwrap_or_else(|e| e.into_response()), cors)
 }
@@ -290,13 +290,18 @@ pub async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -> Respo
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("600"),
     );
-    with_cors(response, allowed_origin(&headers))
+    with_cors(response, allowed_origin(&app, &headers))
 }
 
-/// The request's `Origin`, to echo in `Access-Control-Allow-Origin` (the
-/// origin check has let it through, or the answer is a refusal anyway).
-fn allowed_origin(headers: &HeaderMap) -> Option<HeaderValue> {
-    headers.get(header::ORIGIN).cloned()
+/// The request's `Origin`, to echo in `Access-Control-Allow-Origin`, when
+/// `WS_ALLOWED_ORIGINS` allows it: a page of another origin cannot even
+/// read a refusal.
+fn allowed_origin(app: &App, headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(header::ORIGIN)?;
+    app.config
+        .ws_origins
+        .allows(headers)
+        .then(|| origin.clone())
 }
 
 fn with_cors(mut response: Response, origin: Option<HeaderValue>) -> Response {

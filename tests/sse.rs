@@ -399,8 +399,14 @@ async fn a_cross_origin_post_passes_its_preflight_when_the_origin_is_allowed() {
         head.contains("access-control-allow-methods: get, post"),
         "{head}"
     );
-    let (status, _, body) = request(server.addr, &preflight("https://evil.example")).await;
+    let (status, head, body) = request(server.addr, &preflight("https://evil.example")).await;
     assert_eq!(status, 403, "{body}");
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin"),
+        "a refused origin is not told it may read: {head}"
+    );
     redis.set_token(&session, TOKEN, 600).await;
     let (status, _) = post(
         server.addr,
