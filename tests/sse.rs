@@ -407,6 +407,19 @@ async fn a_cross_origin_post_passes_its_preflight_when_the_origin_is_allowed() {
             .contains("access-control-allow-origin"),
         "a refused origin is not told it may read: {head}"
     );
+    // Nor is a refused POST's answer readable by that page.
+    let refused_post = format!(
+        "POST {} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nOrigin: https://evil.example\r\nContent-Length: 2\r\n\r\n{{}}",
+        path(&session, "")
+    );
+    let (status, head, body) = request(server.addr, &refused_post).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin"),
+        "{head}"
+    );
     redis.set_token(&session, TOKEN, 600).await;
     let (status, _) = post(
         server.addr,
