@@ -549,7 +549,7 @@ impl futures_util::Sink<Message> for SseSocket {
         Ok(())
     }
 
-    /// Flushed once the body holds less than [`HIGH_WATER`], not once it
+    /// Flushed once the body holds less than `HIGH_WATER` (64 KiB), not once it
     /// has taken everything: events written while the connection's task
     /// is busy go out together, in one chunk and one write.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
