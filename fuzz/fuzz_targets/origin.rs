@@ -43,11 +43,41 @@ fuzz_target!(|data: &[u8]| {
         if same {
             assert!(allowed, "{origins:?} refuses what the default allows");
         }
+        // (A wildcard entry, `scheme://*.domain`, is a pattern: an Origin
+        // spelled like it has a `*` for a host, which no page has.)
         if let AllowedOrigins::List(list) = &origins
             && let Some(o) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
-            && list.iter().any(|l| l.eq_ignore_ascii_case(o.trim()))
+            && list
+                .iter()
+                .any(|l| !l.contains("://*.") && l.eq_ignore_ascii_case(o.trim()))
         {
             assert!(allowed, "{o:?} is listed");
+        }
+        // What a list allows beyond wsproxy's own origin is an entry, or a
+        // subdomain of a wildcard entry's domain, in its scheme and port.
+        if let AllowedOrigins::List(list) = &origins
+            && allowed
+            && !same
+            && let Some(o) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
+        {
+            let o = o.trim().to_ascii_lowercase();
+            let by_entry = list.iter().any(|l| *l == o);
+            let by_wildcard = list.iter().any(|l| {
+                l.split_once("://*.").is_some_and(|(scheme, domain)| {
+                    o.strip_prefix(scheme)
+                        .and_then(|r| r.strip_prefix("://"))
+                        .and_then(|host| host.strip_suffix(domain))
+                        .is_some_and(|labels| {
+                            labels.len() > 1
+                                && labels.ends_with('.')
+                                && !labels.contains("..")
+                                && labels
+                                    .bytes()
+                                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                        })
+                })
+            });
+            assert!(by_entry || by_wildcard, "{o:?} allowed by {list:?}");
         }
         let admitted = handshake::admit(&headers, &origins);
         if !allowed {
