@@ -161,7 +161,10 @@ async function main() {
   await waitFor('the page to show the failing health check', async () => (await text('#routes')).includes('failing'));
   check((await text('#process')).includes(json.process.id), 'the header names the process id');
   const connections = await text('#connections');
-  check(/sessions\s*1/.test(connections) && /proxy\s*1/.test(connections) && connections.includes('websocket'),
+  // Columns by transport, in order: sse, websocket (proxied and topic
+  // connections have no event streams, so their sse cell is 0).
+  check(/job\s*sse\s*websocket/.test(connections) && /sessions\s*0\s*1/.test(connections)
+    && /proxy\s*0\s*1/.test(connections) && /topics\s*0\s*0/.test(connections),
     `connections by job and transport: ${connections}`);
   check((await text('#sessions')) === '1', 'one session');
   check((await text('#topics')) === '0', 'no topics');
