@@ -138,7 +138,11 @@ async fn status_json_shows_connections_redis_routes_closes_and_heartbeat() {
     let deadline = tokio::time::Instant::now() + WAIT;
     let json = loop {
         let (_, json) = status_json(&server, None).await;
-        if json["closes"]["recent"][0]["job"] == "proxy" {
+        // The close is recorded and the route's count drops in two steps
+        // of the tunnel's end: wait for both.
+        if json["closes"]["recent"][0]["job"] == "proxy"
+            && json["connections"]["proxy"]["websocket"] == 0
+        {
             break json;
         }
         assert!(tokio::time::Instant::now() < deadline, "{json}");
