@@ -1,7 +1,9 @@
 //! A private Redis Cluster for a test: 3 masters and 3 replicas on free
 //! loopback ports (each with its cluster-bus port, +10000), made with
 //! `redis-cli --cluster create`, killed on drop. A short node timeout
-//! (1 s) makes a failover take seconds, not the default 15 s.
+//! (1 s) makes a failover take seconds, not the default 15 s;
+//! [`Cluster::start_with_node_timeout`] sets a realistic one. Clusters of
+//! one test binary start one at a time (each waits for the last to drop).
 //!
 //! [`Cluster::start_tls`] makes the same cluster speaking TLS only: clients,
 //! the cluster bus and replication (`--port 0 --tls-port P --tls-cluster yes
@@ -27,7 +29,15 @@ pub struct Cluster {
     /// With TLS: the certificates, and whether the nodes require a client
     /// certificate (`tls-auth-clients`).
     tls: Option<(Pki, bool)>,
+    /// `cluster-node-timeout`, in milliseconds.
+    node_timeout_ms: u64,
+    /// One cluster at a time per test binary: six nodes and their
+    /// failovers on a loaded 2-core machine made the short node timeout
+    /// fire by itself when several ran at once.
+    _one_at_a_time: tokio::sync::SemaphorePermit<'static>,
 }
+
+static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// A free loopback port whose cluster-bus port (+10000) is free too. Both
 /// lie below Linux's ephemeral range (32768 and up), where the other
@@ -49,7 +59,18 @@ fn free_cluster_port(taken: &[u16]) -> u16 {
 
 impl Cluster {
     pub async fn start() -> Cluster {
-        Self::start_with(None).await
+        Self::start_with(None, 1000).await
+    }
+
+    /// A cluster whose nodes take `node_timeout_ms` to notice a failed
+    /// node (Redis's default is 15000): failovers at realistic speed.
+    pub async fn start_with_node_timeout(node_timeout_ms: u64) -> Cluster {
+        Self::start_with(None, node_timeout_ms).await
+    }
+
+    /// `cluster-node-timeout` of this cluster.
+    pub fn node_timeout(&self) -> Duration {
+        Duration::from_millis(self.node_timeout_ms)
     }
 
     /// A cluster that speaks TLS only, with the certificates of
@@ -59,7 +80,7 @@ impl Cluster {
         // The test's own clients use rustls with the process's default
         // provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Self::start_with(Some(auth_clients)).await
+        Self::start_with(Some(auth_clients), 1000).await
     }
 
     /// The certificates of a TLS cluster.
@@ -67,10 +88,12 @@ impl Cluster {
         &self.tls.as_ref().expect("a TLS cluster").0
     }
 
-    async fn start_with(tls: Option<bool>) -> Cluster {
+    async fn start_with(tls: Option<bool>, node_timeout_ms: u64) -> Cluster {
         // A port found free can be taken before the node binds it: then
         // the whole set starts again on other ports.
         for _ in 0..5 {
+            // (A failed try drops its cluster, and the permit with it.)
+            let permit = ONE_AT_A_TIME.acquire().await.expect("never closed");
             let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("cluster"));
             std::fs::create_dir_all(&dir).expect("cluster dir");
             let mut ports = Vec::new();
@@ -83,6 +106,8 @@ impl Cluster {
                 ports,
                 dir,
                 tls: tls.map(|auth_clients| (Pki::new(), auth_clients)),
+                node_timeout_ms,
+                _one_at_a_time: permit,
             };
             for i in 0..NODES {
                 cluster.spawn(i);
@@ -162,7 +187,7 @@ impl Cluster {
                     .display()
                     .to_string(),
                 "--cluster-node-timeout",
-                "1000",
+                &self.node_timeout_ms.to_string(),
                 // A replica may take over however long it was cut off
                 // (the default refuses one that lost its master long ago).
                 "--cluster-replica-validity-factor",
