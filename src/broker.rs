@@ -25,22 +25,11 @@
 //! between the drop and the resubscription never reaches this process, so
 //! those end ([`Outgoing::Lost`]) and their clients resume from history.
 //!
-//! On a Redis Cluster ([`Broker::start_sharded`]) the same loop drives
-//! sharded subscriptions: the connection is a RESP3 cluster connection of
-//! the broker's own (one connection per node, never per channel or per
-//! WebSocket), each batch becomes one `SSUBSCRIBE` per slot, all sent at
-//! once, and messages arrive as pushes. A gap is noticed in the push
-//! stream itself, before anything published after it can reach a gapless
-//! outbox (`link::on_push`): a node connection that drops (which node, the
-//! redis crate does not say, so every channel), a confirmation the broker
-//! did not ask for (the crate subscribed a channel again by itself, on a
-//! new connection), or a subscription Redis takes back (its slot moved).
-//! Those channels are lost and the control loop subscribes them again
-//! where their slot is now, on the same connection (Redis ignores a
-//! repeat, so the healthy shards' subscriptions never stop); `/ready` is
-//! false until it is done. While a shard fails over, that is retried; only
-//! after `RESYNC_LIMIT`, three attempts without any answer, or a failed
-//! keepalive ping, is a new connection built from the seeds.
+//! On a Redis Cluster ([`Broker::start_sharded`]) sharded subscriptions
+//! are kept by a task of their own (`shards`): one connection per master,
+//! opened by the broker, with its own map of the slots and of where each
+//! channel is subscribed, so a dropped connection or a moved slot loses
+//! exactly the channels it held, and nothing else.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +45,7 @@ use crate::metrics::Metrics;
 
 mod link;
 mod outbox;
+mod shards;
 mod sync;
 
 use self::link::Target;
@@ -67,9 +57,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// First and largest pause between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How long a sharded connection may go on failing to subscribe (a cluster
-/// failing over) before the broker starts a new one from the seeds.
-const RESYNC_LIMIT: Duration = Duration::from_secs(20);
 /// The control loop pings Redis this often while idle, so a connection that
 /// died silently (no FIN/RST) is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -130,11 +117,6 @@ struct Channel {
 }
 
 impl Channel {
-    /// True if a subscriber must not miss a message.
-    fn has_gapless(&self) -> bool {
-        self.subs.iter().any(|(_, outbox)| outbox.is_gapless())
-    }
-
     /// Its subscription stopped: gapless subscribers end if it was live
     /// (they may have missed something), and it waits for a confirmation.
     fn lose(&mut self) {
@@ -157,16 +139,13 @@ struct State {
     dirty: HashSet<String>,
     next_id: u64,
     /// Sharded mode: `SUNSUBSCRIBE`s sent whose push has not come back, per
-    /// channel, so that ours are told from those Redis sends by itself.
-    unsubscribing: HashMap<String, u32>,
-    /// Sharded mode: `SSUBSCRIBE`s sent whose confirmation has not come
-    /// back, per channel, so that ours are told from those the redis crate
-    /// sends by itself (see `link::on_push`).
-    subscribing: HashMap<String, u32>,
-    /// Sharded mode: channels whose subscription was interrupted (Redis
-    /// took it back, or the redis crate subscribed it again by itself),
-    /// already lost, to subscribe again.
-    moved: Vec<String>,
+    /// master and channel, so that ours are told from those Redis sends by
+    /// itself.
+    unsubscribing: HashMap<(Arc<str>, String), u32>,
+    /// Sharded mode: subscriptions Redis took back by itself (a
+    /// `sunsubscribe` push: the slot moved), with the master they were on,
+    /// for the broker task to lose and subscribe again.
+    moved: Vec<(Arc<str>, String)>,
     /// Sessions with a channel here, and how many channels each (down and
     /// live), kept as channels come and go so that the status page does
     /// not walk the map under the lock the reader needs.
@@ -205,10 +184,6 @@ struct Shared {
     /// Wakes the control loop when `state.dirty` gained something.
     wake: Notify,
     connected: AtomicBool,
-    /// Sharded mode: a node's connection dropped; the control loop
-    /// subscribes every channel again where its slot is now (the other
-    /// shards' subscriptions never stopped).
-    resync: AtomicBool,
     metrics: Arc<Metrics>,
     /// What the status page shows of the connection.
     link: Mutex<LinkStatus>,
@@ -361,11 +336,17 @@ impl Broker {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
-            resync: AtomicBool::new(false),
             metrics,
             link: Mutex::new(LinkStatus::default()),
         });
-        let task = tokio::spawn(run(target, shared.clone(), shutdown));
+        let task = match target {
+            Target::Servers(clients) => tokio::spawn(run(clients, shared.clone(), shutdown)),
+            Target::Sharded(nodes, tls) => tokio::spawn(shards::run(
+                shards::Seeds::new(&nodes, tls),
+                shared.clone(),
+                shutdown,
+            )),
+        };
         (Self { shared }, task)
     }
 
@@ -543,7 +524,6 @@ mod tests {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
-            resync: AtomicBool::new(false),
             metrics: Arc::new(Metrics::new()),
             link: Mutex::new(LinkStatus::default()),
         })

@@ -88,11 +88,6 @@ impl Outbox {
         })
     }
 
-    /// True for a gapless outbox ([`Outbox::gapless`]).
-    pub(super) fn is_gapless(&self) -> bool {
-        self.gapless
-    }
-
     /// The pub/sub connection dropped: a gapless outbox stops here.
     pub(super) fn lose(&self) {
         if self.gapless {

@@ -498,6 +498,55 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Starts the node on `port` again, after [`Cluster::kill`], with its
+    /// cluster config: it rejoins (a master that was failed over comes back
+    /// as a replica of its replacement).
+    pub async fn restart(&mut self, port: u16) {
+        let i = self
+            .ports
+            .iter()
+            .position(|p| *p == port)
+            .expect("a node's port");
+        assert!(self.children[i].is_none(), "the node on {port} is running");
+        self.spawn(i);
+        assert!(
+            self.wait_ping(port).await,
+            "the node on {port} did not start again"
+        );
+    }
+
+    /// One command to the node on `port`, or `None` if it does not answer.
+    pub async fn query<T: redis::FromRedisValue>(&self, port: u16, cmd: &redis::Cmd) -> Option<T> {
+        self.node_query(port, cmd).await
+    }
+
+    /// The shard channels that have subscribers on the node on `port`
+    /// (`PUBSUB SHARDCHANNELS`), or `None` if it does not answer.
+    pub async fn shard_channels(&self, port: u16) -> Option<Vec<String>> {
+        self.node_query(port, redis::cmd("PUBSUB").arg("SHARDCHANNELS"))
+            .await
+    }
+
+    /// How many of the node's client connections are named `name`
+    /// (`CLIENT LIST`), or `None` if it does not answer.
+    pub async fn clients_named(&self, port: u16, name: &str) -> Option<usize> {
+        let list: String = self
+            .node_query(port, redis::cmd("CLIENT").arg("LIST"))
+            .await?;
+        let field = format!(" name={name} ");
+        Some(list.lines().filter(|l| l.contains(&field)).count())
+    }
+
+    /// True while the node on `port` runs.
+    pub fn is_running(&self, port: u16) -> bool {
+        self.ports
+            .iter()
+            .position(|p| *p == port)
+            .is_some_and(|i| self.children[i].is_some())
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for child in self.children.iter_mut() {

@@ -1,0 +1,938 @@
+//! Sharded pub/sub on a Redis Cluster over connections the broker owns.
+//!
+//! The broker keeps its own map of which master serves which slots (from
+//! `CLUSTER SHARDS`), one RESP3 connection per master that holds one of
+//! its channels (opened and named `wsproxy-pubsub` by wsproxy, never on a
+//! replica), and its own table of where each channel is subscribed. Every
+//! push names its connection, so trouble is scoped exactly:
+//!
+//! - a connection that drops loses the channels subscribed on it, and only
+//!   those: their gapless (reliable) subscribers end at once, they are
+//!   subscribed again wherever their slots live now, and the broker reports
+//!   not ready until they are back; the other masters' subscriptions never
+//!   stop;
+//! - Redis taking a subscription back (`sunsubscribe` push: its slot moved,
+//!   or its master became a replica) loses that channel only, which is
+//!   subscribed again on its slot's new master;
+//! - a `MOVED`, `ASK`, `CLUSTERDOWN`, `TRYAGAIN` or `LOADING` answer, or a
+//!   master that cannot be reached, refreshes the map and retries (every
+//!   [`RETRY_MAX`] at most while a failover is under way);
+//! - a connection with no channel left is closed: nothing stays subscribed
+//!   after its last subscriber leaves.
+//!
+//! Each `SSUBSCRIBE`/`SUNSUBSCRIBE` names one channel, and its answer is
+//! checked to be the confirmation of that channel: the redis crate takes a
+//! confirmation-like push Redis sends by itself (a moved slot's
+//! `sunsubscribe`) for the answer of the oldest request in flight, so an
+//! answer that does not match is not taken for a confirmation (the channel
+//! is tried again; Redis ignores a repeat).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::{ConnectionAddr, IntoConnectionInfo, PushKind, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{CONNECT_TIMEOUT, KEEPALIVE, Shared, confirm, dispatch};
+
+/// Shortest and longest pause before trying again what failed (a channel
+/// whose master is failing over): the longest bounds how late, after the
+/// promotion, the subscriptions of a failed shard are back.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_millis(400);
+/// How often the slot map is read again while all is well.
+const REFRESH: Duration = Duration::from_secs(30);
+/// The name of the broker's connections (`CLIENT LIST` shows it).
+const CONNECTION_NAME: &str = "wsproxy-pubsub";
+
+/// Where the cluster is reached, and how.
+pub(super) struct Seeds {
+    /// The seeds' connection settings (one per seed URL that parses).
+    infos: Vec<redis::ConnectionInfo>,
+    /// For `rediss://` seeds: the certificates of every connection.
+    tls: Option<redis::TlsCertificates>,
+}
+
+impl std::fmt::Debug for Seeds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URLs: they may hold a password.
+        f.debug_struct("Seeds")
+            .field("seeds", &self.infos.len())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Seeds {
+    pub(super) fn new(urls: &[String], tls: Option<redis::TlsCertificates>) -> Self {
+        let infos = urls
+            .iter()
+            .filter_map(|url| url.as_str().into_connection_info().ok())
+            .collect();
+        Self { infos, tls }
+    }
+
+    fn uses_tls(&self) -> bool {
+        self.infos
+            .first()
+            .is_some_and(|i| matches!(i.addr(), ConnectionAddr::TcpTls { .. }))
+    }
+
+    /// A client for the node at `host:port`, with the seeds' credentials
+    /// and TLS settings, speaking `protocol`.
+    fn client(
+        &self,
+        host: &str,
+        port: u16,
+        protocol: redis::ProtocolVersion,
+    ) -> redis::RedisResult<redis::Client> {
+        let Some(seed) = self.infos.first() else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "no Redis Cluster seed is configured",
+            )));
+        };
+        let addr = match seed.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        let settings = seed.redis_settings().clone().set_protocol(protocol);
+        let info = seed.clone().set_addr(addr).set_redis_settings(settings);
+        match &self.tls {
+            Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
+            None => redis::Client::open(info),
+        }
+    }
+
+    /// `host:port` of every seed.
+    fn addrs(&self) -> Vec<(String, u16)> {
+        self.infos
+            .iter()
+            .filter_map(|i| match i.addr() {
+                ConnectionAddr::Tcp(h, p)
+                | ConnectionAddr::TcpTls {
+                    host: h, port: p, ..
+                } => Some((h.clone(), *p)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Which master serves which slots.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Topology {
+    /// `(first slot, last slot, master as host:port)`, sorted.
+    ranges: Vec<(u16, u16, Arc<str>)>,
+}
+
+impl Topology {
+    fn owner(&self, slot: u16) -> Option<&Arc<str>> {
+        let i = self.ranges.partition_point(|(_, last, _)| *last < slot);
+        match self.ranges.get(i) {
+            Some((first, _, node)) if *first <= slot => Some(node),
+            _ => None,
+        }
+    }
+
+    fn masters(&self) -> HashSet<Arc<str>> {
+        self.ranges.iter().map(|(_, _, n)| n.clone()).collect()
+    }
+
+    /// Reads a `CLUSTER SHARDS` reply (RESP2 arrays of alternating keys
+    /// and values, or RESP3 maps): each shard's slot ranges and its
+    /// master, if it has a healthy one. `tls`: the master's `tls-port` is
+    /// where to connect.
+    fn from_shards(reply: &Value, tls: bool) -> Option<Topology> {
+        let Value::Array(shards) = reply else {
+            return None;
+        };
+        let mut ranges = Vec::new();
+        for shard in shards {
+            let fields = pairs(shard);
+            let slots = fields.iter().find(|(k, _)| *k == "slots").map(|(_, v)| *v);
+            let nodes = fields.iter().find(|(k, _)| *k == "nodes").map(|(_, v)| *v);
+            let (Some(Value::Array(slots)), Some(Value::Array(nodes))) = (slots, nodes) else {
+                continue;
+            };
+            let master = nodes.iter().find_map(|node| {
+                let node = pairs(node);
+                let text = |key: &str| {
+                    node.iter()
+                        .find(|(k, _)| *k == key)
+                        .and_then(|(_, v)| text(v))
+                };
+                let int = |key: &str| {
+                    node.iter()
+                        .find(|(k, _)| *k == key)
+                        .and_then(|(_, v)| int(v))
+                };
+                if text("role")? != "master" || text("health")? != "online" {
+                    return None;
+                }
+                let host = match text("endpoint") {
+                    Some(e) if !e.is_empty() && e != "?" => e,
+                    _ => text("ip")?,
+                };
+                let port = int(if tls { "tls-port" } else { "port" })?;
+                let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
+                Some(Arc::<str>::from(format!("{host}:{port}")))
+            });
+            let Some(master) = master else { continue };
+            for pair in slots.chunks(2) {
+                if let [first, last] = pair
+                    && let (Some(first), Some(last)) = (int(first), int(last))
+                    && let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(last))
+                    && first <= last
+                {
+                    ranges.push((first, last, master.clone()));
+                }
+            }
+        }
+        ranges.sort();
+        Some(Topology { ranges })
+    }
+}
+
+/// The key/value pairs of a map (RESP3) or of a flat array of alternating
+/// keys and values (RESP2).
+fn pairs(v: &Value) -> Vec<(&str, &Value)> {
+    match v {
+        Value::Map(m) => m.iter().filter_map(|(k, v)| Some((text(k)?, v))).collect(),
+        Value::Array(a) => a
+            .chunks(2)
+            .filter_map(|kv| match kv {
+                [k, v] => Some((text(k)?, v)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// The hash slot of `key` (CRC16 of its hash tag, or of all of it, modulo
+/// 16384), as Redis Cluster computes it (the redis crate keeps the number
+/// to itself).
+fn slot_of(key: &str) -> u16 {
+    let key = key.as_bytes();
+    let tag = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = key.get(open + 1..)?;
+            let close = rest.iter().position(|b| *b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(tag) % 16384
+}
+
+/// `host:port` split (the port after the last colon).
+fn split_addr(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((host, port.parse().ok()?))
+}
+
+/// One master's pub/sub connection.
+struct Node {
+    conn: redis::aio::MultiplexedConnection,
+    /// Set by the connection's push handler when it dropped.
+    dropped: Arc<AtomicBool>,
+}
+
+/// The broker task in sharded mode: keeps every wanted channel subscribed
+/// on its slot's master until `shutdown`.
+pub(super) async fn run(seeds: Seeds, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut shards = Shards {
+        seeds,
+        topology: None,
+        stale: true,
+        refreshed_at: tokio::time::Instant::now(),
+        nodes: HashMap::new(),
+        placed: HashMap::new(),
+        pending: HashSet::new(),
+        retry: RETRY_MIN,
+        ever_ready: false,
+    };
+    shared.link_up(&format!(
+        "cluster of {} seed nodes",
+        shards.seeds.infos.len()
+    ));
+    loop {
+        let trouble = shards.step(&shared).await;
+        let idle_for = if trouble {
+            let pause = shards.retry;
+            shards.retry = (shards.retry * 2).min(RETRY_MAX);
+            pause
+        } else {
+            shards.retry = RETRY_MIN;
+            KEEPALIVE
+        };
+        {
+            let state = shared.lock();
+            if !state.dirty.is_empty() || !state.moved.is_empty() {
+                continue; // more arrived meanwhile
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(idle_for) => {
+                if !trouble {
+                    shards.keepalive(&shared).await;
+                }
+            }
+        }
+    }
+    shared.connected.store(false, Ordering::SeqCst);
+    shared.metrics.redis_connected.set(0);
+}
+
+struct Shards {
+    seeds: Seeds,
+    topology: Option<Topology>,
+    /// The map must be read again before it is trusted.
+    stale: bool,
+    refreshed_at: tokio::time::Instant,
+    nodes: HashMap<Arc<str>, Node>,
+    /// Channel -> the master whose connection has it subscribed.
+    placed: HashMap<String, Arc<str>>,
+    /// Wanted channels not subscribed anywhere yet.
+    pending: HashSet<String>,
+    retry: Duration,
+    ever_ready: bool,
+}
+
+/// What one `SSUBSCRIBE`/`SUNSUBSCRIBE` came to.
+enum Outcome {
+    /// Confirmed for this channel.
+    Done,
+    /// Redis sent the channel elsewhere, or the cluster is not settled:
+    /// read the map again, then retry.
+    Redirected(String),
+    /// The connection failed or did not answer.
+    Failed(String),
+    /// An answer that was not this channel's confirmation: retry.
+    Unclear,
+}
+
+impl Shards {
+    /// One round: take in what changed, make Redis match it. True if
+    /// something is still missing (to retry soon).
+    async fn step(&mut self, shared: &Arc<Shared>) -> bool {
+        self.take_losses(shared);
+        let remove = self.take_changes(shared);
+        self.unsubscribe(shared, remove).await;
+        self.take_losses(shared);
+        if !self.pending.is_empty() || self.refreshed_at.elapsed() > REFRESH {
+            if self.stale || self.topology.is_none() || self.refreshed_at.elapsed() > REFRESH {
+                self.refresh(shared).await;
+            }
+            self.subscribe(shared).await;
+            self.take_losses(shared);
+        }
+        self.close_idle();
+        // Forget what nobody wants any more.
+        {
+            let state = shared.lock();
+            self.pending.retain(|c| state.channels.contains_key(c));
+        }
+        let ready = self.pending.is_empty();
+        if ready != shared.connected.load(Ordering::SeqCst) {
+            if ready {
+                tracing::info!(
+                    channels = self.placed.len(),
+                    masters = self.nodes.len(),
+                    "redis pub/sub connected"
+                );
+            }
+            shared.connected.store(ready, Ordering::SeqCst);
+            shared.metrics.redis_connected.set(i64::from(ready));
+        }
+        if ready {
+            self.ever_ready = true;
+        }
+        shared
+            .metrics
+            .broker_channels
+            .set(i64::try_from(self.placed.len()).unwrap_or(i64::MAX));
+        !ready
+    }
+
+    /// Connections that dropped, and subscriptions Redis took back: their
+    /// channels are lost (gapless subscribers end) and pending again.
+    fn take_losses(&mut self, shared: &Shared) {
+        let dropped: Vec<Arc<str>> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.dropped.load(Ordering::SeqCst))
+            .map(|(a, _)| a.clone())
+            .collect();
+        for addr in &dropped {
+            tracing::warn!(node = %addr, "a redis cluster master's pub/sub connection dropped");
+            shared.link_failed(addr, "connection lost".into());
+            shared.metrics.redis_reconnects.inc();
+            self.drop_node(shared, addr);
+        }
+        let moved = std::mem::take(&mut shared.lock().moved);
+        let mut state = shared.lock();
+        for (addr, channel) in moved {
+            if self.placed.get(&channel) != Some(&addr) {
+                continue; // not where it is subscribed now: old news
+            }
+            tracing::warn!(channel, node = %addr, "redis moved a sharded subscription away");
+            self.placed.remove(&channel);
+            self.stale = true;
+            if let Some(ch) = state.channels.get_mut(&channel) {
+                ch.lose();
+                self.pending.insert(channel);
+            }
+        }
+    }
+
+    /// Forgets the connection to `addr`: its channels are lost and pending.
+    fn drop_node(&mut self, shared: &Shared, addr: &Arc<str>) {
+        self.nodes.remove(addr);
+        self.stale = true;
+        let mut state = shared.lock();
+        self.placed.retain(|channel, node| {
+            if node != addr {
+                return true;
+            }
+            if let Some(ch) = state.channels.get_mut(channel) {
+                ch.lose();
+                self.pending.insert(channel.clone());
+            }
+            false
+        });
+    }
+
+    /// Channels that gained their first or lost their last subscriber:
+    /// the new ones become pending; those to unsubscribe are returned.
+    fn take_changes(&mut self, shared: &Shared) -> Vec<(String, Arc<str>)> {
+        let mut state = shared.lock();
+        let dirty = std::mem::take(&mut state.dirty);
+        let mut remove = Vec::new();
+        let mut already = Vec::new();
+        for channel in dirty {
+            let wanted = state.channels.contains_key(&channel);
+            match (wanted, self.placed.get(&channel)) {
+                (true, None) => {
+                    self.pending.insert(channel);
+                }
+                (false, Some(node)) => remove.push((channel, node.clone())),
+                // Wanted again while Redis still has it.
+                (true, Some(_)) => already.push(channel),
+                (false, None) => {
+                    self.pending.remove(&channel);
+                }
+            }
+        }
+        drop(state);
+        confirm(shared, &already);
+        remove
+    }
+
+    async fn unsubscribe(&mut self, shared: &Shared, remove: Vec<(String, Arc<str>)>) {
+        if remove.is_empty() {
+            return;
+        }
+        let mut calls = Vec::new();
+        {
+            let mut state = shared.lock();
+            for (channel, addr) in remove {
+                self.placed.remove(&channel);
+                let Some(node) = self.nodes.get(&addr) else {
+                    continue;
+                };
+                *state
+                    .unsubscribing
+                    .entry((addr.clone(), channel.clone()))
+                    .or_default() += 1;
+                let conn = node.conn.clone();
+                calls.push(async move {
+                    let outcome = ask(conn, "SUNSUBSCRIBE", PushKind::SUnsubscribe, &channel).await;
+                    (addr, channel, outcome)
+                });
+            }
+        }
+        for (addr, channel, outcome) in futures_util::future::join_all(calls).await {
+            match outcome {
+                Outcome::Done | Outcome::Unclear | Outcome::Redirected(_) => {}
+                // Its subscription may be left on a live connection:
+                // closing that connection is the only sure way to end it.
+                Outcome::Failed(error) => {
+                    tracing::warn!(channel, node = %addr, %error, "redis sunsubscribe failed; closing that connection");
+                    self.drop_node(shared, &addr);
+                }
+            }
+        }
+    }
+
+    /// Subscribes every pending channel on its slot's master.
+    async fn subscribe(&mut self, shared: &Arc<Shared>) {
+        let Some(topology) = self.topology.clone() else {
+            return;
+        };
+        let wanted: Vec<String> = {
+            let state = shared.lock();
+            self.pending
+                .iter()
+                .filter(|c| state.channels.contains_key(*c))
+                .cloned()
+                .collect()
+        };
+        let mut by_node: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+        for channel in wanted {
+            let slot = slot_of(&channel);
+            match topology.owner(slot) {
+                Some(node) => by_node.entry(node.clone()).or_default().push(channel),
+                // No healthy master serves the slot (yet).
+                None => self.stale = true,
+            }
+        }
+        let mut calls = Vec::new();
+        for (addr, channels) in by_node {
+            if !self.nodes.contains_key(&addr) {
+                match self.connect(shared, &addr).await {
+                    Ok(node) => {
+                        self.nodes.insert(addr.clone(), node);
+                    }
+                    Err(error) => {
+                        tracing::warn!(node = %addr, %error, "redis cluster master unreachable for pub/sub");
+                        shared.link_failed(&addr, format!("connect failed: {error}"));
+                        self.stale = true;
+                        continue;
+                    }
+                }
+            }
+            let Some(node) = self.nodes.get(&addr) else {
+                continue;
+            };
+            for channel in channels {
+                let conn = node.conn.clone();
+                let addr = addr.clone();
+                calls.push(async move {
+                    let outcome = ask(conn, "SSUBSCRIBE", PushKind::SSubscribe, &channel).await;
+                    (addr, channel, outcome)
+                });
+            }
+        }
+        let mut done = Vec::new();
+        let mut failed: HashSet<Arc<str>> = HashSet::new();
+        for (addr, channel, outcome) in futures_util::future::join_all(calls).await {
+            match outcome {
+                Outcome::Done => done.push((addr, channel)),
+                Outcome::Redirected(error) => {
+                    tracing::debug!(channel, node = %addr, %error, "redis ssubscribe redirected");
+                    self.stale = true;
+                }
+                Outcome::Unclear => {}
+                Outcome::Failed(error) => {
+                    if failed.insert(addr.clone()) {
+                        tracing::warn!(node = %addr, %error, "redis ssubscribe failed");
+                    }
+                }
+            }
+        }
+        // A connection that failed (or did not answer) is closed: what it
+        // had is lost, whatever it may still hold goes with it.
+        for addr in &failed {
+            self.drop_node(shared, addr);
+        }
+        let mut confirmed = Vec::new();
+        for (addr, channel) in done {
+            let alive = self
+                .nodes
+                .get(&addr)
+                .is_some_and(|n| !n.dropped.load(Ordering::SeqCst));
+            if !alive {
+                continue; // pending still; its connection is gone
+            }
+            self.pending.remove(&channel);
+            self.placed.insert(channel.clone(), addr);
+            confirmed.push(channel);
+        }
+        // Confirmed after the placement: a drop seen from now on loses
+        // them (the next round's `take_losses`).
+        confirm(shared, &confirmed);
+    }
+
+    /// Opens the pub/sub connection to the master at `addr`.
+    async fn connect(&self, shared: &Arc<Shared>, addr: &Arc<str>) -> Result<Node, String> {
+        let (host, port) = split_addr(addr).ok_or_else(|| format!("bad node address {addr}"))?;
+        let client = self
+            .seeds
+            .client(host, port, redis::ProtocolVersion::RESP3)
+            .map_err(|e| e.to_string())?;
+        let dropped = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let shared = shared.clone();
+            let addr = addr.clone();
+            let dropped = dropped.clone();
+            move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
+                on_push(&shared, &addr, &dropped, push);
+                Ok(())
+            }
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_push_sender(sender)
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(CONNECT_TIMEOUT));
+        let connecting = client.get_multiplexed_async_connection_with_config(&config);
+        let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timed out".into()),
+        };
+        let mut setname = redis::cmd("CLIENT");
+        setname.arg("SETNAME").arg(CONNECTION_NAME);
+        let named = setname.query_async::<()>(&mut conn);
+        match tokio::time::timeout(CONNECT_TIMEOUT, named).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timed out".into()),
+        }
+        tracing::debug!(node = %addr, "redis cluster pub/sub connection opened");
+        Ok(Node { conn, dropped })
+    }
+
+    /// Reads the slot map from a master it knows, else from a seed.
+    async fn refresh(&mut self, shared: &Shared) {
+        let tls = self.seeds.uses_tls();
+        let mut candidates: Vec<(String, u16)> = Vec::new();
+        if let Some(t) = &self.topology {
+            for m in t.masters() {
+                if let Some((h, p)) = split_addr(&m) {
+                    candidates.push((h.to_owned(), p));
+                }
+            }
+        }
+        for seed in self.seeds.addrs() {
+            if !candidates.contains(&seed) {
+                candidates.push(seed);
+            }
+        }
+        for (host, port) in candidates {
+            let Ok(client) = self
+                .seeds
+                .client(&host, port, redis::ProtocolVersion::RESP2)
+            else {
+                continue;
+            };
+            let read = async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("CLUSTER")
+                    .arg("SHARDS")
+                    .query_async::<Value>(&mut conn)
+                    .await
+            };
+            let reply = match tokio::time::timeout(CONNECT_TIMEOUT, read).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %format!("{host}:{port}"), error = %e, "CLUSTER SHARDS failed");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let Some(topology) = Topology::from_shards(&reply, tls) else {
+                continue;
+            };
+            // A node that lost its view of the cluster may report a map
+            // with holes: a complete one from another node is better.
+            let covered: u32 = topology
+                .ranges
+                .iter()
+                .map(|(f, l, _)| u32::from(*l) - u32::from(*f) + 1)
+                .sum();
+            let complete = covered == 16384;
+            if self.topology.as_ref() != Some(&topology) {
+                tracing::info!(
+                    masters = topology.masters().len(),
+                    complete,
+                    "redis cluster slot map read"
+                );
+            }
+            self.topology = Some(topology);
+            self.refreshed_at = tokio::time::Instant::now();
+            self.stale = !complete;
+            if complete {
+                return;
+            }
+        }
+        shared.link_failed("cluster", "no node answered CLUSTER SHARDS".into());
+    }
+
+    /// Closes the connections that hold no channel and have none coming.
+    fn close_idle(&mut self) {
+        let mut used: HashSet<&Arc<str>> = self.placed.values().collect();
+        if let Some(t) = &self.topology {
+            for channel in &self.pending {
+                let slot = slot_of(channel);
+                if let Some(n) = t.owner(slot) {
+                    used.insert(n);
+                }
+            }
+        }
+        let idle: Vec<Arc<str>> = self
+            .nodes
+            .keys()
+            .filter(|a| !used.contains(a))
+            .cloned()
+            .collect();
+        for addr in idle {
+            self.nodes.remove(&addr);
+        }
+    }
+
+    /// Pings every connection; one that does not answer is closed (its
+    /// channels are lost and subscribed again).
+    async fn keepalive(&mut self, shared: &Shared) {
+        let pings = self.nodes.iter().map(|(addr, node)| {
+            let mut conn = node.conn.clone();
+            let addr = addr.clone();
+            async move {
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<Value>(&mut conn);
+                let ok = matches!(tokio::time::timeout(CONNECT_TIMEOUT, ping).await, Ok(Ok(_)));
+                (addr, ok)
+            }
+        });
+        for (addr, ok) in futures_util::future::join_all(pings).await {
+            if !ok {
+                tracing::warn!(node = %addr, "redis pub/sub keepalive ping failed");
+                self.drop_node(shared, &addr);
+            }
+        }
+    }
+}
+
+/// Sends `command channel` and tells what the answer means.
+async fn ask(
+    mut conn: redis::aio::MultiplexedConnection,
+    command: &str,
+    confirmation: PushKind,
+    channel: &str,
+) -> Outcome {
+    let mut cmd = redis::cmd(command);
+    cmd.arg(channel);
+    let call = cmd.query_async::<Value>(&mut conn);
+    match tokio::time::timeout(CONNECT_TIMEOUT, call).await {
+        Err(_) => Outcome::Failed("timed out".into()),
+        Ok(Ok(Value::Push { kind, data })) => {
+            let same = kind == confirmation && data.first().and_then(text) == Some(channel);
+            if same {
+                Outcome::Done
+            } else {
+                Outcome::Unclear
+            }
+        }
+        Ok(Ok(Value::ServerError(e))) => redirect_or_fail(e.to_string()),
+        Ok(Ok(_)) => Outcome::Unclear,
+        Ok(Err(e)) => {
+            if e.is_io_error() || e.is_unrecoverable_error() || e.is_timeout() {
+                Outcome::Failed(e.to_string())
+            } else {
+                redirect_or_fail(e.to_string())
+            }
+        }
+    }
+}
+
+/// An error answer: a cluster in motion (read the map again and retry),
+/// or anything else (the connection is not trusted).
+fn redirect_or_fail(error: String) -> Outcome {
+    let code = error
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    let moving = [
+        "MOVED",
+        "ASK",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "LOADING",
+        "MASTERDOWN",
+    ];
+    if moving.iter().any(|m| code.contains(m)) || moving.iter().any(|m| error.contains(m)) {
+        Outcome::Redirected(error)
+    } else {
+        Outcome::Failed(error)
+    }
+}
+
+/// A push from the connection to the master at `addr`.
+fn on_push(shared: &Shared, addr: &Arc<str>, dropped: &AtomicBool, push: redis::PushInfo) {
+    match push.kind {
+        PushKind::SMessage | PushKind::Message => {
+            if let [Value::BulkString(channel), Value::BulkString(payload), ..] = &push.data[..]
+                && let Ok(channel) = std::str::from_utf8(channel)
+            {
+                dispatch(shared, channel, payload);
+            }
+        }
+        PushKind::Disconnection => {
+            dropped.store(true, Ordering::SeqCst);
+            shared.changed();
+        }
+        PushKind::SUnsubscribe => {
+            let Some(channel) = push.data.first().and_then(text) else {
+                return;
+            };
+            let mut state = shared.lock();
+            let key = (addr.clone(), channel.to_owned());
+            // One of ours: counted before it was sent.
+            if let Some(n) = state.unsubscribing.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    state.unsubscribing.remove(&key);
+                }
+                return;
+            }
+            // Redis' own: the slot moved, or this master became a replica.
+            state.moved.push(key);
+            drop(state);
+            shared.changed();
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn node(role: &str, port: i64, health: &str) -> Value {
+        Value::Array(vec![
+            bulk("id"),
+            bulk("abc"),
+            bulk("port"),
+            Value::Int(port),
+            bulk("tls-port"),
+            Value::Int(port + 1000),
+            bulk("ip"),
+            bulk("127.0.0.1"),
+            bulk("endpoint"),
+            bulk("127.0.0.1"),
+            bulk("role"),
+            bulk(role),
+            bulk("health"),
+            bulk(health),
+        ])
+    }
+
+    fn shard(slots: &[i64], nodes: Vec<Value>) -> Value {
+        Value::Array(vec![
+            bulk("slots"),
+            Value::Array(slots.iter().map(|s| Value::Int(*s)).collect()),
+            bulk("nodes"),
+            Value::Array(nodes),
+        ])
+    }
+
+    #[test]
+    fn a_shards_reply_gives_each_slot_its_healthy_master() {
+        let reply = Value::Array(vec![
+            shard(
+                &[0, 5460, 10923, 10999],
+                vec![
+                    node("replica", 7004, "online"),
+                    node("master", 7001, "online"),
+                ],
+            ),
+            shard(&[5461, 10922], vec![node("master", 7002, "online")]),
+            // A failed master: its slots have no owner until a promotion.
+            shard(&[11000, 16383], vec![node("master", 7003, "fail")]),
+        ]);
+        let t = Topology::from_shards(&reply, false).expect("parsed");
+        assert_eq!(t.owner(0).map(|n| &**n), Some("127.0.0.1:7001"));
+        assert_eq!(t.owner(5460).map(|n| &**n), Some("127.0.0.1:7001"));
+        assert_eq!(t.owner(5461).map(|n| &**n), Some("127.0.0.1:7002"));
+        assert_eq!(t.owner(10999).map(|n| &**n), Some("127.0.0.1:7001"));
+        assert_eq!(t.owner(11000), None);
+        assert_eq!(t.owner(16383), None);
+        assert_eq!(t.masters().len(), 2);
+        let tls = Topology::from_shards(&reply, true).expect("parsed");
+        assert_eq!(tls.owner(0).map(|n| &**n), Some("127.0.0.1:8001"));
+    }
+
+    #[test]
+    fn resp3_maps_read_as_arrays_do() {
+        let map = |v: Value| match v {
+            Value::Array(a) => Value::Map(
+                a.chunks(2)
+                    .map(|kv| (kv[0].clone(), kv[1].clone()))
+                    .collect(),
+            ),
+            other => other,
+        };
+        let n = map(node("master", 7001, "online"));
+        let s = map(shard(&[0, 16383], vec![n]));
+        let t = Topology::from_shards(&Value::Array(vec![s]), false).expect("parsed");
+        assert_eq!(t.owner(9000).map(|n| &**n), Some("127.0.0.1:7001"));
+    }
+
+    #[test]
+    fn slots_are_redis_clusters() {
+        // Known values (CLUSTER KEYSLOT): hash tags count, an empty tag
+        // does not.
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(slot_of("{user1000}.following"), slot_of("user1000"));
+        assert_eq!(slot_of("foo{}{bar}"), slot_of("foo{}{bar}"));
+        assert_ne!(slot_of("foo{}{bar}"), slot_of("bar"));
+        for key in ["session:{abc}:down", "wsproxy:control", "x", ""] {
+            assert_eq!(
+                redis::cluster_routing::Slot::for_key(key.as_bytes()),
+                redis::cluster_routing::Slot::new(slot_of(key)).expect("in range"),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_of_a_cluster_in_motion_are_retried_elsewhere() {
+        for e in [
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
+            "CLUSTERDOWN The cluster is down",
+            "TRYAGAIN",
+            "LOADING Redis is loading",
+        ] {
+            assert!(
+                matches!(redirect_or_fail(e.into()), Outcome::Redirected(_)),
+                "{e}"
+            );
+        }
+        assert!(matches!(
+            redirect_or_fail("NOPERM no".into()),
+            Outcome::Failed(_)
+        ));
+    }
+}
