@@ -338,10 +338,16 @@ pub struct Cli {
     #[arg(long, env = "PRESENCE", default_value = "false")]
     pub presence: String,
     /// Seconds between a process's heartbeats (with events or presence on);
-    /// a process silent for two is declared dead and its connections closed
-    /// in Redis by another.
+    /// a process silent for PROCESS_DEAD_AFTER_SECS is declared dead and its
+    /// connections closed in Redis by another.
     #[arg(long, env = "PROCESS_HEARTBEAT_SECS", default_value = "5")]
     pub process_heartbeat_secs: String,
+    /// Seconds without a heartbeat after which a process counts as dead
+    /// (its connections are closed in Redis by another). Empty: two
+    /// heartbeats on one Redis, 30 on a cluster (above a failover at
+    /// Redis's default node timeout).
+    #[arg(long, env = "PROCESS_DEAD_AFTER_SECS", default_value = "")]
+    pub process_dead_after_secs: String,
     /// HS256 secret (at least 32 bytes) for the tokens of POST /auth/token and /ws.
     /// Without it, /ws accepts only anonymous clients (if allowed).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]

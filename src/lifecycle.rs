@@ -16,23 +16,25 @@
 //! are in the stream in the order they happened.
 //!
 //! **Crash safety.** Each process renews a heartbeat key every
-//! `PROCESS_HEARTBEAT_SECS` (its TTL is two intervals) and its entry in
-//! `wsproxy:processes`. On every beat it also looks for processes whose
-//! entry is older than two intervals and *reaps* them: a script that runs
-//! only while the dead process's heartbeat key is missing removes its
-//! connections from presence and appends a `disconnect` event (reason
-//! `process_lost`) for each, in batches. Everything a reap does to one
-//! connection is one atomic step that also removes it from the dead
-//! process's hash, so however many processes reap at once, each connection
-//! gets exactly one `disconnect` event. A process dead for good is reaped
-//! within three intervals of its last beat.
+//! `PROCESS_HEARTBEAT_SECS` (its TTL is `PROCESS_DEAD_AFTER_SECS`: by
+//! default two intervals on one Redis, 30 s on a cluster, so that a shard
+//! failing over is not a death) and its entry in `wsproxy:processes`. On
+//! every beat it also looks for processes whose entry is older than that
+//! and *reaps* them: a script that runs only while the dead process's
+//! heartbeat key is missing removes its connections from presence and
+//! appends a `disconnect` event (reason `process_lost`) for each, in
+//! batches. Everything a reap does to one connection is one atomic step
+//! that also removes it from the dead process's hash, so however many
+//! processes reap at once, each connection gets exactly one `disconnect`
+//! event. A process dead for good is reaped within the dead-after time
+//! plus one interval of its last beat.
 //!
 //! A process that was silent too long itself (Redis unreachable, or
 //! restarted without persistence) finds its heartbeat key gone at its next
-//! beat, or two intervals passed since its last confirmed beat (a late
-//! beat may have set the key again after a reap): it may have been reaped,
-//! so it closes its session connections with 1013 and their clients
-//! reconnect and register again.
+//! beat, or the dead-after time passed since its last confirmed beat (a
+//! late beat may have set the key again after a reap): it may have been
+//! reaped, so it closes its session connections with 1013 and their
+//! clients reconnect and register again.
 //!
 //! The limits of "exactly once" are in the manual (docs/src/backend.md): a
 //! registration Redis never took has no events at all, and a removal that
@@ -132,6 +134,18 @@ pub struct Gone {
     pub ended: Ended,
 }
 
+/// How far a removal got on a cluster, where its steps are separate
+/// commands (the registration, the presence entry and the event live in
+/// different slots): a retry goes on from the step that failed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Removal {
+    /// This process took the registration out (so the event is its own to
+    /// write).
+    pub taken: bool,
+    /// The presence entry is gone.
+    pub presence_removed: bool,
+}
+
 /// How a connection ended, for its disconnect event.
 #[derive(Debug, Clone, Copy)]
 pub struct Ended {
@@ -149,6 +163,9 @@ pub struct Ended {
 #[derive(Debug)]
 pub struct Lifecycle {
     config: LifecycleConfig,
+    /// How long a process may be silent before it counts as dead
+    /// ([`LifecycleConfig::dead_after`]).
+    dead_after: Duration,
     keys: crate::keys::Keys,
     process: String,
     next: AtomicU64,
@@ -341,6 +358,7 @@ impl Lifecycle {
     pub fn new(config: &LifecycleConfig, keys: crate::keys::Keys) -> Self {
         Self {
             config: config.clone(),
+            dead_after: config.dead_after(keys.is_cluster()),
             keys,
             process: format!("{:012x}", rand::random::<u64>() >> 16),
             next: AtomicU64::new(1),
@@ -357,6 +375,12 @@ impl Lifecycle {
     /// The heartbeat's interval (`PROCESS_HEARTBEAT_SECS`).
     pub fn heartbeat_interval(&self) -> Duration {
         self.config.heartbeat
+    }
+
+    /// How long a process may be silent before it counts as dead
+    /// (`PROCESS_DEAD_AFTER_SECS`, or its default).
+    pub fn dead_after(&self) -> Duration {
+        self.dead_after
     }
 
     /// When Redis last took this process's heartbeat, and when one last
@@ -549,6 +573,7 @@ impl Lifecycle {
         session_id: &str,
         agent_id: &str,
         gone: Gone,
+        progress: &mut Removal,
         limit: Duration,
     ) -> Result<(), LifecycleError> {
         let Gone {
@@ -583,15 +608,23 @@ impl Lifecycle {
         if self.keys.is_cluster() {
             let presence = self.keys.session_presence(session_id);
             let owned = self.keys.process_connections(&self.process);
-            let mut hdel = redis::cmd("HDEL");
-            hdel.arg(&owned).arg(&id);
-            // Only the one that removes the registration writes the event.
-            if bounded(limit, hdel.query_async::<i64>(redis)).await? == 0 {
-                return Ok(());
+            // Only the one that removes the registration writes the event;
+            // a retry (a step failed: its shard was failing over) goes on
+            // from the step that failed.
+            if !progress.taken {
+                let mut hdel = redis::cmd("HDEL");
+                hdel.arg(&owned).arg(&id);
+                if bounded(limit, hdel.query_async::<i64>(redis)).await? == 0 {
+                    return Ok(());
+                }
+                progress.taken = true;
             }
-            let mut hdel = redis::cmd("HDEL");
-            hdel.arg(&presence).arg(&id);
-            bounded(limit, hdel.query_async::<i64>(redis)).await?;
+            if !progress.presence_removed {
+                let mut hdel = redis::cmd("HDEL");
+                hdel.arg(&presence).arg(&id);
+                bounded(limit, hdel.query_async::<i64>(redis)).await?;
+                progress.presence_removed = true;
+            }
             let channel = (!channel.is_empty()).then_some(channel.as_str());
             return self
                 .append_event(redis, event.as_bytes(), channel, limit)
@@ -616,7 +649,7 @@ impl Lifecycle {
         redis: &mut impl redis::aio::ConnectionLike,
         limit: Duration,
     ) -> Result<bool, LifecycleError> {
-        let ttl = self.config.heartbeat.saturating_mul(2);
+        let ttl = self.dead_after;
         if self.keys.is_cluster() {
             // The heartbeat key and the process set are in different slots.
             let now = now_ms();
@@ -642,7 +675,8 @@ impl Lifecycle {
         Ok(alive == 1)
     }
 
-    /// Reaps every process whose last beat is older than two intervals;
+    /// Reaps every process whose last beat is older than the dead-after
+    /// time;
     /// the number of connections reaped.
     /// Stops at `deadline` (the rest waits for the next beat), so that a
     /// long reap never delays this process's own heartbeat.
@@ -652,8 +686,7 @@ impl Lifecycle {
         limit: Duration,
         deadline: tokio::time::Instant,
     ) -> Result<u64, LifecycleError> {
-        let silence =
-            u64::try_from(self.config.heartbeat.saturating_mul(2).as_millis()).unwrap_or(u64::MAX);
+        let silence = u64::try_from(self.dead_after.as_millis()).unwrap_or(u64::MAX);
         let before = now_ms().saturating_sub(silence);
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
         cmd.arg(crate::keys::PROCESSES)
@@ -907,7 +940,7 @@ pub async fn keep_alive(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let interval = lifecycle.config.heartbeat;
-    let ttl = interval.saturating_mul(2);
+    let ttl = lifecycle.dead_after;
     // When the last confirmed beat was sent: the key it set lived at least
     // until then plus the TTL.
     let mut last_sent: Option<tokio::time::Instant> = None;

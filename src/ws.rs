@@ -470,10 +470,13 @@ impl<H: Handler> Driver<H> {
     }
 }
 
-/// Attempts of a removal, and the pause before the first retry (doubled
-/// each time): about 15 s in all, for a Redis that fails over or restarts.
+/// The pause before a removal's first retry, doubled each time up to the
+/// longest. It is retried for as long as a process may be silent before
+/// it counts as dead (`PROCESS_DEAD_AFTER_SECS`: a Redis that restarts, or
+/// a cluster shard that fails over), and at least five times.
+const REMOVAL_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+const REMOVAL_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 const REMOVAL_ATTEMPTS: u32 = 5;
-const REMOVAL_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Removes a tracked connection's registration and appends its disconnect
 /// event, in a task of its own (tracked: shutdown waits for it), so the
@@ -491,24 +494,39 @@ pub fn remove_later(app: &Arc<App>, session_id: String, agent_id: String, gone: 
     let app = app.clone();
     let removal = async move {
         let mut pause = REMOVAL_RETRY;
-        for attempt in 1..=REMOVAL_ATTEMPTS {
+        let mut progress = crate::lifecycle::Removal::default();
+        let started = tokio::time::Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
             let removed = {
                 let _turn = app.lifecycle.turn().await;
                 let mut redis = app.redis.clone();
                 let limit = app.config.auth_timeout;
                 app.lifecycle
-                    .disconnected(&mut redis, &session_id, &agent_id, gone, limit)
+                    .disconnected(
+                        &mut redis,
+                        &session_id,
+                        &agent_id,
+                        gone,
+                        &mut progress,
+                        limit,
+                    )
                     .await
             };
             match removed {
                 Ok(()) => return,
                 Err(e) => {
                     app.metrics.lifecycle_failures.inc();
-                    tracing::warn!(%session_id, attempt, error = %e, "lifecycle: disconnect not recorded");
+                    tracing::warn!(%session_id, attempt, error = %e, "lifecycle: disconnect not recorded yet");
                 }
             }
+            if attempt >= REMOVAL_ATTEMPTS && started.elapsed() >= app.lifecycle.dead_after() {
+                tracing::warn!(%session_id, attempt, "lifecycle: disconnect not recorded; the reaper will once this process is gone");
+                return;
+            }
             tokio::time::sleep(pause).await;
-            pause = pause.saturating_mul(2);
+            pause = pause.saturating_mul(2).min(REMOVAL_RETRY_MAX);
         }
     };
     runtime.spawn(tracker.track_future(removal));

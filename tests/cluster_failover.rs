@@ -279,24 +279,53 @@ async fn session_on(cluster: &Cluster, port: u16) -> String {
 }
 
 struct Sessions {
-    /// `(session, master, reliable)`.
-    list: Vec<(String, u16, bool)>,
+    /// `(session, master, reliable, process)`.
+    list: Vec<(String, u16, bool, usize)>,
 }
 
-async fn failover(node_timeout_ms: u64) {
+/// Which master is killed.
+#[derive(Debug, Clone, Copy)]
+enum Victim {
+    /// The master of `wsproxy:processes`, where the processes register.
+    Registrations,
+    /// The master of the control stream.
+    Control,
+    /// A master with neither: sessions only.
+    SessionsOnly,
+}
+
+/// Three wsproxy processes: 0 and 1 with lifecycle events and presence
+/// (heartbeat 1 s, the dead-after time its default), 2 without.
+async fn failover(node_timeout_ms: u64, kill: Victim) {
     let (logs, _guard) = LogCapture::start();
     let mut cluster = Cluster::start_with_node_timeout(node_timeout_ms).await;
-    let mut config = Config::for_cluster(cluster.urls());
-    if let Some(c) = config.redis_cluster.as_mut() {
-        c.pubsub = ClusterPubSub::Sharded;
+    let mut servers = Vec::new();
+    for tracked in [true, true, false] {
+        let mut config = Config::for_cluster(cluster.urls());
+        if let Some(c) = config.redis_cluster.as_mut() {
+            c.pubsub = ClusterPubSub::Sharded;
+        }
+        config.reliable.enabled = true;
+        config.reliable.history_max_len = 100_000;
+        config.lifecycle.events = tracked;
+        config.lifecycle.presence = tracked;
+        config.lifecycle.heartbeat = Duration::from_secs(1);
+        servers.push(Server::start_config(config).await);
     }
-    config.reliable.enabled = true;
-    config.reliable.history_max_len = 100_000;
-    let server = Server::start_config(config).await;
 
     let masters = cluster.master_ports().await;
     assert_eq!(masters.len(), 3, "three masters");
-    let victim = masters[0];
+    let registrations = cluster.master_of("wsproxy:processes").await;
+    let control = cluster.master_of("{wsproxy:control}:log").await;
+    let victim = match kill {
+        Victim::Registrations => registrations,
+        Victim::Control => control,
+        Victim::SessionsOnly => *masters
+            .iter()
+            .find(|m| **m != registrations && **m != control)
+            .expect("a master with sessions only"),
+    };
+    println!("killing {victim} ({kill:?}; registrations on {registrations}, control on {control})");
     let replica = *cluster
         .replicas_of(victim)
         .await
@@ -304,10 +333,11 @@ async fn failover(node_timeout_ms: u64) {
         .expect("the victim has a replica");
     let mut sessions = Sessions { list: Vec::new() };
     for &master in &masters {
-        for reliable in [false, false, true] {
+        // A plain session on every process, a reliable one on a tracked one.
+        for (reliable, process) in [(false, 0), (false, 1), (false, 2), (true, 1)] {
             let s = session_on(&cluster, master).await;
             cluster.set_token(&s, TOKEN, 600).await;
-            sessions.list.push((s, master, reliable));
+            sessions.list.push((s, master, reliable, process));
         }
     }
 
@@ -315,23 +345,25 @@ async fn failover(node_timeout_ms: u64) {
     let stop_publishing = CancellationToken::new();
     let mut readers_plain = HashMap::new();
     let mut readers_reliable = HashMap::new();
-    for (s, _, reliable) in &sessions.list {
+    for (s, _, reliable, process) in &sessions.list {
+        let addr = servers[*process].addr;
         if *reliable {
-            let handle = read_reliable(server.addr, s.clone(), stop_reading.clone());
+            let handle = read_reliable(addr, s.clone(), stop_reading.clone());
             readers_reliable.insert(s.clone(), handle);
         } else {
-            let ws = connect(server.addr, s, "", false)
-                .await
-                .expect("plain connect");
+            let ws = connect(addr, s, "", false).await.expect("plain connect");
             readers_plain.insert(s.clone(), read_plain(ws, stop_reading.clone()));
         }
     }
     // Every reliable client is in before anything is published.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stop_ready = CancellationToken::new();
-    let ready = watch_ready(&server, stop_ready.clone());
+    let ready: Vec<_> = servers
+        .iter()
+        .map(|server| watch_ready(server, stop_ready.clone()))
+        .collect();
     let mut publishers = HashMap::new();
-    for (s, _, reliable) in &sessions.list {
+    for (s, _, reliable, _) in &sessions.list {
         publishers.insert(
             s.clone(),
             publish(&cluster, s, *reliable, stop_publishing.clone()),
@@ -378,14 +410,14 @@ async fn failover(node_timeout_ms: u64) {
         on_rejoined.is_empty(),
         "channels subscribed on the rejoined replica: {on_rejoined:?}"
     );
-    // One pub/sub connection per master (each holds sessions), none on
-    // a replica.
+    // One pub/sub connection per master and process, none on a replica.
     for &port in &cluster.ports.clone() {
         let named = cluster
             .clients_named(port, "wsproxy-pubsub")
             .await
             .expect("every node answers");
-        let expected = usize::from(cluster.is_master(port).await);
+        // One per process on a master (each has sessions on every one).
+        let expected = usize::from(cluster.is_master(port).await) * servers.len();
         assert_eq!(named, expected, "wsproxy's pub/sub connections on {port}");
     }
 
@@ -405,10 +437,13 @@ async fn failover(node_timeout_ms: u64) {
     for (s, handle) in readers_reliable {
         seen.insert(s, handle.await.expect("reader"));
     }
-    let ready = ready.await.expect("ready watcher");
+    let mut ready_seen = Vec::new();
+    for watcher in ready {
+        ready_seen.push(watcher.await.expect("ready watcher"));
+    }
 
     let mut report = Vec::new();
-    for (s, master, reliable) in &sessions.list {
+    for (s, master, reliable, _) in &sessions.list {
         let failed = *master == victim;
         let got = &seen[s];
         let sent = &accepted[s];
@@ -507,47 +542,136 @@ async fn failover(node_timeout_ms: u64) {
         println!("{line}");
     }
 
-    // /ready: 503 after the kill, 200 again after, and at the end.
-    let not_ready: Vec<Duration> = ready
-        .iter()
-        .filter(|(at, status)| *status != 200 && *at > killed_at)
-        .map(|(at, _)| *at - killed_at)
-        .collect();
-    println!(
-        "/ready not 200 from {:?} to {:?} after the kill ({} polls)",
-        not_ready.first(),
-        not_ready.last(),
-        not_ready.len()
-    );
-    assert!(
-        !not_ready.is_empty(),
-        "/ready never said 503 after the kill"
-    );
-    assert_eq!(
-        ready.last().map(|(_, s)| *s),
-        Some(200),
-        "/ready at the end"
-    );
-    assert!(
-        ready
+    // /ready, on every process: 503 after the kill (each has channels on
+    // the failed shard), 200 again soon after the promotion, and at the end.
+    for (i, ready) in ready_seen.iter().enumerate() {
+        let not_ready: Vec<Duration> = ready
             .iter()
-            .filter(|(at, _)| *at > promoted_at + Duration::from_secs(2))
-            .all(|(_, s)| *s == 200),
-        "/ready said 503 more than 2 s after the promotion: {:?}",
-        ready
-            .iter()
-            .filter(|(at, s)| *at > promoted_at && *s != 200)
+            .filter(|(at, status)| *status != 200 && *at > killed_at)
             .map(|(at, _)| *at - killed_at)
-            .collect::<Vec<_>>()
-    );
+            .collect();
+        println!(
+            "process {i}: /ready not 200 from {:?} to {:?} after the kill ({} polls)",
+            not_ready.first(),
+            not_ready.last(),
+            not_ready.len()
+        );
+        assert!(
+            !not_ready.is_empty(),
+            "process {i}: /ready never said 503 after the kill"
+        );
+        assert_eq!(
+            ready.last().map(|(_, s)| *s),
+            Some(200),
+            "process {i}: /ready at the end"
+        );
+        let late: Vec<Duration> = ready
+            .iter()
+            .filter(|(at, s)| *at > promoted_at + Duration::from_secs(2) && *s != 200)
+            .map(|(at, _)| *at - killed_at)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "process {i}: /ready said 503 more than 2 s after the promotion: {late:?}"
+        );
+    }
+
+    // Control works after the failover, on every process.
+    for (i, server) in servers.iter().enumerate() {
+        let s = unique("ctl");
+        cluster.set_token(&s, TOKEN, 600).await;
+        let mut ws = connect(server.addr, &s, "", false).await.expect("connect");
+        let mut c = cluster.conn().await;
+        let _: String = redis::cmd("FCALL")
+            .arg("wsproxy_control")
+            .arg(1)
+            .arg("{wsproxy:control}:log")
+            .arg(format!(
+                r#"{{"type":"disconnect","session_id":"{s}","code":4001,"reason":"revoked"}}"#
+            ))
+            .query_async(&mut c)
+            .await
+            .expect("FCALL wsproxy_control");
+        assert_eq!(
+            close_code(&mut ws).await,
+            4001,
+            "process {i}: control after the failover"
+        );
+    }
 
     // Every client gone: no session's channel stays subscribed anywhere
-    // (the process's own control channel stays while it runs), and once
-    // it has stopped, nothing at all.
+    // (the processes' own control channel stays while they run), and once
+    // they have stopped, nothing at all.
     drop(seen);
     wait_no_channels(&cluster, true).await;
-    server.stop().await;
+    for server in servers {
+        server.stop().await;
+    }
     wait_no_channels(&cluster, false).await;
+
+    // Lifecycle: every connection of the tracked processes has one
+    // connect (or resume) event and exactly one disconnect, none of them
+    // `process_lost` (no live process was reaped), and presence is empty.
+    let mut c = cluster.conn().await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("wsproxy:events")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .expect("XRANGE wsproxy:events");
+    let mut per_connection: HashMap<String, (u32, u32)> = HashMap::new();
+    let mut lost = 0;
+    for (_, fields) in &entries {
+        let Some((_, event)) = fields.iter().find(|(k, _)| k == "event") else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(event).expect("an event is JSON");
+        let id = v["connection_id"]
+            .as_str()
+            .expect("connection_id")
+            .to_owned();
+        let counts = per_connection.entry(id).or_default();
+        match v["type"].as_str() {
+            Some("connect" | "resume") => counts.0 += 1,
+            Some("disconnect") => {
+                counts.1 += 1;
+                if v["reason"] == "process_lost" {
+                    lost += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    let odd: Vec<_> = per_connection
+        .iter()
+        .filter(|(_, c)| **c != (1, 1))
+        .collect();
+    println!(
+        "lifecycle: {} connections, {} events",
+        per_connection.len(),
+        entries.len()
+    );
+    assert!(
+        !per_connection.is_empty(),
+        "the tracked processes wrote events"
+    );
+    assert!(
+        odd.is_empty(),
+        "connections without exactly one connect and one disconnect: {odd:?}"
+    );
+    assert_eq!(
+        lost, 0,
+        "process_lost disconnects: a live process was reaped"
+    );
+    for (s, ..) in &sessions.list {
+        let n: usize = redis::cmd("HLEN")
+            .arg(format!("session:{{{s}}}:presence"))
+            .query_async(&mut c)
+            .await
+            .expect("HLEN");
+        assert_eq!(n, 0, "presence of {s} after every client left");
+    }
 }
 
 /// Waits until no node has a shard channel subscribed (`sessions_only`:
@@ -577,7 +701,17 @@ async fn wait_no_channels(cluster: &Cluster, sessions_only: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_failover_at_a_3000_ms_node_timeout_touches_only_its_shard() {
-    failover(3000).await;
+    failover(3000, Victim::Registrations).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_streams_master_fails_over_at_a_3000_ms_node_timeout() {
+    failover(3000, Victim::Control).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_only_master_fails_over_at_a_3000_ms_node_timeout() {
+    failover(3000, Victim::SessionsOnly).await;
 }
 
 /// Redis's default node timeout: about 15 s before the replica takes
@@ -585,5 +719,5 @@ async fn a_master_failover_at_a_3000_ms_node_timeout_touches_only_its_shard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "over a minute; run with --ignored (CI does, as its own step)"]
 async fn a_master_failover_at_the_default_15000_ms_node_timeout_touches_only_its_shard() {
-    failover(15_000).await;
+    failover(15_000, Victim::Registrations).await;
 }

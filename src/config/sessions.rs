@@ -64,12 +64,37 @@ pub struct LifecycleConfig {
     pub presence: bool,
     /// How often a process renews its heartbeat (and looks for dead ones).
     pub heartbeat: Duration,
+    /// How long a process may go without a heartbeat before it counts as
+    /// dead (`PROCESS_DEAD_AFTER_SECS`); `None`: the default, see
+    /// [`LifecycleConfig::dead_after`].
+    pub dead_after: Option<Duration>,
 }
+
+/// The default of `PROCESS_DEAD_AFTER_SECS` on a Redis Cluster: above a
+/// failover at Redis's default `cluster-node-timeout` of 15 s (the replica
+/// takes over 15-20 s after its master died), so a shard that fails over
+/// is not taken for the death of the processes registered on it.
+pub const CLUSTER_DEAD_AFTER: Duration = Duration::from_secs(30);
 
 impl LifecycleConfig {
     /// True when connections are registered with Redis at all.
     pub fn tracked(&self) -> bool {
         self.events || self.presence
+    }
+
+    /// How long a process may be silent before it counts as dead: its
+    /// heartbeat key lives that long, other processes reap it after that,
+    /// and a process whose last confirmed beat is older closes its
+    /// connections to register again. Set, or by default two heartbeats on
+    /// one Redis and [`CLUSTER_DEAD_AFTER`] (at least two heartbeats) on a
+    /// cluster.
+    pub fn dead_after(&self, cluster: bool) -> Duration {
+        let two_beats = self.heartbeat.saturating_mul(2);
+        match self.dead_after {
+            Some(d) => d,
+            None if cluster => CLUSTER_DEAD_AFTER.max(two_beats),
+            None => two_beats,
+        }
     }
 }
 
@@ -82,6 +107,7 @@ impl Default for LifecycleConfig {
             query_params: Vec::new(),
             presence: false,
             heartbeat: Duration::from_secs(5),
+            dead_after: None,
         }
     }
 }
@@ -145,23 +171,48 @@ impl Cli {
             }
             query_params.push(name.to_owned());
         }
+        let heartbeat = seconds(
+            "PROCESS_HEARTBEAT_SECS",
+            &self.process_heartbeat_secs,
+            1..=3600,
+        )?;
+        let dead_after = match self.process_dead_after_secs.trim() {
+            "" => None,
+            _ => {
+                let d = seconds(
+                    "PROCESS_DEAD_AFTER_SECS",
+                    &self.process_dead_after_secs,
+                    2..=86_400,
+                )?;
+                if d < heartbeat.saturating_mul(2) {
+                    return Err(ConfigError::new(
+                        "PROCESS_DEAD_AFTER_SECS",
+                        format!(
+                            "{}s is less than two heartbeats (PROCESS_HEARTBEAT_SECS={}): a live process would be taken for dead",
+                            d.as_secs(),
+                            heartbeat.as_secs()
+                        ),
+                    ));
+                }
+                Some(d)
+            }
+        };
         Ok(LifecycleConfig {
             events: boolean("LIFECYCLE_EVENTS", &self.lifecycle_events)?,
             events_max_len: number("EVENTS_MAX_LEN", &self.events_max_len, 1..=100_000_000)?,
             session_channel: boolean("EVENTS_SESSION_CHANNEL", &self.events_session_channel)?,
             query_params,
             presence: boolean("PRESENCE", &self.presence)?,
-            heartbeat: seconds(
-                "PROCESS_HEARTBEAT_SECS",
-                &self.process_heartbeat_secs,
-                1..=3600,
-            )?,
+            heartbeat,
+            dead_after,
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use crate::config::tests::parse;
 
     #[test]
@@ -175,6 +226,14 @@ mod tests {
         .expect("valid");
         assert!(c.lifecycle.events && !c.lifecycle.presence && c.lifecycle.tracked());
         assert_eq!(c.lifecycle.query_params, ["lang", "plan"]);
+        // The default: two heartbeats on one Redis, 30 s on a cluster.
+        assert_eq!(c.lifecycle.dead_after(false), Duration::from_secs(10));
+        assert_eq!(c.lifecycle.dead_after(true), Duration::from_secs(30));
+        let c = parse(&["--process-heartbeat-secs", "20"]).expect("valid");
+        assert_eq!(c.lifecycle.dead_after(true), Duration::from_secs(40));
+        let c = parse(&["--process-dead-after-secs", "12"]).expect("valid");
+        assert_eq!(c.lifecycle.dead_after(false), Duration::from_secs(12));
+        assert_eq!(c.lifecycle.dead_after(true), Duration::from_secs(12));
         for (flag, value, var) in [
             (
                 "--events-query-params",
@@ -184,6 +243,12 @@ mod tests {
             ("--events-query-params", "a b", "EVENTS_QUERY_PARAMS"),
             ("--presence", "maybe", "PRESENCE"),
             ("--process-heartbeat-secs", "0", "PROCESS_HEARTBEAT_SECS"),
+            ("--process-dead-after-secs", "9", "PROCESS_DEAD_AFTER_SECS"),
+            (
+                "--process-dead-after-secs",
+                "ten",
+                "PROCESS_DEAD_AFTER_SECS",
+            ),
             ("--events-max-len", "0", "EVENTS_MAX_LEN"),
         ] {
             let e = parse(&[flag, value]).expect_err(value);
