@@ -404,12 +404,25 @@ async fn register(
         .await;
     // From here the driver owns the registration.
     pending.connection = 0;
-    if let Err(e) = registered {
+    let mut registering = None;
+    if let Err(unfinished) = registered {
         app.metrics.lifecycle_failures.inc();
-        tracing::warn!(session_id = %admitted.session_id, error = %e, "lifecycle: connection not registered");
+        tracing::warn!(session_id = %admitted.session_id, error = %unfinished.error, "lifecycle: connection not registered yet");
+        // On a cluster, what is left goes on in the background: the
+        // connection is not held back by another shard's failover.
+        if let Some(rest) = unfinished.rest {
+            registering = Some(app.lifecycle.finish_later(
+                app.redis.clone(),
+                rest,
+                limit,
+                &app.tracker,
+                app.metrics.clone(),
+            ));
+        }
     }
     crate::lifecycle::Tracking {
         connection,
+        registering,
         ..Default::default()
     }
 }
@@ -444,6 +457,7 @@ impl Drop for Pending<'_> {
             self.session_id.to_owned(),
             self.agent_id.to_owned(),
             gone,
+            None,
         );
     }
 }

@@ -119,6 +119,9 @@ pub struct Tracking {
     pub peer_close: Option<u16>,
     /// The order that closes the connection, once one came.
     pub order: Option<Box<CloseOrder>>,
+    /// A registration still being finished in the background (a cluster
+    /// shard was failing over): its removal waits for it.
+    pub registering: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// A tracked connection that ended: what its removal needs.
@@ -453,7 +456,7 @@ impl Lifecycle {
         n: u64,
         info: &ConnectInfo,
         limit: Duration,
-    ) -> Result<(), LifecycleError> {
+    ) -> Result<(), Unfinished> {
         let id = self.connection_id(n);
         let now = now_ms();
         let presence_key = self.keys.session_presence(session_id);
@@ -515,20 +518,27 @@ impl Lifecycle {
             );
         }
         if self.keys.is_cluster() {
-            let steps = Steps {
-                id: &id,
-                registration: &buffer[..registration_end],
+            let mut steps = ClusterSteps {
+                registration: buffer[..registration_end].to_vec(),
                 presence: (presence_end > registration_end).then(|| {
                     (
-                        presence_key.as_str(),
-                        &buffer[registration_end..presence_end],
+                        presence_key.clone(),
+                        buffer[registration_end..presence_end].to_vec(),
                     )
                 }),
-                event: (buffer.len() > presence_end).then(|| &buffer[presence_end..]),
-                channel: registration.channel,
+                event: (buffer.len() > presence_end).then(|| buffer[presence_end..].to_vec()),
+                channel: registration.channel.map(str::to_owned),
+                id,
                 now,
+                done: 0,
             };
-            return self.connected_on_cluster(redis, steps, limit).await;
+            return match self.connected_on_cluster(redis, &mut steps, limit).await {
+                Ok(()) => Ok(()),
+                Err(error) => Err(Unfinished {
+                    error,
+                    rest: Some(steps),
+                }),
+            };
         }
         let mut cmd = redis::Cmd::with_capacity(15, buffer.len() + 256);
         cmd.arg("EVALSHA")
@@ -733,17 +743,38 @@ impl Lifecycle {
     }
 }
 
-/// What a registration on a cluster writes, step by step.
-struct Steps<'a> {
-    id: &'a str,
-    registration: &'a [u8],
+/// What a registration on a cluster writes, step by step (four commands
+/// in different slots), and how many steps are done: a registration whose
+/// step failed (its shard was failing over) goes on from there later,
+/// in the background ([`Lifecycle::finish_later`]).
+#[derive(Debug)]
+pub struct ClusterSteps {
+    id: String,
+    registration: Vec<u8>,
     /// The presence hash and entry, with `PRESENCE`.
-    presence: Option<(&'a str, &'a [u8])>,
+    presence: Option<(String, Vec<u8>)>,
     /// The connect event, with `LIFECYCLE_EVENTS`.
-    event: Option<&'a [u8]>,
+    event: Option<Vec<u8>>,
     /// The session's events channel, with `EVENTS_SESSION_CHANNEL`.
-    channel: Option<&'a str>,
+    channel: Option<String>,
     now: u64,
+    /// Steps done: the registration, the process's entry, presence, the
+    /// event.
+    done: u8,
+}
+
+/// A registration that did not finish: why, and on a cluster what is left
+/// to write.
+#[derive(Debug)]
+pub struct Unfinished {
+    pub error: LifecycleError,
+    pub rest: Option<ClusterSteps>,
+}
+
+impl From<LifecycleError> for Unfinished {
+    fn from(error: LifecycleError) -> Self {
+        Self { error, rest: None }
+    }
 }
 
 /// A registration as a reaper reads it back.
@@ -798,30 +829,82 @@ impl Lifecycle {
     async fn connected_on_cluster(
         &self,
         redis: &mut impl redis::aio::ConnectionLike,
-        steps: Steps<'_>,
+        steps: &mut ClusterSteps,
         limit: Duration,
     ) -> Result<(), LifecycleError> {
-        let mut hset = redis::cmd("HSET");
-        hset.arg(self.keys.process_connections(&self.process))
-            .arg(steps.id)
-            .arg(steps.registration);
-        bounded(limit, hset.query_async::<i64>(redis)).await?;
-        let mut zadd = redis::cmd("ZADD");
-        zadd.arg(crate::keys::PROCESSES)
-            .arg("NX")
-            .arg(steps.now)
-            .arg(&self.process);
-        bounded(limit, zadd.query_async::<i64>(redis)).await?;
-        if let Some((key, entry)) = steps.presence {
+        if steps.done < 1 {
             let mut hset = redis::cmd("HSET");
-            hset.arg(key).arg(steps.id).arg(entry);
+            hset.arg(self.keys.process_connections(&self.process))
+                .arg(&steps.id)
+                .arg(&steps.registration);
             bounded(limit, hset.query_async::<i64>(redis)).await?;
+            steps.done = 1;
         }
-        if let Some(event) = steps.event {
-            self.append_event(redis, event, steps.channel, limit)
-                .await?;
+        if steps.done < 2 {
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(crate::keys::PROCESSES)
+                .arg("NX")
+                .arg(steps.now)
+                .arg(&self.process);
+            bounded(limit, zadd.query_async::<i64>(redis)).await?;
+            steps.done = 2;
+        }
+        if steps.done < 3 {
+            if let Some((key, entry)) = &steps.presence {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(key).arg(&steps.id).arg(entry);
+                bounded(limit, hset.query_async::<i64>(redis)).await?;
+            }
+            steps.done = 3;
+        }
+        if steps.done < 4 {
+            if let Some(event) = &steps.event {
+                self.append_event(redis, event, steps.channel.as_deref(), limit)
+                    .await?;
+            }
+            steps.done = 4;
         }
         Ok(())
+    }
+
+    /// Finishes a registration whose step failed on a cluster (its shard
+    /// was failing over), in the background: retried for the dead-after
+    /// time. The returned receiver completes when it is done or given up;
+    /// the connection's removal waits for it, so its disconnect event
+    /// comes after its connect event.
+    pub fn finish_later(
+        self: &Arc<Self>,
+        mut redis: crate::redis_conn::RedisConn,
+        mut steps: ClusterSteps,
+        limit: Duration,
+        tracker: &tokio_util::task::TaskTracker,
+        metrics: Arc<Metrics>,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let lifecycle = self.clone();
+        tracker.spawn(async move {
+            let started = tokio::time::Instant::now();
+            let mut pause = Duration::from_millis(250);
+            loop {
+                tokio::time::sleep(pause).await;
+                match lifecycle
+                    .connected_on_cluster(&mut redis, &mut steps, limit)
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(e) => {
+                        metrics.lifecycle_failures.inc();
+                        if started.elapsed() >= lifecycle.dead_after {
+                            tracing::warn!(connection = %steps.id, error = %e, "lifecycle: registration given up");
+                            break;
+                        }
+                    }
+                }
+                pause = pause.saturating_mul(2).min(Duration::from_secs(2));
+            }
+            let _ = done.send(());
+        });
+        finished
     }
 
     /// Appends an event to the stream and, if named, publishes it on the

@@ -290,7 +290,14 @@ impl<H: Handler> Driver<H> {
             ended,
         };
         let agent = self.label.agent_id.clone().unwrap_or_default();
-        remove_later(&self.app, self.label.session_id.clone(), agent, gone);
+        let registering = self.tracking.registering.take();
+        remove_later(
+            &self.app,
+            self.label.session_id.clone(),
+            agent,
+            gone,
+            registering,
+        );
     }
 
     /// Moves frames until something ends the connection.
@@ -485,7 +492,15 @@ const REMOVAL_ATTEMPTS: u32 = 5;
 /// that finds the registration writes the event); when every attempt
 /// failed, the registration stays until this process's heartbeat lapses
 /// or it dies, and the reaper records it.
-pub fn remove_later(app: &Arc<App>, session_id: String, agent_id: String, gone: Gone) {
+/// `registering`: a registration still being finished in the background;
+/// the removal starts when it is done.
+pub fn remove_later(
+    app: &Arc<App>,
+    session_id: String,
+    agent_id: String,
+    gone: Gone,
+    registering: Option<tokio::sync::oneshot::Receiver<()>>,
+) {
     // Outside a runtime (it is shutting down), nothing can be sent.
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
@@ -493,6 +508,9 @@ pub fn remove_later(app: &Arc<App>, session_id: String, agent_id: String, gone: 
     let tracker = app.tracker.clone();
     let app = app.clone();
     let removal = async move {
+        if let Some(registering) = registering {
+            let _ = registering.await;
+        }
         let mut pause = REMOVAL_RETRY;
         let mut progress = crate::lifecycle::Removal::default();
         let started = tokio::time::Instant::now();

@@ -372,8 +372,40 @@ async fn failover(node_timeout_ms: u64, kill: Victim) {
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.wait_replicated(victim).await;
+    // Sessions on healthy shards, to be admitted during the outage.
+    let healthy = *masters
+        .iter()
+        .find(|m| **m != victim)
+        .expect("a healthy master");
+    let mut newcomers = Vec::new();
+    for _ in &servers {
+        let s = session_on(&cluster, healthy).await;
+        cluster.set_token(&s, TOKEN, 600).await;
+        newcomers.push(s);
+    }
     let killed_at = Instant::now();
     cluster.kill(victim);
+    // While the shard is down, a client of a healthy shard is admitted
+    // (its token check, its subscription) without waiting for the
+    // failover, on every process.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, (server, s)) in servers.iter().zip(&newcomers).enumerate() {
+        let asked = Instant::now();
+        let mut ws = connect(server.addr, s, "", false)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("process {i}: a healthy shard's client refused during the outage: {e}")
+            });
+        let took = asked.elapsed();
+        println!(
+            "process {i}: a healthy shard's client admitted {took:?} into the outage's second second"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "process {i}: admission to a healthy shard stalled {took:?} while another shard failed over"
+        );
+        let _ = ws.close(None).await;
+    }
     let promoted_at = loop {
         assert!(
             killed_at.elapsed() < Duration::from_millis(node_timeout_ms * 4 + 20_000),
