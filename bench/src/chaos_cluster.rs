@@ -27,7 +27,7 @@ use crate::soak::Rng;
 const NODES: usize = 6;
 /// `--cluster-node-timeout`: a master unreachable this long is failed
 /// over (plus the election, about as long again).
-pub const NODE_TIMEOUT_MS: u64 = 1000;
+pub const NODE_TIMEOUT_MS: u64 = 3000;
 /// Longest wait for the cluster to be whole (start, failover, rejoin).
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 
