@@ -45,6 +45,9 @@ const CLOSE_REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// small, so it is 512 bytes instead of tungstenite's 128 KiB; larger
 /// frames still arrive whole, in more reads.
 const READ_BUFFER_BYTES: usize = 512;
+/// Most frames one flush carries (see [`Driver::write_queued`]): bounds how
+/// long a burst keeps the connection's task from reading.
+const WRITE_BATCH: u64 = 64;
 
 /// A boxed future borrowing the handler: keeps rarely used, large steps
 /// out of every idle connection's task.
@@ -349,9 +352,9 @@ impl<H: Handler> Driver<H> {
                 Event::Expired => return Err(Stop::TokenExpired),
                 Event::Outgoing(Outgoing::Message(msg)) => {
                     if self.handler.deliver(&msg) {
-                        self.write(socket, msg).await?;
-                        self.counters.delivered.inc();
-                        self.tracking.messages_out += 1;
+                        let sent = self.write_queued(socket, msg).await?;
+                        self.counters.delivered.inc_by(sent);
+                        self.tracking.messages_out += sent;
                     }
                 }
                 Event::Outgoing(Outgoing::Slow) => return Err(Stop::SlowConsumer),
@@ -392,6 +395,44 @@ impl<H: Handler> Driver<H> {
                     }
                 }
             }
+        }
+    }
+
+    /// Writes `first` and what else the outbox holds right now (at most
+    /// [`WRITE_BATCH`] frames in all), then flushes once: a burst costs one
+    /// write to the socket, not one per message. The number of frames
+    /// written. Slow consumers as [`Driver::write`].
+    async fn write_queued<S: Socket>(
+        &mut self,
+        socket: &mut S,
+        first: Message,
+    ) -> Result<u64, Stop> {
+        let Self {
+            outbox,
+            handler,
+            app,
+            ..
+        } = self;
+        let batch = async {
+            socket.feed(first).await?;
+            let mut sent = 1u64;
+            while sent < WRITE_BATCH {
+                let Some(msg) = outbox.try_pop() else {
+                    break;
+                };
+                if handler.deliver(&msg) {
+                    socket.feed(msg).await?;
+                    sent += 1;
+                }
+            }
+            socket.flush().await?;
+            Ok::<u64, axum::Error>(sent)
+        };
+        tokio::select! {
+            biased;
+            r = batch => r.map_err(|_| Stop::Client),
+            _ = outbox.overflowed() => Err(Stop::SlowConsumer),
+            _ = tokio::time::sleep(app.config.ping_timeout) => Err(Stop::SlowConsumer),
         }
     }
 
@@ -587,6 +628,9 @@ mod tests {
         to_server: mpsc::UnboundedReceiver<Result<Message, axum::Error>>,
         from_server: mpsc::UnboundedSender<Message>,
         stalled: bool,
+        /// Flushes of frames written since the last flush.
+        flushes: Arc<std::sync::atomic::AtomicUsize>,
+        unflushed: usize,
     }
 
     impl futures_util::Stream for FakeSocket {
@@ -605,10 +649,19 @@ mod tests {
                 Poll::Ready(Ok(()))
             }
         }
-        fn start_send(self: Pin<&mut Self>, msg: Message) -> Result<(), axum::Error> {
+        fn start_send(mut self: Pin<&mut Self>, msg: Message) -> Result<(), axum::Error> {
+            self.unflushed += 1;
             self.from_server.send(msg).map_err(axum::Error::new)
         }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Result<(), axum::Error>> {
+            if self.unflushed > 0 {
+                self.unflushed = 0;
+                self.flushes
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             Poll::Ready(Ok(()))
         }
         fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
@@ -670,6 +723,7 @@ mod tests {
         to_server: mpsc::UnboundedSender<Result<Message, axum::Error>>,
         from_server: mpsc::UnboundedReceiver<Message>,
         done: tokio::task::JoinHandle<()>,
+        flushes: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     fn start(queue: usize, expires: Option<Duration>, stalled: bool) -> Running {
@@ -698,10 +752,13 @@ mod tests {
             preamble: Vec::new(),
             tracking: Default::default(),
         };
+        let flushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let socket = FakeSocket {
             to_server: rx,
             from_server: tx,
             stalled,
+            flushes: flushes.clone(),
+            unflushed: 0,
         };
         let done = tokio::spawn(driver.run(socket));
         Running {
@@ -710,6 +767,7 @@ mod tests {
             to_server,
             from_server,
             done,
+            flushes,
         }
     }
 
@@ -735,6 +793,38 @@ mod tests {
         app.metrics.render().contains(&format!(
             "wsproxy_disconnects_total{{reason=\"{reason}\"}} 1"
         ))
+    }
+
+    /// Messages that queued while the task was busy go out with one flush
+    /// (one write to the socket), in order, each counted.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_goes_out_in_one_flush() {
+        let mut r = start(1000, None, false);
+        for i in 0..200 {
+            assert!(r.outbox.push(Message::Text(format!("m{i}").into())));
+        }
+        let mut got = Vec::new();
+        while got.len() < 200 {
+            match r.from_server.recv().await {
+                Some(Message::Text(t)) => got.push(t.to_string()),
+                Some(_) => {}
+                None => panic!("the driver stopped"),
+            }
+        }
+        let expected: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+        assert_eq!(got, expected);
+        // 200 queued: four batches of at most 64, not 200 flushes.
+        let flushes = r.flushes.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(flushes <= 4, "{flushes} flushes for 200 queued messages");
+        // One more, alone: its own flush.
+        assert!(r.outbox.push(Message::Text("last".into())));
+        assert!(matches!(r.from_server.recv().await, Some(Message::Text(t)) if t == "last"));
+        assert_eq!(
+            r.flushes.load(std::sync::atomic::Ordering::SeqCst),
+            flushes + 1
+        );
+        r.app.shutdown.cancel();
+        let _ = r.done.await;
     }
 
     #[tokio::test(start_paused = true)]
