@@ -387,7 +387,11 @@ async fn failover(node_timeout_ms: u64, kill: Victim) {
     cluster.kill(victim);
     // While the shard is down, a client of a healthy shard is admitted
     // (its token check, its subscription) without waiting for the
-    // failover, on every process.
+    // failover, on every process. With lifecycle tracking its
+    // registration writes what lives on the dead shard (the events
+    // stream, say) in the background after one failed try: the redis
+    // crate's cluster client takes about 1.3 s to fail it (its issues
+    // #2085, #2092), hence 3 s here.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (i, (server, s)) in servers.iter().zip(&newcomers).enumerate() {
         let asked = Instant::now();
@@ -401,7 +405,7 @@ async fn failover(node_timeout_ms: u64, kill: Victim) {
             "process {i}: a healthy shard's client admitted {took:?} into the outage's second second"
         );
         assert!(
-            took < Duration::from_secs(2),
+            took < Duration::from_secs(3),
             "process {i}: admission to a healthy shard stalled {took:?} while another shard failed over"
         );
         let _ = ws.close(None).await;
