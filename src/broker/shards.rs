@@ -417,6 +417,8 @@ impl Shards {
         self.nodes.remove(addr);
         self.stale = true;
         let mut state = shared.lock();
+        // Its unsubscriptions will not be confirmed.
+        state.unsubscribing.retain(|(node, _), _| node != addr);
         self.placed.retain(|channel, node| {
             if node != addr {
                 return true;
