@@ -353,7 +353,7 @@ impl Shards {
             self.subscribe(shared).await;
             self.take_losses(shared);
         }
-        self.close_idle();
+        self.close_idle(shared);
         // Forget what nobody wants any more.
         {
             let state = shared.lock();
@@ -688,7 +688,7 @@ impl Shards {
     }
 
     /// Closes the connections that hold no channel and have none coming.
-    fn close_idle(&mut self) {
+    fn close_idle(&mut self, shared: &Shared) {
         let mut used: HashSet<&Arc<str>> = self.placed.values().collect();
         if let Some(t) = &self.topology {
             for channel in &self.pending {
@@ -704,8 +704,13 @@ impl Shards {
             .filter(|a| !used.contains(a))
             .cloned()
             .collect();
+        if idle.is_empty() {
+            return;
+        }
+        let mut state = shared.lock();
         for addr in idle {
             self.nodes.remove(&addr);
+            state.unsubscribing.retain(|(node, _), _| *node != addr);
         }
     }
 
