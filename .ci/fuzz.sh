@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes every parser of outside input for a bounded time:
-#   bash .ci/fuzz.sh                       # every target, 30 s each
+#   bash .ci/fuzz.sh                       # every target, 20 s each
 #   FUZZ_SECONDS=300 bash .ci/fuzz.sh      # longer
 #   FUZZ_TARGETS="jwt origin" bash .ci/fuzz.sh
 #   FUZZ_JOBS=1 bash .ci/fuzz.sh           # one target at a time
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
-seconds=${FUZZ_SECONDS:-30}
+seconds=${FUZZ_SECONDS:-20}
 timeout=${FUZZ_TIMEOUT:-10}
 jobs=${FUZZ_JOBS:-$(nproc 2>/dev/null || echo 1)}
 work=target/fuzz
@@ -44,7 +44,9 @@ read -r -a targets <<<"${FUZZ_TARGETS:-$(cargo fuzz list | tr '\n' ' ')}"
 ((${#targets[@]})) || { echo "no fuzz targets found" >&2; exit 1; }
 
 step "building ${#targets[@]} fuzz targets (release, debug assertions, AddressSanitizer)"
+build_started=$SECONDS
 cargo fuzz build
+echo "fuzz targets built in $((SECONDS - build_started)) s"
 
 mkdir -p "$work/corpus" "$work/logs"
 
@@ -64,6 +66,7 @@ fuzz_one() {
 }
 
 step "fuzzing ${#targets[@]} targets for ${seconds}s each, ${jobs} at a time"
+fuzz_started=$SECONDS
 running=0
 for t in "${targets[@]}"; do
   if ((running >= jobs)); then
@@ -76,6 +79,7 @@ for t in "${targets[@]}"; do
   running=$((running + 1))
 done
 wait
+echo "fuzzed in $((SECONDS - fuzz_started)) s"
 
 failed=()
 summary=()

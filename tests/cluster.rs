@@ -176,9 +176,13 @@ fn reliable_request(
 }
 
 async fn reliable_connect(server: &Server, session: &str, query: &str) -> (Ws, serde_json::Value) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(reliable_request(server, session, query))
-        .await
-        .expect("upgrade");
+    let (mut ws, _) = within(
+        WAIT,
+        "the reliable session's handshake",
+        tokio_tungstenite::connect_async(reliable_request(server, session, query)),
+    )
+    .await
+    .expect("upgrade");
     let welcome: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).expect("json");
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     (ws, welcome)
@@ -276,9 +280,20 @@ async fn sharded_reliable_sessions_publish_and_resume_on_a_cluster() {
 /// wsproxy's subscription moves, the WebSocket stays open and delivery
 /// resumes. What Redis accepted but the client never got is the loss
 /// window (printed; not asserted beyond being finite).
-async fn delivery_resumes_after_a_master_fails(mode: ClusterPubSub) {
+async fn delivery_resumes_after_a_master_fails(test: &str, mode: ClusterPubSub) {
+    let (logs, _guard) = LogCapture::start();
     let mut cluster = Cluster::start().await;
-    let server = Server::start_config(config(&cluster, mode)).await;
+    bounded_test(
+        test,
+        TEST_DEADLINE,
+        Some(&logs),
+        delivery_failover(&mut cluster, mode),
+    )
+    .await;
+}
+
+async fn delivery_failover(cluster: &mut Cluster, mode: ClusterPubSub) {
+    let server = Server::start_config(config(cluster, mode)).await;
     let session = unique("s");
     let down = format!("session:{{{session}}}:down");
     cluster.set_token(&session, TOKEN, 600).await;
@@ -330,7 +345,13 @@ async fn delivery_resumes_after_a_master_fails(mode: ClusterPubSub) {
                 .retries(0)
                 .build()
                 .expect("client");
-            let mut conn = client.get_async_connection().await.expect("connect");
+            let mut conn = within(
+                WAIT,
+                "the publisher's connection",
+                client.get_async_connection(),
+            )
+            .await
+            .expect("connect");
             let mut accepted = Vec::new();
             let mut bystander_accepted = Vec::new();
             let mut n = 0u64;
@@ -346,7 +367,9 @@ async fn delivery_resumes_after_a_master_fails(mode: ClusterPubSub) {
                         .await;
                     if sent.is_ok() {
                         accepted.push(n);
-                    } else if let Ok(fresh) = client.get_async_connection().await {
+                    } else if let Ok(Ok(fresh)) =
+                        tokio::time::timeout(WAIT, client.get_async_connection()).await
+                    {
                         conn = fresh;
                     }
                 }
@@ -389,8 +412,12 @@ async fn delivery_resumes_after_a_master_fails(mode: ClusterPubSub) {
         }
     }
     stop.cancel();
-    let (accepted, bystander_accepted) = publisher.await.expect("publisher");
-    let bystander_got = bystander_reader.await.expect("bystander");
+    let (accepted, bystander_accepted) = within(WAIT, "the publisher's end", publisher)
+        .await
+        .expect("publisher");
+    let bystander_got = within(WAIT, "the bystander's reader's end", bystander_reader)
+        .await
+        .expect("bystander");
     let bystander_lost: Vec<u64> = bystander_accepted
         .iter()
         .copied()
@@ -445,12 +472,20 @@ async fn delivery_resumes_after_a_master_fails(mode: ClusterPubSub) {
 
 #[tokio::test]
 async fn sharded_delivery_resumes_after_a_master_fails_over() {
-    delivery_resumes_after_a_master_fails(ClusterPubSub::Sharded).await;
+    delivery_resumes_after_a_master_fails(
+        "sharded_delivery_resumes_after_a_master_fails_over",
+        ClusterPubSub::Sharded,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn classic_delivery_resumes_after_a_master_fails_over() {
-    delivery_resumes_after_a_master_fails(ClusterPubSub::Classic).await;
+    delivery_resumes_after_a_master_fails(
+        "classic_delivery_resumes_after_a_master_fails_over",
+        ClusterPubSub::Classic,
+    )
+    .await;
 }
 
 /// Resharding moves a session's slot to another master while its
@@ -461,7 +496,17 @@ async fn classic_delivery_resumes_after_a_master_fails_over() {
 async fn sharded_subscriptions_follow_a_slot_that_moves() {
     let (logs, _guard) = LogCapture::start();
     let cluster = Cluster::start().await;
-    let server = Server::start_config(config(&cluster, ClusterPubSub::Sharded)).await;
+    bounded_test(
+        "sharded_subscriptions_follow_a_slot_that_moves",
+        TEST_DEADLINE,
+        Some(&logs),
+        subscriptions_follow_a_slot(&cluster, &logs),
+    )
+    .await;
+}
+
+async fn subscriptions_follow_a_slot(cluster: &Cluster, logs: &LogCapture) {
+    let server = Server::start_config(config(cluster, ClusterPubSub::Sharded)).await;
     let session = unique("s");
     let down = format!("session:{{{session}}}:down");
     cluster.set_token(&session, TOKEN, 600).await;
@@ -514,11 +559,21 @@ async fn sharded_subscriptions_follow_a_slot_that_moves() {
 /// window: printed, not asserted.
 #[tokio::test]
 async fn a_reliable_session_resumes_after_its_master_fails_over() {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
     let (logs, _guard) = LogCapture::start();
     let mut cluster = Cluster::start().await;
-    let mut config = config(&cluster, ClusterPubSub::Sharded);
+    bounded_test(
+        "a_reliable_session_resumes_after_its_master_fails_over",
+        TEST_DEADLINE,
+        Some(&logs),
+        reliable_failover(&mut cluster),
+    )
+    .await;
+}
+
+async fn reliable_failover(cluster: &mut Cluster) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut config = config(cluster, ClusterPubSub::Sharded);
     config.reliable.enabled = true;
     config.reliable.history_max_len = 10_000;
     let server = Server::start_config(config).await;
@@ -530,7 +585,7 @@ async fn a_reliable_session_resumes_after_its_master_fails_over() {
     let master = cluster.master_of(&history).await;
 
     let stop = tokio_util::sync::CancellationToken::new();
-    let publisher = publish_every(&cluster, &session, Duration::from_millis(10), stop.clone());
+    let publisher = publish_every(cluster, &session, Duration::from_millis(10), stop.clone());
 
     // (n, offset) of each message, in arrival order.
     let parse = |text: &str| -> (u64, String) {
@@ -566,34 +621,24 @@ async fn a_reliable_session_resumes_after_its_master_fails_over() {
 
     // Resume from the last offset, as a client does, until wsproxy admits
     // it again (it refuses while Redis cannot be asked).
-    let mut resumes = 0;
-    let (mut ws, welcome) = loop {
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(60),
-            "no resume within 60 s; log:\n{}",
-            logs.text()
-        );
-        let offset = received.last().map(|(_, o)| o.clone()).expect("some");
-        let query = format!("?epoch={epoch}&offset={offset}");
-        resumes += 1;
-        match tokio_tungstenite::connect_async(reliable_request(&server, &session, &query)).await {
-            Ok((mut ws, _)) => {
-                let welcome: serde_json::Value =
-                    serde_json::from_str(&next_text(&mut ws).await).expect("json");
-                if welcome["type"] == "welcome" {
-                    break (ws, welcome);
-                }
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
+    let offset = received.last().map(|(_, o)| o.clone()).expect("some");
+    let (mut ws, welcome, attempts) = resume_until_welcomed(
+        &server,
+        &session,
+        &format!("?epoch={epoch}&offset={offset}"),
+        killed_at + Duration::from_secs(60),
+    )
+    .await;
     let resumed_after = killed_at.elapsed();
     let before_resume = received.len();
     for _ in 0..50 {
         received.push(parse(&next_text(&mut ws).await));
     }
     stop.cancel();
-    let accepted = publisher.await.expect("publisher");
+    let published = within(WAIT, "the publisher's end", publisher)
+        .await
+        .expect("publisher");
+    let accepted = published.accepted;
 
     let ns: Vec<u64> = received.iter().map(|(n, _)| *n).collect();
     let mut sorted = ns.clone();
@@ -608,10 +653,10 @@ async fn a_reliable_session_resumes_after_its_master_fails_over() {
         .filter(|n| *n <= last && !got.contains(n))
         .collect();
     println!(
-        "reliable failover: {} accepted up to {last}, {} lost ({lost:?}); resumed {resumed_after:?} after the kill, {} attempts; welcome {welcome}; {} replayed or live after it",
+        "reliable failover: {} accepted up to {last}, {} lost ({lost:?}); resumed {resumed_after:?} after the kill, {} attempts ({attempts:?}); welcome {welcome}; {} replayed or live after it",
         accepted.iter().filter(|n| **n <= last).count(),
         lost.len(),
-        resumes,
+        attempts.len(),
         received.len() - before_resume,
     );
     server.wait_ready().await;
@@ -623,8 +668,19 @@ async fn a_reliable_session_resumes_after_its_master_fails_over() {
 /// plain WebSockets stay open.
 #[tokio::test]
 async fn ready_is_503_while_a_shard_is_gone() {
+    let (logs, _guard) = LogCapture::start();
     let mut cluster = Cluster::start().await;
-    let server = Server::start_config(config(&cluster, ClusterPubSub::Sharded)).await;
+    bounded_test(
+        "ready_is_503_while_a_shard_is_gone",
+        TEST_DEADLINE,
+        Some(&logs),
+        shard_gone(&mut cluster),
+    )
+    .await;
+}
+
+async fn shard_gone(cluster: &mut Cluster) {
+    let server = Server::start_config(config(cluster, ClusterPubSub::Sharded)).await;
     let session = unique("s");
     let down = format!("session:{{{session}}}:down");
     cluster.set_token(&session, TOKEN, 600).await;
@@ -769,7 +825,7 @@ async fn lifecycle_events_presence_and_a_dead_process_on_a_cluster() {
         .await
         .expect("ZADD");
     let mut c3 = c.clone();
-    cluster_wait("the dead process reaped", async || {
+    cluster_wait("the dead process's presence entries removed", async || {
         redis::cmd("HLEN")
             .arg(&presence_key)
             .query_async::<usize>(&mut c3)
@@ -778,10 +834,12 @@ async fn lifecycle_events_presence_and_a_dead_process_on_a_cluster() {
             == 0
     })
     .await;
-    // The presence entry goes before the event of the same connection,
-    // and the dead process is forgotten after its last batch: both follow.
+    // The reaper removes a presence entry, then appends its event, batch
+    // by batch, and forgets the process last (after a batch that finds
+    // nothing left): an empty presence does not mean it is done yet (once
+    // the process was still listed here).
     let mut c4 = c.clone();
-    cluster_wait("the dead process forgotten", async || {
+    cluster_wait("the dead process forgotten (ZREM)", async || {
         let processes: Vec<String> = redis::cmd("ZRANGE")
             .arg("wsproxy:processes")
             .arg(0)
@@ -801,16 +859,24 @@ async fn lifecycle_events_presence_and_a_dead_process_on_a_cluster() {
     server.stop().await;
 }
 
+/// What [`publish_every`] sent: the numbers Redis acknowledged, and those
+/// whose call failed, with the error. A failed call may still have run
+/// (its answer timed out, or its node died after running it).
+#[derive(Debug, Default)]
+struct Published {
+    accepted: Vec<u64>,
+    failed: Vec<(u64, String)>,
+}
+
 /// Publishes `{"n":k}` to `session`'s history every `pause` until
 /// stopped, each `k` once (a failed publish is not retried: the crate's
-/// retry could publish twice what a dying node ran before answering); the
-/// numbers Redis accepted.
+/// retry could publish twice what a dying node ran before answering).
 fn publish_every(
     cluster: &Cluster,
     session: &str,
     pause: Duration,
     stop: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<Vec<u64>> {
+) -> tokio::task::JoinHandle<Published> {
     let urls = cluster.urls();
     let history = format!("session:{{{session}}}:history");
     tokio::spawn(async move {
@@ -820,8 +886,14 @@ fn publish_every(
             .retries(0)
             .build()
             .expect("client");
-        let mut conn = client.get_async_connection().await.expect("connect");
-        let mut accepted = Vec::new();
+        let mut conn = within(
+            WAIT,
+            "the publisher's connection",
+            client.get_async_connection(),
+        )
+        .await
+        .expect("connect");
+        let mut published = Published::default();
         let mut n = 0u64;
         while !stop.is_cancelled() {
             let sent = redis::cmd("FCALL")
@@ -831,16 +903,94 @@ fn publish_every(
                 .arg(format!(r#"{{"n":{n}}}"#))
                 .query_async::<String>(&mut conn)
                 .await;
-            if sent.is_ok() {
-                accepted.push(n);
-            } else if let Ok(fresh) = client.get_async_connection().await {
-                conn = fresh;
+            match sent {
+                Ok(_) => published.accepted.push(n),
+                Err(e) => {
+                    published.failed.push((n, e.to_string()));
+                    if let Ok(Ok(fresh)) =
+                        tokio::time::timeout(WAIT, client.get_async_connection()).await
+                    {
+                        conn = fresh;
+                    }
+                }
             }
             n += 1;
             tokio::time::sleep(pause).await;
         }
-        accepted
+        published
     })
+}
+
+/// The `n` of every entry of the stream `history`, oldest first: what
+/// Redis holds, whatever the publisher was told.
+async fn history_ns(cluster: &Cluster, history: &str) -> Vec<u64> {
+    let mut c = within(WAIT, "a connection to the cluster", cluster.conn()).await;
+    let entries: Vec<(String, Vec<(String, String)>)> = within(
+        WAIT,
+        "XRANGE of the history",
+        redis::cmd("XRANGE")
+            .arg(history)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c),
+    )
+    .await
+    .expect("XRANGE");
+    entries
+        .iter()
+        .flat_map(|(_, fields)| fields.iter())
+        .filter_map(|(_, v)| serde_json::from_str::<serde_json::Value>(v).ok())
+        .filter_map(|v| v["n"].as_u64())
+        .collect()
+}
+
+/// Resumes `session` with `query` as a client does, until wsproxy admits
+/// it (it refuses while Redis cannot be asked) or `deadline` passes:
+/// the socket, its welcome, and what each attempt got. Each handshake
+/// must finish within [`WAIT`] (a server that takes the TCP connection
+/// and never answers would otherwise hang the test).
+async fn resume_until_welcomed(
+    server: &Server,
+    session: &str,
+    query: &str,
+    deadline: tokio::time::Instant,
+) -> (Ws, serde_json::Value, Vec<String>) {
+    let mut attempts = Vec::new();
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no resume by the deadline; attempts: {attempts:?}"
+        );
+        let handshake = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async(reliable_request(server, session, query)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "a resume's handshake did not finish within {WAIT:?} (the TCP connection was \
+                 taken, no answer came); attempts before it: {attempts:?}"
+            )
+        });
+        match handshake {
+            Ok((mut ws, _)) => {
+                let welcome: serde_json::Value =
+                    serde_json::from_str(&next_text(&mut ws).await).expect("json");
+                if welcome["type"] == "welcome" {
+                    attempts.push(format!("{welcome}"));
+                    return (ws, welcome, attempts);
+                }
+                attempts.push(format!("first message {welcome}"));
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                attempts.push(format!("{} {body}", resp.status().as_u16()));
+            }
+            Err(e) => attempts.push(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Reads `ws` for `span`: the `n` of every message, in arrival order, or
@@ -871,8 +1021,19 @@ async fn read_for(ws: &mut Ws, span: Duration) -> (Vec<u64>, Option<u16>) {
 /// session is closed and `/ready` never says 503.
 #[tokio::test]
 async fn a_replica_that_dies_interrupts_nothing() {
+    let (logs, _guard) = LogCapture::start();
     let mut cluster = Cluster::start().await;
-    let mut config = config(&cluster, ClusterPubSub::Sharded);
+    bounded_test(
+        "a_replica_that_dies_interrupts_nothing",
+        TEST_DEADLINE,
+        Some(&logs),
+        replica_dies(&mut cluster),
+    )
+    .await;
+}
+
+async fn replica_dies(cluster: &mut Cluster) {
+    let mut config = config(cluster, ClusterPubSub::Sharded);
     config.reliable.enabled = true;
     let server = Server::start_config(config).await;
     let session = unique("s");
@@ -887,7 +1048,7 @@ async fn a_replica_that_dies_interrupts_nothing() {
         .first()
         .expect("a replica");
     let stop = tokio_util::sync::CancellationToken::new();
-    let publisher = publish_every(&cluster, &session, Duration::from_millis(20), stop.clone());
+    let publisher = publish_every(cluster, &session, Duration::from_millis(20), stop.clone());
     let (mut got, closed) = read_for(&mut ws, Duration::from_millis(500)).await;
     assert_eq!(closed, None);
     cluster.kill(replica);
@@ -906,8 +1067,13 @@ async fn a_replica_that_dies_interrupts_nothing() {
     assert_eq!(closed, None, "the reliable session stays open");
     got.extend(more);
     stop.cancel();
-    let accepted = publisher.await.expect("publisher");
-    let statuses = ready.await.expect("ready poller");
+    let accepted = within(WAIT, "the publisher's end", publisher)
+        .await
+        .expect("publisher")
+        .accepted;
+    let statuses = within(WAIT, "the /ready poller's end", ready)
+        .await
+        .expect("ready poller");
     assert!(statuses.iter().all(|s| *s == 200), "/ready: {statuses:?}");
     let (first, last) = (got[0], *got.last().expect("some"));
     let expected: Vec<u64> = accepted
@@ -924,10 +1090,21 @@ async fn a_replica_that_dies_interrupts_nothing() {
 /// resume from its last offset gets every accepted message, in order, once.
 #[tokio::test]
 async fn a_reliable_session_whose_slot_moves_resumes_with_nothing_missed() {
+    let (logs, _guard) = LogCapture::start();
+    let cluster = Cluster::start().await;
+    bounded_test(
+        "a_reliable_session_whose_slot_moves_resumes_with_nothing_missed",
+        TEST_DEADLINE,
+        Some(&logs),
+        reliable_slot_move(&cluster),
+    )
+    .await;
+}
+
+async fn reliable_slot_move(cluster: &Cluster) {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
-    let cluster = Cluster::start().await;
-    let mut config = config(&cluster, ClusterPubSub::Sharded);
+    let mut config = config(cluster, ClusterPubSub::Sharded);
     config.reliable.enabled = true;
     config.reliable.history_max_len = 10_000;
     let server = Server::start_config(config).await;
@@ -937,7 +1114,7 @@ async fn a_reliable_session_whose_slot_moves_resumes_with_nothing_missed() {
     let (mut ws, welcome) = reliable_connect(&server, &session, "").await;
     let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
     let stop = tokio_util::sync::CancellationToken::new();
-    let publisher = publish_every(&cluster, &session, Duration::from_millis(10), stop.clone());
+    let publisher = publish_every(cluster, &session, Duration::from_millis(10), stop.clone());
     let parse = |text: &str| -> (u64, String) {
         let v: serde_json::Value = serde_json::from_str(text).expect("json");
         assert_eq!(v["type"], "message", "{v}");
@@ -957,49 +1134,91 @@ async fn a_reliable_session_whose_slot_moves_resumes_with_nothing_missed() {
         .find(|p| **p != from)
         .expect("another master");
     cluster.move_slot_of(&history, to).await;
+    let before_close = received.len();
     let closed_by = tokio::time::Instant::now() + WAIT;
     let code = loop {
         match tokio::time::timeout_at(closed_by, ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => received.push(parse(&t)),
             Ok(Some(Ok(Message::Close(Some(frame))))) => break u16::from(frame.code),
             Ok(Some(Ok(_))) => {}
-            other => panic!("expected messages then a close, got {other:?}"),
+            other => panic!(
+                "expected messages then a close after the slot moved from {from} to {to}, got \
+                 {other:?}; received {:?}",
+                received.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+            ),
         }
     };
     assert_eq!(code, 1013, "closed to resume");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut ws = loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no resume within 30 s"
-        );
-        let offset = received.last().map(|(_, o)| o.clone()).expect("some");
-        let query = format!("?epoch={epoch}&offset={offset}");
-        if let Ok((mut ws, _)) =
-            tokio_tungstenite::connect_async(reliable_request(&server, &session, &query)).await
-        {
-            let welcome: serde_json::Value =
-                serde_json::from_str(&next_text(&mut ws).await).expect("json");
-            if welcome["type"] == "welcome" {
-                assert_eq!(welcome["resumed"], true, "{welcome}");
-                break ws;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let live_after_move = received.len() - before_close;
+    let offset = received.last().map(|(_, o)| o.clone()).expect("some");
+    let (mut ws, welcome, attempts) = resume_until_welcomed(
+        &server,
+        &session,
+        &format!("?epoch={epoch}&offset={offset}"),
+        tokio::time::Instant::now() + Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        welcome["resumed"], true,
+        "{welcome}; attempts: {attempts:?}"
+    );
+    let resumed_at = received.len();
     let until = received.len() + 30;
     while received.len() < until {
         received.push(parse(&next_text(&mut ws).await));
     }
     stop.cancel();
-    let accepted = publisher.await.expect("publisher");
+    let published = within(WAIT, "the publisher's end", publisher)
+        .await
+        .expect("publisher");
     let ns: Vec<u64> = received.iter().map(|(n, _)| *n).collect();
     let (first, last) = (ns[0], *ns.last().expect("some"));
-    let expected: Vec<u64> = accepted
+    // What the history holds is what was published: a call whose answer
+    // was lost (it timed out on a loaded machine) may have run anyway.
+    let stored: Vec<u64> = history_ns(cluster, &history)
+        .await
         .into_iter()
         .filter(|n| (first..=last).contains(n))
         .collect();
-    assert_eq!(ns, expected, "every accepted message, in order, once");
+    let accepted: Vec<u64> = published
+        .accepted
+        .iter()
+        .copied()
+        .filter(|n| (first..=last).contains(n))
+        .collect();
+    let context = format!(
+        "the slot moved from {from} to {to}; received (n) {ns:?}: the first {before_close} \
+         before the move, {live_after_move} live after it, then 1013, and from the resume \
+         (message {resumed_at} on) the rest; welcome {welcome}; resume attempts {attempts:?}; \
+         the history holds (n in {first}..={last}) {stored:?}; the publisher was told \
+         accepted {accepted:?}, failed {:?}",
+        published.failed
+    );
+    let lost_by_redis: Vec<u64> = accepted
+        .iter()
+        .copied()
+        .filter(|n| !stored.contains(n))
+        .collect();
+    assert!(
+        lost_by_redis.is_empty(),
+        "acknowledged but not in the history after the move: {lost_by_redis:?}; {context}"
+    );
+    assert_eq!(
+        ns, stored,
+        "every message of the history, in order, once; {context}"
+    );
+    println!(
+        "slot move: {} received, {live_after_move} live after the move; {} publishes failed \
+         ({:?}), {} of them in the history",
+        ns.len(),
+        published.failed.len(),
+        published.failed,
+        published
+            .failed
+            .iter()
+            .filter(|(n, _)| stored.contains(n))
+            .count(),
+    );
     server.stop().await;
 }
 
@@ -1010,12 +1229,22 @@ async fn a_reliable_session_whose_slot_moves_resumes_with_nothing_missed() {
 /// and, after the master of that slot fails over, a disconnect sent to
 /// the new master still reaches both.
 async fn control_survives_a_burst_and_a_failover(mode: ClusterPubSub) {
+    let mut cluster = Cluster::start().await;
+    bounded_test(
+        &format!("{mode:?} control_survives_a_burst_and_a_failover"),
+        TEST_DEADLINE,
+        None,
+        control_failover(&mut cluster, mode),
+    )
+    .await;
+}
+
+async fn control_failover(cluster: &mut Cluster, mode: ClusterPubSub) {
     const BURST: usize = 20_000;
     const APPLIED: &str = "wsproxy_control_messages_total{reason=\"applied\"}";
     let log = "{wsproxy:control}:log";
-    let mut cluster = Cluster::start().await;
-    let a = Server::start_config(config(&cluster, mode)).await;
-    let b = Server::start_config(config(&cluster, mode)).await;
+    let a = Server::start_config(config(cluster, mode)).await;
+    let b = Server::start_config(config(cluster, mode)).await;
     let live: Vec<String> = (0..4).map(|i| unique(&format!("ctl{i}"))).collect();
     let mut sockets = Vec::new();
     for (i, s) in live.iter().enumerate() {

@@ -52,9 +52,13 @@ async fn connect_offering(
 ) -> (Ws, bool) {
     let query = resume.map(|(epoch, offset)| format!("?epoch={epoch}&offset={offset}"));
     let req = request(server, session, query.as_deref().unwrap_or(""));
-    let (ws, response) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("upgrade");
+    let (ws, response) = within(
+        WAIT,
+        "the reliable session's handshake",
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("upgrade");
     let selected = response
         .headers()
         .get("sec-websocket-protocol")
@@ -173,7 +177,9 @@ async fn a_client_that_reconnects_gets_exactly_what_it_missed_while_more_is_publ
         "{welcome}"
     );
     let (got, _) = numbers_until(&mut ws, 1303).await;
-    publisher.await.expect("publisher");
+    within(WAIT, "the publisher's end", publisher)
+        .await
+        .expect("publisher");
     let expected: Vec<u64> = (4..=1303).collect();
     assert_eq!(got.len(), expected.len(), "lost or duplicated");
     assert_eq!(got, expected, "out of order, lost or duplicated");
@@ -765,7 +771,9 @@ async fn a_client_resumes_on_another_instance_with_nothing_lost() {
     let (mut resumed, welcome) = connect(&b, &session, Some((&epoch, &last_a))).await;
     assert_eq!(welcome["resumed"], true, "{welcome}");
     let (got, _) = numbers_until(&mut resumed, 400).await;
-    publisher.await.expect("publisher");
+    within(WAIT, "the publisher's end", publisher)
+        .await
+        .expect("publisher");
     assert_eq!(
         got,
         (51..=400).collect::<Vec<_>>(),

@@ -548,10 +548,17 @@ async fn a_sigkilled_process_loses_nothing_acknowledged_or_published() {
     let killed_at = rounds.load(Ordering::SeqCst);
     a.kill();
 
-    publisher.await.expect("publisher");
+    within(RUN_LIMIT + WAIT, "the publisher's end", publisher)
+        .await
+        .expect("publisher");
     let mut logs = Vec::new();
     for client in clients {
-        logs.push(client.await.expect("client task"));
+        // Each ends by its deadline (RUN_LIMIT from the start) or sooner.
+        logs.push(
+            within(RUN_LIMIT + WAIT, "a client's end", client)
+                .await
+                .expect("client task"),
+        );
     }
 
     // Down: every message published reached every client exactly once

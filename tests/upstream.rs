@@ -35,9 +35,13 @@ async fn paths_map_with_query_and_headers_are_forwarded_properly() {
     );
     h.insert("x-custom", HeaderValue::from_static("kept"));
     h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("proxied handshake");
+    let (mut ws, resp) = within(
+        WAIT,
+        "the proxied handshake",
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("proxied handshake");
     assert_eq!(
         resp.headers()
             .get("sec-websocket-protocol")

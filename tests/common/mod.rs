@@ -312,11 +312,56 @@ impl Server {
     }
 }
 
+/// Awaits `fut` for at most `limit`; past it, panics saying what did not
+/// happen (a test must fail, never hang CI, when a peer stops answering).
+pub async fn within<F: std::future::Future>(limit: Duration, what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: not within {limit:?}"),
+    }
+}
+
+/// How long a long test (a failover, a resharding) may take in all, once
+/// its cluster is up.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Runs a test's body under an overall deadline: past `limit` it panics
+/// naming `test`, instead of waiting on whatever await no bound covers.
+/// With `logs`, a failure (a panic in the body, or the deadline) prints
+/// the captured log first.
+pub async fn bounded_test<F: std::future::Future>(
+    test: &str,
+    limit: Duration,
+    logs: Option<&LogCapture>,
+    body: F,
+) -> F::Output {
+    use futures_util::FutureExt;
+    let log = || logs.map_or(String::new(), |l| format!("\n--- log ---\n{}", l.text()));
+    match tokio::time::timeout(limit, std::panic::AssertUnwindSafe(body).catch_unwind()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(panic)) => {
+            if logs.is_some() {
+                eprintln!("{test} failed{}", log());
+            }
+            std::panic::resume_unwind(panic)
+        }
+        Err(_) => panic!("{test} did not finish within {limit:?}{}", log()),
+    }
+}
+
 /// Performs a WebSocket handshake; on refusal returns status and JSON body.
+/// Panics if the handshake does not finish within [`WAIT`].
 pub async fn connect_request(
     req: tokio_tungstenite::tungstenite::handshake::client::Request,
 ) -> Result<Ws, (u16, serde_json::Value)> {
-    match tokio_tungstenite::connect_async(req).await {
+    let uri = req.uri().clone();
+    match within(
+        WAIT,
+        &format!("the WebSocket handshake with {uri}"),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    {
         Ok((ws, _)) => Ok(ws),
         Err(WsError::Http(resp)) => {
             let status = resp.status().as_u16();
@@ -361,8 +406,16 @@ pub async fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u
 /// Sends one raw request and returns the status of the response head,
 /// without waiting for the connection to end (a 101 keeps it open).
 pub async fn http_status(addr: SocketAddr, request: &str) -> u16 {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("write");
+    let mut s = within(
+        WAIT,
+        &format!("a TCP connection to {addr}"),
+        TcpStream::connect(addr),
+    )
+    .await
+    .expect("connect");
+    within(WAIT, "writing the request", s.write_all(request.as_bytes()))
+        .await
+        .expect("write");
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -411,7 +464,9 @@ pub async fn assert_silent(ws: &mut Ws, quiet: Duration) {
 }
 
 pub async fn send_text(ws: &mut Ws, text: &str) {
-    ws.send(Message::text(text)).await.expect("send");
+    within(WAIT, "sending a text frame", ws.send(Message::text(text)))
+        .await
+        .expect("send");
 }
 
 /// Next message payload from a Redis subscription, with a timeout.
