@@ -86,7 +86,7 @@ impl LifecycleConfig {
     /// heartbeat key lives that long, other processes reap it after that,
     /// and a process whose last confirmed beat is older closes its
     /// connections to register again. Set, or by default two heartbeats on
-    /// one Redis and [`CLUSTER_DEAD_AFTER`] (at least two heartbeats) on a
+    /// one Redis and 30 s (`CLUSTER_DEAD_AFTER`, at least two heartbeats) on a
     /// cluster.
     pub fn dead_after(&self, cluster: bool) -> Duration {
         let two_beats = self.heartbeat.saturating_mul(2);
