@@ -546,14 +546,20 @@ pub fn check_response(
     // the client would fail its own handshake check after our 101. (Not for
     // a health check, which offers nothing: a backend that always names its
     // subprotocol is still up.)
-    // (Subprotocol names compare exactly, extension names without case.)
+    // (Subprotocol names compare exactly and whole: a subprotocol has no
+    // parameters, so `chat; x` offers nothing called `chat`. Extension
+    // names compare without case and without their parameters.)
     let offered = |name: header::HeaderName| {
+        let parameters = name == header::SEC_WEBSOCKET_EXTENSIONS;
         up.client_headers
             .get_all(name)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map(|t| t.split(';').next().unwrap_or("").trim().to_owned())
+            .map(|t| match t.split_once(';') {
+                Some((name, _)) if parameters => name.trim().to_owned(),
+                _ => t.trim().to_owned(),
+            })
             .collect::<Vec<_>>()
     };
     // Every line counts: extensions may be split over several (RFC 6455
@@ -935,6 +941,20 @@ mod tests {
         let err = check_response(both.as_bytes(), KEY, &up, "b:1").expect_err("two subprotocols");
         assert!(
             matches!(&err, DialError::Refused(DialFailure::Subprotocol { .. })),
+            "{err}"
+        );
+        // A subprotocol has no parameters: `superchat; x` (not a token)
+        // does not offer `superchat` (found by the upgrade_response fuzzer).
+        let mut odd = HeaderMap::new();
+        odd.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("chat, superchat; server_no_context_takeover"),
+        );
+        let superchat = answer(&["Sec-WebSocket-Protocol: superchat"]);
+        let err = check_response(superchat.as_bytes(), KEY, &client_upgrade(&odd), "b:1")
+            .expect_err("superchat was not offered as such");
+        assert!(
+            matches!(&err, DialError::Refused(DialFailure::Subprotocol { chosen, .. }) if chosen == "superchat"),
             "{err}"
         );
     }
