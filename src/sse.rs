@@ -87,9 +87,17 @@ async fn open(
     let reliable = reliable_asked(&app, query.reliable.as_deref())?;
     // The browser's reconnect carries the header; the URL keeps whatever
     // position it was first opened with, so the header wins.
-    let position = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
+    // A header that is not visible ASCII is refused, never ignored: the
+    // client would get a fresh stream and a gap it was not told of.
+    let header = match headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::from(Refusal::InvalidQuery(
+                "Last-Event-ID is <epoch>:<offset>, as an event's id (visible ASCII)".into(),
+            ))
+        })?),
+        None => None,
+    };
+    let position = header
         .or(query.last_event_id.as_deref())
         .filter(|p| !p.is_empty());
     let resume = match (reliable, position) {

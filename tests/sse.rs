@@ -264,6 +264,20 @@ async fn a_resumable_stream_resumes_with_last_event_id_without_a_gap() {
         (err.0, err.1["error"].as_str()),
         (400, Some("invalid_query"))
     );
+    // A header that is not ASCII: refused too, not ignored (it was, and the
+    // client got a fresh stream with a gap it was not told of).
+    let err = SseClient::open(
+        server.addr,
+        &path(&session, "?reliable=true"),
+        &[&auth(), "Last-Event-ID: \u{e9}:1-0"],
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(
+        (err.0, err.1["error"].as_str()),
+        (400, Some("invalid_query"))
+    );
 }
 
 #[tokio::test]
