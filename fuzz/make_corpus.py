@@ -411,6 +411,29 @@ for name, flags, epoch, offset in [
 ]:
     seed("reliable_client", "position-" + name, bytes([flags]) + epoch.encode() + b"\x00" + offset.encode())
 
+# --- sse_position ---------------------------------------------------------
+
+# Ids as tests/sse.rs and src/sse.rs use them, and what a client may send
+# instead: the whole input is the Last-Event-ID.
+for name, data in [
+    ("valid", "1764600000123456:1764600000000-0"),
+    ("valid-short", "17:5-0"),
+    ("valid-unknown-offset", "1764600000123456:99999999999999-0"),
+    ("empty", ""),
+    ("no-colon", "garbage"),
+    ("colon-only", ":"),
+    ("empty-epoch", ":1-0"),
+    ("empty-offset", "e:"),
+    ("two-colons", "17:5-0:extra"),
+    ("longest", "1" * 64 + ":" + "2" * 64),
+    ("epoch-too-long", "9" * 65 + ":1-0"),
+    ("huge-numbers", "9" * 40 + ":18446744073709551616-18446744073709551616"),
+    ("unicode", "\u00e9p\u043ech:1-0\u200b"),
+    ("emoji-offset", "1764600000123456:\U0001F600-0"),
+    ("not-utf8", b"\xff\xfe:1-0"),
+]:
+    seed("sse_position", name, data)
+
 # --- control (the new targets' reference checks) -------------------------
 
 for name, text in [

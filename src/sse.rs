@@ -160,8 +160,12 @@ fn reliable_asked(app: &App, value: Option<&str>) -> Result<bool, ApiError> {
     Ok(asked)
 }
 
-/// An event id, `<epoch>:<offset>`, as the resume's two halves.
-fn parse_position(id: &str) -> Result<(&str, &str), ApiError> {
+/// An event id, `<epoch>:<offset>` (`Last-Event-ID` or `?last_event_id=`),
+/// as the resume's two halves: split at the first colon, each half checked
+/// as a WebSocket resume's `?epoch=&offset=` are
+/// ([`crate::reliable::resume_from`]); `400 invalid_query` otherwise.
+/// Public for the fuzz target `sse_position`.
+pub fn parse_position(id: &str) -> Result<(&str, &str), ApiError> {
     let (epoch, offset) = id.split_once(':').ok_or_else(|| {
         ApiError::from(Refusal::InvalidQuery(
             "Last-Event-ID (or last_event_id) is <epoch>:<offset>, as an event's id".into(),
