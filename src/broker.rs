@@ -342,7 +342,7 @@ impl Broker {
         let task = match target {
             Target::Servers(clients) => tokio::spawn(run(clients, shared.clone(), shutdown)),
             Target::Sharded(nodes, tls) => tokio::spawn(shards::run(
-                shards::Seeds::new(&nodes, tls),
+                crate::cluster::Seeds::new(&nodes, tls),
                 shared.clone(),
                 shutdown,
             )),

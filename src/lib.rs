@@ -72,6 +72,7 @@ pub mod auth;
 pub mod bridge;
 pub mod broker;
 pub mod close;
+pub mod cluster;
 pub mod config;
 pub mod context;
 pub mod control;

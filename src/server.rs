@@ -409,8 +409,8 @@ struct ClusterConnections {
 }
 
 /// A Redis Cluster's command connection (one multiplexed connection per
-/// node, made in the background: a cluster that is down at start-up makes
-/// `/ready` false, not the start fail), the seeds the broker's classic
+/// master, made when first needed: a cluster that is down at start-up
+/// makes `/ready` false, not the start fail), the seeds the broker's classic
 /// pub/sub connection goes to, and, when the seeds are `rediss://`, the
 /// certificates of `tls` that every connection uses (read now, once: a bad
 /// file stops start-up; see [`crate::redis_tls`]).
@@ -436,19 +436,10 @@ fn cluster_connections(
     } else {
         None
     };
-    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-    let mut builder = redis::cluster::ClusterClientBuilder::new(cluster.nodes.clone())
-        .connection_timeout(Duration::from_secs(2))
-        .response_timeout(Duration::from_secs(5))
-        .retries(3)
-        .tcp_settings(tcp);
-    if let Some(certificates) = &certificates {
-        // Without them the client would trust the system's roots only,
-        // and present no client certificate, on every node it learns.
-        builder = builder.certs(certificates.clone());
-    }
-    let client = builder.build().map_err(refused)?;
-    let redis = RedisConn::from(crate::redis_conn::ClusterConn::new(client));
+    let redis = RedisConn::from(crate::redis_conn::ClusterConn::new(
+        &cluster.nodes,
+        certificates.clone(),
+    ));
     let seeds = cluster
         .nodes
         .iter()

@@ -32,10 +32,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use redis::{ConnectionAddr, IntoConnectionInfo, PushKind, Value};
+use redis::{PushKind, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::{CONNECT_TIMEOUT, KEEPALIVE, Shared, confirm, dispatch};
+use crate::cluster::{Seeds, Topology, in_motion, slot_of, split_addr, text};
 
 /// Shortest and longest pause before trying again what failed (a channel
 /// whose master is failing over): the longest bounds how late, after the
@@ -46,214 +47,6 @@ const RETRY_MAX: Duration = Duration::from_millis(400);
 const REFRESH: Duration = Duration::from_secs(30);
 /// The name of the broker's connections (`CLIENT LIST` shows it).
 const CONNECTION_NAME: &str = "wsproxy-pubsub";
-
-/// Where the cluster is reached, and how.
-pub(super) struct Seeds {
-    /// The seeds' connection settings (one per seed URL that parses).
-    infos: Vec<redis::ConnectionInfo>,
-    /// For `rediss://` seeds: the certificates of every connection.
-    tls: Option<redis::TlsCertificates>,
-}
-
-impl std::fmt::Debug for Seeds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the URLs: they may hold a password.
-        f.debug_struct("Seeds")
-            .field("seeds", &self.infos.len())
-            .field("tls", &self.tls.is_some())
-            .finish()
-    }
-}
-
-impl Seeds {
-    pub(super) fn new(urls: &[String], tls: Option<redis::TlsCertificates>) -> Self {
-        let infos = urls
-            .iter()
-            .filter_map(|url| url.as_str().into_connection_info().ok())
-            .collect();
-        Self { infos, tls }
-    }
-
-    fn uses_tls(&self) -> bool {
-        self.infos
-            .first()
-            .is_some_and(|i| matches!(i.addr(), ConnectionAddr::TcpTls { .. }))
-    }
-
-    /// A client for the node at `host:port`, with the seeds' credentials
-    /// and TLS settings, speaking `protocol`.
-    fn client(
-        &self,
-        host: &str,
-        port: u16,
-        protocol: redis::ProtocolVersion,
-    ) -> redis::RedisResult<redis::Client> {
-        let Some(seed) = self.infos.first() else {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "no Redis Cluster seed is configured",
-            )));
-        };
-        let addr = match seed.addr() {
-            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
-                host: host.to_owned(),
-                port,
-                insecure: *insecure,
-                tls_params: None,
-            },
-            _ => ConnectionAddr::Tcp(host.to_owned(), port),
-        };
-        let settings = seed.redis_settings().clone().set_protocol(protocol);
-        let info = seed.clone().set_addr(addr).set_redis_settings(settings);
-        match &self.tls {
-            Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
-            None => redis::Client::open(info),
-        }
-    }
-
-    /// `host:port` of every seed.
-    fn addrs(&self) -> Vec<(String, u16)> {
-        self.infos
-            .iter()
-            .filter_map(|i| match i.addr() {
-                ConnectionAddr::Tcp(h, p)
-                | ConnectionAddr::TcpTls {
-                    host: h, port: p, ..
-                } => Some((h.clone(), *p)),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
-/// Which master serves which slots.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Topology {
-    /// `(first slot, last slot, master as host:port)`, sorted.
-    ranges: Vec<(u16, u16, Arc<str>)>,
-}
-
-impl Topology {
-    fn owner(&self, slot: u16) -> Option<&Arc<str>> {
-        let i = self.ranges.partition_point(|(_, last, _)| *last < slot);
-        match self.ranges.get(i) {
-            Some((first, _, node)) if *first <= slot => Some(node),
-            _ => None,
-        }
-    }
-
-    fn masters(&self) -> HashSet<Arc<str>> {
-        self.ranges.iter().map(|(_, _, n)| n.clone()).collect()
-    }
-
-    /// Reads a `CLUSTER SHARDS` reply (RESP2 arrays of alternating keys
-    /// and values, or RESP3 maps): each shard's slot ranges and its
-    /// master, if it has a healthy one. `tls`: the master's `tls-port` is
-    /// where to connect.
-    fn from_shards(reply: &Value, tls: bool) -> Option<Topology> {
-        let Value::Array(shards) = reply else {
-            return None;
-        };
-        let mut ranges = Vec::new();
-        for shard in shards {
-            let fields = pairs(shard);
-            let slots = fields.iter().find(|(k, _)| *k == "slots").map(|(_, v)| *v);
-            let nodes = fields.iter().find(|(k, _)| *k == "nodes").map(|(_, v)| *v);
-            let (Some(Value::Array(slots)), Some(Value::Array(nodes))) = (slots, nodes) else {
-                continue;
-            };
-            let master = nodes.iter().find_map(|node| {
-                let node = pairs(node);
-                let text = |key: &str| {
-                    node.iter()
-                        .find(|(k, _)| *k == key)
-                        .and_then(|(_, v)| text(v))
-                };
-                let int = |key: &str| {
-                    node.iter()
-                        .find(|(k, _)| *k == key)
-                        .and_then(|(_, v)| int(v))
-                };
-                if text("role")? != "master" || text("health")? != "online" {
-                    return None;
-                }
-                let host = match text("endpoint") {
-                    Some(e) if !e.is_empty() && e != "?" => e,
-                    _ => text("ip")?,
-                };
-                let port = int(if tls { "tls-port" } else { "port" })?;
-                let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
-                Some(Arc::<str>::from(format!("{host}:{port}")))
-            });
-            let Some(master) = master else { continue };
-            for pair in slots.chunks(2) {
-                if let [first, last] = pair
-                    && let (Some(first), Some(last)) = (int(first), int(last))
-                    && let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(last))
-                    && first <= last
-                {
-                    ranges.push((first, last, master.clone()));
-                }
-            }
-        }
-        ranges.sort();
-        Some(Topology { ranges })
-    }
-}
-
-/// The key/value pairs of a map (RESP3) or of a flat array of alternating
-/// keys and values (RESP2).
-fn pairs(v: &Value) -> Vec<(&str, &Value)> {
-    match v {
-        Value::Map(m) => m.iter().filter_map(|(k, v)| Some((text(k)?, v))).collect(),
-        Value::Array(a) => a
-            .chunks(2)
-            .filter_map(|kv| match kv {
-                [k, v] => Some((text(k)?, v)),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn text(v: &Value) -> Option<&str> {
-    match v {
-        Value::BulkString(b) => std::str::from_utf8(b).ok(),
-        Value::SimpleString(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        other => text(other)?.parse().ok(),
-    }
-}
-
-/// The hash slot of `key` (CRC16 of its hash tag, or of all of it, modulo
-/// 16384), as Redis Cluster computes it (the redis crate keeps the number
-/// to itself).
-fn slot_of(key: &str) -> u16 {
-    let key = key.as_bytes();
-    let tag = key
-        .iter()
-        .position(|b| *b == b'{')
-        .and_then(|open| {
-            let rest = key.get(open + 1..)?;
-            let close = rest.iter().position(|b| *b == b'}')?;
-            (close > 0).then(|| &rest[..close])
-        })
-        .unwrap_or(key);
-    crc16::State::<crc16::XMODEM>::calculate(tag) % 16384
-}
-
-/// `host:port` split (the port after the last colon).
-fn split_addr(addr: &str) -> Option<(&str, u16)> {
-    let (host, port) = addr.rsplit_once(':')?;
-    Some((host, port.parse().ok()?))
-}
 
 /// One master's pub/sub connection.
 struct Node {
@@ -276,10 +69,7 @@ pub(super) async fn run(seeds: Seeds, shared: Arc<Shared>, shutdown: Cancellatio
         retry: RETRY_MIN,
         ever_ready: false,
     };
-    shared.link_up(&format!(
-        "cluster of {} seed nodes",
-        shards.seeds.infos.len()
-    ));
+    shared.link_up(&format!("cluster of {} seed nodes", shards.seeds.count()));
     loop {
         let trouble = shards.step(&shared).await;
         let idle_for = if trouble {
@@ -623,68 +413,24 @@ impl Shards {
 
     /// Reads the slot map from a master it knows, else from a seed.
     async fn refresh(&mut self, shared: &Shared) {
-        let tls = self.seeds.uses_tls();
-        let mut candidates: Vec<(String, u16)> = Vec::new();
-        if let Some(t) = &self.topology {
-            for m in t.masters() {
-                if let Some((h, p)) = split_addr(&m) {
-                    candidates.push((h.to_owned(), p));
-                }
-            }
+        let Some((topology, complete)) = self
+            .seeds
+            .read_topology(self.topology.as_ref(), CONNECT_TIMEOUT)
+            .await
+        else {
+            shared.link_failed("cluster", "no node answered CLUSTER SHARDS".into());
+            return;
+        };
+        if self.topology.as_ref() != Some(&topology) {
+            tracing::info!(
+                masters = topology.masters().len(),
+                complete,
+                "redis cluster slot map read"
+            );
         }
-        for seed in self.seeds.addrs() {
-            if !candidates.contains(&seed) {
-                candidates.push(seed);
-            }
-        }
-        for (host, port) in candidates {
-            let Ok(client) = self
-                .seeds
-                .client(&host, port, redis::ProtocolVersion::RESP2)
-            else {
-                continue;
-            };
-            let read = async {
-                let mut conn = client.get_multiplexed_async_connection().await?;
-                redis::cmd("CLUSTER")
-                    .arg("SHARDS")
-                    .query_async::<Value>(&mut conn)
-                    .await
-            };
-            let reply = match tokio::time::timeout(CONNECT_TIMEOUT, read).await {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(e)) => {
-                    tracing::debug!(node = %format!("{host}:{port}"), error = %e, "CLUSTER SHARDS failed");
-                    continue;
-                }
-                Err(_) => continue,
-            };
-            let Some(topology) = Topology::from_shards(&reply, tls) else {
-                continue;
-            };
-            // A node that lost its view of the cluster may report a map
-            // with holes: a complete one from another node is better.
-            let covered: u32 = topology
-                .ranges
-                .iter()
-                .map(|(f, l, _)| u32::from(*l) - u32::from(*f) + 1)
-                .sum();
-            let complete = covered == 16384;
-            if self.topology.as_ref() != Some(&topology) {
-                tracing::info!(
-                    masters = topology.masters().len(),
-                    complete,
-                    "redis cluster slot map read"
-                );
-            }
-            self.topology = Some(topology);
-            self.refreshed_at = tokio::time::Instant::now();
-            self.stale = !complete;
-            if complete {
-                return;
-            }
-        }
-        shared.link_failed("cluster", "no node answered CLUSTER SHARDS".into());
+        self.topology = Some(topology);
+        self.refreshed_at = tokio::time::Instant::now();
+        self.stale = !complete;
     }
 
     /// Closes the connections that hold no channel and have none coming.
@@ -756,13 +502,13 @@ async fn ask(
                 Outcome::Unclear
             }
         }
-        Ok(Ok(Value::ServerError(e))) => redirect_or_fail(e.to_string()),
+        Ok(Ok(Value::ServerError(e))) => redirect_or_fail(e.into()),
         Ok(Ok(_)) => Outcome::Unclear,
         Ok(Err(e)) => {
             if e.is_io_error() || e.is_unrecoverable_error() || e.is_timeout() {
                 Outcome::Failed(e.to_string())
             } else {
-                redirect_or_fail(e.to_string())
+                redirect_or_fail(e)
             }
         }
     }
@@ -770,24 +516,11 @@ async fn ask(
 
 /// An error answer: a cluster in motion (read the map again and retry),
 /// or anything else (the connection is not trusted).
-fn redirect_or_fail(error: String) -> Outcome {
-    let code = error
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_ascii_uppercase();
-    let moving = [
-        "MOVED",
-        "ASK",
-        "CLUSTERDOWN",
-        "TRYAGAIN",
-        "LOADING",
-        "MASTERDOWN",
-    ];
-    if moving.iter().any(|m| code.contains(m)) || moving.iter().any(|m| error.contains(m)) {
-        Outcome::Redirected(error)
+fn redirect_or_fail(error: redis::RedisError) -> Outcome {
+    if in_motion(&error) {
+        Outcome::Redirected(error.to_string())
     } else {
-        Outcome::Failed(error)
+        Outcome::Failed(error.to_string())
     }
 }
 
@@ -825,121 +558,5 @@ fn on_push(shared: &Shared, addr: &Arc<str>, dropped: &AtomicBool, push: redis::
             shared.changed();
         }
         _ => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bulk(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
-    }
-
-    fn node(role: &str, port: i64, health: &str) -> Value {
-        Value::Array(vec![
-            bulk("id"),
-            bulk("abc"),
-            bulk("port"),
-            Value::Int(port),
-            bulk("tls-port"),
-            Value::Int(port + 1000),
-            bulk("ip"),
-            bulk("127.0.0.1"),
-            bulk("endpoint"),
-            bulk("127.0.0.1"),
-            bulk("role"),
-            bulk(role),
-            bulk("health"),
-            bulk(health),
-        ])
-    }
-
-    fn shard(slots: &[i64], nodes: Vec<Value>) -> Value {
-        Value::Array(vec![
-            bulk("slots"),
-            Value::Array(slots.iter().map(|s| Value::Int(*s)).collect()),
-            bulk("nodes"),
-            Value::Array(nodes),
-        ])
-    }
-
-    #[test]
-    fn a_shards_reply_gives_each_slot_its_healthy_master() {
-        let reply = Value::Array(vec![
-            shard(
-                &[0, 5460, 10923, 10999],
-                vec![
-                    node("replica", 7004, "online"),
-                    node("master", 7001, "online"),
-                ],
-            ),
-            shard(&[5461, 10922], vec![node("master", 7002, "online")]),
-            // A failed master: its slots have no owner until a promotion.
-            shard(&[11000, 16383], vec![node("master", 7003, "fail")]),
-        ]);
-        let t = Topology::from_shards(&reply, false).expect("parsed");
-        assert_eq!(t.owner(0).map(|n| &**n), Some("127.0.0.1:7001"));
-        assert_eq!(t.owner(5460).map(|n| &**n), Some("127.0.0.1:7001"));
-        assert_eq!(t.owner(5461).map(|n| &**n), Some("127.0.0.1:7002"));
-        assert_eq!(t.owner(10999).map(|n| &**n), Some("127.0.0.1:7001"));
-        assert_eq!(t.owner(11000), None);
-        assert_eq!(t.owner(16383), None);
-        assert_eq!(t.masters().len(), 2);
-        let tls = Topology::from_shards(&reply, true).expect("parsed");
-        assert_eq!(tls.owner(0).map(|n| &**n), Some("127.0.0.1:8001"));
-    }
-
-    #[test]
-    fn resp3_maps_read_as_arrays_do() {
-        let map = |v: Value| match v {
-            Value::Array(a) => Value::Map(
-                a.chunks(2)
-                    .map(|kv| (kv[0].clone(), kv[1].clone()))
-                    .collect(),
-            ),
-            other => other,
-        };
-        let n = map(node("master", 7001, "online"));
-        let s = map(shard(&[0, 16383], vec![n]));
-        let t = Topology::from_shards(&Value::Array(vec![s]), false).expect("parsed");
-        assert_eq!(t.owner(9000).map(|n| &**n), Some("127.0.0.1:7001"));
-    }
-
-    #[test]
-    fn slots_are_redis_clusters() {
-        // Known values (CLUSTER KEYSLOT): hash tags count, an empty tag
-        // does not.
-        assert_eq!(slot_of("foo"), 12182);
-        assert_eq!(slot_of("{user1000}.following"), slot_of("user1000"));
-        assert_eq!(slot_of("foo{}{bar}"), slot_of("foo{}{bar}"));
-        assert_ne!(slot_of("foo{}{bar}"), slot_of("bar"));
-        for key in ["session:{abc}:down", "wsproxy:control", "x", ""] {
-            assert_eq!(
-                redis::cluster_routing::Slot::for_key(key.as_bytes()),
-                redis::cluster_routing::Slot::new(slot_of(key)).expect("in range"),
-                "{key}"
-            );
-        }
-    }
-
-    #[test]
-    fn errors_of_a_cluster_in_motion_are_retried_elsewhere() {
-        for e in [
-            "MOVED 3999 127.0.0.1:6381",
-            "ASK 3999 127.0.0.1:6381",
-            "CLUSTERDOWN The cluster is down",
-            "TRYAGAIN",
-            "LOADING Redis is loading",
-        ] {
-            assert!(
-                matches!(redirect_or_fail(e.into()), Outcome::Redirected(_)),
-                "{e}"
-            );
-        }
-        assert!(matches!(
-            redirect_or_fail("NOPERM no".into()),
-            Outcome::Failed(_)
-        ));
     }
 }
