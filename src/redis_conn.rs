@@ -132,7 +132,7 @@ const CONNECTION_NAME: &str = "wsproxy-cmd";
 ///   (`FUNCTION LOAD`, `SCRIPT LOAD`...) to all of them.
 /// - `MOVED` and `ASK` are followed (and `MOVED` has the map read again);
 ///   `TRYAGAIN`, `CLUSTERDOWN`, `LOADING` and `MASTERDOWN` are retried
-///   for up to [`IN_MOTION_BUDGET`]: Redis did not run the command.
+///   for up to 1.5 s: Redis did not run the command.
 /// - A master that cannot be reached, or a connection that drops under a
 ///   command, fails that command at once (it may have run: it is not sent
 ///   again) and has the map read again; the next command for that shard
