@@ -21,6 +21,16 @@ It consumes three things at once, all from Redis through wsproxy_backend:
 Replies go back with ``send_reliable`` for reliable sessions (a client that
 resumes gets what it missed) and ``send`` for plain ones.
 
+A client may send ``{"type": "stop"}`` (optionally with the ``reply_to`` of
+the reply it means): the session's reply in progress ends at once, before
+its next piece, and the agent publishes ``{"type": "stopped", "reply_to",
+"pieces", "sent"}`` in place of ``done``, so every connection of the
+session sees the reply end. A stop with no reply in progress (or naming
+another reply) does nothing. The stop must reach the worker that streams
+the reply: with several workers, that holds for plain sessions (every
+worker gets every plain message) but not for reliable ones (a stop goes to
+one worker of the group).
+
 Run it on its own with ``uv run agent.py`` (``app.py`` also runs one inside
 the web server unless ``RUN_AGENT=false``).
 """
@@ -28,6 +38,7 @@ the web server unless ``RUN_AGENT=false``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -64,12 +75,22 @@ def compose_reply(prompt: str, words: int) -> list[str]:
 
 
 @dataclass
+class Reply:
+    """A reply being streamed, and whether a client asked to stop it."""
+
+    reply_to: str
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
 class SessionState:
-    """What the agent knows of a session's connections, from lifecycle events."""
+    """What the agent knows of a session: its connections, from lifecycle
+    events, and the reply it is streaming."""
 
     open: set[str] = field(default_factory=set)
     present: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    current: Reply | None = None
 
     def __post_init__(self) -> None:
         self.present.set()  # until an event says otherwise, the client is there
@@ -188,8 +209,14 @@ class Agent:
     # -- replies -------------------------------------------------------------------
 
     async def answer(self, msg: ClientMessage) -> None:
-        """Streams the reply to one prompt: ``start``, one ``chunk`` per piece, ``done``."""
+        """Handles one client message: a ``prompt`` is answered (``start``,
+        one ``chunk`` per piece, then ``done``, or ``stopped`` if a ``stop``
+        came meanwhile); a ``stop`` ends the session's reply in progress."""
         data = msg.data if isinstance(msg.data, dict) else {}
+        if data.get("type") == "stop":
+            reply_to = data.get("reply_to")
+            self.stop(msg.session_id, reply_to if isinstance(reply_to, str) else None)
+            return
         if data.get("type") != "prompt" or not isinstance(data.get("text"), str):
             return  # not for the agent
         reply_to = str(data.get("id") or msg.message_id or uuid.uuid4().hex)
@@ -197,14 +224,53 @@ class Agent:
         send = self.wsproxy.send_reliable if msg.reliable else self.wsproxy.send
         state = self.session(msg.session_id)
         async with state.lock:  # one reply at a time per session
-            await send(msg.session_id, {"type": "start", "reply_to": reply_to, "pieces": len(pieces)})
-            for seq, piece in enumerate(pieces):
-                if not state.present.is_set():
-                    log.info("session %s: paused before piece %d of %d", msg.session_id, seq, len(pieces))
-                    await state.present.wait()
-                await send(msg.session_id, {"type": "chunk", "reply_to": reply_to, "seq": seq, "text": piece})
-                await asyncio.sleep(self.delay)
-            await send(msg.session_id, {"type": "done", "reply_to": reply_to, "pieces": len(pieces)})
+            reply = state.current = Reply(reply_to)
+            try:
+                await send(msg.session_id, {"type": "start", "reply_to": reply_to, "pieces": len(pieces)})
+                sent = 0
+                for seq, piece in enumerate(pieces):
+                    if not state.present.is_set() and not reply.stop.is_set():
+                        log.info("session %s: paused before piece %d of %d", msg.session_id, seq, len(pieces))
+                        await _first(state.present.wait(), reply.stop.wait())
+                    if reply.stop.is_set():
+                        break
+                    await send(msg.session_id, {"type": "chunk", "reply_to": reply_to, "seq": seq, "text": piece})
+                    sent += 1
+                    # The pause between pieces, cut short by a stop.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(reply.stop.wait(), self.delay)
+                # Published here, by the reply's own task, after its last
+                # piece: no piece can follow the marker.
+                if reply.stop.is_set():
+                    log.info("session %s: reply %s stopped after %d of %d pieces", msg.session_id, reply_to, sent, len(pieces))
+                    await send(msg.session_id, {"type": "stopped", "reply_to": reply_to, "pieces": len(pieces), "sent": sent})
+                else:
+                    await send(msg.session_id, {"type": "done", "reply_to": reply_to, "pieces": len(pieces)})
+            finally:
+                state.current = None
+
+    def stop(self, session_id: str, reply_to: str | None = None) -> bool:
+        """Asks the session's reply in progress to stop (only if it is
+        ``reply_to``, when given). True if a reply was told to stop; a
+        session with no reply under way, a reply already stopping or
+        another reply named: False, and nothing is sent."""
+        state = self.sessions.get(session_id)
+        reply = state.current if state is not None else None
+        if reply is None or reply.stop.is_set() or (reply_to is not None and reply_to != reply.reply_to):
+            log.info("session %s: stop with no such reply under way (%s): ignored", session_id, reply_to)
+            return False
+        reply.stop.set()
+        return True
+
+
+async def _first(*aws: Any) -> None:
+    """Waits for the first of ``aws`` and cancels the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def agent_from_env(wsproxy: Wsproxy) -> Agent:

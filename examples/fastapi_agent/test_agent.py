@@ -161,3 +161,120 @@ async def test_one_of_two_connections_leaving_does_not_pause(agent):
     async with asyncio.timeout(3):
         while a.sessions[sid].present.is_set():
             await asyncio.sleep(0.05)
+
+
+# -- stop ------------------------------------------------------------------------
+
+
+async def _collect(ps, timeout: float = 0.6) -> list[dict]:
+    """Messages until none comes for ``timeout`` seconds."""
+    got = []
+    while (m := await next_message(ps, timeout=timeout)) is not None:
+        got.append(m)
+    return got
+
+
+async def test_a_stop_mid_reply_ends_it_and_publishes_the_marker_once(agent):
+    a, r = agent
+    sid = "s-" + uuid.uuid4().hex
+    n = len(compose_reply("hi", 20))
+    async with r.pubsub() as ps:
+        await ps.subscribe(f"session:{sid}:down")
+        await ps.get_message(timeout=1)
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "prompt", "id": "p1", "text": "hi"}))
+        got = [await next_message(ps) for _ in range(5)]  # start + 4 pieces
+        # Two tabs press Stop at once: one marker.
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "stop", "reply_to": "p1"}))
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "stop"}))
+        got += await _collect(ps)
+    types = [m["type"] for m in got]
+    assert types[0] == "start" and types[-1] == "stopped", types
+    assert types.count("stopped") == 1 and "done" not in types, types
+    chunks = [m["seq"] for m in got if m["type"] == "chunk"]
+    assert chunks == list(range(len(chunks)))
+    assert 4 <= len(chunks) <= 6, f"{len(chunks)} pieces: the reply did not stop at once"
+    assert got[-1] == {"type": "stopped", "reply_to": "p1", "pieces": n, "sent": len(chunks)}
+    assert a.sessions[sid].current is None
+
+
+async def test_a_stop_with_no_reply_under_way_is_a_no_op(agent):
+    a, r = agent
+    sid = "s-" + uuid.uuid4().hex
+    async with r.pubsub() as ps:
+        await ps.subscribe(f"session:{sid}:down")
+        await ps.get_message(timeout=1)
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "stop"}))
+        assert await _collect(ps) == []
+        # A stop that names another reply leaves the one under way alone.
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "prompt", "id": "p1", "text": "hi"}))
+        got = [await next_message(ps) for _ in range(3)]
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "stop", "reply_to": "p0"}))
+        got += await _collect(ps)
+    assert [m["type"] for m in got] == ["start"] + ["chunk"] * len(compose_reply("hi", 20)) + ["done"]
+    assert a.stop(sid) is False  # and directly: nothing under way
+    assert a.stop("never-seen") is False
+
+
+async def test_a_prompt_after_a_stop_gets_a_full_reply(agent):
+    a, r = agent
+    sid = "s-" + uuid.uuid4().hex
+    n = len(compose_reply("again", 20))
+    async with r.pubsub() as ps:
+        await ps.subscribe(f"session:{sid}:down")
+        await ps.get_message(timeout=1)
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "prompt", "id": "p1", "text": "hi"}))
+        for _ in range(3):
+            await next_message(ps)
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "stop"}))
+        assert (await _collect(ps))[-1]["type"] == "stopped"
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "prompt", "id": "p2", "text": "again"}))
+        got = await _collect(ps)
+    assert [m["type"] for m in got] == ["start"] + ["chunk"] * n + ["done"]
+    assert all(m["reply_to"] == "p2" for m in got)
+    assert [m["seq"] for m in got[1:-1]] == list(range(n))
+
+
+async def test_a_stop_ends_a_paused_reply_at_once(agent):
+    a, r = agent
+    sid = "s-" + uuid.uuid4().hex
+    async with r.pubsub() as ps:
+        await ps.subscribe(f"session:{sid}:down")
+        await ps.get_message(timeout=1)
+        await r.xadd("wsproxy:events", event("connect", sid, "p:1", reliable=False))
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "prompt", "id": "p1", "text": "hi"}))
+        got = [await next_message(ps) for _ in range(3)]
+        await r.xadd("wsproxy:events", event("disconnect", sid, "p:1", code=1001, reason="client"))
+        got += await _collect(ps, timeout=0.5)  # paused
+        await r.publish(f"session:{sid}:up", json.dumps({"type": "stop"}))
+        got += await _collect(ps)
+    assert got[-1]["type"] == "stopped" and [m["type"] for m in got].count("stopped") == 1
+    assert got[-1]["sent"] == sum(m["type"] == "chunk" for m in got) < len(compose_reply("hi", 20))
+
+
+async def test_a_reliable_stop_ends_the_reply_and_both_messages_are_acknowledged(agent):
+    a, r = agent
+    sid = "s-" + uuid.uuid4().hex
+    sent: list[dict] = []
+
+    async def send_reliable(session_id: str, data: dict) -> str:
+        assert session_id == sid
+        sent.append(data)
+        return f"{len(sent)}-0"
+
+    a.wsproxy.send_reliable = send_reliable  # type: ignore[method-assign]
+    await r.xadd("wsproxy:up:0", {"session": sid, "agent": "web", "id": "m1",
+                                  "data": json.dumps({"type": "prompt", "id": "p1", "text": "yo"})})
+    async with asyncio.timeout(5):
+        while sum(d["type"] == "chunk" for d in sent) < 3:
+            await asyncio.sleep(0.01)
+    await r.xadd("wsproxy:up:0", {"session": sid, "agent": "web", "id": "m2",
+                                  "data": json.dumps({"type": "stop", "reply_to": "p1"})})
+    async with asyncio.timeout(5):
+        while sent[-1]["type"] != "stopped":
+            await asyncio.sleep(0.01)
+        while (await r.xpending("wsproxy:up:0", a.group))["pending"]:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    types = [d["type"] for d in sent]
+    assert types[-1] == "stopped" and types.count("stopped") == 1 and "done" not in types, types
+    assert sent[-1]["sent"] == types.count("chunk") < len(compose_reply("yo", 20))
