@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -46,6 +46,11 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 WSPROXY_URL = os.environ.get("WSPROXY_URL", "ws://127.0.0.1:8080")
 TOKEN_TTL = int(os.environ.get("TOKEN_TTL_SECS", "60"))
 RUN_AGENT = os.environ.get("RUN_AGENT", "true").lower() not in ("0", "false", "no", "off")
+#: What the app remembers of a session it created (its user and mode), for
+#: the tabs that join it later; kept as long as wsproxy keeps a token after a
+#: connect (AUTH_GRACE_PERIOD_SECS, 3 hours).
+SESSION_KEY = "agent-example:session:{}"
+SESSION_TTL = 10_800
 
 log = logging.getLogger("app")
 
@@ -82,6 +87,7 @@ class SessionGrant(BaseModel):
     wsproxy_url: str
     #: The full URL, for a client that opens the WebSocket itself.
     websocket_url: str
+    #: How long the token is kept from now (0: no expiry).
     token_ttl_secs: int
 
 
@@ -91,15 +97,44 @@ async def create_session(body: NewSession) -> SessionGrant:
     session_id = f"{body.user}-{secrets.token_hex(6)}"
     wsproxy: Wsproxy = app.state.wsproxy
     token = await wsproxy.issue_token(session_id, ttl=TOKEN_TTL)
+    await wsproxy.redis.set(SESSION_KEY.format(session_id), "reliable" if body.reliable else "plain", ex=SESSION_TTL)
     log.info("session %s for %s (%s)", session_id, body.user, "reliable" if body.reliable else "plain")
+    return _grant(session_id, token, body.reliable, TOKEN_TTL)
+
+
+@app.post("/api/sessions/{session_id}/join")
+async def join_session(session_id: str) -> SessionGrant:
+    """A grant for a session this app created, for another tab or a refreshed
+    page: the session's current token (one a tab of it uses now), or a new
+    one if wsproxy no longer keeps any. The token is not replaced while it
+    is kept: a session has one token, and the tabs that are open use it to
+    reconnect and, over SSE, for every message they send. 404 for a
+    session the app does not know (or no longer does).
+
+    A real app checks here that the caller is the session's user (its own
+    login); this example lets anyone who has the session id in.
+    """
+    wsproxy: Wsproxy = app.state.wsproxy
+    mode = await wsproxy.redis.get(SESSION_KEY.format(session_id))
+    if mode is None:
+        raise HTTPException(status_code=404, detail="no such session")
+    auth_key = wsproxy.names.auth_key(session_id)
+    token, ttl = await wsproxy.redis.get(auth_key), await wsproxy.redis.ttl(auth_key)
+    if token is None or 0 <= ttl < 5:  # none, or about to expire (-1: kept for good)
+        token, ttl = await wsproxy.issue_token(session_id, ttl=TOKEN_TTL), TOKEN_TTL
+    log.info("session %s joined (%s)", session_id, mode)
+    return _grant(session_id, token, mode == "reliable", max(ttl, 0))
+
+
+def _grant(session_id: str, token: str, reliable: bool, ttl: int) -> SessionGrant:
     return SessionGrant(
         session_id=session_id,
         agent_id=AGENT_ID,
         token=token,
-        reliable=body.reliable,
+        reliable=reliable,
         wsproxy_url=WSPROXY_URL,
         websocket_url=session_url(WSPROXY_URL, AGENT_ID, session_id, token),
-        token_ttl_secs=TOKEN_TTL,
+        token_ttl_secs=ttl,
     )
 
 

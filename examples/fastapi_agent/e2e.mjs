@@ -6,13 +6,22 @@
 //
 // 1. reliable session: the page starts a session, sends a prompt, and the
 //    reply arrives piece by piece (many messages, spread over time, each
-//    piece once and in order, then `done`);
-// 2. plain session: the same;
-// 3. (E2E_EVENTS=1: wsproxy has lifecycle events) reliable session, the page
+//    piece once and in order, then `done`); over WebSocket, then over SSE
+//    (the page's transport choice: EventSource down, POST up);
+// 2. plain session: the same, over both transports;
+// 3. Stop, across two tabs of one reliable session: tab A on SSE starts the
+//    session, tab B on WebSocket joins it from the address (#session=<id>);
+//    A asks for a long reply; while it streams B is reloaded (it rejoins the
+//    session and resumes from its saved position, missing nothing), then
+//    B presses Stop: both tabs get the `stopped` marker once, no piece after
+//    it (watched for 25 piece intervals), no `done`, and the same last piece;
+//    a new prompt then gets a whole reply in both tabs, and a Stop with
+//    nothing under way changes nothing;
+// 4. (E2E_EVENTS=1: wsproxy has lifecycle events) reliable session, the page
 //    leaves in the middle of a reply and stays away longer than the rest of
 //    the reply would take; the agent must pause (few messages wait in the
 //    history, replayed on return) and go on after the page comes back, with
-//    every piece once and in order.
+//    every piece once and in order; over WebSocket, then over SSE.
 //    E2E_EVENTS=simulated (a wsproxy without lifecycle events): the same,
 //    with the disconnect and resume events wsproxy would emit appended to
 //    wsproxy:events by this test (redis-cli, REDIS_PORT), in issue 14's
@@ -57,11 +66,13 @@ async function until(page, what, fn, arg, timeout = STEP_MS) {
   }
 }
 
-async function startSession(page, mode) {
-  await page.goto(`${APP_URL}/?mode=${mode}&user=e2e`);
+async function startSession(page, mode, transport = 'websocket') {
+  await page.goto(`${APP_URL}/?mode=${mode}&transport=${transport}&user=e2e`);
   await page.click('#start');
-  await until(page, `${mode} session open`, () => window.agentDemo.state === 'open');
+  await until(page, `${mode} session open over ${transport}`, () => window.agentDemo.state === 'open');
   const grant = await page.evaluate(() => window.agentDemo.grant);
+  check(await page.evaluate(() => window.agentDemo.transport) === transport, 'the page did not take the transport');
+  check(page.url().endsWith(`#session=${grant.session_id}`), `the session is not in the address: ${page.url()}`);
   check(grant.reliable === (mode === 'reliable'), `grant says reliable=${grant.reliable}`);
   check(/^e2e-[0-9a-f]{12}$/.test(grant.session_id), `session id ${grant.session_id}`);
   check(grant.websocket_url.includes(`/web/ws/${grant.session_id}?access_token=`), `websocket_url ${grant.websocket_url}`);
@@ -101,9 +112,9 @@ async function checkReply(page, id, prompt) {
   return r;
 }
 
-async function streamedReply(page, mode) {
-  const grant = await startSession(page, mode);
-  const prompt = `hello from the ${mode} page`;
+async function streamedReply(page, mode, transport) {
+  const grant = await startSession(page, mode, transport);
+  const prompt = `hello from the ${mode} ${transport} page`;
   const id = await ask(page, prompt);
   // Piece by piece: while the reply is under way, the page shows part of it.
   await until(page, 'a partial reply', (rid) => {
@@ -114,7 +125,8 @@ async function streamedReply(page, mode) {
   const r = await checkReply(page, id, prompt);
   const spread = r.times.at(-1) - r.times[0];
   check(spread > (r.pieces - 1) * 60 * 0.5, `the ${r.pieces} pieces came within ${spread.toFixed(0)} ms: not streamed`);
-  say(`${mode}: session ${grant.session_id}, ${r.pieces} pieces over ${spread.toFixed(0)} ms, in order, once each`);
+  checkTransport(page, grant.session_id, transport);
+  say(`${mode} over ${transport}: session ${grant.session_id}, ${r.pieces} pieces over ${spread.toFixed(0)} ms, in order, once each`);
 }
 
 /** Appends an event to wsproxy:events as wsproxy would (E2E_EVENTS=simulated). */
@@ -125,8 +137,8 @@ function emitEvent(type, sessionId, connectionId, extra = {}) {
   execFileSync('redis-cli', ['-p', REDIS_PORT, 'XADD', 'wsproxy:events', '*', 'event', JSON.stringify(event)]);
 }
 
-async function pauseWhileAway(page) {
-  const grant = await startSession(page, 'reliable');
+async function pauseWhileAway(page, transport) {
+  const grant = await startSession(page, 'reliable', transport);
   const prompt = 'a long answer please';
   const id = await ask(page, prompt);
   await until(page, 'a few pieces', (rid) => window.agentDemo.replies[rid].chunks.length >= 4, id);
@@ -156,8 +168,121 @@ async function pauseWhileAway(page) {
   check(replayed <= 3, `${replayed} messages replayed: the agent went on while the page was away`);
   check(live >= 3, `only ${live} pieces came live after the return: the agent did not wait for it`);
   check((await page.evaluate(() => window.agentDemo.resumeFailures)).length === 0, 'a resume failed');
-  say(`leave and come back (${EVENTS === '1' ? "wsproxy's events" : 'simulated events'}): session ${grant.session_id}, left after ${leftAt} of ${pieces} pieces for ${away} ms; ` +
+  checkTransport(page, grant.session_id, transport);
+  say(`leave and come back over ${transport} (${EVENTS === '1' ? "wsproxy's events" : 'simulated events'}): session ${grant.session_id}, left after ${leftAt} of ${pieces} pieces for ${away} ms; ` +
       `${replayed} replayed, ${live} live after the return`);
+}
+
+/** A new tab that records its errors and which of wsproxy's paths it opened. */
+async function newTab(context, pageErrors) {
+  const page = await context.newPage();
+  page.on('pageerror', (e) => pageErrors.push(e.message));
+  page.wsproxyUrls = [];
+  page.on('request', (r) => page.wsproxyUrls.push(r.url()));
+  page.on('websocket', (ws) => page.wsproxyUrls.push(ws.url()));
+  return page;
+}
+
+/** The page really went over `transport`: its session's SSE path or WebSocket, never the other. */
+function checkTransport(page, sessionId, transport) {
+  const sse = page.wsproxyUrls.filter((u) => u.includes(`/web/sse/${sessionId}`));
+  const ws = page.wsproxyUrls.filter((u) => u.includes(`/web/ws/${sessionId}`));
+  if (transport === 'sse') check(sse.length > 0 && ws.length === 0, `transport sse: ${sse.length} SSE requests, ${ws.length} WebSockets`);
+  else check(ws.length > 0 && sse.length === 0, `transport websocket: ${ws.length} WebSockets, ${sse.length} SSE requests`);
+}
+
+/** What a tab got of one reply: its messages in order, and the reply's state. */
+function replyState(page, id) {
+  return page.evaluate((rid) => {
+    const r = window.agentDemo.replies[rid];
+    const msgs = window.agentDemo.received.filter((m) => m.reply_to === rid);
+    return {
+      pieces: r?.pieces, sent: r?.sent, got: r ? r.chunks.filter((c) => c !== undefined).length : 0,
+      done: r?.done, stopped: r?.stopped, afterEnd: r?.afterEnd, outOfOrder: r?.outOfOrder, joinedAt: r?.joinedAt,
+      stoppedAttr: r?.el.dataset.stopped, doneAttr: r?.el.dataset.done,
+      types: msgs.map((m) => m.type), seqs: msgs.filter((m) => m.type === 'chunk').map((m) => m.seq),
+      replayed: msgs.filter((m) => m.replayed).length,
+    };
+  }, id);
+}
+
+/** Two tabs (SSE and WebSocket) on one reliable session; one is reloaded mid-reply and stops it. */
+async function stopAcrossTabs(context, pageErrors) {
+  const a = await newTab(context, pageErrors);
+  const grant = await startSession(a, 'reliable', 'sse');
+  const sid = grant.session_id;
+  const b = await newTab(context, pageErrors);
+  await b.goto(`${APP_URL}/?transport=websocket#session=${sid}`);
+  await until(b, 'the second tab joins the session', () => window.agentDemo.state === 'open');
+  const joined = await b.evaluate(() => ({ sid: window.agentDemo.grant.session_id, joined: window.agentDemo.joined, reliable: window.agentDemo.grant.reliable }));
+  check(joined.sid === sid && joined.joined && joined.reliable, `the second tab: ${JSON.stringify(joined)}`);
+
+  const prompt = 'a long answer, to be stopped';
+  const id = await ask(a, prompt);
+  for (const [name, p] of [['A', a], ['B', b]]) {
+    await until(p, `a few pieces in tab ${name}`, (rid) => (window.agentDemo.replies[rid]?.chunks.length ?? 0) >= 3, id);
+  }
+  const beforeReload = await replyState(b, id);
+  await b.reload();
+  await until(b, 'the reloaded tab rejoins', () => window.agentDemo.state === 'open');
+  const rejoin = await b.evaluate(() => ({ sid: window.agentDemo.grant.session_id, welcome: window.agentDemo.welcomes[0], transport: window.agentDemo.transport }));
+  check(rejoin.sid === sid && rejoin.transport === 'websocket', `the reloaded tab: ${JSON.stringify(rejoin)}`);
+  check(rejoin.welcome?.resumed === true, `the reloaded tab did not resume from its position: ${JSON.stringify(rejoin.welcome)}`);
+  await until(b, 'pieces in the reloaded tab', (rid) => {
+    const r = window.agentDemo.replies[rid];
+    return r && r.chunks.filter((c) => c !== undefined).length >= 2;
+  }, id);
+  const atStop = await replyState(b, id);
+  check(!atStop.done && !atStop.stopped, 'the reply ended before Stop was pressed: make it longer (REPLY_WORDS)');
+  await b.click('#stop');
+  const lastSeenAtStop = atStop.seqs.at(-1);
+  for (const [name, p] of [['A (sse)', a], ['B (websocket, reloaded)', b]]) {
+    await until(p, `the stopped marker in tab ${name}`, (rid) => window.agentDemo.replies[rid].stopped, id, 5_000);
+  }
+  await sleep(25 * 60); // 25 piece intervals: nothing may follow the marker
+  const states = { A: await replyState(a, id), B: await replyState(b, id) };
+  for (const [name, r] of Object.entries(states)) {
+    const where = `tab ${name}`;
+    check(r.types.at(-1) === 'stopped', `${where}: the last message is ${r.types.at(-1)}, not stopped: ${r.types}`);
+    check(r.types.filter((t) => t === 'stopped').length === 1, `${where}: ${r.types.filter((t) => t === 'stopped').length} stopped markers`);
+    check(!r.types.includes('done') && !r.done && r.doneAttr === undefined, `${where}: the stopped reply is also done`);
+    check(r.afterEnd === 0, `${where}: ${r.afterEnd} pieces after the marker`);
+    check(r.stoppedAttr === 'true', `${where}: the page does not show the reply stopped`);
+    check(r.outOfOrder === 0 && r.seqs.every((s, i) => i === 0 || s === r.seqs[i - 1] + 1), `${where}: pieces out of order or missing: ${r.seqs}`);
+    check(r.sent < r.pieces, `${where}: stopped after ${r.sent} of ${r.pieces} pieces: it was not stopped`);
+    check(r.seqs.at(-1) === r.sent - 1, `${where}: last piece ${r.seqs.at(-1)}, the marker says ${r.sent} were sent`);
+    check(r.sent - 1 <= lastSeenAtStop + 8, `${where}: ${r.sent - 1 - lastSeenAtStop} pieces after Stop was pressed: not at once`);
+  }
+  check(states.A.seqs[0] === 0 && states.A.types[0] === 'start', `tab A missed the start: ${states.A.types.slice(0, 3)}`);
+  // The reloaded tab picked up where it was: from the piece after the last it had saved, no gap.
+  check(states.B.seqs[0] >= beforeReload.seqs.at(-1) + 1 && states.B.seqs[0] <= atStop.seqs[0], `tab B after the reload starts at piece ${states.B.seqs[0]}`);
+  check(states.B.joinedAt === states.B.seqs[0], `tab B: joinedAt ${states.B.joinedAt}`);
+
+  // A new prompt, from the reloaded tab: a whole reply in both.
+  const prompt2 = 'and now a whole answer';
+  const id2 = await ask(b, prompt2);
+  for (const [name, p] of [['A', a], ['B', b]]) {
+    await until(p, `the whole new reply in tab ${name}`, (rid) => window.agentDemo.replies[rid]?.done, id2, 20_000);
+    await checkReply(p, id2, prompt2);
+  }
+  // Stop with nothing under way: nothing arrives, nothing fails.
+  const counts = async () => [await a.evaluate(() => window.agentDemo.received.length), await b.evaluate(() => window.agentDemo.received.length)];
+  const before = await counts();
+  await a.click('#stop');
+  await sleep(1_000);
+  const after = await counts();
+  check(after[0] === before[0] && after[1] === before[1], `a Stop with nothing under way: ${before} messages before, ${after} after`);
+  for (const [name, p] of [['A', a], ['B', b]]) {
+    const e = await p.evaluate(() => ({ errors: window.agentDemo.errors, stops: window.agentDemo.stops, state: window.agentDemo.state }));
+    check(e.errors.length === 0 && e.state === 'open', `tab ${name}: ${JSON.stringify(e)}`);
+  }
+  checkTransport(a, sid, 'sse');
+  checkTransport(b, sid, 'websocket');
+  say(`stop across tabs: session ${sid}, A on SSE, B on WebSocket reloaded after piece ${beforeReload.seqs.at(-1)} ` +
+      `(resumed, ${states.B.replayed} replayed, from piece ${states.B.seqs[0]}); Stop pressed in B after piece ${lastSeenAtStop}, ` +
+      `stopped after ${states.A.sent} of ${states.A.pieces} pieces in both tabs, nothing after; the next reply whole in both`);
+  await a.close();
+  await b.close();
 }
 
 async function main() {
@@ -177,10 +302,9 @@ async function main() {
     context.on('response', (r) => {
       if (r.status() >= 400) failed.push(`${r.status()} ${r.url()}`);
     });
-    for (const mode of ['reliable', 'plain']) {
-      const page = await context.newPage();
-      page.on('pageerror', (e) => pageErrors.push(e.message));
-      await streamedReply(page, mode);
+    for (const [mode, transport] of [['reliable', 'websocket'], ['plain', 'websocket'], ['reliable', 'sse'], ['plain', 'sse']]) {
+      const page = await newTab(context, pageErrors);
+      await streamedReply(page, mode, transport);
       const icon = await page.evaluate(async () => {
         const link = document.querySelector('link[rel~="icon"]');
         return link ? (await fetch(link.href)).status : null;
@@ -188,11 +312,13 @@ async function main() {
       check(icon === 200, `the page's icon: ${icon === null ? 'none declared' : `HTTP ${icon}`}`);
       await page.close();
     }
+    await stopAcrossTabs(context, pageErrors);
     if (EVENTS === '1' || EVENTS === 'simulated') {
-      const page = await context.newPage();
-      page.on('pageerror', (e) => pageErrors.push(e.message));
-      await pauseWhileAway(page);
-      await page.close();
+      for (const transport of ['websocket', 'sse']) {
+        const page = await newTab(context, pageErrors);
+        await pauseWhileAway(page, transport);
+        await page.close();
+      }
     } else {
       say('SKIPPED leave and come back: E2E_EVENTS is not 1 or simulated');
     }

@@ -75,7 +75,7 @@ echo "fastapi_agent e2e: lifecycle events: $EVENTS"
 
 APP_PORT=$(free_port)
 (cd "$HERE" && exec env REDIS_URL="redis://127.0.0.1:$REDIS_PORT" WSPROXY_URL="ws://127.0.0.1:$WS_PORT" \
-  APP_HOST=127.0.0.1 APP_PORT="$APP_PORT" REPLY_DELAY_MS=60 REPLY_WORDS=30 \
+  APP_HOST=127.0.0.1 APP_PORT="$APP_PORT" REPLY_DELAY_MS=60 REPLY_WORDS=100 \
   "${UV[@]}" run --quiet app.py) >"$WORK/app.log" 2>&1 &
 APP_PID=$!
 PIDS+=("$APP_PID")
