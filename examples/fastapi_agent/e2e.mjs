@@ -16,7 +16,8 @@
 //    B presses Stop: both tabs get the `stopped` marker once, no piece after
 //    it (watched for 25 piece intervals), no `done`, and the same last piece;
 //    a new prompt then gets a whole reply in both tabs, and a Stop with
-//    nothing under way changes nothing;
+//    nothing under way changes nothing; an address naming an unknown
+//    session gets a 404, which the page reports;
 // 4. (E2E_EVENTS=1: wsproxy has lifecycle events) reliable session, the page
 //    leaves in the middle of a reply and stays away longer than the rest of
 //    the reply would take; the agent must pause (few messages wait in the
@@ -299,8 +300,9 @@ async function main() {
     const pageErrors = [];
     // Nothing the page asks the app for may fail; a favicon it lacks would.
     const failed = [];
+    const UNKNOWN = '/api/sessions/e2e-000000000000/join'; // asked below, must be 404
     context.on('response', (r) => {
-      if (r.status() >= 400) failed.push(`${r.status()} ${r.url()}`);
+      if (r.status() >= 400 && !r.url().endsWith(UNKNOWN)) failed.push(`${r.status()} ${r.url()}`);
     });
     for (const [mode, transport] of [['reliable', 'websocket'], ['plain', 'websocket'], ['reliable', 'sse'], ['plain', 'sse']]) {
       const page = await newTab(context, pageErrors);
@@ -313,6 +315,16 @@ async function main() {
       await page.close();
     }
     await stopAcrossTabs(context, pageErrors);
+    {
+      // An address naming a session the app does not know: the page says so and can start one.
+      const page = await newTab(context, pageErrors);
+      await page.goto(`${APP_URL}/#session=e2e-000000000000`);
+      await until(page, 'the unknown session refused', () => !document.getElementById('start').disabled && window.agentDemo.grant === null);
+      check(!page.url().includes('#session='), `the unknown session stays in the address: ${page.url()}`);
+      check((await page.textContent('#log')).includes('cannot join e2e-000000000000: 404'), 'the page does not say why it did not join');
+      await page.close();
+      say('an unknown session in the address: 404, the page offers a new session');
+    }
     if (EVENTS === '1' || EVENTS === 'simulated') {
       for (const transport of ['websocket', 'sse']) {
         const page = await newTab(context, pageErrors);

@@ -12,11 +12,16 @@
 # missing; Playwright never downloads a browser).
 #
 # The test checks a reply streamed piece by piece in a reliable and in a
-# plain session, then leaves in the middle of a reply and comes back: the
-# agent must have paused while the page was away and go on after. When the
-# wsproxy has lifecycle events (its --help lists LIFECYCLE_EVENTS) they are
-# wsproxy's own; otherwise the test appends the disconnect and resume events
-# itself, in the format wsproxy will use (E2E_EVENTS=simulated).
+# plain session, over WebSocket and over SSE; then Stop across two tabs of
+# one reliable session (one on SSE, one on WebSocket, reloaded mid-reply
+# before it presses Stop: the reply ends in both, nothing after the marker);
+# then leaves in the middle of a reply and comes back, over each transport:
+# the agent must have paused while the page was away and go on after. When
+# the wsproxy has lifecycle events (its --help lists LIFECYCLE_EVENTS) they
+# are wsproxy's own; otherwise the test appends the disconnect and resume
+# events itself, in the format wsproxy will use (E2E_EVENTS=simulated).
+# Replies are 100 pieces, 60 ms apart (6 s): long enough to reload a tab and
+# press Stop while one streams. The whole run takes about 80 s.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
