@@ -2,7 +2,9 @@
 // The example's page in headless Chromium, against the example app (and its
 // agent), wsproxy and Redis that run-e2e.sh has started.
 //
-//   APP_URL=http://127.0.0.1:8001 [E2E_EVENTS=1|simulated] [REDIS_PORT=6379] node e2e.mjs
+//   APP_URL=http://127.0.0.1:8001 [E2E_EVENTS=1|simulated] [REDIS_PORT=6379] [E2E_SCREENSHOT=stop.png] node e2e.mjs
+//
+// E2E_SCREENSHOT: a PNG of the reloaded tab once its reply is stopped.
 //
 // 1. reliable session: the page starts a session, sends a prompt, and the
 //    reply arrives piece by piece (many messages, spread over time, each
@@ -254,6 +256,7 @@ async function stopAcrossTabs(context, pageErrors) {
     check(r.seqs.at(-1) === r.sent - 1, `${where}: last piece ${r.seqs.at(-1)}, the marker says ${r.sent} were sent`);
     check(r.sent - 1 <= lastSeenAtStop + 8, `${where}: ${r.sent - 1 - lastSeenAtStop} pieces after Stop was pressed: not at once`);
   }
+  if (process.env.E2E_SCREENSHOT) await b.screenshot({ path: process.env.E2E_SCREENSHOT, fullPage: true });
   check(states.A.seqs[0] === 0 && states.A.types[0] === 'start', `tab A missed the start: ${states.A.types.slice(0, 3)}`);
   // The reloaded tab picked up where it was: from the piece after the last it had saved, no gap.
   check(states.B.seqs[0] >= beforeReload.seqs.at(-1) + 1 && states.B.seqs[0] <= atStop.seqs[0], `tab B after the reload starts at piece ${states.B.seqs[0]}`);

@@ -7,7 +7,8 @@
 #
 # Environment: WSPROXY_BIN (default target/debug/wsproxy of this repository:
 # cargo build --bin wsproxy), CHROMIUM_PATH (default /usr/bin/chromium), UV
-# (the uv command, default uv). Needs redis-server, node >= 20 and npm (the
+# (the uv command, default uv), E2E_SCREENSHOT (a PNG of a tab whose reply
+# was stopped). Needs redis-server, node >= 20 and npm (the
 # browser driver, playwright-core, comes from clients/js: npm ci there when
 # missing; Playwright never downloads a browser).
 #
@@ -87,7 +88,7 @@ PIDS+=("$APP_PID")
 wait_http "http://127.0.0.1:$APP_PORT/healthz" "$APP_PID" "the example app"
 
 status=0
-APP_URL="http://127.0.0.1:$APP_PORT" CHROMIUM_PATH="$CHROMIUM_PATH" E2E_EVENTS=$EVENTS REDIS_PORT=$REDIS_PORT \
+APP_URL="http://127.0.0.1:$APP_PORT" CHROMIUM_PATH="$CHROMIUM_PATH" E2E_SCREENSHOT=${E2E_SCREENSHOT:-} E2E_EVENTS=$EVENTS REDIS_PORT=$REDIS_PORT \
   node "$HERE/e2e.mjs" || status=$?
 if ((status)); then
   echo "--- app log"; tail -40 "$WORK/app.log"
