@@ -1417,3 +1417,152 @@ async fn sharded_sessions_over_sse_on_a_cluster() {
 async fn classic_sessions_over_sse_on_a_cluster() {
     sse_round_trip(ClusterPubSub::Classic).await;
 }
+
+/// Redis drops wsproxy's pub/sub connection to one master (`CLIENT KILL`,
+/// as an operator or a proxy in front of Redis may do): that connection's
+/// reliable sessions are closed with 1013 and resume with nothing missed,
+/// the channels are subscribed again on a new connection, and a reliable
+/// session on another master is not touched at all.
+#[tokio::test]
+async fn a_killed_pubsub_connection_touches_only_its_master() {
+    let (logs, _guard) = LogCapture::start();
+    let cluster = Cluster::start().await;
+    bounded_test(
+        "a_killed_pubsub_connection_touches_only_its_master",
+        TEST_DEADLINE,
+        Some(&logs),
+        pubsub_connection_killed(&cluster),
+    )
+    .await;
+}
+
+async fn pubsub_connection_killed(cluster: &Cluster) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut config = config(cluster, ClusterPubSub::Sharded);
+    config.reliable.enabled = true;
+    let server = Server::start_config(config).await;
+    let history = |s: &str| format!("session:{{{s}}}:history");
+    let killed = unique("k");
+    let master = cluster.master_of(&history(&killed)).await;
+    let mut other = unique("o");
+    while cluster.master_of(&history(&other)).await == master {
+        other = unique("o");
+    }
+    cluster.set_token(&killed, TOKEN, 600).await;
+    cluster.set_token(&other, TOKEN, 600).await;
+    let (mut ws_killed, welcome) = reliable_connect(&server, &killed, "").await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let (mut ws_other, _) = reliable_connect(&server, &other, "").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pause = Duration::from_millis(10);
+    let publishers = [
+        publish_every(cluster, &killed, pause, stop.clone()),
+        publish_every(cluster, &other, pause, stop.clone()),
+    ];
+
+    // The killed session's messages with their offsets, until the close.
+    let mut got_killed: Vec<(u64, String)> = Vec::new();
+    let parse = |text: &str| -> (u64, String) {
+        let v: serde_json::Value = serde_json::from_str(text).expect("json");
+        assert_eq!(v["type"], "message", "{v}");
+        (
+            v["data"]["n"].as_u64().expect("n"),
+            v["offset"].as_str().expect("offset").to_owned(),
+        )
+    };
+    while got_killed.len() < 30 {
+        got_killed.push(parse(&next_text(&mut ws_killed).await));
+    }
+    let list: String = cluster
+        .query(master, redis::cmd("CLIENT").arg("LIST"))
+        .await
+        .expect("CLIENT LIST");
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.contains(" name=wsproxy-pubsub "))
+        .filter_map(|l| {
+            l.split(' ')
+                .find_map(|f| f.strip_prefix("id="))
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "one pub/sub connection on the master: {list}");
+    let killed_n: i64 = cluster
+        .query(
+            master,
+            redis::cmd("CLIENT").arg("KILL").arg("ID").arg(&ids[0]),
+        )
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(killed_n, 1);
+
+    let code = loop {
+        match tokio::time::timeout(WAIT, ws_killed.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => got_killed.push(parse(&t)),
+            Ok(Some(Ok(Message::Close(Some(frame))))) => break u16::from(frame.code),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected messages then a close, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        code, 1013,
+        "the killed connection's reliable session is closed to resume"
+    );
+    let offset = got_killed.last().map(|(_, o)| o.clone()).expect("some");
+    let (mut ws_killed, welcome, attempts) = resume_until_welcomed(
+        &server,
+        &killed,
+        &format!("?epoch={epoch}&offset={offset}"),
+        tokio::time::Instant::now() + Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(welcome["resumed"], true, "{welcome} after {attempts:?}");
+    let resumed_at = got_killed.len();
+    while got_killed.len() < resumed_at + 30 {
+        got_killed.push(parse(&next_text(&mut ws_killed).await));
+    }
+    // The other master's session was never interrupted.
+    let (got_other, closed) = read_for(&mut ws_other, Duration::from_millis(300)).await;
+    assert_eq!(
+        closed, None,
+        "the other master's reliable session stays open"
+    );
+    stop.cancel();
+    let [p_killed, p_other] = publishers;
+    let accepted_killed = within(WAIT, "a publisher's end", p_killed)
+        .await
+        .expect("publisher")
+        .accepted;
+    let accepted_other = within(WAIT, "a publisher's end", p_other)
+        .await
+        .expect("publisher")
+        .accepted;
+    let ns: Vec<u64> = got_killed.iter().map(|(n, _)| *n).collect();
+    let last = *ns.last().expect("some");
+    let first = ns[0];
+    let expected: Vec<u64> = accepted_killed
+        .into_iter()
+        .filter(|n| (first..=last).contains(n))
+        .collect();
+    assert_eq!(
+        ns, expected,
+        "the killed connection's session: everything, in order, once"
+    );
+    let (first, last) = (got_other[0], *got_other.last().expect("some"));
+    let expected: Vec<u64> = accepted_other
+        .into_iter()
+        .filter(|n| (first..=last).contains(n))
+        .collect();
+    assert_eq!(
+        got_other, expected,
+        "the other session: everything, in order, once"
+    );
+    server.wait_ready().await;
+    assert_eq!(
+        cluster.clients_named(master, "wsproxy-pubsub").await,
+        Some(1),
+        "a new pub/sub connection on the master"
+    );
+    server.stop().await;
+}
