@@ -57,9 +57,17 @@ fn free_cluster_port(taken: &[u16]) -> u16 {
     }
 }
 
+/// The node timeout of [`Cluster::start`].
+pub const REALISTIC_NODE_TIMEOUT_MS: u64 = 3000;
+
 impl Cluster {
+    /// A cluster at a realistic `cluster-node-timeout` of 3000 ms (a
+    /// failover takes 4–6 s; Redis's default of 15000 is
+    /// `tests/cluster_failover.rs`'s CI step). At 1000 ms, which these tests
+    /// used before, a failover ends before much of what goes wrong in one
+    /// has begun.
     pub async fn start() -> Cluster {
-        Self::start_with(None, 1000).await
+        Self::start_with(None, REALISTIC_NODE_TIMEOUT_MS).await
     }
 
     /// A cluster whose nodes take `node_timeout_ms` to notice a failed
