@@ -18,7 +18,7 @@ work=$(mktemp -d)
 trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
 library() { # rev -> the library as wsproxy loads it (MAX_LEN 1000, TTL 60 s)
-  git show "$1:src/history.rs" | python3 -c '
+  { git show "$1:src/session/history.rs" 2>/dev/null || git show "$1:src/history.rs"; } | python3 -c '
 import re, sys
 lib = re.search(r"const LIBRARY: &str = r#\"(.*?)\"#;", sys.stdin.read(), re.S).group(1)
 print(lib.replace("__MAX_LEN__", "1000").replace("__TTL_MS__", "60000").replace("__PUBLISH__", "PUBLISH"))'

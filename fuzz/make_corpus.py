@@ -413,7 +413,7 @@ for name, flags, epoch, offset in [
 
 # --- sse_position ---------------------------------------------------------
 
-# Ids as tests/sse.rs and src/sse.rs use them, and what a client may send
+# Ids as tests/sse.rs and src/session/sse.rs use them, and what a client may send
 # instead: the whole input is the Last-Event-ID.
 for name, data in [
     ("valid", "1764600000123456:1764600000000-0"),

@@ -62,7 +62,7 @@ pub enum AuthError {
     Subscribe(#[from] crate::broker::BrokerError),
     /// A reliable session's history could not be read.
     #[error("Redis is unavailable: {0}")]
-    History(#[from] crate::history::HistoryError),
+    History(#[from] crate::session::history::HistoryError),
 }
 
 /// Extracts the bearer token from the `Authorization` header, falling back

@@ -41,7 +41,7 @@ pub struct App {
     /// The event loops proxied tunnels run on (see `server::Workers`).
     pub workers: WorkerPool,
     /// This process's lifecycle tracking (events, presence, heartbeat).
-    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    pub lifecycle: Arc<crate::session::lifecycle::Lifecycle>,
     /// True while the Redis libraries are loaded: `wsproxy_control`, and
     /// `wsproxy` (reliable sessions) when they are on (see
     /// `server::keep_libraries`). A call that finds `wsproxy` missing
@@ -52,8 +52,8 @@ pub struct App {
     /// Redis that restarted without it (see [`App::history_ready`]).
     pub history_loaded_for: std::sync::atomic::AtomicU64,
     /// The backends' recent disconnects, for admissions under way when one
-    /// came (see [`crate::control`]).
-    pub disconnects: Arc<crate::control::Recent>,
+    /// came (see [`crate::session::control`]).
+    pub disconnects: Arc<crate::session::control::Recent>,
     /// The last closed connections, for the status page.
     pub closes: crate::close::Recent,
 }

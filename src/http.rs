@@ -207,7 +207,7 @@ async fn session_or_route(State(gateway): State<Gateway>, req: Request) -> Respo
     if req.method() != axum::http::Method::GET {
         return method_not_allowed();
     }
-    axum::handler::Handler::call(crate::bridge::handler, req, gateway).await
+    axum::handler::Handler::call(crate::session::bridge::handler, req, gateway).await
 }
 
 /// The session's event stream (GET), client messages (POST) and their
@@ -220,10 +220,14 @@ async fn stream_or_route(State(gateway): State<Gateway>, req: Request) -> Respon
     }
     let app = gateway.app.clone();
     match *req.method() {
-        axum::http::Method::GET => axum::handler::Handler::call(crate::sse::stream, req, app).await,
-        axum::http::Method::POST => axum::handler::Handler::call(crate::sse::post, req, app).await,
+        axum::http::Method::GET => {
+            axum::handler::Handler::call(crate::session::sse::stream, req, app).await
+        }
+        axum::http::Method::POST => {
+            axum::handler::Handler::call(crate::session::sse::post, req, app).await
+        }
         axum::http::Method::OPTIONS => {
-            axum::handler::Handler::call(crate::sse::preflight, req, app).await
+            axum::handler::Handler::call(crate::session::sse::preflight, req, app).await
         }
         _ => not_allowed(
             "GET, POST, OPTIONS",

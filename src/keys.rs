@@ -53,7 +53,7 @@
 //! `PUBLISH` (`REDIS_CLUSTER_PUBSUB=classic`), `FCALL wsproxy_publish 1
 //! session:{42}:history ...`.
 //!
-//! The `wsproxy_*` Redis Functions (see [`crate::history`]) derive a
+//! The `wsproxy_*` Redis Functions (see [`crate::session::history`]) derive a
 //! session's other names from its `:history` key, in either form, so the
 //! suffixes here and in the library's Lua source must agree (a test checks
 //! they do).

@@ -25,22 +25,19 @@
 //!   no endpoint imports the server.
 //! - [`net`]: binding the listener, socket options.
 //! - [`keys`]: the Redis key and channel schema and the id rule.
-//! - [`redis_conn`]: the shared command connection, standalone or cluster.
+//! - [`redis_conn`]: the shared command connection, standalone or cluster
+//!   ([`cluster`]: a cluster's seeds, slot map and key slots).
 //! - [`close`]: the one table of close codes.
 //! - [`auth`]: bearer-token extraction, the one-round-trip Redis check,
 //!   JWTs, the users file and the token endpoint.
 //! - [`broker`]: the process's single Redis pub/sub connection, with
 //!   reference-counted subscriptions, reconnection and resubscription.
-//! - [`lifecycle`]: connect, resume and disconnect events, presence, and
-//!   the process heartbeat that turns a dead process's connections into
-//!   disconnect events.
-//! - [`control`]: commands from backends (close a session's connections),
-//!   read from the `wsproxy:control:log` stream on each wake-up on
-//!   `wsproxy:control`.
-//! - [`bridge`]: the session endpoint (`/{agent_id}/ws/{session_id}`), and
-//!   the session core both transports share ([`bridge::admit`]).
-//! - [`sse`]: sessions over HTTP (`/{agent_id}/sse/{session_id}`): an event
-//!   stream (Server-Sent Events) and client messages by `POST`.
+//! - [`session`]: the session bridge, one core and two transports:
+//!   the endpoint and its admission ([`session::bridge`], WebSocket),
+//!   sessions over HTTP ([`session::sse`], Server-Sent Events and `POST`),
+//!   reliable sessions ([`session::reliable`], [`session::history`]),
+//!   lifecycle events and presence ([`session::lifecycle`]), and commands
+//!   from backends ([`session::control`]).
 //! - [`pubsub`]: topic pub/sub between clients (`/ws`).
 //! - [`ws`]: the per-connection frame pump both endpoints share.
 //! - [`upstream`]: the reverse proxy to backend WebSocket servers (routes
@@ -69,20 +66,16 @@
 //! ```
 
 pub mod auth;
-pub mod bridge;
 pub mod broker;
 pub mod close;
 pub mod cluster;
 pub mod config;
 pub mod context;
-pub mod control;
 pub mod echo;
 pub mod error;
 pub mod handshake;
-pub mod history;
 pub mod http;
 pub mod keys;
-pub mod lifecycle;
 pub mod logsafe;
 pub mod metrics;
 pub mod net;
@@ -90,9 +83,8 @@ pub mod origin;
 pub mod pubsub;
 pub mod redis_conn;
 pub mod redis_tls;
-pub mod reliable;
 pub mod server;
-pub mod sse;
+pub mod session;
 pub mod status;
 pub mod upstream;
 pub mod ws;

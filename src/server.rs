@@ -219,7 +219,7 @@ pub async fn run(
         tracker: TaskTracker::new(),
         users,
         workers: worker_pool,
-        lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(
+        lifecycle: Arc::new(crate::session::lifecycle::Lifecycle::new(
             &config.lifecycle,
             config.keys(),
         )),
@@ -227,10 +227,12 @@ pub async fn run(
         history_loaded_for: std::sync::atomic::AtomicU64::new(0),
         // Kept twice as long as an admission may take (AUTH_TIMEOUT_SECS
         // bounds its Redis steps).
-        disconnects: Arc::new(crate::control::Recent::new(config.auth_timeout * 2)),
+        disconnects: Arc::new(crate::session::control::Recent::new(
+            config.auth_timeout * 2,
+        )),
         closes: Default::default(),
     });
-    tokio::spawn(crate::control::listen(
+    tokio::spawn(crate::session::control::listen(
         app.broker.clone(),
         app.redis.clone(),
         config.keys(),
@@ -246,7 +248,7 @@ pub async fn run(
             presence = config.lifecycle.presence,
             "lifecycle tracking on"
         );
-        tokio::spawn(crate::lifecycle::keep_alive(
+        tokio::spawn(crate::session::lifecycle::keep_alive(
             app.lifecycle.clone(),
             app.redis.clone(),
             app.broker.clone(),
@@ -473,11 +475,17 @@ async fn keep_libraries(app: Arc<App>) {
         if loaded_at != Some(reconnects) || missing {
             app.history_loaded.store(false, Ordering::SeqCst);
             let limit = app.config.auth_timeout;
-            let control = crate::control::install(&mut redis, app.config.keys(), limit).await;
+            let control =
+                crate::session::control::install(&mut redis, app.config.keys(), limit).await;
             let history = if reliable {
-                crate::history::install(&mut redis, &app.config.reliable, app.config.keys(), limit)
-                    .await
-                    .map_err(|e| e.to_string())
+                crate::session::history::install(
+                    &mut redis,
+                    &app.config.reliable,
+                    app.config.keys(),
+                    limit,
+                )
+                .await
+                .map_err(|e| e.to_string())
             } else {
                 Ok(())
             };

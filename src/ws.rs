@@ -27,8 +27,8 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::broker::{Outbox, Outgoing};
 use crate::context::{App, ConnectionSlot};
-use crate::lifecycle::{Ended, Gone, Tracking};
 use crate::metrics::CloseReason;
+use crate::session::lifecycle::{Ended, Gone, Tracking};
 
 /// Close codes this driver sends (the table is [`crate::close`]).
 pub use crate::close::{
@@ -553,7 +553,7 @@ pub fn remove_later(
             let _ = registering.await;
         }
         let mut pause = REMOVAL_RETRY;
-        let mut progress = crate::lifecycle::Removal::default();
+        let mut progress = crate::session::lifecycle::Removal::default();
         let started = tokio::time::Instant::now();
         let mut attempt = 0u32;
         loop {
@@ -706,13 +706,13 @@ mod tests {
             tracker: Default::default(),
             users: None,
             workers: crate::context::WorkerPool::new(vec![tokio::runtime::Handle::current()]),
-            lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(
+            lifecycle: Arc::new(crate::session::lifecycle::Lifecycle::new(
                 &Default::default(),
                 crate::keys::Keys::Standalone,
             )),
             history_loaded: Default::default(),
             history_loaded_for: Default::default(),
-            disconnects: Arc::new(crate::control::Recent::new(Duration::from_secs(1))),
+            disconnects: Arc::new(crate::session::control::Recent::new(Duration::from_secs(1))),
             closes: Default::default(),
         })
     }

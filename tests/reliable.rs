@@ -1021,7 +1021,7 @@ async fn an_offset_of_another_history_is_unknown_even_between_two_of_this_ones()
         of_b.push(publish(&redis, &b, &n(100 + i)).await);
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
-    let key = |o: &String| wsproxy::history::parse_offset(o).expect("offset");
+    let key = |o: &String| wsproxy::session::history::parse_offset(o).expect("offset");
     let between = of_b[1].clone();
     assert!(key(&of_a[1]) < key(&between) && key(&between) < key(&of_a[2]));
     assert!(!of_a.contains(&between));

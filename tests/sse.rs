@@ -91,7 +91,7 @@ async fn a_plain_stream_carries_each_message_byte_for_byte() {
         let e = sse.next().await;
         assert_eq!((e.event.as_str(), e.data.as_str()), ("message", m));
     }
-    assert_eq!(sse.retry, Some(wsproxy::sse::RETRY_MS));
+    assert_eq!(sse.retry, Some(wsproxy::session::sse::RETRY_MS));
     assert_eq!(server.metric("wsproxy_sse_connections_active").await, 1.0);
     drop(sse);
     wait_metric_eq(&server, "wsproxy_sse_connections_active", 0.0).await;

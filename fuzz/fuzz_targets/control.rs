@@ -12,7 +12,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use wsproxy::control::{Command, DEFAULT_CODE, MAX_CONTROL_BYTES, MAX_REASON_BYTES, parse};
+use wsproxy::session::control::{Command, DEFAULT_CODE, MAX_CONTROL_BYTES, MAX_REASON_BYTES, parse};
 
 /// The top-level keys of an object, duplicates kept.
 struct Keys(Vec<String>);

@@ -19,8 +19,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use wsproxy::history::parse_offset;
-use wsproxy::reliable::{parse_client_message, resume_from};
+use wsproxy::session::history::parse_offset;
+use wsproxy::session::reliable::{parse_client_message, resume_from};
 
 /// The top-level keys of an object, duplicates kept.
 struct Keys(Vec<String>);

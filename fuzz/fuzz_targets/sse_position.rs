@@ -14,8 +14,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsproxy::reliable::resume_from;
-use wsproxy::sse::parse_position;
+use wsproxy::session::reliable::resume_from;
+use wsproxy::session::sse::parse_position;
 
 fuzz_target!(|data: &[u8]| {
     let id = String::from_utf8_lossy(data);

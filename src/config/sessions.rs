@@ -18,7 +18,7 @@ pub struct PubSubConfig {
     pub max_payload_bytes: usize,
 }
 
-/// Reliable sessions (see [`crate::history`] and [`crate::reliable`]).
+/// Reliable sessions (see [`crate::session::history`] and [`crate::session::reliable`]).
 #[derive(Debug, Clone)]
 pub struct ReliableConfig {
     /// Offer the `wsproxy.v1` subprotocol on session connections.
@@ -49,7 +49,7 @@ impl Default for ReliableConfig {
     }
 }
 
-/// What backends learn through Redis (see [`crate::lifecycle`]).
+/// What backends learn through Redis (see [`crate::session::lifecycle`]).
 #[derive(Debug, Clone)]
 pub struct LifecycleConfig {
     /// Append connect, resume and disconnect events to `wsproxy:events`.

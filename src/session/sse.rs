@@ -3,7 +3,7 @@
 //! message.
 //!
 //! A thin writer over the session core: the admission
-//! ([`crate::bridge::admit`]: ids, origin, token, subscription, join or
+//! ([`crate::session::bridge::admit`]: ids, origin, token, subscription, join or
 //! resume, lifecycle registration) and the driver ([`crate::ws::Driver`]:
 //! outbox, replay, slow consumers, close orders, shutdown) are the
 //! WebSocket endpoint's. Only the socket differs: [`SseSocket`] turns the
@@ -35,9 +35,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
-use crate::bridge::{Ask, Transport, validate_id};
 use crate::context::{App, ConnectionSlot};
 use crate::error::{ApiError, Refusal};
+use crate::session::bridge::{Ask, Transport, validate_id};
 
 /// How long a browser waits before it reconnects a stream that ended
 /// (the `retry:` field, sent once at the start).
@@ -116,7 +116,7 @@ async fn open(
         resume,
         transport: Transport::Sse,
     };
-    let driver = crate::bridge::admit(&app, ask, slot).await?;
+    let driver = crate::session::bridge::admit(&app, ask, slot).await?;
     let (socket, body) = pipe(resume.map(|(epoch, offset)| format!("{epoch}:{offset}")));
     tokio::spawn(driver.run(socket));
     let mut response = Response::new(axum::body::Body::from_stream(body));
@@ -163,7 +163,7 @@ fn reliable_asked(app: &App, value: Option<&str>) -> Result<bool, ApiError> {
 /// An event id, `<epoch>:<offset>` (`Last-Event-ID` or `?last_event_id=`),
 /// as the resume's two halves: split at the first colon, each half checked
 /// as a WebSocket resume's `?epoch=&offset=` are
-/// ([`crate::reliable::resume_from`]); `400 invalid_query` otherwise.
+/// ([`crate::session::reliable::resume_from`]); `400 invalid_query` otherwise.
 /// Public for the fuzz target `sse_position`.
 pub fn parse_position(id: &str) -> Result<(&str, &str), ApiError> {
     let (epoch, offset) = id.split_once(':').ok_or_else(|| {
@@ -171,7 +171,7 @@ pub fn parse_position(id: &str) -> Result<(&str, &str), ApiError> {
             "Last-Event-ID (or last_event_id) is <epoch>:<offset>, as an event's id".into(),
         ))
     })?;
-    crate::reliable::resume_from(Some(epoch), Some(offset))?
+    crate::session::reliable::resume_from(Some(epoch), Some(offset))?
         .ok_or_else(|| ApiError::from(Refusal::InvalidQuery("an empty position".into())))
 }
 
@@ -238,20 +238,22 @@ async fn send(
         ),
     )
     .await;
-    crate::bridge::admitted_or_refused(&app, &session_id, &agent_id, checked)?;
+    crate::session::bridge::admitted_or_refused(&app, &session_id, &agent_id, checked)?;
     if reliable {
         let (stored, answer) =
-            crate::reliable::store_message(&app, &mut redis, &session_id, &agent_id, text).await;
+            crate::session::reliable::store_message(&app, &mut redis, &session_id, &agent_id, text)
+                .await;
         app.metrics.session_post(stored.as_str());
         let status = match stored {
-            crate::reliable::Stored::Stored | crate::reliable::Stored::Duplicate => StatusCode::OK,
-            crate::reliable::Stored::IdConflict => StatusCode::CONFLICT,
-            crate::reliable::Stored::Invalid => StatusCode::BAD_REQUEST,
-            crate::reliable::Stored::NotStored => StatusCode::SERVICE_UNAVAILABLE,
+            crate::session::reliable::Stored::Stored
+            | crate::session::reliable::Stored::Duplicate => StatusCode::OK,
+            crate::session::reliable::Stored::IdConflict => StatusCode::CONFLICT,
+            crate::session::reliable::Stored::Invalid => StatusCode::BAD_REQUEST,
+            crate::session::reliable::Stored::NotStored => StatusCode::SERVICE_UNAVAILABLE,
         };
         return Ok(json_response(status, answer));
     }
-    match crate::bridge::publish_up(&app, &mut redis, &session_id, text).await {
+    match crate::session::bridge::publish_up(&app, &mut redis, &session_id, text).await {
         Ok(()) => {
             app.metrics.session_post("published");
             Ok(json_response(
@@ -451,7 +453,7 @@ impl SseSocket {
         match msg {
             Message::Text(text) => {
                 let text = text.as_str();
-                if let Some((offset, data)) = crate::history::split_envelope(text) {
+                if let Some((offset, data)) = crate::session::history::split_envelope(text) {
                     // A resumable stream's message: the id resumes after it.
                     out.put_slice(b"id: ");
                     out.put_slice(self.epoch.as_deref().unwrap_or("").as_bytes());

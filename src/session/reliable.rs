@@ -6,7 +6,7 @@
 //! session:
 //!
 //! - **Down**, the connection carries what the backend published with
-//!   `FCALL wsproxy_publish` (see [`crate::history`]), each message as
+//!   `FCALL wsproxy_publish` (see [`crate::session::history`]), each message as
 //!   `{"type":"message","offset":"<offset>","data":<json>}`. Plain
 //!   `PUBLISH`es on `session:{id}:down` reach plain connections only.
 //! - **First frame**: `{"type":"welcome","epoch":...,"offset":...}`: the
@@ -28,7 +28,7 @@
 //!   with other data: never a false acknowledgement.
 //!
 //! Race-free resume: the connection subscribes to `session:{id}:live`
-//! first, then reads history ([`crate::history::join`]); a message that
+//! first, then reads history ([`crate::session::history::join`]); a message that
 //! arrives both ways is dropped from the live side by its offset
 //! (`ReliableBridge`'s `deliver`). When wsproxy's pub/sub connection drops,
 //! live messages stop until it has resubscribed, and what Redis published
@@ -47,8 +47,8 @@ use serde_json::value::RawValue;
 use crate::broker::Subscription;
 use crate::context::App;
 use crate::error::{ApiError, Refusal, socket_error};
-use crate::history::{self, Joined, UpMessage};
 use crate::metrics::InvalidMessage;
+use crate::session::history::{self, Joined, UpMessage};
 use crate::ws::{HandlerFuture, Reply};
 
 /// The subprotocol of reliable sessions.

@@ -115,9 +115,9 @@ async fn accept(
     // enveloped live channel and then reads its history. Asked for where
     // it is off, it is refused before the token: the client learns the
     // server lacks the feature, whatever its token.
-    let reliable = crate::reliable::requested(&app, &headers)?;
+    let reliable = crate::session::reliable::requested(&app, &headers)?;
     let resume = if reliable {
-        crate::reliable::resume_from(query.epoch.as_deref(), query.offset.as_deref())?
+        crate::session::reliable::resume_from(query.epoch.as_deref(), query.offset.as_deref())?
     } else {
         None
     };
@@ -137,9 +137,10 @@ async fn accept(
     // 4. Upgrade; the driver pumps frames until the connection ends.
     Ok(match admitted {
         SessionDriver::Plain(driver) => ws::upgrade(upgrade, driver),
-        SessionDriver::Reliable(driver) => {
-            ws::upgrade(upgrade.protocols([crate::reliable::PROTOCOL]), driver)
-        }
+        SessionDriver::Reliable(driver) => ws::upgrade(
+            upgrade.protocols([crate::session::reliable::PROTOCOL]),
+            driver,
+        ),
     })
 }
 
@@ -189,7 +190,7 @@ pub enum SessionDriver {
     /// A plain session.
     Plain(Driver<Bridge>),
     /// A reliable session (welcome and replay first).
-    Reliable(Driver<crate::reliable::ReliableBridge>),
+    Reliable(Driver<crate::session::reliable::ReliableBridge>),
 }
 
 impl SessionDriver {
@@ -254,9 +255,14 @@ pub async fn admit(
             .subscribe(&down, outbox.clone(), config.auth_timeout)
             .await?;
         let joined = if reliable {
-            let joined =
-                crate::history::join(&mut redis, keys, session_id, resume, config.auth_timeout)
-                    .await?;
+            let joined = crate::session::history::join(
+                &mut redis,
+                keys,
+                session_id,
+                resume,
+                config.auth_timeout,
+            )
+            .await?;
             Some(joined)
         } else {
             None
@@ -315,14 +321,14 @@ pub async fn admit(
         return Ok(SessionDriver::Plain(with_counters(driver, counters)));
     };
     app.metrics.reliable_connections.inc();
-    let preamble = crate::reliable::preamble(app, session_id, &mut joined);
-    let handler = crate::reliable::ReliableBridge {
+    let preamble = crate::session::reliable::preamble(app, session_id, &mut joined);
+    let handler = crate::session::reliable::ReliableBridge {
         app: app.clone(),
         redis,
         // Whatever the live channel brings up to the history's last offset
         // at the join is in the history: replayed, or (on a fresh join)
         // older than the connection.
-        skip_through: crate::history::parse_offset(&joined.last),
+        skip_through: crate::session::history::parse_offset(&joined.last),
         session_id: session_id.to_owned(),
         agent_id: agent_id.to_owned(),
         _subscription: subscription,
@@ -347,7 +353,7 @@ struct Admitted<'a> {
     raw_query: Option<&'a str>,
     slot: Option<&'a ConnectionSlot>,
     /// `Some` for a reliable connection: how its resume went, if it asked.
-    resume: Option<Option<Result<usize, crate::history::ResumeFailure>>>,
+    resume: Option<Option<Result<usize, crate::session::history::ResumeFailure>>>,
     /// How the connection is served.
     transport: Transport,
 }
@@ -360,25 +366,28 @@ async fn register(
     app: &Arc<App>,
     redis: &mut RedisConn,
     admitted: Admitted<'_>,
-) -> crate::lifecycle::Tracking {
+) -> crate::session::lifecycle::Tracking {
     if !app.lifecycle.enabled() {
-        return crate::lifecycle::Tracking::default();
+        return crate::session::lifecycle::Tracking::default();
     }
     let user_agent = admitted
         .headers
         .get(axum::http::header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(|ua| ua.chars().take(256).collect());
-    let info = crate::lifecycle::ConnectInfo {
+    let info = crate::session::lifecycle::ConnectInfo {
         remote: admitted.slot.map(|s| s.peer),
         user_agent,
         query: app.lifecycle.allowed_query(admitted.raw_query),
         reliable: admitted.resume.is_some(),
-        resume: admitted.resume.flatten().map(|r| crate::lifecycle::Resume {
-            resumed: r.is_ok(),
-            replayed: r.unwrap_or(0),
-            reason: r.err().map(|why| why.as_str()),
-        }),
+        resume: admitted
+            .resume
+            .flatten()
+            .map(|r| crate::session::lifecycle::Resume {
+                resumed: r.is_ok(),
+                replayed: r.unwrap_or(0),
+                reason: r.err().map(|why| why.as_str()),
+            }),
         transport: admitted.transport.as_str(),
     };
     let connection = app.lifecycle.next_connection();
@@ -420,7 +429,7 @@ async fn register(
             ));
         }
     }
-    crate::lifecycle::Tracking {
+    crate::session::lifecycle::Tracking {
         connection,
         registering,
         ..Default::default()
@@ -442,11 +451,11 @@ impl Drop for Pending<'_> {
         if self.connection == 0 {
             return;
         }
-        let gone = crate::lifecycle::Gone {
+        let gone = crate::session::lifecycle::Gone {
             connection: self.connection,
             messages_in: 0,
             messages_out: 0,
-            ended: crate::lifecycle::Ended {
+            ended: crate::session::lifecycle::Ended {
                 code: crate::close::ABNORMAL,
                 reason: crate::metrics::CloseReason::Error.as_str(),
                 duration: std::time::Duration::ZERO,
@@ -470,7 +479,7 @@ fn driver<H: Handler>(
     label: Label,
     slot: Option<ConnectionSlot>,
     preamble: Vec<axum::extract::ws::Message>,
-    tracking: crate::lifecycle::Tracking,
+    tracking: crate::session::lifecycle::Tracking,
 ) -> Driver<H> {
     Driver {
         app: app.clone(),
