@@ -107,7 +107,7 @@ impl AllowedOrigins {
         if self.allows(headers) {
             return Ok(());
         }
-        Err(ApiError::from(Refusal::OriginNotAllowed("WebSocket connections from this page's origin are not allowed (see WS_ALLOWED_ORIGINS)".into())))
+        Err(ApiError::from(Refusal::OriginNotAllowed("Requests from this page's origin are not allowed (WebSockets, event streams and their POSTs) (see WS_ALLOWED_ORIGINS)".into())))
     }
 }
 

@@ -671,6 +671,28 @@ impl Listener {
     }
 }
 
+/// An HTTP/2 request names its host in `:authority` (the URI's), never in
+/// a `Host` header: copied into one, as RFC 9113 (8.3.1) asks of anything
+/// that treats it as HTTP/1.1, so that what reads `Host` (the same-origin
+/// check, forwarded headers) sees the host the request was sent to.
+/// Without it every same-origin request over h2 that carried `Origin` (a
+/// browser's POST) was refused `403 origin_not_allowed`.
+fn host_from_authority<B>(req: &mut Request<B>) {
+    if req.headers().contains_key(axum::http::header::HOST) {
+        return;
+    }
+    let Some(authority) = req.uri().authority() else {
+        return;
+    };
+    let host = match authority.port_u16() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_owned(),
+    };
+    if let Ok(value) = axum::http::HeaderValue::from_str(&host) {
+        req.headers_mut().insert(axum::http::header::HOST, value);
+    }
+}
+
 /// The router as hyper's service for one connection: each request carries
 /// the connection's slot (its peer, its place in `MAX_CONNECTIONS`).
 fn service(
@@ -684,6 +706,7 @@ fn service(
 > + Clone {
     hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(slot.clone());
+        host_from_authority(&mut req);
         let router = router.clone();
         async move {
             Ok::<_, Infallible>(
@@ -746,5 +769,40 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http2_authority_becomes_the_host_header() {
+        let host = |uri: &str, header: Option<&str>| {
+            let mut req = Request::builder().uri(uri);
+            if let Some(h) = header {
+                req = req.header("host", h);
+            }
+            let mut req = req.body(()).expect("request");
+            host_from_authority(&mut req);
+            req.headers()
+                .get("host")
+                .map(|h| h.to_str().expect("ascii").to_owned())
+        };
+        assert_eq!(
+            host("https://gw.example:8443/a/sse/s", None).as_deref(),
+            Some("gw.example:8443")
+        );
+        assert_eq!(
+            host("https://gw.example/x", None).as_deref(),
+            Some("gw.example")
+        );
+        assert_eq!(host("https://[::1]:9/x", None).as_deref(), Some("[::1]:9"));
+        // A Host header (HTTP/1.1) is the client's word: kept.
+        assert_eq!(
+            host("https://other.example/x", Some("gw.example")).as_deref(),
+            Some("gw.example")
+        );
+        assert_eq!(host("/x", None), None);
     }
 }

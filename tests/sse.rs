@@ -727,6 +727,21 @@ async fn over_tls_event_streams_and_posts_share_one_http2_connection() {
     let response = sender.send_request(post).await.expect("post");
     assert_eq!(response.status(), 200);
     assert_eq!(next_published(&mut up).await, r#"{"h2":true}"#);
+    // A browser's POST carries `Origin`; over h2 the host is in
+    // `:authority` (no `Host` header): the same origin is allowed (it was
+    // refused 403 origin_not_allowed), another is not.
+    for (origin, status) in [("https://localhost", 200), ("https://evil.example", 403)] {
+        let post = hyper::Request::post(format!("https://localhost{}", path(&session, "")))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("origin", origin)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"{\"origin\":true}",
+            )))
+            .expect("request");
+        let response = sender.send_request(post).await.expect("post");
+        assert_eq!(response.status(), status, "{origin}");
+    }
+    assert_eq!(next_published(&mut up).await, r#"{"origin":true}"#);
 
     // A WebSocket client offers http/1.1 only, and upgrades as ever.
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
