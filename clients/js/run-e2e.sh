@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Real-browser end-to-end tests of clients/js (jwt_utils.js, the demo page,
 # session.js) against a wsproxy that is ALREADY RUNNING (this script does not
-# start wsproxy or Redis for them), then the test of sessions over HTTP
-# (test/sse-e2e.mjs), which starts its own redis-server and wsproxy
+# start wsproxy or Redis for them), then the tests of sessions over HTTP
+# (test/sse-e2e.mjs) and over TLS with HTTP/2 (test/sse-h2-e2e.mjs, which
+# needs openssl), which start their own redis-server and wsproxy
 # processes from the binary WSPROXY_BIN (default ../../target/debug/wsproxy
 # from this directory: build it first with cargo build --bin wsproxy).
 #
@@ -68,6 +69,11 @@ node test/session-e2e.mjs
 # restarted wsproxy, a revoke, and session.js with transport 'sse'.
 WSPROXY_BIN=$(realpath -m "${WSPROXY_BIN:-../../target/debug/wsproxy}")
 [[ -x "$WSPROXY_BIN" ]] || fail "WSPROXY_BIN=$WSPROXY_BIN is not an executable (cargo build --bin wsproxy)"
-command -v redis-server >/dev/null || fail "redis-server is not on PATH (the SSE test starts its own)"
+command -v redis-server >/dev/null || fail "redis-server is not on PATH (the SSE tests start their own)"
 export WSPROXY_BIN
-exec node test/sse-e2e.mjs
+node test/sse-e2e.mjs
+# Sessions over TLS with HTTP/2: two EventSources, POSTs and a WebSocket
+# from a page served by wsproxy itself, with a throwaway self-signed
+# certificate made by openssl.
+command -v openssl >/dev/null || fail "openssl is not on PATH (the HTTP/2 test makes its certificate with it: apt-get install openssl)"
+exec node test/sse-h2-e2e.mjs
