@@ -360,11 +360,11 @@ async function run() {
   const { port: redisPort, client: redis } = await startRedis();
   const port = await freePort();
   const origin = `https://127.0.0.1:${port}`;
-  // WS_ALLOWED_ORIGINS names the page's own origin. The default (same
-  // origin only: Origin against the Host header) is not enough over
-  // HTTP/2, where a browser sends :authority and no Host header, so a
-  // same-origin POST (which carries Origin) would be refused.
-  const wsproxy = await startWsproxy(port, redisPort, cert, { WS_ALLOWED_ORIGINS: origin });
+  // The default origin rule (same origin only): over HTTP/2 a browser
+  // names the host in :authority, never in a Host header, and wsproxy must
+  // still see the page's POSTs (which carry Origin) as same-origin (they
+  // were refused 403 origin_not_allowed until it copied :authority).
+  const wsproxy = await startWsproxy(port, redisPort, cert, {});
   say(`openssl certificate for 127.0.0.1 in ${started.tmp}; redis-server on ${redisPort}; wsproxy ${WSPROXY_BIN} on ${origin} (ready in ${wsproxy.readyMs} ms)`);
 
   started.browser = await chromium.launch({
