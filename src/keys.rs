@@ -11,7 +11,7 @@
 //! | `session:<id>:down` | channel | the backend publishes, wsproxy subscribes |
 //! | `session:<id>:up` | channel | wsproxy publishes client messages |
 //! | `pubsub:<session>:<topic>` | channel | topic pub/sub, both ways |
-//! | `session:<id>:history` | stream of down messages (field `d`), with a TTL | `wsproxy_publish`; read on resume |
+//! | `session:<id>:history` | stream of down messages (field `d`), with a TTL | `wsproxy_publish` (or `_batch`); read on resume |
 //! | `session:<id>:epoch` | hash (`epoch`, `trimmed`: the newest offset trimmed), with the history's TTL | `wsproxy_publish` and `wsproxy_join` |
 //! | `session:<id>:live` | channel of enveloped down messages | `wsproxy_publish`; reliable connections subscribe |
 //! | `wsproxy:up:<n>` | stream of client messages of reliable sessions | wsproxy; backend workers read it with a consumer group |

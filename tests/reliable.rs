@@ -1076,3 +1076,100 @@ async fn an_offset_of_another_history_is_unknown_even_between_two_of_this_ones()
     let (_, welcome) = connect(&server, &c, Some((&epoch, &offsets[99]))).await;
     assert_eq!(welcome["reason"], "trimmed", "{welcome}");
 }
+
+/// `FCALL wsproxy_publish_batch`: the offsets, or Redis' error text.
+async fn publish_batch(
+    redis: &Redis,
+    session: &str,
+    payloads: &[String],
+) -> Result<Vec<String>, String> {
+    let mut c = redis.conn().await;
+    redis::cmd("FCALL")
+        .arg("wsproxy_publish_batch")
+        .arg(1)
+        .arg(format!("session:{session}:history"))
+        .arg(payloads)
+        .query_async(&mut c)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A reply streamed token by token can be published many messages to a
+/// call: each is stored, enveloped and published as if published alone,
+/// in order; one that is not fit fails the whole call, and nothing of it
+/// is stored or delivered.
+#[tokio::test]
+async fn a_batch_publish_is_many_publishes_in_one_call_all_or_nothing() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |c| c.reliable.history_max_len = 5000).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    let (mut ws, welcome) = connect(&server, &session, None).await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let mut plain = server.connect(&session, TOKEN).await;
+
+    let first: Vec<String> = (1..=50).map(n).collect();
+    let offsets = publish_batch(&redis, &session, &first)
+        .await
+        .expect("batch");
+    assert_eq!(offsets.len(), 50);
+    for (i, offset) in offsets.iter().enumerate() {
+        let frame = next_json(&mut ws).await;
+        assert_eq!(frame["offset"], offset.as_str(), "{frame}");
+        assert_eq!(frame["data"]["n"], i as u64 + 1, "{frame}");
+        assert_eq!(next_text(&mut plain).await, first[i]);
+    }
+    let last = offsets[49].clone();
+    drop(ws);
+
+    // Not fit, in the middle: an error naming it, and nothing published.
+    let mut bad = (51..=60).map(n).collect::<Vec<_>>();
+    bad[4] = "{\"a\":NaN}".into();
+    let err = publish_batch(&redis, &session, &bad)
+        .await
+        .expect_err("refused");
+    assert!(
+        err.contains("message 5: the message must be JSON")
+            && err.contains("nothing was published"),
+        "{err}"
+    );
+    bad[4] = "\"\u{1}\"".into();
+    let err = publish_batch(&redis, &session, &bad)
+        .await
+        .expect_err("refused");
+    assert!(
+        err.contains("message 5: the message must be JSON: control"),
+        "{err}"
+    );
+    assert_silent(&mut plain, Duration::from_millis(200)).await;
+    for wrong in [vec![], vec![n(1); 1001]] {
+        let err = publish_batch(&redis, &session, &wrong)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.contains("takes one key and 1 to 1000 messages"),
+            "{err}"
+        );
+    }
+    let err = publish_batch(&redis, "../x", &first)
+        .await
+        .expect_err("refused");
+    assert!(err.contains("session:<id>:history"), "{err}");
+
+    // A single publish and a batch share one history: the resume after
+    // the batch gets exactly what followed it.
+    publish(&redis, &session, &n(51)).await;
+    let more: Vec<String> = (52..=60).map(n).collect();
+    publish_batch(&redis, &session, &more).await.expect("batch");
+    let (mut ws, welcome) = connect(&server, &session, Some((&epoch, &last))).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["replayed"].as_u64()),
+        (Some(true), Some(10)),
+        "{welcome}"
+    );
+    assert_eq!(
+        numbers_until(&mut ws, 60).await.0,
+        (51..=60).collect::<Vec<_>>()
+    );
+    assert_silent(&mut ws, Duration::from_millis(200)).await;
+}

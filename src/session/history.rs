@@ -15,6 +15,10 @@
 //!   `session:{id}:down` for plain ones, and returns its offset (the stream
 //!   entry's id). The payload must be JSON in UTF-8, control characters
 //!   in strings escaped: reliable clients get it inside a JSON envelope.
+//! - `FCALL wsproxy_publish_batch 1 session:{id}:history <json> ...`: the
+//!   same for 1 to 1,000 messages of one session in one call, all or none;
+//!   the per-call work (the new-history check, the trim, the expiries) is
+//!   done once, which is most of a single publish's cost in Redis.
 //! - `FCALL wsproxy_join 1 session:{id}:history <epoch> <offset>`: wsproxy's
 //!   own, when a reliable connection has subscribed to `:live`. It returns
 //!   the history's epoch (created if there is none yet), the last offset,
@@ -181,8 +185,7 @@ end
 -- records the newest offset trimmed (Redis' own approximate trimming
 -- does not say what it removed, and a resume must know).
 local SLACK = 100
-local function trim(history, base)
-  local len = redis.call('XLEN', history)
+local function trim(history, base, len)
   if len <= MAX_LEN + SLACK then return end
   local cut = redis.call('XRANGE', history, '-', '+', 'COUNT', len - MAX_LEN)
   local through = cut[#cut][1]
@@ -282,39 +285,81 @@ local function stream_info(history)
   return out
 end
 
-redis.register_function('wsproxy_publish', function(keys, args)
-  local history, payload = keys[1], args[1]
-  if not payload or #args ~= 1 then
-    return redis.error_reply('ERR wsproxy_publish takes one key and one message')
-  end
-  local base = base_of(history)
+-- Why a message cannot be published, or nil.
+local function rejected(payload)
   local why = unfit(payload)
-  if why then return redis.error_reply('ERR wsproxy_publish: ' .. why) end
+  if why then return why end
   -- Strict JSON: Redis' cjson otherwise takes NaN, Infinity and hex
   -- numbers, which a client's JSON parser would refuse in the envelope.
-  pcall(cjson.decode_invalid_numbers, false)
-  if not pcall(cjson.decode, payload) then
-    return redis.error_reply('ERR wsproxy_publish: the message must be JSON')
+  if not pcall(cjson.decode, payload) then return 'the message must be JSON' end
+  return nil
+end
+
+-- Appends messages first..last of args to the history and publishes each
+-- (the envelope on :live for reliable clients, the bare message on :down),
+-- then does the per-call work once: the new-history check, the trim, the
+-- expiries. Returns the offsets.
+local function publish(history, base, args, first, last)
+  local ids = {}
+  local live, down = base .. ':live', base .. ':down'
+  for i = first, last do
+    local id = redis.call('XADD', history, '*', 'd', args[i])
+    redis.call(PUBLISH, live, envelope(id, args[i]))
+    redis.call(PUBLISH, down, args[i])
+    ids[#ids + 1] = id
   end
-  -- A history that is gone while its epoch is not (deleted, or evicted on
-  -- its own under memory pressure) starts again under a new epoch: its
-  -- offsets must not look like a continuation of the old ones. The epoch
-  -- remembers that it had a history ('started'); one made by a join
-  -- before anything was published keeps.
-  if redis.call('EXISTS', history) == 0 then
+  local len = redis.call('XLEN', history)
+  -- Only what was just added: the history was gone (expired, deleted,
+  -- evicted, or emptied by XDEL) while its epoch may not be. It starts
+  -- again under a new epoch, so that its offsets cannot look like a
+  -- continuation of the old ones. The epoch remembers that it had a
+  -- history ('started'); one made by a join before anything was
+  -- published keeps.
+  if len == #ids then
     if redis.call('HEXISTS', base .. ':epoch', 'started') == 1 then
       redis.call('DEL', base .. ':epoch')
     end
     epoch_of(base)
     redis.call('HSET', base .. ':epoch', 'started', '1')
   end
-  local id = redis.call('XADD', history, '*', 'd', payload)
-  trim(history, base)
+  trim(history, base, len)
   redis.call('PEXPIRE', history, TTL_MS)
   redis.call('PEXPIRE', base .. ':epoch', TTL_MS)
-  redis.call(PUBLISH, base .. ':live', envelope(id, payload))
-  redis.call(PUBLISH, base .. ':down', payload)
-  return id
+  return ids
+end
+
+redis.register_function('wsproxy_publish', function(keys, args)
+  local history, payload = keys[1], args[1]
+  if not payload or #args ~= 1 or #keys ~= 1 then
+    return redis.error_reply('ERR wsproxy_publish takes one key and one message')
+  end
+  local base = base_of(history)
+  pcall(cjson.decode_invalid_numbers, false)
+  local why = rejected(payload)
+  if why then return redis.error_reply('ERR wsproxy_publish: ' .. why) end
+  return publish(history, base, args, 1, 1)[1]
+end)
+
+-- Many messages of one session in one call (a reply streamed token by
+-- token): all stored and published in order, or none when one is not
+-- fit (the error names the first such message, counting from 1).
+local MAX_BATCH = 1000
+redis.register_function('wsproxy_publish_batch', function(keys, args)
+  local history = keys[1]
+  if #keys ~= 1 or #args < 1 or #args > MAX_BATCH then
+    return redis.error_reply('ERR wsproxy_publish_batch takes one key and 1 to '
+      .. MAX_BATCH .. ' messages')
+  end
+  local base = base_of(history)
+  pcall(cjson.decode_invalid_numbers, false)
+  for i = 1, #args do
+    local why = rejected(args[i])
+    if why then
+      return redis.error_reply('ERR wsproxy_publish_batch: message ' .. i .. ': ' .. why
+        .. ' (nothing was published)')
+    end
+  end
+  return publish(history, base, args, 1, #args)
 end)
 
 redis.register_function('wsproxy_join', function(keys, args)
