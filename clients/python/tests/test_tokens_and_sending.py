@@ -122,3 +122,71 @@ async def test_send_reliable_without_the_function_says_why(workdir, sid):
     finally:
         await r.aclose()
         bare.stop()
+
+
+async def test_send_reliable_many_is_many_send_reliable_in_one_call(wsproxy: Wsproxy, wsproxy_server, redis, sid):
+    token = await wsproxy.issue_token(sid)
+    async with client(wsproxy_server.ws, sid, token, reliable=True) as rel:
+        await welcome(rel)
+        offsets = await wsproxy.send_reliable_many(sid, [{"n": i} for i in range(5)])
+        got = [await recv_json(rel) for _ in range(5)]
+        assert got == [{"type": "message", "offset": o, "data": {"n": i}} for i, o in enumerate(offsets)]
+        # All or nothing, and the error names the message.
+        with pytest.raises(WsproxyError, match="message 2: the message must be JSON"):
+            await wsproxy.send_reliable_many_raw(sid, ['{"n":5}', "not json", '{"n":7}'])
+        assert await redis.xlen(f"session:{sid}:history") == 5
+        with pytest.raises(ValueError):
+            await wsproxy.send_reliable_many(sid, [])
+
+
+async def test_a_reliable_stream_batches_what_comes_faster_than_redis_answers(wsproxy: Wsproxy, wsproxy_server, sid):
+    token = await wsproxy.issue_token(sid)
+    async with client(wsproxy_server.ws, sid, token, reliable=True) as rel:
+        await welcome(rel)
+        async with wsproxy.reliable_stream(sid) as stream:
+            futures = [stream.send({"n": i}) for i in range(300)]
+        offsets = [f.result() for f in futures]
+        # 300 sent without waiting: far fewer calls than messages.
+        assert stream.stored == 300 and stream.calls < 10, (stream.calls, stream.stored)
+        got = [await recv_json(rel) for _ in range(300)]
+        assert [m["data"]["n"] for m in got] == list(range(300))
+        assert [m["offset"] for m in got] == offsets
+        # One at a time when each is awaited: nothing waits for a batch to fill.
+        async with wsproxy.reliable_stream(sid) as stream:
+            for i in range(3):
+                assert await stream.send({"n": 300 + i})
+        assert stream.calls == 3
+        assert [(await recv_json(rel))["data"]["n"] for _ in range(3)] == [300, 301, 302]
+        # A failed call fails its messages and the flush; later ones still go.
+        stream = wsproxy.reliable_stream(sid, max_batch=2)
+        bad = stream.send_raw("not json")
+        good = stream.send({"n": 303})
+        later = stream.send({"n": 304})
+        with pytest.raises(WsproxyError, match="must be JSON"):
+            await stream.flush()
+        assert bad.exception() is not None and good.exception() is not None
+        assert (await later).count("-") == 1
+        assert (await recv_json(rel))["data"]["n"] == 304
+
+
+async def test_a_reliable_stream_falls_back_to_one_publish_a_message_on_an_older_library(
+    wsproxy: Wsproxy, wsproxy_server, redis, sid
+):
+    """During a rolling upgrade an older wsproxy may have loaded its library (no batch function) last."""
+    lib = await redis.function_list(library="wsproxy", withcode=True)
+    entry = dict(zip(lib[0][::2], lib[0][1::2], strict=True))
+    code = entry["library_code"]
+    older = code.replace("register_function('wsproxy_publish_batch'", "register_function('not_wsproxy_publish_batch'")
+    assert older != code
+    token = await wsproxy.issue_token(sid)
+    try:
+        await redis.function_load(older, replace=True)
+        fresh = Wsproxy(wsproxy.redis)
+        async with client(wsproxy_server.ws, sid, token, reliable=True) as rel:
+            await welcome(rel)
+            offsets = await fresh.send_reliable_many(sid, [{"n": 1}, {"n": 2}])
+            assert [await recv_json(rel) for _ in range(2)] == [
+                {"type": "message", "offset": o, "data": {"n": n}} for n, o in zip([1, 2], offsets, strict=True)
+            ]
+    finally:
+        await redis.function_load(code, replace=True)

@@ -32,6 +32,7 @@ from .client import (
 from .consumers import ClientMessages, Events, GroupConsumer, PlainClientMessages, SessionEvents, Subscription
 from .keys import RELIABLE_PROTOCOL, Names, up_shard, valid_id
 from .models import ClientMessage, Event, PresenceEntry, WsproxyError
+from .stream import ReliableStream
 
 __all__ = [
     "ALLOWED_CLOSE_CODES",
@@ -46,6 +47,7 @@ __all__ = [
     "Names",
     "PlainClientMessages",
     "PresenceEntry",
+    "ReliableStream",
     "SessionEvents",
     "Subscription",
     "Wsproxy",
