@@ -71,6 +71,13 @@ struct Common {
     /// Handshakes in flight at once.
     #[arg(long, global = true, default_value_t = 200)]
     concurrency: usize,
+    /// Reliable target: messages a call. 1 publishes each with `FCALL
+    /// wsproxy_publish`; K > 1 sends K consecutive messages of one session
+    /// in one `FCALL wsproxy_publish_batch` (a reply streamed token by
+    /// token, as the Python library's `reliable_stream` sends it); message
+    /// i then goes to session (i / K) mod N.
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    per_call: u16,
     /// Append each report as a JSON line to this file.
     #[arg(long, global = true)]
     json: Option<std::path::PathBuf>,
@@ -273,6 +280,7 @@ fn target(which: Which, c: &Common) -> anyhow::Result<Target> {
         Which::Reliable => Target::Reliable {
             ws: c.wsproxy.clone(),
             redis: c.redis.clone(),
+            per_call: c.per_call.into(),
         },
     })
 }

@@ -49,6 +49,10 @@ pub enum Target {
         ws: String,
         /// The Redis wsproxy uses.
         redis: String,
+        /// Messages a publish call (`--per-call`): 1 is `wsproxy_publish`,
+        /// more is `wsproxy_publish_batch` of consecutive messages of one
+        /// session.
+        per_call: usize,
     },
     /// wsproxy's session bridge on a Redis Cluster (`REDIS_CLUSTER_NODES`):
     /// tokens with `SETEX session:{<id>}:auth`, messages with `SPUBLISH
@@ -76,7 +80,8 @@ impl Target {
             Target::Wsproxy { .. } => "wsproxy".into(),
             Target::Nchan { .. } => "nchan".into(),
             Target::Hub { .. } => "wsproxy-hub".into(),
-            Target::Reliable { .. } => "wsproxy-reliable".into(),
+            Target::Reliable { per_call: 1, .. } => "wsproxy-reliable".into(),
+            Target::Reliable { per_call, .. } => format!("wsproxy-reliable-x{per_call}"),
             Target::WsproxyCluster { pubsub, .. } => match pubsub {
                 cluster::PubSub::Sharded => "wsproxy-cluster".into(),
                 cluster::PubSub::Classic => "wsproxy-cluster-classic".into(),
@@ -495,7 +500,10 @@ pub(crate) async fn publish(
         Target::WsproxyCluster { nodes, .. } => Some(ClusterBackend::connect(nodes).await?),
         _ => None,
     };
-    let reliable = matches!(target, Target::Reliable { .. });
+    let per_call = match target {
+        Target::Reliable { per_call, .. } => Some((*per_call).max(1) as u64),
+        _ => None,
+    };
     let mut nchan_connections = Vec::new();
     if let Target::Nchan { http } = target {
         for _ in 0..16 {
@@ -528,19 +536,40 @@ pub(crate) async fn publish(
                     if rate > 0.0 {
                         lag = u64::max(lag, now - due(i));
                     }
-                    let name = &names[(i as usize) % names.len()];
-                    if reliable {
-                        pipe.cmd("FCALL")
-                            .arg("wsproxy_publish")
-                            .arg(1)
-                            .arg(name)
-                            .arg(message(t, i))
-                            .ignore();
-                    } else {
-                        pipe.cmd("PUBLISH").arg(name).arg(message(t, i)).ignore();
+                    match per_call {
+                        None => {
+                            let name = &names[(i as usize) % names.len()];
+                            pipe.cmd("PUBLISH").arg(name).arg(message(t, i)).ignore();
+                            i += 1;
+                            batch += 1;
+                        }
+                        Some(1) => {
+                            let name = &names[(i as usize) % names.len()];
+                            pipe.cmd("FCALL")
+                                .arg("wsproxy_publish")
+                                .arg(1)
+                                .arg(name)
+                                .arg(message(t, i))
+                                .ignore();
+                            i += 1;
+                            batch += 1;
+                        }
+                        Some(k) => {
+                            // The rest of session (i / k)'s run of k, all
+                            // due by now (at a rate, a run is sent as soon
+                            // as its first message is due).
+                            let name = &names[((i / k) as usize) % names.len()];
+                            let end = u64::min(m, (i / k + 1) * k);
+                            let mut call = redis::cmd("FCALL");
+                            call.arg("wsproxy_publish_batch").arg(1).arg(name);
+                            while i < end {
+                                call.arg(message(t, i));
+                                i += 1;
+                                batch += 1;
+                            }
+                            pipe.add_command(call).ignore();
+                        }
                     }
-                    i += 1;
-                    batch += 1;
                 }
                 if batch == 0 {
                     let wait = due(i).saturating_sub(now_us());
@@ -695,6 +724,19 @@ pub(crate) async fn collect(
     (count, hist, last)
 }
 
+/// How many of M messages session `j` of N gets from [`publish`]: runs of
+/// `per_call` (1 but for a batching reliable target) round robin.
+fn expected(target: &Target, m: u64, n: usize, j: usize) -> u64 {
+    let k = match target {
+        Target::Reliable { per_call, .. } => (*per_call).max(1) as u64,
+        _ => 1,
+    };
+    let (n, j) = (n.max(1) as u64, j as u64);
+    let (runs, rest) = (m / k, m % k);
+    let mine = runs / n + u64::from(j < runs % n);
+    k * mine + if runs % n == j { rest } else { 0 }
+}
+
 /// `down`: N sessions, one client each; M messages round robin.
 pub async fn down(
     target: &Target,
@@ -717,10 +759,7 @@ pub async fn down(
     let receivers: Vec<_> = sockets
         .into_iter()
         .enumerate()
-        .map(|(i, ws)| {
-            let expected = m / n as u64 + u64::from((i as u64) < m % n as u64);
-            receive(ws, expected, stop.clone(), None)
-        })
+        .map(|(i, ws)| receive(ws, expected(target, m, n, i), stop.clone(), None))
         .collect();
     let (t0, published, pub_errors, lag, spread) = publish(target, &chans, m, rate).await?;
     let expected_end = Duration::from_secs_f64(if rate > 0.0 { m as f64 / rate } else { 0.0 });
@@ -1013,6 +1052,7 @@ pub async fn resume(
     let target = Target::Reliable {
         ws: ws_base.to_owned(),
         redis: redis.to_owned(),
+        per_call: 1,
     };
     let chans = channels("r", n);
     target.prepare(&chans).await?;
@@ -1091,4 +1131,26 @@ pub async fn resume(
         ..Report::default()
     }
     .with_latency(&hist))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_is_expected_by_exactly_one_session() {
+        for (k, m, n) in [(1, 100_000, 1000), (16, 100_000, 1000), (7, 1003, 10), (5, 3, 4)] {
+            let target = Target::Reliable {
+                ws: String::new(),
+                redis: String::new(),
+                per_call: k,
+            };
+            let mut by_session = vec![0u64; n];
+            for i in 0..m {
+                by_session[((i / k as u64) % n as u64) as usize] += 1;
+            }
+            let got: Vec<u64> = (0..n).map(|j| expected(&target, m, n, j)).collect();
+            assert_eq!(got, by_session, "k {k} m {m} n {n}");
+        }
+    }
 }

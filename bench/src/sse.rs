@@ -378,6 +378,7 @@ pub async fn resume(
     let target = Target::Reliable {
         ws: ws.to_owned(),
         redis: redis.to_owned(),
+        per_call: 1,
     };
     let http = http_of(ws);
     let chans = scenarios::channels("sr", n);
