@@ -34,6 +34,7 @@ import { randomBytes } from 'node:crypto';
 import { isDeepStrictEqual } from 'node:util';
 import { chromium } from 'playwright-core';
 import WebSocket from 'ws';
+import { TestFailure, check, requireEnv } from './harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const LIB_PATH = path.resolve(HERE, '..', 'jwt_utils.js');
@@ -43,17 +44,6 @@ const TIMEOUT_MS = Number(process.env.E2E_TIMEOUT_MS || 60_000);
 const STEP_TIMEOUT_MS = 10_000;
 
 const log = (msg) => console.log(`[e2e] ${msg}`);
-
-class TestFailure extends Error {}
-function check(cond, msg) {
-  if (!cond) throw new TestFailure(msg);
-}
-
-function requireEnv(name) {
-  const v = process.env[name];
-  if (!v) throw new TestFailure(`environment variable ${name} is required`);
-  return v;
-}
 
 // ---------------------------------------------------------------------------
 // The test page and the static server that serves it.

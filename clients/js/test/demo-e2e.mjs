@@ -18,11 +18,11 @@
 // log panels and the browser console on stderr).
 
 import { spawn } from 'node:child_process';
-import net from 'node:net';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import { TestFailure, check, describeFailure, freePort, requireEnv as env, runMain } from './harness.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CHROMIUM_PATH = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
@@ -31,32 +31,10 @@ const STEP_MS = 10_000;
 
 const say = (msg) => console.log(`[demo-e2e] ${msg}`);
 
-class TestFailure extends Error {}
-function check(cond, msg) {
-  if (!cond) throw new TestFailure(msg);
-}
-
-function env(name) {
-  const v = process.env[name];
-  if (!v) throw new TestFailure(`environment variable ${name} is required`);
-  return v;
-}
-
 /** What is started, so that cleanup can stop it. */
 const started = { server: null, browser: null };
 /** Collected for the failure report. */
 const report = { serverLog: [], tabs: [] };
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
 
 /** `python3 -m http.server` on clients/js, as the README tells a newcomer. */
 async function startStaticServer(port) {
@@ -229,7 +207,7 @@ async function cleanup() {
 }
 
 async function reportFailure(err) {
-  console.error(`\n[demo-e2e] FAILED: ${err instanceof TestFailure ? err.message : err && err.stack ? err.stack : err}`);
+  console.error(`\n[demo-e2e] FAILED: ${describeFailure(err)}`);
   for (const tab of report.tabs) {
     const lines = await tab.page.locator('#log li').allTextContents().catch(() => ['(log unreadable)']);
     console.error(`[demo-e2e] ${tab.label} log panel:\n  ${lines.join('\n  ') || '(empty)'}`);
@@ -239,27 +217,4 @@ async function reportFailure(err) {
   if (report.serverLog.length) console.error(`[demo-e2e] http.server:\n  ${report.serverLog.slice(-30).join('\n  ')}`);
 }
 
-let finished = false;
-async function finish(code, err) {
-  if (finished) return;
-  finished = true;
-  const hardStop = setTimeout(() => process.exit(1), 20_000);
-  if (err) await reportFailure(err);
-  await cleanup().catch((e) => console.error(`[demo-e2e] cleanup: ${e.message}`));
-  clearTimeout(hardStop);
-  if (code === 0) say('PASS');
-  process.exit(code);
-}
-
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => finish(1, new TestFailure(`interrupted by ${sig}`)));
-const overall = setTimeout(() => finish(1, new TestFailure(`the test did not finish within ${TIMEOUT_MS} ms`)), TIMEOUT_MS);
-run().then(
-  () => {
-    clearTimeout(overall);
-    return finish(0);
-  },
-  (err) => {
-    clearTimeout(overall);
-    return finish(1, err);
-  },
-);
+runMain({ tag: 'demo-e2e', run, cleanup, report: reportFailure, timeoutMs: TIMEOUT_MS, hardStopMs: 20_000 });

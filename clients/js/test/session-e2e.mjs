@@ -54,6 +54,18 @@ import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { chromium } from 'playwright-core';
 import { WebSocketServer } from 'ws';
+import {
+  TestFailure,
+  Redis,
+  check,
+  describeFailure,
+  freePort,
+  makeUntil,
+  printDiagnostics,
+  requireEnv as env,
+  runMain,
+  sleep,
+} from './harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const LIB_PATH = path.resolve(HERE, '..', 'session.js');
@@ -63,144 +75,7 @@ const STEP_MS = 10_000;
 const AGENT = 'browser-e2e';
 
 const say = (msg) => console.log(`[session-e2e] ${msg}`);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-class TestFailure extends Error {}
-function check(cond, msg) {
-  if (!cond) throw new TestFailure(msg);
-}
-function env(name) {
-  const v = process.env[name];
-  if (!v) throw new TestFailure(`environment variable ${name} is required`);
-  return v;
-}
-
-/** Polls `probe` until it returns something truthy; fails with `what` and `detail()`. */
-async function until(what, probe, detail = async () => '', timeoutMs = STEP_MS) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const got = await probe();
-    if (got) return got;
-    if (Date.now() > deadline) throw new TestFailure(`${what}: not within ${timeoutMs} ms; ${await detail()}`);
-    await sleep(20);
-  }
-}
-
-// ---------------------------------------------------------------------------
-// A minimal Redis client (RESP2): commands on one connection, answered in
-// order; on a connection that subscribed, pushed messages go to onMessage.
-
-class RedisReplyError extends Error {}
-
-function parseReply(buf, start) {
-  if (start >= buf.length) return undefined;
-  const eol = buf.indexOf('\r\n', start);
-  if (eol < 0) return undefined;
-  const kind = String.fromCharCode(buf[start]);
-  const line = buf.toString('utf8', start + 1, eol);
-  const next = eol + 2;
-  switch (kind) {
-    case '+':
-      return { value: line, end: next };
-    case '-':
-      return { value: new RedisReplyError(line), end: next };
-    case ':':
-      return { value: Number(line), end: next };
-    case '$': {
-      const n = Number(line);
-      if (n < 0) return { value: null, end: next };
-      if (buf.length < next + n + 2) return undefined;
-      return { value: buf.toString('utf8', next, next + n), end: next + n + 2 };
-    }
-    case '*': {
-      const n = Number(line);
-      if (n < 0) return { value: null, end: next };
-      const items = [];
-      let at = next;
-      for (let i = 0; i < n; i += 1) {
-        const item = parseReply(buf, at);
-        if (item === undefined) return undefined;
-        items.push(item.value);
-        at = item.end;
-      }
-      return { value: items, end: at };
-    }
-    default:
-      throw new TestFailure(`redis: a reply starting with ${JSON.stringify(kind)}`);
-  }
-}
-
-class Redis {
-  static async connect(redisUrl) {
-    const u = new URL(redisUrl);
-    check(u.protocol === 'redis:', `REDIS_URL must be redis://host:port (got ${redisUrl})`);
-    const sock = net.connect(Number(u.port || 6379), u.hostname || '127.0.0.1');
-    await new Promise((resolve, reject) => {
-      sock.once('connect', resolve);
-      sock.once('error', (e) => reject(new TestFailure(`redis at ${u.host}: ${e.message}`)));
-    });
-    const client = new Redis(sock);
-    if (u.password) {
-      const auth = u.username ? [decodeURIComponent(u.username)] : [];
-      await client.command('AUTH', ...auth, decodeURIComponent(u.password));
-    }
-    const db = u.pathname.replace(/^\//, '');
-    if (db) await client.command('SELECT', db);
-    return client;
-  }
-
-  constructor(sock) {
-    this.sock = sock;
-    this.buf = Buffer.alloc(0);
-    this.waiting = [];
-    this.onMessage = null;
-    this.broken = null;
-    sock.on('data', (chunk) => {
-      this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
-      this.drain();
-    });
-    sock.on('error', (e) => this.fail(e));
-    sock.on('close', () => this.fail(new Error('connection closed')));
-  }
-
-  fail(e) {
-    this.broken ??= e;
-    for (const w of this.waiting.splice(0)) w.reject(new TestFailure(`redis: ${e.message}`));
-  }
-
-  drain() {
-    for (;;) {
-      const reply = parseReply(this.buf, 0);
-      if (reply === undefined) return;
-      this.buf = this.buf.subarray(reply.end);
-      const v = reply.value;
-      if (this.onMessage && Array.isArray(v) && v[0] === 'message') {
-        this.onMessage(v[1], v[2]);
-        continue;
-      }
-      const w = this.waiting.shift();
-      if (!w) continue;
-      if (v instanceof RedisReplyError) w.reject(new TestFailure(`redis: ${v.message} (${w.what})`));
-      else w.resolve(v);
-    }
-  }
-
-  command(...args) {
-    if (this.broken) return Promise.reject(new TestFailure(`redis: ${this.broken.message}`));
-    const parts = [Buffer.from(`*${args.length}\r\n`)];
-    for (const arg of args) {
-      const b = Buffer.from(String(arg));
-      parts.push(Buffer.from(`$${b.length}\r\n`), b, Buffer.from('\r\n'));
-    }
-    this.sock.write(Buffer.concat(parts));
-    return new Promise((resolve, reject) => this.waiting.push({ resolve, reject, what: String(args[0]) }));
-  }
-
-  close() {
-    this.onMessage = null;
-    this.sock.destroy();
-  }
-}
+const until = makeUntil(STEP_MS, 20);
 
 // ---------------------------------------------------------------------------
 // The link: a TCP relay to wsproxy that the test can cut, hold down or mute.
@@ -347,17 +222,6 @@ async function startStaticServer() {
   return { server, origin: `http://127.0.0.1:${server.address().port}` };
 }
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
 // ---------------------------------------------------------------------------
 
 const started = { browser: null, staticServer: null, link: null, fake: null, scripted: null, redis: [] };
@@ -368,7 +232,7 @@ async function run() {
   check(/^https?:\/\//.test(base), `WSPROXY_HTTP must start with http:// or https:// (got ${base})`);
   const target = new URL(base);
   check(target.protocol === 'http:', 'this test relays plain TCP: WSPROXY_HTTP must be http://');
-  const redis = await Redis.connect(env('REDIS_URL'));
+  const redis = await Redis.connectUrl(env('REDIS_URL'));
   started.redis.push(redis);
   const redisUrl = env('REDIS_URL');
 
@@ -645,7 +509,7 @@ async function run() {
   // 5. A plain session ----------------------------------------------------------
   const plainSid = `js-e2e-plain-${nonce}`;
   const plainToken = await newSession(plainSid);
-  const sub = await Redis.connect(redisUrl);
+  const sub = await Redis.connectUrl(redisUrl);
   started.redis.push(sub);
   const up = [];
   await sub.command('SUBSCRIBE', `session:${plainSid}:up`);
@@ -784,31 +648,14 @@ async function cleanup() {
   }
 }
 
-let finished = false;
-async function finish(code, err) {
-  if (finished) return;
-  finished = true;
-  if (err) {
-    console.error(`\n[session-e2e] FAILED: ${err instanceof TestFailure ? err.message : err && err.stack ? err.stack : err}`);
-    if (diagnostics.pageErrors.length) console.error(`[session-e2e] page errors:\n  ${diagnostics.pageErrors.join('\n  ')}`);
-    if (diagnostics.console.length) console.error(`[session-e2e] browser console (last 30):\n  ${diagnostics.console.slice(-30).join('\n  ')}`);
-  }
-  const hardStop = setTimeout(() => process.exit(1), 15_000);
-  await cleanup().catch((e) => console.error(`[session-e2e] cleanup: ${e.message}`));
-  clearTimeout(hardStop);
-  if (code === 0) say('PASS');
-  process.exit(code);
-}
-
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => finish(1, new TestFailure(`interrupted by ${sig}`)));
-const overall = setTimeout(() => finish(1, new TestFailure(`the test did not finish within ${TIMEOUT_MS} ms`)), TIMEOUT_MS);
-run().then(
-  () => {
-    clearTimeout(overall);
-    return finish(0);
+runMain({
+  tag: 'session-e2e',
+  run,
+  cleanup,
+  report: (err) => {
+    console.error(`\n[session-e2e] FAILED: ${describeFailure(err)}`);
+    printDiagnostics('session-e2e', diagnostics);
   },
-  (err) => {
-    clearTimeout(overall);
-    return finish(1, err);
-  },
-);
+  timeoutMs: TIMEOUT_MS,
+  hardStopMs: 15_000,
+});

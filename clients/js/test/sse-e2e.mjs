@@ -47,14 +47,29 @@
 // Exit status 0 on success, 1 on any failure (with the reason on stderr).
 
 import http from 'node:http';
-import net from 'node:net';
 import path from 'node:path';
-import { spawn } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { chromium } from 'playwright-core';
+import {
+  TestFailure,
+  Redis,
+  check,
+  closeRedisClients,
+  describeFailure,
+  freePort,
+  killChildren,
+  launch,
+  makeUntil,
+  printChildLogs,
+  printDiagnostics,
+  processes,
+  runMain,
+  sleep,
+  startRedis,
+} from './harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const LIB_PATH = path.resolve(HERE, '..', 'session.js');
@@ -70,175 +85,12 @@ const PACE_MS = 12;
 const KILL_AFTER = 200;
 
 const say = (msg) => console.log(`[sse-e2e] ${msg}`);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-class TestFailure extends Error {}
-function check(cond, msg) {
-  if (!cond) throw new TestFailure(msg);
-}
-
-/** Polls `probe` until it returns something truthy; fails with `what` and `detail()`. */
-async function until(what, probe, detail = async () => '', timeoutMs = STEP_MS) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const got = await probe();
-    if (got) return got;
-    if (Date.now() > deadline) throw new TestFailure(`${what}: not within ${timeoutMs} ms; ${await detail()}`);
-    await sleep(25);
-  }
-}
+const until = makeUntil(STEP_MS, 25);
 
 // ---------------------------------------------------------------------------
-// A minimal Redis client (RESP2), as in session-e2e.mjs: commands on one
-// connection, answered in order.
+// Processes (harness.mjs): a private redis-server, wsproxy processes on one port.
 
-class RedisReplyError extends Error {}
-
-function parseReply(buf, start) {
-  if (start >= buf.length) return undefined;
-  const eol = buf.indexOf('\r\n', start);
-  if (eol < 0) return undefined;
-  const kind = String.fromCharCode(buf[start]);
-  const line = buf.toString('utf8', start + 1, eol);
-  const next = eol + 2;
-  switch (kind) {
-    case '+':
-      return { value: line, end: next };
-    case '-':
-      return { value: new RedisReplyError(line), end: next };
-    case ':':
-      return { value: Number(line), end: next };
-    case '$': {
-      const n = Number(line);
-      if (n < 0) return { value: null, end: next };
-      if (buf.length < next + n + 2) return undefined;
-      return { value: buf.toString('utf8', next, next + n), end: next + n + 2 };
-    }
-    case '*': {
-      const n = Number(line);
-      if (n < 0) return { value: null, end: next };
-      const items = [];
-      let at = next;
-      for (let i = 0; i < n; i += 1) {
-        const item = parseReply(buf, at);
-        if (item === undefined) return undefined;
-        items.push(item.value);
-        at = item.end;
-      }
-      return { value: items, end: at };
-    }
-    default:
-      throw new TestFailure(`redis: a reply starting with ${JSON.stringify(kind)}`);
-  }
-}
-
-class Redis {
-  static async connect(port) {
-    const sock = net.connect(port, '127.0.0.1');
-    await new Promise((resolve, reject) => {
-      sock.once('connect', resolve);
-      sock.once('error', (e) => reject(new TestFailure(`redis at 127.0.0.1:${port}: ${e.message}`)));
-    });
-    return new Redis(sock);
-  }
-
-  constructor(sock) {
-    this.sock = sock;
-    this.buf = Buffer.alloc(0);
-    this.waiting = [];
-    this.broken = null;
-    /** On a connection that subscribed: called with each pushed message. */
-    this.onMessage = null;
-    sock.on('data', (chunk) => {
-      this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
-      for (;;) {
-        const reply = parseReply(this.buf, 0);
-        if (reply === undefined) return;
-        this.buf = this.buf.subarray(reply.end);
-        if (this.onMessage && Array.isArray(reply.value) && reply.value[0] === 'message') {
-          this.onMessage(reply.value[1], reply.value[2]);
-          continue;
-        }
-        const w = this.waiting.shift();
-        if (!w) continue;
-        if (reply.value instanceof RedisReplyError) w.reject(new TestFailure(`redis: ${reply.value.message} (${w.what})`));
-        else w.resolve(reply.value);
-      }
-    });
-    const fail = (e) => {
-      this.broken ??= e;
-      for (const w of this.waiting.splice(0)) w.reject(new TestFailure(`redis: ${e.message}`));
-    };
-    sock.on('error', fail);
-    sock.on('close', () => fail(new Error('connection closed')));
-  }
-
-  command(...args) {
-    if (this.broken) return Promise.reject(new TestFailure(`redis: ${this.broken.message}`));
-    const parts = [Buffer.from(`*${args.length}\r\n`)];
-    for (const arg of args) {
-      const b = Buffer.isBuffer(arg) ? arg : Buffer.from(String(arg));
-      parts.push(Buffer.from(`$${b.length}\r\n`), b, Buffer.from('\r\n'));
-    }
-    this.sock.write(Buffer.concat(parts));
-    return new Promise((resolve, reject) => this.waiting.push({ resolve, reject, what: String(args[0]) }));
-  }
-
-  close() {
-    this.sock.destroy();
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Processes: a private redis-server, wsproxy processes on one port.
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
-const started = { browser: null, staticServer: null, scripted: null, redis: [], children: new Set(), logs: [] };
-
-function launch(name, command, args, env) {
-  const child = spawn(command, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  const log = { name, lines: [] };
-  started.logs.push(log);
-  for (const stream of [child.stdout, child.stderr]) {
-    stream.setEncoding('utf8');
-    stream.on('data', (text) => {
-      log.lines.push(...text.split('\n').filter(Boolean));
-      if (log.lines.length > 200) log.lines.splice(0, log.lines.length - 200);
-    });
-  }
-  started.children.add(child);
-  child.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
-  child.exited.then(() => started.children.delete(child));
-  child.once('error', (e) => log.lines.push(`spawn failed: ${e.message}`));
-  return child;
-}
-
-async function startRedis() {
-  const port = await freePort();
-  const child = launch('redis-server', 'redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], process.env);
-  const client = await until(`redis-server on ${port}`, async () => {
-    try {
-      const c = await Redis.connect(port);
-      if ((await c.command('PING')) === 'PONG') return c;
-      c.close();
-    } catch {
-      /* not yet */
-    }
-    return null;
-  });
-  started.redis.push(client);
-  return { port, child, client };
-}
+const started = { browser: null, staticServer: null, scripted: null };
 
 async function startWsproxy(port, redisPort, settings = {}) {
   // Only what this test sets: no setting of the caller's environment may change the server.
@@ -257,7 +109,7 @@ async function startWsproxy(port, redisPort, settings = {}) {
   const t0 = Date.now();
   await until(`wsproxy (${WSPROXY_BIN}) ready on ${port}`, async () => {
     const exited = await Promise.race([child.exited, sleep(0).then(() => null)]);
-    if (exited) throw new TestFailure(`wsproxy exited (${JSON.stringify(exited)}): ${started.logs.at(-1).lines.slice(-10).join('\n')}`);
+    if (exited) throw new TestFailure(`wsproxy exited (${JSON.stringify(exited)}): ${processes.logs.at(-1).lines.slice(-10).join('\n')}`);
     try {
       const res = await fetch(`http://127.0.0.1:${port}/ready`);
       return res.status === 200;
@@ -366,7 +218,7 @@ async function startStaticServer() {
 const diagnostics = { console: [], pageErrors: [] };
 
 async function run() {
-  const { port: redisPort, client: redis } = await startRedis();
+  const { port: redisPort, client: redis } = await startRedis(until);
   const wsPort = await freePort();
   let wsproxy = await startWsproxy(wsPort, redisPort);
   const base = `http://127.0.0.1:${wsPort}`;
@@ -652,7 +504,7 @@ async function run() {
   const sid3 = `sse-e2e-plain-${nonce}`;
   const token3 = await newSession(sid3);
   const sub = await Redis.connect(redisPort);
-  started.redis.push(sub);
+  processes.redis.push(sub);
   const upPlain = [];
   await sub.command('SUBSCRIBE', `session:${sid3}:up`);
   sub.onMessage = (channel, message) => upPlain.push(message);
@@ -757,49 +609,27 @@ async function run() {
 }
 
 async function cleanup() {
-  const { browser, staticServer, scripted, redis } = started;
+  const { browser, staticServer, scripted } = started;
   started.browser = started.staticServer = started.scripted = null;
   if (browser) await Promise.race([browser.close().catch(() => {}), sleep(10_000)]);
-  for (const r of redis.splice(0)) r.close();
+  closeRedisClients();
   for (const server of [staticServer, scripted]) {
     if (!server) continue;
     server.closeAllConnections?.();
     await new Promise((r) => server.close(() => r()));
   }
-  for (const child of [...started.children]) {
-    child.kill('SIGKILL');
-    await Promise.race([child.exited, sleep(5_000)]);
-  }
+  await killChildren();
 }
 
-let finished = false;
-async function finish(code, err) {
-  if (finished) return;
-  finished = true;
-  if (err) {
-    console.error(`\n[sse-e2e] FAILED: ${err instanceof TestFailure ? err.message : err && err.stack ? err.stack : err}`);
-    if (diagnostics.pageErrors.length) console.error(`[sse-e2e] page errors:\n  ${diagnostics.pageErrors.join('\n  ')}`);
-    if (diagnostics.console.length) console.error(`[sse-e2e] browser console (last 30):\n  ${diagnostics.console.slice(-30).join('\n  ')}`);
-    for (const log of started.logs) {
-      if (log.lines.length) console.error(`[sse-e2e] ${log.name} (last 10 lines):\n  ${log.lines.slice(-10).join('\n  ')}`);
-    }
-  }
-  const hardStop = setTimeout(() => process.exit(1), 20_000);
-  await cleanup().catch((e) => console.error(`[sse-e2e] cleanup: ${e.message}`));
-  clearTimeout(hardStop);
-  if (code === 0) say('PASS');
-  process.exit(code);
-}
-
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => finish(1, new TestFailure(`interrupted by ${sig}`)));
-const overall = setTimeout(() => finish(1, new TestFailure(`the test did not finish within ${TIMEOUT_MS} ms`)), TIMEOUT_MS);
-run().then(
-  () => {
-    clearTimeout(overall);
-    return finish(0);
+runMain({
+  tag: 'sse-e2e',
+  run,
+  cleanup,
+  report: (err) => {
+    console.error(`\n[sse-e2e] FAILED: ${describeFailure(err)}`);
+    printDiagnostics('sse-e2e', diagnostics);
+    printChildLogs('sse-e2e');
   },
-  (err) => {
-    clearTimeout(overall);
-    return finish(1, err);
-  },
-);
+  timeoutMs: TIMEOUT_MS,
+  hardStopMs: 20_000,
+});

@@ -41,15 +41,31 @@
 // Exit status 0 on success, 1 on any failure (with the reason on stderr).
 
 import https from 'node:https';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { chromium } from 'playwright-core';
+import {
+  TestFailure,
+  Redis,
+  check,
+  closeRedisClients,
+  describeFailure,
+  freePort,
+  killChildren,
+  launch,
+  makeUntil,
+  printChildLogs,
+  printDiagnostics,
+  processes,
+  runMain,
+  sleep,
+  startRedis,
+} from './harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const WSPROXY_BIN = process.env.WSPROXY_BIN ? path.resolve(process.env.WSPROXY_BIN) : path.resolve(HERE, '..', '../../target/debug/wsproxy');
@@ -61,175 +77,12 @@ const AGENT = 'sse-h2-e2e';
 const EACH = 40;
 
 const say = (msg) => console.log(`[sse-h2-e2e] ${msg}`);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-class TestFailure extends Error {}
-function check(cond, msg) {
-  if (!cond) throw new TestFailure(msg);
-}
-
-/** Polls `probe` until it returns something truthy; fails with `what` and `detail()`. */
-async function until(what, probe, detail = async () => '', timeoutMs = STEP_MS) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const got = await probe();
-    if (got) return got;
-    if (Date.now() > deadline) throw new TestFailure(`${what}: not within ${timeoutMs} ms; ${await detail()}`);
-    await sleep(25);
-  }
-}
+const until = makeUntil(STEP_MS, 25);
 
 // ---------------------------------------------------------------------------
-// A minimal Redis client (RESP2), as in sse-e2e.mjs: commands on one
-// connection, answered in order.
+// Processes (harness.mjs): a private redis-server, a wsproxy with TLS, a certificate.
 
-class RedisReplyError extends Error {}
-
-function parseReply(buf, start) {
-  if (start >= buf.length) return undefined;
-  const eol = buf.indexOf('\r\n', start);
-  if (eol < 0) return undefined;
-  const kind = String.fromCharCode(buf[start]);
-  const line = buf.toString('utf8', start + 1, eol);
-  const next = eol + 2;
-  switch (kind) {
-    case '+':
-      return { value: line, end: next };
-    case '-':
-      return { value: new RedisReplyError(line), end: next };
-    case ':':
-      return { value: Number(line), end: next };
-    case '$': {
-      const n = Number(line);
-      if (n < 0) return { value: null, end: next };
-      if (buf.length < next + n + 2) return undefined;
-      return { value: buf.toString('utf8', next, next + n), end: next + n + 2 };
-    }
-    case '*': {
-      const n = Number(line);
-      if (n < 0) return { value: null, end: next };
-      const items = [];
-      let at = next;
-      for (let i = 0; i < n; i += 1) {
-        const item = parseReply(buf, at);
-        if (item === undefined) return undefined;
-        items.push(item.value);
-        at = item.end;
-      }
-      return { value: items, end: at };
-    }
-    default:
-      throw new TestFailure(`redis: a reply starting with ${JSON.stringify(kind)}`);
-  }
-}
-
-class Redis {
-  static async connect(port) {
-    const sock = net.connect(port, '127.0.0.1');
-    await new Promise((resolve, reject) => {
-      sock.once('connect', resolve);
-      sock.once('error', (e) => reject(new TestFailure(`redis at 127.0.0.1:${port}: ${e.message}`)));
-    });
-    return new Redis(sock);
-  }
-
-  constructor(sock) {
-    this.sock = sock;
-    this.buf = Buffer.alloc(0);
-    this.waiting = [];
-    this.broken = null;
-    /** On a connection that subscribed: called with each pushed message. */
-    this.onMessage = null;
-    sock.on('data', (chunk) => {
-      this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
-      for (;;) {
-        const reply = parseReply(this.buf, 0);
-        if (reply === undefined) return;
-        this.buf = this.buf.subarray(reply.end);
-        if (this.onMessage && Array.isArray(reply.value) && reply.value[0] === 'message') {
-          this.onMessage(reply.value[1], reply.value[2]);
-          continue;
-        }
-        const w = this.waiting.shift();
-        if (!w) continue;
-        if (reply.value instanceof RedisReplyError) w.reject(new TestFailure(`redis: ${reply.value.message} (${w.what})`));
-        else w.resolve(reply.value);
-      }
-    });
-    const fail = (e) => {
-      this.broken ??= e;
-      for (const w of this.waiting.splice(0)) w.reject(new TestFailure(`redis: ${e.message}`));
-    };
-    sock.on('error', fail);
-    sock.on('close', () => fail(new Error('connection closed')));
-  }
-
-  command(...args) {
-    if (this.broken) return Promise.reject(new TestFailure(`redis: ${this.broken.message}`));
-    const parts = [Buffer.from(`*${args.length}\r\n`)];
-    for (const arg of args) {
-      const b = Buffer.isBuffer(arg) ? arg : Buffer.from(String(arg));
-      parts.push(Buffer.from(`$${b.length}\r\n`), b, Buffer.from('\r\n'));
-    }
-    this.sock.write(Buffer.concat(parts));
-    return new Promise((resolve, reject) => this.waiting.push({ resolve, reject, what: String(args[0]) }));
-  }
-
-  close() {
-    this.sock.destroy();
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Processes: a private redis-server, a wsproxy with TLS, a certificate.
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
-const started = { browser: null, redis: [], children: new Set(), logs: [], tmp: null };
-
-function launch(name, command, args, env) {
-  const child = spawn(command, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  const log = { name, lines: [] };
-  started.logs.push(log);
-  for (const stream of [child.stdout, child.stderr]) {
-    stream.setEncoding('utf8');
-    stream.on('data', (text) => {
-      log.lines.push(...text.split('\n').filter(Boolean));
-      if (log.lines.length > 200) log.lines.splice(0, log.lines.length - 200);
-    });
-  }
-  started.children.add(child);
-  child.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
-  child.exited.then(() => started.children.delete(child));
-  child.once('error', (e) => log.lines.push(`spawn failed: ${e.message}`));
-  return child;
-}
-
-async function startRedis() {
-  const port = await freePort();
-  launch('redis-server', 'redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], process.env);
-  const client = await until(`redis-server on ${port}`, async () => {
-    try {
-      const c = await Redis.connect(port);
-      if ((await c.command('PING')) === 'PONG') return c;
-      c.close();
-    } catch {
-      /* not yet */
-    }
-    return null;
-  });
-  started.redis.push(client);
-  return { port, client };
-}
+const started = { browser: null, tmp: null };
 
 /** A throwaway self-signed certificate for IP 127.0.0.1, valid one day. */
 function makeCertificate() {
@@ -279,7 +132,7 @@ async function startWsproxy(port, redisPort, cert, settings = {}) {
   const t0 = Date.now();
   await until(`wsproxy (${WSPROXY_BIN}) ready on https://127.0.0.1:${port}`, async () => {
     const exited = await Promise.race([child.exited, sleep(0).then(() => null)]);
-    if (exited) throw new TestFailure(`wsproxy exited (${JSON.stringify(exited)}): ${started.logs.at(-1).lines.slice(-10).join('\n')}`);
+    if (exited) throw new TestFailure(`wsproxy exited (${JSON.stringify(exited)}): ${processes.logs.at(-1).lines.slice(-10).join('\n')}`);
     try {
       return (await httpsGet(port, '/ready', cert.pem)).status === 200;
     } catch {
@@ -357,7 +210,7 @@ const diagnostics = { console: [], pageErrors: [] };
 
 async function run() {
   const cert = makeCertificate();
-  const { port: redisPort, client: redis } = await startRedis();
+  const { port: redisPort, client: redis } = await startRedis(until);
   const port = await freePort();
   const origin = `https://127.0.0.1:${port}`;
   // The default origin rule (same origin only): over HTTP/2 a browser
@@ -414,7 +267,7 @@ async function run() {
   const streamB = `/${AGENT}/sse/${sidB}?access_token=${tokenB}`;
   const socketB = `wss://127.0.0.1:${port}/${AGENT}/ws/${sidB}?access_token=${tokenB}`;
   const up = await Redis.connect(redisPort);
-  started.redis.push(up);
+  processes.redis.push(up);
   const upB = [];
   await up.command('SUBSCRIBE', `session:${sidB}:up`);
   up.onMessage = (channel, message) => upB.push(message);
@@ -543,45 +396,23 @@ async function run() {
 }
 
 async function cleanup() {
-  const { browser, redis } = started;
+  const { browser } = started;
   started.browser = null;
   if (browser) await Promise.race([browser.close().catch(() => {}), sleep(10_000)]);
-  for (const r of redis.splice(0)) r.close();
-  for (const child of [...started.children]) {
-    child.kill('SIGKILL');
-    await Promise.race([child.exited, sleep(5_000)]);
-  }
+  closeRedisClients();
+  await killChildren();
   if (started.tmp) rmSync(started.tmp, { recursive: true, force: true });
 }
 
-let finished = false;
-async function finish(code, err) {
-  if (finished) return;
-  finished = true;
-  if (err) {
-    console.error(`\n[sse-h2-e2e] FAILED: ${err instanceof TestFailure ? err.message : err && err.stack ? err.stack : err}`);
-    if (diagnostics.pageErrors.length) console.error(`[sse-h2-e2e] page errors:\n  ${diagnostics.pageErrors.join('\n  ')}`);
-    if (diagnostics.console.length) console.error(`[sse-h2-e2e] browser console (last 30):\n  ${diagnostics.console.slice(-30).join('\n  ')}`);
-    for (const log of started.logs) {
-      if (log.lines.length) console.error(`[sse-h2-e2e] ${log.name} (last 10 lines):\n  ${log.lines.slice(-10).join('\n  ')}`);
-    }
-  }
-  const hardStop = setTimeout(() => process.exit(1), 20_000);
-  await cleanup().catch((e) => console.error(`[sse-h2-e2e] cleanup: ${e.message}`));
-  clearTimeout(hardStop);
-  if (code === 0) say('PASS');
-  process.exit(code);
-}
-
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => finish(1, new TestFailure(`interrupted by ${sig}`)));
-const overall = setTimeout(() => finish(1, new TestFailure(`the test did not finish within ${TIMEOUT_MS} ms`)), TIMEOUT_MS);
-run().then(
-  () => {
-    clearTimeout(overall);
-    return finish(0);
+runMain({
+  tag: 'sse-h2-e2e',
+  run,
+  cleanup,
+  report: (err) => {
+    console.error(`\n[sse-h2-e2e] FAILED: ${describeFailure(err)}`);
+    printDiagnostics('sse-h2-e2e', diagnostics);
+    printChildLogs('sse-h2-e2e');
   },
-  (err) => {
-    clearTimeout(overall);
-    return finish(1, err);
-  },
-);
+  timeoutMs: TIMEOUT_MS,
+  hardStopMs: 20_000,
+});

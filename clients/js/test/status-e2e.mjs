@@ -20,13 +20,13 @@
 
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdtempSync, writeFileSync, mkdirSync, rmSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import WebSocket, { WebSocketServer } from 'ws';
+import { TestFailure, check, freePort } from './harness.mjs';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const CHROMIUM_PATH = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
@@ -37,24 +37,9 @@ const STEP_MS = 10_000;
 const TOKEN = `status-${randomBytes(12).toString('hex')}`;
 
 const say = (msg) => console.log(`[status-e2e] ${msg}`);
-class TestFailure extends Error {}
-function check(cond, msg) {
-  if (!cond) throw new TestFailure(msg);
-}
 
 const started = { wsproxy: null, backend: null, browser: null, sockets: [], dir: null };
 const report = { wsproxyLog: [], console: [] };
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
 
 async function waitFor(what, fn, ms = STEP_MS) {
   const deadline = Date.now() + ms;
