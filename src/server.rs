@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+mod event_stream;
+
 use crate::auth::users::Users;
 use crate::broker::Broker;
 use crate::config::Config;
@@ -629,9 +631,28 @@ impl Listener {
                             // Inherited from a listener made by `bind`; set
                             // again for listeners made elsewhere.
                             let _ = stream.set_nodelay(true);
-                            self.app
-                                .tracker
-                                .spawn(serve_connection(stream, slot, router, app));
+                            self.app.tracker.spawn(async move {
+                                // A connection that sends nothing within
+                                // AUTH_TIMEOUT_SECS is dropped, as hyper's
+                                // header read timeout would.
+                                let limit = app.config.auth_timeout;
+                                let peeked = tokio::time::timeout(
+                                    limit,
+                                    event_stream::is_event_stream(&stream),
+                                );
+                                match peeked.await {
+                                    Ok(true) => {
+                                        Box::pin(event_stream::serve(stream, slot, router, app))
+                                            .await
+                                    }
+                                    Ok(false) => {
+                                        Box::pin(serve_connection(stream, slot, router, app)).await
+                                    }
+                                    Err(_) => {
+                                        tracing::debug!("no request within AUTH_TIMEOUT_SECS")
+                                    }
+                                }
+                            });
                         }
                         Some(acceptor) => {
                             let acceptor = acceptor.clone();

@@ -66,6 +66,21 @@ async fn paths_map_with_query_and_headers_are_forwarded_properly() {
     assert!(get("keep-alive").is_none());
 }
 
+/// A proxy route may claim a path shaped like an event stream's
+/// (`/{a}/sse/{s}`); a WebSocket on it is proxied, though wsproxy reads
+/// such a connection's first request itself (to serve event streams
+/// without hyper) and hands it to hyper only once it sees `Upgrade`.
+#[tokio::test]
+async fn a_websocket_on_a_route_shaped_like_an_event_stream_is_proxied() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b0").await;
+    let server = proxy(&redis, file(vec![route("/p/sse", "/", &[(b.port, 1)])])).await;
+    let mut ws = open(&server, "/p/sse/x").await.expect("proxied");
+    assert_eq!(next_text(&mut ws).await, "hello from b0");
+    send_text(&mut ws, "over the route").await;
+    assert_eq!(next_text(&mut ws).await, "over the route");
+}
+
 #[tokio::test]
 async fn every_frame_type_and_close_codes_pass_both_ways() {
     let redis = Redis::start().await;

@@ -1139,7 +1139,12 @@ mod tests {
 
     #[test]
     fn every_message_is_expected_by_exactly_one_session() {
-        for (k, m, n) in [(1, 100_000, 1000), (16, 100_000, 1000), (7, 1003, 10), (5, 3, 4)] {
+        for (k, m, n) in [
+            (1, 100_000, 1000),
+            (16, 100_000, 1000),
+            (7, 1003, 10),
+            (5, 3, 4),
+        ] {
             let target = Target::Reliable {
                 ws: String::new(),
                 redis: String::new(),
