@@ -795,7 +795,7 @@ fn top_commands(info: &str) -> String {
             Some((name.to_owned(), field("calls")?, field("usec")?))
         })
         .collect();
-    rows.sort_by(|a, b| b.2.cmp(&a.2));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.2));
     rows.iter()
         .take(3)
         .map(|(n, calls, usec)| format!("{n}:{calls}:{}ms", usec / 1000))
