@@ -21,6 +21,7 @@ mod scenarios;
 mod soak;
 mod sse;
 mod stats;
+mod storm;
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -223,6 +224,16 @@ enum Command {
         #[command(flatten)]
         args: chaos::ChaosArgs,
     },
+    /// A deploy's reconnect storm: starts its own redis-server and two
+    /// wsproxy processes (--wsproxy-bin), puts --clients reliable clients
+    /// on A while a backend publishes, SIGTERMs A, and each client resumes
+    /// on B after a random pause (--jitter-ms); prints the time until all
+    /// resumed, resume latency, lost/duplicated/reordered (must be 0) and
+    /// Redis's and B's CPU. Ignores --wsproxy and --redis.
+    Storm {
+        #[command(flatten)]
+        args: storm::StormArgs,
+    },
     /// Render JSON-lines results (from --json) as a Markdown table.
     Report {
         /// The JSON-lines file written by earlier runs.
@@ -392,6 +403,7 @@ async fn main() -> anyhow::Result<()> {
     let mut failed = false;
     let mut soak_failed = false;
     let mut chaos_failures = Vec::new();
+    let mut storm_failures = Vec::new();
     let mut check = |r: &Report| {
         if r.loss() > 0 || r.errors > 0 {
             failed = true;
@@ -507,6 +519,11 @@ async fn main() -> anyhow::Result<()> {
             emit(&out.report, &c)?;
             chaos_failures = out.failures;
         }
+        Command::Storm { args } => {
+            let out = storm::storm(args, sources.clone()).await?;
+            emit(&out.report, &c)?;
+            storm_failures = out.failures;
+        }
         Command::EchoServer { port } => scenarios::echo_server(port).await?,
         Command::Report { input } => print!("{}", markdown(&input)?),
         Command::Compare {
@@ -534,6 +551,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if !chaos_failures.is_empty() {
         bail!("chaos: {}", chaos_failures.join("; "));
+    }
+    if !storm_failures.is_empty() {
+        bail!("storm: {}", storm_failures.join("; "));
     }
     if c.strict && soak_failed {
         bail!("soak: lost messages or more Redis channels than needed (--strict)");

@@ -2,6 +2,8 @@
 // Socket.IO peer (server.mjs).
 //   node bench.mjs down   --url http://127.0.0.1:9400 --redis redis://... --n 1000 --m 100000 [--rate 2000]
 //   node bench.mjs resume --url http://127.0.0.1:9400 --redis redis://... --n 50 --m 1000
+//   node bench.mjs storm  --clients 10000 --rate 1000 --jitter-ms 1000 --procs 4
+//     (starts its own redis-server and two server.mjs; see storm.mjs)
 // Messages are published from a Server instance of this process with the
 // same Redis Streams adapter, so each one goes through the Redis stream
 // (XADD here, XREAD in server.mjs) as wsproxy's go through Redis.
@@ -28,7 +30,15 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 const procs = Number(arg("procs", 1));
 let redis, pub;
-if (scenario !== "clients") {
+if (scenario === "storm" || scenario === "storm-clients") {
+  const { storm, stormClients } = await import("./storm.mjs");
+  if (scenario === "storm") {
+    await storm(arg);
+    process.exit(process.exitCode ?? 0);
+  }
+  await stormClients(arg); // the child exits when told to stop
+}
+if (scenario !== "clients" && scenario !== "storm-clients") {
   redis = createClient({ url: redisUrl });
   await redis.connect();
   pub = new Server({ adapter: createAdapter(redis, { maxLen }) });
@@ -243,11 +253,13 @@ async function resume() {
   );
 }
 
-if (scenario === "down") await down();
+if (scenario === "storm-clients") {
+  // stormClients above runs until the parent says stop.
+} else if (scenario === "down") await down();
 else if (scenario === "resume") await resume();
 else if (scenario === "clients") await clients(); // exits when told to stop
-else throw new Error("scenario: down or resume");
-if (scenario !== "clients") {
+else throw new Error("scenario: down, resume or storm");
+if (scenario !== "clients" && scenario !== "storm-clients") {
   await redis.quit().catch(() => {});
   process.exit(0);
 }

@@ -33,4 +33,14 @@ io.on("connection", (socket) => {
   }
   socket.emit("ready", { recovered: socket.recovered });
 });
+// A deploy's SIGTERM (bench.mjs storm): io.close() ends every socket with
+// "server shutting down", one of the reasons whose session Socket.IO
+// persists for recovery (a SET in Redis, sent before the transports
+// close), then closes the transports and the HTTP server. The PING waits
+// for those SETs before the process exits.
+process.once("SIGTERM", async () => {
+  await io.close();
+  await redis.ping().catch(() => {});
+  process.exit(0);
+});
 http.listen(port, "127.0.0.1", () => console.log(`socket.io peer on ${port}, redis ${url}`));
