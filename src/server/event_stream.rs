@@ -42,8 +42,6 @@ const MAX_HEADERS: usize = 64;
 /// A response body that is not an event stream (a refusal) is at most
 /// this long.
 const MAX_PLAIN_BODY: usize = 64 * 1024;
-/// The write buffer kept between writes; a larger one is let go.
-const KEEP_BUFFER: usize = 4 * 1024;
 
 /// Whether `stream`'s first request is an event stream's `GET` (peeked at,
 /// not read). `false` as well when it cannot tell in one look (the line
@@ -351,11 +349,9 @@ async fn write_stream(stream: &mut TcpStream, response: Response) -> std::io::Re
     let mut scratch = [0u8; 16];
     loop {
         wr.write_all(&out).await?;
-        if out.capacity() > KEEP_BUFFER {
-            out = Vec::new();
-        } else {
-            out.clear();
-        }
+        // Not kept while the stream waits: a held stream is mostly idle,
+        // and what it holds counts for every one of them.
+        out = Vec::new();
         let frame = tokio::select! {
             frame = body.next() => frame,
             read = rd.read(&mut scratch) => {
