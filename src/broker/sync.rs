@@ -80,7 +80,8 @@ async fn serve(
     shutdown: &CancellationToken,
 ) -> bool {
     // What Redis currently has for this connection: nothing, it is new.
-    let mut active: HashSet<String> = HashSet::new();
+    // (The names are the channel map's own, shared.)
+    let mut active: HashSet<Arc<str>> = HashSet::new();
     let mut first_sync = true;
     let result = loop {
         // Apply everything wanted so far in one round trip each way.
@@ -151,8 +152,8 @@ async fn serve(
 fn plan(
     shared: &Shared,
     first_sync: bool,
-    active: &HashSet<String>,
-) -> (Vec<String>, Vec<String>, Vec<String>) {
+    active: &HashSet<Arc<str>>,
+) -> (Vec<Arc<str>>, Vec<Arc<str>>, Vec<Arc<str>>) {
     let mut state = shared.lock();
     let mut add = Vec::new();
     let mut remove = Vec::new();
