@@ -346,6 +346,9 @@ impl<H: Handler> Driver<H> {
     /// connection's future was 1,520 bytes (plain session), now 1,088
     /// (see the trace line in [`upgrade`]). One allocation per write (per
     /// batch of queued messages) instead.
+    // The step is made in the match's scrutinee so that its borrow of
+    // self and the socket ends with that statement, before the reply's write.
+    #[allow(clippy::blocks_in_conditions)]
     async fn pump<S: Socket>(&mut self, socket: &mut S) -> Result<Infallible, Stop> {
         // A fresh `cancelled()` per event costs a few uncontended lock
         // operations but no memory while waiting, which matters more here:

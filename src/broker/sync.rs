@@ -145,15 +145,14 @@ async fn serve(
     result
 }
 
+/// Channel names, the channel map's own.
+type Names = Vec<Arc<str>>;
+
 /// What to tell Redis now: channels to subscribe, to unsubscribe, and
 /// those re-wanted while Redis still had them (confirmed at once). With
 /// `first_sync` (a fresh connection, which has nothing), every live
 /// channel; otherwise what changed since the last look.
-fn plan(
-    shared: &Shared,
-    first_sync: bool,
-    active: &HashSet<Arc<str>>,
-) -> (Vec<Arc<str>>, Vec<Arc<str>>, Vec<Arc<str>>) {
+fn plan(shared: &Shared, first_sync: bool, active: &HashSet<Arc<str>>) -> (Names, Names, Names) {
     let mut state = shared.lock();
     let mut add = Vec::new();
     let mut remove = Vec::new();
