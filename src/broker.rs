@@ -105,15 +105,16 @@ pub async fn publish<C: redis::aio::ConnectionLike>(
     }
 }
 
-/// One channel with local subscribers.
+/// One channel with local subscribers. Small, as the map holds one per
+/// idle session connection: the subscribers waiting for a confirmation
+/// are kept apart ([`State::waiting`]), for the moment they wait.
 #[derive(Debug, Default)]
 struct Channel {
-    /// Local subscribers, keyed by subscription id.
+    /// Local subscribers, keyed by subscription id (usually one: the
+    /// vector is allocated for exactly one, and grows as any other).
     subs: Vec<(u64, Arc<Outbox>)>,
     /// Redis has confirmed the subscription on the current connection.
     confirmed: bool,
-    /// Subscribers waiting for that confirmation.
-    waiters: Vec<oneshot::Sender<()>>,
 }
 
 impl Channel {
@@ -131,12 +132,18 @@ impl Channel {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Channel name -> its local subscribers.
-    channels: HashMap<String, Channel>,
+    /// Channel name -> its local subscribers. The name is shared (one
+    /// allocation) with the subscriptions' guards, `dirty` and the control
+    /// loop's set of what Redis has.
+    channels: HashMap<Arc<str>, Channel>,
+    /// Subscribers waiting for their channel's confirmation, by channel;
+    /// an entry lives from the first subscriber until Redis confirms (or
+    /// the channel goes).
+    waiting: HashMap<Arc<str>, Vec<oneshot::Sender<()>>>,
     /// Channels that gained their first or lost their last subscriber since
     /// the control loop last looked, so a sync costs O(changes), not
     /// O(channels).
-    dirty: HashSet<String>,
+    dirty: HashSet<Arc<str>>,
     next_id: u64,
     /// Sharded mode: `SUNSUBSCRIBE`s sent whose push has not come back, per
     /// master and channel, so that ours are told from those Redis sends by
@@ -146,35 +153,45 @@ struct State {
     /// `sunsubscribe` push: the slot moved), with the master they were on,
     /// for the broker task to lose and subscribe again.
     moved: Vec<(Arc<str>, String)>,
-    /// Sessions with a channel here, and how many channels each (down and
-    /// live), kept as channels come and go so that the status page does
-    /// not walk the map under the lock the reader needs.
-    sessions: HashMap<String, u32>,
+    /// Sessions with a channel here, kept as channels come and go so that
+    /// the status page does not walk the map under the lock the reader
+    /// needs (see [`State::count`]).
+    sessions: usize,
     /// Topic channels here.
     topics: usize,
 }
 
 impl State {
-    /// Counts a channel that gained its first local subscriber (`true`)
-    /// or lost its last (`false`).
+    /// Counts a channel that gained its first local subscriber (`true`,
+    /// called once it is in `channels`) or lost its last (`false`, once
+    /// it is out). A session counts while any of its channels is here: it
+    /// is counted in or out when no other channel of it is (a look-up per
+    /// name, instead of a map of sessions, which cost every idle
+    /// connection about 80 bytes).
     fn count(&mut self, channel: &str, added: bool) {
         use crate::keys::{ChannelKind, channel_kind};
         match channel_kind(channel) {
-            ChannelKind::Session(id) if added => {
-                *self.sessions.entry(id.to_owned()).or_default() += 1;
-            }
-            ChannelKind::Session(id) => {
-                if let Some(n) = self.sessions.get_mut(id) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.sessions.remove(id);
-                    }
-                }
-            }
+            ChannelKind::Session(id) if self.has_other_channel(channel, id) => {}
+            ChannelKind::Session(_) if added => self.sessions += 1,
+            ChannelKind::Session(_) => self.sessions = self.sessions.saturating_sub(1),
             ChannelKind::Topic if added => self.topics += 1,
             ChannelKind::Topic => self.topics = self.topics.saturating_sub(1),
             ChannelKind::Other => {}
         }
+    }
+
+    /// Whether a channel of session `id` other than `channel` is here.
+    /// `id` is spelled as the names spell it (a hash tag on a cluster), so
+    /// the standalone names around it are the deployment's own.
+    fn has_other_channel(&self, channel: &str, id: &str) -> bool {
+        let keys = crate::keys::Keys::Standalone;
+        [
+            keys.session_down(id),
+            keys.session_live(id),
+            keys.session_events(id),
+        ]
+        .iter()
+        .any(|other| other != channel && self.channels.contains_key(other.as_str()))
     }
 }
 
@@ -264,14 +281,15 @@ pub struct Broker {
 #[derive(Debug)]
 pub struct Subscription {
     shared: Arc<Shared>,
-    channel: String,
+    /// The map's key (the same allocation).
+    channel: Arc<str>,
     id: u64,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
-        let now_empty = match state.channels.get_mut(&self.channel) {
+        let now_empty = match state.channels.get_mut(&*self.channel) {
             Some(ch) => {
                 ch.subs.retain(|(id, _)| *id != self.id);
                 ch.subs.is_empty()
@@ -279,7 +297,8 @@ impl Drop for Subscription {
             None => false,
         };
         if now_empty {
-            state.channels.remove(&self.channel);
+            state.channels.remove(&*self.channel);
+            state.waiting.remove(&*self.channel);
             state.count(&self.channel, false);
             state.dirty.insert(self.channel.clone());
             drop(state);
@@ -368,7 +387,7 @@ impl Broker {
         let state = self.shared.lock();
         ChannelCounts {
             channels: state.channels.len(),
-            sessions: state.sessions.len(),
+            sessions: state.sessions,
             topics: state.topics,
         }
     }
@@ -417,21 +436,32 @@ impl Broker {
             let mut state = self.shared.lock();
             state.next_id += 1;
             let id = state.next_id;
-            let ch = state.channels.entry(channel.to_owned()).or_default();
-            let first = ch.subs.is_empty();
-            ch.subs.push((id, outbox));
+            let (name, first, live) = match state.channels.get_key_value(channel) {
+                Some((name, ch)) => (name.clone(), false, ch.confirmed),
+                None => {
+                    let name: Arc<str> = Arc::from(channel);
+                    let mut ch = Channel::default();
+                    // Room for exactly this one (a push would make four).
+                    ch.subs.reserve_exact(1);
+                    state.channels.insert(name.clone(), ch);
+                    (name, true, false)
+                }
+            };
+            if let Some(ch) = state.channels.get_mut(channel) {
+                ch.subs.push((id, outbox));
+            }
             // Joining a channel Redis already delivers needs no round trip;
             // otherwise wait for the control loop's confirmation, which
             // wakes exactly the waiters of this channel.
-            let confirmed = if ch.confirmed {
+            let confirmed = if live {
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
-                ch.waiters.push(tx);
+                state.waiting.entry(name.clone()).or_default().push(tx);
                 Some(rx)
             };
             if first {
-                state.dirty.insert(channel.to_owned());
+                state.dirty.insert(name.clone());
                 state.count(channel, true);
             }
             drop(state);
@@ -440,7 +470,7 @@ impl Broker {
             }
             let subscription = Subscription {
                 shared: self.shared.clone(),
-                channel: channel.to_owned(),
+                channel: name,
                 id,
             };
             (subscription, confirmed)
@@ -492,15 +522,16 @@ fn connection_lost(shared: &Shared) {
 }
 
 /// Marks `channels` as live in Redis and wakes their waiting subscribers.
-fn confirm(shared: &Shared, channels: &[String]) {
+fn confirm<C: AsRef<str>>(shared: &Shared, channels: &[C]) {
     if channels.is_empty() {
         return;
     }
     let mut state = shared.lock();
     for name in channels {
+        let name = name.as_ref();
         if let Some(ch) = state.channels.get_mut(name) {
             ch.confirmed = true;
-            for waiter in ch.waiters.drain(..) {
+            for waiter in state.waiting.remove(name).unwrap_or_default() {
                 let _ = waiter.send(());
             }
         }
@@ -531,20 +562,40 @@ mod tests {
 
     #[test]
     fn sessions_and_topics_are_counted_as_their_channels_come_and_go() {
-        let mut state = State::default();
-        let k = crate::keys::Keys::Standalone;
-        state.count(&k.session_down("a"), true);
-        state.count(&k.session_live("a"), true);
-        state.count(&k.session_down("b"), true);
-        state.count(&k.topic("a", "news"), true);
-        state.count(crate::keys::CONTROL, true);
-        assert_eq!((state.sessions.len(), state.topics), (2, 1));
-        state.count(&k.session_down("a"), false);
-        assert_eq!(state.sessions.len(), 2, "a still has its live channel");
-        state.count(&k.session_live("a"), false);
-        state.count(&k.topic("a", "news"), false);
-        state.count(&k.topic("a", "news"), false);
-        assert_eq!((state.sessions.len(), state.topics), (1, 0));
+        for k in [
+            crate::keys::Keys::Standalone,
+            crate::keys::Keys::ClusterSharded,
+        ] {
+            let mut state = State::default();
+            // As the broker does: in the map before it is counted in, out
+            // of it before it is counted out.
+            let add = |state: &mut State, channel: &str| {
+                state.channels.insert(channel.into(), Channel::default());
+                state.count(channel, true);
+            };
+            let remove = |state: &mut State, channel: &str| {
+                state.channels.remove(channel);
+                state.count(channel, false);
+            };
+            add(&mut state, &k.session_down("a"));
+            add(&mut state, &k.session_live("a"));
+            add(&mut state, &k.session_down("b"));
+            add(&mut state, &k.topic("a", "news"));
+            add(&mut state, crate::keys::CONTROL);
+            assert_eq!((state.sessions, state.topics), (2, 1));
+            remove(&mut state, &k.session_down("a"));
+            assert_eq!(state.sessions, 2, "a still has its live channel");
+            add(&mut state, &k.session_events("b"));
+            assert_eq!(state.sessions, 2, "b was counted already");
+            remove(&mut state, &k.session_live("a"));
+            remove(&mut state, &k.session_down("b"));
+            assert_eq!(state.sessions, 1, "b still has its events channel");
+            remove(&mut state, &k.topic("a", "news"));
+            remove(&mut state, &k.topic("a", "news"));
+            assert_eq!((state.sessions, state.topics), (1, 0));
+            remove(&mut state, &k.session_events("b"));
+            assert_eq!(state.sessions, 0);
+        }
     }
 
     #[tokio::test]
@@ -557,7 +608,6 @@ mod tests {
             Channel {
                 subs: vec![(1, fast.clone()), (2, slow.clone())],
                 confirmed: true,
-                waiters: Vec::new(),
             },
         );
         for i in 0..3 {
@@ -586,7 +636,6 @@ mod tests {
                 Channel {
                     subs: vec![(1, plain.clone()), (2, gapless.clone())],
                     confirmed: true,
-                    waiters: Vec::new(),
                 },
             );
             state.channels.insert(
@@ -594,7 +643,6 @@ mod tests {
                 Channel {
                     subs: vec![(3, waiting.clone())],
                     confirmed: false,
-                    waiters: Vec::new(),
                 },
             );
         }
@@ -631,7 +679,6 @@ mod tests {
             Channel {
                 subs: vec![(1, a.clone()), (2, b.clone())],
                 confirmed: true,
-                waiters: Vec::new(),
             },
         );
         shared.lock().channels.insert(
@@ -639,7 +686,6 @@ mod tests {
             Channel {
                 subs: vec![(3, other.clone())],
                 confirmed: true,
-                waiters: Vec::new(),
             },
         );
         dispatch(&shared, "s", b"last words");

@@ -644,7 +644,7 @@ fn accept(
         endpoint: "pubsub",
         session_id: session.clone().unwrap_or_else(|| "-".to_owned()),
         agent_id: None,
-        user: Some(name.clone().unwrap_or_else(|| "anonymous".to_owned())),
+        user: Some(name.as_deref().unwrap_or("anonymous").into()),
     };
     let hub = Hub {
         app: app.clone(),

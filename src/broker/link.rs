@@ -27,13 +27,13 @@ pub(super) struct Link(redis::aio::PubSubSink);
 
 impl Link {
     /// Subscribes `channels` with one `SUBSCRIBE`.
-    pub(super) async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
-        self.0.subscribe(channels).await
+    pub(super) async fn subscribe(&mut self, channels: &[Arc<str>]) -> redis::RedisResult<()> {
+        self.0.subscribe(names(channels)).await
     }
 
     /// Unsubscribes `channels`, as [`Link::subscribe`].
-    pub(super) async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
-        self.0.unsubscribe(channels).await
+    pub(super) async fn unsubscribe(&mut self, channels: &[Arc<str>]) -> redis::RedisResult<()> {
+        self.0.unsubscribe(names(channels)).await
     }
 
     /// Asks for any answer: silence or an error is a failure.
@@ -42,6 +42,11 @@ impl Link {
         // +PONG: accept any reply.
         self.0.ping::<redis::Value>().await.map(|_| ())
     }
+}
+
+/// The names as the client library takes them.
+fn names(channels: &[Arc<str>]) -> Vec<&str> {
+    channels.iter().map(|c| &**c).collect()
 }
 
 /// One connection attempt: the link and the task whose end means the

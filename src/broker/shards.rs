@@ -147,7 +147,8 @@ impl Shards {
         // Forget what nobody wants any more.
         {
             let state = shared.lock();
-            self.pending.retain(|c| state.channels.contains_key(c));
+            self.pending
+                .retain(|c| state.channels.contains_key(c.as_str()));
         }
         let ready = self.pending.is_empty();
         if ready != shared.connected.load(Ordering::SeqCst) {
@@ -195,7 +196,7 @@ impl Shards {
             tracing::warn!(channel, node = %addr, "redis moved a sharded subscription away");
             self.placed.remove(&channel);
             self.stale = true;
-            if let Some(ch) = state.channels.get_mut(&channel) {
+            if let Some(ch) = state.channels.get_mut(channel.as_str()) {
                 ch.lose();
                 self.pending.insert(channel);
             }
@@ -213,7 +214,7 @@ impl Shards {
             if node != addr {
                 return true;
             }
-            if let Some(ch) = state.channels.get_mut(channel) {
+            if let Some(ch) = state.channels.get_mut(channel.as_str()) {
                 ch.lose();
                 self.pending.insert(channel.clone());
             }
@@ -229,7 +230,9 @@ impl Shards {
         let mut remove = Vec::new();
         let mut already = Vec::new();
         for channel in dirty {
-            let wanted = state.channels.contains_key(&channel);
+            // This task keeps names of its own (they are placed per master).
+            let channel = channel.to_string();
+            let wanted = state.channels.contains_key(channel.as_str());
             match (wanted, self.placed.get(&channel)) {
                 (true, None) => {
                     self.pending.insert(channel);
@@ -292,7 +295,7 @@ impl Shards {
             let state = shared.lock();
             self.pending
                 .iter()
-                .filter(|c| state.channels.contains_key(*c))
+                .filter(|c| state.channels.contains_key(c.as_str()))
                 .cloned()
                 .collect()
         };

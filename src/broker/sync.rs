@@ -80,7 +80,8 @@ async fn serve(
     shutdown: &CancellationToken,
 ) -> bool {
     // What Redis currently has for this connection: nothing, it is new.
-    let mut active: HashSet<String> = HashSet::new();
+    // (The names are the channel map's own, shared.)
+    let mut active: HashSet<Arc<str>> = HashSet::new();
     let mut first_sync = true;
     let result = loop {
         // Apply everything wanted so far in one round trip each way.
@@ -144,15 +145,14 @@ async fn serve(
     result
 }
 
+/// Channel names, the channel map's own.
+type Names = Vec<Arc<str>>;
+
 /// What to tell Redis now: channels to subscribe, to unsubscribe, and
 /// those re-wanted while Redis still had them (confirmed at once). With
 /// `first_sync` (a fresh connection, which has nothing), every live
 /// channel; otherwise what changed since the last look.
-fn plan(
-    shared: &Shared,
-    first_sync: bool,
-    active: &HashSet<String>,
-) -> (Vec<String>, Vec<String>, Vec<String>) {
+fn plan(shared: &Shared, first_sync: bool, active: &HashSet<Arc<str>>) -> (Names, Names, Names) {
     let mut state = shared.lock();
     let mut add = Vec::new();
     let mut remove = Vec::new();

@@ -287,7 +287,7 @@ pub async fn admit(
             Transport::Sse => "session-sse",
         },
         session_id: session_id.to_owned(),
-        agent_id: Some(agent_id.to_owned()),
+        agent_id: Some(agent_id.into()),
         user: None,
     };
     // With events or presence on: registered before the answer.
@@ -313,8 +313,7 @@ pub async fn admit(
     let Some(mut joined) = joined else {
         let handler = Bridge {
             app: app.clone(),
-            redis,
-            up: keys.session_up(session_id),
+            session_id: session_id.into(),
             _subscription: subscription,
         };
         let driver = driver(app, outbox, handler, label, slot, Vec::new(), tracking);
@@ -324,13 +323,12 @@ pub async fn admit(
     let preamble = crate::session::reliable::preamble(app, session_id, &mut joined);
     let handler = crate::session::reliable::ReliableBridge {
         app: app.clone(),
-        redis,
         // Whatever the live channel brings up to the history's last offset
         // at the join is in the history: replayed, or (on a fresh join)
         // older than the connection.
         skip_through: crate::session::history::parse_offset(&joined.last),
-        session_id: session_id.to_owned(),
-        agent_id: agent_id.to_owned(),
+        session_id: session_id.into(),
+        agent_id: agent_id.into(),
         _subscription: subscription,
     };
     let driver = driver(app, outbox, handler, label, slot, preamble, tracking);
@@ -544,11 +542,14 @@ fn redis_unavailable(app: &App) -> ApiError {
 }
 
 /// What client frames mean on a session: JSON to publish on the up channel.
+///
+/// Every idle connection keeps one, so it holds no more than it must:
+/// the command connection is the app's (a clone is a reference count),
+/// and the up channel's name is made per message, from the session id.
 pub struct Bridge {
     app: Arc<App>,
-    redis: RedisConn,
-    /// Channel client messages are published on.
-    up: String,
+    /// The session, whose up channel client messages are published on.
+    session_id: Box<str>,
     /// Keeps `session:{id}:down` subscribed while the connection lives.
     _subscription: Subscription,
 }
@@ -570,7 +571,8 @@ impl Handler for Bridge {
 impl Bridge {
     /// Validates a client message and publishes it on the up channel.
     async fn forward_up(&mut self, text: Utf8Bytes) -> Reply {
-        match publish_on(&self.app, &mut self.redis, &self.up, text.as_str()).await {
+        let mut redis = self.app.redis.clone();
+        match publish_up(&self.app, &mut redis, &self.session_id, text.as_str()).await {
             Ok(()) => Reply::None,
             Err(Refusal::InvalidJson(m)) => Reply::text(socket_error("invalid_json", &m)),
             Err(refusal) => Reply::text(socket_error("publish_failed", &refusal.message())),

@@ -153,14 +153,14 @@ pub fn preamble(app: &App, session_id: &str, joined: &mut Joined) -> Vec<Message
 /// A reliable session's handler: acknowledged client messages, and the
 /// live side of the resume's de-duplication.
 pub struct ReliableBridge {
-    /// Shared state.
+    /// Shared state (and the command connection: a clone per message is
+    /// a reference count, where a field would be in every idle
+    /// connection).
     pub app: Arc<App>,
-    /// The command connection.
-    pub redis: RedisConn,
     /// The session.
-    pub session_id: String,
+    pub session_id: Box<str>,
     /// The connection's agent id, stored with each client message.
-    pub agent_id: String,
+    pub agent_id: Box<str>,
     /// Live messages up to this offset were in the replay (or in history
     /// when the connection joined) and are dropped; cleared at the first
     /// newer one.
@@ -254,9 +254,10 @@ impl crate::ws::Handler for ReliableBridge {
 impl ReliableBridge {
     /// Stores one client message and answers with its acknowledgement.
     async fn store(&mut self, text: Utf8Bytes) -> Reply {
+        let mut redis = self.app.redis.clone();
         let (_, answer) = store_message(
             &self.app,
-            &mut self.redis,
+            &mut redis,
             &self.session_id,
             &self.agent_id,
             text.as_str(),
