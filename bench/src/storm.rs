@@ -342,7 +342,7 @@ async fn wait_ready(procs: &mut Procs, port: u16) -> anyhow::Result<()> {
 /// One client's book, checked as messages arrive.
 #[derive(Debug, Default)]
 struct Book {
-    /// seen[k] for each seq k received (index 0 unused).
+    /// `seen[k]` for each seq k received (index 0 unused).
     seen: Vec<bool>,
     max_seen: u64,
     received: u64,

@@ -95,7 +95,7 @@ pub(super) async fn serve(
     let request = match tokio::time::timeout(limit, read_head(&mut stream)).await {
         Ok(Ok(First::Request(request))) => request,
         Ok(Ok(First::Refused(refusal))) => {
-            let _ = write_plain(&mut stream, refusal).await;
+            let _ = write_plain(&mut stream, *refusal).await;
             return;
         }
         Ok(Ok(First::ForHyper(read))) => {
@@ -115,7 +115,7 @@ pub(super) async fn serve(
             return;
         }
     };
-    let mut request = request;
+    let mut request = *request;
     request.extensions_mut().insert(slot);
     // Boxed, for the same reason: only the writer's state stays for the
     // stream's life.
@@ -137,9 +137,9 @@ pub(super) async fn serve(
 /// What the first request turned out to be once its head is read.
 enum First {
     /// Served here.
-    Request(Request),
+    Request(Box<Request>),
     /// Refused here (a head too long or not HTTP).
-    Refused(Response),
+    Refused(Box<Response>),
     /// hyper's, with the bytes read so far.
     ForHyper(Vec<u8>),
 }
@@ -150,11 +150,11 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<First> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         if buf.len() >= MAX_HEAD {
-            return Ok(First::Refused(refusal(
+            return Ok(First::Refused(Box::new(refusal(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request_header_too_large",
                 "the request head is over 16 KiB",
-            )));
+            ))));
         }
         buf.reserve(1024);
         if stream.read_buf(&mut buf).await? == 0 {
@@ -170,19 +170,19 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<First> {
 }
 
 /// The request in `bytes`, `None` while its head is incomplete.
-fn parse_head(bytes: &[u8]) -> Result<Option<Head>, Response> {
+fn parse_head(bytes: &[u8]) -> Result<Option<Head>, Box<Response>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
-    let bad = |why: &str| refusal(StatusCode::BAD_REQUEST, "bad_request", why);
+    let bad = |why: &str| Box::new(refusal(StatusCode::BAD_REQUEST, "bad_request", why));
     match parsed.parse(bytes) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(refusal(
+            return Err(Box::new(refusal(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request_header_too_large",
                 "more than 64 header lines",
-            ));
+            )));
         }
         Err(e) => return Err(bad(&format!("the request is not HTTP/1.1: {e}"))),
     }
@@ -213,14 +213,14 @@ fn parse_head(bytes: &[u8]) -> Result<Option<Head>, Response> {
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = map;
-    Ok(Some(Head::Request(request)))
+    Ok(Some(Head::Request(Box::new(request))))
 }
 
 /// What a complete head turned out to be.
 #[derive(Debug)]
 enum Head {
     /// An event stream's request, served here.
-    Request(Request),
+    Request(Box<Request>),
     /// Anything else: hyper serves it, from the bytes read so far.
     ForHyper,
 }
