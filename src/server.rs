@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-mod event_stream;
+pub mod event_stream;
 
 use crate::auth::users::Users;
 use crate::broker::Broker;
@@ -642,8 +642,13 @@ impl Listener {
                                 );
                                 match peeked.await {
                                     Ok(true) => {
-                                        Box::pin(event_stream::serve(stream, slot, router, app))
-                                            .await
+                                        // Boxed: the head and the route are big
+                                        // and short; what stays is `Streaming`.
+                                        let respond =
+                                            event_stream::respond(stream, slot, router, app);
+                                        if let Some(streaming) = Box::pin(respond).await {
+                                            streaming.await
+                                        }
                                     }
                                     Ok(false) => {
                                         Box::pin(serve_connection(stream, slot, router, app)).await

@@ -24,12 +24,17 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::Response;
-use futures_util::{FutureExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 
 use crate::context::{App, ConnectionSlot};
+use crate::session::sse::{DriverFuture, InlineDriver};
 
 /// How much of a connection's first bytes are looked at to tell an event
 /// stream's request line.
@@ -54,8 +59,10 @@ pub(super) async fn is_event_stream(stream: &TcpStream) -> bool {
     }
 }
 
-/// `GET /<one segment>/sse/<one segment>[?query] HTTP/1.1\r\n`.
-fn request_line_is_event_stream(bytes: &[u8]) -> bool {
+/// `GET /<one segment>/sse/<one segment>[?query] HTTP/1.1\r\n`: whether
+/// `bytes` (a connection's first bytes) start with an event stream's
+/// request line. Public for the fuzz target `event_stream_head`.
+pub fn request_line_is_event_stream(bytes: &[u8]) -> bool {
     let Some(end) = bytes.windows(2).position(|w| w == b"\r\n") else {
         return false;
     };
@@ -82,21 +89,27 @@ fn request_line_is_event_stream(bytes: &[u8]) -> bool {
     )
 }
 
-/// Reads the request head, runs it through `router`, writes the response,
-/// closes. A head that does not arrive within `AUTH_TIMEOUT_SECS` (as
-/// hyper's header read timeout) drops the connection.
-pub(super) async fn serve(
+/// Reads the request head, runs it through `router` and writes a whole
+/// response (a refusal); an event stream is returned instead, for the
+/// connection's task to run ([`Streaming`]). A head that does not arrive
+/// within `AUTH_TIMEOUT_SECS` (as hyper's header read timeout) drops the
+/// connection.
+///
+/// The caller boxes this future: it is big (the head, the router's call)
+/// and short, while [`Streaming`] is small and stays for the stream's
+/// life.
+pub(super) async fn respond(
     mut stream: TcpStream,
     slot: ConnectionSlot,
     router: Router,
     app: Arc<App>,
-) {
+) -> Option<Streaming> {
     let limit = app.config.auth_timeout;
     let request = match tokio::time::timeout(limit, read_head(&mut stream)).await {
         Ok(Ok(First::Request(request))) => request,
         Ok(Ok(First::Refused(refusal))) => {
             let _ = write_plain(&mut stream, *refusal).await;
-            return;
+            return None;
         }
         Ok(Ok(First::ForHyper(read))) => {
             let stream = Prefixed {
@@ -104,34 +117,36 @@ pub(super) async fn serve(
                 inner: stream,
             };
             // Boxed: hyper's connection must not size every stream's task.
-            return Box::pin(super::serve_connection(stream, slot, router, app)).await;
+            Box::pin(super::serve_connection(stream, slot, router, app)).await;
+            return None;
         }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "reading an event stream's request failed");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!("an event stream's request head timed out");
-            return;
+            return None;
         }
     };
     let mut request = *request;
     request.extensions_mut().insert(slot);
-    // Boxed, for the same reason: only the writer's state stays for the
-    // stream's life.
+    // The stream's driver runs in the connection's task, beside the writer.
+    request
+        .extensions_mut()
+        .insert(crate::session::sse::DriveInline);
     let Ok(response) = Box::pin(router.oneshot(request)).await;
     let streaming = response
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let result = if streaming {
-        write_stream(&mut stream, response).await
-    } else {
-        write_plain(&mut stream, response).await
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "an event stream's connection ended with an error");
+    if streaming {
+        return Some(Streaming::new(stream, response));
     }
+    if let Err(e) = write_plain(&mut stream, response).await {
+        tracing::debug!(error = %e, "writing a response failed");
+    }
+    None
 }
 
 /// What the first request turned out to be once its head is read.
@@ -169,8 +184,10 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<First> {
     }
 }
 
-/// The request in `bytes`, `None` while its head is incomplete.
-fn parse_head(bytes: &[u8]) -> Result<Option<Head>, Box<Response>> {
+/// The request in `bytes`, `None` while its head is incomplete; a head
+/// that is not HTTP/1.1 is refused `400` (`431` when too many header
+/// lines). Public for the fuzz target `event_stream_head`.
+pub fn parse_head(bytes: &[u8]) -> Result<Option<Head>, Box<Response>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let bad = |why: &str| Box::new(refusal(StatusCode::BAD_REQUEST, "bad_request", why));
@@ -218,7 +235,7 @@ fn parse_head(bytes: &[u8]) -> Result<Option<Head>, Box<Response>> {
 
 /// What a complete head turned out to be.
 #[derive(Debug)]
-enum Head {
+pub enum Head {
     /// An event stream's request, served here.
     Request(Box<Request>),
     /// Anything else: hyper serves it, from the bytes read so far.
@@ -338,39 +355,131 @@ async fn write_plain(stream: &mut TcpStream, response: Response) -> std::io::Res
     stream.shutdown().await
 }
 
-/// An event stream: the head, then the body chunked, every frame the body
-/// has ready in one write, until the body ends (its close event) or the
-/// client leaves (end of file, or anything sent: this connection takes no
-/// second request).
-async fn write_stream(stream: &mut TcpStream, response: Response) -> std::io::Result<()> {
-    let mut out = head(&response, ("transfer-encoding", "chunked"));
-    let mut body = response.into_body().into_data_stream();
-    let (mut rd, mut wr) = stream.split();
-    let mut scratch = [0u8; 16];
-    loop {
-        wr.write_all(&out).await?;
-        // Not kept while the stream waits: a held stream is mostly idle,
-        // and what it holds counts for every one of them.
-        out = Vec::new();
-        let frame = tokio::select! {
-            frame = body.next() => frame,
-            read = rd.read(&mut scratch) => {
-                let _ = read;
-                return Ok(()); // the client left (or broke the protocol)
-            }
+/// An event stream being written: the head, then the body chunked, every
+/// frame the body has ready in one write, until the body ends (its close
+/// event) or the client leaves (end of file, or anything sent: this
+/// connection takes no second request). The stream's driver, when the
+/// handler handed it over, is polled here too, and always to its end (it
+/// unregisters the connection), also after the client has left.
+///
+/// A future written by hand rather than an `async fn`: it is what every
+/// held stream keeps, so it holds only the socket, the body, the driver
+/// and the bytes being written (none while the stream waits).
+pub(super) struct Streaming {
+    stream: TcpStream,
+    /// `None` once the stream is over (ended, or the client left).
+    body: Option<axum::body::BodyDataStream>,
+    /// `None` once it has ended (or when it runs in a task of its own).
+    driver: Option<DriverFuture>,
+    /// Bytes to write; `out[written..]` are not written yet.
+    out: Vec<u8>,
+    written: usize,
+    /// The body has ended: `out` holds the last chunk.
+    ended: bool,
+}
+
+impl Streaming {
+    fn new(stream: TcpStream, mut response: Response) -> Self {
+        let driver = response
+            .extensions_mut()
+            .remove::<InlineDriver>()
+            .and_then(|d| d.take());
+        let out = head(&response, ("transfer-encoding", "chunked"));
+        Self {
+            stream,
+            body: Some(response.into_body().into_data_stream()),
+            driver,
+            out,
+            written: 0,
+            ended: false,
+        }
+    }
+
+    fn poll_driver(&mut self, cx: &mut Context<'_>) {
+        if let Some(driver) = &mut self.driver
+            && driver.as_mut().poll(cx).is_ready()
+        {
+            self.driver = None;
+        }
+    }
+
+    /// Writes until the stream is over (`Ready`) or nothing can move.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let Self {
+            stream,
+            body,
+            out,
+            written,
+            ended,
+            ..
+        } = self;
+        // Anything from the client, or its end of file, ends the stream.
+        let mut scratch = [0u8; 16];
+        let mut read = tokio::io::ReadBuf::new(&mut scratch);
+        if Pin::new(&mut *stream).poll_read(cx, &mut read).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        let Some(body) = body else {
+            return Poll::Ready(Ok(()));
         };
-        let mut ended = !chunk(&mut out, frame)?;
-        // Everything else the body has ready goes in the same write.
-        while !ended {
-            match body.next().now_or_never() {
-                Some(frame) => ended = !chunk(&mut out, frame)?,
-                None => break,
+        loop {
+            if *written < out.len() {
+                match Pin::new(&mut *stream).poll_write(cx, &out[*written..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        *written += n;
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if *ended {
+                return Pin::new(&mut *stream).poll_shutdown(cx);
+            }
+            // Not kept while the stream waits: a held stream is mostly
+            // idle, and what it holds counts for every one of them.
+            *out = Vec::new();
+            *written = 0;
+            // Everything the body has ready goes in one write.
+            while let Poll::Ready(frame) = body.poll_next_unpin(cx) {
+                if !chunk(out, frame)? {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    *ended = true;
+                    break;
+                }
+            }
+            if out.is_empty() {
+                return Poll::Pending;
             }
         }
-        if ended {
-            out.extend_from_slice(b"0\r\n\r\n");
-            wr.write_all(&out).await?;
-            return wr.shutdown().await;
+    }
+}
+
+impl Future for Streaming {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        // The driver first: what it writes is then written in this poll.
+        this.poll_driver(cx);
+        if this.body.is_some()
+            && let Poll::Ready(result) = this.poll_write(cx)
+        {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "an event stream's connection ended with an error");
+            }
+            // The driver sees the body gone and ends.
+            this.body = None;
+            this.out = Vec::new();
+            this.poll_driver(cx);
+        }
+        if this.body.is_none() && this.driver.is_none() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }

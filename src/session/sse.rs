@@ -47,6 +47,37 @@ pub const RETRY_MS: u64 = 2000;
 /// writes wait (and a client that takes nothing is a slow consumer).
 const HIGH_WATER: usize = 64 * 1024;
 
+/// A request extension from a writer that runs the stream's driver in its
+/// own task (`server::event_stream`, wsproxy's own HTTP/1.1 writer): the
+/// handler hands the driver over in the response ([`InlineDriver`])
+/// instead of spawning a task of its own, so a held stream is one task,
+/// as a WebSocket is. Without it (hyper: TLS, HTTP/2, a reused
+/// connection) the driver is spawned.
+#[derive(Clone, Copy, Debug)]
+pub struct DriveInline;
+
+/// The stream's driver, handed to the writer that asked for it with
+/// [`DriveInline`] as a response extension. The writer must run it to its
+/// end (it unregisters the connection), also when the client has left.
+#[derive(Clone)]
+pub struct InlineDriver(Arc<Mutex<Option<DriverFuture>>>);
+
+/// A stream's driver, boxed.
+pub type DriverFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl InlineDriver {
+    /// The driver, once.
+    pub fn take(&self) -> Option<DriverFuture> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for InlineDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InlineDriver")
+    }
+}
+
 /// The query parameters of the SSE endpoint.
 #[derive(Debug, Deserialize)]
 pub struct SseQuery {
@@ -66,10 +97,20 @@ pub async fn stream(
     query: Result<Query<SseQuery>, axum::extract::rejection::QueryRejection>,
     RawQuery(raw_query): RawQuery,
     slot: Option<Extension<ConnectionSlot>>,
+    inline: Option<Extension<DriveInline>>,
     headers: HeaderMap,
 ) -> Response {
     let cors = allowed_origin(&app, &headers);
-    let answer = open(app, path, query, raw_query, slot.map(|s| s.0), &headers).await;
+    let answer = open(
+        app,
+        path,
+        query,
+        raw_query,
+        slot.map(|s| s.0),
+        inline.is_some(),
+        &headers,
+    )
+    .await;
     with_cors(answer.unwrap_or_else(|e| e.into_response()), cors)
 }
 
@@ -79,6 +120,7 @@ async fn open(
     query: Result<Query<SseQuery>, axum::extract::rejection::QueryRejection>,
     raw_query: Option<String>,
     slot: Option<ConnectionSlot>,
+    inline: bool,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     app.config.ws_origins.check(headers)?;
@@ -118,8 +160,16 @@ async fn open(
     };
     let driver = crate::session::bridge::admit(&app, ask, slot).await?;
     let (socket, body) = pipe(resume.map(|(epoch, offset)| format!("{epoch}:{offset}")));
-    tokio::spawn(driver.run(socket));
+    let run = driver.run(socket);
     let mut response = Response::new(axum::body::Body::from_stream(body));
+    if inline {
+        let run: DriverFuture = Box::pin(run);
+        response
+            .extensions_mut()
+            .insert(InlineDriver(Arc::new(Mutex::new(Some(run)))));
+    } else {
+        tokio::spawn(run);
+    }
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
