@@ -341,14 +341,7 @@ impl Procs {
 
     fn start_redis(&mut self) -> anyhow::Result<u32> {
         let child = harness::redis_server(&self.redis_bin, self.redis_port, &self.dir)
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
+            .args(harness::AOF_ALWAYS)
             .spawn()
             .with_context(|| format!("starting {}", self.redis_bin.display()))?;
         let pid = child.id();

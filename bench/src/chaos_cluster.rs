@@ -193,14 +193,7 @@ impl ChaosCluster {
             .arg(dir.join("nodes.conf"))
             .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
             .args(["--cluster-replica-validity-factor", "0"])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
+            .args(harness::AOF_ALWAYS)
             .spawn()
             .with_context(|| format!("starting {}", self.redis_bin.display()))?;
         let pid = child.id();

@@ -18,6 +18,17 @@ use crate::soak::Rng;
 /// Longest wait for a (re)started process to answer.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// redis-server's persistence for the runs that kill it: every write is
+/// in the AOF before Redis answers it, and nothing else is saved.
+pub const AOF_ALWAYS: [&str; 6] = [
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "always",
+    "--save",
+    "",
+];
+
 /// The guard of `m`, poisoned or not.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
