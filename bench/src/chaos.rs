@@ -93,7 +93,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -101,7 +101,6 @@ use futures_util::{SinkExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio::time::sleep;
@@ -110,6 +109,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use crate::chaos_cluster::{self, ChaosCluster};
+use crate::harness::{self, START_TIMEOUT, free_port, lock};
 use crate::net::{self, Ws};
 use crate::scenarios::redis_client;
 use crate::soak::Rng;
@@ -143,8 +143,6 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// wsproxy is started again this long after its SIGKILL.
 const WSPROXY_DOWN: Duration = Duration::from_secs(1);
-/// Longest wait for a (re)started process to answer.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait, at the start, for every client's first welcome.
 const FIRST_WELCOME_TIMEOUT: Duration = Duration::from_secs(60);
 /// Every Redis command of the backend tasks: long enough that only a dead
@@ -234,10 +232,6 @@ pub struct Outcome {
     pub failures: Vec<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// A stream entry id `<ms>-<seq>` as two numbers: they compare in stream
 /// order.
 type EntryId = (u64, u64);
@@ -314,12 +308,7 @@ impl Procs {
                 args.wsproxy_bin.display()
             )
         })?;
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("wsproxy-chaos-{}-{stamp}", std::process::id()));
-        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = harness::temp_dir("chaos")?;
         // From here on, Drop removes the directory.
         let mut procs = Self {
             dir,
@@ -351,25 +340,8 @@ impl Procs {
     }
 
     fn start_redis(&mut self) -> anyhow::Result<u32> {
-        let child = Command::new(&self.redis_bin)
-            .arg("--port")
-            .arg(self.redis_port.to_string())
-            .args(["--bind", "127.0.0.1", "--daemonize", "no"])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(self.dir.join("redis.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let child = harness::redis_server(&self.redis_bin, self.redis_port, &self.dir)
+            .args(harness::AOF_ALWAYS)
             .spawn()
             .with_context(|| format!("starting {}", self.redis_bin.display()))?;
         let pid = child.id();
@@ -452,68 +424,10 @@ impl Procs {
     }
 }
 
-/// A free loopback port below the kernel's ephemeral range, so that no
-/// client's outgoing connection can take it while wsproxy or Redis is down
-/// between a kill and its restart.
-fn free_port(rng: &mut Rng, taken: &[u16]) -> anyhow::Result<u16> {
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = if ephemeral_low > 11_000 {
-        (10_000, ephemeral_low)
-    } else {
-        (1_024, ephemeral_low.max(1_025))
-    };
-    for _ in 0..500 {
-        let port = low + rng.below(usize::from(high - low)) as u16;
-        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port found in {low}..{high}")
-}
-
-/// The status of `GET path` on 127.0.0.1:port, or None.
-async fn http_status(port: u16, path: &str) -> Option<u16> {
-    let get = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = [0u8; 64];
-        let mut got = 0;
-        while got < 12 {
-            let n = s.read(&mut buf[got..]).await.ok()?;
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        std::str::from_utf8(&buf[..got])
-            .ok()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), get)
-        .await
-        .ok()
-        .flatten()
-}
-
 /// Waits until wsproxy's `/ready` is 200 (it is 503 until Redis answers
 /// and the library is loaded); how long that took.
 async fn wait_ready(procs: &mut Procs) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    while http_status(procs.ws_port, "/ready").await != Some(200) {
-        procs.check_alive()?;
-        if start.elapsed() > START_TIMEOUT {
-            bail!("wsproxy not ready {START_TIMEOUT:?} after starting");
-        }
-        sleep(Duration::from_millis(50)).await;
-    }
-    Ok(start.elapsed())
+    harness::wait_ready(procs.ws_port, "wsproxy", || procs.check_alive()).await
 }
 
 /// Waits until Redis answers PING (not LOADING); how long that took.
@@ -966,7 +880,7 @@ async fn open(url: &str, token: &str) -> anyhow::Result<Ws> {
 async fn client(shared: Arc<Shared>, i: usize) {
     let slot = &shared.clients[i];
     let session = &shared.sessions[i % shared.sessions.len()];
-    let mut rng = Rng((shared.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1);
+    let mut rng = harness::client_rng(shared.seed, i);
     let mut phase = shared.phase.clone();
     let mut pos = Position::default();
     let mut next_k = 1;
@@ -1025,27 +939,20 @@ fn up_frame(i: usize, k: u64) -> Message {
     ))
 }
 
-/// Reads the welcome, then moves messages until the connection ends.
-async fn connected(
-    shared: &Shared,
-    i: usize,
-    mut ws: Ws,
-    pos: &mut Position,
-    next_k: &mut u64,
-    rng: &mut Rng,
-) -> End {
-    let slot = &shared.clients[i];
-    let mut phase = shared.phase.clone();
+/// Reads the welcome and moves `pos` on as it says: a first welcome
+/// gives the offset to start from, a resumed one keeps it, a failed resume
+/// goes on from the welcome's offset. Counted in `shared`.
+async fn welcome(shared: &Shared, i: usize, ws: &mut Ws, pos: &mut Position) -> Result<(), End> {
     let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, ws.next()).await {
         Ok(Some(Ok(Message::Text(t)))) => t,
-        Ok(other) => return End::Broken(format!("no welcome: {other:?}")),
-        Err(_) => return End::Broken("no welcome in time".into()),
+        Ok(other) => return Err(End::Broken(format!("no welcome: {other:?}"))),
+        Err(_) => return Err(End::Broken("no welcome in time".into())),
     };
     let w: serde_json::Value = serde_json::from_str(welcome.as_str()).unwrap_or_default();
     let (Some(epoch), Some(offset)) = (w["epoch"].as_str(), w["offset"].as_str()) else {
         bump(&shared.counters.protocol_errors);
         shared.note(format_args!("client {i}: not a welcome: {welcome}"));
-        return End::Broken("not a welcome".into());
+        return Err(End::Broken("not a welcome".into()));
     };
     match (pos.epoch.is_some(), w["resumed"].as_bool()) {
         (false, _) => pos.offset = Some(offset.to_owned()),
@@ -1073,11 +980,28 @@ async fn connected(
     }
     pos.epoch = Some(epoch.to_owned());
     {
-        let mut book = lock(&slot.book);
+        let mut book = lock(&shared.clients[i].book);
         if !book.welcomed {
             book.welcomed = true;
             shared.welcomed.fetch_add(1, Ordering::Relaxed);
         }
+    }
+    Ok(())
+}
+
+/// Reads the welcome, then moves messages until the connection ends.
+async fn connected(
+    shared: &Shared,
+    i: usize,
+    mut ws: Ws,
+    pos: &mut Position,
+    next_k: &mut u64,
+    rng: &mut Rng,
+) -> End {
+    let slot = &shared.clients[i];
+    let mut phase = shared.phase.clone();
+    if let Err(end) = welcome(shared, i, &mut ws, pos).await {
+        return end;
     }
 
     let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
@@ -1999,11 +1923,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<Outcome> {
         bail!("--drop-every-secs must be at least 1 and --drop-percent at most 100");
     }
     net::check_fd_budget(args.clients + 100)?;
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-    });
+    let seed = args.seed.unwrap_or_else(harness::clock_seed);
     let mut rng = Rng(seed | 1);
     // Dropped last: whatever happens below, the children and the
     // directory go.
@@ -2051,6 +1971,89 @@ async fn run(
     seed: u64,
 ) -> anyhow::Result<Outcome> {
     let started = Instant::now();
+    let (redis_pid, ws_pid) = start_processes(args, procs, rng).await?;
+    let sessions = if args.sessions == 0 {
+        args.clients
+    } else {
+        args.sessions.min(args.clients)
+    };
+    let up_streams: Vec<String> = (0..procs.up_shards)
+        .map(|n| up_stream(args.cluster, n))
+        .collect();
+    announce(
+        args,
+        procs,
+        (sessions, seed),
+        (redis_pid, ws_pid),
+        &up_streams,
+    )
+    .await?;
+    let redis = procs.redis_target();
+    let sessions_v = set_up_redis(args, procs, &redis, (rng, seed), sessions, &up_streams).await?;
+
+    let (phase_tx, phase_rx) = watch::channel(Phase::Load);
+    let up_period = if args.up_rate > 0.0 {
+        Duration::from_secs_f64(args.clients as f64 / args.up_rate)
+    } else {
+        Duration::from_secs(86_400)
+    };
+    let shared = Arc::new(Shared {
+        ws_base: format!("ws://127.0.0.1:{}", procs.ws_port),
+        redis,
+        up_streams,
+        wait_replica: args.wait_replica,
+        wait_unreplicated: AtomicU64::new(0),
+        resume_failed: Mutex::new(Vec::new()),
+        sessions: sessions_v,
+        clients: (0..args.clients).map(|_| ClientSlot::default()).collect(),
+        up_period,
+        down_rate: args.down_rate,
+        phase: phase_rx,
+        welcomed: AtomicUsize::new(0),
+        publishing: AtomicUsize::new(0),
+        counters: Counters::default(),
+        resume_reasons: Mutex::new(BTreeMap::new()),
+        close_codes: Mutex::new(BTreeMap::new()),
+        up: Mutex::new(UpBook::default()),
+        seed,
+        started,
+    });
+    let tasks = start_tasks(args, procs, &shared, &phase_tx).await?;
+    let load = load_and_chaos(args, procs, &shared, rng).await?;
+    let (is_settled, settle_secs) = settle(args, procs, &shared, &load, &phase_tx, tasks).await?;
+
+    let mut counts = count(&shared);
+    if let Some(f) = &load.failover {
+        // Now that nothing moves any more: the final word.
+        counts.failover = Some(
+            attribute(&shared, f)
+                .await
+                .context("looking up the failover's losses")?,
+        );
+        counts.wait_unreplicated = shared.wait_unreplicated.load(Ordering::Relaxed);
+    }
+    counts.settled = is_settled;
+    counts.load_secs = load.secs;
+    counts.settle_secs = settle_secs;
+    counts.wsproxy_restarts = load.wsproxy_restarts;
+    counts.redis_restarts = load.redis_restarts;
+    let failures = counts.failures();
+    summarize(&counts, &failures, started.elapsed());
+    if !failures.is_empty() {
+        print_log_tail(procs);
+    }
+    let report = report(args, &counts)?;
+    Ok(Outcome { report, failures })
+}
+
+/// Starts Redis (one server, or the cluster, choosing how many up stream
+/// shards cover its masters) and wsproxy, and waits for both; their pids
+/// (Redis's 0 for a cluster).
+async fn start_processes(
+    args: &ChaosArgs,
+    procs: &mut Procs,
+    rng: &mut Rng,
+) -> anyhow::Result<(u32, u32)> {
     let mut redis_pid = 0;
     if args.cluster {
         let cluster =
@@ -2075,11 +2078,17 @@ async fn run(
     }
     let ws_pid = procs.start_wsproxy()?;
     wait_ready(procs).await?;
-    let sessions = if args.sessions == 0 {
-        args.clients
-    } else {
-        args.sessions.min(args.clients)
-    };
+    Ok((redis_pid, ws_pid))
+}
+
+/// Prints what the run does and what it runs on.
+async fn announce(
+    args: &ChaosArgs,
+    procs: &Procs,
+    (sessions, seed): (usize, u64),
+    (redis_pid, ws_pid): (u32, u32),
+    up_streams: &[String],
+) -> anyhow::Result<()> {
     println!(
         "chaos: {} reliable clients over {sessions} sessions for {} s (+ up to {} s settling), \
          down {}/s, up {}/s, {}% of connections reset every {} s{}{}; seed {seed}",
@@ -2109,10 +2118,6 @@ async fn run(
             ),
         },
     );
-    let cluster = args.cluster;
-    let up_streams: Vec<String> = (0..procs.up_shards)
-        .map(|n| up_stream(cluster, n))
-        .collect();
     if let Some(c) = &procs.cluster {
         let map = c.slot_map().await?;
         let streams: Vec<String> = up_streams
@@ -2147,11 +2152,22 @@ async fn run(
             procs.dir.display()
         );
     }
+    Ok(())
+}
 
-    // Tokens and the consumer groups.
+/// Stores every session's token and creates the workers' consumer groups;
+/// the sessions.
+async fn set_up_redis(
+    args: &ChaosArgs,
+    procs: &Procs,
+    redis: &RedisTarget,
+    (rng, seed): (&mut Rng, u64),
+    sessions: usize,
+    up_streams: &[String],
+) -> anyhow::Result<Vec<Session>> {
+    let cluster = args.cluster;
     let run_id = seed % 1_000_000;
-    let redis = procs.redis_target();
-    let mut setup = Backend::new(&redis)?;
+    let mut setup = Backend::new(redis)?;
     let mut sessions_v = Vec::with_capacity(sessions);
     for j in 0..sessions {
         let id = format!("chaos{run_id}-{j}");
@@ -2169,7 +2185,7 @@ async fn run(
             offsets: Mutex::new(Vec::new()),
         });
     }
-    for stream in &up_streams {
+    for stream in up_streams {
         let mut group = redis::cmd("XGROUP");
         group
             .arg("CREATE")
@@ -2190,34 +2206,17 @@ async fn run(
         }
         println!("chaos: sessions per master: {per_master:?}");
     }
+    Ok(sessions_v)
+}
 
-    let (phase_tx, phase_rx) = watch::channel(Phase::Load);
-    let up_period = if args.up_rate > 0.0 {
-        Duration::from_secs_f64(args.clients as f64 / args.up_rate)
-    } else {
-        Duration::from_secs(86_400)
-    };
-    let shared = Arc::new(Shared {
-        ws_base: format!("ws://127.0.0.1:{}", procs.ws_port),
-        redis,
-        up_streams,
-        wait_replica: args.wait_replica,
-        wait_unreplicated: AtomicU64::new(0),
-        resume_failed: Mutex::new(Vec::new()),
-        sessions: sessions_v,
-        clients: (0..args.clients).map(|_| ClientSlot::default()).collect(),
-        up_period,
-        down_rate: args.down_rate,
-        phase: phase_rx,
-        welcomed: AtomicUsize::new(0),
-        publishing: AtomicUsize::new(0),
-        counters: Counters::default(),
-        resume_reasons: Mutex::new(BTreeMap::new()),
-        close_codes: Mutex::new(BTreeMap::new()),
-        up: Mutex::new(UpBook::default()),
-        seed,
-        started,
-    });
+/// Starts the workers and the clients, waits for every client's first
+/// welcome, then starts the publishers; all their tasks.
+async fn start_tasks(
+    args: &ChaosArgs,
+    procs: &mut Procs,
+    shared: &Arc<Shared>,
+    phase_tx: &watch::Sender<Phase>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for shard in 0..shared.up_streams.len() {
         for w in 1..=WORKERS {
@@ -2244,14 +2243,39 @@ async fn run(
     }
     println!(
         "chaos: [{:.1}s] all {} clients connected; load and chaos for {} s",
-        started.elapsed().as_secs_f64(),
+        shared.started.elapsed().as_secs_f64(),
         args.clients,
         args.secs
     );
     for t in 0..PUBLISHERS {
         tasks.push(tokio::spawn(publisher(shared.clone(), t)));
     }
+    Ok(tasks)
+}
 
+/// What the load phase did.
+struct Load {
+    secs: f64,
+    wsproxy_restarts: u64,
+    redis_restarts: u64,
+    failover: Option<Failover>,
+}
+
+/// `[<s>s]` since the run started.
+fn stamp(started: Instant, t: Instant) -> String {
+    format!("[{:.1}s]", t.duration_since(started).as_secs_f64())
+}
+
+/// `--secs` of load with connections reset, wsproxy killed at a third and
+/// Redis (or a cluster master) at two thirds; the failed-over node is
+/// started again by the end of it.
+async fn load_and_chaos(
+    args: &ChaosArgs,
+    procs: &mut Procs,
+    shared: &Shared,
+    rng: &mut Rng,
+) -> anyhow::Result<Load> {
+    let started = shared.started;
     let load = Duration::from_secs(args.secs);
     let kill_at = load / 3;
     let restart_at = load * 2 / 3;
@@ -2263,7 +2287,6 @@ async fn run(
     let mut redis_restarts = 0;
     let mut failover: Option<Failover> = None;
     let load_start = Instant::now();
-    let stamp = |t: Instant| format!("[{:.1}s]", t.duration_since(started).as_secs_f64());
     loop {
         let t = load_start.elapsed();
         if t >= load {
@@ -2272,16 +2295,7 @@ async fn run(
         procs.check_alive()?;
         if t >= next_drop {
             next_drop += drop_every;
-            let open: Vec<usize> = (0..args.clients)
-                .filter(|&i| shared.clients[i].connected.load(Ordering::Relaxed))
-                .collect();
-            let n = (open.len() as u64 * args.drop_percent).div_ceil(100) as usize;
-            let mut pick = open;
-            for x in 0..n.min(pick.len()) {
-                let y = x + rng.below(pick.len() - x);
-                pick.swap(x, y);
-                shared.clients[pick[x]].kill.notify_one();
-            }
+            drop_connections(args, shared, rng);
         }
         if !args.no_wsproxy_kill && wsproxy_restarts == 0 && t >= kill_at {
             let pid = procs.wsproxy.as_ref().map_or(0, Child::id);
@@ -2293,13 +2307,13 @@ async fn run(
             wsproxy_restarts += 1;
             println!(
                 "chaos: {} SIGKILLed wsproxy (pid {pid}); started again (pid {new_pid}) {:.1} s later, ready {:.1} s after that",
-                stamp(killed),
+                stamp(started, killed),
                 WSPROXY_DOWN.as_secs_f64(),
                 ready.as_secs_f64()
             );
         }
         if !args.no_redis_restart && redis_restarts == 0 && t >= restart_at && args.cluster {
-            failover = Some(fail_over(procs, &shared, args, started).await?);
+            failover = Some(fail_over(procs, shared, args, started).await?);
             redis_restarts += 1;
         }
         if let Some(f) = &mut failover
@@ -2320,7 +2334,7 @@ async fn run(
             println!(
                 "chaos: {} SIGKILLed redis-server (pid {pid}); started again (pid {new_pid}) {:.1} s later, \
                  answering {:.1} s after that, wsproxy ready again {:.1} s later",
-                stamp(killed),
+                stamp(started, killed),
                 redis_down.as_secs_f64(),
                 back.as_secs_f64(),
                 ready.as_secs_f64()
@@ -2328,33 +2342,70 @@ async fn run(
         }
         if t >= next_progress {
             next_progress += Duration::from_secs(10);
-            let c = &shared.counters;
-            let open = (0..args.clients)
-                .filter(|&i| shared.clients[i].connected.load(Ordering::Relaxed))
-                .count();
-            let published: u64 = shared
-                .sessions
-                .iter()
-                .map(|s| s.confirmed.load(Ordering::SeqCst))
-                .sum();
-            println!(
-                "chaos: {} {open} open, {} reset, {} broken, {} resumed; {published} published, {} up sent",
-                stamp(Instant::now()),
-                get(&c.drops),
-                get(&c.broken),
-                get(&c.resumes),
-                get(&c.up_sent),
-            );
+            print_progress(args, shared);
         }
         sleep(Duration::from_millis(100)).await;
     }
-    let load_secs = load_start.elapsed().as_secs_f64();
+    let secs = load_start.elapsed().as_secs_f64();
     if let Some(f) = &mut failover
         && !f.restarted
     {
         restart_node(procs, f, started).await?;
     }
+    Ok(Load {
+        secs,
+        wsproxy_restarts,
+        redis_restarts,
+        failover,
+    })
+}
 
+/// Resets `--drop-percent` of the open connections, picked at random.
+fn drop_connections(args: &ChaosArgs, shared: &Shared, rng: &mut Rng) {
+    let open: Vec<usize> = (0..args.clients)
+        .filter(|&i| shared.clients[i].connected.load(Ordering::Relaxed))
+        .collect();
+    let n = (open.len() as u64 * args.drop_percent).div_ceil(100) as usize;
+    let mut pick = open;
+    for x in 0..n.min(pick.len()) {
+        let y = x + rng.below(pick.len() - x);
+        pick.swap(x, y);
+        shared.clients[pick[x]].kill.notify_one();
+    }
+}
+
+/// The line printed every 10 s of load.
+fn print_progress(args: &ChaosArgs, shared: &Shared) {
+    let c = &shared.counters;
+    let open = (0..args.clients)
+        .filter(|&i| shared.clients[i].connected.load(Ordering::Relaxed))
+        .count();
+    let published: u64 = shared
+        .sessions
+        .iter()
+        .map(|s| s.confirmed.load(Ordering::SeqCst))
+        .sum();
+    println!(
+        "chaos: {} {open} open, {} reset, {} broken, {} resumed; {published} published, {} up sent",
+        stamp(shared.started, Instant::now()),
+        get(&c.drops),
+        get(&c.broken),
+        get(&c.resumes),
+        get(&c.up_sent),
+    );
+}
+
+/// Stops the load and waits (at most `--settle-secs`) for what is on its
+/// way, not for what the failover provably lost; then stops every task.
+/// Whether all arrived, and how long the wait took (s).
+async fn settle(
+    args: &ChaosArgs,
+    procs: &mut Procs,
+    shared: &Shared,
+    load: &Load,
+    phase_tx: &watch::Sender<Phase>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<(bool, f64)> {
     // Nothing new; wait for what is on its way.
     let _ = phase_tx.send(Phase::Settle);
     let settle_start = Instant::now();
@@ -2366,15 +2417,15 @@ async fn run(
     let mut next_lookup = Duration::from_secs(3);
     while settle_start.elapsed() < settle_limit {
         procs.check_alive()?;
-        if settled(&shared, &excused) {
+        if settled(shared, &excused) {
             is_settled = true;
             break;
         }
-        if let Some(f) = &failover
+        if let Some(f) = &load.failover
             && settle_start.elapsed() >= next_lookup
         {
             next_lookup = settle_start.elapsed() + Duration::from_secs(1);
-            match attribute(&shared, f).await {
+            match attribute(shared, f).await {
                 Ok(loss) => excused = loss,
                 Err(e) => shared.note(format_args!("looking up the failover's losses: {e:#}")),
             }
@@ -2387,29 +2438,13 @@ async fn run(
         // Every task watches the phase; a stuck one is not waited for.
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
+    Ok((is_settled, settle_secs))
+}
 
-    let mut counts = count(&shared);
-    if let Some(f) = &failover {
-        // Now that nothing moves any more: the final word.
-        counts.failover = Some(
-            attribute(&shared, f)
-                .await
-                .context("looking up the failover's losses")?,
-        );
-        counts.wait_unreplicated = shared.wait_unreplicated.load(Ordering::Relaxed);
-    }
-    counts.settled = is_settled;
-    counts.load_secs = load_secs;
-    counts.settle_secs = settle_secs;
-    counts.wsproxy_restarts = wsproxy_restarts;
-    counts.redis_restarts = redis_restarts;
-    let failures = counts.failures();
-    summarize(&counts, &failures, started.elapsed());
-    if !failures.is_empty() {
-        print_log_tail(procs);
-    }
-
-    let report = Report {
+/// The report for `--json`.
+fn report(args: &ChaosArgs, counts: &Counts) -> anyhow::Result<Report> {
+    let (load_secs, settle_secs) = (counts.load_secs, counts.settle_secs);
+    Ok(Report {
         scenario: "chaos".into(),
         target: "wsproxy".into(),
         connections: args.clients,
@@ -2435,10 +2470,9 @@ async fn run(
             counts.wsproxy_restarts,
             counts.redis_restarts
         ),
-        detail: Some(serde_json::to_value(&counts)?),
+        detail: Some(serde_json::to_value(counts)?),
         ..Report::default()
-    };
-    Ok(Outcome { report, failures })
+    })
 }
 
 fn summarize(c: &Counts, failures: &[String], took: Duration) {

@@ -21,6 +21,7 @@ use anyhow::{Context, bail};
 use redis::Value;
 use tokio::time::sleep;
 
+use crate::harness;
 use crate::soak::Rng;
 
 /// Nodes: 3 masters, 3 replicas.
@@ -186,30 +187,13 @@ impl ChaosCluster {
         let port = self.ports[i];
         let dir = self.node_dir(port);
         std::fs::create_dir_all(&dir)?;
-        let child = Command::new(&self.redis_bin)
-            .arg("--port")
-            .arg(port.to_string())
-            .args(["--bind", "127.0.0.1", "--daemonize", "no"])
+        let child = harness::redis_server(&self.redis_bin, port, &dir)
             .args(["--cluster-enabled", "yes"])
             .arg("--cluster-config-file")
             .arg(dir.join("nodes.conf"))
             .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
             .args(["--cluster-replica-validity-factor", "0"])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--logfile")
-            .arg(dir.join("redis.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .args(harness::AOF_ALWAYS)
             .spawn()
             .with_context(|| format!("starting {}", self.redis_bin.display()))?;
         let pid = child.id();

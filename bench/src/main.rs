@@ -16,6 +16,7 @@
 mod chaos;
 mod chaos_cluster;
 mod cluster;
+mod harness;
 mod net;
 mod scenarios;
 mod soak;

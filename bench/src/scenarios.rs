@@ -488,7 +488,7 @@ pub(crate) async fn publish(
     channels: &[String],
     m: u64,
     rate: f64,
-) -> anyhow::Result<(u64, u64, u64, u64, String)> {
+) -> anyhow::Result<Published> {
     // Connect before the clock starts: connecting is not publishing.
     let mut redis_connection = match target {
         Target::Wsproxy { redis, .. }
@@ -520,172 +520,211 @@ pub(crate) async fn publish(
     };
     match target {
         Target::Wsproxy { .. } | Target::Hub { .. } | Target::Reliable { .. } => {
-            let Some(mut c) = redis_connection.take() else {
+            let Some(c) = redis_connection.take() else {
                 bail!("no Redis connection");
             };
             let names: Vec<String> = channels.iter().map(|ch| target.redis_channel(ch)).collect();
-            let mut i = 0u64;
-            let mut errors = 0;
-            let mut lag = 0;
-            while i < m {
-                let now = now_us();
-                let mut pipe = redis::pipe();
-                let mut batch = 0;
-                while i < m && batch < 512 && due(i) <= now {
-                    let t = now;
-                    if rate > 0.0 {
-                        lag = u64::max(lag, now - due(i));
-                    }
-                    match per_call {
-                        None => {
-                            let name = &names[(i as usize) % names.len()];
-                            pipe.cmd("PUBLISH").arg(name).arg(message(t, i)).ignore();
-                            i += 1;
-                            batch += 1;
-                        }
-                        Some(1) => {
-                            let name = &names[(i as usize) % names.len()];
-                            pipe.cmd("FCALL")
-                                .arg("wsproxy_publish")
-                                .arg(1)
-                                .arg(name)
-                                .arg(message(t, i))
-                                .ignore();
-                            i += 1;
-                            batch += 1;
-                        }
-                        Some(k) => {
-                            // The rest of session (i / k)'s run of k, all
-                            // due by now (at a rate, a run is sent as soon
-                            // as its first message is due).
-                            let name = &names[((i / k) as usize) % names.len()];
-                            let end = u64::min(m, (i / k + 1) * k);
-                            let mut call = redis::cmd("FCALL");
-                            call.arg("wsproxy_publish_batch").arg(1).arg(name);
-                            while i < end {
-                                call.arg(message(t, i));
-                                i += 1;
-                                batch += 1;
-                            }
-                            pipe.add_command(call).ignore();
-                        }
-                    }
-                }
-                if batch == 0 {
-                    let wait = due(i).saturating_sub(now_us());
-                    tokio::time::sleep(Duration::from_micros(wait)).await;
-                    continue;
-                }
-                if pipe.query_async::<()>(&mut c).await.is_err() {
-                    errors += batch;
-                }
-            }
-            Ok((t0, m - errors, errors, lag, String::new()))
+            publish_redis(c, &names, per_call, (m, rate, t0), due).await
         }
         Target::WsproxyCluster { pubsub, .. } => {
             let Some(backend) = cluster_backend.take() else {
                 bail!("no cluster connection");
             };
             let names: Vec<String> = channels.iter().map(|ch| target.redis_channel(ch)).collect();
-            let owners: Vec<usize> = names.iter().map(|n| backend.master_of(n)).collect();
-            let command = pubsub.command();
-            let mut per_master = vec![0u64; backend.masters.len()];
-            let mut i = 0u64;
-            let mut errors = 0;
-            let mut lag = 0;
-            while i < m {
-                let now = now_us();
-                // One pipeline per master, sent at once: what one pipeline
-                // is for a single Redis.
-                let mut pipes = backend.pipelines();
-                let mut batch = 0;
-                while i < m && batch < 512 && due(i) <= now {
-                    if rate > 0.0 {
-                        lag = u64::max(lag, now - due(i));
-                    }
-                    let k = (i as usize) % names.len();
-                    pipes[owners[k]]
-                        .cmd(command)
-                        .arg(&names[k])
-                        .arg(message(now, i));
-                    per_master[owners[k]] += 1;
-                    i += 1;
-                    batch += 1;
-                }
-                if batch == 0 {
-                    let wait = due(i).saturating_sub(now_us());
-                    tokio::time::sleep(Duration::from_micros(wait)).await;
-                    continue;
-                }
-                errors += backend.send(pipes).await;
-            }
-            let spread = backend
-                .masters
-                .iter()
-                .zip(&per_master)
-                .map(|(addr, n)| format!("{addr} {n}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            Ok((
-                t0,
-                m - errors,
-                errors,
-                lag,
-                format!("{command} per master: {spread}"),
-            ))
+            publish_cluster(&backend, &names, pubsub.command(), (m, rate, t0), due).await
         }
         Target::Url { .. } => bail!("a plain URL target has no way to publish"),
         Target::Nchan { .. } => {
-            let next = Arc::new(AtomicU64::new(0));
-            let errors = Arc::new(AtomicU64::new(0));
-            let lag = Arc::new(AtomicU64::new(0));
-            let channels: Arc<Vec<String>> = Arc::new(channels.to_vec());
-            let mut workers = Vec::new();
-            // Keep-alive connections, as a real publisher would use.
-            for mut conn in nchan_connections {
-                let (next, errors, channels, lag) =
-                    (next.clone(), errors.clone(), channels.clone(), lag.clone());
-                workers.push(tokio::spawn(async move {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= m {
-                            break;
-                        }
-                        let at = due(i);
-                        let now = now_us();
-                        if at > now {
-                            tokio::time::sleep(Duration::from_micros(at - now)).await;
-                        }
-                        let t = now_us();
-                        if rate > 0.0 {
-                            lag.fetch_max(t.saturating_sub(at), Ordering::Relaxed);
-                        }
-                        let path = format!("/pub/{}", channels[(i as usize) % channels.len()]);
-                        match conn
-                            .request("POST", &path, "text/json", Bytes::from(message(t, i)))
-                            .await
-                        {
-                            Ok((status, _)) if status < 300 => {}
-                            _ => {
-                                errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                }));
-            }
-            for w in workers {
-                let _ = w.await;
-            }
-            let errors = errors.load(Ordering::Relaxed);
-            Ok((
-                t0,
-                m - errors,
-                errors,
-                lag.load(Ordering::Relaxed),
-                String::new(),
-            ))
+            publish_nchan(nchan_connections, channels, (m, rate, t0), due).await
         }
     }
+}
+
+/// What a publisher returns: (first send time, published, errors, max lag,
+/// a note).
+type Published = (u64, u64, u64, u64, String);
+
+/// [`publish`] to one Redis: `PUBLISH` to `names` in pipelines, or `FCALL
+/// wsproxy_publish` (`per_call` 1) or `wsproxy_publish_batch` (runs of
+/// `per_call` to a session) on a reliable target.
+async fn publish_redis(
+    mut c: redis::aio::MultiplexedConnection,
+    names: &[String],
+    per_call: Option<u64>,
+    (m, rate, t0): (u64, f64, u64),
+    due: impl Fn(u64) -> u64,
+) -> anyhow::Result<Published> {
+    let mut i = 0u64;
+    let mut errors = 0;
+    let mut lag = 0;
+    while i < m {
+        let now = now_us();
+        let mut pipe = redis::pipe();
+        let mut batch = 0;
+        while i < m && batch < 512 && due(i) <= now {
+            let t = now;
+            if rate > 0.0 {
+                lag = u64::max(lag, now - due(i));
+            }
+            match per_call {
+                None => {
+                    let name = &names[(i as usize) % names.len()];
+                    pipe.cmd("PUBLISH").arg(name).arg(message(t, i)).ignore();
+                    i += 1;
+                    batch += 1;
+                }
+                Some(1) => {
+                    let name = &names[(i as usize) % names.len()];
+                    pipe.cmd("FCALL")
+                        .arg("wsproxy_publish")
+                        .arg(1)
+                        .arg(name)
+                        .arg(message(t, i))
+                        .ignore();
+                    i += 1;
+                    batch += 1;
+                }
+                Some(k) => {
+                    // The rest of session (i / k)'s run of k, all
+                    // due by now (at a rate, a run is sent as soon
+                    // as its first message is due).
+                    let name = &names[((i / k) as usize) % names.len()];
+                    let end = u64::min(m, (i / k + 1) * k);
+                    let mut call = redis::cmd("FCALL");
+                    call.arg("wsproxy_publish_batch").arg(1).arg(name);
+                    while i < end {
+                        call.arg(message(t, i));
+                        i += 1;
+                        batch += 1;
+                    }
+                    pipe.add_command(call).ignore();
+                }
+            }
+        }
+        if batch == 0 {
+            let wait = due(i).saturating_sub(now_us());
+            tokio::time::sleep(Duration::from_micros(wait)).await;
+            continue;
+        }
+        if pipe.query_async::<()>(&mut c).await.is_err() {
+            errors += batch;
+        }
+    }
+    Ok((t0, m - errors, errors, lag, String::new()))
+}
+
+/// [`publish`] to a Redis Cluster: one pipeline per master, with
+/// `command` (`SPUBLISH` or `PUBLISH`).
+async fn publish_cluster(
+    backend: &ClusterBackend,
+    names: &[String],
+    command: &str,
+    (m, rate, t0): (u64, f64, u64),
+    due: impl Fn(u64) -> u64,
+) -> anyhow::Result<Published> {
+    let owners: Vec<usize> = names.iter().map(|n| backend.master_of(n)).collect();
+    let mut per_master = vec![0u64; backend.masters.len()];
+    let mut i = 0u64;
+    let mut errors = 0;
+    let mut lag = 0;
+    while i < m {
+        let now = now_us();
+        // One pipeline per master, sent at once: what one pipeline
+        // is for a single Redis.
+        let mut pipes = backend.pipelines();
+        let mut batch = 0;
+        while i < m && batch < 512 && due(i) <= now {
+            if rate > 0.0 {
+                lag = u64::max(lag, now - due(i));
+            }
+            let k = (i as usize) % names.len();
+            pipes[owners[k]]
+                .cmd(command)
+                .arg(&names[k])
+                .arg(message(now, i));
+            per_master[owners[k]] += 1;
+            i += 1;
+            batch += 1;
+        }
+        if batch == 0 {
+            let wait = due(i).saturating_sub(now_us());
+            tokio::time::sleep(Duration::from_micros(wait)).await;
+            continue;
+        }
+        errors += backend.send(pipes).await;
+    }
+    let spread = backend
+        .masters
+        .iter()
+        .zip(&per_master)
+        .map(|(addr, n)| format!("{addr} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok((
+        t0,
+        m - errors,
+        errors,
+        lag,
+        format!("{command} per master: {spread}"),
+    ))
+}
+
+/// [`publish`] to nchan: HTTP POSTs over the keep-alive `connections`,
+/// each a worker taking the next message.
+async fn publish_nchan(
+    connections: Vec<HttpConn>,
+    channels: &[String],
+    (m, rate, t0): (u64, f64, u64),
+    due: impl Fn(u64) -> u64 + Copy + Send + 'static,
+) -> anyhow::Result<Published> {
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let lag = Arc::new(AtomicU64::new(0));
+    let channels: Arc<Vec<String>> = Arc::new(channels.to_vec());
+    let mut workers = Vec::new();
+    // Keep-alive connections, as a real publisher would use.
+    for mut conn in connections {
+        let (next, errors, channels, lag) =
+            (next.clone(), errors.clone(), channels.clone(), lag.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= m {
+                    break;
+                }
+                let at = due(i);
+                let now = now_us();
+                if at > now {
+                    tokio::time::sleep(Duration::from_micros(at - now)).await;
+                }
+                let t = now_us();
+                if rate > 0.0 {
+                    lag.fetch_max(t.saturating_sub(at), Ordering::Relaxed);
+                }
+                let path = format!("/pub/{}", channels[(i as usize) % channels.len()]);
+                match conn
+                    .request("POST", &path, "text/json", Bytes::from(message(t, i)))
+                    .await
+                {
+                    Ok((status, _)) if status < 300 => {}
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let errors = errors.load(Ordering::Relaxed);
+    Ok((
+        t0,
+        m - errors,
+        errors,
+        lag.load(Ordering::Relaxed),
+        String::new(),
+    ))
 }
 
 /// The publisher's worst lateness against its schedule, for fixed rates.

@@ -56,19 +56,18 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::sleep;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::harness::{self, free_port, lock};
 use crate::net::{self, Sources, Ws};
 use crate::scenarios::{RELIABLE_PROTOCOL, redis_client, redis_conn, token_for};
 use crate::soak::Rng;
@@ -86,8 +85,6 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// Longest wait at the end for what was confirmed to arrive.
 const SETTLE: Duration = Duration::from_secs(15);
-/// Longest wait for a started process to answer.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Agent id in every client's URL.
 const AGENT: &str = "storm";
 
@@ -141,10 +138,6 @@ pub struct Outcome {
     pub failures: Vec<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 // --- the processes -----------------------------------------------------------
 
 /// redis-server, wsproxy A and B, and the temporary directory; dropping it
@@ -176,27 +169,6 @@ impl Drop for Procs {
     }
 }
 
-/// A free loopback port below the kernel's ephemeral range, so that no
-/// client's outgoing connection can take it.
-fn free_port(rng: &mut Rng, taken: &[u16]) -> anyhow::Result<u16> {
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = if ephemeral_low > 11_000 {
-        (10_000, ephemeral_low)
-    } else {
-        (1_024, ephemeral_low.max(1_025))
-    };
-    for _ in 0..500 {
-        let port = low + rng.below(usize::from(high - low)) as u16;
-        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port found in {low}..{high}")
-}
-
 impl Procs {
     fn start(args: &StormArgs, rng: &mut Rng) -> anyhow::Result<Self> {
         let wsproxy_bin = std::fs::canonicalize(&args.wsproxy_bin).with_context(|| {
@@ -205,12 +177,7 @@ impl Procs {
                 args.wsproxy_bin.display()
             )
         })?;
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("wsproxy-storm-{}-{stamp}", std::process::id()));
-        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = harness::temp_dir("storm")?;
         let mut procs = Self {
             dir,
             keep: args.keep,
@@ -225,18 +192,8 @@ impl Procs {
         procs.a_port = free_port(rng, &[procs.redis_port])?;
         procs.b_port = free_port(rng, &[procs.redis_port, procs.a_port])?;
         procs.redis = Some(
-            Command::new(&args.redis_bin)
-                .arg("--port")
-                .arg(procs.redis_port.to_string())
-                .args(["--bind", "127.0.0.1", "--daemonize", "no"])
+            harness::redis_server(&args.redis_bin, procs.redis_port, &procs.dir)
                 .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&procs.dir)
-                .arg("--logfile")
-                .arg(procs.dir.join("redis.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
                 .spawn()
                 .with_context(|| format!("starting {}", args.redis_bin.display()))?,
         );
@@ -297,43 +254,11 @@ impl Procs {
     }
 }
 
-/// The status of `GET path` on 127.0.0.1:port, or None.
-async fn http_status(port: u16, path: &str) -> Option<u16> {
-    let get = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = [0u8; 64];
-        let mut got = 0;
-        while got < 12 {
-            let n = s.read(&mut buf[got..]).await.ok()?;
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        std::str::from_utf8(&buf[..got])
-            .ok()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), get)
-        .await
-        .ok()
-        .flatten()
-}
-
 async fn wait_ready(procs: &mut Procs, port: u16) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while http_status(port, "/ready").await != Some(200) {
-        procs.check_alive(true)?;
-        if start.elapsed() > START_TIMEOUT {
-            bail!("wsproxy on {port} not ready {START_TIMEOUT:?} after starting");
-        }
-        sleep(Duration::from_millis(50)).await;
-    }
+    harness::wait_ready(port, &format!("wsproxy on {port}"), || {
+        procs.check_alive(true)
+    })
+    .await?;
     Ok(())
 }
 
@@ -517,7 +442,7 @@ async fn read(sh: &Shared, i: usize, ws: &mut Ws, pos: &mut String, mut replay: 
 async fn client(sh: Arc<Shared>, i: usize) {
     let id = &sh.ids[i];
     let token = token_for(id);
-    let mut rng = Rng((sh.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1);
+    let mut rng = harness::client_rng(sh.seed, i);
     // A.
     let url = format!("{}/{AGENT}/ws/{id}", sh.a_base);
     let opened = {
@@ -826,14 +751,30 @@ fn quantiles(h: &Histogram<u64>) -> (u64, u64, u64) {
 }
 
 pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Outcome> {
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-    }) | 1;
+    let seed = args.seed.unwrap_or_else(harness::clock_seed) | 1;
     net::check_fd_budget(args.clients + 32)?;
     let mut rng = Rng(seed);
     let mut procs = Procs::start(&args, &mut rng)?;
+    let (sh, stop) = setup(&args, &mut procs, sources, seed).await?;
+    let warm = warm_up(&args, &mut procs, &sh).await?;
+    let mut deploy = deploy(&args, &mut procs, &sh, warm.redis0, warm.steady_start).await?;
+    let confirmed = wind_down(&args, &mut procs, &sh, warm, stop, &mut deploy).await?;
+    let (f, resume) = measure(&args, seed, &sh, &deploy, confirmed)?;
+    let failures = failures(&f, args.clients, args.timeout_secs);
+    print_line(&f);
+    let report = report(&args, &f, &resume, confirmed)?;
+    drop(procs);
+    Ok(Outcome { report, failures })
+}
+
+/// Prints the processes, waits for A and B, stores every session's token
+/// and makes the state the clients and publishers share.
+async fn setup(
+    args: &StormArgs,
+    procs: &mut Procs,
+    sources: Arc<Sources>,
+    seed: u64,
+) -> anyhow::Result<(Arc<Shared>, watch::Sender<bool>)> {
     eprintln!(
         "storm: seed {seed}; redis :{} A :{} (pid {}) B :{} (pid {}); {} clients, {}/s, jitter {} ms",
         procs.redis_port,
@@ -846,8 +787,8 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
         args.jitter_ms
     );
     let (a_port, b_port) = (procs.a_port, procs.b_port);
-    wait_ready(&mut procs, a_port).await?;
-    wait_ready(&mut procs, b_port).await?;
+    wait_ready(procs, a_port).await?;
+    wait_ready(procs, b_port).await?;
 
     let redis = procs.redis_url();
     let run = std::process::id() as u64 * 1_000_000 + (now_us() % 1_000_000);
@@ -886,6 +827,21 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
         first_connects: Semaphore::new(args.connect_concurrency.max(1)),
         notes: AtomicU64::new(0),
     });
+    Ok((sh, stop))
+}
+
+/// The clients and publishers at work, and where the steady state began.
+struct Warm {
+    clients: Vec<tokio::task::JoinHandle<()>>,
+    publishers: Vec<tokio::task::JoinHandle<()>>,
+    /// Redis's CPU at the start of the steady state, µs.
+    redis0: u64,
+    steady_start: Instant,
+}
+
+/// Connects every client to A, starts publishing, waits until each client
+/// has a message, then `--before-secs` of steady state.
+async fn warm_up(args: &StormArgs, procs: &mut Procs, sh: &Arc<Shared>) -> anyhow::Result<Warm> {
     let n = args.clients;
     let started = Instant::now();
     let clients: Vec<_> = (0..n)
@@ -894,7 +850,7 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
     wait_for(
         "every client's welcome from A",
         Duration::from_secs(120),
-        &mut procs,
+        procs,
         true,
         || sh.welcomed.load(Ordering::Relaxed) == n,
     )
@@ -903,28 +859,64 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
         "storm: {n} clients on A in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    let redis = procs.redis_url();
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|t| tokio::spawn(publisher(sh.clone(), redis.clone(), t, args.rate)))
         .collect();
     // A round of the sessions takes n / rate seconds.
     let warm = Duration::from_secs_f64(n as f64 / args.rate.max(1.0) * 3.0 + 30.0);
-    wait_for("a message on every client", warm, &mut procs, true, || {
+    wait_for("a message on every client", warm, procs, true, || {
         sh.with_message.load(Ordering::Relaxed) == n
     })
     .await?;
-    let (redis0, _) = cpu(&procs);
+    let (redis0, _) = cpu(procs);
     let steady_start = Instant::now();
     sleep(Duration::from_secs(args.before_secs)).await;
     procs.check_alive(true)?;
+    Ok(Warm {
+        clients,
+        publishers,
+        redis0,
+        steady_start,
+    })
+}
 
-    // The deploy.
-    let mut stats_conn = redis_conn(&redis).await?;
+/// What the deploy measured, from the SIGTERM to all resumed.
+struct Deploy {
+    /// now_us() and the instant of the SIGTERM.
+    t_term: u64,
+    term: Instant,
+    all_resumed: Duration,
+    resumed_in_time: usize,
+    /// A's exit status and when, in s after the SIGTERM (0: not yet).
+    a_exit: (String, f64),
+    /// Redis's CPU at the start of the steady state, at the SIGTERM and at
+    /// all resumed; B's at the last two (µs).
+    redis_cpu: (u64, u64, u64),
+    b_cpu: (u64, u64),
+    steady_secs: f64,
+    listen_overflows: u64,
+    /// `INFO commandstats` at all resumed (reset at the SIGTERM).
+    info: String,
+}
+
+/// SIGTERMs A and waits (at most `--timeout-secs`) for every client to
+/// resume on B, measuring Redis and B meanwhile.
+async fn deploy(
+    args: &StormArgs,
+    procs: &mut Procs,
+    sh: &Shared,
+    redis0: u64,
+    steady_start: Instant,
+) -> anyhow::Result<Deploy> {
+    let n = args.clients;
+    let mut stats_conn = redis_conn(&procs.redis_url()).await?;
     let () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(&mut stats_conn)
         .await?;
     let overflows0 = listen_overflows();
-    let (redis1, b1) = cpu(&procs);
+    let (redis1, b1) = cpu(procs);
     let steady_secs = steady_start.elapsed().as_secs_f64();
     let t_term = now_us();
     let term = Instant::now();
@@ -949,7 +941,7 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
         sleep(Duration::from_millis(2)).await;
     }
     let all_resumed = term.elapsed();
-    let (redis2, b2) = cpu(&procs);
+    let (redis2, b2) = cpu(procs);
     let overflows = listen_overflows().saturating_sub(overflows0);
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
@@ -960,9 +952,34 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
         "storm: {resumed_in_time} of {n} resumed {:.2} s after the SIGTERM",
         all_resumed.as_secs_f64()
     );
+    Ok(Deploy {
+        t_term,
+        term,
+        all_resumed,
+        resumed_in_time,
+        a_exit,
+        redis_cpu: (redis0, redis1, redis2),
+        b_cpu: (b1, b2),
+        steady_secs,
+        listen_overflows: overflows,
+        info,
+    })
+}
+
+/// `--after-secs` more publishing, then stops it, waits (at most
+/// [`SETTLE`]) for what was confirmed to arrive and for A to exit, and
+/// stops the clients. Returns the messages confirmed.
+async fn wind_down(
+    args: &StormArgs,
+    procs: &mut Procs,
+    sh: &Shared,
+    warm: Warm,
+    stop: watch::Sender<bool>,
+    deploy: &mut Deploy,
+) -> anyhow::Result<u64> {
     sleep(Duration::from_secs(args.after_secs)).await;
     sh.publishing.store(false, Ordering::Relaxed);
-    for p in publishers {
+    for p in warm.publishers {
         let _ = p.await;
     }
     let confirmed: u64 = sh.confirmed.iter().map(|c| c.load(Ordering::Relaxed)).sum();
@@ -971,12 +988,12 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
         sleep(Duration::from_millis(20)).await;
     }
     if let Some(a) = procs.a.as_mut()
-        && a_exit.1 == 0.0
+        && deploy.a_exit.1 == 0.0
     {
         let deadline = Instant::now() + Duration::from_secs(35);
         while Instant::now() < deadline {
             if let Some(st) = a.try_wait()? {
-                a_exit = (st.to_string(), term.elapsed().as_secs_f64());
+                deploy.a_exit = (st.to_string(), deploy.term.elapsed().as_secs_f64());
                 break;
             }
             sleep(Duration::from_millis(20)).await;
@@ -984,32 +1001,44 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
     }
     let _ = stop.send(true);
     let closing = tokio::time::Instant::now() + Duration::from_secs(10);
-    for c in clients {
+    for c in warm.clients {
         let abort = c.abort_handle();
         if tokio::time::timeout_at(closing, c).await.is_err() {
             abort.abort();
         }
     }
+    Ok(confirmed)
+}
 
-    // The figures.
+/// The figures, from the deploy's measurements and every client's book;
+/// and the histogram of resume latencies.
+fn measure(
+    args: &StormArgs,
+    seed: u64,
+    sh: &Shared,
+    d: &Deploy,
+    confirmed: u64,
+) -> anyhow::Result<(Figures, Histogram<u64>)> {
+    let (redis0, redis1, redis2) = d.redis_cpu;
+    let (b1, b2) = d.b_cpu;
     let mut f = Figures {
-        clients: n,
+        clients: args.clients,
         rate: args.rate,
         jitter_ms: args.jitter_ms,
         seed,
-        all_resumed_s: all_resumed.as_secs_f64(),
-        resumed: resumed_in_time,
+        all_resumed_s: d.all_resumed.as_secs_f64(),
+        resumed: d.resumed_in_time,
         confirmed,
         publish_errors: sh.publish_errors.load(Ordering::Relaxed),
         redis_cpu_storm_ms: (redis2.saturating_sub(redis1)) as f64 / 1000.0,
         redis_cpu_steady_ms_per_s: (redis1.saturating_sub(redis0)) as f64
             / 1000.0
-            / steady_secs.max(1e-9),
+            / d.steady_secs.max(1e-9),
         b_cpu_storm_ms: (b2.saturating_sub(b1)) as f64 / 1000.0,
-        a_exit: a_exit.0,
-        a_exit_s: a_exit.1,
-        redis_top: top_commands(&info),
-        listen_overflows: overflows,
+        a_exit: d.a_exit.0.clone(),
+        a_exit_s: d.a_exit.1,
+        redis_top: top_commands(&d.info),
+        listen_overflows: d.listen_overflows,
         ..Figures::default()
     };
     let (mut resume, mut welcome, mut downtime, mut close) =
@@ -1042,7 +1071,7 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
         if let Some(v) = span(b.t_close, b.t_caught_up) {
             let _ = downtime.record(v);
         }
-        if let Some(v) = span(Some(t_term), b.t_close) {
+        if let Some(v) = span(Some(d.t_term), b.t_close) {
             let _ = close.record(v);
         }
     }
@@ -1051,13 +1080,17 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
     (f.downtime_p50_us, f.downtime_p99_us, f.downtime_max_us) = quantiles(&downtime);
     let (close_p50, _, close_max) = quantiles(&close);
     (f.close_p50_us, f.close_max_us) = (close_p50, close_max);
+    Ok((f, resume))
+}
 
+/// Why the storm failed; empty when it passed.
+fn failures(f: &Figures, n: usize, timeout_secs: u64) -> Vec<String> {
     let mut failures = Vec::new();
     if f.resumed < n {
         failures.push(format!(
             "{} of {n} clients not resumed {} s after the SIGTERM",
             n - f.resumed,
-            args.timeout_secs
+            timeout_secs
         ));
     }
     for (what, v) in [
@@ -1071,11 +1104,17 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
             failures.push(format!("{v} {what}"));
         }
     }
+    failures
+}
+
+/// The storm's one line on stdout.
+fn print_line(f: &Figures) {
     println!(
-        "storm wsproxy n={n} rate={}/s jitter={}ms all_resumed={:.2}s resume p50={} p99={} max={} \
+        "storm wsproxy n={} rate={}/s jitter={}ms all_resumed={:.2}s resume p50={} p99={} max={} \
          (welcome p99={}) downtime p50={} p99={} lost={} dup={} ooo={} failed={} retries={} \
          replayed={} redis_cpu={:.0}ms (steady {:.0}ms/s) B_cpu={:.0}ms redis_top={} \
          listen_overflows={} close={:?} A_exit={} at {:.2}s",
+        f.clients,
         f.rate,
         f.jitter_ms,
         f.all_resumed_s,
@@ -1100,7 +1139,17 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
         f.a_exit,
         f.a_exit_s,
     );
-    let report = Report {
+}
+
+/// The report for `--json`.
+fn report(
+    args: &StormArgs,
+    f: &Figures,
+    resume: &Histogram<u64>,
+    confirmed: u64,
+) -> anyhow::Result<Report> {
+    let n = args.clients;
+    Ok(Report {
         scenario: "storm".into(),
         target: "wsproxy-reliable".into(),
         connections: n,
@@ -1118,9 +1167,7 @@ pub async fn storm(args: StormArgs, sources: Arc<Sources>) -> anyhow::Result<Out
             "{n} clients move from A (SIGTERM) to B, jitter {} ms; latency: reconnect to caught up",
             args.jitter_ms
         ),
-        detail: Some(serde_json::to_value(&f)?),
+        detail: Some(serde_json::to_value(f)?),
         ..Report::default()
-    };
-    drop(procs);
-    Ok(Outcome { report, failures })
+    })
 }
