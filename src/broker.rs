@@ -159,6 +159,9 @@ struct State {
     sessions: usize,
     /// Topic channels here.
     topics: usize,
+    /// Where [`State::count`] writes the names it looks up (kept, so a
+    /// connect allocates none).
+    scratch: String,
 }
 
 impl State {
@@ -183,15 +186,14 @@ impl State {
     /// Whether a channel of session `id` other than `channel` is here.
     /// `id` is spelled as the names spell it (a hash tag on a cluster), so
     /// the standalone names around it are the deployment's own.
-    fn has_other_channel(&self, channel: &str, id: &str) -> bool {
-        let keys = crate::keys::Keys::Standalone;
-        [
-            keys.session_down(id),
-            keys.session_live(id),
-            keys.session_events(id),
-        ]
-        .iter()
-        .any(|other| other != channel && self.channels.contains_key(other.as_str()))
+    fn has_other_channel(&mut self, channel: &str, id: &str) -> bool {
+        let mut other = std::mem::take(&mut self.scratch);
+        let found = crate::keys::SESSION_CHANNELS.iter().any(|suffix| {
+            crate::keys::write_session_name(&mut other, id, suffix);
+            other != channel && self.channels.contains_key(other.as_str())
+        });
+        self.scratch = other;
+        found
     }
 }
 

@@ -61,6 +61,23 @@
 /// Longest id (agent, session, topic) accepted.
 pub const MAX_ID_LEN: usize = 128;
 
+/// What every name of a session begins with.
+const SESSION: &str = "session:";
+/// The suffixes of a session's channels a process subscribes to: down,
+/// live and events (as [`Keys::session_down`], [`Keys::session_live`] and
+/// [`Keys::session_events`] spell them).
+pub const SESSION_CHANNELS: [&str; 3] = [":down", ":live", ":events"];
+
+/// Writes `session:<id><suffix>` into `name` (cleared first), `id` as a
+/// name already spells it (tagged on a cluster): a session's channels,
+/// looked up without allocating once `name` has grown.
+pub fn write_session_name(name: &mut String, spelled_id: &str, suffix: &str) {
+    name.clear();
+    name.push_str(SESSION);
+    name.push_str(spelled_id);
+    name.push_str(suffix);
+}
+
 /// True for an id that can go into a key or channel name unchanged: 1 to
 /// [`MAX_ID_LEN`] ASCII letters, digits, `-`, `_` or `.`. Everything else,
 /// notably `:` (the separator), glob characters (`*?[]`), `{}` (cluster
@@ -120,54 +137,72 @@ impl Keys {
         }
     }
 
+    /// `<prefix><id><suffix>`, the id tagged on a cluster: one allocation
+    /// of the exact length (a `format!` grows its string as it goes, and
+    /// these are made on every connect).
+    fn name(self, prefix: &str, id: &str, suffix: &str) -> String {
+        let braces = if self.is_cluster() { 2 } else { 0 };
+        let mut name = String::with_capacity(prefix.len() + braces + id.len() + suffix.len());
+        name.push_str(prefix);
+        if self.is_cluster() {
+            name.push('{');
+            name.push_str(id);
+            name.push('}');
+        } else {
+            name.push_str(id);
+        }
+        name.push_str(suffix);
+        name
+    }
+
     /// The key holding a session's token.
     pub fn session_auth(self, session_id: &str) -> String {
-        format!("session:{}:auth", self.tag(session_id))
+        self.name(SESSION, session_id, ":auth")
     }
 
     /// The channel a session's backend publishes on.
     pub fn session_down(self, session_id: &str) -> String {
-        format!("session:{}:down", self.tag(session_id))
+        self.name(SESSION, session_id, SESSION_CHANNELS[0])
     }
 
     /// The channel a session's client messages are published on.
     pub fn session_up(self, session_id: &str) -> String {
-        format!("session:{}:up", self.tag(session_id))
+        self.name(SESSION, session_id, ":up")
     }
 
     /// The stream of a session's replayable down messages.
     pub fn session_history(self, session_id: &str) -> String {
-        format!("session:{}:history", self.tag(session_id))
+        self.name(SESSION, session_id, ":history")
     }
 
     /// The key holding a session history's epoch.
     pub fn session_epoch(self, session_id: &str) -> String {
-        format!("session:{}:epoch", self.tag(session_id))
+        self.name(SESSION, session_id, ":epoch")
     }
 
     /// The channel of a session's enveloped (replayable) down messages.
     pub fn session_live(self, session_id: &str) -> String {
-        format!("session:{}:live", self.tag(session_id))
+        self.name(SESSION, session_id, SESSION_CHANNELS[1])
     }
 
     /// The channel of a session's lifecycle events.
     pub fn session_events(self, session_id: &str) -> String {
-        format!("session:{}:events", self.tag(session_id))
+        self.name(SESSION, session_id, SESSION_CHANNELS[2])
     }
 
     /// The hash of a session's open connections.
     pub fn session_presence(self, session_id: &str) -> String {
-        format!("session:{}:presence", self.tag(session_id))
+        self.name(SESSION, session_id, ":presence")
     }
 
     /// A process's heartbeat key.
     pub fn process_heartbeat(self, process: &str) -> String {
-        format!("wsproxy:process:{}", self.tag(process))
+        self.name("wsproxy:process:", process, "")
     }
 
     /// The hash of the connections a process registered.
     pub fn process_connections(self, process: &str) -> String {
-        format!("wsproxy:process:{}:connections", self.tag(process))
+        self.name("wsproxy:process:", process, ":connections")
     }
 
     /// The stream of client messages in shard `shard`.
@@ -269,6 +304,23 @@ mod tests {
             k.process_connections("p1"),
             "wsproxy:process:p1:connections"
         );
+    }
+
+    #[test]
+    fn written_session_names_are_the_channels_names() {
+        let mut name = String::from("left over");
+        for k in [Keys::Standalone, Keys::ClusterSharded] {
+            let spelled = if k.is_cluster() { "{s1}" } else { "s1" };
+            let channels = [
+                k.session_down("s1"),
+                k.session_live("s1"),
+                k.session_events("s1"),
+            ];
+            for (suffix, channel) in SESSION_CHANNELS.iter().zip(channels) {
+                write_session_name(&mut name, spelled, suffix);
+                assert_eq!(name, channel);
+            }
+        }
     }
 
     #[test]
