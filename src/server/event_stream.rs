@@ -51,12 +51,23 @@ const MAX_PLAIN_BODY: usize = 64 * 1024;
 /// Whether `stream`'s first request is an event stream's `GET` (peeked at,
 /// not read). `false` as well when it cannot tell in one look (the line
 /// has not fully arrived, or is longer than [`PEEK`]): hyper serves it.
+///
+/// The bytes are peeked into a buffer on the stack of each poll, so the
+/// look costs no allocation, and the accept task's future (which every
+/// connection's serving future is part of) holds no buffer while it waits.
 pub(super) async fn is_event_stream(stream: &TcpStream) -> bool {
-    let mut buf = vec![0u8; PEEK];
-    match stream.peek(&mut buf).await {
-        Ok(n) => request_line_is_event_stream(&buf[..n.min(PEEK)]),
-        Err(_) => false,
-    }
+    std::future::poll_fn(|cx| {
+        let mut bytes = [0u8; PEEK];
+        let mut buf = tokio::io::ReadBuf::new(&mut bytes);
+        match stream.poll_peek(cx, &mut buf) {
+            std::task::Poll::Ready(Ok(_)) => {
+                std::task::Poll::Ready(request_line_is_event_stream(buf.filled()))
+            }
+            std::task::Poll::Ready(Err(_)) => std::task::Poll::Ready(false),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// `GET /<one segment>/sse/<one segment>[?query] HTTP/1.1\r\n`: whether
