@@ -115,15 +115,32 @@ pub async fn check_session_token<C: ConnectionLike>(
     token: &str,
     grace: Duration,
 ) -> Result<(), AuthError> {
-    let digest = hex::encode(Sha1::digest(token.as_bytes()));
     // Script::new hashes the source; do it once per process, not per connect.
     static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CHECK_AND_TOUCH));
-    let stored: Option<Vec<u8>> = SCRIPT
-        .key(auth_key(keys, session_id))
-        .arg(digest)
-        .arg(grace.as_secs().max(1))
-        .invoke_async(redis)
-        .await?;
+    // The digest in hex, on the stack: 20 bytes make 40 digits.
+    let mut digest = [0u8; 40];
+    hex::encode_to_slice(Sha1::digest(token.as_bytes()), &mut digest)
+        .map_err(|_| AuthError::Invalid)?;
+    let key = auth_key(keys, session_id);
+    // `EVALSHA` built here with room for all of it, where `Script`'s
+    // invocation copies every key and argument into vectors of its own
+    // first; `SCRIPT LOAD` and again when Redis does not know the script
+    // (a restart, `SCRIPT FLUSH`), as the invocation does.
+    let mut evalsha = redis::Cmd::with_capacity(6, 64 + key.len() + digest.len());
+    evalsha
+        .arg("EVALSHA")
+        .arg(SCRIPT.get_hash())
+        .arg(1)
+        .arg(key.as_str())
+        .arg(&digest[..])
+        .arg(grace.as_secs().max(1));
+    let stored: Option<Vec<u8>> = match evalsha.query_async(redis).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            SCRIPT.load_async(redis).await?;
+            evalsha.query_async(redis).await?
+        }
+        stored => stored?,
+    };
     match stored {
         Some(stored) if bool::from(stored.as_slice().ct_eq(token.as_bytes())) => Ok(()),
         _ => Err(AuthError::Invalid),
