@@ -608,6 +608,12 @@ impl Listener {
     async fn run(self) {
         let shutdown = self.app.shutdown.clone();
         let mut backoff = ACCEPT_BACKOFF_MIN;
+        // A listener made by `bind` has TCP_NODELAY, which Linux copies to
+        // every accepted socket: then no system call per connection. One
+        // made elsewhere gets it set on each.
+        let inherits_nodelay = socket2::SockRef::from(&self.listener)
+            .tcp_nodelay()
+            .unwrap_or(false);
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -628,9 +634,9 @@ impl Listener {
                     let app = self.app.clone();
                     match &self.tls {
                         None => {
-                            // Inherited from a listener made by `bind`; set
-                            // again for listeners made elsewhere.
-                            let _ = stream.set_nodelay(true);
+                            if !inherits_nodelay {
+                                let _ = stream.set_nodelay(true);
+                            }
                             self.app.tracker.spawn(async move {
                                 // A connection that sends nothing within
                                 // AUTH_TIMEOUT_SECS is dropped, as hyper's
