@@ -6,7 +6,8 @@
 #   bash bench/fastapi.sh                       # 3 rounds, the defaults below
 #   ROUNDS=5 N_IDLE="5000" RATES="2000" bash bench/fastapi.sh
 #   QUICK=1 bash bench/fastapi.sh               # small N and M, to try it out
-#   WS_IMPL=websockets bash bench/fastapi.sh    # uvicorn's legacy websockets protocol
+#   WS_IMPL=websockets TAG=legacy bash bench/fastapi.sh  # uvicorn's legacy websockets
+#                                    # protocol, results in fastapi-legacy.{jsonl,md}
 #
 # Each round, for each N in N_IDLE: wsproxy idle, then the FastAPI bridge
 # idle (RSS growth per held connection; for uvicorn the master, its
@@ -16,7 +17,8 @@
 # the server's CPU time, utime + stime from /proc/PID/stat, per delivered
 # message). Every measurement starts the server fresh and stops it after.
 # Results: bench/results/fastapi.jsonl (one JSON line per run) and a table
-# of every round in bench/results/fastapi.md. Loss must be 0: it is printed.
+# of every round in bench/results/fastapi.md (fastapi-$TAG.* with TAG
+# set). Loss must be 0: it is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -33,9 +35,10 @@ WS_PORT=${WS_PORT:-8131}
 PY_PORT=${PY_PORT:-8132}
 OUT=bench/results
 mkdir -p "$OUT"
-JSON=$OUT/fastapi.jsonl
+NAME=fastapi${TAG:+-$TAG}
+JSON=$OUT/$NAME.jsonl
 : >"$JSON"
-LOG=$OUT/fastapi.log
+LOG=$OUT/$NAME.log
 : >"$LOG"
 PEER=bench/peers/fastapi
 
@@ -53,7 +56,7 @@ PY
 
 ulimit -n "$(ulimit -Hn)"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-  --logfile "$ROOT/$OUT/fastapi-redis.log" >/dev/null
+  --logfile "$ROOT/$OUT/$NAME-redis.log" >/dev/null
 SERVER=""
 cleanup() {
   if [[ -n $SERVER ]]; then kill "$SERVER" 2>/dev/null || true; fi
@@ -125,7 +128,7 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-python3 - "$JSON" "$OUT/fastapi.md" <<'PY'
+python3 - "$JSON" "$OUT/$NAME.md" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 # Runs come in pairs (wsproxy, then fastapi) in the order the loops made them.
@@ -148,4 +151,4 @@ text = "\n".join(out) + "\n"
 open(sys.argv[2], "w").write(text)
 print(text)
 PY
-echo "done: $JSON, $OUT/fastapi.md"
+echo "done: $JSON, $OUT/$NAME.md"
