@@ -3,6 +3,8 @@
 #   bash bench/run.sh            # full run (a few minutes)
 #   QUICK=1 bash bench/run.sh    # small N, for trying the script out
 #   ECHO_ROUNDS=7 bash bench/run.sh  # more interleaved echo rounds (default 3)
+#   FASTAPI=1 bash bench/run.sh  # then also bench/fastapi.sh (wsproxy beside
+#                                # the FastAPI bridge, its own table)
 #
 # Starts, all on 127.0.0.1: a private Redis for wsproxy, wsproxy (release
 # build), the peers (nchan with its own Redis, nginx and HAProxy proxies, via
@@ -167,3 +169,7 @@ text = re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda _: block,
 open(path, "w").write(text)
 PY
 echo "done: $JSON, BENCHMARKS.md"
+if [[ -n "${FASTAPI:-}" ]]; then
+  echo "== wsproxy beside the FastAPI bridge (bench/fastapi.sh; its own ports, fresh processes)"
+  bash bench/fastapi.sh
+fi

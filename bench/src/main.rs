@@ -86,6 +86,11 @@ struct Common {
     /// Exit non-zero if any message was lost or any connect failed.
     #[arg(long, global = true)]
     strict: bool,
+    /// Report the target under this name: for a peer that speaks the
+    /// session bridge's protocol at --wsproxy (e.g. `--label fastapi` for
+    /// bench/peers/fastapi).
+    #[arg(long, global = true)]
+    label: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -151,6 +156,10 @@ enum Command {
         target: Which,
         #[command(flatten)]
         load: Load,
+        /// Process ids (the server's, all workers) whose CPU time per
+        /// delivered message is reported.
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<u32>,
     },
     /// N clients each send M messages; a Redis subscriber counts them.
     Up {
@@ -308,13 +317,21 @@ async fn run_one(
     match scenario {
         "connect" => scenarios::connect(t, sources, load.n, c.concurrency).await,
         "idle" => scenarios::idle(t, sources, load.n, pids, c.concurrency).await,
-        "down" => scenarios::down(t, sources, load.n, load.m, load.rate, c.concurrency).await,
+        "down" => {
+            let load = (load.n, load.m, load.rate);
+            scenarios::down(t, sources, load, c.concurrency, pids).await
+        }
         "fanout" => scenarios::fanout(t, sources, load.n, load.m, load.rate, c.concurrency).await,
         other => bail!("compare supports connect, idle, down and fanout, not {other:?}"),
     }
 }
 
 fn emit(report: &Report, c: &Common) -> anyhow::Result<()> {
+    let mut report = report.clone();
+    if let Some(label) = &c.label {
+        report.target.clone_from(label);
+    }
+    let report = &report;
     println!("{}", report.line());
     if let Some(path) = &c.json {
         let mut f = std::fs::OpenOptions::new()
@@ -474,8 +491,12 @@ async fn main() -> anyhow::Result<()> {
             check(&r);
             emit(&r, &c)?;
         }
-        Command::Down { target: w, load } => {
-            let r = run_one("down", &target(w, &c)?, &c, &sources, &load, &[]).await?;
+        Command::Down {
+            target: w,
+            load,
+            pids,
+        } => {
+            let r = run_one("down", &target(w, &c)?, &c, &sources, &load, &pids).await?;
             check(&r);
             emit(&r, &c)?;
         }

@@ -414,6 +414,9 @@ pub(crate) struct Received {
     pub(crate) count: u64,
     pub(crate) hist: Histogram<u64>,
     pub(crate) last_us: u64,
+    /// The client's socket, still open: closing it is left to the caller,
+    /// after any measurement of the server (a close costs the server too).
+    pub(crate) socket: Option<Ws>,
 }
 
 /// Reads from `ws` until `expected` messages arrived or `stop` fires.
@@ -432,6 +435,7 @@ fn receive(
         count: 0,
         hist: histogram(),
         last_us: 0,
+        socket: None,
     };
     tokio::spawn(async move {
         let stopped = stop.notified();
@@ -460,7 +464,7 @@ fn receive(
                 }
             }
         }
-        let _ = ws.close(None).await;
+        got.socket = Some(ws);
         got
     })
 }
@@ -737,12 +741,13 @@ fn lag_note(rate: f64, lag_us: u64) -> String {
 }
 
 /// Waits for the receivers; gives up on stragglers once nothing has
-/// arrived for a while.
+/// arrived for a while. Returns the count, the latencies, the time of the
+/// last arrival and the receivers' sockets, open (see [`close_all`]).
 pub(crate) async fn collect(
     receivers: Vec<tokio::task::JoinHandle<Received>>,
     stop: Arc<tokio::sync::Notify>,
     grace: Duration,
-) -> (u64, Histogram<u64>, u64) {
+) -> (u64, Histogram<u64>, u64, Vec<Ws>) {
     let all = futures_util::future::join_all(receivers);
     tokio::pin!(all);
     let results = match tokio::time::timeout(grace, &mut all).await {
@@ -755,12 +760,14 @@ pub(crate) async fn collect(
     let mut count = 0;
     let mut hist = histogram();
     let mut last = 0;
+    let mut sockets = Vec::new();
     for r in results.into_iter().flatten() {
         count += r.count;
         let _ = hist.add(&r.hist);
         last = last.max(r.last_us);
+        sockets.extend(r.socket);
     }
-    (count, hist, last)
+    (count, hist, last, sockets)
 }
 
 /// How many of M messages session `j` of N gets from [`publish`]: runs of
@@ -776,14 +783,16 @@ fn expected(target: &Target, m: u64, n: usize, j: usize) -> u64 {
     k * mine + if runs % n == j { rest } else { 0 }
 }
 
-/// `down`: N sessions, one client each; M messages round robin.
+/// `down`: N sessions, one client each; M messages round robin at `rate`
+/// (the load: N, M, rate). With `pids`, also the CPU time those processes
+/// spent per delivered message, from the first publish until the last
+/// message arrived (or the receivers gave up).
 pub async fn down(
     target: &Target,
     sources: &Arc<Sources>,
-    n: usize,
-    m: u64,
-    rate: f64,
+    (n, m, rate): (usize, u64, f64),
     concurrency: usize,
+    pids: &[u32],
 ) -> anyhow::Result<Report> {
     net::check_fd_budget(n)?;
     let chans = channels("d", n);
@@ -800,12 +809,16 @@ pub async fn down(
         .enumerate()
         .map(|(i, ws)| receive(ws, expected(target, m, n, i), stop.clone(), None))
         .collect();
+    let cpu_before = net::cpu_us(pids)?;
     let (t0, published, pub_errors, lag, spread) = publish(target, &chans, m, rate).await?;
     let expected_end = Duration::from_secs_f64(if rate > 0.0 { m as f64 / rate } else { 0.0 });
-    let (count, hist, last) =
+    let (count, hist, last, sockets) =
         collect(receivers, stop, expected_end + Duration::from_secs(10)).await;
+    let cpu = net::cpu_us(pids)?.saturating_sub(cpu_before);
+    close_all(sockets).await;
     let seconds = (last.saturating_sub(t0)) as f64 / 1e6;
     Ok(Report {
+        cpu_us_per_op: (!pids.is_empty() && count > 0).then(|| cpu as f64 / count as f64),
         scenario: "down".into(),
         target: target.name(),
         connections: n,
@@ -853,8 +866,9 @@ pub async fn fanout(
         .collect();
     let (t0, published, pub_errors, lag, spread) = publish(target, &chan, m, rate).await?;
     let expected_end = Duration::from_secs_f64(if rate > 0.0 { m as f64 / rate } else { 0.0 });
-    let (count, _all, last) =
+    let (count, _all, last, sockets) =
         collect(receivers, stop, expected_end + Duration::from_secs(10)).await;
+    close_all(sockets).await;
     let mut last_sub = histogram();
     for slot in per_seq.iter() {
         let v = slot.load(Ordering::Relaxed);
@@ -1049,7 +1063,7 @@ pub async fn echo(
     .with_latency(&hist))
 }
 
-async fn close_all(sockets: Vec<Ws>) {
+pub(crate) async fn close_all(sockets: Vec<Ws>) {
     let closes = sockets.into_iter().map(|mut ws| async move {
         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
     });

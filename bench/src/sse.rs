@@ -322,6 +322,7 @@ pub async fn down(
             count: 0,
             hist: histogram(),
             last_us: 0,
+            socket: None,
         };
         receivers.push(tokio::spawn(async move {
             let stopped = stop.notified();
@@ -343,7 +344,7 @@ pub async fn down(
         }));
     }
     let (t0, published, pub_errors, lag, _) = scenarios::publish(&target, &chans, m, rate).await?;
-    let (delivered, hist, last) =
+    let (delivered, hist, last, _) =
         scenarios::collect(receivers, stop, Duration::from_secs(10)).await;
     let seconds = (last.saturating_sub(t0)) as f64 / 1e6;
     Ok(Report {
