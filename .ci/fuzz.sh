@@ -4,6 +4,7 @@
 #   FUZZ_SECONDS=300 bash .ci/fuzz.sh      # longer
 #   FUZZ_TARGETS="jwt origin" bash .ci/fuzz.sh
 #   FUZZ_JOBS=1 bash .ci/fuzz.sh           # one target at a time
+#   FUZZ_BUILD_ONLY=1 bash .ci/fuzz.sh     # build the targets, fuzz nothing
 # The targets are fuzz/fuzz_targets/*.rs (a crate of its own, outside the
 # main workspace). All are built once, then each runs, single-threaded, on a
 # copy of its committed seeds (fuzz/corpus/<target>), so the committed
@@ -47,6 +48,7 @@ step "building ${#targets[@]} fuzz targets (release, debug assertions, AddressSa
 build_started=$SECONDS
 cargo fuzz build
 echo "fuzz targets built in $((SECONDS - build_started)) s"
+if [[ -n "${FUZZ_BUILD_ONLY:-}" ]]; then exit 0; fi
 
 mkdir -p "$work/corpus" "$work/logs"
 
