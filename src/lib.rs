@@ -65,6 +65,10 @@
 //! # }
 //! ```
 
+// The library has no `unsafe` (the workspace denies it; only the binary's
+// allocator options in src/main.rs are allowed one).
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod broker;
 pub mod close;

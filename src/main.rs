@@ -8,14 +8,30 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use wsproxy::config::{Cli, Command, Config, LogFormat};
 
-/// The binary's allocator (feature `jemalloc`, on by default): jemalloc,
-/// built with one arena (`.cargo/config.toml`). Idle connections take
-/// about a fifth less memory than with glibc's malloc, at the same or
-/// lower CPU per connect and per delivered message (BENCHMARKS.md, "The
-/// allocator").
+/// The binary's allocator (feature `jemalloc`, on by default): jemalloc
+/// with one arena. Idle connections take about a fifth less memory than
+/// with glibc's malloc, at the same or lower CPU per connect and per
+/// delivered message (BENCHMARKS.md, "The allocator").
 #[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read when it first allocates (before `main`): one
+/// arena for every thread, so an idle connection's long-lived blocks do
+/// not sit in a per-thread arena among the holes other handshakes left.
+/// jemalloc's threads keep caches of their own, which take most
+/// allocations without the arena's lock. `_RJEM_MALLOC_CONF` (say
+/// `narenas:4`) overrides it at run time.
+///
+/// jemalloc declares `malloc_conf` weak for a program to define; with
+/// `tikv-jemalloc-sys`'s symbol prefix its name is `_rjem_malloc_conf`.
+/// This is the workspace's one `unsafe` item (an exported symbol): the
+/// value is a pointer to a NUL-terminated string that lives for the whole
+/// program, which is all jemalloc reads.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+#[allow(unsafe_code, non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static malloc_conf: Option<&'static u8> = Some(&b"narenas:1\0"[0]);
 
 /// Default log filter when RUST_LOG is unset.
 const DEFAULT_LOG: &str = "info,wsproxy=debug";
