@@ -7,6 +7,8 @@
 #     "jemalloc=env LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 #   BIN=/tmp/wsproxy-old ROUNDS=3 WHAT="idle down" bash bench/alloc-ab.sh "old=env"
 #   TARGET=reliable WHAT=idle bash bench/alloc-ab.sh "r=env RELIABLE_SESSIONS=true"
+#   N_RATE=1000 WHAT=rate bash bench/alloc-ab.sh "w2=env" "w1=env TOKIO_WORKER_THREADS=1"
+# (N: connections held idle, default 10000; N_RATE: sessions at 2,000/s, default 100)
 # Each argument is LABEL=PREFIX, PREFIX a command prefix such as "env X=y".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +36,7 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
                 | grep -o 'rss/conn=[0-9]* B') ;;
         down) out=$("${run[@]}" down --n 100 --m "${M:-200000}" --pids "$pid" \
                 | grep -oE '(loss=[0-9]+|[0-9]+/s|cpu/op=[^ ]*)' | tr '\n' ' ') ;;
-        rate) out=$("${run[@]}" down --n 100 --m 20000 --rate 2000 --pids "$pid" \
+        rate) out=$("${run[@]}" down --n "${N_RATE:-100}" --m 20000 --rate 2000 --pids "$pid" \
                 | grep -oE '(loss=[0-9]+|p50=[^ ]*|p99=[^ ]*|cpu/op=[^ ]*)' | tr '\n' ' ') ;;
         *) echo "WHAT: unknown scenario $what (idle, down, rate)" >&2; exit 2 ;;
       esac
