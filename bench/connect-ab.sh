@@ -5,7 +5,8 @@
 #   N=5000 ROUNDS=3 bash bench/connect-ab.sh /tmp/wsproxy-base target/release/wsproxy
 # Prints wsproxy-bench's connect line and the CPU (utime+stime, from
 # /proc/PID/stat) wsproxy and Redis spent per connect over the whole run
-# (connect and close).
+# (connect and close), and how many commands Redis answered with NOSCRIPT
+# (a script not in its cache yet; the run starts on a fresh redis-server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=$1
@@ -27,8 +28,10 @@ one() { # $1 = label, $2 = binary
   w0=$(cpu "$wpid"); r0=$(cpu "$rpid")
   line=$("$BENCH" --redis "redis://127.0.0.1:$REDIS_PORT" --wsproxy "ws://127.0.0.1:$WS_PORT" connect --n "$N" | tr -s ' ')
   w1=$(cpu "$wpid"); r1=$(cpu "$rpid")
-  printf '%-4s %s | cpu/connect wsproxy %s us redis %s us\n' "$1" "$line" \
-    "$(( (w1 - w0) * 1000000 / TCK / N ))" "$(( (r1 - r0) * 1000000 / TCK / N ))"
+  local noscript
+  noscript=$(redis-cli -p "$REDIS_PORT" info errorstats | tr -d '\r' | awk -F'[=:]' '/^errorstat_NOSCRIPT/ {print $3}')
+  printf '%-4s %s | cpu/connect wsproxy %s us redis %s us | NOSCRIPT %s\n' "$1" "$line" \
+    "$(( (w1 - w0) * 1000000 / TCK / N ))" "$(( (r1 - r0) * 1000000 / TCK / N ))" "${noscript:-0}"
   kill "$wpid"; wait "$wpid" 2>/dev/null || true
   kill "$rpid"; wait "$rpid" 2>/dev/null || true
 }

@@ -106,6 +106,19 @@ pub fn auth_key(keys: crate::keys::Keys, session_id: &str) -> String {
     keys.session_auth(session_id)
 }
 
+/// The token check's script. `Script::new` hashes the source: once per
+/// process, not per connect.
+static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CHECK_AND_TOUCH));
+
+/// Puts the token check's script in Redis's script cache (on a cluster,
+/// in every master's), so that the first connects after a start-up or a
+/// Redis restart do not each get `NOSCRIPT` and pay a second round trip
+/// (`server::keep_libraries` calls it with the libraries). A check that
+/// still finds it missing loads it itself.
+pub async fn load_token_script<C: ConnectionLike>(redis: &mut C) -> redis::RedisResult<()> {
+    SCRIPT.load_async(redis).await.map(|_| ())
+}
+
 /// Checks `token` against the session's stored token and, when it matches,
 /// resets the key's TTL to `grace` — atomically, in one round trip.
 pub async fn check_session_token<C: ConnectionLike>(
@@ -115,8 +128,6 @@ pub async fn check_session_token<C: ConnectionLike>(
     token: &str,
     grace: Duration,
 ) -> Result<(), AuthError> {
-    // Script::new hashes the source; do it once per process, not per connect.
-    static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CHECK_AND_TOUCH));
     // The digest in hex, on the stack: 20 bytes make 40 digits.
     let mut digest = [0u8; 40];
     hex::encode_to_slice(Sha1::digest(token.as_bytes()), &mut digest)

@@ -491,6 +491,24 @@ async fn keep_libraries(app: Arc<App>) {
             } else {
                 Ok(())
             };
+            // The scripts every connect (and, when tracked, its lifecycle)
+            // calls, in the script cache before the first client: a warm-up
+            // only (each call loads its script when Redis lacks it), so a
+            // failure delays no one's readiness.
+            let scripts =
+                match tokio::time::timeout(limit, crate::auth::load_token_script(&mut redis)).await
+                {
+                    Ok(Ok(())) => app
+                        .lifecycle
+                        .load_scripts(&mut redis, limit)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("Redis did not answer in time".to_owned()),
+                };
+            if let Err(e) = scripts {
+                tracing::warn!(error = %e, "cannot load the token and lifecycle scripts ahead of connects; each connect loads what it lacks");
+            }
             match (control, history) {
                 (Ok(()), Ok(())) => {
                     loaded_at = Some(reconnects);

@@ -464,6 +464,63 @@ async fn redis_restart_keeps_clients_connected_and_recovers() {
     }
 }
 
+/// How often Redis answered `NOSCRIPT` since it started (`INFO errorstats`).
+async fn noscript_errors(redis: &Redis) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("INFO errorstats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("errorstat_NOSCRIPT:count="))
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+/// The token check's script (and, with lifecycle tracking on, its
+/// scripts) are in Redis's script cache before the first client comes, and
+/// again after a Redis restart without persistence: no connect gets
+/// `NOSCRIPT` and a second round trip. Production defaults otherwise
+/// (30 s heartbeat, the shipped timeouts).
+#[tokio::test]
+async fn first_connects_find_their_scripts_loaded_even_after_a_restart() {
+    let mut redis = Redis::start().await;
+    let plain = Server::start(&redis.url()).await;
+    let tracked = Server::start_with(&redis.url(), |c| {
+        c.lifecycle.events = true;
+        c.lifecycle.presence = true;
+    })
+    .await;
+    for round in 0..2 {
+        plain.wait_ready().await;
+        tracked.wait_ready().await;
+        // A tracked process's first heartbeat may race the loading at its
+        // start; connects are what is counted here.
+        let before = noscript_errors(&redis).await;
+        for (name, server) in [("plain", &plain), ("tracked", &tracked)] {
+            let session = unique("script");
+            redis.set_token(&session, "tok", 60).await;
+            let ws = server.connect(&session, "tok").await;
+            drop(ws);
+            assert_eq!(
+                noscript_errors(&redis).await,
+                before,
+                "round {round}: a connect to the {name} server found its script missing"
+            );
+        }
+        if round == 0 {
+            let before = plain.metric("wsproxy_redis_reconnects_total").await;
+            redis.restart().await;
+            for server in [&plain, &tracked] {
+                let deadline = tokio::time::Instant::now() + WAIT;
+                while server.metric("wsproxy_redis_reconnects_total").await <= before {
+                    assert!(tokio::time::Instant::now() < deadline, "no reconnection");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn idle_pubsub_connection_survives_its_keepalive() {
     // The broker pings Redis after 5 s without subscription changes; the

@@ -413,6 +413,25 @@ impl Lifecycle {
         self.config.tracked()
     }
 
+    /// Puts the scripts of connects, disconnects, heartbeats and the
+    /// reaper in Redis's script cache (every master's, on a cluster), when
+    /// connections are tracked at all: the first of each after a start-up
+    /// or a Redis restart then needs no second round trip. A call that
+    /// still finds its script missing loads it itself.
+    pub async fn load_scripts<C: redis::aio::ConnectionLike>(
+        &self,
+        redis: &mut C,
+        limit: Duration,
+    ) -> Result<(), LifecycleError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        for script in [&self.connect, &self.disconnect, &self.heartbeat, &self.reap] {
+            bounded(limit, script.load_async(redis)).await?;
+        }
+        Ok(())
+    }
+
     /// A number for a new connection (never 0).
     pub fn next_connection(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed)
