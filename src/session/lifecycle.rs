@@ -55,6 +55,7 @@ use crate::config::LifecycleConfig;
 use crate::metrics::Metrics;
 
 mod cluster;
+mod scripts;
 pub use cluster::{ClusterSteps, Unfinished};
 
 /// Connections a reap handles per script call, so one call stays short.
@@ -269,78 +270,6 @@ struct Registration<'a> {
     channel: Option<&'a str>,
 }
 
-// KEYS: events stream, the process's connections, the session's presence,
-// the process set. ARGV: connection id, registration, presence entry or
-// '', event or '', events MAXLEN, session events channel or '', process,
-// now (ms).
-const CONNECT: &str = r"
-redis.call('ZADD', KEYS[4], 'NX', ARGV[8], ARGV[7])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
-if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
-  if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[4]) end
-end
-return 1
-";
-
-// KEYS: events stream, the process's connections, the session's presence.
-// ARGV: connection id, event or '', events MAXLEN, channel or ''.
-// A connection already reaped (its process was declared dead) has had its
-// disconnect event: nothing to do.
-const DISCONNECT: &str = r"
-if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[3], ARGV[1])
-if ARGV[2] ~= '' then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
-  if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[2]) end
-end
-return 1
-";
-
-// KEYS: the process set, the process's heartbeat key. ARGV: process, now
-// (ms), heartbeat TTL (ms). Returns 1 if the heartbeat was still alive.
-const HEARTBEAT: &str = r"
-local alive = redis.call('EXISTS', KEYS[2])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-return alive
-";
-
-// KEYS: the process set, the dead process's heartbeat key, its
-// connections, the events stream. ARGV: dead process, now (ms), events
-// MAXLEN, batch, reaping process. Returns -1 if the process is alive after
-// all, else the number of connections reaped (0: done, and the process is
-// forgotten).
-const REAP: &str = r"
-if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-local now = tonumber(ARGV[2])
--- Up to a batch of distinct entries, wherever they are in the hash (a
--- scan from cursor 0 would walk ever more emptied buckets).
-local entries = redis.call('HRANDFIELD', KEYS[3], ARGV[4], 'WITHVALUES')
-local n = 0
-for i = 1, #entries, 2 do
-  local id = entries[i]
-  local ok, c = pcall(cjson.decode, entries[i + 1])
-  if redis.call('HDEL', KEYS[3], id) == 1 and ok and type(c) == 'table' then
-    if type(c.presence) == 'string' then redis.call('HDEL', c.presence, id) end
-    if c.events == true then
-      local since = tonumber(c.since) or now
-      local ev = cjson.encode({
-        type = 'disconnect', session_id = c.session_id, agent_id = c.agent_id,
-        connection_id = id, process = ARGV[1], time = now, code = 1006,
-        reason = 'process_lost', duration_ms = math.max(0, now - since),
-        messages_in = cjson.null, messages_out = cjson.null, reaped_by = ARGV[5]})
-      redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'event', ev)
-      if type(c.channel) == 'string' then redis.call('PUBLISH', c.channel, ev) end
-    end
-  end
-  n = n + 1
-end
-if redis.call('HLEN', KEYS[3]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
-return n
-";
-
 /// Milliseconds since the Unix epoch.
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -368,10 +297,10 @@ impl Lifecycle {
             keys,
             process: format!("{:012x}", rand::random::<u64>() >> 16),
             next: AtomicU64::new(1),
-            connect: redis::Script::new(CONNECT),
-            disconnect: redis::Script::new(DISCONNECT),
-            heartbeat: redis::Script::new(HEARTBEAT),
-            reap: redis::Script::new(REAP),
+            connect: redis::Script::new(scripts::CONNECT),
+            disconnect: redis::Script::new(scripts::DISCONNECT),
+            heartbeat: redis::Script::new(scripts::HEARTBEAT),
+            reap: redis::Script::new(scripts::REAP),
             turns: tokio::sync::Semaphore::new(IN_FLIGHT),
             last_beat_ms: AtomicU64::new(0),
             last_beat_failure_ms: AtomicU64::new(0),
@@ -848,54 +777,4 @@ pub async fn keep_alive(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lifecycle(params: &[&str]) -> Lifecycle {
-        Lifecycle::new(
-            &LifecycleConfig {
-                events: true,
-                query_params: params.iter().map(|p| (*p).to_owned()).collect(),
-                ..LifecycleConfig::default()
-            },
-            crate::keys::Keys::Standalone,
-        )
-    }
-
-    #[test]
-    fn only_allowed_query_parameters_are_copied() {
-        let l = lifecycle(&["lang", "plan"]);
-        assert_eq!(
-            l.allowed_query(Some("access_token=t&lang=fr&x=1&plan=a%20b")),
-            [
-                ("lang".to_owned(), "fr".to_owned()),
-                ("plan".to_owned(), "a b".to_owned())
-            ]
-        );
-        assert!(l.allowed_query(None).is_empty());
-        assert!(lifecycle(&[]).allowed_query(Some("lang=fr")).is_empty());
-        // A parameter repeated a thousand times is copied a bounded number
-        // of times.
-        let many = "lang=x&".repeat(1000);
-        assert_eq!(l.allowed_query(Some(&many)).len(), 1);
-        // Issue 22, defect 9: a repeated parameter was copied twice, a
-        // duplicate key in the event's JSON. The first value wins.
-        assert_eq!(
-            l.allowed_query(Some("lang=a&lang=b&plan=p&plan=q&lang=c")),
-            [
-                ("lang".to_owned(), "a".to_owned()),
-                ("plan".to_owned(), "p".to_owned())
-            ]
-        );
-    }
-
-    #[test]
-    fn process_ids_and_connection_ids_are_distinct() {
-        let (a, b) = (lifecycle(&[]), lifecycle(&[]));
-        assert_ne!(a.process(), b.process());
-        assert_eq!(a.process().len(), 12);
-        let (n1, n2) = (a.next_connection(), a.next_connection());
-        assert!(n1 != 0 && n1 != n2);
-        assert_eq!(a.connection_id(7), format!("{}:7", a.process()));
-    }
-}
+mod tests;
