@@ -404,6 +404,41 @@ fn markdown(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// What a run found wrong, beyond errors it returned.
+#[derive(Default)]
+struct Verdict {
+    /// A report with lost messages or errors (fails the run with --strict).
+    lossy: bool,
+    /// A soak that lost messages or held more Redis channels than needed
+    /// (fails the run with --strict).
+    soak_failed: bool,
+    /// What chaos or storm found broken (always fails the run).
+    failures: Vec<String>,
+}
+
+impl Verdict {
+    /// Prints (and records) `report`, noting loss or errors.
+    fn emit(&mut self, report: &Report, c: &Common) -> anyhow::Result<()> {
+        if report.loss() > 0 || report.errors > 0 {
+            self.lossy = true;
+        }
+        emit(report, c)
+    }
+}
+
+/// The target named by `--url` (with its `--name`), or else by `--target`.
+fn url_or_target(
+    url: Option<String>,
+    name: String,
+    w: Which,
+    c: &Common,
+) -> anyhow::Result<Target> {
+    Ok(match url {
+        Some(url) => Target::Url { name, url },
+        None => target(w, c)?,
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -418,16 +453,27 @@ async fn main() -> anyhow::Result<()> {
     {
         bail!("--redis-cluster supports connect, idle, down, fanout and compare");
     }
-    let mut failed = false;
-    let mut soak_failed = false;
-    let mut chaos_failures = Vec::new();
-    let mut storm_failures = Vec::new();
-    let mut check = |r: &Report| {
-        if r.loss() > 0 || r.errors > 0 {
-            failed = true;
-        }
-    };
-    match cli.command {
+    let verdict = execute(cli.command, &c, &sources).await?;
+    if c.strict && verdict.lossy {
+        bail!("loss or errors (--strict)");
+    }
+    if !verdict.failures.is_empty() {
+        bail!("{}", verdict.failures.join("; "));
+    }
+    if c.strict && verdict.soak_failed {
+        bail!("soak: lost messages or more Redis channels than needed (--strict)");
+    }
+    Ok(())
+}
+
+/// Runs one command, printing (and recording) its reports.
+async fn execute(
+    command: Command,
+    c: &Common,
+    sources: &Arc<net::Sources>,
+) -> anyhow::Result<Verdict> {
+    let mut v = Verdict::default();
+    match command {
         Command::Connect {
             target: w,
             n,
@@ -435,13 +481,9 @@ async fn main() -> anyhow::Result<()> {
             name,
         } => {
             let load = Load { n, m: 0, rate: 0.0 };
-            let t = match url {
-                Some(url) => Target::Url { name, url },
-                None => target(w, &c)?,
-            };
-            let r = run_one("connect", &t, &c, &sources, &load, &[]).await?;
-            check(&r);
-            emit(&r, &c)?;
+            let t = url_or_target(url, name, w, c)?;
+            let r = run_one("connect", &t, c, sources, &load, &[]).await?;
+            v.emit(&r, c)?;
         }
         Command::Idle {
             target: w,
@@ -451,18 +493,13 @@ async fn main() -> anyhow::Result<()> {
             name,
         } => {
             let load = Load { n, m: 0, rate: 0.0 };
-            let t = match url {
-                Some(url) => Target::Url { name, url },
-                None => target(w, &c)?,
-            };
-            let r = run_one("idle", &t, &c, &sources, &load, &pids).await?;
-            check(&r);
-            emit(&r, &c)?;
+            let t = url_or_target(url, name, w, c)?;
+            let r = run_one("idle", &t, c, sources, &load, &pids).await?;
+            v.emit(&r, c)?;
         }
         Command::Resume { n, m } => {
-            let r = scenarios::resume(&c.wsproxy, &c.redis, &sources, n, m).await?;
-            check(&r);
-            emit(&r, &c)?;
+            let r = scenarios::resume(&c.wsproxy, &c.redis, sources, n, m).await?;
+            v.emit(&r, c)?;
         }
         Command::Sse {
             scenario,
@@ -472,51 +509,34 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let r = match scenario.as_str() {
                 "idle" => {
-                    sse::idle(&c.wsproxy, &c.redis, &sources, load.n, &pids, c.concurrency).await?
+                    sse::idle(&c.wsproxy, &c.redis, sources, load.n, &pids, c.concurrency).await?
                 }
                 "down" => {
-                    sse::down(
-                        &c.wsproxy,
-                        &c.redis,
-                        peer.then_some(c.nchan.as_str()),
-                        &sources,
-                        (load.n, load.m, load.rate),
-                        c.concurrency,
-                    )
-                    .await?
+                    let peer = peer.then_some(c.nchan.as_str());
+                    let load = (load.n, load.m, load.rate);
+                    sse::down(&c.wsproxy, &c.redis, peer, sources, load, c.concurrency).await?
                 }
-                "resume" => sse::resume(&c.wsproxy, &c.redis, &sources, load.n, load.m).await?,
+                "resume" => sse::resume(&c.wsproxy, &c.redis, sources, load.n, load.m).await?,
                 other => bail!("sse scenarios are idle, down and resume, not {other:?}"),
             };
-            check(&r);
-            emit(&r, &c)?;
+            v.emit(&r, c)?;
         }
         Command::Down {
             target: w,
             load,
             pids,
         } => {
-            let r = run_one("down", &target(w, &c)?, &c, &sources, &load, &pids).await?;
-            check(&r);
-            emit(&r, &c)?;
+            let r = run_one("down", &target(w, c)?, c, sources, &load, &pids).await?;
+            v.emit(&r, c)?;
         }
         Command::Fanout { target: w, load } => {
-            let r = run_one("fanout", &target(w, &c)?, &c, &sources, &load, &[]).await?;
-            check(&r);
-            emit(&r, &c)?;
+            let r = run_one("fanout", &target(w, c)?, c, sources, &load, &[]).await?;
+            v.emit(&r, c)?;
         }
         Command::Up { load } => {
-            let r = scenarios::up(
-                &c.wsproxy,
-                &c.redis,
-                &sources,
-                load.n,
-                load.m,
-                c.concurrency,
-            )
-            .await?;
-            check(&r);
-            emit(&r, &c)?;
+            let (n, m) = (load.n, load.m);
+            let r = scenarios::up(&c.wsproxy, &c.redis, sources, n, m, c.concurrency).await?;
+            v.emit(&r, c)?;
         }
         Command::Echo {
             url,
@@ -524,27 +544,30 @@ async fn main() -> anyhow::Result<()> {
             pids,
             load,
         } => {
-            let r = scenarios::echo(&name, &url, &sources, load.n, load.m, c.concurrency, &pids)
-                .await?;
-            check(&r);
-            emit(&r, &c)?;
+            let (n, m) = (load.n, load.m);
+            let r = scenarios::echo(&name, &url, sources, n, m, c.concurrency, &pids).await?;
+            v.emit(&r, c)?;
         }
         Command::Soak { args } => {
-            let out = soak::soak(&c.wsproxy, &c.redis, &sources, args).await?;
-            if out.lost > 0 || out.channel_excess_samples > 0 {
-                soak_failed = true;
-            }
-            emit(&out.report, &c)?;
+            let out = soak::soak(&c.wsproxy, &c.redis, sources, args).await?;
+            v.soak_failed = out.lost > 0 || out.channel_excess_samples > 0;
+            emit(&out.report, c)?;
         }
         Command::Chaos { args } => {
             let out = chaos::chaos(args).await?;
-            emit(&out.report, &c)?;
-            chaos_failures = out.failures;
+            emit(&out.report, c)?;
+            if !out.failures.is_empty() {
+                v.failures
+                    .push(format!("chaos: {}", out.failures.join("; ")));
+            }
         }
         Command::Storm { args } => {
             let out = storm::storm(args, sources.clone()).await?;
-            emit(&out.report, &c)?;
-            storm_failures = out.failures;
+            emit(&out.report, c)?;
+            if !out.failures.is_empty() {
+                v.failures
+                    .push(format!("storm: {}", out.failures.join("; ")));
+            }
         }
         Command::EchoServer { port } => scenarios::echo_server(port).await?,
         Command::Report { input } => print!("{}", markdown(&input)?),
@@ -556,29 +579,17 @@ async fn main() -> anyhow::Result<()> {
             peer_pids,
             ours,
         } => {
-            let w = target(ours, &c)?;
-            let p = target(Which::Nchan, &c)?;
+            let w = target(ours, c)?;
+            let p = target(Which::Nchan, c)?;
             for round in 1..=rounds.max(1) {
-                let a = run_one(&scenario, &w, &c, &sources, &load, &wsproxy_pids).await?;
-                emit(&a, &c)?;
-                let b = run_one(&scenario, &p, &c, &sources, &load, &peer_pids).await?;
-                emit(&b, &c)?;
-                check(&a);
+                let a = run_one(&scenario, &w, c, sources, &load, &wsproxy_pids).await?;
+                v.emit(&a, c)?;
+                // Only wsproxy's loss counts against the run.
+                let b = run_one(&scenario, &p, c, sources, &load, &peer_pids).await?;
+                emit(&b, c)?;
                 println!("round {round}: wsproxy vs {}: {}", b.target, ratios(&a, &b));
             }
         }
     }
-    if c.strict && failed {
-        bail!("loss or errors (--strict)");
-    }
-    if !chaos_failures.is_empty() {
-        bail!("chaos: {}", chaos_failures.join("; "));
-    }
-    if !storm_failures.is_empty() {
-        bail!("storm: {}", storm_failures.join("; "));
-    }
-    if c.strict && soak_failed {
-        bail!("soak: lost messages or more Redis channels than needed (--strict)");
-    }
-    Ok(())
+    Ok(v)
 }
