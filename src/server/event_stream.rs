@@ -128,7 +128,10 @@ pub(super) async fn respond(
                 inner: stream,
             };
             // Boxed: hyper's connection must not size every stream's task.
-            Box::pin(super::listener::serve_connection(stream, slot, router, app)).await;
+            Box::pin(super::connection::serve_connection(
+                stream, slot, router, app,
+            ))
+            .await;
             return None;
         }
         Ok(Err(e)) => {
