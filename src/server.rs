@@ -463,6 +463,7 @@ async fn keep_libraries(app: Arc<App>) {
     use std::sync::atomic::Ordering;
     let mut loaded_at: Option<u64> = None;
     let mut redis = app.redis.clone();
+    let scripts_conn = app.redis.clone();
     let reliable = app.config.reliable.enabled;
     loop {
         let reconnects = app.metrics.redis_reconnects.get();
@@ -472,36 +473,30 @@ async fn keep_libraries(app: Arc<App>) {
         if loaded_at != Some(reconnects) || missing {
             app.history_loaded.store(false, Ordering::SeqCst);
             let limit = app.config.auth_timeout;
-            let control =
-                crate::session::control::install(&mut redis, app.config.keys(), limit).await;
-            let history = if reliable {
-                crate::session::history::install(
-                    &mut redis,
-                    &app.config.reliable,
-                    app.config.keys(),
-                    limit,
-                )
-                .await
-                .map_err(|e| e.to_string())
-            } else {
-                Ok(())
-            };
-            // The scripts every connect (and, when tracked, its lifecycle)
-            // calls, in the script cache before the first client: a warm-up
-            // only (each call loads its script when Redis lacks it), so a
-            // failure delays no one's readiness.
-            let scripts =
-                match tokio::time::timeout(limit, crate::auth::load_token_script(&mut redis)).await
-                {
-                    Ok(Ok(())) => app
-                        .lifecycle
-                        .load_scripts(&mut redis, limit)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("Redis did not answer in time".to_owned()),
+            let libraries = async {
+                let control =
+                    crate::session::control::install(&mut redis, app.config.keys(), limit).await;
+                let history = if reliable {
+                    crate::session::history::install(
+                        &mut redis,
+                        &app.config.reliable,
+                        app.config.keys(),
+                        limit,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+                } else {
+                    Ok(())
                 };
-            if let Err(e) = scripts {
+                (control, history)
+            };
+            // The scripts connects call, in the script cache beside the
+            // libraries: in place once /ready says 200, and no later than
+            // the libraries unless Redis is slow (then `limit` at most). A
+            // warm-up only: each call loads its script when Redis lacks it.
+            let ((control, history), scripts) =
+                tokio::join!(libraries, load_scripts(&app, &scripts_conn, limit));
+            if let (Ok(()), Err(e)) = (&control, scripts) {
                 tracing::warn!(error = %e, "cannot load the token and lifecycle scripts ahead of connects; each connect loads what it lacks");
             }
             match (control, history) {
@@ -530,6 +525,25 @@ async fn keep_libraries(app: Arc<App>) {
             _ = app.shutdown.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+/// Loads the scripts every connect calls (the token check's; with
+/// lifecycle tracking, its own too) into Redis's script cache, on a
+/// cluster into every master's, within `limit`.
+async fn load_scripts(app: &App, redis: &RedisConn, limit: Duration) -> Result<(), String> {
+    let mut token_conn = redis.clone();
+    let both = async {
+        let (token, lifecycle) = tokio::join!(
+            crate::auth::load_token_script(&mut token_conn),
+            app.lifecycle.load_scripts(redis),
+        );
+        token.map_err(|e| e.to_string())?;
+        lifecycle.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(limit, both).await {
+        Ok(loaded) => loaded,
+        Err(_) => Err("Redis did not answer in time".to_owned()),
     }
 }
 

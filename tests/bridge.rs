@@ -476,6 +476,21 @@ async fn noscript_errors(redis: &Redis) -> u64 {
         .map_or(0, |n| n.trim().parse().expect("a count"))
 }
 
+/// Whether `wsproxy:events` holds a disconnect event of `session`.
+async fn disconnect_recorded(redis: &Redis, session: &str) -> bool {
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("wsproxy:events")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("XRANGE wsproxy:events");
+    entries
+        .iter()
+        .flat_map(|(_, fields)| fields)
+        .any(|(_, event)| event.contains("\"type\":\"disconnect\"") && event.contains(session))
+}
+
 /// The token check's script (and, with lifecycle tracking on, its
 /// scripts) are in Redis's script cache before the first client comes, and
 /// again after a Redis restart without persistence: no connect gets
@@ -501,6 +516,18 @@ async fn first_connects_find_their_scripts_loaded_even_after_a_restart() {
             redis.set_token(&session, "tok", 60).await;
             let ws = server.connect(&session, "tok").await;
             drop(ws);
+            if name == "tracked" {
+                // The disconnect's script runs after the close, in the
+                // background: wait for its event.
+                let deadline = tokio::time::Instant::now() + WAIT;
+                while !disconnect_recorded(&redis, &session).await {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no disconnect event"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             assert_eq!(
                 noscript_errors(&redis).await,
                 before,
@@ -508,9 +535,12 @@ async fn first_connects_find_their_scripts_loaded_even_after_a_restart() {
             );
         }
         if round == 0 {
-            let before = plain.metric("wsproxy_redis_reconnects_total").await;
+            let before = [
+                plain.metric("wsproxy_redis_reconnects_total").await,
+                tracked.metric("wsproxy_redis_reconnects_total").await,
+            ];
             redis.restart().await;
-            for server in [&plain, &tracked] {
+            for (server, before) in [&plain, &tracked].into_iter().zip(before) {
                 let deadline = tokio::time::Instant::now() + WAIT;
                 while server.metric("wsproxy_redis_reconnects_total").await <= before {
                     assert!(tokio::time::Instant::now() < deadline, "no reconnection");

@@ -343,21 +343,23 @@ impl Lifecycle {
     }
 
     /// Puts the scripts of connects, disconnects, heartbeats and the
-    /// reaper in Redis's script cache (every master's, on a cluster), when
-    /// connections are tracked at all: the first of each after a start-up
-    /// or a Redis restart then needs no second round trip. A call that
-    /// still finds its script missing loads it itself.
-    pub async fn load_scripts<C: redis::aio::ConnectionLike>(
+    /// reaper in Redis's script cache, all at once, when connections are
+    /// tracked on a standalone Redis: the first of each after a start-up
+    /// or a Redis restart then needs no second round trip. (On a cluster
+    /// these steps are written one slot at a time, without them.) A call
+    /// that still finds its script missing loads it itself.
+    pub async fn load_scripts<C: redis::aio::ConnectionLike + Clone>(
         &self,
-        redis: &mut C,
-        limit: Duration,
+        redis: &C,
     ) -> Result<(), LifecycleError> {
-        if !self.enabled() {
+        if !self.enabled() || self.keys.is_cluster() {
             return Ok(());
         }
-        for script in [&self.connect, &self.disconnect, &self.heartbeat, &self.reap] {
-            bounded(limit, script.load_async(redis)).await?;
-        }
+        let loads = [&self.connect, &self.disconnect, &self.heartbeat, &self.reap].map(|script| {
+            let mut redis = redis.clone();
+            async move { script.load_async(&mut redis).await.map(|_| ()) }
+        });
+        futures_util::future::try_join_all(loads).await?;
         Ok(())
     }
 
