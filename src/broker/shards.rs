@@ -383,17 +383,28 @@ impl Shards {
             .client(host, port, redis::ProtocolVersion::RESP3)
             .map_err(|e| e.to_string())?;
         let dropped = Arc::new(AtomicBool::new(false));
-        let sender = {
+        // The pushes are handled, in order, by a task of their own, not in
+        // the connection's task as it reads them: a burst read at once (a
+        // backend pipelining 500 messages to one session) was dispatched
+        // without a pause, past the outbox's bound, and its client cut as
+        // a slow consumer though it read at once. A task that takes them
+        // from a channel yields every 128 (tokio's budget), so the
+        // connections drain in between, as on a standalone Redis. The
+        // channel empties at dispatch speed; the task ends when the
+        // connection has dropped (its sender with it) and all is handled.
+        let (pushes, mut queue) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
+        {
             let shared = shared.clone();
             let addr = addr.clone();
             let dropped = dropped.clone();
-            move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
-                on_push(&shared, &addr, &dropped, push);
-                Ok(())
-            }
-        };
+            tokio::spawn(async move {
+                while let Some(push) = queue.recv().await {
+                    on_push(&shared, &addr, &dropped, push);
+                }
+            });
+        }
         let config = redis::AsyncConnectionConfig::new()
-            .set_push_sender(sender)
+            .set_push_sender(pushes)
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(CONNECT_TIMEOUT));
         let connecting = client.get_multiplexed_async_connection_with_config(&config);
