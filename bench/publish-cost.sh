@@ -25,7 +25,7 @@ library() { # rev -> the library as wsproxy loads it (MAX_LEN 1000, TTL 60 s)
   { git show "$1:src/session/history.rs" 2>/dev/null || git show "$1:src/history.rs"; } | python3 -c '
 import re, sys
 lib = re.search(r"const LIBRARY: &str = r#\"(.*?)\"#;", sys.stdin.read(), re.S).group(1)
-print(lib.replace("__MAX_LEN__", "1000").replace("__TTL_MS__", "60000").replace("__PUBLISH__", "PUBLISH"))'
+print(lib.replace("__MAX_LEN__", "1000").replace("__TTL_MS__", "60000").replace("__RENEW_MS__", "600").replace("__PUBLISH__", "PUBLISH"))'
 }
 library "$A" >"$work/a.lua"
 library "$B" >"$work/b.lua"

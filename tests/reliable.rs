@@ -1173,3 +1173,64 @@ async fn a_batch_publish_is_many_publishes_in_one_call_all_or_nothing() {
     );
     assert_silent(&mut ws, Duration::from_millis(200)).await;
 }
+
+/// How many `PEXPIRE`s Redis has run since it started, a function's own
+/// included (`INFO commandstats`).
+async fn pexpire_calls(redis: &Redis) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("INFO commandstats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_pexpire:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("calls"))
+}
+
+async fn pttl(redis: &Redis, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("PTTL")
+}
+
+/// With the default `HISTORY_TTL_SECS` (600), a session's history and its
+/// epoch keep at least that long after every publish, and at most a
+/// hundredth more, always together; renewing both takes a write, which
+/// runs once per renewal window (6 s here), not once per message.
+#[tokio::test]
+async fn publishes_keep_the_history_for_its_ttl_and_renew_it_once_a_window() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    let (mut ws, _) = connect(&server, &session, None).await;
+    let (history, epoch) = (
+        format!("session:{session}:history"),
+        format!("session:{session}:epoch"),
+    );
+    let ttl: i64 = 600_000;
+    let before = pexpire_calls(&redis).await;
+    let started = std::time::Instant::now();
+    for i in 1..=200 {
+        publish(&redis, &session, &n(i)).await;
+    }
+    let elapsed = i64::try_from(started.elapsed().as_millis()).expect("ms");
+    assert_eq!(numbers_until(&mut ws, 200).await.0.len(), 200);
+    for key in [&history, &epoch] {
+        let left = pttl(&redis, key).await;
+        assert!(
+            (ttl - elapsed..=ttl + ttl / 100).contains(&left),
+            "{key}: {left} ms left, {elapsed} ms after the first publish"
+        );
+    }
+    let renewals = pexpire_calls(&redis).await - before;
+    let windows = 1 + u64::try_from(elapsed / (ttl / 100)).expect("windows");
+    assert!(
+        renewals <= 2 * windows,
+        "{renewals} PEXPIREs for 200 publishes in {elapsed} ms"
+    );
+    assert!(renewals >= 2, "the first publish renews both keys");
+}
