@@ -263,140 +263,159 @@ impl Metrics {
             upstream_connect_duration: Histogram::new(latency_buckets()),
             registry: Registry::default(),
         };
-        // The reasons known in advance exist at 0 from the start, so that
-        // a rate or an alert sees the first event as an increase.
-        for reason in CloseReason::ALL {
-            drop(m.disconnects.get_or_create(&ReasonLabel {
-                reason: reason.as_str(),
-            }));
-        }
-        for reason in AuthFailure::ALL {
-            drop(m.auth_failures.get_or_create(&ReasonLabel {
-                reason: reason.as_str(),
-            }));
-        }
-        for reason in InvalidMessage::ALL {
-            drop(m.invalid_messages.get_or_create(&ReasonLabel {
-                reason: reason.as_str(),
-            }));
-        }
-        for reason in RESUME_FAILURES {
-            drop(m.resume_failures.get_or_create(&ReasonLabel { reason }));
-        }
-        registry.register(
-            "session_attach_duration_seconds",
-            "Seconds from a session's token check to its subscription confirmed (and a reliable session's history joined)",
-            m.session_attach.clone(),
-        );
-        registry.register(
-            "upstream_connect_duration_seconds",
-            "Seconds to dial a backend and complete its WebSocket handshake (successful connects)",
-            m.upstream_connect_duration.clone(),
-        );
-        registry.register(
-            "connections_active",
-            "Session WebSocket connections currently open",
-            m.connections_active.clone(),
-        );
-        registry.register(
-            "connections",
-            "Session WebSocket connections accepted",
-            m.connections_opened.clone(),
-        );
-        registry.register(
-            "sse_connections_active",
-            "Session event streams (Server-Sent Events) currently open",
-            m.sse_connections_active.clone(),
-        );
-        registry.register(
-            "sse_connections",
-            "Session event streams (Server-Sent Events) accepted",
-            m.sse_connections_opened.clone(),
-        );
-        registry.register(
-            "session_posts",
-            "Client messages POSTed to sessions (the HTTP transport), by outcome",
-            m.sse_posts.clone(),
-        );
-        registry.register(
-            "messages_down",
-            "Messages delivered from Redis to clients",
-            m.messages_down.clone(),
-        );
-        registry.register(
-            "messages_up",
-            "Client messages published to Redis",
-            m.messages_up.clone(),
-        );
-        registry.register(
-            "publish_failures",
-            "Client messages not published because Redis failed",
-            m.publish_failures.clone(),
-        );
-        registry.register(
-            "invalid_messages",
-            "Client messages refused, by reason",
-            m.invalid_messages.clone(),
-        );
-        registry.register(
-            "auth_failures",
-            "Connection attempts refused, by reason",
-            m.auth_failures.clone(),
-        );
-        registry.register(
-            "disconnects",
-            "WebSocket connections closed, by reason (slow_consumer = slow clients cut off)",
-            m.disconnects.clone(),
-        );
-        registry.register(
-            "redis_reconnects",
-            "Times the shared Redis pub/sub connection was re-established",
-            m.redis_reconnects.clone(),
-        );
-        registry.register(
-            "redis_connected",
-            "1 while the shared Redis pub/sub connection is up",
-            m.redis_connected.clone(),
-        );
-        registry.register(
-            "broker_channels",
-            "Redis channels this process is subscribed to",
-            m.broker_channels.clone(),
-        );
-        registry.register(
-            "pubsub_connections_active",
-            "Topic pub/sub WebSocket connections currently open",
-            m.pubsub_connections_active.clone(),
-        );
-        registry.register(
-            "pubsub_connections",
-            "Topic pub/sub WebSocket connections accepted",
-            m.pubsub_connections.clone(),
-        );
-        registry.register(
-            "pubsub_subscriptions",
-            "Topic subscriptions currently held by clients",
-            m.pubsub_subscriptions.clone(),
-        );
-        registry.register(
-            "pubsub_published",
-            "Topic messages published",
-            m.pubsub_published.clone(),
-        );
-        registry.register(
-            "pubsub_delivered",
-            "Topic messages delivered to subscribers",
-            m.pubsub_delivered.clone(),
-        );
-        registry.register(
-            "pubsub_refused",
-            "Topic pub/sub commands refused, by error code",
-            m.pubsub_refused.clone(),
-        );
+        m.seed_reasons();
+        m.register_sessions(&mut registry);
+        m.register_redis(&mut registry);
+        m.register_pubsub(&mut registry);
         m.register_upstream(&mut registry);
         m.register_reliable(&mut registry);
         m.register_lifecycle(&mut registry);
         Metrics { registry, ..m }
+    }
+
+    /// The reasons known in advance exist at 0 from the start, so that a
+    /// rate or an alert sees the first event as an increase.
+    fn seed_reasons(&self) {
+        for reason in CloseReason::ALL {
+            drop(self.disconnects.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
+        }
+        for reason in AuthFailure::ALL {
+            drop(self.auth_failures.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
+        }
+        for reason in InvalidMessage::ALL {
+            drop(self.invalid_messages.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
+        }
+        for reason in RESUME_FAILURES {
+            drop(self.resume_failures.get_or_create(&ReasonLabel { reason }));
+        }
+    }
+
+    /// Session connections (both transports), their messages and failures.
+    fn register_sessions(&self, registry: &mut Registry) {
+        registry.register(
+            "session_attach_duration_seconds",
+            "Seconds from a session's token check to its subscription confirmed (and a reliable session's history joined)",
+            self.session_attach.clone(),
+        );
+        registry.register(
+            "upstream_connect_duration_seconds",
+            "Seconds to dial a backend and complete its WebSocket handshake (successful connects)",
+            self.upstream_connect_duration.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Session WebSocket connections currently open",
+            self.connections_active.clone(),
+        );
+        registry.register(
+            "connections",
+            "Session WebSocket connections accepted",
+            self.connections_opened.clone(),
+        );
+        registry.register(
+            "sse_connections_active",
+            "Session event streams (Server-Sent Events) currently open",
+            self.sse_connections_active.clone(),
+        );
+        registry.register(
+            "sse_connections",
+            "Session event streams (Server-Sent Events) accepted",
+            self.sse_connections_opened.clone(),
+        );
+        registry.register(
+            "session_posts",
+            "Client messages POSTed to sessions (the HTTP transport), by outcome",
+            self.sse_posts.clone(),
+        );
+        registry.register(
+            "messages_down",
+            "Messages delivered from Redis to clients",
+            self.messages_down.clone(),
+        );
+        registry.register(
+            "messages_up",
+            "Client messages published to Redis",
+            self.messages_up.clone(),
+        );
+        registry.register(
+            "publish_failures",
+            "Client messages not published because Redis failed",
+            self.publish_failures.clone(),
+        );
+        registry.register(
+            "invalid_messages",
+            "Client messages refused, by reason",
+            self.invalid_messages.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Connection attempts refused, by reason",
+            self.auth_failures.clone(),
+        );
+        registry.register(
+            "disconnects",
+            "WebSocket connections closed, by reason (slow_consumer = slow clients cut off)",
+            self.disconnects.clone(),
+        );
+    }
+
+    /// The shared Redis pub/sub connection.
+    fn register_redis(&self, registry: &mut Registry) {
+        registry.register(
+            "redis_reconnects",
+            "Times the shared Redis pub/sub connection was re-established",
+            self.redis_reconnects.clone(),
+        );
+        registry.register(
+            "redis_connected",
+            "1 while the shared Redis pub/sub connection is up",
+            self.redis_connected.clone(),
+        );
+        registry.register(
+            "broker_channels",
+            "Redis channels this process is subscribed to",
+            self.broker_channels.clone(),
+        );
+    }
+
+    /// Topic pub/sub.
+    fn register_pubsub(&self, registry: &mut Registry) {
+        registry.register(
+            "pubsub_connections_active",
+            "Topic pub/sub WebSocket connections currently open",
+            self.pubsub_connections_active.clone(),
+        );
+        registry.register(
+            "pubsub_connections",
+            "Topic pub/sub WebSocket connections accepted",
+            self.pubsub_connections.clone(),
+        );
+        registry.register(
+            "pubsub_subscriptions",
+            "Topic subscriptions currently held by clients",
+            self.pubsub_subscriptions.clone(),
+        );
+        registry.register(
+            "pubsub_published",
+            "Topic messages published",
+            self.pubsub_published.clone(),
+        );
+        registry.register(
+            "pubsub_delivered",
+            "Topic messages delivered to subscribers",
+            self.pubsub_delivered.clone(),
+        );
+        registry.register(
+            "pubsub_refused",
+            "Topic pub/sub commands refused, by error code",
+            self.pubsub_refused.clone(),
+        );
     }
 
     /// Reliable sessions' counters.
