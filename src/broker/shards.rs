@@ -53,6 +53,18 @@ struct Node {
     conn: redis::aio::MultiplexedConnection,
     /// Set by the connection's push handler when it dropped.
     dropped: Arc<AtomicBool>,
+    /// Set, under the state lock, when the broker forgets the connection
+    /// (dropped, failed, or idle): a `sunsubscribe` push it handles later
+    /// is about a subscription already gone, not one placed since on a
+    /// new connection to the same master, and is ignored.
+    forgotten: Arc<AtomicBool>,
+}
+
+impl Node {
+    /// Marks the connection forgotten; the caller holds the state lock.
+    fn forget(&self) {
+        self.forgotten.store(true, Ordering::SeqCst);
+    }
 }
 
 /// The broker task in sharded mode: keeps every wanted channel subscribed
@@ -205,9 +217,11 @@ impl Shards {
 
     /// Forgets the connection to `addr`: its channels are lost and pending.
     fn drop_node(&mut self, shared: &Shared, addr: &Arc<str>) {
-        self.nodes.remove(addr);
         self.stale = true;
         let mut state = shared.lock();
+        if let Some(node) = self.nodes.remove(addr) {
+            node.forget();
+        }
         // Its unsubscriptions will not be confirmed.
         state.unsubscribing.retain(|(node, _), _| node != addr);
         self.placed.retain(|channel, node| {
@@ -383,6 +397,7 @@ impl Shards {
             .client(host, port, redis::ProtocolVersion::RESP3)
             .map_err(|e| e.to_string())?;
         let dropped = Arc::new(AtomicBool::new(false));
+        let forgotten = Arc::new(AtomicBool::new(false));
         // The pushes are handled, in order, by a task of their own, not in
         // the connection's task as it reads them: a burst read at once (a
         // backend pipelining 500 messages to one session) was dispatched
@@ -396,10 +411,10 @@ impl Shards {
         {
             let shared = shared.clone();
             let addr = addr.clone();
-            let dropped = dropped.clone();
+            let (dropped, forgotten) = (dropped.clone(), forgotten.clone());
             tokio::spawn(async move {
                 while let Some(push) = queue.recv().await {
-                    on_push(&shared, &addr, &dropped, push);
+                    on_push(&shared, &addr, (&dropped, &forgotten), push);
                 }
             });
         }
@@ -422,7 +437,11 @@ impl Shards {
             Err(_) => return Err("timed out".into()),
         }
         tracing::debug!(node = %addr, "redis cluster pub/sub connection opened");
-        Ok(Node { conn, dropped })
+        Ok(Node {
+            conn,
+            dropped,
+            forgotten,
+        })
     }
 
     /// Reads the slot map from a master it knows, else from a seed.
@@ -469,7 +488,9 @@ impl Shards {
         }
         let mut state = shared.lock();
         for addr in idle {
-            self.nodes.remove(&addr);
+            if let Some(node) = self.nodes.remove(&addr) {
+                node.forget();
+            }
             state.unsubscribing.retain(|(node, _), _| *node != addr);
         }
     }
@@ -538,8 +559,14 @@ fn redirect_or_fail(error: redis::RedisError) -> Outcome {
     }
 }
 
-/// A push from the connection to the master at `addr`.
-fn on_push(shared: &Shared, addr: &Arc<str>, dropped: &AtomicBool, push: redis::PushInfo) {
+/// A push from the connection to the master at `addr`, with the
+/// connection's `dropped` and `forgotten` flags (see [`Node`]).
+fn on_push(
+    shared: &Shared,
+    addr: &Arc<str>,
+    (dropped, forgotten): (&AtomicBool, &AtomicBool),
+    push: redis::PushInfo,
+) {
     match push.kind {
         PushKind::SMessage | PushKind::Message => {
             if let [Value::BulkString(channel), Value::BulkString(payload), ..] = &push.data[..]
@@ -557,6 +584,13 @@ fn on_push(shared: &Shared, addr: &Arc<str>, dropped: &AtomicBool, push: redis::
                 return;
             };
             let mut state = shared.lock();
+            // Read under the lock the broker forgets connections under:
+            // once forgotten, the connection's counts are gone, and its
+            // own confirmation would read as Redis taking back a channel
+            // subscribed since on this master's new connection.
+            if forgotten.load(Ordering::SeqCst) {
+                return;
+            }
             let key = (addr.clone(), channel.to_owned());
             // One of ours: counted before it was sent.
             if let Some(n) = state.unsubscribing.get_mut(&key) {
@@ -572,5 +606,54 @@ fn on_push(shared: &Shared, addr: &Arc<str>, dropped: &AtomicBool, push: redis::
             shared.changed();
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{LinkStatus, State};
+    use crate::metrics::Metrics;
+
+    fn sunsubscribe(channel: &str) -> redis::PushInfo {
+        redis::PushInfo {
+            kind: PushKind::SUnsubscribe,
+            data: vec![
+                Value::BulkString(channel.as_bytes().to_vec()),
+                Value::Int(0),
+            ],
+        }
+    }
+
+    /// Ours are counted and consumed, Redis' own are losses, and those of a
+    /// connection the broker has forgotten are neither: the confirmation of
+    /// an unsubscription handled after its idle connection was closed must
+    /// not cut the same channel subscribed again on a new connection.
+    #[test]
+    fn a_forgotten_connections_sunsubscribe_is_not_taken_for_a_moved_slot() {
+        let shared = Shared {
+            state: std::sync::Mutex::new(State::default()),
+            wake: tokio::sync::Notify::new(),
+            connected: AtomicBool::new(false),
+            metrics: Arc::new(Metrics::new()),
+            link: std::sync::Mutex::new(LinkStatus::default()),
+        };
+        let addr: Arc<str> = "127.0.0.1:7000".into();
+        let (dropped, forgotten) = (AtomicBool::new(false), AtomicBool::new(false));
+        shared
+            .lock()
+            .unsubscribing
+            .insert((addr.clone(), "c".into()), 1);
+        on_push(&shared, &addr, (&dropped, &forgotten), sunsubscribe("c"));
+        assert!(shared.lock().unsubscribing.is_empty(), "ours is consumed");
+        assert!(shared.lock().moved.is_empty(), "ours is not a loss");
+
+        on_push(&shared, &addr, (&dropped, &forgotten), sunsubscribe("c"));
+        assert_eq!(shared.lock().moved, vec![(addr.clone(), "c".to_owned())]);
+        shared.lock().moved.clear();
+
+        forgotten.store(true, Ordering::SeqCst);
+        on_push(&shared, &addr, (&dropped, &forgotten), sunsubscribe("c"));
+        assert!(shared.lock().moved.is_empty(), "a forgotten connection's");
     }
 }
