@@ -1567,29 +1567,39 @@ async fn pubsub_connection_killed(cluster: &Cluster) {
     server.stop().await;
 }
 
-/// A backend pipelines 500 messages to one session on a sharded cluster:
-/// all reach its client, in order. (They were dispatched in one go as the
-/// connection read them, past the outbox's 256, and the client, reading at
-/// once, was cut with 1008 as a slow consumer.) Production defaults:
-/// `WS_OUTBOUND_QUEUE` 256, 30 s heartbeat.
+/// A backend pipelines 500 messages to one session on a cluster, in each
+/// pub/sub mode: all reach its client, in order. (In sharded mode they were
+/// dispatched in one go as the connection read them, past the outbox's
+/// 256, and the client, reading at once, was cut with 1008 as a slow
+/// consumer.) Production defaults: `WS_OUTBOUND_QUEUE` 256, 30 s heartbeat.
 #[tokio::test]
-async fn sharded_burst_reaches_the_client_in_order() {
+async fn a_burst_reaches_the_client_in_order_in_both_modes() {
     let cluster = Cluster::start().await;
-    let server = Server::start_config(config(&cluster, ClusterPubSub::Sharded)).await;
-    let s = unique("s");
-    cluster.set_token(&s, TOKEN, 600).await;
-    let mut ws = server.connect(&s, TOKEN).await;
-    let down = format!("session:{{{s}}}:down");
-    let mut c = cluster.conn().await;
-    let mut pipe = redis::pipe();
-    for i in 0..500 {
-        pipe.cmd("SPUBLISH")
-            .arg(&down)
-            .arg(format!("{{\"n\":{i}}}"))
-            .ignore();
-    }
-    let _: () = pipe.query_async(&mut c).await.expect("pipeline");
-    for i in 0..500 {
-        assert_eq!(next_text(&mut ws).await, format!("{{\"n\":{i}}}"));
+    for (mode, publish) in [
+        (ClusterPubSub::Sharded, "SPUBLISH"),
+        (ClusterPubSub::Classic, "PUBLISH"),
+    ] {
+        let server = Server::start_config(config(&cluster, mode)).await;
+        let s = unique("s");
+        cluster.set_token(&s, TOKEN, 600).await;
+        let mut ws = server.connect(&s, TOKEN).await;
+        let down = format!("session:{{{s}}}:down");
+        let mut c = cluster.conn().await;
+        let mut pipe = redis::pipe();
+        for i in 0..500 {
+            pipe.cmd(publish)
+                .arg(&down)
+                .arg(format!("{{\"n\":{i}}}"))
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut c).await.expect("pipeline");
+        for i in 0..500 {
+            assert_eq!(
+                next_text(&mut ws).await,
+                format!("{{\"n\":{i}}}"),
+                "{publish}"
+            );
+        }
+        server.stop().await;
     }
 }
