@@ -1198,8 +1198,9 @@ async fn pttl(redis: &Redis, key: &str) -> i64 {
 
 /// With the default `HISTORY_TTL_SECS` (600), a session's history and its
 /// epoch keep at least that long after every publish, and at most a
-/// hundredth more, always together; renewing both takes a write, which
-/// runs once per renewal window (6 s here), not once per message.
+/// hundredth more, and expire at the same moment; renewing both takes a
+/// write, which runs once per renewal window (6 s here), not once per
+/// message.
 #[tokio::test]
 async fn publishes_keep_the_history_for_its_ttl_and_renew_it_once_a_window() {
     let redis = Redis::start().await;
@@ -1212,6 +1213,25 @@ async fn publishes_keep_the_history_for_its_ttl_and_renew_it_once_a_window() {
         format!("session:{session}:epoch"),
     );
     let ttl: i64 = 600_000;
+    // Both keys' TTLs are at least the TTL and at most 1% more, and they
+    // expire at the same millisecond.
+    let kept = |what: &'static str| {
+        let (redis, history, epoch) = (&redis, &history, &epoch);
+        async move {
+            for key in [history, epoch] {
+                let left = pttl(redis, key).await;
+                assert!(
+                    (ttl - 5_000..=ttl + ttl / 100).contains(&left),
+                    "{what}: {key} has {left} ms left"
+                );
+            }
+            assert_eq!(
+                expire_time(redis, history).await,
+                expire_time(redis, epoch).await,
+                "{what}: the two keys expire apart"
+            );
+        }
+    };
     let before = pexpire_calls(&redis).await;
     let started = std::time::Instant::now();
     for i in 1..=200 {
@@ -1219,13 +1239,7 @@ async fn publishes_keep_the_history_for_its_ttl_and_renew_it_once_a_window() {
     }
     let elapsed = i64::try_from(started.elapsed().as_millis()).expect("ms");
     assert_eq!(numbers_until(&mut ws, 200).await.0.len(), 200);
-    for key in [&history, &epoch] {
-        let left = pttl(&redis, key).await;
-        assert!(
-            (ttl - elapsed..=ttl + ttl / 100).contains(&left),
-            "{key}: {left} ms left, {elapsed} ms after the first publish"
-        );
-    }
+    kept("after 200 publishes").await;
     let renewals = pexpire_calls(&redis).await - before;
     let windows = 1 + u64::try_from(elapsed / (ttl / 100)).expect("windows");
     assert!(
@@ -1233,4 +1247,37 @@ async fn publishes_keep_the_history_for_its_ttl_and_renew_it_once_a_window() {
         "{renewals} PEXPIREs for 200 publishes in {elapsed} ms"
     );
     assert!(renewals >= 2, "the first publish renews both keys");
+
+    // Once less than the TTL is left, the next publish renews both.
+    let mut c = redis.conn().await;
+    for key in [&history, &epoch] {
+        let _: i64 = redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(ttl - 10_000)
+            .query_async(&mut c)
+            .await
+            .expect("PEXPIRE");
+    }
+    publish(&redis, &session, &n(201)).await;
+    kept("after a publish with less left").await;
+
+    // A history emptied (not deleted) keeps its longer TTL while the epoch
+    // is made again: the publish renews both anyway.
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(&history)
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut c)
+        .await
+        .expect("XTRIM");
+    publish(&redis, &session, &n(202)).await;
+    kept("after a publish into an emptied history").await;
+}
+
+async fn expire_time(redis: &Redis, key: &str) -> i64 {
+    redis::cmd("PEXPIRETIME")
+        .arg(key)
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("PEXPIRETIME")
 }

@@ -35,7 +35,7 @@ use std::time::Duration;
 use redis::{PushKind, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{CONNECT_TIMEOUT, KEEPALIVE, Shared, confirm, dispatch};
+use super::{CONNECT_TIMEOUT, KEEPALIVE, Shared, State, confirm, dispatch};
 use crate::cluster::{Seeds, Topology, in_motion, slot_of, split_addr, text};
 
 /// Shortest and longest pause before trying again what failed (a channel
@@ -60,11 +60,15 @@ struct Node {
     forgotten: Arc<AtomicBool>,
 }
 
-impl Node {
-    /// Marks the connection forgotten; the caller holds the state lock.
-    fn forget(&self) {
-        self.forgotten.store(true, Ordering::SeqCst);
+/// Forgets the connection to `addr`, if there is one: marks it forgotten
+/// and drops the counts of its unsubscriptions (they will not be
+/// confirmed), both under the state lock `state` (its push handler reads
+/// them under it).
+fn forget_node(nodes: &mut HashMap<Arc<str>, Node>, state: &mut State, addr: &Arc<str>) {
+    if let Some(node) = nodes.remove(addr) {
+        node.forgotten.store(true, Ordering::SeqCst);
     }
+    state.unsubscribing.retain(|(node, _), _| node != addr);
 }
 
 /// The broker task in sharded mode: keeps every wanted channel subscribed
@@ -219,11 +223,7 @@ impl Shards {
     fn drop_node(&mut self, shared: &Shared, addr: &Arc<str>) {
         self.stale = true;
         let mut state = shared.lock();
-        if let Some(node) = self.nodes.remove(addr) {
-            node.forget();
-        }
-        // Its unsubscriptions will not be confirmed.
-        state.unsubscribing.retain(|(node, _), _| node != addr);
+        forget_node(&mut self.nodes, &mut state, addr);
         self.placed.retain(|channel, node| {
             if node != addr {
                 return true;
@@ -488,10 +488,7 @@ impl Shards {
         }
         let mut state = shared.lock();
         for addr in idle {
-            if let Some(node) = self.nodes.remove(&addr) {
-                node.forget();
-            }
-            state.unsubscribing.retain(|(node, _), _| *node != addr);
+            forget_node(&mut self.nodes, &mut state, &addr);
         }
     }
 
@@ -652,8 +649,18 @@ mod tests {
         assert_eq!(shared.lock().moved, vec![(addr.clone(), "c".to_owned())]);
         shared.lock().moved.clear();
 
+        // Forgotten (closed idle), with the same channel's unsubscription
+        // counted again on a new connection to the same master: the old
+        // connection's push touches neither.
+        let mut nodes = HashMap::new();
+        forget_node(&mut nodes, &mut shared.lock(), &addr);
         forgotten.store(true, Ordering::SeqCst);
+        shared
+            .lock()
+            .unsubscribing
+            .insert((addr.clone(), "c".into()), 1);
         on_push(&shared, &addr, (&dropped, &forgotten), sunsubscribe("c"));
         assert!(shared.lock().moved.is_empty(), "a forgotten connection's");
+        assert_eq!(shared.lock().unsubscribing.len(), 1, "the new one's count");
     }
 }

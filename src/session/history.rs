@@ -189,12 +189,13 @@ end
 -- does not say what it removed, and a resume must know).
 local SLACK = 100
 local function trim(history, base, len)
-  if len <= MAX_LEN + SLACK then return end
+  if len <= MAX_LEN + SLACK then return false end
   local cut = redis.call('XRANGE', history, '-', '+', 'COUNT', len - MAX_LEN)
   local through = cut[#cut][1]
   local ms, seq = string.match(through, '^(%d+)-(%d+)$')
   redis.call('XTRIM', history, 'MINID', ms .. '-' .. string.format('%d', tonumber(seq) + 1))
   redis.call('HSET', base .. ':epoch', 'trimmed', through)
+  return true
 end
 
 -- Renews the history's and the epoch's expiry together, when it is due.
@@ -204,9 +205,11 @@ end
 -- (or none set: it was just made). A renewal gives both TTL_MS + RENEW_MS,
 -- so each publish still leaves at least TTL_MS, and at most RENEW_MS (a
 -- hundredth of it) more; a session publishing faster renews once per
--- RENEW_MS.
-local function keep(history, base)
-  if redis.call('PTTL', history) < TTL_MS then
+-- RENEW_MS. A publish that wrote the epoch (made it again, or recorded a
+-- trim into one that may have been evicted) renews both in any case, so
+-- that the epoch never expires before its history.
+local function keep(history, base, epoch_written)
+  if epoch_written or redis.call('PTTL', history) < TTL_MS then
     redis.call('PEXPIRE', history, TTL_MS + RENEW_MS)
     redis.call('PEXPIRE', base .. ':epoch', TTL_MS + RENEW_MS)
   end
@@ -333,15 +336,16 @@ local function publish(history, base, args, first, last)
   -- continuation of the old ones. The epoch remembers that it had a
   -- history ('started'); one made by a join before anything was
   -- published keeps.
-  if len == #ids then
+  local fresh = len == #ids
+  if fresh then
     if redis.call('HEXISTS', base .. ':epoch', 'started') == 1 then
       redis.call('DEL', base .. ':epoch')
     end
     epoch_of(base)
     redis.call('HSET', base .. ':epoch', 'started', '1')
   end
-  trim(history, base, len)
-  keep(history, base)
+  local trimmed = trim(history, base, len)
+  keep(history, base, fresh or trimmed)
   return ids
 end
 
