@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -1086,6 +1087,19 @@ pub async fn echo_server(port: u16) -> anyhow::Result<()> {
                     break;
                 }
             }
+            // Close the TCP connection as a server should, without a
+            // reset: send FIN, then read what the client still sends until
+            // it closes too (at most 2 s). Dropping the socket with bytes
+            // unread (a ping after the client's close, Autobahn 7.1.6)
+            // makes the kernel answer with a reset, which can discard the
+            // close frame still on its way to the client.
+            let stream = ws.get_mut();
+            let _ = stream.shutdown().await;
+            let mut rest = [0u8; 4096];
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
+            })
+            .await;
         });
     }
 }
