@@ -18,8 +18,8 @@
 //!   in strings escaped: reliable clients get it inside a JSON envelope.
 //! - `FCALL wsproxy_publish_batch 1 session:{id}:history <json> ...`: the
 //!   same for 1 to 1,000 messages of one session in one call, all or none;
-//!   the per-call work (the new-history check, the trim, the expiries) is
-//!   done once, which is most of a single publish's cost in Redis.
+//!   the per-call work (the call itself, the new-history check, the trim
+//!   check, the expiry check) is done once.
 //! - `FCALL wsproxy_join 1 session:{id}:history <epoch> <offset>`: wsproxy's
 //!   own, when a reliable connection has subscribed to `:live`. It returns
 //!   the history's epoch (created if there is none yet), the last offset,
