@@ -21,23 +21,10 @@ PORT=${REDIS_PORT:-6432}
 work=$(mktemp -d)
 trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
-library() { # rev -> the library as wsproxy loads it (MAX_LEN 1000, TTL 60 s)
-  { git show "$1:src/session/history.rs" 2>/dev/null || git show "$1:src/history.rs"; } | python3 -c '
-import re, sys
-lib = re.search(r"const LIBRARY: &str = r#\"(.*?)\"#;", sys.stdin.read(), re.S).group(1)
-print(lib.replace("__MAX_LEN__", "1000").replace("__TTL_MS__", "60000").replace("__RENEW_MS__", "600").replace("__PUBLISH__", "PUBLISH"))'
-}
-library "$A" >"$work/a.lua"
-library "$B" >"$work/b.lua"
-python3 - "$work" <<'EOF'
-import json, sys
-m = {"type": "data", "payload": "The quick brown fox jumps over the lazy dog; streaming token 1234 of the reply",
-     "seq": 4217, "meta": {"model": "m-1", "done": False, "usage": {"in": 512, "out": 77}}}
-open(sys.argv[1] + "/ascii.json", "w").write(json.dumps(m, separators=(",", ":")))
-open(sys.argv[1] + "/pretty.json", "w").write(json.dumps(m, indent=2))
-m["payload"] = "Le renard brun rapide saute par-dessus le chien paresseux \u2014 \u901f\u3044\u8336\u8272\u306e\u72d0 \U0001F600 token 1234"
-open(sys.argv[1] + "/utf8.json", "w").write(json.dumps(m, separators=(",", ":"), ensure_ascii=False))
-EOF
+. bench/publish-common.sh
+library "$A" 60000 >"$work/a.lua"
+library "$B" 60000 >"$work/b.lua"
+payloads "$work"
 
 BATCH=${BATCH:-1}
 once() { # library, payload, messages a call -> usec per message
