@@ -383,6 +383,81 @@ async fn posts_are_client_messages_plain_and_reliable() {
     );
 }
 
+/// A POST whose body never comes costs its client nothing without a
+/// valid token, and no more than AUTH_TIMEOUT_SECS (its default, 5 s)
+/// with one: the token is checked before the body is read, a declared
+/// length over the limit is refused at once, and a body that stalls is
+/// answered 408. Before, the body was read first and with no time limit,
+/// so a client with any token string held its connection and its
+/// buffer for as long as it liked.
+#[tokio::test]
+async fn a_post_body_is_read_after_the_token_and_only_for_auth_timeout() {
+    let redis = Redis::start().await;
+    let config = wsproxy::config::Config::for_redis(redis.url());
+    let (limit, timeout) = (config.max_message_bytes, config.auth_timeout);
+    let server = Server::start_config(config).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let head = |token: &str, length: usize| {
+        format!(
+            "POST {} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nAuthorization: Bearer {token}\r\nContent-Length: {length}\r\n\r\n{{\"q\":",
+            path(&session, "")
+        )
+    };
+    let answer = |raw: &str| -> serde_json::Value {
+        serde_json::from_str(raw).unwrap_or(serde_json::Value::String(raw.into()))
+    };
+
+    // A wrong token: refused without waiting for the 95 bytes still owed.
+    let started = std::time::Instant::now();
+    let (status, _, body) = request(server.addr, &head("wrong", 100)).await;
+    assert_eq!(
+        (status, answer(&body)["error"].as_str()),
+        (403, Some("invalid_token")),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Over WS_MAX_MESSAGE_BYTES by its declared length: 413 at once,
+    // whatever the token.
+    let over = limit + 1;
+    for token in ["wrong", TOKEN] {
+        let (status, _, body) = request(server.addr, &head(token, over)).await;
+        assert_eq!(
+            (status, answer(&body)["error"].as_str()),
+            (413, Some("body_too_large")),
+            "{body}"
+        );
+    }
+
+    // The right token and a body that stalls: 408 after AUTH_TIMEOUT_SECS.
+    assert_eq!(timeout, Duration::from_secs(5), "the production default");
+    let started = std::time::Instant::now();
+    let (status, _, body) = request(server.addr, &head(TOKEN, 100)).await;
+    let waited = started.elapsed();
+    assert_eq!(
+        (status, answer(&body)["error"].as_str()),
+        (408, Some("body_timeout")),
+        "{body}"
+    );
+    assert!(
+        waited >= timeout && waited < timeout + Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    // A whole body is still taken.
+    let (status, body) = post(server.addr, &path(&session, ""), &[&auth()], r#"{"q":1}"#).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("published")),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn a_cross_origin_post_passes_its_preflight_when_the_origin_is_allowed() {
     let redis = Redis::start().await;

@@ -265,18 +265,20 @@ async fn send(
     let token = crate::auth::bearer_token(headers, query.access_token.as_deref())
         .map_err(|e| Refusal::MissingToken(e.to_string().into()).counted(&app.metrics))?;
     let limit = app.config.max_message_bytes;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+    let too_large = || {
         app.metrics.session_post("invalid");
         ApiError::from(Refusal::BodyTooLarge(
             format!("the body is over WS_MAX_MESSAGE_BYTES ({limit} bytes)").into(),
         ))
-    })?;
-    let Ok(text) = std::str::from_utf8(&body) else {
-        app.metrics.session_post("invalid");
-        return Err(Refusal::InvalidJson("the body is not UTF-8".into()).into());
     };
+    // A declared length over the limit is refused before anything else.
+    if declared_length(headers).is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        return Err(too_large());
+    }
     let config = &app.config;
     let mut redis = app.redis.clone();
+    // The token is checked before the body is read: a client without one
+    // holds nothing (no buffer, no wait) beyond its headers.
     let checked = tokio::time::timeout(
         config.auth_timeout,
         crate::auth::check_session_token(
@@ -289,6 +291,22 @@ async fn send(
     )
     .await;
     crate::session::bridge::admitted_or_refused(&app, &session_id, &agent_id, checked)?;
+    // The body must arrive within AUTH_TIMEOUT_SECS, as a token request's
+    // does: a client that sends it slowly holds its connection no longer.
+    let wait = config.auth_timeout;
+    let body = tokio::time::timeout(wait, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            app.metrics.session_post("invalid");
+            ApiError::from(Refusal::BodyTimeout(
+                format!("the body did not arrive within AUTH_TIMEOUT_SECS ({wait:?})").into(),
+            ))
+        })?
+        .map_err(|_| too_large())?;
+    let Ok(text) = std::str::from_utf8(&body) else {
+        app.metrics.session_post("invalid");
+        return Err(Refusal::InvalidJson("the body is not UTF-8".into()).into());
+    };
     if reliable {
         let (stored, answer) =
             crate::session::reliable::store_message(&app, &mut redis, &session_id, &agent_id, text)
@@ -319,6 +337,17 @@ async fn send(
             Err(refusal.into())
         }
     }
+}
+
+/// The body length a request declares (`Content-Length`), if it is a
+/// number; a body sent chunked declares none and is counted as it comes.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn json_response(status: StatusCode, body: String) -> Response {
