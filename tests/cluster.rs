@@ -663,6 +663,84 @@ async fn reliable_failover(cluster: &mut Cluster) {
     server.stop().await;
 }
 
+/// A master that stops answering without closing its sockets (a host that
+/// lost power or its network: no FIN, no RST; here SIGSTOP) is noticed by
+/// the keepalive within its period plus the ping's timeout (5 + 3 s),
+/// while sessions on the other masters come and go every 200 ms. Before,
+/// each of their wake-ups restarted the keepalive's 5 s wait, so it never
+/// ran: the frozen master's reliable client was never ended (1013) and
+/// waited for ever, its plain ones lost everything without a sign.
+#[tokio::test]
+async fn a_frozen_master_is_noticed_while_other_shards_are_busy() {
+    let (logs, _guard) = LogCapture::start();
+    let cluster = Cluster::start().await;
+    bounded_test(
+        "a_frozen_master_is_noticed_while_other_shards_are_busy",
+        TEST_DEADLINE,
+        Some(&logs),
+        frozen_master(&cluster),
+    )
+    .await;
+}
+
+async fn frozen_master(cluster: &Cluster) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut config = config(cluster, ClusterPubSub::Sharded);
+    config.reliable.enabled = true;
+    let server = Server::start_config(config).await;
+    let session = unique("s");
+    cluster.set_token(&session, TOKEN, 600).await;
+    let (mut ws, _) = reliable_connect(&server, &session, "").await;
+    let frozen = cluster
+        .master_of(&format!("session:{{{session}}}:history"))
+        .await;
+    // Sessions on the other masters, to come and go.
+    let mut others = Vec::new();
+    while others.len() < 4 {
+        let s = unique("busy");
+        if cluster.master_of(&format!("session:{{{s}}}:down")).await != frozen {
+            cluster.set_token(&s, TOKEN, 600).await;
+            others.push(s);
+        }
+    }
+    cluster.wait_replicated(frozen).await;
+    cluster.freeze(frozen);
+    let frozen_at = tokio::time::Instant::now();
+    let churn = async {
+        for s in others.iter().cycle() {
+            if let Ok(mut busy) = server.try_connect("agent-1", s, Some(TOKEN)).await {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = busy.close(None).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let ended = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    };
+    let limit = Duration::from_secs(15);
+    let code = tokio::select! {
+        () = churn => unreachable!("the churn goes on"),
+        code = tokio::time::timeout(limit, ended) => code,
+    };
+    let after = frozen_at.elapsed();
+    cluster.thaw(frozen);
+    assert_eq!(
+        code.ok(),
+        Some(Some(1013)),
+        "the frozen master's reliable client is ended to resume within {limit:?}"
+    );
+    println!("frozen master noticed after {after:?}");
+    server.stop().await;
+}
+
 /// A whole shard (master and replica) dies: no subscription on it can be
 /// made again, so `/ready` answers 503 and keeps answering it, while open
 /// plain WebSockets stay open.

@@ -86,30 +86,39 @@ pub(super) async fn run(seeds: Seeds, shared: Arc<Shared>, shutdown: Cancellatio
         ever_ready: false,
     };
     shared.link_up(&format!("cluster of {} seed nodes", shards.seeds.count()));
+    // The keepalive runs on a deadline of its own, not on a quiet spell:
+    // wake-ups for other shards' channels (sessions coming and going every
+    // few seconds) would otherwise put it off for ever, and a master that
+    // died without a FIN or RST would hold its channels, plain and
+    // reliable, silent and never ended.
+    let mut ping_at = tokio::time::Instant::now() + KEEPALIVE;
     loop {
         let trouble = shards.step(&shared).await;
-        let idle_for = if trouble {
+        let retry_at = if trouble {
             let pause = shards.retry;
             shards.retry = (shards.retry * 2).min(RETRY_MAX);
-            pause
+            Some(tokio::time::Instant::now() + pause)
         } else {
             shards.retry = RETRY_MIN;
-            KEEPALIVE
+            None
         };
+        if tokio::time::Instant::now() >= ping_at {
+            ping_at = tokio::time::Instant::now() + KEEPALIVE;
+            if shards.keepalive(&shared).await {
+                continue; // a connection was dropped: subscribe its channels again
+            }
+        }
         {
             let state = shared.lock();
             if !state.dirty.is_empty() || !state.moved.is_empty() {
                 continue; // more arrived meanwhile
             }
         }
+        let until = retry_at.map_or(ping_at, |at| at.min(ping_at));
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(idle_for) => {
-                if !trouble {
-                    shards.keepalive(&shared).await;
-                }
-            }
+            _ = tokio::time::sleep_until(until) => {}
         }
     }
     shared.connected.store(false, Ordering::SeqCst);
@@ -493,8 +502,8 @@ impl Shards {
     }
 
     /// Pings every connection; one that does not answer is closed (its
-    /// channels are lost and subscribed again).
-    async fn keepalive(&mut self, shared: &Shared) {
+    /// channels are lost and subscribed again). True if one was closed.
+    async fn keepalive(&mut self, shared: &Shared) -> bool {
         let pings = self.nodes.iter().map(|(addr, node)| {
             let mut conn = node.conn.clone();
             let addr = addr.clone();
@@ -505,12 +514,15 @@ impl Shards {
                 (addr, ok)
             }
         });
+        let mut dropped = false;
         for (addr, ok) in futures_util::future::join_all(pings).await {
             if !ok {
                 tracing::warn!(node = %addr, "redis pub/sub keepalive ping failed");
                 self.drop_node(shared, &addr);
+                dropped = true;
             }
         }
+        dropped
     }
 }
 

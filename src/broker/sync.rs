@@ -83,7 +83,20 @@ async fn serve(
     // (The names are the channel map's own, shared.)
     let mut active: HashSet<Arc<str>> = HashSet::new();
     let mut first_sync = true;
+    // The keepalive runs on a deadline of its own, not on a quiet spell:
+    // wake-ups that need no round trip (a second connection to a session
+    // already subscribed) would otherwise put it off for ever, and a
+    // Redis that died without a FIN or RST would go unnoticed.
+    let mut ping_at = tokio::time::Instant::now() + KEEPALIVE;
     let result = loop {
+        if tokio::time::Instant::now() >= ping_at {
+            ping_at = tokio::time::Instant::now() + KEEPALIVE;
+            let ping = tokio::time::timeout(CONNECT_TIMEOUT, link.ping()).await;
+            if !matches!(ping, Ok(Ok(_))) {
+                tracing::warn!("redis pub/sub keepalive ping failed");
+                break false;
+            }
+        }
         // Apply everything wanted so far in one round trip each way.
         let (add, remove, already) = plan(shared, first_sync, &active);
         if add.is_empty() && remove.is_empty() && !already.is_empty() {
@@ -131,13 +144,7 @@ async fn serve(
             _ = shutdown.cancelled() => break true,
             _ = &mut reader => break false,
             _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(KEEPALIVE) => {
-                let ping = tokio::time::timeout(CONNECT_TIMEOUT, link.ping()).await;
-                if !matches!(ping, Ok(Ok(_))) {
-                    tracing::warn!("redis pub/sub keepalive ping failed");
-                    break false;
-                }
-            }
+            _ = tokio::time::sleep_until(ping_at) => {}
         }
     };
     reader.abort();

@@ -507,6 +507,36 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Sends `signal` (`-STOP`, `-CONT`) to the node on `port`.
+    fn signal(&self, port: u16, signal: &str) {
+        let i = self
+            .ports
+            .iter()
+            .position(|p| *p == port)
+            .expect("a node's port");
+        let pid = self.children[i].as_ref().expect("the node runs").id();
+        let status = std::process::Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}: {status}");
+    }
+
+    /// SIGSTOP: the node holds still, as a host that lost power or its
+    /// network does. Its sockets stay open (no FIN, no RST) and the kernel
+    /// keeps taking bytes for it; nothing is answered.
+    pub fn freeze(&self, port: u16) {
+        self.signal(port, "-STOP");
+    }
+
+    /// SIGCONT after [`Cluster::freeze`].
+    pub fn thaw(&self, port: u16) {
+        self.signal(port, "-CONT");
+    }
+}
+
+impl Cluster {
     /// Starts the node on `port` again, after [`Cluster::kill`], with its
     /// cluster config: it rejoins (a master that was failed over comes back
     /// as a replica of its replacement).
