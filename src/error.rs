@@ -77,6 +77,9 @@ pub enum Refusal {
     AuthNotConfigured(Cow<'static, str>),
     /// The server is draining.
     ShuttingDown(Cow<'static, str>),
+    /// `MAX_CONNECTIONS` is reached (an HTTP/2 stream that would need a
+    /// place of its own).
+    ServerFull(Cow<'static, str>),
     /// A client asked for reliable sessions on a server without them.
     ReliableSessionsOff(Cow<'static, str>),
     /// A client message POSTed to a session that is not JSON.
@@ -114,6 +117,7 @@ impl Refusal {
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::AuthNotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ServerFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ReliableSessionsOff(_) => StatusCode::BAD_REQUEST,
             Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::PublishFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -147,6 +151,7 @@ impl Refusal {
             Self::BackendTimeout(_) => "backend_timeout",
             Self::AuthNotConfigured(_) => "auth_not_configured",
             Self::ShuttingDown(_) => "shutting_down",
+            Self::ServerFull(_) => "server_full",
             Self::ReliableSessionsOff(_) => "reliable_sessions_off",
             Self::InvalidJson(_) => "invalid_json",
             Self::PublishFailed(_) => "publish_failed",
@@ -180,6 +185,7 @@ impl Refusal {
             | Self::BackendTimeout(m)
             | Self::AuthNotConfigured(m)
             | Self::ShuttingDown(m)
+            | Self::ServerFull(m)
             | Self::ReliableSessionsOff(m)
             | Self::InvalidJson(m)
             | Self::PublishFailed(m) => m.clone(),
@@ -323,6 +329,7 @@ mod tests {
             (Refusal::BodyTooLarge("m".into()), 413, "body_too_large"),
             (Refusal::BodyTimeout("m".into()), 408, "body_timeout"),
             (Refusal::BackendTimeout("m".into()), 504, "backend_timeout"),
+            (Refusal::ServerFull("m".into()), 503, "server_full"),
             (
                 Refusal::BackendRejected(StatusCode::NOT_FOUND),
                 404,

@@ -684,88 +684,118 @@ async fn a_reader_that_stops_is_a_slow_consumer() {
 /// two event streams and a POST share one connection (HTTP/1.1 allows a
 /// browser six per origin). A WebSocket on the same listener stays on
 /// HTTP/1.1.
-#[tokio::test]
-async fn over_tls_event_streams_and_posts_share_one_http2_connection() {
-    use http_body_util::BodyExt;
-    use rustls_pki_types::pem::PemObject;
-    use std::sync::Arc;
-    let redis = Redis::start().await;
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let (c, k) = (
-        dir.join(format!("{}.crt", unique("h2"))),
-        dir.join(format!("{}.key", unique("h2"))),
-    );
-    std::fs::write(&c, cert.cert.pem()).expect("write cert");
-    std::fs::write(&k, cert.signing_key.serialize_pem()).expect("write key");
-    let mut config = wsproxy::config::Config::for_redis(redis.url());
-    config.tls = Some((c, k));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let _server = tokio::spawn(wsproxy::run(config, listener, shutdown.clone()));
-    let _stop = shutdown.drop_guard();
-    let session = unique("s");
-    redis.set_token(&session, TOKEN, 600).await;
+/// wsproxy over TLS (a self-signed certificate for `localhost`), and
+/// what connects to it.
+struct TlsServer {
+    addr: std::net::SocketAddr,
+    roots: rustls::RootCertStore,
+    _stop: tokio_util::sync::DropGuard,
+}
 
-    let mut roots = rustls::RootCertStore::empty();
-    for der in rustls_pki_types::CertificateDer::pem_slice_iter(cert.cert.pem().as_bytes()) {
-        roots.add(der.expect("pem")).expect("add");
+impl TlsServer {
+    async fn start(redis: &Redis, tweak: impl FnOnce(&mut wsproxy::config::Config)) -> TlsServer {
+        use rustls_pki_types::pem::PemObject;
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let (c, k) = (
+            dir.join(format!("{}.crt", unique("h2"))),
+            dir.join(format!("{}.key", unique("h2"))),
+        );
+        std::fs::write(&c, cert.cert.pem()).expect("write cert");
+        std::fs::write(&k, cert.signing_key.serialize_pem()).expect("write key");
+        let mut config = wsproxy::config::Config::for_redis(redis.url());
+        config.tls = Some((c, k));
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(wsproxy::run(config, listener, shutdown.clone()));
+        let mut roots = rustls::RootCertStore::empty();
+        for der in rustls_pki_types::CertificateDer::pem_slice_iter(cert.cert.pem().as_bytes()) {
+            roots.add(der.expect("pem")).expect("add");
+        }
+        TlsServer {
+            addr,
+            roots,
+            _stop: shutdown.drop_guard(),
+        }
     }
-    let tls_config = |alpn: &[&[u8]]| {
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+
+    /// A TLS connection offering the protocols `alpn`, once the listener is
+    /// up.
+    async fn tls(&self, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("versions")
-        .with_root_certificates(roots.clone())
+        .with_root_certificates(self.roots.clone())
         .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    };
-    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let tls = loop {
-        if let Ok(tcp) = tokio::net::TcpStream::connect(addr).await
-            && let Ok(tls) = tls_config(&[b"h2", b"http/1.1"])
-                .connect(name.clone(), tcp)
-                .await
-        {
-            break tls;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(tcp) = tokio::net::TcpStream::connect(self.addr).await
+                && let Ok(tls) = connector.connect(name.clone(), tcp).await
+            {
+                return tls;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the TLS listener never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the TLS listener never came up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    }
+
+    /// An HTTP/2 connection, once wsproxy is ready (the listener answers
+    /// before Redis is connected), and its task (ends when it closes).
+    async fn h2(
+        &self,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ) {
+        let tls = self.tls(&[b"h2", b"http/1.1"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .expect("h2 handshake");
+        let conn = tokio::spawn(conn);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let ready = hyper::Request::get("https://localhost/ready")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .expect("request");
+            if sender.send_request(ready).await.expect("ready").status() == 200 {
+                return (sender, conn);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn over_tls_event_streams_and_posts_share_one_http2_connection() {
+    use http_body_util::BodyExt;
+    let redis = Redis::start().await;
+    let server = TlsServer::start(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let (mut sender, _conn) = server.h2().await;
     let get = |query: &str| {
         hyper::Request::get(format!("https://localhost{}", path(&session, query)))
             .header("authorization", format!("Bearer {TOKEN}"))
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .expect("request")
     };
-    // Ready once Redis is connected (the listener answers before).
-    loop {
-        let ready = hyper::Request::get("https://localhost/ready")
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .expect("request");
-        if sender.send_request(ready).await.expect("ready").status() == 200 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let mut streams = Vec::new();
     for _ in 0..2 {
         let response = sender.send_request(get("")).await.expect("stream");
@@ -819,11 +849,7 @@ async fn over_tls_event_streams_and_posts_share_one_http2_connection() {
     assert_eq!(next_published(&mut up).await, r#"{"origin":true}"#);
 
     // A WebSocket client offers http/1.1 only, and upgrades as ever.
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
-    let tls = tls_config(&[b"http/1.1"])
-        .connect(name, tcp)
-        .await
-        .expect("tls");
+    let tls = server.tls(&[b"http/1.1"]).await;
     let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
         format!("wss://localhost/agent-1/ws/{session}"),
     )
@@ -847,4 +873,88 @@ async fn over_tls_event_streams_and_posts_share_one_http2_connection() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// An HTTP/2 connection costs what its streams would as connections: its
+/// first open stream rides on the connection's place in
+/// `MAX_CONNECTIONS`, each further one takes a place of its own or is
+/// refused `503 server_full`. A connection with no stream open for
+/// `AUTH_TIMEOUT_SECS` (the default, 5 s) is closed, and so is one that
+/// never sends its preface. Before, one connection held up to 256 streams
+/// on one place and an idle (or silent) one was kept for ever.
+#[tokio::test]
+async fn an_http2_connections_streams_count_against_max_connections_and_an_idle_one_closes() {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    let redis = Redis::start().await;
+    let server = TlsServer::start(&redis, |c| c.max_connections = 4).await;
+    let idle = wsproxy::config::Config::for_redis(redis.url()).auth_timeout;
+    assert_eq!(idle, Duration::from_secs(5), "the production default");
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let (mut sender, conn) = server.h2().await;
+    let get = || {
+        hyper::Request::get(format!("https://localhost{}", path(&session, "")))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request")
+    };
+    // Four places: this connection's (its first stream's), the one the
+    // listener holds for the next connection, and two for two more streams.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let response = sender.send_request(get()).await.expect("stream");
+        assert_eq!(response.status(), 200);
+        streams.push(response.into_body());
+    }
+    let refused = sender.send_request(get()).await.expect("answer");
+    assert_eq!(refused.status(), 503);
+    let body = refused
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(body["error"], "server_full", "{body}");
+
+    // A stream that ends gives its place back.
+    drop(streams.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let response = sender.send_request(get()).await.expect("stream");
+        if response.status() == 200 {
+            streams.push(response.into_body());
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // All streams ended: the connection is closed AUTH_TIMEOUT_SECS later.
+    drop(streams);
+    let quiet = tokio::time::Instant::now();
+    let ended = tokio::time::timeout(idle + Duration::from_secs(5), conn).await;
+    let after = quiet.elapsed();
+    assert!(ended.is_ok(), "an idle connection stays open");
+    assert!(
+        after >= idle - Duration::from_millis(500),
+        "closed after {after:?}"
+    );
+
+    // One that never sends its preface is closed too.
+    let mut silent = server.tls(&[b"h2"]).await;
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let read =
+        tokio::time::timeout(idle + Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a connection without its preface stays open");
+    assert!(
+        started.elapsed() >= idle - Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
 }

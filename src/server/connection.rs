@@ -7,13 +7,18 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
 use axum::response::IntoResponse;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
+
+use crate::error::{ApiError, Refusal};
 
 use super::{App, ConnectionSlot};
 
@@ -40,10 +45,13 @@ fn host_from_authority<B>(req: &mut Request<B>) {
 }
 
 /// The router as hyper's service for one connection: each request carries
-/// the connection's slot (its peer, its place in `MAX_CONNECTIONS`).
+/// the connection's slot (its peer, its place in `MAX_CONNECTIONS`). On
+/// HTTP/2 (`streams`), each request is one of the connection's open
+/// streams until its response body is done.
 fn service(
     slot: ConnectionSlot,
     router: Router,
+    streams: Option<Arc<Streams>>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = axum::response::Response,
@@ -54,40 +62,177 @@ fn service(
         req.extensions_mut().insert(slot.clone());
         host_from_authority(&mut req);
         let router = router.clone();
+        let stream = streams.as_ref().map(Streams::open);
         async move {
-            Ok::<_, Infallible>(
-                router
-                    .oneshot(req.map(axum::body::Body::new))
-                    .await
-                    .into_response(),
-            )
+            let answer = |req: Request<Incoming>| router.oneshot(req.map(axum::body::Body::new));
+            let response = match stream {
+                None => answer(req).await.into_response(),
+                Some(Some(guard)) => answer(req).await.into_response().map(|body| {
+                    axum::body::Body::new(Guarded {
+                        body,
+                        _guard: guard,
+                    })
+                }),
+                Some(None) => ApiError::from(Refusal::ServerFull(
+                    "the server holds MAX_CONNECTIONS connections and streams; try again later"
+                        .into(),
+                ))
+                .into_response(),
+            };
+            Ok::<_, Infallible>(response)
         }
     })
 }
 
+/// Most streams one HTTP/2 connection may have open at once (RFC 9113
+/// asks for no fewer than 100; browsers open at most that).
+const MAX_STREAMS: u32 = 100;
+
+/// The open streams of one HTTP/2 connection. Its first open stream rides
+/// on the connection's own place in `MAX_CONNECTIONS`; each further one
+/// takes a place of its own, or is refused (`503 server_full`): one
+/// connection's streams cost what as many connections would, and
+/// `MAX_CONNECTIONS` bounds them all.
+struct Streams {
+    open: AtomicUsize,
+    changed: Notify,
+    limit: Arc<Semaphore>,
+}
+
+/// One open stream: released when its response body is dropped.
+struct StreamGuard {
+    streams: Arc<Streams>,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.streams.open.fetch_sub(1, Ordering::SeqCst);
+        self.streams.changed.notify_waiters();
+    }
+}
+
+impl Streams {
+    fn new(limit: Arc<Semaphore>) -> Arc<Self> {
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            changed: Notify::new(),
+            limit,
+        })
+    }
+
+    /// A new stream, or `None` when it would need a place and none is free.
+    fn open(self: &Arc<Self>) -> Option<StreamGuard> {
+        let place = if self.open.fetch_add(1, Ordering::SeqCst) == 0 {
+            None
+        } else {
+            match self.limit.clone().try_acquire_owned() {
+                Ok(place) => Some(place),
+                Err(_) => {
+                    self.open.fetch_sub(1, Ordering::SeqCst);
+                    return None;
+                }
+            }
+        };
+        self.changed.notify_waiters();
+        Some(StreamGuard {
+            streams: self.clone(),
+            _place: place,
+        })
+    }
+
+    /// Resolves once no stream has been open for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.open.load(Ordering::SeqCst) == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(limit) => return,
+                    _ = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// A response body that holds its stream open until it is dropped.
+struct Guarded {
+    body: axum::body::Body,
+    _guard: StreamGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Serves HTTP/2 on one TLS connection (negotiated by ALPN) until it
 /// closes or the server shuts down (then in-flight streams finish first).
-/// Its requests share the connection's slot of `MAX_CONNECTIONS`.
-pub(super) async fn serve_h2<S>(stream: S, slot: ConnectionSlot, router: Router, app: Arc<App>)
-where
+/// Its first open stream shares the connection's slot of
+/// `MAX_CONNECTIONS`, each further one takes a place of its own
+/// ([`Streams`]). A connection with no stream open for `AUTH_TIMEOUT_SECS`
+/// (from its start too: one that never sends its preface) is closed, as
+/// an idle HTTP/1 connection is; a peer that stops answering HTTP/2 pings
+/// (every `WS_PING_INTERVAL_SECS`, `WS_PING_TIMEOUT_SECS` to answer) is
+/// dropped.
+pub(super) async fn serve_h2<S>(
+    stream: S,
+    slot: ConnectionSlot,
+    router: Router,
+    app: Arc<App>,
+    limit: Arc<Semaphore>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service(slot, router);
+    let streams = Streams::new(limit);
+    let service = service(slot, router, Some(streams.clone()));
     let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(Some(app.config.ping_interval))
+        .keep_alive_timeout(app.config.ping_timeout)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
+    let idle = app.config.auth_timeout;
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "http/2 connection ended with an error");
             }
+            return;
         }
-        _ = app.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        _ = app.shutdown.cancelled() => {}
+        _ = streams.idle_for(idle) => {
+            tracing::debug!("http/2 connection idle for AUTH_TIMEOUT_SECS; closing it");
         }
+    }
+    // GOAWAY; the streams that are open finish first. With none open (an
+    // idle connection, or one still owing its preface) the connection is
+    // dropped after a second if it has not closed by then.
+    conn.as_mut().graceful_shutdown();
+    if streams.open.load(Ordering::SeqCst) == 0 {
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+    } else {
+        let _ = conn.await;
     }
 }
 
@@ -101,7 +246,7 @@ pub(super) async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service(slot, router);
+    let service = service(slot, router, None);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.auth_timeout)

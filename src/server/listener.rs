@@ -92,6 +92,7 @@ impl Listener {
                         }
                         Some(acceptor) => {
                             let acceptor = acceptor.clone();
+                            let places = self.limit.clone();
                             self.app.tracker.spawn(async move {
                                 let _ = stream.set_nodelay(true);
                                 let limit = app.config.auth_timeout;
@@ -99,7 +100,7 @@ impl Listener {
                                     Ok(Ok(tls))
                                         if tls.get_ref().1.alpn_protocol() == Some(b"h2") =>
                                     {
-                                        serve_h2(tls, slot, router, app).await
+                                        serve_h2(tls, slot, router, app, places).await
                                     }
                                     Ok(Ok(tls)) => serve_connection(tls, slot, router, app).await,
                                     Ok(Err(e)) => {
