@@ -400,6 +400,87 @@ async fn trimmed_expired_and_unknown_positions_are_told_not_skipped() {
     assert!(welcome.get("resumed").is_none(), "{welcome}");
 }
 
+/// Deletes a key, as a user or an eviction may.
+async fn del(redis: &Redis, key: &str) {
+    redis::cmd("DEL")
+        .arg(key)
+        .query_async::<()>(&mut redis.conn().await)
+        .await
+        .expect("DEL");
+}
+
+/// A client whose welcome said `0-0` (nothing published yet) leaves; the
+/// backend publishes; the history alone is then deleted (or evicted)
+/// while its epoch lives. Its resume from `0-0` must fail with `expired`:
+/// it was `resumed:true, replayed:0`, and the messages were lost without
+/// a word. Resuming from `0-0` while nothing was ever published is still
+/// a resume with nothing to replay.
+#[tokio::test]
+async fn a_resume_from_0_0_after_the_history_was_lost_is_expired_not_an_empty_replay() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    let history = format!("session:{session}:history");
+    let (ws, welcome) = connect(&server, &session, None).await;
+    drop(ws);
+    assert_eq!(welcome["offset"], "0-0", "{welcome}");
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let (ws, welcome) = connect(&server, &session, Some((&epoch, "0-0"))).await;
+    drop(ws);
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["replayed"].as_u64()),
+        (Some(true), Some(0)),
+        "nothing was published: nothing missed: {welcome}"
+    );
+    for i in 1..=3 {
+        publish(&redis, &session, &n(i)).await;
+    }
+    del(&redis, &history).await;
+    let (ws, welcome) = connect(&server, &session, Some((&epoch, "0-0"))).await;
+    drop(ws);
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("expired")),
+        "1..3 were lost: {welcome}"
+    );
+    // The next publish starts a new epoch: the old one's `0-0` is
+    // `epoch_changed`, not a replay of 4 alone.
+    publish(&redis, &session, &n(4)).await;
+    let (ws, welcome) = connect(&server, &session, Some((&epoch, "0-0"))).await;
+    drop(ws);
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("epoch_changed")),
+        "{welcome}"
+    );
+
+    // The epoch lost alone (evicted) is made again by a join while the
+    // history holds messages: that epoch had a history too, and `0-0`
+    // under it once the history is gone is `expired` as well.
+    del(&redis, &format!("session:{session}:epoch")).await;
+    let (ws, welcome) = connect(&server, &session, None).await;
+    drop(ws);
+    assert_ne!(welcome["offset"], "0-0", "{welcome}");
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    let (mut ws, welcome) = connect(&server, &session, Some((&epoch, "0-0"))).await;
+    assert_eq!(welcome["replayed"], 1, "{welcome}");
+    assert_eq!(next_json(&mut ws).await["data"]["n"], 4);
+    drop(ws);
+    del(&redis, &history).await;
+    let (_, welcome) = connect(&server, &session, Some((&epoch, "0-0"))).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("expired")),
+        "{welcome}"
+    );
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(r#"wsproxy_resume_failures_total{reason="expired"} 2"#),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn a_redis_restart_without_persistence_fails_the_resume_and_with_it_resumes() {
     for persistent in [false, true] {

@@ -169,6 +169,47 @@ async fn a_stream_is_refused_as_a_websocket_would_be() {
     assert_eq!(sse.next().await.data, "hi");
 }
 
+/// `Last-Event-ID: <epoch>:0-0` (a stream that left before anything was
+/// published) after the backend published and the history alone was
+/// deleted: the welcome says `expired`, never `resumed:true` with nothing.
+#[tokio::test]
+async fn a_resume_from_0_0_after_the_history_was_lost_is_expired() {
+    let redis = Redis::start().await;
+    let server = reliable_server(&redis).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 600).await;
+    let mut sse = SseClient::open(server.addr, &path(&session, "?reliable=true"), &[&auth()])
+        .await
+        .expect("stream");
+    let welcome = sse.next().await;
+    let w: serde_json::Value = serde_json::from_str(&welcome.data).expect("json");
+    assert_eq!(w["offset"], "0-0", "{w}");
+    let epoch = w["epoch"].as_str().expect("epoch").to_owned();
+    drop(sse);
+    for i in 1..=3 {
+        publish_reliable(&redis, &session, &format!(r#"{{"n":{i}}}"#)).await;
+    }
+    redis::cmd("DEL")
+        .arg(format!("session:{session}:history"))
+        .query_async::<()>(&mut redis.conn().await)
+        .await
+        .expect("DEL");
+    let header = format!("Last-Event-ID: {epoch}:0-0");
+    let mut sse = SseClient::open(
+        server.addr,
+        &path(&session, "?reliable=true"),
+        &[&auth(), &header],
+    )
+    .await
+    .expect("stream");
+    let welcome: serde_json::Value = serde_json::from_str(&sse.next().await.data).expect("json");
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reason"].as_str()),
+        (Some(false), Some("expired")),
+        "{welcome}"
+    );
+}
+
 #[tokio::test]
 async fn a_resumable_stream_resumes_with_last_event_id_without_a_gap() {
     let redis = Redis::start().await;

@@ -170,8 +170,10 @@ local function envelope(id, payload)
   return '{"type":"message","offset":"' .. id .. '","data":' .. payload .. '}'
 end
 
--- The history's epoch, made when there is none. The same hash keeps the
--- offset of the last message trimmed away.
+-- The history's epoch, made when there is none, and whether it was made
+-- now. The same hash keeps the offset of the last message trimmed away,
+-- and 'started' once the epoch has had a history (a message published
+-- under it, or a join that made it over a history that was there).
 local function epoch_of(base)
   local key = base .. ':epoch'
   local epoch = redis.call('HGET', key, 'epoch')
@@ -180,8 +182,9 @@ local function epoch_of(base)
     epoch = t[1] .. string.format('%06d', tonumber(t[2]))
     redis.call('HSET', key, 'epoch', epoch)
     redis.call('PEXPIRE', key, TTL_MS)
+    return epoch, true
   end
-  return epoch
+  return epoch, false
 end
 
 -- Keeps the newest MAX_LEN entries, trimming in batches of SLACK, and
@@ -386,9 +389,14 @@ end)
 redis.register_function('wsproxy_join', function(keys, args)
   local history = keys[1]
   local base = base_of(history)
-  local epoch = epoch_of(base)
+  local epoch, made = epoch_of(base)
   redis.call('PEXPIRE', base .. ':epoch', TTL_MS)
   local exists = redis.call('EXISTS', history) == 1
+  if made and exists then
+    -- The epoch was lost alone (evicted) and is made again over a history
+    -- that is there: it has had a history, as if a publish had begun it.
+    redis.call('HSET', base .. ':epoch', 'started', '1')
+  end
   local last, deleted = '0-0', '0-0'
   if exists then
     redis.call('PEXPIRE', history, TTL_MS)
@@ -402,10 +410,15 @@ redis.register_function('wsproxy_join', function(keys, args)
   local f_ms, f_seq = parse(from)
   if not f_ms then return {epoch, last, 'unknown_offset'} end
   if not exists then
-    -- Nothing published yet under this epoch, or the history is gone
-    -- while its epoch is not (deleted, evicted): the messages after the
-    -- client's offset cannot be told.
-    if f_ms == 0 and f_seq == 0 then return {epoch, last, 'recovered'} end
+    -- Nothing published yet under this epoch: from "0-0", nothing was
+    -- missed. Otherwise the history is gone while its epoch is not
+    -- (deleted, evicted): the messages after the client's offset cannot
+    -- be told, "0-0" included (it was 'resumed' with nothing, and every
+    -- message since that welcome lost without a word).
+    if f_ms == 0 and f_seq == 0
+      and redis.call('HEXISTS', base .. ':epoch', 'started') == 0 then
+      return {epoch, last, 'recovered'}
+    end
     return {epoch, last, 'expired'}
   end
   local l_ms, l_seq = parse(last)
