@@ -402,3 +402,128 @@ async fn a_process_that_fell_behind_the_trimming_counts_it_as_missed() {
     assert_eq!(server.metric(APPLIED).await - before, kept as f64);
     server.stop().await;
 }
+
+/// `FCALL wsproxy_control` with one command: its entry's id.
+async fn fcall(redis: &Redis, json: &str) -> String {
+    redis::cmd("FCALL")
+        .arg("wsproxy_control")
+        .arg(1)
+        .arg("wsproxy:control:log")
+        .arg(json)
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("FCALL wsproxy_control")
+}
+
+fn disconnect_with(session: &str, code: u16) -> String {
+    format!(r#"{{"type":"disconnect","session_id":"{session}","code":{code}}}"#)
+}
+
+fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').expect("an entry id");
+    (ms.parse().expect("ms"), seq.parse().expect("seq"))
+}
+
+/// Asserts that no close frame (nor the end of the socket) comes within
+/// `quiet`.
+async fn assert_open(ws: &mut Ws, quiet: Duration) {
+    let deadline = tokio::time::Instant::now() + quiet;
+    while let Ok(next) = tokio::time::timeout_at(deadline, ws.next()).await {
+        match next {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("the connection was to stay open, got {other:?}"),
+        }
+    }
+}
+
+/// After a Redis failover to a replica that had not got the tail of the
+/// control stream (or a restore from an older snapshot), the stream's last
+/// id is behind the position the process had read. It goes on from the
+/// newest entry it recognises as one it applied: the old commands are not
+/// applied again (a disconnect of s1 read before would close s1's new
+/// connection with the old code; the whole log was read again from
+/// `0-0`), while an entry the stream got since, with an id below the
+/// position, is applied, and so is a command appended afterwards.
+#[tokio::test]
+async fn a_control_stream_that_lost_its_tail_is_not_applied_again() {
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    wait_control_ready(&server, &redis).await;
+    let (s1, s3) = (unique("s1"), unique("s3"));
+    redis.set_token(&s1, TOKEN, 60).await;
+    redis.set_token(&s3, TOKEN, 60).await;
+    let mut old = server.connect(&s1, TOKEN).await;
+    server.wait_metric("wsproxy_broker_channels", 2.0).await;
+    let e1 = fcall(&redis, &disconnect_with(&s1, 4001)).await;
+    assert_eq!(close_code_at(&mut old, WAIT).await.0, 4001);
+    // A later command, in a later millisecond: the tail the failover loses.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let e2 = fcall(&redis, &disconnect_with(&unique("gone"), 4002)).await;
+    let (e1_at, e2_at) = (stream_id(&e1), stream_id(&e2));
+    assert!(e2_at.0 > e1_at.0, "{e1} {e2}");
+    let before = loop {
+        let applied = server.metric(APPLIED).await;
+        let mut c = redis.conn().await;
+        let len: u64 = redis::cmd("XLEN")
+            .arg("wsproxy:control:log")
+            .query_async(&mut c)
+            .await
+            .expect("XLEN");
+        if applied >= len as f64 {
+            break applied;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut new = server.connect(&s1, TOKEN).await;
+    let mut other = server.connect(&s3, TOKEN).await;
+    server.wait_metric("wsproxy_broker_channels", 3.0).await;
+
+    // The stream as the new master has it: everything up to e1, then an
+    // entry written there after the failover, with an id between e1 and
+    // e2 (its clock a little behind the old master's).
+    let mut c = redis.conn().await;
+    let kept: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("wsproxy:control:log")
+        .arg("-")
+        .arg(&e1)
+        .query_async(&mut c)
+        .await
+        .expect("XRANGE");
+    let mut p = redis::pipe();
+    p.atomic().cmd("DEL").arg("wsproxy:control:log").ignore();
+    for (id, fields) in &kept {
+        let cmd = p.cmd("XADD").arg("wsproxy:control:log").arg(id);
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        cmd.ignore();
+    }
+    p.cmd("XADD")
+        .arg("wsproxy:control:log")
+        .arg(format!("{}-{}", e1_at.0, e1_at.1 + 1))
+        .arg("c")
+        .arg(disconnect_with(&s3, 4003))
+        .ignore();
+    let _: () = p.query_async(&mut c).await.expect("the stream replaced");
+    // The control subscription reconnects, and the process reads the
+    // stream again.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut c)
+        .await
+        .expect("CLIENT KILL");
+    assert!(killed >= 1, "no pub/sub connection to kill");
+
+    // The entry the stream got since is applied...
+    assert_eq!(close_code_at(&mut other, WAIT).await.0, 4003);
+    // ... and nothing it had applied before.
+    assert_open(&mut new, Duration::from_millis(500)).await;
+    assert_eq!(server.metric(APPLIED).await, before + 1.0);
+    // What comes next is applied as ever.
+    fcall(&redis, &disconnect_with(&s1, 4004)).await;
+    assert_eq!(close_code_at(&mut new, WAIT).await.0, 4004);
+    assert_eq!(server.metric(APPLIED).await, before + 2.0);
+    server.stop().await;
+}

@@ -199,3 +199,43 @@ fn malformed_commands_are_refused_by_cause() {
         assert!(expected(&e), "{:?}: {e:?}", String::from_utf8_lossy(input));
     }
 }
+
+#[test]
+fn a_stream_behind_the_position_is_rejoined_after_the_newest_entry_applied() {
+    let id = |ms: u64| StreamId(ms, 0);
+    let applied: VecDeque<(StreamId, u64)> = [(id(10), 1), (id(20), 2), (id(30), 3)].into();
+    // A lagging replica: its last entry is one applied.
+    assert_eq!(
+        rejoin_point(&applied, &[(id(20), 2), (id(10), 1)]),
+        Some(id(20))
+    );
+    // Entries written since, with ids below the position, come after the
+    // newest one applied: they are read.
+    assert_eq!(
+        rejoin_point(&applied, &[(id(25), 9), (id(21), 8), (id(20), 2)]),
+        Some(id(20))
+    );
+    // The same id with another command is not the one applied.
+    assert_eq!(
+        rejoin_point(&applied, &[(id(20), 7), (id(10), 1)]),
+        Some(id(10))
+    );
+    // Nothing applied among them, none older: look further back (or, at
+    // the stream's start, read it all).
+    assert_eq!(rejoin_point(&applied, &[(id(25), 9), (id(15), 8)]), None);
+    assert_eq!(rejoin_point(&applied, &[]), None);
+    // Older than everything remembered: taken as applied.
+    assert_eq!(
+        rejoin_point(&applied, &[(id(12), 9), (id(5), 8)]),
+        Some(id(5))
+    );
+    // Nothing remembered (only the start position was ever taken): the
+    // stream's newest entry.
+    assert_eq!(
+        rejoin_point(&VecDeque::new(), &[(id(12), 9), (id(5), 8)]),
+        Some(id(12))
+    );
+    assert_eq!(digest(Some(b"a")), digest(Some(b"a")));
+    assert_ne!(digest(Some(b"a")), digest(Some(b"b")));
+    assert_ne!(digest(Some(b"")), digest(None));
+}
