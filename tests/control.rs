@@ -527,3 +527,48 @@ async fn a_control_stream_that_lost_its_tail_is_not_applied_again() {
     assert_eq!(server.metric(APPLIED).await, before + 2.0);
     server.stop().await;
 }
+
+/// A command appended while the process was starting (from a second
+/// before it started on, the start of its first read) is applied by that
+/// first read. It was not: the first read only took the position, and the
+/// command waited for the next wake-up or the minute's safety read, which
+/// could then close a connection the session had opened since with it.
+#[tokio::test]
+async fn a_command_sent_while_the_process_starts_is_applied_at_once() {
+    let redis = Redis::start().await;
+    let (s1, s2) = (unique("s1"), unique("s2"));
+    redis.set_token(&s1, TOKEN, 60).await;
+    redis.set_token(&s2, TOKEN, 60).await;
+    // Before the process has loaded its library: a plain XADD, as the
+    // function would append it (with no process to wake up).
+    let _: String = redis::cmd("XADD")
+        .arg("wsproxy:control:log")
+        .arg("*")
+        .arg("c")
+        .arg(disconnect_with(&s1, 4001))
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("XADD");
+    let server = Server::start(&redis.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while server.metric(APPLIED).await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the command sent during start-up was not applied within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A connection of s1 opened since is not closed by it later, and a
+    // command sent now is applied at once.
+    let mut ws1 = server.connect(&s1, TOKEN).await;
+    let mut ws2 = server.connect(&s2, TOKEN).await;
+    server.wait_metric("wsproxy_broker_channels", 3.0).await;
+    let sent = Instant::now();
+    fcall(&redis, &disconnect_with(&s2, 4002)).await;
+    let (code, at) = close_code_at(&mut ws2, Duration::from_secs(2)).await;
+    assert_eq!(code, 4002);
+    assert!(at - sent < Duration::from_secs(2), "{:?}", at - sent);
+    assert_open(&mut ws1, Duration::from_millis(300)).await;
+    assert_eq!(server.metric(APPLIED).await, 2.0);
+    server.stop().await;
+}

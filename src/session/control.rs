@@ -584,7 +584,8 @@ impl Control {
     /// before this process started (in Redis' clock, which made the ids),
     /// so that nothing sent while it was coming up is skipped; never
     /// before what was trimmed, nor past the last entry (a position ahead
-    /// of the stream would look like a stream made again).
+    /// of the stream would look like a stream that lost its tail). The
+    /// first read goes on from it at once (see [`Control::catch_up`]).
     async fn start(&self, redis: &mut RedisConn) -> Result<StreamId, StreamError> {
         let info = log_info(redis, self.keys.control_log(), self.limit).await?;
         let Some(info) = info else {
@@ -677,9 +678,20 @@ impl Control {
     async fn catch_up(&mut self, mut check: bool) -> Result<(), StreamError> {
         let log = self.keys.control_log();
         let mut redis = self.redis.clone();
-        let Some(mut from) = self.position else {
-            self.position = Some(self.start(&mut redis).await?);
-            return Ok(());
+        let mut from = match self.position {
+            Some(from) => from,
+            None => {
+                // The first read goes on at once from where `start` says:
+                // what was appended while the process came up (before its
+                // subscription, so with no wake-up it would see) must not
+                // wait for the next wake-up or the safety read, and then
+                // close connections its session opened since.
+                let from = self.start(&mut redis).await?;
+                self.position = Some(from);
+                // `start` is within the stream as it is now.
+                check = false;
+                from
+            }
         };
         loop {
             if check {
