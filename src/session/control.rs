@@ -243,9 +243,6 @@ const RETRY: Duration = Duration::from_millis(250);
 /// A read even without a wake-up, in case one was lost unnoticed (or a
 /// backend appended with a plain `XADD`): the whole idle cost.
 const SAFETY_READ: Duration = Duration::from_secs(60);
-/// Entries applied that the control task remembers, 24 bytes each (see
-/// [`Control::rejoin`]).
-const REMEMBERED: usize = BATCH;
 
 /// The source of the `wsproxy_control` library: `FCALL wsproxy_control 1
 /// <control stream> <json>` appends the command to the control stream
@@ -455,24 +452,6 @@ async fn read_after<C: ConnectionLike>(
     parse_entries(entries)
 }
 
-/// Up to `count` entries at or before `upto` (an id, or `(<id>` for
-/// before it), newest first, each id with its `c` field.
-async fn read_back<C: ConnectionLike>(
-    redis: &mut C,
-    log: &str,
-    upto: &str,
-    count: usize,
-    limit: Duration,
-) -> Result<Vec<Entry>, StreamError> {
-    let mut cmd = redis::cmd("XREVRANGE");
-    cmd.arg(log).arg(upto).arg("-").arg("COUNT").arg(count);
-    let answer: redis::Value = within(limit, cmd.query_async(redis)).await?;
-    match &answer {
-        redis::Value::Array(entries) => parse_entries(entries),
-        _ => Err(StreamError::Unexpected("XREVRANGE")),
-    }
-}
-
 /// Stream entries as Redis gives them (`[[id, [field, value, ...]], ...]`):
 /// each id with its `c` field (`None` when it has none).
 fn parse_entries(entries: &[redis::Value]) -> Result<Vec<Entry>, StreamError> {
@@ -501,34 +480,6 @@ fn parse_entries(entries: &[redis::Value]) -> Result<Vec<Entry>, StreamError> {
     Ok(out)
 }
 
-/// A command's digest, so that an entry of the control stream can be
-/// recognised as one applied (the same id with other content is not).
-fn digest(command: Option<&[u8]>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::hash::DefaultHasher::new();
-    command.hash(&mut hasher);
-    hasher.finish()
-}
-
-/// Where to go on in a control stream whose last id fell behind the
-/// position, given some of its entries, newest first, each with its
-/// digest, and `applied`, the entries applied last (oldest first, ids
-/// ascending): the newest entry that is one of them, or the newest older
-/// than all of them; `None` when none of these entries is either (look
-/// further back). See [`Control::rejoin`].
-fn rejoin_point(
-    applied: &VecDeque<(StreamId, u64)>,
-    entries: &[(StreamId, u64)],
-) -> Option<StreamId> {
-    let oldest = applied.front().map(|&(id, _)| id);
-    entries.iter().find_map(|&(id, d)| {
-        let known = applied
-            .binary_search_by(|&(a, _)| a.cmp(&id))
-            .is_ok_and(|i| applied.get(i).is_some_and(|&(_, ad)| ad == d));
-        (known || oldest.is_none_or(|o| id < o)).then_some(id)
-    })
-}
-
 /// See [`Control::lost_after`]; `read_any`: `from` is an entry read.
 fn lost_after(read_any: bool, from: StreamId, info: LogInfo) -> bool {
     // An empty stream lost something only if it had entries after us.
@@ -551,9 +502,8 @@ struct Control {
     started: Instant,
     /// True once the position is an entry read (not the start).
     read_any: bool,
-    /// The last [`REMEMBERED`] entries applied, oldest first: each id with
-    /// the [`digest`] of its command (see [`Control::rejoin`]).
-    applied: VecDeque<(StreamId, u64)>,
+    /// The entries applied last (see [`rejoin`]).
+    applied: rejoin::Applied,
 }
 
 impl Control {
@@ -601,60 +551,6 @@ impl Control {
             .max(info.max_deleted.unwrap_or_default()))
     }
 
-    /// Where to go on when the control stream's last id is behind the
-    /// position: Redis failed over to a replica that had not got the
-    /// entries read last, or came back from an older snapshot, or lost the
-    /// stream and a new one was begun (by a Redis whose clock is behind).
-    ///
-    /// Going on from the position would skip a new entry with an id below
-    /// it; reading the stream from its start (what this did) applies every
-    /// old command again, and an old `disconnect` closes the connections
-    /// its session has now with the old code. Neither is needed: the
-    /// entries this process applied last are remembered (id and digest),
-    /// so the stream is walked back from its end to the newest entry that
-    /// is one of them, and what comes after it, written since, is applied.
-    /// An entry older than all of those remembered cannot be told: it is
-    /// taken as applied (a tail lost in a failover is short; only a new
-    /// stream whose ids are older still, a clock far behind, would lose
-    /// entries). A stream none of whose entries is either, a new one, is
-    /// read from its start. Bounded: [`BATCH`] entries a round trip, back
-    /// to the oldest remembered at most (past it the first entry decides).
-    async fn rejoin(
-        &mut self,
-        redis: &mut RedisConn,
-        last: StreamId,
-    ) -> Result<StreamId, StreamError> {
-        let log = self.keys.control_log();
-        let mut upto = last.to_string();
-        let at = loop {
-            let entries = read_back(redis, log, &upto, BATCH, self.limit).await?;
-            let digested: Vec<(StreamId, u64)> = entries
-                .iter()
-                .map(|(id, c)| (*id, digest(c.as_deref())))
-                .collect();
-            if let Some(at) = rejoin_point(&self.applied, &digested) {
-                break at;
-            }
-            match digested.last() {
-                Some((oldest, _)) if digested.len() >= BATCH => upto = format!("({oldest}"),
-                _ => break StreamId::default(),
-            }
-        };
-        // Those after it were in the lost tail: gone for good.
-        while self.applied.back().is_some_and(|&(id, _)| id > at) {
-            self.applied.pop_back();
-        }
-        Ok(at)
-    }
-
-    /// Remembers an entry applied (see [`Control::rejoin`]).
-    fn remember(&mut self, id: StreamId, command: Option<&[u8]>) {
-        if self.applied.len() >= REMEMBERED {
-            self.applied.pop_front();
-        }
-        self.applied.push_back((id, digest(command)));
-    }
-
     /// True when entries after `from` may be gone unread: the entry read
     /// last was trimmed away (trimming takes the oldest, in whole nodes
     /// of 100, so those after it in its node went too), or something after
@@ -674,7 +570,7 @@ impl Control {
     /// full batch (a burst larger than the stream keeps may have passed
     /// the position), it first asks whether entries it had not read were
     /// trimmed away (`missed`), the stream was lost (read a new one from
-    /// its start), or its last id is behind the position ([`Control::rejoin`]).
+    /// its start), or its last id is behind the position ([`rejoin`]).
     async fn catch_up(&mut self, mut check: bool) -> Result<(), StreamError> {
         let log = self.keys.control_log();
         let mut redis = self.redis.clone();
@@ -698,7 +594,10 @@ impl Control {
                 match log_info(&mut redis, log, self.limit).await? {
                     Some(info) if info.last < from => {
                         let was = from;
-                        from = self.rejoin(&mut redis, info.last).await?;
+                        from = self
+                            .applied
+                            .rejoin(&mut redis, log, info.last, self.limit)
+                            .await?;
                         self.read_any = from > StreamId::default();
                         tracing::warn!(
                             position = %was, last = %info.last, after = %from,
@@ -734,7 +633,7 @@ impl Control {
                     Some(c) => self.handle(c, "applied"),
                     None => self.handle(b"", "applied"),
                 }
-                self.remember(id, command.as_deref());
+                self.applied.remember(id, command.as_deref());
                 from = id;
                 self.position = Some(id);
                 self.read_any = true;
@@ -776,7 +675,7 @@ pub async fn listen(
         position: None,
         started: Instant::now(),
         read_any: false,
-        applied: VecDeque::new(),
+        applied: rejoin::Applied::default(),
     };
     // A subscription that Redis does not confirm soon is made again, so
     // that the stream is read soon after the pub/sub connection is back.
@@ -858,5 +757,6 @@ pub async fn listen(
     }
 }
 
+mod rejoin;
 #[cfg(test)]
 mod tests;

@@ -1,41 +1,36 @@
 //! Reliable sessions in Redis: a session's replayable down messages, the
 //! join (and resume) of a reliable connection, and durable client messages.
 //!
-//! Everything that must be atomic runs in Redis, in one library of Redis
-//! Functions (`wsproxy`) that wsproxy loads at start-up and again whenever
-//! Redis comes back (a Redis restarted without persistence has forgotten
-//! it):
+//! Everything that must be atomic runs in one library of Redis Functions
+//! (`wsproxy`), loaded at start-up and whenever Redis comes back:
 //!
 //! - `FCALL wsproxy_publish 1 session:{id}:history <json>`: what a backend
 //!   calls instead of `PUBLISH`. In one step it appends the message to the
-//!   session's history stream (the newest `HISTORY_MAX_LEN` entries, trimmed
-//!   in batches of 100, the newest trimmed offset recorded; kept
-//!   `HISTORY_TTL_SECS` after the last publish, and at most a hundredth of
-//!   that longer), publishes it with its
-//!   offset on `session:{id}:live` for reliable connections and as it is on
-//!   `session:{id}:down` for plain ones, and returns its offset (the stream
-//!   entry's id). The payload must be JSON in UTF-8, control characters
-//!   in strings escaped: reliable clients get it inside a JSON envelope.
+//!   session's history stream (the newest `HISTORY_MAX_LEN`, trimmed in
+//!   batches of 100, the newest trimmed offset recorded; kept
+//!   `HISTORY_TTL_SECS` after the last publish, at most a hundredth longer),
+//!   publishes it with its offset on `session:{id}:live` for reliable
+//!   connections and as it is on `session:{id}:down` for plain ones, and
+//!   returns its offset (the entry's id). The payload must be UTF-8 JSON,
+//!   control characters in strings escaped: it goes inside an envelope.
 //! - `FCALL wsproxy_publish_batch 1 session:{id}:history <json> ...`: the
-//!   same for 1 to 1,000 messages of one session in one call, all or none;
-//!   the per-call work (the call itself, the new-history check, the trim
-//!   check, the expiry check) is done once.
+//!   same for 1 to 1,000 messages of one session, all or none; the per-call
+//!   work (the call, the new-history, trim and expiry checks) done once.
 //! - `FCALL wsproxy_join 1 session:{id}:history <epoch> <offset>`: wsproxy's
-//!   own, when a reliable connection has subscribed to `:live`. It returns
-//!   the history's epoch (created if there is none yet), the last offset,
-//!   and, when the client asked to resume from `<epoch>`/`<offset>`,
-//!   whether that is possible and every message after the offset.
+//!   own, once a reliable connection has subscribed to `:live`: the
+//!   history's epoch (made if there is none), its last offset and, for a
+//!   resume from `<epoch>`/`<offset>`, whether it is possible and every
+//!   message after the offset.
 //! - `FCALL wsproxy_up 2 wsproxy:up:{n} <seen key> ...`: stores a client
 //!   message in its shard's stream once (a resend within `UP_DEDUPE_SECS`
-//!   returns the first copy's id). Its data is held to the same UTF-8 and
-//!   control-character checks (wsproxy's own calls pass serde_json first).
+//!   returns the first copy's id), held to the same UTF-8 and control
+//!   character checks.
 //!
-//! **Epochs.** A history's epoch is made when it is first needed and lives
-//! exactly as long as the history (both keys get the same TTL in the same
-//! step). A history that was lost (expired, deleted, or Redis restarted
-//! without persistence) comes back with a new epoch, so a client's old
-//! offset can never be taken for a position in the new one: the client is
-//! told its resume failed, never given a silent gap.
+//! **Epochs.** A history's epoch is made when first needed and lives
+//! exactly as long as the history (same TTL, same step). A history that
+//! was lost (expired, deleted, Redis restarted without persistence) comes
+//! back with a new epoch, so an old offset is never taken for a position in
+//! the new one: the client is told its resume failed, never given a gap.
 
 use std::time::Duration;
 
@@ -201,16 +196,12 @@ local function trim(history, base, len)
   return true
 end
 
--- Renews the history's and the epoch's expiry together, when it is due.
--- A PEXPIRE is a write (rewritten to PEXPIREAT, sent to replicas): two a
--- message were a fifth of a publish's cost in Redis. A PTTL (a read)
--- says when renewing is due: once the history has less than TTL_MS left
--- (or none set: it was just made). A renewal gives both TTL_MS + RENEW_MS,
--- so each publish still leaves at least TTL_MS, and at most RENEW_MS (a
--- hundredth of it) more; a session publishing faster renews once per
--- RENEW_MS. A publish that wrote the epoch (made it again, or recorded a
--- trim into one that may have been evicted) renews both in any case, so
--- that the epoch never expires before its history.
+-- Renews the history's and the epoch's expiry together, when due: once
+-- the history has less than TTL_MS left (a PTTL, a read; a PEXPIRE is a
+-- replicated write, and two a message were a fifth of a publish's cost),
+-- to TTL_MS + RENEW_MS (a hundredth more), or whenever the publish wrote
+-- the epoch (made it, or recorded a trim), so the epoch never expires
+-- before its history.
 local function keep(history, base, epoch_written)
   if epoch_written or redis.call('PTTL', history) < TTL_MS then
     redis.call('PEXPIRE', history, TTL_MS + RENEW_MS)
@@ -393,8 +384,7 @@ redis.register_function('wsproxy_join', function(keys, args)
   redis.call('PEXPIRE', base .. ':epoch', TTL_MS)
   local exists = redis.call('EXISTS', history) == 1
   if made and exists then
-    -- The epoch was lost alone (evicted) and is made again over a history
-    -- that is there: it has had a history, as if a publish had begun it.
+    -- Made again over a history that is there (the epoch evicted alone).
     redis.call('HSET', base .. ':epoch', 'started', '1')
   end
   local last, deleted = '0-0', '0-0'

@@ -1,3 +1,4 @@
+use super::rejoin::{digest, rejoin_point};
 use super::*;
 
 fn order(code: u16) -> CloseOrder {
