@@ -282,11 +282,13 @@ impl<'a> Publish<'a> {
     pub fn delivered(
         &self,
         publisher: &str,
+        subject: Option<&str>,
         session: &str,
         timestamp: &str,
     ) -> serde_json::Result<String> {
         serde_json::to_string(&Delivered {
             publisher_name: publisher,
+            publisher_sub: subject,
             topic: &self.topic,
             payload: self.payload,
             timestamp: self.timestamp.as_deref().unwrap_or(timestamp),
@@ -299,7 +301,12 @@ impl<'a> Publish<'a> {
 /// publisher wrote it).
 #[derive(Debug, Serialize)]
 struct Delivered<'a> {
+    /// The name the publisher gives itself: a display name, not checked.
     publisher_name: &'a str,
+    /// The verified token's `sub` of the connection that published (never
+    /// the client's word): absent for an anonymous connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publisher_sub: Option<&'a str>,
     topic: &'a str,
     payload: &'a RawValue,
     timestamp: &'a str,
@@ -317,6 +324,8 @@ struct Hub {
     session_from_token: bool,
     /// `register-name`, or the token's subject.
     name: Option<String>,
+    /// The verified token's subject (`publisher_sub` of what it publishes).
+    subject: Option<Box<str>>,
     /// Topic -> its live broker subscription.
     topics: HashMap<String, Subscription>,
 }
@@ -513,7 +522,7 @@ impl Hub {
             Some(_) => String::new(),
             None => humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
-        let Ok(body) = msg.delivered(publisher, &session, &now) else {
+        let Ok(body) = msg.delivered(publisher, self.subject.as_deref(), &session, &now) else {
             return refuse(
                 &self.app,
                 "publish-json",
@@ -652,6 +661,7 @@ fn accept(
         outbox: outbox.clone(),
         session_from_token: session.is_some(),
         session,
+        subject: name.as_deref().map(Box::from),
         name,
         topics: HashMap::new(),
     };
@@ -764,8 +774,9 @@ mod tests {
     fn delivered_messages_keep_the_payload_verbatim() {
         let raw = r#"{"topic":"t","payload":{"b":1, "a":[1,2]}}"#;
         let p: Publish<'_> = serde_json::from_str(raw).expect("parse");
-        let d = Delivered {
+        let mut d = Delivered {
             publisher_name: "c",
+            publisher_sub: None,
             topic: &p.topic,
             payload: p.payload,
             timestamp: "2024-01-24T10:25:37Z",
@@ -774,6 +785,11 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&d).expect("encode"),
             r#"{"publisher_name":"c","topic":"t","payload":{"b":1, "a":[1,2]},"timestamp":"2024-01-24T10:25:37Z","session_id":"s"}"#
+        );
+        d.publisher_sub = Some("alice");
+        assert_eq!(
+            serde_json::to_string(&d).expect("encode"),
+            r#"{"publisher_name":"c","publisher_sub":"alice","topic":"t","payload":{"b":1, "a":[1,2]},"timestamp":"2024-01-24T10:25:37Z","session_id":"s"}"#
         );
     }
 }

@@ -835,3 +835,70 @@ async fn client_chosen_values_cannot_forge_log_lines() {
         "an escape sequence passed: {logged}"
     );
 }
+
+/// `publisher_name` is what a publisher calls itself; `publisher_sub` is
+/// its verified token's subject, set by wsproxy alone: a token holder
+/// that names itself "alice" (or writes a `publisher_sub` of its own) is
+/// still seen as bob. Anonymous connections' messages carry none.
+#[tokio::test]
+async fn publisher_sub_is_the_token_subject_whatever_the_publisher_says() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        with_auth(c);
+        anonymous(c);
+    })
+    .await;
+    let session = unique("sess");
+    let (_, alice) = token(&server, "alice", "wonderland", Some(&session)).await;
+    let (_, bob) = token(&server, "bob", "builder", Some(&session)).await;
+    let mut a = ws(&server, alice["token"].as_str()).await.expect("alice");
+    let mut b = ws(&server, bob["token"].as_str()).await.expect("bob");
+    let r = command(&mut a, &format!("subscribe:T|{session}")).await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+
+    let r = command(&mut b, "register-name:alice").await;
+    assert_eq!(r["type"], "registered", "{r}");
+    send_text(
+        &mut b,
+        r#"publish-json:{"topic":"T","payload":1,"publisher_sub":"alice"}"#,
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut a).await).expect("json");
+    assert_eq!(
+        (
+            got["publisher_name"].as_str(),
+            got["publisher_sub"].as_str()
+        ),
+        (Some("alice"), Some("bob")),
+        "{got}"
+    );
+    send_text(
+        &mut b,
+        r#"publish-json:{"topic":"T","payload":2,"publisher_name":"carol"}"#,
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut a).await).expect("json");
+    assert_eq!(
+        (
+            got["publisher_name"].as_str(),
+            got["publisher_sub"].as_str()
+        ),
+        (Some("carol"), Some("bob")),
+        "{got}"
+    );
+
+    // An anonymous publisher: no publisher_sub, whatever it writes.
+    let other = unique("anon");
+    let mut c = ws(&server, None).await.expect("anonymous allowed");
+    let mut d = ws(&server, None).await.expect("anonymous allowed");
+    let r = command(&mut c, &format!("subscribe:T|{other}")).await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    send_text(
+        &mut d,
+        &format!(r#"publish-json:{{"topic":"T","payload":3,"session_id":"{other}","publisher_sub":"alice"}}"#),
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut c).await).expect("json");
+    assert_eq!(got["payload"], 3, "{got}");
+    assert!(got.get("publisher_sub").is_none(), "{got}");
+}

@@ -468,7 +468,9 @@ function request(ws, verb, frame, fields, timeoutMs) {
  * resolves is delivered).
  *
  * Delivered messages arrive as ordinary `message` events on `ws`, as JSON
- * text: `{"publisher_name","topic","payload","timestamp","session_id"}`.
+ * text: `{"publisher_name","topic","payload","timestamp","session_id"}`,
+ * plus `"publisher_sub"` (the publisher's verified token subject, set by
+ * the server; trust it, not `publisher_name`) when the publisher has a token.
  *
  * @param {WebSocket} ws an open socket
  * @param {string} topic 1-128 chars of `[A-Za-z0-9_.-]`

@@ -11,13 +11,19 @@ use crate::Error;
 
 /// A message delivered on a subscribed topic.
 ///
-/// The server sends exactly these five fields. `payload` is any JSON value;
-/// most publishers send a string.
+/// The server sends the seed's five fields, and `publisher_sub` when the
+/// publisher's connection has a token. `payload` is any JSON value; most
+/// publishers send a string.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
-    /// The name the publisher registered (or put in its publish command).
+    /// The name the publisher registered (or put in its publish command):
+    /// its own word, a display name.
     #[serde(default)]
     pub publisher_name: String,
+    /// The `sub` of the publisher's verified token, set by the server alone
+    /// (`None` for an anonymous publisher): the identity to trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher_sub: Option<String>,
     /// The topic it was published on.
     pub topic: String,
     /// The published value.
@@ -303,6 +309,7 @@ mod tests {
     fn displays_and_timestamps() {
         let m = Message {
             publisher_name: "C1".into(),
+            publisher_sub: None,
             topic: "T".into(),
             payload: Value::String("hi".into()),
             timestamp: "2024-01-24T10:25:37Z".into(),

@@ -350,6 +350,7 @@ async fn subscribe_and_publish_between_two_clients() {
         m,
         Message {
             publisher_name: "Client2".into(),
+            publisher_sub: None,
             topic: "NetworkConnectedEvent".into(),
             payload: "Network connected".into(),
             timestamp: stamp.clone(),
