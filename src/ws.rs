@@ -534,7 +534,7 @@ impl<H: Handler> Driver<H> {
         reason: Stop,
     ) -> Pin<Box<dyn Future<Output = u16> + Send + 'a>> {
         Box::pin(async move {
-            let order = self.tracking.order.take();
+            let mut order = self.tracking.order.take();
             let (code, text) = match reason {
                 // The client started the close; tungstenite has queued the
                 // reply, flushing sends it.
@@ -554,7 +554,16 @@ impl<H: Handler> Driver<H> {
                         self.counters.delivered.inc();
                         self.tracking.messages_out += 1;
                     }
-                    (CLOSE_GOING_AWAY, "server shutting down")
+                    // A backend's order given before the shutdown still
+                    // decides the code: its client must not take the close
+                    // for a restart and come back.
+                    match self.outbox.take_close_order() {
+                        Some(pending) => {
+                            let pending = order.insert(pending);
+                            (pending.code, pending.reason.as_str())
+                        }
+                        None => (CLOSE_GOING_AWAY, "server shutting down"),
+                    }
                 }
                 Stop::SlowConsumer => (CLOSE_POLICY, "slow consumer: outbound queue full"),
                 Stop::TokenExpired => (CLOSE_POLICY, "token expired"),

@@ -139,6 +139,12 @@ impl Outbox {
         self.lock().queue.pop_front()
     }
 
+    /// Takes the close order given and not yet handed out (on shutdown,
+    /// once what was queued is flushed: its code wins over "going away").
+    pub fn take_close_order(&self) -> Option<Box<CloseOrder>> {
+        self.lock().close.take()
+    }
+
     /// Waits for the next message, or for the outbox to turn slow, or (once
     /// drained) lost.
     ///

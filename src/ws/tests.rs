@@ -264,3 +264,35 @@ async fn a_write_stalled_past_the_ping_timeout_is_a_slow_consumer() {
         "{took:?}"
     );
 }
+
+/// A backend's close order that is still behind queued messages when the
+/// server shuts down keeps its code: the messages go out, then the
+/// order's close, not 1001 (which a client takes for "come back").
+#[tokio::test(start_paused = true)]
+async fn a_close_order_pending_at_shutdown_keeps_its_code() {
+    let mut r = start(8, None, false);
+    // The driver has not run yet: all of this is there at its first look.
+    for i in 0..3 {
+        assert!(r.outbox.push(Message::Text(format!("m{i}").into())));
+    }
+    assert!(r.outbox.order_close(crate::broker::CloseOrder {
+        code: 4001,
+        reason: "revoked".into(),
+    }));
+    r.app.shutdown.cancel();
+    let mut got = Vec::new();
+    let code = loop {
+        match r.from_server.recv().await {
+            Some(Message::Text(t)) => got.push(t.to_string()),
+            Some(Message::Close(Some(frame))) => {
+                let _ = r.to_server.send(Ok(Message::Close(None)));
+                break (frame.code, frame.reason.to_string());
+            }
+            Some(_) => {}
+            None => panic!("the driver ended without a close frame"),
+        }
+    };
+    assert_eq!(got, ["m0", "m1", "m2"]);
+    assert_eq!(code, (4001, "revoked".to_owned()));
+    let _ = r.done.await;
+}
