@@ -905,7 +905,7 @@ async fn next_frame(ws: &mut Ws) -> Message {
 }
 
 #[tokio::test]
-async fn messages_that_are_not_utf8_are_refused_and_live_clients_never_get_a_binary_frame() {
+async fn messages_that_are_not_utf8_are_refused_and_live_clients_get_only_enveloped_text() {
     let redis = Redis::start().await;
     let server = server(&redis, |_| {}).await;
     let session = unique("s");
@@ -943,6 +943,13 @@ async fn messages_that_are_not_utf8_are_refused_and_live_clients_never_get_a_bin
     let _: i64 = redis::cmd("PUBLISH")
         .arg(format!("session:{session}:live"))
         .arg(&b"\xff\xfe"[..])
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("PUBLISH");
+    // Nor does text without an offset (no envelope of wsproxy_publish).
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("session:{session}:live"))
+        .arg(r#"{"type":"message","data":"no offset"}"#)
         .query_async(&mut redis.conn().await)
         .await
         .expect("PUBLISH");

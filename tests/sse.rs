@@ -458,7 +458,7 @@ async fn a_post_body_is_read_after_the_token_and_only_for_auth_timeout() {
         "{body}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(4),
         "{:?}",
         started.elapsed()
     );
@@ -486,7 +486,7 @@ async fn a_post_body_is_read_after_the_token_and_only_for_auth_timeout() {
         "{body}"
     );
     assert!(
-        waited >= timeout && waited < timeout + Duration::from_secs(3),
+        waited >= timeout && waited < timeout + Duration::from_secs(4),
         "{waited:?}"
     );
 

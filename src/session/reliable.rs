@@ -238,15 +238,20 @@ impl crate::ws::Handler for ReliableBridge {
             }
             return true;
         };
-        let Some(through) = self.skip_through else {
-            return true;
+        // Text without an offset (something else published on `:live`) is
+        // no message of this protocol either: dropped, and it does not end
+        // the skipping of replayed messages' live copies.
+        let Some(offset) = history::offset_of(text.as_str()) else {
+            tracing::warn!(session_id = %self.session_id, "dropped a live message without an offset (not from wsproxy_publish)");
+            return false;
         };
-        match history::offset_of(text.as_str()) {
-            Some(offset) if offset <= through => false,
-            _ => {
+        match self.skip_through {
+            Some(through) if offset <= through => false,
+            Some(_) => {
                 self.skip_through = None;
                 true
             }
+            None => true,
         }
     }
 }
