@@ -1764,6 +1764,58 @@ async fn empty_segments_cannot_reach_an_authenticated_route() {
     assert!(b.seen.lock().expect("lock").paths.is_empty());
 }
 
+/// Security review, finding 1: with `/admin` (auth_required) and `/`
+/// (open) to one backend, `/%61dmin` missed `/admin` (compared byte for
+/// byte) and went through `/` to a backend that decodes it to `/admin`, no
+/// token asked; `/admin;x` the same to a backend that drops `;`
+/// parameters. Routes now match decoded segments without their
+/// parameters, and the backend gets the path in normal form.
+#[tokio::test]
+async fn an_encoded_path_cannot_leave_its_route_through_a_broader_one() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let mut admin = route("/admin", "/admin", &[(b.port, 1)]);
+    admin["auth_required"] = true.into();
+    let mut f = file(vec![admin, route("/", "/", &[(b.port, 1)])]);
+    f["jwt"] = serde_json::json!({"secret": JWT_SECRET, "issuer": "kairos-gateway", "audience": "websocket-clients"});
+    let server = proxy(&redis, f).await;
+    for (path, status, code) in [
+        ("/%61dmin", 401, "missing_token"),
+        ("/ad%6Din/x", 401, "missing_token"),
+        ("/%61%64%6d%69%6e?q=1", 401, "missing_token"),
+        ("/admin;x", 400, "bad_path"),
+        ("/admin;jsessionid=1/x", 400, "bad_path"),
+        ("/%61dmin%3Bx", 400, "bad_path"),
+        ("/;x/admin", 400, "bad_path"),
+    ] {
+        let Err((got, body)) = open(&server, path).await else {
+            panic!("{path} was proxied without a token");
+        };
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(code)),
+            "{path}: {body}"
+        );
+    }
+    assert!(b.seen.lock().expect("lock").paths.is_empty());
+    // With a token, the backend gets the path in normal form; other paths
+    // keep their parameters and escaped reserved characters as they came.
+    let token = route_token("alice", "kairos-gateway", JWT_SECRET, 600);
+    let mut ws = open(
+        &server,
+        &format!("/%61dmin/r%6Fom%3b1?access_token={token}"),
+    )
+    .await
+    .expect("proxied");
+    assert_eq!(next_text(&mut ws).await, "hello from b");
+    let mut ws = open(&server, "/other;x/%7e%3A").await.expect("proxied");
+    assert_eq!(next_text(&mut ws).await, "hello from b");
+    assert_eq!(
+        b.seen.lock().expect("lock").paths,
+        ["/admin/room%3B1", "/other;x/~%3A"]
+    );
+}
+
 /// Issue 11, defect 2: a catch-all route `/` -> `/` sent `GET foo/bar`.
 #[tokio::test]
 async fn a_catch_all_route_forwards_the_path_with_its_leading_slash() {

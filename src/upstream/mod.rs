@@ -2,8 +2,10 @@
 //!
 //! A request whose path matches a route of `ROUTES_FILE` goes through these
 //! phases, in order:
-//! 1. **match** the route (longest `external_path` first) and map the path
-//!    to `internal_path`, keeping the query string;
+//! 1. **match** the route (longest `external_path` first, segments compared
+//!    decoded and without `;` parameters, as a backend reads them) and map
+//!    the path, in RFC 3986 normal form, to `internal_path`, keeping the
+//!    query string;
 //! 2. **check** it is a WebSocket upgrade (400) and the route has room
 //!    (`max_connections`, 503);
 //! 3. **authenticate** when `auth_required`: a JWT from the header or
@@ -131,7 +133,7 @@ impl Upstream {
             .routes
             .routes
             .iter()
-            .any(|r| r.external_path != "/" && r.map_path(path).is_some())
+            .any(|r| r.external_path != "/" && r.map_path(&routes::normalized(path)).is_some())
     }
 
     /// Number of routes loaded.
@@ -269,16 +271,20 @@ fn start_health_checks(app: &Arc<App>, tls: &tokio_rustls::TlsConnector, table: 
     }
 }
 
-/// Looks up the route for `path` (the router's fallback calls this).
+/// Looks up the route for the request's path (the router's fallback calls
+/// this): the path in normal form (RFC 3986 section 6.2.2, see
+/// [`routes::normalized`]) is what the route is matched on and what the
+/// backend gets, after the route's prefix.
 pub async fn handle(app: Arc<App>, upstream: &Upstream, req: Request) -> Response {
     let table = upstream.current();
-    let path = req.uri().path().to_owned();
-    let Some((index, mapped)) = table.routes.find(&path) else {
+    let path = req.uri().path();
+    let Some((index, mapped)) = table.routes.find(&routes::normalized(path)) else {
         return not_found();
     };
-    if let Err(why) = check_path(&path) {
-        return ApiError::from(Refusal::BadPath(why.into())).into_response();
-    }
+    let mapped = match check_path(path).and(mapped) {
+        Ok(mapped) => mapped,
+        Err(why) => return ApiError::from(Refusal::BadPath(why.into())).into_response(),
+    };
     let state = table.states[index].clone();
     proxy::proxy(&app, upstream, &table, state, mapped, req).await
 }
@@ -296,7 +302,8 @@ pub async fn handle(app: Arc<App>, upstream: &Upstream, req: Request) -> Respons
 /// container), trailing spaces trimmed (`..%20`), and a percent-encoded `%`
 /// (`%252e`, decoded twice by some) or NUL refused outright, as is a `%`
 /// that starts no escape (`%2%65` is `%2e` to a lenient decoder, so `.`
-/// when decoded twice).
+/// when decoded twice). A segment that is only a parameter (`/public/;x/admin`)
+/// is empty to a servlet container, which then folds `//`: refused too.
 pub fn check_path(path: &str) -> Result<(), &'static str> {
     if !path.starts_with('/') {
         return Err("the path must start with /");
@@ -320,6 +327,9 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
         let dots = name.trim_end();
         if dots == "." || dots == ".." {
             return Err("the path may not contain . or .. segments");
+        }
+        if name.is_empty() && !segment.is_empty() {
+            return Err("the path may not contain a segment that is only a ;parameter");
         }
     }
     Ok(())
@@ -408,6 +418,9 @@ mod tests {
             "/public/%252e%252e/admin",
             "/public/..%20/admin",
             "/public/..%00/admin",
+            "/public/;x/admin",
+            "/public/%3bx/admin",
+            "/;x",
             "/good//secret",
             "/good///secret/x",
             "//private/data",

@@ -16,6 +16,8 @@ use serde::Deserialize;
 mod matching;
 mod validate;
 
+pub use matching::normalized;
+
 use validate::{
     check_router_head, validate_backends, validate_connecting, validate_health_check,
     validate_limits, validate_picking,
@@ -236,7 +238,8 @@ impl Backend {
 /// A validated route.
 #[derive(Debug, Clone)]
 pub struct Route {
-    /// Client-facing path (exact, or a prefix followed by `/`).
+    /// Client-facing path (exact, or a prefix followed by `/`), compared
+    /// decoded and segment by segment (see [`Route::map_path`]).
     pub external_path: String,
     /// Backend path replacing `external_path`.
     pub internal_path: String,
@@ -299,7 +302,8 @@ impl Route {
 pub struct Routes {
     /// JWT settings for `auth_required` routes.
     pub jwt: Option<JwtSection>,
-    /// Routes, longest `external_path` first so the most specific wins.
+    /// Routes, longest `external_path` (decoded) first so the most
+    /// specific wins.
     pub routes: Vec<Route>,
 }
 
@@ -381,7 +385,9 @@ impl Routes {
                 forward_access_token: r.forward_access_token,
             });
         }
-        routes.sort_by_key(|r| std::cmp::Reverse(r.external_path.len()));
+        // Longest first as a backend reads them (decoded): a route whose
+        // segments go on from another's comes before it.
+        routes.sort_by_key(|r| std::cmp::Reverse(matching::decoded(&r.external_path).count()));
         Ok(Routes {
             jwt: file.jwt,
             routes,

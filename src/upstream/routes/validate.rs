@@ -70,13 +70,26 @@ pub(super) fn check_router_head(
             ));
         }
     }
-    if RESERVED.contains(&r.external_path.as_str()) {
+    // Requests are matched decoded and without a segment's `;` parameters
+    // (see `Route::map_path`), so the path is compared as they are.
+    let decoded = super::matching::decoded(&r.external_path).collect::<Vec<u8>>();
+    if decoded.contains(&b';') {
+        return Err(invalid(
+            at("external_path"),
+            format!(
+                "{:?}: a ';' starts a path parameter, which routes do not match on",
+                r.external_path
+            ),
+        ));
+    }
+    let decoded = String::from_utf8_lossy(&decoded).into_owned();
+    if RESERVED.contains(&decoded.as_str()) {
         return Err(invalid(
             at("external_path"),
             format!("{:?} is one of wsproxy's own endpoints", r.external_path),
         ));
     }
-    if !seen.insert(r.external_path.clone()) {
+    if !seen.insert(decoded) {
         return Err(invalid(
             at("external_path"),
             format!("{:?} is used by an earlier route", r.external_path),
@@ -624,6 +637,22 @@ pub(super) mod tests {
                 .to_string()
                 .contains("routers[1].external_path")
         );
+        // Paths compare decoded, and without `;` parameters: a route that
+        // spells another's path differently is a duplicate, one with a `;`
+        // could never match, and `/%77s` is `/ws`.
+        for second in [
+            OK.replace("/ws/chat", "/ws/ch%61t"),
+            OK.replace("/ws/chat", "/ws/chat;x"),
+            OK.replace("/ws/chat", "/ws/chat%3Bx"),
+            OK.replace("/ws/chat", "/%77s"),
+        ] {
+            let e = Routes::parse(&file(&format!("{OK},{second}")), "t").expect_err(&second);
+            assert!(
+                e.to_string()
+                    .starts_with("ROUTES_FILE: routers[1].external_path:"),
+                "{e}"
+            );
+        }
         assert!(Routes::parse(r#"{"version":2,"routers":[]}"#, "t").is_err());
         assert!(
             Routes::parse("{", "t")
