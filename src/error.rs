@@ -35,6 +35,9 @@ pub enum Refusal {
     MissingToken(Cow<'static, str>),
     /// A token that does not verify, has expired or is for another session.
     InvalidToken(Cow<'static, str>),
+    /// More than one token where one is checked (a proxy route: two
+    /// `Authorization` headers, two `access_token` parameters, or both).
+    AmbiguousToken(Cow<'static, str>),
     /// `POST /auth/token`: unknown user or wrong password.
     InvalidCredentials(Cow<'static, str>),
     /// Redis could not be asked in time.
@@ -96,6 +99,7 @@ impl Refusal {
         match self {
             Self::MissingToken(_) => StatusCode::UNAUTHORIZED,
             Self::InvalidToken(_) => StatusCode::FORBIDDEN,
+            Self::AmbiguousToken(_) => StatusCode::BAD_REQUEST,
             Self::InvalidCredentials(_) => StatusCode::UNAUTHORIZED,
             Self::RedisUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::InvalidId(_) => StatusCode::BAD_REQUEST,
@@ -130,6 +134,7 @@ impl Refusal {
         match self {
             Self::MissingToken(_) => "missing_token",
             Self::InvalidToken(_) => "invalid_token",
+            Self::AmbiguousToken(_) => "ambiguous_token",
             Self::InvalidCredentials(_) => "invalid_credentials",
             Self::RedisUnavailable(_) => "redis_unavailable",
             Self::InvalidId(_) => "invalid_id",
@@ -164,6 +169,7 @@ impl Refusal {
         match self {
             Self::MissingToken(m)
             | Self::InvalidToken(m)
+            | Self::AmbiguousToken(m)
             | Self::InvalidCredentials(m)
             | Self::RedisUnavailable(m)
             | Self::InvalidId(m)
@@ -321,6 +327,7 @@ mod tests {
         for (refusal, status, code) in [
             (Refusal::MissingToken("m".into()), 401, "missing_token"),
             (Refusal::InvalidToken("m".into()), 403, "invalid_token"),
+            (Refusal::AmbiguousToken("m".into()), 400, "ambiguous_token"),
             (
                 Refusal::RedisUnavailable("m".into()),
                 503,

@@ -1921,6 +1921,86 @@ async fn a_routes_authorization_header_stays_at_the_proxy_unless_forwarded() {
     );
 }
 
+/// Security review, finding 2: wsproxy verified the first of two tokens
+/// (two `access_token` parameters, two `Authorization` headers, or one of
+/// each) and a route with `forward_access_token` passed them all on, while
+/// many frameworks read the last one, or the parameter: the backend could
+/// act on a token nobody verified. A route that checks a token takes
+/// exactly one.
+#[tokio::test]
+async fn a_route_that_checks_a_token_takes_exactly_one() {
+    let redis = Redis::start().await;
+    let b = echo_backend("b").await;
+    let mut inner = route("/inner", "/in", &[(b.port, 1)]);
+    inner["auth_required"] = true.into();
+    let mut kept = route("/kept", "/kept", &[(b.port, 1)]);
+    kept["auth_required"] = true.into();
+    kept["forward_access_token"] = true.into();
+    let mut f = file(vec![inner, kept, route("/open", "/open", &[(b.port, 1)])]);
+    f["jwt"] = serde_json::json!({"secret": JWT_SECRET, "issuer": "kairos-gateway", "audience": "websocket-clients"});
+    let server = proxy(&redis, f).await;
+    let good = route_token("alice", "kairos-gateway", JWT_SECRET, 600);
+    let forged = route_token(
+        "admin",
+        "kairos-gateway",
+        "not-the-secret-not-the-secret-not-the-secret",
+        600,
+    );
+    let upgrade = |path: &str, authorization: &[&str]| {
+        let mut req = format!("ws://{}{path}", server.addr)
+            .into_client_request()
+            .expect("req");
+        for a in authorization {
+            req.headers_mut().append(
+                "authorization",
+                HeaderValue::from_str(&format!("Bearer {a}")).expect("hdr"),
+            );
+        }
+        req
+    };
+    for (path, authorization) in [
+        (
+            format!("/kept?access_token={good}&access_token={forged}"),
+            vec![],
+        ),
+        (
+            format!("/kept?access_token={good}&access%5Ftoken={forged}"),
+            vec![],
+        ),
+        ("/kept".to_owned(), vec![&good, &forged]),
+        (format!("/kept?access_token={forged}"), vec![&good]),
+        (
+            format!("/inner?access_token={good}&access_token={good}"),
+            vec![],
+        ),
+        ("/inner".to_owned(), vec![&good, &good]),
+    ] {
+        let authorization: Vec<&str> = authorization.iter().map(|s| s.as_str()).collect();
+        let Err((status, body)) = connect_request(upgrade(&path, &authorization)).await else {
+            panic!(
+                "{path} with {} Authorization headers was proxied",
+                authorization.len()
+            );
+        };
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("ambiguous_token")),
+            "{path}: {body}"
+        );
+    }
+    assert!(b.seen.lock().expect("lock").paths.is_empty());
+    // One token is enough; an open route's query is the backend's.
+    for req in [
+        upgrade(&format!("/kept?access_token={good}"), &[]),
+        upgrade("/kept", &[&good]),
+        upgrade("/open?access_token=a&access_token=b", &[]),
+    ] {
+        let mut ws = connect_request(req).await.expect("proxied");
+        assert_eq!(next_text(&mut ws).await, "hello from b");
+    }
+    assert_eq!(b.seen.lock().expect("lock").paths.len(), 3);
+}
+
 /// Issue 11, defect 6: `/metrics` named backends by address. Now by the
 /// routes file's `name`, or by position; and METRICS_TOKEN closes it.
 #[tokio::test]

@@ -490,6 +490,22 @@ mod tests {
     }
 
     #[test]
+    fn every_copy_of_a_token_is_counted() {
+        let mut h = HeaderMap::new();
+        assert_eq!(proxy::token_copies(&h, None), (0, 0));
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        assert_eq!(proxy::token_copies(&h, Some("x=1")), (1, 0));
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(
+            proxy::token_copies(
+                &h,
+                Some("access_token=a&access%5Ftoken=b&access_token&my_access_token=c")
+            ),
+            (2, 3)
+        );
+    }
+
+    #[test]
     fn query_parameters_and_cookies_are_read() {
         assert_eq!(
             query_param(Some("a=1&access_token=x%2By&b"), "access_token"),

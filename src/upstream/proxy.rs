@@ -194,6 +194,20 @@ fn authenticate(ctx: &Ctx<'_>) -> Result<Option<String>, ApiError> {
     if !route.auth_required {
         return Ok(None);
     }
+    // Exactly one token: with two, wsproxy would verify one and a backend
+    // that gets them (`forward_access_token`) could read the other (many
+    // frameworks take the last parameter, or the parameter before the
+    // header).
+    let (headers, params) = token_copies(&ctx.headers, ctx.query.as_deref());
+    if headers + params > 1 {
+        app.metrics.upstream_failure(&ctx.name, "-", "unauthorized");
+        return Err(ApiError::from(Refusal::AmbiguousToken(
+            format!(
+                "send exactly one token, in one Authorization header or one access_token parameter (this request has {headers} Authorization headers and {params} access_token parameters)"
+            )
+            .into(),
+        )));
+    }
     let token = crate::auth::bearer_token(
         &ctx.headers,
         query_param(ctx.query.as_deref(), "access_token").as_deref(),
@@ -540,6 +554,21 @@ pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
+}
+
+/// How many `Authorization` headers and `access_token` query parameters
+/// (names compared decoded, as `without_param` and backends read them) a
+/// request carries.
+pub(super) fn token_copies(headers: &HeaderMap, query: Option<&str>) -> (usize, usize) {
+    let params = query.map_or(0, |q| {
+        form_urlencoded::parse(q.as_bytes())
+            .filter(|(k, _)| k == "access_token")
+            .count()
+    });
+    (
+        headers.get_all(header::AUTHORIZATION).iter().count(),
+        params,
+    )
 }
 
 /// `query` without its `name` parameters (matched as decoded, so that
