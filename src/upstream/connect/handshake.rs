@@ -35,7 +35,8 @@ pub struct Upgrade<'a> {
 }
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) and the handshake headers
-/// the proxy generates itself for the backend.
+/// the proxy generates itself for the backend (`name` in lower case, `_`
+/// read as `-`: see [`dashed`]).
 fn not_forwarded(name: &str) -> bool {
     matches!(
         name,
@@ -56,6 +57,17 @@ fn not_forwarded(name: &str) -> bool {
             | "x-auth-subject"
             | "content-length"
     )
+}
+
+/// A header name as CGI, WSGI and other servers read it, `_` as `-`
+/// (`X-Auth_Subject` is `HTTP_X_AUTH_SUBJECT`, as `X-Auth-Subject` is), so
+/// that a name the proxy strips or replaces is stripped in every spelling.
+fn dashed(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains('_') {
+        std::borrow::Cow::Owned(name.replace('_', "-"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
 }
 
 /// Builds the backend request head.
@@ -87,7 +99,8 @@ pub(super) fn request_head(backend: &Backend, up: &Upgrade<'_>, key: &str) -> St
     let mut forwarded_for = None;
     for (name, value) in up.client_headers {
         let n = name.as_str();
-        if not_forwarded(n)
+        let d = dashed(n);
+        if not_forwarded(&d)
             || listed.iter().any(|l| l == n)
             || (up.strip_authorization && n == "authorization")
         {
@@ -98,8 +111,11 @@ pub(super) fn request_head(backend: &Backend, up: &Upgrade<'_>, key: &str) -> St
             forwarded_for = Some(v.to_owned());
             continue;
         }
-        if n == "x-forwarded-proto" || n == "x-forwarded-host" {
-            continue; // replaced below
+        if matches!(
+            &*d,
+            "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
+        ) {
+            continue; // replaced below (`X_Forwarded_For` is not appended to)
         }
         head.push_str(&format!("{n}: {v}\r\n"));
     }
@@ -429,6 +445,68 @@ mod tests {
             matches!(&err, DialError::Refused(DialFailure::Subprotocol { chosen, .. }) if chosen == "superchat"),
             "{err}"
         );
+    }
+
+    /// Security review, finding 3: `X-Auth_Subject: admin` passed, since
+    /// only `x-auth-subject` was stripped, and a CGI or WSGI server (and
+    /// others) reads `_` as `-`: the backend could take the client's
+    /// subject for wsproxy's. A stripped or replaced name is stripped in
+    /// every such spelling.
+    #[test]
+    fn a_stripped_header_spelled_with_underscores_is_stripped_too() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("x-auth_subject", "admin"),
+            ("x_auth_subject", "root"),
+            ("x_forwarded_for", "10.6.6.6"),
+            ("x-forwarded_proto", "evil-proto"),
+            ("x_forwarded_host", "evil.example"),
+            ("sec_websocket_key", "evil-key"),
+            ("transfer_encoding", "chunked"),
+            ("content_length", "7"),
+            ("proxy_authorization", "Basic ZXZpbA=="),
+            ("x_custom", "kept"),
+            ("authorization", "Bearer t"),
+        ] {
+            h.insert(
+                axum::http::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let backend = Backend {
+            tls: false,
+            host: "b".into(),
+            port: 80,
+            weight: 1,
+            name: "0".into(),
+        };
+        let up = Upgrade {
+            subject: Some("alice"),
+            strip_authorization: true,
+            peer: Some("192.0.2.7:5555".parse().expect("addr")),
+            ..client_upgrade(&h)
+        };
+        let head = request_head(&backend, &up, KEY).to_ascii_lowercase();
+        for gone in [
+            "admin",
+            "root",
+            "10.6.6.6",
+            "evil",
+            "chunked",
+            "content_length",
+            "zxzpba",
+            "bearer t",
+        ] {
+            assert!(!head.contains(gone), "{gone} passed:\n{head}");
+        }
+        for kept in [
+            "x_custom: kept",
+            "x-auth-subject: alice",
+            "x-forwarded-for: 192.0.2.7",
+            "x-forwarded-proto: http",
+        ] {
+            assert_eq!(head.matches(kept).count(), 1, "{kept}:\n{head}");
+        }
     }
 
     #[test]
