@@ -47,6 +47,15 @@
 //! tag is the channel's whole name, so `wsproxy_control` can append to the
 //! one and publish on the other in one call, sharded pub/sub included.)
 //!
+//! Three names exist on a cluster only, where closing a connection takes
+//! several commands in different slots (see `session::lifecycle`):
+//!
+//! | Name | Kind | Who writes it |
+//! |---|---|---|
+//! | `wsproxy:process:{<p>}:closing` | hash of `p`'s connections taken out of `:connections` whose presence entry and disconnect event are not confirmed yet (JSON) | `p` or a reaper; each entry deleted once done |
+//! | `wsproxy:process:{<p>}:claims` | sorted set: connection -> when its `:closing` entry was last taken (unix ms; 0: free for the next try) | the same |
+//! | `{wsproxy:events}:sent:<connection>` | string: the connection's disconnect event is in `wsproxy:events` (the stream's slot, so one script checks it and appends), with a TTL of four dead-after times | whoever writes the event |
+//!
 //! Ids never hold braces ([`valid_id`]), so the tag is exactly the id. A
 //! backend on a cluster uses these names: `SETEX session:{42}:auth ...`,
 //! `SPUBLISH session:{42}:down ...` (sharded pub/sub, the default) or
@@ -205,6 +214,28 @@ impl Keys {
         self.name("wsproxy:process:", process, ":connections")
     }
 
+    /// (Cluster) The hash of a process's connections being closed: taken
+    /// out of [`Keys::process_connections`], presence entry and event not
+    /// confirmed yet.
+    pub fn process_closing(self, process: &str) -> String {
+        self.name("wsproxy:process:", process, ":closing")
+    }
+
+    /// (Cluster) When each entry of [`Keys::process_closing`] was taken.
+    pub fn process_claims(self, process: &str) -> String {
+        self.name("wsproxy:process:", process, ":claims")
+    }
+
+    /// (Cluster) The marker that connection `connection_id`'s disconnect
+    /// event is in [`EVENTS`]: in the stream's slot.
+    pub fn event_sent(self, connection_id: &str) -> String {
+        if self.is_cluster() {
+            format!("{{{EVENTS}}}:sent:{connection_id}")
+        } else {
+            format!("{EVENTS}:sent:{connection_id}")
+        }
+    }
+
     /// The stream of client messages in shard `shard`.
     pub fn up_stream(self, shard: usize) -> String {
         format!("wsproxy:up:{}", self.tag(&shard.to_string()))
@@ -336,6 +367,9 @@ mod tests {
             assert_eq!(k.up_stream(3), "wsproxy:up:{3}");
             assert_eq!(k.up_seen(3, "s1", "m-1"), "wsproxy:up:{3}:seen:s1:m-1");
             assert_eq!(k.control_log(), "{wsproxy:control}:log");
+            assert_eq!(k.event_sent("p1:7"), "{wsproxy:events}:sent:p1:7");
+            assert_eq!(k.process_closing("p1"), "wsproxy:process:{p1}:closing");
+            assert_eq!(k.process_claims("p1"), "wsproxy:process:{p1}:claims");
         }
         assert_eq!(Keys::ClusterClassic.publish_command(), "PUBLISH");
         assert_eq!(Keys::ClusterSharded.publish_command(), "SPUBLISH");
@@ -360,6 +394,17 @@ mod tests {
         }
         // The control stream and its wake-up channel: one slot.
         assert_eq!(get_slot(k.control_log()), get_slot(CONTROL));
+        // The events stream and its markers: one slot; a process's keys:
+        // one slot.
+        assert_eq!(get_slot(&k.event_sent("p1:7")), get_slot(EVENTS));
+        let process = get_slot(&k.process_heartbeat("p1"));
+        for name in [
+            k.process_connections("p1"),
+            k.process_closing("p1"),
+            k.process_claims("p1"),
+        ] {
+            assert_eq!(get_slot(&name), process, "{name}");
+        }
         for shard in [0, 1, 7, 1023] {
             let slot = get_slot(&k.up_stream(shard));
             let seen = k.up_seen(shard, "s1", "m-1");

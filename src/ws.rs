@@ -613,10 +613,15 @@ const REMOVAL_ATTEMPTS: u32 = 5;
 /// Removes a tracked connection's registration and appends its disconnect
 /// event, in a task of its own (tracked: shutdown waits for it), so the
 /// connection's slot and task are freed at once whatever Redis does. A
-/// failed attempt is retried (the script is idempotent: only the first
-/// that finds the registration writes the event); when every attempt
-/// failed, the registration stays until this process's heartbeat lapses
-/// or it dies, and the reaper records it.
+/// failed attempt is retried (each step is idempotent: only the first
+/// that finds the registration writes the event, and on a cluster the
+/// event's marker stops a second). On a cluster the registration is
+/// deleted only once the presence entry and the event are written, so
+/// when every attempt failed it stays in Redis: once taken into the
+/// process's closing hash, this process's heartbeat takes it again a
+/// dead-after time later. When the script never ran on one Redis, the
+/// registration stays until this process's heartbeat lapses or it dies,
+/// and the reaper records it.
 /// `registering`: a registration still being finished in the background;
 /// the removal starts when it is done.
 pub fn remove_later(
@@ -665,7 +670,7 @@ pub fn remove_later(
                 }
             }
             if attempt >= REMOVAL_ATTEMPTS && started.elapsed() >= app.lifecycle.dead_after() {
-                tracing::warn!(%session_id, attempt, "lifecycle: disconnect not recorded; the reaper will once this process is gone");
+                tracing::warn!(%session_id, attempt, "lifecycle: disconnect not recorded yet; its registration stays in Redis, finished by this process's heartbeat (cluster) or by a reaper once this process is gone");
                 return;
             }
             tokio::time::sleep(pause).await;

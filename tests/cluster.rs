@@ -14,6 +14,9 @@ use wsproxy::config::{ClusterPubSub, Config};
 
 const TOKEN: &str = "cluster-token";
 
+#[path = "cluster/lifecycle_faults.rs"]
+mod lifecycle_faults;
+
 fn config(cluster: &Cluster, mode: ClusterPubSub) -> Config {
     let mut config = Config::for_cluster(cluster.urls());
     if let Some(c) = config.redis_cluster.as_mut() {

@@ -36,10 +36,22 @@
 //! reaped, so it closes its session connections with 1013 and their
 //! clients reconnect and register again.
 //!
+//! **On a cluster** a connection's registration, presence entry and
+//! events are in different slots, so these steps are separate commands
+//! (`cluster.rs`, `reap.rs`). A removal, or a reaper, first moves the
+//! connection from its process's hash to the process's closing hash (one
+//! script in that slot, so it is taken once), then removes the presence
+//! entry and writes the event, and deletes it from the closing hash only
+//! when both are done: a step that fails leaves it there, and this
+//! process's next beats (or a reaper, once it is gone) take it again. The
+//! event is written by a script that also sets a marker in the stream's
+//! slot, so a retry after an answer that was lost, or a second reaper,
+//! never writes it twice.
+//!
 //! The limits of "exactly once" are in the manual (docs/src/backend.md): a
-//! registration Redis never took has no events at all, and a removal that
-//! fails for every retry while its process lives stays until that process
-//! dies.
+//! registration Redis never took has no events at all, and on one Redis a
+//! removal that fails for every retry while its process lives stays until
+//! that process dies.
 //!
 //! Events and presence are written by these scripts only, so their format
 //! is here (and in the manual's backend guide, docs/src/backend.md).
@@ -55,8 +67,9 @@ use crate::config::LifecycleConfig;
 use crate::metrics::Metrics;
 
 mod cluster;
+mod reap;
 mod scripts;
-pub use cluster::{ClusterSteps, Unfinished};
+pub use cluster::{ClusterSteps, Removal, Unfinished};
 
 /// Connections a reap handles per script call, so one call stays short.
 const REAP_BATCH: usize = 500;
@@ -141,18 +154,6 @@ pub struct Gone {
     pub ended: Ended,
 }
 
-/// How far a removal got on a cluster, where its steps are separate
-/// commands (the registration, the presence entry and the event live in
-/// different slots): a retry goes on from the step that failed.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Removal {
-    /// This process took the registration out (so the event is its own to
-    /// write).
-    pub taken: bool,
-    /// The presence entry is gone.
-    pub presence_removed: bool,
-}
-
 /// How a connection ended, for its disconnect event.
 #[derive(Debug, Clone, Copy)]
 pub struct Ended {
@@ -180,6 +181,8 @@ pub struct Lifecycle {
     disconnect: redis::Script,
     heartbeat: redis::Script,
     reap: redis::Script,
+    /// The scripts of the steps on a cluster.
+    scripts: cluster::ClusterScripts,
     /// Bounds the registrations and removals in flight.
     turns: tokio::sync::Semaphore,
     /// When Redis last took a heartbeat, in milliseconds since the Unix
@@ -268,6 +271,10 @@ struct Registration<'a> {
     /// The session's events channel, with `EVENTS_SESSION_CHANNEL`.
     #[serde(skip_serializing_if = "Option::is_none")]
     channel: Option<&'a str>,
+    /// (Cluster) In the closing record a removal leaves: the connection's
+    /// own disconnect event, for whoever finishes the removal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -301,6 +308,7 @@ impl Lifecycle {
             disconnect: redis::Script::new(scripts::DISCONNECT),
             heartbeat: redis::Script::new(scripts::HEARTBEAT),
             reap: redis::Script::new(scripts::REAP),
+            scripts: cluster::ClusterScripts::new(),
             turns: tokio::sync::Semaphore::new(IN_FLIGHT),
             last_beat_ms: AtomicU64::new(0),
             last_beat_failure_ms: AtomicU64::new(0),
@@ -422,6 +430,7 @@ impl Lifecycle {
             events: self.config.events,
             channel: (self.config.events && self.config.session_channel)
                 .then_some(channel.as_str()),
+            event: None,
         };
         // The three JSON values go into one buffer and the command is
         // built in place (EVALSHA, the script loaded on a miss): a burst of
@@ -563,36 +572,25 @@ impl Lifecycle {
         } else {
             String::new()
         };
+        if self.keys.is_cluster() {
+            let since = now_ms()
+                .saturating_sub(u64::try_from(ended.duration.as_millis()).unwrap_or(u64::MAX));
+            let closing = cluster::Closing {
+                id: &id,
+                session_id,
+                agent_id,
+                since,
+                event: &event,
+            };
+            return self
+                .disconnected_on_cluster(redis, &closing, progress, limit)
+                .await;
+        }
         let channel = if self.config.events && self.config.session_channel {
             self.keys.session_events(session_id)
         } else {
             String::new()
         };
-        if self.keys.is_cluster() {
-            let presence = self.keys.session_presence(session_id);
-            let owned = self.keys.process_connections(&self.process);
-            // Only the one that removes the registration writes the event;
-            // a retry (a step failed: its shard was failing over) goes on
-            // from the step that failed.
-            if !progress.taken {
-                let mut hdel = redis::cmd("HDEL");
-                hdel.arg(&owned).arg(&id);
-                if bounded(limit, hdel.query_async::<i64>(redis)).await? == 0 {
-                    return Ok(());
-                }
-                progress.taken = true;
-            }
-            if !progress.presence_removed {
-                let mut hdel = redis::cmd("HDEL");
-                hdel.arg(&presence).arg(&id);
-                bounded(limit, hdel.query_async::<i64>(redis)).await?;
-                progress.presence_removed = true;
-            }
-            let channel = (!channel.is_empty()).then_some(channel.as_str());
-            return self
-                .append_event(redis, event.as_bytes(), channel, limit)
-                .await;
-        }
         let mut call = self.disconnect.prepare_invoke();
         call.key(crate::keys::EVENTS)
             .key(self.keys.process_connections(&self.process))
@@ -636,63 +634,6 @@ impl Lifecycle {
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let alive: i64 = bounded(limit, call.invoke_async(redis)).await?;
         Ok(alive == 1)
-    }
-
-    /// Reaps every process whose last beat is older than the dead-after
-    /// time;
-    /// the number of connections reaped.
-    /// Stops at `deadline` (the rest waits for the next beat), so that a
-    /// long reap never delays this process's own heartbeat.
-    async fn reap_dead(
-        &self,
-        redis: &mut impl redis::aio::ConnectionLike,
-        limit: Duration,
-        deadline: tokio::time::Instant,
-    ) -> Result<u64, LifecycleError> {
-        let silence = u64::try_from(self.dead_after.as_millis()).unwrap_or(u64::MAX);
-        let before = now_ms().saturating_sub(silence);
-        let mut cmd = redis::cmd("ZRANGEBYSCORE");
-        cmd.arg(crate::keys::PROCESSES)
-            .arg("-inf")
-            .arg(format!("({before}"))
-            .arg("LIMIT")
-            .arg(0)
-            .arg(100);
-        let dead: Vec<String> = bounded(limit, cmd.query_async(redis)).await?;
-        let mut reaped = 0u64;
-        for process in dead.iter().filter(|p| **p != self.process) {
-            if self.keys.is_cluster() {
-                let (n, done) = self
-                    .reap_on_cluster(redis, process, limit, deadline)
-                    .await?;
-                reaped = reaped.saturating_add(n);
-                if !done {
-                    return Ok(reaped);
-                }
-                continue;
-            }
-            loop {
-                let mut call = self.reap.prepare_invoke();
-                call.key(crate::keys::PROCESSES)
-                    .key(self.keys.process_heartbeat(process))
-                    .key(self.keys.process_connections(process))
-                    .key(crate::keys::EVENTS)
-                    .arg(process)
-                    .arg(now_ms())
-                    .arg(self.config.events_max_len)
-                    .arg(REAP_BATCH)
-                    .arg(&self.process);
-                let n: i64 = bounded(limit, call.invoke_async(redis)).await?;
-                if n <= 0 {
-                    break;
-                }
-                reaped = reaped.saturating_add(n.unsigned_abs());
-                if tokio::time::Instant::now() >= deadline {
-                    return Ok(reaped);
-                }
-            }
-        }
-        Ok(reaped)
     }
 }
 
@@ -762,14 +703,7 @@ pub async fn keep_alive(
         }
         let deadline = sent + interval / 2;
         match lifecycle.reap_dead(&mut redis, limit, deadline).await {
-            Ok(0) => {}
-            Ok(n) => {
-                metrics.reaped_connections.inc_by(n);
-                tracing::info!(
-                    connections = n,
-                    "lifecycle: reaped the connections of dead processes"
-                );
-            }
+            Ok(reaped) => reaped.report(&metrics),
             Err(e) => {
                 metrics.lifecycle_failures.inc();
                 tracing::warn!(error = %e, "lifecycle: reaping dead processes failed");

@@ -1,8 +1,11 @@
 //! Lifecycle on a Redis Cluster, where a connection's keys are in
 //! different slots: a registration is written one command at a time (and
-//! finished later in the background when a shard fails over mid-way), and
-//! a reap takes the dead process's own slot first, then each connection's.
-//! Also the event append both modes share.
+//! finished later in the background when a shard fails over mid-way); a
+//! removal first moves the connection to its process's closing hash (in
+//! the process's slot), then removes its presence entry and writes its
+//! event once, and deletes it from the closing hash last. A removal that
+//! fails leaves it there, where this process's heartbeat, or a reaper once
+//! this process is gone, takes it again (`reap.rs`).
 
 use super::*;
 
@@ -39,49 +42,6 @@ impl From<LifecycleError> for Unfinished {
         Self { error, rest: None }
     }
 }
-
-/// A registration as a reaper reads it back.
-#[derive(serde::Deserialize)]
-struct Registered {
-    session_id: String,
-    agent_id: String,
-    since: u64,
-    presence: Option<String>,
-    events: bool,
-    channel: Option<String>,
-}
-
-#[derive(Serialize)]
-struct LostEvent<'a> {
-    r#type: &'static str,
-    session_id: &'a str,
-    agent_id: &'a str,
-    connection_id: &'a str,
-    process: &'a str,
-    time: u64,
-    code: u16,
-    reason: &'static str,
-    duration_ms: u64,
-    messages_in: Option<u64>,
-    messages_out: Option<u64>,
-    reaped_by: &'a str,
-}
-
-// On a cluster, the part of a reap that lives in the dead process's slot:
-// KEYS: its heartbeat key, its connections. ARGV: batch. Returns -1 if it
-// is alive after all, else the entries it removed (id, registration, ...).
-const REAP_OWN: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-local entries = redis.call('HRANDFIELD', KEYS[2], ARGV[1], 'WITHVALUES')
-local out = {}
-for i = 1, #entries, 2 do
-  if redis.call('HDEL', KEYS[2], entries[i]) == 1 then
-    out[#out + 1] = entries[i]
-    out[#out + 1] = entries[i + 1]
-  end
-end
-return out
-";
 
 impl Lifecycle {
     /// A registration on a Redis Cluster, whose keys are in different
@@ -200,71 +160,188 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Reaps one dead process on a cluster: batches taken from its hash
-    /// atomically (so each connection is taken once), then each one's
-    /// presence entry and disconnect event. Returns the count and whether
-    /// the process is done (false: `deadline` came first). A reaper that
-    /// dies in the middle of a batch loses those events: at most one batch.
-    pub(super) async fn reap_on_cluster(
+    /// Removes connection `id` on a cluster, as far as `progress` has not
+    /// yet: moves it to the process's closing hash with its disconnect
+    /// event (so a failure from here on leaves it where this process's
+    /// heartbeat and the reapers look), removes its presence entry, writes
+    /// its event once, and deletes it from the closing hash. Nothing when
+    /// it is gone (a reaper finished it) or was never registered.
+    pub(super) async fn disconnected_on_cluster(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        closing: &Closing<'_>,
+        progress: &mut Removal,
+        limit: Duration,
+    ) -> Result<(), LifecycleError> {
+        let presence = self
+            .config
+            .presence
+            .then(|| self.keys.session_presence(closing.session_id));
+        let channel = (self.config.events && self.config.session_channel)
+            .then(|| self.keys.session_events(closing.session_id));
+        if !progress.claimed {
+            let record = json(&Registration {
+                session_id: closing.session_id,
+                agent_id: closing.agent_id,
+                since: closing.since,
+                presence: presence.as_deref(),
+                events: self.config.events,
+                channel: channel.as_deref(),
+                event: (!closing.event.is_empty()).then_some(closing.event),
+            });
+            let mut call = self.scripts.claim.prepare_invoke();
+            call.key(self.keys.process_connections(&self.process))
+                .key(self.keys.process_closing(&self.process))
+                .key(self.keys.process_claims(&self.process))
+                .arg(closing.id)
+                .arg(record)
+                .arg(now_ms());
+            if bounded(limit, call.invoke_async::<i64>(redis)).await? == 0 {
+                return Ok(());
+            }
+            progress.claimed = true;
+        }
+        let writes = Writes {
+            id: closing.id,
+            presence: presence.as_deref(),
+            event: closing.event.as_bytes(),
+            channel: channel.as_deref(),
+        };
+        self.close_writes(redis, &writes, progress, limit).await?;
+        self.finish(redis, &self.process, &[closing.id], &[], limit)
+            .await
+    }
+
+    /// The writes that close a connection outside its process's slot:
+    /// its presence entry's removal, its event (once: a marker in the
+    /// stream's slot, set in the same script, tells a retry or a second
+    /// reaper that it is there) and the channel's copy (by the call that
+    /// wrote the event only). Each step done is recorded in `progress`,
+    /// and each is safe to do again.
+    pub(super) async fn close_writes(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        writes: &Writes<'_>,
+        progress: &mut Removal,
+        limit: Duration,
+    ) -> Result<(), LifecycleError> {
+        if !progress.presence_removed {
+            if let Some(presence) = writes.presence {
+                let mut hdel = redis::cmd("HDEL");
+                hdel.arg(presence).arg(writes.id);
+                bounded(limit, hdel.query_async::<i64>(redis)).await?;
+            }
+            progress.presence_removed = true;
+        }
+        if !progress.recorded {
+            if !writes.event.is_empty() {
+                let ttl = self.dead_after.saturating_mul(SENT_MARK_LIFETIMES);
+                let mut call = self.scripts.event_once.prepare_invoke();
+                call.key(crate::keys::EVENTS)
+                    .key(self.keys.event_sent(writes.id))
+                    .arg(writes.event)
+                    .arg(self.config.events_max_len)
+                    .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+                let wrote: i64 = bounded(limit, call.invoke_async(redis)).await?;
+                progress.publish = wrote == 1 && writes.channel.is_some();
+            }
+            progress.recorded = true;
+        }
+        if progress.publish {
+            if let Some(channel) = writes.channel {
+                let mut publish = redis::cmd(self.keys.publish_command());
+                publish.arg(channel).arg(writes.event);
+                bounded(limit, publish.query_async::<i64>(redis)).await?;
+            }
+            progress.publish = false;
+        }
+        Ok(())
+    }
+
+    /// Deletes the connections `done` from `process`'s closing hash and
+    /// frees the claims of those `left` for the next try (the next reap or
+    /// heartbeat takes them at once).
+    pub(super) async fn finish(
         &self,
         redis: &mut impl redis::aio::ConnectionLike,
         process: &str,
+        done: &[&str],
+        left: &[&str],
         limit: Duration,
-        deadline: tokio::time::Instant,
-    ) -> Result<(u64, bool), LifecycleError> {
-        let script = redis::Script::new(REAP_OWN);
-        let mut reaped = 0u64;
-        loop {
-            let mut call = script.prepare_invoke();
-            call.key(self.keys.process_heartbeat(process))
-                .key(self.keys.process_connections(process))
-                .arg(REAP_BATCH);
-            let taken: redis::Value = bounded(limit, call.invoke_async(redis)).await?;
-            let entries: Vec<String> = match taken {
-                redis::Value::Int(_) => return Ok((reaped, true)),
-                other => redis::from_redis_value(other)
-                    .map_err(|_| LifecycleError::Unexpected("a reap's entries"))?,
-            };
-            if entries.is_empty() {
-                let mut zrem = redis::cmd("ZREM");
-                zrem.arg(crate::keys::PROCESSES).arg(process);
-                bounded(limit, zrem.query_async::<i64>(redis)).await?;
-                return Ok((reaped, true));
-            }
-            let now = now_ms();
-            for pair in entries.chunks(2) {
-                let [id, raw] = pair else { continue };
-                reaped = reaped.saturating_add(1);
-                let Ok(r) = serde_json::from_str::<Registered>(raw) else {
-                    continue;
-                };
-                if let Some(presence) = &r.presence {
-                    let mut hdel = redis::cmd("HDEL");
-                    hdel.arg(presence).arg(id);
-                    bounded(limit, hdel.query_async::<i64>(redis)).await?;
-                }
-                if r.events {
-                    let event = json(&LostEvent {
-                        r#type: "disconnect",
-                        session_id: &r.session_id,
-                        agent_id: &r.agent_id,
-                        connection_id: id,
-                        process,
-                        time: now,
-                        code: crate::close::ABNORMAL,
-                        reason: "process_lost",
-                        duration_ms: now.saturating_sub(r.since),
-                        messages_in: None,
-                        messages_out: None,
-                        reaped_by: &self.process,
-                    });
-                    self.append_event(redis, event.as_bytes(), r.channel.as_deref(), limit)
-                        .await?;
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok((reaped, false));
-            }
+    ) -> Result<(), LifecycleError> {
+        if done.is_empty() && left.is_empty() {
+            return Ok(());
+        }
+        let mut call = self.scripts.finish.prepare_invoke();
+        call.key(self.keys.process_closing(process))
+            .key(self.keys.process_claims(process))
+            .arg(done.len())
+            .arg(done)
+            .arg(left);
+        bounded(limit, call.invoke_async::<i64>(redis)).await?;
+        Ok(())
+    }
+}
+
+/// How long a disconnect event's marker lives, in dead-after times: longer
+/// than any retry of its connection's removal (a claim is taken again after
+/// one dead-after time, at the next beat) plus a shard's failover.
+const SENT_MARK_LIFETIMES: u32 = 4;
+
+/// How far a removal got on a cluster, where its steps are separate
+/// commands (the registration, the presence entry and the event live in
+/// different slots): a retry goes on from the step that failed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Removal {
+    /// The connection is in its process's closing hash (moved there by
+    /// this removal, or found there).
+    pub(super) claimed: bool,
+    /// The presence entry is gone.
+    pub(super) presence_removed: bool,
+    /// The event is in the stream (written by this removal, or found
+    /// written).
+    pub(super) recorded: bool,
+    /// This removal wrote the event and still owes the session's channel
+    /// its copy.
+    pub(super) publish: bool,
+}
+
+/// A connection a removal closes on a cluster.
+pub(super) struct Closing<'a> {
+    pub(super) id: &'a str,
+    pub(super) session_id: &'a str,
+    pub(super) agent_id: &'a str,
+    /// When it opened (ms), for the record a reaper may read.
+    pub(super) since: u64,
+    /// Its disconnect event, or empty.
+    pub(super) event: &'a str,
+}
+
+/// What closing a connection writes outside its process's slot.
+pub(super) struct Writes<'a> {
+    pub(super) id: &'a str,
+    pub(super) presence: Option<&'a str>,
+    /// The event, or empty.
+    pub(super) event: &'a [u8],
+    pub(super) channel: Option<&'a str>,
+}
+
+/// The scripts of the steps on a cluster that each write one slot.
+#[derive(Debug)]
+pub(super) struct ClusterScripts {
+    pub(super) reap_own: redis::Script,
+    pub(super) claim: redis::Script,
+    pub(super) finish: redis::Script,
+    pub(super) event_once: redis::Script,
+}
+
+impl ClusterScripts {
+    pub(super) fn new() -> Self {
+        Self {
+            reap_own: redis::Script::new(scripts::REAP_OWN),
+            claim: redis::Script::new(scripts::CLAIM),
+            finish: redis::Script::new(scripts::FINISH),
+            event_once: redis::Script::new(scripts::EVENT_ONCE),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The Lua scripts of lifecycle tracking: a connect's registration, a
 //! disconnect's removal, the heartbeat and the reaper of a dead process's
-//! connections. Each runs atomically in Redis (one key slot on a cluster:
-//! the cluster's step-by-step registration is in `cluster.rs`).
+//! connections; and, on a cluster, the steps of a removal or a reap that
+//! live in one slot each (the step-by-step code is in `cluster.rs` and
+//! `reap.rs`). Each runs atomically in Redis.
 
 // KEYS: events stream, the process's connections, the session's presence,
 // the process set. ARGV: connection id, registration, presence entry or
@@ -73,4 +74,92 @@ for i = 1, #entries, 2 do
 end
 if redis.call('HLEN', KEYS[3]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return n
+";
+
+// On a cluster, the part of a reap in the process's slot. KEYS: its
+// heartbeat key, its connections, its closing hash, its claims. ARGV:
+// batch, now (ms), the claims older than this (ms) are free, '1' for this
+// process's own leftovers (no heartbeat check, nothing new taken). Takes
+// again the closing entries whose claim is free (their taker failed or
+// died, or left them for the next try), then moves up to the rest of a
+// batch from
+// the connections to the closing hash; each taken entry's claim is now.
+// Returns -1 if the process is alive after all, 0 when it has nothing
+// left at all (to forget it), else the entries taken: id, record, ...
+// (none: others' fresh claims remain).
+pub(super) const REAP_OWN: &str = r"
+local own = ARGV[4] == '1'
+if not own and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local batch = tonumber(ARGV[1])
+local out = {}
+local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[3], 'LIMIT', 0, batch)
+for _, id in ipairs(stale) do
+  local record = redis.call('HGET', KEYS[3], id)
+  if record then
+    redis.call('ZADD', KEYS[4], ARGV[2], id)
+    out[#out + 1] = id
+    out[#out + 1] = record
+  else
+    redis.call('ZREM', KEYS[4], id)
+  end
+end
+local room = batch - #out / 2
+if not own and room > 0 then
+  local entries = redis.call('HRANDFIELD', KEYS[2], room, 'WITHVALUES')
+  for i = 1, #entries, 2 do
+    redis.call('HDEL', KEYS[2], entries[i])
+    redis.call('HSET', KEYS[3], entries[i], entries[i + 1])
+    redis.call('ZADD', KEYS[4], ARGV[2], entries[i])
+    out[#out + 1] = entries[i]
+    out[#out + 1] = entries[i + 1]
+  end
+end
+if #out == 0 and redis.call('HLEN', KEYS[2]) == 0 and redis.call('ZCARD', KEYS[4]) == 0 then
+  return 0
+end
+return out
+";
+
+// On a cluster, a process's own removal takes its connection. KEYS: its
+// connections, its closing hash, its claims. ARGV: connection id, the
+// closing record (the registration and the disconnect event), now (ms).
+// Returns 1 when the connection is in the closing hash (moved now, or
+// already there: an earlier try whose answer was lost, or a reaper's), 0
+// when it is gone (reaped and done, or never registered).
+pub(super) const CLAIM: &str = r"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+  return 1
+end
+return redis.call('HEXISTS', KEYS[2], ARGV[1])
+";
+
+// On a cluster, the end of a removal or of a reap's batch. KEYS: the
+// closing hash, the claims. ARGV: how many are done, their ids, then the
+// ids left for the next try. The done ones are deleted; the others' claims
+// go to 0, so that the next reap (or sweep) takes them at once.
+pub(super) const FINISH: &str = r"
+local done = tonumber(ARGV[1])
+for i = 2, done + 1 do
+  redis.call('HDEL', KEYS[1], ARGV[i])
+  redis.call('ZREM', KEYS[2], ARGV[i])
+end
+for i = done + 2, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('ZADD', KEYS[2], 'XX', 0, ARGV[i])
+  end
+end
+return 1
+";
+
+// On a cluster, a disconnect event, written once per connection however
+// often it is tried. KEYS: the events stream, the connection's marker.
+// ARGV: event, events MAXLEN, the marker's TTL (ms). Returns 1 when it
+// appended the event, 0 when the marker says it is there already.
+pub(super) const EVENT_ONCE: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+return 1
 ";
