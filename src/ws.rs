@@ -615,13 +615,12 @@ const REMOVAL_ATTEMPTS: u32 = 5;
 /// connection's slot and task are freed at once whatever Redis does. A
 /// failed attempt is retried (each step is idempotent: only the first
 /// that finds the registration writes the event, and on a cluster the
-/// event's marker stops a second). On a cluster the registration is
-/// deleted only once the presence entry and the event are written, so
-/// when every attempt failed it stays in Redis: once taken into the
-/// process's closing hash, this process's heartbeat takes it again a
-/// dead-after time later. When the script never ran on one Redis, the
-/// registration stays until this process's heartbeat lapses or it dies,
-/// and the reaper records it.
+/// event's marker stops a second); the registration is deleted only once
+/// the presence entry and the event are written, so when every attempt
+/// failed it stays in Redis: on a cluster, once taken into the process's
+/// closing hash, this process's heartbeat takes it again a dead-after time
+/// later; otherwise it stays until this process's heartbeat lapses or it
+/// dies, and the reaper records it.
 /// `registering`: a registration still being finished in the background;
 /// the removal starts when it is done.
 pub fn remove_later(

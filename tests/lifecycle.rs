@@ -18,6 +18,9 @@ use wsproxy::config::Config;
 
 const TOKEN: &str = "lifecycle-token";
 
+#[path = "lifecycle/faults.rs"]
+mod faults;
+
 fn tracked(c: &mut Config) {
     c.lifecycle.events = true;
     c.lifecycle.presence = true;

@@ -117,11 +117,14 @@ impl Lifecycle {
                     .arg(self.config.events_max_len)
                     .arg(REAP_BATCH)
                     .arg(&self.process);
-                let n: i64 = bounded(limit, call.invoke_async(redis)).await?;
+                let (n, left, error): (i64, u64, String) =
+                    bounded(limit, call.invoke_async(redis)).await?;
+                reaped.connections = reaped.connections.saturating_add(n.max(0).unsigned_abs());
                 if n <= 0 {
+                    // The failed ones are tried again at the next beat.
+                    reaped.add_left(left, Some(error).filter(|e| !e.is_empty()));
                     break;
                 }
-                reaped.connections = reaped.connections.saturating_add(n.unsigned_abs());
                 if tokio::time::Instant::now() >= deadline {
                     return Ok(reaped);
                 }

@@ -2,7 +2,10 @@
 //! disconnect's removal, the heartbeat and the reaper of a dead process's
 //! connections; and, on a cluster, the steps of a removal or a reap that
 //! live in one slot each (the step-by-step code is in `cluster.rs` and
-//! `reap.rs`). Each runs atomically in Redis.
+//! `reap.rs`). Each runs atomically in Redis. A script that fails half-way
+//! keeps what it already wrote (Redis has no rollback), so the
+//! registration is always deleted last, after every write that can fail:
+//! a failure leaves it where a retry, or a reaper, finds it again.
 
 // KEYS: events stream, the process's connections, the session's presence,
 // the process set. ARGV: connection id, registration, presence entry or
@@ -22,14 +25,18 @@ return 1
 // KEYS: events stream, the process's connections, the session's presence.
 // ARGV: connection id, event or '', events MAXLEN, channel or ''.
 // A connection already reaped (its process was declared dead) has had its
-// disconnect event: nothing to do.
+// disconnect event: nothing to do. The registration goes last: a presence
+// hash or a stream of the wrong type fails the script with the
+// registration still there (the presence entry's removal, done or not, is
+// the same again).
 pub(super) const DISCONNECT: &str = r"
-if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 if ARGV[2] ~= '' then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
   if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[2]) end
 end
+redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 ";
 
@@ -44,36 +51,55 @@ return alive
 
 // KEYS: the process set, the dead process's heartbeat key, its
 // connections, the events stream. ARGV: dead process, now (ms), events
-// MAXLEN, batch, reaping process. Returns -1 if the process is alive after
-// all, else the number of connections reaped (0: done, and the process is
-// forgotten).
+// MAXLEN, batch, reaping process. Returns {-1, 0, ''} if the process is
+// alive after all, else {reaped, left, first error}: the connections
+// reaped (0 and nothing left: done, and the process is forgotten), and
+// those whose presence entry or event failed (a key of the wrong type),
+// left in the hash for the next beat.
 pub(super) const REAP: &str = r"
-if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, 0, ''} end
 local now = tonumber(ARGV[2])
 -- Up to a batch of distinct entries, wherever they are in the hash (a
 -- scan from cursor 0 would walk ever more emptied buckets).
 local entries = redis.call('HRANDFIELD', KEYS[3], ARGV[4], 'WITHVALUES')
-local n = 0
+local n, left, first = 0, 0, ''
+local function failed(reply)
+  if type(reply) == 'table' and reply.err then
+    left = left + 1
+    if first == '' then first = reply.err end
+    return true
+  end
+  return false
+end
 for i = 1, #entries, 2 do
   local id = entries[i]
   local ok, c = pcall(cjson.decode, entries[i + 1])
-  if redis.call('HDEL', KEYS[3], id) == 1 and ok and type(c) == 'table' then
-    if type(c.presence) == 'string' then redis.call('HDEL', c.presence, id) end
-    if c.events == true then
+  local done = true
+  if ok and type(c) == 'table' then
+    if type(c.presence) == 'string' and failed(redis.pcall('HDEL', c.presence, id)) then
+      done = false
+    end
+    if done and c.events == true then
       local since = tonumber(c.since) or now
       local ev = cjson.encode({
         type = 'disconnect', session_id = c.session_id, agent_id = c.agent_id,
         connection_id = id, process = ARGV[1], time = now, code = 1006,
         reason = 'process_lost', duration_ms = math.max(0, now - since),
         messages_in = cjson.null, messages_out = cjson.null, reaped_by = ARGV[5]})
-      redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'event', ev)
-      if type(c.channel) == 'string' then redis.call('PUBLISH', c.channel, ev) end
+      if failed(redis.pcall('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'event', ev)) then
+        done = false
+      elseif type(c.channel) == 'string' then
+        redis.call('PUBLISH', c.channel, ev)
+      end
     end
   end
-  n = n + 1
+  if done then
+    redis.call('HDEL', KEYS[3], id)
+    n = n + 1
+  end
 end
 if redis.call('HLEN', KEYS[3]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
-return n
+return {n, left, first}
 ";
 
 // On a cluster, the part of a reap in the process's slot. KEYS: its
