@@ -98,11 +98,18 @@ fuzz_target!(|data: &[u8]| {
             };
             assert_eq!(who, publisher.as_deref().or(name).unwrap_or("anonymous"));
             let session = session.as_deref().unwrap_or("bound-session");
-            let body = msg.delivered(who, session, NOW).expect("encodes");
+            // The verified subject, when there is one, is wsproxy's: never
+            // what the message says.
+            let subject = (json.len() % 2 == 0).then_some("alice");
+            let body = msg.delivered(who, subject, session, NOW).expect("encodes");
             let got: Value = serde_json::from_str(&body).expect("subscribers get JSON");
             assert_eq!(got["topic"], topic.as_str());
             assert_eq!(got["session_id"], session);
             assert_eq!(got["publisher_name"], who);
+            match subject {
+                Some(s) => assert_eq!(got["publisher_sub"], s),
+                None => assert!(got.get("publisher_sub").is_none(), "{body}"),
+            }
             assert_eq!(got["timestamp"], timestamp.as_deref().unwrap_or(NOW));
             assert_eq!(&got["payload"], payload);
             // The payload passes through as written.
