@@ -34,7 +34,10 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 if ARGV[2] ~= '' then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
-  if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[2]) end
+  -- The channel's copy is best effort (the stream has the event): a
+  -- refused PUBLISH (an ACL) must not fail the script between the XADD
+  -- and the registration's removal, or each retry would add the event again.
+  if ARGV[4] ~= '' then redis.pcall('PUBLISH', ARGV[4], ARGV[2]) end
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
@@ -89,7 +92,7 @@ for i = 1, #entries, 2 do
       if failed(redis.pcall('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'event', ev)) then
         done = false
       elseif type(c.channel) == 'string' then
-        redis.call('PUBLISH', c.channel, ev)
+        redis.pcall('PUBLISH', c.channel, ev) -- best effort, as in DISCONNECT
       end
     end
   end
