@@ -44,7 +44,15 @@ const DEFAULT_LOG: &str = "info,wsproxy=debug";
 
 fn main() -> ExitCode {
     // A .env file is optional; variables already set in the environment win.
-    let dotenv = dotenvy::dotenv();
+    // One that cannot be read whole is a start-up error: dotenvy stops at
+    // the first line it cannot parse, and every setting after it (a
+    // METRICS_TOKEN, say) would be left out without a word.
+    if let Err(e) = dotenvy::dotenv()
+        && !e.not_found()
+    {
+        eprintln!("wsproxy: invalid configuration: .env: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     if let Some(Command::HashPassword { password }) = &cli.command {
         return hash_password(password.clone());
@@ -59,11 +67,6 @@ fn main() -> ExitCode {
     if let Err(e) = init_logging(&config) {
         eprintln!("wsproxy: invalid configuration: {e}");
         return ExitCode::from(2);
-    }
-    if let Err(e) = &dotenv
-        && !e.not_found()
-    {
-        tracing::warn!(error = %e, ".env file could not be read");
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -132,7 +135,11 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("RUST_LOG: {spec:?} is not a valid filter: {e}"))?,
         Err(_) => EnvFilter::new(DEFAULT_LOG),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // A log line that cannot be written (stdout a closed pipe) is dropped:
+    // reporting it on stderr, closed too, would panic the task that logged.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false);
     match config.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         // Colours for a terminal only: a file or journald gets plain text.
@@ -157,8 +164,10 @@ async fn serve(
 /// at once, for the operator who does not want to wait for the drain.
 async fn on_signal(shutdown: CancellationToken) {
     wait_for_signal().await;
-    tracing::info!("signal received; draining (send again to exit now)");
+    // Cancelled before anything is logged: nothing may stand between the
+    // signal and the drain.
     shutdown.cancel();
+    tracing::info!("signal received; draining (send again to exit now)");
     wait_for_signal().await;
     tracing::warn!("second signal; exiting without waiting");
     std::process::exit(130);

@@ -545,3 +545,32 @@ fn a_first_start_explains_itself_in_its_log() {
     assert!(!log.contains("Some("), "{log}");
     let _ = std::fs::remove_file(&users);
 }
+
+/// A `.env` file with a line dotenvy cannot read stops start-up with one
+/// line: dotenvy stops at that line, so every setting after it (here a
+/// METRICS_TOKEN) would otherwise be left out without a word, and
+/// `/metrics` served open.
+#[test]
+fn a_dotenv_file_that_cannot_be_read_whole_stops_startup() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dotenv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(
+        dir.join(".env"),
+        "CORS_ALLOWED_ORIGINS=https://a.example, https://b.example\nMETRICS_TOKEN=abcdefghijklmnopqrstuvwxyz\n",
+    )
+    .expect("write .env");
+    let out = exits_within(
+        wsproxy()
+            .current_dir(&dir)
+            .env_remove("CORS_ALLOWED_ORIGINS")
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0"),
+    );
+    let err = startup_error(&out);
+    assert!(
+        err.contains(".env") && err.contains("https://a.example, https://b.example"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
