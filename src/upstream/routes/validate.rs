@@ -10,7 +10,16 @@ use super::{
 };
 
 /// Paths wsproxy serves itself; a route may not take them over.
-const RESERVED: &[&str] = &["/health", "/ready", "/metrics", "/ws", "/auth/token"];
+const RESERVED: &[&str] = &[
+    "/health",
+    "/ready",
+    "/metrics",
+    "/status",
+    "/status.json",
+    "/ws",
+    "/auth/token",
+    "/_test/echo",
+];
 
 /// What `methods` may list.
 const METHODS: &[&str] = &[
@@ -557,6 +566,18 @@ pub(super) mod tests {
             ),
             (
                 OK.replace("\"/ws/chat\"", "\"/health\""),
+                "routers[0].external_path",
+            ),
+            (
+                OK.replace("\"/ws/chat\"", "\"/status\""),
+                "routers[0].external_path",
+            ),
+            (
+                OK.replace("\"/ws/chat\"", "\"/status.json\""),
+                "routers[0].external_path",
+            ),
+            (
+                OK.replace("\"/ws/chat\"", "\"/_test/echo\""),
                 "routers[0].external_path",
             ),
             (
