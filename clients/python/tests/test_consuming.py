@@ -298,3 +298,59 @@ async def test_what_a_timed_out_read_was_given_is_read_again(wsproxy: Wsproxy, r
     got = await messages.read(block_ms=100)
     assert [(m.message_id, m.redelivered) for m in got] == [("lost-reply", True)]
     await messages.ack(*got)
+
+
+async def test_what_a_left_iteration_did_not_acknowledge_is_handed_out_again(wsproxy: Wsproxy, redis, group):
+    """A handler that raises (or a loop left with ``break``) leaves its entry
+    unacknowledged: iterating the same consumer object again gives it again."""
+    stream = up_stream(0)
+    messages = wsproxy.client_messages(group, "w1", block_ms=100)
+    await messages.ensure_group()
+    await redis.xadd(stream, {"session": "s-f", "agent": "a", "id": "fails-once", "data": "1"})
+    await redis.xadd(stream, {"session": "s-f", "agent": "a", "id": "same-batch", "data": "2"})
+
+    class HandlerFailed(Exception):
+        pass
+
+    try:
+        async with asyncio.timeout(5):
+            async for m in messages:
+                raise HandlerFailed(m.message_id)
+    except HandlerFailed as e:
+        assert str(e) == "fails-once"
+    seen: list[ClientMessage] = []
+    async with asyncio.timeout(5):
+        async for m in messages:
+            seen.append(m)
+            break  # left again, nothing acknowledged
+    async with asyncio.timeout(5):
+        async for m in messages:
+            seen.append(m)
+            await messages.ack(m)
+            if len(seen) == 3:
+                break
+    assert [(m.message_id, m.redelivered) for m in seen] == [
+        ("fails-once", True),
+        ("fails-once", True),
+        ("same-batch", True),
+    ]
+    assert (await redis.xpending(stream, group))["pending"] == 0
+
+
+async def test_a_live_consumers_unacknowledged_entry_goes_to_another_once_idle(wsproxy: Wsproxy, redis, group):
+    """The holder's own claims must not keep resetting the idle time of what it
+    handed out and never acknowledged (a hung handler): another consumer
+    claims it after claim_idle_ms."""
+    stream = up_stream(0)
+    holder = wsproxy.client_messages(group, "holder", claim_idle_ms=300)
+    other = wsproxy.client_messages(group, "other", claim_idle_ms=300)
+    await holder.ensure_group()
+    await redis.xadd(stream, {"session": "s-h", "agent": "a", "id": "held", "data": "1"})
+    held = await collect(holder, 1)  # handed out, never acknowledged
+    for _ in range(3):
+        await asyncio.sleep(0.35)
+        assert await holder.claim() == []  # not handed out twice by the holder
+    claimed = await other.claim()
+    assert [(m.entry_id, m.redelivered) for m in claimed] == [(held[0].entry_id, True)]
+    await other.ack(*claimed)
+    assert (await redis.xpending(stream, group))["pending"] == 0

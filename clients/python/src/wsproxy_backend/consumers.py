@@ -5,7 +5,7 @@ Two kinds of source:
 - **streams** read with a consumer group (reliable client messages in
   ``wsproxy:up:{n}``, events in ``wsproxy:events``): each entry goes to one
   consumer of the group and stays pending until acknowledged; entries a
-  dead consumer held are claimed by another (``XAUTOCLAIM``). See
+  dead consumer held are claimed by another (``XPENDING ... IDLE``, ``XCLAIM``). See
   :class:`GroupConsumer`.
 - **channels** (plain client messages on ``session:{id}:up``, a session's
   events on ``session:{id}:events``): every subscriber gets every message
@@ -103,6 +103,14 @@ class GroupConsumer(Generic[T]):
     Handling must therefore be idempotent, or quick: an entry whose handling
     takes longer than ``claim_idle_ms`` may be claimed by another consumer.
 
+    Leaving the iteration (the handler raised, ``break``) releases what it
+    handed out and was not acknowledged, the rest of its batch included:
+    iterating the same object again gives those entries again, first. (A
+    loop left by an exception or ``break`` is closed by asyncio soon after,
+    not at once; ``contextlib.aclosing`` closes it at once.) An entry this
+    consumer holds is never claimed by this consumer itself, so a handler
+    that hangs does not keep it from the others.
+
     The group is created on first use (``XGROUP CREATE ... MKSTREAM``) at
     ``start``: ``"$"`` (the default) delivers what is added from then on,
     ``"0"`` everything the stream holds. An existing group is left as it is.
@@ -151,8 +159,9 @@ class GroupConsumer(Generic[T]):
         # A read timed out: Redis may have delivered entries nobody saw, which
         # wait in this consumer's pending list.
         self._recheck_pending = False
-        # (stream, entry id) handed out and not yet acknowledged.
-        self._outstanding: set[tuple[str, str]] = set()
+        # (stream, entry id) handed out and not yet acknowledged, with the
+        # iteration that handed it out (None: a direct read/pending/claim).
+        self._outstanding: dict[tuple[str, str], object | None] = {}
         self._last_claim = 0.0
         # On a cluster with several streams: each stream's blocking read.
         self._per_stream = isinstance(redis, RedisCluster) and len(self.streams) > 1
@@ -271,7 +280,7 @@ class GroupConsumer(Generic[T]):
                 log.warning("acknowledging malformed entry %s %s: %s", stream, entry_id, e)
                 gone.append((stream, entry_id))
                 continue
-            self._outstanding.add((stream, entry_id))
+            self._outstanding[(stream, entry_id)] = None
             out.append(item)
         for stream, entry_id in gone:
             await self.redis.xack(stream, self.group, entry_id)
@@ -303,10 +312,13 @@ class GroupConsumer(Generic[T]):
 
     async def claim(self, min_idle_ms: int | None = None, count: int | None = None) -> list[T]:
         """Takes over entries pending longer than ``min_idle_ms`` in any consumer
-        of the group (``XAUTOCLAIM``), e.g. those of a worker that died.
+        of the group (``XCLAIM``), e.g. those of a worker that died.
 
-        Entries this consumer already holds and has not acknowledged are
-        claimed too (which resets their idle time) but not returned again.
+        Entries this consumer has handed out and not acknowledged are left
+        alone (neither claimed, which would reset their idle time and keep
+        them from the others, nor returned again): finds the idle entries
+        with ``XPENDING ... IDLE``, then claims the others (``XCLAIM``, which
+        checks the idle time again).
         """
         idle = min_idle_ms if min_idle_ms is not None else (self.claim_idle_ms or 0)
         want = count or self.count
@@ -314,25 +326,31 @@ class GroupConsumer(Generic[T]):
             await self.ensure_group()
         entries: list[Entry] = []
         for stream in self.streams:
-            cursor = "0-0"
-            while len(entries) < want:
+            ids: list[str] = []
+            start = "-"
+            while len(entries) + len(ids) < want:
                 try:
-                    reply = await self.redis.xautoclaim(
-                        stream, self.group, self.consumer, idle, start_id=cursor, count=want - len(entries)
-                    )
+                    rows = await self.redis.xpending_range(stream, self.group, start, "+", want, idle=idle)
                 except ResponseError as e:
                     if "NOGROUP" not in str(e):
                         raise
                     await self.ensure_group()
                     break
-                cursor = _text(reply[0])
-                for entry in reply[1] or []:
-                    entry_id = _text(entry[0])
-                    fields = _fields(entry[1]) if len(entry) > 1 else None
-                    if (stream, entry_id) not in self._outstanding:
-                        entries.append((stream, entry_id, fields))
-                if cursor == "0-0":
+                for row in rows:
+                    entry_id = _text(row["message_id"])
+                    if (stream, entry_id) not in self._outstanding and len(entries) + len(ids) < want:
+                        ids.append(entry_id)
+                if len(rows) < want:
                     break
+                start = "(" + _text(rows[-1]["message_id"])
+            if not ids:
+                continue
+            reply = await self.redis.xclaim(stream, self.group, self.consumer, idle, ids)
+            for entry in reply or []:
+                if entry is None or entry[0] is None:
+                    continue  # Redis < 7: an entry deleted meanwhile
+                fields = _fields(entry[1]) if len(entry) > 1 else None
+                entries.append((stream, _text(entry[0]), fields))
         self._last_claim = time.monotonic()
         return await self._build(entries, redelivered=True)
 
@@ -346,7 +364,8 @@ class GroupConsumer(Generic[T]):
         acked = 0
         for stream, ids in by_stream.items():
             acked += int(await self.redis.xack(stream, self.group, *ids))
-            self._outstanding.difference_update((stream, i) for i in ids)
+            for i in ids:
+                self._outstanding.pop((stream, i), None)
         return acked
 
     async def __aiter__(self) -> AsyncIterator[T]:
@@ -354,30 +373,50 @@ class GroupConsumer(Generic[T]):
 
         Redis errors (it is restarting, say) are logged and retried with a
         growing delay (up to 5 s); the iteration does not end on them.
+
+        Leaving it releases what it handed out and was not acknowledged (the
+        whole batch's rest included): the next iteration gives that again.
         """
         delay = 0.1
         start = True
-        while True:
-            try:
-                if start:
-                    batch = await self.pending()
-                    start = len(batch) >= self.count
-                    for item in batch:
+        me = object()  # this iteration, owner of what it hands out
+        try:
+            while True:
+                try:
+                    if start:
+                        batch = self._own(await self.pending(), me)
+                        start = len(batch) >= self.count
+                        for item in batch:
+                            yield item
+                        continue
+                    if self.claim_idle_ms is not None and time.monotonic() - self._last_claim >= self.claim_interval:
+                        for item in self._own(await self.claim(), me):
+                            yield item
+                    block = self.block_ms
+                    if self.claim_idle_ms is not None:
+                        block = max(1, min(block, int(self.claim_interval * 1000)))
+                    for item in self._own(await self.read(block_ms=block), me):
                         yield item
-                    continue
-                if self.claim_idle_ms is not None and time.monotonic() - self._last_claim >= self.claim_interval:
-                    for item in await self.claim():
-                        yield item
-                block = self.block_ms
-                if self.claim_idle_ms is not None:
-                    block = max(1, min(block, int(self.claim_interval * 1000)))
-                for item in await self.read(block_ms=block):
-                    yield item
-                delay = 0.1
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-                log.warning("%s: Redis error, retrying in %.1f s: %s", self.group, delay, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                    delay = 0.1
+                except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                    log.warning("%s: Redis error, retrying in %.1f s: %s", self.group, delay, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            # Left (the handler raised, break, aclose): what this iteration
+            # handed out and nobody acknowledged is this consumer's pending
+            # entry again, for its next iteration (or another's claim).
+            for key in [k for k, owner in self._outstanding.items() if owner is me]:
+                del self._outstanding[key]
+                self._recheck_pending = True
+
+    def _own(self, items: list[T], owner: object) -> list[T]:
+        """Marks ``items`` (just handed out) as handed out by the iteration ``owner``."""
+        for item in items:
+            key = (item.stream or "", item.entry_id or "")
+            if key in self._outstanding:
+                self._outstanding[key] = owner
+        return items
 
 
 class ClientMessages(GroupConsumer[ClientMessage]):

@@ -50,7 +50,7 @@ class ClientMessage:
     #: The stream (``wsproxy:up:{n}``) and entry id, for ``XACK``.
     stream: str | None = None
     entry_id: str | None = None
-    #: True when it was claimed from another consumer (``XAUTOCLAIM``) or
+    #: True when it was claimed from another consumer (``XCLAIM``) or
     #: re-read from this consumer's own pending entries.
     redelivered: bool = False
 
