@@ -157,16 +157,27 @@ async def test_a_reliable_stream_batches_what_comes_faster_than_redis_answers(ws
                 assert await stream.send({"n": 300 + i})
         assert stream.calls == 3
         assert [(await recv_json(rel))["data"]["n"] for _ in range(3)] == [300, 301, 302]
-        # A failed call fails its messages and the flush; later ones still go.
+        # A failed call ends the stream: its messages, those queued behind it
+        # and every later send fail, so the reply has no gap a client cannot see.
         stream = wsproxy.reliable_stream(sid, max_batch=2)
+        before = stream.send({"n": 303})
+        await before
         bad = stream.send_raw("not json")
-        good = stream.send({"n": 303})
-        later = stream.send({"n": 304})
+        good = stream.send({"n": 304})
+        later = stream.send({"n": 305})  # queued behind the failing call
         with pytest.raises(WsproxyError, match="must be JSON"):
             await stream.flush()
         assert bad.exception() is not None and good.exception() is not None
-        assert (await later).count("-") == 1
-        assert (await recv_json(rel))["data"]["n"] == 304
+        assert isinstance(later.exception(), WsproxyError)
+        assert stream.error is bad.exception()
+        with pytest.raises(WsproxyError, match="must be JSON"):
+            stream.send({"n": 306})
+        with pytest.raises(WsproxyError, match="must be JSON"):
+            await stream.flush()  # still: the stream has ended
+        assert stream.stored == 1
+        assert (await recv_json(rel))["data"]["n"] == 303
+        with pytest.raises(TimeoutError):
+            await recv_json(rel, timeout=0.5)  # nothing after the failure was published
 
 
 async def test_a_reliable_stream_falls_back_to_one_publish_a_message_on_an_older_library(

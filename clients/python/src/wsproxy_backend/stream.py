@@ -22,10 +22,14 @@ class ReliableStream:
     round trip, and a slow one is published at once, with no timer and no
     added wait. Messages are stored in the order they were sent.
 
-    A call that fails fails the futures of its messages (and
-    :meth:`flush` raises the first such error); later messages are still
-    sent. A batch is all or nothing: one message that is not fit (not
-    JSON, say) fails the messages of its call with a
+    A call that fails ends the stream, so that the reply never has a gap a
+    client could not see: the futures of its messages and of every message
+    queued behind it fail with its error, nothing more is published, and
+    from then on :meth:`send` raises that error and :meth:`flush` (and
+    leaving ``async with``) raises it. What was stored before the failure
+    stays stored. There is no reset: to go on, make a new stream (and tell
+    the client what is missing). A batch is all or nothing: one message
+    that is not fit (not JSON, say) fails the messages of its call with a
     :class:`~wsproxy_backend.models.WsproxyError` naming it, and none of
     them is stored.
 
@@ -57,12 +61,21 @@ class ReliableStream:
         #: Messages stored so far.
         self.stored = 0
 
+    @property
+    def error(self) -> BaseException | None:
+        """The error that ended the stream, ``None`` while it has not failed."""
+        return self._error
+
     def send(self, data: Any) -> asyncio.Future[str]:
-        """Queues ``data`` (as JSON); the future gives its offset once stored."""
+        """Queues ``data`` (as JSON); the future gives its offset once stored.
+
+        Raises the stream's error once a call has failed (see the class)."""
         return self.send_raw(self._encode(data))
 
     def send_raw(self, payload: str) -> asyncio.Future[str]:
         """:meth:`send` for a payload that is JSON text already."""
+        if self._error is not None:
+            raise self._error
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.append((payload, future))
         if self._sender is None or self._sender.done():
@@ -70,13 +83,12 @@ class ReliableStream:
         return future
 
     async def flush(self) -> None:
-        """Waits until everything sent so far is stored; raises the first
-        error of a failed call since the last flush."""
+        """Waits until everything sent so far is stored; raises the error of
+        the failed call if one failed (every time: the stream has ended)."""
         while self._sender is not None and not self._sender.done():
             await asyncio.shield(self._sender)
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
+        if self._error is not None:
+            raise self._error
 
     async def _send_queued(self) -> None:
         while self._queue:
@@ -84,15 +96,15 @@ class ReliableStream:
             del self._queue[: self._max_batch]
             try:
                 offsets = await self._publish_many([payload for payload, _ in batch])
-            except Exception as e:  # the call's messages fail; later ones still go
-                if self._error is None:
-                    self._error = e
-                for _, future in batch:
+            except Exception as e:  # the stream ends: sending what follows would leave a gap
+                self._error = e
+                failed, self._queue = batch + self._queue, []
+                for _, future in failed:
                     if not future.done():
                         future.set_exception(e)
                         # Read here so that an unawaited future does not log.
                         future.exception()
-                continue
+                return
             self.calls += 1
             self.stored += len(batch)
             for (_, future), offset in zip(batch, offsets, strict=True):
