@@ -63,6 +63,12 @@ const ES_CLOSED = 2;
 const BACKEND_CLOSE_CODES = 4000;
 
 const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 30_000, maxAttempts: Infinity };
+/**
+ * A connection that lasted this long (from its welcome, or its open in
+ * plain mode) resets the backoff when it drops; one that dropped sooner
+ * counts as a failed attempt. The Rust client's `STABLE_AFTER`.
+ */
+const STABLE_AFTER_MS = 10_000;
 const DEFAULT_MAX_UNACKED = 1000;
 /** The server's default WS_MAX_MESSAGE_BYTES; a bigger frame is closed with 1009. */
 const DEFAULT_MAX_MESSAGE_BYTES = 1_048_576;
@@ -166,9 +172,11 @@ const UNAVAILABLE_AFTER = 3;
  *   `event: close` with a code from 4000: the backend ended the session)
  * @property {{initialMs?: number, maxMs?: number, maxAttempts?: number}} [backoff]
  *   delay before reconnecting: `min(maxMs, initialMs * 2^n)` for the n-th
- *   consecutive failed attempt (n = 0 after a drop), of which a random part,
- *   up to half, is taken off (jitter). Defaults 500, 30000; `maxAttempts` (default
- *   Infinity) consecutive failed attempts end the session (`gave_up`)
+ *   consecutive failed attempt (n = 0 after a drop of a connection that
+ *   lasted 10 s), of which a random part, up to half, is taken off
+ *   (jitter). A connection dropped within 10 s of its welcome counts as a
+ *   failed attempt. Defaults 500, 30000; `maxAttempts` (default Infinity)
+ *   consecutive failed attempts end the session (`gave_up`)
  * @property {number} [maxUnacked=1000] client messages kept until
  *   acknowledged (sent or waiting for a connection); `send` beyond it
  *   rejects at once with `queue_full`
@@ -310,8 +318,13 @@ export class Session {
   #last = null;
   /** Messages of the current welcome's replay still to come. */
   #replayLeft = 0;
-  /** Consecutive failed attempts. */
+  /**
+   * Consecutive failed attempts, including connections dropped within
+   * STABLE_AFTER_MS of their welcome.
+   */
   #failures = 0;
+  /** When the current socket became usable (Date.now()). */
+  #establishedAt = 0;
   #backoffTimer = null;
   #openTimer = null;
   /** Client messages not yet acknowledged, by id, in send order. */
@@ -602,7 +615,7 @@ export class Session {
     this.#ws = null;
     this.#live = false;
     if (wasLive) {
-      this.#scheduleReconnect({ code, reason });
+      this.#dropped(`code ${code}${reason ? ', ' + reason : ''}`, { closeCode: code, closeReason: reason }, { code, reason });
       return;
     }
     // Browsers hide why an upgrade was refused (401, 403 and an
@@ -665,7 +678,10 @@ export class Session {
     clearTimeout(this.#openTimer);
     this.#openTimer = null;
     this.#live = true;
-    this.#failures = 0;
+    // #failures is reset only when this connection drops after
+    // STABLE_AFTER_MS (#dropped): a server that welcomes and then drops
+    // at once must not be retried at the first backoff step for ever.
+    this.#establishedAt = Date.now();
     this.#plainOnly = 0;
     this.#setState('open', info);
     this.#readyResolve(info.welcome ?? null);
@@ -677,6 +693,27 @@ export class Session {
     } else {
       for (const entry of this.#unacked.values()) this.#transmit(entry);
     }
+  }
+
+  /**
+   * A usable connection dropped. One that lasted STABLE_AFTER_MS resets
+   * the backoff; one that dropped sooner is a failed attempt (its delay
+   * grows, and it counts towards maxAttempts).
+   * @returns {boolean} whether the drop counted as a failed attempt
+   */
+  #dropped(why, details, info, report = null) {
+    const lasted = Date.now() - this.#establishedAt;
+    if (lasted >= STABLE_AFTER_MS) {
+      this.#failures = 0;
+      if (report) this.#report(report);
+      this.#scheduleReconnect(info);
+      return false;
+    }
+    const error = report ?? new SessionError('connect_failed', '');
+    error.message = `the connection dropped ${lasted} ms after it opened, under ${STABLE_AFTER_MS} ms (${why})`;
+    Object.assign(error, details);
+    this.#attemptFailed(error, info);
+    return true;
   }
 
   #attemptFailed(error, info = {}) {
@@ -922,12 +959,15 @@ export class Session {
       // and its own reconnect would skip the replay. Reconnect from the
       // last message delivered instead.
       this.#abandon(es);
-      this.#scheduleReconnect({ code, reason });
+      if (wasLive) this.#dropped(`code ${code}${reason ? ', ' + reason : ''}`, { closeCode: code, closeReason: reason }, { code, reason });
+      else this.#scheduleReconnect({ code, reason });
       return;
     }
     // The EventSource reconnects by itself (after the server's retry:),
     // with Last-Event-ID.
-    if (!wasLive) {
+    if (wasLive && Date.now() - this.#establishedAt >= STABLE_AFTER_MS) {
+      this.#failures = 0;
+    } else {
       this.#failures += 1;
       this.#report(new SessionError('connect_failed', `the event stream failed (attempt ${this.#failures})`, { attempt: this.#failures }));
       if (this.#failures >= this.#o.backoff.maxAttempts) {
@@ -967,8 +1007,7 @@ export class Session {
     const why = status ? `HTTP ${status}${body && body.error ? ' ' + body.error : ''}` : 'the server is unreachable';
     const error = new SessionError('connect_failed', `the event stream failed (${why})`, { status, reply: body });
     if (wasLive) {
-      this.#report(error);
-      this.#scheduleReconnect({ status });
+      this.#dropped(why, { status, reply: body }, { status }, error);
     } else {
       this.#attemptFailed(error, { status });
     }

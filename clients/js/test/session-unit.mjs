@@ -1,0 +1,104 @@
+// Unit tests of session.js that need no server and no browser: a fake
+// WebSocket class stands in for the network. Run: node --test test/session-unit.mjs
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { openSession, PROTOCOL } from '../session.js';
+
+/**
+ * A WebSocket that opens, selects wsproxy.v1, sends a welcome and then
+ * closes (code 1013) at once: a server that accepts the session, then
+ * drops it, for ever.
+ */
+class FlappingWebSocket {
+  static opened = 0;
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocol = '';
+    this.readyState = 0;
+    FlappingWebSocket.opened += 1;
+    setTimeout(() => {
+      this.readyState = 1;
+      this.protocol = Array.isArray(protocols) && protocols.includes(PROTOCOL) ? PROTOCOL : '';
+      this.onopen?.({});
+      this.onmessage?.({ data: JSON.stringify({ type: 'welcome', session_id: 's1', epoch: 'e1', offset: '0-0' }) });
+      this.readyState = 3;
+      this.onclose?.({ code: 1013, reason: 'try again later' });
+    }, 0);
+  }
+  send() {}
+  close() {
+    this.readyState = 3;
+  }
+}
+
+function flapping(extra = {}) {
+  FlappingWebSocket.opened = 0;
+  const delays = [];
+  const errors = [];
+  let closedWith = null;
+  const session = openSession({
+    url: 'ws://127.0.0.1:1',
+    agentId: 'agent',
+    sessionId: 's1',
+    token: 't',
+    WebSocket: FlappingWebSocket,
+    onMessage() {},
+    onResumeFailed() {},
+    onError: (e) => errors.push(e),
+    onStateChange(state, info) {
+      if (state === 'backoff') delays.push(info.delayMs);
+      if (state === 'closed') closedWith = info.error ?? null;
+    },
+    ...extra,
+  });
+  session.ready.catch(() => {});
+  return { session, delays, errors, done: () => closedWith };
+}
+
+const until = async (cond, ms = 5000) => {
+  // performance.now: a test below moves Date.now.
+  const end = performance.now() + ms;
+  while (!cond()) {
+    if (performance.now() > end) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 5));
+  }
+};
+
+test('a connection dropped right after its welcome counts as a failed attempt: the backoff grows and maxAttempts ends it', { timeout: 20_000 }, async () => {
+  const f = flapping({ backoff: { initialMs: 4, maxMs: 1000, maxAttempts: 5 } });
+  try {
+    await until(() => f.done() !== null || FlappingWebSocket.opened > 20);
+  } finally {
+    f.session.close();
+  }
+  // Five connections, each welcomed then dropped; the fifth drop is the fifth failure.
+  assert.equal(FlappingWebSocket.opened, 5);
+  assert.equal(f.done().code, 'gave_up');
+  assert.equal(f.delays.length, 4);
+  // Attempt n waits between half and all of initialMs * 2^n.
+  f.delays.forEach((d, i) => {
+    const ceiling = 4 * 2 ** (i + 1);
+    assert.ok(d >= ceiling / 2 && d <= ceiling, `delay ${i}: ${d} not in [${ceiling / 2}, ${ceiling}] (delays ${f.delays})`);
+  });
+  assert.deepEqual(f.errors.filter((e) => e.code === 'connect_failed').map((e) => e.attempt), [1, 2, 3, 4, 5]);
+});
+
+test('a connection that lasted 10 s resets the backoff', { timeout: 20_000 }, async () => {
+  const realNow = Date.now;
+  try {
+    const f = flapping({ backoff: { initialMs: 4, maxMs: 1000, maxAttempts: 3 } });
+    await until(() => f.delays.length === 2);
+    // From now on the clock moves 10 s at every look: each connection
+    // "lasted" 10 s, and each drop resets the count.
+    let t = realNow();
+    Date.now = () => (t += 10_000);
+    await until(() => f.delays.length >= 8 || f.done() !== null);
+    const ended = f.done();
+    f.session.close();
+    assert.equal(ended, null, `ended early: ${ended?.message}`);
+    // Every delay after the switch is the first step again.
+    for (const d of f.delays.slice(3)) assert.ok(d >= 2 && d <= 4, `delays ${f.delays}`);
+  } finally {
+    Date.now = realNow;
+  }
+});
