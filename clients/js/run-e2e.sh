@@ -57,6 +57,9 @@ if [[ ! -f node_modules/playwright-core/package.json || ! -f node_modules/ws/pac
 fi
 
 export CHROMIUM_PATH
+# session.js's reconnect rules against a fake WebSocket (no server, no
+# browser): drops shorter than 10 s back off and count toward maxAttempts.
+node --test test/session-unit.mjs
 node test/browser-e2e.mjs
 # The demo page (demo/), served by python3 -m http.server, in two tabs; it
 # also needs PUBSUB_ALLOW_ANONYMOUS=true and WS_ALLOWED_ORIGINS allowing
