@@ -1,28 +1,21 @@
 //! Sessions over HTTP: `GET /{agent_id}/sse/{session_id}` streams the
 //! session as Server-Sent Events, `POST` to the same path sends a client
-//! message.
+//! message. A thin writer over the session core: the admission
+//! ([`crate::session::bridge::admit`]) and the driver ([`crate::ws::Driver`])
+//! are the WebSocket endpoint's; [`SseSocket`] turns the driver's frames
+//! into events, and the response body takes them.
 //!
-//! A thin writer over the session core: the admission
-//! ([`crate::session::bridge::admit`]: ids, origin, token, subscription, join or
-//! resume, lifecycle registration) and the driver ([`crate::ws::Driver`]:
-//! outbox, replay, slow consumers, close orders, shutdown) are the
-//! WebSocket endpoint's. Only the socket differs: [`SseSocket`] turns the
-//! driver's frames into events, and the response body takes them.
-//!
-//! - **Plain stream**: each message published on `session:{id}:down` is
-//!   one event whose `data` is the message (a line feed in it splits it
-//!   into `data:` lines, which the browser joins again).
+//! - **Plain stream**: each message on `session:{id}:down` is one event
+//!   whose `data` is the message (a line feed splits it into `data:` lines).
 //! - **Resumable stream** (`?reliable=true`, with `RELIABLE_SESSIONS`): a
-//!   `welcome` event first (the WebSocket welcome's JSON), then each
-//!   message with `id: <epoch>:<offset>` and the backend's JSON as `data`.
-//!   A browser's `EventSource` reconnects by itself with `Last-Event-ID`,
-//!   which resumes exactly after the last event it saw (`?last_event_id=`
-//!   does the same for a client that starts from a stored position).
-//! - **The end**: an `event: close` with `{"code","reason"}` (the close
-//!   code a WebSocket would get), then the stream ends.
+//!   `welcome` event first, then each message with `id: <epoch>:<offset>`
+//!   and the backend's JSON as `data`. `EventSource` reconnects with
+//!   `Last-Event-ID` and resumes just after the last event it saw
+//!   (`?last_event_id=` does the same from a stored position).
+//! - **The end**: `event: close` with `{"code","reason"}` (a WebSocket's
+//!   close code), then the stream ends.
 //! - **Keepalive**: a comment line every `WS_PING_INTERVAL_SECS`; a client
-//!   whose connection takes nothing for `WS_PING_TIMEOUT_SECS` is closed
-//!   as a WebSocket that answers no ping would be.
+//!   that takes nothing for `WS_PING_TIMEOUT_SECS` is closed.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -210,11 +203,9 @@ fn reliable_asked(app: &App, value: Option<&str>) -> Result<bool, ApiError> {
     Ok(asked)
 }
 
-/// An event id, `<epoch>:<offset>` (`Last-Event-ID` or `?last_event_id=`),
-/// as the resume's two halves: split at the first colon, each half checked
-/// as a WebSocket resume's `?epoch=&offset=` are
-/// ([`crate::session::reliable::resume_from`]); `400 invalid_query` otherwise.
-/// Public for the fuzz target `sse_position`.
+/// An event id, `<epoch>:<offset>` (`Last-Event-ID`, `?last_event_id=`),
+/// split at the first colon, each half checked as a WebSocket resume's are
+/// ([`crate::session::reliable::resume_from`]). Public for the fuzz target.
 pub fn parse_position(id: &str) -> Result<(&str, &str), ApiError> {
     let (epoch, offset) = id.split_once(':').ok_or_else(|| {
         ApiError::from(Refusal::InvalidQuery(
@@ -277,8 +268,7 @@ async fn send(
     }
     let config = &app.config;
     let mut redis = app.redis.clone();
-    // The token is checked before the body is read: a client without one
-    // holds nothing (no buffer, no wait) beyond its headers.
+    // The token first: a client without one holds nothing beyond its head.
     let checked = tokio::time::timeout(
         config.auth_timeout,
         crate::auth::check_session_token(
@@ -339,8 +329,7 @@ async fn send(
     }
 }
 
-/// The body length a request declares (`Content-Length`), if it is a
-/// number; a body sent chunked declares none and is counted as it comes.
+/// The body length a request declares (`Content-Length`), if a number.
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(axum::http::header::CONTENT_LENGTH)?
