@@ -363,10 +363,12 @@ async function run() {
       const nodeErrors = node.inbox.map((m) => m.text);
       throw new TestFailure(`browser: no message on ${topicToBrowser} within ${STEP_TIMEOUT_MS} ms; browser frames: ${JSON.stringify(state)}; Node inbox: ${JSON.stringify(nodeErrors)}`);
     });
+  // The seed's five fields, and publisher_sub: the publisher has a token.
   check(
-    isDeepStrictEqual(Object.keys(received).sort(), ['payload', 'publisher_name', 'session_id', 'timestamp', 'topic']),
+    isDeepStrictEqual(Object.keys(received).sort(), ['payload', 'publisher_name', 'publisher_sub', 'session_id', 'timestamp', 'topic']),
     `browser: delivered message has fields ${Object.keys(received).join(', ')}`,
   );
+  check(received.publisher_sub === username, `browser: publisher_sub ${received.publisher_sub}, expected the token's sub ${username}`);
   check(received.publisher_name === nodeName, `browser: publisher_name ${received.publisher_name}, expected ${nodeName}`);
   check(received.topic === topicToBrowser, `browser: topic ${received.topic}`);
   check(received.payload === toBrowser.payload, `browser: payload ${JSON.stringify(received.payload)}, expected ${JSON.stringify(toBrowser.payload)}`);
@@ -387,9 +389,10 @@ async function run() {
   });
   const m = got.json;
   check(
-    isDeepStrictEqual(Object.keys(m).sort(), ['payload', 'publisher_name', 'session_id', 'timestamp', 'topic']),
+    isDeepStrictEqual(Object.keys(m).sort(), ['payload', 'publisher_name', 'publisher_sub', 'session_id', 'timestamp', 'topic']),
     `Node client: delivered message has fields ${Object.keys(m).join(', ')}`,
   );
+  check(m.publisher_sub === username, `Node client: publisher_sub ${m.publisher_sub}, expected the token's sub ${username}`);
   check(m.publisher_name === browserName, `Node client: publisher_name ${m.publisher_name}, expected the browser's registered name ${browserName}`);
   check(m.session_id === sessionId, `Node client: session_id ${m.session_id}, expected ${sessionId}`);
   check(isDeepStrictEqual(m.payload, replyPayload), `Node client: payload ${JSON.stringify(m.payload)}, expected ${JSON.stringify(replyPayload)}`);
