@@ -83,6 +83,9 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Messages that may wait for one slow client before it is disconnected.
     pub outbound_queue: usize,
+    /// How fast one session or topic connection's messages are read;
+    /// `None` reads them as fast as they come.
+    pub client_pace: Option<Pace>,
     /// Upper bound on simultaneously open client connections (HTTP and WS).
     pub max_connections: usize,
     /// Threads that run proxied tunnels, each its own event loop.
@@ -99,8 +102,10 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
     /// File of `username:argon2-hash` lines for `POST /auth/token`.
     pub users_file: Option<std::path::PathBuf>,
-    /// Origins allowed to call `POST /auth/token` from a browser; `*` = any.
-    pub cors_origins: Vec<String>,
+    /// Origins allowed to call `POST /auth/token` from a browser (`*` any,
+    /// `scheme://*.domain` subdomains, as `WS_ALLOWED_ORIGINS`);
+    /// [`crate::origin::AllowedOrigins::SameOrigin`] when none is set.
+    pub cors_origins: crate::origin::AllowedOrigins,
     /// Browser origins allowed to open WebSockets (see [`crate::origin`]).
     pub ws_origins: crate::origin::AllowedOrigins,
     /// When set, `/metrics` answers only `Authorization: Bearer <token>`.
@@ -113,6 +118,33 @@ pub struct Config {
     pub upstream_ca_file: Option<std::path::PathBuf>,
     /// Certificate chain and private key (PEM) to serve wss:// / https.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// A limit on how fast a client's messages are read: one every `interval`
+/// on average, with up to `burst` read back to back (the generic cell rate
+/// algorithm's emission interval and burst).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// The time one message uses up.
+    pub interval: Duration,
+    /// How far ahead of the steady rate a client may get: `burst - 1`
+    /// intervals.
+    pub tolerance: Duration,
+}
+
+impl Pace {
+    /// `rate` messages a second after a burst of `burst`; `None` for a rate
+    /// of 0 (no limit).
+    pub fn new(rate: u32, burst: u32) -> Option<Pace> {
+        if rate == 0 {
+            return None;
+        }
+        let interval = Duration::from_secs(1) / rate;
+        Some(Pace {
+            interval,
+            tolerance: interval.saturating_mul(burst.saturating_sub(1)),
+        })
+    }
 }
 
 /// A value never shown by `Debug` (a token, a password).
@@ -176,6 +208,7 @@ impl Config {
             shutdown_grace_period: Duration::from_secs(30),
             max_message_bytes: 1 << 20,
             outbound_queue: 256,
+            client_pace: Pace::new(100, 200),
             max_connections: 50_000,
             workers: default_workers(),
             log_format: LogFormat::Text,
@@ -188,7 +221,7 @@ impl Config {
             lifecycle: LifecycleConfig::default(),
             jwt: None,
             users_file: None,
-            cors_origins: Vec::new(),
+            cors_origins: crate::origin::AllowedOrigins::SameOrigin,
             ws_origins: crate::origin::AllowedOrigins::SameOrigin,
             metrics_token: None,
             test_echo: false,
@@ -278,6 +311,15 @@ pub struct Cli {
     /// disconnected (1008).
     #[arg(long, env = "WS_OUTBOUND_QUEUE", default_value = "256")]
     pub ws_outbound_queue: String,
+    /// Messages a second one session or topic connection may send, after a
+    /// burst of WS_CLIENT_MESSAGE_BURST; faster ones wait to be read. 0: no
+    /// limit.
+    #[arg(long, env = "WS_CLIENT_MESSAGE_RATE", default_value = "100")]
+    pub ws_client_message_rate: String,
+    /// Messages a session or topic connection may send at once before
+    /// WS_CLIENT_MESSAGE_RATE applies.
+    #[arg(long, env = "WS_CLIENT_MESSAGE_BURST", default_value = "200")]
+    pub ws_client_message_burst: String,
     /// Most client connections open at once; further ones wait to be accepted.
     #[arg(long, env = "MAX_CONNECTIONS", default_value = "50000")]
     pub max_connections: String,
@@ -486,6 +528,18 @@ impl Cli {
                 64..=(64 << 20),
             )?,
             outbound_queue: number("WS_OUTBOUND_QUEUE", &self.ws_outbound_queue, 1..=65_536)?,
+            client_pace: Pace::new(
+                number(
+                    "WS_CLIENT_MESSAGE_RATE",
+                    &self.ws_client_message_rate,
+                    0..=1_000_000,
+                )?,
+                number(
+                    "WS_CLIENT_MESSAGE_BURST",
+                    &self.ws_client_message_burst,
+                    1..=1_000_000,
+                )?,
+            ),
             max_connections: number("MAX_CONNECTIONS", &self.max_connections, 1..=10_000_000)?,
             workers: match self.workers.as_str() {
                 "auto" => default_workers(),
@@ -501,12 +555,10 @@ impl Cli {
                 .as_deref()
                 .filter(|p| !p.trim().is_empty())
                 .map(std::path::PathBuf::from),
-            cors_origins: self
-                .cors_allowed_origins
-                .split(',')
-                .map(|o| o.trim().trim_end_matches('/').to_owned())
-                .filter(|o| !o.is_empty())
-                .collect(),
+            cors_origins: crate::origin::AllowedOrigins::parse(
+                self.cors_allowed_origins.split(','),
+            )
+            .map_err(|e| ConfigError::new("CORS_ALLOWED_ORIGINS", e))?,
             ws_origins: crate::origin::AllowedOrigins::parse(self.ws_allowed_origins.split(','))
                 .map_err(|e| ConfigError::new("WS_ALLOWED_ORIGINS", e))?,
             // Not trimmed: a value of spaces (or one padded with them) is a
@@ -551,16 +603,6 @@ impl Cli {
             },
             ..config
         };
-        for origin in &config.cors_origins {
-            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
-                return Err(ConfigError::new(
-                    "CORS_ALLOWED_ORIGINS",
-                    format!(
-                        "{origin:?} is not an origin (expected e.g. https://app.example.com or *)"
-                    ),
-                ));
-            }
-        }
         Ok(config)
     }
 }
@@ -650,6 +692,29 @@ mod tests {
         assert_eq!(ok.jwt.map(|j| j.issuer), Some("wsproxy".to_owned()));
         let e = parse(&["--cors-allowed-origins", "example.com"]).expect_err("no scheme");
         assert_eq!(e.var, "CORS_ALLOWED_ORIGINS");
+        // A path or a misplaced wildcard never matches a browser's Origin:
+        // refused, not accepted to match nothing.
+        for never in [
+            "https://a.example/app",
+            "https://app.*.example",
+            "https://*.com",
+        ] {
+            let e = parse(&["--cors-allowed-origins", never]).expect_err(never);
+            assert_eq!(e.var, "CORS_ALLOWED_ORIGINS", "{never}");
+            assert!(e.to_string().contains(never), "{e}");
+        }
+        let ok = parse(&[
+            "--cors-allowed-origins",
+            "https://*.a.example, https://b.example/",
+        ])
+        .expect("a subdomain wildcard, and an origin written with its slash");
+        assert_eq!(
+            ok.cors_origins,
+            crate::origin::AllowedOrigins::List(vec![
+                "https://*.a.example".into(),
+                "https://b.example".into()
+            ])
+        );
         let e = parse(&["--ws-allowed-origins", "https://a.example, app.example"])
             .expect_err("no scheme");
         assert_eq!(e.var, "WS_ALLOWED_ORIGINS");

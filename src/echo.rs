@@ -30,6 +30,12 @@ impl Handler for Echo {
     fn on_binary(&mut self, data: bytes::Bytes) -> Reply {
         Reply::Send(Message::Binary(data))
     }
+
+    /// Not paced: the Autobahn suite's performance cases send thousands of
+    /// messages, and what an echo costs stays on this connection.
+    fn paced(&self) -> bool {
+        false
+    }
 }
 
 /// `GET /_test/echo`.

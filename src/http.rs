@@ -64,22 +64,20 @@ pub fn router(gateway: Gateway) -> Router {
 /// `POST /auth/token`, with a small body limit and CORS for the configured
 /// browser origins.
 fn token_route(config: &Config) -> axum::routing::MethodRouter<Gateway> {
+    use crate::origin::AllowedOrigins;
     use tower_http::cors::{AllowOrigin, CorsLayer};
     // The fallback before the layer, so that CORS preflights (OPTIONS)
     // still get their answer from the layer.
     let route = axum::routing::post(issue_token).fallback(only_post);
-    if config.cors_origins.is_empty() {
-        return route;
-    }
-    let origins = if config.cors_origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(
-            config
-                .cors_origins
-                .iter()
-                .filter_map(|o| axum::http::HeaderValue::from_str(o).ok()),
-        )
+    let origins = match &config.cors_origins {
+        AllowedOrigins::SameOrigin => return route,
+        AllowedOrigins::Any => AllowOrigin::any(),
+        listed @ AllowedOrigins::List(_) => {
+            let listed = listed.clone();
+            AllowOrigin::predicate(move |origin, _| {
+                origin.to_str().is_ok_and(|origin| listed.lists(origin))
+            })
+        }
     };
     route.layer(
         CorsLayer::new()

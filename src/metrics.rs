@@ -146,6 +146,8 @@ pub struct Metrics {
     pub messages_up: Counter,
     /// Client messages that could not be published because Redis failed.
     pub publish_failures: Counter,
+    /// Times a connection's reading was paused by WS_CLIENT_MESSAGE_RATE.
+    pub client_reads_held: Counter,
     /// Times the shared pub/sub connection was re-established.
     pub redis_reconnects: Counter,
     /// 1 while the shared pub/sub connection is up.
@@ -229,6 +231,7 @@ impl Metrics {
             messages_down: Counter::default(),
             messages_up: Counter::default(),
             publish_failures: Counter::default(),
+            client_reads_held: Counter::default(),
             redis_reconnects: Counter::default(),
             redis_connected: Gauge::default(),
             broker_channels: Gauge::default(),
@@ -347,6 +350,11 @@ impl Metrics {
             "publish_failures",
             "Client messages not published because Redis failed",
             self.publish_failures.clone(),
+        );
+        registry.register(
+            "client_reads_held",
+            "Times a session or topic connection's reading paused for its message rate limit",
+            self.client_reads_held.clone(),
         );
         registry.register(
             "invalid_messages",

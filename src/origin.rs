@@ -44,6 +44,8 @@ impl AllowedOrigins {
     pub fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
         let mut list = Vec::new();
         for item in items.into_iter().map(str::trim).filter(|s| !s.is_empty()) {
+            // `https://app.example/` is that origin as a browser sends it.
+            let item = item.strip_suffix('/').unwrap_or(item);
             if item == "*" {
                 return Ok(Self::Any);
             }
@@ -99,6 +101,17 @@ impl AllowedOrigins {
             Self::List(list) => {
                 list.iter().any(|o| listed(o, origin)) || same_origin(origin, headers)
             }
+        }
+    }
+
+    /// True when `origin` (an `Origin` header's value) is listed, or any is
+    /// allowed; wsproxy's own origin is not considered (CORS answers only
+    /// other origins).
+    pub fn lists(&self, origin: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::SameOrigin => false,
+            Self::List(list) => list.iter().any(|o| listed(o, origin.trim())),
         }
     }
 

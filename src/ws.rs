@@ -30,6 +30,8 @@ use crate::context::{App, ConnectionSlot};
 use crate::metrics::CloseReason;
 use crate::session::lifecycle::{Ended, Gone, Tracking};
 
+mod pace;
+
 /// Close codes this driver sends (the table is [`crate::close`]).
 pub use crate::close::{
     GOING_AWAY as CLOSE_GOING_AWAY, INTERNAL as CLOSE_INTERNAL, INVALID_DATA as CLOSE_INVALID_DATA,
@@ -78,6 +80,11 @@ pub trait Handler: Send + Sync + 'static {
     /// Whether a message from the outbox goes to the client: a reliable
     /// session drops the live copies of the messages it has just replayed.
     fn deliver(&mut self, _msg: &Message) -> bool {
+        true
+    }
+    /// Whether the client's messages are read at `WS_CLIENT_MESSAGE_RATE`:
+    /// yes wherever they reach Redis and other clients.
+    fn paced(&self) -> bool {
         true
     }
 }
@@ -160,6 +167,8 @@ type Stop = CloseReason;
 enum Event {
     Heartbeat,
     Expired,
+    /// A read held for the client's message rate may go on.
+    Resume,
     Frame(Option<Result<Message, axum::Error>>),
     Outgoing(Outgoing),
 }
@@ -365,6 +374,7 @@ impl<H: Handler> Driver<H> {
         let mut expiry = self
             .expires
             .map(|at| Box::pin(tokio::time::sleep_until(at)));
+        let mut throttle = pace::Throttle::default();
 
         loop {
             // Wait for the next event; the select's futures are gone before
@@ -382,10 +392,11 @@ impl<H: Handler> Driver<H> {
                             None => std::future::pending().await,
                         }
                     } => Event::Expired,
-                    frame = socket.next() => Event::Frame(frame),
+                    _ = throttle.wait() => Event::Resume,
+                    frame = socket.next(), if !throttle.held => Event::Frame(frame),
                     out = self.outbox.pop() => Event::Outgoing(out),
                 };
-                self.step(socket, &mut beat, event)?
+                self.step(socket, &mut beat, &mut throttle, event)?
             } {
                 Step::Done => Reply::None,
                 Step::Write(write) => {
@@ -406,9 +417,14 @@ impl<H: Handler> Driver<H> {
         &'a mut self,
         socket: &'a mut S,
         beat: &'a mut Beat,
+        throttle: &mut pace::Throttle,
         event: Event,
     ) -> Result<Step<'a>, Stop> {
         Ok(match event {
+            Event::Resume => {
+                throttle.held = false;
+                Step::Done
+            }
             Event::Heartbeat => {
                 if beat.awaiting_pong {
                     return Err(Stop::HeartbeatTimeout);
@@ -450,10 +466,12 @@ impl<H: Handler> Driver<H> {
             Event::Frame(Some(Err(e))) => return Err(classify(e)),
             Event::Frame(Some(Ok(Message::Text(text)))) => {
                 self.tracking.messages_in += 1;
+                self.pace(throttle);
                 Step::Handle(self.handler.on_text(text))
             }
             Event::Frame(Some(Ok(Message::Binary(data)))) => {
                 self.tracking.messages_in += 1;
+                self.pace(throttle);
                 match self.handler.on_binary(data) {
                     Reply::None => Step::Done,
                     Reply::Send(msg) => Step::Write(Box::pin(self.write(socket, msg))),
@@ -471,6 +489,17 @@ impl<H: Handler> Driver<H> {
                 Step::Done
             }
         })
+    }
+
+    /// Counts a client message against `WS_CLIENT_MESSAGE_RATE`, holding
+    /// the next read when the client is ahead of it (see [`pace`]).
+    fn pace(&self, throttle: &mut pace::Throttle) {
+        if let Some(pace) = self.app.config.client_pace
+            && self.handler.paced()
+            && throttle.count(pace, tokio::time::Instant::now())
+        {
+            self.app.metrics.client_reads_held.inc();
+        }
     }
 
     /// Writes `first` and what else the outbox holds right now (at most

@@ -61,6 +61,8 @@ fn help_lists_every_variable() {
         "SHUTDOWN_GRACE_PERIOD_SECS",
         "WS_MAX_MESSAGE_BYTES",
         "WS_OUTBOUND_QUEUE",
+        "WS_CLIENT_MESSAGE_RATE",
+        "WS_CLIENT_MESSAGE_BURST",
         "MAX_CONNECTIONS",
         "WORKERS",
         "LOG_FORMAT",
@@ -138,6 +140,10 @@ fn bad_number_and_bad_log_filter_are_refused() {
     assert!(err.contains("RUST_LOG"), "{err}");
     let err = refused("HISTORY_MAX_LEN", "0");
     assert!(err.contains("HISTORY_MAX_LEN"), "{err}");
+    let err = refused("WS_CLIENT_MESSAGE_BURST", "0");
+    assert!(err.contains("WS_CLIENT_MESSAGE_BURST"), "{err}");
+    let err = refused("WS_CLIENT_MESSAGE_RATE", "-1");
+    assert!(err.contains("WS_CLIENT_MESSAGE_RATE"), "{err}");
     let err = refused("RELIABLE_SESSIONS", "maybe");
     assert!(
         err.contains("RELIABLE_SESSIONS") && err.contains("maybe"),

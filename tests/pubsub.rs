@@ -902,3 +902,50 @@ async fn publisher_sub_is_the_token_subject_whatever_the_publisher_says() {
     assert_eq!(got["payload"], 3, "{got}");
     assert!(got.get("publisher_sub").is_none(), "{got}");
 }
+
+/// `CORS_ALLOWED_ORIGINS` takes what `WS_ALLOWED_ORIGINS` takes: a
+/// `scheme://*.domain` entry answers the preflight of a subdomain's page
+/// (it used to be accepted at start-up and then match nothing).
+#[tokio::test]
+async fn token_cors_takes_subdomain_wildcards_like_websocket_origins() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        with_auth(c);
+        c.cors_origins =
+            wsproxy::origin::AllowedOrigins::parse(["https://*.app.example", "https://b.example/"])
+                .expect("valid origins");
+    })
+    .await;
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS /auth/token HTTP/1.1\r\nHost: t\r\nOrigin: {origin}\r\n\
+             Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type\r\n\
+             Connection: close\r\n\r\n"
+        )
+    };
+    for (origin, allowed) in [
+        ("https://eu.app.example", true),
+        ("https://b.example", true),
+        ("https://app.example", false),
+        ("http://eu.app.example", false),
+        ("https://evil.example", false),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        s.write_all(preflight(origin).as_bytes())
+            .await
+            .expect("write");
+        let mut raw = Vec::new();
+        within(WAIT, "the preflight's answer", s.read_to_end(&mut raw))
+            .await
+            .expect("read");
+        let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        assert_eq!(
+            head.contains(&format!("access-control-allow-origin: {origin}")),
+            allowed,
+            "{origin}: {head}"
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! How fast a connection's messages are read (`WS_CLIENT_MESSAGE_RATE`,
+//! `WS_CLIENT_MESSAGE_BURST`), at the production defaults: a flood is
+//! slowed, never refused, and deliveries go on meanwhile.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Messages the test sends back to back: the default burst (200) and two
+/// seconds more at the default rate (100 a second).
+const SENT: usize = 400;
+
+#[tokio::test]
+async fn a_client_past_its_burst_is_read_at_the_rate_and_loses_nothing() {
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 60).await;
+    let mut sub = redis.subscribe(&format!("session:{session}:up")).await;
+    let ws = server.connect(&session, "tok").await;
+    let (mut tx, mut rx) = ws.split();
+    // Small frames: all of them fit in the socket buffers at once, so the
+    // client is as fast as it can be.
+    for i in 0..SENT {
+        within(
+            WAIT,
+            "sending",
+            tx.feed(Message::text(format!("{{\"n\":{i}}}"))),
+        )
+        .await
+        .expect("send");
+    }
+    within(WAIT, "flushing", tx.flush()).await.expect("flush");
+
+    let mut published = sub.on_message();
+    let first = next_published(&mut published).await;
+    let started = Instant::now();
+    assert_eq!(first, r#"{"n":0}"#);
+    for i in 1..=250 {
+        assert_eq!(
+            next_published(&mut published).await,
+            format!("{{\"n\":{i}}}")
+        );
+    }
+    // Past the burst, the client's reads are held; what the backend sends
+    // still reaches it at once.
+    redis
+        .publish(&format!("session:{session}:down"), r#"{"down":1}"#)
+        .await;
+    let down = within(WAIT, "the down message", rx.next()).await;
+    let delivered = Instant::now();
+    assert!(
+        matches!(&down, Some(Ok(Message::Text(t))) if t.as_str() == r#"{"down":1}"#),
+        "{down:?}"
+    );
+    for i in 251..SENT {
+        assert_eq!(
+            next_published(&mut published).await,
+            format!("{{\"n\":{i}}}")
+        );
+    }
+    let finished = Instant::now();
+    assert!(
+        delivered < finished,
+        "the down message waited for the held client messages"
+    );
+    // 200 messages past the burst at 100 a second: about 2 s. Only a lower
+    // bound is checked: a slow machine makes it longer, never shorter.
+    let took = finished - started;
+    assert!(
+        took >= Duration::from_millis(1500),
+        "{SENT} messages were read in {took:?}: not paced"
+    );
+    assert!(server.metric("wsproxy_client_reads_held_total").await >= 100.0);
+    assert_eq!(
+        server.metric("wsproxy_messages_up_total").await,
+        SENT as f64
+    );
+}
+
+#[tokio::test]
+async fn a_rate_of_zero_reads_as_fast_as_the_client_sends() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| c.client_pace = None).await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 60).await;
+    let mut sub = redis.subscribe(&format!("session:{session}:up")).await;
+    let mut ws = server.connect(&session, "tok").await;
+    for i in 0..SENT {
+        send_text(&mut ws, &format!("{{\"n\":{i}}}")).await;
+    }
+    let mut published = sub.on_message();
+    for i in 0..SENT {
+        assert_eq!(
+            next_published(&mut published).await,
+            format!("{{\"n\":{i}}}")
+        );
+    }
+    assert_eq!(server.metric("wsproxy_client_reads_held_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn topic_connections_are_paced_too() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        c.pubsub.allow_anonymous = true;
+        c.client_pace = wsproxy::config::Pace::new(100, 5);
+    })
+    .await;
+    let url = format!("ws://{}/ws", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("topic connection");
+    for _ in 0..20 {
+        within(WAIT, "sending", ws.feed(Message::text("ping")))
+            .await
+            .expect("send");
+    }
+    within(WAIT, "flushing", ws.flush()).await.expect("flush");
+    server
+        .wait_metric("wsproxy_client_reads_held_total", 15.0)
+        .await;
+}
