@@ -59,8 +59,14 @@ const MAX_POSITION_LEN = 64;
 const OPEN = 1;
 /** `EventSource.CLOSED`: the EventSource gave up and will not reconnect. */
 const ES_CLOSED = 2;
-/** Close codes from which an SSE session does not come back: the backend's (control `disconnect`). */
-const BACKEND_CLOSE_CODES = 4000;
+/**
+ * Close codes from which a session does not come back, over either
+ * transport: wsproxy itself never sends them, only a backend's control
+ * `disconnect` (usually with the token revoked), which ends the session.
+ */
+function isBackendClose(code) {
+  return code >= 4000 && code <= 4999;
+}
 
 const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 30_000, maxAttempts: Infinity };
 /**
@@ -161,15 +167,16 @@ const UNAVAILABLE_AFTER = 3;
  *   (`connect_failed`, `connect_timeout`, `token_failed`), frames the
  *   server refused (`server_error`) or that break the protocol
  *   (`protocol_error`), and fatal errors (`error.fatal`:
- *   `reliable_unavailable`, `gave_up`, `invalid_url`). Without it they go to
+ *   `reliable_unavailable`, `gave_up`, `invalid_url`, and `server_closed`:
+ *   a close code 4000-4999, or over SSE an `event: close` with one, the
+ *   backend ending the session with a control `disconnect`). Without it they go to
  *   `console.warn`. A browser fails a handshake whose 101 selects no
  *   subprotocol, which looks like any failed attempt: after each failed
  *   reliable handshake the session opens a plain connection with the same
  *   token (and closes it at once); when that works three attempts in a
  *   row, the server has reliable sessions off: `reliable_unavailable`.
  *   Transport sse adds `post_failed` (a POST got no answer, or an
- *   unexpected one; it is sent again) and the fatal `server_closed` (an
- *   `event: close` with a code from 4000: the backend ended the session)
+ *   unexpected one; it is sent again)
  * @property {{initialMs?: number, maxMs?: number, maxAttempts?: number}} [backoff]
  *   delay before reconnecting: `min(maxMs, initialMs * 2^n)` for the n-th
  *   consecutive failed attempt (n = 0 after a drop of a connection that
@@ -269,6 +276,11 @@ function unavailable(how) {
   );
 }
 
+/** The fatal error of a close code 4000-4999 (see isBackendClose). */
+function backendClosed(code, reason) {
+  return new SessionError('server_closed', `the backend closed the session (code ${code}${reason ? ', ' + reason : ''})`, { closeCode: code, closeReason: reason });
+}
+
 /** Calls an application callback; what it throws must not break the session. */
 function invoke(fn, ...args) {
   if (typeof fn !== 'function') return;
@@ -346,7 +358,8 @@ export class Session {
   /**
    * Resolves with the first welcome (plain mode: with null once the first
    * socket opened); rejects if the session is closed first, or with the
-   * fatal error (`reliable_unavailable`, `gave_up`, `invalid_url`).
+   * fatal error (`reliable_unavailable`, `gave_up`, `invalid_url`,
+   * `server_closed`).
    * @type {Promise<Welcome|null>}
    */
   ready;
@@ -474,10 +487,10 @@ export class Session {
    *   (`maxUnacked` messages wait already), `too_large`, `invalid_data`,
    *   `invalid_id`, `duplicate_id` (that id waits already), `closed` (the
    *   session was closed first; the message may or may not have been
-   *   stored), `reliable_unavailable` or `gave_up` (the session failed), or
-   *   in plain mode `not_connected`; with transport sse also `id_conflict`
-   *   and `invalid_message` (the server refused the POST), `server_closed`,
-   *   and in plain mode `post_failed`
+   *   stored), `reliable_unavailable`, `gave_up` or `server_closed` (the
+   *   session failed), or in plain mode `not_connected`; with transport sse
+   *   also `id_conflict` and `invalid_message` (the server refused the
+   *   POST), and in plain mode `post_failed`
    */
   send(data, options = {}) {
     if (this.#closed) return Promise.reject(new SessionError('closed', 'the session is closed'));
@@ -614,6 +627,12 @@ export class Session {
     const wasLive = this.#live;
     this.#ws = null;
     this.#live = false;
+    if (isBackendClose(code)) {
+      // The backend ended the session (control `disconnect`), as over SSE:
+      // a reconnect would be refused (a revoked token) or undo its decision.
+      this.#fail(backendClosed(code, reason));
+      return;
+    }
     if (wasLive) {
       this.#dropped(`code ${code}${reason ? ', ' + reason : ''}`, { closeCode: code, closeReason: reason }, { code, reason });
       return;
@@ -918,9 +937,9 @@ export class Session {
   }
 
   /**
-   * `event: close`: the server ends the stream. Codes from 4000 are the
+   * `event: close`: the server ends the stream. Codes 4000-4999 are the
    * backend's (a control `disconnect`, often with the token revoked): the
-   * session ends. Others (1001 shutdown, 1008 slow consumer, 1013) are
+   * session ends, as on a WebSocket. Others (1001 shutdown, 1008 slow consumer, 1013) are
    * followed by the EventSource's own reconnect, which resumes.
    */
   #onSseClose(es, ev) {
@@ -934,9 +953,7 @@ export class Session {
     const code = close && Number.isInteger(close.code) ? close.code : 1005;
     const reason = close && typeof close.reason === 'string' ? close.reason : '';
     this.#lastClose = { code, reason };
-    if (code >= BACKEND_CLOSE_CODES) {
-      this.#fail(new SessionError('server_closed', `the backend closed the session (code ${code}${reason ? ', ' + reason : ''})`, { closeCode: code, closeReason: reason }));
-    }
+    if (isBackendClose(code)) this.#fail(backendClosed(code, reason));
   }
 
   #onSseError(es, url) {

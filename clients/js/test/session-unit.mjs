@@ -102,3 +102,71 @@ test('a connection that lasted 10 s resets the backoff', { timeout: 20_000 }, as
     Date.now = realNow;
   }
 });
+
+/**
+ * A WebSocket that opens, selects wsproxy.v1 and sends a welcome, then
+ * closes with `closeCode` (if any) after `closeAfterMs`. `bufferedAmount`
+ * grows by each frame sent, as when the network does not take them.
+ */
+class ScriptedWebSocket {
+  static sockets = [];
+  static closeCode = null;
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocol = '';
+    this.readyState = 0;
+    this.bufferedAmount = 0;
+    this.sent = [];
+    ScriptedWebSocket.sockets.push(this);
+    setTimeout(() => {
+      this.readyState = 1;
+      this.protocol = Array.isArray(protocols) && protocols.includes(PROTOCOL) ? PROTOCOL : '';
+      this.onopen?.({});
+      if (this.protocol) this.onmessage?.({ data: JSON.stringify({ type: 'welcome', session_id: 's1', epoch: 'e1', offset: '0-0' }) });
+      const code = ScriptedWebSocket.closeCode;
+      if (code !== null) {
+        this.readyState = 3;
+        this.onclose?.({ code, reason: 'revoked' });
+      }
+    }, 0);
+  }
+  send(frame) {
+    this.sent.push(frame);
+    this.bufferedAmount += frame.length;
+  }
+  close() {
+    this.readyState = 3;
+  }
+}
+
+function scripted(closeCode, extra = {}) {
+  ScriptedWebSocket.sockets = [];
+  ScriptedWebSocket.closeCode = closeCode;
+  return flapping({ WebSocket: ScriptedWebSocket, ...extra });
+}
+
+test('a backend close code (4000-4999) over WebSocket ends the session, as over SSE: server_closed, no reconnect', { timeout: 10_000 }, async () => {
+  const f = scripted(4001, { backoff: { initialMs: 1, maxMs: 10, maxAttempts: 20 } });
+  try {
+    await until(() => f.done() !== null || ScriptedWebSocket.sockets.length > 3, 2000);
+  } finally {
+    f.session.close();
+  }
+  assert.equal(ScriptedWebSocket.sockets.length, 1);
+  const fatal = f.done();
+  assert.equal(fatal.code, 'server_closed');
+  assert.equal(fatal.fatal, true);
+  assert.equal(fatal.closeCode, 4001);
+  assert.equal(fatal.closeReason, 'revoked');
+  assert.equal(f.session.state, 'closed');
+});
+
+test('a close code below 4000 (1013) over WebSocket still reconnects', { timeout: 10_000 }, async () => {
+  const f = scripted(1013, { backoff: { initialMs: 1, maxMs: 10, maxAttempts: 20 } });
+  try {
+    await until(() => ScriptedWebSocket.sockets.length >= 3 || f.done() !== null, 2000);
+  } finally {
+    f.session.close();
+  }
+  assert.ok(ScriptedWebSocket.sockets.length >= 3, `${ScriptedWebSocket.sockets.length} connections`);
+});
