@@ -79,6 +79,8 @@ const DEFAULT_MAX_UNACKED = 1000;
 /** The server's default WS_MAX_MESSAGE_BYTES; a bigger frame is closed with 1009. */
 const DEFAULT_MAX_MESSAGE_BYTES = 1_048_576;
 const DEFAULT_OPEN_TIMEOUT_MS = 15_000;
+/** A token function that hangs must not stall the session: past this, the attempt failed. */
+const DEFAULT_TOKEN_TIMEOUT_MS = 10_000;
 /**
  * Consecutive attempts whose reliable handshake failed while a plain one
  * worked, before the session concludes the server has reliable sessions
@@ -191,6 +193,9 @@ const UNAVAILABLE_AFTER = 3;
  *   (the server's `WS_MAX_MESSAGE_BYTES`); bigger rejects with `too_large`
  * @property {number} [openTimeoutMs=15000] one attempt's limit, up to the
  *   welcome (0: none)
+ * @property {number} [tokenTimeoutMs=10000] how long a `token` function may
+ *   take; past it the attempt failed (`token_failed`) and the backoff
+ *   applies, and a late answer is ignored (0: no limit)
  * @property {Position} [resumeFrom] resume from here on the first
  *   connection (a position saved from `session.position`, or `{epoch,
  *   offset: '0-0'}` for the whole history)
@@ -403,6 +408,10 @@ export class Session {
     if (typeof o.openTimeoutMs !== 'number' || !(o.openTimeoutMs >= 0)) {
       throw new TypeError('openTimeoutMs must be a number >= 0');
     }
+    o.tokenTimeoutMs = o.tokenTimeoutMs ?? DEFAULT_TOKEN_TIMEOUT_MS;
+    if (typeof o.tokenTimeoutMs !== 'number' || !(o.tokenTimeoutMs >= 0)) {
+      throw new TypeError('tokenTimeoutMs must be a number >= 0');
+    }
     if (o.transport === 'sse') {
       o.EventSource = o.EventSource ?? globalThis.EventSource;
       if (typeof o.EventSource !== 'function') throw new TypeError('no EventSource class');
@@ -543,13 +552,24 @@ export class Session {
     this.#setState('connecting', { attempt: this.#failures + 1 });
     let token = this.#o.token;
     if (typeof token === 'function') {
+      const { tokenTimeoutMs } = this.#o;
+      let timer = null;
       try {
-        token = await token();
+        // A token function that never settles (a hung request) would
+        // otherwise stall the session for ever, in `connecting`.
+        const late = new Promise((_, reject) => {
+          if (tokenTimeoutMs > 0) {
+            timer = setTimeout(() => reject(new Error(`the token function did not answer within ${tokenTimeoutMs} ms (tokenTimeoutMs)`)), tokenTimeoutMs);
+          }
+        });
+        token = await Promise.race([token(), late]);
       } catch (cause) {
         if (!this.#closed) {
           this.#attemptFailed(new SessionError('token_failed', `could not get a token: ${cause && cause.message ? cause.message : cause}`, { cause }));
         }
         return;
+      } finally {
+        clearTimeout(timer);
       }
       if (this.#closed) return;
       if (typeof token !== 'string' || token === '') {

@@ -170,3 +170,32 @@ test('a close code below 4000 (1013) over WebSocket still reconnects', { timeout
   }
   assert.ok(ScriptedWebSocket.sockets.length >= 3, `${ScriptedWebSocket.sockets.length} connections`);
 });
+
+test('a token function that never settles fails the attempt after tokenTimeoutMs: backoff, then gave_up', { timeout: 10_000 }, async () => {
+  let calls = 0;
+  const f = scripted(null, {
+    token: () => {
+      calls += 1;
+      return new Promise(() => {});
+    },
+    tokenTimeoutMs: 20,
+    backoff: { initialMs: 1, maxMs: 10, maxAttempts: 3 },
+  });
+  try {
+    await until(() => f.done() !== null, 2000);
+  } finally {
+    f.session.close();
+  }
+  assert.equal(calls, 3);
+  assert.equal(ScriptedWebSocket.sockets.length, 0);
+  assert.equal(f.done().code, 'gave_up');
+  assert.deepEqual(f.errors.filter((e) => e.code === 'token_failed').map((e) => e.attempt), [1, 2, 3]);
+  assert.match(f.errors[0].message, /20 ms/);
+});
+
+test('tokenTimeoutMs must be a number >= 0', () => {
+  const base = { url: 'ws://127.0.0.1:1', agentId: 'a', sessionId: 's', token: 't', onMessage() {}, onResumeFailed() {}, WebSocket: ScriptedWebSocket };
+  assert.throws(() => openSession({ ...base, tokenTimeoutMs: -1 }), TypeError);
+  assert.throws(() => openSession({ ...base, tokenTimeoutMs: '5' }), TypeError);
+});
+
