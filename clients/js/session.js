@@ -76,6 +76,11 @@ const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 30_000, maxAttempts: Infinity }
  */
 const STABLE_AFTER_MS = 10_000;
 const DEFAULT_MAX_UNACKED = 1000;
+/**
+ * A plain send refuses while the socket holds this much not yet sent (its
+ * `bufferedAmount`): the bound a reliable session has in maxUnacked.
+ */
+const DEFAULT_MAX_BUFFERED_BYTES = 1_048_576;
 /** The server's default WS_MAX_MESSAGE_BYTES; a bigger frame is closed with 1009. */
 const DEFAULT_MAX_MESSAGE_BYTES = 1_048_576;
 const DEFAULT_OPEN_TIMEOUT_MS = 15_000;
@@ -189,6 +194,9 @@ const UNAVAILABLE_AFTER = 3;
  * @property {number} [maxUnacked=1000] client messages kept until
  *   acknowledged (sent or waiting for a connection); `send` beyond it
  *   rejects at once with `queue_full`
+ * @property {number} [maxBufferedBytes=1048576] plain mode over WebSocket: `send` rejects at
+ *   once with `queue_full` while the socket's `bufferedAmount` (bytes it has
+ *   not sent yet) is this or more
  * @property {number} [maxMessageBytes=1048576] largest frame `send` sends
  *   (the server's `WS_MAX_MESSAGE_BYTES`); bigger rejects with `too_large`
  * @property {number} [openTimeoutMs=15000] one attempt's limit, up to the
@@ -403,6 +411,7 @@ export class Session {
       maxAttempts: positiveNumber(b.maxAttempts, 'backoff.maxAttempts', DEFAULT_BACKOFF.maxAttempts),
     };
     o.maxUnacked = positiveNumber(o.maxUnacked, 'maxUnacked', DEFAULT_MAX_UNACKED);
+    o.maxBufferedBytes = positiveNumber(o.maxBufferedBytes, 'maxBufferedBytes', DEFAULT_MAX_BUFFERED_BYTES);
     o.maxMessageBytes = positiveNumber(o.maxMessageBytes, 'maxMessageBytes', DEFAULT_MAX_MESSAGE_BYTES);
     o.openTimeoutMs = o.openTimeoutMs ?? DEFAULT_OPEN_TIMEOUT_MS;
     if (typeof o.openTimeoutMs !== 'number' || !(o.openTimeoutMs >= 0)) {
@@ -479,7 +488,9 @@ export class Session {
    *
    * Plain mode: sends `JSON.stringify(data)` on the open socket, with no
    * acknowledgement (the promise resolves at once); a refused frame comes
-   * back as an `{"type":"error",...}` message to `onMessage`.
+   * back as an `{"type":"error",...}` message to `onMessage`. While the
+   * socket has `maxBufferedBytes` not yet sent, it rejects with
+   * `queue_full` instead.
    *
    * Transport sse: the same, by `fetch` POST. Reliable messages go one
    * POST at a time in send order, each answered with its ack; one without
@@ -493,7 +504,8 @@ export class Session {
    * @returns {Promise<Ack|void>} resolves with the acknowledgement; rejects
    *   with a {@link SessionError} whose `code` is `not_stored` (Redis could
    *   not take it; `reply` is the server's frame), `queue_full`
-   *   (`maxUnacked` messages wait already), `too_large`, `invalid_data`,
+   *   (`maxUnacked` messages wait already; plain: `maxBufferedBytes` wait
+   *   in the socket), `too_large`, `invalid_data`,
    *   `invalid_id`, `duplicate_id` (that id waits already), `closed` (the
    *   session was closed first; the message may or may not have been
    *   stored), `reliable_unavailable`, `gave_up` or `server_closed` (the
@@ -838,6 +850,12 @@ export class Session {
     }
     if (longerThan(json, this.#o.maxMessageBytes)) {
       return Promise.reject(new SessionError('too_large', `the message is larger than ${this.#o.maxMessageBytes} bytes (maxMessageBytes)`));
+    }
+    // The socket queues whatever it is given: a page sending faster than
+    // the network takes it would grow without bound. The application
+    // hears of it, as of a full maxUnacked, and can wait and send again.
+    if (ws.bufferedAmount >= this.#o.maxBufferedBytes) {
+      return Promise.reject(new SessionError('queue_full', `${ws.bufferedAmount} bytes wait in the socket, not yet sent (maxBufferedBytes)`));
     }
     ws.send(json);
     return Promise.resolve();

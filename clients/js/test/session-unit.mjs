@@ -199,3 +199,22 @@ test('tokenTimeoutMs must be a number >= 0', () => {
   assert.throws(() => openSession({ ...base, tokenTimeoutMs: '5' }), TypeError);
 });
 
+
+test('a plain send refuses with queue_full while the socket buffers maxBufferedBytes or more', { timeout: 10_000 }, async () => {
+  const f = scripted(null, { reliable: false, maxBufferedBytes: 10 });
+  try {
+    await f.session.ready;
+    const ws = ScriptedWebSocket.sockets[0];
+    await f.session.send('0123456'); // 9 bytes of JSON: under the limit when sent
+    assert.equal(ws.bufferedAmount, 9);
+    await f.session.send('x'); // 9 < 10: still taken
+    assert.equal(ws.bufferedAmount, 12);
+    await assert.rejects(f.session.send('y'), { code: 'queue_full' });
+    assert.equal(ws.sent.length, 2);
+    ws.bufferedAmount = 0; // the network took it
+    await f.session.send('z');
+    assert.equal(ws.sent.length, 3);
+  } finally {
+    f.session.close();
+  }
+});
