@@ -6,6 +6,8 @@ import asyncio
 import json
 import uuid
 
+import pytest
+import redis.asyncio as aioredis
 from conftest import UP_SHARDS
 from support import AGENT, client, send_reliable, welcome
 
@@ -354,3 +356,15 @@ async def test_a_live_consumers_unacknowledged_entry_goes_to_another_once_idle(w
     assert [(m.entry_id, m.redelivered) for m in claimed] == [(held[0].entry_id, True)]
     await other.ack(*claimed)
     assert (await redis.xpending(stream, group))["pending"] == 0
+
+
+@pytest.mark.parametrize("idle", [0, -1])
+@pytest.mark.parametrize("kind", ["client_messages", "events"])
+def test_claim_idle_ms_must_be_positive(kind: str, idle: int):
+    """0 (or less) would have every claim() take what live consumers are handling."""
+    wsproxy = Wsproxy(aioredis.Redis())
+    with pytest.raises(ValueError, match="claim_idle_ms"):
+        getattr(wsproxy, kind)("g", "c", claim_idle_ms=idle)
+    # None turns claiming off; 1 ms is the shortest accepted.
+    assert getattr(wsproxy, kind)("g", "c", claim_idle_ms=None).claim_idle_ms is None
+    assert getattr(wsproxy, kind)("g", "c", claim_idle_ms=1).claim_idle_ms == 1

@@ -58,8 +58,8 @@ async def test_events_consumer_reads_acks_and_claims_spec_events(redis, group):
         assert d.raw == DISCONNECT and d.stream == stream and d.entry_id
         # Unacknowledged ones go to another consumer once idle.
         await events.ack(c, r)
-        other = w.events(group, "e2", claim_idle_ms=0)
-        claimed = await other.claim()
+        other = w.events(group, "e2")
+        claimed = await other.claim(min_idle_ms=0)
         assert [e.entry_id for e in claimed] == [d.entry_id] and claimed[0].redelivered
         await other.ack(*claimed)
         assert (await redis.xpending(stream, group))["pending"] == 0

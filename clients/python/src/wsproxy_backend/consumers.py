@@ -102,6 +102,8 @@ class GroupConsumer(Generic[T]):
     consumer's next start, or to another consumer once idle long enough).
     Handling must therefore be idempotent, or quick: an entry whose handling
     takes longer than ``claim_idle_ms`` may be claimed by another consumer.
+    ``claim_idle_ms`` must be positive (``ValueError``): 0 would claim what
+    the other consumers are handling right now. ``None`` turns claiming off.
 
     Leaving the iteration (the handler raised, ``break``) releases what it
     handed out and was not acknowledged, the rest of its batch included:
@@ -140,6 +142,10 @@ class GroupConsumer(Generic[T]):
             raise ValueError("at least one stream")
         if not group or not consumer:
             raise ValueError("group and consumer names must not be empty")
+        if claim_idle_ms is not None and claim_idle_ms <= 0:
+            # Every entry handed out is pending with some idle time: 0 would
+            # have each claim() take what live consumers are handling now.
+            raise ValueError(f"claim_idle_ms must be positive (milliseconds), or None for no claims, not {claim_idle_ms!r}")
         self.redis = redis
         self.streams = list(streams)
         self.group = group
