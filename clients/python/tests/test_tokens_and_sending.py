@@ -8,6 +8,7 @@ import pytest
 from support import client, recv_json, welcome
 from websockets.exceptions import InvalidStatus
 
+import wsproxy_backend.client as wsproxy_client
 from wsproxy_backend import Wsproxy, WsproxyError
 
 
@@ -199,5 +200,48 @@ async def test_a_reliable_stream_falls_back_to_one_publish_a_message_on_an_older
             assert [await recv_json(rel) for _ in range(2)] == [
                 {"type": "message", "offset": o, "data": {"n": n}} for n, o in zip([1, 2], offsets, strict=True)
             ]
+    finally:
+        await redis.function_load(code, replace=True)
+
+
+async def test_the_fallback_for_an_older_library_is_all_or_nothing(
+    wsproxy: Wsproxy, wsproxy_server, redis, sid, monkeypatch
+):
+    """Without wsproxy_publish_batch, a batch with one unfit message publishes none of it, as the batch function."""
+    lib = await redis.function_list(library="wsproxy", withcode=True)
+    entry = dict(zip(lib[0][::2], lib[0][1::2], strict=True))
+    code = entry["library_code"]
+    older = code.replace("register_function('wsproxy_publish_batch'", "register_function('not_wsproxy_publish_batch'")
+    history = f"session:{sid}:history"
+    token = await wsproxy.issue_token(sid)
+    try:
+        await redis.function_load(older, replace=True)
+        fresh = Wsproxy(wsproxy.redis)
+        async with client(wsproxy_server.ws, sid, token, reliable=True) as rel:
+            await welcome(rel)
+            # Each unfit kind the library refuses, as the last of three: the first two stay unpublished.
+            too_deep = "[" * 1001 + "]" * 1001  # cjson nests 1000 levels, Python's json fewer
+            for bad in ["not json", '{"n":NaN}', '"\x01"', '"\\ud800"', "\ud800", too_deep]:
+                with pytest.raises(WsproxyError, match=r"message 3: .*\(nothing was published\)"):
+                    await fresh.send_reliable_many_raw(sid, ['{"n":1}', '{"n":2}', bad])
+            assert fresh._batch_missing
+            assert await redis.xlen(history) == 0
+            with pytest.raises(TimeoutError):
+                await recv_json(rel, timeout=0.5)
+            # What the library takes goes out in order, in one transaction.
+            deep = "[" * 1000 + "]" * 1000
+            offsets = await fresh.send_reliable_many_raw(sid, ['{"n":1}', '{"t":"é\\n"}', deep])
+            assert [await recv_json(rel) for _ in range(2)] == [
+                {"type": "message", "offset": o, "data": d} for d, o in zip([{"n": 1}, {"t": "é\n"}], offsets[:2], strict=True)
+            ]
+            # (Too deep for the test's own json.loads: read from the history.)
+            assert [(i, f["d"]) for i, f in await redis.xrange(history)][2] == (offsets[2], deep)
+            # EXEC undoes nothing: a message the check passes and the library
+            # refuses (none is known; simulated) leaves the others published,
+            # and the error says which.
+            monkeypatch.setattr(wsproxy_client, "_unfit", lambda payload: None)
+            with pytest.raises(WsproxyError, match=r"must be JSON \(message 2\); published nevertheless: 1: \S+, 3: \S+$"):
+                await fresh.send_reliable_many_raw(sid, ['{"n":4}', "not json", '{"n":5}'])
+            assert await redis.xlen(history) == 5
     finally:
         await redis.function_load(code, replace=True)

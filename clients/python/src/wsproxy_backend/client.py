@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import secrets
 import urllib.parse
 from collections.abc import Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NoReturn, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -52,6 +54,45 @@ def _cluster_node(seed: str | tuple[str, int]) -> tuple[ClusterNode, dict[str, s
 
 def _json(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+#: How deep Redis' cjson nests arrays and objects (its decode_max_depth).
+_CJSON_MAX_DEPTH = 1000
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unfit(payload: str | bytes) -> str | None:
+    r"""Why ``wsproxy_publish`` would refuse ``payload``, or None: the
+    library's checks (``rejected`` in src/session/history.rs), so that the
+    fallback of :meth:`Wsproxy.send_reliable_many_raw` can refuse a whole
+    batch before any of it is published.
+
+    >>> [_unfit(p) for p in ['{"a":[1]}', '{"a":NaN}', '"\\ud800"', '"\x01"']]
+    [None, 'the message must be JSON', 'the message must be JSON', 'the message must be JSON']
+    """
+    try:
+        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
+        text.encode("utf-8")  # a lone surrogate
+    except UnicodeError:
+        return "the message must be valid UTF-8"
+    try:
+        # Like the library, json refuses control characters in strings, and
+        # NaN and Infinity with parse_constant. An escaped lone surrogate
+        # ("\ud800") json takes and cjson does not: the encode refuses it.
+        json.dumps(json.loads(text, parse_constant=_no_constant), ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError):
+        return "the message must be JSON"
+    except RecursionError:
+        # Nested deeper than Python recurses (a little under cjson's 1000):
+        # only the depth is told here; Redis checks the rest.
+        bare = _JSON_STRING.sub('""', text)
+        if max(itertools.accumulate((c in "[{") - (c in "]}") for c in bare)) > _CJSON_MAX_DEPTH:
+            return "the message must be JSON"
+    return None
 
 
 def new_token(nbytes: int = 32) -> str:
@@ -333,9 +374,18 @@ class Wsproxy:
 
     async def send_reliable_many_raw(self, session_id: str, payloads: Sequence[str]) -> list[str]:
         """:meth:`send_reliable_many` for payloads that are JSON text already
-        (1 to 1,000 of them). Against a wsproxy whose library has no
-        ``wsproxy_publish_batch`` (an older version loaded it last), it
-        publishes one ``wsproxy_publish`` a message instead."""
+        (1 to 1,000 of them).
+
+        Against a wsproxy whose library has no ``wsproxy_publish_batch`` (an
+        older version loaded it last), it sends one ``wsproxy_publish`` a
+        message instead, still all or nothing: each message is first checked
+        as the library would, and an unfit one fails the batch before any is
+        sent; then all go in one ``MULTI``/``EXEC``, which Redis runs
+        together or not at all (a connection lost midway publishes none).
+        ``EXEC`` does not undo what ran when one call in it fails, so a
+        message the library refuses although the check passed it (none is
+        known) leaves the others published: the :class:`WsproxyError` then
+        says which, and their offsets."""
         if not 1 <= len(payloads) <= MAX_BATCH:
             raise ValueError(f"send 1 to {MAX_BATCH} messages a call, not {len(payloads)}")
         if not self._batch_missing:
@@ -348,7 +398,27 @@ class Wsproxy:
                 if "Function not found" not in str(e):
                     raise WsproxyError(str(e)) from e
                 self._batch_missing = True
-        return [await self.send_reliable_raw(session_id, p) for p in payloads]
+        for i, payload in enumerate(payloads, 1):
+            why = _unfit(payload)
+            if why:
+                raise WsproxyError(f"wsproxy_publish: message {i}: {why} (nothing was published)")
+        history = self.names.history_key(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for payload in payloads:
+                pipe.fcall("wsproxy_publish", 1, history, payload)
+            replies = await pipe.execute(raise_on_error=False)
+        failed = [(i, r) for i, r in enumerate(replies, 1) if isinstance(r, Exception)]
+        if not failed:
+            return [_text(r) for r in replies]
+        i, error = failed[0]
+        if "Function not found" in str(error):
+            raise WsproxyError(
+                "wsproxy_publish is not loaded in this Redis: start a wsproxy with RELIABLE_SESSIONS=true on it"
+            ) from error
+        stored = [f"{k}: {_text(r)}" for k, r in enumerate(replies, 1) if not isinstance(r, Exception)]
+        raise WsproxyError(
+            f"{error} (message {i}); published nevertheless: {', '.join(stored) or 'none'}"
+        ) from error
 
     def reliable_stream(self, session_id: str, *, max_batch: int = MAX_BATCH) -> ReliableStream:
         """A :class:`~wsproxy_backend.stream.ReliableStream` of ``session_id``:
