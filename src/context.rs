@@ -56,6 +56,9 @@ pub struct App {
     pub disconnects: Arc<crate::session::control::Recent>,
     /// The last closed connections, for the status page.
     pub closes: crate::close::Recent,
+    /// The sessions whose clients' messages are ahead of their steady rate
+    /// (see [`crate::pace`]).
+    pub paces: crate::pace::Paces,
 }
 
 impl App {

@@ -70,6 +70,9 @@ pub enum Refusal {
     BodyTooLarge(Cow<'static, str>),
     /// A request body that did not arrive in time.
     BodyTimeout(Cow<'static, str>),
+    /// A session's messages further ahead of `WS_CLIENT_MESSAGE_RATE`
+    /// than a request may wait.
+    RateLimited(Cow<'static, str>),
     /// A proxied path a backend could read as another route's.
     BadPath(Cow<'static, str>),
     /// No backend could be reached or completed its handshake.
@@ -116,6 +119,7 @@ impl Refusal {
             Self::InvalidWebsocketKey(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -151,6 +155,7 @@ impl Refusal {
             Self::InvalidWebsocketKey(_) => "invalid_websocket_key",
             Self::BodyTooLarge(_) => "body_too_large",
             Self::BodyTimeout(_) => "body_timeout",
+            Self::RateLimited(_) => "rate_limited",
             Self::BadPath(_) => "bad_path",
             Self::BackendUnavailable(_) => "backend_unavailable",
             Self::BackendTimeout(_) => "backend_timeout",
@@ -186,6 +191,7 @@ impl Refusal {
             | Self::InvalidWebsocketKey(m)
             | Self::BodyTooLarge(m)
             | Self::BodyTimeout(m)
+            | Self::RateLimited(m)
             | Self::BadPath(m)
             | Self::BackendUnavailable(m)
             | Self::BackendTimeout(m)
@@ -335,6 +341,7 @@ mod tests {
             ),
             (Refusal::BodyTooLarge("m".into()), 413, "body_too_large"),
             (Refusal::BodyTimeout("m".into()), 408, "body_timeout"),
+            (Refusal::RateLimited("m".into()), 429, "rate_limited"),
             (Refusal::BackendTimeout("m".into()), 504, "backend_timeout"),
             (Refusal::ServerFull("m".into()), 503, "server_full"),
             (

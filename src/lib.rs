@@ -84,6 +84,7 @@ pub mod logsafe;
 pub mod metrics;
 pub mod net;
 pub mod origin;
+pub mod pace;
 pub mod pubsub;
 pub mod redis_conn;
 pub mod redis_tls;

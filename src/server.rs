@@ -228,6 +228,7 @@ pub async fn run(
             config.auth_timeout * 2,
         )),
         closes: Default::default(),
+        paces: Default::default(),
     });
     tokio::spawn(crate::session::control::listen(
         app.broker.clone(),

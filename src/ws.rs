@@ -87,6 +87,11 @@ pub trait Handler: Send + Sync + 'static {
     fn paced(&self) -> bool {
         true
     }
+    /// The budget the connection's messages share with others (its
+    /// session's, see [`crate::pace`]); `None`: its own.
+    fn pace_key(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// The counters a driver keeps for its endpoint.
@@ -496,7 +501,11 @@ impl<H: Handler> Driver<H> {
     fn pace(&self, throttle: &mut pace::Throttle) {
         if let Some(pace) = self.app.config.client_pace
             && self.handler.paced()
-            && throttle.count(pace, tokio::time::Instant::now())
+            && throttle.count(
+                pace,
+                self.handler.pace_key().map(|key| (key, &self.app.paces)),
+                tokio::time::Instant::now(),
+            )
         {
             self.app.metrics.client_reads_held.inc();
         }

@@ -1,11 +1,13 @@
-//! How fast a connection's messages are read (`WS_CLIENT_MESSAGE_RATE`,
+//! How fast a client's messages are taken (`WS_CLIENT_MESSAGE_RATE`,
 //! `WS_CLIENT_MESSAGE_BURST`), at the production defaults: a flood is
-//! slowed, never refused, and deliveries go on meanwhile.
+//! slowed, never refused, deliveries go on meanwhile, and a session's
+//! connections and POSTs share one budget.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::sse::post;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -124,4 +126,103 @@ async fn topic_connections_are_paced_too() {
     server
         .wait_metric("wsproxy_client_reads_held_total", 15.0)
         .await;
+}
+
+/// Two connections of one session, each within the burst alone, together
+/// past it: the second half is read at the session's rate.
+#[tokio::test]
+async fn a_sessions_connections_share_one_budget() {
+    let redis = Redis::start().await;
+    let server = Server::start(&redis.url()).await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 60).await;
+    let mut sub = redis.subscribe(&format!("session:{session}:up")).await;
+    let mut a = server.connect(&session, "tok").await;
+    let mut b = server.connect(&session, "tok").await;
+    for (ws, name) in [(&mut a, "a"), (&mut b, "b")] {
+        for i in 0..SENT / 2 {
+            within(
+                WAIT,
+                "sending",
+                ws.feed(Message::text(format!("{{\"{name}\":{i}}}"))),
+            )
+            .await
+            .expect("send");
+        }
+        within(WAIT, "flushing", ws.flush()).await.expect("flush");
+    }
+    let mut published = sub.on_message();
+    let _ = next_published(&mut published).await;
+    let started = Instant::now();
+    let mut seen = 1;
+    while seen < SENT {
+        let m = next_published(&mut published).await;
+        assert!(m.starts_with("{\"a\":") || m.starts_with("{\"b\":"), "{m}");
+        seen += 1;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "{SENT} messages over two connections were read in {took:?}: each had a budget of its own"
+    );
+    assert_eq!(
+        server.metric("wsproxy_messages_up_total").await,
+        SENT as f64
+    );
+}
+
+/// A session's POSTs wait their turn; one whose turn is further away than
+/// AUTH_TIMEOUT_SECS is answered 429, and nothing else is lost.
+#[tokio::test]
+async fn posts_wait_their_turn_and_past_auth_timeout_get_429() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        c.client_pace = wsproxy::config::Pace::new(10, 2);
+        c.auth_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 60).await;
+    let mut sub = redis.subscribe(&format!("session:{session}:up")).await;
+    let path = format!("/agent/sse/{session}");
+    let posts = (0..20).map(|i| {
+        let path = path.clone();
+        let addr = server.addr;
+        tokio::spawn(async move {
+            post(
+                addr,
+                &path,
+                &["Authorization: Bearer tok"],
+                &format!("{{\"n\":{i}}}"),
+            )
+            .await
+        })
+    });
+    let mut ok = 0;
+    let mut limited = 0;
+    for answer in futures_util::future::join_all(posts).await {
+        let (status, body) = answer.expect("the post's task");
+        match status {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(body["error"], "rate_limited", "{body}");
+                limited += 1;
+            }
+            other => panic!("status {other}: {body}"),
+        }
+    }
+    // Two at once, then one every 100 ms for at most a second: about 12.
+    assert!((2..=13).contains(&ok), "{ok} published, {limited} refused");
+    assert!(limited >= 7, "{ok} published, {limited} refused");
+    let mut published = sub.on_message();
+    for _ in 0..ok {
+        next_published(&mut published).await;
+    }
+    assert_eq!(server.metric("wsproxy_messages_up_total").await, ok as f64);
+    assert_eq!(
+        server
+            .metric("wsproxy_session_posts_total{outcome=\"rate_limited\"}")
+            .await,
+        limited as f64
+    );
 }

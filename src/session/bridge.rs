@@ -573,6 +573,10 @@ impl Handler for Bridge {
         Box::pin(self.forward_up(text))
     }
 
+    fn pace_key(&self) -> Option<&str> {
+        Some(&self.session_id)
+    }
+
     fn on_binary(&mut self, _data: bytes::Bytes) -> Reply {
         self.app.metrics.invalid_message(InvalidMessage::Binary);
         Reply::text(socket_error(
@@ -590,6 +594,36 @@ impl Bridge {
             Ok(()) => Reply::None,
             Err(Refusal::InvalidJson(m)) => Reply::text(socket_error("invalid_json", &m)),
             Err(refusal) => Reply::text(socket_error("publish_failed", &refusal.message())),
+        }
+    }
+}
+
+/// Waits for the turn of one `POST`ed message of `session_id` under
+/// `WS_CLIENT_MESSAGE_RATE`, shared with the session's WebSockets (see
+/// [`crate::pace`]); `429 rate_limited` when it is further away than
+/// `AUTH_TIMEOUT_SECS`.
+pub(crate) async fn wait_turn(app: &App, session_id: &str) -> Result<(), ApiError> {
+    let Some(pace) = app.config.client_pace else {
+        return Ok(());
+    };
+    let now = tokio::time::Instant::now();
+    let limit = app.config.auth_timeout;
+    match app.paces.reserve(session_id, pace, now, limit) {
+        Some(turn) if turn > now => {
+            app.metrics.client_reads_held.inc();
+            tokio::time::sleep_until(turn).await;
+            Ok(())
+        }
+        Some(_) => Ok(()),
+        None => {
+            app.metrics.session_post("rate_limited");
+            Err(Refusal::RateLimited(
+                format!(
+                    "this session's messages are more than AUTH_TIMEOUT_SECS ({limit:?}) ahead of WS_CLIENT_MESSAGE_RATE; send more slowly"
+                )
+                .into(),
+            )
+            .into())
         }
     }
 }

@@ -219,6 +219,10 @@ impl crate::ws::Handler for ReliableBridge {
         Box::pin(self.store(text))
     }
 
+    fn pace_key(&self) -> Option<&str> {
+        Some(&self.session_id)
+    }
+
     fn on_binary(&mut self, _data: bytes::Bytes) -> Reply {
         self.app.metrics.invalid_message(InvalidMessage::Binary);
         Reply::text(socket_error(

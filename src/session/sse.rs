@@ -225,11 +225,10 @@ pub struct PostQuery {
     reliable: Option<String>,
 }
 
-/// `POST /{agent_id}/sse/{session_id}`: one client message. Plain: any
-/// JSON, published on `session:{id}:up` (`200 {"status":"published"}`).
-/// With `?reliable=true`: stored once in `wsproxy:up:{n}`, answered with
-/// the ack a WebSocket client gets (`200`), `409` for `id_conflict`,
-/// `503` for `not_stored`, `400` for anything else.
+/// `POST /{agent_id}/sse/{session_id}`: one client message, in its turn.
+/// Plain: JSON, published on `session:{id}:up` (`200 {"status":"published"}`).
+/// `?reliable=true`: stored once in `wsproxy:up:{n}`, answered with a
+/// WebSocket's ack (`200`), `409` `id_conflict`, `503` `not_stored`, `400`.
 pub async fn post(
     State(app): State<Arc<App>>,
     path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
@@ -297,6 +296,7 @@ async fn send(
         app.metrics.session_post("invalid");
         return Err(Refusal::InvalidJson("the body is not UTF-8".into()).into());
     };
+    crate::session::bridge::wait_turn(&app, &session_id).await?;
     if reliable {
         let (stored, answer) =
             crate::session::reliable::store_message(&app, &mut redis, &session_id, &agent_id, text)

@@ -95,6 +95,7 @@ fn app(queue: usize) -> Arc<App> {
         history_loaded_for: Default::default(),
         disconnects: Arc::new(crate::session::control::Recent::new(Duration::from_secs(1))),
         closes: Default::default(),
+        paces: Default::default(),
     })
 }
 
