@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 mod auth;
+mod ignored;
 mod parse;
 mod redis;
 mod sessions;

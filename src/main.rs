@@ -57,6 +57,7 @@ fn main() -> ExitCode {
     if let Some(Command::HashPassword { password }) = &cli.command {
         return hash_password(password.clone());
     }
+    let ignored = cli.ignored();
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(e) => {
@@ -67,6 +68,9 @@ fn main() -> ExitCode {
     if let Err(e) = init_logging(&config) {
         eprintln!("wsproxy: invalid configuration: {e}");
         return ExitCode::from(2);
+    }
+    for line in &ignored {
+        tracing::warn!("{line}");
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -499,8 +499,8 @@ impl Drop for Running {
 }
 
 /// What a newcomer's first start shows: the address it listens on as an
-/// address, the Redis it cannot reach (never its password), a warning for
-/// USERS_FILE without JWT_SECRET, a log line for a SIGHUP with no routes
+/// address, the Redis it cannot reach (never its password), warnings for
+/// a setting that does nothing here and USERS_FILE without JWT_SECRET, a log line for a SIGHUP with no routes
 /// file, and no colour codes when the log is not a terminal.
 #[test]
 fn a_first_start_explains_itself_in_its_log() {
@@ -526,8 +526,12 @@ fn a_first_start_explains_itself_in_its_log() {
                 format!("redis://:hunter2@127.0.0.1:{dead_redis}"),
             )
             .env("USERS_FILE", &users)
+            .env("HISTORY_MAX_LEN", "50")
             .env("RUST_LOG", "info"),
     );
+    let ignored =
+        server.wait_for("HISTORY_MAX_LEN is set but has no effect without RELIABLE_SESSIONS=true");
+    assert!(ignored.contains("WARN"), "{ignored}");
     let warning = server.wait_for("USERS_FILE is set but JWT_SECRET is not");
     assert!(warning.contains("WARN"), "{warning}");
     let listening = server.wait_for("wsproxy listening");
