@@ -8,6 +8,7 @@
 #   BIN=/tmp/wsproxy-old ROUNDS=3 WHAT="idle down" bash bench/alloc-ab.sh "old=env"
 #   TARGET=reliable WHAT=idle bash bench/alloc-ab.sh "r=env RELIABLE_SESSIONS=true"
 #   N_RATE=1000 WHAT=rate bash bench/alloc-ab.sh "w2=env" "w1=env TOKIO_WORKER_THREADS=1"
+#   WHAT=up bash bench/alloc-ab.sh "old=/tmp/run-old.sh" "new=/tmp/run-new.sh"
 # (N: connections held idle, default 10000; N_RATE: sessions at 2,000/s, default 100)
 # Each argument is LABEL=PREFIX, PREFIX a command prefix such as "env X=y".
 set -uo pipefail
@@ -38,7 +39,17 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
                 | grep -oE '(loss=[0-9]+|[0-9]+/s|cpu/op=[^ ]*)' | tr '\n' ' ') ;;
         rate) out=$("${run[@]}" down --n "${N_RATE:-100}" --m 20000 --rate 2000 --pids "$pid" \
                 | grep -oE '(loss=[0-9]+|p50=[^ ]*|p99=[^ ]*|cpu/op=[^ ]*)' | tr '\n' ' ') ;;
-        *) echo "WHAT: unknown scenario $what (idle, down, rate)" >&2; exit 2 ;;
+        # Client messages, each client within WS_CLIENT_MESSAGE_BURST (200)
+        # unless M_UP says otherwise.
+        # (`up` takes no --pids: the server's CPU is read from /proc.)
+        up) ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+            t0=$(ticks)
+            out=$("${run[@]}" up --n "${N_UP:-100}" --m "${M_UP:-150}" \
+                | grep -oE '(loss=[0-9]+|[0-9]+/s)' | tr '\n' ' ')
+            t1=$(ticks)
+            out+=$(awk -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$(( ${N_UP:-100} * ${M_UP:-150} ))" \
+                'BEGIN { printf "cpu/op=%.2fus", t * 1e6 / hz / n }') ;;
+        *) echo "WHAT: unknown scenario $what (idle, down, rate, up)" >&2; exit 2 ;;
       esac
       echo "round $round $label $what: $out"
       kill "$pid"
