@@ -239,3 +239,85 @@ async fn lifecycle_on_a_cluster_a_removal_that_gives_up_is_finished_by_the_heart
     assert_eq!(left, 0);
     server.stop().await;
 }
+
+/// Before: a batch with a failure ended the beat's reap, and the failed
+/// connections, taken again first, came to fill whole batches: with more
+/// of them than a batch (500), a dead process's other connections were
+/// never reaped. Now they take at most half a batch, and a batch that
+/// finished some goes on. At the production heartbeat and dead-after.
+#[tokio::test]
+async fn lifecycle_on_a_cluster_connections_that_keep_failing_do_not_starve_the_others() {
+    let cluster = Cluster::start().await;
+    let mut config = config(&cluster, ClusterPubSub::Sharded);
+    config.lifecycle.events = true;
+    config.lifecycle.presence = true;
+    let mut c = cluster.conn().await;
+    let dead = "deadbeef0005";
+    let connections = format!("wsproxy:process:{{{dead}}}:connections");
+    // 1,000 connections whose presence key is not a hash (every beat's
+    // removal of their entry fails), beside 50 ordinary ones.
+    let broken_presence = format!("session:{{{}}}:presence", unique("broken"));
+    redis::cmd("SET")
+        .arg(&broken_presence)
+        .arg("not a hash")
+        .query_async::<()>(&mut c)
+        .await
+        .expect("SET");
+    let mut pipe = redis::pipe();
+    for i in 0..1000 {
+        let registration = serde_json::json!({
+            "session_id": "broken", "agent_id": "a", "since": 1_000_000u64,
+            "presence": broken_presence, "events": true,
+        });
+        pipe.cmd("HSET")
+            .arg(&connections)
+            .arg(format!("{dead}:b{i}"))
+            .arg(registration.to_string())
+            .ignore();
+    }
+    pipe.query_async::<()>(&mut c).await.expect("registrations");
+    let healthy: Vec<String> = (0..50).map(|i| format!("{dead}:h{i}")).collect();
+    for id in &healthy {
+        let registration = serde_json::json!({
+            "session_id": unique("ok"), "agent_id": "a", "since": 1_000_000u64,
+            "events": true,
+        });
+        redis::cmd("HSET")
+            .arg(&connections)
+            .arg(id)
+            .arg(registration.to_string())
+            .query_async::<()>(&mut c)
+            .await
+            .expect("registration");
+    }
+    redis::cmd("ZADD")
+        .arg("wsproxy:processes")
+        .arg(1_000_000u64)
+        .arg(dead)
+        .query_async::<()>(&mut c)
+        .await
+        .expect("ZADD");
+    let server = Server::start_config(config).await;
+    // Three default heartbeats (5 s) and then some.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
+    loop {
+        let mut missing = 0;
+        for id in &healthy {
+            if disconnects_of(&cluster, id).await.is_empty() {
+                missing += 1;
+            }
+        }
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{missing} of the 50 ordinary connections still have no disconnect event"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for id in &healthy {
+        assert_eq!(disconnects_of(&cluster, id).await.len(), 1, "{id}");
+    }
+    server.stop().await;
+}

@@ -9,7 +9,8 @@
 //! one's presence entry is removed and its event written once (the steps
 //! of a removal, [`Lifecycle::close_writes`]); the batch's connections
 //! that are done are deleted from the closing hash, those that failed are
-//! left there with their claim freed, for the next beat. A claim older than
+//! left there with their claim freed, for a later batch or beat (at most half
+//! of each batch goes to them). A claim older than
 //! the dead-after time (its reaper died, or is stuck) is taken again by
 //! whoever reaps next. So a connection leaves the place reapers look only
 //! once its presence entry and its event are written, and its event's
@@ -135,8 +136,11 @@ impl Lifecycle {
 
     /// Reaps one dead process on a cluster, or (`process` is this one)
     /// takes again this process's own removals whose claim is a dead-after
-    /// old: batch after batch until nothing is left, a step failed (the
-    /// rest waits for the next beat) or `deadline` came. Errors only when
+    /// old: batch after batch until nothing is left, a batch finished none
+    /// of its connections (what failed waits for the next beat) or
+    /// `deadline` came. A batch that finished some goes on: connections
+    /// that keep failing (a presence key of the wrong type) take at most
+    /// half of each batch, so they cannot hold the others back. Errors only when
     /// the process's own slot failed (its claims are then taken again
     /// after the dead-after time).
     pub(super) async fn reap_on_cluster(
@@ -180,14 +184,14 @@ impl Lifecycle {
                 pass.done = true;
                 return Ok(pass);
             }
-            let left = pass.left;
+            let finished = pass.finished;
             self.close_batch(redis, process, &entries, limit, deadline, &mut pass)
                 .await?;
             if tokio::time::Instant::now() >= deadline {
                 return Ok(pass);
             }
-            if pass.left > left {
-                // A step failed: the rest waits for the next beat.
+            if pass.finished == finished {
+                // Every step failed: the rest waits for the next beat.
                 pass.done = true;
                 return Ok(pass);
             }

@@ -110,9 +110,10 @@ return {n, left, first}
 // batch, now (ms), the claims older than this (ms) are free, '1' for this
 // process's own leftovers (no heartbeat check, nothing new taken). Takes
 // again the closing entries whose claim is free (their taker failed or
-// died, or left them for the next try), then moves up to the rest of a
-// batch from
-// the connections to the closing hash; each taken entry's claim is now.
+// died, or left them for the next try), at most half a batch of them
+// unless own (so that entries that keep failing never fill every batch),
+// then moves up to the rest of a batch from the connections to the
+// closing hash; each taken entry's claim is now.
 // Returns -1 if the process is alive after all, 0 when it has nothing
 // left at all (to forget it), else the entries taken: id, record, ...
 // (none: others' fresh claims remain).
@@ -121,7 +122,9 @@ local own = ARGV[4] == '1'
 if not own and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local batch = tonumber(ARGV[1])
 local out = {}
-local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[3], 'LIMIT', 0, batch)
+local retaken = batch
+if not own then retaken = math.max(1, math.floor(batch / 2)) end
+local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[3], 'LIMIT', 0, retaken)
 for _, id in ipairs(stale) do
   local record = redis.call('HGET', KEYS[3], id)
   if record then
