@@ -70,6 +70,26 @@ function isBackendClose(code) {
 
 const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 30_000, maxAttempts: Infinity };
 /**
+ * SSE: how long a reliable message answered `429 rate_limited` without a
+ * Retry-After waits before it goes again; doubled for each 429 in a row.
+ * Not backoff.initialMs: the server refuses when the session's messages
+ * are more than AUTH_TIMEOUT_SECS (seconds) ahead of its rate, so a retry
+ * within half a second would mostly be refused again.
+ */
+const RATE_LIMITED_BACKOFF_MS = 1000;
+
+/**
+ * A Retry-After header (delay-seconds or an HTTP date) in ms, or
+ * undefined without a usable one (or without `headers`: a minimal fetch).
+ */
+function retryAfterMs(headers) {
+  const value = headers && typeof headers.get === 'function' ? headers.get('retry-after') : null;
+  if (typeof value !== 'string' || value.trim() === '') return undefined;
+  if (/^\s*\d+\s*$/.test(value)) return Number(value) * 1000;
+  const at = Date.parse(value);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - Date.now());
+}
+/**
  * A connection that lasted this long (from its welcome, or its open in
  * plain mode) resets the backoff when it drops; one that dropped sooner
  * counts as a failed attempt. The Rust client's `STABLE_AFTER`.
@@ -183,7 +203,9 @@ const UNAVAILABLE_AFTER = 3;
  *   token (and closes it at once); when that works three attempts in a
  *   row, the server has reliable sessions off: `reliable_unavailable`.
  *   Transport sse adds `post_failed` (a POST got no answer, or an
- *   unexpected one; it is sent again)
+ *   unexpected one; it is sent again) and `rate_limited` (a POST got
+ *   429: the session sends faster than the server's rate; it is sent
+ *   again after `delayMs`)
  * @property {{initialMs?: number, maxMs?: number, maxAttempts?: number}} [backoff]
  *   delay before reconnecting: `min(maxMs, initialMs * 2^n)` for the n-th
  *   consecutive failed attempt (n = 0 after a drop of a connection that
@@ -365,6 +387,10 @@ export class Session {
   #postTimer = null;
   /** SSE: consecutive failed POSTs. */
   #postFailures = 0;
+  /** SSE: consecutive POSTs of one message answered 429 rate_limited. */
+  #rateLimited = 0;
+  /** SSE: #postTimer waits out a 429: a new stream does not cut it short. */
+  #pacing = false;
   #readyResolve;
   #readyReject;
 
@@ -494,8 +520,10 @@ export class Session {
    *
    * Transport sse: the same, by `fetch` POST. Reliable messages go one
    * POST at a time in send order, each answered with its ack; one without
-   * an answer is sent again with its id. A plain send resolves when the
-   * server answered `{"status":"published"}`.
+   * an answer is sent again with its id, and so is one answered `429
+   * rate_limited` (after Retry-After, else 1 s growing), ahead of later
+   * ones. A plain send resolves when the server answered
+   * `{"status":"published"}`.
    *
    * @param {*} data any JSON-serialisable value
    * @param {{id?: string}} [options] `id`: the message's id (1-128 of
@@ -511,7 +539,8 @@ export class Session {
    *   stored), `reliable_unavailable`, `gave_up` or `server_closed` (the
    *   session failed), or in plain mode `not_connected`; with transport sse
    *   also `id_conflict` and `invalid_message` (the server refused the
-   *   POST), and in plain mode `post_failed`
+   *   POST), and in plain mode `post_failed` and `rate_limited` (429:
+   *   the session sends faster than the server's rate; not resent)
    */
   send(data, options = {}) {
     if (this.#closed) return Promise.reject(new SessionError('closed', 'the session is closed'));
@@ -737,9 +766,13 @@ export class Session {
     this.#setState('open', info);
     this.#readyResolve(info.welcome ?? null);
     if (this.#o.transport === 'sse') {
-      // Retry what failed now, rather than at the end of its backoff.
-      clearTimeout(this.#postTimer);
-      this.#postTimer = null;
+      // Retry what failed now, rather than at the end of its backoff; but
+      // a 429's wait stands (the session's pace is the server's, not the
+      // stream's).
+      if (!this.#pacing) {
+        clearTimeout(this.#postTimer);
+        this.#postTimer = null;
+      }
       this.#pump();
     } else {
       for (const entry of this.#unacked.values()) this.#transmit(entry);
@@ -1087,15 +1120,33 @@ export class Session {
         if (this.#unacked.get(entry.id) !== entry) continue; // settled meanwhile (close())
         const reply = answer.body;
         if (answer.status === 200 && reply && reply.type === 'ack' && reply.id === entry.id) {
-          this.#postFailures = 0;
+          this.#postFailures = this.#rateLimited = 0;
           this.#onAck(reply);
           continue;
         }
         const code = reply && typeof reply.error === 'string' ? reply.error : null;
+        if (answer.status === 429 && code === 'rate_limited') {
+          // The session sends faster than the server's WS_CLIENT_MESSAGE_RATE:
+          // nothing is wrong with the message or the stream, so this is
+          // no post_failed and the stream stays. The same id goes again
+          // after Retry-After, or 1 s, 2 s, ... (at most backoff.maxMs);
+          // later messages wait behind it, so the order holds.
+          this.#rateLimited += 1;
+          const delayMs = answer.retryAfterMs ?? Math.min(this.#o.backoff.maxMs, RATE_LIMITED_BACKOFF_MS * 2 ** Math.min(this.#rateLimited - 1, 52));
+          this.#report(new SessionError('rate_limited', `message ${entry.id} was refused for now (${reply.message || 'the session sends too fast'}); it is sent again in ${delayMs} ms`, { id: entry.id, status: 429, reply, delayMs }));
+          if (this.#closed) return; // onError closed the session
+          this.#pacing = true;
+          this.#postTimer = setTimeout(() => {
+            this.#postTimer = null;
+            this.#pacing = false;
+            this.#pump();
+          }, delayMs);
+          return;
+        }
         const refused = { 400: 'invalid_message', 409: 'id_conflict', 413: 'too_large', 503: 'not_stored' }[answer.status];
         if (refused && code) {
           // The server's answer for this message: resending would get it again.
-          this.#postFailures = 0;
+          this.#postFailures = this.#rateLimited = 0;
           this.#unacked.delete(entry.id);
           const name = answer.status === 413 ? 'too_large' : code;
           entry.reject(new SessionError(name, reply.message || `the server refused the message: ${code}`, { id: entry.id, reply, status: answer.status }));
@@ -1116,7 +1167,11 @@ export class Session {
     }
   }
 
-  /** One POST with the token; `{status, body}`, status 0 (and `error`) when no answer came. */
+  /**
+   * One POST with the token; `{status, body, retryAfterMs}` (the latter
+   * from a Retry-After header, else undefined), status 0 (and `error`)
+   * when no answer came.
+   */
   async #post(url, body) {
     const ctl = new AbortController();
     const timer = this.#o.openTimeoutMs > 0 ? setTimeout(() => ctl.abort(), this.#o.openTimeoutMs) : null;
@@ -1134,7 +1189,7 @@ export class Session {
       } catch {
         /* not JSON: a proxy's page */
       }
-      return { status: res.status, body: parsed };
+      return { status: res.status, body: parsed, retryAfterMs: retryAfterMs(res.headers) };
     } catch (cause) {
       return { status: 0, body: null, error: cause && cause.message ? cause.message : String(cause) };
     } finally {
@@ -1150,8 +1205,15 @@ export class Session {
       throw new SessionError('too_large', `the message is larger than ${this.#o.maxMessageBytes} bytes (maxMessageBytes)`);
     }
     const answer = await this.#post(this.#ssePath(), json);
+    const code = answer.body && answer.body.error;
+    if (answer.status === 429 && code === 'rate_limited') {
+      // Over the session's pace. A plain message has no id to resend it
+      // by safely, so the caller decides (retryAfterMs when the server
+      // said); the stream is fine and stays.
+      const { message } = answer.body;
+      throw new SessionError('rate_limited', `the server refused the message for now: ${message || 'the session sends too fast'}`, { status: 429, reply: answer.body, retryAfterMs: answer.retryAfterMs });
+    }
     if (answer.status !== 200) {
-      const code = answer.body && answer.body.error;
       throw new SessionError('post_failed', `the POST failed (${answer.status ? 'HTTP ' + answer.status + (code ? ' ' + code : '') : answer.error})`, { status: answer.status, reply: answer.body });
     }
   }

@@ -218,3 +218,84 @@ test('a plain send refuses with queue_full while the socket buffers maxBufferedB
     f.session.close();
   }
 });
+
+/**
+ * An EventSource that opens and (reliable) sends a welcome at once, and
+ * then stays open.
+ */
+class FakeEventSource {
+  static CLOSED = 2;
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.listeners = {};
+    setTimeout(() => {
+      this.readyState = 1;
+      this.onopen?.({});
+      if (url.includes('reliable=true')) {
+        for (const l of this.listeners.welcome ?? []) l({ data: JSON.stringify({ type: 'welcome', session_id: 's1', epoch: 'e1', offset: '0-0' }) });
+      }
+    }, 0);
+  }
+  addEventListener(type, listener) {
+    (this.listeners[type] ??= []).push(listener);
+  }
+  close() {
+    this.readyState = FakeEventSource.CLOSED;
+  }
+}
+
+/**
+ * A fetch that answers each POST with the next of `answers`
+ * (`{status, body, headers}`; an ack for the posted id once they run out)
+ * and records `{at, body}` of each.
+ */
+function fakeFetch(answers) {
+  const posts = [];
+  const fetch = async (url, init) => {
+    const body = JSON.parse(init.body);
+    posts.push({ at: performance.now(), body });
+    const a = answers.shift() ?? { status: 200, body: { type: 'ack', id: body.id } };
+    const headers = new Map(Object.entries(a.headers ?? {}).map(([k, v]) => [k.toLowerCase(), v]));
+    return { status: a.status, headers: { get: (k) => headers.get(k.toLowerCase()) ?? null }, text: async () => JSON.stringify(a.body) };
+  };
+  return { fetch, posts };
+}
+
+const RATE_LIMITED = { status: 429, body: { error: 'rate_limited', message: 'this session sends faster than its rate' } };
+
+test('SSE: a reliable message answered 429 rate_limited is sent again with its id after Retry-After, else after 1 s growing, before later ones', { timeout: 20_000 }, async () => {
+  const { fetch, posts } = fakeFetch([{ ...RATE_LIMITED, headers: { 'Retry-After': '1' } }, RATE_LIMITED]);
+  const f = flapping({ url: 'http://127.0.0.1:1', transport: 'sse', EventSource: FakeEventSource, fetch, backoff: { initialMs: 5, maxMs: 30_000 } });
+  try {
+    await f.session.ready;
+    const sent = Promise.all([f.session.send({ n: 1 }, { id: 'm-1' }), f.session.send({ n: 2 }, { id: 'm-2' })]);
+    await sent;
+    // m-2 waited behind m-1: one POST at a time, in send order.
+    assert.deepEqual(posts.map((p) => p.body.id), ['m-1', 'm-1', 'm-1', 'm-2']);
+    const gaps = posts.slice(1).map((p, i) => p.at - posts[i].at);
+    assert.ok(gaps[0] >= 950, `Retry-After: 1 honoured (gaps ${gaps})`);
+    // The second 429 in a row, without Retry-After: 1 s doubled.
+    assert.ok(gaps[1] >= 1950, `2 s without Retry-After (gaps ${gaps})`);
+    // Pacing is not a failure: reported as rate_limited, the stream untouched.
+    assert.deepEqual(f.errors.map((e) => e.code), ['rate_limited', 'rate_limited']);
+    assert.deepEqual(f.errors.map((e) => e.delayMs), [1000, 2000]);
+    assert.equal(f.session.state, 'open');
+  } finally {
+    f.session.close();
+  }
+});
+
+test('SSE: a plain send answered 429 rate_limited rejects with rate_limited; the session stays open', { timeout: 10_000 }, async () => {
+  const { fetch, posts } = fakeFetch([{ ...RATE_LIMITED, headers: { 'Retry-After': '2' } }, { status: 200, body: { status: 'published' } }]);
+  const f = flapping({ url: 'http://127.0.0.1:1', transport: 'sse', reliable: false, EventSource: FakeEventSource, fetch });
+  try {
+    await f.session.ready;
+    await assert.rejects(f.session.send({ n: 1 }), { code: 'rate_limited', status: 429, retryAfterMs: 2000 });
+    assert.equal(f.session.state, 'open');
+    await f.session.send({ n: 2 });
+    assert.equal(posts.length, 2);
+  } finally {
+    f.session.close();
+  }
+});
