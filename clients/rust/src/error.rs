@@ -10,7 +10,7 @@ use crate::message::ServerError;
 /// refusals of the WebSocket upgrade as [`Error::Rejected`]; failures of the
 /// token endpoint as [`Error::Auth`]. The session client adds
 /// [`Error::ReliableUnavailable`], [`Error::NotStored`],
-/// [`Error::AckTimeout`] and [`Error::Protocol`].
+/// [`Error::AckTimeout`], [`Error::SessionEnded`] and [`Error::Protocol`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -77,6 +77,21 @@ pub enum Error {
     #[error("the server closed the connection: {code} {reason:?}")]
     ServerClosed {
         /// The WebSocket close code.
+        code: u16,
+        /// The close reason text.
+        reason: String,
+    },
+
+    /// The backend ended the session: the server closed its connection
+    /// with a code 4000-4999 and this reason. wsproxy sends no such code
+    /// of its own; it is a backend's `disconnect` through
+    /// `wsproxy_control`, often with the token revoked. The session client
+    /// does not reconnect after it (as the JavaScript client's
+    /// `server_closed`): it is closed, and its queued messages fail with
+    /// this error.
+    #[error("the backend ended the session (close code {code} {reason:?}); not reconnecting")]
+    SessionEnded {
+        /// The WebSocket close code, 4000-4999.
         code: u16,
         /// The close reason text.
         reason: String,

@@ -132,6 +132,13 @@
 //!   `max_unacked` are held; beyond, `send` fails with
 //!   [`Error::QueueFull`].
 //!
+//! In either mode a close code 4000-4999 ends the session for good: wsproxy
+//! sends none of its own, only a backend's `disconnect` through
+//! `wsproxy_control` does (often with the token revoked), so the client
+//! does not reconnect. The last event is [`SessionEvent::Disconnected`]
+//! with [`Error::SessionEnded`], queued messages fail with it, and the
+//! client is closed, as the JavaScript client's `server_closed`.
+//!
 //! ```no_run
 //! use wsproxy_client::{Mode, SessionClient, SessionEvent};
 //!

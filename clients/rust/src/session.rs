@@ -68,7 +68,9 @@ pub enum SessionEvent {
     /// [`ResumeFailed::now`].
     ResumeFailed(ResumeFailed),
     /// The connection was lost (the error says how); the client is
-    /// reconnecting.
+    /// reconnecting. Except after [`Error::SessionEnded`] (a close code
+    /// 4000-4999: the backend ended the session): the client is then
+    /// closed, this is the last event, and it does not reconnect.
     Disconnected(Error),
     /// Something nobody's call returns: a failed reconnection attempt, a
     /// refusal wsproxy sent about a plain message (`publish_failed`), a

@@ -1016,3 +1016,59 @@ async fn a_position_kept_by_the_application_resumes_a_new_client() {
     client.close().await.expect("close");
     server.stop().await;
 }
+
+/// A backend's `disconnect` through `wsproxy_control` closes the session's
+/// connections with its code 4001: the client must not come back, in
+/// either mode, even though the token (not revoked here) would let it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_close_code_ends_the_session_without_reconnecting() {
+    let redis = Redis::start().await;
+    let server = Server::start(config(&redis, true)).await;
+    for reliable in [false, true] {
+        let session = unique("s");
+        redis.set_token(&session, TOKEN).await;
+        let builder =
+            SessionClient::builder(server.url(), "agent-1", &session, TOKEN).reconnect(fast());
+        let builder = if reliable {
+            builder.reliable()
+        } else {
+            builder
+        };
+        let (client, mut events) = builder.connect().await.expect("connect");
+        assert!(matches!(
+            next_event(&mut events).await,
+            SessionEvent::Connected { .. }
+        ));
+
+        let command = serde_json::json!({
+            "type": "disconnect", "session_id": session, "code": 4001, "reason": "revoked",
+        });
+        let _: String = redis::cmd("FCALL")
+            .arg("wsproxy_control")
+            .arg(1)
+            .arg("wsproxy:control:log")
+            .arg(command.to_string())
+            .query_async(&mut redis.conn().await)
+            .await
+            .expect("FCALL wsproxy_control");
+
+        match next_significant(&mut events).await {
+            SessionEvent::Disconnected(Error::SessionEnded { code, reason }) => {
+                assert_eq!(
+                    (code, reason.as_str()),
+                    (4001, "revoked"),
+                    "reliable {reliable}"
+                );
+            }
+            other => panic!("reliable {reliable}: expected the session to end, got {other:?}"),
+        }
+        // That was the last event: no reconnection follows.
+        let next = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("the events end");
+        assert!(next.is_none(), "reliable {reliable}: then {next:?}");
+        assert_eq!(client.connection_state(), ConnectionState::Closed);
+        assert!(matches!(client.send(&1).await, Err(Error::Closed)));
+    }
+    server.stop().await;
+}

@@ -165,7 +165,7 @@ pub(crate) async fn establish(
                         ))),
                     };
                 }
-                Frame::Close(frame) => return Err(close_error(frame)),
+                Frame::Close(frame) => return Err(session_close_error(frame)),
                 _ => {}
             }
         }
@@ -194,6 +194,19 @@ fn handshake_error(e: tungstenite::Error) -> Error {
             Error::ReliableUnavailable
         }
         other => other.into(),
+    }
+}
+
+/// A close frame's error. Codes 4000-4999 are [`Error::SessionEnded`]:
+/// wsproxy sends none of its own, only a backend's `disconnect` does, and
+/// coming back would undo the backend's decision (or fail on its revoked
+/// token at every attempt).
+fn session_close_error(frame: Option<tungstenite::protocol::CloseFrame>) -> Error {
+    match close_error(frame) {
+        Error::ServerClosed { code, reason } if (4000..=4999).contains(&code) => {
+            Error::SessionEnded { code, reason }
+        }
+        other => other,
     }
 }
 
@@ -255,6 +268,10 @@ impl Worker {
                     if let Some(reply) = reply {
                         let _ = reply.send(());
                     }
+                    return;
+                }
+                Exit::Lost(error @ Error::SessionEnded { .. }) => {
+                    self.end(error).await;
                     return;
                 }
                 Exit::Lost(error) => error,
@@ -386,7 +403,7 @@ impl Worker {
                     match frame {
                         Frame::Text(text) => self.on_text(&text).await,
                         Frame::Binary(data) => self.on_binary(data).await,
-                        Frame::Close(frame) => return Exit::Lost(self.closed(close_error(frame))),
+                        Frame::Close(frame) => return Exit::Lost(self.closed(session_close_error(frame))),
                         _ => {}
                     }
                 }
@@ -572,6 +589,23 @@ impl Worker {
         self.shared.set_state(ConnectionState::Closed);
     }
 
+    /// The backend ended the session ([`Error::SessionEnded`]): no
+    /// reconnection. What is queued fails with the same error, the state
+    /// is `Closed`, and `Disconnected` with it is the last event.
+    async fn end(&mut self, error: Error) {
+        tracing::info!("{error}");
+        if let Error::SessionEnded { code, reason } = &error {
+            for out in self.queue.drain(..) {
+                let _ = out.answer(Err(Error::SessionEnded {
+                    code: *code,
+                    reason: reason.clone(),
+                }));
+            }
+        }
+        self.finish();
+        self.emit(SessionEvent::Disconnected(error)).await;
+    }
+
     /// Sleeps while taking commands; false if the client was shut down.
     async fn idle_for(&mut self, delay: std::time::Duration) -> bool {
         let sleep = tokio::time::sleep(delay);
@@ -628,6 +662,10 @@ impl Worker {
                     tracing::info!(attempt, "reconnected");
                     self.streak = attempt;
                     return Some(connection);
+                }
+                Err(error @ Error::SessionEnded { .. }) => {
+                    self.end(error).await;
+                    return None;
                 }
                 Err(error) => {
                     tracing::debug!(attempt, "reconnection failed: {error}");
