@@ -23,6 +23,9 @@ pub struct ApiError {
     pub code: &'static str,
     /// Explanation for people.
     pub message: String,
+    /// Seconds for a `Retry-After` header, when the refusal says when to
+    /// come back.
+    pub retry_after: Option<u64>,
 }
 
 /// Every cause for refusing a request before its upgrade, each knowing its
@@ -242,6 +245,7 @@ impl From<Refusal> for ApiError {
             status: refusal.status(),
             code: refusal.code(),
             message: refusal.message().into_owned(),
+            retry_after: None,
         }
     }
 }
@@ -259,6 +263,15 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The same error, telling the client to come back in `seconds`.
+    pub fn retry_after(self, seconds: u64) -> Self {
+        Self {
+            retry_after: Some(seconds),
+            ..self
         }
     }
 }
@@ -295,7 +308,13 @@ impl IntoResponse for ApiError {
             error: self.code,
             message: &self.message,
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -65,27 +66,29 @@ impl Paces {
     }
 
     /// Reserves the turn of one message of `key` arriving at `now`: when it
-    /// may be taken (`now` or later). `None`, and nothing reserved, when
-    /// that is further away than `limit`.
+    /// may be taken (`now` or later). When that is further away than
+    /// `limit`, nothing is reserved and the error says how much later a
+    /// message would get a turn within `limit`.
     pub fn reserve(
         &self,
         key: &str,
         pace: Pace,
         now: Instant,
-        limit: std::time::Duration,
-    ) -> Option<Instant> {
+        limit: Duration,
+    ) -> Result<Instant, Duration> {
         let mut senders = self.lock();
         let due = senders.due.get(key).copied();
         // Its turn: when the message before it let it be taken.
         let turn = due
             .and_then(|due| due.checked_sub(pace.tolerance))
             .map_or(now, |at| at.max(now));
-        if turn.saturating_duration_since(now) > limit {
-            return None;
+        let wait = turn.saturating_duration_since(now);
+        if wait > limit {
+            return Err(wait.saturating_sub(limit));
         }
         let (due, _) = advance(due, pace, turn);
         senders.set(key, due, now);
-        Some(turn)
+        Ok(turn)
     }
 
     /// Senders with a budget in use.
@@ -117,7 +120,6 @@ impl Senders {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn pace(rate: u32, burst: u32) -> Pace {
         Pace::new(rate, burst).expect("a rate above 0")
@@ -186,14 +188,18 @@ mod tests {
         let p = pace(10, 2);
         let now = Instant::now();
         let limit = Duration::from_millis(250);
-        assert_eq!(paces.reserve("s", p, now, limit), Some(now));
-        assert_eq!(paces.reserve("s", p, now, limit), Some(now));
+        assert_eq!(paces.reserve("s", p, now, limit), Ok(now));
+        assert_eq!(paces.reserve("s", p, now, limit), Ok(now));
         let ms = |n| now + Duration::from_millis(n);
-        assert_eq!(paces.reserve("s", p, now, limit), Some(ms(100)));
-        assert_eq!(paces.reserve("s", p, now, limit), Some(ms(200)));
-        // The next turn is 300 ms away: refused, and not reserved.
-        assert_eq!(paces.reserve("s", p, now, limit), None);
-        assert_eq!(paces.reserve("s", p, ms(100), limit), Some(ms(300)));
+        assert_eq!(paces.reserve("s", p, now, limit), Ok(ms(100)));
+        assert_eq!(paces.reserve("s", p, now, limit), Ok(ms(200)));
+        // The next turn is 300 ms away: refused, not reserved, and told to
+        // come back 50 ms later.
+        assert_eq!(
+            paces.reserve("s", p, now, limit),
+            Err(Duration::from_millis(50))
+        );
+        assert_eq!(paces.reserve("s", p, ms(100), limit), Ok(ms(300)));
     }
 
     #[tokio::test(start_paused = true)]

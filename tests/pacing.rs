@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::sse::post;
+use common::sse::request;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -189,23 +189,31 @@ async fn posts_wait_their_turn_and_past_auth_timeout_get_429() {
         let path = path.clone();
         let addr = server.addr;
         tokio::spawn(async move {
-            post(
-                addr,
-                &path,
-                &["Authorization: Bearer tok"],
-                &format!("{{\"n\":{i}}}"),
-            )
-            .await
+            let body = format!("{{\"n\":{i}}}");
+            let req = format!(
+                "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nAuthorization: Bearer tok\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            request(addr, &req).await
         })
     });
     let mut ok = 0;
     let mut limited = 0;
     for answer in futures_util::future::join_all(posts).await {
-        let (status, body) = answer.expect("the post's task");
+        let (status, head, body) = answer.expect("the post's task");
         match status {
             200 => ok += 1,
             429 => {
+                let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
                 assert_eq!(body["error"], "rate_limited", "{body}");
+                // When a retry would get a turn within the wait: whole
+                // seconds, at least one.
+                assert!(
+                    head.lines()
+                        .any(|l| l.eq_ignore_ascii_case("retry-after: 1")),
+                    "{head}"
+                );
                 limited += 1;
             }
             other => panic!("status {other}: {body}"),

@@ -609,21 +609,24 @@ pub(crate) async fn wait_turn(app: &App, session_id: &str) -> Result<(), ApiErro
     let now = tokio::time::Instant::now();
     let limit = app.config.auth_timeout;
     match app.paces.reserve(session_id, pace, now, limit) {
-        Some(turn) if turn > now => {
+        Ok(turn) if turn > now => {
             app.metrics.client_reads_held.inc();
             tokio::time::sleep_until(turn).await;
             Ok(())
         }
-        Some(_) => Ok(()),
-        None => {
+        Ok(_) => Ok(()),
+        Err(later) => {
             app.metrics.session_post("rate_limited");
-            Err(Refusal::RateLimited(
+            // Whole seconds, rounded up: a retry any sooner would be
+            // refused again.
+            let seconds = later.as_secs().saturating_add(1);
+            Err(ApiError::from(Refusal::RateLimited(
                 format!(
                     "this session's messages are more than AUTH_TIMEOUT_SECS ({limit:?}) ahead of WS_CLIENT_MESSAGE_RATE; send more slowly"
                 )
                 .into(),
-            )
-            .into())
+            ))
+            .retry_after(seconds))
         }
     }
 }
