@@ -265,7 +265,7 @@ pub async fn run(
             "reverse proxy routes loaded"
         );
     }
-    tokio::spawn(reload_on_sighup(app.clone(), upstream.clone()));
+    reload_on_sighup(app.clone(), upstream.clone());
     if config.users_file.is_some() && config.jwt.is_none() {
         tracing::warn!(
             "USERS_FILE is set but JWT_SECRET is not: POST /auth/token answers 503 until JWT_SECRET is set"
@@ -550,33 +550,45 @@ async fn load_scripts(app: &App, redis: &RedisConn, limit: Duration) -> Result<(
 
 /// Reloads the routes file on every SIGHUP; a bad file is refused and
 /// the routes in use stay. Without `ROUTES_FILE` a SIGHUP is only logged.
-async fn reload_on_sighup(app: Arc<App>, upstream: Option<Arc<crate::upstream::Upstream>>) {
+///
+/// The listener is installed here, before the caller logs `wsproxy
+/// listening`, not in the task: a SIGHUP that arrived before the task first
+/// ran met the default action, which ends the process.
+fn reload_on_sighup(app: Arc<App>, upstream: Option<Arc<crate::upstream::Upstream>>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        let Ok(hup) = signal(SignalKind::hangup()) else {
             tracing::warn!("cannot listen for SIGHUP; routes will not be reloaded");
             return;
         };
-        loop {
-            tokio::select! {
-                _ = app.shutdown.cancelled() => return,
-                got = hup.recv() => if got.is_none() { return },
-            }
-            let Some(upstream) = &upstream else {
-                tracing::info!(
-                    "SIGHUP received; no ROUTES_FILE is set, so there is nothing to reload"
-                );
-                continue;
-            };
-            match upstream.reload(&app) {
-                Ok(n) => tracing::info!(routes = n, "routes reloaded"),
-                Err(e) => tracing::error!("routes not reloaded, keeping the old ones: {e}"),
-            }
-        }
+        tokio::spawn(reload_loop(app, upstream, hup));
     }
     #[cfg(not(unix))]
     let _ = (app, upstream);
+}
+
+/// Reloads the routes on each SIGHUP until shutdown.
+#[cfg(unix)]
+async fn reload_loop(
+    app: Arc<App>,
+    upstream: Option<Arc<crate::upstream::Upstream>>,
+    mut hup: tokio::signal::unix::Signal,
+) {
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        let Some(upstream) = &upstream else {
+            tracing::info!("SIGHUP received; no ROUTES_FILE is set, so there is nothing to reload");
+            continue;
+        };
+        match upstream.reload(&app) {
+            Ok(n) => tracing::info!(routes = n, "routes reloaded"),
+            Err(e) => tracing::error!("routes not reloaded, keeping the old ones: {e}"),
+        }
+    }
 }
 
 /// Builds the TLS acceptor from PEM files.
