@@ -53,6 +53,10 @@ fn main() -> ExitCode {
         eprintln!("wsproxy: invalid configuration: .env: {e}");
         return ExitCode::from(2);
     }
+    if let Some(line) = Cli::not_utf8(std::env::vars_os()) {
+        eprintln!("wsproxy: invalid configuration: {line}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     if let Some(Command::HashPassword { password }) = &cli.command {
         return hash_password(password.clone());

@@ -120,6 +120,22 @@ fn bad_port_stops_startup_naming_variable_and_value() {
     assert!(err.contains("PORT") && err.contains("abc"), "{err}");
 }
 
+#[cfg(unix)]
+#[test]
+fn a_setting_that_is_not_utf8_is_one_line_naming_it() {
+    use std::os::unix::ffi::OsStringExt;
+    let value = std::ffi::OsString::from_vec(b"redis://h\xffost".to_vec());
+    let out = wsproxy()
+        .env("REDIS_URL", value)
+        .output()
+        .expect("run wsproxy");
+    let err = startup_error(&out);
+    assert_eq!(
+        err.trim_end(),
+        "wsproxy: invalid configuration: REDIS_URL: the value is not valid UTF-8"
+    );
+}
+
 #[test]
 fn unparsable_redis_url_stops_startup() {
     let err = refused("REDIS_URL", "not a url");

@@ -10,6 +10,22 @@ use super::Cli;
 use super::parse::boolean;
 
 impl Cli {
+    /// The first setting in `env` whose value is not UTF-8, with one line
+    /// saying so (clap would answer with its usage text, naming none).
+    pub fn not_utf8<I>(env: I) -> Option<String>
+    where
+        I: IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    {
+        let command = Cli::command();
+        let names: Vec<&std::ffi::OsStr> = command
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .collect();
+        env.into_iter()
+            .find(|(name, value)| value.to_str().is_none() && names.contains(&name.as_os_str()))
+            .map(|(name, _)| format!("{}: the value is not valid UTF-8", name.to_string_lossy()))
+    }
+
     /// One line for each setting whose value differs from its default but
     /// has no effect here, naming what it needs.
     pub fn ignored(&self) -> Vec<String> {
@@ -145,6 +161,23 @@ mod tests {
     use clap::Parser;
 
     use super::Cli;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_setting_that_is_not_utf8_is_named() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = std::ffi::OsString::from_vec(vec![b'a', 0xff]);
+        let env = |name: &str, value: std::ffi::OsString| (std::ffi::OsString::from(name), value);
+        assert_eq!(
+            Cli::not_utf8([
+                env("PATH", bad.clone()),
+                env("JWT_SECRET", "fine".into()),
+                env("REDIS_URL", bad),
+            ]),
+            Some("REDIS_URL: the value is not valid UTF-8".to_string())
+        );
+        assert_eq!(Cli::not_utf8([env("REDIS_URL", "redis://x".into())]), None);
+    }
 
     fn ignored(args: &[&str]) -> Vec<String> {
         let mut all = vec!["wsproxy"];
