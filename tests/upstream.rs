@@ -1969,6 +1969,8 @@ async fn a_route_that_checks_a_token_takes_exactly_one() {
         ),
         ("/kept".to_owned(), vec![&good, &forged]),
         (format!("/kept?access_token={forged}"), vec![&good]),
+        // A backend whose query parser splits on `;` would read this one.
+        (format!("/kept?x=1;access_token={forged}"), vec![&good]),
         (
             format!("/inner?access_token={good}&access_token={good}"),
             vec![],

@@ -503,6 +503,10 @@ mod tests {
             ),
             (2, 3)
         );
+        assert_eq!(
+            proxy::token_copies(&h, Some("x=1;access_token=c;y&access%5ftoken=d")),
+            (2, 2)
+        );
     }
 
     #[test]

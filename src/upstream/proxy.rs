@@ -558,11 +558,13 @@ pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 
 /// How many `Authorization` headers and `access_token` query parameters
 /// (names compared decoded, as `without_param` and backends read them) a
-/// request carries.
+/// request carries. Parameters are counted split on `;` as well as `&`:
+/// some backends' query parsers split on both, and would read an
+/// `access_token` after a `;` that wsproxy had not seen.
 pub(super) fn token_copies(headers: &HeaderMap, query: Option<&str>) -> (usize, usize) {
     let params = query.map_or(0, |q| {
-        form_urlencoded::parse(q.as_bytes())
-            .filter(|(k, _)| k == "access_token")
+        q.split(['&', ';'])
+            .filter(|pair| names(pair, "access_token"))
             .count()
     });
     (
@@ -575,15 +577,19 @@ pub(super) fn token_copies(headers: &HeaderMap, query: Option<&str>) -> (usize, 
 /// `access%5Ftoken` goes too); every other parameter is kept byte for byte,
 /// in order.
 pub fn without_param<'a>(query: &'a str, name: &str) -> std::borrow::Cow<'a, str> {
-    let is_name = |pair: &str| {
-        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        form_urlencoded::parse(key.as_bytes()).any(|(k, _)| k == name)
-    };
+    let is_name = |pair: &str| names(pair, name);
     if !query.split('&').any(is_name) {
         return std::borrow::Cow::Borrowed(query);
     }
     let kept: Vec<&str> = query.split('&').filter(|p| !is_name(p)).collect();
     std::borrow::Cow::Owned(kept.join("&"))
+}
+
+/// Whether the query parameter `pair` (`key=value`, or a bare key) is
+/// `name`, its key decoded.
+fn names(pair: &str, name: &str) -> bool {
+    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+    form_urlencoded::parse(key.as_bytes()).any(|(k, _)| k == name)
 }
 
 pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {

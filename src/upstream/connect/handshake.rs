@@ -70,6 +70,28 @@ fn dashed(name: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Headers a backend takes from the proxy in front of it as who the
+/// client is or which URL it asked for (`name` dashed, lower case): a
+/// client's own would be believed, so they are dropped. The proxy sets
+/// `X-Forwarded-Proto` and `-Host` itself and appends the peer to
+/// `X-Forwarded-For`, as proxies do (the backend trusts the last entry).
+fn about_the_client(name: &str) -> bool {
+    (name.starts_with("x-forwarded-") && name != "x-forwarded-for")
+        || matches!(
+            name,
+            "forwarded"
+                | "x-real-ip"
+                | "x-client-ip"
+                | "true-client-ip"
+                | "x-cluster-client-ip"
+                | "cf-connecting-ip"
+                | "x-original-url"
+                | "x-original-uri"
+                | "x-rewrite-url"
+                | "x-original-host"
+        )
+}
+
 /// Builds the backend request head.
 pub(super) fn request_head(backend: &Backend, up: &Upgrade<'_>, key: &str) -> String {
     let mut head = String::with_capacity(512);
@@ -111,11 +133,8 @@ pub(super) fn request_head(backend: &Backend, up: &Upgrade<'_>, key: &str) -> St
             forwarded_for = Some(v.to_owned());
             continue;
         }
-        if matches!(
-            &*d,
-            "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
-        ) {
-            continue; // replaced below (`X_Forwarded_For` is not appended to)
+        if d == "x-forwarded-for" || about_the_client(&d) {
+            continue; // set below (`X_Forwarded_For` is not appended to)
         }
         head.push_str(&format!("{n}: {v}\r\n"));
     }
@@ -507,6 +526,46 @@ mod tests {
         ] {
             assert_eq!(head.matches(kept).count(), 1, "{kept}:\n{head}");
         }
+    }
+
+    #[test]
+    fn what_a_client_says_of_itself_or_its_url_is_dropped() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("forwarded", "for=10.6.6.1;proto=https;host=admin.internal"),
+            ("x-real-ip", "10.6.6.2"),
+            ("x-forwarded-port", "6661"),
+            ("x-forwarded-prefix", "/evil-prefix"),
+            ("x-forwarded-ssl", "on-evil"),
+            ("x_forwarded_server", "evil-server"),
+            ("x-original-url", "/evil-url"),
+            ("x-rewrite-url", "/evil-rewrite"),
+            ("true-client-ip", "10.6.6.3"),
+            ("x-client-ip", "10.6.6.4"),
+            ("x-forwardedness", "kept"),
+        ] {
+            h.insert(
+                axum::http::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let backend = Backend {
+            tls: false,
+            host: "b".into(),
+            port: 80,
+            weight: 1,
+            name: "0".into(),
+        };
+        let up = Upgrade {
+            peer: Some("192.0.2.7:5555".parse().expect("addr")),
+            ..client_upgrade(&h)
+        };
+        let head = request_head(&backend, &up, KEY).to_ascii_lowercase();
+        for gone in ["10.6.6", "evil", "6661", "admin.internal"] {
+            assert!(!head.contains(gone), "{gone} passed:\n{head}");
+        }
+        assert!(head.contains("x-forwardedness: kept"), "{head}");
+        assert!(head.contains("x-forwarded-for: 192.0.2.7\r\n"), "{head}");
     }
 
     #[test]
