@@ -277,6 +277,23 @@ async fn a_resumable_stream_resumes_with_last_event_id_without_a_gap() {
     let welcome: serde_json::Value = serde_json::from_str(&sse.next().await.data).expect("json");
     assert_eq!(welcome["replayed"], 5, "{welcome}");
     assert_eq!(sse.next().await.data, r#"{"n":5,"t":"a\nb"}"#);
+    drop(sse);
+    // An empty Last-Event-ID (no browser sends one; a proxy or polyfill
+    // may) is no position: the URL's still counts, and is not dropped for
+    // a fresh join whose welcome says nothing of the resume asked for.
+    let mut sse = SseClient::open(
+        server.addr,
+        &path(&session, &from),
+        &[&auth(), "Last-Event-ID: "],
+    )
+    .await
+    .expect("stream from the URL's position");
+    let welcome: serde_json::Value = serde_json::from_str(&sse.next().await.data).expect("json");
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["replayed"].as_u64()),
+        (Some(true), Some(5)),
+        "{welcome}"
+    );
 
     // A position this history never gave out: an explicit failure.
     let unknown = format!("Last-Event-ID: {epoch}:99999999999999-0");

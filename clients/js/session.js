@@ -1279,6 +1279,11 @@ export class Session {
     }
     if (welcome.resumed === false) {
       invoke(this.#o.onResumeFailed, { reason: welcome.reason, epoch: welcome.epoch, offset: welcome.offset, from });
+    } else if (welcome.resumed !== true && from !== null) {
+      // Asked to resume and not answered (a server or proxy that dropped
+      // the position): the session goes on from the welcome's offset, and
+      // what came in between is as lost as after a refusal.
+      invoke(this.#o.onResumeFailed, { reason: 'not_answered', epoch: welcome.epoch, offset: welcome.offset, from });
     }
     this.#established({ welcome });
   }

@@ -121,7 +121,8 @@ async fn open(
     let Query(query) = query.map_err(ApiError::invalid_query)?;
     let reliable = reliable_asked(&app, query.reliable.as_deref())?;
     // The browser's reconnect carries the header; the URL keeps whatever
-    // position it was first opened with, so the header wins.
+    // position it was first opened with, so the header wins, unless it is
+    // empty (no browser sends one; a proxy or polyfill may).
     // A header that is not visible ASCII is refused, never ignored: the
     // client would get a fresh stream and a gap it was not told of.
     let header = match headers.get("last-event-id") {
@@ -133,6 +134,7 @@ async fn open(
         None => None,
     };
     let position = header
+        .filter(|p| !p.is_empty())
         .or(query.last_event_id.as_deref())
         .filter(|p| !p.is_empty());
     let resume = match (reliable, position) {

@@ -299,3 +299,21 @@ test('SSE: a plain send answered 429 rate_limited rejects with rate_limited; the
     f.session.close();
   }
 });
+
+test('a reconnect whose welcome says nothing of the resume asked for is a failed resume: not_answered', { timeout: 10_000 }, async () => {
+  // Every welcome of FlappingWebSocket lacks "resumed": the first is a
+  // fresh join (nothing asked), the second answers a resume from e1:0-0.
+  const failures = [];
+  const f = flapping({
+    reliable: true,
+    backoff: { initialMs: 4, maxMs: 10, maxAttempts: 2 },
+    onResumeFailed: (failure) => failures.push(failure),
+  });
+  try {
+    await until(() => f.done() !== null);
+  } finally {
+    f.session.close();
+  }
+  assert.equal(FlappingWebSocket.opened, 2);
+  assert.deepEqual(failures, [{ reason: 'not_answered', epoch: 'e1', offset: '0-0', from: { epoch: 'e1', offset: '0-0' } }]);
+});
