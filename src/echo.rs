@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::broker::Outbox;
 use crate::context::App;
-use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
+use crate::ws::{self, Budget, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 
 /// Sends every message back as it came.
 struct Echo;
@@ -33,8 +33,8 @@ impl Handler for Echo {
 
     /// Not paced: the Autobahn suite's performance cases send thousands of
     /// messages, and what an echo costs stays on this connection.
-    fn paced(&self) -> bool {
-        false
+    fn budget(&self) -> Budget<'_> {
+        Budget::Unpaced
     }
 }
 

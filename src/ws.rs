@@ -82,16 +82,25 @@ pub trait Handler: Send + Sync + 'static {
     fn deliver(&mut self, _msg: &Message) -> bool {
         true
     }
-    /// Whether the client's messages are read at `WS_CLIENT_MESSAGE_RATE`:
-    /// yes wherever they reach Redis and other clients.
-    fn paced(&self) -> bool {
-        true
+    /// What the client's messages count against at
+    /// `WS_CLIENT_MESSAGE_RATE`: a budget of the connection's own unless
+    /// said otherwise (they are paced wherever they reach Redis and other
+    /// clients).
+    fn budget(&self) -> Budget<'_> {
+        Budget::Own
     }
-    /// The budget the connection's messages share with others (its
-    /// session's, see [`crate::pace`]); `None`: its own.
-    fn pace_key(&self) -> Option<&str> {
-        None
-    }
+}
+
+/// What a connection's messages count against at `WS_CLIENT_MESSAGE_RATE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget<'a> {
+    /// Nothing: they are not paced.
+    Unpaced,
+    /// A budget of the connection's own.
+    Own,
+    /// A budget shared by every connection that names this key (a
+    /// session's, see [`crate::pace`]).
+    Shared(&'a str),
 }
 
 /// The counters a driver keeps for its endpoint.
@@ -431,10 +440,21 @@ impl<H: Handler> Driver<H> {
                 Step::Done
             }
             Event::Heartbeat => {
-                if beat.awaiting_pong {
-                    return Err(Stop::HeartbeatTimeout);
-                }
                 let ping_timeout = self.app.config.ping_timeout;
+                if beat.awaiting_pong {
+                    if !throttle.held {
+                        return Err(Stop::HeartbeatTimeout);
+                    }
+                    // The pong waits behind client messages held for their
+                    // pace (a session flooding from many connections holds
+                    // each for longer than the timeout): a client whose
+                    // messages are waiting to be read is there. The
+                    // deadline moves on while the hold lasts.
+                    beat.timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + ping_timeout);
+                    return Ok(Step::Done);
+                }
                 Step::Write(Box::pin(async move {
                     self.write(socket, Message::Ping(bytes::Bytes::new()))
                         .await?;
@@ -499,14 +519,15 @@ impl<H: Handler> Driver<H> {
     /// Counts a client message against `WS_CLIENT_MESSAGE_RATE`, holding
     /// the next read when the client is ahead of it (see [`pace`]).
     fn pace(&self, throttle: &mut pace::Throttle) {
-        if let Some(pace) = self.app.config.client_pace
-            && self.handler.paced()
-            && throttle.count(
-                pace,
-                self.handler.pace_key().map(|key| (key, &self.app.paces)),
-                tokio::time::Instant::now(),
-            )
-        {
+        let Some(pace) = self.app.config.client_pace else {
+            return;
+        };
+        let shared = match self.handler.budget() {
+            Budget::Unpaced => return,
+            Budget::Own => None,
+            Budget::Shared(key) => Some((key, &self.app.paces)),
+        };
+        if throttle.count(pace, shared, tokio::time::Instant::now()) {
             self.app.metrics.client_reads_held.inc();
         }
     }

@@ -234,3 +234,72 @@ async fn posts_wait_their_turn_and_past_auth_timeout_get_429() {
         limited as f64
     );
 }
+
+#[tokio::test]
+async fn a_held_client_is_not_cut_for_a_pong_that_waits_behind_its_messages() {
+    // Reads held for longer than the ping timeout (one message each half
+    // second, pings every half second, half a second to answer): the
+    // client answers every ping at once, but its pongs sit in the socket
+    // behind the messages it sent first.
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        c.ping_interval = Duration::from_millis(500);
+        c.ping_timeout = Duration::from_millis(500);
+        c.client_pace = wsproxy::config::Pace::new(2, 1);
+    })
+    .await;
+    let session = unique("s");
+    redis.set_token(&session, "tok", 60).await;
+    let mut sub = redis.subscribe(&format!("session:{session}:up")).await;
+    let ws = server.connect(&session, "tok").await;
+    let (mut tx, mut rx) = ws.split();
+    const HELD: usize = 8;
+    for i in 0..HELD {
+        within(
+            WAIT,
+            "sending",
+            tx.feed(Message::text(format!("{{\"n\":{i}}}"))),
+        )
+        .await
+        .expect("send");
+    }
+    within(WAIT, "flushing", tx.flush()).await.expect("flush");
+    // Reading is what answers pings (tungstenite queues the pong and
+    // sends it with the next read).
+    let (texts, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Some(frame) = rx.next().await {
+            match frame {
+                Ok(Message::Text(t)) => {
+                    let _ = texts.send(Ok(t.to_string()));
+                }
+                Ok(Message::Close(close)) => {
+                    let _ = texts.send(Err(close.map(|c| u16::from(c.code))));
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let mut published = sub.on_message();
+    for i in 0..HELD {
+        assert_eq!(
+            next_published(&mut published).await,
+            format!("{{\"n\":{i}}}")
+        );
+    }
+    // About 3.5 s of held reads, seven ping timeouts: still open.
+    redis
+        .publish(&format!("session:{session}:down"), r#"{"down":1}"#)
+        .await;
+    let down = within(WAIT, "the down message", received.recv()).await;
+    assert_eq!(down, Some(Ok(r#"{"down":1}"#.to_string())));
+    assert_eq!(
+        server
+            .metric("wsproxy_disconnects_total{reason=\"heartbeat_timeout\"}")
+            .await,
+        0.0
+    );
+    reader.abort();
+}

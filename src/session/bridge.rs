@@ -31,7 +31,7 @@ use crate::broker::{self, Outbox, Subscription};
 use crate::context::{App, ConnectionSlot};
 use crate::error::{ApiError, Refusal, socket_error};
 use crate::metrics::InvalidMessage;
-use crate::ws::{self, Counters, Driver, Handler, HandlerFuture, Label, Reply};
+use crate::ws::{self, Budget, Counters, Driver, Handler, HandlerFuture, Label, Reply};
 
 pub use crate::keys::MAX_ID_LEN;
 
@@ -573,8 +573,8 @@ impl Handler for Bridge {
         Box::pin(self.forward_up(text))
     }
 
-    fn pace_key(&self) -> Option<&str> {
-        Some(&self.session_id)
+    fn budget(&self) -> Budget<'_> {
+        Budget::Shared(&self.session_id)
     }
 
     fn on_binary(&mut self, _data: bytes::Bytes) -> Reply {

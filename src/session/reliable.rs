@@ -49,7 +49,7 @@ use crate::context::App;
 use crate::error::{ApiError, Refusal, socket_error};
 use crate::metrics::InvalidMessage;
 use crate::session::history::{self, Joined, UpMessage};
-use crate::ws::{HandlerFuture, Reply};
+use crate::ws::{Budget, HandlerFuture, Reply};
 
 /// The subprotocol of reliable sessions.
 pub const PROTOCOL: &str = "wsproxy.v1";
@@ -219,8 +219,8 @@ impl crate::ws::Handler for ReliableBridge {
         Box::pin(self.store(text))
     }
 
-    fn pace_key(&self) -> Option<&str> {
-        Some(&self.session_id)
+    fn budget(&self) -> Budget<'_> {
+        Budget::Shared(&self.session_id)
     }
 
     fn on_binary(&mut self, _data: bytes::Bytes) -> Reply {

@@ -4,8 +4,11 @@
 //! A client that sends faster is not refused or cut: its next frame is
 //! simply not read until its turn, so TCP's flow control slows the client
 //! down and nothing it sent is lost. While a read is held the connection
-//! goes on delivering, pinging and noticing shutdown; the pong that
-//! answers a ping waits behind the held frames, at most one interval.
+//! goes on delivering, pinging and noticing shutdown. The pong that
+//! answers a ping waits behind the held frames, however long the hold
+//! lasts (a session flooding from many connections pushes each one's turn
+//! seconds out): the ping timeout does not run out while a read is held,
+//! since a client whose messages wait to be read is there.
 
 use std::pin::Pin;
 
