@@ -577,6 +577,11 @@ fn on_push(
     push: redis::PushInfo,
 ) {
     match push.kind {
+        // A forgotten connection's messages, still queued behind its task,
+        // would reach subscribers after newer ones from the connection its
+        // channels were subscribed on since: dropped. (Its gapless
+        // subscribers ended when it was forgotten.)
+        PushKind::SMessage | PushKind::Message if forgotten.load(Ordering::SeqCst) => {}
         PushKind::SMessage | PushKind::Message => {
             if let [Value::BulkString(channel), Value::BulkString(payload), ..] = &push.data[..]
                 && let Ok(channel) = std::str::from_utf8(channel)
@@ -632,6 +637,44 @@ mod tests {
                 Value::Int(0),
             ],
         }
+    }
+
+    /// What a forgotten connection still had queued would arrive after
+    /// what its channels' new connection delivers: it is not dispatched.
+    #[test]
+    fn a_forgotten_connections_queued_messages_are_not_dispatched() {
+        let shared = Shared {
+            state: std::sync::Mutex::new(State::default()),
+            wake: tokio::sync::Notify::new(),
+            connected: AtomicBool::new(false),
+            metrics: Arc::new(Metrics::new()),
+            link: std::sync::Mutex::new(LinkStatus::default()),
+        };
+        let plain = crate::broker::Outbox::new(8);
+        shared.lock().channels.insert(
+            "c".into(),
+            crate::broker::Channel {
+                subs: vec![(1, plain.clone())],
+                confirmed: true,
+            },
+        );
+        let addr: Arc<str> = "127.0.0.1:7000".into();
+        let (dropped, forgotten) = (AtomicBool::new(false), AtomicBool::new(false));
+        let message = |text: &str| redis::PushInfo {
+            kind: PushKind::SMessage,
+            data: vec![
+                Value::BulkString(b"c".to_vec()),
+                Value::BulkString(text.as_bytes().to_vec()),
+            ],
+        };
+        on_push(&shared, &addr, (&dropped, &forgotten), message("live"));
+        forgotten.store(true, Ordering::SeqCst);
+        on_push(&shared, &addr, (&dropped, &forgotten), message("stale"));
+        match plain.try_pop() {
+            Some(axum::extract::ws::Message::Text(t)) => assert_eq!(t.as_str(), "live"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(plain.try_pop().is_none(), "the forgotten connection's");
     }
 
     /// Ours are counted and consumed, Redis' own are losses, and those of a
