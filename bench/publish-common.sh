@@ -4,16 +4,22 @@
 
 # library REV TTL_MS -> the library of REV with HISTORY_MAX_LEN 1000, the
 # given TTL, and its renewal window (a hundredth of it, as wsproxy sets).
+# The Lua is src/session/history.lua since it left history.rs' LIBRARY;
+# WITH_PREV=true builds it as classic pub/sub on a cluster does.
 library() {
-  { git show "$1:src/session/history.rs" 2>/dev/null || git show "$1:src/history.rs"; } |
+  { git show "$1:src/session/history.lua" 2>/dev/null ||
+    git show "$1:src/session/history.rs" 2>/dev/null || git show "$1:src/history.rs"; } |
     python3 -c '
 import re, sys
 ttl = int(sys.argv[1])
-lib = re.search(r"const LIBRARY: &str = r#\"(.*?)\"#;", sys.stdin.read(), re.S).group(1)
+text = sys.stdin.read()
+found = re.search(r"const LIBRARY: &str = r#\"(.*?)\"#;", text, re.S)
+lib = found.group(1) if found else text
 for key, value in (("__MAX_LEN__", "1000"), ("__TTL_MS__", str(ttl)),
-                   ("__RENEW_MS__", str(ttl // 100)), ("__PUBLISH__", "PUBLISH")):
+                   ("__RENEW_MS__", str(ttl // 100)), ("__PUBLISH__", "PUBLISH"),
+                   ("__WITH_PREV__", sys.argv[2])):
     lib = lib.replace(key, value)
-print(lib)' "$2"
+print(lib)' "$2" "${WITH_PREV:-false}"
 }
 
 # payloads DIR -> DIR/ascii.json (compact ASCII, json.dumps' default),

@@ -1091,6 +1091,58 @@ async fn raw_control_characters_in_strings_are_refused_and_json_whitespace_is_no
     assert_eq!(reply["error"], "invalid_message", "{reply}");
 }
 
+/// Redis' cjson takes a decimal point without a digit on both sides;
+/// JSON (and every client's parser) does not, so such a message would be
+/// delivered live as text no client can read and make every resume from
+/// before it fail as unreplayable.
+#[tokio::test]
+async fn numbers_without_a_digit_on_both_sides_of_the_point_are_refused() {
+    let redis = Redis::start().await;
+    let server = server(&redis, |_| {}).await;
+    let session = unique("s");
+    redis.set_token(&session, TOKEN, 60).await;
+    let (mut ws, _) = connect(&server, &session, None).await;
+
+    for bad in [
+        "-.5",
+        "[1.]",
+        "{\"a\":1.e5}",
+        "1.",
+        "[-.0]",
+        "{\"p\":-5.}",
+        "[\"\\\\\", 1.]",
+        "[\".\", -.5]",
+    ] {
+        let err = try_publish(&redis, &session, bad.as_bytes())
+            .await
+            .expect_err("refused");
+        assert!(
+            err.contains("wsproxy_publish: the message must be JSON")
+                && err.contains("decimal point"),
+            "{bad}: {err}"
+        );
+    }
+    let err = publish_batch(&redis, &session, &[n(1), "[2.]".to_string()])
+        .await
+        .expect_err("refused");
+    assert!(err.contains("message 2: the message must be JSON"), "{err}");
+    // Points in strings, and numbers with digits on both sides, are JSON.
+    for good in [
+        "\"1. -.5\"",
+        "[1.5,\"x.\"]",
+        "{\"a.\":-0.5e-3}",
+        "\"a\\\".1.\"",
+        "{\"t\":\"Hi. 3. ok\",\"n\":[0.5,-1.25E+3]}",
+    ] {
+        try_publish(&redis, &session, good.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{good} refused: {e}"));
+        let m = next_json(&mut ws).await;
+        let data: serde_json::Value = serde_json::from_str(good).expect("valid");
+        assert_eq!(m["data"], data, "{good}");
+    }
+}
+
 #[tokio::test]
 async fn an_offset_of_another_history_is_unknown_even_between_two_of_this_ones() {
     let redis = Redis::start().await;
