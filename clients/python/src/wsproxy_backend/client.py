@@ -342,6 +342,13 @@ class Wsproxy:
         Needs a wsproxy with ``RELIABLE_SESSIONS=true`` on this Redis (it
         loads the function); :class:`WsproxyError` otherwise.
 
+        A :class:`WsproxyError` means nothing was stored. A connection error
+        or a timeout does not say: Redis may have run the call before the
+        answer was lost, so the message may be stored and delivered, and
+        sending it again may deliver it twice, under a new offset (check the
+        session's history, ``XREVRANGE session:<id>:history + - COUNT 10``,
+        or make the message's data say whether it is a repeat).
+
         Example::
 
             await wsproxy.send_reliable("s1", {"n": 1})  # '1764600000000-0'

@@ -36,6 +36,11 @@ from .models import ClientMessage, Event, _loads, _text
 
 log = logging.getLogger("wsproxy_backend")
 
+# Where a group that disappeared is created again: every entry a stream
+# holds then came after the loss (a Redis restarted without persistence
+# lost the streams with their groups), and "$" would skip them.
+LOST_GROUP_START = "0"
+
 T = TypeVar("T", ClientMessage, Event)
 
 Entry = tuple[str, str, "dict[str, str] | None"]  # stream, entry id, fields (None: deleted)
@@ -117,7 +122,10 @@ class GroupConsumer(Generic[T]):
     ``start``: ``"$"`` (the default) delivers what is added from then on,
     ``"0"`` everything the stream holds. An existing group is left as it is.
     If the group disappears (Redis restarted without persistence) it is
-    created again.
+    created again at ``"0"``, whatever ``start`` was: what wsproxy added to
+    a stream after the group was lost is read, not skipped (if only the
+    group was destroyed, the entries before it come again: handling is
+    idempotent anyway).
 
     On a Redis Cluster the streams live in different slots, and one
     ``XREADGROUP`` cannot name two of them: each stream then has a blocking
@@ -180,11 +188,12 @@ class GroupConsumer(Generic[T]):
 
     # -- group management ----------------------------------------------------
 
-    async def ensure_group(self) -> None:
-        """Creates the group on every stream that lacks it (``XGROUP CREATE ... MKSTREAM``)."""
+    async def ensure_group(self, start: str | None = None) -> None:
+        """Creates the group on every stream that lacks it (``XGROUP CREATE ... MKSTREAM``),
+        at ``start`` (this consumer's ``start`` unless given)."""
         for stream in self.streams:
             try:
-                await self.redis.xgroup_create(stream, self.group, id=self.start, mkstream=True)
+                await self.redis.xgroup_create(stream, self.group, id=start or self.start, mkstream=True)
             except ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
@@ -261,8 +270,11 @@ class GroupConsumer(Generic[T]):
             except ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise
-                log.warning("consumer group %s is gone (Redis restarted?); creating it again", self.group)
-                await self.ensure_group()
+                log.warning(
+                    "consumer group %s is gone (Redis restarted?); creating it again, from the start of the streams",
+                    self.group,
+                )
+                await self.ensure_group(LOST_GROUP_START)
                 reply = await self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
         except RedisTimeoutError:
             if ids != ">":
@@ -340,7 +352,7 @@ class GroupConsumer(Generic[T]):
                 except ResponseError as e:
                     if "NOGROUP" not in str(e):
                         raise
-                    await self.ensure_group()
+                    await self.ensure_group(LOST_GROUP_START)
                     break
                 for row in rows:
                     entry_id = _text(row["message_id"])

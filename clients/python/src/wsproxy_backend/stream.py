@@ -27,7 +27,10 @@ class ReliableStream:
     queued behind it fail with its error, nothing more is published, and
     from then on :meth:`send` raises that error and :meth:`flush` (and
     leaving ``async with``) raises it. What was stored before the failure
-    stays stored. There is no reset: to go on, make a new stream (and tell
+    stays stored; so may the failed call's messages when the failure is a
+    lost connection or a timeout rather than Redis' refusal (Redis may have
+    run the call before its answer was lost: see
+    :meth:`Wsproxy.send_reliable`). There is no reset: to go on, make a new stream (and tell
     the client what is missing). A batch is all or nothing: one message
     that is not fit (not JSON, say) fails the messages of its call with a
     :class:`~wsproxy_backend.models.WsproxyError` naming it, and none of
