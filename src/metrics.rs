@@ -70,6 +70,10 @@ reason_enum! {
         /// A reliable session's live messages stopped: wsproxy's Redis
         /// pub/sub connection dropped (closed with 1013, to resume).
         PubSubLost => "pubsub_lost",
+        /// A reliable session's live stream skipped a message (one the
+        /// cluster bus lost in classic pub/sub): closed with 1013, to
+        /// resume from history.
+        LiveGap => "live_gap",
         /// A backend closed the session (`wsproxy_control`), or this
         /// process's registration lapsed and it asked its clients to
         /// register again.

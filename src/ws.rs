@@ -77,10 +77,11 @@ pub trait Handler: Send + Sync + 'static {
     fn on_text(&mut self, text: Utf8Bytes) -> HandlerFuture<'_>;
     /// A binary frame arrived.
     fn on_binary(&mut self, data: bytes::Bytes) -> Reply;
-    /// Whether a message from the outbox goes to the client: a reliable
-    /// session drops the live copies of the messages it has just replayed.
-    fn deliver(&mut self, _msg: &Message) -> bool {
-        true
+    /// What becomes of a message from the outbox: a reliable session
+    /// drops the live copies of the messages the client has, and ends when
+    /// its live stream skipped one.
+    fn deliver(&mut self, _msg: &Message) -> Delivery {
+        Delivery::Send
     }
     /// What the client's messages count against at
     /// `WS_CLIENT_MESSAGE_RATE`: a budget of the connection's own unless
@@ -89,6 +90,18 @@ pub trait Handler: Send + Sync + 'static {
     fn budget(&self) -> Budget<'_> {
         Budget::Own
     }
+}
+
+/// What becomes of a message from the outbox ([`Handler::deliver`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// It goes to the client.
+    Send,
+    /// It does not (the client has it).
+    Skip,
+    /// One before it never arrived: the connection ends (1013) and its
+    /// client resumes from history.
+    Gap,
 }
 
 /// What a connection's messages count against at `WS_CLIENT_MESSAGE_RATE`.
@@ -466,8 +479,10 @@ impl<H: Handler> Driver<H> {
             }
             Event::Expired => return Err(Stop::TokenExpired),
             Event::Outgoing(Outgoing::Message(msg)) => {
-                if !self.handler.deliver(&msg) {
-                    return Ok(Step::Done);
+                match self.handler.deliver(&msg) {
+                    Delivery::Send => {}
+                    Delivery::Skip => return Ok(Step::Done),
+                    Delivery::Gap => return Err(Stop::LiveGap),
                 }
                 Step::Write(Box::pin(async move {
                     let sent = self.write_queued(socket, msg).await?;
@@ -550,21 +565,33 @@ impl<H: Handler> Driver<H> {
         let batch = async {
             socket.feed(first).await?;
             let mut sent = 1u64;
+            let mut gap = false;
             while sent < WRITE_BATCH {
                 let Some(msg) = outbox.try_pop() else {
                     break;
                 };
-                if handler.deliver(&msg) {
-                    socket.feed(msg).await?;
-                    sent += 1;
+                match handler.deliver(&msg) {
+                    Delivery::Send => {
+                        socket.feed(msg).await?;
+                        sent += 1;
+                    }
+                    Delivery::Skip => {}
+                    Delivery::Gap => {
+                        gap = true;
+                        break;
+                    }
                 }
             }
             socket.flush().await?;
-            Ok::<u64, axum::Error>(sent)
+            Ok::<_, axum::Error>((sent, gap))
         };
         tokio::select! {
             biased;
-            r = batch => r.map_err(|_| Stop::Client),
+            r = batch => match r {
+                Ok((_, true)) => Err(Stop::LiveGap),
+                Ok((sent, false)) => Ok(sent),
+                Err(_) => Err(Stop::Client),
+            },
             _ = outbox.overflowed() => Err(Stop::SlowConsumer),
             _ = tokio::time::sleep(app.config.ping_timeout) => Err(Stop::SlowConsumer),
         }
@@ -603,9 +630,13 @@ impl<H: Handler> Driver<H> {
                 }
                 Stop::Shutdown => {
                     // Deliver what was already queued before saying goodbye.
+                    // Up to a gap, if there is one: the client resumes
+                    // from history after reconnecting anyway.
                     while let Some(msg) = self.outbox.try_pop() {
-                        if !self.handler.deliver(&msg) {
-                            continue;
+                        match self.handler.deliver(&msg) {
+                            Delivery::Send => {}
+                            Delivery::Skip => continue,
+                            Delivery::Gap => break,
                         }
                         if self.write(socket, msg).await.is_err() {
                             return crate::close::ABNORMAL;
@@ -633,6 +664,10 @@ impl<H: Handler> Driver<H> {
                 Stop::PubSubLost => (
                     CLOSE_TRY_AGAIN_LATER,
                     "wsproxy lost its Redis pub/sub connection: reconnect to resume",
+                ),
+                Stop::LiveGap => (
+                    CLOSE_TRY_AGAIN_LATER,
+                    "the live stream missed a message: reconnect to resume",
                 ),
                 Stop::Backend => match &order {
                     Some(order) => (order.code, order.reason.as_str()),

@@ -244,6 +244,38 @@ async fn reliable_round_trip(mode: ClusterPubSub) {
     let third = reliable_publish(&cluster, &session, r#"{"n":3}"#).await;
     let got: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).expect("json");
     assert_eq!(got["offset"].as_str(), Some(third.as_str()), "{got}");
+    if mode == ClusterPubSub::Classic {
+        // Classic pub/sub crosses the cluster bus, which can lose a
+        // message without wsproxy's connection dropping: each envelope
+        // names the one before, and a connection that never had it is
+        // closed with 1013, to resume from history.
+        assert_eq!(got["prev"].as_str(), Some(second.as_str()), "{got}");
+        let mut c = cluster.conn().await;
+        let lost: String = redis::cmd("XADD")
+            .arg(format!("session:{{{session}}}:history"))
+            .arg("*")
+            .arg("d")
+            .arg(r#"{"n":4}"#)
+            .query_async(&mut c)
+            .await
+            .expect("XADD: a message whose live copy was lost");
+        let fifth = reliable_publish(&cluster, &session, r#"{"n":5}"#).await;
+        assert_eq!(close_code(&mut ws).await, 1013);
+        let (mut ws, welcome) =
+            reliable_connect(&server, &session, &format!("?epoch={epoch}&offset={third}")).await;
+        assert_eq!(welcome["resumed"], true, "{welcome}");
+        for (offset, n) in [(&lost, 4), (&fifth, 5)] {
+            let got: serde_json::Value =
+                serde_json::from_str(&next_text(&mut ws).await).expect("json");
+            assert_eq!(
+                (got["offset"].as_str(), &got["data"]),
+                (Some(offset.as_str()), &serde_json::json!({ "n": n }))
+            );
+        }
+        server
+            .wait_metric("wsproxy_disconnects_total{reason=\"live_gap\"}", 1.0)
+            .await;
+    }
     server.stop().await;
 }
 

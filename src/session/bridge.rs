@@ -340,7 +340,7 @@ async fn admission(
         // Whatever the live channel brings up to the history's last offset
         // at the join is in the history: replayed, or (on a fresh join)
         // older than the connection.
-        skip_through: crate::session::history::parse_offset(&joined.last),
+        last: crate::session::history::parse_offset(&joined.last),
         session_id: session_id.into(),
         agent_id: agent_id.into(),
         _subscription: subscription,

@@ -4,6 +4,10 @@ local MAX_LEN = __MAX_LEN__
 local TTL_MS = __TTL_MS__
 local RENEW_MS = __RENEW_MS__
 local PUBLISH = '__PUBLISH__'
+-- Whether live envelopes name the message before (classic pub/sub on a
+-- cluster, where the cluster bus can lose a message without wsproxy's
+-- connection dropping: see publish).
+local WITH_PREV = __WITH_PREV__
 
 -- session:<id>:history -> session:<id>, and (cluster) session:{<id>}:history
 -- -> session:{<id>}
@@ -31,6 +35,12 @@ end
 
 local function envelope(id, payload)
   return '{"type":"message","offset":"' .. id .. '","data":' .. payload .. '}'
+end
+
+-- A live envelope that also names the offset of the message before it.
+local function envelope_after(id, prev, payload)
+  return '{"type":"message","offset":"' .. id .. '","prev":"' .. prev
+    .. '","data":' .. payload .. '}'
 end
 
 -- The history's epoch, made when there is none, and whether it was made
@@ -231,12 +241,28 @@ end
 -- (the envelope on :live for reliable clients, the bare message on :down),
 -- then does the per-call work once: the new-history check, the trim, the
 -- expiries. Returns the offsets.
+--
+-- With WITH_PREV, each live envelope names the newest entry before it
+-- ("prev"; none when the history was empty), so that a connection that
+-- never saw that one knows it missed it and resumes from history: classic
+-- pub/sub reaches wsproxy over the cluster bus, which drops what it could
+-- not relay while a link was down without wsproxy's connection dropping.
 local function publish(history, base, args, first, last)
   local ids = {}
   local live, down = base .. ':live', base .. ':down'
+  local prev
+  if WITH_PREV then
+    local newest = redis.call('XREVRANGE', history, '+', '-', 'COUNT', 1)[1]
+    prev = newest and newest[1]
+  end
   for i = first, last do
     local id = redis.call('XADD', history, '*', 'd', args[i])
-    redis.call(PUBLISH, live, envelope(id, args[i]))
+    if prev then
+      redis.call(PUBLISH, live, envelope_after(id, prev, args[i]))
+    else
+      redis.call(PUBLISH, live, envelope(id, args[i]))
+    end
+    if WITH_PREV then prev = id end
     redis.call(PUBLISH, down, args[i])
     ids[#ids + 1] = id
   end

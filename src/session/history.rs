@@ -128,6 +128,14 @@ pub fn library(config: &ReliableConfig, keys: Keys) -> String {
         .replace("__TTL_MS__", &ttl_ms.to_string())
         .replace("__RENEW_MS__", &(ttl_ms / 100).max(1).to_string())
         .replace("__PUBLISH__", keys.publish_command())
+        .replace(
+            "__WITH_PREV__",
+            if keys == Keys::ClusterClassic {
+                "true"
+            } else {
+                "false"
+            },
+        )
 }
 
 /// The library's text, before [`library`] writes the settings in.
@@ -302,22 +310,39 @@ pub async fn store_up<C: ConnectionLike>(
     })
 }
 
+/// A stream id `<ms>-<seq>` as two numbers ([`parse_offset`]).
+pub type Offset = (u64, u64);
+
+/// What follows the offset in a live envelope that names the message
+/// before it (classic pub/sub on a cluster, see the library's `publish`).
+const PREV: &str = r#"","prev":""#;
+
 /// The offset of an enveloped message (see [`ENVELOPE_PREFIX`]) as two
-/// numbers, or `None` for anything else.
-pub fn offset_of(frame: &str) -> Option<(u64, u64)> {
+/// numbers, and the offset of the message before it when the envelope
+/// names one; `None` for anything else.
+pub fn offsets_of(frame: &str) -> Option<(Offset, Option<Offset>)> {
     let rest = frame.strip_prefix(ENVELOPE_PREFIX)?;
     let end = rest.find('"')?;
-    parse_offset(&rest[..end])
+    let offset = parse_offset(&rest[..end])?;
+    let prev = rest[end..].strip_prefix(PREV).and_then(|after| {
+        let end = after.find('"')?;
+        parse_offset(&after[..end])
+    });
+    Some((offset, prev))
 }
 
 /// An enveloped message (see [`ENVELOPE_PREFIX`]) as its offset and its
 /// data, the backend's JSON as it was published; `None` for anything else.
-/// The envelope is built by the library's `envelope` alone, so its shape is
-/// known: the prefix, the offset, `","data":`, the data, `}`.
+/// The envelope is built by the library's `envelope` (or, live,
+/// `envelope_after`) alone, so its shape is known: the prefix, the offset,
+/// perhaps `","prev":"` and an offset, `","data":`, the data, `}`.
 pub fn split_envelope(frame: &str) -> Option<(&str, &str)> {
     let rest = frame.strip_prefix(ENVELOPE_PREFIX)?;
     let end = rest.find('"')?;
-    let (offset, rest) = rest.split_at(end);
+    let (offset, mut rest) = rest.split_at(end);
+    if let Some(after) = rest.strip_prefix(PREV) {
+        rest = &after[after.find('"')?..];
+    }
     let data = rest.strip_prefix("\",\"data\":")?.strip_suffix('}')?;
     Some((offset, data))
 }
@@ -347,6 +372,13 @@ mod tests {
         assert_eq!(
             split_envelope(r#"{"type":"message","offset":"5-1","data":"x"}"#),
             Some(("5-1", r#""x""#))
+        );
+        let after = r#"{"type":"message","offset":"5-1","prev":"4-9","data":{"prev":"1-1"}}"#;
+        assert_eq!(split_envelope(after), Some(("5-1", r#"{"prev":"1-1"}"#)));
+        assert_eq!(offsets_of(after), Some(((5, 1), Some((4, 9)))));
+        assert_eq!(
+            offsets_of(r#"{"type":"message","offset":"5-1","data":{"prev":"1-1"}}"#),
+            Some(((5, 1), None))
         );
         for other in [
             r#"{"type":"welcome"}"#,
@@ -397,8 +429,8 @@ mod tests {
     #[test]
     fn offsets_are_read_from_envelopes_only() {
         assert_eq!(
-            offset_of(r#"{"type":"message","offset":"1700000000000-3","data":{"a":1}}"#),
-            Some((1_700_000_000_000, 3))
+            offsets_of(r#"{"type":"message","offset":"1700000000000-3","data":{"a":1}}"#),
+            Some(((1_700_000_000_000, 3), None))
         );
         for other in [
             r#"{"type":"welcome","offset":"1-0"}"#,
@@ -406,7 +438,7 @@ mod tests {
             r#"{"type":"message","offset":"1-0"#,
             "",
         ] {
-            assert_eq!(offset_of(other), None, "{other}");
+            assert_eq!(offsets_of(other), None, "{other}");
         }
         assert_eq!(parse_offset("0-0"), Some((0, 0)));
         assert_eq!(parse_offset("12"), None);

@@ -34,7 +34,11 @@
 //! live messages stop until it has resubscribed, and what Redis published
 //! meanwhile never arrives: the connection's outbox is gapless
 //! ([`crate::broker::Outbox::gapless`]), so it is then closed with 1013 and
-//! the client resumes from history.
+//! the client resumes from history. With classic pub/sub on a cluster,
+//! messages reach wsproxy over the cluster bus, which can lose one without
+//! the connection dropping: there each live envelope names the message
+//! before it (`"prev"`), and a connection that never had that one is
+//! closed with 1013 the same way.
 
 use std::sync::Arc;
 
@@ -49,7 +53,7 @@ use crate::context::App;
 use crate::error::{ApiError, Refusal, socket_error};
 use crate::metrics::InvalidMessage;
 use crate::session::history::{self, Joined, UpMessage};
-use crate::ws::{Budget, HandlerFuture, Reply};
+use crate::ws::{Budget, Delivery, HandlerFuture, Reply};
 
 /// The subprotocol of reliable sessions.
 pub const PROTOCOL: &str = "wsproxy.v1";
@@ -161,10 +165,12 @@ pub struct ReliableBridge {
     pub session_id: Box<str>,
     /// The connection's agent id, stored with each client message.
     pub agent_id: Box<str>,
-    /// Live messages up to this offset were in the replay (or in history
-    /// when the connection joined) and are dropped; cleared at the first
-    /// newer one.
-    pub skip_through: Option<(u64, u64)>,
+    /// The offset of the newest message the client has: the history's
+    /// last when the connection joined (what the replay brought), then
+    /// each live one delivered. A live message at or below it is a copy
+    /// and is dropped; one that names another as the message before it
+    /// (classic pub/sub on a cluster) shows that one never arrived.
+    pub last: Option<(u64, u64)>,
     /// Keeps `session:{id}:live` subscribed while the connection lives.
     pub _subscription: Subscription,
 }
@@ -231,32 +237,35 @@ impl crate::ws::Handler for ReliableBridge {
         ))
     }
 
-    fn deliver(&mut self, msg: &Message) -> bool {
+    fn deliver(&mut self, msg: &Message) -> Delivery {
         // What reaches `:live` through `wsproxy_publish` is UTF-8 JSON; a
         // binary frame (bytes someone else published there) is no message
         // of this protocol, and reliable clients read text only.
         let Message::Text(text) = msg else {
             if matches!(msg, Message::Binary(_)) {
                 tracing::warn!(session_id = %self.session_id, "dropped a live message that is not UTF-8 (not from wsproxy_publish)");
-                return false;
+                return Delivery::Skip;
             }
-            return true;
+            return Delivery::Send;
         };
         // Text without an offset (something else published on `:live`) is
         // no message of this protocol either: dropped, and it does not end
         // the skipping of replayed messages' live copies.
-        let Some(offset) = history::offset_of(text.as_str()) else {
+        let Some((offset, prev)) = history::offsets_of(text.as_str()) else {
             tracing::warn!(session_id = %self.session_id, "dropped a live message without an offset (not from wsproxy_publish)");
-            return false;
+            return Delivery::Skip;
         };
-        match self.skip_through {
-            Some(through) if offset <= through => false,
-            Some(_) => {
-                self.skip_through = None;
-                true
+        if let Some(last) = self.last {
+            if offset <= last {
+                return Delivery::Skip;
             }
-            None => true,
+            if prev.is_some_and(|prev| prev != last) {
+                tracing::warn!(session_id = %self.session_id, ?prev, ?last, "a live message follows one this connection never got: closing it to resume from history");
+                return Delivery::Gap;
+            }
         }
+        self.last = Some(offset);
+        Delivery::Send
     }
 }
 
