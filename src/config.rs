@@ -404,8 +404,10 @@ pub struct Cli {
     /// Lifetime of issued tokens, in seconds.
     #[arg(long, env = "JWT_TTL_SECS", default_value = "3600")]
     pub jwt_ttl_secs: String,
-    /// File of "username:<argon2 hash>" lines for POST /auth/token
-    /// (make hashes with `wsproxy hash-password`).
+    /// File of "username:<argon2 hash>[:<sessions>]" lines for POST
+    /// /auth/token (make them with `wsproxy hash-password --user`); the
+    /// optional sessions ("session-alice,team-7-*") limit which sessions
+    /// the user may get tokens for.
     #[arg(long, env = "USERS_FILE")]
     pub users_file: Option<String>,
     /// Comma-separated origins allowed to call POST /auth/token from a
@@ -447,10 +449,19 @@ pub struct Cli {
 #[allow(rustdoc::invalid_html_tags)]
 pub enum Command {
     /// Print the argon2 hash of a password, for a USERS_FILE line
-    /// ("username:<hash>"). Reads the password from stdin when not given.
+    /// ("username:<hash>[:<sessions>]"); with --user, the whole line.
+    /// Reads the password from stdin when not given.
     HashPassword {
         /// The password (prefer stdin: arguments end up in shell history).
         password: Option<String>,
+        /// Print the whole USERS_FILE line for this user, not the hash alone.
+        #[arg(long)]
+        user: Option<String>,
+        /// With --user: the sessions the user may get tokens for, names or
+        /// patterns with one '*' ("session-alice,team-7-*"). Left out: any
+        /// session.
+        #[arg(long, requires = "user")]
+        sessions: Option<String>,
     },
 }
 

@@ -43,6 +43,9 @@ pub enum Refusal {
     AmbiguousToken(Cow<'static, str>),
     /// `POST /auth/token`: unknown user or wrong password.
     InvalidCredentials(Cow<'static, str>),
+    /// `POST /auth/token`: a session the user's `USERS_FILE` list does not
+    /// allow.
+    SessionForbidden(Cow<'static, str>),
     /// Redis could not be asked in time.
     RedisUnavailable(Cow<'static, str>),
     /// An agent or session id that could change a Redis name.
@@ -107,6 +110,7 @@ impl Refusal {
             Self::InvalidToken(_) => StatusCode::FORBIDDEN,
             Self::AmbiguousToken(_) => StatusCode::BAD_REQUEST,
             Self::InvalidCredentials(_) => StatusCode::UNAUTHORIZED,
+            Self::SessionForbidden(_) => StatusCode::FORBIDDEN,
             Self::RedisUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::InvalidId(_) => StatusCode::BAD_REQUEST,
             Self::NotAWebsocket(_) => StatusCode::BAD_REQUEST,
@@ -143,6 +147,7 @@ impl Refusal {
             Self::InvalidToken(_) => "invalid_token",
             Self::AmbiguousToken(_) => "ambiguous_token",
             Self::InvalidCredentials(_) => "invalid_credentials",
+            Self::SessionForbidden(_) => "session_forbidden",
             Self::RedisUnavailable(_) => "redis_unavailable",
             Self::InvalidId(_) => "invalid_id",
             Self::NotAWebsocket(_) => "not_a_websocket",
@@ -179,6 +184,7 @@ impl Refusal {
             | Self::InvalidToken(m)
             | Self::AmbiguousToken(m)
             | Self::InvalidCredentials(m)
+            | Self::SessionForbidden(m)
             | Self::RedisUnavailable(m)
             | Self::InvalidId(m)
             | Self::NotAWebsocket(m)
@@ -363,6 +369,11 @@ mod tests {
             (Refusal::RateLimited("m".into()), 429, "rate_limited"),
             (Refusal::BackendTimeout("m".into()), 504, "backend_timeout"),
             (Refusal::ServerFull("m".into()), 503, "server_full"),
+            (
+                Refusal::SessionForbidden("m".into()),
+                403,
+                "session_forbidden",
+            ),
             (
                 Refusal::BackendRejected(StatusCode::NOT_FOUND),
                 404,

@@ -11,6 +11,7 @@
 //! | `session:<id>:down` | channel | the backend publishes, wsproxy subscribes |
 //! | `session:<id>:up` | channel | wsproxy publishes client messages |
 //! | `pubsub:<session>:<topic>` | channel | topic pub/sub, both ways |
+//! | `pubsub:anon:<session>:<topic>` | channel | topic pub/sub of anonymous clients when `JWT_SECRET` is set too |
 //! | `session:<id>:history` | stream of down messages (field `d`), with a TTL | `wsproxy_publish` (or `_batch`); read on resume |
 //! | `session:<id>:epoch` | hash (`epoch`, `trimmed`: the newest offset trimmed), with the history's TTL | `wsproxy_publish` and `wsproxy_join` |
 //! | `session:<id>:live` | channel of enveloped down messages | `wsproxy_publish`; reliable connections subscribe |
@@ -36,7 +37,7 @@
 //! |---|
 //! | `session:{<id>}:auth`, `session:{<id>}:down`, `session:{<id>}:up` |
 //! | `session:{<id>}:history`, `session:{<id>}:epoch`, `session:{<id>}:live` |
-//! | `pubsub:{<session>}:<topic>` |
+//! | `pubsub:{<session>}:<topic>`, `pubsub:anon:{<session>}:<topic>` |
 //! | `wsproxy:up:{<n>}`, `wsproxy:up:{<n>}:seen:<session>:<id>` |
 //! | `session:{<id>}:presence`, `session:{<id>}:events` |
 //! | `wsproxy:process:{<p>}`, `wsproxy:process:{<p>}:connections` |
@@ -261,6 +262,15 @@ impl Keys {
     pub fn topic(self, session: &str, topic: &str) -> String {
         format!("pubsub:{}:{topic}", self.tag(session))
     }
+
+    /// The channel of a topic in a session of anonymous `/ws` clients on a
+    /// server that also takes tokens (`JWT_SECRET`): a namespace of their
+    /// own, so that they never share a session with token holders. It
+    /// cannot be a [`Keys::topic`]: ids hold no `:`, so that name has two
+    /// after `pubsub`, this one three.
+    pub fn anonymous_topic(self, session: &str, topic: &str) -> String {
+        format!("pubsub:anon:{}:{topic}", self.tag(session))
+    }
 }
 
 /// What a pub/sub channel is for, as the status page counts them.
@@ -321,6 +331,11 @@ mod tests {
         assert_eq!(k.session_down("s1"), "session:s1:down");
         assert_eq!(k.session_up("s1"), "session:s1:up");
         assert_eq!(k.topic("s1", "t"), "pubsub:s1:t");
+        assert_eq!(k.anonymous_topic("s1", "t"), "pubsub:anon:s1:t");
+        // Ids hold no ':', so no session and topic of a token holder name
+        // an anonymous channel: two ':' against three.
+        assert_eq!(k.topic("anon", "t").matches(':').count(), 2);
+        assert_eq!(k.anonymous_topic("anon", "t").matches(':').count(), 3);
         assert_eq!(k.session_history("s1"), "session:s1:history");
         assert_eq!(k.session_epoch("s1"), "session:s1:epoch");
         assert_eq!(k.session_live("s1"), "session:s1:live");
@@ -361,6 +376,7 @@ mod tests {
             assert_eq!(k.session_down("s1"), "session:{s1}:down");
             assert_eq!(k.session_up("s1"), "session:{s1}:up");
             assert_eq!(k.topic("s1", "t"), "pubsub:{s1}:t");
+            assert_eq!(k.anonymous_topic("s1", "t"), "pubsub:anon:{s1}:t");
             assert_eq!(k.session_history("s1"), "session:{s1}:history");
             assert_eq!(k.session_epoch("s1"), "session:{s1}:epoch");
             assert_eq!(k.session_live("s1"), "session:{s1}:live");
@@ -388,6 +404,7 @@ mod tests {
                 k.session_epoch(id),
                 k.session_live(id),
                 k.topic(id, "news"),
+                k.anonymous_topic(id, "news"),
             ] {
                 assert_eq!(get_slot(&name), slot, "{name}");
             }
@@ -429,6 +446,10 @@ mod tests {
                 assert_eq!(channel_kind(&name), ChannelKind::Session(&id), "{name}");
             }
             assert_eq!(channel_kind(&k.topic("s-1", "news")), ChannelKind::Topic);
+            assert_eq!(
+                channel_kind(&k.anonymous_topic("s-1", "news")),
+                ChannelKind::Topic
+            );
         }
         assert_eq!(channel_kind(CONTROL), ChannelKind::Other);
     }

@@ -58,8 +58,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cli = Cli::parse();
-    if let Some(Command::HashPassword { password }) = &cli.command {
-        return hash_password(password.clone());
+    if let Some(Command::HashPassword {
+        password,
+        user,
+        sessions,
+    }) = &cli.command
+    {
+        return hash_password(password.clone(), user.as_deref(), sessions.as_deref());
     }
     let ignored = cli.ignored();
     let config = match cli.into_config() {
@@ -108,8 +113,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `wsproxy hash-password`: prints an argon2 hash for a USERS_FILE line.
-fn hash_password(password: Option<String>) -> ExitCode {
+/// `wsproxy hash-password`: prints an argon2 hash for a USERS_FILE line,
+/// or with `--user` (and `--sessions`) the whole line, checked as
+/// start-up would check it.
+fn hash_password(password: Option<String>, user: Option<&str>, sessions: Option<&str>) -> ExitCode {
     let password = match password {
         Some(p) => p,
         None => {
@@ -127,7 +134,30 @@ fn hash_password(password: Option<String>) -> ExitCode {
     }
     match wsproxy::auth::users::hash_password(&password) {
         Ok(hash) => {
-            println!("{hash}");
+            let Some(user) = user else {
+                println!("{hash}");
+                eprintln!(
+                    "wsproxy: a USERS_FILE line is username:<hash>[:<sessions>], e.g. alice:<hash>:session-alice,team-7-* (without the sessions: any session); --user and --sessions print it whole"
+                );
+                return ExitCode::SUCCESS;
+            };
+            let line = match sessions {
+                Some(list) => format!("{user}:{hash}:{list}"),
+                None => format!("{user}:{hash}"),
+            };
+            match wsproxy::auth::users::Users::parse(&line, "--user/--sessions") {
+                Err(e) => {
+                    eprintln!("wsproxy: {e}");
+                    return ExitCode::from(2);
+                }
+                // A name the file would read otherwise (a comment, spaces).
+                Ok(users) if users.hash(user) != Some(hash.as_str()) => {
+                    eprintln!("wsproxy: --user {user:?} cannot be written in USERS_FILE");
+                    return ExitCode::from(2);
+                }
+                Ok(_) => {}
+            }
+            println!("{line}");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -13,7 +13,12 @@
 //! Isolation: every connection is bound to exactly one session, the one in
 //! its token, or for anonymous clients (when allowed) the first one it
 //! names. Commands for any other session are refused; a message only ever
-//! reaches subscribers of its topic in its session.
+//! reaches subscribers of its topic in its session. On a server that takes
+//! tokens (`JWT_SECRET`) as well as anonymous clients, anonymous clients'
+//! sessions are apart from token holders' (channels
+//! `pubsub:anon:{session}:{topic}`): naming a token holder's session gives
+//! an anonymous client a session of the same name among anonymous clients
+//! only, never the token holder's messages.
 //!
 //! Every refusal is a JSON error message on the socket
 //! (`{"type":"error","error":"<code>","message":...,"command":...}`); the
@@ -328,6 +333,10 @@ struct Hub {
     subject: Option<Box<str>>,
     /// Topic -> its live broker subscription.
     topics: HashMap<String, Subscription>,
+    /// An anonymous connection on a server that also takes tokens: its
+    /// topics are on [`crate::keys::Keys::anonymous_topic`] channels, apart
+    /// from token holders' sessions of the same name.
+    apart: bool,
 }
 
 impl Handler for Hub {
@@ -346,6 +355,16 @@ impl Handler for Hub {
 }
 
 impl Hub {
+    /// The Redis channel of `topic` in `session` for this connection.
+    fn channel(&self, session: &str, topic: &str) -> String {
+        let keys = self.app.config.keys();
+        if self.apart {
+            keys.anonymous_topic(session, topic)
+        } else {
+            channel(keys, session, topic)
+        }
+    }
+
     async fn command(&mut self, line: &str) -> Reply {
         match parse_command(line) {
             Err(e) => refuse(&self.app, e.command, e.error, e.message),
@@ -456,11 +475,7 @@ impl Hub {
         match self
             .app
             .broker
-            .subscribe(
-                &channel(self.app.config.keys(), &session, topic),
-                self.outbox.clone(),
-                wait,
-            )
+            .subscribe(&self.channel(&session, topic), self.outbox.clone(), wait)
             .await
         {
             Ok(subscription) => {
@@ -532,7 +547,7 @@ impl Hub {
         };
         let limit = self.app.config.auth_timeout;
         let keys = self.app.config.keys();
-        let channel = channel(keys, &session, &msg.topic);
+        let channel = self.channel(&session, &msg.topic);
         match broker::publish(&mut self.redis, keys, &channel, body.as_bytes(), limit).await {
             Ok(_) => {
                 self.app.metrics.pubsub_published.inc();
@@ -664,6 +679,10 @@ fn accept(
         subject: name.as_deref().map(Box::from),
         name,
         topics: HashMap::new(),
+        // Token holders' sessions are out of anonymous clients' reach: when
+        // this server takes tokens, anonymous clients' sessions are in a
+        // namespace of their own (they still reach each other there).
+        apart: claims.is_none() && app.config.jwt.is_some(),
     };
     let driver = Driver {
         app: app.clone(),

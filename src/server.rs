@@ -168,6 +168,30 @@ impl Drop for Workers {
     }
 }
 
+/// One WARN line naming the users of `USERS_FILE` without a session list
+/// (the first few of them), who may get a token for any session.
+fn warn_unrestricted_users(users: &Users) {
+    const SHOWN: usize = 10;
+    let open = users.unrestricted();
+    if open.is_empty() {
+        return;
+    }
+    let mut names = open
+        .iter()
+        .take(SHOWN)
+        .map(|u| format!("{u:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if open.len() > SHOWN {
+        names.push_str(&format!(" and {} more", open.len() - SHOWN));
+    }
+    tracing::warn!(
+        users = open.len(),
+        "USERS_FILE: {} user(s) without a session list may get a token for any session, and so read and write any user's topics: {names} (give each line a third field of the sessions it may join, as in name:<hash>:session-name,team-7-*, or :* to allow any explicitly)",
+        open.len()
+    );
+}
+
 /// Runs wsproxy on `listener` until `shutdown` is cancelled, then drains
 /// connections (at most the configured grace period) and returns.
 pub async fn run(
@@ -266,6 +290,9 @@ pub async fn run(
         );
     }
     reload_on_sighup(app.clone(), upstream.clone());
+    if let Some(users) = &app.users {
+        warn_unrestricted_users(users);
+    }
     if config.users_file.is_some() && config.jwt.is_none() {
         tracing::warn!(
             "USERS_FILE is set but JWT_SECRET is not: POST /auth/token answers 503 until JWT_SECRET is set"

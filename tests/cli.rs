@@ -600,3 +600,143 @@ fn a_dotenv_file_that_cannot_be_read_whole_stops_startup() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A hash argon2 can check (of "x"), for USERS_FILE lines written here.
+const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$rxVRGoBrvL4b+1V5sMqq8Q$F4dDGebuGctBGYowVRg+WASlNqb12crouZmJhwhJr+4";
+
+/// A bad session pattern in USERS_FILE stops start-up with one line naming
+/// the file and the line, like any other bad line.
+#[test]
+fn a_bad_session_pattern_stops_startup_naming_the_line() {
+    let path =
+        std::env::temp_dir().join(format!("wsproxy-cli-{}-pattern.users", std::process::id()));
+    std::fs::write(
+        &path,
+        format!("# users\nbob:{HASH}:session-bob\nalice:{HASH}:session-alice,team-*-*\n"),
+    )
+    .expect("write users file");
+    let out = exits_within(
+        wsproxy()
+            .env("USERS_FILE", &path)
+            .env("JWT_SECRET", "a-cli-test-secret-of-at-least-32-bytes"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(
+        err.contains(&format!("USERS_FILE: {} line 3", path.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("session list entry 2: has more than one '*'"),
+        "{err}"
+    );
+    assert!(!err.contains(HASH), "{err}");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Users without a session list may get a token for any session: start-up
+/// says so in one WARN line naming them (and not those with a list).
+#[test]
+fn users_without_a_session_list_are_named_in_one_warning() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let dead_redis = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let users = std::env::temp_dir().join(format!("wsproxy-cli-{}-open.users", std::process::id()));
+    std::fs::write(
+        &users,
+        format!("alice:{HASH}:session-alice\nbob:{HASH}\ncarol:{HASH}:*\n"),
+    )
+    .expect("write users file");
+    let mut server = Running::start(
+        wsproxy()
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env("REDIS_URL", format!("redis://127.0.0.1:{dead_redis}"))
+            .env("USERS_FILE", &users)
+            .env("JWT_SECRET", "a-cli-test-secret-of-at-least-32-bytes")
+            .env("RUST_LOG", "info"),
+    );
+    let warning = server.wait_for("without a session list");
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("any session"), "{warning}");
+    assert!(warning.contains("\"bob\""), "{warning}");
+    assert!(
+        !warning.contains("\"alice\"") && !warning.contains("\"carol\""),
+        "{warning}"
+    );
+    server.wait_for("wsproxy listening");
+    let log = server.seen.join("\n");
+    assert_eq!(log.matches("without a session list").count(), 1, "{log}");
+    server.signal("TERM");
+    server.wait_for("shutdown complete");
+    let _ = std::fs::remove_file(&users);
+}
+
+/// `wsproxy hash-password --user alice --sessions ...` prints the whole
+/// USERS_FILE line, checked as start-up checks it; without --user the hash
+/// alone (for scripts) and the line's form on stderr.
+#[test]
+fn hash_password_prints_the_users_file_line() {
+    let run = |args: &[&str]| {
+        use std::io::Write;
+        let mut child = wsproxy()
+            .arg("hash-password")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run wsproxy");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"wonderland\n")
+            .expect("write password");
+        child.wait_with_output().expect("wait")
+    };
+    let out = run(&["--user", "alice", "--sessions", "session-alice,team-7-*"]);
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
+    let fields: Vec<&str> = line.split(':').collect();
+    assert_eq!(fields.len(), 3, "{line}");
+    assert_eq!(fields[0], "alice");
+    assert!(fields[1].starts_with("$argon2id$"), "{line}");
+    assert_eq!(fields[2], "session-alice,team-7-*");
+
+    let out = run(&["--user", "bob"]);
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
+    assert!(line.starts_with("bob:$argon2id$"), "{line}");
+    assert_eq!(line.matches(':').count(), 1, "{line}");
+
+    let out = run(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let hash = String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
+    assert!(
+        hash.starts_with("$argon2id$") && !hash.contains(':'),
+        "{hash}"
+    );
+    let hint = String::from_utf8_lossy(&out.stderr);
+    assert!(hint.contains("username:<hash>[:<sessions>]"), "{hint}");
+
+    let out = run(&["--user", "alice", "--sessions", "a**"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("more than one '*'"), "{err}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let out = run(&["--user", "#alice"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

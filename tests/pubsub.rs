@@ -25,12 +25,21 @@ fn jwt() -> JwtConfig {
 
 /// A users file with alice/wonderland and bob/builder.
 fn users_file() -> std::path::PathBuf {
+    users_file_of(&[("alice", "wonderland", None), ("bob", "builder", None)])
+}
+
+/// A users file of `(user, password, sessions)`: the sessions, when given,
+/// are the line's third field.
+fn users_file_of(users: &[(&str, &str, Option<&str>)]) -> std::path::PathBuf {
     let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("{}.users", unique("wsproxy-test")));
     let mut text = String::from("# test users\n");
-    for (u, p) in [("alice", "wonderland"), ("bob", "builder")] {
+    for (u, p, sessions) in users {
         let hash = wsproxy::auth::users::hash_password(p).expect("hash");
-        text.push_str(&format!("{u}:{hash}\n"));
+        match sessions {
+            Some(list) => text.push_str(&format!("{u}:{hash}:{list}\n")),
+            None => text.push_str(&format!("{u}:{hash}\n")),
+        }
     }
     std::fs::write(&path, text).expect("write users file");
     path
@@ -242,8 +251,11 @@ async fn a_topic_without_a_session_is_in_the_connections_own() {
         ),
         "{r}"
     );
-    // A client that names the session gets the same messages.
-    let mut bob = ws(&server, None).await.expect("anonymous");
+    // A client that names the session gets the same messages (a token
+    // holder: anonymous clients' sessions are apart from token holders').
+    let (_, t2) = token(&server, "bob", "builder", Some(&s1)).await;
+    let t2 = t2["token"].as_str().expect("token").to_owned();
+    let mut bob = ws(&server, Some(&t2)).await.expect("valid token");
     let r = command(&mut bob, &format!("subscribe:NetworkConnectedEvent|{s1}")).await;
     assert_eq!(r["type"], "subscribed");
     send_text(
@@ -948,4 +960,174 @@ async fn token_cors_takes_subdomain_wildcards_like_websocket_origins() {
             "{origin}: {head}"
         );
     }
+}
+
+/// A user whose USERS_FILE line lists sessions gets tokens for those only:
+/// `403 session_forbidden` for any other (alice could sign herself into
+/// bob's session before), also for the default `session-{user}` when the
+/// list leaves it out; a user without a list still gets any session.
+#[tokio::test]
+async fn session_lists_limit_the_tokens_a_user_gets() {
+    let redis = Redis::start().await;
+    let users = users_file_of(&[
+        ("alice", "wonderland", Some("session-alice,team-7-*")),
+        ("bob", "builder", None),
+        ("carol", "chess", Some("team-7-*")),
+    ]);
+    let server = Server::start_with(&redis.url(), |c| {
+        c.jwt = Some(jwt());
+        c.users_file = Some(users);
+    })
+    .await;
+
+    for asked in ["session-bob", "team-8-x", "session-alice2", "team-7"] {
+        let (status, body) = token(&server, "alice", "wonderland", Some(asked)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (403, Some("session_forbidden")),
+            "{asked}: {body}"
+        );
+        assert!(body["token"].is_null(), "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.contains(asked)),
+            "{body}"
+        );
+    }
+    // The password is checked first: a wrong one is a 401 whatever the
+    // session, so the lists say nothing to who does not know it.
+    let (status, body) = token(&server, "alice", "nope", Some("session-bob")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
+
+    // Her own sessions: the default one, and the pattern's.
+    let (status, body) = token(&server, "alice", "wonderland", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["session_id"], "session-alice");
+    let t = body["token"].as_str().expect("token").to_owned();
+    let claims = wsproxy::auth::jwt::verify(&jwt(), &t).expect("valid");
+    assert_eq!(
+        (claims.sub.as_str(), claims.sid.as_str()),
+        ("alice", "session-alice")
+    );
+    let mut alice = ws(&server, Some(&t)).await.expect("her token is good");
+    assert_eq!(
+        command(&mut alice, "subscribe:T").await["session_id"],
+        "session-alice"
+    );
+    let (status, body) = token(&server, "alice", "wonderland", Some("team-7-room.1")).await;
+    assert_eq!(
+        (status, body["session_id"].as_str()),
+        (200, Some("team-7-room.1")),
+        "{body}"
+    );
+
+    // A list without the default session: no session_id, no token.
+    let (status, body) = token(&server, "carol", "chess", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("session_forbidden")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("session-carol")),
+        "{body}"
+    );
+    let (status, _) = token(&server, "carol", "chess", Some("team-7-a")).await;
+    assert_eq!(status, 200);
+
+    // No list: any session, as before.
+    for asked in [Some("session-alice"), Some("anything.else"), None] {
+        let (status, body) = token(&server, "bob", "builder", asked).await;
+        assert_eq!(status, 200, "{asked:?}: {body}");
+        assert_eq!(
+            body["session_id"].as_str(),
+            Some(asked.unwrap_or("session-bob"))
+        );
+    }
+}
+
+/// With PUBSUB_ALLOW_ANONYMOUS=true and JWT_SECRET set, an anonymous client
+/// that names a token holder's session is in a session of that name among
+/// anonymous clients only: it neither reads the token holder's messages
+/// nor reaches the token holder with its own, while two anonymous clients
+/// still reach each other.
+#[tokio::test]
+async fn anonymous_clients_never_share_a_token_holders_session() {
+    let redis = Redis::start().await;
+    let server = Server::start_with(&redis.url(), |c| {
+        with_auth(c);
+        anonymous(c);
+    })
+    .await;
+    let session = unique("session-bob");
+    let (status, body) = token(&server, "bob", "builder", Some(&session)).await;
+    assert_eq!(status, 200, "{body}");
+    let t = body["token"].as_str().expect("token").to_owned();
+    let mut bob = ws(&server, Some(&t)).await.expect("bob's token");
+    let mut eve = ws(&server, None).await.expect("anonymous");
+    let mut mallory = ws(&server, None).await.expect("anonymous");
+    for (who, c) in [
+        ("bob", &mut bob),
+        ("eve", &mut eve),
+        ("mallory", &mut mallory),
+    ] {
+        let r = command(c, &format!("subscribe:T|{session}")).await;
+        assert_eq!(r["type"], "subscribed", "{who}: {r}");
+    }
+    // What Redis sees: bob's channel and the anonymous clients' own.
+    let mut tokens_channel = redis.subscribe(&format!("pubsub:{session}:T")).await;
+    let mut anonymous_channel = redis.subscribe(&format!("pubsub:anon:{session}:T")).await;
+
+    send_text(
+        &mut bob,
+        &format!(
+            r#"publish-json:{{"topic":"T","payload":"for bob's eyes","session_id":"{session}"}}"#
+        ),
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&next_text(&mut bob).await).expect("json");
+    assert_eq!(got["payload"], "for bob's eyes");
+    assert!(
+        next_published(&mut tokens_channel.on_message())
+            .await
+            .contains("for bob's eyes")
+    );
+    assert_silent(&mut eve, Duration::from_millis(300)).await;
+    assert_silent(&mut mallory, Duration::from_millis(100)).await;
+
+    send_text(
+        &mut eve,
+        &format!(r#"publish-json:{{"topic":"T","payload":"from eve","session_id":"{session}"}}"#),
+    )
+    .await;
+    // The other anonymous client gets it (and eve her own) ...
+    for c in [&mut mallory, &mut eve] {
+        let got: serde_json::Value = serde_json::from_str(&next_text(c).await).expect("json");
+        assert_eq!(
+            (got["payload"].as_str(), got["session_id"].as_str()),
+            (Some("from eve"), Some(session.as_str()))
+        );
+        assert!(got.get("publisher_sub").is_none(), "{got}");
+    }
+    assert!(
+        next_published(&mut anonymous_channel.on_message())
+            .await
+            .contains("from eve")
+    );
+    // ... bob does not.
+    assert_silent(&mut bob, Duration::from_millis(300)).await;
+    let mut tokens_messages = tokens_channel.on_message();
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(100),
+            futures_util::StreamExt::next(&mut tokens_messages)
+        )
+        .await
+        .is_err(),
+        "an anonymous message reached the token holders' channel"
+    );
 }

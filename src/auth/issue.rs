@@ -45,7 +45,8 @@ pub struct TokenRequest {
 pub const MAX_TOKEN_REQUEST_BYTES: usize = 16 * 1024;
 
 /// `POST /auth/token`: checks the user's password and issues a JWT bound to
-/// the requested session (default `session-{username}`).
+/// the requested session (default `session-{username}`), if the user's
+/// `USERS_FILE` line allows it (`403 session_forbidden` otherwise).
 ///
 /// The body is read here, not by an extractor, so that nothing waits on a
 /// client that sends it slowly or never: a server that issues no tokens
@@ -74,6 +75,7 @@ pub async fn issue_token(
         }
     };
     let req = read_token_request(request, issuer.timeout).await?;
+    let session_id_given = req.session_id.is_some();
     let session = match req.session_id {
         Some(s) => s,
         None => format!("session-{}", req.username),
@@ -92,6 +94,25 @@ pub async fn issue_token(
             Refusal::InvalidCredentials("unknown user or wrong password".into())
                 .counted(issuer.metrics),
         );
+    }
+    // After the password: who may join what is for the user alone to learn.
+    if !users.may_join(&req.username, &session) {
+        tracing::info!(
+            user = %crate::logsafe::escaped(&req.username),
+            session = %session,
+            "refused /auth/token: session not in the user's USERS_FILE list"
+        );
+        let asked = if session_id_given {
+            format!("this user may not get a token for session {session:?}")
+        } else {
+            format!(
+                "no session_id given, and this user may not get a token for the default session {session:?}; name one it may join"
+            )
+        };
+        return Err(ApiError::from(Refusal::SessionForbidden(
+            format!("{asked} (its USERS_FILE line lists the sessions it may get tokens for)")
+                .into(),
+        )));
     }
     let (token, claims) = jwt::issue(jwt_config, &req.username, &session)
         .map_err(|e| ApiError::from(Refusal::Internal(e.to_string().into())))?;

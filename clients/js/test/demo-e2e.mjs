@@ -1,8 +1,10 @@
 #!/usr/bin/env node
 // Headless-Chromium test of the demo page (clients/js/demo/) against a
 // running wsproxy, used the way a newcomer uses it: clients/js served by
-// `python3 -m http.server`, the page opened in two tabs, one logged in and
-// one anonymous, both in one session, each seeing what the other publishes.
+// `python3 -m http.server`, the page opened in three tabs in one session:
+// two logged in, each seeing what the other publishes, and one anonymous,
+// which sees neither (anonymous clients' sessions are apart from token
+// holders' on a server with JWT_SECRET) but does see its own messages.
 //
 //   WSPROXY_HTTP=http://127.0.0.1:8080 E2E_USER=alice E2E_PASSWORD=secret \
 //     node test/demo-e2e.mjs
@@ -158,13 +160,16 @@ async function run() {
   const context = await started.browser.newContext();
   const a = await openTab(context, pageUrl, 'tab A');
   const b = await openTab(context, pageUrl, 'tab B');
-  say(`opened ${pageUrl} twice in Chromium ${started.browser.version()}`);
+  const c = await openTab(context, pageUrl, 'tab C');
+  say(`opened ${pageUrl} three times in Chromium ${started.browser.version()}`);
 
   await connect(a, { url: wsproxyUrl, login: true, username, password, session, name: 'tab-A' });
-  await connect(b, { url: wsproxyUrl, login: false, session, name: 'tab-B' });
+  await connect(b, { url: wsproxyUrl, login: true, username, password, session, name: 'tab-B' });
+  await connect(c, { url: wsproxyUrl, login: false, session, name: 'tab-C' });
   await subscribeTo(a, topic);
   await subscribeTo(b, topic);
-  say(`both tabs subscribed to ${topic} in session ${session}`);
+  await subscribeTo(c, topic);
+  say(`all three tabs subscribed to ${topic} in session ${session}`);
 
   await publishFrom(a, topic, JSON.stringify({ text: `hello from A ${nonce}`, n: 1 }));
   let line = await logLine(b, 'message', `hello from A ${nonce}`);
@@ -177,6 +182,20 @@ async function run() {
   check(line.includes(`from tab-B (session ${session}`), `tab A: the message line does not name the publisher: ${line}`);
   say(`tab A shows: ${line}`);
 
+  // The anonymous tab is in a session of the same name among anonymous
+  // clients only: its own message comes back to it, and reaches neither
+  // logged-in tab; theirs never reached it.
+  await publishFrom(c, topic, JSON.stringify({ text: `hello from C ${nonce}` }));
+  await logLine(c, 'message', `hello from C ${nonce}`);
+  await c.page.waitForTimeout(500);
+  for (const tab of [a, b]) {
+    const seen = await tab.page.locator('#log li.message').allTextContents();
+    check(!seen.some((m) => m.includes(`hello from C ${nonce}`)), `${tab.label}: an anonymous tab's message reached a logged-in tab: ${JSON.stringify(seen)}`);
+  }
+  const seenByC = await c.page.locator('#log li.message').allTextContents();
+  check(!seenByC.some((m) => m.includes(`hello from A ${nonce}`) || m.includes(`hello from B ${nonce}`)), `tab C: a logged-in tab's message reached the anonymous tab: ${JSON.stringify(seenByC)}`);
+  say('tab C (anonymous) saw only its own message, tabs A and B not it');
+
   // Errors reach the log panel: one caught by the page, one refused by the server.
   await publishFrom(b, topic, '{not json');
   await logLine(b, 'error', 'not valid JSON');
@@ -186,7 +205,7 @@ async function run() {
   check(line.includes('server refused subscribe'), `tab B: the refusal does not name the command: ${line}`);
   say(`tab B shows the server's refusal: ${line}`);
 
-  for (const tab of [a, b]) {
+  for (const tab of [a, b, c]) {
     const messages = await tab.page.locator('#log li.message').allTextContents();
     check(messages.every((m) => m.includes(topic)), `${tab.label}: a message from another topic: ${JSON.stringify(messages)}`);
     check(tab.errors.length === 0, `${tab.label}: page errors: ${tab.errors.join('\n')}`);
