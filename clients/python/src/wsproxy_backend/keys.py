@@ -117,6 +117,12 @@ class Names:
         """The channel of a topic in a session (topic pub/sub on ``/ws``)."""
         return f"pubsub:{self.tag(check_id(session, 'session'))}:{check_id(topic, 'topic')}"
 
+    def anonymous_topic_channel(self, session: str, topic: str) -> str:
+        """The channel of a topic in a session of anonymous ``/ws`` clients on a
+        wsproxy that also takes tokens (``JWT_SECRET`` and
+        ``PUBSUB_ALLOW_ANONYMOUS=true``): apart from token holders' sessions."""
+        return f"pubsub:anon:{self.tag(check_id(session, 'session'))}:{check_id(topic, 'topic')}"
+
     def up_stream(self, shard: int) -> str:
         """The stream of reliable client messages of shard ``shard``."""
         return f"wsproxy:up:{self.tag(str(int(shard)))}"
