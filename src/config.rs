@@ -449,7 +449,8 @@ pub struct Cli {
 #[allow(rustdoc::invalid_html_tags)]
 pub enum Command {
     /// Print the argon2 hash of a password, for a USERS_FILE line
-    /// ("username:<hash>[:<sessions>]"); with --user, the whole line.
+    /// ("username:<hash>", or "username:<hash>:<sessions>"); with --user,
+    /// the whole line.
     /// Reads the password from stdin when not given.
     HashPassword {
         /// The password (prefer stdin: arguments end up in shell history).

@@ -41,7 +41,7 @@ use crate::keys::Keys;
 
 /// The envelope every replayable message reaches a reliable client in,
 /// before its offset: `{"type":"message","offset":"<id>","data":<json>}`.
-/// Built in Lua (see [`library`]); parsed back by [`offset_of`].
+/// Built in Lua (see [`library`]); parsed back by [`offsets_of`].
 pub const ENVELOPE_PREFIX: &str = r#"{"type":"message","offset":""#;
 
 /// Why a client's resume could not be honoured.
@@ -178,7 +178,7 @@ async fn within<T>(
 /// cannot be had). Call it after the connection's `:live` subscription is
 /// confirmed, so that nothing falls between the history read and the live
 /// messages (those both replayed and delivered live are dropped by offset,
-/// see [`offset_of`]).
+/// see [`offsets_of`]).
 pub async fn join<C: ConnectionLike>(
     redis: &mut C,
     keys: Keys,
