@@ -250,6 +250,8 @@ async fn reliable_round_trip(mode: ClusterPubSub) {
         // names the one before, and a connection that never had it is
         // closed with 1013, to resume from history.
         assert_eq!(got["prev"].as_str(), Some(second.as_str()), "{got}");
+        // What wsproxy_publish does but the PUBLISH: a message whose live
+        // copy the bus lost.
         let mut c = cluster.conn().await;
         let lost: String = redis::cmd("XADD")
             .arg(format!("session:{{{session}}}:history"))
@@ -259,6 +261,13 @@ async fn reliable_round_trip(mode: ClusterPubSub) {
             .query_async(&mut c)
             .await
             .expect("XADD: a message whose live copy was lost");
+        let _: i64 = redis::cmd("HSET")
+            .arg(format!("session:{{{session}}}:epoch"))
+            .arg("last")
+            .arg(&lost)
+            .query_async(&mut c)
+            .await
+            .expect("HSET last");
         let fifth = reliable_publish(&cluster, &session, r#"{"n":5}"#).await;
         assert_eq!(close_code(&mut ws).await, 1013);
         let (mut ws, welcome) =

@@ -242,19 +242,21 @@ end
 -- then does the per-call work once: the new-history check, the trim, the
 -- expiries. Returns the offsets.
 --
--- With WITH_PREV, each live envelope names the newest entry before it
--- ("prev"; none when the history was empty), so that a connection that
--- never saw that one knows it missed it and resumes from history: classic
--- pub/sub reaches wsproxy over the cluster bus, which drops what it could
--- not relay while a link was down without wsproxy's connection dropping.
+-- With WITH_PREV, each live envelope names the message published before
+-- it ("prev", kept as 'last' in the epoch hash; none for a history's
+-- first), so that a connection that never saw that one knows it missed it
+-- and resumes from history: classic pub/sub reaches wsproxy over the
+-- cluster bus, which drops what it could not relay while a link was down
+-- without wsproxy's connection dropping. (A hash read and write cost half
+-- of an XREVRANGE, whose reply carries the whole entry.)
 local function publish(history, base, args, first, last)
   local ids = {}
   local live, down = base .. ':live', base .. ':down'
   local prev
   if WITH_PREV then
-    local newest = redis.call('XREVRANGE', history, '+', '-', 'COUNT', 1)[1]
-    prev = newest and newest[1]
+    prev = redis.call('HGET', base .. ':epoch', 'last')
   end
+  local had_last = prev
   for i = first, last do
     local id = redis.call('XADD', history, '*', 'd', args[i])
     if prev then
@@ -282,7 +284,11 @@ local function publish(history, base, args, first, last)
     redis.call('HSET', base .. ':epoch', 'started', '1')
   end
   local trimmed = trim(history, base, len)
-  keep(history, base, fresh or trimmed)
+  -- After the fresh-history check, which may have made the hash anew. An
+  -- HSET keeps the hash's expiry; one that made the hash (no 'last' read
+  -- above: a history's first message, or an epoch hash gone) gets one.
+  if WITH_PREV then redis.call('HSET', base .. ':epoch', 'last', ids[#ids]) end
+  keep(history, base, fresh or trimmed or (WITH_PREV and not had_last))
   return ids
 end
 
