@@ -13,7 +13,7 @@
 //! | `pubsub:<session>:<topic>` | channel | topic pub/sub, both ways |
 //! | `pubsub:anon:<session>:<topic>` | channel | topic pub/sub of anonymous clients when `JWT_SECRET` is set too |
 //! | `session:<id>:history` | stream of down messages (field `d`), with a TTL | `wsproxy_publish` (or `_batch`); read on resume |
-//! | `session:<id>:epoch` | hash (`epoch`, `trimmed`: the newest offset trimmed), with the history's TTL | `wsproxy_publish` and `wsproxy_join` |
+//! | `session:<id>:epoch` | hash (`epoch`, `trimmed`: the newest offset trimmed, `started`, and with classic cluster pub/sub `last`: the newest offset published), with the history's TTL | `wsproxy_publish` and `wsproxy_join` |
 //! | `session:<id>:live` | channel of enveloped down messages | `wsproxy_publish`; reliable connections subscribe |
 //! | `wsproxy:up:<n>` | stream of client messages of reliable sessions | wsproxy; backend workers read it with a consumer group |
 //! | `wsproxy:up:<n>:seen:<session>:<id>` | string (the stream id), with a TTL | wsproxy, to store a resent message once |
