@@ -39,6 +39,10 @@ fn wsproxy() -> Command {
     ] {
         cmd.env_remove(var);
     }
+    // A start-up that fails after binding (a bad routes or users file is
+    // read then) must not take the default port: tests run at once, and a
+    // second one found 0.0.0.0:8080 taken and failed for that instead.
+    cmd.env("HOST", "127.0.0.1").env("PORT", "0");
     cmd
 }
 
