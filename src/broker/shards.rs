@@ -629,6 +629,16 @@ mod tests {
     use crate::broker::{LinkStatus, State};
     use crate::metrics::Metrics;
 
+    fn shared() -> Shared {
+        Shared {
+            state: std::sync::Mutex::new(State::default()),
+            wake: tokio::sync::Notify::new(),
+            connected: AtomicBool::new(false),
+            metrics: Arc::new(Metrics::new()),
+            link: std::sync::Mutex::new(LinkStatus::default()),
+        }
+    }
+
     fn sunsubscribe(channel: &str) -> redis::PushInfo {
         redis::PushInfo {
             kind: PushKind::SUnsubscribe,
@@ -643,13 +653,7 @@ mod tests {
     /// what its channels' new connection delivers: it is not dispatched.
     #[test]
     fn a_forgotten_connections_queued_messages_are_not_dispatched() {
-        let shared = Shared {
-            state: std::sync::Mutex::new(State::default()),
-            wake: tokio::sync::Notify::new(),
-            connected: AtomicBool::new(false),
-            metrics: Arc::new(Metrics::new()),
-            link: std::sync::Mutex::new(LinkStatus::default()),
-        };
+        let shared = shared();
         let plain = crate::broker::Outbox::new(8);
         shared.lock().channels.insert(
             "c".into(),
@@ -683,13 +687,7 @@ mod tests {
     /// not cut the same channel subscribed again on a new connection.
     #[test]
     fn a_forgotten_connections_sunsubscribe_is_not_taken_for_a_moved_slot() {
-        let shared = Shared {
-            state: std::sync::Mutex::new(State::default()),
-            wake: tokio::sync::Notify::new(),
-            connected: AtomicBool::new(false),
-            metrics: Arc::new(Metrics::new()),
-            link: std::sync::Mutex::new(LinkStatus::default()),
-        };
+        let shared = shared();
         let addr: Arc<str> = "127.0.0.1:7000".into();
         let (dropped, forgotten) = (AtomicBool::new(false), AtomicBool::new(false));
         shared

@@ -347,6 +347,28 @@ mod tests {
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
     const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
+    /// A header map of `pairs` (lower-case names, any spelling).
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.insert(
+                axum::http::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        h
+    }
+
+    fn backend_b() -> Backend {
+        Backend {
+            tls: false,
+            host: "b".into(),
+            port: 80,
+            weight: 1,
+            name: "0".into(),
+        }
+    }
+
     fn client_upgrade(headers: &HeaderMap) -> Upgrade<'_> {
         Upgrade {
             path_and_query: "/",
@@ -473,8 +495,7 @@ mod tests {
     /// every such spelling.
     #[test]
     fn a_stripped_header_spelled_with_underscores_is_stripped_too() {
-        let mut h = HeaderMap::new();
-        for (name, value) in [
+        let h = headers(&[
             ("x-auth_subject", "admin"),
             ("x_auth_subject", "root"),
             ("x_forwarded_for", "10.6.6.6"),
@@ -486,19 +507,8 @@ mod tests {
             ("proxy_authorization", "Basic ZXZpbA=="),
             ("x_custom", "kept"),
             ("authorization", "Bearer t"),
-        ] {
-            h.insert(
-                axum::http::HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            );
-        }
-        let backend = Backend {
-            tls: false,
-            host: "b".into(),
-            port: 80,
-            weight: 1,
-            name: "0".into(),
-        };
+        ]);
+        let backend = backend_b();
         let up = Upgrade {
             subject: Some("alice"),
             strip_authorization: true,
@@ -530,8 +540,7 @@ mod tests {
 
     #[test]
     fn what_a_client_says_of_itself_or_its_url_is_dropped() {
-        let mut h = HeaderMap::new();
-        for (name, value) in [
+        let h = headers(&[
             ("forwarded", "for=10.6.6.1;proto=https;host=admin.internal"),
             ("x-real-ip", "10.6.6.2"),
             ("x-forwarded-port", "6661"),
@@ -543,19 +552,8 @@ mod tests {
             ("true-client-ip", "10.6.6.3"),
             ("x-client-ip", "10.6.6.4"),
             ("x-forwardedness", "kept"),
-        ] {
-            h.insert(
-                axum::http::HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            );
-        }
-        let backend = Backend {
-            tls: false,
-            host: "b".into(),
-            port: 80,
-            weight: 1,
-            name: "0".into(),
-        };
+        ]);
+        let backend = backend_b();
         let up = Upgrade {
             peer: Some("192.0.2.7:5555".parse().expect("addr")),
             ..client_upgrade(&h)
