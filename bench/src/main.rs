@@ -80,6 +80,11 @@ struct Common {
     /// i then goes to session (i / K) mod N.
     #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
     per_call: u16,
+    /// Hub target: the wsproxy has JWT_SECRET set, so its anonymous
+    /// clients' topics are on channels of their own
+    /// (`pubsub:anon:{session}:{topic}`), where the benchmark publishes.
+    #[arg(long, global = true)]
+    hub_anonymous_apart: bool,
     /// Append each report as a JSON line to this file.
     #[arg(long, global = true)]
     json: Option<std::path::PathBuf>,
@@ -297,6 +302,7 @@ fn target(which: Which, c: &Common) -> anyhow::Result<Target> {
         Which::Hub => Target::Hub {
             ws: c.wsproxy.clone(),
             redis: c.redis.clone(),
+            apart: c.hub_anonymous_apart,
         },
         Which::Reliable => Target::Reliable {
             ws: c.wsproxy.clone(),

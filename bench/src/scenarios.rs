@@ -41,6 +41,9 @@ pub enum Target {
         ws: String,
         /// The Redis wsproxy uses.
         redis: String,
+        /// Anonymous clients are apart from token holders (the server has
+        /// JWT_SECRET): the channel is `pubsub:anon:bench:{topic}`.
+        apart: bool,
     },
     /// wsproxy's session bridge in reliable mode (`wsproxy.v1`, needs
     /// RELIABLE_SESSIONS=true): messages go out with `FCALL
@@ -109,7 +112,8 @@ impl Target {
     /// The Redis channel a publisher uses for `channel` (Redis-backed targets).
     fn redis_channel(&self, channel: &str) -> String {
         match self {
-            Target::Hub { .. } => format!("pubsub:bench:{channel}"),
+            Target::Hub { apart: false, .. } => format!("pubsub:bench:{channel}"),
+            Target::Hub { apart: true, .. } => format!("pubsub:anon:bench:{channel}"),
             Target::Reliable { .. } => format!("session:{channel}:history"),
             Target::WsproxyCluster { .. } => cluster::down_channel(channel),
             _ => format!("session:{channel}:down"),
